@@ -1,0 +1,73 @@
+"""Checkpoints: one self-describing dict, written atomically, loaded without executing code.
+
+Everything in it is a tensor, number, string, list or dict, so `torch.load(weights_only=True)` reads it: a downloaded
+checkpoint cannot run code. It carries the model's settings, the classes, the input size and the normalisation, so
+`predict`, `evaluate` and `visualize` rebuild the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .data.classes import ClassInfo
+from .model.unet import ModelConfig, ResNetUNet
+
+FORMAT = "resunet-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable checkpoint; the message is one line naming it."""
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> None:
+    """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle of foreign objects, random bytes: all the same to a user
+        raise CheckpointError(f"{path}: not a readable resunet checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a resunet checkpoint")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this resunet")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, path: str | Path = "checkpoint") -> ResNetUNet:
+    """Rebuild the architecture from the checkpoint's own description and load its weights."""
+    model = ResNetUNet.from_config(ModelConfig.from_dict(payload["model_config"]), encoder_weights=None)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"{path}: weights do not fit the described model ({first})") from None
+    return model
+
+
+def checkpoint_classes(payload: dict) -> ClassInfo:
+    return ClassInfo.from_dict(payload["classes"])

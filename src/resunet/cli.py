@@ -1,0 +1,235 @@
+"""`resunet` command line: argument parsing only; each subcommand calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import typing
+from dataclasses import MISSING
+from pathlib import Path
+
+from .config import TrainConfig, config_fields
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, not our bug: one line, no traceback."""
+    from .checkpoint import CheckpointError
+    from .data.download import DownloadError
+    from .data.images import DataError
+    from .model.encoders import WeightsUnavailableError
+    from .train import TrainingError
+
+    return (CheckpointError, DataError, DownloadError, WeightsUnavailableError, TrainingError, FileNotFoundError)
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = hints[f.name]
+        if kind is bool:
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        default = None if f.default is MISSING else f.default
+        parser.add_argument(flag, dest=f.name, type=base, default=default, choices=f.metadata.get("choices"),
+                            help=f"{help_text} (default: {default})")
+
+
+def cmd_demo_data(args) -> int:
+    from .data.demo import make_demo_dataset
+
+    voc = make_demo_dataset(args.dir, args.train, args.val, args.size, args.seed)
+    print(f"wrote {args.train} train + {args.val} val images ({args.size}×{args.size}) to {voc}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .train import train
+
+    values = {f.name: getattr(args, f.name) for f in config_fields()}
+    if args.resume:
+        # Resume continues the stored run; only how long and where/how it runs may change.
+        stored = load_checkpoint(args.resume)["train_config"]
+        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir"}
+        values = {**stored, **{k: v for k, v in values.items() if k in keep}}
+        if args.epochs == TrainConfig.epochs:
+            values["epochs"] = stored["epochs"]
+        values["out"] = str(Path(args.resume).parent)
+    elif values["data_root"] is None:
+        raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
+    train(TrainConfig(**values))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import run_evaluate
+
+    run_evaluate(args.checkpoint, args.data_root, args.split, args.json, args.device, args.precision, args.tta,
+                 args.batch_size, args.workers, args.confusion)
+    return 0
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    from .data.images import IMAGE_SUFFIXES
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in item for c in "*?["):
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        else:
+            paths.append(path)
+    return paths
+
+
+def cmd_predict(args) -> int:
+    from .data.images import DataError
+    from .predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision, tta=args.tta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        print("resunet predict: error: no input images found", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in paths:
+        try:
+            mask = predictor.predict(path)
+        except DataError as error:  # one bad file must not stop the others
+            print(f"resunet predict: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        predictor.colorize(mask).save(out / f"{path.stem}.png")
+        if args.overlay:
+            predictor.overlay(path, mask, args.alpha).save(out / f"{path.stem}_overlay.jpg", quality=90)
+    print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_visualize(args) -> int:
+    from .visualize import run_visualize
+
+    run_visualize(args.checkpoint, args.data_root, args.out, args.split, args.count, args.device, args.seed)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .data import download
+
+    root = Path(args.root)
+    if args.dataset == "voc":
+        print(f"VOC 2012 ready at {download.download_voc2012(root)}")
+    else:
+        voc_dir = download.download_voc2012(root)
+        sbd_dir = download.download_sbd(root)
+        count = download.make_train_aug(voc_dir, sbd_dir)
+        print(f"train_aug ready: {count} images (use --train-split train_aug --data-root {root})")
+    return 0
+
+
+def cmd_encoders(args) -> int:
+    from .model.encoders import describe_encoders
+
+    describe_encoders()
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resunet", description="U-Net segmentation on ImageNet-pretrained encoders")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo-data", help="write a generated VOC-format dataset")
+    p.add_argument("dir")
+    p.add_argument("--train", type=int, default=64)
+    p.add_argument("--val", type=int, default=16)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo_data)
+
+    p = commands.add_parser("train", help="train a model (defaults: the seed recipe)")
+    add_train_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    inference = argparse.ArgumentParser(add_help=False)
+    inference.add_argument("--device", default="auto")
+    inference.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    inference.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
+
+    p = commands.add_parser("evaluate", parents=[inference], help="per-class IoU, mIoU, pixel accuracy")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--json", help="also write the scores and confusion matrix here")
+    p.add_argument("--confusion", help="also draw the row-normalised confusion matrix here (PNG)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.set_defaults(run=cmd_predict)
+
+    p = commands.add_parser("visualize", help="3×5 grid: image / ground truth / prediction")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--split", default="val")
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_visualize)
+
+    p = commands.add_parser("download", help="download and verify VOC 2012 (voc) or VOC + SBD train_aug (sbd)")
+    p.add_argument("dataset", choices=("voc", "sbd"))
+    p.add_argument("--root", default="data")
+    p.set_defaults(run=cmd_download)
+
+    p = commands.add_parser("encoders", help="list encoders, parameters, feature channels, weights available")
+    p.set_defaults(run=cmd_encoders)
+
+    p = commands.add_parser("benchmark", help="throughput of our train step, data path and Predictor vs references")
+    p.add_argument("--json", help="write all figures here")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter windows (a smoke test, not a measurement)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.set_defaults(run=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except _user_errors() as error:
+        print(f"resunet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"resunet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Training settings: one dataclass. Its defaults are the seed recipe; `cli.py` derives one flag per field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def setting(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = setting(None, "dataset folder: VOCdevkit layout or {train,val}/{images,masks}", required=True)
+    out: str = setting("runs/train", "run folder: last.pt, best.pt, metrics.jsonl, curves.png")
+    train_split: str = setting("train", "training split (VOC: train or train_aug)")
+    val_split: str = setting("val", "validation split, evaluated every epoch at original resolution")
+    num_classes: int | None = setting(None, "number of classes for a folder dataset without classes.json")
+    ignore_index: int | None = setting(None, "label ignored by loss and metric (default 255, or classes.json's)")
+    encoder: str = setting("resnet34", "resnet18|resnet34|resnet50|resnet101|efficientnet-lite0|-lite1|-lite2")
+    pretrained: bool = setting(True, "start the encoder from ImageNet weights (--no-pretrained: random init)")
+    encoder_weights: str | None = setting(None, "local encoder weights file (torchvision format) instead of a download")
+    epochs: int = setting(100, "epochs")
+    batch_size: int = setting(8, "images per step (per process under torchrun)")
+    lr: float = setting(1e-4, "learning rate")
+    weight_decay: float = setting(1e-5, "weight decay")
+    optimizer: str = setting("adam", "adam (L2 weight decay, the seed) or adamw (decoupled)", choices=("adam", "adamw"))
+    scheduler: str = setting("plateau", "plateau: ReduceLROnPlateau on val mIoU; cosine: per-step decay to 0",
+                             choices=("plateau", "cosine"))
+    warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine only)")
+    size: int = setting(256, "training crop size; inference resizes the shorter side to it")
+    scale_min: float = setting(0.5, "smallest random scale (of shorter side = size)")
+    scale_max: float = setting(2.0, "largest random scale")
+    jitter: float = setting(0.2, "brightness/contrast/saturation jitter strength (0: off)")
+    class_weights: str = setting("none", "none, or sqrt-inv-freq: loss weights sqrt(median freq / class freq)",
+                                 choices=("none", "sqrt-inv-freq"))
+    seed: int = setting(0, "random seed (weights init, data order, augmentation)")
+    workers: int = setting(2, "data loader worker processes")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = setting("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
+                             choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model")
+    data_path: str = setting("auto", "cached: decode once, augment batched on the device; simple: per-sample "
+                             "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GB",
+                             choices=("auto", "cached", "simple"))
+    cache_dir: str | None = setting(None, "decoded-image cache folder (default ~/.cache/resunet)")
+    eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
+    resume: str | None = setting(None, "continue exactly from this last.pt")
+    progress: bool = setting(True, "show per-epoch progress bars")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_fields():
+    return fields(TrainConfig)

@@ -1,0 +1,170 @@
+"""Decode once, augment on the device: the fast training data path.
+
+Each image is decoded once and stored, resized so its shorter side is `ceil(size × 1.25)` (just above the training
+size; smaller images stay as they are), as uint8 in a memory-mapped `.npy` canvas on disk, its mask beside it. The
+cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is reused across
+runs and rebuilt when any source file changes. Per epoch, `CachedLoader` slices batches out of the memory map and
+hands them to `augment_batch`, which scales, crops, flips and jitters the whole batch on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import PairedDataset
+from .transforms import augment_batch
+
+CACHE_FORMAT = 1
+CACHE_HEADROOM = 1.25
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "resunet"
+
+
+def cache_short_side(size: int) -> int:
+    return math.ceil(size * CACHE_HEADROOM)
+
+
+def cache_key(dataset: PairedDataset, short_side: int) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{short_side}:{dataset.info.ignore_index}".encode())
+    for path in dataset.image_paths + dataset.mask_paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def estimate_cache_bytes(dataset: PairedDataset, size: int) -> int:
+    """An upper estimate from the first image's aspect ratio (no full pass over the data)."""
+    sample = dataset.load(0)
+    h, w = sample.mask.shape
+    scale = min(1.0, cache_short_side(size) / min(h, w))
+    return int(len(dataset) * (h * scale) * (w * scale) * 4 * 1.4)
+
+
+class DecodedCache:
+    """The memory-mapped arrays: images N×H×W×3, masks N×H×W, sizes N×2 (valid height, width)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.images = np.load(folder / "images.npy", mmap_mode="r")
+        self.masks = np.load(folder / "masks.npy", mmap_mode="r")
+        self.sizes = np.load(folder / "sizes.npy")
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def _scaled(sample, short_side: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = sample.mask.shape
+    scale = short_side / min(h, w)
+    if scale >= 1:
+        return sample.image, sample.mask
+    new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = np.asarray(Image.fromarray(sample.image).resize(new_size, Image.BILINEAR, reducing_gap=None))
+    mask = np.asarray(Image.fromarray(sample.mask).resize(new_size, Image.NEAREST))
+    return image, mask
+
+
+def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None, workers: int = 2) -> DecodedCache:
+    """Return the cache for this dataset and training size, building it if absent or stale."""
+    short_side = cache_short_side(size)
+    folder = (cache_dir or default_cache_dir()) / cache_key(dataset, short_side)
+    if (folder / "done").is_file():
+        return DecodedCache(folder)
+    # First pass: sizes only (PIL reads headers without decoding), to size the canvas.
+    sizes = []
+    for path in dataset.image_paths:
+        with Image.open(path) as image:
+            w, h = image.size
+        scale = min(1.0, short_side / min(h, w))
+        sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+    canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = len(dataset)
+    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, canvas_h, canvas_w, 3))
+    masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, canvas_h, canvas_w))
+    masks[:] = dataset.info.ignore_index
+    true_sizes = np.zeros((n, 2), dtype=np.int64)
+
+    def fill(index: int) -> None:
+        image, mask = _scaled(dataset.load(index), short_side)
+        h, w = mask.shape
+        images[index, :h, :w] = image
+        masks[index, :h, :w] = mask
+        true_sizes[index] = (h, w)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+        list(pool.map(fill, range(n)))
+    images.flush()
+    masks.flush()
+    np.save(tmp / "sizes.npy", true_sizes)
+    (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "short_side": short_side, "count": n,
+                                               "source": dataset.description}))
+    (tmp / "done").touch()
+    del images, masks
+    try:
+        tmp.rename(folder)  # atomic: a half-built cache is never seen as done
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DecodedCache(folder)
+
+
+class CachedLoader:
+    """Yields augmented (images, masks) batches for one epoch; the order and augmentation depend only on
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(
+        self,
+        cache: DecodedCache,
+        batch_size: int,
+        size: int,
+        scales: tuple[float, float],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        ignore_index: int,
+        jitter: float,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.cache = cache
+        self.batch_size = batch_size
+        self.augment = dict(size=size, scales=scales, mean=mean, std=std, ignore_index=ignore_index, jitter=jitter)
+        self.device = device
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.cache) // self.world_size) // self.batch_size  # drop_last: no BatchNorm on 1 sample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.cache), generator=generator)
+        order = order[: len(order) // self.world_size * self.world_size][self.rank :: self.world_size]
+        aug_generator = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 31 + self.rank)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = np.sort(order[start : start + self.batch_size].numpy())  # sorted reads are kinder to the disk
+            images = torch.from_numpy(self.cache.images[index]).to(self.device, non_blocking=True)
+            masks = torch.from_numpy(self.cache.masks[index]).to(self.device, non_blocking=True)
+            sizes = torch.from_numpy(self.cache.sizes[index])
+            yield augment_batch(images, masks, sizes, generator=aug_generator, **self.augment)

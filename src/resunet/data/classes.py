@@ -1,0 +1,96 @@
+"""Class names, colours and the ignore label of a dataset; VOC's by default, or read from `classes.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
+    """PASCAL VOC's palette: class i's colour comes from the bits of i spread over R, G and B."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+VOC_VOID_COLOUR = (224, 224, 192)  # palette entry 255
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = 255
+    ignore_colour: tuple[int, int, int] = VOC_VOID_COLOUR
+    name: str = "dataset"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "classes": list(self.names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+            "ignore_colour": list(self.ignore_colour),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "classes") -> "ClassInfo":
+        try:
+            names = tuple(str(n) for n in values["classes"])
+            palette = values.get("palette") or voc_colormap(len(names))
+            palette = tuple(tuple(int(v) for v in colour) for colour in palette)
+            ignore_index = int(values.get("ignore_index", 255))
+            ignore_colour = tuple(int(v) for v in values.get("ignore_colour", VOC_VOID_COLOUR))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: malformed class description ({error!r})") from None
+        if len(palette) < len(names):
+            raise ValueError(f"{source}: {len(names)} classes but only {len(palette)} palette colours")
+        return cls(names, palette[: len(names)], ignore_index, ignore_colour, str(values.get("name", "dataset")))
+
+    def palette_bytes(self) -> list[int]:
+        """A 768-entry PIL palette: the classes' colours, the ignore colour at the ignore index, VOC's elsewhere."""
+        colours = voc_colormap(256)
+        colours[: self.num_classes] = self.palette
+        if 0 <= self.ignore_index < 256:
+            colours[self.ignore_index] = self.ignore_colour
+        return [v for colour in colours for v in colour]
+
+    def colour_lut(self) -> np.ndarray:
+        """256×3 uint8 look-up table from class index to colour."""
+        return np.array(self.palette_bytes(), dtype=np.uint8).reshape(256, 3)
+
+
+VOC_INFO = ClassInfo(VOC_CLASSES, tuple(voc_colormap(21)), 255, VOC_VOID_COLOUR, "PASCAL VOC 2012")
+
+
+def generic_info(num_classes: int, ignore_index: int = 255) -> ClassInfo:
+    """For a folder dataset without classes.json: names class_0.., VOC colours."""
+    return ClassInfo(tuple(f"class_{i}" for i in range(num_classes)), tuple(voc_colormap(num_classes)), ignore_index)
+
+
+def load_classes_json(path: Path) -> ClassInfo:
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read class description ({error})") from None
+    return ClassInfo.from_dict(values, str(path))

@@ -1,0 +1,87 @@
+"""One dataset type for every layout: a list of (image, mask) file pairs plus the classes they use.
+
+`open_dataset(root, split)` looks at the folder and picks the layout: VOCdevkit (VOC 2012, optionally SBD train_aug)
+or a folder dataset (`root/{train,val,test}/{images,masks}` or flat `root/{images,masks}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .classes import ClassInfo
+from .images import DataError, check_mask_values, read_image, read_mask
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # H×W×3 uint8
+    mask: np.ndarray  # H×W uint8
+
+
+class PairedDataset(Dataset):
+    """Image/mask file pairs. Without a transform, items are `Sample`s of raw uint8 arrays."""
+
+    def __init__(
+        self,
+        image_paths: list[Path],
+        mask_paths: list[Path],
+        info: ClassInfo,
+        transform: Callable | None = None,
+        description: str = "",
+    ) -> None:
+        if len(image_paths) != len(mask_paths):
+            raise ValueError("image and mask lists differ in length")
+        self.image_paths = list(image_paths)
+        self.mask_paths = list(mask_paths)
+        self.info = info
+        self.transform = transform
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def names(self) -> list[str]:
+        return [p.stem for p in self.image_paths]
+
+    def load(self, index: int) -> Sample:
+        image_path, mask_path = self.image_paths[index], self.mask_paths[index]
+        image = read_image(image_path)
+        mask = read_mask(mask_path, self.info)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but its image is "
+                            f"{image.shape[1]}×{image.shape[0]}")
+        check_mask_values(mask, self.info, mask_path)
+        return Sample(image_path.stem, image, mask)
+
+    def __getitem__(self, index: int):
+        sample = self.load(index)
+        if self.transform is None:
+            return sample
+        return self.transform(sample.image, sample.mask)
+
+    def with_transform(self, transform: Callable | None) -> "PairedDataset":
+        return PairedDataset(self.image_paths, self.mask_paths, self.info, transform, self.description)
+
+
+def open_dataset(
+    root: str | Path,
+    split: str,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+) -> PairedDataset:
+    """Find the layout under `root` and return the split. Raises DataError with one line if it cannot."""
+    from . import folder, voc  # local: both modules import this one
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root is not a folder")
+    voc_dir = voc.find_voc_dir(root)
+    if voc_dir is not None:
+        return voc.voc_dataset(voc_dir, split)
+    return folder.folder_dataset(root, split, num_classes, ignore_index)

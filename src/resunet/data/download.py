@@ -1,0 +1,301 @@
+"""Download and prepare PASCAL VOC 2012 and SBD (the "train_aug" segmentation set).
+
+Downloads are resumable (a ``.part`` file plus an HTTP ``Range`` request),
+verified by md5 and moved into place atomically, so an interrupted run can
+simply be started again. Extraction refuses archive members that would land
+outside the target folder.
+
+The URLs and md5 sums are those torchvision's ``VOCSegmentation`` and
+``SBDataset`` use (torchvision 0.29: ``datasets/voc.py`` and ``datasets/sbd.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+# torchvision moved both downloads to these hosts: host.robots.ox.ac.uk is
+# frequently down and www.eecs.berkeley.edu only redirects to www2.
+VOC_URL = "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+SBD_URL = "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
+SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
+
+# (SBD train | SBD val | VOC train) - VOC val, with the official lists.
+VOC_TRAIN_AUG_SIZE = 10582
+
+VOID_LABEL = 255
+NUM_CLASSES = 21  # background + 20 object classes
+
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
+
+
+class DownloadError(RuntimeError):
+    """A download, checksum, extraction or dataset-layout problem (one-line message)."""
+
+
+def _one_line(text: object) -> str:
+    # Error reasons from sockets/servers may contain newlines; the brief is one line.
+    return " ".join(str(text).split())
+
+
+def file_md5(path: Path) -> str:
+    """Hex md5 of a file, read in chunks (the VOC tar is 2 GB)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_range_start(value: str | None) -> int | None:
+    """First byte offset from a ``Content-Range: bytes N-M/T`` header, else None."""
+    match = re.match(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """Total size T from ``Content-Range: bytes */T`` (as sent with a 416), else None."""
+    match = re.match(r"\s*bytes\s+[\d*-]+/(\d+)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _network_error(url: str, part: Path, reason: object) -> DownloadError:
+    kept = part.stat().st_size if part.exists() else 0
+    tail = (
+        f"partial file {part} ({kept} bytes) is kept; run again to resume"
+        if kept
+        else "nothing was downloaded"
+    )
+    return DownloadError(f"download of {url} failed: {_one_line(reason)}; {tail}")
+
+
+def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
+    """Append the missing bytes of ``url`` to ``part``; return when it is complete."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "resunet-download/1.0"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            # Nothing left to send: the .part may already be whole (crash before rename).
+            total = _content_range_total(err.headers.get("Content-Range"))
+            err.close()
+            if total == offset:
+                return
+            part.unlink()  # longer than the remote file: it cannot be a prefix of it
+            return _fetch_to_part(url, part, desc, progress)
+        raise _network_error(url, part, f"HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _network_error(url, part, getattr(err, "reason", err)) from err
+
+    with response:
+        length = response.headers.get("Content-Length")
+        resumed = (
+            offset > 0
+            and response.status == 206
+            and _content_range_start(response.headers.get("Content-Range")) == offset
+        )
+        if offset and response.status == 206 and not resumed:
+            # A partial answer from some other offset is of no use: fetch it whole.
+            part.unlink()
+            return _fetch_to_part(url, part, desc, progress)
+        if not resumed:
+            offset = 0  # server ignored the Range (plain 200): start over
+        expected = offset + int(length) if length is not None else None
+        received = offset
+        try:
+            with open(part, "ab" if resumed else "wb") as fh, tqdm(
+                total=expected,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                disable=not progress,
+            ) as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    fh.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as err:
+            raise _network_error(url, part, err) from err
+    # http.client returns b"" on an early close instead of raising, so compare sizes.
+    if expected is not None and received != expected:
+        raise _network_error(url, part, f"connection closed after {received} of {expected} bytes")
+
+
+def download_url(url: str, dest: Path, md5: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` (resumable, md5-checked, atomic) and return ``dest``.
+
+    Bytes are streamed into ``dest + ".part"``; a later call continues it with a
+    ``Range`` request. ``dest`` only ever appears complete and verified. An
+    existing ``dest`` with the right md5 (or any existing ``dest`` when ``md5`` is
+    None) is returned without touching the network.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        if md5 is None or file_md5(dest) == md5:
+            return dest
+        dest.unlink()  # stale or corrupt: fetch it again rather than trust it
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    _fetch_to_part(url, part, dest.name, progress)
+    if md5 is not None:
+        actual = file_md5(part)
+        if actual != md5:
+            part.unlink()  # resuming a corrupt prefix would never succeed
+            raise DownloadError(f"md5 mismatch for {dest.name}: expected {md5}, got {actual}; file deleted")
+    os.replace(part, dest)  # atomic on one filesystem: no half-written dest
+    return dest
+
+
+def _check_member_fallback(member: tarfile.TarInfo, dest_dir: Path) -> None:
+    # Only for Pythons without tarfile's "data" filter (< 3.10.12 / 3.11.4).
+    root = dest_dir.resolve()
+    target = (root / member.name).resolve()
+    if os.path.isabs(member.name) or not target.is_relative_to(root):
+        raise DownloadError(f"unsafe path in archive: {member.name!r}")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else root
+        link = (base / member.linkname).resolve()
+        if os.path.isabs(member.linkname) or not link.is_relative_to(root):
+            raise DownloadError(f"unsafe link in archive: {member.name!r} -> {member.linkname!r}")
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise DownloadError(f"unsupported member type in archive: {member.name!r}")
+
+
+def extract(archive: Path, dest_dir: Path) -> None:
+    """Extract a tar/tar.gz/tgz into ``dest_dir``, refusing members that escape it."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            if hasattr(tarfile, "data_filter"):
+                # "data" rejects ../ paths, absolute paths, links out of dest_dir and device files.
+                tar.extractall(dest_dir, filter="data")
+            else:
+                members = tar.getmembers()
+                for member in members:
+                    _check_member_fallback(member, dest_dir)
+                tar.extractall(dest_dir, members=members)
+    except tarfile.TarError as err:  # includes tarfile.FilterError
+        raise DownloadError(f"cannot extract {archive}: {_one_line(err)}") from err
+
+
+def _require(base: Path, names: list[str], what: str) -> None:
+    missing = [name for name in names if not (base / name).exists()]
+    if missing:
+        raise DownloadError(f"{what} at {base} is incomplete: missing {', '.join(missing)}")
+
+
+_VOC_REQUIRED = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"]
+_SBD_REQUIRED = ["img", "cls", "train.txt", "val.txt"]
+
+
+def download_voc2012(root: Path, url: str = VOC_URL, md5: str | None = VOC_MD5) -> Path:
+    """Download and extract VOC 2012 trainval under ``root``; return ``root/VOCdevkit/VOC2012``."""
+    root = Path(root)
+    voc_dir = root / "VOCdevkit" / "VOC2012"
+    if (voc_dir / "ImageSets" / "Segmentation" / "val.txt").exists():
+        _require(voc_dir, _VOC_REQUIRED, "VOC2012")
+        return voc_dir
+    archive = download_url(url, root / "VOCtrainval_11-May-2012.tar", md5)
+    extract(archive, root)
+    _require(voc_dir, _VOC_REQUIRED, "extracted VOC2012")
+    return voc_dir
+
+
+def download_sbd(root: Path, url: str = SBD_URL, md5: str | None = SBD_MD5) -> Path:
+    """Download and extract SBD under ``root``; return ``root/benchmark_RELEASE/dataset``."""
+    root = Path(root)
+    sbd_dir = root / "benchmark_RELEASE" / "dataset"
+    if (sbd_dir / "val.txt").exists():
+        _require(sbd_dir, _SBD_REQUIRED, "SBD")
+        return sbd_dir
+    archive = download_url(url, root / "benchmark.tgz", md5)
+    extract(archive, root)
+    _require(sbd_dir, _SBD_REQUIRED, "extracted SBD")
+    return sbd_dir
+
+
+def _read_ids(path: Path) -> set[str]:
+    if not path.exists():
+        raise DownloadError(f"split file not found: {path}")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def read_sbd_mat(path: Path) -> np.ndarray:
+    """Class-index mask from an SBD ``cls/*.mat`` file, read as torchvision's SBDataset does."""
+    from scipy.io import loadmat  # imported here: only this step needs scipy
+
+    return np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0])
+
+
+def _read_voc_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        # VOC masks are palette PNGs whose indices *are* the class ids; converting
+        # to RGB or L would turn them into colours/luminance instead.
+        if img.mode not in ("P", "L"):
+            raise DownloadError(f"{path} has mode {img.mode}, expected a palette (P) class-index PNG")
+        return np.array(img)
+
+
+def _check_labels(mask: np.ndarray, source: Path) -> np.ndarray:
+    values = np.unique(mask)
+    bad = values[(values >= NUM_CLASSES) & (values != VOID_LABEL)]
+    if mask.ndim != 2 or bad.size:
+        raise DownloadError(f"{source} is not a 2-D class-index mask (values {values.tolist()[:8]})")
+    return mask.astype(np.uint8)
+
+
+def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
+    """Build VOC's 10,582-image "train_aug" split; return its number of images.
+
+    Names are (SBD train | SBD val | VOC train) - VOC val. Masks go to
+    ``voc_dir/SegmentationClassAug/NAME.png`` (mode "L", 0..20, 255 = void):
+    VOC's own annotation where it has one (finer, and the usual convention),
+    otherwise SBD's. The list goes to ``ImageSets/Segmentation/train_aug.txt``.
+    Masks already written are kept, so an interrupted run can be resumed.
+    """
+    voc_dir, sbd_dir = Path(voc_dir), Path(sbd_dataset_dir)
+    splits = voc_dir / "ImageSets" / "Segmentation"
+    voc_train = _read_ids(splits / "train.txt")
+    voc_val = _read_ids(splits / "val.txt")
+    sbd_all = _read_ids(sbd_dir / "train.txt") | _read_ids(sbd_dir / "val.txt")
+    names = sorted((sbd_all | voc_train) - voc_val)
+
+    out_dir = voc_dir / "SegmentationClassAug"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in tqdm(names, desc="SegmentationClassAug", unit="mask"):
+        out = out_dir / f"{name}.png"
+        if out.exists():
+            continue
+        voc_png = voc_dir / "SegmentationClass" / f"{name}.png"
+        sbd_mat = sbd_dir / "cls" / f"{name}.mat"
+        if voc_png.exists():
+            mask = _check_labels(_read_voc_png(voc_png), voc_png)
+        elif sbd_mat.exists():
+            mask = _check_labels(read_sbd_mat(sbd_mat), sbd_mat)
+        else:
+            raise DownloadError(f"no annotation for {name}: neither {voc_png} nor {sbd_mat} exists")
+        tmp = out.with_suffix(".png.tmp")
+        Image.fromarray(mask).save(tmp, format="PNG")
+        os.replace(tmp, out)  # a killed run never leaves a truncated PNG to be skipped later
+
+    (splits / "train_aug.txt").write_text("".join(f"{name}\n" for name in names))
+    return len(names)

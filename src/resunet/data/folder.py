@@ -1,0 +1,46 @@
+"""Custom datasets in folders of images and class-index masks with the same file stems.
+
+Layouts: `root/{train,val,test}/{images,masks}/NAME.*`, or flat `root/{images,masks}` (one split, used for any).
+An optional `root/classes.json` (names, palette, ignore index) sets the classes; otherwise `--num-classes` must.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .classes import ClassInfo, generic_info, load_classes_json
+from .dataset import PairedDataset
+from .images import DataError, list_images
+
+
+def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
+    classes_json = root / "classes.json"
+    if classes_json.is_file():
+        info = load_classes_json(classes_json)
+        if num_classes is not None and num_classes != info.num_classes:
+            raise DataError(f"{classes_json}: lists {info.num_classes} classes but --num-classes is {num_classes}")
+        if ignore_index is not None and ignore_index != info.ignore_index:
+            raise DataError(f"{classes_json}: ignore index {info.ignore_index} but --ignore-index is {ignore_index}")
+        return info
+    if num_classes is None:
+        raise DataError(f"{root}: no classes.json here; pass --num-classes (and --ignore-index if not 255)")
+    return generic_info(num_classes, 255 if ignore_index is None else ignore_index)
+
+
+def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
+    split_dir = root / split if (root / split / "images").is_dir() else root
+    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    if not image_dir.is_dir() or not mask_dir.is_dir():
+        raise DataError(
+            f"{root}: not a dataset: expected VOCdevkit/VOC2012, {root / split}/{{images,masks}} or {root}/{{images,masks}}"
+        )
+    info = folder_classes(root, num_classes, ignore_index)
+    images = list_images(image_dir)
+    masks_by_stem = {p.stem: p for p in list_images(mask_dir)}
+    missing = [p.name for p in images if p.stem not in masks_by_stem]
+    if missing:
+        raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0]}")
+    if not images:
+        raise DataError(f"{image_dir}: no images")
+    masks = [masks_by_stem[p.stem] for p in images]
+    return PairedDataset(images, masks, info, description=f"{split_dir}")

@@ -1,0 +1,36 @@
+"""PASCAL VOC 2012 segmentation: `VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`.
+
+Split `train_aug` (SBD + VOC train minus VOC val, 10,582 images, the standard training set for VOC results) reads
+its masks from `SegmentationClassAug/`, which `resunet download sbd` builds (see `download.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .classes import VOC_INFO
+from .dataset import PairedDataset
+from .images import DataError
+
+
+def find_voc_dir(root: Path) -> Path | None:
+    """`root` may be the folder holding VOCdevkit, VOCdevkit itself, or VOC2012."""
+    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
+            return candidate
+    return None
+
+
+def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
+    split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not split_file.is_file():
+        available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
+        raise DataError(f"{split_file}: no such split file (available: {', '.join(available) or 'none'})")
+    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
+    images = [voc_dir / "JPEGImages" / f"{name}.jpg" for name in names]
+    masks = [mask_dir / f"{name}.png" for name in names]
+    missing = [str(p) for pair in zip(images, masks) for p in pair if not p.is_file()]
+    if missing:
+        raise DataError(f"{split_file}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+    return PairedDataset(images, masks, VOC_INFO, description=f"VOC2012 {split} ({voc_dir})")

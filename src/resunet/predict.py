@@ -1,0 +1,108 @@
+"""Predictor: images in, class maps out at each image's original size.
+
+The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
+through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the model (bf16 autocast
++ channels_last where the hardware has bf16), upsample the logits back to the original size, optionally average with
+the horizontally flipped prediction (`tta="flip"`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint
+from .data.classes import ClassInfo
+from .data.images import read_image
+from .data.transforms import normalize, resize_short_side
+from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+
+def as_uint8_rgb(image: ImageLike) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 array, got shape {array.shape} dtype {array.dtype}")
+    return array
+
+
+class Predictor:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: ClassInfo,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        tta: str = "none",
+    ) -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = resolve_precision(precision, self.device)
+        self.channels_last = use_channels_last(self.device, self.dtype)
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
+        if tta not in ("none", "flip"):
+            raise ValueError("tta must be 'none' or 'flip'")
+        self.tta = tta
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none") -> "Predictor":
+        payload = load_checkpoint(path)
+        model = model_from_checkpoint(payload, path)
+        norm = payload["normalization"]
+        return cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
+                   device, precision, tta)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """images: N×3×H×W uint8 (one size); returns float32 N×C×H'×W' logits at `out_size` (default H×W)."""
+        height, width = images.shape[-2:]
+        out_size = out_size or (height, width)
+        x = images.to(self.device, non_blocking=True).float()
+        work = resize_short_side(height, width, self.size)
+        if work != (height, width):
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
+        x = normalize(x.div_(255), self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            out = self.model(x)
+            if self.tta == "flip":
+                out = (out + self.model(x.flip(-1)).flip(-1)) / 2
+        return F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
+
+    def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
+        return self.logits(images).argmax(1)
+
+    def predict(self, image: ImageLike | list[ImageLike]) -> np.ndarray | list[np.ndarray]:
+        """One image (PIL, path, or H×W×3 uint8) → H×W uint8 class map; a list → a list of them."""
+        if isinstance(image, list):
+            return [self.predict(item) for item in image]
+        array = as_uint8_rgb(image)
+        batch = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+        return self.predict_tensor(batch)[0].to(torch.uint8).cpu().numpy()
+
+    def colorize(self, mask: np.ndarray) -> Image.Image:
+        """A palette PNG image of a class map, in this model's class colours."""
+        image = Image.fromarray(mask.astype(np.uint8), mode="P")
+        image.putpalette(self.info.palette_bytes())
+        return image
+
+    def overlay(self, image: ImageLike, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+        rgb = as_uint8_rgb(image).astype(np.float32)
+        colours = self.info.colour_lut()[mask].astype(np.float32)
+        return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))

@@ -1,0 +1,87 @@
+"""Pictures: training curves, the 3×5 image / ground truth / prediction grid, a confusion heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from .data.classes import ClassInfo  # noqa: E402
+
+
+def plot_curves(records: list[dict], path: str | Path) -> None:
+    """Train loss, val mIoU and learning rate per epoch, from metrics.jsonl records."""
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], marker=".")
+    axes[0].set_title("train loss")
+    axes[1].plot(epochs, [100 * r["val_miou"] for r in records], marker=".", color="tab:green")
+    axes[1].set_title("val mIoU (%)")
+    axes[2].plot(epochs, [r["lr"] for r in records], marker=".", color="tab:orange")
+    axes[2].set_title("learning rate")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def colorize(mask: np.ndarray, info: ClassInfo) -> np.ndarray:
+    return info.colour_lut()[mask]
+
+
+def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: list[np.ndarray], info: ClassInfo,
+              path: str | Path) -> None:
+    """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
+    columns = len(images)
+    fig, axes = plt.subplots(3, columns, figsize=(3 * columns, 9.6), squeeze=False)
+    for col in range(columns):
+        for row, picture in enumerate((images[col], colorize(targets[col], info), colorize(predictions[col], info))):
+            axes[row][col].imshow(picture)
+            axes[row][col].axis("off")
+    for row, title in enumerate(("image", "ground truth", "prediction")):
+        axes[row][0].set_title(title, loc="left", fontsize=11)
+    present = sorted({int(v) for m in targets + predictions for v in np.unique(m) if v < info.num_classes})
+    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_confusion(matrix, info: ClassInfo, path: str | Path) -> None:
+    """Row-normalised confusion matrix (rows: true class) with class names."""
+    m = np.asarray(matrix, dtype=np.float64)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = info.num_classes
+    fig, ax = plt.subplots(figsize=(0.45 * n + 3, 0.45 * n + 2))
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), info.names, rotation=90)
+    ax.set_yticks(range(n), info.names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5,
+                  device: str = "auto", seed: int = 0) -> None:
+    """The `resunet visualize` command: the seed's 3×5 grid on `count` images of the split."""
+    from .data.dataset import open_dataset
+    from .predict import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index)
+    picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)
+    samples = [dataset.load(int(i)) for i in sorted(picks)]
+    predictions = [predictor.predict(s.image) for s in samples]
+    plot_grid([s.image for s in samples], [s.mask for s in samples], predictions, predictor.info, out)
+    print(f"wrote {out}")

@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny generated dataset and one briefly trained run, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resunet.config import TrainConfig
+from resunet.data.demo import make_demo_dataset
+from resunet.train import train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def tiny_config(data_root: Path, out: Path, **overrides) -> TrainConfig:
+    """A seconds-long run: 64 px, batch 4, from scratch, no progress bars, cache in the session's tmp dir."""
+    values = dict(data_root=str(data_root), out=str(out), epochs=2, batch_size=4, size=64, lr=1e-3,
+                  optimizer="adamw", scale_min=0.75, scale_max=1.25, pretrained=False, workers=0, progress=False,
+                  cache_dir=str(out.parent / "cache"))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, train=24, val=8, size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_root, tmp_path_factory) -> Path:
+    """A run folder with last.pt/best.pt from a 2-epoch run (its quality is not the point)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config(demo_root, out))
+    return out
+
+
+def shared_dir(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (the shared material sits beside the project root in our workplace)")
+    return path

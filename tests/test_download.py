@@ -1,0 +1,383 @@
+"""Tests for resunet.data.download against tiny archives served over local HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import tarfile
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet.data.download import (
+    DownloadError,
+    download_sbd,
+    download_url,
+    download_voc2012,
+    extract,
+    make_train_aug,
+    read_sbd_mat,
+)
+
+scipy_io = pytest.importorskip("scipy.io")
+scipy_sparse = pytest.importorskip("scipy.sparse")
+
+
+# --------------------------------------------------------------------------- server
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with ``Range: bytes=N-`` support and an optional dropped connection."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append((self.path, rng))
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        if rng and srv.honor_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.cut_after is not None:  # one-shot: simulate a dropped connection
+            body, srv.cut_after = body[: srv.cut_after], None
+            self.close_connection = True
+        self.wfile.write(body)
+        srv.bytes_sent.append(len(body))
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy from the environment would swallow requests to 127.0.0.1.
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ThreadingHTTPServer]:
+    root = tmp_path / "srv"
+    root.mkdir()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    srv.daemon_threads = True
+    srv.root, srv.requests, srv.bytes_sent = root, [], []
+    srv.cut_after, srv.honor_range = None, True
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- fake data
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _palette() -> list[int]:
+    # The VOC colour map; only its shape matters, indices are what gets tested.
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _save_voc_png(mask: np.ndarray, path: Path) -> None:
+    img = Image.fromarray(mask.astype(np.uint8))
+    img.putpalette(_palette())  # turns the "L" image into "P", indices unchanged
+    assert img.mode == "P"
+    img.save(path)
+
+
+def _save_jpg(path: Path) -> None:
+    Image.new("RGB", (8, 6), (120, 30, 200)).save(path)
+
+
+H, W = 6, 8
+VOC_TRAIN = ["2008_000001", "2008_000002"]
+VOC_VAL = ["2008_000003", "2008_000004"]
+SBD_TRAIN = ["2008_000002", "2008_000004", "2008_000005"]
+SBD_VAL = ["2008_000006", "2008_000003"]
+# (SBD train | SBD val | VOC train) - VOC val, by hand:
+EXPECTED_TRAIN_AUG = ["2008_000001", "2008_000002", "2008_000005", "2008_000006"]
+
+
+def voc_mask(name: str) -> np.ndarray:
+    mask = np.full((H, W), int(name[-1]), np.uint8)  # class = last digit
+    mask[0, :] = 255  # void border, as in VOC
+    return mask
+
+
+def sbd_mask(name: str) -> np.ndarray:
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:, 3:] = 10 + int(name[-1])  # differs from the VOC mask of the same image
+    mask[0, 0] = 255
+    return mask
+
+
+def _tar_dir(src: Path, top: str, out: Path, mode: str) -> Path:
+    with tarfile.open(out, mode) as tar:
+        tar.add(src / top, arcname=top)
+    return out
+
+
+def build_voc_tar(work: Path, out: Path) -> Path:
+    voc = work / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    for name in VOC_TRAIN + VOC_VAL:
+        _save_jpg(voc / "JPEGImages" / f"{name}.jpg")
+        _save_voc_png(voc_mask(name), voc / "SegmentationClass" / f"{name}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(VOC_VAL) + "\n")
+    return _tar_dir(work, "VOCdevkit", out, "w")
+
+
+def write_sbd_mat(mask: np.ndarray, path: Path) -> None:
+    # Same layout as SBD's cls/*.mat: a 1x1 struct GTcls with Boundaries (20x1 cell
+    # of sparse matrices), Segmentation (uint8 HxW) and CategoriesPresent.
+    boundaries = np.empty((20, 1), dtype=object)
+    for i in range(20):
+        boundaries[i, 0] = scipy_sparse.csc_matrix((H, W), dtype=bool)
+    present = np.unique(mask[(mask > 0) & (mask < 255)]).astype(np.uint8).reshape(-1, 1)
+    gtcls = {"Boundaries": boundaries, "Segmentation": mask, "CategoriesPresent": present}
+    scipy_io.savemat(path, {"GTcls": gtcls})
+
+
+def build_sbd_tgz(work: Path, out: Path) -> Path:
+    ds = work / "benchmark_RELEASE" / "dataset"
+    (ds / "img").mkdir(parents=True)
+    (ds / "cls").mkdir()
+    for name in sorted(set(SBD_TRAIN + SBD_VAL)):
+        _save_jpg(ds / "img" / f"{name}.jpg")
+        write_sbd_mat(sbd_mask(name), ds / "cls" / f"{name}.mat")
+    (ds / "train.txt").write_text("\n".join(SBD_TRAIN) + "\n")
+    (ds / "val.txt").write_text("\n".join(SBD_VAL) + "\n")
+    return _tar_dir(work, "benchmark_RELEASE", out, "w:gz")
+
+
+@pytest.fixture
+def voc_tar(server: ThreadingHTTPServer, tmp_path: Path) -> tuple[str, str, Path]:
+    path = build_voc_tar(tmp_path / "voc_build", server.root / "VOCtrainval_11-May-2012.tar")
+    return f"{server.url}/{path.name}", md5_of(path), path
+
+
+@pytest.fixture
+def big_file(server: ThreadingHTTPServer) -> tuple[str, str, int]:
+    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (server.root / "blob.bin").write_bytes(data)
+    return f"{server.url}/blob.bin", hashlib.md5(data).hexdigest(), len(data)
+
+
+# --------------------------------------------------------------------------- download_url
+
+
+def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
+    url, md5, _ = voc_tar
+    root = tmp_path / "data"
+    voc_dir = download_voc2012(root, url=url, md5=md5)
+    assert voc_dir == root / "VOCdevkit" / "VOC2012"
+    assert md5_of(root / "VOCtrainval_11-May-2012.tar") == md5
+    assert not (root / "VOCtrainval_11-May-2012.tar.part").exists()
+    assert sorted(p.stem for p in (voc_dir / "JPEGImages").iterdir()) == sorted(VOC_TRAIN + VOC_VAL)
+    assert (voc_dir / "ImageSets/Segmentation/val.txt").read_text().split() == VOC_VAL
+    assert len(server.requests) == 1
+    # Idempotent: already extracted, so no request at all.
+    assert download_voc2012(root, url=url, md5=md5) == voc_dir
+    assert len(server.requests) == 1
+
+
+def test_wrong_md5_raises_and_leaves_no_file(big_file, tmp_path: Path) -> None:
+    url, md5, _ = big_file
+    dest = tmp_path / "blob.bin"
+    with pytest.raises(DownloadError) as info:
+        download_url(url, dest, md5="0" * 32, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and "blob.bin" in msg and "0" * 32 in msg and md5 in msg
+    assert not dest.exists()
+    assert not dest.with_suffix(".bin.part").exists()
+
+
+def test_dropped_connection_then_resume(big_file, server, tmp_path: Path) -> None:
+    url, md5, total = big_file
+    dest = tmp_path / "blob.bin"
+    part = tmp_path / "blob.bin.part"
+    server.cut_after = 100_000
+    with pytest.raises(DownloadError) as info:
+        download_url(url, dest, md5=md5, progress=False)
+    assert "\n" not in str(info.value) and url in str(info.value) and "resume" in str(info.value)
+    assert not dest.exists()
+    assert part.stat().st_size == 100_000
+
+    assert download_url(url, dest, md5=md5, progress=False) == dest
+    assert server.requests[-1][1] == "bytes=100000-"
+    assert server.bytes_sent[-1] == total - 100_000 < total
+    assert md5_of(dest) == md5
+    assert not part.exists()
+
+
+def test_server_ignoring_range_restarts(big_file, server, tmp_path: Path) -> None:
+    url, md5, total = big_file
+    dest = tmp_path / "blob.bin"
+    server.cut_after = 50_000
+    with pytest.raises(DownloadError):
+        download_url(url, dest, md5=md5, progress=False)
+    server.honor_range = False  # answers 200 with the whole file
+    download_url(url, dest, md5=md5, progress=False)
+    assert server.requests[-1][1] == "bytes=50000-"
+    assert server.bytes_sent[-1] == total
+    assert md5_of(dest) == md5
+
+
+def test_complete_part_from_crash_before_rename(big_file, server, tmp_path: Path) -> None:
+    url, md5, total = big_file
+    dest = tmp_path / "blob.bin"
+    (tmp_path / "blob.bin.part").write_bytes((server.root / "blob.bin").read_bytes())
+    download_url(url, dest, md5=md5, progress=False)  # server answers 416
+    assert md5_of(dest) == md5
+
+
+def test_existing_valid_file_makes_no_request(big_file, server, tmp_path: Path) -> None:
+    url, md5, _ = big_file
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes((server.root / "blob.bin").read_bytes())
+    assert download_url(url, dest, md5=md5, progress=False) == dest
+    assert server.requests == []
+
+
+def test_unreachable_url_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # grab a free port, then close it: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/VOCtrainval_11-May-2012.tar"
+    with pytest.raises(DownloadError) as info:
+        download_url(url, tmp_path / "x.tar", progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and url in msg
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_http_404_is_download_error(server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="404"):
+        download_url(f"{server.url}/missing.tar", tmp_path / "missing.tar", progress=False)
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "link"])
+def test_extract_blocks_path_traversal(tmp_path: Path, evil: str) -> None:
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        _add_bytes(tar, "ok.txt", b"fine")
+        if evil == "link":  # a symlink pointing out of dest, then a write through it
+            info = tarfile.TarInfo("link")
+            info.type, info.linkname = tarfile.SYMTYPE, ".."
+            tar.addfile(info)
+            _add_bytes(tar, "link/evil.txt", b"pwned")
+        else:
+            _add_bytes(tar, evil, b"pwned")
+    dest = tmp_path / "out"
+    with pytest.raises(DownloadError):
+        extract(archive, dest)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+# --------------------------------------------------------------------------- SBD + train_aug
+
+
+def test_sbd_mat_layout_matches_torchvision(tmp_path: Path) -> None:
+    mask = sbd_mask("2008_000005")
+    write_sbd_mat(mask, tmp_path / "a.mat")
+    np.testing.assert_array_equal(read_sbd_mat(tmp_path / "a.mat"), mask)
+    # Exactly torchvision's SBDataset._get_segmentation_target expression:
+    mat = scipy_io.loadmat(tmp_path / "a.mat")
+    target = Image.fromarray(mat["GTcls"][0]["Segmentation"][0])
+    np.testing.assert_array_equal(np.array(target), mask)
+    assert mat["GTcls"][0]["Boundaries"][0][3][0].toarray().shape == (H, W)
+
+
+def test_fake_sbd_readable_by_torchvision_sbdataset(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("torchvision.datasets")
+    build_sbd_tgz(tmp_path / "sbd_build", tmp_path / "benchmark.tgz")
+    ds_dir = tmp_path / "sbd_build" / "benchmark_RELEASE" / "dataset"
+    ds = datasets.SBDataset(str(ds_dir), image_set="train", mode="segmentation")
+    for i, name in enumerate(SBD_TRAIN):
+        _, target = ds[i]
+        np.testing.assert_array_equal(np.array(target), sbd_mask(name))
+        np.testing.assert_array_equal(read_sbd_mat(ds_dir / "cls" / f"{name}.mat"), np.array(target))
+
+
+def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
+    voc_url, voc_md5, _ = voc_tar
+    sbd = build_sbd_tgz(tmp_path / "sbd_build", server.root / "benchmark.tgz")
+    root = tmp_path / "data"
+    voc_dir = download_voc2012(root, url=voc_url, md5=voc_md5)
+    sbd_dir = download_sbd(root, url=f"{server.url}/benchmark.tgz", md5=md5_of(sbd))
+    assert sbd_dir == root / "benchmark_RELEASE" / "dataset"
+
+    assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
+    listed = (voc_dir / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    assert listed == EXPECTED_TRAIN_AUG  # sorted, VOC val excluded even where SBD has it
+    aug = voc_dir / "SegmentationClassAug"
+    assert sorted(p.stem for p in aug.glob("*.png")) == EXPECTED_TRAIN_AUG
+
+    def load(name: str) -> np.ndarray:
+        with Image.open(aug / f"{name}.png") as img:
+            assert img.mode == "L"
+            return np.array(img)
+
+    for name in ("2008_000005", "2008_000006"):  # SBD only: the .mat's values, 255 kept
+        np.testing.assert_array_equal(load(name), sbd_mask(name))
+    for name in ("2008_000001", "2008_000002"):  # VOC train (000002 is in SBD too): VOC wins
+        np.testing.assert_array_equal(load(name), voc_mask(name))
+    assert (load("2008_000001") == 255).sum() == W
+
+    # Idempotent: existing PNGs are not rewritten.
+    stamp = os.stat(aug / "2008_000005.png").st_mtime_ns
+    (aug / "2008_000006.png").unlink()
+    assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
+    assert os.stat(aug / "2008_000005.png").st_mtime_ns == stamp
+    np.testing.assert_array_equal(load("2008_000006"), sbd_mask("2008_000006"))

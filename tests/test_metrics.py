@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from resunet.metrics import ConfusionMatrix
+
+
+def test_hand_computed_example_with_ignore_and_absent_class():
+    # 4 classes; class 3 appears nowhere (neither target nor prediction) -> NaN, excluded from the mean.
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 3, 0]])  # the 255 pixels' predictions must not count (not even "3")
+    cm = ConfusionMatrix(4, ignore_index=255)
+    cm.update(pred, target)
+    assert cm.matrix.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    scores = cm.compute()
+    # class 0: TP 1, FP 1 (a 2 predicted as 0), FN 1 -> 1/3; class 1: TP 2, FP 1 -> 2/3; class 2: TP 1, FN 1 -> 1/2
+    assert scores["iou"][:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert math.isnan(scores["iou"][3])
+    assert scores["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_class_only_predicted_counts_as_zero():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 2]), torch.tensor([0, 0, 0]))
+    scores = cm.compute()
+    assert scores["iou"][0] == pytest.approx(2 / 3)
+    assert scores["iou"][2] == 0.0  # predicted but never true: IoU 0, and it is in the mean
+    assert math.isnan(scores["iou"][1])
+    assert scores["miou"] == pytest.approx(1 / 3)
+
+
+def test_dataset_wide_not_per_batch():
+    # Two "images": averaging per-image mIoU would give a different number than the one matrix over both.
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1]))
+    cm.update(torch.tensor([1, 1]), torch.tensor([1, 1]))
+    scores = cm.compute()
+    assert scores["iou"] == pytest.approx([3 / 4, 2 / 3])
+    assert scores["pixel_accuracy"] == pytest.approx(5 / 6)
+
+
+def test_batching_and_order_do_not_matter():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (4, 9, 9), generator=g)
+    target[:, 0] = 255
+    pred = torch.randint(0, 5, (4, 9, 9), generator=g)
+    whole = ConfusionMatrix(5)
+    whole.update(pred, target)
+    pieces = ConfusionMatrix(5)
+    for i in (3, 1, 0, 2):
+        pieces.update(pred[i], target[i])
+    assert torch.equal(whole.matrix, pieces.matrix)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        ConfusionMatrix(3).update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))
