@@ -60,9 +60,10 @@ def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
     for _ in range(rng.integers(1, 4)):
         name, shape, colour = DEMO_OBJECTS[rng.integers(len(DEMO_OBJECTS))]
         class_id = VOC_CLASSES.index(name)
-        w, h = (int(v) for v in rng.integers(size // 5, size // 2, size=2))
+        smallest = max(size // 5, 4 * border + 2)  # the inner (class) region must survive the void border
+        w, h = (int(v) for v in rng.integers(smallest, max(size // 2, smallest + 1), size=2))
         if shape == "capsule":
-            w = max(size // 10, h // 3)
+            w = max(smallest, h // 3)
         x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
         box = (x0, y0, x0 + w, y0 + h)
         fill = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colour)

@@ -1,0 +1,55 @@
+"""`resunet benchmark --quick`: every section is there and the derived figures agree with the raw ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+pytest.importorskip("segmentation_models_pytorch")
+
+from resunet.benchmark import CPU_TARGETS, run_benchmark  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_consistent_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    run_benchmark(argparse.Namespace(json=str(path), quick=True, device="auto", compile=False))
+    report = json.loads(path.read_text())
+    table = capsys.readouterr().out
+    assert "NOT a measurement" in table and "predictor_vs_smp" in table
+
+    for key in ("device_name", "cpu_kind", "threads", "versions", "measurements", "flops", "ratios", "targets"):
+        assert key in report, key
+    for package in ("torch", "torchvision", "segmentation_models_pytorch", "timm"):
+        assert report["versions"][package], package
+    assert report["quick"] is True and report["threads"] >= 1
+
+    sections = report["measurements"]
+    pairs = {"training": ("ours", "seed_style"), "data_path": ("ours", "seed_style"), "predictor": ("ours", "smp")}
+    for section, (ours, reference) in pairs.items():
+        for key in (ours, reference):
+            entry = sections[section][key]
+            assert entry["images_per_s"] > 0, (section, key)
+            assert len(entry["window_s"]) == entry["windows"] >= 2
+            assert entry["peak_memory"]["bytes"] > 0
+        expected = sections[section][ours]["images_per_s"] / sections[section][reference]["images_per_s"]
+        assert report["ratios"][section] == pytest.approx(expected, rel=1e-9), section
+    assert sections["data_path"]["cache_build_s"] > 0
+
+    flops = report["flops"]
+    assert abs(flops["ours_forward_256"] - 14.29e9) <= 0.02 * 14.29e9
+    assert 2.8 < flops["ours_train_256"] / flops["ours_forward_256"] < 3.1
+    assert sections["training"]["ours"]["gflop_per_s"] == pytest.approx(
+        sections["training"]["ours"]["images_per_s"] * flops["ours_train_256"] / 1e9)
+
+    assert report["cpu_kind"] in CPU_TARGETS
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == {"predictor_vs_smp", "training_vs_seed_style", "data_path_vs_pil", "training_mfu"}
+    assert targets["data_path_vs_pil"]["threshold"] == 20.0 and targets["data_path_vs_pil"]["applies"]
+    speed = CPU_TARGETS[report["cpu_kind"]] if report["device"] == "cpu" else None
+    assert targets["predictor_vs_smp"]["threshold"] == (speed[0] if speed else None)
+    assert targets["training_vs_seed_style"]["threshold"] == (speed[1] if speed else None)
+    assert targets["training_mfu"]["applies"] == (report["device"] == "cuda")
+    assert all(t["passed"] is None for t in report["targets"])  # a quick run judges nothing

@@ -1,0 +1,60 @@
+"""The command line end to end, as a user runs it, in subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "resunet", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_end_to_end(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert run_cli("demo-data", str(data), "--train", "8", "--val", "4", "--size", "48").returncode == 0
+    result = run_cli("train", "--data-root", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "4",
+                     "--size", "48", "--no-pretrained", "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "epoch   2/2" in result.stdout
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png"):
+        assert (run / name).is_file(), name
+    result = run_cli("evaluate", str(run / "best.pt"), "--data-root", str(data), "--json", str(tmp_path / "e.json"))
+    assert result.returncode == 0, result.stderr
+    assert "mIoU" in result.stdout and "aeroplane" in result.stdout and "pixel acc." in result.stdout
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert 0 <= scores["miou"] <= 1 and len(scores["iou"]) == 21
+    result = run_cli("visualize", str(run / "best.pt"), "--data-root", str(data), "--out", str(tmp_path / "grid.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "grid.png").size[0] > 600
+    # resume continues from epoch 3 and appends to metrics.jsonl
+    result = run_cli("train", "--resume", str(run / "last.pt"), "--epochs", "3", "--no-progress", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("command", ["demo-data", "train", "evaluate", "predict", "visualize", "download",
+                                     "encoders", "benchmark"])
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "usage: resunet" in result.stdout
+
+
+def test_train_flags_cover_the_recipe():
+    out = run_cli("train", "--help").stdout
+    for flag in ("--epochs", "--batch-size", "--lr", "--size", "--encoder", "--no-pretrained", "--seed", "--workers",
+                 "--device", "--resume", "--precision", "--compile"):
+        assert flag in out, flag
+    assert "(default: 0.0001)" in out and "(default: 100)" in out and "(default: 256)" in out
+
+
+def test_user_errors_are_one_line(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    result = run_cli("evaluate", str(tmp_path / "junk.pt"), "--data-root", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "junk.pt: not a readable resunet checkpoint" in result.stderr
+    result = run_cli("train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "nowhere: data root is not a folder" in result.stderr

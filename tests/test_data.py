@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet.data.classes import VOC_INFO, voc_colormap
+from resunet.data.dataset import open_dataset
+from resunet.data.demo import make_demo_dataset
+from resunet.data.images import DataError, read_mask, rgb_to_index
+
+from conftest import shared_dir
+
+
+def test_voc_palette_known_colours():
+    colours = voc_colormap(256)
+    assert colours[1] == (128, 0, 0)  # aeroplane
+    assert colours[3] == (128, 128, 0)  # bird
+    assert colours[17] == (128, 64, 0)  # sheep
+    assert colours[255] == (224, 224, 192)  # void
+
+
+def test_demo_data_is_voc_format(tmp_path):
+    voc = make_demo_dataset(tmp_path, train=4, val=2, size=48, seed=3)
+    names = (voc / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert len(names) == 4 and len((voc / "ImageSets/Segmentation/val.txt").read_text().split()) == 2
+    image = Image.open(voc / "JPEGImages" / f"{names[0]}.jpg")
+    mask = Image.open(voc / "SegmentationClass" / f"{names[0]}.png")
+    assert image.format == "JPEG" and image.size == (48, 48)
+    assert mask.mode == "P" and mask.getpalette()[3:6] == [128, 0, 0]
+    values = set()
+    for name in names:
+        values |= set(np.unique(np.array(Image.open(voc / "SegmentationClass" / f"{name}.png"))).tolist())
+    assert 0 in values and 255 in values  # background and void borders
+    assert values - {0, 255} <= {1, 7, 8, 15, 17} and values - {0, 255}  # the demo's object classes
+    dataset = open_dataset(tmp_path, "train")
+    sample = dataset.load(0)
+    assert sample.image.shape == (48, 48, 3) and sample.mask.shape == (48, 48)
+
+
+def test_same_seed_same_data(tmp_path):
+    a = make_demo_dataset(tmp_path / "a", train=2, val=1, size=32, seed=7)
+    b = make_demo_dataset(tmp_path / "b", train=2, val=1, size=32, seed=7)
+    for name in ("demo_train_00000", "demo_val_00000"):
+        assert np.array_equal(np.array(Image.open(a / "SegmentationClass" / f"{name}.png")),
+                              np.array(Image.open(b / "SegmentationClass" / f"{name}.png")))
+
+
+def test_real_voc_rgb_masks_convert_to_class_indices():
+    samples = shared_dir("voc-samples")
+    expected = {"1": 1, "23": 17, "114": 3}  # aeroplane, sheep, bird
+    for stem, class_id in expected.items():
+        mask = read_mask(samples / f"{stem}_target.png", VOC_INFO)
+        assert mask.shape == (513, 513)
+        assert set(np.unique(mask).tolist()) == {0, class_id, 255}
+        rgb = np.asarray(Image.open(samples / f"{stem}_target.png").convert("RGB"))
+        assert (rgb[mask == class_id] == VOC_INFO.palette[class_id]).all()
+        assert (rgb[mask == 255] == (224, 224, 192)).all()
+
+
+def test_colour_outside_palette_names_the_file(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[2, 3] = (1, 2, 3)
+    path = tmp_path / "odd.png"
+    Image.fromarray(rgb).save(path)
+    with pytest.raises(DataError) as info:
+        read_mask(path, VOC_INFO)
+    assert str(path) in str(info.value) and "(1, 2, 3)" in str(info.value) and "x=3, y=2" in str(info.value)
+    assert rgb_to_index(np.zeros((2, 2, 3), np.uint8), VOC_INFO).tolist() == [[0, 0], [0, 0]]
+
+
+def make_folder_dataset(root, splits=("train", "val"), classes=None, size=(20, 30)):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 3, size, dtype=np.uint8)).save(root / split / "masks" / f"{i}.png")
+    if classes:
+        (root / "classes.json").write_text(json.dumps(classes))
+
+
+def test_folder_dataset_with_classes_json(tmp_path):
+    make_folder_dataset(tmp_path, ("train", "val", "test"),
+                        {"classes": ["sky", "road", "car"], "palette": [[1, 1, 1], [2, 2, 2], [3, 3, 3]],
+                         "ignore_index": 11})
+    test = open_dataset(tmp_path, "test")
+    assert len(test) == 3 and test.info.names == ("sky", "road", "car") and test.info.ignore_index == 11
+    assert test.load(0).mask.max() <= 2
+
+
+def test_folder_dataset_needs_num_classes_without_classes_json(tmp_path):
+    make_folder_dataset(tmp_path)
+    with pytest.raises(DataError, match="--num-classes"):
+        open_dataset(tmp_path, "train")
+    dataset = open_dataset(tmp_path, "train", num_classes=3, ignore_index=9)
+    assert dataset.info.num_classes == 3 and dataset.info.ignore_index == 9
+
+
+def test_mask_value_out_of_range_names_the_file(tmp_path):
+    make_folder_dataset(tmp_path)
+    bad = tmp_path / "train" / "masks" / "1.png"
+    Image.fromarray(np.full((20, 30), 7, np.uint8)).save(bad)
+    dataset = open_dataset(tmp_path, "train", num_classes=3)
+    with pytest.raises(DataError, match=r"1\.png.*\[7\]"):
+        dataset.load(1)
+
+
+def test_mask_size_mismatch_names_the_file(tmp_path):
+    make_folder_dataset(tmp_path)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "train" / "masks" / "2.png")
+    with pytest.raises(DataError, match="2.png: mask is 10×10 but its image is 30×20"):
+        open_dataset(tmp_path, "train", num_classes=3).load(2)
+
+
+def test_missing_split_file_lists_available(tmp_path):
+    make_demo_dataset(tmp_path, train=1, val=1, size=32)
+    with pytest.raises(DataError, match="available: train, val"):
+        open_dataset(tmp_path, "trainval")
+
+
+def test_camvid_layout_reads_with_its_classes():
+    camvid = shared_dir("camvid")
+    dataset = open_dataset(camvid, "val")
+    assert len(dataset) == 101 and dataset.info.num_classes == 11 and dataset.info.ignore_index == 11
+    sample = dataset.load(0)
+    assert sample.image.shape == (360, 480, 3) and sample.mask.max() <= 11

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet import Predictor
+
+from conftest import shared_dir
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
+
+
+def test_predictor_rebuilds_everything_from_the_checkpoint(predictor):
+    assert predictor.info.num_classes == 21 and predictor.size == 64
+    assert predictor.model.config.encoder == "resnet34"
+
+
+def test_predict_accepts_pil_path_and_array_and_keeps_original_size(predictor, tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (75, 100, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)
+    from_array = predictor.predict(array)
+    assert from_array.shape == (75, 100) and from_array.dtype == np.uint8
+    assert np.array_equal(from_array, predictor.predict(Image.fromarray(array)))
+    assert np.array_equal(from_array, predictor.predict(path))
+    batch = predictor.predict([array, array[:50]])
+    assert [m.shape for m in batch] == [(75, 100), (50, 100)]
+
+
+def test_predict_segments_demo_objects(predictor, demo_root):
+    from resunet.data.dataset import open_dataset
+
+    sample = open_dataset(demo_root, "val").load(0)
+    prediction = predictor.predict(sample.image)
+    labelled = sample.mask != 255
+    assert (prediction[labelled] == sample.mask[labelled]).mean() > 0.8
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "resunet", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_predict_writes_palette_pngs_at_original_size(trained_run, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((37, 53, 3), 90, np.uint8)).save(inputs / "a.jpg")
+    Image.fromarray(np.full((64, 48, 3), 200, np.uint8)).save(inputs / "b.png")
+    result = run_cli("predict", str(trained_run / "best.pt"), str(inputs), "--out", str(tmp_path / "out"), "--overlay")
+    assert result.returncode == 0, result.stderr
+    for name, size in (("a", (53, 37)), ("b", (48, 64))):
+        mask = Image.open(tmp_path / "out" / f"{name}.png")
+        assert mask.mode == "P" and mask.size == size
+        assert mask.getpalette()[3:6] == [128, 0, 0]
+        assert Image.open(tmp_path / "out" / f"{name}_overlay.jpg").size == size
+
+
+def test_cli_predict_reports_a_bad_file_and_finishes_the_rest(trained_run, tmp_path):
+    (tmp_path / "broken.jpg").write_text("not a jpeg")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "good.png")
+    result = run_cli("predict", str(trained_run / "best.pt"), str(tmp_path / "broken.jpg"), str(tmp_path / "good.png"),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "broken.jpg: not a readable image" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "good.png").is_file()
+
+
+def test_predict_on_real_voc_photos_runs(predictor):
+    samples = shared_dir("voc-samples")
+    for stem in ("1", "23", "114"):
+        assert predictor.predict(samples / f"{stem}_image.png").shape == (513, 513)

@@ -1,0 +1,121 @@
+"""Both augmentation paths keep image and mask aligned, pad masks with the ignore label, and invent no label."""
+
+import numpy as np
+import pytest
+import torch
+
+from resunet.data.transforms import TrainTransform, augment_batch, color_jitter
+
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave 0..1 pixels readable
+
+
+def blocks(height=60, width=80, seed=0):
+    """A mask of big label blocks and an image whose red channel is 40 × label: alignment is checkable."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 5, size=(height // 20 + 1, width // 20 + 1))
+    mask = np.kron(coarse, np.ones((20, 20), dtype=np.int64))[:height, :width].astype(np.uint8)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = mask * 40
+    image[..., 1] = 200
+    return image, mask
+
+
+def interior(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels whose 3×3 neighbourhood has one label (away from block edges, where bilinear blends)."""
+    m = mask.float()[None, None]
+    same = torch.ones_like(m, dtype=torch.bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same &= torch.roll(m, (dy, dx), (2, 3)) == m
+    return same[0, 0]
+
+
+def check_aligned(image: torch.Tensor, mask: torch.Tensor, ignore: int = 255):
+    labelled = (mask != ignore) & interior(mask)
+    assert labelled.sum() > 50
+    red = image[0][labelled] * 255
+    assert torch.allclose(red, mask[labelled].float() * 40, atol=2.0)
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 4, ignore}  # nearest: no invented label
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_per_sample_transform_keeps_alignment(seed):
+    torch.manual_seed(seed)
+    image, mask = blocks(seed=seed)
+    out_image, out_mask = TrainTransform(48, (0.5, 2.0), *IDENTITY, jitter=0.0)(image, mask)
+    assert out_image.shape == (3, 48, 48) and out_mask.shape == (48, 48) and out_mask.dtype == torch.int64
+    check_aligned(out_image, out_mask)
+
+
+def test_per_sample_crop_pads_mask_with_ignore_never_zero():
+    torch.manual_seed(0)
+    image, mask = blocks(20, 30)
+    mask[:] = 3  # no 0 anywhere: any 0 in the output would be an invented background
+    out_image, out_mask = TrainTransform(64, (1.0, 1.0), *IDENTITY, jitter=0.0)(image, mask)
+    # shorter side 20 → 64: the image becomes 64×96 and fills the crop; use a smaller scale to force padding
+    out_image, out_mask = TrainTransform(64, (0.5, 0.5), *IDENTITY, jitter=0.0)(image, mask)
+    assert (out_mask == 255).any() and not (out_mask == 0).any()
+    assert (out_image[:, out_mask == 255] == 0).all()
+
+
+def canvas_batch(samples, canvas=(70, 90)):
+    images = torch.zeros(len(samples), *canvas, 3, dtype=torch.uint8)
+    masks = torch.full((len(samples), *canvas), 255, dtype=torch.uint8)
+    sizes = torch.zeros(len(samples), 2, dtype=torch.int64)
+    for i, (image, mask) in enumerate(samples):
+        h, w = mask.shape
+        images[i, :h, :w] = torch.from_numpy(image)
+        masks[i, :h, :w] = torch.from_numpy(mask)
+        sizes[i] = torch.tensor([h, w])
+    return images, masks, sizes
+
+
+def test_batched_augmentation_keeps_alignment_and_ignore_padding():
+    samples = [blocks(60, 80, seed=s) for s in range(6)] + [blocks(40, 60, seed=9)]
+    images, masks, sizes = canvas_batch(samples)
+    out_images, out_masks = augment_batch(images, masks, sizes, 48, (0.5, 2.0), *IDENTITY, jitter=0.0,
+                                          generator=torch.Generator().manual_seed(1))
+    assert out_images.shape == (7, 3, 48, 48) and out_masks.shape == (7, 48, 48)
+    for image, mask in zip(out_images, out_masks):
+        check_aligned(image, mask)
+
+
+def test_batched_small_scale_pads_with_ignore_and_black():
+    image, mask = blocks(40, 40)
+    mask[:] = 2
+    images, masks, sizes = canvas_batch([(image, mask)], canvas=(40, 40))
+    out_images, out_masks = augment_batch(images, masks, sizes, 64, (0.5, 0.5), *IDENTITY, jitter=0.0,
+                                          generator=torch.Generator().manual_seed(0))
+    # shorter side 40 → 32 px: a 32×32 image inside a 64×64 crop, the rest void
+    assert (out_masks == 2).sum() == pytest.approx(32 * 32, abs=70)
+    assert set(out_masks.unique().tolist()) == {2, 255}
+    void = (out_masks[0] == 255) & interior(out_masks[0])  # bilinear blends only at the image's own edge
+    assert void.sum() >= 64 * 64 - 34 * 34 and (out_images[0][:, void] == 0).all()
+
+
+def test_batched_flip_mirrors_image_and_mask_together():
+    image = np.zeros((40, 40, 3), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    image[:, :20, 0], mask[:, :20] = 40, 1  # left half label 1
+    images, masks, sizes = canvas_batch([(image, mask)] * 16, canvas=(40, 40))
+    out_images, out_masks = augment_batch(images, masks, sizes, 40, (1.0, 1.0), *IDENTITY, jitter=0.0,
+                                          generator=torch.Generator().manual_seed(0))
+    left_is_one = (out_masks[:, :, :10] == 1).float().mean(dim=(1, 2)) > 0.9
+    assert 0 < left_is_one.sum() < 16  # some flipped, some not
+    for image_out, mask_out in zip(out_images, out_masks):
+        check_aligned(image_out, mask_out)
+
+
+def test_same_generator_seed_same_batch():
+    images, masks, sizes = canvas_batch([blocks(seed=s) for s in range(3)])
+    a = augment_batch(images, masks, sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
+    b = augment_batch(images, masks, sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_color_jitter_identity_and_brightness():
+    x = torch.rand(2, 3, 8, 8)
+    ones = torch.ones(2)
+    assert torch.allclose(color_jitter(x.clone(), ones, ones, ones), x, atol=1e-6)
+    darker = color_jitter(x.clone(), torch.full((2,), 0.5), ones, ones)
+    assert torch.allclose(darker, x * 0.5, atol=1e-6)
