@@ -13,9 +13,10 @@ What is measured, on the machine it runs on, and why:
    Training speed is what a user pays for most, and the loader is part of it, so both are timed loader included.
 2. The data path alone (images/s of augmented 256² batches): `CachedLoader` iterating over a built cache (the one-off
    cache build is reported separately) vs the seed-style PIL `DataLoader` over the same JPEG files.
-3. The Predictor on 500×375 RGB uint8 arrays, one image per call (resize → forward → logits upsampled to the original
-   size → argmax): ours (`resunet.Predictor`, precision "auto") vs `segmentation_models_pytorch.Unet("resnet34")`
-   in fp32 eager under `torch.no_grad()` as its README shows, doing the same work at 256×352.
+3. The Predictor on 500×375 RGB uint8 arrays, one image per call (resize → forward → logits upsampled to the
+   original size → argmax): ours (`resunet.Predictor`, precision "auto") vs
+   `segmentation_models_pytorch.Unet("resnet34")` in fp32 eager under `torch.no_grad()` as its README shows, doing
+   the same work at 256×352.
 
 Every figure is the MEDIAN images/s over repeated timed windows after warm-up calls (the per-window figures are kept
 in the JSON). FLOPs per image are counted once with `torch.utils.flop_counter.FlopCounterMode` on meta-device copies
@@ -91,24 +92,25 @@ class Plan:
 
     images: int = 48
     batch: int = 8
-    train_warmup: int = 1
-    train_windows: int = 5
-    train_budget_s: float = 40.0
-    data_warmup: int = 1
-    data_windows: int = 7
-    data_budget_s: float = 12.0
-    predict_warmup: int = 2
-    predict_windows: int = 7
-    predict_images: int = 2  # images (calls) per window
-    predict_budget_s: float = 12.0
+    train_steps: int = 2  # training steps per window
+    train_warmup: int = 1  # windows (the first steps run slow: allocations, oneDNN primitive creation)
+    train_windows: int = 7
+    train_budget_s: float = 45.0
+    data_warmup: int = 1  # windows of one pass over the data set (the seed-style workers start here)
+    data_windows: int = 9
+    data_budget_s: float = 10.0
+    predict_warmup: int = 3  # calls
+    predict_windows: int = 9
+    predict_images: int = 4  # images (one per call) per window
+    predict_budget_s: float = 15.0
     min_windows: int = 3
-    compile_warmup: int = 3
+    compile_warmup: int = 2  # windows; compilation happens in the first
 
 
 DEFAULT_PLAN = Plan()
-QUICK_PLAN = Plan(images=16, batch=2, train_warmup=1, train_windows=2, train_budget_s=4.0, data_warmup=1,
-                  data_windows=2, data_budget_s=2.0, predict_warmup=1, predict_windows=2, predict_images=1,
-                  predict_budget_s=2.0, min_windows=2, compile_warmup=2)
+QUICK_PLAN = Plan(images=16, batch=2, train_steps=1, train_warmup=1, train_windows=2, train_budget_s=4.0,
+                  data_warmup=1, data_windows=2, data_budget_s=2.0, predict_warmup=1, predict_windows=2,
+                  predict_images=1, predict_budget_s=2.0, min_windows=2, compile_warmup=2)
 
 
 # ---- timing, memory, FLOPs ----------------------------------------------------------------------------------------
@@ -402,11 +404,15 @@ def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, co
         scaler.step(optimizer)
         scaler.update()
 
+    def window() -> None:
+        for _ in range(plan.train_steps):
+            step()
+
     try:
         with peak_memory(device) as memory:
             warmup = plan.compile_warmup if compile else plan.train_warmup
-            result = timed_windows(step, warmup, plan.train_windows, plan.batch, _sync(device), plan.min_windows,
-                                   None if compile else plan.train_budget_s)
+            result = timed_windows(window, warmup, plan.train_windows, plan.train_steps * plan.batch, _sync(device),
+                                   plan.min_windows, None if compile else plan.train_budget_s)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     what = f"{runtime.precision_name(dtype)}{', channels_last' if channels_last else ''}, cached data path"
@@ -432,9 +438,13 @@ def measure_train_seed(dataset: PairedDataset, plan: Plan, device: torch.device)
         loss.backward()
         optimizer.step()
 
+    def window() -> None:
+        for _ in range(plan.train_steps):
+            step()
+
     with peak_memory(device) as memory:
-        result = timed_windows(step, plan.train_warmup, plan.train_windows, plan.batch, _sync(device),
-                               plan.min_windows, plan.train_budget_s)
+        result = timed_windows(window, plan.train_warmup, plan.train_windows, plan.train_steps * plan.batch,
+                               _sync(device), plan.min_windows, plan.train_budget_s)
         _with_workers_memory(memory)
     del batches
     return {**result, "peak_memory": memory, "what": f"fp32 eager NCHW, PIL DataLoader ({SEED_WORKERS} workers)",
@@ -512,6 +522,23 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_busy_fraction(seconds: float = 0.5) -> float | None:
+    """How busy all CPUs are over `seconds` while we sleep (from /proc/stat): other work competing with us."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -562,10 +589,10 @@ def format_report(report: dict) -> str:
     memory_kind = ("CUDA max_memory_allocated" if report["device"] == "cuda"
                    else "peak RSS of this process (resource.getrusage, high-water mark reset per measurement)")
     lines.append(f"memory     {memory_kind}")
-    load, cpus = report.get("load_average_start"), report.get("cpu_count") or 1
-    if load is not None and load > 0.5 * cpus:
-        lines.append(f"WARNING    load average {load:.1f} on {cpus} CPUs when the run started: other work was competing "
-                     "for the cores, so these figures understate this machine")
+    busy = report.get("cpu_busy_before_start")
+    if busy is not None and busy > 0.25:
+        lines.append(f"WARNING    the CPUs were {100 * busy:.0f}% busy with other work just before the run: "
+                     "competing processes make these figures understate this machine")
     lines.append("")
     header = f"{'measurement':<22}{'variant':<52}{'img/s':>9}{'spread':>8}{'win':>5}{'GFLOP/s':>9}{'peak mem':>11}"
     lines += [header, "-" * len(header)]
@@ -640,6 +667,7 @@ def run_benchmark(args) -> dict:
                      or _version("segmentation-models-pytorch"),
                      "timm": _version("timm"), "resunet": _version("resunet")},
         "plan": asdict(plan), "setup_s": {}, "cpu_count": os.cpu_count(), "load_average_start": _load_average(),
+        "cpu_busy_before_start": cpu_busy_fraction(),
     }
     tmp = Path(tempfile.mkdtemp(prefix="resunet-bench-"))
     try:

@@ -28,7 +28,9 @@ class TrainConfig:
     scheduler: str = setting("plateau", "plateau: ReduceLROnPlateau on val mIoU; cosine: per-step decay to 0",
                              choices=("plateau", "cosine"))
     warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine only)")
-    size: int = setting(256, "training crop size; inference resizes the shorter side to it")
+    size: int = setting(256, "working size: images are scaled so the shorter side is size (× a random scale when "
+                        "training); inference resizes the shorter side to it")
+    crop_size: int | None = setting(None, "training crop, square (default: size)")
     scale_min: float = setting(0.5, "smallest random scale (of shorter side = size)")
     scale_max: float = setting(2.0, "largest random scale")
     jitter: float = setting(0.2, "brightness/contrast/saturation jitter strength (0: off)")

@@ -77,9 +77,9 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
     if kind == "cached":
         cache = build_cache(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None, max(1, cfg.workers))
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
-                              cfg.jitter, device, cfg.seed, rank, world)
+                              cfg.jitter, device, cfg.seed, rank, world, cfg.crop_size)
         return loader, "cached"
-    transform = TrainTransform(cfg.size, scales, mean, std, dataset.info.ignore_index, cfg.jitter)
+    transform = TrainTransform(cfg.size, scales, mean, std, dataset.info.ignore_index, cfg.jitter, cfg.crop_size)
     data = dataset.with_transform(transform)
     sampler = (DistributedSampler(data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True) if world > 1
                else RandomSampler(data))
@@ -198,6 +198,7 @@ def train(cfg: TrainConfig) -> dict:
               f"{data_path} data path; epochs {start_epoch}..{cfg.epochs}", flush=True)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
+    run_started = time.perf_counter()
     scores: dict = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
@@ -271,6 +272,9 @@ def train(cfg: TrainConfig) -> dict:
                   f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                   flush=True)
 
+    if main_process:
+        print(f"done: epochs {start_epoch}..{cfg.epochs} in {(time.perf_counter() - run_started) / 60:.1f} min, "
+              f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -24,7 +24,8 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
     axes[1].set_title("val mIoU (%)")
     axes[2].plot(epochs, [r["lr"] for r in records], marker=".", color="tab:orange")
     axes[2].set_title("learning rate")
-    axes[2].set_yscale("log")
+    if all(r["lr"] > 0 for r in records):  # cosine decays to exactly 0 at the end: no log scale then
+        axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -142,10 +142,12 @@ class CachedLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        crop: int | None = None,
     ) -> None:
         self.cache = cache
         self.batch_size = batch_size
-        self.augment = dict(size=size, scales=scales, mean=mean, std=std, ignore_index=ignore_index, jitter=jitter)
+        self.augment = dict(size=size, scales=scales, mean=mean, std=std, ignore_index=ignore_index, jitter=jitter,
+                            crop=crop)
         self.device = device
         self.seed = seed
         self.rank, self.world_size = rank, world_size

@@ -4,8 +4,8 @@
 - `augment_batch`: the same augmentations on a whole uint8 batch at once, on the training device; used by the
   cached data path (`cache.py`), where decoding happens once and this is all the per-epoch work.
 
-Both: the image is scaled so its shorter side is `size × s`, s uniform in [scale_min, scale_max]; a `size × size`
-crop is taken (padding with 0 for the image and the ignore index for the mask where the image is smaller); a coin
+Both: the image is scaled so its shorter side is `size × s`, s uniform in [scale_min, scale_max]; a `crop × crop`
+crop (default crop = size) is taken (padding with 0 for the image and the ignore index for the mask where the image is smaller); a coin
 flips it horizontally; brightness, contrast and saturation are jittered by factors in [1 - j, 1 + j]. Images resize
 bilinearly, masks with nearest neighbour, so no label is ever invented.
 """
@@ -27,10 +27,11 @@ class TrainTransform:
         std: tuple[float, ...],
         ignore_index: int = 255,
         jitter: float = 0.2,
+        crop: int | None = None,
     ) -> None:
         steps = [
             v2.RandomResize(int(size * scales[0]), int(size * scales[1]) + 1, antialias=True),
-            v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
+            v2.RandomCrop(crop or size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
             v2.RandomHorizontalFlip(),
         ]
         if jitter > 0:
@@ -65,14 +66,16 @@ def augment_batch(
     ignore_index: int = 255,
     jitter: float = 0.2,
     generator: torch.Generator | None = None,
+    crop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale, crop, flip and jitter a batch in one resampling pass.
 
     images: N×H×W×3 uint8 canvases; masks: N×H×W uint8 canvases (outside each image's valid area: ignore index);
     valid_sizes: N×2 (height, width) of each image inside its canvas. Random numbers come from `generator` (on the
     CPU), so a seeded generator gives the same batch on any device.
-    Returns normalised N×3×size×size float images and N×size×size int64 masks on the images' device.
+    Returns normalised N×3×crop×crop float images and N×crop×crop int64 masks on the images' device.
     """
+    crop = crop or size
     n, canvas_h, canvas_w = masks.shape
     device = images.device
     rand = torch.rand(n, 6, generator=generator)  # scale, y offset, x offset, flip, then jitter below
@@ -82,18 +85,19 @@ def augment_batch(
     factor = scale * size / short  # source pixels → output pixels
     scaled_h, scaled_w = valid[:, 0] * factor, valid[:, 1] * factor
     # Crop offsets in scaled pixels; negative where the scaled image is smaller than the crop (it gets padded).
-    off_y = torch.minimum(scaled_h - size, torch.zeros(n, dtype=torch.float64)) + rand[:, 1].double() * (scaled_h - size).abs()
-    off_x = torch.minimum(scaled_w - size, torch.zeros(n, dtype=torch.float64)) + rand[:, 2].double() * (scaled_w - size).abs()
+    zero = torch.zeros(n, dtype=torch.float64)
+    off_y = torch.minimum(scaled_h - crop, zero) + rand[:, 1].double() * (scaled_h - crop).abs()
+    off_x = torch.minimum(scaled_w - crop, zero) + rand[:, 2].double() * (scaled_w - crop).abs()
     flip = rand[:, 3] < 0.5
 
-    out = torch.arange(size, dtype=torch.float64) + 0.5  # output pixel centres
-    out_x = torch.where(flip[:, None], size - out[None, :], out[None, :])
+    out = torch.arange(crop, dtype=torch.float64) + 0.5  # output pixel centres
+    out_x = torch.where(flip[:, None], crop - out[None, :], out[None, :])
     src_y = (out[None, :] + off_y[:, None]) / factor[:, None]  # source coordinates, in pixels from the top-left edge
     src_x = (out_x + off_x[:, None]) / factor[:, None]
     grid_y = (2 * src_y / canvas_h - 1).float()  # grid_sample's [-1, 1] with align_corners=False
     grid_x = (2 * src_x / canvas_w - 1).float()
     grid = torch.stack(
-        [grid_x[:, None, :].expand(n, size, size), grid_y[:, :, None].expand(n, size, size)], dim=-1
+        [grid_x[:, None, :].expand(n, crop, crop), grid_y[:, :, None].expand(n, crop, crop)], dim=-1
     ).to(device)
 
     image_f = images.permute(0, 3, 1, 2).float()
