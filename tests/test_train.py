@@ -48,3 +48,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_pa
     assert a["best_miou"] == b["best_miou"]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rs]
     assert strip(read_records(whole)) == strip(read_records(part))
+
+
+def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, tmp_path):
+    out = tmp_path / "sparse"
+    train(tiny_config(demo_root, out, epochs=3, eval_every=2))
+    assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
+    assert (out / "curves.png").is_file() and (out / "best.pt").is_file()

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(payload, out / "last.pt")
             if improved:
                 save_checkpoint(payload, out / "best.pt")
-            plot_curves([r for r in records if r["val_miou"] is not None] or records, out / "curves.png")
+            plot_curves(records, out / "curves.png")
             miou = f"val mIoU {100 * record['val_miou']:6.2f}%" if evaluated else "val mIoU    n/a"
             print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
                   f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",

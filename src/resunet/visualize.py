@@ -20,7 +20,9 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(epochs, [r["train_loss"] for r in records], marker=".")
     axes[0].set_title("train loss")
-    axes[1].plot(epochs, [100 * r["val_miou"] for r in records], marker=".", color="tab:green")
+    evaluated = [r for r in records if r.get("val_miou") is not None]  # --eval-every N skips some epochs
+    axes[1].plot([r["epoch"] for r in evaluated], [100 * r["val_miou"] for r in evaluated], marker=".",
+                 color="tab:green")
     axes[1].set_title("val mIoU (%)")
     axes[2].plot(epochs, [r["lr"] for r in records], marker=".", color="tab:orange")
     axes[2].set_title("learning rate")
