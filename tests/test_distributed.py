@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from resunet.evaluate import run_evaluate
+from resunet.checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint
+from resunet.data.dataset import open_dataset
+from resunet.evaluate import evaluate_dataset
+from resunet.predict import Predictor
 
 
 def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path):
@@ -23,7 +26,11 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
     assert result.stdout.count("epoch   1/1") == 1
     # The DDP run evaluated val split in two shards and summed the confusion matrices; one process evaluating the
     # same checkpoint on the same data must get the same numbers.
-    single = run_evaluate(str(run / "last.pt"), str(demo_root), "val", precision="fp32", workers=0)
+    payload = load_checkpoint(run / "last.pt")
+    norm = payload["normalization"]
+    predictor = Predictor(model_from_checkpoint(payload), checkpoint_classes(payload), 64, norm["mean"], norm["std"],
+                          "cpu", "fp32")  # the training-time predictor: BatchNorm not folded
+    single = evaluate_dataset(predictor, open_dataset(demo_root, "val"), workers=0, progress=False).compute()
     assert abs(single["miou"] - records[0]["val_miou"]) < 1e-9
     assert all(abs(a - b) < 1e-9 for a, b in zip(single["iou"], records[0]["val_iou"]) if a == a)
     assert abs(single["pixel_accuracy"] - records[0]["val_pixel_accuracy"]) < 1e-9

@@ -84,3 +84,22 @@ def test_lite0_pretrained_loads_offline_and_records_its_normalisation():
     stem = "encoder.body.conv_stem.weight"
     assert not torch.equal(model.state_dict()[stem], random.state_dict()[stem])
     assert model.normalization == ((127 / 255,) * 3, (128 / 255,) * 3)
+
+
+@pytest.mark.parametrize("encoder,expected", [("resnet34", 45), ("efficientnet-lite0", 9)])
+def test_batchnorm_folding_keeps_outputs(encoder, expected):
+    from resunet.model.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNetUNet(num_classes=4, encoder=encoder, encoder_weights=None)
+    model.train()
+    with torch.no_grad():  # give the BN layers non-trivial running statistics
+        model(torch.randn(4, 3, 64, 64) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batchnorm(model) == expected  # lite0: only the U-Net's own BNs; timm's BN+act stay
+        after = model(x)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) and type(m) is torch.nn.BatchNorm2d for m in model.modules()) == 0

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from resunet.data.transforms import TrainTransform, augment_batch, color_jitter
+from torchvision.transforms.v2 import functional as TF
+
+from resunet.data.transforms import TrainTransform, augment_batch, jitter_and_normalize
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave 0..1 pixels readable
 
@@ -113,9 +115,26 @@ def test_same_generator_seed_same_batch():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_color_jitter_identity_and_brightness():
-    x = torch.rand(2, 3, 8, 8)
-    ones = torch.ones(2)
-    assert torch.allclose(color_jitter(x.clone(), ones, ones, ones), x, atol=1e-6)
-    darker = color_jitter(x.clone(), torch.full((2,), 0.5), ones, ones)
-    assert torch.allclose(darker, x * 0.5, atol=1e-6)
+def test_fused_jitter_equals_torchvision_sequential_adjustments():
+    # Mid-range pixels and factors in [0.8, 1.2] never leave [0, 1] between steps, so clamping once at the end must
+    # give exactly torchvision's brightness → contrast → saturation (in each image's own random order).
+    g = torch.Generator().manual_seed(0)
+    images = 0.3 + 0.3 * torch.rand(4, 3, 16, 16, generator=g)
+    factors = 0.8 + 0.4 * torch.rand(4, 3, generator=g, dtype=torch.float64)
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [2, 0, 1]])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    fused = jitter_and_normalize(images * 255, factors, orders, mean, std)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(4):
+        expected = images[i]
+        for op in orders[i].tolist():
+            expected = adjust[op](expected, float(factors[i, op]))
+        expected = TF.normalize(expected, mean, std)
+        assert torch.allclose(fused[i], expected, atol=1e-4), i
+
+
+def test_fused_jitter_clamps_to_the_valid_range():
+    images = torch.full((1, 3, 4, 4), 250.0)
+    out = jitter_and_normalize(images, torch.tensor([[1.2, 1.0, 1.0]], dtype=torch.float64), torch.tensor([[0, 1, 2]]),
+                               (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert torch.allclose(out, torch.ones_like(out))  # 250/255 × 1.2 > 1 → clamped to white, as torchvision does

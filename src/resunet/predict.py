@@ -19,7 +19,8 @@ from .checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoi
 from .data.classes import ClassInfo
 from .data.images import read_image
 from .data.transforms import normalize, resize_short_side
-from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from .model.fold import fold_batchnorm
+from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
@@ -46,11 +47,16 @@ class Predictor:
         device: str | torch.device = "auto",
         precision: str = "auto",
         tta: str = "none",
+        fold_bn: bool = False,
     ) -> None:
+        """`fold_bn`: merge BatchNorm into the convolutions (faster; only for a model no longer trained)."""
+        tune_cpu_allocator()
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_precision(precision, self.device)
         self.channels_last = use_channels_last(self.device, self.dtype)
         self.model = model.to(self.device).eval()
+        if fold_bn:
+            fold_batchnorm(self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
@@ -64,7 +70,7 @@ class Predictor:
         model = model_from_checkpoint(payload, path)
         norm = payload["normalization"]
         return cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
-                   device, precision, tta)
+                   device, precision, tta, fold_bn=True)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:

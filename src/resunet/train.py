@@ -34,7 +34,7 @@ from .evaluate import evaluate_dataset
 from .model.unet import ResNetUNet
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
-                      use_channels_last)
+                      tune_cpu_allocator, use_channels_last)
 from .visualize import plot_curves
 
 CACHE_LIMIT_BYTES = 20 * 1024**3
@@ -135,6 +135,7 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 def train(cfg: TrainConfig) -> dict:
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
+    tune_cpu_allocator()
     device = resolve_device(cfg.device)
     if world > 1:
         if device.type == "cuda":

@@ -107,25 +107,63 @@ def augment_batch(
     out_masks = F.grid_sample(mask_f, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0] - 1
     out_masks = torch.where(out_masks < 0, torch.full_like(out_masks, ignore_index), out_masks).long()
 
-    out_images = out_images.div_(255)
-    if jitter > 0:
-        factors = (1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator)).to(device)
-        out_images = color_jitter(out_images, factors[:, 0], factors[:, 1], factors[:, 2])
-    return normalize(out_images, mean, std), out_masks
+    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    orders = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)  # ColorJitter's random order per image
+    if jitter <= 0:
+        factors = torch.ones(n, 3, dtype=torch.float64)
+    return jitter_and_normalize(out_images, factors, orders, mean, std), out_masks
 
 
-def _grey(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True)
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-def color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
-    """Per-sample brightness, contrast, saturation factors on 0..1 NCHW images (torchvision's definitions)."""
-    images = (images * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
-    mean_grey = _grey(images).mean(dim=(2, 3), keepdim=True)
-    images = (mean_grey + (images - mean_grey) * contrast.view(-1, 1, 1, 1)).clamp_(0, 1)
-    grey = _grey(images)
-    return (grey + (images - grey) * saturation.view(-1, 1, 1, 1)).clamp_(0, 1)
+def jitter_matrices(mean_colour: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness, contrast and saturation as one affine colour map per image: x → M x + t.
+
+    Each adjustment is affine in RGB (brightness b: x·b; contrast c: c·x + (1-c)·mean grey; saturation s:
+    s·x + (1-s)·grey(x)), so any order of the three composes into one 3×3 matrix and offset. The mean grey that
+    contrast needs is tracked through the earlier maps from the image's mean colour. mean_colour: N×3 (0..1),
+    factors: N×3 (b, c, s), orders: N×3 permutations. Returns M: N×3×3 and t: N×3 (float64).
+    """
+    grey = torch.tensor(GREY, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    matrices, offsets = [], []
+    for colour, (b, c, s), order in zip(mean_colour.double(), factors.double(), orders.tolist()):
+        m, t = eye.clone(), torch.zeros(3, dtype=torch.float64)
+        for op in order:
+            if op == 0:
+                step_m, step_t = b * eye, torch.zeros(3, dtype=torch.float64)
+            elif op == 1:
+                mean_grey = grey @ (m @ colour + t)
+                step_m, step_t = c * eye, (1 - c) * mean_grey * torch.ones(3, dtype=torch.float64)
+            else:
+                step_m, step_t = s * eye + (1 - s) * torch.outer(torch.ones(3, dtype=torch.float64), grey), torch.zeros(3, dtype=torch.float64)
+            m, t = step_m @ m, step_m @ t + step_t
+        matrices.append(m)
+        offsets.append(t)
+    return torch.stack(matrices), torch.stack(offsets)
+
+
+def jitter_and_normalize(
+    images: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """0..255 float N×3×H×W → jittered, normalised images in two passes (one batched 3×3 matmul, one clamp).
+
+    torchvision clamps to [0, 1] after each adjustment; here the result is clamped once, at the end (the same
+    whenever no intermediate value leaves [0, 1]), which is what makes the single pass possible.
+    """
+    n, _, height, width = images.shape
+    mean_colour = images.mean(dim=(2, 3)).double().cpu() / 255
+    m, t = jitter_matrices(mean_colour, factors, orders)
+    inv_std = 1 / torch.tensor(std, dtype=torch.float64)
+    mean_t = torch.tensor(mean, dtype=torch.float64)
+    m = inv_std[None, :, None] * m / 255  # fold the /255 and the normalisation into the map
+    t = inv_std[None, :] * (t - mean_t[None, :])
+    device, dtype = images.device, images.dtype
+    flat = torch.baddbmm(t.to(device, dtype)[:, :, None], m.to(device, dtype), images.reshape(n, 3, height * width))
+    low = (-mean_t * inv_std).to(device, dtype).view(1, 3, 1)
+    high = ((1 - mean_t) * inv_std).to(device, dtype).view(1, 3, 1)
+    return flat.clamp_(min=low, max=high).view(n, 3, height, width)  # in place: no second 6 MB buffer per batch
 
 
 def resize_short_side(height: int, width: int, size: int) -> tuple[int, int]:
