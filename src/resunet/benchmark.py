@@ -486,12 +486,12 @@ def measure_predictor_ours(images: list[np.ndarray], plan: Plan, device: torch.d
     torch.manual_seed(0)
     model = ResNetUNet(NUM_CLASSES, "resnet34", encoder_weights=None)
     mean, std = model.normalization
-    predictor = Predictor(model, VOC_INFO, SIZE, mean, std, device, "auto")
+    predictor = Predictor(model, VOC_INFO, SIZE, mean, std, device, "auto", fold_bn=True)  # as from_checkpoint builds it
     mask = predictor.predict(images[0])
     assert mask.shape == images[0].shape[:2], mask.shape
     result = _predict_windows(predictor.predict, images, plan, device)
     precision = runtime.precision_name(predictor.dtype)
-    return {**result, "what": f"resunet.Predictor, {precision}{' channels_last' if predictor.channels_last else ''}",
+    return {**result, "what": f"resunet.Predictor, {precision}{' channels_last' if predictor.channels_last else ''}, BN folded",
             "precision": precision, "channels_last": predictor.channels_last}
 
 

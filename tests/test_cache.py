@@ -1,0 +1,59 @@
+"""The decoded-image cache: built once, reused across runs, rebuilt when a source file changes."""
+
+import os
+
+import numpy as np
+import torch
+
+from resunet.data.cache import CachedLoader, build_cache, cache_short_side
+from resunet.data.dataset import open_dataset
+from resunet.data.demo import make_demo_dataset
+
+
+def test_cache_holds_decoded_pixels_and_is_reused_then_invalidated(tmp_path):
+    make_demo_dataset(tmp_path / "data", train=5, val=1, size=48, seed=0)
+    dataset = open_dataset(tmp_path / "data", "train")
+    cache = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")  # 48 > ceil(32 × 1.25) = 40: downscaled
+    assert cache_short_side(32) == 40
+    assert cache.images.shape == (5, 40, 40, 3) and isinstance(cache.images, np.memmap)
+    assert cache.sizes.tolist() == [[40, 40]] * 5
+    from PIL import Image
+
+    expected = np.asarray(Image.fromarray(dataset.load(0).mask).resize((40, 40), Image.NEAREST))
+    assert np.array_equal(cache.masks[0], expected)  # masks downscale with nearest neighbour: no invented labels
+    again = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")
+    assert again.folder == cache.folder  # same key: reused, not rebuilt
+    stamp = (cache.folder / "done").stat().st_mtime_ns
+    assert (again.folder / "done").stat().st_mtime_ns == stamp
+    # Touch one source image: the key changes and a new cache is built.
+    path = dataset.image_paths[2]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    rebuilt = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    assert rebuilt.folder != cache.folder and (rebuilt.folder / "done").is_file()
+
+
+def test_small_images_are_stored_as_they_are(tmp_path):
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=40, seed=1)
+    dataset = open_dataset(tmp_path / "data", "train")
+    cache = build_cache(dataset, size=64, cache_dir=tmp_path / "cache")
+    sample = dataset.load(1)
+    assert np.array_equal(cache.images[1], sample.image) and np.array_equal(cache.masks[1], sample.mask)
+
+
+def test_cached_loader_epochs_are_reproducible_and_sharded(tmp_path):
+    make_demo_dataset(tmp_path / "data", train=8, val=1, size=32, seed=2)
+    cache = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    def loader(rank=0, world=1):
+        return CachedLoader(cache, 2, 32, (0.5, 2.0), (0.5,) * 3, (0.25,) * 3, 255, 0.2, torch.device("cpu"), seed=3,
+                            rank=rank, world_size=world, crop=24)
+    first = loader()
+    first.set_epoch(4)
+    batches = list(first)
+    assert len(batches) == 4 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][1].shape == (2, 24, 24)
+    second = loader()
+    second.set_epoch(4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, second))
+    second.set_epoch(5)
+    assert not torch.equal(next(iter(second))[0], batches[0][0])
+    shards = [loader(rank, 2) for rank in (0, 1)]
+    assert [len(s) for s in shards] == [2, 2]
