@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RESUNET := $(VENV)/bin/resunet
 DATA ?= ../shared/camvid
 
-.PHONY: install install-dev demo test benchmark camvid camvid-seed camvid-gpu clean
+.PHONY: install install-dev demo test benchmark precision-check camvid camvid-seed camvid-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install-dev
 
 benchmark: install-dev
 	$(RESUNET) benchmark --json benchmarks/latest.json
+
+# fp32 vs bf16 training and evaluation of the demo recipe (accuracy, not speed).
+precision-check: install
+	$(PY) benchmarks/precision_check.py --out runs/precision
 
 clean:
 	rm -rf runs/demo data/demo .pytest_cache

@@ -58,3 +58,14 @@ def test_user_errors_are_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "junk.pt: not a readable resunet checkpoint" in result.stderr
     result = run_cli("train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "nowhere: data root is not a folder" in result.stderr
+
+
+def test_encoders_lists_every_encoder_with_weights_status():
+    result = run_cli("encoders")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(lines) == {"resnet18", "resnet34", "resnet50", "resnet101", "efficientnet-lite0", "efficientnet-lite1",
+                          "efficientnet-lite2"}
+    assert "21.28M" in lines["resnet34"] and "64/64/128/256/512" in lines["resnet34"]
+    assert "16/24/40/112/320" in lines["efficientnet-lite0"] and "efficientnet-lite0-" in lines["efficientnet-lite0"]
+    assert "--encoder-weights" in lines["resnet34"] or "checkpoints" in lines["resnet34"]
