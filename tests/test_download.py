@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from resunet.data.classes import VOC_INFO
 from resunet.data.download import (
     DownloadError,
     download_sbd,
@@ -104,18 +105,7 @@ def md5_of(path: Path) -> str:
 
 
 def _palette() -> list[int]:
-    # The VOC colour map; only its shape matters, indices are what gets tested.
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+    return VOC_INFO.palette_bytes()  # only the shape matters here; the indices are what gets tested
 
 
 def _save_voc_png(mask: np.ndarray, path: Path) -> None:

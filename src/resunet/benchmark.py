@@ -69,6 +69,7 @@ from .data.demo import make_sample
 from .data.transforms import resize_short_side
 from .model.unet import ResNetUNet
 from .predict import Predictor
+from .train import train_step
 
 SIZE = 256
 SCALES = (0.5, 2.0)
@@ -400,17 +401,7 @@ def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, co
 
     def step() -> None:
         images, masks = next(batches)
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast(device, dtype):
-            logits = step_model(images)
-        loss = criterion(logits.float(), masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype, channels_last)
 
     def window() -> None:
         for _ in range(plan.train_steps):
