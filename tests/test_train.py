@@ -55,3 +55,25 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, tmp_path)
     train(tiny_config(demo_root, out, epochs=3, eval_every=2))
     assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
     assert (out / "curves.png").is_file() and (out / "best.pt").is_file()
+
+
+def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, tmp_path, monkeypatch):
+    # Every epoch's validation must see the model in eval mode; a train-mode pass would update BN running stats
+    # with validation images (and score with batch statistics).
+    import resunet.train as train_module
+
+    seen = []
+    original = train_module.evaluate_dataset
+
+    def spy(predictor, *args, **kwargs):
+        model = predictor.model
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        matrix = original(predictor, *args, **kwargs)
+        seen.append(not model.training)
+        after = {k: v for k, v in model.state_dict().items() if "running" in k}
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        return matrix
+
+    monkeypatch.setattr(train_module, "evaluate_dataset", spy)
+    train(tiny_config(demo_root, tmp_path / "run", epochs=3))
+    assert seen == [True, True, True]

@@ -358,6 +358,23 @@ def measure_data_ours(cache: DecodedCache, plan: Plan, device: torch.device) -> 
     return {**result, "peak_memory": memory, "what": f"CachedLoader, augment on {device.type}"}
 
 
+def measure_output_floor(plan: Plan, device: torch.device) -> float:
+    """Images/s of merely writing the data path's output once (a float32 3×256² image per sample, one copy): no
+    augmentation can beat this on the device, so it bounds what any data path can reach there."""
+    source = torch.rand(plan.batch, 3, SIZE, SIZE, device=device)
+    target = torch.empty_like(source)
+    sync = _sync(device)
+    for _ in range(3):
+        target.copy_(source)
+    sync()
+    repeats = 50
+    started = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    sync()
+    return repeats * plan.batch / (time.perf_counter() - started)
+
+
 def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) -> dict:
     mean, std = _normalization()
     batches = iter(seed_style_loader(dataset, plan.batch, mean, std))
@@ -620,6 +637,9 @@ def format_report(report: dict) -> str:
     lines.append("")
     lines.append(f"cache build (one-off, not in the data path figure): {data['cache_build_s']:.2f} s for "
                  f"{report['plan']['images']} images")
+    floor = data["output_copy_floor_images_per_s"]
+    lines.append(f"data path ceiling here: one plain copy of the float32 output batch runs at {floor:,.0f} img/s "
+                 f"= {floor / data['seed_style']['images_per_s']:.1f}× the PIL loader")
     flops = report["flops"]
     lines.append(f"model FLOPs/image: ours fwd 256² {flops['ours_forward_256'] / 1e9:.2f} G, train 256² "
                  f"{flops['ours_train_256'] / 1e9:.2f} G, predict {flops['ours_predict'] / 1e9:.2f} G "
@@ -700,7 +720,7 @@ def run_benchmark(args) -> dict:
         cache = build_cache(dataset, SIZE, tmp / "cache", workers=2)
         cache_build_s = time.perf_counter() - t
         data = {"ours": measure_data_ours(cache, plan, device), "seed_style": measure_data_seed(dataset, plan, device),
-                "cache_build_s": cache_build_s}
+                "cache_build_s": cache_build_s, "output_copy_floor_images_per_s": measure_output_floor(plan, device)}
 
         # 3. predictor
         say("predictor")

@@ -75,6 +75,9 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """images: N×3×H×W uint8 (one size); returns float32 N×C×H'×W' logits at `out_size` (default H×W)."""
+        # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
+        # inference in train mode would use batch statistics and fold val images into BN's running averages.
+        self.model.eval()
         height, width = images.shape[-2:]
         out_size = out_size or (height, width)
         x = images.to(self.device, non_blocking=True).float()
