@@ -31,9 +31,9 @@ def demo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(demo_root, tmp_path_factory) -> Path:
-    """The seed model (resnet34, from scratch) trained for 16 short epochs: enough to segment the demo shapes."""
+    """The seed model (resnet34, from scratch) trained for 20 short epochs: enough to segment the demo shapes."""
     out = tmp_path_factory.mktemp("runs") / "trained"
-    train(tiny_config(demo_root, out, epochs=16, lr=2e-3, scheduler="cosine"))
+    train(tiny_config(demo_root, out, epochs=20, lr=2e-3, scheduler="cosine"))
     return out
 
 
