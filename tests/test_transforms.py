@@ -6,7 +6,14 @@ import torch
 
 from torchvision.transforms.v2 import functional as TF
 
-from resunet.data.transforms import TrainTransform, augment_batch, jitter_and_normalize
+from resunet.data.transforms import (
+    TrainTransform,
+    apply_colour_maps,
+    augment_batch,
+    augment_batch_torch,
+    colour_maps,
+    sample_augment_params,
+)
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave 0..1 pixels readable
 
@@ -75,7 +82,7 @@ def canvas_batch(samples, canvas=(70, 90)):
 def test_batched_augmentation_keeps_alignment_and_ignore_padding():
     samples = [blocks(60, 80, seed=s) for s in range(6)] + [blocks(40, 60, seed=9)]
     images, masks, sizes = canvas_batch(samples)
-    out_images, out_masks = augment_batch(images, masks, sizes, 48, (0.5, 2.0), *IDENTITY, jitter=0.0,
+    out_images, out_masks = augment_batch(images, masks, range(len(sizes)), sizes, 48, (0.5, 2.0), *IDENTITY, jitter=0.0,
                                           generator=torch.Generator().manual_seed(1))
     assert out_images.shape == (7, 3, 48, 48) and out_masks.shape == (7, 48, 48)
     for image, mask in zip(out_images, out_masks):
@@ -86,7 +93,7 @@ def test_batched_small_scale_pads_with_ignore_and_black():
     image, mask = blocks(40, 40)
     mask[:] = 2
     images, masks, sizes = canvas_batch([(image, mask)], canvas=(40, 40))
-    out_images, out_masks = augment_batch(images, masks, sizes, 64, (0.5, 0.5), *IDENTITY, jitter=0.0,
+    out_images, out_masks = augment_batch(images, masks, range(len(sizes)), sizes, 64, (0.5, 0.5), *IDENTITY, jitter=0.0,
                                           generator=torch.Generator().manual_seed(0))
     # shorter side 40 → 32 px: a 32×32 image inside a 64×64 crop, the rest void
     assert (out_masks == 2).sum() == pytest.approx(32 * 32, abs=70)
@@ -100,7 +107,7 @@ def test_batched_flip_mirrors_image_and_mask_together():
     mask = np.zeros((40, 40), np.uint8)
     image[:, :20, 0], mask[:, :20] = 40, 1  # left half label 1
     images, masks, sizes = canvas_batch([(image, mask)] * 16, canvas=(40, 40))
-    out_images, out_masks = augment_batch(images, masks, sizes, 40, (1.0, 1.0), *IDENTITY, jitter=0.0,
+    out_images, out_masks = augment_batch(images, masks, range(len(sizes)), sizes, 40, (1.0, 1.0), *IDENTITY, jitter=0.0,
                                           generator=torch.Generator().manual_seed(0))
     left_is_one = (out_masks[:, :, :10] == 1).float().mean(dim=(1, 2)) > 0.9
     assert 0 < left_is_one.sum() < 16  # some flipped, some not
@@ -110,9 +117,14 @@ def test_batched_flip_mirrors_image_and_mask_together():
 
 def test_same_generator_seed_same_batch():
     images, masks, sizes = canvas_batch([blocks(seed=s) for s in range(3)])
-    a = augment_batch(images, masks, sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
-    b = augment_batch(images, masks, sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
+    a = augment_batch(images, masks, range(len(sizes)), sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
+    b = augment_batch(images, masks, range(len(sizes)), sizes, 32, (0.5, 2.0), *IDENTITY, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def fused_jitter(images, factors, orders, mean, std):
+    mean_colour = images.mean(dim=(2, 3)).double() / 255
+    return apply_colour_maps(images, *colour_maps(mean_colour, factors, orders, mean, std))
 
 
 def test_fused_jitter_equals_torchvision_sequential_adjustments():
@@ -123,7 +135,7 @@ def test_fused_jitter_equals_torchvision_sequential_adjustments():
     factors = 0.8 + 0.4 * torch.rand(4, 3, generator=g, dtype=torch.float64)
     orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [2, 0, 1]])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    fused = jitter_and_normalize(images * 255, factors, orders, mean, std)
+    fused = fused_jitter(images * 255, factors, orders, mean, std)
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for i in range(4):
         expected = images[i]
@@ -135,6 +147,41 @@ def test_fused_jitter_equals_torchvision_sequential_adjustments():
 
 def test_fused_jitter_clamps_to_the_valid_range():
     images = torch.full((1, 3, 4, 4), 250.0)
-    out = jitter_and_normalize(images, torch.tensor([[1.2, 1.0, 1.0]], dtype=torch.float64), torch.tensor([[0, 1, 2]]),
-                               (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    out = fused_jitter(images, torch.tensor([[1.2, 1.0, 1.0]], dtype=torch.float64), torch.tensor([[0, 1, 2]]),
+                       (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert torch.allclose(out, torch.ones_like(out))  # 250/255 × 1.2 > 1 → clamped to white, as torchvision does
+
+
+def test_cpu_kernel_path_equals_the_plain_torch_path():
+    # The numba kernel (CPU training) and the plain PyTorch ops (CUDA training) apply the same drawn parameters:
+    # identical labels, images within the uint8 rounding of the resize.
+    samples = [blocks(60, 80, seed=s) for s in range(5)] + [blocks(40, 60, seed=7)]
+    for i, (image, _) in enumerate(samples):
+        image[..., 2] = np.random.default_rng(i).integers(0, 256, image.shape[:2])  # texture for resize and jitter
+    images, masks, sizes = canvas_batch(samples)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    params = sample_augment_params(sizes, 48, (0.5, 2.0), 0.3, torch.Generator().manual_seed(4))
+    assert params.flip.any() and not params.flip.all()
+    index = [5, 0, 1, 2, 3, 4]  # any order of the cache's samples
+    kernel_images, kernel_masks = augment_batch(images.numpy(), masks.numpy(), index, sizes[index], 48, (0.5, 2.0),
+                                                mean, std, jitter=0.3, generator=torch.Generator().manual_seed(4))
+    params = sample_augment_params(sizes[index], 48, (0.5, 2.0), 0.3, torch.Generator().manual_seed(4))
+    torch_images, torch_masks = augment_batch_torch(images, masks, index, params, mean, std, 255, torch.device("cpu"))
+    assert kernel_images.shape == torch_images.shape == (6, 3, 48, 48)
+    assert torch.equal(kernel_masks, torch_masks) and kernel_masks.dtype == torch.int64
+    assert (kernel_images - torch_images).abs().max() <= 1.5 / 255 / min(std)
+    assert (kernel_masks == 255).any() and (kernel_masks != 255).any()
+
+
+def test_sampled_scales_follow_the_recipe():
+    # Shorter side → size × s, s uniform in [0.5, 2]: the resize factor of each window must match within rounding.
+    sizes = torch.tensor([[300, 400]] * 400)
+    g = torch.Generator().manual_seed(0)
+    params = sample_augment_params(sizes, 64, (0.5, 2.0), 0.0, g)
+    factor = params.out_y[:, 1].double() / params.src_y[:, 1].double()
+    expected = (torch.rand(400, 6, generator=torch.Generator().manual_seed(0))[:, 0].double() * 1.5 + 0.5) * 64 / 300
+    assert torch.allclose(factor, expected, rtol=0.02)
+    # windows stay inside the image and outputs inside the crop
+    assert (params.src_y.sum(1) <= 300).all() and (params.src_x.sum(1) <= 400).all()
+    assert (params.out_y.sum(1) <= 64).all() and (params.out_x.sum(1) <= 64).all()
+    assert 0.4 < params.flip.float().mean() < 0.6

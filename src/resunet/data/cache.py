@@ -3,8 +3,9 @@
 Each image is decoded once and stored, resized so its shorter side is `ceil(size × 1.25)` (just above the training
 size; smaller images stay as they are), as uint8 in a memory-mapped `.npy` canvas on disk, its mask beside it. The
 cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is reused across
-runs and rebuilt when any source file changes. Per epoch, `CachedLoader` slices batches out of the memory map and
-hands them to `augment_batch`, which scales, crops, flips and jitters the whole batch on the training device.
+runs and rebuilt when any source file changes. Per epoch, `CachedLoader` draws each batch's indices and hands them,
+with the memory maps, to `augment_batch`, which reads only the pixels each crop needs and scales, crops, flips and
+jitters the batch on the training device.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class DecodedCache:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.images = np.load(folder / "images.npy", mmap_mode="r")
-        self.masks = np.load(folder / "masks.npy", mmap_mode="r")
+        # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
+        self.images = np.load(folder / "images.npy", mmap_mode="c")
+        self.masks = np.load(folder / "masks.npy", mmap_mode="c")
         self.sizes = np.load(folder / "sizes.npy")
 
     def __len__(self) -> int:
@@ -166,7 +168,6 @@ class CachedLoader:
         aug_generator = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 31 + self.rank)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = np.sort(order[start : start + self.batch_size].numpy())  # sorted reads are kinder to the disk
-            images = torch.from_numpy(self.cache.images[index]).to(self.device, non_blocking=True)
-            masks = torch.from_numpy(self.cache.masks[index]).to(self.device, non_blocking=True)
             sizes = torch.from_numpy(self.cache.sizes[index])
-            yield augment_batch(images, masks, sizes, generator=aug_generator, **self.augment)
+            yield augment_batch(self.cache.images, self.cache.masks, index, sizes, generator=aug_generator,
+                                device=self.device, **self.augment)

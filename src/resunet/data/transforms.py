@@ -1,17 +1,24 @@
 """Joint image/mask transforms: the recipe's random scale, crop, flip and colour jitter, in two implementations.
 
 - `TrainTransform`: per sample, torchvision `transforms.v2` on (Image, Mask) pairs; used by the simple data path.
-- `augment_batch`: the same augmentations on a whole uint8 batch at once, on the training device; used by the
-  cached data path (`cache.py`), where decoding happens once and this is all the per-epoch work.
+- `augment_batch`: the same augmentations for a batch of cached uint8 images, used by the cached data path
+  (`cache.py`), where decoding happens once and this is all the per-epoch work. The randomness is drawn once per
+  batch (`sample_augment_params`); on a CPU, PyTorch's uint8 resize of just the pixels each crop needs and one
+  fused numba pass (`kernels.py`) apply it; on CUDA, plain PyTorch ops on the device (`augment_batch_torch`).
 
 Both: the image is scaled so its shorter side is `size × s`, s uniform in [scale_min, scale_max]; a `crop × crop`
-crop (default crop = size) is taken (padding with 0 for the image and the ignore index for the mask where the image is smaller); a coin
-flips it horizontally; brightness, contrast and saturation are jittered by factors in [1 - j, 1 + j]. Images resize
-bilinearly, masks with nearest neighbour, so no label is ever invented.
+crop (default crop = size) is taken (padding with 0 for the image and the ignore index for the mask where the image
+is smaller); a coin flips it horizontally; brightness, contrast and saturation are jittered by factors in
+[1 - j, 1 + j] in a random order. Images resize bilinearly (antialiased when shrinking), masks with nearest
+neighbour, so no label is ever invented.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
@@ -55,9 +62,74 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (images - mean_t) / std_t
 
 
+@dataclass
+class AugmentParams:
+    """One batch's random augmentation, drawn once on the CPU and applied by either implementation.
+
+    Per sample, along each axis: the source window [src_start, src_start + src_len) of the valid image is resized to
+    out_len pixels placed at out_start in the crop (the rest is padding). Windows are whole source pixels, so the
+    sampled scale is kept to within half a source pixel over the window (under 0.5% at our sizes).
+    """
+
+    src_y: torch.Tensor  # N×2 (start, length), int64
+    src_x: torch.Tensor
+    out_y: torch.Tensor  # N×2 (start, length) in the crop, int64
+    out_x: torch.Tensor
+    flip: torch.Tensor  # N, bool
+    factors: torch.Tensor  # N×3 (brightness, contrast, saturation), float64
+    orders: torch.Tensor  # N×3 permutations of (0, 1, 2)
+    crop: int
+
+
+def _axis_windows(length: torch.Tensor, factor: torch.Tensor, crop: int, u: torch.Tensor):
+    scaled = length * factor
+    fits = scaled >= crop
+    src_len = torch.where(fits, torch.minimum((crop / factor).round(), length).clamp(min=1), length)
+    out_len = torch.where(fits, torch.full_like(length, crop), scaled.round().clamp(1, crop))
+    src_start = torch.where(fits, torch.minimum((u * (length - src_len + 1)).floor(), length - src_len), 0)
+    out_start = torch.where(fits, 0, torch.minimum((u * (crop - out_len + 1)).floor(), crop - out_len))
+    return torch.stack([src_start, src_len], 1).long(), torch.stack([out_start, out_len], 1).long()
+
+
+def sample_augment_params(
+    valid_sizes: torch.Tensor,
+    size: int,
+    scales: tuple[float, float],
+    jitter: float,
+    generator: torch.Generator | None = None,
+    crop: int | None = None,
+) -> AugmentParams:
+    """The recipe's randomness for N images of valid_sizes (N×2 height, width): shorter side → size × s with s uniform
+    in scales, a random crop × crop window (padded where the scaled image is smaller), a coin for the flip, and
+    ColorJitter's factors and random order."""
+    crop = crop or size
+    n = len(valid_sizes)
+    rand = torch.rand(n, 6, generator=generator)  # scale, y offset, x offset, flip (+ 2 spare: stable stream)
+    valid = valid_sizes.to(torch.float64)
+    scale = scales[0] + (scales[1] - scales[0]) * rand[:, 0].double()
+    factor = scale * size / valid.min(dim=1).values  # source pixels → output pixels
+    src_y, out_y = _axis_windows(valid[:, 0], factor, crop, rand[:, 1].double())
+    src_x, out_x = _axis_windows(valid[:, 1], factor, crop, rand[:, 2].double())
+    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    orders = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    if jitter <= 0:
+        factors = torch.ones(n, 3, dtype=torch.float64)
+    return AugmentParams(src_y, src_x, out_y, out_x, rand[:, 3] < 0.5, factors, orders, crop)
+
+
+def nearest_indices(src: torch.Tensor, out: torch.Tensor, crop: int) -> torch.Tensor:
+    """N×crop source row (or column) for each crop position, -1 in the padding: the source pixel whose area holds
+    the output pixel's centre (PyTorch's `nearest-exact`), so labels sit where the bilinear image puts its pixels."""
+    position = torch.arange(crop)[None, :] - out[:, :1]
+    scale = src[:, 1:].double() / out[:, 1:].double()
+    index = torch.minimum(((position + 0.5) * scale).floor().long(), src[:, 1:] - 1) + src[:, :1]
+    return torch.where((position >= 0) & (position < out[:, 1:]), index, -1)
+
+
 def augment_batch(
-    images: torch.Tensor,
-    masks: torch.Tensor,
+    images: np.ndarray | torch.Tensor,
+    masks: np.ndarray | torch.Tensor,
+    index: Sequence[int],
     valid_sizes: torch.Tensor,
     size: int,
     scales: tuple[float, float],
@@ -67,51 +139,87 @@ def augment_batch(
     jitter: float = 0.2,
     generator: torch.Generator | None = None,
     crop: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale, crop, flip and jitter a batch in one resampling pass.
+    """Scale, crop, flip and jitter the samples `index` of uint8 canvases (images K×H×W×3, masks K×H×W, each image
+    valid in its top-left valid_sizes[i]) into a batch on `device`.
 
-    images: N×H×W×3 uint8 canvases; masks: N×H×W uint8 canvases (outside each image's valid area: ignore index);
-    valid_sizes: N×2 (height, width) of each image inside its canvas. Random numbers come from `generator` (on the
-    CPU), so a seeded generator gives the same batch on any device.
-    Returns normalised N×3×crop×crop float images and N×crop×crop int64 masks on the images' device.
+    Random numbers come from `generator` (on the CPU), so a seeded generator gives the same batch on any device.
+    Returns normalised N×3×crop×crop float32 images and N×crop×crop int64 masks.
     """
-    crop = crop or size
-    n, canvas_h, canvas_w = masks.shape
-    device = images.device
-    rand = torch.rand(n, 6, generator=generator)  # scale, y offset, x offset, flip, then jitter below
-    valid = valid_sizes.to(torch.float64)
-    short = valid.min(dim=1).values
-    scale = (scales[0] + (scales[1] - scales[0]) * rand[:, 0]).double()
-    factor = scale * size / short  # source pixels → output pixels
-    scaled_h, scaled_w = valid[:, 0] * factor, valid[:, 1] * factor
-    # Crop offsets in scaled pixels; negative where the scaled image is smaller than the crop (it gets padded).
-    zero = torch.zeros(n, dtype=torch.float64)
-    off_y = torch.minimum(scaled_h - crop, zero) + rand[:, 1].double() * (scaled_h - crop).abs()
-    off_x = torch.minimum(scaled_w - crop, zero) + rand[:, 2].double() * (scaled_w - crop).abs()
-    flip = rand[:, 3] < 0.5
+    params = sample_augment_params(valid_sizes, size, scales, jitter, generator, crop)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _augment_cpu(np.asarray(images), np.asarray(masks), list(index), params, mean, std, ignore_index)
+    return augment_batch_torch(images, masks, index, params, mean, std, ignore_index, device)
 
-    out = torch.arange(crop, dtype=torch.float64) + 0.5  # output pixel centres
-    out_x = torch.where(flip[:, None], crop - out[None, :], out[None, :])
-    src_y = (out[None, :] + off_y[:, None]) / factor[:, None]  # source coordinates, in pixels from the top-left edge
-    src_x = (out_x + off_x[:, None]) / factor[:, None]
-    grid_y = (2 * src_y / canvas_h - 1).float()  # grid_sample's [-1, 1] with align_corners=False
-    grid_x = (2 * src_x / canvas_w - 1).float()
-    grid = torch.stack(
-        [grid_x[:, None, :].expand(n, crop, crop), grid_y[:, :, None].expand(n, crop, crop)], dim=-1
-    ).to(device)
 
-    image_f = images.permute(0, 3, 1, 2).float()
-    out_images = F.grid_sample(image_f, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # Shift labels by one so grid_sample's zero padding reads as -1, i.e. outside the image → ignore.
-    mask_f = masks[:, None].float() + 1
-    out_masks = F.grid_sample(mask_f, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0] - 1
-    out_masks = torch.where(out_masks < 0, torch.full_like(out_masks, ignore_index), out_masks).long()
+def _resize_window(window: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 1×3×h×w → 1×3×height×width, bilinear with antialiasing (torchvision's and PIL's downscaling)."""
+    if window.shape[-2:] == (height, width):
+        return window
+    return F.interpolate(window, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
-    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64)
-    orders = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)  # ColorJitter's random order per image
-    if jitter <= 0:
-        factors = torch.ones(n, 3, dtype=torch.float64)
-    return jitter_and_normalize(out_images, factors, orders, mean, std), out_masks
+
+def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
+    """PyTorch's uint8 AVX2 resize of each sample's window (only the pixels the crop needs), then one fused pass
+    (`kernels.colour`) that flips, jitters, normalises and writes the float batch, and one (`kernels.labels`) that
+    gathers the nearest-neighbour labels straight from the cache."""
+    from . import kernels  # numba: compiled on first use, cached on disk
+
+    kernels.numba.set_num_threads(max(1, min(torch.get_num_threads(), kernels.numba.config.NUMBA_NUM_THREADS)))
+    n, crop = len(index), params.crop
+    staging = torch.zeros(n, 3, crop, crop, dtype=torch.uint8)  # resized windows in their crops, unflipped
+    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
+    for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
+        window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
+        if (oh, ow) == (crop, crop) and (sh, sw) != (oh, ow):  # the common case: resize straight into the batch
+            torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=staging[i : i + 1])
+        else:
+            staging[i, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)[0]
+    matrix, offset, low, high = colour_maps(mean_colour(staging), params.factors, params.orders, mean, std)
+    out_images = torch.empty(n, 3, crop, crop)
+    kernels.colour(staging.numpy(), params.flip.numpy(), matrix.float().numpy(), offset.float().numpy(),
+                   low.float().numpy(), high.float().numpy(), out_images.numpy())
+    rows, cols = label_indices(params)
+    out_masks = torch.empty(n, crop, crop, dtype=torch.int64)
+    kernels.labels(masks, np.asarray(index, np.int64), rows.numpy(), cols.numpy(), ignore_index, out_masks.numpy())
+    return out_images, out_masks
+
+
+def mean_colour(staging: torch.Tensor) -> torch.Tensor:
+    """N×3 mean colour (0..1) of N×3×H×W crops, padding included (as torchvision's contrast sees it), from every
+    4th row and column: plenty for a jitter factor, and 16× less reading."""
+    return staging[:, :, ::4, ::4].double().mean(dim=(2, 3)).cpu() / 255
+
+
+def label_indices(params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source rows and columns (flip applied) of each crop pixel's label, -1 in the padding."""
+    rows = nearest_indices(params.src_y, params.out_y, params.crop)
+    cols = nearest_indices(params.src_x, params.out_x, params.crop)
+    return rows, torch.where(params.flip[:, None], cols.flip(1), cols)
+
+
+def augment_batch_torch(images, masks, index, params: AugmentParams, mean, std, ignore_index, device):
+    """The same augmentation in plain PyTorch ops on any device (the CUDA path): per-sample float resize of the
+    window (rounded to uint8 levels, as the CPU path's uint8 resize gives), then batched flip, colour map and
+    label gather."""
+    n, crop = len(index), params.crop
+    images, masks = torch.as_tensor(images), torch.as_tensor(masks)
+    staging = torch.zeros(n, 3, crop, crop, device=device)
+    out_masks = torch.empty(n, crop, crop, dtype=torch.long, device=device)
+    rows, cols = (indices.to(device) for indices in label_indices(params))
+    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
+    for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
+        window = images[sample, sy : sy + sh, sx : sx + sw].to(device, non_blocking=True).permute(2, 0, 1)[None]
+        resized = _resize_window(window.float(), oh, ow).round_().clamp_(0, 255)
+        staging[i, :, oy : oy + oh, ox : ox + ow] = resized[0]
+        source = masks[sample].to(device, non_blocking=True).long()
+        labels = source[rows[i].clamp(min=0)][:, cols[i].clamp(min=0)]
+        out_masks[i] = torch.where((rows[i, :, None] < 0) | (cols[i, None, :] < 0), ignore_index, labels)
+    maps = colour_maps(mean_colour(staging), params.factors, params.orders, mean, std)  # before the flip, as on CPU
+    staging = torch.where(params.flip.to(device)[:, None, None, None], staging.flip(3), staging)
+    return apply_colour_maps(staging, *maps), out_masks
 
 
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -125,45 +233,42 @@ def jitter_matrices(mean_colour: torch.Tensor, factors: torch.Tensor, orders: to
     contrast needs is tracked through the earlier maps from the image's mean colour. mean_colour: N×3 (0..1),
     factors: N×3 (b, c, s), orders: N×3 permutations. Returns M: N×3×3 and t: N×3 (float64).
     """
+    n = len(factors)
     grey = torch.tensor(GREY, dtype=torch.float64)
-    eye = torch.eye(3, dtype=torch.float64)
-    matrices, offsets = [], []
-    for colour, (b, c, s), order in zip(mean_colour.double(), factors.double(), orders.tolist()):
-        m, t = eye.clone(), torch.zeros(3, dtype=torch.float64)
-        for op in order:
-            if op == 0:
-                step_m, step_t = b * eye, torch.zeros(3, dtype=torch.float64)
-            elif op == 1:
-                mean_grey = grey @ (m @ colour + t)
-                step_m, step_t = c * eye, (1 - c) * mean_grey * torch.ones(3, dtype=torch.float64)
-            else:
-                step_m, step_t = s * eye + (1 - s) * torch.outer(torch.ones(3, dtype=torch.float64), grey), torch.zeros(3, dtype=torch.float64)
-            m, t = step_m @ m, step_m @ t + step_t
-        matrices.append(m)
-        offsets.append(t)
-    return torch.stack(matrices), torch.stack(offsets)
+    eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
+    colour, factors = mean_colour.double(), factors.double()
+    b, c, s = (factors[:, k, None, None] for k in range(3))
+    saturation = s * eye + (1 - s) * grey.expand(3, 3)  # every row of the second term is the grey weights
+    m, t = eye.clone(), torch.zeros(n, 3, dtype=torch.float64)
+    for step in range(3):
+        op = orders[:, step, None, None]
+        mean_grey = ((m @ colour[:, :, None])[:, :, 0] + t) @ grey  # N: the grey mean of the image so far
+        step_m = torch.where(op == 0, b * eye, torch.where(op == 1, c * eye, saturation))
+        step_t = torch.where(op[:, :, 0] == 1, (1 - c[:, :, 0]) * mean_grey[:, None], 0.0).expand(n, 3)
+        m, t = step_m @ m, (step_m @ t[:, :, None])[:, :, 0] + step_t
+    return m, t
 
 
-def jitter_and_normalize(
-    images: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
-    """0..255 float N×3×H×W → jittered, normalised images in two passes (one batched 3×3 matmul, one clamp).
-
-    torchvision clamps to [0, 1] after each adjustment; here the result is clamped once, at the end (the same
-    whenever no intermediate value leaves [0, 1]), which is what makes the single pass possible.
-    """
-    n, _, height, width = images.shape
-    mean_colour = images.mean(dim=(2, 3)).double().cpu() / 255
+def colour_maps(mean_colour: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor, mean, std):
+    """The per-image map from 0..255 pixels to jittered, normalised values, and the clamp range: M (N×3×3), t (N×3),
+    low, high (3). torchvision clamps to [0, 1] after each adjustment; here the result is clamped once, at the end
+    (the same whenever no intermediate value leaves [0, 1]), which is what makes the single pass possible."""
     m, t = jitter_matrices(mean_colour, factors, orders)
     inv_std = 1 / torch.tensor(std, dtype=torch.float64)
     mean_t = torch.tensor(mean, dtype=torch.float64)
     m = inv_std[None, :, None] * m / 255  # fold the /255 and the normalisation into the map
     t = inv_std[None, :] * (t - mean_t[None, :])
+    return m, t, -mean_t * inv_std, (1 - mean_t) * inv_std
+
+
+def apply_colour_maps(images: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, low: torch.Tensor,
+                      high: torch.Tensor) -> torch.Tensor:
+    """0..255 float N×3×H×W → M x + t per image, clamped to [low, high] per channel (one matmul, one clamp)."""
+    n, _, height, width = images.shape
     device, dtype = images.device, images.dtype
-    flat = torch.baddbmm(t.to(device, dtype)[:, :, None], m.to(device, dtype), images.reshape(n, 3, height * width))
-    low = (-mean_t * inv_std).to(device, dtype).view(1, 3, 1)
-    high = ((1 - mean_t) * inv_std).to(device, dtype).view(1, 3, 1)
-    return flat.clamp_(min=low, max=high).view(n, 3, height, width)  # in place: no second 6 MB buffer per batch
+    flat = torch.baddbmm(offset.to(device, dtype)[:, :, None], matrix.to(device, dtype), images.reshape(n, 3, -1))
+    flat = flat.clamp_(min=low.to(device, dtype).view(1, 3, 1), max=high.to(device, dtype).view(1, 3, 1))
+    return flat.view(n, 3, height, width)
 
 
 def resize_short_side(height: int, width: int, size: int) -> tuple[int, int]:
