@@ -66,7 +66,7 @@ from .data.cache import CachedLoader, DecodedCache, build_cache
 from .data.classes import VOC_INFO
 from .data.dataset import PairedDataset, open_dataset
 from .data.demo import make_sample
-from .data.transforms import resize_short_side
+from .data.transforms import resize_short_side, resize_windows, sample_augment_params
 from .model.unet import ResNetUNet
 from .predict import Predictor
 from .train import train_step
@@ -375,6 +375,22 @@ def measure_output_floor(plan: Plan, device: torch.device) -> float:
     return repeats * plan.batch / (time.perf_counter() - started)
 
 
+def measure_resize_floor(cache: DecodedCache, plan: Plan) -> float | None:
+    """Images/s of the CPU path's resize step alone (PyTorch's uint8 antialiased bilinear resize of each crop's
+    window, the recipe's random scales), or None off the CPU: the data path cannot beat the resize it must do."""
+    generator = torch.Generator().manual_seed(0)
+    index = list(range(len(cache)))
+    params = sample_augment_params(torch.from_numpy(cache.sizes), SIZE, SCALES, JITTER, generator)
+    images = np.asarray(cache.images)
+    resize_windows(images, index, params)  # warm-up
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        resize_windows(images, index, params)
+        best = max(best, len(index) / (time.perf_counter() - started))
+    return best
+
+
 def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) -> dict:
     mean, std = _normalization()
     batches = iter(seed_style_loader(dataset, plan.batch, mean, std))
@@ -640,6 +656,10 @@ def format_report(report: dict) -> str:
     floor = data["output_copy_floor_images_per_s"]
     lines.append(f"data path ceiling here: one plain copy of the float32 output batch runs at {floor:,.0f} img/s "
                  f"= {floor / data['seed_style']['images_per_s']:.1f}× the PIL loader")
+    resize = data.get("resize_floor_images_per_s")
+    if resize:
+        lines.append(f"data path ceiling here: the antialiased uint8 resize alone (best of 5 passes) runs at "
+                     f"{resize:,.0f} img/s = {resize / data['seed_style']['images_per_s']:.1f}× the PIL loader")
     flops = report["flops"]
     lines.append(f"model FLOPs/image: ours fwd 256² {flops['ours_forward_256'] / 1e9:.2f} G, train 256² "
                  f"{flops['ours_train_256'] / 1e9:.2f} G, predict {flops['ours_predict'] / 1e9:.2f} G "
@@ -720,7 +740,8 @@ def run_benchmark(args) -> dict:
         cache = build_cache(dataset, SIZE, tmp / "cache", workers=2)
         cache_build_s = time.perf_counter() - t
         data = {"ours": measure_data_ours(cache, plan, device), "seed_style": measure_data_seed(dataset, plan, device),
-                "cache_build_s": cache_build_s, "output_copy_floor_images_per_s": measure_output_floor(plan, device)}
+                "cache_build_s": cache_build_s, "output_copy_floor_images_per_s": measure_output_floor(plan, device),
+                "resize_floor_images_per_s": measure_resize_floor(cache, plan) if device.type == "cpu" else None}
 
         # 3. predictor
         say("predictor")

@@ -161,6 +161,21 @@ def _resize_window(window: torch.Tensor, height: int, width: int) -> torch.Tenso
     return F.interpolate(window, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
+def resize_windows(images: np.ndarray, index: Sequence[int], params: AugmentParams) -> torch.Tensor:
+    """Each sample's source window, resized (uint8, PyTorch's AVX2 kernel) into its place in an N×3×crop×crop uint8
+    batch of zeros, unflipped. The one step of the CPU path that is not ours; `resunet benchmark` times it alone."""
+    crop = params.crop
+    staging = torch.zeros(len(index), 3, crop, crop, dtype=torch.uint8)
+    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
+    for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
+        window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
+        if (oh, ow) == (crop, crop) and (sh, sw) != (oh, ow):  # the common case: resize straight into the batch
+            torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=staging[i : i + 1])
+        else:
+            staging[i, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)[0]
+    return staging
+
+
 def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
     """PyTorch's uint8 AVX2 resize of each sample's window (only the pixels the crop needs), then one fused pass
     (`kernels.colour`) that flips, jitters, normalises and writes the float batch, and one (`kernels.labels`) that
@@ -169,14 +184,7 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
 
     kernels.numba.set_num_threads(max(1, min(torch.get_num_threads(), kernels.numba.config.NUMBA_NUM_THREADS)))
     n, crop = len(index), params.crop
-    staging = torch.zeros(n, 3, crop, crop, dtype=torch.uint8)  # resized windows in their crops, unflipped
-    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
-    for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
-        window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
-        if (oh, ow) == (crop, crop) and (sh, sw) != (oh, ow):  # the common case: resize straight into the batch
-            torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=staging[i : i + 1])
-        else:
-            staging[i, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)[0]
+    staging = resize_windows(images, index, params)
     matrix, offset, low, high = colour_maps(mean_colour(staging), params.factors, params.orders, mean, std)
     out_images = torch.empty(n, 3, crop, crop)
     kernels.colour(staging.numpy(), params.flip.numpy(), matrix.float().numpy(), offset.float().numpy(),
