@@ -12,8 +12,10 @@ from resunet.data.transforms import (
     augment_batch,
     augment_batch_torch,
     colour_maps,
+    resize_windows,
     sample_augment_params,
 )
+import torch.nn.functional as F
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave 0..1 pixels readable
 
@@ -185,3 +187,42 @@ def test_sampled_scales_follow_the_recipe():
     assert (params.src_y.sum(1) <= 300).all() and (params.src_x.sum(1) <= 400).all()
     assert (params.out_y.sum(1) <= 64).all() and (params.out_x.sum(1) <= 64).all()
     assert 0.4 < params.flip.float().mean() < 0.6
+
+
+def test_resize_windows_equals_one_interpolate_per_sample():
+    # The CPU path writes full crops through the kernel's `out=` and padded ones through a temporary: every sample
+    # must be exactly F.interpolate of its window placed in a zero crop.
+    samples = [blocks(60, 80, seed=s) for s in range(7)] + [blocks(40, 60, seed=9)]
+    for i, (image, _) in enumerate(samples):
+        image[..., 2] = np.random.default_rng(i).integers(0, 256, image.shape[:2])
+    images, _, sizes = canvas_batch(samples)
+    index = list(range(len(samples)))
+    params = sample_augment_params(sizes, 48, (0.3, 2.0), 0.0, torch.Generator().manual_seed(3))
+    full_y, full_x = params.out_y[:, 1] == 48, params.out_x[:, 1] == 48
+    assert (full_y & full_x).any() and (~full_y & ~full_x).any() and (full_y ^ full_x).any()  # every kind of crop
+    expected = torch.zeros(len(index), 3, 48, 48, dtype=torch.uint8)
+    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
+    for i, (sy, sh, sx, sw, oy, oh, ox, ow) in enumerate(boxes):
+        window = images[i, sy : sy + sh, sx : sx + sw].permute(2, 0, 1)[None]
+        resized = F.interpolate(window, size=(oh, ow), mode="bilinear", antialias=True) if (sh, sw) != (oh, ow) else window
+        expected[i, :, oy : oy + oh, ox : ox + ow] = resized[0]
+    assert torch.equal(resize_windows(images.numpy(), index, params), expected)
+
+
+def test_numba_colour_map_equals_the_torch_colour_maps():
+    from resunet.data import kernels
+
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(rng.integers(0, 256, (6, 3, 30, 41), dtype=np.uint8))
+    factors = torch.from_numpy(rng.uniform(0.6, 1.4, (6, 3)))
+    orders = torch.stack([torch.randperm(3, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    from resunet.data.transforms import mean_colour
+
+    matrix, offset, _, _ = colour_maps(mean_colour(crops), factors, orders, mean, std)
+    for i in range(6):
+        m, t = np.empty((3, 3)), np.empty(3)
+        kernels.colour_map(crops[i].numpy(), factors[i].numpy(), orders[i].numpy(), np.array(mean), np.array(std), m, t)
+        np.testing.assert_allclose(m, matrix[i].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(t, offset[i].numpy(), rtol=1e-12, atol=1e-12)
+

@@ -377,7 +377,8 @@ def measure_output_floor(plan: Plan, device: torch.device) -> float:
 
 def measure_resize_floor(cache: DecodedCache, plan: Plan) -> float | None:
     """Images/s of the CPU path's resize step alone (PyTorch's uint8 antialiased bilinear resize of each crop's
-    window, the recipe's random scales), or None off the CPU: the data path cannot beat the resize it must do."""
+    window at the recipe's random scales, one sample after another as the data path runs it), or None off the CPU:
+    the data path cannot beat the resize it must do."""
     generator = torch.Generator().manual_seed(0)
     index = list(range(len(cache)))
     params = sample_augment_params(torch.from_numpy(cache.sizes), SIZE, SCALES, JITTER, generator)

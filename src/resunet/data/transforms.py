@@ -3,8 +3,9 @@
 - `TrainTransform`: per sample, torchvision `transforms.v2` on (Image, Mask) pairs; used by the simple data path.
 - `augment_batch`: the same augmentations for a batch of cached uint8 images, used by the cached data path
   (`cache.py`), where decoding happens once and this is all the per-epoch work. The randomness is drawn once per
-  batch (`sample_augment_params`); on a CPU, PyTorch's uint8 resize of just the pixels each crop needs and one
-  fused numba pass (`kernels.py`) apply it; on CUDA, plain PyTorch ops on the device (`augment_batch_torch`).
+  batch (`sample_augment_params`); on a CPU, per sample, PyTorch's uint8 resize of just the pixels the crop
+  needs and one fused numba call (`kernels.py`) apply it; on CUDA, plain PyTorch ops on the device
+  (`augment_batch_torch`).
 
 Both: the image is scaled so its shorter side is `size × s`, s uniform in [scale_min, scale_max]; a `crop × crop`
 crop (default crop = size) is taken (padding with 0 for the image and the ignore index for the mask where the image
@@ -163,35 +164,42 @@ def _resize_window(window: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 def resize_windows(images: np.ndarray, index: Sequence[int], params: AugmentParams) -> torch.Tensor:
     """Each sample's source window, resized (uint8, PyTorch's AVX2 kernel) into its place in an N×3×crop×crop uint8
-    batch of zeros, unflipped. The one step of the CPU path that is not ours; `resunet benchmark` times it alone."""
-    crop = params.crop
-    staging = torch.zeros(len(index), 3, crop, crop, dtype=torch.uint8)
+    batch of zeros, unflipped: the data path's resize step alone, which `resunet benchmark` times as its ceiling."""
+    staging = torch.zeros(len(index), 3, params.crop, params.crop, dtype=torch.uint8)
     boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
-    for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
-        window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
-        if (oh, ow) == (crop, crop) and (sh, sw) != (oh, ow):  # the common case: resize straight into the batch
-            torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=staging[i : i + 1])
-        else:
-            staging[i, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)[0]
+    for sample, box, out in zip(index, boxes, staging.split(1)):
+        _resize_into(images, sample, box, out)
     return staging
 
 
+def _resize_into(images: np.ndarray, sample: int, box: Sequence[int], out: torch.Tensor) -> None:
+    sy, sh, sx, sw, oy, oh, ox, ow = box
+    window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
+    if (oh, ow) == out.shape[-2:] and (sh, sw) != (oh, ow):  # the common case: straight into the batch
+        torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=out)
+    else:  # a padded crop (an `out=` view of part of the crop is written wrongly by this kernel) or no resize
+        out[:, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)
+
+
 def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
-    """PyTorch's uint8 AVX2 resize of each sample's window (only the pixels the crop needs), then one fused pass
-    (`kernels.colour`) that flips, jitters, normalises and writes the float batch, and one (`kernels.labels`) that
-    gathers the nearest-neighbour labels straight from the cache."""
+    """Per sample: PyTorch's uint8 AVX2 resize of the window (only the pixels the crop needs), then one numba call
+    (`kernels.finish_sample`) for the colour map, flip, jitter, normalisation and label gather, while the crop is
+    still in cache. One thread: sharing the samples among threads gained 6% here, and 50% only when those threads
+    started OpenMP teams of their own, which then slowed the model's parallel regions by 15%."""
     from . import kernels  # numba: compiled on first use, cached on disk
 
-    kernels.numba.set_num_threads(max(1, min(torch.get_num_threads(), kernels.numba.config.NUMBA_NUM_THREADS)))
     n, crop = len(index), params.crop
-    staging = resize_windows(images, index, params)
-    matrix, offset, low, high = colour_maps(mean_colour(staging), params.factors, params.orders, mean, std)
+    staging = torch.zeros(n, 3, crop, crop, dtype=torch.uint8)
     out_images = torch.empty(n, 3, crop, crop)
-    kernels.colour(staging.numpy(), params.flip.numpy(), matrix.float().numpy(), offset.float().numpy(),
-                   low.float().numpy(), high.float().numpy(), out_images.numpy())
-    rows, cols = label_indices(params)
     out_masks = torch.empty(n, crop, crop, dtype=torch.int64)
-    kernels.labels(masks, np.asarray(index, np.int64), rows.numpy(), cols.numpy(), ignore_index, out_masks.numpy())
+    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    samples = zip(index, boxes.tolist(), boxes.numpy(), staging.split(1), params.flip.tolist(),
+                  params.factors.numpy(), params.orders.numpy(), out_images.numpy(), out_masks.numpy())
+    for sample, box, box_array, window_out, flip, factors, orders, image_out, mask_out in samples:
+        _resize_into(images, sample, box, window_out)
+        kernels.finish_sample(window_out[0].numpy(), masks[sample], flip, factors, orders, box_array, mean, std,
+                              ignore_index, image_out, mask_out)
     return out_images, out_masks
 
 
