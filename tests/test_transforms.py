@@ -204,8 +204,9 @@ def test_resize_windows_equals_one_interpolate_per_sample():
     boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
     for i, (sy, sh, sx, sw, oy, oh, ox, ow) in enumerate(boxes):
         window = images[i, sy : sy + sh, sx : sx + sw].permute(2, 0, 1)[None]
-        resized = F.interpolate(window, size=(oh, ow), mode="bilinear", antialias=True) if (sh, sw) != (oh, ow) else window
-        expected[i, :, oy : oy + oh, ox : ox + ow] = resized[0]
+        if (sh, sw) != (oh, ow):
+            window = F.interpolate(window, size=(oh, ow), mode="bilinear", antialias=True)
+        expected[i, :, oy : oy + oh, ox : ox + ow] = window[0]
     assert torch.equal(resize_windows(images.numpy(), index, params), expected)
 
 
