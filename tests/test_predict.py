@@ -74,3 +74,24 @@ def test_predict_on_real_voc_photos_runs(predictor):
     samples = shared_dir("voc-samples")
     for stem in ("1", "23", "114"):
         assert predictor.predict(samples / f"{stem}_image.png").shape == (513, 513)
+
+
+def test_bf16_predictor_keeps_bf16_weights_with_the_same_logits_as_autocast(trained_run):
+    # A folded (inference-only) model is cast to bf16 once instead of autocast casting each weight per call; the
+    # logits must be those of the autocast forward of the same folded model.
+    import torch
+
+    from resunet.data.transforms import normalize
+    from resunet.runtime import autocast
+
+    predictor = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu", precision="bf16")
+    assert predictor.bf16_weights
+    assert {p.dtype for p in predictor.model.parameters()} == {torch.bfloat16}
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 80), dtype=np.uint8))
+    logits = predictor.logits(images)
+    reference_model = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu", precision="fp32").model
+    x = normalize(images.float() / 255, predictor.mean, predictor.std).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(torch.device("cpu"), torch.bfloat16):
+        reference = reference_model.to(memory_format=torch.channels_last)(x).float()
+    assert logits.shape == (2, 21, 64, 80) and logits.dtype == torch.float32
+    assert torch.allclose(logits, reference, atol=1e-6, rtol=0)
