@@ -95,3 +95,18 @@ def test_bf16_predictor_keeps_bf16_weights_with_the_same_logits_as_autocast(trai
         reference = reference_model.to(memory_format=torch.channels_last)(x).float()
     assert logits.shape == (2, 21, 64, 80) and logits.dtype == torch.float32
     assert torch.allclose(logits, reference, atol=1e-6, rtol=0)
+
+
+def test_bf16_predictor_keeps_fp32_weights_while_a_batchnorm_is_unfolded():
+    # timm's BatchNormAct2d (EfficientNet-Lite encoders) is not folded; in bf16 its statistics would lose precision
+    # (CamVid val 70.43% instead of 70.47%), so such a model stays fp32 under autocast.
+    import torch
+
+    from resunet import ResNetUNet
+    from resunet.data.classes import VOC_INFO
+
+    model = ResNetUNet(21, "efficientnet-lite0", encoder_weights=None)
+    predictor = Predictor(model, VOC_INFO, 64, *model.normalization, device="cpu", precision="bf16", fold_bn=True)
+    assert not predictor.bf16_weights
+    assert {p.dtype for p in predictor.model.parameters()} == {torch.float32}
+    assert predictor.predict(np.zeros((40, 50, 3), np.uint8)).shape == (40, 50)

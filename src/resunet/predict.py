@@ -60,8 +60,10 @@ class Predictor:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # A model no longer trained keeps its weights in bf16: autocast would cast every weight again on every call
-        # (7% of a CPU forward here), for the same result bit for bit.
-        self.bf16_weights = fold_bn and self.dtype == torch.bfloat16
+        # (7% of a CPU forward here), for the same result bit for bit. Not while a BatchNorm is left unfolded (timm's
+        # BatchNormAct2d in the EfficientNet-Lite encoders): its statistics would lose precision in bf16.
+        unfolded = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.bf16_weights = fold_bn and self.dtype == torch.bfloat16 and not unfolded
         if self.bf16_weights:
             self.model = self.model.to(torch.bfloat16)
         self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
