@@ -33,6 +33,8 @@ def test_run_folder_contents(trained_run):
     assert ckpt["model_config"]["encoder"] == "resnet34" and ckpt["classes"]["classes"][1] == "aeroplane"
     assert ckpt["input_size"] == 64 and len(ckpt["normalization"]["mean"]) == 3
     assert ckpt["epoch"] == len(read_records(trained_run))
+    # the settings-only read (resume's first look) maps the file and sees the same settings
+    assert load_checkpoint(trained_run / "last.pt", tensors=False)["train_config"] == ckpt["train_config"]
 
 
 @pytest.mark.parametrize("data_path", ["cached", "simple"])

@@ -43,12 +43,14 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
+    """The checkpoint's payload, checked. tensors=False maps the file instead of reading it: for a caller that only
+    wants the settings and descriptions (its tensors must then not be used)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=not tensors)
     except Exception as error:  # truncated zip, pickle of foreign objects, random bytes: all the same to a user
         raise CheckpointError(f"{path}: not a readable resunet checkpoint ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
     values = {f.name: getattr(args, f.name) for f in config_fields()}
     if args.resume:
         # Resume continues the stored run; only how long and where/how it runs may change.
-        stored = load_checkpoint(args.resume)["train_config"]
+        stored = load_checkpoint(args.resume, tensors=False)["train_config"]  # train() reads the weights
         keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir"}
         values = {**stored, **{k: v for k, v in values.items() if k in keep}}
         if args.epochs == TrainConfig.epochs:
