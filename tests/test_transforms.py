@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from resunet.data.transforms import (
@@ -12,10 +12,10 @@ from resunet.data.transforms import (
     augment_batch,
     augment_batch_torch,
     colour_maps,
+    mean_colour,
     resize_windows,
     sample_augment_params,
 )
-import torch.nn.functional as F
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave 0..1 pixels readable
 
@@ -218,8 +218,6 @@ def test_numba_colour_map_equals_the_torch_colour_maps():
     factors = torch.from_numpy(rng.uniform(0.6, 1.4, (6, 3)))
     orders = torch.stack([torch.randperm(3, generator=torch.Generator().manual_seed(i)) for i in range(6)])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    from resunet.data.transforms import mean_colour
-
     matrix, offset, _, _ = colour_maps(mean_colour(crops), factors, orders, mean, std)
     for i in range(6):
         m, t = np.empty((3, 3)), np.empty(3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+from .transforms import GREY  # torchvision's rgb_to_grayscale weights, as the batched torch path uses them
 
 
 @numba.njit(cache=True, nogil=True)
@@ -91,8 +91,8 @@ def nearest(src_start, src_len, out_start, out_len, crop, where) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def labels(mask, rows, cols, flip, ignore, out) -> None:
-    """out[y, x] = mask[rows[y], cols[x'] ] (x' mirrored where flip), or `ignore` where either index is -1.
+def labels(mask, rows, cols, ignore, out) -> None:
+    """out[y, x] = mask[rows[y], cols[x]], or `ignore` where either index is -1.
     mask: H×W uint8 (one image of the cache); out: crop×crop int64."""
     height, width = out.shape
     for y in range(height):
@@ -102,7 +102,7 @@ def labels(mask, rows, cols, flip, ignore, out) -> None:
             continue
         line = mask[rows[y]]
         for x in range(width):
-            source = cols[width - 1 - x] if flip else cols[x]
+            source = cols[x]
             row[x] = line[source] if source >= 0 else ignore
 
 
@@ -120,4 +120,4 @@ def finish_sample(staging, mask, flip, factors, orders, box, mean, std, ignore, 
     rows, cols = np.empty(crop, np.int64), np.empty(crop, np.int64)
     nearest(box[0], box[1], box[4], box[5], crop, rows)
     nearest(box[2], box[3], box[6], box[7], crop, cols)
-    labels(mask, rows, cols, flip, ignore, out_mask)
+    labels(mask, rows, cols[::-1] if flip else cols, ignore, out_mask)  # the flip, once per sample
