@@ -37,7 +37,7 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys):
         expected = sections[section][ours]["images_per_s"] / sections[section][reference]["images_per_s"]
         assert report["ratios"][section] == pytest.approx(expected, rel=1e-9), section
     assert sections["data_path"]["cache_build_s"] > 0
-    assert sections["data_path"]["resize_floor_images_per_s"] > 0  # measured on the CPU, where the tests run
+    assert sections["data_path"]["resize_step_images_per_s"] > 0  # measured on the CPU, where the tests run
 
     flops = report["flops"]
     assert abs(flops["ours_forward_256"] - 14.29e9) <= 0.02 * 14.29e9

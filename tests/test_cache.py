@@ -15,7 +15,7 @@ def test_cache_holds_decoded_pixels_and_is_reused_then_invalidated(tmp_path):
     dataset = open_dataset(tmp_path / "data", "train")
     cache = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")  # 48 > ceil(32 × 1.25) = 40: downscaled
     assert cache_short_side(32) == 40
-    assert cache.images.shape == (5, 40, 40, 3) and isinstance(cache.images, np.memmap)
+    assert cache.images.shape == (5, 3, 40, 40) and isinstance(cache.images, np.memmap)  # planar
     assert cache.sizes.tolist() == [[40, 40]] * 5
     from PIL import Image
 
@@ -37,7 +37,8 @@ def test_small_images_are_stored_as_they_are(tmp_path):
     dataset = open_dataset(tmp_path / "data", "train")
     cache = build_cache(dataset, size=64, cache_dir=tmp_path / "cache")
     sample = dataset.load(1)
-    assert np.array_equal(cache.images[1], sample.image) and np.array_equal(cache.masks[1], sample.mask)
+    assert np.array_equal(cache.images[1], sample.image.transpose(2, 0, 1))
+    assert np.array_equal(cache.masks[1], sample.mask)
 
 
 def test_cached_loader_epochs_are_reproducible_and_sharded(tmp_path):

@@ -70,12 +70,13 @@ def test_per_sample_crop_pads_mask_with_ignore_never_zero():
 
 
 def canvas_batch(samples, canvas=(70, 90)):
-    images = torch.zeros(len(samples), *canvas, 3, dtype=torch.uint8)
+    """The cache's layout: planar uint8 images K×3×H×W and masks K×H×W on canvases, valid top-left."""
+    images = torch.zeros(len(samples), 3, *canvas, dtype=torch.uint8)
     masks = torch.full((len(samples), *canvas), 255, dtype=torch.uint8)
     sizes = torch.zeros(len(samples), 2, dtype=torch.int64)
     for i, (image, mask) in enumerate(samples):
         h, w = mask.shape
-        images[i, :h, :w] = torch.from_numpy(image)
+        images[i, :, :h, :w] = torch.from_numpy(image).permute(2, 0, 1)
         masks[i, :h, :w] = torch.from_numpy(mask)
         sizes[i] = torch.tensor([h, w])
     return images, masks, sizes
@@ -189,9 +190,10 @@ def test_sampled_scales_follow_the_recipe():
     assert 0.4 < params.flip.float().mean() < 0.6
 
 
-def test_resize_windows_equals_one_interpolate_per_sample():
-    # The CPU path writes full crops through the kernel's `out=` and padded ones through a temporary: every sample
-    # must be exactly F.interpolate of its window placed in a zero crop.
+def test_resize_windows_match_pytorch_antialiased_bilinear():
+    # Every sample's window, resized by the numba kernel and placed in a zero crop, must be F.interpolate's
+    # antialiased bilinear resize of that window (computed in float, rounded to levels): at most one level apart,
+    # where float32 sums land either side of a .5, and PyTorch's own uint8 kernel within one level too.
     samples = [blocks(60, 80, seed=s) for s in range(7)] + [blocks(40, 60, seed=9)]
     for i, (image, _) in enumerate(samples):
         image[..., 2] = np.random.default_rng(i).integers(0, 256, image.shape[:2])
@@ -200,14 +202,42 @@ def test_resize_windows_equals_one_interpolate_per_sample():
     params = sample_augment_params(sizes, 48, (0.3, 2.0), 0.0, torch.Generator().manual_seed(3))
     full_y, full_x = params.out_y[:, 1] == 48, params.out_x[:, 1] == 48
     assert (full_y & full_x).any() and (~full_y & ~full_x).any() and (full_y ^ full_x).any()  # every kind of crop
-    expected = torch.zeros(len(index), 3, 48, 48, dtype=torch.uint8)
+    expected = torch.zeros(len(index), 3, 48, 48)
+    pytorch_uint8 = torch.zeros(len(index), 3, 48, 48, dtype=torch.uint8)
     boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
     for i, (sy, sh, sx, sw, oy, oh, ox, ow) in enumerate(boxes):
-        window = images[i, sy : sy + sh, sx : sx + sw].permute(2, 0, 1)[None]
-        if (sh, sw) != (oh, ow):
-            window = F.interpolate(window, size=(oh, ow), mode="bilinear", antialias=True)
-        expected[i, :, oy : oy + oh, ox : ox + ow] = window[0]
-    assert torch.equal(resize_windows(images.numpy(), index, params), expected)
+        window = images[i, :, sy : sy + sh, sx : sx + sw][None]
+        resized = F.interpolate(window.float(), size=(oh, ow), mode="bilinear", antialias=True)
+        expected[i, :, oy : oy + oh, ox : ox + ow] = resized[0].round().clamp(0, 255)
+        pytorch_uint8[i, :, oy : oy + oh, ox : ox + ow] = F.interpolate(window, size=(oh, ow), mode="bilinear",
+                                                                        antialias=True)[0]
+    ours = resize_windows(images.numpy(), index, params).float()
+    assert (ours - expected).abs().max() <= 1 and (ours != expected).float().mean() < 0.01
+    assert (ours - pytorch_uint8.float()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("in_len, out_len", [(60, 48), (80, 48), (30, 48), (100, 40), (300, 48)])
+def test_horizontal_pass_permute_equals_scalar(in_len, out_len):
+    # The AVX-512 permute path (spans ≤ 32 and ≤ 64 source pixels per 16 outputs) and the scalar loop that other
+    # CPUs and wider spans use give the same sums; 300 → 48 spans beyond 64 and must fall back.
+    from resunet.data import kernels
+
+    plane = np.zeros(in_len + 4 * kernels.LANES, np.float32)
+    plane[:in_len] = np.random.default_rng(in_len).uniform(0, 255, in_len)
+    first, weights = kernels.resize_weights(in_len, out_len)
+    starts, index, lane_weights, span = kernels.permute_tables(first, weights)
+    scalar = np.zeros(len(starts) * kernels.LANES, np.float32)
+    kernels.horizontal_scalar(plane, first, weights, starts, index, lane_weights, False, scalar)
+    expected = F.interpolate(torch.from_numpy(plane[:in_len])[None, None, None], size=(1, out_len), mode="bilinear",
+                             antialias=True)[0, 0, 0]
+    np.testing.assert_allclose(scalar[:out_len], expected.numpy(), rtol=1e-5, atol=1e-3)  # PyTorch's weights
+    if not kernels.AVX512 or span > 4 * kernels.LANES:
+        assert in_len == 300 or not kernels.AVX512
+        return
+    permuted = np.zeros_like(scalar)
+    kernels.horizontal_permute(plane, first, weights, starts, index, lane_weights, span > 2 * kernels.LANES,
+                               permuted)
+    np.testing.assert_allclose(permuted[:out_len], scalar[:out_len], rtol=1e-6, atol=1e-4)
 
 
 def test_numba_colour_map_equals_the_torch_colour_maps():
@@ -225,3 +255,20 @@ def test_numba_colour_map_equals_the_torch_colour_maps():
         np.testing.assert_allclose(m, matrix[i].numpy(), rtol=1e-12)
         np.testing.assert_allclose(t, offset[i].numpy(), rtol=1e-12, atol=1e-12)
 
+
+
+def test_threads_share_a_batch_without_changing_it(monkeypatch):
+    # The CPU path splits a batch among threads; each sample's result depends only on its own parameters, so one
+    # thread and three give the same batch, bit for bit.
+    from resunet.data import transforms
+
+    samples = [blocks(60, 80, seed=s) for s in range(7)]
+    images, masks, sizes = canvas_batch(samples)
+    batches = []
+    for threads in (1, 3):
+        monkeypatch.setattr(transforms, "data_threads", lambda n, threads=threads: threads)
+        batches.append(augment_batch(images.numpy(), masks.numpy(), range(7), sizes, 48, (0.5, 2.0),
+                                     (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), jitter=0.3,
+                                     generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+    assert transforms._pool is not None and transforms._pool._max_workers >= 2  # the three really ran

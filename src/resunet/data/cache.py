@@ -1,8 +1,8 @@
 """Decode once, augment on the device: the fast training data path.
 
 Each image is decoded once and stored, resized so its shorter side is `ceil(size × 1.25)` (just above the training
-size; smaller images stay as they are), as uint8 in a memory-mapped `.npy` canvas on disk, its mask beside it. The
-cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is reused across
+size; smaller images stay as they are), as planar uint8 (3×H×W) in a memory-mapped `.npy` canvas on disk, its mask
+beside it. The cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is reused across
 runs and rebuilt when any source file changes. Per epoch, `CachedLoader` draws each batch's indices and hands them,
 with the memory maps, to `augment_batch`, which reads only the pixels each crop needs and scales, crops, flips and
 jitters the batch on the training device.
@@ -26,7 +26,7 @@ from PIL import Image
 from .dataset import PairedDataset
 from .transforms import augment_batch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel
 CACHE_HEADROOM = 1.25
 
 
@@ -56,7 +56,7 @@ def estimate_cache_bytes(dataset: PairedDataset, size: int) -> int:
 
 
 class DecodedCache:
-    """The memory-mapped arrays: images N×H×W×3, masks N×H×W, sizes N×2 (valid height, width)."""
+    """The memory-mapped arrays: images N×3×H×W, masks N×H×W, sizes N×2 (valid height, width)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -98,7 +98,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     n = len(dataset)
-    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, canvas_h, canvas_w, 3))
+    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, 3, canvas_h, canvas_w))
     masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, canvas_h, canvas_w))
     masks[:] = dataset.info.ignore_index
     true_sizes = np.zeros((n, 2), dtype=np.int64)
@@ -106,7 +106,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     def fill(index: int) -> None:
         image, mask = _scaled(dataset.load(index), short_side)
         h, w = mask.shape
-        images[index, :h, :w] = image
+        images[index, :, :h, :w] = image.transpose(2, 0, 1)
         masks[index, :h, :w] = mask
         true_sizes[index] = (h, w)
 

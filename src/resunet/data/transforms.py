@@ -3,8 +3,8 @@
 - `TrainTransform`: per sample, torchvision `transforms.v2` on (Image, Mask) pairs; used by the simple data path.
 - `augment_batch`: the same augmentations for a batch of cached uint8 images, used by the cached data path
   (`cache.py`), where decoding happens once and this is all the per-epoch work. The randomness is drawn once per
-  batch (`sample_augment_params`); on a CPU, per sample, PyTorch's uint8 resize of just the pixels the crop
-  needs and one fused numba call (`kernels.py`) apply it; on CUDA, plain PyTorch ops on the device
+  batch (`sample_augment_params`); on a CPU, numba kernels (`kernels.py`) apply it, resizing just the pixels each
+  crop needs, with the batch's samples shared among threads; on CUDA, plain PyTorch ops on the device
   (`augment_batch_torch`).
 
 Both: the image is scaled so its shorter side is `size × s`, s uniform in [scale_min, scale_max]; a `crop × crop`
@@ -16,7 +16,9 @@ neighbour, so no label is ever invented.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,14 +84,15 @@ class AugmentParams:
     crop: int
 
 
-def _axis_windows(length: torch.Tensor, factor: torch.Tensor, crop: int, u: torch.Tensor):
+def _windows(length: np.ndarray, factor: np.ndarray, crop: int, u: np.ndarray):
+    """Per sample and axis (N×2 arrays: height, width): the source window and where it lands in the crop."""
     scaled = length * factor
     fits = scaled >= crop
-    src_len = torch.where(fits, torch.minimum((crop / factor).round(), length).clamp(min=1), length)
-    out_len = torch.where(fits, torch.full_like(length, crop), scaled.round().clamp(1, crop))
-    src_start = torch.where(fits, torch.minimum((u * (length - src_len + 1)).floor(), length - src_len), 0)
-    out_start = torch.where(fits, 0, torch.minimum((u * (crop - out_len + 1)).floor(), crop - out_len))
-    return torch.stack([src_start, src_len], 1).long(), torch.stack([out_start, out_len], 1).long()
+    src_len = np.where(fits, np.maximum(np.minimum(np.round(crop / factor), length), 1), length)
+    out_len = np.where(fits, crop, np.clip(np.round(scaled), 1, crop))
+    src_start = np.where(fits, np.minimum(np.floor(u * (length - src_len + 1)), length - src_len), 0)
+    out_start = np.where(fits, 0, np.minimum(np.floor(u * (crop - out_len + 1)), crop - out_len))
+    return np.stack([src_start, src_len, out_start, out_len], 2).astype(np.int64)  # N×2 axes×4
 
 
 def sample_augment_params(
@@ -102,15 +105,17 @@ def sample_augment_params(
 ) -> AugmentParams:
     """The recipe's randomness for N images of valid_sizes (N×2 height, width): shorter side → size × s with s uniform
     in scales, a random crop × crop window (padded where the scaled image is smaller), a coin for the flip, and
-    ColorJitter's factors and random order."""
+    ColorJitter's factors and random order. The random numbers come from `generator`; the arithmetic on them is
+    numpy's (float64, as PyTorch's would be, but without a dispatch per tiny op: a fifth of the data path's time)."""
     crop = crop or size
     n = len(valid_sizes)
     rand = torch.rand(n, 6, generator=generator)  # scale, y offset, x offset, flip (+ 2 spare: stable stream)
-    valid = valid_sizes.to(torch.float64)
-    scale = scales[0] + (scales[1] - scales[0]) * rand[:, 0].double()
-    factor = scale * size / valid.min(dim=1).values  # source pixels → output pixels
-    src_y, out_y = _axis_windows(valid[:, 0], factor, crop, rand[:, 1].double())
-    src_x, out_x = _axis_windows(valid[:, 1], factor, crop, rand[:, 2].double())
+    uniform = rand.numpy().astype(np.float64)
+    valid = np.asarray(valid_sizes, dtype=np.float64)
+    scale = scales[0] + (scales[1] - scales[0]) * uniform[:, 0]
+    factor = scale * size / np.minimum(valid[:, 0], valid[:, 1])  # source pixels → output pixels
+    windows = torch.from_numpy(_windows(valid, factor[:, None], crop, uniform[:, 1:3]))
+    src_y, src_x, out_y, out_x = windows[:, 0, :2], windows[:, 1, :2], windows[:, 0, 2:], windows[:, 1, 2:]
     factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64)
     orders = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
     if jitter <= 0:
@@ -142,7 +147,7 @@ def augment_batch(
     crop: int | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale, crop, flip and jitter the samples `index` of uint8 canvases (images K×H×W×3, masks K×H×W, each image
+    """Scale, crop, flip and jitter the samples `index` of uint8 canvases (images K×3×H×W, masks K×H×W, each image
     valid in its top-left valid_sizes[i]) into a batch on `device`.
 
     Random numbers come from `generator` (on the CPU), so a seeded generator gives the same batch on any device.
@@ -163,43 +168,55 @@ def _resize_window(window: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def resize_windows(images: np.ndarray, index: Sequence[int], params: AugmentParams) -> torch.Tensor:
-    """Each sample's source window, resized (uint8, PyTorch's AVX2 kernel) into its place in an N×3×crop×crop uint8
-    batch of zeros, unflipped: the data path's resize step alone, which `resunet benchmark` times as its ceiling."""
+    """Each sample's source window, resized (`kernels.resize_window`) into its place in an N×3×crop×crop uint8 batch
+    of zeros, unflipped: the data path's resize step alone, which `resunet benchmark` times beside the whole path."""
+    from . import kernels
+
     staging = torch.zeros(len(index), 3, params.crop, params.crop, dtype=torch.uint8)
-    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
-    for sample, box, out in zip(index, boxes, staging.split(1)):
-        _resize_into(images, sample, box, out)
+    boxes = _boxes(params)
+    for i, sample in enumerate(index):
+        kernels.resize_window(images[sample], boxes[i], staging[i].numpy())
     return staging
 
 
-def _resize_into(images: np.ndarray, sample: int, box: Sequence[int], out: torch.Tensor) -> None:
-    sy, sh, sx, sw, oy, oh, ox, ow = box
-    window = torch.from_numpy(images[sample, sy : sy + sh, sx : sx + sw]).permute(2, 0, 1)[None]
-    if (oh, ow) == out.shape[-2:] and (sh, sw) != (oh, ow):  # the common case: straight into the batch
-        torch.ops.aten._upsample_bilinear2d_aa.out(window, [oh, ow], False, None, None, out=out)
-    else:  # a padded crop (an `out=` view of part of the crop is written wrongly by this kernel) or no resize
-        out[:, :, oy : oy + oh, ox : ox + ow] = _resize_window(window, oh, ow)
+def _boxes(params: AugmentParams) -> np.ndarray:
+    """N×8 int64: (src_y, len, src_x, len, out_y, len, out_x, len) per sample."""
+    return torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).numpy()
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def data_threads(n: int) -> int:
+    """Threads for the CPU data path: as many as PyTorch uses for the model, one per sample at most."""
+    return max(1, min(n, torch.get_num_threads(), len(os.sched_getaffinity(0))))
 
 
 def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
-    """Per sample: PyTorch's uint8 AVX2 resize of the window (only the pixels the crop needs), then one numba call
-    (`kernels.finish_sample`) for the colour map, flip, jitter, normalisation and label gather, while the crop is
-    still in cache. One thread: sharing the samples among threads gained 6% here, and 50% only when those threads
-    started OpenMP teams of their own, which then slowed the model's parallel regions by 15%."""
+    """One numba call per thread (`kernels.augment_samples`: resize, colour map, flip, jitter, normalisation and
+    label gather per sample, while the crop is still in cache) over every `threads`-th sample of the batch. The
+    kernel holds neither the GIL nor any OpenMP team, so the threads run side by side and the model's own OpenMP
+    threads are left alone."""
+    global _pool
     from . import kernels  # numba: compiled on first use, cached on disk
 
     n, crop = len(index), params.crop
-    staging = torch.zeros(n, 3, crop, crop, dtype=torch.uint8)
     out_images = torch.empty(n, 3, crop, crop)
     out_masks = torch.empty(n, crop, crop, dtype=torch.int64)
-    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1)
-    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-    samples = zip(index, boxes.tolist(), boxes.numpy(), staging.split(1), params.flip.tolist(),
-                  params.factors.numpy(), params.orders.numpy(), out_images.numpy(), out_masks.numpy())
-    for sample, box, box_array, window_out, flip, factors, orders, image_out, mask_out in samples:
-        _resize_into(images, sample, box, window_out)
-        kernels.finish_sample(window_out[0].numpy(), masks[sample], flip, factors, orders, box_array, mean, std,
-                              ignore_index, image_out, mask_out)
+    boxes = _boxes(params)
+    arguments = (images, masks, np.asarray(index, np.int64), boxes, params.flip.numpy(),
+                 params.factors.numpy(), params.orders.numpy(), np.asarray(mean, np.float64),
+                 np.asarray(std, np.float64), ignore_index)
+    outputs = (out_images.numpy(), out_masks.numpy())
+    threads = data_threads(n)
+    if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resunet-data")
+    positions = np.arange(n)
+    futures = [_pool.submit(kernels.augment_samples, *arguments, positions[t::threads], *outputs)
+               for t in range(1, threads)]
+    kernels.augment_samples(*arguments, positions[0::threads], *outputs)
+    for future in futures:
+        future.result()
     return out_images, out_masks
 
 
@@ -218,8 +235,8 @@ def label_indices(params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
 
 def augment_batch_torch(images, masks, index, params: AugmentParams, mean, std, ignore_index, device):
     """The same augmentation in plain PyTorch ops on any device (the CUDA path): per-sample float resize of the
-    window (rounded to uint8 levels, as the CPU path's uint8 resize gives), then batched flip, colour map and
-    label gather."""
+    window (rounded to uint8 levels, as the CPU kernel's resize gives), then batched flip, colour map and label
+    gather."""
     n, crop = len(index), params.crop
     images, masks = torch.as_tensor(images), torch.as_tensor(masks)
     staging = torch.zeros(n, 3, crop, crop, device=device)
@@ -227,7 +244,7 @@ def augment_batch_torch(images, masks, index, params: AugmentParams, mean, std, 
     rows, cols = (indices.to(device) for indices in label_indices(params))
     boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
     for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
-        window = images[sample, sy : sy + sh, sx : sx + sw].to(device, non_blocking=True).permute(2, 0, 1)[None]
+        window = images[sample, :, sy : sy + sh, sx : sx + sw].to(device, non_blocking=True)[None]
         resized = _resize_window(window.float(), oh, ow).round_().clamp_(0, 255)
         staging[i, :, oy : oy + oh, ox : ox + ow] = resized[0]
         source = masks[sample].to(device, non_blocking=True).long()
