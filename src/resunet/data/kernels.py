@@ -248,8 +248,11 @@ def colour(staging, flip, matrix, offset, low, high, out) -> None:
     """out[c, y, x] = clamp(M[c] · staging[:, y, x'] + t[c], low[c], high[c]), x' = x mirrored where flip.
     staging: 3×H×W uint8; matrix, offset, low, high float32; out: 3×H×W float32."""
     _, height, width = staging.shape
+    red, green, blue = np.empty(width, np.float32), np.empty(width, np.float32), np.empty(width, np.float32)
     for y in range(height):
-        red, green, blue = staging[0, y], staging[1, y], staging[2, y]
+        red_row, green_row, blue_row = staging[0, y], staging[1, y], staging[2, y]
+        for x in range(width):  # each pixel converted once, not once per output channel
+            red[x], green[x], blue[x] = np.float32(red_row[x]), np.float32(green_row[x]), np.float32(blue_row[x])
         for c in range(3):
             m0, m1, m2, t = matrix[c, 0], matrix[c, 1], matrix[c, 2], offset[c]
             lo, hi = low[c], high[c]
@@ -259,12 +262,10 @@ def colour(staging, flip, matrix, offset, low, high, out) -> None:
             if flip:
                 last = np.uintp(width - 1)
                 for x in range(width):
-                    value = m0 * np.float32(red[x]) + m1 * np.float32(green[x]) + m2 * np.float32(blue[x]) + t
-                    row[last - np.uintp(x)] = min(max(value, lo), hi)
+                    row[last - np.uintp(x)] = min(max(m0 * red[x] + m1 * green[x] + m2 * blue[x] + t, lo), hi)
             else:
                 for x in range(width):
-                    value = m0 * np.float32(red[x]) + m1 * np.float32(green[x]) + m2 * np.float32(blue[x]) + t
-                    row[x] = min(max(value, lo), hi)
+                    row[x] = min(max(m0 * red[x] + m1 * green[x] + m2 * blue[x] + t, lo), hi)
 
 
 @numba.njit(cache=True, nogil=True)
