@@ -116,11 +116,12 @@ def sample_augment_params(
     factor = scale * size / np.minimum(valid[:, 0], valid[:, 1])  # source pixels → output pixels
     windows = torch.from_numpy(_windows(valid, factor[:, None], crop, uniform[:, 1:3]))
     src_y, src_x, out_y, out_x = windows[:, 0, :2], windows[:, 1, :2], windows[:, 0, 2:], windows[:, 1, 2:]
-    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64)
-    orders = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64).numpy()
+    orders = np.argsort(torch.rand(n, 3, generator=generator).numpy(), axis=1)
     if jitter <= 0:
-        factors = torch.ones(n, 3, dtype=torch.float64)
-    return AugmentParams(src_y, src_x, out_y, out_x, rand[:, 3] < 0.5, factors, orders, crop)
+        factors = np.ones((n, 3))
+    return AugmentParams(src_y, src_x, out_y, out_x, torch.from_numpy(uniform[:, 3] < 0.5), torch.from_numpy(factors),
+                         torch.from_numpy(orders), crop)
 
 
 def nearest_indices(src: torch.Tensor, out: torch.Tensor, crop: int) -> torch.Tensor:
