@@ -16,6 +16,7 @@ neighbour, so no label is ever invented.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -194,10 +195,11 @@ def data_threads(n: int) -> int:
 
 
 def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
-    """One numba call per thread (`kernels.augment_samples`: resize, colour map, flip, jitter, normalisation and
-    label gather per sample, while the crop is still in cache) over every `threads`-th sample of the batch. The
-    kernel holds neither the GIL nor any OpenMP team, so the threads run side by side and the model's own OpenMP
-    threads are left alone."""
+    """One numba call per sample (`kernels.augment_samples`: resize, colour map, flip, jitter, normalisation and
+    label gather, while the crop is still in cache), the samples taken in turn by `data_threads` threads (the
+    calling one included) as each becomes free, so a core slowed by other work just takes fewer. The kernel holds
+    neither the GIL nor any OpenMP team, so the threads run side by side and the model's own OpenMP threads are
+    left alone."""
     global _pool
     from . import kernels  # numba: compiled on first use, cached on disk
 
@@ -212,10 +214,15 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
     threads = data_threads(n)
     if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resunet-data")
-    positions = np.arange(n)
-    futures = [_pool.submit(kernels.augment_samples, *arguments, positions[t::threads], *outputs)
-               for t in range(1, threads)]
-    kernels.augment_samples(*arguments, positions[0::threads], *outputs)
+    next_sample = itertools.count()  # shared by the threads; next() is atomic under the GIL
+    singles = [np.array([i]) for i in range(n)]
+
+    def work() -> None:
+        while (i := next(next_sample)) < n:
+            kernels.augment_samples(*arguments, singles[i], *outputs)
+
+    futures = [_pool.submit(work) for _ in range(1, threads)]
+    work()
     for future in futures:
         future.result()
     return out_images, out_masks
