@@ -66,8 +66,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if srv.cut_after is not None:  # one-shot: simulate a dropped connection
             body, srv.cut_after = body[: srv.cut_after], None
             self.close_connection = True
+        srv.bytes_sent.append(len(body))  # before the write: the client may finish reading before this thread resumes
         self.wfile.write(body)
-        srv.bytes_sent.append(len(body))
 
     def log_message(self, *args: object) -> None:
         pass
