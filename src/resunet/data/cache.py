@@ -2,10 +2,10 @@
 
 Each image is decoded once and stored, resized so its shorter side is `ceil(size × 1.25)` (just above the training
 size; smaller images stay as they are), as planar uint8 (3×H×W) in a memory-mapped `.npy` canvas on disk, its mask
-beside it. The cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is reused across
-runs and rebuilt when any source file changes. Per epoch, `CachedLoader` draws each batch's indices and hands them,
-with the memory maps, to `augment_batch`, which reads only the pixels each crop needs and scales, crops, flips and
-jitters the batch on the training device.
+beside it. The cache is keyed by the source files' paths, sizes and modification times plus the cache size, so it is
+reused across runs and rebuilt when any source file changes. Per epoch, `CachedLoader` draws each batch's indices
+and hands them, with the memory maps, to `augment_batch`, which reads only the pixels each crop needs and scales,
+crops, flips and jitters the batch on the training device.
 """
 
 from __future__ import annotations

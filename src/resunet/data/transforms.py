@@ -250,7 +250,7 @@ def augment_batch_torch(images, masks, index, params: AugmentParams, mean, std, 
     staging = torch.zeros(n, 3, crop, crop, device=device)
     out_masks = torch.empty(n, crop, crop, dtype=torch.long, device=device)
     rows, cols = (indices.to(device) for indices in label_indices(params))
-    boxes = torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).tolist()
+    boxes = _boxes(params).tolist()
     for i, (sample, (sy, sh, sx, sw, oy, oh, ox, ow)) in enumerate(zip(index, boxes)):
         window = images[sample, :, sy : sy + sh, sx : sx + sw].to(device, non_blocking=True)[None]
         resized = _resize_window(window.float(), oh, ow).round_().clamp_(0, 255)
