@@ -218,8 +218,9 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
     singles = [np.array([i]) for i in range(n)]
 
     def work() -> None:
+        staging = np.zeros((3, crop, crop), np.uint8)  # this thread's crop, reused by each sample it takes
         while (i := next(next_sample)) < n:
-            kernels.augment_samples(*arguments, singles[i], *outputs)
+            kernels.augment_samples(*arguments, singles[i], staging, *outputs)
 
     futures = [_pool.submit(work) for _ in range(1, threads)]
     work()
