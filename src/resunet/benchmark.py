@@ -97,8 +97,9 @@ class Plan:
     train_warmup: int = 1  # windows (the first steps run slow: allocations, oneDNN primitive creation)
     train_windows: int = 7
     train_budget_s: float = 45.0
-    data_warmup: int = 1  # windows of one pass over the data set (the seed-style workers start here)
-    data_windows: int = 15  # short windows (~0.1 s): many, so bursts of other work on the machine stay outliers
+    data_warmup: int = 1  # passes over the data set (the seed-style workers start here)
+    data_windows: int = 15  # short windows: many, so bursts of other work on the machine stay outliers
+    data_window_s: float = 0.1  # each loader's window: whole passes lasting about this long, the same for both
     data_budget_s: float = 10.0
     predict_warmup: int = 3  # calls
     predict_windows: int = 11
@@ -342,19 +343,40 @@ def _with_workers_memory(record: dict) -> dict:
 # ---- 2. the data path alone ----------------------------------------------------------------------------------------
 
 
+def time_data_windows(batches: Iterator, per_pass: int, plan: Plan, sync: Callable[[], None] | None) -> dict:
+    """`timed_windows` for a loader: after `plan.data_warmup` untimed passes over the data, one more pass is timed
+    to size the windows: each window is the whole passes that last about `plan.data_window_s`. Both loaders get
+    windows of about the same duration, so a fast loader's figure is not taken from a few milliseconds of the
+    machine's time (where one burst of other work decides it) while the slow one's spans seconds."""
+    sync = sync or (lambda: None)
+
+    def one_pass() -> None:
+        for _ in range(per_pass):
+            next(batches)
+
+    for _ in range(plan.data_warmup):
+        one_pass()
+    sync()
+    started = time.perf_counter()
+    one_pass()
+    sync()
+    passes = max(1, round(plan.data_window_s / (time.perf_counter() - started)))
+
+    def window() -> None:
+        for _ in range(passes):
+            one_pass()
+
+    result = timed_windows(window, 0, plan.data_windows, passes * per_pass * plan.batch, sync, plan.min_windows,
+                           plan.data_budget_s)
+    return {**result, "passes_per_window": passes, "warmup_calls": plan.data_warmup + 1}
+
+
 def measure_data_ours(cache: DecodedCache, plan: Plan, device: torch.device) -> dict:
     mean, std = _normalization()
     loader = CachedLoader(cache, plan.batch, SIZE, SCALES, mean, std, IGNORE, JITTER, device, seed=0)
     batches = cached_batches(loader)
-    per_window = len(loader)
-
-    def window() -> None:
-        for _ in range(per_window):
-            next(batches)
-
     with peak_memory(device) as memory:
-        result = timed_windows(window, plan.data_warmup, plan.data_windows, per_window * plan.batch, _sync(device),
-                               plan.min_windows, plan.data_budget_s)
+        result = time_data_windows(batches, len(loader), plan, _sync(device))
     return {**result, "peak_memory": memory, "what": f"CachedLoader, augment on {device.type}"}
 
 
@@ -395,16 +417,9 @@ def measure_resize_step(cache: DecodedCache, plan: Plan) -> float | None:
 def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) -> dict:
     mean, std = _normalization()
     batches = iter(seed_style_loader(dataset, plan.batch, mean, std))
-    per_window = len(dataset) // plan.batch
-
-    def window() -> None:
-        for _ in range(per_window):
-            images, masks = next(batches)
-            images.to(device), masks.to(device)
-
+    to_device = ((images.to(device), masks.to(device)) for images, masks in batches)
     with peak_memory(device) as memory:
-        result = timed_windows(window, plan.data_warmup, plan.data_windows, per_window * plan.batch, _sync(device),
-                               plan.min_windows, plan.data_budget_s)
+        result = time_data_windows(to_device, len(dataset) // plan.batch, plan, _sync(device))
         _with_workers_memory(memory)
     del batches  # stops the workers
     return {**result, "peak_memory": memory, "what": f"PIL per-sample DataLoader, {SEED_WORKERS} workers"}
