@@ -80,3 +80,28 @@ def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo
     monkeypatch.setattr(train_module, "evaluate_dataset", spy)
     train(tiny_config(demo_root, tmp_path / "run", epochs=3))
     assert seen == [True, True, True]
+
+
+def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, tmp_path, monkeypatch):
+    # --compile wraps the training model in torch.compile. Inductor would spend minutes compiling C++ here, so
+    # the test gives torch.compile the "eager" backend: TorchDynamo still captures the model's graph and the
+    # training steps run through it, with the same arithmetic as the plain run, bit for bit in fp32. The
+    # checkpoint must hold the plain model's weights (no "_orig_mod." prefixes), loadable without compiling.
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    settings = dict(epochs=1, precision="fp32", batch_size=4)
+    train(tiny_config(demo_root, tmp_path / "compiled", compile=True, **settings))
+    assert len(compiled) == 1
+    train(tiny_config(demo_root, tmp_path / "plain", **settings))
+    assert len(compiled) == 1  # the plain run did not compile
+    a, b = load_checkpoint(tmp_path / "compiled" / "last.pt"), load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert set(a["model"]) == set(b["model"]) and not any(k.startswith("_orig_mod") for k in a["model"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["train_config"]["compile"] is True
+    assert read_records(tmp_path / "compiled")[0]["train_images_per_s"] > 0  # measured from the second step on
