@@ -421,7 +421,7 @@ def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) 
     with peak_memory(device) as memory:
         result = time_data_windows(to_device, len(dataset) // plan.batch, plan, _sync(device))
         _with_workers_memory(memory)
-    del batches  # stops the workers
+    del to_device, batches  # the last references to the loader's iterator: stops the workers
     return {**result, "peak_memory": memory, "what": f"PIL per-sample DataLoader, {SEED_WORKERS} workers"}
 
 
