@@ -56,25 +56,27 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys):
     assert all(t["passed"] is None for t in report["targets"])  # a quick run judges nothing
 
 
-def test_data_windows_last_about_the_planned_time_whatever_the_loader_speed():
-    # A loader taking 4 ms per batch, 3 batches a pass: one pass ≈ 12 ms, so a 0.1 s window is 8 passes
-    # (rounding 0.1 / 0.012 = 8.3); every window holds 8 × 3 batches × the plan's batch size images.
+def test_data_windows_last_about_the_planned_time_whatever_the_loader_speed(monkeypatch):
+    # A loader taking 4 ms per batch (on a fake clock, so the test is exact on any machine), 3 batches a pass: one
+    # pass is 12 ms, so a 0.1 s window is round(8.3) = 8 passes of 3 batches × the plan's batch size images.
     import itertools
-    import time
+    import types
     from dataclasses import replace
 
-    calls = itertools.count()
+    from resunet import benchmark
+
+    now, calls = [0.0], itertools.count()
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def slow_batches():
         while True:
             next(calls)
-            time.sleep(0.004)
+            now[0] += 0.004
             yield None
 
     plan = replace(DEFAULT_PLAN, data_warmup=1, data_windows=3, min_windows=3, data_window_s=0.1, data_budget_s=60)
     result = time_data_windows(slow_batches(), 3, plan, None)
-    assert 6 <= result["passes_per_window"] <= 8  # sleep overshoots a little, never undershoots
-    passes = result["passes_per_window"]
-    assert result["images_per_window"] == passes * 3 * plan.batch and result["windows"] == 3
-    assert next(calls) == 3 + 3 + 3 * passes * 3  # warm-up pass, sizing pass, three windows: nothing else drawn
-    assert all(0.07 < s < 0.2 for s in result["window_s"])
+    assert result["passes_per_window"] == 8
+    assert result["images_per_window"] == 8 * 3 * plan.batch and result["windows"] == 3
+    assert next(calls) == 3 + 3 + 3 * 8 * 3  # warm-up pass, sizing pass, three windows: nothing else drawn
+    assert result["window_s"] == pytest.approx([0.096] * 3)
