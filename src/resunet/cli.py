@@ -21,7 +21,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model.encoders import WeightsUnavailableError
     from .train import TrainingError
 
-    return (CheckpointError, DataError, DownloadError, WeightsUnavailableError, TrainingError, FileNotFoundError)
+    errors = (CheckpointError, DataError, DownloadError, WeightsUnavailableError, TrainingError, FileNotFoundError)
+    if sys.modules.get("resunet.export") is not None:  # only the export command imports it (and onnx with it)
+        errors += (sys.modules["resunet.export"].ExportError,)
+    return errors
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return values
+
+
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 pixels, got {value}")
+    return value
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +89,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def inference_options(args) -> dict:
+    """The options every inference command passes to `predict.load`."""
+    return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": tuple(args.scales),
+            "window": args.window, "stride": args.stride}
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
-    run_evaluate(args.checkpoint, args.data_root, args.split, args.json, args.device, args.precision, args.tta,
-                 args.batch_size, args.workers, args.confusion)
+    run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
+                 workers=args.workers, confusion_png=args.confusion, **inference_options(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import run_export
+
+    result = run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
+                        args.calibration, args.calibration_count, args.data_root, args.split, args.max_miou_drop,
+                        args.workers)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
@@ -94,9 +133,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def cmd_predict(args) -> int:
     from .data.images import DataError
-    from .predict import Predictor
+    from .predict import load
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision, tta=args.tta)
+    predictor = load(args.checkpoint, **inference_options(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(args.inputs)
@@ -121,7 +160,8 @@ def cmd_predict(args) -> int:
 def cmd_visualize(args) -> int:
     from .visualize import run_visualize
 
-    run_visualize(args.checkpoint, args.data_root, args.out, args.split, args.count, args.device, args.seed)
+    run_visualize(args.checkpoint, args.data_root, args.out, args.split, args.count, args.seed,
+                  **inference_options(args))
     return 0
 
 
@@ -170,12 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     inference = argparse.ArgumentParser(add_help=False)
-    inference.add_argument("--device", default="auto")
-    inference.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    inference.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
+    inference.add_argument("--device", default="auto", help="for .pt checkpoints (.onnx files run on the CPU)")
+    inference.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                           help="for .pt checkpoints")
+    inference.add_argument("--tta", default="none", choices=("none", "flip", "ms", "ms+flip"),
+                           help="test-time augmentation: horizontal flip, multi-scale, or both (logits averaged)")
+    inference.add_argument("--scales", type=_positive_floats, default=(0.75, 1.0, 1.25, 1.5),
+                           help="multi-scale TTA: factors of the working size, comma-separated")
+    inference.add_argument("--window", type=_window, default=None,
+                           help="sliding window: tile side in pixels of the resized image (≥ 32)")
+    inference.add_argument("--stride", type=_window, default=None,
+                           help="sliding window step (default: two thirds of --window)")
 
     p = commands.add_parser("evaluate", parents=[inference], help="per-class IoU, mIoU, pixel accuracy")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--json", help="also write the scores and confusion matrix here")
@@ -185,22 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True)
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.set_defaults(run=cmd_predict)
 
-    p = commands.add_parser("visualize", help="3×5 grid: image / ground truth / prediction")
-    p.add_argument("checkpoint")
+    p = commands.add_parser("visualize", parents=[inference], help="3×5 grid: image / ground truth / prediction")
+    p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", default="grid.png")
     p.add_argument("--split", default="val")
     p.add_argument("--count", type=int, default=5)
-    p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_visualize)
+
+    p = commands.add_parser("export", help="write a verified ONNX file (end-to-end or logits; fp32 or INT8)")
+    p.add_argument("checkpoint", help="a .pt checkpoint")
+    p.add_argument("--onnx", required=True, help="the file to write")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--end-to-end", action="store_true",
+                       help="uint8 image in, class map (+ logits) out, pre/post-processing inside (the default)")
+    graph.add_argument("--logits", action="store_true", help="the network alone: normalised input, logits out")
+    p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip TTA inside the end-to-end graph")
+    p.add_argument("--int8", action="store_true", help="static INT8 quantisation (QDQ, per-channel weights)")
+    p.add_argument("--calibration", help="dataset root (train split) or image folder to calibrate INT8 on")
+    p.add_argument("--calibration-count", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--data-root", help="also evaluate the file on this dataset and print the mIoU drift")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-miou-drop", type=float, default=1.0, help="INT8: largest mIoU drop accepted, in points")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="also write the figures here")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("download", help="download and verify VOC 2012 (voc) or VOC + SBD train_aug (sbd)")
     p.add_argument("dataset", choices=("voc", "sbd"))

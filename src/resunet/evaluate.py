@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset
 from .metrics import ConfusionMatrix
-from .predict import Predictor
+from .predict import DEFAULT_SCALES, Predictor, load
 
 
 def _as_lists(batch):
@@ -75,15 +75,21 @@ def run_evaluate(
     batch_size: int = 8,
     workers: int = 2,
     confusion_png: str | None = None,
+    scales: tuple[float, ...] = DEFAULT_SCALES,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> dict:
-    """The `resunet evaluate` command: print the per-class table and return the scores."""
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, tta=tta)
+    """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table, return scores."""
+    predictor = load(checkpoint, device=device, precision=precision, tta=tta, scales=scales, window=window,
+                     stride=stride)
     info = predictor.info
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index)
     matrix = evaluate_dataset(predictor, dataset, batch_size, workers)
     scores = matrix.compute()
+    extra = f", window {predictor.window} stride {predictor.stride}" if predictor.window else ""
+    scales_text = f" scales {','.join(f'{s:g}' for s in predictor.scales)}" if "ms" in predictor.tta else ""
     print(f"{dataset.description}: {len(dataset)} images, evaluated at original resolution "
-          f"(working size {predictor.size}, tta {tta})")
+          f"(working size {predictor.size}, tta {predictor.tta}{scales_text}{extra})")
     print(format_table(scores, info))
     result = {"checkpoint": str(checkpoint), "split": split, "images": len(dataset), "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}

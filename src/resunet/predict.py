@@ -1,9 +1,15 @@
 """Predictor: images in, class maps out at each image's original size.
 
 The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
-through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the model (bf16 autocast
-+ channels_last where the hardware has bf16), upsample the logits back to the original size, optionally average with
-the horizontally flipped prediction (`tta="flip"`).
+through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (bf16 autocast
++ channels_last where the hardware has bf16), upsample the logits back to the original size.
+
+Test-time augmentation (`tta`): "flip" averages the logits with those of the horizontally flipped image (at the
+working size, then upsampled); "ms" runs the image at several scales of the working size (`scales`) and averages the
+logits at the original resolution; "ms+flip" does both. Sliding window (`window`, `stride`): after the usual resize,
+an image larger than `window`×`window` is covered by overlapping tiles whose logits are averaged where they overlap,
+so the model sees objects at the scale it was trained at while memory stays bounded; an image that fits one window
+runs whole, exactly as without it. Other runtimes (the ONNX predictor) subclass `Predictor` and replace `network`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from .model.fold import fold_batchnorm
 from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
 
 ImageLike = Image.Image | np.ndarray | str | Path
+TTA_MODES = ("none", "flip", "ms", "ms+flip")
+DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 
 
 def as_uint8_rgb(image: ImageLike) -> np.ndarray:
@@ -48,6 +56,9 @@ class Predictor:
         precision: str = "auto",
         tta: str = "none",
         fold_bn: bool = False,
+        scales: tuple[float, ...] = DEFAULT_SCALES,
+        window: int | None = None,
+        stride: int | None = None,
     ) -> None:
         """`fold_bn`: merge BatchNorm into the convolutions (faster; only for a model no longer trained)."""
         tune_cpu_allocator()
@@ -67,40 +78,86 @@ class Predictor:
         if self.bf16_weights:
             self.model = self.model.to(torch.bfloat16)
         self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
-        if tta not in ("none", "flip"):
-            raise ValueError("tta must be 'none' or 'flip'")
-        self.tta = tta
+        self.set_inference(tta, scales, window, stride)
+
+    def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                      stride: int | None = None) -> None:
+        """Choose test-time augmentation and sliding window (checked here, so a bad setting fails before any work)."""
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}")
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive, got {scales}")
+        if window is not None and (window < 32 or not 0 < (stride or window) <= window):
+            raise ValueError(f"window must be ≥ 32 and 0 < stride ≤ window, got window {window} stride {stride}")
+        self.tta, self.scales = tta, tuple(float(s) for s in scales)
+        self.window, self.stride = window, (stride or (window // 3 * 2 if window else None))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
+                        scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                        stride: int | None = None) -> "Predictor":
         payload = load_checkpoint(path)
         model = model_from_checkpoint(payload, path)
         norm = payload["normalization"]
         return cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
-                   device, precision, tta, fold_bn=True)
+                   device, precision, tta, fold_bn=True, scales=scales, window=window, stride=stride)
+
+    @staticmethod
+    def from_file(path: str | Path, **options) -> "Predictor":
+        """A predictor for a `.pt` checkpoint or an exported `.onnx` file: the same code serves both."""
+        return load(path, **options)
+
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float N×3×h×w (on the predictor's device) → logits N×C×h×w. Subclasses swap the runtime."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.bf16_weights:
+            x = x.to(torch.bfloat16)
+        with autocast(self.device, None if self.bf16_weights else self.dtype):
+            return self.model(x)
+
+    def tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """`network` over the whole image, or over overlapping window tiles with logits averaged in the overlaps."""
+        height, width = x.shape[-2:]
+        if self.window is None or (height <= self.window and width <= self.window):
+            return self.network(x)
+        tops, lefts = tile_starts(height, self.window, self.stride), tile_starts(width, self.window, self.stride)
+        total = count = None
+        for top in tops:
+            for left in lefts:
+                tile = x[..., top:top + self.window, left:left + self.window]
+                out = self.network(tile).float()
+                if total is None:
+                    total = out.new_zeros(out.shape[:2] + (height, width))
+                    count = out.new_zeros((1, 1, height, width))
+                total[..., top:top + self.window, left:left + self.window] += out
+                count[..., top:top + self.window, left:left + self.window] += 1
+        return total / count
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """images: N×3×H×W uint8 (one size); returns float32 N×C×H'×W' logits at `out_size` (default H×W)."""
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
         # inference in train mode would use batch statistics and fold val images into BN's running averages.
-        self.model.eval()
+        if getattr(self, "model", None) is not None:
+            self.model.eval()
         height, width = images.shape[-2:]
         out_size = out_size or (height, width)
-        x = images.to(self.device, non_blocking=True).float()
-        work = resize_short_side(height, width, self.size)
-        if work != (height, width):
-            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
-        x = normalize(x.div_(255), self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.bf16_weights:
-            x = x.to(torch.bfloat16)
-        with autocast(self.device, None if self.bf16_weights else self.dtype):
-            out = self.model(x)
-            if self.tta == "flip":
-                out = (out + self.model(x.flip(-1)).flip(-1)) / 2
-        return F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
+        pixels = images.to(self.device, non_blocking=True).float()
+        scales = self.scales if self.tta in ("ms", "ms+flip") else (1.0,)
+        total = None
+        for scale in scales:
+            work = resize_short_side(height, width, max(1, round(self.size * scale)))
+            x = pixels
+            if work != (height, width):
+                x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
+            x = normalize(x / 255, self.mean, self.std)
+            out = self.tiled(x)
+            if self.tta in ("flip", "ms+flip"):
+                out = (out + self.tiled(x.flip(-1)).flip(-1)) / 2
+            out = F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
+            total = out if total is None else total + out
+        return total if len(scales) == 1 else total / len(scales)
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
@@ -124,3 +181,24 @@ class Predictor:
         rgb = as_uint8_rgb(image).astype(np.float32)
         colours = self.info.colour_lut()[mask].astype(np.float32)
         return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
+
+
+def tile_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every `stride`, the last one flush with the end (tiles never overhang)."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
+         scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None, stride: int | None = None,
+         threads: int | None = None) -> Predictor:
+    """A predictor for a `.pt` checkpoint or an exported `.onnx` file (picked by the file's suffix)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
+
+        return OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
+    return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)

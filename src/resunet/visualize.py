@@ -75,13 +75,14 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path) -> None:
     plt.close(fig)
 
 
-def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5,
-                  device: str = "auto", seed: int = 0) -> None:
-    """The `resunet visualize` command: the seed's 3×5 grid on `count` images of the split."""
+def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5, seed: int = 0,
+                  **options) -> None:
+    """The `resunet visualize` command: the seed's 3×5 grid on `count` images of the split. `options`: those of
+    `predict.load` (device, precision, tta, ...); `checkpoint` may be a .pt or an .onnx file."""
     from .data.dataset import open_dataset
-    from .predict import Predictor
+    from .predict import load
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    predictor = load(checkpoint, **options)
     dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index)
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)
     samples = [dataset.load(int(i)) for i in sorted(picks)]

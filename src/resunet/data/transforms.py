@@ -314,6 +314,8 @@ def apply_colour_maps(images: torch.Tensor, matrix: torch.Tensor, offset: torch.
 
 
 def resize_short_side(height: int, width: int, size: int) -> tuple[int, int]:
-    """The working size for inference: shorter side = size, aspect kept."""
-    scale = size / min(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """The working size for inference: shorter side = size, aspect kept, each side rounded half up.
+
+    Integer arithmetic, so an exported ONNX graph computes the same size from its input's shape."""
+    short = min(height, width)
+    return max(1, (2 * height * size + short) // (2 * short)), max(1, (2 * width * size + short) // (2 * short))

@@ -105,10 +105,10 @@ class ResNetUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        # Pad to a multiple of 32 so every skip matches its upsampled partner; crop the logits back after.
+        # Pad to a multiple of 32 so every skip matches its upsampled partner; crop the logits back after. Always,
+        # even by zero pixels (a cheap copy of the input): a traced graph (ONNX export) then fits every size.
         pad_h, pad_w = -height % self.output_stride, -width % self.output_stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, pad_w, 0, pad_h))
         *skips, deepest = self.encoder(x)
         x = self.bridge(deepest)
         for block, skip in zip(self.decoder, reversed(skips)):

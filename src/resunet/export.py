@@ -1,0 +1,403 @@
+"""`resunet export`: one portable ONNX file per model, checked against PyTorch before it is kept.
+
+    resunet export runs/camvid/best.pt --onnx camvid.onnx                       # end-to-end graph, verified
+    resunet export runs/camvid/best.pt --onnx camvid.onnx --data-root DATA     # + mIoU of the file on val
+    resunet export runs/camvid/best.pt --onnx camvid.int8.onnx --int8 --calibration DATA   # INT8 (QDQ)
+    resunet export runs/camvid/best.pt --onnx camvid-logits.onnx --logits      # the network alone
+
+What the graphs are (ONNX opset 18, dynamic batch, height and width, metadata in `metadata_props`):
+- end-to-end (default): `image` uint8 N×H×W×3 (RGB) → `mask` uint8 N×H×W class map and `logits` float N×C×H×W,
+  both at the input's size. Inside: resize (shorter side = the working size, antialiased bilinear), normalisation,
+  the network, the flip TTA if exported with `--tta flip`, bilinear upsampling back, argmax. `EndToEnd` below is that
+  graph as a PyTorch module: it is what the exporter traces, and the verification runs the file against the toolkit's
+  own `Predictor`, not against this module.
+- logits (`--logits`): `input` float N×3×H×W, normalised (metadata `resunet.mean`/`resunet.std` on 0..1 pixels) →
+  `logits` float N×C×H×W, same size (any size: the model pads to a multiple of 32 inside and crops back).
+
+Verification (a failure deletes the file and exits non-zero): onnxruntime against PyTorch fp32 on three images of
+different sizes; the max absolute logit difference must be < 1e-3 and the class maps must agree on ≥ 99.9% of the
+pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed against the fp32 file and (with
+`--data-root`) its mIoU drift are reported, and the drift must stay within `--max-miou-drop` points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data.classes import ClassInfo
+from .data.dataset import open_dataset
+from .data.images import DataError, list_images, read_image
+from .evaluate import evaluate_dataset
+from .model.fold import fold_batchnorm
+from .onnx_predictor import FORMAT_KEY, OnnxPredictor, open_session
+from .predict import Predictor
+
+OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
+MAX_LOGIT_DIFF = 1e-3
+MIN_AGREEMENT = 0.999
+VERIFY_SIZES = ((75, 101), (257, 333), (360, 480))  # (height, width): odd, larger than, and a typical photo
+
+
+class ExportError(ValueError):
+    """Export or its verification failed; the message is one line."""
+
+
+class EndToEnd(nn.Module):
+    """uint8 N×H×W×3 → (uint8 N×H×W class map, float N×C×H×W logits), the `Predictor`'s steps in one module."""
+
+    def __init__(self, network: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 tta: str = "none") -> None:
+        super().__init__()
+        if tta not in ("none", "flip"):
+            raise ExportError(f"an end-to-end graph can hold --tta none or flip, not {tta!r} (use --logits)")
+        self.network, self.size, self.tta = network, size, tta
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = image.shape[1], image.shape[2]
+        # transforms.resize_short_side in integer arithmetic on the (symbolic) input size: the same working size.
+        short = torch.sym_min(height, width)
+        work = ((2 * height * self.size + short) // (2 * short), (2 * width * self.size + short) // (2 * short))
+        x = image.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
+        x = (x / 255 - self.mean) / self.std
+        if self.tta == "flip":  # one network call on the image and its mirror, batched
+            both = self.network(torch.cat([x, x.flip(-1)]))
+            count = x.shape[0]
+            logits = (both[:count] + both[count:].flip(-1)) / 2
+        else:
+            logits = self.network(x)
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return logits.argmax(1).to(torch.uint8), logits
+
+
+class StaticSamePadConv(nn.Module):
+    """timm's TF-style 'same' convolution with its padding fixed for even input sizes.
+
+    timm's Conv2dSame computes its padding from each input's size at run time; traced with a symbolic size that
+    becomes a tangle of guards. Our model pads every input to a multiple of 32, so every stride-2 convolution sees an
+    even size and the padding is a constant: the same arithmetic, written down once."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        pads = []
+        for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation):
+            total = max((k - 1) * d + 1 - s, 0)  # timm's get_same_padding for an input divisible by s
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        self.pad = (left, right, top, bottom)
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                              conv.groups, conv.bias is not None)
+        self.conv.load_state_dict(conv.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+def static_same_padding(model: nn.Module) -> int:
+    """Replace every timm Conv2dSame in place; returns how many."""
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv2dSame):
+                setattr(parent, name, StaticSamePadConv(child))
+                replaced += 1
+    return replaced
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_network(payload: dict, path: str | Path) -> nn.Module:
+    """The checkpoint's model, ready to trace: eval mode, BatchNorm folded, static 'same' padding."""
+    model = model_from_checkpoint(payload, path).eval()
+    fold_batchnorm(model)
+    static_same_padding(model)
+    return model
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: Path, graph: str) -> None:
+    batch, height, width = (torch.export.Dim(n, min=1) for n in ("batch", "height", "width"))
+    if graph == "end-to-end":
+        dims, names, outputs = {0: batch, 1: height, 2: width}, ["image"], ["mask", "logits"]
+    else:
+        dims, names, outputs = {0: batch, 2: height, 3: width}, ["input"], ["logits"]
+    torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=(dims,), input_names=names,
+                      output_names=outputs, opset_version=OPSET, external_data=False, verbose=False)
+
+
+def set_metadata(path: Path, values: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "resunet"
+    onnx.save(model, str(path))
+
+
+def metadata_for(payload: dict, source: Path, graph: str, tta: str) -> dict[str, str]:
+    from . import __version__
+
+    info = ClassInfo.from_dict(payload["classes"])
+    norm = payload["normalization"]
+    return {
+        FORMAT_KEY: graph,
+        "resunet.classes": json.dumps(info.to_dict()),
+        "resunet.class_names": json.dumps(list(info.names)),
+        "resunet.palette": json.dumps([list(c) for c in info.palette]),
+        "resunet.ignore_index": str(info.ignore_index),
+        "resunet.num_classes": str(info.num_classes),
+        "resunet.mean": json.dumps(list(norm["mean"])),
+        "resunet.std": json.dumps(list(norm["std"])),
+        "resunet.working_size": str(int(payload["input_size"])),
+        "resunet.tta": tta,
+        "resunet.encoder": payload["model_config"]["encoder"],
+        "resunet.version": __version__,
+        "resunet.source_checkpoint": source.name,
+        "resunet.source_sha256": sha256_file(source),
+        "resunet.int8": "false",
+        "resunet.input": ("image: uint8 N×H×W×3 RGB, any size" if graph == "end-to-end"
+                          else "input: float32 N×3×H×W, (pixel/255 - mean) / std, any size"),
+        "resunet.output": ("mask: uint8 N×H×W class ids; logits: float32 N×C×H×W, both at the input size"
+                           if graph == "end-to-end" else "logits: float32 N×C×H×W at the input size"),
+    }
+
+
+# ---- verification ----------------------------------------------------------------------------------------------
+
+
+def verification_images(sources: list[np.ndarray]) -> list[np.ndarray]:
+    """Real pictures at the verification sizes (resized from `sources`; generated scenes when there are none)."""
+    if not sources:
+        from .data.demo import make_sample
+
+        rng = np.random.default_rng(0)
+        sources = [np.array(make_sample(rng, 256)[0]) for _ in VERIFY_SIZES]
+    return [np.array(Image.fromarray(sources[i % len(sources)]).resize((w, h), Image.BILINEAR))
+            for i, (h, w) in enumerate(VERIFY_SIZES)]
+
+
+def as_batch(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+
+
+@dataclass
+class Parity:
+    max_logit_diff: float
+    agreement: float  # fraction of pixels whose class is the same
+    sizes: list[tuple[int, int]]
+
+
+def check_parity(candidate: OnnxPredictor, reference: Predictor, images: list[np.ndarray]) -> Parity:
+    """Logits and class maps of the file against PyTorch fp32, image by image."""
+    worst, same, total = 0.0, 0, 0
+    for image in images:
+        batch = as_batch(image)
+        if candidate.graph == "logits":
+            x = reference_input(reference, batch)
+            ours = candidate.network(x)
+            ref = reference.network(x).float()
+            mask = candidate.predict_tensor(batch)[0]
+        else:
+            feed = np.ascontiguousarray(image[None])
+            mask_np, logits_np = candidate.session.run(None, {candidate.input_name: feed})
+            ours, mask = torch.from_numpy(logits_np), torch.from_numpy(mask_np[0]).long()
+            ref = reference.logits(batch)
+        worst = max(worst, float((ours - ref).abs().max()))
+        expected = reference.predict_tensor(batch)[0].cpu()
+        same += int((mask == expected).sum())
+        total += expected.numel()
+    return Parity(worst, same / total, [tuple(i.shape[:2]) for i in images])
+
+
+def reference_input(reference: Predictor, batch: torch.Tensor) -> torch.Tensor:
+    """The normalised working-size tensor the Predictor feeds its network for this image."""
+    from .data.transforms import normalize, resize_short_side
+
+    height, width = batch.shape[-2:]
+    x = batch.float()
+    work = resize_short_side(height, width, reference.size)
+    if work != (height, width):
+        x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
+    return normalize(x / 255, reference.mean, reference.std)
+
+
+def images_per_second(predictor: Predictor, images: list[np.ndarray], repeats: int = 3) -> float:
+    """Median over `repeats` passes over `images` (one call each), after one warm-up pass."""
+    batches = [as_batch(i) for i in images]
+    for batch in batches:
+        predictor.predict_tensor(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            predictor.predict_tensor(batch)
+        times.append(time.perf_counter() - start)
+    return len(batches) / statistics.median(times)
+
+
+# ---- INT8 -----------------------------------------------------------------------------------------------------------
+
+
+def calibration_images(root: str | Path, count: int) -> list[np.ndarray]:
+    """`count` training images of a dataset root (its train split), or the images of a plain folder."""
+    root = Path(root)
+    try:
+        paths = open_dataset(root, "train").image_paths
+    except DataError:
+        if not root.is_dir():
+            raise ExportError(f"{root}: calibration folder not found") from None
+        paths = list_images(root)
+    if not paths:
+        raise ExportError(f"{root}: no calibration images found (a dataset root with a train split, or a folder)")
+    step = max(1, len(paths) // count)  # spread over the split, not its first files
+    return [read_image(p) for p in paths[::step][:count]]
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], graph: str,
+                  reference: Predictor) -> None:
+    """Static INT8 quantisation in onnxruntime: QDQ, per-channel int8 weights, uint8 activations calibrated (min/max)
+    on `images` fed exactly as the deployed file will see them."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    session_input = "image" if graph == "end-to-end" else "input"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(images)
+
+        def get_next(self) -> dict | None:
+            image = next(self.items, None)
+            if image is None:
+                return None
+            if graph == "end-to-end":
+                return {session_input: np.ascontiguousarray(image[None])}
+            return {session_input: reference_input(reference, as_batch(image)).numpy()}
+
+    with tempfile.TemporaryDirectory(prefix="resunet-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        # Only the network's convolutions are quantised: the resize, normalisation and argmax around it stay float.
+        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "ConvTranspose", "Concat", "Add", "Mul", "Relu", "Clip"],
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+
+def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: str = "none", int8: bool = False,
+               calibration: str | None = None, calibration_count: int = 64, data_root: str | None = None,
+               split: str = "val", max_miou_drop: float = 1.0, workers: int = 2) -> dict:
+    """Export, verify, optionally quantise and evaluate; print what was checked; return the figures."""
+    source, out = Path(checkpoint), Path(onnx_out)
+    if int8 and not calibration:
+        raise ExportError("--int8 needs --calibration DIR (training images to calibrate activations on)")
+    if graph == "logits" and tta != "none":
+        raise ExportError("a logits graph holds the network alone: apply --tta when predicting with it")
+    payload = load_checkpoint(source)
+    if payload["model_config"]["num_classes"] > 256:
+        raise ExportError(f"{source}: {payload['model_config']['num_classes']} classes do not fit a uint8 mask")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    network = export_network(payload, source)
+    norm = payload["normalization"]
+    size = int(payload["input_size"])
+    if graph == "end-to-end":
+        module = EndToEnd(network, size, tuple(norm["mean"]), tuple(norm["std"]), tta).eval()
+        example = torch.randint(0, 256, (1, 75, 101, 3), dtype=torch.uint8)
+    else:
+        module, example = network, torch.randn(1, 3, 96, 128)
+    reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)
+    dataset = open_dataset(data_root, split, reference.info.num_classes, reference.info.ignore_index) \
+        if data_root else None
+    sources = [dataset.load(i).image for i in range(min(3, len(dataset)))] if dataset is not None else []
+    images = verification_images(sources)
+    result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
+
+    fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
+    tmp = fp32_path.with_name(f".{fp32_path.name}.tmp{os.getpid()}")
+    try:
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            write_onnx(module, example, tmp, graph)
+        set_metadata(tmp, metadata_for(payload, source, graph, tta))
+        result["export_s"] = time.perf_counter() - started
+        fp32 = OnnxPredictor(tmp)
+        parity = check_parity(fp32, reference, images)
+        sizes = ", ".join(f"{w}×{h}" for h, w in parity.sizes)
+        print(f"parity, onnxruntime fp32 vs PyTorch fp32 on {len(images)} images ({sizes}): max |Δlogit| "
+              f"{parity.max_logit_diff:.2e} (limit {MAX_LOGIT_DIFF:g}), class maps agree on "
+              f"{100 * parity.agreement:.3f}% of pixels (limit {100 * MIN_AGREEMENT:g}%)")
+        result["parity"] = {"max_logit_diff": parity.max_logit_diff, "agreement": parity.agreement,
+                            "sizes": parity.sizes}
+        if parity.max_logit_diff >= MAX_LOGIT_DIFF or parity.agreement < MIN_AGREEMENT:
+            raise ExportError(f"{out}: the exported graph does not match PyTorch (max |Δlogit| "
+                              f"{parity.max_logit_diff:.2e}, agreement {100 * parity.agreement:.3f}%); file not kept")
+        os.replace(tmp, fp32_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fp32 = OnnxPredictor(fp32_path)
+    result["fp32_file"] = str(fp32_path)
+
+    final = fp32
+    if int8:
+        started = time.perf_counter()
+        calibration_set = calibration_images(calibration, calibration_count)
+        quantize_int8(fp32_path, out, calibration_set, graph, reference)
+        set_metadata(out, {"resunet.int8": "true", "resunet.calibration_images": str(len(calibration_set))})
+        final = OnnxPredictor(out)
+        result["quantize_s"] = time.perf_counter() - started
+        agreement = check_parity(final, reference, images).agreement
+        speed_fp32, speed_int8 = images_per_second(fp32, images), images_per_second(final, images)
+        result["int8"] = {"calibration_images": len(calibration_set), "agreement": agreement,
+                          "fp32_images_per_s": speed_fp32, "int8_images_per_s": speed_int8}
+        print(f"INT8 (QDQ, per-channel weights, {len(calibration_set)} calibration images): class maps agree with "
+              f"PyTorch fp32 on {100 * agreement:.2f}% of pixels; {speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s "
+              f"for the fp32 file ({speed_int8 / speed_fp32:.2f}×) on these {len(images)} images")
+
+    if dataset is not None:
+        ref_scores = evaluate_dataset(reference, dataset, workers=workers, progress=False).compute()
+        file_scores = evaluate_dataset(final, dataset, workers=workers, progress=False).compute()
+        drift = 100 * (file_scores["miou"] - ref_scores["miou"])
+        result["miou"] = {"split": split, "images": len(dataset), "pytorch_fp32": ref_scores["miou"],
+                          "onnx": file_scores["miou"], "drift_points": drift}
+        print(f"mIoU on {dataset.description} ({len(dataset)} images, original resolution): PyTorch fp32 "
+              f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
+        limit = max_miou_drop if int8 else 0.1
+        if drift < -limit:
+            raise ExportError(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
+          f"{', tta ' + tta if tta != 'none' else ''})")
+    return result

@@ -1,0 +1,122 @@
+"""Predicting with an exported `.onnx` file in onnxruntime: the same `Predictor` interface, no PyTorch model.
+
+The file describes itself (ONNX metadata written by `resunet export`): classes, palette, ignore label, working size,
+normalisation, which graph it holds. Two kinds of graph:
+
+- "end-to-end": uint8 N×H×W×3 image in, uint8 N×H×W class map out; resize, normalisation, the network, the flip TTA
+  chosen at export, upsampling and argmax are all inside the graph. It answers `predict_tensor` in one call; it has
+  no logits, so multi-scale TTA and sliding windows need the logits graph.
+- "logits": the network alone (normalised float N×3×H×W in, logits out); everything around it runs here exactly as
+  for a `.pt` checkpoint, so every TTA mode and sliding window work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .data.classes import ClassInfo
+from .predict import DEFAULT_SCALES, Predictor
+
+FORMAT_KEY = "resunet.graph"
+GRAPHS = ("end-to-end", "logits")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The file's metadata_props, read without loading the weights; a one-line CheckpointError for a bad file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # truncated protobuf, random bytes, a text file: all the same to a user
+        raise CheckpointError(f"{path}: not a readable ONNX file ({type(error).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get(FORMAT_KEY) not in GRAPHS:
+        raise CheckpointError(f"{path}: an ONNX file, but not one exported by resunet (no resunet metadata)")
+    return props
+
+
+def open_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or available_cores()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({first})") from None
+
+
+class OnnxPredictor(Predictor):
+    """`Predictor` over an exported file (CPU, onnxruntime, threads = the cores unless given)."""
+
+    def __init__(self, path: str | Path, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES,
+                 window: int | None = None, stride: int | None = None, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = read_metadata(path)
+        meta = self.metadata
+        try:
+            self.graph = meta[FORMAT_KEY]
+            self.info = ClassInfo.from_dict(json.loads(meta["resunet.classes"]), str(path))
+            self.size = int(meta["resunet.working_size"])
+            self.mean = tuple(json.loads(meta["resunet.mean"]))
+            self.std = tuple(json.loads(meta["resunet.std"]))
+            self.baked_tta = meta.get("resunet.tta", "none")
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
+        self.quantized = meta.get("resunet.int8") == "true"
+        self.session = open_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
+            torch.device("cpu"), None, False, False, None)
+        self.set_inference(tta, scales, window, stride)
+
+    def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                      stride: int | None = None) -> None:
+        if self.graph == "end-to-end":
+            # The graph holds its own pre- and post-processing: it can do only what it was exported with.
+            if tta not in ("none", self.baked_tta) or window is not None:
+                asked = f"--tta {tta}" if tta not in ("none", self.baked_tta) else "--window"
+                raise CheckpointError(
+                    f"{self.path}: an end-to-end graph exported with tta '{self.baked_tta}' cannot run {asked}; "
+                    f"export with --logits for any TTA or sliding window")
+            super().set_inference(self.baked_tta, scales, None, None)
+            return
+        super().set_inference(tta, scales, window, stride)
+
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph != "logits":
+            raise RuntimeError("an end-to-end graph has no logits output")
+        feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0])
+
+    def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.graph != "logits":
+            raise CheckpointError(f"{self.path}: an end-to-end graph outputs class maps, not logits "
+                                  "(export with --logits for logits)")
+        return super().logits(images, out_size)
+
+    def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×H×W uint8 → N×H×W int64 class maps."""
+        if self.graph == "logits":
+            return super().predict_tensor(images)
+        feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
+        return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0]).long()
