@@ -2,7 +2,7 @@
 
 from .metrics import ConfusionMatrix
 from .model.unet import ResNetUNet
-from .predict import Predictor
+from .predict import Predictor, load
 
-__all__ = ["ConfusionMatrix", "Predictor", "ResNetUNet"]
+__all__ = ["ConfusionMatrix", "Predictor", "ResNetUNet", "load"]
 __version__ = "0.1.0"

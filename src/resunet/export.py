@@ -132,9 +132,9 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def export_network(payload: dict, path: str | Path) -> nn.Module:
-    """The checkpoint's model, ready to trace: eval mode, BatchNorm folded, static 'same' padding."""
-    model = model_from_checkpoint(payload, path).eval()
+def prepare_network(model: nn.Module) -> nn.Module:
+    """A model ready to trace, in place: eval mode, BatchNorm folded, static 'same' padding."""
+    model.eval()
     fold_batchnorm(model)
     static_same_padding(model)
     return model
@@ -163,32 +163,46 @@ def set_metadata(path: Path, values: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def metadata_for(payload: dict, source: Path, graph: str, tta: str) -> dict[str, str]:
+def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple[float, ...], encoder: str,
+                 graph: str, tta: str, source: Path | None = None) -> dict[str, str]:
+    """What the file says about itself: enough to use it without resunet, and to trace it back to its checkpoint."""
     from . import __version__
 
-    info = ClassInfo.from_dict(payload["classes"])
-    norm = payload["normalization"]
-    return {
+    values = {
         FORMAT_KEY: graph,
         "resunet.classes": json.dumps(info.to_dict()),
         "resunet.class_names": json.dumps(list(info.names)),
         "resunet.palette": json.dumps([list(c) for c in info.palette]),
         "resunet.ignore_index": str(info.ignore_index),
         "resunet.num_classes": str(info.num_classes),
-        "resunet.mean": json.dumps(list(norm["mean"])),
-        "resunet.std": json.dumps(list(norm["std"])),
-        "resunet.working_size": str(int(payload["input_size"])),
+        "resunet.mean": json.dumps(list(mean)),
+        "resunet.std": json.dumps(list(std)),
+        "resunet.working_size": str(int(size)),
         "resunet.tta": tta,
-        "resunet.encoder": payload["model_config"]["encoder"],
+        "resunet.encoder": encoder,
         "resunet.version": __version__,
-        "resunet.source_checkpoint": source.name,
-        "resunet.source_sha256": sha256_file(source),
         "resunet.int8": "false",
         "resunet.input": ("image: uint8 N×H×W×3 RGB, any size" if graph == "end-to-end"
                           else "input: float32 N×3×H×W, (pixel/255 - mean) / std, any size"),
         "resunet.output": ("mask: uint8 N×H×W class ids; logits: float32 N×C×H×W, both at the input size"
                            if graph == "end-to-end" else "logits: float32 N×C×H×W at the input size"),
     }
+    if source is not None:
+        values["resunet.source_checkpoint"] = source.name
+        values["resunet.source_sha256"] = sha256_file(source)
+    return values
+
+
+def write_model_onnx(network: nn.Module, path: Path, graph: str, size: int, mean: tuple[float, ...],
+                     std: tuple[float, ...], tta: str = "none") -> None:
+    """Trace `network` (prepared by `prepare_network`) into `path` as an end-to-end or logits graph."""
+    if graph == "end-to-end":
+        module = EndToEnd(network, size, mean, std, tta).eval()
+        example = torch.randint(0, 256, (1, 75, 101, 3), dtype=torch.uint8)
+    else:
+        module, example = network, torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        write_onnx(module, example, path, graph)
 
 
 # ---- verification ----------------------------------------------------------------------------------------------
@@ -216,6 +230,7 @@ class Parity:
     sizes: list[tuple[int, int]]
 
 
+@torch.no_grad()
 def check_parity(candidate: OnnxPredictor, reference: Predictor, images: list[np.ndarray]) -> Parity:
     """Logits and class maps of the file against PyTorch fp32, image by image."""
     worst, same, total = 0.0, 0, 0
@@ -331,14 +346,9 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     if payload["model_config"]["num_classes"] > 256:
         raise ExportError(f"{source}: {payload['model_config']['num_classes']} classes do not fit a uint8 mask")
     out.parent.mkdir(parents=True, exist_ok=True)
-    network = export_network(payload, source)
-    norm = payload["normalization"]
+    network = prepare_network(model_from_checkpoint(payload, source))
+    mean, std = tuple(payload["normalization"]["mean"]), tuple(payload["normalization"]["std"])
     size = int(payload["input_size"])
-    if graph == "end-to-end":
-        module = EndToEnd(network, size, tuple(norm["mean"]), tuple(norm["std"]), tta).eval()
-        example = torch.randint(0, 256, (1, 75, 101, 3), dtype=torch.uint8)
-    else:
-        module, example = network, torch.randn(1, 3, 96, 128)
     reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)
     dataset = open_dataset(data_root, split, reference.info.num_classes, reference.info.ignore_index) \
         if data_root else None
@@ -350,9 +360,9 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     tmp = fp32_path.with_name(f".{fp32_path.name}.tmp{os.getpid()}")
     try:
         started = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
-            write_onnx(module, example, tmp, graph)
-        set_metadata(tmp, metadata_for(payload, source, graph, tta))
+        write_model_onnx(network, tmp, graph, size, mean, std, tta)
+        set_metadata(tmp, metadata_for(reference.info, size, mean, std, payload["model_config"]["encoder"], graph,
+                                       tta, source))
         result["export_s"] = time.perf_counter() - started
         fp32 = OnnxPredictor(tmp)
         parity = check_parity(fp32, reference, images)

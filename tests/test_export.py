@@ -1,0 +1,251 @@
+"""ONNX export: metadata, parity with PyTorch, the end-to-end graph, INT8, .onnx files in the commands; TTA and windows."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from resunet import Predictor, load
+from resunet.cli import main
+from resunet.data.dataset import open_dataset
+from resunet.data.transforms import normalize, resize_short_side
+from resunet.evaluate import evaluate_dataset
+from resunet.export import ExportError, run_export, sha256_file
+from resunet.onnx_predictor import OnnxPredictor, read_metadata
+from resunet.predict import tile_starts
+
+ODD_SIZES = ((75, 101), (257, 333))
+
+
+def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A demo-like picture at an odd size: coloured shapes on a textured background."""
+    from resunet.data.demo import make_sample
+
+    image, _ = make_sample(np.random.default_rng(seed), 128)
+    return np.array(image.resize((width, height), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    ckpt = trained_run / "best.pt"
+    e2e = run_export(str(ckpt), str(out / "model.onnx"), data_root=str(demo_root), workers=0)
+    logits = run_export(str(ckpt), str(out / "logits.onnx"), graph="logits", workers=0)
+    return {"dir": out, "ckpt": ckpt, "e2e": e2e, "logits": logits}
+
+
+def test_metadata_describes_the_model(exported):
+    meta = read_metadata(exported["dir"] / "model.onnx")
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu")
+    assert meta["resunet.graph"] == "end-to-end"
+    assert json.loads(meta["resunet.class_names"]) == list(reference.info.names)
+    assert json.loads(meta["resunet.palette"]) == [list(c) for c in reference.info.palette]
+    assert int(meta["resunet.ignore_index"]) == 255 and int(meta["resunet.working_size"]) == 64
+    assert tuple(json.loads(meta["resunet.mean"])) == pytest.approx(reference.mean)
+    assert tuple(json.loads(meta["resunet.std"])) == pytest.approx(reference.std)
+    assert meta["resunet.source_sha256"] == sha256_file(exported["ckpt"])
+    assert meta["resunet.version"] == "0.1.0" and meta["resunet.int8"] == "false"
+    assert not list(exported["dir"].glob("*.data")), "one self-contained file, no external weights"
+
+
+def test_export_verified_itself_and_evaluated_the_file(exported):
+    for key in ("e2e", "logits"):
+        parity = exported[key]["parity"]
+        assert parity["max_logit_diff"] < 1e-3 and parity["agreement"] >= 0.999
+        assert len({tuple(s) for s in parity["sizes"]}) >= 3
+    assert exported["e2e"]["miou"]["drift_points"] == pytest.approx(0, abs=0.1)
+    assert exported["e2e"]["miou"]["pytorch_fp32"] > 0.2  # a model that segments, so the drift means something
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_logits_graph_matches_pytorch_on_odd_sizes(exported, size):
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="fp32")
+    onnx = OnnxPredictor(exported["dir"] / "logits.onnx")
+    image = scene(*size)
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None]
+    x = normalize(F.interpolate(batch.float(), size=resize_short_side(*size, 64), mode="bilinear",
+                                antialias=True) / 255, reference.mean, reference.std)
+    assert (onnx.network(x) - reference.network(x)).abs().max() < 1e-3
+    agree = (onnx.predict_tensor(batch) == reference.predict_tensor(batch)).float().mean()
+    assert agree >= 0.999
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_end_to_end_graph_equals_predictor(exported, size):
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="fp32")
+    onnx = load(exported["dir"] / "model.onnx")
+    image = scene(*size, seed=1)
+    mask = onnx.predict(image)
+    assert mask.shape == size and mask.dtype == np.uint8
+    assert (mask == reference.predict(image)).mean() >= 0.999
+    # the raw session: uint8 NHWC in, uint8 mask + float logits out, at the input size
+    session_mask, logits = onnx.session.run(None, {"image": image[None]})
+    assert session_mask.dtype == np.uint8 and logits.shape == (1, 21, *size)
+    assert np.array_equal(session_mask[0], logits[0].argmax(0))
+
+
+def test_predict_with_onnx_writes_the_same_pngs_as_with_the_checkpoint(exported, demo_root, tmp_path, capsys):
+    images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_0000[0-3].jpg")
+    assert main(["predict", str(exported["ckpt"]), images, "--out", str(tmp_path / "pt"), "--precision", "fp32"]) == 0
+    assert main(["predict", str(exported["dir"] / "model.onnx"), images, "--out", str(tmp_path / "onnx")]) == 0
+    written = sorted(p.name for p in (tmp_path / "pt").glob("*.png"))
+    assert len(written) == 4 and written == sorted(p.name for p in (tmp_path / "onnx").glob("*.png"))
+    for name in written:
+        pt, onnx = (np.array(Image.open(tmp_path / d / name)) for d in ("pt", "onnx"))
+        assert (pt == onnx).mean() >= 0.999
+
+
+def test_evaluate_and_visualize_take_onnx_files(exported, demo_root, tmp_path):
+    assert main(["evaluate", str(exported["dir"] / "logits.onnx"), "--data-root", str(demo_root),
+                 "--json", str(tmp_path / "e.json"), "--tta", "flip", "--workers", "0"]) == 0
+    onnx_score = json.loads((tmp_path / "e.json").read_text())["miou"]
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="fp32", tta="flip")
+    expected = evaluate_dataset(reference, open_dataset(demo_root, "val"), workers=0, progress=False).compute()
+    assert onnx_score == pytest.approx(expected["miou"], abs=1e-3)
+    assert main(["visualize", str(exported["dir"] / "model.onnx"), "--data-root", str(demo_root),
+                 "--out", str(tmp_path / "grid.png"), "--count", "2"]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 100
+
+
+def test_end_to_end_file_refuses_what_it_cannot_do(exported):
+    from resunet.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--logits"):
+        load(exported["dir"] / "model.onnx", tta="ms")
+    with pytest.raises(CheckpointError, match="--logits"):
+        load(exported["dir"] / "model.onnx", window=64)
+
+
+def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes((exported["dir"] / "model.onnx").read_bytes()[:5000])
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(foreign))
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model")
+    for path, words in ((truncated, "not a readable ONNX file"), (foreign, "not one exported by resunet"),
+                        (text, "not a readable ONNX file"), (tmp_path / "missing.onnx", "not found")):
+        run = subprocess.run([sys.executable, "-m", "resunet", "predict", str(path), str(path), "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True)
+        assert run.returncode == 2
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], run.stderr
+
+
+def test_failed_verification_is_an_error_and_keeps_no_file(trained_run, tmp_path, monkeypatch):
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "MAX_LOGIT_DIFF", 0.0)  # nothing can pass: the check must refuse the file
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), graph="logits")
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_export_keeps_demo_miou(trained_run, demo_root, tmp_path):
+    result = run_export(str(trained_run / "best.pt"), str(tmp_path / "m.int8.onnx"), int8=True,
+                        calibration=str(demo_root), calibration_count=16, data_root=str(demo_root), workers=0)
+    assert read_metadata(tmp_path / "m.int8.onnx")["resunet.int8"] == "true"
+    assert (tmp_path / "m.int8.fp32.onnx").is_file()
+    assert (tmp_path / "m.int8.onnx").stat().st_size < 0.4 * (tmp_path / "m.int8.fp32.onnx").stat().st_size
+    # Stated tolerance on the 8 demo val images: within 2 points of PyTorch fp32.
+    assert result["miou"]["drift_points"] > -2.0
+    assert result["int8"]["agreement"] > 0.97
+
+
+# ---- TTA and sliding window (PyTorch and ONNX alike go through Predictor.logits) -------------------------------
+
+
+def test_tile_starts_cover_the_axis_flush_with_the_end():
+    assert tile_starts(64, 64, 32) == [0]
+    assert tile_starts(50, 64, 32) == [0]
+    assert tile_starts(100, 64, 32) == [0, 32, 36]
+    assert tile_starts(128, 64, 32) == [0, 32, 64]
+
+
+def test_resize_short_side_rounds_half_up_in_integers():
+    assert resize_short_side(375, 500, 256) == (256, 341)
+    assert resize_short_side(2, 3, 1) == (1, 2)  # 1.5 → 2 (Python's round would give 2 too; 2.5 → 3 below)
+    assert resize_short_side(2, 5, 1) == (1, 3)
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.from_checkpoint(trained_run / "best.pt", device="cpu", precision="fp32")
+
+
+def test_flip_tta_is_the_mean_of_the_two_passes(predictor):
+    image = torch.from_numpy(scene(75, 101)).permute(2, 0, 1)[None]
+    predictor.set_inference("none")
+    x = normalize(F.interpolate(image.float(), size=resize_short_side(75, 101, 64), mode="bilinear",
+                                antialias=True) / 255, predictor.mean, predictor.std)
+    by_hand = (predictor.network(x) + predictor.network(x.flip(-1)).flip(-1)) / 2
+    by_hand = F.interpolate(by_hand, size=(75, 101), mode="bilinear")
+    predictor.set_inference("flip")
+    try:
+        assert torch.allclose(predictor.logits(image), by_hand, atol=1e-5)
+    finally:
+        predictor.set_inference("none")
+
+
+def test_multiscale_tta_averages_logits_at_the_original_size(predictor):
+    image = torch.from_numpy(scene(75, 101)).permute(2, 0, 1)[None]
+    by_hand = 0
+    for scale in (0.5, 1.0):
+        predictor.set_inference("none")
+        predictor.size = round(64 * scale)
+        by_hand = by_hand + predictor.logits(image)
+    predictor.size = 64
+    predictor.set_inference("ms", scales=(0.5, 1.0))
+    try:
+        assert torch.allclose(predictor.logits(image), by_hand / 2, atol=1e-5)
+        predictor.set_inference("ms+flip", scales=(0.5, 1.0))
+        assert not torch.allclose(predictor.logits(image), by_hand / 2, atol=1e-3)  # the flip changes it
+    finally:
+        predictor.set_inference("none")
+
+
+def test_window_on_an_image_that_fits_equals_whole_image(predictor):
+    image = torch.from_numpy(scene(60, 64)).permute(2, 0, 1)[None]  # working size 64×68 → fits a 96 window
+    whole = predictor.logits(image)
+    predictor.set_inference("none", window=96, stride=64)
+    try:
+        assert torch.equal(predictor.logits(image), whole)
+    finally:
+        predictor.set_inference("none")
+
+
+def test_window_tiles_average_their_overlaps():
+    """With a pointwise network every tile sees the same values, so tiling must give back the whole image exactly;
+    a network that reports its tile's position shows the averaging weights."""
+    from resunet.data.classes import VOC_INFO
+
+    class Probe(Predictor):
+        def __init__(self):
+            self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
+                torch.device("cpu"), None, False, False, None)
+            self.info, self.size, self.mean, self.std = VOC_INFO, 64, (0.0,) * 3, (1.0,) * 3
+            self.set_inference("none", window=64, stride=32)
+
+        def network(self, x):
+            return torch.ones_like(x[:, :1]) * x.shape[-1]  # every tile is 64 wide: the average must be 64
+
+    probe = Probe()
+    image = torch.zeros(1, 3, 64, 100, dtype=torch.uint8)  # working size 64×100: tiles at 0, 32, 36
+    assert torch.allclose(probe.logits(image), torch.full((1, 1, 64, 100), 64.0))
+    pointwise = Probe()
+    pointwise.network = lambda x: x[:, :2] * 2 + 1
+    pointwise.set_inference("none")
+    whole = pointwise.logits(image + 7)
+    pointwise.set_inference("none", window=64, stride=32)
+    assert torch.allclose(pointwise.logits(image + 7), whole)
