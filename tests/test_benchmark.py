@@ -47,7 +47,18 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys):
 
     assert report["cpu_kind"] in CPU_TARGETS
     targets = {t["name"]: t for t in report["targets"]}
-    assert set(targets) == {"predictor_vs_smp", "training_vs_seed_style", "data_path_vs_pil", "training_mfu"}
+    assert set(targets) == {"predictor_vs_smp", "training_vs_seed_style", "data_path_vs_pil", "training_mfu",
+                            "predictor_int8_vs_smp"}
+    if report["device"] == "cpu":  # the exported model, fp32 and INT8, in onnxruntime: rows, ratios, the INT8 target
+        for key in ("onnx_fp32", "onnx_int8"):
+            entry = sections["predictor"][key]
+            assert entry["images_per_s"] > 0 and len(entry["window_s"]) == entry["windows"] >= 2
+            assert report["ratios"][f"predictor_{key}"] == pytest.approx(
+                entry["images_per_s"] / sections["predictor"]["smp"]["images_per_s"], rel=1e-9)
+        assert "predictor_onnx_fp32_vs_smp" in table and "onnx_int8" in table
+        int8 = targets["predictor_int8_vs_smp"]
+        assert int8["applies"] == (report["cpu_kind"] == "no-bf16")
+        assert int8["threshold"] == (2.5 if report["cpu_kind"] == "no-bf16" else None)
     assert targets["data_path_vs_pil"]["threshold"] == 20.0 and targets["data_path_vs_pil"]["applies"]
     speed = CPU_TARGETS[report["cpu_kind"]] if report["device"] == "cpu" else None
     assert targets["predictor_vs_smp"]["threshold"] == (speed[0] if speed else None)

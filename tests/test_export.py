@@ -143,12 +143,17 @@ def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path):
         assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], run.stderr
 
 
-def test_failed_verification_is_an_error_and_keeps_no_file(trained_run, tmp_path, monkeypatch):
+def test_failed_verification_is_an_error_and_keeps_no_file(exported, tmp_path, monkeypatch):
+    import shutil
+
     import resunet.export as export
 
-    monkeypatch.setattr(export, "MAX_LOGIT_DIFF", 0.0)  # nothing can pass: the check must refuse the file
+    # The real logits file stands in for a fresh trace (saves a minute); no logit difference can be below 0.
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "logits.onnx", path))
+    monkeypatch.setattr(export, "MAX_LOGIT_DIFF", 0.0)
     with pytest.raises(ExportError, match="does not match PyTorch"):
-        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), graph="logits")
+        run_export(str(exported["ckpt"]), str(tmp_path / "m.onnx"), graph="logits")
     assert not list(tmp_path.iterdir())
 
 
@@ -249,3 +254,21 @@ def test_window_tiles_average_their_overlaps():
     whole = pointwise.logits(image + 7)
     pointwise.set_inference("none", window=64, stride=32)
     assert torch.allclose(pointwise.logits(image + 7), whole)
+
+
+def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, demo_root, tmp_path, capsys):
+    import shutil
+
+    from resunet.onnx_predictor import exported_siblings
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
+    (folder / "other.onnx").write_bytes(b"junk")  # not ours: skipped, not an error
+    assert exported_siblings(folder / "best.pt") == [folder / "model.onnx"]
+    images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_0000[0-1].jpg")
+    assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "out"), "--backend", "auto"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend auto")][0]
+    assert "best.pt" in line and "model.onnx" in line and "fastest here" in line
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2

@@ -22,7 +22,6 @@ pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -42,6 +41,7 @@ from .data.classes import ClassInfo
 from .data.dataset import open_dataset
 from .data.images import DataError, list_images, read_image
 from .evaluate import evaluate_dataset
+from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, OnnxPredictor, open_session
 from .predict import Predictor
@@ -122,14 +122,6 @@ def static_same_padding(model: nn.Module) -> int:
                 setattr(parent, name, StaticSamePadConv(child))
                 replaced += 1
     return replaced
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_network(model: nn.Module) -> nn.Module:

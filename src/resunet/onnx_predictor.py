@@ -120,3 +120,52 @@ class OnnxPredictor(Predictor):
             return super().predict_tensor(images)
         feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
         return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0]).long()
+
+
+def exported_siblings(checkpoint: str | Path) -> list[Path]:
+    """`.onnx` files beside a checkpoint that `resunet export` made from exactly that file (sha256 in metadata)."""
+    from .fingerprint import sha256_file
+
+    checkpoint = Path(checkpoint)
+    candidates = sorted(checkpoint.parent.glob("*.onnx"))
+    if not candidates:
+        return []
+    digest = sha256_file(checkpoint)
+    found = []
+    for path in candidates:
+        try:
+            if read_metadata(path).get("resunet.source_sha256") == digest:
+                found.append(path)
+        except CheckpointError:
+            continue
+    return found
+
+
+def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple[Predictor, str]:
+    """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
+    `sample` fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
+    what was measured."""
+    import time
+
+    from .predict import load
+
+    candidates: list[tuple[str, Predictor]] = [(str(checkpoint), load(checkpoint, **options))]
+    for path in exported_siblings(checkpoint):
+        try:
+            candidates.append((str(path), load(path, **options)))
+        except CheckpointError:  # an end-to-end file cannot run this TTA / window setting
+            continue
+    if len(candidates) == 1:
+        return candidates[0][1], f"backend: PyTorch ({checkpoint}; no exported file from it beside it)"
+    timings = []
+    for name, predictor in candidates:
+        predictor.predict(sample)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            predictor.predict(sample)
+            times.append(time.perf_counter() - started)
+        timings.append((sorted(times)[1], name, predictor))
+    timings.sort(key=lambda t: t[0])
+    summary = ", ".join(f"{Path(name).name} {1000 * seconds:.0f} ms" for seconds, name, _ in timings)
+    return timings[0][2], f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image)"
