@@ -24,11 +24,14 @@ install-dev: $(VENV)/.installed-dev
 # epochs on every CPU kind, so the whole demo fits in about 4 minutes from a fresh clone, install included.
 DEMO_DATA := data/demo
 DEMO_RUN := runs/demo
-DEMO_EPOCHS ?= 8
+# Class weights matter here: the shapes cover ~15% of the pixels, and without them the pretrained model spends its few
+# steps on the background (16% val mIoU after 8 epochs, vs 98% with them).
+DEMO_EPOCHS ?= 6
 demo: install
 	$(RESUNET) demo-data $(DEMO_DATA) --train 96 --val 24 --size 128 --seed 0
 	$(RESUNET) train --data-root $(DEMO_DATA) --out $(DEMO_RUN) --epochs $(DEMO_EPOCHS) --size 128 --scale-min 0.75 \
-		--scale-max 1.25 --encoder efficientnet-lite0 --optimizer adamw --lr 2e-3 --scheduler cosine --seed 0
+		--scale-max 1.25 --encoder efficientnet-lite0 --optimizer adamw --lr 2e-3 --scheduler cosine \
+		--class-weights sqrt-inv-freq --eval-every 2 --seed 0
 	$(RESUNET) evaluate $(DEMO_RUN)/best.pt --data-root $(DEMO_DATA) --split val --json $(DEMO_RUN)/eval.json \
 		--confusion $(DEMO_RUN)/confusion.png
 	$(RESUNET) predict $(DEMO_RUN)/best.pt "$(DEMO_DATA)/VOCdevkit/VOC2012/JPEGImages/demo_val_0000*.jpg" \
