@@ -229,7 +229,7 @@ def check_parity(candidate: OnnxPredictor, reference: Predictor, images: list[np
     for image in images:
         batch = as_batch(image)
         if candidate.graph == "logits":
-            x = reference_input(reference, batch)
+            x = reference.preprocess(batch)
             ours = candidate.network(x)
             ref = reference.network(x).float()
             mask = candidate.predict_tensor(batch)[0]
@@ -243,18 +243,6 @@ def check_parity(candidate: OnnxPredictor, reference: Predictor, images: list[np
         same += int((mask == expected).sum())
         total += expected.numel()
     return Parity(worst, same / total, [tuple(i.shape[:2]) for i in images])
-
-
-def reference_input(reference: Predictor, batch: torch.Tensor) -> torch.Tensor:
-    """The normalised working-size tensor the Predictor feeds its network for this image."""
-    from .data.transforms import normalize, resize_short_side
-
-    height, width = batch.shape[-2:]
-    x = batch.float()
-    work = resize_short_side(height, width, reference.size)
-    if work != (height, width):
-        x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
-    return normalize(x / 255, reference.mean, reference.std)
 
 
 def images_per_second(predictor: Predictor, images: list[np.ndarray], repeats: int = 3) -> float:
@@ -309,7 +297,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], gra
                 return None
             if graph == "end-to-end":
                 return {session_input: np.ascontiguousarray(image[None])}
-            return {session_input: reference_input(reference, as_batch(image)).numpy()}
+            return {session_input: reference.preprocess(as_batch(image)).numpy()}
 
     with tempfile.TemporaryDirectory(prefix="resunet-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"

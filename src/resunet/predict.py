@@ -139,7 +139,7 @@ class Predictor:
         """images: N×3×H×W uint8 (one size); returns float32 N×C×H'×W' logits at `out_size` (default H×W)."""
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
         # inference in train mode would use batch statistics and fold val images into BN's running averages.
-        if getattr(self, "model", None) is not None:
+        if self.model is not None:
             self.model.eval()
         height, width = images.shape[-2:]
         out_size = out_size or (height, width)
@@ -147,17 +147,23 @@ class Predictor:
         scales = self.scales if self.tta in ("ms", "ms+flip") else (1.0,)
         total = None
         for scale in scales:
-            work = resize_short_side(height, width, max(1, round(self.size * scale)))
-            x = pixels
-            if work != (height, width):
-                x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
-            x = normalize(x / 255, self.mean, self.std)
+            x = self.preprocess(pixels, max(1, round(self.size * scale)))
             out = self.tiled(x)
             if self.tta in ("flip", "ms+flip"):
                 out = (out + self.tiled(x.flip(-1)).flip(-1)) / 2
             out = F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
             total = out if total is None else total + out
         return total if len(scales) == 1 else total / len(scales)
+
+    def preprocess(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """N×3×H×W pixels (uint8 or float 0..255) → what the network sees: resized so the shorter side is `size`
+        (default the working size; antialiased bilinear, skipped at that size already), normalised."""
+        height, width = images.shape[-2:]
+        x = images.to(self.device).float()
+        work = resize_short_side(height, width, size or self.size)
+        if work != (height, width):
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
+        return normalize(x / 255, self.mean, self.std)
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
