@@ -143,11 +143,11 @@ class Predictor:
             self.model.eval()
         height, width = images.shape[-2:]
         out_size = out_size or (height, width)
-        pixels = images.to(self.device, non_blocking=True).float()
+        images = images.to(self.device, non_blocking=True)
         scales = self.scales if self.tta in ("ms", "ms+flip") else (1.0,)
         total = None
         for scale in scales:
-            x = self.preprocess(pixels, max(1, round(self.size * scale)))
+            x = self.preprocess(images, max(1, round(self.size * scale)))
             out = self.tiled(x)
             if self.tta in ("flip", "ms+flip"):
                 out = (out + self.tiled(x.flip(-1)).flip(-1)) / 2
