@@ -228,18 +228,18 @@ def check_parity(candidate: OnnxPredictor, reference: Predictor, images: list[np
     worst, same, total = 0.0, 0, 0
     for image in images:
         batch = as_batch(image)
-        if candidate.graph == "logits":
+        reference_logits = reference.logits(batch)  # at the image's size
+        expected = reference_logits.argmax(1)[0].cpu()
+        if candidate.graph == "logits":  # the network's own output, at the working size
             x = reference.preprocess(batch)
-            ours = candidate.network(x)
-            ref = reference.network(x).float()
+            difference = candidate.network(x) - reference.network(x).float()
             mask = candidate.predict_tensor(batch)[0]
         else:
             feed = np.ascontiguousarray(image[None])
             mask_np, logits_np = candidate.session.run(None, {candidate.input_name: feed})
-            ours, mask = torch.from_numpy(logits_np), torch.from_numpy(mask_np[0]).long()
-            ref = reference.logits(batch)
-        worst = max(worst, float((ours - ref).abs().max()))
-        expected = reference.predict_tensor(batch)[0].cpu()
+            difference = torch.from_numpy(logits_np) - reference_logits
+            mask = torch.from_numpy(mask_np[0]).long()
+        worst = max(worst, float(difference.abs().max()))
         same += int((mask == expected).sum())
         total += expected.numel()
     return Parity(worst, same / total, [tuple(i.shape[:2]) for i in images])

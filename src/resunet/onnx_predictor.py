@@ -34,8 +34,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:
+    """`props` if they are resunet's; a one-line CheckpointError for any other ONNX file."""
+    if props.get(FORMAT_KEY) not in GRAPHS:
+        raise CheckpointError(f"{path}: an ONNX file, but not one exported by resunet (no resunet metadata)")
+    return props
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The file's metadata_props, read without loading the weights; a one-line CheckpointError for a bad file."""
+    """The file's metadata_props without starting onnxruntime (the protobuf, weights included, is parsed); a
+    one-line CheckpointError for a bad file."""
     import onnx
 
     path = Path(path)
@@ -45,24 +53,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # truncated protobuf, random bytes, a text file: all the same to a user
         raise CheckpointError(f"{path}: not a readable ONNX file ({type(error).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if props.get(FORMAT_KEY) not in GRAPHS:
-        raise CheckpointError(f"{path}: an ONNX file, but not one exported by resunet (no resunet metadata)")
-    return props
+    return checked_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
 def open_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: onnxruntime cannot load it ({first})") from None
+    except Exception as error:  # truncated protobuf, random bytes, a text file: all the same to a user
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable ONNX file (onnxruntime: {first})") from None
 
 
 class OnnxPredictor(Predictor):
@@ -71,7 +79,9 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: str | Path, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES,
                  window: int | None = None, stride: int | None = None, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.metadata = read_metadata(path)
+        # The metadata comes from the session: the file is parsed once, by onnxruntime.
+        self.session = open_session(path, threads)
+        self.metadata = checked_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         meta = self.metadata
         try:
             self.graph = meta[FORMAT_KEY]
@@ -83,7 +93,6 @@ class OnnxPredictor(Predictor):
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
         self.quantized = meta.get("resunet.int8") == "true"
-        self.session = open_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             torch.device("cpu"), None, False, False, None)
