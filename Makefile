@@ -40,8 +40,16 @@ demo: install
 	$(RESUNET) export $(DEMO_RUN)/best.pt --onnx $(DEMO_RUN)/model.onnx --data-root $(DEMO_DATA)
 	@echo "demo done: see $(DEMO_RUN)/ (metrics.jsonl, curves.png, grid.png, predictions/, model.onnx)"
 	@echo "predict with the exported file: $(RESUNET) predict $(DEMO_RUN)/model.onnx IMAGES --out DIR"
+	@echo "serve it (page at http://127.0.0.1:8000/): $(RESUNET) serve $(DEMO_RUN)/model.onnx"
 
-test: install-dev
+# The serve tests drive Debian's chromium through Playwright (Playwright's own browser download needs the internet).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: install-dev $(CHROMIUM)
 	$(PY) -m pytest -q
 
 benchmark: install-dev

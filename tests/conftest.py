@@ -42,3 +42,15 @@ def shared_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present (the shared material sits beside the project root in our workplace)")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, demo_root, tmp_path_factory) -> dict:
+    """The trained run exported twice: end to end (verified, evaluated on val) and as the logits graph."""
+    from resunet.export import run_export
+
+    out = tmp_path_factory.mktemp("onnx")
+    ckpt = trained_run / "best.pt"
+    e2e = run_export(str(ckpt), str(out / "model.onnx"), data_root=str(demo_root), workers=0)
+    logits = run_export(str(ckpt), str(out / "logits.onnx"), graph="logits", workers=0)
+    return {"dir": out, "ckpt": ckpt, "e2e": e2e, "logits": logits}

@@ -30,15 +30,6 @@ def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.array(image.resize((width, height), Image.BILINEAR))
 
 
-@pytest.fixture(scope="module")
-def exported(trained_run, demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    ckpt = trained_run / "best.pt"
-    e2e = run_export(str(ckpt), str(out / "model.onnx"), data_root=str(demo_root), workers=0)
-    logits = run_export(str(ckpt), str(out / "logits.onnx"), graph="logits", workers=0)
-    return {"dir": out, "ckpt": ckpt, "e2e": e2e, "logits": logits}
-
-
 def test_metadata_describes_the_model(exported):
     meta = read_metadata(exported["dir"] / "model.onnx")
     reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu")

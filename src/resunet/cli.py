@@ -10,6 +10,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from .config import TrainConfig, config_fields
+from .data.images import DEFAULT_MAX_PIXELS
 
 
 
@@ -184,6 +185,22 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeSettings, create_app, run_server
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
+                             precision=args.precision, threads=args.threads)
+    try:
+        app = create_app(args.model, settings)
+    except _user_errors() as error:  # a model that cannot be served stops start-up in one line
+        print(f"resunet serve: error: {error}", file=sys.stderr)
+        return 1
+    print(f"resunet serve: {args.model} on http://{args.host}:{args.port}/ (page), /predict, /docs", flush=True)
+    run_server(app, args.host, args.port, args.log_level)
+    return 0
+
+
 def cmd_download(args) -> int:
     from .data import download
 
@@ -288,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write the figures here")
     p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("serve", help="an HTTP service and a web page for a model (.pt or .onnx)")
+    p.add_argument("model", help="a .pt checkpoint or an exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a queued image waits for others to batch with (default 5 ms)")
+    p.add_argument("--max-queue", type=int, default=64, help="images waiting at most; then 503 (default 64)")
+    p.add_argument("--max-bytes", type=int, default=20_000_000, help="request body limit (default 20 MB)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"image size limit, read from the header before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
+    p.add_argument("--device", default="auto", help="for .pt checkpoints")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="for .pt checkpoints")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the cores)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("download", help="download and verify VOC 2012 (voc) or VOC + SBD train_aug (sbd)")
     p.add_argument("dataset", choices=("voc", "sbd"))

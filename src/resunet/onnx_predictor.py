@@ -94,6 +94,7 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
         self.quantized = meta.get("resunet.int8") == "true"
         self.input_name = self.session.get_inputs()[0].name
+        self.first_output = [self.session.get_outputs()[0].name]  # the mask of an end-to-end graph (not its logits)
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             torch.device("cpu"), None, False, False, None)
         self.set_inference(tta, scales, window, stride)
@@ -123,12 +124,22 @@ class OnnxPredictor(Predictor):
                                   "(export with --logits for logits)")
         return super().logits(images, out_size)
 
+    def batch_key(self, height: int, width: int) -> tuple:
+        # An end-to-end graph takes the images at their own size: a batch needs one size.
+        return (height, width) if self.graph == "end-to-end" else super().batch_key(height, width)
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if self.graph == "logits":
+            return super().predict_batch(images)
+        feed = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
+        return list(self.session.run(self.first_output, {self.input_name: feed})[0].astype(np.uint8))
+
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps."""
         if self.graph == "logits":
             return super().predict_tensor(images)
         feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
-        return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0]).long()
+        return torch.from_numpy(self.session.run(self.first_output, {self.input_name: feed})[0]).long()
 
 
 def exported_siblings(checkpoint: str | Path) -> list[Path]:

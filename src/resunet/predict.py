@@ -144,16 +144,24 @@ class Predictor:
         height, width = images.shape[-2:]
         out_size = out_size or (height, width)
         images = images.to(self.device, non_blocking=True)
-        scales = self.scales if self.tta in ("ms", "ms+flip") else (1.0,)
-        total = None
-        for scale in scales:
-            x = self.preprocess(images, max(1, round(self.size * scale)))
-            out = self.tiled(x)
-            if self.tta in ("flip", "ms+flip"):
-                out = (out + self.tiled(x.flip(-1)).flip(-1)) / 2
+        total, sizes = None, self.tta_sizes()
+        for size in sizes:
+            out = self.working_logits(self.preprocess(images, size))
             out = F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
             total = out if total is None else total + out
-        return total if len(scales) == 1 else total / len(scales)
+        return total if len(sizes) == 1 else total / len(sizes)
+
+    def tta_sizes(self) -> list[int]:
+        """The working sizes the image is run at: the working size, or one per scale for multi-scale TTA."""
+        scales = self.scales if self.tta in ("ms", "ms+flip") else (1.0,)
+        return [max(1, round(self.size * scale)) for scale in scales]
+
+    def working_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images at one working size → logits at that size (flip TTA and sliding window applied)."""
+        out = self.tiled(x)
+        if self.tta in ("flip", "ms+flip"):
+            out = (out + self.tiled(x.flip(-1)).flip(-1)) / 2
+        return out
 
     def preprocess(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """N×3×H×W pixels (uint8 or float 0..255) → what the network sees: resized so the shorter side is `size`
@@ -169,13 +177,35 @@ class Predictor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
         return self.logits(images).argmax(1)
 
+    def batch_key(self, height: int, width: int) -> tuple:
+        """Images with equal keys can share one forward pass in `predict_batch`: the same network input shapes."""
+        return tuple(resize_short_side(height, width, size) for size in self.tta_sizes())
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """H×W×3 uint8 images of one `batch_key` (their own sizes may differ) → H×W uint8 class maps, each at its
+        image's size, from one forward pass per working size. The same numbers as `predict` on each image alone."""
+        if self.model is not None:
+            self.model.eval()
+        tensors = [torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None]
+                   for image in images]
+        totals: list[torch.Tensor | None] = [None] * len(tensors)
+        sizes = self.tta_sizes()
+        for size in sizes:
+            x = torch.cat([self.preprocess(t, size) for t in tensors])
+            out = self.working_logits(x).float()
+            for i, t in enumerate(tensors):
+                up = F.interpolate(out[i:i + 1], size=t.shape[-2:], mode="bilinear", align_corners=False)
+                totals[i] = up if totals[i] is None else totals[i] + up
+        if len(sizes) > 1:
+            totals = [total / len(sizes) for total in totals]
+        return [total[0].argmax(0).to(torch.uint8).cpu().numpy() for total in totals]
+
     def predict(self, image: ImageLike | list[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """One image (PIL, path, or H×W×3 uint8) → H×W uint8 class map; a list → a list of them."""
         if isinstance(image, list):
             return [self.predict(item) for item in image]
-        array = as_uint8_rgb(image)
-        batch = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
-        return self.predict_tensor(batch)[0].to(torch.uint8).cpu().numpy()
+        return self.predict_batch([as_uint8_rgb(image)])[0]
 
     def colorize(self, mask: np.ndarray) -> Image.Image:
         """A palette PNG image of a class map, in this model's class colours."""

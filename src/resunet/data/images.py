@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +13,52 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .classes import ClassInfo
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# The largest image decoded by default: 8000×8000, above any camera's photo (a 48 MP phone shot is 8000×6000), far
+# below what fills memory. A small file can declare billions of pixels (a "decompression bomb"); it is refused from
+# its header, before a single pixel is decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+# PIL warns from 89 MP on; the limit above is what we enforce, with one clear line instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
     """A user's file is unusable; the message is one line that names the file and the problem."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """H×W×3 uint8 RGB, EXIF orientation applied (phones store portrait photos sideways)."""
+class ImageTooLargeError(DataError):
+    """The image declares more pixels than allowed (checked from its header, before decoding)."""
+
+
+def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> np.ndarray:
+    """H×W×3 uint8 RGB, EXIF orientation applied (phones store portrait photos sideways).
+
+    `path` may also be the file's bytes (an upload); `name` then labels it in errors. `max_pixels=None`: no limit."""
+    label = name or (str(path) if not isinstance(path, bytes) else "image")
+    source = io.BytesIO(path) if isinstance(path, bytes) else path
     try:
-        with Image.open(path) as image:
+        image = Image.open(source)  # reads the header only
+        with image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{label}: {width}×{height} = {width * height:,} pixels is over the limit "
+                                         f"of {max_pixels:,} (--max-pixels; a decompression bomb?)")
             image = ImageOps.exif_transpose(image)
             return np.array(image.convert("RGB"))
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
+        raise DataError(f"{label}: file not found") from None
+    except Image.DecompressionBombError as error:  # PIL's own ceiling (2 × its MAX_IMAGE_PIXELS) stops open()
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        raise ImageTooLargeError(f"{label}: {size} is over the limit of "
+                                 f"{min(max_pixels or Image.MAX_IMAGE_PIXELS * 2, Image.MAX_IMAGE_PIXELS * 2):,} "
+                                 "(--max-pixels; a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{label}: not a readable image (not an image format we know)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{label}: not a readable image ({error})") from None
 
 
 def read_mask(path: str | Path, info: ClassInfo) -> np.ndarray:

@@ -1,0 +1,9 @@
+"""`resunet serve`: an HTTP service and a web page for a trained model (FastAPI under uvicorn).
+
+    from resunet.serve import create_app
+    app = create_app("runs/demo/best.pt")  # or an exported .onnx; run it under any ASGI server
+"""
+
+from .app import ServeSettings, create_app, run_server
+
+__all__ = ["ServeSettings", "create_app", "run_server"]

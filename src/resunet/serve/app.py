@@ -1,0 +1,227 @@
+"""The HTTP service: `create_app(model_path, settings)` builds a FastAPI app around one model.
+
+Routes are thin: parse the request, hand the image to the `InferenceEngine`, format the answer. Every failure a
+client can cause is a 4xx with a JSON body {"error": "one line"}, logged in one line; the next request is served
+as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..predict import Predictor, load
+from .codec import RequestError, class_summary, decode_image, png_bytes, rle_classes, upload_bytes
+from .engine import InferenceEngine, QueueFullError
+from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+
+STATIC = Path(__file__).parent / "static"
+ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json")
+log = logging.getLogger("resunet.serve")
+
+
+@dataclass
+class ServeSettings:
+    max_batch: int = 8  # images per forward pass at most
+    max_wait_ms: float = 5.0  # how long the first queued image waits for others to join its batch
+    max_queue: int = 64  # images waiting at most; beyond, 503 with Retry-After
+    max_bytes: int = 20_000_000  # request body limit (413 beyond)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # image size limit, checked from the header before decoding (413 beyond)
+    tta: str = "none"  # default test-time augmentation: none | flip (a request may ask with ?tta=)
+    device: str = "auto"  # for .pt checkpoints
+    precision: str = "auto"  # for .pt checkpoints
+    threads: int | None = None  # onnxruntime threads (default: the cores)
+    retry_after_s: int = 1  # what a 503 asks the client to wait
+
+
+def model_description(path: Path, predictor: Predictor) -> dict:
+    from ..fingerprint import sha256_file
+
+    if path.suffix.lower() == ".onnx":
+        kind = f"onnx {predictor.graph}" + (" int8" if predictor.quantized else "")
+    else:
+        kind = "checkpoint"
+    return {"file": path.name, "kind": kind, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(model_path: str | Path, settings: ServeSettings | None = None,
+               predictor: Predictor | None = None) -> FastAPI:
+    """The ASGI app serving `model_path` (a .pt checkpoint or an exported .onnx file). The model is loaded here
+    (a missing, corrupt or foreign file raises CheckpointError at once); it is warmed up when the app starts, and
+    /readyz answers 503 until then. Pass `predictor` to serve one already loaded from that file."""
+    settings = settings or ServeSettings()
+    model_path = Path(model_path)
+    if predictor is None:
+        predictor = load(model_path, device=settings.device, precision=settings.precision, tta=settings.tta,
+                         threads=settings.threads)
+    metrics = ServiceMetrics()
+    engine = InferenceEngine(predictor, metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    info = predictor.info
+    description = {
+        "classes": [{"id": i, "name": name, "color": list(colour)}
+                    for i, (name, colour) in enumerate(zip(info.names, info.palette))],
+        "dataset": info.name,
+        "ignore_index": info.ignore_index,
+        "ignore_color": list(info.ignore_colour),
+        "working_size": predictor.size,
+        "tta": {"default": engine.default_tta, "available": list(engine.variants)},
+        "model": model_description(model_path, predictor),
+        "resunet_version": __version__,
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        log.info("ready: %s (%s), working size %d, classes %d", model_path.name, description["model"]["kind"],
+                 predictor.size, info.num_classes)
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="resunet", version=__version__, lifespan=lifespan,
+                  description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
+    app.state.engine, app.state.settings, app.state.description = engine, settings, description
+
+    @app.middleware("http")
+    async def log_and_count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        seconds = time.perf_counter() - started
+        path = request.url.path
+        path = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(seconds)
+        error = getattr(request.state, "error", None)
+        log.info("%s %s %d %.1f ms%s", request.method, request.url.path, response.status_code, 1000 * seconds,
+                 f" error: {error}" if error else "")
+        return response
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, error: RequestError) -> JSONResponse:
+        request.state.error = error.message
+        return error_response(error.status, error.message, error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        request.state.error = message
+        return error_response(error.status_code, message, getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}"
+        request.state.error = message
+        return error_response(422, message)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, error: Exception) -> JSONResponse:
+        message = f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        request.state.error = message
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, message)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
+    async def readyz() -> JSONResponse:
+        if not engine.ready:
+            return error_response(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/classes", summary="Classes, colours, ignore label, working size, the model file and its sha256")
+    async def classes() -> dict:
+        return description
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/predict",
+        summary="Segment one image",
+        description="The image as a multipart upload (form field `file`) or as the raw body. Answers the palette "
+                    "PNG class map at the image's size, or with `format=json` the classes present with their share, "
+                    "or with `format=rle` COCO run-length encodings (column-major) of each class present.",
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    )
+    async def predict(request: Request, format: str = Query("png", pattern="^(png|json|rle)$"),
+                      tta: str | None = Query(None, pattern="^(none|flip)$")) -> Response:
+        started = time.perf_counter()
+        if not engine.ready:
+            raise RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
+        if tta is not None and tta not in engine.variants:
+            raise RequestError(400, f"tta '{tta}' is not available for this model "
+                                    f"(available: {', '.join(engine.variants)})")
+        data, name = await upload_bytes(request, settings.max_bytes)
+        received = time.perf_counter()
+        image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+        decoded = time.perf_counter()
+        try:
+            result = await engine.submit(image, tta)
+        except QueueFullError as error:
+            raise RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
+        inferred = time.perf_counter()
+        if format == "png":
+            body = await run_in_threadpool(png_bytes, result.mask, info)
+        timing = {"receive": received - started, "decode": decoded - received, "queue": result.queue_ms / 1000,
+                  "inference": result.inference_ms / 1000, "encode": time.perf_counter() - inferred}
+        timing = {key: round(1000 * value, 2) for key, value in timing.items()}
+        timing["total"] = round(1000 * (time.perf_counter() - started), 2)
+        timing["batch_size"] = result.batch_size
+        height, width = result.mask.shape
+        if format == "png":
+            headers = {"Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timing.items() if k != "batch_size"),
+                       "X-Batch-Size": str(result.batch_size)}
+            return Response(body, media_type="image/png", headers=headers)
+        if format == "json":
+            classes_found = class_summary(result.mask, info)
+        else:
+            classes_found = await run_in_threadpool(rle_classes, result.mask, info)
+        return JSONResponse({"width": width, "height": height, "classes": classes_found, "timing_ms": timing})
+
+    return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight, return."""
+    import signal
+
+    import uvicorn
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s resunet serve: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(log_level.upper())
+    log.propagate = False
+    # After its graceful shutdown uvicorn raises the signal that stopped it again, under the handler it found at
+    # start; with the default one SIGTERM would then kill the process (status -15). A no-op of ours lets it return.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,112 @@
+"""Bytes in and out of the service: the bounded upload, the image inside it, and the three answer formats."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from starlette.requests import Request
+
+from ..data.classes import ClassInfo
+from ..data.images import DataError, ImageTooLargeError, read_image
+
+# Bodies sent as these types are taken as the image file itself; `application/x-www-form-urlencoded` is what
+# `curl --data-binary @photo.jpg` sends unless told otherwise.
+RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
+
+
+class RequestError(Exception):
+    """A bad request: HTTP `status` and a one-line `message` for the JSON body {"error": message}."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def upload_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The image file of a request: the multipart form field `file`, or the raw body. Returns (bytes, a name)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, max_bytes)
+    if content_type == "multipart/form-data":
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form()
+        except Exception as error:  # a malformed multipart body
+            raise RequestError(400, f"malformed multipart body ({error})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(400, "multipart upload without a file in the form field 'file'")
+        data = await upload.read()
+        name = upload.filename or "upload"
+    elif not content_type or content_type.startswith(RAW_TYPES):
+        data, name = body, "request body"
+    else:
+        raise RequestError(415, f"unsupported content type '{content_type}': send an image file (raw body with an "
+                                "image/* or application/octet-stream type) or a multipart form with field 'file'")
+    if not data:
+        raise RequestError(400, "empty body: no image received")
+    return data, name
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    """H×W×3 uint8, read exactly as `resunet predict` reads files; 413 for too many pixels (from the header, before
+    decoding), 400 for anything unreadable."""
+    try:
+        return read_image(data, max_pixels, name=name)
+    except ImageTooLargeError as error:
+        raise RequestError(413, str(error)) from None
+    except DataError as error:
+        raise RequestError(400, str(error)) from None
+
+
+def png_bytes(mask: np.ndarray, info: ClassInfo) -> bytes:
+    """The class map as a palette PNG in the model's class colours (what `resunet predict` writes)."""
+    from PIL import Image
+
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(info.palette_bytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def class_summary(mask: np.ndarray, info: ClassInfo) -> list[dict]:
+    """The classes present in `mask`: id, name, colour, pixel count and share of the image."""
+    counts = np.bincount(mask.ravel(), minlength=info.num_classes)
+    total = mask.size
+    return [{"id": int(c), "name": info.names[c], "color": list(info.palette[c]), "pixels": int(counts[c]),
+             "fraction": float(counts[c]) / total}
+            for c in np.flatnonzero(counts) if c < info.num_classes]
+
+
+def rle_encode(binary: np.ndarray) -> dict:
+    """COCO's uncompressed run-length encoding of a 2-D boolean mask: column-major (Fortran) order, the counts
+    alternate runs of 0 and 1 starting with 0 (a mask whose first pixel is set starts with a zero-length run)."""
+    height, width = binary.shape
+    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], edges, [flat.size])))
+    counts = runs.tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": [height, width], "counts": counts}
+
+
+def rle_classes(mask: np.ndarray, info: ClassInfo) -> list[dict]:
+    return [{**entry, "rle": rle_encode(mask == entry["id"])} for entry in class_summary(mask, info)]

@@ -1,0 +1,171 @@
+"""The inference side of the service: one object owns the model, the request queue and the micro-batching.
+
+Requests put (image, TTA) on a bounded queue and await a future. One batcher task takes what is waiting — up to
+`max_batch` images, waiting at most `max_wait_ms` for more after the first — groups them by the shapes the network
+will see (`Predictor.batch_key`: images of different sizes often share a working shape), and runs each group as one
+forward pass on a single inference thread, so the event loop keeps accepting and answering while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..checkpoint import CheckpointError
+from ..predict import Predictor
+from .metrics import ServiceMetrics
+
+REQUEST_TTA = ("none", "flip")
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than `max_queue`: the client should retry later."""
+
+
+@dataclass
+class Job:
+    image: np.ndarray
+    tta: str
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Result:
+    mask: np.ndarray
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+def tta_variants(predictor: Predictor) -> dict[str, Predictor]:
+    """The predictor under each TTA a request may ask for. Copies share the model (or onnxruntime session); only
+    the inference setting differs. An end-to-end ONNX graph runs only the TTA baked into it."""
+    variants = {}
+    for tta in REQUEST_TTA:
+        if tta == predictor.tta:
+            variants[tta] = predictor
+            continue
+        variant = copy.copy(predictor)
+        try:
+            variant.set_inference(tta, predictor.scales, predictor.window, predictor.stride)
+        except CheckpointError:
+            continue
+        if variant.tta == tta:
+            variants[tta] = variant
+    return variants
+
+
+class InferenceEngine:
+    def __init__(self, predictor: Predictor, metrics: ServiceMetrics, max_batch: int = 8, max_wait_ms: float = 5.0,
+                 max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be ≥ 1 and max_wait_ms ≥ 0")
+        self.predictor = predictor
+        self.variants = tta_variants(predictor)
+        self.default_tta = predictor.tta if predictor.tta in self.variants else "none"
+        self.metrics = metrics
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self.ready = False
+        self.queue: asyncio.Queue[Job] | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.batcher: asyncio.Task | None = None
+        metrics.queue_depth.set_function(lambda: self.queue.qsize() if self.queue is not None else 0)
+
+    async def start(self) -> None:
+        """Create the queue and the inference thread, warm the model up (the first passes build the kernels), start
+        batching, then report ready."""
+        loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue(self.max_queue)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="resunet-inference")
+        await loop.run_in_executor(self.executor, self.warm_up)
+        self.batcher = asyncio.create_task(self.run_batches())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            self.batcher.cancel()
+            try:
+                await self.batcher
+            except asyncio.CancelledError:
+                pass
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+    def warm_up(self) -> None:
+        size = self.predictor.size
+        image = np.full((size, size * 4 // 3, 3), 127, np.uint8)
+        for predictor in self.variants.values():
+            for _ in range(2):
+                predictor.predict_batch([image])
+
+    async def submit(self, image: np.ndarray, tta: str | None = None) -> Result:
+        """Queue one H×W×3 uint8 image and wait for its class map. QueueFullError when `max_queue` are waiting."""
+        tta = tta or self.default_tta
+        if tta not in self.variants:
+            raise ValueError(f"tta '{tta}' is not available for this model (available: {', '.join(self.variants)})")
+        job = Job(image, tta, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
+        self.metrics.in_flight.inc()
+        try:
+            return await job.future
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def next_batch(self) -> list[Job]:
+        """The first waiting job, plus what else arrives within `max_wait` (up to `max_batch` in all)."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.next_batch()
+            groups: dict[tuple, list[Job]] = {}
+            for job in batch:
+                if job.future.done():  # the client went away while it waited
+                    continue
+                height, width = job.image.shape[:2]
+                key = (job.tta,) + self.variants[job.tta].batch_key(height, width)
+                groups.setdefault(key, []).append(job)
+            for jobs in groups.values():
+                await self.run_group(loop, jobs)
+
+    async def run_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+        predictor = self.variants[jobs[0].tta]
+        started = time.perf_counter()
+        try:
+            masks = await loop.run_in_executor(self.executor, predictor.predict_batch, [job.image for job in jobs])
+        except Exception as error:  # a model failure answers these requests with 500; the service goes on
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        inference_ms = 1000 * (time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(jobs))
+        self.metrics.inference_seconds.observe(inference_ms / 1000)
+        for job, mask in zip(jobs, masks):
+            if not job.future.done():
+                job.future.set_result(Result(mask, 1000 * (started - job.enqueued), inference_ms, len(jobs)))

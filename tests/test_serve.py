@@ -1,0 +1,483 @@
+"""`resunet serve`: HTTP behaviour in-process (TestClient), then a real uvicorn process for the life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from resunet.cli import main as cli_main
+from resunet.data.images import read_image
+from resunet.fingerprint import sha256_file
+from resunet.predict import Predictor
+from resunet.serve import ServeSettings, create_app
+from resunet.serve.codec import rle_encode
+
+
+def scene(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A demo-like picture at any size: coloured shapes on a textured background."""
+    from resunet.data.demo import make_sample
+
+    image, _ = make_sample(np.random.default_rng(seed), 128)
+    return image.resize((width, height), Image.BILINEAR)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A 60-byte PNG whose header declares width × height RGB pixels (1.6 billion by default)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b""))
+            + png_chunk(b"IEND", b""))
+
+
+def mask_of(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == "P"
+        return np.array(image)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> Path:
+    return trained_run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint)  # the settings `resunet predict` and `resunet serve` default to
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    with TestClient(create_app(checkpoint, ServeSettings(max_bytes=300_000))) as client:
+        yield client
+
+
+def test_readyz_is_503_until_the_model_is_warm_and_healthz_always_answers(checkpoint):
+    app = create_app(checkpoint)
+    cold = TestClient(app)  # no lifespan: the model is loaded but not warmed, the batcher not started
+    assert cold.get("/healthz").json() == {"status": "ok"}
+    response = cold.get("/readyz")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert cold.post("/predict", content=encoded(scene(40, 50))).status_code == 503
+    with TestClient(app) as warm:
+        assert warm.get("/readyz").status_code == 200
+
+
+def test_classes_describe_the_model_and_its_file(client, checkpoint, reference):
+    description = client.get("/classes").json()
+    assert [c["name"] for c in description["classes"]] == list(reference.info.names)
+    assert description["classes"][3]["color"] == list(reference.info.palette[3])
+    assert description["ignore_index"] == 255 and description["working_size"] == reference.size
+    assert description["model"]["file"] == "best.pt" and description["model"]["sha256"] == sha256_file(checkpoint)
+    assert description["tta"] == {"default": "none", "available": ["none", "flip"]}
+
+
+def test_every_format_gives_the_mask_resunet_predict_writes(client, checkpoint, reference, tmp_path):
+    images = {"odd.png": scene(75, 101, 1), "wide.jpg": scene(64, 150, 2), "small.png": scene(9, 7, 3)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    assert cli_main(["predict", str(checkpoint), str(tmp_path / "*.*g"), "--out", str(tmp_path / "out")]) == 0
+    for name in images:
+        expected = mask_of((tmp_path / "out" / f"{Path(name).stem}.png").read_bytes())
+        data = (tmp_path / name).read_bytes()
+        multipart = client.post("/predict", files={"file": (name, data, "image/png")})
+        raw = client.post("/predict", content=data, headers={"content-type": "application/octet-stream"})
+        for response in (multipart, raw):
+            assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+            assert np.array_equal(mask_of(response.content), expected)
+        summary = client.post("/predict?format=json", content=data).json()
+        assert (summary["width"], summary["height"]) == expected.shape[::-1]
+        counts = np.bincount(expected.ravel(), minlength=21)
+        assert [(c["id"], c["pixels"]) for c in summary["classes"]] == [(c, counts[c]) for c in np.flatnonzero(counts)]
+        assert sum(c["fraction"] for c in summary["classes"]) == pytest.approx(1.0)
+        assert summary["classes"][0]["name"] == reference.info.names[summary["classes"][0]["id"]]
+        assert {"decode", "queue", "inference", "total"} <= set(summary["timing_ms"])
+        rle = client.post("/predict?format=rle", content=data).json()
+        assert [c["id"] for c in rle["classes"]] == [c["id"] for c in summary["classes"]]
+        for entry in rle["classes"]:
+            assert entry["rle"]["size"] == list(expected.shape)
+            assert np.array_equal(coco_decode(entry["rle"]), expected == entry["id"])
+
+
+def coco_decode(rle: dict) -> np.ndarray:
+    """pycocotools reads the uncompressed RLE back (frPyObjects converts it, decode expands it)."""
+    from pycocotools import mask as coco_mask
+
+    height, width = rle["size"]
+    return coco_mask.decode(coco_mask.frPyObjects(rle, height, width)).astype(bool)
+
+
+def test_rle_by_hand():
+    # Column-major: the columns of [[0, 1], [1, 1]] read 0, 1 then 1, 1 → one 0, three 1s.
+    assert rle_encode(np.array([[0, 1], [1, 1]], bool))["counts"] == [1, 3]
+    # A set first pixel starts with a zero-length run of 0s.
+    assert rle_encode(np.array([[1, 0], [1, 0]], bool))["counts"] == [0, 2, 2]
+    assert rle_encode(np.zeros((2, 3), bool)) == {"size": [2, 3], "counts": [6]}
+
+
+def test_flip_tta_on_request(client, checkpoint):
+    data = encoded(scene(70, 90, 4))
+    flipped = Predictor.from_checkpoint(checkpoint, tta="flip")
+    response = client.post("/predict?tta=flip", content=data)
+    assert np.array_equal(mask_of(response.content), flipped.predict(read_image(data)))
+
+
+def image_kinds() -> dict[str, bytes]:
+    base = scene(48, 64, 5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": a phone's portrait photo
+    sixteen = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))
+    return {
+        "exif-rotated.jpg": encoded(base, "JPEG", exif=exif),
+        "grayscale.png": encoded(base.convert("L")),
+        "cmyk.jpg": encoded(base.convert("CMYK"), "JPEG"),
+        "rgba.png": encoded(base.convert("RGBA")),
+        "16-bit.png": encoded(sixteen),
+        "palette.png": encoded(base.convert("P")),
+    }
+
+
+def test_image_kinds_work_as_in_predict(client, reference):
+    for name, data in image_kinds().items():
+        response = client.post("/predict", files={"file": (name, data)})
+        assert response.status_code == 200, (name, response.text)
+        expected = reference.predict(read_image(data))
+        assert np.array_equal(mask_of(response.content), expected), name
+    assert mask_of(client.post("/predict", content=image_kinds()["exif-rotated.jpg"]).content).shape == (64, 48)
+
+
+def bad_requests() -> list[tuple[str, dict, int, str]]:
+    """(what, request, status, words the error must contain)."""
+    good = encoded(scene(40, 50, 6))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    return [
+        ("empty body", dict(method="POST", url="/predict", content=b""), 400, "empty"),
+        ("text", dict(method="POST", url="/predict", content=b"hello", headers={"content-type": "text/plain"}), 415,
+         "unsupported content type"),
+        ("random bytes", dict(method="POST", url="/predict", content=os.urandom(3000)), 400, "not a readable image"),
+        ("truncated", dict(method="POST", url="/predict", content=good[: len(good) // 2]), 400, "not a readable image"),
+        ("too many bytes", dict(method="POST", url="/predict", content=encoded(noise)), 413, "over the limit"),
+        ("bomb", dict(method="POST", url="/predict", content=bomb_png()), 413, "1,600,000,000 pixels is over"),
+        ("large", dict(method="POST", url="/predict", content=bomb_png(9000, 8000)), 413, "9000×8000"),
+        ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
+        ("wrong method", dict(method="GET", url="/predict"), 405, "Method Not Allowed"),
+        ("wrong path", dict(method="POST", url="/segment", content=good), 404, "Not Found"),
+        ("bad format", dict(method="POST", url="/predict?format=xml", content=good), 422, "format"),
+        ("bad tta", dict(method="POST", url="/predict?tta=ms", content=good), 422, "tta"),
+    ]
+
+
+def test_bad_requests_get_a_one_line_json_error_and_the_next_request_is_served(client, caplog):
+    good = encoded(scene(40, 50, 6))
+    expected = mask_of(client.post("/predict", content=good).content)
+    caplog.set_level("INFO", logger="resunet.serve")
+    for what, request, status, words in bad_requests():
+        caplog.clear()
+        response = client.request(**request)
+        assert response.status_code == status, (what, response.text)
+        error = response.json()["error"]
+        assert words in error and "\n" not in error, (what, error)
+        lines = [r.getMessage() for r in caplog.records if r.name == "resunet.serve"]
+        assert len(lines) == 1 and f" {status} " in lines[0] and words in lines[0], (what, lines)
+        after = client.post("/predict", content=good)
+        assert after.status_code == 200 and np.array_equal(mask_of(after.content), expected), what
+
+
+def test_metrics_count_requests_latency_and_batches(client):
+    before = client.get("/metrics").text
+    for _ in range(3):
+        assert client.post("/predict", content=encoded(scene(30, 40))).status_code == 200
+    client.get("/nowhere")
+    text = client.get("/metrics").text
+
+    def value(body: str, name: str) -> float:
+        return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
+
+    ok = 'resunet_requests_total{path="/predict",status="200"}'
+    assert value(text, ok) - value(before, ok) == 3
+    assert value(text, 'resunet_requests_total{path="other",status="404"}') >= 1
+    assert value(text, 'resunet_request_duration_seconds_count{path="/predict"}') >= 3
+    assert value(text, "resunet_batch_size_count") - value(before, "resunet_batch_size_count") == 3
+    assert value(text, "resunet_images_in_flight") == 0
+    assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+async def _concurrently(app, requests: list[dict]) -> list[httpx.Response]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(*(http.post("/predict", **r) for r in requests))
+
+
+def test_concurrent_requests_are_batched_by_working_shape(checkpoint, reference):
+    # 64×85 and 128×170 both run at 64×85 (working size 64): one batch; 64×64 needs its own forward pass.
+    images = [scene(64, 85, 7), scene(128, 170, 8), scene(64, 85, 9), scene(64, 64, 10)]
+    app = create_app(checkpoint, ServeSettings(max_batch=8, max_wait_ms=500))
+    responses = asyncio.run(_concurrently(app, [{"content": encoded(im)} for im in images]))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert [r.headers["x-batch-size"] for r in responses] == ["3", "3", "3", "1"]
+    for image, response in zip(images, responses):
+        assert np.array_equal(mask_of(response.content), reference.predict(np.asarray(image)))
+
+
+def test_a_full_queue_answers_503_with_retry_after(checkpoint):
+    app = create_app(checkpoint, ServeSettings(max_batch=1, max_queue=1, max_wait_ms=0))
+    engine = app.state.engine
+    release = threading.Event()
+    original = engine.variants["none"].predict_batch
+
+    def held(images):  # the first forward pass waits until the test has filled the queue
+        release.wait(30)
+        return original(images)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            engine.variants["none"].predict_batch = held
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+                data = encoded(scene(40, 50))
+                first = asyncio.create_task(http.post("/predict", content=data))
+                while engine.metrics.in_flight._value.get() < 1 or engine.queue.qsize():
+                    await asyncio.sleep(0.01)  # the batcher has taken the first image
+                second = asyncio.create_task(http.post("/predict", content=data))
+                while engine.queue.qsize() < 1:
+                    await asyncio.sleep(0.01)  # the second waits: the queue (1) is full
+                third = await http.post("/predict", content=data)
+                release.set()
+                return third, await first, await second
+
+    third, first, second = asyncio.run(scenario())
+    assert third.status_code == 503 and third.headers["retry-after"] == "1" and "busy" in third.json()["error"]
+    assert first.status_code == 200 and second.status_code == 200
+
+
+def test_an_exported_onnx_file_is_served_the_same_way(exported):
+    from resunet.onnx_predictor import OnnxPredictor
+
+    path = exported["dir"] / "model.onnx"
+    offline = OnnxPredictor(path)
+    images = [scene(60, 80, 13), scene(60, 80, 14), scene(70, 90, 15)]  # end-to-end graph: batches of one size
+    app = create_app(path, ServeSettings(max_wait_ms=500))
+    responses = asyncio.run(_concurrently(app, [{"content": encoded(im)} for im in images]))
+    assert [r.headers["x-batch-size"] for r in responses] == ["2", "2", "1"]
+    for image, response in zip(images, responses):
+        assert np.array_equal(mask_of(response.content), offline.predict(np.asarray(image)))
+    with TestClient(app) as client:
+        description = client.get("/classes").json()
+        assert description["model"]["kind"] == "onnx end-to-end" and description["tta"]["available"] == ["none"]
+        assert description["model"]["sha256"] == sha256_file(path)
+        response = client.post("/predict?tta=flip", content=encoded(images[0]))
+        assert response.status_code == 400 and "not available" in response.json()["error"]
+
+
+# ---- start-up failures and a real uvicorn process -------------------------------------------------------------------
+
+
+def test_a_model_that_cannot_be_served_stops_start_up_in_one_line(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint" * 10)
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(b"\x08\x07" + os.urandom(64))
+    for path in (tmp_path / "missing.pt", corrupt, foreign):
+        assert cli_main(["serve", str(path), "--port", "1"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("resunet serve: error:") and str(path) in err and "\n" not in err, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "resunet.cli", "serve", str(model), "--port", str(port),
+                                *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not become ready in 120 s")
+
+
+@pytest.fixture(scope="module")
+def live_server(checkpoint):
+    process, url = start_server(checkpoint, "--max-wait-ms", "10")
+    yield process, url
+    if process.poll() is None:
+        process.terminate()
+        process.wait(30)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+# Measured here: the server process sits at ~700 MB after warm-up and grows by < 40 MB over this test.
+RSS_GROWTH_LIMIT_MB = 150
+
+
+def test_load_200_requests_from_16_clients_with_bad_ones_interleaved(live_server, reference):
+    process, url = live_server
+    images = [encoded(scene(48, 64, i) if i % 2 else scene(64, 72, i)) for i in range(10)]  # two working shapes
+    expected = [reference.predict(read_image(data)) for data in images]
+    bad = [b"", b"not an image", bomb_png(), images[0][:200]]
+    plan = [("bad", i % len(bad)) if i % 10 == 9 else ("good", i % len(images)) for i in range(200)]
+    rss_before = rss_mb(process.pid)
+
+    async def run() -> list[tuple[str, int, httpx.Response]]:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+            queue: asyncio.Queue = asyncio.Queue()
+            for item in plan:
+                queue.put_nowait(item)
+            answers = []
+
+            async def worker():
+                while not queue.empty():
+                    kind, index = queue.get_nowait()
+                    body = images[index] if kind == "good" else bad[index]
+                    answers.append((kind, index, await http.post("/predict", content=body)))
+
+            await asyncio.gather(*(worker() for _ in range(16)))
+            return answers
+
+    answers = asyncio.run(run())
+    assert len(answers) == 200
+    for kind, index, response in answers:
+        if kind == "good":
+            assert response.status_code == 200, response.text
+            assert np.array_equal(mask_of(response.content), expected[index])
+        else:
+            assert 400 <= response.status_code < 500 and "error" in response.json()
+    growth = rss_mb(process.pid) - rss_before
+    assert growth < RSS_GROWTH_LIMIT_MB, f"resident memory grew by {growth:.0f} MB"
+    batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
+               if line.startswith("resunet_batch_size_count")]
+    assert float(batches[0].split()[-1]) < 150  # concurrent requests of one shape shared forward passes
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
+    # A long batching wait keeps the request in flight when the signal arrives.
+    process, url = start_server(checkpoint, "--max-wait-ms", "3000")
+    data = encoded(scene(40, 50, 11))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=data, timeout=60)))
+    thread.start()
+    deadline = time.time() + 30
+    while "resunet_images_in_flight 1.0" not in httpx.get(url + "/metrics").text:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # no longer accepting
+        httpx.get(url + "/healthz", timeout=2)
+    thread.join(60)
+    assert result["r"].status_code == 200 and mask_of(result["r"].content).shape == (40, 50)
+    assert process.wait(60) == 0
+    log = process.stdout.read()
+    assert "Traceback" not in log and "POST /predict 200" in log
+
+
+# ---- the page, in a real browser ------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def page_image(tmp_path: Path) -> Path:
+    from conftest import SHARED
+
+    sample = SHARED / "voc-samples" / "1_image.png"
+    if sample.is_file():
+        return sample
+    path = tmp_path / "scene.png"
+    scene(375, 500, 12).save(path)
+    return path
+
+
+def test_the_page_in_a_real_browser(live_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install chromium)")
+    process, url = live_server
+    image = page_image(tmp_path)
+    served = httpx.post(url + "/predict?format=json", content=image.read_bytes(), timeout=60).json()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        requests_outside = []
+        page.on("request", lambda r: requests_outside.append(r.url) if not r.url.startswith((url, "blob:", "data:"))
+                else None)
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+        legend = page.eval_on_selector_all(
+            "#legend li", "items => items.map(i => [Number(i.dataset.classId), Number(i.dataset.fraction),"
+                          " i.querySelector('.name').textContent])")
+        assert legend, "the legend lists no class"
+        by_server = {c["id"]: c for c in served["classes"]}
+        assert sorted(entry[0] for entry in legend) == sorted(by_server)
+        assert [entry[1] for entry in legend] == sorted((entry[1] for entry in legend), reverse=True)  # by share
+        for class_id, fraction, name in legend:
+            assert fraction == pytest.approx(by_server[class_id]["fraction"], abs=1e-12)
+            assert name == by_server[class_id]["name"]
+        assert "ms" in page.text_content("#latency")
+        canvas = "document.querySelector('#view').toDataURL()"
+        at_half = page.evaluate(canvas)
+        page.fill("#opacity", "100")
+        at_full = page.evaluate(canvas)
+        assert at_full != at_half
+        page.check("input[value=mask]")
+        mask_only = page.evaluate(canvas)
+        assert mask_only == at_full  # the mask at full opacity covers the image
+        page.check("input[value=image]")
+        assert page.evaluate(canvas) not in (at_half, mask_only)
+        box = page.locator("#view").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        hover = page.text_content("#hover")
+        assert any(hover.endswith(": " + c["name"]) for c in served["classes"]), hover
+        assert page.get_attribute("#download", "href").startswith("blob:")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390  # fits the phone's width
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    assert not requests_outside, requests_outside
