@@ -11,6 +11,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -60,18 +61,18 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(model_path: str | Path, settings: ServeSettings | None = None,
-               predictor: Predictor | None = None) -> FastAPI:
+def create_app(model_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving `model_path` (a .pt checkpoint or an exported .onnx file). The model is loaded here
     (a missing, corrupt or foreign file raises CheckpointError at once); it is warmed up when the app starts, and
-    /readyz answers 503 until then. Pass `predictor` to serve one already loaded from that file."""
+    /readyz answers 503 until then."""
     settings = settings or ServeSettings()
     model_path = Path(model_path)
-    if predictor is None:
-        predictor = load(model_path, device=settings.device, precision=settings.precision, tta=settings.tta,
-                         threads=settings.threads)
     metrics = ServiceMetrics()
-    engine = InferenceEngine(predictor, metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    engine = InferenceEngine(
+        partial(load, model_path, device=settings.device, precision=settings.precision, tta=settings.tta,
+                threads=settings.threads),
+        metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    predictor = engine.predictor
     info = predictor.info
     description = {
         "classes": [{"id": i, "name": name, "color": list(colour)}
