@@ -3,9 +3,9 @@ micro-batching, against the Predictor's offline throughput on the same images in
 
     python benchmarks/serve_load.py MODEL --images DIR [--count 24] [--requests 64] [--json OUT]
 
-Offline first (this process: `Predictor.predict`, one image per call, as `resunet predict` runs; and
-`predict_batch` on groups of 8 for reference), then the model is freed and a real `resunet serve` process is started
-per setting; the clients are asyncio + httpx in this process, over loopback, each sending the next image as soon
+Offline before and after the serving runs (this process: `Predictor.predict`, one image per call, as `resunet
+predict` runs; and `predict_batch` on groups of 8 for reference; the ratios use the mean of the two, which also shows
+how much the machine drifted), the model freed in between; a real `resunet serve` process is started per setting; the clients are asyncio + httpx in this process, over loopback, each sending the next image as soon
 as its previous answer (a palette PNG) arrived. Nothing else should run on the machine meanwhile.
 """
 
@@ -130,10 +130,10 @@ def main() -> None:
     arrays = [read_image(p) for p in paths]
     report = {"model": args.model, "images": f"{len(paths)} from {args.images}, {arrays[0].shape[1]}×"
               f"{arrays[0].shape[0]}", "cpu": cpu_name(), "commit": commit(),
-              "offline": offline(args.model, arrays, rounds=max(1, args.requests // len(arrays))), "serve": {}}
+              "serve": {}}
     print(f"{report['cpu']} · commit {report['commit']} · {args.model} · {report['images']}")
-    print(f"offline Predictor.predict (one image per call): {report['offline']['images_per_s']:.2f} img/s; "
-          f"predict_batch of 8: {report['offline']['batched8_images_per_s']:.2f} img/s")
+    rounds = max(1, args.requests // len(arrays))
+    before = offline(args.model, arrays, rounds)
     for name, options in SETTINGS.items():
         process, url = start_server(args.model, options)
         try:
@@ -142,6 +142,13 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
         report["serve"][name] = rows
+    after = offline(args.model, arrays, rounds)
+    report["offline"] = {"before": before, "after": after,
+                         "images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2}
+    print(f"offline Predictor.predict (one image per call): {report['offline']['images_per_s']:.2f} img/s (before "
+          f"{before['images_per_s']:.2f}, after {after['images_per_s']:.2f}); predict_batch of 8: "
+          f"{before['batched8_images_per_s']:.2f} / {after['batched8_images_per_s']:.2f} img/s")
+    for name, rows in report["serve"].items():
         print(name)
         for row in rows:
             share = row["requests_per_s"] / report["offline"]["images_per_s"]

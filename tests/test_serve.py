@@ -348,8 +348,10 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-# Measured here: the server process sits at ~700 MB after warm-up and grows by < 40 MB over this test.
+# Measured on a 2-core Xeon (2026-12-01): the server process holds 1260 MB after warm-up (PyTorch, onnxruntime and
+# the seed's resnet34 U-Net) and 1269 MB after this test's 200 requests. Bounds: 150 MB of growth, 2 GB in all.
 RSS_GROWTH_LIMIT_MB = 150
+RSS_LIMIT_MB = 2048
 
 
 def test_load_200_requests_from_16_clients_with_bad_ones_interleaved(live_server, reference):
@@ -386,7 +388,9 @@ def test_load_200_requests_from_16_clients_with_bad_ones_interleaved(live_server
         else:
             assert 400 <= response.status_code < 500 and "error" in response.json()
     growth = rss_mb(process.pid) - rss_before
+    print(f"server resident memory: {rss_before:.0f} MB after warm-up, {rss_before + growth:.0f} MB after the load")
     assert growth < RSS_GROWTH_LIMIT_MB, f"resident memory grew by {growth:.0f} MB"
+    assert rss_before + growth < RSS_LIMIT_MB
     batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
                if line.startswith("resunet_batch_size_count")]
     assert float(batches[0].split()[-1]) < 150  # concurrent requests of one shape shared forward passes
