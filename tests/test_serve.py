@@ -425,6 +425,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-component-update", "--disable-sync"]
 
 
+# A file dropped on the drop zone, or pasted into the page, as the browser delivers it.
+DISPATCH_FILE = """({event, bytes, name}) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"}));
+  if (event === "drop") {
+    document.querySelector("#drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+  }
+}"""
+
+
 def page_image(tmp_path: Path) -> Path:
     from conftest import SHARED
 
@@ -482,6 +494,15 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
         assert page.get_attribute("#download", "href").startswith("blob:")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # fits the phone's width
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        # Dropped and pasted files go the same way as a picked one.
+        small = encoded(scene(30, 40, 16))
+        small_classes = httpx.post(url + "/predict?format=json", content=small, timeout=60).json()["classes"]
+        for event, count in (("drop", 2), ("paste", 3)):
+            page.evaluate(DISPATCH_FILE, {"event": event, "bytes": list(small), "name": f"{event}.png"})
+            page.wait_for_selector(f"body[data-segmented='{count}']", timeout=60_000)
+            assert page.text_content("#status") == f"{event}.png: done"
+            found = page.eval_on_selector_all("#legend li", "items => items.map(i => Number(i.dataset.classId))")
+            assert sorted(found) == sorted(c["id"] for c in small_classes)
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
     assert not requests_outside, requests_outside

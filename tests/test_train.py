@@ -105,3 +105,22 @@ def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, tm
         assert torch.equal(value, b["model"][key]), key
     assert a["train_config"]["compile"] is True
     assert read_records(tmp_path / "compiled")[0]["train_images_per_s"] > 0  # measured from the second step on
+
+
+def test_progress_line_by_hand():
+    from resunet.train import progress_line
+
+    # 10 of 40 steps took 20 s (40 images): 2.0 img/s, 30 steps × 2 s left = 1 min.
+    assert progress_line(3, 55, 10, 40, 40, 20.0) == "epoch 3/55: step 10/40, 2.0 img/s, epoch ETA 1m00s"
+
+
+def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, tmp_path, monkeypatch, capsys):
+    import resunet.train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    train(tiny_config(demo_root, tmp_path / "run", epochs=1, size=32, encoder="resnet18", progress=True))
+    captured = capsys.readouterr()  # not a terminal, like a server's log file
+    assert "\r" not in captured.out + captured.err
+    steps = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1: step ")]
+    assert steps[0].startswith("epoch 1/1: step 1/12, ") and steps[-1].startswith("epoch 1/1: step 12/12, ")
+    assert "img/s, epoch ETA" in steps[0]

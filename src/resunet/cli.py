@@ -28,6 +28,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def one_line(error: BaseException) -> str:
+    """The user's message alone. An error raised in a DataLoader worker comes back with the worker's traceback in
+    its message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep its last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(error).__name__
+
+
 def _positive_floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -79,7 +89,7 @@ def cmd_train(args) -> int:
     if args.resume:
         # Resume continues the stored run; only how long and where/how it runs may change.
         stored = load_checkpoint(args.resume, tensors=False)["train_config"]  # train() reads the weights
-        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir"}
+        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir", "max_pixels"}
         values = {**stored, **{k: v for k, v in values.items() if k in keep}}
         if args.epochs == TrainConfig.epochs:
             values["epochs"] = stored["epochs"]
@@ -100,7 +110,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
     run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
-                 workers=args.workers, confusion_png=args.confusion, **inference_options(args))
+                 workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels,
+                 **inference_options(args))
     return 0
 
 
@@ -132,17 +143,17 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _readable(path: Path):
+def _readable(path: Path, max_pixels: int | None):
     from .data.images import DataError, read_image
 
     try:
-        return read_image(path)
+        return read_image(path, max_pixels)
     except DataError:
         return None
 
 
 def cmd_predict(args) -> int:
-    from .data.images import DataError
+    from .data.images import DataError, read_image
     from .predict import load
 
     paths = expand_inputs(args.inputs)
@@ -152,7 +163,7 @@ def cmd_predict(args) -> int:
     if args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
         from .onnx_predictor import load_fastest
 
-        sample = next((image for image in map(_readable, paths) if image is not None), None)
+        sample = next((image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None), None)
         if sample is None:
             predictor = load(args.checkpoint, **inference_options(args))
         else:
@@ -165,14 +176,15 @@ def cmd_predict(args) -> int:
     failed = 0
     for path in paths:
         try:
-            mask = predictor.predict(path)
+            image = read_image(path, args.max_pixels)
         except DataError as error:  # one bad file must not stop the others
             print(f"resunet predict: {error}", file=sys.stderr)
             failed += 1
             continue
+        mask = predictor.predict(image)
         predictor.colorize(mask).save(out / f"{path.stem}.png")
         if args.overlay:
-            predictor.overlay(path, mask, args.alpha).save(out / f"{path.stem}_overlay.jpg", quality=90)
+            predictor.overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.jpg", quality=90)
     print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
     return 1 if failed else 0
 
@@ -181,7 +193,7 @@ def cmd_visualize(args) -> int:
     from .visualize import run_visualize
 
     run_visualize(args.checkpoint, args.data_root, args.out, args.split, args.count, args.seed,
-                  **inference_options(args))
+                  max_pixels=args.max_pixels, **inference_options(args))
     return 0
 
 
@@ -194,7 +206,7 @@ def cmd_serve(args) -> int:
     try:
         app = create_app(args.model, settings)
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
-        print(f"resunet serve: error: {error}", file=sys.stderr)
+        print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
         return 1
     print(f"resunet serve: {args.model} on http://{args.host}:{args.port}/ (page), /predict, /docs", flush=True)
     run_server(app, args.host, args.port, args.log_level)
@@ -257,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="sliding window: tile side in pixels of the resized image (≥ 32)")
     inference.add_argument("--stride", type=_window, default=None,
                            help="sliding window step (default: two thirds of --window)")
+    inference.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                           help="refuse images (and masks) with more pixels, read from the file's header before "
+                                f"decoding: decompression bombs (default {DEFAULT_MAX_PIXELS:,})")
 
     p = commands.add_parser("evaluate", parents=[inference], help="per-class IoU, mIoU, pixel accuracy")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as error:
-        print(f"resunet {args.command}: error: {error}", file=sys.stderr)
+        print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"resunet {args.command}: interrupted", file=sys.stderr)

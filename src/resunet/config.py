@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .data.images import DEFAULT_MAX_PIXELS
+
 
 def setting(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -46,6 +48,8 @@ class TrainConfig:
                              "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GB",
                              choices=("auto", "cached", "simple"))
     cache_dir: str | None = setting(None, "decoded-image cache folder (default ~/.cache/resunet)")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images/masks with more pixels, read from their header "
+                              "(decompression bombs)")
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     resume: str | None = setting(None, "continue exactly from this last.pt")
     progress: bool = setting(True, "show per-epoch progress bars")

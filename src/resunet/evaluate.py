@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset
+from .data.images import DEFAULT_MAX_PIXELS
 from .metrics import ConfusionMatrix
 from .predict import DEFAULT_SCALES, Predictor, load
 
@@ -39,7 +41,8 @@ def evaluate_dataset(
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=_as_lists)
-    for samples in tqdm(loader, desc="eval", leave=False, disable=not progress or rank != 0):
+    # A bar only on a terminal: in a log file it would be `\r` fragments.
+    for samples in tqdm(loader, desc="eval", leave=False, disable=not progress or rank != 0 or not sys.stderr.isatty()):
         # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.
         by_size: dict[tuple[int, int], list] = {}
         for sample in samples:
@@ -78,12 +81,13 @@ def run_evaluate(
     scales: tuple[float, ...] = DEFAULT_SCALES,
     window: int | None = None,
     stride: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table, return scores."""
     predictor = load(checkpoint, device=device, precision=precision, tta=tta, scales=scales, window=window,
                      stride=stride)
     info = predictor.info
-    dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index)
+    dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     matrix = evaluate_dataset(predictor, dataset, batch_size, workers)
     scores = matrix.compute()
     extra = f", window {predictor.window} stride {predictor.stride}" if predictor.window else ""

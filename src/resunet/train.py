@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -54,12 +55,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+PROGRESS_EVERY_S = 60.0
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, images: int, seconds: float) -> str:
+    """What a log file gets instead of a progress bar: where the epoch is, images/s, and the epoch's ETA."""
+    rate = images / max(seconds, 1e-9)
+    remaining = (steps - step) * (seconds / max(step, 1))
+    return (f"epoch {epoch}/{epochs}: step {step}/{steps}, {rate:.1f} img/s, epoch ETA "
+            f"{int(remaining // 60)}m{int(remaining % 60):02d}s")
+
+
 def class_weights(dataset: PairedDataset) -> torch.Tensor:
     """sqrt(median frequency / frequency) per class, from the training masks' pixel counts."""
     n = dataset.info.num_classes
     counts = np.zeros(n, dtype=np.int64)
     for path in dataset.mask_paths:
-        mask = read_mask(path, dataset.info)
+        mask = read_mask(path, dataset.info, dataset.max_pixels)
         counts += np.bincount(mask[mask < n].ravel(), minlength=n)[:n]
     freq = counts / max(counts.sum(), 1)
     present = freq > 0
@@ -170,8 +182,8 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     # ---- data and model ----------------------------------------------------------------------------------------
-    train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index)
-    val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index)
+    train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+    val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
     info = train_set.info
     if len(train_set) < cfg.batch_size * world:
         raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
@@ -223,7 +235,12 @@ def train(cfg: TrainConfig) -> dict:
         set_loader_epoch(loader, epoch, cfg.seed)
         loss_sum = torch.zeros((), device=device)
         steps, timed_images, timed_seconds = 0, 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not (cfg.progress and main_process))
+        # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S instead of `\r` fragments.
+        on_terminal = sys.stderr.isatty()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and main_process and on_terminal))
+        log_progress = cfg.progress and main_process and not on_terminal
+        last_line = time.perf_counter()
         for images, masks in bar:
             step_started = time.perf_counter()
             loss_sum += train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype, channels_last)
@@ -233,6 +250,9 @@ def train(cfg: TrainConfig) -> dict:
             if steps > 1 or not cfg.compile:  # keep torch.compile's warm-up out of the throughput
                 timed_images += images.shape[0]
                 timed_seconds += time.perf_counter() - step_started
+            if log_progress and time.perf_counter() - last_line >= PROGRESS_EVERY_S:
+                last_line = time.perf_counter()
+                print(progress_line(epoch, cfg.epochs, steps, len(loader), timed_images, timed_seconds), flush=True)
         train_loss = float(loss_sum) / max(steps, 1)
         if world > 1:
             reduced = torch.tensor([train_loss], device=device)

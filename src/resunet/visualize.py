@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .data.classes import ClassInfo  # noqa: E402
+from .data.images import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
 def plot_curves(records: list[dict], path: str | Path) -> None:
@@ -76,14 +77,14 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path) -> None:
 
 
 def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5, seed: int = 0,
-                  **options) -> None:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, **options) -> None:
     """The `resunet visualize` command: the seed's 3×5 grid on `count` images of the split. `options`: those of
     `predict.load` (device, precision, tta, ...); `checkpoint` may be a .pt or an .onnx file."""
     from .data.dataset import open_dataset
     from .predict import load
 
     predictor = load(checkpoint, **options)
-    dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index)
+    dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index, max_pixels)
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)
     samples = [dataset.load(int(i)) for i in sorted(picks)]
     predictions = [predictor.predict(s.image) for s in samples]

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .dataset import PairedDataset
+from .images import image_size
 from .transforms import augment_batch
 
 CACHE_FORMAT = 2  # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel
@@ -89,8 +90,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     # First pass: sizes only (PIL reads headers without decoding), to size the canvas.
     sizes = []
     for path in dataset.image_paths:
-        with Image.open(path) as image:
-            w, h = image.size
+        w, h = image_size(path, dataset.max_pixels)
         scale = min(1.0, short_side / min(h, w))
         sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
     canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)

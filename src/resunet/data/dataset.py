@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .classes import ClassInfo
-from .images import DataError, check_mask_values, read_image, read_mask
+from .images import DEFAULT_MAX_PIXELS, DataError, check_mask_values, read_image, read_mask
 
 
 @dataclass
@@ -34,7 +34,9 @@ class PairedDataset(Dataset):
         info: ClassInfo,
         transform: Callable | None = None,
         description: str = "",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
+        """`max_pixels`: larger images or masks are refused from their header (DataError), before decoding."""
         if len(image_paths) != len(mask_paths):
             raise ValueError("image and mask lists differ in length")
         self.image_paths = list(image_paths)
@@ -42,6 +44,7 @@ class PairedDataset(Dataset):
         self.info = info
         self.transform = transform
         self.description = description
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -51,8 +54,8 @@ class PairedDataset(Dataset):
 
     def load(self, index: int) -> Sample:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
-        image = read_image(image_path)
-        mask = read_mask(mask_path, self.info)
+        image = read_image(image_path, self.max_pixels)
+        mask = read_mask(mask_path, self.info, self.max_pixels)
         if mask.shape != image.shape[:2]:
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but its image is "
                             f"{image.shape[1]}×{image.shape[0]}")
@@ -66,7 +69,8 @@ class PairedDataset(Dataset):
         return self.transform(sample.image, sample.mask)
 
     def with_transform(self, transform: Callable | None) -> "PairedDataset":
-        return PairedDataset(self.image_paths, self.mask_paths, self.info, transform, self.description)
+        return PairedDataset(self.image_paths, self.mask_paths, self.info, transform, self.description,
+                             self.max_pixels)
 
 
 def open_dataset(
@@ -74,6 +78,7 @@ def open_dataset(
     split: str,
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PairedDataset:
     """Find the layout under `root` and return the split. Raises DataError with one line if it cannot."""
     from . import folder, voc  # local: both modules import this one
@@ -83,5 +88,8 @@ def open_dataset(
         raise DataError(f"{root}: data root is not a folder")
     voc_dir = voc.find_voc_dir(root)
     if voc_dir is not None:
-        return voc.voc_dataset(voc_dir, split)
-    return folder.folder_dataset(root, split, num_classes, ignore_index)
+        dataset = voc.voc_dataset(voc_dir, split)
+    else:
+        dataset = folder.folder_dataset(root, split, num_classes, ignore_index)
+    dataset.max_pixels = max_pixels
+    return dataset

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,62 +31,72 @@ class ImageTooLargeError(DataError):
     """The image declares more pixels than allowed (checked from its header, before decoding)."""
 
 
+@contextmanager
+def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, kind: str = "image") -> Iterator:
+    """The PIL image of `source`, its header read and its size checked against `max_pixels` before any pixel is
+    decoded. Every way the file can fail — inside the block too — becomes one DataError line naming `label`."""
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{label}: {kind} of {width}×{height} = {width * height:,} pixels is over "
+                                         f"the limit of {max_pixels:,} (--max-pixels; a decompression bomb?)")
+            yield image
+    except FileNotFoundError:
+        raise DataError(f"{label}: {kind} file not found") from None
+    except Image.DecompressionBombError as error:  # PIL's own ceiling (2 × its MAX_IMAGE_PIXELS) stops open()
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        limit = min(max_pixels or Image.MAX_IMAGE_PIXELS * 2, Image.MAX_IMAGE_PIXELS * 2)
+        raise ImageTooLargeError(f"{label}: {kind} of {size} is over the limit of {limit:,} "
+                                 "(--max-pixels; a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{label}: not a readable {kind} (not an image format we know)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{label}: not a readable {kind} ({error})") from None
+
+
 def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                name: str | None = None) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied (phones store portrait photos sideways).
 
     `path` may also be the file's bytes (an upload); `name` then labels it in errors. `max_pixels=None`: no limit."""
-    label = name or (str(path) if not isinstance(path, bytes) else "image")
-    source = io.BytesIO(path) if isinstance(path, bytes) else path
-    try:
-        image = Image.open(source)  # reads the header only
-        with image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(f"{label}: {width}×{height} = {width * height:,} pixels is over the limit "
-                                         f"of {max_pixels:,} (--max-pixels; a decompression bomb?)")
-            image = ImageOps.exif_transpose(image)
-            return np.array(image.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{label}: file not found") from None
-    except Image.DecompressionBombError as error:  # PIL's own ceiling (2 × its MAX_IMAGE_PIXELS) stops open()
-        declared = re.search(r"\((\d+) pixels\)", str(error))
-        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
-        raise ImageTooLargeError(f"{label}: {size} is over the limit of "
-                                 f"{min(max_pixels or Image.MAX_IMAGE_PIXELS * 2, Image.MAX_IMAGE_PIXELS * 2):,} "
-                                 "(--max-pixels; a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{label}: not a readable image (not an image format we know)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"{label}: not a readable image ({error})") from None
+    if isinstance(path, bytes):
+        source, label = io.BytesIO(path), name or "image"
+    else:
+        source, label = path, name or str(path)
+    with opened(source, label, max_pixels) as image:
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
 
 
-def read_mask(path: str | Path, info: ClassInfo) -> np.ndarray:
+def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
+    with opened(path, str(path), max_pixels) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the sides
+            return height, width
+        return width, height
+
+
+def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W uint8 class indices.
 
     Palette ('P') and grey ('L') PNGs hold the indices directly. RGB masks drawn in the dataset's colours (as VOC's
     ground truth often circulates) are converted through the palette; a colour outside it is an error.
     """
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("P", "L"):
-                mask = np.array(image)  # for 'P' these are palette indices = class ids
-            elif image.mode in ("RGB", "RGBA"):
-                mask = rgb_to_index(np.asarray(image.convert("RGB")), info, path)
-            elif image.mode in ("I", "I;16", "I;16B", "I;16L"):
-                mask = np.asarray(image).astype(np.int64)
-                if mask.max(initial=0) > 255:
-                    raise DataError(f"{path}: mask value {mask.max()} does not fit a class index (max 255)")
-                mask = mask.astype(np.uint8)
-            else:
-                raise DataError(f"{path}: unsupported mask mode {image.mode!r} (need an index, palette or RGB PNG)")
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{path}: not a readable mask ({error})") from None
-    return mask
+    with opened(path, str(path), max_pixels, "mask") as image:
+        if image.mode in ("P", "L"):
+            return np.array(image)  # for 'P' these are palette indices = class ids
+        if image.mode in ("RGB", "RGBA"):
+            return rgb_to_index(np.asarray(image.convert("RGB")), info, path)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+            mask = np.asarray(image).astype(np.int64)
+            if mask.max(initial=0) > 255:
+                raise DataError(f"{path}: mask value {mask.max()} does not fit a class index (max 255)")
+            return mask.astype(np.uint8)
+        raise DataError(f"{path}: unsupported mask mode {image.mode!r} (need an index, palette or RGB PNG)")
 
 
 def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") -> np.ndarray:
