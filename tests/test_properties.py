@@ -155,11 +155,7 @@ def matches_nearest(out_mask, mask, rows, cols):
     return np.any([np.asarray(out_mask) == gather(r, c) for r in rows for c in cols], axis=0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="TrainTransform's masks go through torchvision's legacy NEAREST (source = floor(i × in / "
-                   "out), the pixel under the output pixel's top-left corner), not NEAREST_EXACT (the one under its "
-                   "centre, where the bilinear image samples, as the batched path does): labels sit up to half an "
-                   "output pixel up/left of the image")
+# Found by this test: the per-sample path resized masks with legacy nearest (the top-left corner's pixel).
 @SETTINGS
 @given(mask=arrays(np.uint8, st.integers(3, 30).map(lambda side: (side, side)), elements=st.integers(0, 9)),
        out=st.integers(2, 30), seed=st.integers(0, 2**31 - 1))

@@ -9,6 +9,10 @@ from resunet.train import train
 from conftest import tiny_config
 
 
+# For tests of the loop's mechanics (not of what it learns): a quarter of the pixels and a lighter encoder.
+SMALL = dict(size=32, encoder="resnet18")
+
+
 def read_records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -39,7 +43,7 @@ def test_run_folder_contents(trained_run):
 
 @pytest.mark.parametrize("data_path", ["cached", "simple"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path, data_path):
-    settings = dict(data_path=data_path, precision="fp32", batch_size=4)
+    settings = dict(data_path=data_path, precision="fp32", batch_size=4, **SMALL)
     whole = tmp_path / "whole"
     train(tiny_config(demo_root, whole, epochs=2, **settings))
     part = tmp_path / "part"
@@ -55,7 +59,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_pa
 
 def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, tmp_path):
     out = tmp_path / "sparse"
-    train(tiny_config(demo_root, out, epochs=3, eval_every=2))
+    train(tiny_config(demo_root, out, epochs=3, eval_every=2, **SMALL))
     assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
     assert (out / "curves.png").is_file() and (out / "best.pt").is_file()
 
@@ -78,7 +82,7 @@ def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo
         return matrix
 
     monkeypatch.setattr(train_module, "evaluate_dataset", spy)
-    train(tiny_config(demo_root, tmp_path / "run", epochs=3))
+    train(tiny_config(demo_root, tmp_path / "run", epochs=3, **SMALL))
     assert seen == [True, True, True]
 
 
@@ -94,7 +98,7 @@ def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, tm
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    settings = dict(epochs=1, precision="fp32", batch_size=4)
+    settings = dict(epochs=1, precision="fp32", batch_size=4, **SMALL)
     train(tiny_config(demo_root, tmp_path / "compiled", compile=True, **settings))
     assert len(compiled) == 1
     train(tiny_config(demo_root, tmp_path / "plain", **settings))
@@ -118,7 +122,7 @@ def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, tmp_path, m
     import resunet.train as train_module
 
     monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
-    train(tiny_config(demo_root, tmp_path / "run", epochs=1, size=32, encoder="resnet18", progress=True))
+    train(tiny_config(demo_root, tmp_path / "run", epochs=1, progress=True, **SMALL))
     captured = capsys.readouterr()  # not a terminal, like a server's log file
     assert "\r" not in captured.out + captured.err
     steps = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1: step ")]

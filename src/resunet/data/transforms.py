@@ -29,6 +29,18 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
+class RandomResizeNearestExactMasks(v2.RandomResize):
+    """`v2.RandomResize` with masks resized by nearest-exact: each output label is the one under the output pixel's
+    centre, where the bilinear image samples (torchvision's default for masks, legacy nearest, takes the pixel under
+    its top-left corner: labels shifted up to half a pixel up-left of the image). The batched path does the same."""
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Mask):
+            return self._call_kernel(v2.functional.resize, inpt, params["size"],
+                                     interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
 class TrainTransform:
     def __init__(
         self,
@@ -41,7 +53,7 @@ class TrainTransform:
         crop: int | None = None,
     ) -> None:
         steps = [
-            v2.RandomResize(int(size * scales[0]), int(size * scales[1]) + 1, antialias=True),
+            RandomResizeNearestExactMasks(int(size * scales[0]), int(size * scales[1]) + 1, antialias=True),
             v2.RandomCrop(crop or size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
             v2.RandomHorizontalFlip(),
         ]
