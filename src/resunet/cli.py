@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
     if args.resume:
         # Resume continues the stored run; only how long and where/how it runs may change.
         stored = load_checkpoint(args.resume, tensors=False)["train_config"]  # train() reads the weights
-        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir", "max_pixels"}
+        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check"}
         values = {**stored, **{k: v for k, v in values.items() if k in keep}}
         if args.epochs == TrainConfig.epochs:
             values["epochs"] = stored["epochs"]
@@ -98,6 +98,19 @@ def cmd_train(args) -> int:
         raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
     train(TrainConfig(**values))
     return 0
+
+
+def cmd_check_data(args) -> int:
+    from .doctor import check_data, format_report, plot_class_shares, write_json
+
+    report = check_data(args.data_root, args.splits, args.num_classes, args.ignore_index, args.max_pixels,
+                        args.workers)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot_class_shares(report, args.plot)
+    return 1 if report.errors else 0
 
 
 def inference_options(args) -> dict:
@@ -256,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a model (defaults: the seed recipe)")
     add_train_flags(p)
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
+                                               "(leakage, JPEG or 0/255 masks, ...) and class shares")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", dest="splits", nargs="+", action="extend", metavar="S",
+                   help="splits to check (default: train/val/test that exist; train and val for VOC)")
+    p.add_argument("--json", help="also write the findings and facts here")
+    p.add_argument("--plot", help="also draw each class's pixel share per split here (PNG)")
+    p.add_argument("--workers", type=int, default=4, help="reading threads (default 4)")
+    p.add_argument("--num-classes", type=int, help="for a folder dataset without classes.json")
+    p.add_argument("--ignore-index", type=int, help="for a folder dataset without classes.json (default 255)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images and masks from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.set_defaults(run=cmd_check_data)
 
     inference = argparse.ArgumentParser(add_help=False)
     inference.add_argument("--device", default="auto", help="for .pt checkpoints (.onnx files run on the CPU)")

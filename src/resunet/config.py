@@ -50,6 +50,8 @@ class TrainConfig:
     cache_dir: str | None = setting(None, "decoded-image cache folder (default ~/.cache/resunet)")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images/masks with more pixels, read from their header "
                               "(decompression bombs)")
+    skip_data_check: bool = setting(False, "start without the dataset check (resunet check-data) of the train and "
+                                    "val splits that otherwise runs first, cached while the files are unchanged")
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     resume: str | None = setting(None, "continue exactly from this last.pt")
     progress: bool = setting(True, "show per-epoch progress bars")

@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data.cache import CachedLoader, build_cache, estimate_cache_bytes
+from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset
 from .data.images import DataError, read_mask
 from .data.transforms import TrainTransform
+from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset
 from .model.unet import ResNetUNet
 from .predict import Predictor
@@ -78,6 +79,21 @@ def class_weights(dataset: PairedDataset) -> torch.Tensor:
     weights = np.ones(n)
     weights[present] = np.sqrt(np.median(freq[present]) / freq[present])
     return torch.tensor(weights / weights[present].mean(), dtype=torch.float32)
+
+
+def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
+    """`resunet check-data` on the train and val splits: errors stop the run before anything is built or written,
+    warnings are printed. The report is cached beside the decoded images, keyed by the files' sizes and modification
+    times, so a re-run on an unchanged dataset (a resumed run too) reads no image."""
+    cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "check-data"
+    report = check_data(cfg.data_root, [cfg.train_split, cfg.val_split], cfg.num_classes, cfg.ignore_index,
+                        cfg.max_pixels, max(1, cfg.workers), cfg.train_split, cache_dir, verbose and cfg.progress)
+    if verbose:
+        pairs = sum(split["pairs"] for split in report.facts["splits"].values())
+        print(f"data check{' (cached)' if report.from_cache else ''}: {pairs} pairs; "
+              f"{format_findings(report.findings)}", flush=True)
+    if report.errors:
+        raise DataError(refusal(report, cfg.data_root))
 
 
 def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, device, rank: int, world: int):
@@ -177,6 +193,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
+    if not cfg.skip_data_check:
+        check_data_first(cfg, main_process)
     out = Path(cfg.out)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)

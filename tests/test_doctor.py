@@ -1,0 +1,276 @@
+"""The dataset doctor (`resunet check-data`, and the same checks before `train`): small datasets that provoke every
+finding kind for real, the grouped report, the JSON, the bar chart, the exit status and the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet import doctor
+from resunet.cli import main
+from resunet.data.demo import make_demo_dataset, make_sample
+
+from test_bad_inputs import declared_png
+
+SIZE = 32
+CLASSES = {"classes": ["background", "cat", "dog", "bird"],
+           "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]], "ignore_index": 255}
+
+
+def picture(seed: int) -> Image.Image:
+    """A textured 32×32 RGB picture, different for every seed."""
+    return make_sample(np.random.default_rng(seed), SIZE)[0]
+
+
+def labels(*boxes: tuple[int, int, int, int, int], width: int = SIZE, fill: int = 0) -> Image.Image:
+    """An index mask ('L'): `fill` with rectangles (class, x0, y0, x1, y1)."""
+    mask = np.full((SIZE, width), fill, dtype=np.uint8)
+    for value, x0, y0, x1, y1 in boxes:
+        mask[y0:y1, x0:x1] = value
+    return Image.fromarray(mask)
+
+
+def cat_and_dog(width: int = SIZE) -> Image.Image:
+    return labels((1, 2, 2, 14, 14), (2, 16, 16, 30, 30), width=width)
+
+
+def save(image: Image.Image, path: Path, **options) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+
+
+def encoded(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
+def clean_dataset(root: Path, train: int = 4, val: int = 2) -> Path:
+    """root/{train,val}/{images,masks} + classes.json; every pair fine."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text(json.dumps(CLASSES))
+    for split, count, first_seed in (("train", train, 0), ("val", val, 500)):
+        for i in range(count):
+            save(picture(first_seed + i), root / split / "images" / f"good_{i}.png")
+            save(cat_and_dog(), root / split / "masks" / f"good_{i}.png")
+    return root
+
+
+def bad_dataset(root: Path) -> Path:
+    """One of every finding kind a folder dataset can have (missing_mask four times: the report shows three)."""
+    clean_dataset(root)
+    train, val = root / "train", root / "val"
+    # Converted when read (facts, not findings): grey, CMYK, 16-bit, EXIF-rotated.
+    save(picture(0).convert("L"), train / "images" / "good_0.png")
+    save(picture(1).convert("CMYK"), train / "images" / "good_1.jpg", quality=95)
+    (train / "images" / "good_1.png").unlink()
+    save(Image.fromarray(np.asarray(picture(2).convert("L")).astype(np.uint16)), train / "images" / "good_2.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown rotated by 90°
+    save(picture(3), train / "images" / "good_3.jpg", quality=95, exif=exif)
+    (train / "images" / "good_3.png").unlink()
+
+    def pair(name: str, image: Image.Image | bytes, mask: Image.Image, mask_suffix: str = ".png", **options):
+        if isinstance(image, bytes):
+            (train / "images").joinpath(f"{name}.png").write_bytes(image)
+        else:
+            save(image, train / "images" / f"{name}.png")
+        save(mask, train / "masks" / f"{name}{mask_suffix}", **options)
+
+    pair("jpeg_mask", picture(10), labels((1, 4, 4, 28, 28)), ".jpg", quality=90)
+    pair("binary", picture(11), labels((255, 8, 8, 24, 24)))
+    pair("one_class", picture(12), labels(fill=1))
+    pair("mismatch", picture(13), cat_and_dog(width=24))
+    pair("out_of_range", picture(14), labels((1, 2, 2, 14, 14), (7, 16, 16, 30, 30)))
+    rgb = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    rgb[2:14, 2:14] = (128, 0, 0)  # cat
+    rgb[16:30, 16:30] = (10, 200, 30)  # no class has this colour
+    pair("off_palette", picture(15), Image.fromarray(rgb))
+    png = encoded(picture(16), format="PNG")
+    pair("broken", png[: len(png) // 2], cat_and_dog())
+    pair("bomb", declared_png(40_000, 40_000), cat_and_dog())
+    for i in range(4):
+        save(picture(20 + i), train / "images" / f"no_mask_{i}.png")
+    save(cat_and_dog(), train / "masks" / "orphan.png")
+    # Leakage: the same picture in train and val, once byte for byte, once re-encoded as a JPEG.
+    pair("dup", picture(30), cat_and_dog())
+    save(picture(30), val / "images" / "dup_copy.png")
+    save(cat_and_dog(), val / "masks" / "dup_copy.png")
+    pair("near", picture(31), cat_and_dog())
+    save(picture(31), val / "images" / "near_copy.jpg", quality=90)
+    save(cat_and_dog(), val / "masks" / "near_copy.png")
+    # A bird in val only.
+    save(labels((1, 2, 2, 14, 14), (3, 16, 16, 30, 30)), val / "masks" / "good_0.png")
+    return root
+
+
+EXPECTED = {
+    "unreadable": ["train/images/broken.png"],
+    "too_large": ["train/images/bomb.png"],
+    "missing_mask": [f"train/images/no_mask_{i}.png" for i in range(4)],
+    "orphan_mask": ["train/masks/orphan.png"],
+    "size_mismatch": ["train/masks/mismatch.png"],
+    "mask_values": ["train/masks/out_of_range.png"],
+    "off_palette": ["train/masks/off_palette.png"],
+    "jpeg_mask": ["train/masks/jpeg_mask.jpg"],
+    "binary_255": ["train/masks/binary.png"],
+    "one_class": ["train/masks/one_class.png"],
+    "class_not_in_train": ["val/masks/good_0.png"],
+    "duplicate": ["val/images/dup_copy.png"],
+    "near_duplicate": ["val/images/near_copy.jpg"],
+}
+
+
+def by_kind(findings: list[dict]) -> dict[str, list[str]]:
+    grouped = defaultdict(list)
+    for item in findings:
+        grouped[item["kind"]].append(item["path"])
+    return {kind: sorted(paths) for kind, paths in grouped.items()}
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> Path:
+    return bad_dataset(tmp_path_factory.mktemp("bad") / "data")
+
+
+def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
+    report_json, plot = tmp_path / "report.json", tmp_path / "shares.png"
+    assert main(["check-data", "--data-root", str(bad_root), "--json", str(report_json), "--plot", str(plot),
+                 "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+
+    report = json.loads(report_json.read_text())
+    expected = {kind: [str(Path(p)) for p in paths] for kind, paths in EXPECTED.items()}
+    assert by_kind(report["findings"]) == expected
+    assert report["errors"] == 10 and report["warnings"] == 6
+    assert all(item["severity"] == doctor.KINDS[item["kind"]][0] for item in report["findings"])
+    messages = {item["kind"]: item["message"] for item in report["findings"]}
+    assert "truncated" in messages["unreadable"] and "over the limit" in messages["too_large"]
+    assert "24×32 but its image is 32×32" in messages["size_mismatch"] and "[7]" in messages["mask_values"]
+    assert "(10, 200, 30)" in messages["off_palette"] and "'bird' (3)" in messages["class_not_in_train"]
+    assert "dup.png" in messages["duplicate"] and "near.png" in messages["near_duplicate"]
+
+    # The people's report: a summary, then one counted group per kind, errors first, the first three files each.
+    assert "10 errors, 6 warnings" in out
+    groups = [line for line in out.splitlines() if line.startswith(("ERROR", "WARNING"))]
+    assert [line.split()[1] for line in groups] == list(EXPECTED)  # KINDS order: every error before any warning
+    assert "missing_mask ×4: images without a mask" in out
+    assert all(f"no_mask_{i}.png" in out for i in range(3)) and "no_mask_3.png" not in out
+    assert "… and 1 more" in out
+    assert "the model learns only background" in out and "leakage inflates every score" in out
+    assert "store masks as PNG" in out
+
+    facts = report["facts"]["splits"]
+    assert facts["train"]["pairs"] == 14 and facts["val"]["pairs"] == 4
+    assert facts["train"]["images_read"] == 12  # the broken image and the bomb are not
+    assert facts["train"]["width"] == {"min": 32, "median": 32.0, "max": 32}
+    assert facts["train"]["converted"] == {"grayscale": 2, "CMYK": 1, "16-bit": 1, "EXIF-rotated": 1}
+    assert facts["train"]["class_share"]["bird"] == 0 < facts["val"]["class_share"]["bird"]
+    assert abs(sum(facts["val"]["class_share"].values()) - 1) < 1e-9
+    assert "bird" in out and "16-bit" in out
+
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_warnings_alone_exit_0(tmp_path, capsys):
+    root = clean_dataset(tmp_path / "data")
+    save(labels((1, 4, 4, 28, 28)), root / "val" / "masks" / "good_1.jpg", quality=95)
+    (root / "val" / "masks" / "good_1.png").unlink()
+    assert main(["check-data", "--data-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "0 errors, 1 warning" in out and "WARNING jpeg_mask ×1" in out and "good_1.jpg" in out
+
+
+def test_the_demo_dataset_is_clean(demo_root, capsys):
+    assert main(["check-data", "--data-root", str(demo_root)]) == 0
+    out = capsys.readouterr().out
+    assert "0 errors, 0 warnings" in out
+    assert "voc dataset, 21 classes, ignore index 255" in out
+    assert " 48 " in out.splitlines()[2] and " 8 " in out.splitlines()[3]  # train and val pair counts
+
+
+def test_voc_split_files_naming_absent_files(tmp_path, capsys):
+    voc = make_demo_dataset(tmp_path / "voc", train=3, val=2, size=SIZE, seed=1)
+    (voc / "SegmentationClass" / "demo_val_00001.png").unlink()
+    with open(voc / "ImageSets" / "Segmentation" / "val.txt", "a") as split_file:
+        split_file.write("ghost\n")
+    report = doctor.check_data(tmp_path / "voc", workers=1)
+    assert {f.kind for f in report.errors} == {"missing_file"}  # (3 random train images: warnings may come)
+    assert sorted(f.path for f in report.errors) == [str(Path("JPEGImages/ghost.jpg")),
+                                                     str(Path("SegmentationClass/demo_val_00001.png")),
+                                                     str(Path("SegmentationClass/ghost.png"))]
+    assert "ImageSets/Segmentation/val.txt lists ghost" in report.errors[0].message.replace(os.sep, "/")
+    assert report.facts["splits"]["val"]["pairs"] == 1
+    assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "train"]) == 0  # train is fine
+    assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "nope"]) == 2  # not a split
+    assert "nope.txt: no such split file" in capsys.readouterr().err
+
+
+def test_a_png_mask_that_went_through_jpeg_is_lossy(tmp_path):
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    palette = np.array(CLASSES["palette"], dtype=np.uint8)
+    rgb = palette[np.asarray(cat_and_dog())]
+    noisy = Image.open(io.BytesIO(encoded(Image.fromarray(rgb), format="JPEG", quality=75)))
+    save(noisy, root / "train" / "masks" / "good_1.png")  # a PNG now, the JPEG's noise kept
+    report = doctor.check_data(root, workers=1)
+    assert sorted((f.kind, f.path) for f in report.findings) == [
+        ("lossy_mask", str(Path("train/masks/good_1.png"))), ("off_palette", str(Path("train/masks/good_1.png")))]
+
+
+def test_a_flat_folder_read_as_train_and_val_is_read_once(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(2):
+        save(picture(i), root / "images" / f"{i}.png")
+        save(cat_and_dog(), root / "masks" / f"{i}.png")
+    report = doctor.check_data(root, ["train", "val"], num_classes=3, workers=1)
+    assert [(f.kind, f.path) for f in report.findings] == [("shared_split", "val")]
+    assert list(report.facts["splits"]) == ["train"]
+
+
+def test_not_a_dataset_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["check-data", "--data-root", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: data root is not a folder" in capsys.readouterr().err
+
+
+def test_the_report_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    reads = []
+    check_pair = doctor.check_pair
+    monkeypatch.setattr(doctor, "check_pair", lambda *args: reads.append(args[1]) or check_pair(*args))
+    first = doctor.check_data(root, workers=1, cache_dir=tmp_path / "cache")
+    assert len(reads) == 3 and not first.from_cache
+    again = doctor.check_data(root, workers=1, cache_dir=tmp_path / "cache")
+    assert len(reads) == 3 and again.from_cache and again.to_dict() == first.to_dict()
+    path = root / "val" / "masks" / "good_0.png"
+    save(labels(fill=2), path)  # changed: read again
+    changed = doctor.check_data(root, workers=1, cache_dir=tmp_path / "cache")
+    assert len(reads) == 6 and [f.kind for f in changed.findings] == ["one_class"]
+
+
+def test_train_refuses_a_dataset_with_errors_and_starts_with_skip_data_check(tmp_path, capsys):
+    root = clean_dataset(tmp_path / "data")
+    save(cat_and_dog(), root / "train" / "masks" / "orphan.png")  # an error the training loader would not notice
+    args = ["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
+            "--size", "32", "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir",
+            str(tmp_path / "cache"), "--encoder", "resnet18"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "ERROR   orphan_mask ×1" in captured.out  # the report, then one line
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resunet train: error: ")
+    assert str(Path("train/masks/orphan.png")) in lines[0]
+    assert f"resunet check-data --data-root {root}" in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert len(list((tmp_path / "cache" / "check-data").glob("*.json"))) == 1  # a re-run reads no image
+
+    assert main([*args, "--skip-data-check"]) == 0
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert "orphan_mask" not in capsys.readouterr().out
