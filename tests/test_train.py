@@ -128,3 +128,51 @@ def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, tmp_path, m
     steps = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1: step ")]
     assert steps[0].startswith("epoch 1/1: step 1/12, ") and steps[-1].startswith("epoch 1/1: step 12/12, ")
     assert "img/s, epoch ETA" in steps[0]
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
+    import errno
+
+    import resunet.checkpoint as checkpoint_module
+    from resunet.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    before = (run / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # most of the bytes go out, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
+    message = str(error.value)
+    assert "No space left on device" in message and "the previous last.pt is intact" in message
+    assert (run / "last.pt").read_bytes() == before  # untouched, and it still loads
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_root, tmp_path, capsys):
+    import shutil
+
+    from resunet.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--batch-size", "4", "--size", "32", "--encoder", "resnet18", "--no-pretrained",
+            "--workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--data-root", str(data), "--epochs", "1", *args]) == 0
+    before = (run / "last.pt").read_bytes()
+    # After the cache was built: a val image is truncated on disk; the resumed run reads it at its evaluation.
+    val_names = (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()
+    broken = data / "VOCdevkit/VOC2012/JPEGImages" / f"{val_names[0]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--skip-data-check", *args[9:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(broken) in err[0] and "truncated" in err[0].lower(), err
+    assert (run / "last.pt").read_bytes() == before

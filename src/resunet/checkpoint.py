@@ -33,6 +33,11 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a full disk, a quota, a read-only or vanished folder
+        tmp.unlink(missing_ok=True)
+        previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"{path}: could not save the checkpoint ({error.strerror or error}); {previous}; "
+                              "free some space and resume from it") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
