@@ -8,12 +8,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -28,6 +26,8 @@ from resunet.fingerprint import sha256_file
 from resunet.predict import Predictor
 from resunet.serve import ServeSettings, create_app
 from resunet.serve.codec import rle_encode
+
+from test_bad_inputs import declared_png
 
 
 def scene(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -44,15 +44,9 @@ def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return buffer.getvalue()
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
     """A 60-byte PNG whose header declares width × height RGB pixels (1.6 billion by default)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b""))
-            + png_chunk(b"IEND", b""))
+    return declared_png(width, height)
 
 
 def mask_of(png: bytes) -> np.ndarray:

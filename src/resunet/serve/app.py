@@ -188,7 +188,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
             raise RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()
         if format == "png":
-            body = await run_in_threadpool(png_bytes, result.mask, info)
+            body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))
         timing = {"receive": received - started, "decode": decoded - received, "queue": result.queue_ms / 1000,
                   "inference": result.inference_ms / 1000, "encode": time.perf_counter() - inferred}
         timing = {key: round(1000 * value, 2) for key, value in timing.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 from starlette.requests import Request
 
 from ..data.classes import ClassInfo
@@ -75,12 +76,8 @@ def decode_image(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         raise RequestError(400, str(error)) from None
 
 
-def png_bytes(mask: np.ndarray, info: ClassInfo) -> bytes:
-    """The class map as a palette PNG in the model's class colours (what `resunet predict` writes)."""
-    from PIL import Image
-
-    image = Image.fromarray(mask.astype(np.uint8), mode="P")
-    image.putpalette(info.palette_bytes())
+def png_bytes(image: Image.Image) -> bytes:
+    """An image (the class map from `Predictor.colorize`: what `resunet predict` writes) as PNG bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
