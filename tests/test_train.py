@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,30 +42,14 @@ def test_run_folder_contents(trained_run):
     assert load_checkpoint(trained_run / "last.pt", tensors=False)["train_config"] == ckpt["train_config"]
 
 
-@pytest.mark.parametrize("data_path", ["cached", "simple"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path, data_path):
-    settings = dict(data_path=data_path, precision="fp32", batch_size=4, **SMALL)
-    whole = tmp_path / "whole"
-    train(tiny_config(demo_root, whole, epochs=2, **settings))
-    part = tmp_path / "part"
-    train(tiny_config(demo_root, part, epochs=1, **settings))
-    train(tiny_config(demo_root, part, epochs=2, resume=str(part / "last.pt"), **settings))
-    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(part / "last.pt")
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert a["best_miou"] == b["best_miou"]
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rs]
-    assert strip(read_records(whole)) == strip(read_records(part))
-
-
-def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, tmp_path):
-    out = tmp_path / "sparse"
+def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp):
+    out = ram_tmp / "sparse"
     train(tiny_config(demo_root, out, epochs=3, eval_every=2, **SMALL))
     assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
     assert (out / "curves.png").is_file() and (out / "best.pt").is_file()
 
 
-def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, tmp_path, monkeypatch):
+def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, ram_tmp, monkeypatch):
     # Every epoch's validation must see the model in eval mode; a train-mode pass would update BN running stats
     # with validation images (and score with batch statistics).
     import resunet.train as train_module
@@ -82,11 +67,11 @@ def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo
         return matrix
 
     monkeypatch.setattr(train_module, "evaluate_dataset", spy)
-    train(tiny_config(demo_root, tmp_path / "run", epochs=3, **SMALL))
+    train(tiny_config(demo_root, ram_tmp / "run", epochs=3, **SMALL))
     assert seen == [True, True, True]
 
 
-def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, tmp_path, monkeypatch):
+def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, ram_tmp, monkeypatch):
     # --compile wraps the training model in torch.compile. Inductor would spend minutes compiling C++ here, so
     # the test gives torch.compile the "eager" backend: TorchDynamo still captures the model's graph and the
     # training steps run through it, with the same arithmetic as the plain run, bit for bit in fp32. The
@@ -99,16 +84,16 @@ def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, tm
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     settings = dict(epochs=1, precision="fp32", batch_size=4, **SMALL)
-    train(tiny_config(demo_root, tmp_path / "compiled", compile=True, **settings))
+    train(tiny_config(demo_root, ram_tmp / "compiled", compile=True, **settings))
     assert len(compiled) == 1
-    train(tiny_config(demo_root, tmp_path / "plain", **settings))
+    train(tiny_config(demo_root, ram_tmp / "plain", **settings))
     assert len(compiled) == 1  # the plain run did not compile
-    a, b = load_checkpoint(tmp_path / "compiled" / "last.pt"), load_checkpoint(tmp_path / "plain" / "last.pt")
+    a, b = load_checkpoint(ram_tmp / "compiled" / "last.pt"), load_checkpoint(ram_tmp / "plain" / "last.pt")
     assert set(a["model"]) == set(b["model"]) and not any(k.startswith("_orig_mod") for k in a["model"])
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["train_config"]["compile"] is True
-    assert read_records(tmp_path / "compiled")[0]["train_images_per_s"] > 0  # measured from the second step on
+    assert read_records(ram_tmp / "compiled")[0]["train_images_per_s"] > 0  # measured from the second step on
 
 
 def test_progress_line_by_hand():
@@ -118,11 +103,11 @@ def test_progress_line_by_hand():
     assert progress_line(3, 55, 10, 40, 40, 20.0) == "epoch 3/55: step 10/40, 2.0 img/s, epoch ETA 1m00s"
 
 
-def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, tmp_path, monkeypatch, capsys):
+def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, ram_tmp, monkeypatch, capsys):
     import resunet.train as train_module
 
     monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
-    train(tiny_config(demo_root, tmp_path / "run", epochs=1, progress=True, **SMALL))
+    train(tiny_config(demo_root, ram_tmp / "run", epochs=1, progress=True, **SMALL))
     captured = capsys.readouterr()  # not a terminal, like a server's log file
     assert "\r" not in captured.out + captured.err
     steps = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1: step ")]
@@ -130,13 +115,13 @@ def test_a_log_file_gets_progress_lines_not_bar_fragments(demo_root, tmp_path, m
     assert "img/s, epoch ETA" in steps[0]
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_tmp, monkeypatch):
     import errno
 
     import resunet.checkpoint as checkpoint_module
     from resunet.checkpoint import CheckpointError
 
-    run = tmp_path / "run"
+    run = ram_tmp / "run"
     train(tiny_config(demo_root, run, epochs=1, **SMALL))
     before = (run / "last.pt").read_bytes()
     real_save = torch.save
@@ -155,16 +140,16 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, tmp_p
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
-def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_root, tmp_path, capsys):
+def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_root, ram_tmp, capsys):
     import shutil
 
     from resunet.cli import main
 
-    data = tmp_path / "data"
+    data = ram_tmp / "data"
     shutil.copytree(demo_root, data)
-    run = tmp_path / "run"
+    run = ram_tmp / "run"
     args = ["--out", str(run), "--batch-size", "4", "--size", "32", "--encoder", "resnet18", "--no-pretrained",
-            "--workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+            "--workers", "0", "--no-progress", "--cache-dir", str(ram_tmp / "cache")]
     assert main(["train", "--data-root", str(data), "--epochs", "1", *args]) == 0
     before = (run / "last.pt").read_bytes()
     # After the cache was built: a val image is truncated on disk; the resumed run reads it at its evaluation.
@@ -176,3 +161,51 @@ def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(broken) in err[0] and "truncated" in err[0].lower(), err
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from resunet.data.classes import VOC_INFO
+    from resunet.data.dataset import open_dataset
+    from resunet.tensorboard_log import PREVIEW_HEIGHT, _to_height
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=2, tensorboard=True, scheduler="cosine", **SMALL))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalar = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
+    records = read_records(run)
+    # 12 steps per epoch: epoch values at steps 12 and 24, the loss every 10 steps.
+    assert scalar("val/mIoU") == [(12 * r["epoch"], pytest.approx(r["val_miou"])) for r in records]
+    assert scalar("train/epoch_loss") == [(12 * r["epoch"], pytest.approx(r["train_loss"])) for r in records]
+    assert [step for step, _ in scalar("train/loss")] == [10, 20]
+    lrs = scalar("train/lr")
+    assert lrs[0][1] > lrs[1][1] > 0  # cosine decay
+    iou = records[-1]["val_iou"]
+    assert scalar("val/IoU/background") == [(12, pytest.approx(records[0]["val_iou"][0])), (24, pytest.approx(iou[0]))]
+    scored = {f"val/IoU/{VOC_INFO.names[i]}" for r in records for i, v in enumerate(r["val_iou"]) if v == v}  # not NaN
+    assert set(events.Tags()["scalars"]) == scored | {"train/loss", "train/lr", "train/epoch_loss",
+                                                      "train/images_per_s", "val/mIoU", "val/pixel_accuracy"}
+    # The preview: 4 val images, each row image | ground truth | prediction, in the class colours.
+    images = events.Images("val/predictions")
+    assert [e.step for e in images] == [12, 24]
+    from io import BytesIO
+
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(BytesIO(images[-1].encoded_image_string)).convert("RGB"))
+    assert sheet.shape == (4 * PREVIEW_HEIGHT, 3 * PREVIEW_HEIGHT, 3)  # the demo images are square
+    sample = open_dataset(demo_root, "val").load(0)
+    truth = _to_height(VOC_INFO.colour_lut()[sample.mask], PREVIEW_HEIGHT)
+    assert np.array_equal(sheet[:PREVIEW_HEIGHT, PREVIEW_HEIGHT:2 * PREVIEW_HEIGHT], truth)
+
+
+def test_tensorboard_missing_is_one_line_naming_the_extra(ram_tmp, monkeypatch):
+    import sys
+
+    from resunet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(TensorBoardUnavailable, match=r"pip install 'resunet\[tensorboard\]'"):
+        TensorBoardLog(ram_tmp / "tb", 0)

@@ -89,15 +89,17 @@ def cmd_train(args) -> int:
     if args.resume:
         # Resume continues the stored run; only how long and where/how it runs may change.
         stored = load_checkpoint(args.resume, tensors=False)["train_config"]  # train() reads the weights
-        keep = {"epochs", "resume", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check"}
-        values = {**stored, **{k: v for k, v in values.items() if k in keep}}
-        if args.epochs == TrainConfig.epochs:
-            values["epochs"] = stored["epochs"]
-        values["out"] = str(Path(args.resume).parent)
+        # A flag left at its default keeps the stored value (a run trained with --workers 0 resumes with 0).
+        changeable = {"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
+                      "checkpoint_every", "tensorboard"}
+        defaults = {f.name: f.default for f in config_fields()}
+        given = {k: v for k, v in values.items() if k in changeable and v != defaults[k]}
+        stored = {k: v for k, v in stored.items() if k in defaults}
+        values = {**defaults, **stored, **given, "resume": args.resume, "out": str(Path(args.resume).parent)}
     elif values["data_root"] is None:
         raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
-    train(TrainConfig(**values))
-    return 0
+    result = train(TrainConfig(**values))
+    return 130 if result.get("stopped_by") == "SIGINT" else 0
 
 
 def cmd_check_data(args) -> int:

@@ -53,7 +53,11 @@ class TrainConfig:
     skip_data_check: bool = setting(False, "start without the dataset check (resunet check-data) of the train and "
                                     "val splits that otherwise runs first, cached while the files are unchanged")
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
-    resume: str | None = setting(None, "continue exactly from this last.pt")
+    resume: str | None = setting(None, "continue exactly from this last.pt (an epoch's end or a step inside one)")
+    checkpoint_every: str | None = setting(None, "also save last.pt inside epochs: every N steps (500) or N minutes "
+                                           "(10m); a run resumed from it continues at that step")
+    tensorboard: bool = setting(False, "also write TensorBoard event files to OUT/tensorboard (needs the "
+                                "tensorboard package: pip install 'resunet[tensorboard]')")
     progress: bool = setting(True, "show per-epoch progress bars")
 
     def to_dict(self) -> dict:

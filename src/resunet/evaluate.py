@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.classes import ClassInfo
-from .data.dataset import PairedDataset, open_dataset
+from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS
 from .metrics import ConfusionMatrix
 from .predict import DEFAULT_SCALES, Predictor, load
@@ -40,7 +40,8 @@ def evaluate_dataset(
     info = dataset.info
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=_as_lists)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=_as_lists,
+                        worker_init_fn=worker_ignores_ctrl_c if workers else None)
     # A bar only on a terminal: in a log file it would be `\r` fragments.
     for samples in tqdm(loader, desc="eval", leave=False, disable=not progress or rank != 0 or not sys.stderr.isatty()):
         # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.

@@ -7,14 +7,22 @@ Each epoch: train on the shuffled training split, evaluate on the validation spl
 dataset-wide confusion matrix), step the scheduler, append a line to metrics.jsonl, write last.pt (and best.pt when
 val mIoU improves), redraw curves.png. Data order and augmentation are seeded by (seed, epoch), so a run resumed
 from last.pt follows exactly the path the uninterrupted run would have taken.
+
+Inside an epoch, last.pt is also written every --checkpoint-every steps or minutes and when SIGTERM or SIGINT
+arrives (after the step in progress); it then holds the position too: the step, the loss summed so far and the
+random state at the epoch's start. Resuming draws the epoch's first batches again and drops them, so the same
+batches follow and the weights come out bit for bit as if the run had never stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +36,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
-from .data.dataset import PairedDataset, open_dataset
+from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
@@ -37,6 +45,7 @@ from .model.unet import ResNetUNet
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
                       tune_cpu_allocator, use_channels_last)
+from .tensorboard_log import TensorBoardLog, TensorBoardUnavailable
 from .visualize import plot_curves
 
 CACHE_LIMIT_BYTES = 20 * 1024**3
@@ -112,7 +121,8 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
     sampler = (DistributedSampler(data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True) if world > 1
                else RandomSampler(data))
     loader = DataLoader(data, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=worker_ignores_ctrl_c if cfg.workers else None)
     return loader, "simple"
 
 
@@ -168,6 +178,79 @@ def restore_rng(state: dict) -> None:
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """A process killed mid-write leaves the old file or the new one, never half a line."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
+    """--checkpoint-every: "500" → every 500 steps, "10m" → every 10 minutes (as seconds), None → epoch ends only."""
+    if not text:
+        return None, None
+    try:
+        value = float(text[:-1]) * 60 if text.endswith("m") else int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise TrainingError(f"--checkpoint-every {text}: give a number of steps (500) or of minutes (10m)")
+    return (None, value) if text.endswith("m") else (value, None)
+
+
+class StopSignal:
+    """SIGTERM (a preempted cloud machine, a scheduler's time limit) and SIGINT (Ctrl-C) ask the loop to stop: it
+    finishes the step in progress, saves last.pt with the position inside the epoch, and returns. A second signal
+    stops at once (KeyboardInterrupt), leaving the last save."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.name: str | None = None
+        self.announce = announce
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        if self.announce:
+            print(f"{self.name}: finishing the current step, then saving last.pt (again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+
+def agree(world: int, device: torch.device, *flags: bool) -> list[bool]:
+    """Every process acts on a flag any of them raised: a signal or a clock reaches them at different steps."""
+    if world == 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def position_state(epoch: int, step: int, loss_sum: torch.Tensor, world: int, timed_images: int,
+                   timed_seconds: float, seconds: float, epoch_rng: dict) -> dict:
+    """Where a run stands inside an epoch; with the weights and optimiser, all a resumed run needs to continue at
+    that step exactly. Every process's loss sum is kept (the epoch's mean loss is over all of them)."""
+    if world > 1:
+        sums = [torch.zeros_like(loss_sum) for _ in range(world)]
+        dist.all_gather(sums, loss_sum)
+        loss_sums = torch.stack(sums).cpu()
+    else:
+        loss_sums = loss_sum.detach().cpu()[None]
+    return {"epoch": epoch, "step": step, "loss_sums": loss_sums, "timed_images": timed_images,
+            "timed_seconds": timed_seconds, "seconds": seconds, "rng": epoch_rng}
+
+
 def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     """metrics.jsonl lines up to an epoch (a crash may have left lines past the checkpoint)."""
     if not path.is_file():
@@ -179,6 +262,7 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 def train(cfg: TrainConfig) -> dict:
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
+    save_every_steps, save_every_s = checkpoint_interval(cfg.checkpoint_every)
     tune_cpu_allocator()
     device = resolve_device(cfg.device)
     if world > 1:
@@ -221,7 +305,7 @@ def train(cfg: TrainConfig) -> dict:
     loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
     criterion = nn.CrossEntropyLoss(weight=loss_weights, ignore_index=info.ignore_index)
 
-    start_epoch, best_miou = 1, -1.0
+    start_epoch, best_miou, position = 1, -1.0, None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
         model.load_state_dict(state["model"])
@@ -230,96 +314,187 @@ def train(cfg: TrainConfig) -> dict:
         scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+        position = state.get("position")  # saved inside an epoch: continue at that step
+        if position is not None and len(position["loss_sums"]) != world:
+            raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
+                                f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
+                                f"share of the data depends on the count), or from an epoch's end")
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
+    if main_process:
+        for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
+            stale.unlink(missing_ok=True)
 
     raw_model = model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if cfg.compile else model
     predictor = Predictor(raw_model, info, cfg.size, mean, std, device, precision_name(dtype))
+    steps_per_epoch = len(loader)
+    global_step = (start_epoch - 1) * steps_per_epoch + (position["step"] if position else 0)
+    board = None
+    if cfg.tensorboard and main_process:
+        try:
+            board = TensorBoardLog(out / "tensorboard", global_step)
+        except TensorBoardUnavailable as error:
+            raise TrainingError(str(error)) from None
     if main_process:
+        where = f" (epoch {start_epoch} from step {position['step']}/{steps_per_epoch})" if position else ""
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
               f"{info.num_classes} classes; {cfg.encoder} "
               f"({'pretrained: ' + str(weights) if weights else 'random init'}); {describe_device(device)}, "
               f"{precision_name(dtype)}{', channels_last' if channels_last else ''}, {world} process(es), "
-              f"{data_path} data path; epochs {start_epoch}..{cfg.epochs}", flush=True)
+              f"{data_path} data path; epochs {start_epoch}..{cfg.epochs}{where}", flush=True)
+
+    def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
+        save_checkpoint({
+            "model_config": raw_model.config.to_dict(), "classes": info.to_dict(), "input_size": cfg.size,
+            "normalization": {"mean": list(mean), "std": list(std)}, "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
+            "train_config": cfg.to_dict(), **extra,
+        }, path)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
-    run_started = time.perf_counter()
+    run_started = last_save = time.perf_counter()
     scores: dict = {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        set_loader_epoch(loader, epoch, cfg.seed)
-        loss_sum = torch.zeros((), device=device)
-        steps, timed_images, timed_seconds = 0, 0, 0.0
-        # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S instead of `\r` fragments.
-        on_terminal = sys.stderr.isatty()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and main_process and on_terminal))
-        log_progress = cfg.progress and main_process and not on_terminal
-        last_line = time.perf_counter()
-        for images, masks in bar:
-            step_started = time.perf_counter()
-            loss_sum += train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype, channels_last)
-            if cfg.scheduler == "cosine":
-                scheduler.step()
-            steps += 1
-            if steps > 1 or not cfg.compile:  # keep torch.compile's warm-up out of the throughput
-                timed_images += images.shape[0]
-                timed_seconds += time.perf_counter() - step_started
-            if log_progress and time.perf_counter() - last_line >= PROGRESS_EVERY_S:
-                last_line = time.perf_counter()
-                print(progress_line(epoch, cfg.epochs, steps, len(loader), timed_images, timed_seconds), flush=True)
-        train_loss = float(loss_sum) / max(steps, 1)
-        if world > 1:
-            reduced = torch.tensor([train_loss], device=device)
-            dist.all_reduce(reduced)
-            train_loss = float(reduced) / world
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"loss became {train_loss} in epoch {epoch}; weights not saved over "
-                                f"{out / 'last.pt'} (last good epoch {epoch - 1}); lower --lr or check the data")
+    stopped_by = None
+    with StopSignal(announce=main_process) as stop:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            model.train()
+            set_loader_epoch(loader, epoch, cfg.seed)
+            resumed, position = position, None
+            if resumed is not None:
+                restore_rng(resumed["rng"])
+            epoch_rng = rng_state()  # where this epoch's random draws start: a save inside it replays from here
+            if resumed is not None:
+                steps, loss_sum = resumed["step"], resumed["loss_sums"][rank].to(device)
+                timed_images, timed_seconds = resumed["timed_images"], resumed["timed_seconds"]
+                started -= resumed["seconds"]
+            else:
+                steps, loss_sum, timed_images, timed_seconds = 0, torch.zeros((), device=device), 0, 0.0
+            batches = iter(loader)
+            for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
+                next(batches)
+            # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S, no `\r` fragments.
+            on_terminal = sys.stderr.isatty()
+            bar = tqdm(total=steps_per_epoch, initial=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                       disable=not (cfg.progress and main_process and on_terminal))
+            log_progress = cfg.progress and main_process and not on_terminal
+            last_line = time.perf_counter()
+            stop_now = False
+            while steps < steps_per_epoch and not stop_now:
+                try:
+                    images, masks = next(batches)
+                except RuntimeError:
+                    if stop.name is None:
+                        raise
+                    stop_now = True  # the signal reached the loader's worker processes too
+                    break
+                step_started = time.perf_counter()
+                loss = train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype,
+                                  channels_last)
+                loss_sum += loss
+                if cfg.scheduler == "cosine":
+                    scheduler.step()
+                steps += 1
+                global_step += 1
+                bar.update()
+                if steps > 1 or not cfg.compile:  # keep torch.compile's warm-up out of the throughput
+                    timed_images += images.shape[0]
+                    timed_seconds += time.perf_counter() - step_started
+                if board is not None:
+                    board.step(global_step, loss, optimizer.param_groups[0]["lr"])
+                if log_progress and time.perf_counter() - last_line >= PROGRESS_EVERY_S:
+                    last_line = time.perf_counter()
+                    print(progress_line(epoch, cfg.epochs, steps, steps_per_epoch, timed_images, timed_seconds),
+                          flush=True)
+                due = (bool(save_every_steps) and global_step % save_every_steps == 0) or (
+                    bool(save_every_s) and time.perf_counter() - last_save >= save_every_s)
+                # A NaN is looked for after every step on the CPU (free) and under torchrun (the flags are shared
+                # anyway), every 100 steps on one GPU (it costs a synchronisation), and before any save.
+                look = device.type == "cpu" or world > 1 or steps % 100 == 0 or due or stop.name is not None
+                diverged = look and not bool(torch.isfinite(loss_sum))
+                due, stop_now, diverged = agree(world, device, due, stop.name is not None, diverged)
+                if diverged:
+                    raise TrainingError(f"the loss became NaN or infinite by step {steps} of epoch {epoch}; "
+                                        f"weights not saved over {out / 'last.pt'} (it holds the last good save); "
+                                        "lower --lr or check the data (resunet check-data)")
+                if stop_now or (due and steps < steps_per_epoch):  # an epoch's end saves anyway
+                    inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
+                                            time.perf_counter() - started, epoch_rng)
+                    if main_process:
+                        save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+                    last_save = time.perf_counter()
+            bar.close()
+            if stop_now:
+                stopped_by = stop.name or "a signal to another process"
+                if main_process:
+                    print(f"{stopped_by}: stopped at step {steps}/{steps_per_epoch} of epoch {epoch}; "
+                          f"{out / 'last.pt'} holds it. Resume with: resunet train --resume {out / 'last.pt'}",
+                          flush=True)
+                break
 
-        evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-        if evaluated:
-            matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world, cfg.progress)
-            scores = matrix.compute()
-        model.train()
-        if cfg.scheduler == "plateau" and evaluated:
-            scheduler.step(scores["miou"])
-        improved = evaluated and scores["miou"] > best_miou
-        if improved:
-            best_miou = scores["miou"]
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "train_loss": train_loss, "val_miou": scores.get("miou") if evaluated else None,
-                  "val_pixel_accuracy": scores.get("pixel_accuracy") if evaluated else None,
-                  "val_iou": scores.get("iou") if evaluated else None, "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(seconds, 2),
-                  "train_images_per_s": round(timed_images * world / max(timed_seconds, 1e-9), 2)}
+            train_loss = float(loss_sum) / max(steps, 1)
+            if world > 1:
+                reduced = torch.tensor([train_loss], device=device)
+                dist.all_reduce(reduced)
+                train_loss = float(reduced) / world
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; weights not saved over "
+                                    f"{out / 'last.pt'}; lower --lr or check the data (resunet check-data)")
 
-        if main_process:
-            records.append(record)
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            payload = {
-                "model_config": raw_model.config.to_dict(), "classes": info.to_dict(), "input_size": cfg.size,
-                "normalization": {"mean": list(mean), "std": list(std)}, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best_miou, "rng": rng_state(),
-                "train_config": cfg.to_dict(), "metrics": record,
-            }
-            save_checkpoint(payload, out / "last.pt")
+            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+            if evaluated:
+                matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
+                                          cfg.progress)
+                scores = matrix.compute()
+            model.train()
+            if cfg.scheduler == "plateau" and evaluated:
+                scheduler.step(scores["miou"])
+            improved = evaluated and scores["miou"] > best_miou
             if improved:
-                save_checkpoint(payload, out / "best.pt")
-            plot_curves(records, out / "curves.png")
-            miou = f"val mIoU {100 * record['val_miou']:6.2f}%" if evaluated else "val mIoU    n/a"
-            print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
-                  f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
-                  flush=True)
+                best_miou = scores["miou"]
+            seconds = time.perf_counter() - started
+            record = {"epoch": epoch, "train_loss": train_loss,
+                      "val_miou": scores.get("miou") if evaluated else None,
+                      "val_pixel_accuracy": scores.get("pixel_accuracy") if evaluated else None,
+                      "val_iou": scores.get("iou") if evaluated else None, "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": round(seconds, 2),
+                      "train_images_per_s": round(timed_images * world / max(timed_seconds, 1e-9), 2)}
 
-    if main_process:
+            if main_process:
+                records.append(record)
+                write_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+                # best.pt before last.pt: killed between the two, a resumed run repeats this epoch and writes
+                # best.pt again, where the other order would lose the improvement for good.
+                if improved:
+                    save_run(out / "best.pt", epoch, rng_state(), metrics=record)
+                save_run(out / "last.pt", epoch, rng_state(), metrics=record)
+                last_save = time.perf_counter()
+                plot_curves(records, out / "curves.png")
+                if board is not None:
+                    board.epoch(global_step, record, info.names)
+                    if evaluated:
+                        board.predictions(global_step, predictor, val_set)
+                miou = f"val mIoU {100 * record['val_miou']:6.2f}%" if evaluated else "val mIoU    n/a"
+                print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
+                      f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
+                      flush=True)
+            if agree(world, device, stop.name is not None)[0] and epoch < cfg.epochs:  # it came while evaluating
+                stopped_by = stop.name or "a signal"
+                if main_process:
+                    print(f"{stopped_by}: stopped after epoch {epoch}; {out / 'last.pt'} holds it. "
+                          f"Resume with: resunet train --resume {out / 'last.pt'}", flush=True)
+                break
+
+    if board is not None:
+        board.close()
+    if main_process and stopped_by is None:
         print(f"done: epochs {start_epoch}..{cfg.epochs} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"best_miou": best_miou, "last": records[-1] if records else None, "out": str(out)}
+    return {"best_miou": best_miou, "last": records[-1] if records else None, "out": str(out),
+            "stopped_by": stopped_by}

@@ -6,6 +6,7 @@ or a folder dataset (`root/{train,val,test}/{images,masks}` or flat `root/{image
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,12 @@ from torch.utils.data import Dataset
 
 from .classes import ClassInfo
 from .images import DEFAULT_MAX_PIXELS, DataError, check_mask_values, read_image, read_mask
+
+
+def worker_ignores_ctrl_c(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches every process of the terminal's group; the workers leave it to the
+    main process, which finishes its step and saves (a worker dying of it would take the next batch down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass

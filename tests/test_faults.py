@@ -1,0 +1,236 @@
+"""Faults during training lose nothing: signals, saves inside epochs, kill -9 at random moments.
+
+Each fault is provoked for real: SIGTERM/SIGINT sent to this process or to a training subprocess (its whole process
+group, as a terminal's Ctrl-C does), SIGKILL at random moments. The check is always the same: the run finishes
+from last.pt with bit-identical weights and the same metrics.jsonl (timings aside) as a run never interrupted.
+"""
+
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import resunet.train as train_module
+from resunet.checkpoint import load_checkpoint
+from resunet.train import TrainingError, checkpoint_interval, train
+
+from conftest import ram_dir, tiny_config
+
+# 48 demo training images, batch 4: 12 steps per epoch.
+STEPS = 12
+SMALL = dict(size=32, encoder="efficientnet-lite0", precision="fp32")  # 84 MB checkpoints
+
+
+def records(run):
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_images_per_s")}
+            for line in lines]
+
+
+def assert_same_run(a, b):
+    wa, wb = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert records(a) == records(b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_root):
+    """The references: the same small runs (2 epochs), never stopped; the simple data path with 2 worker processes
+    (its augmentation depends on the worker count), the cached one in the main process."""
+    root = ram_dir("uninterrupted")
+    for data_path, workers in (("cached", 0), ("simple", 2)):
+        train(tiny_config(demo_root, root / data_path, epochs=2, data_path=data_path, workers=workers, **SMALL))
+    yield {"cached": root / "cached", "simple": root / "simple"}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def signal_after_step(monkeypatch, step: int, signum=signal.SIGTERM):
+    """Send this process a real signal right after training step `step` (counted over the whole run)."""
+    real_step, calls = train_module.train_step, itertools.count(1)
+
+    def step_then_signal(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        if next(calls) == step:
+            os.kill(os.getpid(), signum)
+        return loss
+
+    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+
+
+# Step 5 of the second epoch; the last step of the first (its position is the epoch's end, before validation).
+@pytest.mark.parametrize("data_path,workers,stop_after", [("cached", 0, STEPS + 5), ("simple", 2, STEPS)])
+def test_a_signal_inside_an_epoch_saves_the_step_and_resume_is_bit_identical(
+        demo_root, ram_tmp, monkeypatch, capsys, uninterrupted, data_path, workers, stop_after):
+    run = ram_tmp / "run"
+    settings = dict(epochs=2, data_path=data_path, workers=workers, **SMALL)
+    signal_after_step(monkeypatch, stop_after)
+    result = train(tiny_config(demo_root, run, **settings))
+    assert result["stopped_by"] == "SIGTERM"
+    epoch, step = divmod(stop_after - 1, STEPS)
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == epoch and state["position"]["epoch"] == epoch + 1
+    assert state["position"]["step"] == step + 1
+    out = capsys.readouterr()
+    assert f"SIGTERM: stopped at step {step + 1}/{STEPS} of epoch {epoch + 1}" in out.out
+    assert f"Resume with: resunet train --resume {run / 'last.pt'}" in out.out
+    assert "finishing the current step" in out.err
+    assert len(records(run)) == epoch  # the stopped epoch has no line yet
+
+    monkeypatch.undo()
+    assert train(tiny_config(demo_root, run, resume=str(run / "last.pt"), **settings))["stopped_by"] is None
+    assert_same_run(uninterrupted[data_path], run)
+
+
+def test_checkpoint_every_steps_saves_inside_epochs_and_resume_from_an_epoch_end_is_exact(demo_root, ram_tmp,
+                                                                                           monkeypatch, uninterrupted):
+    saved = []
+    real_save = train_module.save_checkpoint
+
+    def spy(payload, path):
+        position = payload.get("position")
+        saved.append((path.name, payload["epoch"], position and position["step"]))
+        real_save(payload, path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", spy)
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, checkpoint_every="5", **SMALL))
+    assert [(epoch, step) for name, epoch, step in saved if name == "last.pt"] == [(0, 5), (0, 10), (1, None)]
+    assert "position" not in load_checkpoint(run / "last.pt")  # an epoch's end
+    # Resumed from that epoch's end for a second one: steps counted over the whole run, 15 and 20 = 3 and 8 of it;
+    # and the weights of a run never stopped.
+    saved.clear()
+    train(tiny_config(demo_root, run, epochs=2, checkpoint_every="5", resume=str(run / "last.pt"), **SMALL))
+    assert [(epoch, step) for name, epoch, step in saved if name == "last.pt"] == [(1, 3), (1, 8), (2, None)]
+    assert_same_run(uninterrupted["cached"], run)
+
+
+def test_checkpoint_every_minutes_saves_when_the_time_is_up(demo_root, ram_tmp, monkeypatch):
+    saved = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda payload, path: (saved.append(payload.get("position")), real_save(payload, path)))
+    # 0.0001 minutes = 6 ms, shorter than any step: a save after every step but the epoch's last.
+    train(tiny_config(demo_root, ram_tmp / "run", epochs=1, checkpoint_every="0.0001m", **SMALL))
+    assert [p["step"] for p in saved if p] == list(range(1, STEPS))
+
+
+def test_checkpoint_interval_by_hand():
+    assert checkpoint_interval(None) == (None, None)
+    assert checkpoint_interval("500") == (500, None)
+    assert checkpoint_interval("10m") == (None, 600.0)
+    assert checkpoint_interval("0.5m") == (None, 30.0)
+    for bad in ("0", "-3", "ten", "5x", "m", "0m", "1.5"):
+        with pytest.raises(TrainingError, match="--checkpoint-every"):
+            checkpoint_interval(bad)
+
+
+def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(demo_root, ram_tmp, monkeypatch,
+                                                                           uninterrupted):
+    run = ram_tmp / "run"
+    shutil.copytree(uninterrupted["cached"], run)
+    good = (run / "last.pt").read_bytes()
+    real_step, calls = train_module.train_step, itertools.count(1)
+    monkeypatch.setattr(train_module, "train_step",  # from the third step on, the loss is NaN
+                        lambda *a, **k: real_step(*a, **k) * (float("nan") if next(calls) >= 3 else 1.0))
+    with pytest.raises(TrainingError, match=r"NaN or infinite by step 3 of epoch 3.*not saved over"):
+        train(tiny_config(demo_root, run, epochs=3, checkpoint_every="4", resume=str(run / "last.pt"), **SMALL))
+    assert (run / "last.pt").read_bytes() == good
+
+
+# ---- a real training process ---------------------------------------------------------------------------------------
+
+def cli_args(demo_root, run, extra=()):
+    return ["--data-root", str(demo_root), "--out", str(run), "--epochs", "2", "--batch-size", "4", "--size", "32",
+            "--encoder", "efficientnet-lite0", "--no-pretrained", "--precision", "fp32", "--lr", "1e-3", "--optimizer", "adamw",
+            "--scale-min", "0.75", "--scale-max", "1.25", "--no-progress", "--cache-dir", str(run.parent / "cache"),
+            *extra]
+
+
+def start(args, run):
+    """`resunet train` in its own process group (a terminal's Ctrl-C reaches the whole group)."""
+    log = open(run.parent / f"{run.name}.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "resunet", "train", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(run, text, proc, count=1, timeout=120):
+    """Until the run's log holds `text` `count` times (the log gathers every start of the run)."""
+    log = run.parent / f"{run.name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text().count(text) >= count:
+            return
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"no {text!r} in {log.read_text()}")
+
+
+def test_a_training_process_stopped_by_sigterm_then_ctrl_c_saves_and_resumes(demo_root, ram_tmp, uninterrupted):
+    # SIGTERM to the trainer alone, as `kill` or a batch scheduler sends it; then SIGINT to the whole process group,
+    # as Ctrl-C in a terminal does, the data loader's 2 worker processes included (they must not die of it).
+    run = ram_tmp / "run"
+    log = run.parent / "run.log"
+    proc = start(cli_args(demo_root, run, ["--workers", "2", "--data-path", "simple"]), run)
+    wait_for_line(run, "epoch   1/2", proc)  # the first epoch is saved; the signal lands in the second
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert "SIGTERM: stopped at step" in log.read_text()
+    step = load_checkpoint(run / "last.pt")["position"]["step"]
+
+    resume = ["--resume", str(run / "last.pt"), "--workers", "2", "--no-progress"]
+    proc = start(resume, run)
+    wait_for_line(run, f"(epoch 2 from step {step}/{STEPS})", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    text = log.read_text()
+    assert "SIGINT: stopped" in text and f"Resume with: resunet train --resume {run / 'last.pt'}" in text, text
+    assert "Traceback" not in text and "Error" not in text, text
+
+    proc = start(resume, run)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    assert_same_run(uninterrupted["simple"], run)
+
+
+def test_kill_9_at_random_moments_never_loses_the_run(demo_root, ram_tmp, uninterrupted):
+    # Each start is killed at a random moment after its start-up line: inside a step, an evaluation, a save of
+    # last.pt, best.pt or metrics.jsonl. The next start resumes from whatever is on disk. No start lives longer than
+    # 45% of the whole run's training time, so at least two kills happen on any machine.
+    run = ram_tmp / "run"
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    whole = sum(json.loads(line)["seconds"] for line in (uninterrupted["cached"] / "metrics.jsonl").open())
+    first = cli_args(demo_root, run, ["--workers", "0", "--checkpoint-every", "3"])
+    again = ["--resume", str(run / "last.pt"), "--no-progress"]
+    kills, finished = 0, False
+    for starts in range(1, 4):
+        proc = start(again if (run / "last.pt").exists() else first, run)
+        wait_for_line(run, "resunet: 48 train", proc, count=starts)
+        time.sleep(rng.uniform(0.05, 0.45) * whole)
+        if proc.poll() is not None:  # it finished before the kill
+            assert proc.returncode == 0, (run.parent / "run.log").read_text()
+            finished = True
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        if (run / "last.pt").exists():
+            state = load_checkpoint(run / "last.pt")  # whatever the moment, it loads
+            done = [r["epoch"] for r in records(run)]
+            assert done[: state["epoch"]] == list(range(1, state["epoch"] + 1)), (seed, done, state["epoch"])
+    assert kills >= 2, f"seed {seed}"
+    if not finished:
+        proc = start(again if (run / "last.pt").exists() else first, run)
+        assert proc.wait(timeout=300) == 0, (run.parent / "run.log").read_text()
+    assert [r["epoch"] for r in records(run)] == [1, 2], seed  # each epoch once
+    assert_same_run(uninterrupted["cached"], run)
