@@ -118,11 +118,11 @@ class OnnxPredictor(Predictor):
         feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0])
 
-    def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.graph != "logits":
             raise CheckpointError(f"{self.path}: an end-to-end graph outputs class maps, not logits "
                                   "(export with --logits for logits)")
-        return super().logits(images, out_size)
+        return super().logits_by_group(groups)
 
     def batch_key(self, height: int, width: int) -> tuple:
         # An end-to-end graph takes the images at their own size: a batch needs one size.

@@ -135,21 +135,27 @@ class Predictor:
         return total / count
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """images: N×3×H×W uint8 (one size); returns float32 N×C×H'×W' logits at `out_size` (default H×W)."""
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images: N×3×H×W uint8 (one size); returns float32 N×C×H×W logits at that size."""
+        return self.logits_by_group([images])[0]
+
+    @torch.inference_mode()
+    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Groups of uint8 images, n×3×H×W each, whose sizes differ but share a `batch_key` → each group's float32
+        n×C×H×W logits at its own size: one forward pass per working size for all of them, the scales averaged."""
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
         # inference in train mode would use batch statistics and fold val images into BN's running averages.
         if self.model is not None:
             self.model.eval()
-        height, width = images.shape[-2:]
-        out_size = out_size or (height, width)
-        images = images.to(self.device, non_blocking=True)
-        total, sizes = None, self.tta_sizes()
+        groups = [images.to(self.device, non_blocking=True) for images in groups]
+        totals: list[torch.Tensor | None] = [None] * len(groups)
+        sizes = self.tta_sizes()
         for size in sizes:
-            out = self.working_logits(self.preprocess(images, size))
-            out = F.interpolate(out.float(), size=out_size, mode="bilinear", align_corners=False)
-            total = out if total is None else total + out
-        return total if len(sizes) == 1 else total / len(sizes)
+            out = self.working_logits(torch.cat([self.preprocess(images, size) for images in groups])).float()
+            for i, part in enumerate(out.split([len(images) for images in groups])):
+                up = F.interpolate(part, size=groups[i].shape[-2:], mode="bilinear", align_corners=False)
+                totals[i] = up if totals[i] is None else totals[i] + up
+        return totals if len(sizes) == 1 else [total / len(sizes) for total in totals]
 
     def tta_sizes(self) -> list[int]:
         """The working sizes the image is run at: the working size, or one per scale for multi-scale TTA."""
@@ -185,21 +191,9 @@ class Predictor:
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """H×W×3 uint8 images of one `batch_key` (their own sizes may differ) → H×W uint8 class maps, each at its
         image's size, from one forward pass per working size. The same numbers as `predict` on each image alone."""
-        if self.model is not None:
-            self.model.eval()
-        tensors = [torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None]
-                   for image in images]
-        totals: list[torch.Tensor | None] = [None] * len(tensors)
-        sizes = self.tta_sizes()
-        for size in sizes:
-            x = torch.cat([self.preprocess(t, size) for t in tensors])
-            out = self.working_logits(x).float()
-            for i, t in enumerate(tensors):
-                up = F.interpolate(out[i:i + 1], size=t.shape[-2:], mode="bilinear", align_corners=False)
-                totals[i] = up if totals[i] is None else totals[i] + up
-        if len(sizes) > 1:
-            totals = [total / len(sizes) for total in totals]
-        return [total[0].argmax(0).to(torch.uint8).cpu().numpy() for total in totals]
+        groups = [torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None]
+                  for image in images]
+        return [logits[0].argmax(0).to(torch.uint8).cpu().numpy() for logits in self.logits_by_group(groups)]
 
     def predict(self, image: ImageLike | list[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """One image (PIL, path, or H×W×3 uint8) → H×W uint8 class map; a list → a list of them."""
