@@ -53,7 +53,7 @@ def test_every_command_has_help(command, capsys):
 def test_train_flags_cover_the_recipe(capsys):
     out = help_text(capsys, "train")
     for flag in ("--epochs", "--batch-size", "--lr", "--size", "--encoder", "--no-pretrained", "--seed", "--workers",
-                 "--device", "--resume", "--precision", "--compile"):
+                 "--device", "--resume", "--precision", "--compile", "--loss", "--checkpoint-every", "--tensorboard"):
         assert flag in out, flag
     assert "(default: 0.0001)" in out and "(default: 100)" in out and "(default: 256)" in out
 

@@ -38,6 +38,11 @@ class TrainConfig:
     jitter: float = setting(0.2, "brightness/contrast/saturation jitter strength (0: off)")
     class_weights: str = setting("none", "none, or sqrt-inv-freq: loss weights sqrt(median freq / class freq)",
                                  choices=("none", "sqrt-inv-freq"))
+    loss: str = setting("ce", "ce, focal, dice, lovasz (Lovász-softmax), ohem (cross-entropy on the hardest pixels), "
+                        "ce+dice or ce+lovasz; all skip the ignore label", choices=("ce", "focal", "dice", "lovasz",
+                                                                                      "ohem", "ce+dice", "ce+lovasz"))
+    focal_gamma: float = setting(2.0, "focal loss: the exponent of (1 - p) (0: plain cross-entropy)")
+    ohem_keep: float = setting(0.25, "ohem: the fraction of the valid pixels kept, those with the highest loss")
     seed: int = setting(0, "random seed (weights init, data order, augmentation)")
     workers: int = setting(2, "data loader worker processes")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")

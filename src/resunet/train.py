@@ -41,6 +41,7 @@ from .data.images import DataError, read_mask
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset
+from .losses import SegmentationLoss
 from .model.unet import ResNetUNet
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
@@ -303,7 +304,10 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
-    criterion = nn.CrossEntropyLoss(weight=loss_weights, ignore_index=info.ignore_index)
+    try:
+        criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
+    except ValueError as error:
+        raise TrainingError(f"--loss {cfg.loss}: {error}") from None
 
     start_epoch, best_miou, position = 1, -1.0, None
     if cfg.resume:

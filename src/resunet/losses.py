@@ -1,0 +1,117 @@
+"""Training losses. Each takes float logits N×C×H×W and int64 targets N×H×W, skips pixels labelled `ignore_index`,
+and returns a scalar.
+
+- ce: cross-entropy; with class weights, the weighted mean (as torch's CrossEntropyLoss).
+- focal: cross-entropy scaled by (1 - p_t)^gamma (Lin et al. 2017): easy pixels count less; class weights as ce.
+- dice: 1 - soft Dice per class over the batch, averaged over the classes present in the targets (weighted by the
+  class weights when given).
+- lovasz: the Lovász-softmax loss (Berman et al. 2018), a convex surrogate of the Jaccard index (IoU), averaged over
+  the classes present.
+- ohem: cross-entropy over the hardest pixels only: the `ohem_keep` fraction with the highest (weighted) loss.
+- ce+dice, ce+lovasz: the sum of the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("ce", "focal", "dice", "lovasz", "ohem", "ce+dice", "ce+lovasz")
+
+
+def valid_pixels(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits P×C and targets P of the pixels that are not ignored."""
+    flat = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    target = target.reshape(-1)
+    keep = target != ignore_index
+    return flat[keep], target[keep]
+
+
+def focal_loss(logits, target, weight, ignore_index: int, gamma: float = 2.0) -> torch.Tensor:
+    flat, labels = valid_pixels(logits, target, ignore_index)
+    if labels.numel() == 0:
+        return logits.sum() * 0
+    log_p = F.log_softmax(flat, dim=1).gather(1, labels[:, None])[:, 0]
+    loss = -((1 - log_p.exp()) ** gamma) * log_p
+    w = weight[labels] if weight is not None else torch.ones_like(loss)
+    return (w * loss).sum() / w.sum()
+
+
+def dice_loss(logits, target, weight, ignore_index: int, eps: float = 1e-7) -> torch.Tensor:
+    flat, labels = valid_pixels(logits, target, ignore_index)
+    if labels.numel() == 0:
+        return logits.sum() * 0
+    probs = flat.softmax(1)
+    truth = F.one_hot(labels, flat.shape[1]).to(probs.dtype)
+    overlap = (probs * truth).sum(0)
+    dice = 2 * overlap / (probs.sum(0) + truth.sum(0)).clamp_min(eps)
+    present = truth.sum(0) > 0
+    w = (weight if weight is not None else torch.ones_like(dice)) * present
+    return ((1 - dice) * w).sum() / w.sum()
+
+
+def lovasz_grad(truth_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss at pixels sorted by decreasing error."""
+    total = truth_sorted.sum()
+    intersection = total - truth_sorted.cumsum(0)
+    union = total + (1 - truth_sorted).cumsum(0)
+    jaccard = 1 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def lovasz_loss(logits, target, weight, ignore_index: int) -> torch.Tensor:
+    flat, labels = valid_pixels(logits, target, ignore_index)
+    if labels.numel() == 0:
+        return logits.sum() * 0
+    probs = flat.softmax(1)
+    losses = []
+    for c in labels.unique():
+        truth = (labels == c).to(probs.dtype)
+        errors, order = (truth - probs[:, c]).abs().sort(descending=True)
+        losses.append(torch.dot(errors, lovasz_grad(truth[order])))
+    return torch.stack(losses).mean()
+
+
+def ohem_loss(logits, target, weight, ignore_index: int, keep: float = 0.25) -> torch.Tensor:
+    flat, labels = valid_pixels(logits, target, ignore_index)
+    if labels.numel() == 0:
+        return logits.sum() * 0
+    w = weight[labels] if weight is not None else torch.ones(labels.shape, device=flat.device)
+    loss = w * F.cross_entropy(flat, labels, reduction="none")
+    k = max(1, math.ceil(keep * labels.numel()))
+    hardest = loss.topk(k).indices
+    return loss[hardest].sum() / w[hardest].sum()
+
+
+class SegmentationLoss(nn.Module):
+    """One of LOSSES as a module: `criterion(logits, target)`."""
+
+    def __init__(self, name: str = "ce", weight: torch.Tensor | None = None, ignore_index: int = 255,
+                 focal_gamma: float = 2.0, ohem_keep: float = 0.25) -> None:
+        super().__init__()
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; one of {', '.join(LOSSES)}")
+        if not 0 < ohem_keep <= 1:
+            raise ValueError(f"ohem keep fraction {ohem_keep} is not in (0, 1]")
+        self.name, self.ignore_index = name, ignore_index
+        self.focal_gamma, self.ohem_keep = focal_gamma, ohem_keep
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = [self.part(name, logits, target) for name in self.name.split("+")]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def part(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w, ignore = self.weight, self.ignore_index
+        if name == "ce":
+            return F.cross_entropy(logits, target, weight=w, ignore_index=ignore)
+        if name == "focal":
+            return focal_loss(logits, target, w, ignore, self.focal_gamma)
+        if name == "dice":
+            return dice_loss(logits, target, w, ignore)
+        if name == "lovasz":
+            return lovasz_loss(logits, target, w, ignore)
+        return ohem_loss(logits, target, w, ignore, self.ohem_keep)

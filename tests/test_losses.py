@@ -1,0 +1,110 @@
+"""Each loss against values worked out by hand on three pixels (plus an ignored one) of two classes."""
+
+import math
+
+import pytest
+import torch
+
+from resunet.losses import LOSSES, SegmentationLoss
+
+# Pixels: targets 1, 0, 1 and one ignored (255). The probability of class 1 at each: 0.4, 0.3, 0.9 (and 0.5).
+P1 = [0.4, 0.3, 0.9, 0.5]
+TARGET = torch.tensor([[[1, 0, 1, 255]]])
+P_TRUE = [0.4, 0.7, 0.9]  # the probability of each valid pixel's own class
+
+
+def logits() -> torch.Tensor:
+    """1×2×1×4: two classes, softmax([0, log(p / (1 - p))]) = [1 - p, p]."""
+    return torch.tensor([[[[0.0] * 4], [[math.log(p / (1 - p)) for p in P1]]]], dtype=torch.float64)
+
+
+def loss(name, weight=None, **options):
+    w = torch.tensor(weight, dtype=torch.float64) if weight else None
+    return float(SegmentationLoss(name, w, 255, **options)(logits(), TARGET))
+
+
+CE = [-math.log(p) for p in P_TRUE]  # 0.9163, 0.3567, 0.1054
+
+
+def test_cross_entropy_skips_ignore_and_weights_as_torch_does():
+    assert loss("ce") == pytest.approx(sum(CE) / 3)
+    # weights [1, 3]: pixels of class 1 count three times: (3·0.9163 + 1·0.3567 + 3·0.1054) / 7
+    assert loss("ce", [1, 3]) == pytest.approx((3 * CE[0] + CE[1] + 3 * CE[2]) / 7)
+
+
+def test_focal_by_hand():
+    by_hand = [(1 - p) ** 2 * c for p, c in zip(P_TRUE, CE)]  # 0.36·0.9163, 0.09·0.3567, 0.01·0.1054
+    assert loss("focal") == pytest.approx(sum(by_hand) / 3)
+    assert loss("focal", focal_gamma=0.0) == pytest.approx(loss("ce"))
+    assert loss("focal", [1, 3]) == pytest.approx((3 * by_hand[0] + by_hand[1] + 3 * by_hand[2]) / 7)
+
+
+def test_dice_by_hand():
+    # class 1: overlap 0.4 + 0.9 = 1.3, sum of p 1.6, 2 pixels → 1 - 2.6/3.6; class 0: overlap 0.7, sum of p 1.4,
+    # 1 pixel → 1 - 1.4/2.4
+    one, zero = 1 - 2.6 / 3.6, 1 - 1.4 / 2.4
+    assert loss("dice") == pytest.approx((one + zero) / 2)
+    assert loss("dice", [1, 3]) == pytest.approx((zero + 3 * one) / 4)
+
+
+def test_lovasz_by_hand():
+    # Class 1: errors |truth - p| = 0.6, 0.3, 0.1 (already decreasing), truth 1, 0, 1: Jaccard losses of the growing
+    # prefixes 1 - 1/2, 1 - 1/3, 1 - 0/3 → increments 0.5, 1/6, 1/3 → 0.6·0.5 + 0.3/6 + 0.1/3.
+    # Class 0: errors 0.6, 0.3, 0.1, truth 0, 1, 0 → prefixes 1 - 1/2, 1 - 0/2, 1 → increments 0.5, 0.5, 0.
+    one = 0.6 * 0.5 + 0.3 / 6 + 0.1 / 3
+    zero = 0.6 * 0.5 + 0.3 * 0.5
+    assert loss("lovasz") == pytest.approx((one + zero) / 2)
+
+
+def test_ohem_keeps_the_hardest_pixels():
+    assert loss("ohem", ohem_keep=0.5) == pytest.approx((CE[0] + CE[1]) / 2)  # ceil(1.5) = 2 hardest
+    assert loss("ohem", ohem_keep=0.1) == pytest.approx(CE[0])
+    assert loss("ohem", ohem_keep=1.0) == pytest.approx(loss("ce"))
+
+
+def test_sums():
+    assert loss("ce+dice") == pytest.approx(loss("ce") + loss("dice"))
+    assert loss("ce+lovasz") == pytest.approx(loss("ce") + loss("lovasz"))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_each_loss_ignores_void_and_has_gradients(name):
+    # Changing an ignored pixel's logits changes neither the loss nor the other pixels' gradients.
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[0, :2] = 255
+    criterion = SegmentationLoss(name, torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64), 255)
+    value = criterion(x, target)
+    value.backward()
+    grad = x.grad.clone()
+    y = x.detach().clone()
+    y[0, :, :2] += 5.0
+    y.requires_grad_(True)
+    again = criterion(y, target)
+    again.backward()
+    assert again.item() == pytest.approx(value.item(), rel=1e-12)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.equal(grad[0, :, :2], torch.zeros_like(grad[0, :, :2]))
+    assert torch.allclose(y.grad, grad, atol=1e-12)
+
+
+def test_a_bad_keep_fraction_is_refused():
+    with pytest.raises(ValueError, match="not in"):
+        SegmentationLoss("ohem", None, 255, ohem_keep=0.0)
+
+
+def test_training_with_a_chosen_loss(demo_root, ram_tmp):
+    import json
+
+    from resunet.checkpoint import load_checkpoint
+    from resunet.train import train
+
+    from conftest import tiny_config
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=2, size=32, encoder="efficientnet-lite0", loss="ce+lovasz",
+                      class_weights="sqrt-inv-freq"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert load_checkpoint(run / "last.pt")["train_config"]["loss"] == "ce+lovasz"
