@@ -152,9 +152,9 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(demo_ro
 
 def cli_args(demo_root, run, extra=()):
     return ["--data-root", str(demo_root), "--out", str(run), "--epochs", "2", "--batch-size", "4", "--size", "32",
-            "--encoder", "efficientnet-lite0", "--no-pretrained", "--precision", "fp32", "--lr", "1e-3", "--optimizer", "adamw",
-            "--scale-min", "0.75", "--scale-max", "1.25", "--no-progress", "--cache-dir", str(run.parent / "cache"),
-            *extra]
+            "--encoder", "efficientnet-lite0", "--no-pretrained", "--precision", "fp32", "--lr", "1e-3",
+            "--optimizer", "adamw", "--scale-min", "0.75", "--scale-max", "1.25", "--no-progress",
+            "--cache-dir", str(run.parent / "cache"), *extra]
 
 
 def start(args, run):

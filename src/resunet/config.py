@@ -22,20 +22,29 @@ class TrainConfig:
     encoder: str = setting("resnet34", "resnet18|resnet34|resnet50|resnet101|efficientnet-lite0|-lite1|-lite2")
     pretrained: bool = setting(True, "start the encoder from ImageNet weights (--no-pretrained: random init)")
     encoder_weights: str | None = setting(None, "local encoder weights file (torchvision format) instead of a download")
+    decoder_channels: str = setting("256,128,64,32", "the four decoder blocks' widths, deepest first (narrower: faster)")
+    attention: str = setting("none", "decoder attention: none, or scse (squeeze-and-excitation, channel and spatial, "
+                             "in each decoder block)", choices=("none", "scse"))
     epochs: int = setting(100, "epochs")
     batch_size: int = setting(8, "images per step (per process under torchrun)")
     lr: float = setting(1e-4, "learning rate")
     weight_decay: float = setting(1e-5, "weight decay")
     optimizer: str = setting("adam", "adam (L2 weight decay, the seed) or adamw (decoupled)", choices=("adam", "adamw"))
-    scheduler: str = setting("plateau", "plateau: ReduceLROnPlateau on val mIoU; cosine: per-step decay to 0",
-                             choices=("plateau", "cosine"))
-    warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine only)")
+    scheduler: str = setting("plateau", "plateau: ReduceLROnPlateau on val mIoU; cosine: per-step decay to 0; poly: "
+                             "per-step (1 - progress)^0.9 decay to 0", choices=("plateau", "cosine", "poly"))
+    warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine and poly)")
+    ema: float = setting(0.0, "keep an exponential moving average of the weights and BatchNorm statistics with this "
+                         "decay (e.g. 0.999; 0: off); it is the model evaluated, selected and saved")
     size: int = setting(256, "working size: images are scaled so the shorter side is size (× a random scale when "
                         "training); inference resizes the shorter side to it")
     crop_size: int | None = setting(None, "training crop, square (default: size)")
     scale_min: float = setting(0.5, "smallest random scale (of shorter side = size)")
     scale_max: float = setting(2.0, "largest random scale")
     jitter: float = setting(0.2, "brightness/contrast/saturation jitter strength (0: off)")
+    mix: str = setting("none", "cutmix: paste a random box of another image of the batch, with its labels; classmix: "
+                       "paste half of the classes of another image, with their labels", choices=("none", "cutmix",
+                                                                                                  "classmix"))
+    mix_prob: float = setting(0.5, "the share of the images of a batch that get mixed (--mix)")
     class_weights: str = setting("none", "none, or sqrt-inv-freq: loss weights sqrt(median freq / class freq)",
                                  choices=("none", "sqrt-inv-freq"))
     loss: str = setting("ce", "ce, focal, dice, lovasz (Lovász-softmax), ohem (cross-entropy on the hardest pixels), "

@@ -16,6 +16,7 @@ batches follow and the weights come out bit for bit as if the run had never stop
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
+from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset
@@ -137,6 +139,9 @@ def set_loader_epoch(loader, epoch: int, seed: int) -> None:
     torch.manual_seed(epoch_seed(seed, epoch))
 
 
+PER_STEP_SCHEDULERS = ("cosine", "poly")
+
+
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
@@ -146,7 +151,10 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "poly":
+            return (1 - progress) ** 0.9
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -179,6 +187,36 @@ def restore_rng(state: dict) -> None:
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
 
 
+class WeightAverage:
+    """--ema DECAY: an exponential moving average of the weights and the BatchNorm statistics, updated after every
+    optimisation step. It is the model evaluated, selected and saved. As in timm, the decay ramps up over the first
+    steps ((1 + t) / (10 + t) until that reaches DECAY), so the average does not drag the random decoder along."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if average.dtype.is_floating_point:
+                average.lerp_(current, 1 - decay)
+            else:  # BatchNorm's step counter
+                average.copy_(current)
+
+
+def decoder_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 4 or min(widths) < 1:
+        raise TrainingError(f"--decoder-channels {text}: four positive widths, deepest block first (256,128,64,32)")
+    return widths
+
+
 def write_atomically(path: Path, text: str) -> None:
     """A process killed mid-write leaves the old file or the new one, never half a line."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -187,7 +225,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
-    """--checkpoint-every: "500" → every 500 steps, "10m" → every 10 minutes (as seconds), None → epoch ends only."""
+    """--checkpoint-every: "500" → every 500 steps; "10m" → every 600 seconds; None → at epoch ends only."""
     if not text:
         return None, None
     try:
@@ -292,7 +330,8 @@ def train(cfg: TrainConfig) -> dict:
         raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                         f"{cfg.batch_size * world}")
     weights = cfg.encoder_weights or ("imagenet" if cfg.pretrained and not cfg.resume else None)
-    model = ResNetUNet(info.num_classes, cfg.encoder, weights).to(device)
+    model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
+                       attention=cfg.attention).to(device)
     mean, std = model.normalization
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -309,10 +348,16 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as error:
         raise TrainingError(f"--loss {cfg.loss}: {error}") from None
 
+    if not 0 <= cfg.ema < 1:
+        raise TrainingError(f"--ema {cfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
     start_epoch, best_miou, position = 1, -1.0, None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("training_model", state["model"]))  # with --ema, "model" is the average
+        if average is not None:
+            average.module.load_state_dict(state["model"])
+            average.updates = state["ema_updates"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -332,7 +377,8 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if cfg.compile else model
-    predictor = Predictor(raw_model, info, cfg.size, mean, std, device, precision_name(dtype))
+    evaluated_model = average.module if average is not None else raw_model  # also the one saved as "model"
+    predictor = Predictor(evaluated_model, info, cfg.size, mean, std, device, precision_name(dtype))
     steps_per_epoch = len(loader)
     global_step = (start_epoch - 1) * steps_per_epoch + (position["step"] if position else 0)
     board = None
@@ -352,10 +398,11 @@ def train(cfg: TrainConfig) -> dict:
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
         save_checkpoint({
             "model_config": raw_model.config.to_dict(), "classes": info.to_dict(), "input_size": cfg.size,
-            "normalization": {"mean": list(mean), "std": list(std)}, "model": raw_model.state_dict(),
+            "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
             "train_config": cfg.to_dict(), **extra,
+            **({"training_model": raw_model.state_dict(), "ema_updates": average.updates} if average else {}),
         }, path)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
@@ -396,10 +443,16 @@ def train(cfg: TrainConfig) -> dict:
                     stop_now = True  # the signal reached the loader's worker processes too
                     break
                 step_started = time.perf_counter()
+                if cfg.mix != "none":  # draws seeded by (seed, epoch, step, rank): a resumed run mixes the same
+                    key = (epoch_seed(cfg.seed, epoch) * 1_000_003 + steps) * 1024 + rank
+                    draws = torch.Generator().manual_seed(key)
+                    images, masks = mix_batch(images, masks, cfg.mix, cfg.mix_prob, info.ignore_index, draws)
                 loss = train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype,
                                   channels_last)
+                if average is not None:
+                    average.update(raw_model)
                 loss_sum += loss
-                if cfg.scheduler == "cosine":
+                if cfg.scheduler in PER_STEP_SCHEDULERS:
                     scheduler.step()
                 steps += 1
                 global_step += 1

@@ -24,18 +24,35 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class DecoderBlock(nn.Module):
-    """Upsample ×2 (learned, transposed conv), concatenate the skip feature, two 3×3 conv-BN-ReLU."""
+class SCSE(nn.Module):
+    """Concurrent spatial and channel squeeze-and-excitation (Roy et al. 2018): the features re-weighted per channel
+    (from their global average) plus re-weighted per pixel (from a 1×1 convolution)."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.channel = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+        self.spatial = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.channel(x) + x * self.spatial(x)
+
+
+class DecoderBlock(nn.Module):
+    """Upsample ×2 (learned, transposed conv), concatenate the skip feature, two 3×3 conv-BN-ReLU; optionally scSE
+    attention on the output."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, attention: str = "none") -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         self.conv1 = conv_bn_relu(out_channels + skip_channels, out_channels)
         self.conv2 = conv_bn_relu(out_channels, out_channels)
+        self.attention = SCSE(out_channels) if attention == "scse" else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
-        return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
+        return self.attention(self.conv2(self.conv1(torch.cat([x, skip], dim=1))))
 
 
 class SegmentationHead(nn.Module):
@@ -61,6 +78,7 @@ class ModelConfig:
     encoder: str = "resnet34"
     bridge_channels: int = 512
     decoder_channels: tuple[int, int, int, int] = (256, 128, 64, 32)
+    attention: str = "none"  # or "scse" in each decoder block; older checkpoints have no such key
 
     def to_dict(self) -> dict:
         return {**asdict(self), "decoder_channels": list(self.decoder_channels)}
@@ -84,22 +102,28 @@ class ResNetUNet(nn.Module):
         encoder_weights: str | Path | None = "imagenet",
         bridge_channels: int = 512,
         decoder_channels: tuple[int, int, int, int] = (256, 128, 64, 32),
+        attention: str = "none",
     ) -> None:
         super().__init__()
-        self.config = ModelConfig(num_classes, encoder, bridge_channels, tuple(decoder_channels))
+        if attention not in ("none", "scse"):
+            raise ValueError(f"unknown decoder attention {attention!r}; none or scse")
+        if len(decoder_channels) != 4 or min(decoder_channels) < 1:
+            raise ValueError(f"decoder channels {tuple(decoder_channels)}: four positive numbers, one per block")
+        self.config = ModelConfig(num_classes, encoder, bridge_channels, tuple(decoder_channels), attention)
         self.normalization = encoder_normalization(encoder)
         self.encoder = build_encoder(encoder, encoder_weights)
         skip_channels = self.encoder.out_channels[:-1][::-1]  # stride 16, 8, 4, 2
         self.bridge = conv_bn_relu(self.encoder.out_channels[-1], bridge_channels)
         in_channels = (bridge_channels,) + tuple(decoder_channels[:-1])
         self.decoder = nn.ModuleList(
-            DecoderBlock(i, s, o) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
+            DecoderBlock(i, s, o, attention) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
         )
         self.head = SegmentationHead(decoder_channels[-1], num_classes)
 
     @classmethod
     def from_config(cls, config: ModelConfig, encoder_weights: str | Path | None = None) -> "ResNetUNet":
-        return cls(config.num_classes, config.encoder, encoder_weights, config.bridge_channels, config.decoder_channels)
+        return cls(config.num_classes, config.encoder, encoder_weights, config.bridge_channels, config.decoder_channels,
+                   config.attention)
 
     output_stride = 32
 

@@ -1,0 +1,138 @@
+"""Training options off the seed recipe: poly schedule, EMA of the weights, scSE attention, decoder widths, CutMix
+and ClassMix. Each against numbers worked out by hand, then all together through a real run and its exact resume."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from resunet.checkpoint import load_checkpoint, model_from_checkpoint
+from resunet.config import TrainConfig
+from resunet.data.mixing import cutmix_box, mix_batch
+from resunet.model.unet import SCSE, ResNetUNet
+from resunet.train import TrainingError, WeightAverage, decoder_widths, make_scheduler, train
+
+from conftest import tiny_config
+from test_faults import signal_after_step
+
+
+def test_poly_schedule_with_warmup_by_hand():
+    cfg = TrainConfig(data_root="x", scheduler="poly", epochs=2, warmup_epochs=0.5, lr=1.0)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5:] == pytest.approx([(1 - k / 15) ** 0.9 for k in range(15)])
+
+
+def test_scse_by_hand():
+    block = SCSE(32)
+    for module in block.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+    x = torch.randn(2, 32, 5, 7)
+    assert torch.allclose(block(x), x)  # both gates sigmoid(0) = 1/2: x/2 + x/2
+    nn.init.constant_(block.spatial[0].bias, 50.0)  # the spatial gate fully open: x/2 + x
+    assert torch.allclose(block(x), 1.5 * x)
+
+
+def test_decoder_widths_and_attention_are_part_of_the_model_and_its_checkpoint():
+    model = ResNetUNet(5, "resnet18", None, decoder_channels=(64, 32, 16, 8), attention="scse").eval()
+    seed = ResNetUNet(5, "resnet18", None).eval()
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in seed.parameters())
+    assert model.decoder[0].conv2[0].out_channels == 64 and isinstance(model.decoder[3].attention, SCSE)
+    x = torch.randn(1, 3, 40, 56)
+    assert model(x).shape == (1, 5, 40, 56)
+    rebuilt = model_from_checkpoint({"model_config": model.config.to_dict(), "model": model.state_dict()}).eval()
+    assert torch.equal(rebuilt(x), model(x))
+    # a checkpoint written before these options existed still loads, as the seed architecture
+    old = {k: v for k, v in seed.config.to_dict().items() if k != "attention"}
+    assert isinstance(model_from_checkpoint({"model_config": old, "model": seed.state_dict()}).decoder[0].attention,
+                      nn.Identity)
+    assert decoder_widths("128,64,32,16") == (128, 64, 32, 16)
+    for bad in ("128,64,32", "a,b,c,d", "128,64,0,16"):
+        with pytest.raises(TrainingError, match="--decoder-channels"):
+            decoder_widths(bad)
+
+
+def test_weight_average_by_hand():
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(2.0)
+        model[1].num_batches_tracked.fill_(7)
+    average.update(model)  # first update: decay min(0.5, 2/11) = 2/11 → 1 + (3 - 1)·9/11
+    assert average.module[0].weight.item() == pytest.approx(1 + 2 * 9 / 11)
+    assert average.module[1].running_mean.item() == pytest.approx(2 * 9 / 11)  # BN statistics are averaged too
+    assert average.module[1].num_batches_tracked.item() == 7  # the counter is copied
+    for _ in range(20):
+        average.update(model)  # later the decay is 0.5: the average halves its distance to the weights each step
+    assert average.module[0].weight.item() == pytest.approx(3.0, abs=1e-5)
+    assert not average.module.training and not any(p.requires_grad for p in average.module.parameters())
+
+
+def labelled_batch(n=6, size=16):
+    """Every pixel of image i holds i in all channels; its mask holds i too, except an ignored stripe."""
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, size, size).clone()
+    masks = torch.arange(n)[:, None, None].expand(n, size, size).clone()
+    masks[:, :, :3] = 255
+    masks[2, 8:] = 0  # image 2 holds two classes
+    return images, masks
+
+
+@pytest.mark.parametrize("kind", ["cutmix", "classmix"])
+def test_mixing_moves_labels_with_their_pixels(kind):
+    images, masks = labelled_batch()
+    mixed, labels = mix_batch(images, masks, kind, 1.0, 255, torch.Generator().manual_seed(3))
+    assert not torch.equal(mixed, images)  # something was pasted
+    source = mixed[:, 0].long()  # which image each pixel came from
+    assert torch.equal(mixed[:, 0], mixed[:, 2])  # whole pixels move, all channels together
+    for i in range(len(images)):
+        came = source[i]
+        # Each pixel's label is the label that pixel had in its source image.
+        assert torch.equal(labels[i], masks[came, torch.arange(16)[:, None], torch.arange(16)])
+    if kind == "classmix":
+        assert torch.equal(labels == 255, masks == 255)  # ignore is never pasted, and stays ignored
+    again = mix_batch(images, masks, kind, 1.0, 255, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], labels)  # the same draws, the same batch
+    untouched = mix_batch(images, masks, kind, 0.0, 255, torch.Generator().manual_seed(3))
+    assert torch.equal(untouched[0], images) and torch.equal(untouched[1], masks)
+
+
+def test_cutmix_box_by_hand():
+    box = cutmix_box(20, 40, 0.25, 0.5, 0.5)  # sides halved: 10 × 20, centred
+    assert box.sum() == 200 and box[5:15, 10:30].all()
+    corner = cutmix_box(20, 40, 0.25, 0.0, 1.0)  # centred on the top-right corner: clipped inside
+    assert corner.sum() == 200 and corner[:10, 20:].all()
+
+
+def test_all_options_train_and_resume_exactly(demo_root, ram_tmp, monkeypatch):
+    options = dict(size=32, encoder="resnet18", precision="fp32", scheduler="poly", warmup_epochs=0.5, ema=0.9,
+                   attention="scse", decoder_channels="64,32,16,8", mix="classmix", loss="ce+dice", epochs=2)
+    whole = ram_tmp / "whole"
+    train(tiny_config(demo_root, whole, **options))
+    part = ram_tmp / "part"
+    signal_after_step(monkeypatch, 17)  # SIGTERM at step 5 of epoch 2
+    assert train(tiny_config(demo_root, part, **options))["stopped_by"] == "SIGTERM"
+    monkeypatch.undo()
+    train(tiny_config(demo_root, part, resume=str(part / "last.pt"), **options))
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(part / "last.pt")
+    for key in ("model", "training_model"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    assert a["ema_updates"] == b["ema_updates"] == 24
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_images_per_s")}
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(whole) == strip(part)
+    # The saved "model" is the average (what was evaluated and selected), not the last training weights.
+    assert any(not torch.equal(a["model"][k], a["training_model"][k]) for k in a["model"])
+    assert a["model_config"]["attention"] == "scse" and a["model_config"]["decoder_channels"] == [64, 32, 16, 8]
