@@ -124,9 +124,11 @@ def inference_options(args) -> dict:
 def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
+    if args.worst and not args.out:
+        raise SystemExit("resunet evaluate: error: --worst K needs --out DIR for its contact sheet")
     run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
-                 workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels,
-                 **inference_options(args))
+                 workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels, worst=args.worst,
+                 worst_out=args.out, **inference_options(args))
     return 0
 
 
@@ -302,12 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refuse images (and masks) with more pixels, read from the file's header before "
                                 f"decoding: decompression bombs (default {DEFAULT_MAX_PIXELS:,})")
 
-    p = commands.add_parser("evaluate", parents=[inference], help="per-class IoU, mIoU, pixel accuracy")
+    p = commands.add_parser("evaluate", parents=[inference],
+                            help="per-class IoU and boundary IoU, mIoU, pixel accuracy")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--json", help="also write the scores and confusion matrix here")
-    p.add_argument("--confusion", help="also draw the row-normalised confusion matrix here (PNG)")
+    p.add_argument("--confusion", help="also draw the row-normalised confusion matrix and per-class IoU bars here "
+                   "(PNG)")
+    p.add_argument("--worst", type=int, default=0, metavar="K",
+                   help="also draw the K images with the lowest own mIoU: image / ground truth / prediction / errors "
+                        "(to --out DIR/worst.png, listed in worst.json)")
+    p.add_argument("--out", help="folder for --worst")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(run=cmd_evaluate)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS
-from .metrics import ConfusionMatrix
+from .metrics import BoundaryIoU, ConfusionMatrix, image_miou
 from .predict import DEFAULT_SCALES, Predictor, load
 
 
@@ -35,35 +35,51 @@ def evaluate_dataset(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    boundary: BoundaryIoU | None = None,
+    per_image: list[tuple[int, float]] | None = None,
 ) -> ConfusionMatrix:
-    """Confusion matrix over the whole dataset (all processes' shares summed)."""
+    """Confusion matrix over the whole dataset (all processes' shares summed). Given `boundary`, it accumulates the
+    boundary IoU too; given `per_image`, (dataset index, the image's own mIoU) pairs are appended to it."""
     info = dataset.info
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=_as_lists,
                         worker_init_fn=worker_ignores_ctrl_c if workers else None)
     # A bar only on a terminal: in a log file it would be `\r` fragments.
+    position = rank  # the dataset index of the next sample: the loader keeps the shard's order
     for samples in tqdm(loader, desc="eval", leave=False, disable=not progress or rank != 0 or not sys.stderr.isatty()):
         # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.
         by_size: dict[tuple[int, int], list] = {}
         for sample in samples:
-            by_size.setdefault(sample.mask.shape, []).append(sample)
+            by_size.setdefault(sample.mask.shape, []).append((position, sample))
+            position += world_size
         for group in by_size.values():
-            images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in group])
-            targets = torch.stack([torch.from_numpy(s.mask) for s in group])
+            images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
+            targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
             predictions = predictor.predict_tensor(images).cpu()
             matrix.update(predictions, targets)
+            for (index, _), prediction, target in zip(group, predictions, targets):
+                if boundary is not None:
+                    boundary.update(prediction, target)
+                if per_image is not None:
+                    per_image.append((index, image_miou(prediction, target, info.num_classes, info.ignore_index)))
     matrix.all_reduce()
+    if boundary is not None:
+        boundary.all_reduce()
     return matrix
 
 
 def format_table(scores: dict, info: ClassInfo) -> str:
+    """Per-class IoU (and boundary IoU when scored), then the means and pixel accuracy."""
     width = max(12, max(len(n) for n in info.names) + 2)
-    lines = [f"{'class':<{width}} {'IoU %':>7}"]
-    for name, iou in zip(info.names, scores["iou"]):
-        lines.append(f"{name:<{width}} {'absent' if math.isnan(iou) else f'{100 * iou:7.2f}':>7}")
-    lines.append("-" * (width + 8))
-    lines.append(f"{'mIoU':<{width}} {100 * scores['miou']:7.2f}")
+    boundary = scores.get("boundary_iou")
+    percent = lambda v: "absent" if math.isnan(v) else f"{100 * v:7.2f}"
+    lines = [f"{'class':<{width}} {'IoU %':>7}" + (f" {'boundary IoU %':>15}" if boundary else "")]
+    for c, (name, iou) in enumerate(zip(info.names, scores["iou"])):
+        lines.append(f"{name:<{width}} {percent(iou):>7}" + (f" {percent(boundary[c]):>15}" if boundary else ""))
+    lines.append("-" * (width + (24 if boundary else 8)))
+    lines.append(f"{'mIoU':<{width}} {100 * scores['miou']:7.2f}"
+                 + (f" {100 * scores['boundary_miou']:15.2f}" if boundary else ""))
     lines.append(f"{'pixel acc.':<{width}} {100 * scores['pixel_accuracy']:7.2f}")
     return "\n".join(lines)
 
@@ -83,14 +99,20 @@ def run_evaluate(
     window: int | None = None,
     stride: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    worst: int = 0,
+    worst_out: str | None = None,
 ) -> dict:
-    """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table, return scores."""
+    """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table (IoU and
+    boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
+    `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json."""
     predictor = load(checkpoint, device=device, precision=precision, tta=tta, scales=scales, window=window,
                      stride=stride)
     info = predictor.info
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
-    matrix = evaluate_dataset(predictor, dataset, batch_size, workers)
-    scores = matrix.compute()
+    boundary = BoundaryIoU(info.num_classes, info.ignore_index)
+    per_image: list[tuple[int, float]] | None = [] if worst > 0 else None
+    matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image)
+    scores = {**matrix.compute(), **boundary.compute()}
     extra = f", window {predictor.window} stride {predictor.stride}" if predictor.window else ""
     scales_text = f" scales {','.join(f'{s:g}' for s in predictor.scales)}" if "ms" in predictor.tta else ""
     print(f"{dataset.description}: {len(dataset)} images, evaluated at original resolution "
@@ -103,5 +125,32 @@ def run_evaluate(
     if confusion_png:
         from .visualize import plot_confusion
 
-        plot_confusion(matrix.matrix, info, confusion_png)
+        plot_confusion(matrix.matrix, info, confusion_png, scores)
+    if per_image:
+        result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out or "."))
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def write_worst(predictor: Predictor, dataset: PairedDataset, per_image: list[tuple[int, float]], count: int,
+                out: Path) -> list[dict]:
+    """The `count` images with the lowest own mIoU (NaN, nothing scored, last): a contact sheet and their list."""
+    from .visualize import plot_worst
+
+    ranked = sorted(per_image, key=lambda item: (math.isnan(item[1]), item[1]))[:count]
+    rows, listed = [], []
+    for index, miou in ranked:
+        sample = dataset.load(index)
+        prediction = predictor.predict(sample.image)
+        valid = sample.mask != dataset.info.ignore_index
+        accuracy = float((prediction[valid] == sample.mask[valid]).mean()) if valid.any() else math.nan
+        rows.append({"name": sample.name, "image": sample.image, "target": sample.mask, "prediction": prediction,
+                     "miou": miou, "pixel_accuracy": accuracy})
+        listed.append({"name": sample.name, "image": str(dataset.image_paths[index]), "miou": miou,
+                       "pixel_accuracy": accuracy})
+    out.mkdir(parents=True, exist_ok=True)
+    plot_worst(rows, dataset.info, out / "worst.png")
+    (out / "worst.json").write_text(json.dumps(listed, indent=1))
+    print(f"wrote the {len(rows)} images with the lowest mIoU to {out / 'worst.png'} (list: {out / 'worst.json'})")
+    return listed

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 class ConfusionMatrix:
@@ -55,3 +56,64 @@ class ConfusionMatrix:
             "iou": [float(v) for v in iou],
             "pixel_accuracy": float(true_positive.sum() / total) if total > 0 else math.nan,
         }
+
+
+BOUNDARY_FRACTION = 0.02  # the band's width as a share of the image diagonal (Cheng et al.'s setting)
+
+
+def boundary_band(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """K×H×W boolean masks → the pixels of each mask within `width` pixels (chessboard distance) of its contour or
+    of the image edge: the mask minus its erosion by a (2·width+1)² square (eroded as two 1-D passes)."""
+    x = F.pad(masks[None].float(), (width, width, width, width), value=0.0)
+    eroded = -F.max_pool2d(-x, (2 * width + 1, 1), stride=1)
+    eroded = -F.max_pool2d(-eroded, (1, 2 * width + 1), stride=1)
+    return masks & (eroded[0] < 1)
+
+
+class BoundaryIoU:
+    """Boundary IoU per class (Cheng et al., CVPR 2021), accumulated over a whole split like the confusion matrix:
+    IoU of the ground truth's and the prediction's boundary bands (each mask's pixels within d of its contour,
+    d = 2% of the image diagonal), ignore-labelled pixels excluded. mIoU hides errors along the edges; this shows
+    them."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, fraction: float = BOUNDARY_FRACTION) -> None:
+        self.num_classes, self.ignore_index, self.fraction = num_classes, ignore_index, fraction
+        self.intersection = torch.zeros(num_classes, dtype=torch.int64)
+        self.union = torch.zeros(num_classes, dtype=torch.int64)
+
+    def band_width(self, height: int, width: int) -> int:
+        return max(1, round(self.fraction * math.hypot(height, width)))
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """One image: H×W integer class maps."""
+        pred, target = pred.cpu().long(), target.cpu().long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        classes = torch.unique(torch.cat([target[valid], pred[valid]]))
+        if len(classes) == 0:
+            return
+        d = self.band_width(*target.shape)
+        truth = boundary_band(target[None] == classes[:, None, None], d) & valid
+        guess = boundary_band(pred[None] == classes[:, None, None], d) & valid
+        self.intersection[classes] += (truth & guess).sum((1, 2))
+        self.union[classes] += (truth | guess).sum((1, 2))
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            counts = torch.stack([self.intersection, self.union]).to(device)
+            dist.all_reduce(counts)
+            self.intersection, self.union = counts.cpu()
+
+    def compute(self) -> dict:
+        """{"boundary_miou": float, "boundary_iou": [per class, NaN where no band]}"""
+        union = self.union.double()
+        iou = torch.where(union > 0, self.intersection.double() / union.clamp(min=1), torch.full_like(union, math.nan))
+        return {"boundary_miou": float(iou.nanmean()) if (union > 0).any() else math.nan,
+                "boundary_iou": [float(v) for v in iou]}
+
+
+def image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> float:
+    """One image's own mIoU (classes in its ground truth or prediction): how `evaluate --worst` ranks images."""
+    matrix = ConfusionMatrix(num_classes, ignore_index)
+    matrix.update(pred.cpu(), target.cpu())
+    return matrix.compute()["miou"]

@@ -1,4 +1,5 @@
-"""Pictures: training curves, the 3×5 image / ground truth / prediction grid, a confusion heatmap."""
+"""Pictures: training curves, the 3×5 image / ground truth / prediction grid, a confusion heatmap with per-class
+IoU bars, the worst images' contact sheet."""
 
 from __future__ import annotations
 
@@ -60,19 +61,70 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
     plt.close(fig)
 
 
-def plot_confusion(matrix, info: ClassInfo, path: str | Path) -> None:
-    """Row-normalised confusion matrix (rows: true class) with class names."""
+def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | None = None) -> None:
+    """Row-normalised confusion matrix (rows: true class) with class names; given `scores`, beside it a bar chart of
+    each class's IoU (and boundary IoU when scored)."""
     m = np.asarray(matrix, dtype=np.float64)
     m = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = info.num_classes
-    fig, ax = plt.subplots(figsize=(0.45 * n + 3, 0.45 * n + 2))
+    side = 0.45 * n + 2
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(2 * side + 3 if scores else side + 1, side),
+                             squeeze=False)
+    ax = axes[0][0]
     ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), info.names, rotation=90)
     ax.set_yticks(range(n), info.names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if scores:
+        bars = axes[0][1]
+        rows = np.arange(n)
+        iou = 100 * np.nan_to_num(np.asarray(scores["iou"], dtype=np.float64))
+        boundary = scores.get("boundary_iou")
+        height = 0.4 if boundary else 0.8
+        bars.barh(rows - (height / 2 if boundary else 0), iou, height, label=f"IoU (mean {100 * scores['miou']:.1f})")
+        if boundary:
+            bars.barh(rows + height / 2, 100 * np.nan_to_num(np.asarray(boundary, dtype=np.float64)), height,
+                      label=f"boundary IoU (mean {100 * scores['boundary_miou']:.1f})")
+        bars.set_yticks(rows, info.names)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 100)
+        bars.set_xlabel("%")
+        bars.grid(axis="x", alpha=0.3)
+        bars.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np.ndarray:
+    """Wrong pixels red, right ones black, ignored ones grey."""
+    picture = np.zeros(target.shape + (3,), dtype=np.uint8)
+    picture[prediction != target] = (230, 40, 40)
+    picture[target == info.ignore_index] = (128, 128, 128)
+    return picture
+
+
+def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
+    """A contact sheet, one row per image: image / ground truth / prediction / errors, titled with its scores.
+    `rows`: dicts with name, image, target, prediction, miou, pixel_accuracy."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows) + 0.6), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
+                    error_map(row["target"], row["prediction"], info))
+        for ax, picture in zip(ax_row, pictures):
+            ax.imshow(picture)
+            ax.axis("off")
+        ax_row[0].set_title(f"{row['name']}: mIoU {100 * row['miou']:.1f}%, pixel acc. "
+                            f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=10)
+    for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
+        ax.set_title(title, loc="left", fontsize=10)
+    present = sorted({int(v) for row in rows for m in (row["target"], row["prediction"]) for v in np.unique(m)
+                      if v < info.num_classes})
+    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (2.9 * len(rows) + 0.6), 1, 1))
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
