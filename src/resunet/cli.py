@@ -132,6 +132,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import run_calibrate
+
+    run_calibrate(args.checkpoint, args.data_root, args.split, args.device, args.precision, args.max_pixels)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import run_export
 
@@ -170,6 +177,9 @@ def _readable(path: Path, max_pixels: int | None):
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+    from PIL import Image
+
     from .data.images import DataError, read_image
     from .predict import load
 
@@ -198,7 +208,11 @@ def cmd_predict(args) -> int:
             print(f"resunet predict: {error}", file=sys.stderr)
             failed += 1
             continue
-        mask = predictor.predict(image)
+        if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
+            mask, confidence = predictor.predict_with_confidence(image)
+            Image.fromarray((confidence * 255).round().astype(np.uint8)).save(out / f"{path.stem}_confidence.png")
+        else:
+            mask = predictor.predict(image)
         predictor.colorize(mask).save(out / f"{path.stem}.png")
         if args.overlay:
             predictor.overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.jpg", quality=90)
@@ -326,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--confidence", action="store_true",
+                   help="also write NAME_confidence.png: each pixel's probability of its class (255 = 1), calibrated "
+                        "when the checkpoint holds a temperature (resunet calibrate)")
     p.add_argument("--backend", default="torch", choices=("torch", "auto"),
                    help="auto: with a .pt MODEL, time it against the .onnx files exported from it (beside it, matched "
                         "by sha256) on the first image and use the fastest")
@@ -339,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_visualize)
+
+    p = commands.add_parser("calibrate", help="fit a temperature on a split so probabilities match accuracy; store "
+                            "it in the checkpoint; print the expected calibration error before and after")
+    p.add_argument("checkpoint", help="a .pt checkpoint (rewritten with the temperature)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images and masks from their header (default {DEFAULT_MAX_PIXELS:,})")
+    p.set_defaults(run=cmd_calibrate)
 
     p = commands.add_parser("export", help="write a verified ONNX file (end-to-end or logits; fp32 or INT8)")
     p.add_argument("checkpoint", help="a .pt checkpoint")

@@ -66,6 +66,8 @@ class TrainConfig:
                               "(decompression bombs)")
     skip_data_check: bool = setting(False, "start without the dataset check (resunet check-data) of the train and "
                                     "val splits that otherwise runs first, cached while the files are unchanged")
+    calibrate: bool = setting(False, "after training, fit best.pt's temperature on the validation split (resunet "
+                              "calibrate) and print the calibration error before and after")
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     resume: str | None = setting(None, "continue exactly from this last.pt (an epoch's end or a step inside one)")
     checkpoint_every: str | None = setting(None, "also save last.pt inside epochs: every N steps (500) or N minutes "

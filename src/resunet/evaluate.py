@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS
-from .metrics import BoundaryIoU, ConfusionMatrix, image_miou
+from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .predict import DEFAULT_SCALES, Predictor, load
 
 
@@ -37,9 +37,11 @@ def evaluate_dataset(
     progress: bool = True,
     boundary: BoundaryIoU | None = None,
     per_image: list[tuple[int, float]] | None = None,
+    calibration: CalibrationError | None = None,
 ) -> ConfusionMatrix:
     """Confusion matrix over the whole dataset (all processes' shares summed). Given `boundary`, it accumulates the
-    boundary IoU too; given `per_image`, (dataset index, the image's own mIoU) pairs are appended to it."""
+    boundary IoU too; given `per_image`, (dataset index, the image's own mIoU) pairs are appended to it; given
+    `calibration`, the probabilities' calibration error (the predictor must output logits)."""
     info = dataset.info
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
@@ -56,7 +58,12 @@ def evaluate_dataset(
         for group in by_size.values():
             images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
             targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
-            predictions = predictor.predict_tensor(images).cpu()
+            if calibration is not None:
+                probabilities = predictor.probabilities(images)
+                calibration.update(probabilities, targets.to(probabilities.device).long())
+                predictions = probabilities.argmax(1).cpu()
+            else:
+                predictions = predictor.predict_tensor(images).cpu()
             matrix.update(predictions, targets)
             for (index, _), prediction, target in zip(group, predictions, targets):
                 if boundary is not None:
@@ -64,8 +71,9 @@ def evaluate_dataset(
                 if per_image is not None:
                     per_image.append((index, image_miou(prediction, target, info.num_classes, info.ignore_index)))
     matrix.all_reduce()
-    if boundary is not None:
-        boundary.all_reduce()
+    for extra in (boundary, calibration):
+        if extra is not None:
+            extra.all_reduce()
     return matrix
 
 
@@ -81,6 +89,9 @@ def format_table(scores: dict, info: ClassInfo) -> str:
     lines.append(f"{'mIoU':<{width}} {100 * scores['miou']:7.2f}"
                  + (f" {100 * scores['boundary_miou']:15.2f}" if boundary else ""))
     lines.append(f"{'pixel acc.':<{width}} {100 * scores['pixel_accuracy']:7.2f}")
+    if scores.get("ece") is not None:  # a predictor with logits (not an end-to-end ONNX graph)
+        lines.append(f"{'ECE':<{width}} {100 * scores['ece']:7.2f}   (15 bins, temperature "
+                     f"{scores.get('temperature', 1.0):.3g})")
     return "\n".join(lines)
 
 
@@ -111,8 +122,11 @@ def run_evaluate(
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
     per_image: list[tuple[int, float]] | None = [] if worst > 0 else None
-    matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image)
-    scores = {**matrix.compute(), **boundary.compute()}
+    calibration = CalibrationError(info.ignore_index) if predictor.has_logits else None
+    matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image,
+                              calibration=calibration)
+    scores = {**matrix.compute(), **boundary.compute(),
+              "ece": calibration.compute() if calibration else None, "temperature": predictor.temperature}
     extra = f", window {predictor.window} stride {predictor.stride}" if predictor.window else ""
     scales_text = f" scales {','.join(f'{s:g}' for s in predictor.scales)}" if "ms" in predictor.tta else ""
     print(f"{dataset.description}: {len(dataset)} images, evaluated at original resolution "

@@ -117,3 +117,37 @@ def image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignor
     matrix = ConfusionMatrix(num_classes, ignore_index)
     matrix.update(pred.cpu(), target.cpu())
     return matrix.compute()["miou"]
+
+
+class CalibrationError:
+    """Expected calibration error over the non-ignored pixels of a split: the pixels binned by confidence (the top
+    class's probability, 15 equal bins), ECE = Σ_bins (pixels in bin / all pixels) · |accuracy − mean confidence|."""
+
+    def __init__(self, ignore_index: int = 255, bins: int = 15) -> None:
+        self.ignore_index, self.bins = ignore_index, bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.confidence = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+
+    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
+        """probabilities N×C×H×W (softmax), target N×H×W."""
+        confidence, prediction = probabilities.max(1)
+        keep = target != self.ignore_index
+        confidence, right = confidence[keep].double().cpu(), (prediction[keep] == target[keep]).double().cpu()
+        index = (confidence * self.bins).long().clamp(max=self.bins - 1)
+        self.count += torch.bincount(index, minlength=self.bins).double()
+        self.confidence += torch.bincount(index, confidence, minlength=self.bins)
+        self.correct += torch.bincount(index, right, minlength=self.bins)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums = torch.stack([self.count, self.confidence, self.correct]).to(device)
+            dist.all_reduce(sums)
+            self.count, self.confidence, self.correct = sums.cpu()
+
+    def compute(self) -> float:
+        total = self.count.sum()
+        if total == 0:
+            return math.nan
+        return float((self.correct - self.confidence).abs().sum() / total)

@@ -78,6 +78,8 @@ class Predictor:
         if self.bf16_weights:
             self.model = self.model.to(torch.bfloat16)
         self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
+        self.temperature = 1.0  # probabilities are softmax(logits / temperature); `resunet calibrate` fits it
+        self.has_logits = True  # (an end-to-end ONNX graph outputs class maps only)
         self.set_inference(tta, scales, window, stride)
 
     def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
@@ -99,8 +101,10 @@ class Predictor:
         payload = load_checkpoint(path)
         model = model_from_checkpoint(payload, path)
         norm = payload["normalization"]
-        return cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
-                   device, precision, tta, fold_bn=True, scales=scales, window=window, stride=stride)
+        predictor = cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
+                        device, precision, tta, fold_bn=True, scales=scales, window=window, stride=stride)
+        predictor.temperature = float(payload.get("temperature", 1.0))
+        return predictor
 
     @staticmethod
     def from_file(path: str | Path, **options) -> "Predictor":
@@ -178,6 +182,16 @@ class Predictor:
         if work != (height, width):
             x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
         return normalize(x / 255, self.mean, self.std)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """images: N×3×H×W uint8 (one size) → float32 N×C×H×W class probabilities, calibrated by the temperature."""
+        return (self.logits(images) / self.temperature).softmax(1)
+
+    def predict_with_confidence(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """One image → its H×W uint8 class map and H×W float32 confidence (the chosen class's probability)."""
+        pixels = torch.from_numpy(np.require(as_uint8_rgb(image), requirements=("C", "W"))).permute(2, 0, 1)[None]
+        confidence, mask = self.probabilities(pixels)[0].max(0)
+        return mask.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""

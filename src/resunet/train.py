@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from .calibration import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
@@ -547,6 +548,11 @@ def train(cfg: TrainConfig) -> dict:
 
     if board is not None:
         board.close()
+    if main_process and stopped_by is None and cfg.calibrate:
+        best = out / "best.pt"
+        fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
+        print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, expected calibration error "
+              f"{100 * fitted['ece_before']:.2f}% → {100 * fitted['ece_after']:.2f}% on {cfg.val_split}", flush=True)
     if main_process and stopped_by is None:
         print(f"done: epochs {start_epoch}..{cfg.epochs} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)

@@ -1,0 +1,83 @@
+"""Calibration: ECE by hand, the temperature fit recovers a known temperature, and `resunet calibrate` stores it
+where predict, evaluate and the Python API use it."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resunet.calibration import fit_temperature
+from resunet.checkpoint import load_checkpoint
+from resunet.metrics import CalibrationError
+
+
+def test_expected_calibration_error_by_hand():
+    # Top-class probabilities 0.95 (right), 0.95 (wrong), 0.55 (right), 0.65 (right), and an ignored pixel.
+    # 15 bins: 0.95 → bin 14 (2 pixels, 1 right, confidence sum 1.9), 0.55 → bin 8, 0.65 → bin 9.
+    # ECE = (|1 − 1.9| + |1 − 0.55| + |1 − 0.65|) / 4 = 0.425
+    top = torch.tensor([0.95, 0.95, 0.55, 0.65, 0.9])
+    probabilities = torch.stack([top, 1 - top])[None, :, None, :]  # 1×2×1×5, class 0 on top
+    target = torch.tensor([[[0, 1, 0, 0, 255]]])
+    meter = CalibrationError(255)
+    meter.update(probabilities, target)
+    assert meter.compute() == pytest.approx(0.425)
+
+
+def test_temperature_fit_recovers_a_known_overconfidence():
+    generator = torch.Generator().manual_seed(0)
+    true_logits = 2 * torch.randn(40_000, 4, generator=generator)
+    labels = torch.multinomial(true_logits.softmax(1), 1, generator=generator)[:, 0]
+    assert fit_temperature(3 * true_logits, labels) == pytest.approx(3.0, rel=0.05)  # logits 3× too sharp
+    assert fit_temperature(true_logits / 2, labels) == pytest.approx(0.5, rel=0.05)  # too soft
+
+
+def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_run, demo_root, ram_tmp, capsys):
+    from resunet.cli import main
+    from resunet.evaluate import run_evaluate
+    from resunet.predict import Predictor
+
+    checkpoint = ram_tmp / "model.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    before = Predictor.from_checkpoint(checkpoint, precision="fp32")
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
+    line = capsys.readouterr().out
+    payload = load_checkpoint(checkpoint)
+    temperature = payload["temperature"]
+    assert f"temperature {temperature:.3f}" in line and "expected calibration error" in line
+    assert payload["calibration"]["ece_after"] <= payload["calibration"]["ece_before"] + 1e-3
+    after = Predictor.from_checkpoint(checkpoint, precision="fp32")
+    assert after.temperature == temperature != 1.0
+    for key, value in load_checkpoint(trained_run / "best.pt")["model"].items():
+        assert torch.equal(value, payload["model"][key]), key  # the weights are untouched
+
+    image = np.array(Image.open(sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]))
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    logits = before.logits(pixels)
+    assert torch.allclose(after.probabilities(pixels), (logits / temperature).softmax(1), atol=1e-6)
+    mask, confidence = after.predict_with_confidence(image)
+    assert np.array_equal(mask, before.predict(image))  # calibration changes no prediction
+
+    out = ram_tmp / "pred"
+    assert main(["predict", str(checkpoint), str(demo_root / "VOCdevkit/VOC2012/JPEGImages"), "--out", str(out),
+                 "--confidence", "--precision", "fp32"]) == 0
+    stem = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0].stem
+    written = np.asarray(Image.open(out / f"{stem}_confidence.png"))
+    assert written.shape == mask.shape and np.abs(written - np.round(confidence * 255)).max() <= 1
+
+    scores = run_evaluate(str(checkpoint), str(demo_root), workers=0, precision="fp32")
+    assert scores["ece"] == pytest.approx(payload["calibration"]["ece_after"], abs=1e-4)
+    assert "ECE" in capsys.readouterr().out
+
+
+def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys):
+    from resunet.train import train
+
+    from conftest import tiny_config
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, size=32, encoder="efficientnet-lite0", calibrate=True))
+    payload = load_checkpoint(run / "best.pt")
+    assert payload["temperature"] > 0 and set(payload["calibration"]) == {"split", "ece_before", "ece_after"}
+    assert f"temperature {payload['temperature']:.3f}" in capsys.readouterr().out
