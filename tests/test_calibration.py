@@ -52,7 +52,7 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     for key, value in load_checkpoint(trained_run / "best.pt")["model"].items():
         assert torch.equal(value, payload["model"][key]), key  # the weights are untouched
 
-    image = np.array(Image.open(sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]))
+    image = np.array(Image.open(sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]).convert("RGB"))
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
     logits = before.logits(pixels)
     assert torch.allclose(after.probabilities(pixels), (logits / temperature).softmax(1), atol=1e-6)
@@ -60,9 +60,10 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     assert np.array_equal(mask, before.predict(image))  # calibration changes no prediction
 
     out = ram_tmp / "pred"
-    assert main(["predict", str(checkpoint), str(demo_root / "VOCdevkit/VOC2012/JPEGImages"), "--out", str(out),
-                 "--confidence", "--precision", "fp32"]) == 0
-    stem = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0].stem
+    photo = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
+    assert main(["predict", str(checkpoint), str(photo), "--out", str(out), "--confidence", "--precision",
+                 "fp32"]) == 0
+    stem = photo.stem
     written = np.asarray(Image.open(out / f"{stem}_confidence.png"))
     assert written.shape == mask.shape and np.abs(written - np.round(confidence * 255)).max() <= 1
 

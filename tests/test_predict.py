@@ -3,9 +3,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from resunet import Predictor
+from resunet.data.demo import make_sample
 
 from conftest import shared_dir
 
@@ -110,3 +112,37 @@ def test_bf16_predictor_keeps_fp32_weights_while_a_batchnorm_is_unfolded():
     assert not predictor.bf16_weights
     assert {p.dtype for p in predictor.model.parameters()} == {torch.float32}
     assert predictor.predict(np.zeros((40, 50, 3), np.uint8)).shape == (40, 50)
+
+
+def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, tmp_path, capsys):
+    import json
+
+    from resunet.checkpoint import CheckpointError
+    from resunet.data.classes import generic_info
+    from resunet.model.unet import ResNetUNet
+    from resunet.predict import Ensemble, load_ensemble
+
+    first = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32")
+    torch.manual_seed(0)
+    other = Predictor(ResNetUNet(21, "resnet18", None).eval(), first.info, 48, first.mean, first.std, "cpu", "fp32")
+    other.temperature = 2.0
+    ensemble = Ensemble([first, other])
+    image = torch.from_numpy(np.array(make_sample(np.random.default_rng(1), 64)[0])).permute(2, 0, 1)[None]
+    by_hand = (first.logits(image).softmax(1) + (other.logits(image) / 2.0).softmax(1)) / 2
+    assert torch.allclose(ensemble.probabilities(image), by_hand, atol=1e-6)
+    assert torch.equal(ensemble.predict_tensor(image), by_hand.argmax(1))
+    # one model twice is that model
+    twice = load_ensemble([trained_run / "best.pt", trained_run / "best.pt"], precision="fp32")
+    assert torch.allclose(twice.probabilities(image), first.probabilities(image), atol=1e-6)
+    with pytest.raises(CheckpointError, match="classes differ"):
+        Ensemble([first, Predictor(ResNetUNet(3, "resnet18", None), generic_info(3), 48, first.mean, first.std,
+                                   "cpu", "fp32")], ["a.pt", "b.pt"])
+    from resunet.cli import main
+
+    assert main(["evaluate", str(trained_run / "best.pt"), "--data-root", str(demo_root), "--ensemble",
+                 str(trained_run / "last.pt"), "--json", str(tmp_path / "e.json"), "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["ensemble"] == [str(trained_run / "last.pt")]
+    photo = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
+    assert main(["predict", str(trained_run / "best.pt"), str(photo), "--out", str(tmp_path / "pred"), "--ensemble",
+                 str(trained_run / "last.pt")]) == 0
+    assert (tmp_path / "pred" / f"{photo.stem}.png").is_file()

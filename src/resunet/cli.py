@@ -128,7 +128,7 @@ def cmd_evaluate(args) -> int:
         raise SystemExit("resunet evaluate: error: --worst K needs --out DIR for its contact sheet")
     run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
                  workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels, worst=args.worst,
-                 worst_out=args.out, **inference_options(args))
+                 worst_out=args.out, ensemble=args.ensemble, **inference_options(args))
     return 0
 
 
@@ -181,13 +181,15 @@ def cmd_predict(args) -> int:
     from PIL import Image
 
     from .data.images import DataError, read_image
-    from .predict import load
+    from .predict import load, load_ensemble
 
     paths = expand_inputs(args.inputs)
     if not paths:
         print("resunet predict: error: no input images found", file=sys.stderr)
         return 1
-    if args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
+    if args.ensemble:
+        predictor = load_ensemble([args.checkpoint, *args.ensemble], **inference_options(args))
+    elif args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
         from .onnx_predictor import load_fastest
 
         sample = next((image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None), None)
@@ -330,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the K images with the lowest own mIoU: image / ground truth / prediction / errors "
                         "(to --out DIR/worst.png, listed in worst.json)")
     p.add_argument("--out", help="folder for --worst")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                   help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(run=cmd_evaluate)
@@ -343,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", action="store_true",
                    help="also write NAME_confidence.png: each pixel's probability of its class (255 = 1), calibrated "
                         "when the checkpoint holds a temperature (resunet calibrate)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                   help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--backend", default="torch", choices=("torch", "auto"),
                    help="auto: with a .pt MODEL, time it against the .onnx files exported from it (beside it, matched "
                         "by sha256) on the first image and use the fastest")

@@ -20,7 +20,7 @@ from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
-from .predict import DEFAULT_SCALES, Predictor, load
+from .predict import DEFAULT_SCALES, Predictor, load_ensemble
 
 
 def _as_lists(batch):
@@ -112,12 +112,14 @@ def run_evaluate(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     worst: int = 0,
     worst_out: str | None = None,
+    ensemble: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table (IoU and
     boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
-    `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json."""
-    predictor = load(checkpoint, device=device, precision=precision, tta=tta, scales=scales, window=window,
-                     stride=stride)
+    `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json.
+    `ensemble`: more model files whose probabilities are averaged with the first's."""
+    predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
+                              window=window, stride=stride)
     info = predictor.info
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
@@ -132,7 +134,8 @@ def run_evaluate(
     print(f"{dataset.description}: {len(dataset)} images, evaluated at original resolution "
           f"(working size {predictor.size}, tta {predictor.tta}{scales_text}{extra})")
     print(format_table(scores, info))
-    result = {"checkpoint": str(checkpoint), "split": split, "images": len(dataset), "classes": list(info.names),
+    result = {"checkpoint": str(checkpoint), "ensemble": list(ensemble), "split": split, "images": len(dataset),
+              "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1))

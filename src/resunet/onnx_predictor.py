@@ -96,6 +96,7 @@ class OnnxPredictor(Predictor):
         self.input_name = self.session.get_inputs()[0].name
         self.first_output = [self.session.get_outputs()[0].name]  # the mask of an end-to-end graph (not its logits)
         self.has_logits = self.graph == "logits"
+        self.temperature = 1.0  # (a calibrated checkpoint's temperature is not exported yet)
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             torch.device("cpu"), None, False, False, None)
         self.set_inference(tta, scales, window, stride)

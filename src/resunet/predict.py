@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from .data.classes import ClassInfo
 from .data.images import read_image
 from .data.transforms import normalize, resize_short_side
@@ -227,6 +227,42 @@ class Predictor:
         return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
 
 
+class Ensemble(Predictor):
+    """Several models as one predictor: their (temperature-scaled) class probabilities averaged at each image's
+    original size. Each member keeps its own working size, TTA and runtime (.pt, or an .onnx logits graph). Its
+    logits are the log of the averaged probabilities, so every Predictor method (predict, probabilities, batches)
+    works on the ensemble unchanged."""
+
+    def __init__(self, members: list[Predictor], names: list[str] | None = None) -> None:
+        names = names or [f"member {i + 1}" for i in range(len(members))]
+        first = members[0]
+        for member, name in zip(members, names):
+            if member.info.names != first.info.names or member.info.ignore_index != first.info.ignore_index:
+                raise CheckpointError(f"{name}: its classes differ from {names[0]}'s; an ensemble needs the same "
+                                      "classes in the same order")
+            if not member.has_logits:
+                raise CheckpointError(f"{name}: an end-to-end ONNX graph gives no probabilities to average "
+                                      "(export with --logits for an ensemble)")
+        self.members = members
+        self.info, self.size, self.mean, self.std = first.info, first.size, first.mean, first.std
+        self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
+            first.device, first.dtype, first.channels_last, first.bf16_weights, None)
+        self.tta, self.scales, self.window, self.stride = first.tta, first.scales, first.window, first.stride
+        self.temperature, self.has_logits = 1.0, True
+
+    def batch_key(self, height: int, width: int) -> tuple:
+        return tuple(member.batch_key(height, width) for member in self.members)
+
+    @torch.inference_mode()
+    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        totals: list[torch.Tensor | None] = [None] * len(groups)
+        for member in self.members:
+            for i, logits in enumerate(member.logits_by_group(groups)):
+                p = (logits.to(self.device) / member.temperature).softmax(1)
+                totals[i] = p if totals[i] is None else totals[i] + p
+        return [(total / len(self.members)).clamp_min(1e-12).log() for total in totals]
+
+
 def tile_starts(length: int, window: int, stride: int) -> list[int]:
     """Window offsets along one axis: every `stride`, the last one flush with the end (tiles never overhang)."""
     if length <= window:
@@ -246,3 +282,9 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
 
         return OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
     return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)
+
+
+def load_ensemble(paths: list[str | Path], **options) -> Predictor:
+    """`load` for one model file, an `Ensemble` of them for several (same options for each)."""
+    members = [load(path, **options) for path in paths]
+    return members[0] if len(members) == 1 else Ensemble(members, [str(p) for p in paths])
