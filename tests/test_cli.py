@@ -13,10 +13,13 @@ def run_cli(*args, timeout=300):
 
 
 def test_end_to_end(ram_tmp):
+    from resunet.cli import main
+
     data, run = ram_tmp / "data", ram_tmp / "run"
-    assert run_cli("demo-data", str(data), "--train", "8", "--val", "4", "--size", "48").returncode == 0
+    assert main(["demo-data", str(data), "--train", "8", "--val", "4", "--size", "48"]) == 0  # in-process: 4 s less
     result = run_cli("train", "--data-root", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "4",
-                     "--size", "48", "--no-pretrained", "--workers", "0", "--cache-dir", str(ram_tmp / "cache"),
+                     "--size", "48", "--encoder", "resnet18", "--no-pretrained", "--workers", "0",
+                     "--cache-dir", str(ram_tmp / "cache"),
                      "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "epoch   2/2" in result.stdout
@@ -58,13 +61,15 @@ def test_train_flags_cover_the_recipe(capsys):
     assert "(default: 0.0001)" in out and "(default: 100)" in out and "(default: 256)" in out
 
 
-def test_user_errors_are_one_line(tmp_path):
+def test_user_errors_are_one_line(tmp_path, capsys):
+    from resunet.cli import main
+
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
-    result = run_cli("evaluate", str(tmp_path / "junk.pt"), "--data-root", str(tmp_path))
+    result = run_cli("evaluate", str(tmp_path / "junk.pt"), "--data-root", str(tmp_path))  # the real entry point
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "junk.pt: not a readable resunet checkpoint" in result.stderr
-    result = run_cli("train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
-    assert result.returncode == 2 and "nowhere: data root is not a folder" in result.stderr
+    assert main(["train", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "nowhere: data root is not a folder" in capsys.readouterr().err
 
 
 def test_encoders_lists_every_encoder_with_weights_status():

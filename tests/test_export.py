@@ -1,8 +1,6 @@
 """ONNX export: metadata, parity with PyTorch, the end-to-end graph, INT8, .onnx files in the commands; TTA and windows."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -112,9 +110,11 @@ def test_end_to_end_file_refuses_what_it_cannot_do(exported):
         load(exported["dir"] / "model.onnx", window=64)
 
 
-def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path):
+def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path, capsys):
     import onnx
     from onnx import TensorProto, helper
+
+    from resunet.cli import main
 
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes((exported["dir"] / "model.onnx").read_bytes()[:5000])
@@ -127,11 +127,11 @@ def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path):
     text.write_text("not a model")
     for path, words in ((truncated, "not a readable ONNX file"), (foreign, "not one exported by resunet"),
                         (text, "not a readable ONNX file"), (tmp_path / "missing.onnx", "not found")):
-        run = subprocess.run([sys.executable, "-m", "resunet", "predict", str(path), str(path), "--out",
-                              str(tmp_path / "out")], capture_output=True, text=True)
-        assert run.returncode == 2
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], run.stderr
+        # in-process (each subprocess costs seconds of imports; tests/test_cli.py runs the real entry point)
+        assert main(["predict", str(path), str(path), "--out", str(tmp_path / "out")]) == 2
+        stderr = capsys.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], stderr
 
 
 def test_failed_verification_is_an_error_and_keeps_no_file(exported, tmp_path, monkeypatch):

@@ -68,7 +68,9 @@ def signal_after_step(monkeypatch, step: int, signum=signal.SIGTERM):
     monkeypatch.setattr(train_module, "train_step", step_then_signal)
 
 
-# Step 5 of the second epoch; the last step of the first (its position is the epoch's end, before validation).
+# Inside an epoch on the cached path; at the last step of the first epoch (a position at the epoch's end, before its
+# validation) on the simple path with 2 workers. Signals in a subprocess and kill -9 (below) and every option of
+# test_training_options.py stop runs at other steps.
 @pytest.mark.parametrize("data_path,workers,stop_after", [("cached", 0, STEPS + 5), ("simple", 2, STEPS)])
 def test_a_signal_inside_an_epoch_saves_the_step_and_resume_is_bit_identical(
         demo_root, ram_tmp, monkeypatch, capsys, uninterrupted, data_path, workers, stop_after):
