@@ -115,8 +115,8 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
         for ax, picture in zip(ax_row, pictures):
             ax.imshow(picture)
             ax.axis("off")
-        ax_row[0].set_title(f"{row['name']}: mIoU {100 * row['miou']:.1f}%, pixel acc. "
-                            f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=10)
+        ax_row[0].set_title(f"{row['name']}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
+                            f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
     for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
         ax.set_title(title, loc="left", fontsize=10)
     present = sorted({int(v) for row in rows for m in (row["target"], row["prediction"]) for v in np.unique(m)
