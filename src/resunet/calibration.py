@@ -18,27 +18,32 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.dataset import PairedDataset, open_dataset
 from .data.images import DEFAULT_MAX_PIXELS
+from .evaluate import evaluate_dataset
 from .metrics import CalibrationError
 from .predict import Predictor
 
 PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image
 
 
-def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits P×C and labels P of up to PIXELS_PER_IMAGE random valid pixels of every image."""
+def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One pass over the split: logits P×C and labels P of up to PIXELS_PER_IMAGE random valid pixels of every
+    image (for the fit), and the expected calibration error of the uncalibrated probabilities over every pixel."""
     generator = torch.Generator().manual_seed(seed)
     logits, labels = [], []
     ignore = dataset.info.ignore_index
+    meter = CalibrationError(ignore)
     for index in range(len(dataset)):
         sample = dataset.load(index)
         image = torch.from_numpy(sample.image).permute(2, 0, 1)[None]
-        out = predictor.logits(image)[0].flatten(1).T  # H·W × C
-        target = torch.from_numpy(sample.mask).reshape(-1).long()
+        out = predictor.logits(image)
+        target = torch.from_numpy(sample.mask).long()
+        meter.update(out.softmax(1), target[None].to(out.device))
+        flat, target = out[0].flatten(1).T, target.reshape(-1)  # H·W × C, H·W
         valid = (target != ignore).nonzero()[:, 0]
         picked = valid[torch.randperm(len(valid), generator=generator)[:PIXELS_PER_IMAGE]]
-        logits.append(out[picked].float().cpu())
+        logits.append(flat[picked.to(flat.device)].float().cpu())
         labels.append(target[picked])
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits), torch.cat(labels), meter.compute()
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -57,24 +62,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-def calibration_error(predictor: Predictor, dataset: PairedDataset) -> float:
-    """ECE of the predictor's probabilities (its current temperature) over every non-ignored pixel."""
-    meter = CalibrationError(dataset.info.ignore_index)
-    for index in range(len(dataset)):
-        sample = dataset.load(index)
-        image = torch.from_numpy(sample.image).permute(2, 0, 1)[None]
-        meter.update(predictor.probabilities(image), torch.from_numpy(sample.mask)[None].long())
-    return meter.compute()
-
-
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after"}."""
     predictor.temperature = 1.0
-    before = calibration_error(predictor, dataset)
-    temperature = fit_temperature(*collect(predictor, dataset))
+    logits, labels, before = collect(predictor, dataset)
+    temperature = fit_temperature(logits, labels)
     predictor.temperature = temperature
-    after = calibration_error(predictor, dataset)
+    meter = CalibrationError(dataset.info.ignore_index)
+    evaluate_dataset(predictor, dataset, workers=0, progress=False, calibration=meter)  # `evaluate`'s own ECE
+    after = meter.compute()
     payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})

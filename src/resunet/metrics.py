@@ -14,6 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def summed_over_processes(counts: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of a CPU tensor over all processes (itself outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    summed = counts.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(summed)
+    return summed.cpu()
+
+
 class ConfusionMatrix:
     """`matrix[t, p]` counts pixels of true class t predicted as p."""
 
@@ -38,11 +47,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrices of all processes (no-op outside torch.distributed)."""
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            matrix = self.matrix.to(device)
-            dist.all_reduce(matrix)
-            self.matrix = matrix.cpu()
+        self.matrix = summed_over_processes(self.matrix)
 
     def compute(self) -> dict:
         """{"miou": float, "iou": [per class, NaN where absent], "pixel_accuracy": float, "class_present": [...]}"""
@@ -98,16 +103,13 @@ class BoundaryIoU:
         self.union[classes] += (truth | guess).sum((1, 2))
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            counts = torch.stack([self.intersection, self.union]).to(device)
-            dist.all_reduce(counts)
-            self.intersection, self.union = counts.cpu()
+        self.intersection, self.union = summed_over_processes(torch.stack([self.intersection, self.union]))
 
     def compute(self) -> dict:
         """{"boundary_miou": float, "boundary_iou": [per class, NaN where no band]}"""
         union = self.union.double()
-        iou = torch.where(union > 0, self.intersection.double() / union.clamp(min=1), torch.full_like(union, math.nan))
+        iou = torch.where(union > 0, self.intersection.double() / union.clamp(min=1),
+                          torch.full_like(union, math.nan))
         return {"boundary_miou": float(iou.nanmean()) if (union > 0).any() else math.nan,
                 "boundary_iou": [float(v) for v in iou]}
 
@@ -140,11 +142,8 @@ class CalibrationError:
         self.correct += torch.bincount(index, right, minlength=self.bins)
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            sums = torch.stack([self.count, self.confidence, self.correct]).to(device)
-            dist.all_reduce(sums)
-            self.count, self.confidence, self.correct = sums.cpu()
+        self.count, self.confidence, self.correct = summed_over_processes(
+            torch.stack([self.count, self.confidence, self.correct]))
 
     def compute(self) -> float:
         total = self.count.sum()

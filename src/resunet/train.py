@@ -268,6 +268,11 @@ class StopSignal:
                   file=sys.stderr, flush=True)
 
 
+def stop_line(signal_name: str, where: str, out: Path) -> str:
+    return (f"{signal_name}: stopped {where}; {out / 'last.pt'} holds it. "
+            f"Resume with: resunet train --resume {out / 'last.pt'}")
+
+
 def agree(world: int, device: torch.device, *flags: bool) -> list[bool]:
     """Every process acts on a flag any of them raised: a signal or a clock reaches them at different steps."""
     if world == 1:
@@ -488,9 +493,7 @@ def train(cfg: TrainConfig) -> dict:
             if stop_now:
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
-                    print(f"{stopped_by}: stopped at step {steps}/{steps_per_epoch} of epoch {epoch}; "
-                          f"{out / 'last.pt'} holds it. Resume with: resunet train --resume {out / 'last.pt'}",
-                          flush=True)
+                    print(stop_line(stopped_by, f"at step {steps}/{steps_per_epoch} of epoch {epoch}", out), flush=True)
                 break
 
             train_loss = float(loss_sum) / max(steps, 1)
@@ -526,9 +529,10 @@ def train(cfg: TrainConfig) -> dict:
                 write_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
                 # best.pt before last.pt: killed between the two, a resumed run repeats this epoch and writes
                 # best.pt again, where the other order would lose the improvement for good.
+                rng = rng_state()
                 if improved:
-                    save_run(out / "best.pt", epoch, rng_state(), metrics=record)
-                save_run(out / "last.pt", epoch, rng_state(), metrics=record)
+                    save_run(out / "best.pt", epoch, rng, metrics=record)
+                save_run(out / "last.pt", epoch, rng, metrics=record)
                 last_save = time.perf_counter()
                 plot_curves(records, out / "curves.png")
                 if board is not None:
@@ -540,10 +544,9 @@ def train(cfg: TrainConfig) -> dict:
                       f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                       flush=True)
             if agree(world, device, stop.name is not None)[0] and epoch < cfg.epochs:  # it came while evaluating
-                stopped_by = stop.name or "a signal"
+                stopped_by = stop.name or "a signal to another process"
                 if main_process:
-                    print(f"{stopped_by}: stopped after epoch {epoch}; {out / 'last.pt'} holds it. "
-                          f"Resume with: resunet train --resume {out / 'last.pt'}", flush=True)
+                    print(stop_line(stopped_by, f"after epoch {epoch}", out), flush=True)
                 break
 
     if board is not None:

@@ -42,6 +42,13 @@ def colorize(mask: np.ndarray, info: ClassInfo) -> np.ndarray:
     return info.colour_lut()[mask]
 
 
+def class_legend(fig, info: ClassInfo, masks: list[np.ndarray]) -> None:
+    """A legend along the figure's bottom of the classes that occur in the masks."""
+    present = sorted({int(v) for m in masks for v in np.unique(m) if v < info.num_classes})
+    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+
+
 def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: list[np.ndarray], info: ClassInfo,
               path: str | Path) -> None:
     """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
@@ -53,9 +60,7 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
             axes[row][col].axis("off")
     for row, title in enumerate(("image", "ground truth", "prediction")):
         axes[row][0].set_title(title, loc="left", fontsize=11)
-    present = sorted({int(v) for m in targets + predictions for v in np.unique(m) if v < info.num_classes})
-    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+    class_legend(fig, info, targets + predictions)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -119,10 +124,7 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
                             f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
     for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
         ax.set_title(title, loc="left", fontsize=10)
-    present = sorted({int(v) for row in rows for m in (row["target"], row["prediction"]) for v in np.unique(m)
-                      if v < info.num_classes})
-    handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+    class_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])])
     fig.tight_layout(rect=(0, 0.6 / (2.9 * len(rows) + 0.6), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
