@@ -48,7 +48,7 @@ def help_text(capsys, *args: str) -> str:
 
 
 @pytest.mark.parametrize("command", ["demo-data", "train", "evaluate", "predict", "visualize", "export", "serve",
-                                     "check-data", "download", "encoders", "benchmark"])
+                                     "check-data", "download", "encoders", "benchmark", "ablate"])
 def test_every_command_has_help(command, capsys):
     assert help_text(capsys, command).startswith(f"usage: resunet {command}")
 

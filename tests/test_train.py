@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from resunet.checkpoint import load_checkpoint
-from resunet.train import train
+from resunet.train import TrainingError, duration_seconds, epochs_within, train
 
 from conftest import tiny_config
 
@@ -47,6 +47,33 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp):
     train(tiny_config(demo_root, out, epochs=3, eval_every=2, **SMALL))
     assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
     assert (out / "curves.png").is_file() and (out / "best.pt").is_file()
+
+
+def test_time_budget_arithmetic_by_hand():
+    assert [duration_seconds(t) for t in ("50m", "1.5h", "90s", "120")] == [3000, 5400, 90, 120]
+    for bad in ("abc", "0m", "-5m", "m"):
+        with pytest.raises(TrainingError, match="--time-budget"):
+            duration_seconds(bad)
+    # 3600 s, 400 s gone (setup and epoch 1), the final evaluation 50 s: 3150 s for epochs of 250 s + 50/3 s → 11.
+    assert epochs_within(3600, 400, 250, 50, 3, 100) == 12
+    assert epochs_within(3600, 400, 250, 50, 3, 10) == 10  # --epochs stays the most
+    assert epochs_within(60, 400, 250, 50, 3, 100) == 1  # over budget already: the first epoch is all
+
+
+def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
+    import resunet.train
+
+    fits = []  # what the loop measured; the fit itself is checked by hand above
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args: fits.append(args) or 2)
+    out = ram_tmp / "budget"
+    train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
+    records = read_records(out)
+    (budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), = fits
+    assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > epoch_s + eval_s > 0
+    # Two epochs, the first evaluated to time it; the cosine spans the two (lr 0 at the end), not the five.
+    assert [r["val_miou"] is not None for r in records] == [True, True] and records[-1]["lr"] == 0
+    assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
+    assert "time budget 1h: epoch 1 took" in capsys.readouterr().out
 
 
 def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, ram_tmp, monkeypatch):

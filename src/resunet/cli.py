@@ -9,7 +9,7 @@ import typing
 from dataclasses import MISSING
 from pathlib import Path
 
-from .config import TrainConfig, config_fields
+from .config import ABLATION_OPTIONS, TrainConfig, config_fields
 from .data.images import DEFAULT_MAX_PIXELS
 
 
@@ -100,6 +100,16 @@ def cmd_train(args) -> int:
         raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
     result = train(TrainConfig(**values))
     return 130 if result.get("stopped_by") == "SIGINT" else 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import run_ablation
+
+    if args.data_root is None:
+        raise SystemExit("resunet ablate: error: --data-root is required")
+    base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
+    run_ablation(base, [name.strip() for name in args.options.split(";")], base.out)
+    return 0
 
 
 def cmd_check_data(args) -> int:
@@ -289,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a model (defaults: the seed recipe)")
     add_train_flags(p)
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("ablate", help="train the recipe given by the train flags once per option, one option "
+                                           "changed at a time, at the same budget; a table of what each is worth")
+    add_train_flags(p)
+    p.add_argument("--options", default=";".join(ABLATION_OPTIONS),
+                   help=f"';'-separated rows (default: all): {'; '.join(ABLATION_OPTIONS)}")
+    p.set_defaults(run=cmd_ablate, out="runs/ablation")
 
     p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")

@@ -25,7 +25,11 @@ class TrainConfig:
     decoder_channels: str = setting("256,128,64,32", "the four decoder blocks' widths, deepest first (narrower: faster)")
     attention: str = setting("none", "decoder attention: none, or scse (squeeze-and-excitation, channel and spatial, "
                              "in each decoder block)", choices=("none", "scse"))
-    epochs: int = setting(100, "epochs")
+    epochs: int = setting(100, "epochs (with --time-budget: the most)")
+    time_budget: str | None = setting(None, "fit the run to this wall-clock time (50m, 1.5h, 3000s), setup included: "
+                                      "after the first epoch (always evaluated, to time it) the epochs are cut to "
+                                      "what fits at the measured pace and the schedule spans those; stored, so a "
+                                      "resumed run keeps them")
     batch_size: int = setting(8, "images per step (per process under torchrun)")
     lr: float = setting(1e-4, "learning rate")
     weight_decay: float = setting(1e-5, "weight decay")
@@ -78,6 +82,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# `resunet ablate`'s rows: name -> the TrainConfig fields it changes. "seed 1" is the base again with another seed:
+# the run-to-run noise the other rows are judged against.
+ABLATION_OPTIONS: dict[str, dict] = {
+    "baseline": {},
+    "seed 1": {"seed": 1},
+    "loss focal": {"loss": "focal"},
+    "loss dice": {"loss": "dice"},
+    "loss lovasz": {"loss": "lovasz"},
+    "loss ohem": {"loss": "ohem"},
+    "loss ce+dice": {"loss": "ce+dice"},
+    "loss ce+lovasz": {"loss": "ce+lovasz"},
+    "scheduler poly": {"scheduler": "poly"},
+    "ema 0.999": {"ema": 0.999},
+    "attention scse": {"attention": "scse"},
+    "mix cutmix": {"mix": "cutmix"},
+    "mix classmix": {"mix": "classmix"},
+    "decoder 128,64,32,16": {"decoder_channels": "128,64,32,16"},
+}
 
 
 def config_fields():

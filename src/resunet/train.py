@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,12 +147,12 @@ PER_STEP_SCHEDULERS = ("cosine", "poly")
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
-    total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        total = max(1, cfg.epochs * steps_per_epoch)  # read now: --time-budget may shorten the run after epoch 1
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.scheduler == "poly":
             return (1 - progress) ** 0.9
@@ -238,6 +239,27 @@ def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
     return (None, value) if text.endswith("m") else (value, None)
 
 
+def duration_seconds(text: str) -> float:
+    """--time-budget: "50m", "1.5h", "3000s" or "3000" (seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise TrainingError(f"--time-budget {text}: give a duration such as 50m, 1.5h or 3000s")
+    return value
+
+
+def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: float, eval_every: int,
+                  max_epochs: int) -> int:
+    """How many epochs in all fit a time budget, the first already done: each further epoch costs its training
+    time plus its share of an evaluation, and the last one is always evaluated."""
+    left = budget_s - elapsed_s - eval_s  # the final evaluation
+    more = int(max(0.0, left) // (epoch_s + eval_s / eval_every))
+    return max(1, min(max_epochs, 1 + more))
+
+
 class StopSignal:
     """SIGTERM (a preempted cloud machine, a scheduler's time limit) and SIGINT (Ctrl-C) ask the loop to stop: it
     finishes the step in progress, saves last.pt with the position inside the epoch, and returns. A second signal
@@ -282,6 +304,15 @@ def agree(world: int, device: torch.device, *flags: bool) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def broadcast_int(value: int, world: int, device: torch.device) -> int:
+    """Rank 0's value on every process (under torchrun); the value itself in a single process."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor)
+
+
 def position_state(epoch: int, step: int, loss_sum: torch.Tensor, world: int, timed_images: int,
                    timed_seconds: float, seconds: float, epoch_rng: dict) -> dict:
     """Where a run stands inside an epoch; with the weights and optimiser, all a resumed run needs to continue at
@@ -307,6 +338,9 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 def train(cfg: TrainConfig) -> dict:
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
+    cfg = replace(cfg)  # a copy: --time-budget sets its epochs
+    budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
+    setup_started = time.perf_counter()
     save_every_steps, save_every_s = checkpoint_interval(cfg.checkpoint_every)
     tune_cpu_allocator()
     device = resolve_device(cfg.device)
@@ -395,9 +429,9 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainingError(str(error)) from None
     if main_process:
         where = f" (epoch {start_epoch} from step {position['step']}/{steps_per_epoch})" if position else ""
+        origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
-              f"{info.num_classes} classes; {cfg.encoder} "
-              f"({'pretrained: ' + str(weights) if weights else 'random init'}); {describe_device(device)}, "
+              f"{info.num_classes} classes; {cfg.encoder} ({origin}); {describe_device(device)}, "
               f"{precision_name(dtype)}{', channels_last' if channels_last else ''}, {world} process(es), "
               f"{data_path} data path; epochs {start_epoch}..{cfg.epochs}{where}", flush=True)
 
@@ -417,6 +451,8 @@ def train(cfg: TrainConfig) -> dict:
     stopped_by = None
     with StopSignal(announce=main_process) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
+            if epoch > cfg.epochs:  # --time-budget shortened the run
+                break
             started = time.perf_counter()
             model.train()
             set_loader_epoch(loader, epoch, cfg.seed)
@@ -505,11 +541,22 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; weights not saved over "
                                     f"{out / 'last.pt'}; lower --lr or check the data (resunet check-data)")
 
-            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+            fit_budget = budget_s is not None and epoch == 1
+            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
             if evaluated:
+                eval_started = time.perf_counter()
                 matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
                                           cfg.progress)
                 scores = matrix.compute()
+                if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
+                    fitted = epochs_within(budget_s, time.perf_counter() - setup_started,
+                                           eval_started - started, time.perf_counter() - eval_started,
+                                           cfg.eval_every, cfg.epochs)
+                    cfg.epochs = broadcast_int(fitted, world, device)
+                    if main_process:
+                        print(f"time budget {cfg.time_budget}: epoch 1 took {eval_started - started:.0f}s and its "
+                              f"evaluation {time.perf_counter() - eval_started:.0f}s; {cfg.epochs} epoch(s) fit",
+                              flush=True)
             model.train()
             if cfg.scheduler == "plateau" and evaluated:
                 scheduler.step(scores["miou"])

@@ -1,0 +1,126 @@
+"""What each training option is worth: one recipe and one budget, one option changed at a time.
+
+Every row trains the base recipe for the same number of epochs with one option changed (the base itself at a second
+seed gives the run-to-run noise), evaluates the final weights on the validation split — mIoU, boundary mIoU and
+expected calibration error, `resunet evaluate`'s figures — and takes the training speed from metrics.jsonl. Each row
+lives in OUT/<row>/: a finished row (its result.json) is kept, an interrupted one resumes exactly from its last.pt,
+so a long ablation can be stopped and continued, and rows can be added later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .config import ABLATION_OPTIONS, TrainConfig
+from .evaluate import run_evaluate
+from .runtime import cpu_name
+from .train import TrainingError, train
+
+
+def row_folder(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# Fields that change how a run is carried out, not what it learns: a row may be continued with other values.
+NOT_RECIPE = {"out", "resume", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
+              "checkpoint_every", "tensorboard", "calibrate"}
+
+
+def recipe(cfg: TrainConfig | dict) -> dict:
+    values = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    return {k: v for k, v in values.items() if k not in NOT_RECIPE}
+
+
+def run_row(base: TrainConfig, name: str, out: Path) -> dict:
+    """Train (or resume, or keep) one row and score its final weights."""
+    folder = out / row_folder(name)
+    result_path = folder / "result.json"
+    last = folder / "last.pt"
+    # Only the final epoch is evaluated, so best.pt is the budget's final model, not a selection on val.
+    cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=base.epochs,
+                  resume=str(last) if last.is_file() else None, calibrate=False)
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        stored = result.get("recipe")
+    elif last.is_file():
+        result, stored = None, recipe(load_checkpoint(last, tensors=False)["train_config"])
+    else:
+        result, stored = None, None
+    if stored is not None and stored != recipe(cfg):
+        changed = sorted(k for k in recipe(cfg) if stored.get(k) != recipe(cfg)[k])
+        raise TrainingError(f"{folder}: trained with another recipe ({', '.join(changed)} differ); "
+                            "give the ablation another --out")
+    if result is not None:
+        print(f"ablation: {name}: kept ({result_path})", flush=True)
+        return result
+    print(f"ablation: {name}: training {cfg.epochs} epochs{' (resumed)' if cfg.resume else ''}", flush=True)
+    train(cfg)
+    scores = run_evaluate(str(folder / "best.pt"), cfg.data_root, cfg.val_split, device=cfg.device,
+                          precision=cfg.precision, workers=cfg.workers)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    # The median epoch: an epoch slowed by something else on the machine does not move it.
+    speed = statistics.median(r["train_images_per_s"] for r in records)
+    result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": cfg.epochs, "seed": cfg.seed,
+              "miou": scores["miou"], "boundary_miou": scores["boundary_miou"], "ece": scores["ece"],
+              "train_images_per_s": speed, "cpu": cpu_name(), "recipe": recipe(cfg)}
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def noise_and_verdicts(results: list[dict]) -> tuple[float | None, list[str]]:
+    """The seed-to-seed mIoU difference and, per row, whether its mIoU change is larger than that."""
+    by_name = {r["option"]: r for r in results}
+    base = by_name.get("baseline")
+    noise = abs(by_name["seed 1"]["miou"] - base["miou"]) if base and "seed 1" in by_name else None
+    verdicts = []
+    for r in results:
+        if r["option"] in ("baseline", "seed 1"):
+            verdicts.append("")
+        elif base is None or noise is None:
+            verdicts.append("no noise estimate")
+        else:
+            delta = r["miou"] - base["miou"]
+            verdicts.append("inside the noise" if abs(delta) <= noise else ("gain" if delta > 0 else "loss"))
+    return noise, verdicts
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table: one row per option, the change in mIoU against the baseline and its verdict."""
+    noise, verdicts = noise_and_verdicts(results)
+    base = next((r for r in results if r["option"] == "baseline"), None)
+    lines = ["| option | val mIoU % | Δ mIoU | boundary mIoU % | ECE % | train img/s | verdict |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r, verdict in zip(results, verdicts):
+        delta = f"{100 * (r['miou'] - base['miou']):+.2f}" if base and r is not base else ""
+        ece = f"{100 * r['ece']:.2f}" if r["ece"] is not None else "n/a"
+        lines.append(f"| {r['option']} | {100 * r['miou']:.2f} | {delta} | {100 * r['boundary_miou']:.2f} | {ece} | "
+                     f"{r['train_images_per_s']:.2f} | {verdict} |")
+    if noise is not None:
+        lines.append(f"\nNoise: the baseline at seeds {base['seed']} and 1 differs by {100 * noise:.2f} points of "
+                     "mIoU; a change no larger than that is marked inside the noise (two seeds only: a rough bound).")
+    return "\n".join(lines)
+
+
+def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list[dict]:
+    """Every row in `options` (names in ABLATION_OPTIONS) on `base`; writes OUT/ablation.md and OUT/ablation.json."""
+    unknown = [name for name in options if name not in ABLATION_OPTIONS]
+    if unknown:
+        raise TrainingError(f"unknown ablation option(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(ABLATION_OPTIONS)}")
+    if base.seed == 1 and "seed 1" in options:
+        raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run_row(base, name, out) for name in options]
+    table = format_table(results)
+    header = (f"Ablation: {base.epochs} epochs each on {base.data_root} ({base.encoder}, seed {base.seed}), "
+              f"final weights on {base.val_split}; {cpu_name()}.\n\n")
+    (out / "ablation.md").write_text(header + table + "\n")
+    (out / "ablation.json").write_text(json.dumps({"base": base.to_dict(), "rows": results}, indent=1))
+    print("\n" + header + table, flush=True)
+    return results

@@ -1,0 +1,73 @@
+"""`resunet ablate`: one row per option at the same budget, the seed row as the noise, rows kept and resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resunet.ablate import format_table, noise_and_verdicts, run_ablation
+from resunet.cli import main
+from resunet.train import TrainingError
+
+from conftest import tiny_config
+
+
+def row(option: str, miou: float, seed: int = 0) -> dict:
+    return {"option": option, "seed": seed, "miou": miou, "boundary_miou": miou / 2, "ece": 0.05,
+            "train_images_per_s": 10.0}
+
+
+def test_verdicts_against_the_seed_noise_by_hand():
+    rows = [row("baseline", 0.60), row("seed 1", 0.62, seed=1), row("loss focal", 0.615), row("mix cutmix", 0.63),
+            row("loss dice", 0.57)]
+    noise, verdicts = noise_and_verdicts(rows)
+    assert noise == pytest.approx(0.02)
+    # +1.5 points is inside a 2-point noise; +3 is a gain; -3 a loss.
+    assert verdicts == ["", "", "inside the noise", "gain", "loss"]
+    table = format_table(rows)
+    assert "| loss focal | 61.50 | +1.50 | 30.75 | 5.00 | 10.00 | inside the noise |" in table
+    assert "| mix cutmix | 63.00 | +3.00 |" in table
+    assert "differs by 2.00 points" in table
+    assert noise_and_verdicts([row("baseline", 0.6), row("loss dice", 0.5)])[1] == ["", "no noise estimate"]
+
+
+def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_tmp):
+    base = tiny_config(demo_root, ram_tmp / "unused", epochs=1, encoder="resnet18", decoder_channels="32,16,8,8")
+    out = ram_tmp / "ablation"
+    options = ["baseline", "seed 1", "loss focal"]
+    results = run_ablation(base, options, out)
+    assert [r["option"] for r in results] == options
+    for r in results:
+        folder = out / r["option"].replace(" ", "-")
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 1  # the budget: one epoch, evaluated once at its end
+        # The row's score is the final weights' val mIoU, the figure training printed for its last epoch.
+        assert r["miou"] == pytest.approx(metrics[-1]["val_miou"], abs=0.01)
+        assert 0 <= r["boundary_miou"] <= 1 and 0 <= r["ece"] <= 1
+        assert r["train_images_per_s"] == metrics[0]["train_images_per_s"]
+    assert results[1]["seed"] == 1 and results[2]["recipe"]["loss"] == "focal"
+    written = json.loads((out / "ablation.json").read_text())
+    assert [r["option"] for r in written["rows"]] == options
+    assert "| loss focal |" in (out / "ablation.md").read_text()
+
+    # Run again: finished rows are kept, not retrained.
+    stamp = (out / "baseline" / "last.pt").stat().st_mtime_ns
+    again = run_ablation(base, options, out)
+    assert again == results and (out / "baseline" / "last.pt").stat().st_mtime_ns == stamp
+    # A row stopped before scoring continues from its last.pt (here already at the budget: scored, not retrained).
+    (out / "loss-focal" / "result.json").unlink()
+    stamp = (out / "loss-focal" / "last.pt").stat().st_mtime_ns
+    rescored = run_ablation(base, ["loss focal"], out)[0]
+    assert rescored["miou"] == pytest.approx(results[2]["miou"], abs=1e-6)
+    assert (out / "loss-focal" / "last.pt").stat().st_mtime_ns == stamp
+    # Another budget in the same folder would mix two recipes in one table.
+    with pytest.raises(TrainingError, match="epochs"):
+        run_ablation(tiny_config(demo_root, ram_tmp / "unused", epochs=2, encoder="resnet18",
+                                 decoder_channels="32,16,8,8"), ["baseline"], out)
+
+
+def test_unknown_option_is_one_line(demo_root, capsys):
+    assert main(["ablate", "--data-root", str(demo_root), "--options", "baseline; loss hinge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resunet ablate: error: unknown ablation option(s) 'loss hinge'") and "\n" not in err
