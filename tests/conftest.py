@@ -49,9 +49,10 @@ def ram_tmp():
 
 @pytest.fixture(scope="session")
 def trained_run(demo_root) -> Path:
-    """The seed model (resnet34, from scratch) trained for 20 short epochs: enough to segment the demo shapes."""
+    """The seed model (resnet34, from scratch) trained for 20 short epochs: enough to segment the demo shapes.
+    Evaluated every other epoch (each evaluation may also write a 107 MB best.pt)."""
     root = ram_dir("trained")
-    train(tiny_config(demo_root, root / "trained", epochs=20, lr=2e-3, scheduler="cosine"))
+    train(tiny_config(demo_root, root / "trained", epochs=20, lr=2e-3, scheduler="cosine", eval_every=2))
     yield root / "trained"
     shutil.rmtree(root, ignore_errors=True)
 

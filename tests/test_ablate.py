@@ -33,9 +33,10 @@ def test_verdicts_against_the_seed_noise_by_hand():
 
 
 def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_tmp):
-    base = tiny_config(demo_root, ram_tmp / "unused", epochs=1, encoder="resnet18", decoder_channels="32,16,8,8")
+    small = dict(epochs=1, size=32, encoder="resnet18", decoder_channels="32,16,8,8")
+    base = tiny_config(demo_root, ram_tmp / "unused", **small)
     out = ram_tmp / "ablation"
-    options = ["baseline", "seed 1", "loss focal"]
+    options = ["baseline", "loss focal"]
     results = run_ablation(base, options, out)
     assert [r["option"] for r in results] == options
     for r in results:
@@ -46,7 +47,7 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
         assert r["miou"] == pytest.approx(metrics[-1]["val_miou"], abs=0.01)
         assert 0 <= r["boundary_miou"] <= 1 and 0 <= r["ece"] <= 1
         assert r["train_images_per_s"] == metrics[0]["train_images_per_s"]
-    assert results[1]["seed"] == 1 and results[2]["recipe"]["loss"] == "focal"
+    assert results[1]["recipe"]["loss"] == "focal" and results[0]["recipe"]["loss"] == "ce"
     written = json.loads((out / "ablation.json").read_text())
     assert [r["option"] for r in written["rows"]] == options
     assert "| loss focal |" in (out / "ablation.md").read_text()
@@ -59,12 +60,13 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     (out / "loss-focal" / "result.json").unlink()
     stamp = (out / "loss-focal" / "last.pt").stat().st_mtime_ns
     rescored = run_ablation(base, ["loss focal"], out)[0]
-    assert rescored["miou"] == pytest.approx(results[2]["miou"], abs=1e-6)
+    assert rescored["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
     assert (out / "loss-focal" / "last.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(TrainingError, match="already uses seed 1"):  # the noise row would repeat the baseline
+        run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "seed": 1}), ["seed 1"], out)
     # Another budget in the same folder would mix two recipes in one table.
     with pytest.raises(TrainingError, match="epochs"):
-        run_ablation(tiny_config(demo_root, ram_tmp / "unused", epochs=2, encoder="resnet18",
-                                 decoder_channels="32,16,8,8"), ["baseline"], out)
+        run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "epochs": 2}), ["baseline"], out)
 
 
 def test_unknown_option_is_one_line(demo_root, capsys):

@@ -22,10 +22,12 @@ def test_training_lowers_loss_and_beats_the_all_background_baseline(trained_run)
     records = read_records(trained_run)
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
-    best = max(r["val_miou"] for r in records)
+    scored = [r["val_miou"] for r in records if r["val_miou"] is not None]
+    assert len(scored) == 10  # every other epoch
+    best = max(scored)
     # Predicting background everywhere scores 0.144 here (bg IoU ~0.87 averaged with 0 for 5 object classes);
     # uniform guessing among 21 classes scores under 0.05.
-    assert best > 0.22, [round(r["val_miou"], 3) for r in records]
+    assert best > 0.22, [round(v, 3) for v in scored]
     assert best == pytest.approx(load_checkpoint(trained_run / "best.pt")["best_miou"])
 
 
