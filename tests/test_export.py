@@ -42,6 +42,29 @@ def test_metadata_describes_the_model(exported):
     assert not list(exported["dir"].glob("*.data")), "one self-contained file, no external weights"
 
 
+def test_a_calibrated_temperature_travels_with_the_file(exported, tmp_path, monkeypatch):
+    import shutil
+
+    import resunet.export
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    assert float(read_metadata(exported["dir"] / "logits.onnx")["resunet.temperature"]) == 1.0  # not calibrated
+    calibrated = tmp_path / "calibrated.pt"
+    payload = load_checkpoint(exported["ckpt"])
+    save_checkpoint({**payload, "temperature": 0.5}, calibrated)
+    # The session's logits file of this very network stands in for a second trace; metadata and checks run as always.
+    monkeypatch.setattr(resunet.export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "logits.onnx", path))
+    run_export(str(calibrated), str(tmp_path / "calibrated.onnx"), graph="logits", workers=0)
+    onnx = OnnxPredictor(tmp_path / "calibrated.onnx")
+    assert onnx.temperature == 0.5
+    batch = torch.from_numpy(scene(75, 101)).permute(2, 0, 1)[None]
+    expected = (OnnxPredictor(exported["dir"] / "logits.onnx").logits(batch) / 0.5).softmax(1)
+    assert torch.allclose(onnx.probabilities(batch), expected, atol=1e-6)
+    reference = Predictor.from_checkpoint(calibrated, device="cpu", precision="fp32").probabilities(batch)
+    assert torch.allclose(onnx.probabilities(batch), reference, atol=1e-4)
+
+
 def test_export_verified_itself_and_evaluated_the_file(exported):
     for key in ("e2e", "logits"):
         parity = exported[key]["parity"]

@@ -156,7 +156,7 @@ def set_metadata(path: Path, values: dict[str, str]) -> None:
 
 
 def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple[float, ...], encoder: str,
-                 graph: str, tta: str, source: Path | None = None) -> dict[str, str]:
+                 graph: str, tta: str, source: Path | None = None, temperature: float = 1.0) -> dict[str, str]:
     """What the file says about itself: enough to use it without resunet, and to trace it back to its checkpoint."""
     from . import __version__
 
@@ -174,6 +174,8 @@ def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple
         "resunet.encoder": encoder,
         "resunet.version": __version__,
         "resunet.int8": "false",
+        # `resunet calibrate`'s temperature: probabilities are softmax(logits / T) (the class map does not change)
+        "resunet.temperature": repr(float(temperature)),
         "resunet.input": ("image: uint8 N×H×W×3 RGB, any size" if graph == "end-to-end"
                           else "input: float32 N×3×H×W, (pixel/255 - mean) / std, any size"),
         "resunet.output": ("mask: uint8 N×H×W class ids; logits: float32 N×C×H×W, both at the input size"
@@ -342,7 +344,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
         set_metadata(tmp, metadata_for(reference.info, size, mean, std, payload["model_config"]["encoder"], graph,
-                                       tta, source))
+                                       tta, source, payload.get("temperature", 1.0)))
         result["export_s"] = time.perf_counter() - started
         fp32 = OnnxPredictor(tmp)
         parity = check_parity(fp32, reference, images)

@@ -90,13 +90,13 @@ class OnnxPredictor(Predictor):
             self.mean = tuple(json.loads(meta["resunet.mean"]))
             self.std = tuple(json.loads(meta["resunet.std"]))
             self.baked_tta = meta.get("resunet.tta", "none")
+            self.temperature = float(meta.get("resunet.temperature", 1.0))  # files exported before it was stored: 1
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
         self.quantized = meta.get("resunet.int8") == "true"
         self.input_name = self.session.get_inputs()[0].name
         self.first_output = [self.session.get_outputs()[0].name]  # the mask of an end-to-end graph (not its logits)
         self.has_logits = self.graph == "logits"
-        self.temperature = 1.0  # (a calibrated checkpoint's temperature is not exported yet)
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             torch.device("cpu"), None, False, False, None)
         self.set_inference(tta, scales, window, stride)
