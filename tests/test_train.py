@@ -53,7 +53,7 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp):
 
 def test_time_budget_arithmetic_by_hand():
     assert [duration_seconds(t) for t in ("50m", "1.5h", "90s", "120")] == [3000, 5400, 90, 120]
-    for bad in ("abc", "0m", "-5m", "m"):
+    for bad in ("abc", "0m", "-5m", "m", "inf", "nanh"):
         with pytest.raises(TrainingError, match="--time-budget"):
             duration_seconds(bad)
     # 3600 s, 400 s gone (setup and epoch 1), the final evaluation 50 s: 3150 s for epochs of 250 s + 50/3 s → 11.

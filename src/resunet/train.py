@@ -246,7 +246,7 @@ def duration_seconds(text: str) -> float:
         value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
     except ValueError:
         value = 0
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise TrainingError(f"--time-budget {text}: give a duration such as 50m, 1.5h or 3000s")
     return value
 
