@@ -73,3 +73,13 @@ def test_unknown_option_is_one_line(demo_root, capsys):
     assert main(["ablate", "--data-root", str(demo_root), "--options", "baseline; loss hinge"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("resunet ablate: error: unknown ablation option(s) 'loss hinge'") and "\n" not in err
+
+
+def test_a_signal_stops_the_ablation_without_scoring_the_row(demo_root, ram_tmp, monkeypatch, capsys):
+    import resunet.ablate
+
+    monkeypatch.setattr(resunet.ablate, "train", lambda cfg: {"stopped_by": "SIGTERM"})
+    base = tiny_config(demo_root, ram_tmp / "unused", epochs=1)
+    assert run_ablation(base, ["baseline", "loss focal"], ram_tmp / "ablation") == []
+    assert not (ram_tmp / "ablation" / "baseline" / "result.json").exists()
+    assert "stopped in row 'baseline'; run the same command again" in capsys.readouterr().out

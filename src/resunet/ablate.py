@@ -36,8 +36,8 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     return {k: v for k, v in values.items() if k not in NOT_RECIPE}
 
 
-def run_row(base: TrainConfig, name: str, out: Path) -> dict:
-    """Train (or resume, or keep) one row and score its final weights."""
+def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
+    """Train (or resume, or keep) one row and score its final weights; None if a signal stopped its training."""
     folder = out / row_folder(name)
     result_path = folder / "result.json"
     last = folder / "last.pt"
@@ -59,7 +59,8 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict:
         print(f"ablation: {name}: kept ({result_path})", flush=True)
         return result
     print(f"ablation: {name}: training {cfg.epochs} epochs{' (resumed)' if cfg.resume else ''}", flush=True)
-    train(cfg)
+    if train(cfg)["stopped_by"]:  # SIGTERM/Ctrl-C: last.pt holds the position; the next run resumes it
+        return None
     scores = run_evaluate(str(folder / "best.pt"), cfg.data_root, cfg.val_split, device=cfg.device,
                           precision=cfg.precision, workers=cfg.workers)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -116,7 +117,13 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_row(base, name, out) for name in options]
+    results = []
+    for name in options:
+        result = run_row(base, name, out)
+        if result is None:
+            print(f"ablation: stopped in row {name!r}; run the same command again to continue it", flush=True)
+            break
+        results.append(result)
     table = format_table(results)
     header = (f"Ablation: {base.epochs} epochs each on {base.data_root} ({base.encoder}, seed {base.seed}), "
               f"final weights on {base.val_split}; {cpu_name()}.\n\n")
