@@ -51,8 +51,9 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
         result, stored = None, recipe(load_checkpoint(last, tensors=False)["train_config"])
     else:
         result, stored = None, None
-    if stored is not None and stored != recipe(cfg):
-        changed = sorted(k for k in recipe(cfg) if stored.get(k) != recipe(cfg)[k])
+    wanted = recipe(cfg)
+    if stored is not None and stored != wanted:
+        changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
         raise TrainingError(f"{folder}: trained with another recipe ({', '.join(changed)} differ); "
                             "give the ablation another --out")
     if result is not None:
@@ -68,7 +69,7 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
     speed = statistics.median(r["train_images_per_s"] for r in records)
     result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": cfg.epochs, "seed": cfg.seed,
               "miou": scores["miou"], "boundary_miou": scores["boundary_miou"], "ece": scores["ece"],
-              "train_images_per_s": speed, "cpu": cpu_name(), "recipe": recipe(cfg)}
+              "train_images_per_s": speed, "cpu": cpu_name(), "recipe": wanted}
     result_path.write_text(json.dumps(result, indent=1))
     return result
 

@@ -549,14 +549,13 @@ def train(cfg: TrainConfig) -> dict:
                                           cfg.progress)
                 scores = matrix.compute()
                 if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
-                    fitted = epochs_within(budget_s, time.perf_counter() - setup_started,
-                                           eval_started - started, time.perf_counter() - eval_started,
+                    epoch_s, eval_s = eval_started - started, time.perf_counter() - eval_started
+                    fitted = epochs_within(budget_s, time.perf_counter() - setup_started, epoch_s, eval_s,
                                            cfg.eval_every, cfg.epochs)
                     cfg.epochs = broadcast_int(fitted, world, device)
                     if main_process:
-                        print(f"time budget {cfg.time_budget}: epoch 1 took {eval_started - started:.0f}s and its "
-                              f"evaluation {time.perf_counter() - eval_started:.0f}s; {cfg.epochs} epoch(s) fit",
-                              flush=True)
+                        print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s and its evaluation "
+                              f"{eval_s:.0f}s; {cfg.epochs} epoch(s) fit", flush=True)
             model.train()
             if cfg.scheduler == "plateau" and evaluated:
                 scheduler.step(scores["miou"])
