@@ -33,7 +33,8 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # Fixed margins, not tight_layout: it measured every label each epoch, about half the plot's time.
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.92, wspace=0.22)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
