@@ -67,11 +67,13 @@ clean:
 # 55 epochs (about 53 minutes on a 2-core AMD EPYC), selected on val, evaluated at full 480×360.
 CAMVID_RUN ?= runs/camvid
 CAMVID_EPOCHS ?= 55
+CAMVID_LOSS ?= ce
 CAMVID_COMMON := --data-root $(DATA) --size 360 --crop-size 320 --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
 	--seed 0
 camvid: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 --epochs $(CAMVID_EPOCHS) --eval-every 3
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) \
+		--eval-every 3
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_RUN)/val.json \
 		--confusion $(CAMVID_RUN)/confusion.png
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_RUN)/val_flip.json
