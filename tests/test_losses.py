@@ -60,6 +60,11 @@ def test_ohem_keeps_the_hardest_pixels():
     assert loss("ohem", ohem_keep=0.5) == pytest.approx((CE[0] + CE[1]) / 2)  # ceil(1.5) = 2 hardest
     assert loss("ohem", ohem_keep=0.1) == pytest.approx(CE[0])
     assert loss("ohem", ohem_keep=1.0) == pytest.approx(loss("ce"))
+    # Weights [10, 1]: the class-0 pixel weighs 10 but is not the hardest; the ranking ignores the weights (the
+    # weighted losses 0.9163, 3.567, 0.1054 would keep it first), the mean over the kept pixels uses them.
+    assert loss("ohem", [10, 1], ohem_keep=0.1) == pytest.approx(CE[0])
+    assert loss("ohem", [10, 1], ohem_keep=0.5) == pytest.approx((CE[0] + 10 * CE[1]) / 11)
+    assert loss("ohem", [10, 1], ohem_keep=1.0) == pytest.approx(loss("ce", [10, 1]))
 
 
 def test_sums():
