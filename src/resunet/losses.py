@@ -80,13 +80,13 @@ def ohem_loss(logits, target, weight, ignore_index: int, keep: float = 0.25) -> 
     flat, labels = valid_pixels(logits, target, ignore_index)
     if labels.numel() == 0:
         return logits.sum() * 0
-    w = weight[labels] if weight is not None else torch.ones(labels.shape, device=flat.device)
-    loss = F.cross_entropy(flat, labels, reduction="none")
     k = max(1, math.ceil(keep * labels.numel()))
     # Ranked by the unweighted loss: ranked by the weighted one, the CamVid ablation's road pixels (the lowest
-    # sqrt-inverse-frequency weight) stopped being kept and road IoU fell to 17%.
-    hardest = loss.topk(k).indices
-    return (w[hardest] * loss[hardest]).sum() / w[hardest].sum()
+    # sqrt-inverse-frequency weight) stopped being kept and road IoU fell to 17%. The ranking needs no gradient;
+    # the kept pixels then get ce's own weighted mean, and only they enter the backward pass.
+    with torch.no_grad():
+        hardest = F.cross_entropy(flat, labels, reduction="none").topk(k).indices
+    return F.cross_entropy(flat[hardest], labels[hardest], weight=weight)
 
 
 class SegmentationLoss(nn.Module):
