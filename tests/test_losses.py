@@ -47,6 +47,27 @@ def test_dice_by_hand():
     assert loss("dice", [1, 3]) == pytest.approx((zero + 3 * one) / 4)
 
 
+def test_dice_matches_the_one_hot_formula_on_a_batch():
+    # The loss sums per class by scatter; the textbook form builds a one-hot of the valid pixels. Same value and
+    # gradient on a random batch with ignored pixels, a class absent from the targets and class weights.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 4, (2, 7, 6))  # class 4 never appears
+    target[1, 2:5] = 255
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    flat = x.permute(0, 2, 3, 1).reshape(-1, 5)[target.reshape(-1) != 255]
+    labels = target.reshape(-1)[target.reshape(-1) != 255]
+    probs, truth = flat.softmax(1), torch.nn.functional.one_hot(labels, 5).double()
+    dice = 2 * (probs * truth).sum(0) / (probs.sum(0) + truth.sum(0))
+    w = weight * (truth.sum(0) > 0)
+    reference = ((1 - dice) * w).sum() / w.sum()
+    (expected_grad,) = torch.autograd.grad(reference, x)
+    value = SegmentationLoss("dice", weight, 255)(x, target)
+    (grad,) = torch.autograd.grad(value, x)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert torch.allclose(grad, expected_grad, atol=1e-14)
+
+
 def test_lovasz_by_hand():
     # Class 1: errors |truth - p| = 0.6, 0.3, 0.1 (already decreasing), truth 1, 0, 1: Jaccard losses of the growing
     # prefixes 1 - 1/2, 1 - 1/3, 1 - 0/3 → increments 0.5, 1/6, 1/3 → 0.6·0.5 + 0.3/6 + 0.1/3.

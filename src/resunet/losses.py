@@ -42,14 +42,18 @@ def focal_loss(logits, target, weight, ignore_index: int, gamma: float = 2.0) ->
 
 
 def dice_loss(logits, target, weight, ignore_index: int, eps: float = 1e-7) -> torch.Tensor:
-    flat, labels = valid_pixels(logits, target, ignore_index)
-    if labels.numel() == 0:
+    valid = target != ignore_index
+    if not valid.any():
         return logits.sum() * 0
-    probs = flat.softmax(1)
-    truth = F.one_hot(labels, flat.shape[1]).to(probs.dtype)
-    overlap = (probs * truth).sum(0)
-    dice = 2 * overlap / (probs.sum(0) + truth.sum(0)).clamp_min(eps)
-    present = truth.sum(0) > 0
+    num_classes = logits.shape[1]
+    # Per-class sums straight from the N×C×H×W probabilities, ignored pixels zeroed: no gathered P×C copy and no
+    # int64 one-hot, which cost a training step several passes over the batch's logits.
+    probs = logits.softmax(1) * valid.unsqueeze(1)
+    labels = target.masked_fill(~valid, 0).unsqueeze(1)
+    overlap = probs.new_zeros(num_classes).scatter_add_(0, labels.flatten(), probs.gather(1, labels).flatten())
+    truth = torch.bincount(target[valid], minlength=num_classes).to(probs.dtype)
+    dice = 2 * overlap / (probs.sum((0, 2, 3)) + truth).clamp_min(eps)
+    present = truth > 0
     w = (weight if weight is not None else torch.ones_like(dice)) * present
     return ((1 - dice) * w).sum() / w.sum()
 
