@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from resunet.checkpoint import load_checkpoint
-from resunet.train import TrainingError, duration_seconds, epochs_within, train
+from resunet.train import TrainingError, duration_seconds, epochs_within, steady_epoch_seconds, train
 
 from conftest import tiny_config
 
@@ -60,6 +60,10 @@ def test_time_budget_arithmetic_by_hand():
     assert epochs_within(3600, 400, 250, 50, 3, 100) == 12
     assert epochs_within(3600, 400, 250, 50, 3, 10) == 10  # --epochs stays the most
     assert epochs_within(60, 400, 250, 50, 3, 100) == 1  # over budget already: the first epoch is all
+    # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
+    assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
+    assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
+    assert steady_epoch_seconds(300, 0.0, 0, 1) == 300  # one step per epoch: no second half to time
 
 
 def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
@@ -71,7 +75,7 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
     (budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), = fits
-    assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > epoch_s + eval_s > 0
+    assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > eval_s > 0 and epoch_s > 0
     # Two epochs, the first evaluated to time it; the cosine spans the two (lr 0 at the end), not the five.
     assert [r["val_miou"] is not None for r in records] == [True, True] and records[-1]["lr"] == 0
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
