@@ -109,7 +109,10 @@ camvid-export: install
 # What each training option is worth (resunet ablate): the recipe above at a fixed budget of ABLATE_EPOCHS epochs, one
 # option changed per row, plus the baseline at a second seed for the noise; final weights scored on val. About 30 min a
 # row on a 2-core CPU (14 rows); stop it any time, run it again to continue (finished rows are kept).
+# ABLATE_OPTIONS="loss ce+dice; ema 0.999" runs only those rows (names as in `resunet ablate --help`).
 ABLATE_EPOCHS ?= 15
+ABLATE_OPTIONS ?=
 CAMVID_ABLATION ?= runs/camvid-ablation
 camvid-ablate: install
-	$(RESUNET) ablate $(CAMVID_COMMON) --encoder efficientnet-lite0 --epochs $(ABLATE_EPOCHS) --out $(CAMVID_ABLATION)
+	$(RESUNET) ablate $(CAMVID_COMMON) --encoder efficientnet-lite0 --epochs $(ABLATE_EPOCHS) --out $(CAMVID_ABLATION) \
+		$(if $(ABLATE_OPTIONS),--options "$(ABLATE_OPTIONS)")
