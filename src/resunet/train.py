@@ -263,8 +263,8 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: flo
 def steady_epoch_seconds(epoch_s: float, second_half_s: float | None, second_half_steps: int,
                          steps_per_epoch: int) -> float:
     """An epoch's time at the pace of epoch 1's second half: its first half pays once for warm-up (JIT compiles,
-    the first touches of the data cache and of the allocator's blocks), 20% of epoch 1 on a 2-core CPU, and a fit
-    on the whole epoch would leave that share of the budget unspent. The whole epoch when no half was timed."""
+    the first touches of the data cache and of the allocator's blocks), about 15% of epoch 1 on a 2-core EPYC, and
+    a fit on the whole epoch would leave that share of the budget unspent. The whole epoch when no half was timed."""
     if second_half_s is None or second_half_steps <= 0:
         return epoch_s
     return second_half_s * steps_per_epoch / second_half_steps
