@@ -74,9 +74,11 @@ CAMVID_TIME_BUDGET ?= 55m
 CAMVID_COMMON := --data-root $(DATA) --size 360 --crop-size 320 --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
 	--seed 0
+# What make camvid and camvid-seed share beyond the data and optimiser: the loss and the schedule's length.
+CAMVID_SCHEDULE = --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) --eval-every 3 \
+	$(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
 camvid: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) \
-		--eval-every 3 $(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 $(CAMVID_SCHEDULE)
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_RUN)/val.json \
 		--confusion $(CAMVID_RUN)/confusion.png
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_RUN)/val_flip.json
@@ -85,8 +87,7 @@ camvid: install
 # (it trains slower than the Lite0 U-Net, so fewer epochs fit).
 CAMVID_SEED_RUN ?= runs/camvid-seed
 camvid-seed: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_SEED_RUN) --encoder resnet34 --no-pretrained --epochs $(CAMVID_EPOCHS) \
-		--loss $(CAMVID_LOSS) --eval-every 3 $(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_SEED_RUN) --encoder resnet34 --no-pretrained $(CAMVID_SCHEDULE)
 	$(RESUNET) evaluate $(CAMVID_SEED_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_SEED_RUN)/val.json
 
 # The GPU recipe: full resolution, long schedule, the larger Lite2 encoder (needs resunet[lite]).

@@ -69,13 +69,19 @@ def test_time_budget_arithmetic_by_hand():
 def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
     import resunet.train
 
-    fits = []  # what the loop measured; the fit itself is checked by hand above
+    fits, paces = [], []  # what the loop measured; the fit itself is checked by hand above
     monkeypatch.setattr(resunet.train, "epochs_within", lambda *args: fits.append(args) or 2)
+    steady = resunet.train.steady_epoch_seconds
+    monkeypatch.setattr(resunet.train, "steady_epoch_seconds",
+                        lambda *args: paces.append((args, steady(*args))) or paces[-1][1])
     out = ram_tmp / "budget"
     train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
     (budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), = fits
-    assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > eval_s > 0 and epoch_s > 0
+    ((whole_epoch_s, second_half_s, _, _), steady_s), = paces
+    assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > whole_epoch_s + eval_s > 0
+    assert epoch_s == steady_s  # the fit is given the second half's pace, not the whole epoch's
+    assert second_half_s is None or 0 < second_half_s < whole_epoch_s
     # Two epochs, the first evaluated to time it; the cosine spans the two (lr 0 at the end), not the five.
     assert [r["val_miou"] is not None for r in records] == [True, True] and records[-1]["lr"] == 0
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
