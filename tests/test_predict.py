@@ -114,6 +114,29 @@ def test_bf16_predictor_keeps_fp32_weights_while_a_batchnorm_is_unfolded():
     assert predictor.predict(np.zeros((40, 50, 3), np.uint8)).shape == (40, 50)
 
 
+def test_fp32_on_a_cpu_takes_channels_last_for_lite_encoders_only_and_keeps_the_numbers():
+    # NHWC pays in fp32 for the depthwise convolutions of EfficientNet-Lite, not for ResNet training (runtime.py);
+    # either way the layout must not change what the model computes.
+    from resunet import ResNetUNet
+    from resunet.data.classes import VOC_INFO
+    from resunet.data.transforms import normalize
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 80), dtype=np.uint8))
+    for encoder, expected_layout in (("efficientnet-lite0", True), ("resnet18", False)):
+        torch.manual_seed(0)
+        model = ResNetUNet(5, encoder, encoder_weights=None).eval()
+        reference_model = ResNetUNet(5, encoder, encoder_weights=None).eval()
+        reference_model.load_state_dict(model.state_dict())
+        predictor = Predictor(model, VOC_INFO, 64, *model.normalization, device="cpu", precision="fp32")
+        assert predictor.channels_last is expected_layout
+        if expected_layout:
+            assert predictor.model.encoder.body.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+        x = normalize(images.float() / 255, predictor.mean, predictor.std)
+        with torch.inference_mode():
+            reference = reference_model(x)
+        assert torch.allclose(predictor.logits(images), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, tmp_path, capsys):
     import json
 

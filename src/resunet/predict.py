@@ -2,7 +2,8 @@
 
 The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
 through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (bf16 autocast
-+ channels_last where the hardware has bf16), upsample the logits back to the original size.
++ channels_last where the hardware has bf16; in fp32, channels_last for EfficientNet-Lite), upsample the logits back
+to the original size.
 
 Test-time augmentation (`tta`): "flip" averages the logits with those of the horizontally flipped image (at the
 working size, then upsampled); "ms" runs the image at several scales of the working size (`scales`) and averages the
@@ -64,7 +65,7 @@ class Predictor:
         tune_cpu_allocator()
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_precision(precision, self.device)
-        self.channels_last = use_channels_last(self.device, self.dtype)
+        self.channels_last = use_channels_last(self.device, self.dtype, model.config.encoder)
         self.model = model.to(self.device).eval()
         if fold_bn:
             fold_batchnorm(self.model)

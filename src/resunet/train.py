@@ -361,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_process = rank == 0
     dtype = resolve_precision(cfg.precision, device)
-    channels_last = use_channels_last(device, dtype)
+    channels_last = use_channels_last(device, dtype, cfg.encoder)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
