@@ -60,6 +60,10 @@ def test_time_budget_arithmetic_by_hand():
     assert epochs_within(3600, 400, 250, 50, 3, 100) == 12
     assert epochs_within(3600, 400, 250, 50, 3, 10) == 10  # --epochs stays the most
     assert epochs_within(60, 400, 250, 50, 3, 100) == 1  # over budget already: the first epoch is all
+    # The re-fit after epoch 10: 2000 s gone, 3600 − 2000 − 30 = 1570 s for epochs of 200 + 30/3 s → 7 more.
+    assert epochs_within(3600, 2000, 200, 30, 3, 20, done=10) == 17
+    assert epochs_within(3600, 2000, 200, 30, 3, 12, done=10) == 12
+    assert epochs_within(3600, 3500, 200, 30, 3, 20, done=10) == 10  # nothing more fits: the run ends here
     # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
@@ -86,6 +90,27 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     assert [r["val_miou"] is not None for r in records] == [True, True] and records[-1]["lr"] == 0
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
     assert "time budget 1h: epoch 1 took" in capsys.readouterr().out
+
+
+def test_a_time_budget_fits_again_after_each_epoch_and_only_shortens(demo_root, ram_tmp, capsys, monkeypatch):
+    import resunet.train
+
+    fits, answers = [], iter([4, 3])  # epoch 1's fit says 4 epochs; the re-fit after epoch 2 says only 3 now fit
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or next(answers))
+    out = ram_tmp / "refit"
+    train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
+    records = read_records(out)
+    assert len(fits) == 2 and fits[0][1] == {}  # no re-fit after the last epoch
+    (budget_s, elapsed_s, pace_s, eval_s, eval_every, max_epochs), refit_kw = fits[1]
+    assert refit_kw == {"done": 2} and (budget_s, eval_every, max_epochs) == (3600, 3, 4)
+    # Its pace is epoch 2's training time (the one epoch since the fit), without saves or evaluation, and the
+    # clock counts both epochs and epoch 1's evaluation.
+    assert 0 < pace_s <= records[1]["seconds"] + 0.005 and eval_s > 0  # the record's seconds are rounded
+    assert elapsed_s > records[0]["seconds"] + pace_s
+    # Three epochs: 1 evaluated for the fit, 3 as the last; the cosine ends at 0 on the shortened count.
+    assert [r["val_miou"] is not None for r in records] == [True, False, True] and records[-1]["lr"] == 0
+    assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
+    assert "3 epoch(s) fit" in capsys.readouterr().out
 
 
 def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, ram_tmp, monkeypatch):

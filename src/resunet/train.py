@@ -252,12 +252,12 @@ def duration_seconds(text: str) -> float:
 
 
 def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: float, eval_every: int,
-                  max_epochs: int) -> int:
-    """How many epochs in all fit a time budget, the first already done: each further epoch costs its training
-    time plus its share of an evaluation, and the last one is always evaluated."""
+                  max_epochs: int, done: int = 1) -> int:
+    """How many epochs in all fit a time budget, `done` of them already trained: each further epoch costs its
+    training time plus its share of an evaluation, and the last one is always evaluated."""
     left = budget_s - elapsed_s - eval_s  # the final evaluation
     more = int(max(0.0, left) // (epoch_s + eval_s / eval_every))
-    return max(1, min(max_epochs, 1 + more))
+    return max(done, min(max_epochs, done + more))
 
 
 def steady_epoch_seconds(epoch_s: float, second_half_s: float | None, second_half_steps: int,
@@ -458,6 +458,7 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the loop ------------------------------------------------------------------------------------------------
     run_started = last_save = time.perf_counter()
     scores: dict = {}
+    budget_fitted, epoch_seconds, eval_s = False, [], 0.0  # --time-budget: fitted at epoch 1, then re-fitted
     stopped_by = None
     with StopSignal(announce=main_process) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -554,6 +555,23 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; weights not saved over "
                                     f"{out / 'last.pt'}; lower --lr or check the data (resunet check-data)")
 
+            # --time-budget, after epoch 1's fit: the pace can drift (a shared machine, epoch 1's second half
+            # faster than later epochs), so each later epoch fits again at the pace of the last three and
+            # shortens the run if it would overrun. Only shortens: the cosine then jumps ahead a little, where
+            # lengthening would raise a learning rate already decayed. Not after a resume: its clock restarted.
+            if budget_fitted and epoch < cfg.epochs:
+                epoch_seconds.append(time.perf_counter() - started)
+                recent = epoch_seconds[-3:]
+                pending_eval_s = eval_s if epoch % cfg.eval_every == 0 else 0.0  # this epoch's, still to come
+                refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s,
+                                      sum(recent) / len(recent), eval_s, cfg.eval_every, cfg.epochs, done=epoch)
+                refit = broadcast_int(refit, world, device)
+                if refit < cfg.epochs:
+                    cfg.epochs = refit
+                    if main_process:
+                        print(f"time budget {cfg.time_budget}: epochs now take {sum(recent) / len(recent):.0f}s; "
+                              f"{cfg.epochs} epoch(s) fit", flush=True)
+
             fit_budget = budget_s is not None and epoch == 1
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
             if evaluated:
@@ -561,14 +579,16 @@ def train(cfg: TrainConfig) -> dict:
                 matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
                                           cfg.progress)
                 scores = matrix.compute()
+                eval_s = time.perf_counter() - eval_started
                 if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
-                    epoch_s, eval_s = eval_started - started, time.perf_counter() - eval_started
+                    epoch_s = eval_started - started
                     steady_s = steady_epoch_seconds(
                         epoch_s, None if half_mark is None else eval_started - half_mark,
                         steps_per_epoch - steps_per_epoch // 2, steps_per_epoch)
                     fitted = epochs_within(budget_s, time.perf_counter() - setup_started, steady_s, eval_s,
                                            cfg.eval_every, cfg.epochs)
                     cfg.epochs = broadcast_int(fitted, world, device)
+                    budget_fitted = True
                     if main_process:
                         print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({steady_s:.0f}s at "
                               f"the pace of its second half) and its evaluation {eval_s:.0f}s; {cfg.epochs} "
