@@ -108,8 +108,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str = "resnet34") -> bool:
     """NHWC memory layout: always in reduced precision and on CUDA (oneDNN and cuDNN run NHWC convolutions fastest
     there); in fp32 on a CPU only for the EfficientNet-Lite encoders, whose depthwise convolutions gain from it
-    (training step 1.28x, inference 1.43x on a 2-core AMD EPYC Zen 3 without AVX-512), while ResNet34's training step
-    lost (0.88x) on the same machine."""
+    (training step 1.14-1.28x, inference 1.34-1.43x on a 2-core AMD EPYC Zen 3 without AVX-512), while ResNet34's
+    training step lost (0.88-0.95x) on the same machine (benchmarks/layout_speed.py)."""
     return dtype is not None or device.type == "cuda" or encoder.startswith("efficientnet-lite")
 
 
