@@ -437,13 +437,13 @@ def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, co
     """train.py's step: autocast at the auto precision, channels_last, CachedLoader batches."""
     torch.manual_seed(0)
     dtype = runtime.resolve_precision("auto", device)
-    channels_last = runtime.use_channels_last(device, dtype)
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if device.type == "cuda":  # as train.py sets them; restored below so the references run with the defaults
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = ResNetUNet(NUM_CLASSES, "resnet34", encoder_weights=None).to(device)
     mean, std = model.normalization
+    channels_last = runtime.use_channels_last(device, dtype, model.config.encoder)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches = cached_batches(CachedLoader(cache, plan.batch, SIZE, SCALES, mean, std, IGNORE, JITTER, device, seed=0))

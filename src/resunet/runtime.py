@@ -105,7 +105,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str = "resnet34") -> bool:
+def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str) -> bool:
     """NHWC memory layout: always in reduced precision and on CUDA (oneDNN and cuDNN run NHWC convolutions fastest
     there); in fp32 on a CPU only for the EfficientNet-Lite encoders, whose depthwise convolutions gain from it
     (training step 1.14-1.28x, inference 1.34-1.43x on a 2-core AMD EPYC Zen 3 without AVX-512), while ResNet34's

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -561,16 +562,16 @@ def train(cfg: TrainConfig) -> dict:
             # lengthening would raise a learning rate already decayed. Not after a resume: its clock restarted.
             if budget_fitted and epoch < cfg.epochs:
                 epoch_seconds.append(time.perf_counter() - started)
-                recent = epoch_seconds[-3:]
+                pace_s = statistics.fmean(epoch_seconds[-3:])
                 pending_eval_s = eval_s if epoch % cfg.eval_every == 0 else 0.0  # this epoch's, still to come
-                refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s,
-                                      sum(recent) / len(recent), eval_s, cfg.eval_every, cfg.epochs, done=epoch)
+                refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s, pace_s,
+                                      eval_s, cfg.eval_every, cfg.epochs, done=epoch)
                 refit = broadcast_int(refit, world, device)
                 if refit < cfg.epochs:
                     cfg.epochs = refit
                     if main_process:
-                        print(f"time budget {cfg.time_budget}: epochs now take {sum(recent) / len(recent):.0f}s; "
-                              f"{cfg.epochs} epoch(s) fit", flush=True)
+                        print(f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {cfg.epochs} "
+                              "epoch(s) fit", flush=True)
 
             fit_budget = budget_s is not None and epoch == 1
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
