@@ -29,7 +29,7 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
     payload = load_checkpoint(run / "last.pt")
     norm = payload["normalization"]
     predictor = Predictor(model_from_checkpoint(payload), checkpoint_classes(payload), 64, norm["mean"], norm["std"],
-                          "cpu", "fp32")  # the training-time predictor: BatchNorm not folded
+                          "cpu", "fp32", channels_last=False)  # the training-time one: BN unfolded, NCHW as trained
     single = evaluate_dataset(predictor, open_dataset(demo_root, "val"), workers=0, progress=False).compute()
     assert abs(single["miou"] - records[0]["val_miou"]) < 1e-9
     assert all(abs(a - b) < 1e-9 for a, b in zip(single["iou"], records[0]["val_iou"]) if a == a)

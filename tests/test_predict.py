@@ -114,27 +114,39 @@ def test_bf16_predictor_keeps_fp32_weights_while_a_batchnorm_is_unfolded():
     assert predictor.predict(np.zeros((40, 50, 3), np.uint8)).shape == (40, 50)
 
 
-def test_fp32_on_a_cpu_takes_channels_last_for_lite_encoders_only_and_keeps_the_numbers():
-    # NHWC pays in fp32 for the depthwise convolutions of EfficientNet-Lite, not for ResNet training (runtime.py);
-    # either way the layout must not change what the model computes.
+def test_fp32_on_a_cpu_predicts_in_channels_last_and_trains_in_it_for_lite_encoders_only(trained_run):
+    # NHWC pays in fp32 for inference with either encoder and for EfficientNet-Lite's training, not for ResNet's
+    # training (runtime.py); whatever the layout, the model must compute the same logits.
     from resunet import ResNetUNet
+    from resunet.checkpoint import load_checkpoint
     from resunet.data.classes import VOC_INFO
     from resunet.data.transforms import normalize
+    from resunet.runtime import use_channels_last
 
+    cpu = torch.device("cpu")
+    assert [use_channels_last(cpu, None, e, training=True) for e in ("efficientnet-lite0", "resnet34")] == [True, False]
+    assert use_channels_last(cpu, torch.bfloat16, "resnet34", training=True)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 80), dtype=np.uint8))
-    for encoder, expected_layout in (("efficientnet-lite0", True), ("resnet18", False)):
+    for encoder in ("efficientnet-lite0", "resnet18"):
         torch.manual_seed(0)
         model = ResNetUNet(5, encoder, encoder_weights=None).eval()
         reference_model = ResNetUNet(5, encoder, encoder_weights=None).eval()
         reference_model.load_state_dict(model.state_dict())
         predictor = Predictor(model, VOC_INFO, 64, *model.normalization, device="cpu", precision="fp32")
-        assert predictor.channels_last is expected_layout
-        if expected_layout:
-            assert predictor.model.encoder.body.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+        assert predictor.channels_last, encoder
+        kernels = [p for p in predictor.model.parameters() if p.dim() == 4 and p.shape[-1] == 3]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels), encoder
         x = normalize(images.float() / 255, predictor.mean, predictor.std)
         with torch.inference_mode():
             reference = reference_model(x)
-        assert torch.allclose(predictor.logits(images), reference, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(predictor.logits(images), reference, atol=1e-4, rtol=1e-4), encoder
+
+    # Training keeps its own layout through validation, which runs a Predictor on the very weights being trained (a
+    # conversion there would be in place): the seed model, trained in fp32 and validated every other epoch, saved its
+    # 3×3 kernels in NCHW (torch.save keeps strides).
+    saved = load_checkpoint(trained_run / "last.pt")["model"].values()
+    kernels = [w for w in saved if w.dim() == 4 and w.shape[-1] == 3]
+    assert kernels and all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
 
 
 def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, tmp_path, capsys):

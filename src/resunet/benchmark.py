@@ -443,7 +443,7 @@ def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, co
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = ResNetUNet(NUM_CLASSES, "resnet34", encoder_weights=None).to(device)
     mean, std = model.normalization
-    channels_last = runtime.use_channels_last(device, dtype, model.config.encoder)
+    channels_last = runtime.use_channels_last(device, dtype, model.config.encoder, training=True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches = cached_batches(CachedLoader(cache, plan.batch, SIZE, SCALES, mean, std, IGNORE, JITTER, device, seed=0))

@@ -1,9 +1,8 @@
 """Predictor: images in, class maps out at each image's original size.
 
 The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
-through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (bf16 autocast
-+ channels_last where the hardware has bf16; in fp32, channels_last for EfficientNet-Lite), upsample the logits back
-to the original size.
+through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (channels_last;
+bf16 autocast where the hardware has bf16), upsample the logits back to the original size.
 
 Test-time augmentation (`tta`): "flip" averages the logits with those of the horizontally flipped image (at the
 working size, then upsampled); "ms" runs the image at several scales of the working size (`scales`) and averages the
@@ -60,12 +59,16 @@ class Predictor:
         scales: tuple[float, ...] = DEFAULT_SCALES,
         window: int | None = None,
         stride: int | None = None,
+        channels_last: bool | None = None,
     ) -> None:
-        """`fold_bn`: merge BatchNorm into the convolutions (faster; only for a model no longer trained)."""
+        """`fold_bn`: merge BatchNorm into the convolutions (faster; only for a model no longer trained).
+        `channels_last`: the memory layout; None picks the inference one (`runtime.use_channels_last`). The model is
+        converted in place, so a model still in training passes its training layout."""
         tune_cpu_allocator()
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_precision(precision, self.device)
-        self.channels_last = use_channels_last(self.device, self.dtype, model.config.encoder)
+        self.channels_last = (use_channels_last(self.device, self.dtype, model.config.encoder, training=False)
+                              if channels_last is None else channels_last)
         self.model = model.to(self.device).eval()
         if fold_bn:
             fold_batchnorm(self.model)

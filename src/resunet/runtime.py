@@ -105,12 +105,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str) -> bool:
+def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str, training: bool) -> bool:
     """NHWC memory layout: always in reduced precision and on CUDA (oneDNN and cuDNN run NHWC convolutions fastest
-    there); in fp32 on a CPU only for the EfficientNet-Lite encoders, whose depthwise convolutions gain from it
-    (training step 1.14-1.28x, inference 1.34-1.43x on a 2-core AMD EPYC Zen 3 without AVX-512), while ResNet34's
-    training step lost (0.88-0.95x) on the same machine (benchmarks/layout_speed.py)."""
-    return dtype is not None or device.type == "cuda" or encoder.startswith("efficientnet-lite")
+    there), and for inference in fp32 on a CPU too. For training in fp32 on a CPU only with the EfficientNet-Lite
+    encoders, whose depthwise convolutions gain from it: on a 2-core AMD EPYC Zen 3 without AVX-512, Lite0's training
+    step 1.14-1.28x and inference 1.34-1.43x, ResNet34's inference 1.18-1.22x but its training step 0.88-0.95x
+    (the weight gradients of its wide 3x3 convolutions are slower in NHWC; benchmarks/layout_speed.py)."""
+    return dtype is not None or device.type == "cuda" or not training or encoder.startswith("efficientnet-lite")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -192,8 +192,9 @@ def restore_rng(state: dict) -> None:
 
 class WeightAverage:
     """--ema DECAY: an exponential moving average of the weights and the BatchNorm statistics, updated after every
-    optimisation step. It is the model evaluated, selected and saved. As in timm, the decay ramps up over the first
-    steps ((1 + t) / (10 + t) until that reaches DECAY), so the average does not drag the random decoder along."""
+    optimisation step. It is the model evaluated, selected and saved. As TensorFlow's ExponentialMovingAverage does
+    with num_updates, the decay ramps up ((1 + t) / (10 + t) until that reaches DECAY, at t = 8990 for 0.999), so the
+    average does not drag the random decoder along."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -362,7 +363,7 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_process = rank == 0
     dtype = resolve_precision(cfg.precision, device)
-    channels_last = use_channels_last(device, dtype, cfg.encoder)
+    channels_last = use_channels_last(device, dtype, cfg.encoder, training=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -429,7 +430,10 @@ def train(cfg: TrainConfig) -> dict:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if cfg.compile else model
     evaluated_model = average.module if average is not None else raw_model  # also the one saved as "model"
-    predictor = Predictor(evaluated_model, info, cfg.size, mean, std, device, precision_name(dtype))
+    # Validation runs the model being trained: it keeps the training layout (an NHWC conversion here would be
+    # done in place and slow the training steps that follow).
+    predictor = Predictor(evaluated_model, info, cfg.size, mean, std, device, precision_name(dtype),
+                          channels_last=channels_last)
     steps_per_epoch = len(loader)
     global_step = (start_epoch - 1) * steps_per_epoch + (position["step"] if position else 0)
     board = None
