@@ -216,28 +216,47 @@ def test_resize_windows_match_pytorch_antialiased_bilinear():
     assert (ours - pytorch_uint8.float()).abs().max() <= 1
 
 
-@pytest.mark.parametrize("in_len, out_len", [(60, 48), (80, 48), (30, 48), (100, 40), (300, 48)])
-def test_horizontal_pass_permute_equals_scalar(in_len, out_len):
-    # The AVX-512 permute path (spans ≤ 32 and ≤ 64 source pixels per 16 outputs) and the scalar loop that other
-    # CPUs and wider spans use give the same sums; 300 → 48 spans beyond 64 and must fall back.
+@pytest.mark.parametrize("in_len, out_len", [(60, 48), (80, 48), (30, 48), (100, 40), (300, 48), (1000, 45)])
+def test_horizontal_passes_equal_pytorch(in_len, out_len):
+    # Both horizontal passes give F.interpolate's antialiased bilinear sums: the dense one (every CPU without
+    # AVX-512, and spans beyond 64 source pixels per 16 outputs on those with it) and the AVX-512 permute (spans ≤ 32
+    # and ≤ 64). Upscaling, shrinking by ~1.2-22×, and 45 outputs (a last block of 5 of 8 lanes).
     from resunet.data import kernels
 
     plane = np.zeros(in_len + 4 * kernels.LANES, np.float32)
     plane[:in_len] = np.random.default_rng(in_len).uniform(0, 255, in_len)
     first, weights = kernels.resize_weights(in_len, out_len)
-    starts, index, lane_weights, span = kernels.permute_tables(first, weights)
-    scalar = np.zeros(len(starts) * kernels.LANES, np.float32)
-    kernels.horizontal_scalar(plane, first, weights, starts, index, lane_weights, False, scalar)
     expected = F.interpolate(torch.from_numpy(plane[:in_len])[None, None, None], size=(1, out_len), mode="bilinear",
-                             antialias=True)[0, 0, 0]
-    np.testing.assert_allclose(scalar[:out_len], expected.numpy(), rtol=1e-5, atol=1e-3)  # PyTorch's weights
-    assert (span > 4 * kernels.LANES) == (in_len == 300)  # only 300 → 48 is too wide for the permute
+                             antialias=True)[0, 0, 0].numpy()
+    dense = np.full(-(-out_len // kernels.LANES) * kernels.LANES, np.nan, np.float32)
+    kernels.horizontal_dense(plane, *kernels.dense_tables(first, weights), dense)
+    np.testing.assert_allclose(dense[:out_len], expected, rtol=1e-5, atol=1e-3)  # PyTorch's weights
+    starts, index, lane_weights, span = kernels.permute_tables(first, weights)
+    assert (span > 4 * kernels.LANES) == (in_len >= 300)  # 300 → 48 and 1000 → 45 are too wide for the permute
     if span > 4 * kernels.LANES or not kernels.AVX512:
-        return  # the scalar loop is what runs for these
-    permuted = np.zeros_like(scalar)
+        return  # the dense pass is what runs for these
+    permuted = np.zeros_like(dense)
     kernels.horizontal_permute(plane, first, weights, starts, index, lane_weights, span > 2 * kernels.LANES,
                                permuted)
-    np.testing.assert_allclose(permuted[:out_len], scalar[:out_len], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(permuted[:out_len], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_dense_tables_hold_each_outputs_weights_at_its_taps():
+    # 10 → 4 (2.5× shrink, 7 taps): block 0 holds all four outputs; its span reaches the last output's last tap,
+    # rounded up to 4 sums; each lane's column is that output's weights placed at first[x] - start, zeros elsewhere.
+    from resunet.data import kernels
+
+    first, weights = kernels.resize_weights(10, 4)
+    starts, spans, widest, dense = kernels.dense_tables(first, weights)
+    taps = weights.shape[1]
+    assert list(starts) == [first[0]] and widest == spans[0] == -(-(first[3] + taps - first[0]) // 4) * 4
+    matrix = dense.reshape(1, widest, kernels.DENSE_LANES)[0]
+    for x in range(4):
+        column = np.zeros(widest, np.float32)
+        column[first[x] - first[0] : first[x] - first[0] + taps] = weights[x]
+        np.testing.assert_array_equal(matrix[:, x], column)
+        assert abs(matrix[:, x].sum() - 1) < 1e-6
+    assert not matrix[:, 4:].any()  # lanes past the last output stay zero
 
 
 def test_numba_colour_map_equals_the_torch_colour_maps():
