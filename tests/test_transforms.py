@@ -241,6 +241,25 @@ def test_horizontal_passes_equal_pytorch(in_len, out_len):
     np.testing.assert_allclose(permuted[:out_len], expected, rtol=1e-5, atol=1e-3)
 
 
+def test_every_kernel_names_only_globals_the_module_has():
+    # numba drops a branch whose condition folds to a constant (`AVX512 and ...` on a CPU without AVX-512) before it
+    # types it, so a name missing there fails only on the other CPU kind: check every kernel's global names here.
+    import builtins
+    import dis
+
+    from resunet.data import kernels
+
+    checked = 0
+    for name, value in vars(kernels).items():
+        function = getattr(value, "py_func", None)
+        if function is None or function.__module__ != kernels.__name__:
+            continue
+        names = {i.argval for i in dis.get_instructions(function) if i.opname == "LOAD_GLOBAL"}
+        assert not names - set(vars(kernels)) - set(dir(builtins)), name
+        checked += 1
+    assert checked >= 10  # resize_window, horizontal_dense, augment_samples, ...
+
+
 def test_dense_tables_hold_each_outputs_weights_at_its_taps():
     # 10 → 4 (2.5× shrink, 7 taps): block 0 holds all four outputs; its span reaches the last output's last tap,
     # rounded up to 4 sums; each lane's column is that output's weights placed at first[x] - start, zeros elsewhere.

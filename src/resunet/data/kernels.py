@@ -232,6 +232,15 @@ def horizontal_dense(plane, starts, spans, widest, dense, acc) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
+def _no_permute(plane, first, weights, starts, index, lane_weights, wide, acc) -> None:
+    """Stands in for `horizontal_permute` without AVX-512, where `resize_window` never takes that branch."""
+
+
+# Chosen once: without AVX-512 the permute intrinsic is never compiled (LLVM could not lower it there).
+horizontal_permute_here = horizontal_permute if AVX512 else _no_permute
+
+
+@numba.njit(cache=True, nogil=True)
 def resize_window(image, box, out) -> None:
     """Resize image[:, sy:sy+sh, sx:sx+sw] (planar 3×H×W uint8) to oh×ow, antialiased bilinear, into
     out[:, oy:oy+oh, ox:ox+ow] (3×crop×crop uint8), rounding to the nearest level. box: (sy, sh, sx, sw, oy, oh,
