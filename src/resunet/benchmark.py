@@ -72,7 +72,7 @@ from .data.demo import make_sample
 from .data.transforms import resize_short_side, resize_windows, sample_augment_params
 from .model.unet import ResNetUNet
 from .predict import Predictor
-from .train import train_step
+from .train import make_optimizer, train_step
 
 SIZE = 256
 SCALES = (0.5, 2.0)
@@ -434,7 +434,7 @@ def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) 
 
 
 def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, compile: bool = False) -> dict:
-    """train.py's step: autocast at the auto precision, channels_last, CachedLoader batches."""
+    """train.py's step and optimizer: autocast at the auto precision, channels_last, CachedLoader batches."""
     torch.manual_seed(0)
     dtype = runtime.resolve_precision("auto", device)
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -447,7 +447,7 @@ def measure_train_ours(cache: DecodedCache, plan: Plan, device: torch.device, co
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches = cached_batches(CachedLoader(cache, plan.batch, SIZE, SCALES, mean, std, IGNORE, JITTER, device, seed=0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = make_optimizer("adam", model.parameters(), LR, WEIGHT_DECAY, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
     step_model = torch.compile(model) if compile else model

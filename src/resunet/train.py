@@ -145,6 +145,14 @@ def set_loader_epoch(loader, epoch: int, seed: int) -> None:
 PER_STEP_SCHEDULERS = ("cosine", "poly")
 
 
+def make_optimizer(name: str, params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW, as one fused kernel per step where PyTorch has one for the device: on the CPU the default
+    per-tensor loop makes about ten passes over every parameter, which at small crops costs a sixth of a step."""
+    optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    fused = device.type in ("cpu", "cuda")
+    return optimizer_class(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
@@ -390,8 +398,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
     loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world)
-    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
