@@ -171,6 +171,21 @@ def test_failed_verification_is_an_error_and_keeps_no_file(exported, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
+def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_run, demo_root, tmp_path, monkeypatch):
+    import shutil
+
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    # A negative allowance: the file must score 100 points above PyTorch, which no file can, so the check fails.
+    with pytest.raises(ExportError, match=r"m\.int8\.onnx: mIoU fell .* file not kept; the verified fp32 file is "):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.int8.onnx"), int8=True, calibration=str(demo_root),
+                   calibration_count=4, data_root=str(demo_root), workers=0, max_miou_drop=-100)
+    # Only the verified fp32 file is left: no INT8 file under the output name, no temporary file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.fp32.onnx"]
+
+
 def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch):
     import shutil
 

@@ -364,32 +364,45 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     result["fp32_file"] = str(fp32_path)
 
     final = fp32
-    if int8:
-        started = time.perf_counter()
-        calibration_set = calibration_images(calibration, calibration_count)
-        quantize_int8(fp32_path, out, calibration_set, graph, reference)
-        set_metadata(out, {"resunet.int8": "true", "resunet.calibration_images": str(len(calibration_set))})
-        final = OnnxPredictor(out)
-        result["quantize_s"] = time.perf_counter() - started
-        agreement = check_parity(final, reference, images).agreement
-        speed_fp32, speed_int8 = images_per_second(fp32, images), images_per_second(final, images)
-        result["int8"] = {"calibration_images": len(calibration_set), "agreement": agreement,
-                          "fp32_images_per_s": speed_fp32, "int8_images_per_s": speed_int8}
-        print(f"INT8 (QDQ, per-channel weights, {len(calibration_set)} calibration images): class maps agree with "
-              f"PyTorch fp32 on {100 * agreement:.2f}% of pixels; {speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s "
-              f"for the fp32 file ({speed_int8 / speed_fp32:.2f}×) on these {len(images)} images")
+    # The INT8 file takes its name only after the mIoU check below, and a file that fails the check is removed:
+    # nothing unchecked is left where a deployment would pick it up (the verified fp32 file stays).
+    checked = out.with_name(f".{out.name}.tmp{os.getpid()}") if int8 else out
+    try:
+        if int8:
+            started = time.perf_counter()
+            calibration_set = calibration_images(calibration, calibration_count)
+            quantize_int8(fp32_path, checked, calibration_set, graph, reference)
+            set_metadata(checked, {"resunet.int8": "true", "resunet.calibration_images": str(len(calibration_set))})
+            final = OnnxPredictor(checked)
+            result["quantize_s"] = time.perf_counter() - started
+            agreement = check_parity(final, reference, images).agreement
+            speed_fp32, speed_int8 = images_per_second(fp32, images), images_per_second(final, images)
+            result["int8"] = {"calibration_images": len(calibration_set), "agreement": agreement,
+                              "fp32_images_per_s": speed_fp32, "int8_images_per_s": speed_int8}
+            print(f"INT8 (QDQ, per-channel weights, {len(calibration_set)} calibration images): class maps agree with "
+                  f"PyTorch fp32 on {100 * agreement:.2f}% of pixels; {speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s "
+                  f"for the fp32 file ({speed_int8 / speed_fp32:.2f}×) on these {len(images)} images")
 
-    if dataset is not None:
-        ref_scores = evaluate_dataset(reference, dataset, workers=workers, progress=False).compute()
-        file_scores = evaluate_dataset(final, dataset, workers=workers, progress=False).compute()
-        drift = 100 * (file_scores["miou"] - ref_scores["miou"])
-        result["miou"] = {"split": split, "images": len(dataset), "pytorch_fp32": ref_scores["miou"],
-                          "onnx": file_scores["miou"], "drift_points": drift}
-        print(f"mIoU on {dataset.description} ({len(dataset)} images, original resolution): PyTorch fp32 "
-              f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
-        limit = max_miou_drop if int8 else 0.1
-        if drift < -limit:
-            raise ExportError(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}")
+        if dataset is not None:
+            ref_scores = evaluate_dataset(reference, dataset, workers=workers, progress=False).compute()
+            file_scores = evaluate_dataset(final, dataset, workers=workers, progress=False).compute()
+            drift = 100 * (file_scores["miou"] - ref_scores["miou"])
+            result["miou"] = {"split": split, "images": len(dataset), "pytorch_fp32": ref_scores["miou"],
+                              "onnx": file_scores["miou"], "drift_points": drift}
+            print(f"mIoU on {dataset.description} ({len(dataset)} images, original resolution): PyTorch fp32 "
+                  f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
+            limit = max_miou_drop if int8 else 0.1
+            if drift < -limit:
+                checked.unlink()
+                kept = f"; the verified fp32 file is {fp32_path}" if int8 else ""
+                raise ExportError(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}; file not "
+                                  f"kept{kept}")
+    except BaseException:
+        if int8:  # an interrupted or failed quantisation leaves no temporary file
+            checked.unlink(missing_ok=True)
+        raise
+    if int8:
+        os.replace(checked, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
           f"{', tta ' + tta if tta != 'none' else ''})")
     return result
