@@ -25,31 +25,27 @@ def test_the_fused_optimizer_steps_like_pytorchs_reference_loop(name):
     torch.manual_seed(0)
     start = [torch.randn(300, 7), torch.randn(5)]
     grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
-    reference_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    results = []
-    for build in (lambda ps: make_optimizer(name, ps, 0.05, 0.1, torch.device("cpu")),
-                  lambda ps: reference_class(ps, lr=0.05, weight_decay=0.1, foreach=False)):
+
+    def stepped(build):
         params = [torch.nn.Parameter(p.clone()) for p in start]
         optimizer = build(params)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()
             optimizer.step()
-        results.append((optimizer, [p.detach() for p in params]))
-    (fused, ours), (_, reference) = results
+        return optimizer, [p.detach() for p in params]
+
+    reference_class, other_class = (torch.optim.AdamW, torch.optim.Adam) if name == "adamw" else \
+        (torch.optim.Adam, torch.optim.AdamW)
+    fused, ours = stepped(lambda ps: make_optimizer(name, ps, 0.05, 0.1, torch.device("cpu")))
+    _, reference = stepped(lambda ps: reference_class(ps, lr=0.05, weight_decay=0.1, foreach=False))
     assert fused.param_groups[0]["fused"] is True
     for a, b, s in zip(ours, reference, start):
         assert not torch.equal(a, s)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # The other rule moves the same weights elsewhere: the test tells Adam from AdamW.
-    other_class = torch.optim.Adam if name == "adamw" else torch.optim.AdamW
-    params = [torch.nn.Parameter(p.clone()) for p in start]
-    other = other_class(params, lr=0.05, weight_decay=0.1)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        other.step()
-    assert (params[0].detach() - ours[0]).abs().max() > 1e-3
+    _, other = stepped(lambda ps: other_class(ps, lr=0.05, weight_decay=0.1))
+    assert (other[0] - ours[0]).abs().max() > 1e-3
 
 
 def test_training_lowers_loss_and_beats_the_all_background_baseline(trained_run):

@@ -23,10 +23,16 @@ class CheckpointError(ValueError):
     """The file is not a usable checkpoint; the message is one line naming it."""
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before it is renamed into place: hidden, beside it (so the rename stays on one
+    filesystem), named by the writing process. `train` removes leftovers of this pattern from a run's folder."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def save_checkpoint(payload: dict, path: str | Path) -> None:
     """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, temporary_path
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset
 from .data.images import DataError, list_images, read_image
@@ -339,7 +339,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
 
     fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
-    tmp = fp32_path.with_name(f".{fp32_path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(fp32_path)
     try:
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
@@ -366,7 +366,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     final = fp32
     # The INT8 file takes its name only after the mIoU check below, and a file that fails the check is removed:
     # nothing unchecked is left where a deployment would pick it up (the verified fp32 file stays).
-    checked = out.with_name(f".{out.name}.tmp{os.getpid()}") if int8 else out
+    checked = temporary_path(out) if int8 else out
     try:
         if int8:
             started = time.perf_counter()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from .calibration import calibrate
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, temporary_path
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
@@ -232,7 +232,7 @@ def decoder_widths(text: str) -> tuple[int, ...]:
 
 def write_atomically(path: Path, text: str) -> None:
     """A process killed mid-write leaves the old file or the new one, never half a line."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
