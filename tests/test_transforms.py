@@ -218,9 +218,10 @@ def test_resize_windows_match_pytorch_antialiased_bilinear():
 
 @pytest.mark.parametrize("in_len, out_len", [(60, 48), (80, 48), (30, 48), (100, 40), (300, 48), (1000, 45)])
 def test_horizontal_passes_equal_pytorch(in_len, out_len):
-    # Both horizontal passes give F.interpolate's antialiased bilinear sums: the dense one (every CPU without
-    # AVX-512, and spans beyond 64 source pixels per 16 outputs on those with it) and the AVX-512 permute (spans ≤ 32
-    # and ≤ 64). Upscaling, shrinking by ~1.2-22×, and 45 outputs (a last block of 5 of 8 lanes).
+    # Every horizontal pass gives F.interpolate's antialiased bilinear sums: the dense one (any CPU, and spans too
+    # wide for a permute), the AVX-512 permute (16 outputs, spans ≤ 32 and ≤ 64) and the AVX2 one (8 outputs, spans
+    # ≤ 16, 24 and 32: 2, 3 or 4 registers). Upscaling, shrinking by ~1.2-22×, and 45 outputs (a last block of 5 of 8
+    # lanes). Each permute runs where the CPU has its instructions.
     from resunet.data import kernels
 
     plane = np.zeros(in_len + 4 * kernels.LANES, np.float32)
@@ -231,14 +232,40 @@ def test_horizontal_passes_equal_pytorch(in_len, out_len):
     dense = np.full(-(-out_len // kernels.LANES) * kernels.LANES, np.nan, np.float32)
     kernels.horizontal_dense(plane, *kernels.dense_tables(first, weights), dense)
     np.testing.assert_allclose(dense[:out_len], expected, rtol=1e-5, atol=1e-3)  # PyTorch's weights
-    starts, index, lane_weights, span = kernels.permute_tables(first, weights)
+
+    starts, index, lane_weights, span = kernels.permute_tables(first, weights, kernels.LANES)
     assert (span > 4 * kernels.LANES) == (in_len >= 300)  # 300 → 48 and 1000 → 45 are too wide for the permute
-    if span > 4 * kernels.LANES or not kernels.AVX512:
-        return  # the dense pass is what runs for these
-    permuted = np.zeros_like(dense)
-    kernels.horizontal_permute(plane, first, weights, starts, index, lane_weights, span > 2 * kernels.LANES,
-                               permuted)
-    np.testing.assert_allclose(permuted[:out_len], expected, rtol=1e-5, atol=1e-3)
+    if span <= 4 * kernels.LANES and kernels.AVX512:
+        permuted = np.zeros_like(dense)
+        kernels.horizontal_permute(plane, first, weights, starts, index, lane_weights, span > 2 * kernels.LANES,
+                                   permuted)
+        np.testing.assert_allclose(permuted[:out_len], expected, rtol=1e-5, atol=1e-3)
+
+    starts, index, lane_weights, span = kernels.permute_tables(first, weights, kernels.PERMUTE8_LANES)
+    assert span == {60: 12, 80: 16, 30: 7, 100: 22, 300: 57, 1000: 201}[in_len]  # 2, 2, 2, 3 registers; too wide
+    if span <= 4 * kernels.PERMUTE8_LANES and kernels.AVX2:
+        permuted = np.zeros_like(dense)
+        kernels.horizontal_permute8(plane, weights.shape[1], starts, index, lane_weights, span, permuted)
+        np.testing.assert_allclose(permuted[:out_len], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_the_avx2_permute_uses_up_to_four_registers():
+    # 64 → 24 outputs (shrinking 2.67×): 8 outputs span 8 × 2.67 + 5 taps ≈ 26 source pixels, so 4 registers; and
+    # every output must still be F.interpolate's sum.
+    from resunet.data import kernels
+
+    if not kernels.AVX2:
+        pytest.skip("the AVX2 permute runs only on CPUs with AVX2")
+    plane = np.zeros(64 + 4 * kernels.LANES, np.float32)
+    plane[:64] = np.random.default_rng(1).uniform(0, 255, 64)
+    first, weights = kernels.resize_weights(64, 24)
+    starts, index, lane_weights, span = kernels.permute_tables(first, weights, kernels.PERMUTE8_LANES)
+    assert 3 * kernels.PERMUTE8_LANES < span <= 4 * kernels.PERMUTE8_LANES
+    permuted = np.zeros(32, np.float32)
+    kernels.horizontal_permute8(plane, weights.shape[1], starts, index, lane_weights, span, permuted)
+    expected = F.interpolate(torch.from_numpy(plane[:64])[None, None, None], size=(1, 24), mode="bilinear",
+                             antialias=True)[0, 0, 0].numpy()
+    np.testing.assert_allclose(permuted[:24], expected, rtol=1e-5, atol=1e-3)
 
 
 def test_every_kernel_names_only_globals_the_module_has():

@@ -9,14 +9,15 @@ nearest-neighbour labels from the cache (`labels`).
 The resize computes PyTorch's antialiased bilinear weights (`F.interpolate(..., antialias=True)`, as PIL resizes) in
 float32 and rounds to uint8 levels. Its vertical pass combines whole source rows (vectorises plainly); its
 horizontal pass needs, for each output pixel, source pixels at irregular positions. A gather does that at one
-element per cycle on the AMD EPYC (Zen 4); where the CPU has AVX-512 we instead load the 32 or 64 source pixels a
-block of 16 outputs spans into registers and pick each tap's 16 values with one two-register permute
-(`vpermi2ps`): well over twice the speed of PyTorch's own uint8 kernel there. Other CPUs, and blocks spanning more
-than 64 source pixels (shrinking by more than ~3×), multiply each block of 8 outputs' source span by a dense
-span×8 weight matrix (zeros off the taps), one broadcast source pixel times one 8-wide weight row per step, in
-plain LLVM vector code that any CPU runs (`_dense_block`): more multiplies than taps, but no gather and no scalar
-loop: on the AMD EPYC Zen 3 (AVX2, no AVX-512) the resize step ran 2.9× faster than with the scalar loop it
-replaced (`resunet benchmark`, benchmarks/RESULTS.md). Both passes give the same sums up to float rounding.
+element per cycle on the AMD EPYC (Zen 4); instead we load the source pixels a block of outputs spans into
+registers once and pick each tap's values from them with register permutes: where the CPU has AVX-512, blocks of 16
+outputs spanning up to 64 source pixels (`vpermi2ps`): well over twice the speed of PyTorch's own uint8 kernel
+there; where it has AVX2 only, blocks of 8 spanning up to 32 (`vpermps` on 2-4 registers and a select): 1.28x the
+dense pass below on the AMD EPYC Zen 3, measured alternated on the benchmark's crops. Other CPUs, and wider blocks
+(shrinking by more than ~3x), multiply each block of 8 outputs' source span by a dense span×8 weight matrix (zeros
+off the taps), one broadcast source pixel times one 8-wide weight row per step, in plain LLVM vector code that any
+CPU runs (`_dense_block`): more multiplies than taps, but no gather and no scalar loop (2.9x the scalar loop it
+replaced on the Zen 3). All passes give the same sums up to float rounding.
 """
 
 from __future__ import annotations
@@ -36,14 +37,24 @@ from .transforms import GREY  # torchvision's rgb_to_grayscale weights, as the b
 LANES = 16  # float32 lanes of an AVX-512 register
 DENSE_LANES = 8  # outputs per block of the dense pass: one AVX2 register (two SSE ones, half an AVX-512 one)
 DENSE_CHAINS = 4  # independent sums per dense block: a multiply-add's latency hidden behind the next three
-AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
+PERMUTE8_LANES = 8  # float32 lanes of an AVX2 register: the AVX2 permute's block of outputs
+_FEATURES = llvm.get_host_cpu_features()
+AVX512 = bool(_FEATURES.get("avx512f", False))
+AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("fma", False))
 
 
-def _permute_block(wide: bool):
-    """An intrinsic: acc[acc_at + l] = Σ_k weights[at + 16k + l] × plane[start + index[at + 16k + l]] over k < taps,
-    for the 16 lanes l of one block of outputs, every index < 32 (< 64 when `wide`). The plane's 32 (64) floats from
-    `start` are loaded into 2 (4) registers once, and each tap's 16 values are picked from them by `vpermi2ps` (two
-    and a select when wide) instead of a gather; the sum stays in a register. AVX-512 only."""
+# A register permute per block width: its LLVM intrinsic and how many source registers one call reads.
+_PERMUTES = {LANES: ("llvm.x86.avx512.vpermi2var.ps.512", 2), PERMUTE8_LANES: ("llvm.x86.avx2.permps", 1)}
+
+
+def _permute_block(lanes: int, registers: int):
+    """An intrinsic: acc[acc_at + l] = Σ_k weights[at + lanes·k + l] × plane[start + index[at + lanes·k + l]] over
+    k < taps, for the `lanes` lanes l of one block of outputs, every index < lanes × `registers`. The plane's floats
+    from `start` are loaded into that many registers once, and each tap's values are picked from them by register
+    permutes instead of a gather, the right register's kept by a select; the sum stays in a register.
+    16 lanes: AVX-512's `vpermi2ps` (two registers a call, indices' bits 0-4), 2 or 4 registers. 8 lanes: AVX2's
+    `vpermps` (one register a call, bits 0-2), 2, 3 or 4 registers. Compiled only on CPUs with the instruction."""
+    name, per_call = _PERMUTES[lanes]
 
     def permute_block(typingctx, acc, acc_at, plane, start, index, weights, at, taps):
         sig = types.void(acc, acc_at, plane, start, index, weights, at, taps)
@@ -52,27 +63,31 @@ def _permute_block(wide: bool):
             acc_a, plane_a, index_a, weights_a = (context.make_array(signature.args[i])(context, builder, args[i])
                                                   for i in (0, 2, 4, 5))
             _, acc_at_v, _, start_v, _, _, at_v, taps_v = args
-            vf, vi = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.IntType(32), LANES)
+            vf, vi = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.IntType(32), lanes)
 
             def load(array, offset, vector_type):
                 pointer = builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
                 return builder.load(pointer, align=4)
 
-            permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi, vf]),
-                                                     "llvm.x86.avx512.vpermi2var.ps.512")
+            operands = [vf, vi, vf] if per_call == 2 else [vf, vi]
+            permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, operands), name)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]),
-                                                 "llvm.fma.v16f32")
-            registers = [load(plane_a, builder.add(start_v, ir.Constant(start_v.type, k * LANES)), vf)
-                         for k in range(4 if wide else 2)]
+                                                 f"llvm.fma.v{lanes}f32")
+            sources = [load(plane_a, builder.add(start_v, ir.Constant(start_v.type, k * lanes)), vf)
+                       for k in range(registers)]
+
+            def pick(group, indices):  # the values of the group's `per_call` registers at indices (mod their reach)
+                first, *rest = sources[group * per_call : (group + 1) * per_call]
+                return builder.call(permute, [first, indices, *rest])
+
             total = cgutils.alloca_once_value(builder, ir.Constant(vf, None))
             with cgutils.for_range(builder, taps_v) as loop:
-                offset = builder.add(at_v, builder.mul(loop.index, ir.Constant(at_v.type, LANES)))
-                lanes = load(index_a, offset, vi)
-                values = builder.call(permute, [registers[0], lanes, registers[1]])  # uses bits 0-4 of each lane
-                if wide:
-                    upper = builder.call(permute, [registers[2], lanes, registers[3]])
-                    is_upper = builder.icmp_signed(">=", lanes, ir.Constant(vi, [2 * LANES] * LANES))
-                    values = builder.select(is_upper, upper, values)
+                offset = builder.add(at_v, builder.mul(loop.index, ir.Constant(at_v.type, lanes)))
+                indices = load(index_a, offset, vi)
+                values = pick(0, indices)
+                for group in range(1, registers // per_call):
+                    beyond = builder.icmp_signed(">=", indices, ir.Constant(vi, [group * per_call * lanes] * lanes))
+                    values = builder.select(beyond, pick(group, indices), values)
                 builder.store(builder.call(fma, [load(weights_a, offset, vf), values, builder.load(total)]), total)
             pointer = builder.bitcast(builder.gep(acc_a.data, [acc_at_v]), vf.as_pointer())
             builder.store(builder.load(total), pointer, align=4)
@@ -80,12 +95,15 @@ def _permute_block(wide: bool):
 
         return sig, codegen
 
-    permute_block.__name__ = f"permute_block_{'wide' if wide else 'narrow'}"
+    permute_block.__name__ = f"permute_block_{lanes}x{registers}"
     return intrinsic(permute_block)
 
 
-_permute_block_narrow = _permute_block(wide=False)
-_permute_block_wide = _permute_block(wide=True)
+_permute_block_narrow = _permute_block(LANES, 2)
+_permute_block_wide = _permute_block(LANES, 4)
+_permute8_block_2 = _permute_block(PERMUTE8_LANES, 2)
+_permute8_block_3 = _permute_block(PERMUTE8_LANES, 3)
+_permute8_block_4 = _permute_block(PERMUTE8_LANES, 4)
 
 
 @intrinsic
@@ -164,22 +182,22 @@ def resize_weights(in_len, out_len):
 
 
 @numba.njit(cache=True, nogil=True)
-def permute_tables(first, weights):
-    """The horizontal pass's plan for `_permute_block`: per block of 16 outputs its first source pixel, and per
-    (block, tap) the 16 lanes' source offsets from it and their weights. span: the widest block's reach in source
-    pixels (≤ 32 or ≤ 64 decides the permute; beyond, the scalar loop)."""
+def permute_tables(first, weights, lanes):
+    """The horizontal pass's plan for the permutes: per block of `lanes` outputs (16 for `_permute_block`, 8 for
+    `_permute8_block`) its first source pixel, and per (block, tap) the lanes' source offsets from it and their
+    weights. span: the widest block's reach in source pixels (it decides the permute, or the dense pass beyond)."""
     out_len, taps = weights.shape
-    blocks = (out_len + LANES - 1) // LANES
+    blocks = (out_len + lanes - 1) // lanes
     starts = np.empty(blocks, np.int64)
-    index = np.zeros(blocks * taps * LANES, np.int32)
-    lane_weights = np.zeros(blocks * taps * LANES, np.float32)
+    index = np.zeros(blocks * taps * lanes, np.int32)
+    lane_weights = np.zeros(blocks * taps * lanes, np.float32)
     span = 0
     for b in range(blocks):
-        starts[b] = first[b * LANES]
-        for lane in range(LANES):
-            x = b * LANES + lane
+        starts[b] = first[b * lanes]
+        for lane in range(lanes):
+            x = b * lanes + lane
             for k in range(taps):
-                at = (b * taps + k) * LANES + lane
+                at = (b * taps + k) * lanes + lane
                 if x < out_len:
                     index[at] = first[x] + k - starts[b]
                     lane_weights[at] = weights[x, k]
@@ -198,6 +216,25 @@ def horizontal_permute(plane, first, weights, starts, index, lane_weights, wide,
     else:
         for b in range(len(starts)):
             _permute_block_narrow(acc, b * LANES, plane, starts[b], index, lane_weights, b * taps * LANES, taps)
+
+
+@numba.njit(cache=True, nogil=True)
+def horizontal_permute8(plane, taps, starts, index, lane_weights, span, acc) -> None:
+    """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `permute_tables(..., 8)`, span ≤ 32), 8 outputs
+    per step on as few registers as the span needs (AVX2 only). plane must be readable 32 floats past a block's
+    first source pixel."""
+    if span <= 2 * PERMUTE8_LANES:
+        for b in range(len(starts)):
+            _permute8_block_2(acc, b * PERMUTE8_LANES, plane, starts[b], index, lane_weights, b * taps * PERMUTE8_LANES,
+                              taps)
+    elif span <= 3 * PERMUTE8_LANES:
+        for b in range(len(starts)):
+            _permute8_block_3(acc, b * PERMUTE8_LANES, plane, starts[b], index, lane_weights, b * taps * PERMUTE8_LANES,
+                              taps)
+    else:
+        for b in range(len(starts)):
+            _permute8_block_4(acc, b * PERMUTE8_LANES, plane, starts[b], index, lane_weights, b * taps * PERMUTE8_LANES,
+                              taps)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -236,8 +273,17 @@ def _no_permute(plane, first, weights, starts, index, lane_weights, wide, acc) -
     """Stands in for `horizontal_permute` without AVX-512, where `resize_window` never takes that branch."""
 
 
-# Chosen once: without AVX-512 the permute intrinsic is never compiled (LLVM could not lower it there).
+@numba.njit(cache=True, nogil=True)
+def _no_permute8(plane, taps, starts, index, lane_weights, span, acc) -> None:
+    """Stands in for `horizontal_permute8` without AVX2 or with AVX-512, where `resize_window` never takes that
+    branch."""
+
+
+# Chosen once: a permute intrinsic is compiled only where the CPU has it (LLVM could not lower it elsewhere).
 horizontal_permute_here = horizontal_permute if AVX512 else _no_permute
+horizontal_permute8_here = horizontal_permute8 if AVX2 and not AVX512 else _no_permute8
+# Lanes of the permute resize_window uses here: 16 with AVX-512, 8 with AVX2, none (the dense pass) otherwise.
+PERMUTE_LANES = LANES if AVX512 else PERMUTE8_LANES if AVX2 else 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -249,11 +295,17 @@ def resize_window(image, box, out) -> None:
     sy, sh, sx, sw, oy, oh, ox, ow = box[0], box[1], box[2], box[3], box[4], box[5], box[6], box[7]
     first_y, weights_y = resize_weights(sh, oh)
     first_x, weights_x = resize_weights(sw, ow)
-    starts, index, lane_weights, span = permute_tables(first_x, weights_x)
-    permute = AVX512 and span <= 4 * LANES
-    dense_starts, dense_spans, widest, dense = dense_tables(first_x, weights_x)
+    taps_x = weights_x.shape[1]
+    if PERMUTE_LANES:
+        starts, index, lane_weights, span = permute_tables(first_x, weights_x, PERMUTE_LANES)
+    else:
+        starts, index, lane_weights, span = permute_tables(first_x[:0], weights_x[:0], 1)
+    permute = PERMUTE_LANES > 0 and span <= 4 * PERMUTE_LANES
+    # Only the tables the chosen pass reads (both were a tenth of the resize's time).
+    dense_starts, dense_spans, widest, dense = dense_tables(first_x[:0] if permute else first_x,
+                                                            weights_x[:0] if permute else weights_x)
     plane = np.zeros(sw + 4 * LANES, np.float32)
-    acc = np.zeros(len(starts) * LANES, np.float32)
+    acc = np.zeros((ow + LANES - 1) // LANES * LANES, np.float32)
     taps_y = weights_y.shape[1]
     for c in range(3):
         channel = image[c]
@@ -269,9 +321,11 @@ def resize_window(image, box, out) -> None:
                 weight = weights_y[y, k]
                 for p in range(sw):
                     plane[p] += weight * np.float32(line[p])
-            if permute:
+            if permute and AVX512:
                 horizontal_permute_here(plane, first_x, weights_x, starts, index, lane_weights, span > 2 * LANES,
                                         acc)
+            elif permute:
+                horizontal_permute8_here(plane, taps_x, starts, index, lane_weights, span, acc)
             else:
                 horizontal_dense(plane, dense_starts, dense_spans, widest, dense, acc)
             row = out[c, oy + y, ox : ox + ow]
