@@ -1,4 +1,6 @@
-"""The command line end to end, as a user runs it, in subprocesses."""
+"""The command line end to end, as a user runs it. The real entry point (`python -m resunet`, a process of its own)
+runs in test_end_to_end's training and in test_user_errors_are_one_line; other commands call `cli.main` in-process,
+the same code without the seconds of imports a process costs (6-8 s each on a 2-core machine)."""
 
 import json
 import subprocess
@@ -12,7 +14,7 @@ def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "resunet", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_end_to_end(ram_tmp):
+def test_end_to_end(ram_tmp, capsys):
     from resunet.cli import main
 
     data, run = ram_tmp / "data", ram_tmp / "run"
@@ -25,13 +27,13 @@ def test_end_to_end(ram_tmp):
     assert "epoch   2/2" in result.stdout
     for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
-    result = run_cli("evaluate", str(run / "best.pt"), "--data-root", str(data), "--json", str(ram_tmp / "e.json"))
-    assert result.returncode == 0, result.stderr
-    assert "mIoU" in result.stdout and "aeroplane" in result.stdout and "pixel acc." in result.stdout
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "best.pt"), "--data-root", str(data), "--json", str(ram_tmp / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "aeroplane" in out and "pixel acc." in out
     scores = json.loads((ram_tmp / "e.json").read_text())
     assert 0 <= scores["miou"] <= 1 and len(scores["iou"]) == 21
-    result = run_cli("visualize", str(run / "best.pt"), "--data-root", str(data), "--out", str(ram_tmp / "grid.png"))
-    assert result.returncode == 0, result.stderr
+    assert main(["visualize", str(run / "best.pt"), "--data-root", str(data), "--out", str(ram_tmp / "grid.png")]) == 0
     assert Image.open(ram_tmp / "grid.png").size[0] > 600
     # `train --resume` from the command line: tests/test_faults.py (after SIGTERM, Ctrl-C and kill -9)
 
@@ -72,10 +74,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "nowhere: data root is not a folder" in capsys.readouterr().err
 
 
-def test_encoders_lists_every_encoder_with_weights_status():
-    result = run_cli("encoders")
-    assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+def test_encoders_lists_every_encoder_with_weights_status(capsys):
+    from resunet.cli import main
+
+    assert main(["encoders"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(lines) == {"resnet18", "resnet34", "resnet50", "resnet101", "efficientnet-lite0", "efficientnet-lite1",
                           "efficientnet-lite2"}
     assert "21.28M" in lines["resnet34"] and "64/64/128/256/512" in lines["resnet34"]

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -44,17 +41,15 @@ def test_predict_segments_demo_objects(predictor, demo_root):
     assert (prediction[labelled] == sample.mask[labelled]).mean() > 0.8
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "resunet", *args], capture_output=True, text=True, timeout=300)
-
-
+# `resunet predict` through cli.main in-process (tests/test_cli.py runs the real entry point in its own process).
 def test_cli_predict_writes_palette_pngs_at_original_size(trained_run, tmp_path):
+    from resunet.cli import main
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.full((37, 53, 3), 90, np.uint8)).save(inputs / "a.jpg")
     Image.fromarray(np.full((64, 48, 3), 200, np.uint8)).save(inputs / "b.png")
-    result = run_cli("predict", str(trained_run / "best.pt"), str(inputs), "--out", str(tmp_path / "out"), "--overlay")
-    assert result.returncode == 0, result.stderr
+    assert main(["predict", str(trained_run / "best.pt"), str(inputs), "--out", str(tmp_path / "out"), "--overlay"]) == 0
     for name, size in (("a", (53, 37)), ("b", (48, 64))):
         mask = Image.open(tmp_path / "out" / f"{name}.png")
         assert mask.mode == "P" and mask.size == size
@@ -62,13 +57,16 @@ def test_cli_predict_writes_palette_pngs_at_original_size(trained_run, tmp_path)
         assert Image.open(tmp_path / "out" / f"{name}_overlay.jpg").size == size
 
 
-def test_cli_predict_reports_a_bad_file_and_finishes_the_rest(trained_run, tmp_path):
+def test_cli_predict_reports_a_bad_file_and_finishes_the_rest(trained_run, tmp_path, capsys):
+    from resunet.cli import main
+
     (tmp_path / "broken.jpg").write_text("not a jpeg")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "good.png")
-    result = run_cli("predict", str(trained_run / "best.pt"), str(tmp_path / "broken.jpg"), str(tmp_path / "good.png"),
-                     "--out", str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert "broken.jpg: not a readable image" in result.stderr and "Traceback" not in result.stderr
+    code = main(["predict", str(trained_run / "best.pt"), str(tmp_path / "broken.jpg"), str(tmp_path / "good.png"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "broken.jpg: not a readable image" in err and "Traceback" not in err
     assert (tmp_path / "out" / "good.png").is_file()
 
 
