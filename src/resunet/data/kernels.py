@@ -12,8 +12,9 @@ horizontal pass needs, for each output pixel, source pixels at irregular positio
 element per cycle on the AMD EPYC (Zen 4); instead we load the source pixels a block of outputs spans into
 registers once and pick each tap's values from them with register permutes: where the CPU has AVX-512, blocks of 16
 outputs spanning up to 64 source pixels (`vpermi2ps`): well over twice the speed of PyTorch's own uint8 kernel
-there; where it has AVX2 only, blocks of 8 spanning up to 32 (`vpermps` on 2-4 registers and a select): 1.28x the
-dense pass below on the AMD EPYC Zen 3, measured alternated on the benchmark's crops. Other CPUs, and wider blocks
+there; where it has AVX2 only, blocks of 8 spanning up to 32 (`vpermps` on 2-4 registers and a select): the resize
+step 1.14-1.20x faster than with the dense pass below on the AMD EPYC Zen 3 (alternated on the benchmark's crops,
+benchmarks/RESULTS.md). Other CPUs, and wider blocks
 (shrinking by more than ~3x), multiply each block of 8 outputs' source span by a dense span×8 weight matrix (zeros
 off the taps), one broadcast source pixel times one 8-wide weight row per step, in plain LLVM vector code that any
 CPU runs (`_dense_block`): more multiplies than taps, but no gather and no scalar loop (2.9x the scalar loop it
@@ -183,8 +184,8 @@ def resize_weights(in_len, out_len):
 
 @numba.njit(cache=True, nogil=True)
 def permute_tables(first, weights, lanes):
-    """The horizontal pass's plan for the permutes: per block of `lanes` outputs (16 for `_permute_block`, 8 for
-    `_permute8_block`) its first source pixel, and per (block, tap) the lanes' source offsets from it and their
+    """The horizontal pass's plan for the permutes: per block of `lanes` outputs (16 for the AVX-512 permute, 8 for
+    the AVX2 one) its first source pixel, and per (block, tap) the lanes' source offsets from it and their
     weights. span: the widest block's reach in source pixels (it decides the permute, or the dense pass beyond)."""
     out_len, taps = weights.shape
     blocks = (out_len + lanes - 1) // lanes
@@ -220,8 +221,8 @@ def horizontal_permute(plane, first, weights, starts, index, lane_weights, wide,
 
 @numba.njit(cache=True, nogil=True)
 def horizontal_permute8(plane, taps, starts, index, lane_weights, span, acc) -> None:
-    """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `permute_tables(..., 8)`, span ≤ 32), 8 outputs
-    per step on as few registers as the span needs (AVX2 only). plane must be readable 32 floats past a block's
+    """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `permute_tables(..., 8)`, span ≤ 32), 8
+    outputs per step on as few registers as the span needs (AVX2 only). plane must be readable 32 floats past a block's
     first source pixel."""
     if span <= 2 * PERMUTE8_LANES:
         for b in range(len(starts)):
@@ -299,9 +300,9 @@ def resize_window(image, box, out) -> None:
     if PERMUTE_LANES:
         starts, index, lane_weights, span = permute_tables(first_x, weights_x, PERMUTE_LANES)
     else:
-        starts, index, lane_weights, span = permute_tables(first_x[:0], weights_x[:0], 1)
+        starts, index, lane_weights, span = permute_tables(first_x[:0], weights_x[:0], 1)  # empty: same types
     permute = PERMUTE_LANES > 0 and span <= 4 * PERMUTE_LANES
-    # Only the tables the chosen pass reads (both were a tenth of the resize's time).
+    # Only the tables the chosen pass reads (building both took about 7% of the resize's time).
     dense_starts, dense_spans, widest, dense = dense_tables(first_x[:0] if permute else first_x,
                                                             weights_x[:0] if permute else weights_x)
     plane = np.zeros(sw + 4 * LANES, np.float32)
