@@ -1,11 +1,13 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from resunet.checkpoint import load_checkpoint
-from resunet.train import TrainingError, duration_seconds, epochs_within, make_optimizer, steady_epoch_seconds, train
+from resunet.train import (TrainingError, duration_seconds, epochs_within, make_optimizer, refit_most,
+                           steady_epoch_seconds, train)
 
 from conftest import tiny_config
 
@@ -98,6 +100,9 @@ def test_time_budget_arithmetic_by_hand():
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
     assert steady_epoch_seconds(300, 0.0, 0, 1) == 300  # one step per epoch: no second half to time
+    # A re-fit may lengthen up to --epochs only within the first tenth of the fitted run, then only shorten.
+    assert refit_most(2, 51, 80) == 80 and refit_most(5, 51, 80) == 80 and refit_most(5, 50, 80) == 80
+    assert refit_most(6, 51, 80) == 51 and refit_most(1, 9, 80) == 9 and refit_most(2, 4, 5) == 4
 
 
 def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
@@ -141,6 +146,28 @@ def test_a_time_budget_fits_again_after_each_epoch_and_only_shortens(demo_root, 
     assert [r["val_miou"] is not None for r in records] == [True, False, True] and records[-1]["lr"] == 0
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
     assert "3 epoch(s) fit" in capsys.readouterr().out
+
+
+def test_a_time_budget_refit_lengthens_early_in_the_run_then_only_shortens(demo_root, ram_tmp, capsys, monkeypatch):
+    import resunet.train
+
+    # Epoch 1's fit says 20 of --epochs 30; after epoch 2 (a tenth of 20) the re-fit may choose up to 30 and says
+    # 22; after epoch 3 (past a tenth of 22) it may choose at most 22 and says 3, which ends the run there.
+    fits, answers = [], iter([20, 22, 3])
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or next(answers))
+    out = ram_tmp / "lengthen"
+    train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
+    assert [(args[-1], kw) for args, kw in fits] == [(30, {}), (30, {"done": 2}), (22, {"done": 3})]
+    records = read_records(out)
+    assert len(records) == 3 and records[-1]["val_miou"] is not None
+    # The cosine (lr 1e-3, no warm-up, 12 steps an epoch) spans the count in force at each step: 30 epochs during
+    # epoch 1, 20 during epoch 2, 22 during epoch 3 (the cut to 3 came after its last step).
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * step / (epochs * 12))) for step, epochs in ((12, 30), (24, 20),
+                                                                                               (36, 22))]
+    assert [r["lr"] for r in records] == pytest.approx(cosine, rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "22 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
+    assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
 
 
 def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, ram_tmp, monkeypatch):
