@@ -127,41 +127,27 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     assert "time budget 1h: epoch 1 took" in capsys.readouterr().out
 
 
-def test_a_time_budget_fits_again_after_each_epoch_and_only_shortens(demo_root, ram_tmp, capsys, monkeypatch):
-    import resunet.train
-
-    fits, answers = [], iter([4, 3])  # epoch 1's fit says 4 epochs; the re-fit after epoch 2 says only 3 now fit
-    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or next(answers))
-    out = ram_tmp / "refit"
-    train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
-    records = read_records(out)
-    assert len(fits) == 2 and fits[0][1] == {}  # no re-fit after the last epoch
-    (budget_s, elapsed_s, pace_s, eval_s, eval_every, max_epochs), refit_kw = fits[1]
-    assert refit_kw == {"done": 2} and (budget_s, eval_every, max_epochs) == (3600, 3, 4)
-    # Its pace is epoch 2's training time (the one epoch since the fit), without saves or evaluation, and the
-    # clock counts both epochs and epoch 1's evaluation.
-    assert 0 < pace_s <= records[1]["seconds"] + 0.005 and eval_s > 0  # the record's seconds are rounded
-    assert elapsed_s > records[0]["seconds"] + pace_s
-    # Three epochs: 1 evaluated for the fit, 3 as the last; the cosine ends at 0 on the shortened count.
-    assert [r["val_miou"] is not None for r in records] == [True, False, True] and records[-1]["lr"] == 0
-    assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
-    assert "3 epoch(s) fit" in capsys.readouterr().out
-
-
-def test_a_time_budget_refit_lengthens_early_in_the_run_then_only_shortens(demo_root, ram_tmp, capsys, monkeypatch):
+def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_root, ram_tmp, capsys, monkeypatch):
     import resunet.train
 
     # Epoch 1's fit says 20 of --epochs 30; after epoch 2 (a tenth of 20) the re-fit may choose up to 30 and says
-    # 22; after epoch 3 (past a tenth of 22) it may choose at most 22 and says 3, which ends the run there.
+    # 22; after epoch 3 (past a tenth of 22) it may choose at most 22 and says 3: nothing more fits, the run ends.
     fits, answers = [], iter([20, 22, 3])
     monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or next(answers))
-    out = ram_tmp / "lengthen"
+    out = ram_tmp / "refit"
     train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
-    assert [(args[-1], kw) for args, kw in fits] == [(30, {}), (30, {"done": 2}), (22, {"done": 3})]
     records = read_records(out)
-    assert len(records) == 3 and records[-1]["val_miou"] is not None
-    # The cosine (lr 1e-3, no warm-up, 12 steps an epoch) spans the count in force at each step: 30 epochs during
-    # epoch 1, 20 during epoch 2, 22 during epoch 3 (the cut to 3 came after its last step).
+    assert [(args[-1], kw) for args, kw in fits] == [(30, {}), (30, {"done": 2}), (22, {"done": 3})]
+    (budget_s, elapsed_s, pace_s, eval_s, eval_every, _), _ = fits[1]
+    assert (budget_s, eval_every) == (3600, 3)
+    # The re-fit's pace is epoch 2's training time (the one epoch since the fit), without saves or evaluation, and
+    # its clock counts both epochs and epoch 1's evaluation.
+    assert 0 < pace_s <= records[1]["seconds"] + 0.005 and eval_s > 0  # the record's seconds are rounded
+    assert elapsed_s > records[0]["seconds"] + pace_s
+    # Three epochs: 1 evaluated for the fit, 3 as the last. The cosine (lr 1e-3, no warm-up, 12 steps an epoch)
+    # spans the count in force at each step: 30 epochs during epoch 1, 20 during epoch 2, 22 during epoch 3 (the
+    # cut to 3 came after its last step).
+    assert [r["val_miou"] is not None for r in records] == [True, False, True]
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * step / (epochs * 12))) for step, epochs in ((12, 30), (24, 20),
                                                                                                (36, 22))]
     assert [r["lr"] for r in records] == pytest.approx(cosine, rel=1e-6)
