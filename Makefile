@@ -74,8 +74,8 @@ CAMVID_LOSS ?= ce+dice
 CAMVID_TIME_BUDGET ?= 55m
 # The working size by CPU kind. Without bf16 the hour is bounded by epochs, and 288/256 fits nearly twice as many as
 # 360/320 (AMD EPYC Zen 3, fp32: 27 against 15 epochs, val mIoU 66.91% against 55.10%); with bf16 (avx512_bf16 or
-# AMX, as runtime.cpu_has_bf16 decides) 360/320 reaches 72.33% on the Zen 4 EPYC, where 288/256 gave 70.54%
-# (51 epochs against 47: bf16 gains less from the smaller size). RESULTS.md has the runs.
+# AMX, as runtime.cpu_has_bf16 decides) 360/320, which reached 72.33% on the Zen 4 EPYC; on a slower day there the
+# two sizes came within noise of each other (288/256: 51 epochs, 70.54%; 360/320: 38 epochs, 69.86%). RESULTS.md.
 CPU_BF16 := $(shell grep -q -w -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo yes)
 CAMVID_SIZE ?= $(if $(CPU_BF16),360,288)
 CAMVID_CROP ?= $(if $(CPU_BF16),320,256)
