@@ -66,7 +66,7 @@ clean:
 # The CPU recipe: EfficientNet-Lite0 U-Net from the ImageNet weights bundled with the package, cross-entropy + Dice,
 # as many epochs as fit CAMVID_TIME_BUDGET of training (at most CAMVID_EPOCHS; the cosine schedule spans the fitted
 # count), selected on val, evaluated at full 480×360: the whole target in under 60 minutes on any of our 2-core CPUs.
-# `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand.
+# `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand, CAMVID_SEED=1 another seed.
 # CAMVID_TIME_BUDGET= (empty) trains exactly CAMVID_EPOCHS, the same result on every CPU.
 CAMVID_RUN ?= runs/camvid
 CAMVID_EPOCHS ?= 55
@@ -76,12 +76,15 @@ CAMVID_TIME_BUDGET ?= 55m
 # 360/320 (AMD EPYC Zen 3, fp32: 27 against 15 epochs, val mIoU 66.91% against 55.10%); with bf16 (avx512_bf16 or
 # AMX, as runtime.cpu_has_bf16 decides) 360/320, which reached 72.33% on the Zen 4 EPYC; on a slower day there the
 # two sizes came within noise of each other (288/256: 51 epochs, 70.54%; 360/320: 38 epochs, 69.86%). RESULTS.md.
-CPU_BF16 := $(shell grep -q -w -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo yes)
+# Asked of runtime.cpu_has_bf16 itself (one rule for the trainer and the Makefile), when a recipe first needs it: make
+# expands a recipe after its prerequisites, so the venv exists by then; the $(eval) keeps the answer for the run.
+CPU_BF16 = $(eval CPU_BF16 := $(shell $(PY) -c 'from resunet.runtime import cpu_has_bf16; print("yes" if cpu_has_bf16() else "")' 2>/dev/null))$(CPU_BF16)
 CAMVID_SIZE ?= $(if $(CPU_BF16),360,288)
 CAMVID_CROP ?= $(if $(CPU_BF16),320,256)
-CAMVID_COMMON := --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_CROP) --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
+CAMVID_SEED ?= 0
+CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_CROP) --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
-	--seed 0
+	--seed $(CAMVID_SEED)
 # What make camvid and camvid-seed share beyond the data and optimiser: the loss and the schedule's length.
 CAMVID_SCHEDULE = --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) --eval-every 3 \
 	$(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
@@ -92,7 +95,7 @@ camvid: install
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_RUN)/val_flip.json
 
 # What pretraining is worth: the seed's ResNet34-UNet from scratch, same data, augmentation, loss and time budget
-# (it trains slower than the Lite0 U-Net, so fewer epochs fit).
+# (at most 55 epochs: fewer fit than for the Lite0 U-Net in fp32 and on the Zen 4, all 55 on the AMX Xeon; RESULTS.md).
 CAMVID_SEED_RUN ?= runs/camvid-seed
 camvid-seed: install
 	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_SEED_RUN) --encoder resnet34 --no-pretrained $(CAMVID_SCHEDULE)
