@@ -66,7 +66,8 @@ clean:
 # The CPU recipe: EfficientNet-Lite0 U-Net from the ImageNet weights bundled with the package, cross-entropy + Dice,
 # as many epochs as fit CAMVID_TIME_BUDGET of training (at most CAMVID_EPOCHS; the cosine schedule spans the fitted
 # count), selected on val, evaluated at full 480×360: the whole target in under 60 minutes on any of our 2-core CPUs.
-# `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand, CAMVID_SEED=1 another seed.
+# `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand, CAMVID_SEED=1 another seed,
+# CAMVID_FLAGS="--attention scse" adds training options (an option measured at the full budget, not just in the ablation).
 # CAMVID_TIME_BUDGET= (empty) trains exactly CAMVID_EPOCHS, the same result on every CPU.
 CAMVID_RUN ?= runs/camvid
 CAMVID_EPOCHS ?= 55
@@ -82,6 +83,7 @@ CPU_BF16 = $(eval CPU_BF16 := $(shell $(PY) -c 'from resunet.runtime import cpu_
 CAMVID_SIZE ?= $(if $(CPU_BF16),360,288)
 CAMVID_CROP ?= $(if $(CPU_BF16),320,256)
 CAMVID_SEED ?= 0
+CAMVID_FLAGS ?=
 CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_CROP) --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
 	--seed $(CAMVID_SEED)
@@ -89,7 +91,7 @@ CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_C
 CAMVID_SCHEDULE = --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) --eval-every 3 \
 	$(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
 camvid: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 $(CAMVID_SCHEDULE)
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 $(CAMVID_SCHEDULE) $(CAMVID_FLAGS)
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_RUN)/val.json \
 		--confusion $(CAMVID_RUN)/confusion.png
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_RUN)/val_flip.json
