@@ -76,6 +76,27 @@ def test_predict_on_real_voc_photos_runs(predictor):
         assert predictor.predict(samples / f"{stem}_image.png").shape == (513, 513)
 
 
+@pytest.mark.parametrize("tta", ["none", "flip", "ms"])
+def test_class_maps_are_the_argmax_of_the_logits(predictor, demo_root, tta):
+    # predict and predict_tensor fuse the upsampling with the argmax (resunet.classmap) at one working size; the
+    # maps must be those of the full-size logits. The demo model's 64-pixel working size is upsampled 8× to the
+    # 513×513 photos, so most of a map is decided by its boundaries.
+    from resunet.data.dataset import open_dataset
+
+    predictor.set_inference(tta)
+    try:
+        images = [np.array(Image.open(shared_dir("voc-samples") / "114_image.png").convert("RGB")),
+                  open_dataset(demo_root, "val").load(0).image]
+        for image in images:
+            pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+            expected = predictor.logits(pixels).argmax(1)
+            assert 1 < expected.unique().numel()
+            assert torch.equal(predictor.predict_tensor(pixels), expected)
+            assert np.array_equal(predictor.predict(image), expected[0].numpy())
+    finally:
+        predictor.set_inference("none")
+
+
 def test_bf16_predictor_keeps_bf16_weights_with_the_same_logits_as_autocast(trained_run):
     # A folded (inference-only) model is cast to bf16 once instead of autocast casting each weight per call; the
     # logits must be those of the autocast forward of the same folded model.

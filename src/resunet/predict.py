@@ -2,7 +2,8 @@
 
 The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
 through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (channels_last;
-bf16 autocast where the hardware has bf16), upsample the logits back to the original size.
+bf16 autocast where the hardware has bf16), upsample the logits back to the original size. Class maps (`predict`,
+`predict_tensor`) fuse that upsampling with the argmax on the CPU (`classmap.upsample_argmax`).
 
 Test-time augmentation (`tta`): "flip" averages the logits with those of the horizontally flipped image (at the
 working size, then upsampled); "ms" runs the image at several scales of the working size (`scales`) and averages the
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
+from .classmap import upsample_argmax
 from .data.classes import ClassInfo
 from .data.images import read_image
 from .data.transforms import normalize, resize_short_side
@@ -151,19 +153,38 @@ class Predictor:
     def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups of uint8 images, n×3×H×W each, whose sizes differ but share a `batch_key` → each group's float32
         n×C×H×W logits at its own size: one forward pass per working size for all of them, the scales averaged."""
+        groups = self.on_device(groups)
+        totals: list[torch.Tensor | None] = [None] * len(groups)
+        sizes = self.tta_sizes()
+        for size in sizes:
+            for i, part in enumerate(self.working_logits_by_group(groups, size)):
+                up = F.interpolate(part, size=groups[i].shape[-2:], mode="bilinear", align_corners=False)
+                totals[i] = up if totals[i] is None else totals[i] + up
+        return totals if len(sizes) == 1 else [total / len(sizes) for total in totals]
+
+    @torch.inference_mode()
+    def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Groups as for `logits_by_group` → each group's n×H×W uint8 class maps at its own size. At one working
+        size the upsampling and argmax are one fused pass (`classmap.upsample_argmax`: the same maps, without
+        writing the full-size logits); multi-scale TTA averages full-size logits first."""
+        sizes = self.tta_sizes()
+        if len(sizes) > 1:
+            return [logits.argmax(1).to(torch.uint8) for logits in self.logits_by_group(groups)]
+        groups = self.on_device(groups)
+        return [upsample_argmax(part, images.shape[-2:])
+                for part, images in zip(self.working_logits_by_group(groups, sizes[0]), groups)]
+
+    def on_device(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
         # inference in train mode would use batch statistics and fold val images into BN's running averages.
         if self.model is not None:
             self.model.eval()
-        groups = [images.to(self.device, non_blocking=True) for images in groups]
-        totals: list[torch.Tensor | None] = [None] * len(groups)
-        sizes = self.tta_sizes()
-        for size in sizes:
-            out = self.working_logits(torch.cat([self.preprocess(images, size) for images in groups])).float()
-            for i, part in enumerate(out.split([len(images) for images in groups])):
-                up = F.interpolate(part, size=groups[i].shape[-2:], mode="bilinear", align_corners=False)
-                totals[i] = up if totals[i] is None else totals[i] + up
-        return totals if len(sizes) == 1 else [total / len(sizes) for total in totals]
+        return [images.to(self.device, non_blocking=True) for images in groups]
+
+    def working_logits_by_group(self, groups: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+        """Each group's float32 logits at working size `size`, from one forward pass for all the groups."""
+        out = self.working_logits(torch.cat([self.preprocess(images, size) for images in groups])).float()
+        return list(out.split([len(images) for images in groups]))
 
     def tta_sizes(self) -> list[int]:
         """The working sizes the image is run at: the working size, or one per scale for multi-scale TTA."""
@@ -199,7 +220,7 @@ class Predictor:
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
-        return self.logits(images).argmax(1)
+        return self.class_maps_by_group([images])[0].long()
 
     def batch_key(self, height: int, width: int) -> tuple:
         """Images with equal keys can share one forward pass in `predict_batch`: the same network input shapes."""
@@ -211,7 +232,7 @@ class Predictor:
         image's size, from one forward pass per working size. The same numbers as `predict` on each image alone."""
         groups = [torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None]
                   for image in images]
-        return [logits[0].argmax(0).to(torch.uint8).cpu().numpy() for logits in self.logits_by_group(groups)]
+        return [maps[0].cpu().numpy() for maps in self.class_maps_by_group(groups)]
 
     def predict(self, image: ImageLike | list[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """One image (PIL, path, or H×W×3 uint8) → H×W uint8 class map; a list → a list of them."""
@@ -265,6 +286,9 @@ class Ensemble(Predictor):
                 p = (logits.to(self.device) / member.temperature).softmax(1)
                 totals[i] = p if totals[i] is None else totals[i] + p
         return [(total / len(self.members)).clamp_min(1e-12).log() for total in totals]
+
+    def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [logits.argmax(1).to(torch.uint8) for logits in self.logits_by_group(groups)]
 
 
 def tile_starts(length: int, window: int, stride: int) -> list[int]:
