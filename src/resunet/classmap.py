@@ -13,8 +13,8 @@ the uint8 class map:
 
 So the class map equals PyTorch's bit for bit, except where two classes' interpolated values are *exactly* equal
 in float32 while every tap favoured the later one (PyTorch then picks the earlier): a tie to the last bit, which the
-tests have never produced on real or random logits. Output rows are shared among PyTorch's thread count of threads;
-the kernel holds neither the GIL nor an OpenMP team. CPU only: other devices, and more than 256 classes, use the
+tests have not met on real or random logits. The output rows are split among as many threads as PyTorch uses; the
+kernel holds neither the GIL nor an OpenMP team. CPU only: other devices, and more than 256 classes, use the
 two PyTorch calls.
 """
 
@@ -106,9 +106,8 @@ def _threads(rows: int) -> int:
 
 def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """N×C×h×w logits (float32 or bfloat16, any memory layout) → N×H×W uint8 class maps at `size` (int64 beyond
-    256 classes): the class map
-    of `F.interpolate(logits.float(), size, mode="bilinear", align_corners=False).argmax(1)` (see the module's note
-    on exact ties)."""
+    256 classes): those of `F.interpolate(logits.float(), size, mode="bilinear", align_corners=False).argmax(1)`
+    (see the module's note on exact ties)."""
     global _pool
     n, classes = logits.shape[:2]
     height, width = size
