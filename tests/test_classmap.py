@@ -1,4 +1,4 @@
-"""The fused upsample + argmax (`classmap.upsample_argmax`) against PyTorch's two calls, and against a hand-worked map."""
+"""The fused upsample + argmax (`classmap.upsample_argmax`) against PyTorch's two calls and a hand-worked map."""
 
 import pytest
 import torch
