@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resunet.classmap import upsample_argmax
+from resunet.classmap import argmax_map, upsample_argmax
 
 
 def reference(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -71,3 +71,13 @@ def test_more_classes_than_uint8_holds_come_back_as_int64():
     logits[0, 280] += 100  # the winning class is beyond 255
     out = upsample_argmax(logits, (8, 10))
     assert out.dtype == torch.int64 and (out == 280).all()
+
+
+def test_full_size_maps_keep_classes_beyond_255():
+    # The multi-scale TTA and ensemble paths take the argmax of full-size logits: uint8 up to 256 classes, int64 past.
+    logits = torch.zeros(1, 300, 2, 3)
+    logits[0, 280, 0, 0] = logits[0, 3, 1, 2] = 1.0
+    assert argmax_map(logits).dtype == torch.int64 and argmax_map(logits)[0, 0, 0] == 280
+    assert argmax_map(logits)[0, 1, 2] == 3
+    small = argmax_map(logits[:, :256])
+    assert small.dtype == torch.uint8 and small[0, 1, 2] == 3 and small[0, 0, 0] == 0

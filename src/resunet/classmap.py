@@ -100,6 +100,12 @@ def upsample_argmax_rows(logits, low, rows_y, taps_x, start: int, stop: int, out
             out[oy, ox] = best
 
 
+def argmax_map(logits: torch.Tensor) -> torch.Tensor:
+    """N×C×H×W logits already at full size → N×H×W class maps: uint8, or int64 beyond 256 classes."""
+    maps = logits.argmax(1)
+    return maps.to(torch.uint8) if logits.shape[1] <= 256 else maps
+
+
 def _threads(rows: int) -> int:
     return max(1, min(rows // 16, torch.get_num_threads(), len(os.sched_getaffinity(0))))
 
@@ -112,8 +118,7 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     n, classes = logits.shape[:2]
     height, width = size
     if logits.device.type != "cpu" or classes > 256 or height == 0 or width == 0:
-        maps = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
-        return maps.to(torch.uint8) if classes <= 256 else maps
+        return argmax_map(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False))
     # N×h×w×C float32, channels last: each pixel's classes side by side (no copy for a channels_last float32 tensor).
     nhwc = logits.float().permute(0, 2, 3, 1).contiguous().numpy()
     out = torch.empty((n, height, width), dtype=torch.uint8)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
-from .classmap import upsample_argmax
+from .classmap import argmax_map, upsample_argmax
 from .data.classes import ClassInfo
 from .data.images import read_image
 from .data.transforms import normalize, resize_short_side
@@ -164,12 +164,13 @@ class Predictor:
 
     @torch.inference_mode()
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Groups as for `logits_by_group` → each group's n×H×W uint8 class maps at its own size. At one working
+        """Groups as for `logits_by_group` → each group's n×H×W class maps at its own size. At one working
         size the upsampling and argmax are one fused pass (`classmap.upsample_argmax`: the same maps, without
-        writing the full-size logits); multi-scale TTA averages full-size logits first."""
+        writing the full-size logits); multi-scale TTA averages full-size logits first. uint8, or int64 beyond 256
+        classes."""
         sizes = self.tta_sizes()
         if len(sizes) > 1:
-            return [logits.argmax(1).to(torch.uint8) for logits in self.logits_by_group(groups)]
+            return [argmax_map(logits) for logits in self.logits_by_group(groups)]
         groups = self.on_device(groups)
         return [upsample_argmax(part, images.shape[-2:])
                 for part, images in zip(self.working_logits_by_group(groups, sizes[0]), groups)]
@@ -288,7 +289,8 @@ class Ensemble(Predictor):
         return [(total / len(self.members)).clamp_min(1e-12).log() for total in totals]
 
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [logits.argmax(1).to(torch.uint8) for logits in self.logits_by_group(groups)]
+        # The members' probabilities are averaged at full size: no low-resolution logits for the fused pass.
+        return [argmax_map(logits) for logits in self.logits_by_group(groups)]
 
 
 def tile_starts(length: int, window: int, stride: int) -> list[int]:
