@@ -20,13 +20,14 @@ two PyTorch calls.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .runtime import cpu_threads
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -106,10 +107,6 @@ def argmax_map(logits: torch.Tensor) -> torch.Tensor:
     return maps.to(torch.uint8) if logits.shape[1] <= 256 else maps
 
 
-def _threads(rows: int) -> int:
-    return max(1, min(rows // 16, torch.get_num_threads(), len(os.sched_getaffinity(0))))
-
-
 def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """N×C×h×w logits (float32 or bfloat16, any memory layout) → N×H×W uint8 class maps at `size` (int64 beyond
     256 classes): those of `F.interpolate(logits.float(), size, mode="bilinear", align_corners=False).argmax(1)`
@@ -125,12 +122,12 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     maps = out.numpy()
     rows_y = linear_taps(logits.shape[2], height)
     taps_x = linear_taps(logits.shape[3], width)
-    threads = _threads(height)
+    threads = cpu_threads(height // 16)  # bands of 16 rows at least: a small map stays on the calling thread
     if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resunet-classmap")
+    bounds = np.linspace(0, height, threads + 1).astype(np.int64)
+    low = np.empty(nhwc.shape[1:3], np.uint8)  # each image's low-resolution argmax, rewritten before it is read
     for i in range(n):
-        low = np.empty(nhwc.shape[1:3], np.uint8)
-        bounds = np.linspace(0, height, threads + 1).astype(np.int64)
         futures = [_pool.submit(upsample_argmax_rows, nhwc[i], low, rows_y, taps_x, bounds[t], bounds[t + 1], maps[i])
                    for t in range(1, threads)]
         upsample_argmax_rows(nhwc[i], low, rows_y, taps_x, bounds[0], bounds[1], maps[i])

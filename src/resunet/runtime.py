@@ -124,6 +124,12 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def cpu_threads(pieces: int) -> int:
+    """Threads for a nogil CPU kernel split into `pieces` independent parts (the data path's samples, the class
+    map's row bands): as many as PyTorch uses for the model and this process may run on, one per piece at most."""
+    return max(1, min(pieces, torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -17,7 +17,6 @@ neighbour, so no label is ever invented.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from ..runtime import cpu_threads
 
 
 class RandomResizeNearestExactMasks(v2.RandomResize):
@@ -202,8 +203,8 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def data_threads(n: int) -> int:
-    """Threads for the CPU data path: as many as PyTorch uses for the model, one per sample at most."""
-    return max(1, min(n, torch.get_num_threads(), len(os.sched_getaffinity(0))))
+    """Threads for the CPU data path's n samples (`runtime.cpu_threads`)."""
+    return cpu_threads(n)
 
 
 def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_index):
