@@ -318,4 +318,4 @@ def test_threads_share_a_batch_without_changing_it(monkeypatch):
                                      (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), jitter=0.3,
                                      generator=torch.Generator().manual_seed(2)))
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
-    assert transforms._pool is not None and transforms._pool._max_workers >= 2  # the three really ran
+    assert transforms._helpers.pool is not None and transforms._helpers.pool._max_workers >= 2  # the three really ran

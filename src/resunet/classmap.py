@@ -20,16 +20,16 @@ two PyTorch calls.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runtime import cpu_threads
+from .runtime import HelperThreads, cpu_threads
 
-_pool: ThreadPoolExecutor | None = None
+_helpers = HelperThreads("resunet-classmap")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -111,7 +111,6 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     """N×C×h×w logits (float32 or bfloat16, any memory layout) → N×H×W uint8 class maps at `size` (int64 beyond
     256 classes): those of `F.interpolate(logits.float(), size, mode="bilinear", align_corners=False).argmax(1)`
     (see the module's note on exact ties)."""
-    global _pool
     n, classes = logits.shape[:2]
     height, width = size
     if logits.device.type != "cpu" or classes > 256 or height == 0 or width == 0:
@@ -123,14 +122,9 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     rows_y = linear_taps(logits.shape[2], height)
     taps_x = linear_taps(logits.shape[3], width)
     threads = cpu_threads(height // 16)  # bands of 16 rows at least: a small map stays on the calling thread
-    if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
-        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resunet-classmap")
     bounds = np.linspace(0, height, threads + 1).astype(np.int64)
     low = np.empty(nhwc.shape[1:3], np.uint8)  # each image's low-resolution argmax, rewritten before it is read
     for i in range(n):
-        futures = [_pool.submit(upsample_argmax_rows, nhwc[i], low, rows_y, taps_x, bounds[t], bounds[t + 1], maps[i])
-                   for t in range(1, threads)]
-        upsample_argmax_rows(nhwc[i], low, rows_y, taps_x, bounds[0], bounds[1], maps[i])
-        for future in futures:
-            future.result()
+        _helpers.run([functools.partial(upsample_argmax_rows, nhwc[i], low, rows_y, taps_x, bounds[t], bounds[t + 1],
+                                        maps[i]) for t in range(threads)])
     return out

@@ -14,6 +14,8 @@ import functools
 import os
 import platform
 import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -128,6 +130,25 @@ def cpu_threads(pieces: int) -> int:
     """Threads for a nogil CPU kernel split into `pieces` independent parts (the data path's samples, the class
     map's row bands): as many as PyTorch uses for the model and this process may run on, one per piece at most."""
     return max(1, min(pieces, torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
+class HelperThreads:
+    """A pool of helper threads for nogil CPU kernels, created on first need and grown when a call wants more."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pool: ThreadPoolExecutor | None = None
+
+    def run(self, calls: Sequence[Callable[[], object]]) -> None:
+        """Run calls[0] on the calling thread and the others on helpers; return when all are done (a helper's
+        exception is raised here)."""
+        helpers = len(calls) - 1
+        if helpers > 0 and (self.pool is None or self.pool._max_workers < helpers):
+            self.pool = ThreadPoolExecutor(helpers, thread_name_prefix=self.name)
+        futures = [self.pool.submit(call) for call in calls[1:]]
+        calls[0]()
+        for future in futures:
+            future.result()
 
 
 def describe_device(device: torch.device) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..runtime import cpu_threads
+from ..runtime import HelperThreads, cpu_threads
 
 
 class RandomResizeNearestExactMasks(v2.RandomResize):
@@ -199,7 +198,7 @@ def _boxes(params: AugmentParams) -> np.ndarray:
     return torch.cat([params.src_y, params.src_x, params.out_y, params.out_x], 1).numpy()
 
 
-_pool: ThreadPoolExecutor | None = None
+_helpers = HelperThreads("resunet-data")
 
 
 def data_threads(n: int) -> int:
@@ -213,7 +212,6 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
     calling one included) as each becomes free, so a core slowed by other work just takes fewer. The kernel holds
     neither the GIL nor any OpenMP team, so the threads run side by side and the model's own OpenMP threads are
     left alone."""
-    global _pool
     from . import kernels  # numba: compiled on first use, cached on disk
 
     n, crop = len(index), params.crop
@@ -224,9 +222,6 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
                  params.factors.numpy(), params.orders.numpy(), np.asarray(mean, np.float64),
                  np.asarray(std, np.float64), ignore_index)
     outputs = (out_images.numpy(), out_masks.numpy())
-    threads = data_threads(n)
-    if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
-        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resunet-data")
     next_sample = itertools.count()  # shared by the threads; next() is atomic under the GIL
     singles = [np.array([i]) for i in range(n)]
 
@@ -235,10 +230,7 @@ def _augment_cpu(images, masks, index, params: AugmentParams, mean, std, ignore_
         while (i := next(next_sample)) < n:
             kernels.augment_samples(*arguments, singles[i], staging, *outputs)
 
-    futures = [_pool.submit(work) for _ in range(1, threads)]
-    work()
-    for future in futures:
-        future.result()
+    _helpers.run([work] * data_threads(n))
     return out_images, out_masks
 
 
