@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layout_speed import alternate  # benchmarks/ is on the path when this script runs
+from layout_speed import alternate, training_step  # benchmarks/ is on the path when this script runs
 from resunet.losses import SegmentationLoss
 from resunet.model.unet import ResNetUNet
 from resunet.runtime import cpu_kind, cpu_name, tune_cpu_allocator
@@ -68,22 +68,10 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.crop, args.crop, generator=generator)
     images = images.contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop), generator=generator)
-
-    def step_of(model: nn.Module):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step() -> None:
-            logits = model(images)
-            assert logits.shape[-2:] == masks.shape[-2:]
-            loss = criterion(logits.float(), masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
-
     names = ("full", "bilinear head", "stride-4 output", "last block 16", "half width")
     models = {name: variant(name, args.classes) for name in names}
-    seconds = alternate({name: step_of(model) for name, model in models.items()}, args.rounds)
+    seconds = alternate({name: training_step(model, criterion, images, masks) for name, model in models.items()},
+                        args.rounds)
     for name in names:
         params = sum(p.numel() for p in models[name].parameters()) / 1e6
         print(f"{name:16s} {params:5.2f}M params  {1000 * seconds[name]:6.0f} ms/step  "
