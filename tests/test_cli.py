@@ -106,4 +106,5 @@ def test_resume_keeps_the_stored_settings_and_changes_only_what_is_given(tmp_pat
                  "--checkpoint-every", "5m"]) == 0
     cfg = seen[-1]
     assert (cfg.workers, cfg.epochs, cfg.checkpoint_every) == (3, 9, "5m")
-    assert cfg.lr == 0.5  # the recipe itself is the run's
+    assert cfg.lr == 0.1  # the learning rate may change (the way out of a diverged run); the rest of the recipe may
+    # not: tests/test_user_errors.py

@@ -308,3 +308,17 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend auto")][0]
     assert "best.pt" in line and "model.onnx" in line and "fastest here" in line
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_backend_auto_with_confidence_leaves_out_the_end_to_end_graph(exported, demo_root, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")  # class maps only: no confidence from it
+    images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_00000.jpg")
+    assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "out"), "--backend", "auto",
+                 "--confidence"]) == 0
+    assert "backend: PyTorch" in capsys.readouterr().out  # the only candidate left
+    assert len(list((tmp_path / "out").glob("*_confidence.png"))) == 1

@@ -165,6 +165,17 @@ def test_image_kinds_work_as_in_predict(client, reference):
     assert mask_of(client.post("/predict", content=image_kinds()["exif-rotated.jpg"]).content).shape == (64, 48)
 
 
+def broken_exif_jpeg() -> bytes:
+    """A JPEG whose EXIF block declares a field of an impossible type: PIL's EXIF reader fails with struct.error (found
+    by fuzzing the service)."""
+    image = Image.fromarray(np.zeros((32, 48, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"
+    data = bytearray(encoded(image, "JPEG", exif=exif))
+    data[41] = 0x18
+    return bytes(data)
+
+
 def bad_requests() -> list[tuple[str, dict, int, str]]:
     """(what, request, status, words the error must contain)."""
     good = encoded(scene(40, 50, 6))
@@ -178,6 +189,9 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("too many bytes", dict(method="POST", url="/predict", content=encoded(noise)), 413, "over the limit"),
         ("bomb", dict(method="POST", url="/predict", content=bomb_png()), 413, "1,600,000,000 pixels is over"),
         ("large", dict(method="POST", url="/predict", content=bomb_png(9000, 8000)), 413, "9000×8000"),
+        ("thin strip", dict(method="POST", url="/predict", content=encoded(Image.new("RGB", (20000, 1)))), 413,
+         "pixels become"),
+        ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
         ("wrong method", dict(method="GET", url="/predict"), 405, "Method Not Allowed"),
         ("wrong path", dict(method="POST", url="/segment", content=good), 404, "Not Found"),
@@ -219,6 +233,34 @@ def test_metrics_count_requests_latency_and_batches(client):
     assert value(text, "resunet_batch_size_count") - value(before, "resunet_batch_size_count") == 3
     assert value(text, "resunet_images_in_flight") == 0
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_monitors_may_probe_with_head_and_the_browsers_icon_request_is_no_error(client):
+    for path in ("/", "/healthz", "/readyz"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+    assert client.get("/favicon.ico").status_code == 204
+
+
+def test_a_bug_is_a_500_counted_and_logged_in_one_line(client, caplog, monkeypatch):
+    import resunet.serve.app as app_module
+
+    def broken(image):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(app_module, "png_bytes", broken)
+    before = client.get("/metrics").text
+    caplog.set_level("INFO", logger="resunet.serve")
+    caplog.clear()
+    response = client.post("/predict", content=encoded(scene(30, 40)))
+    assert response.status_code == 500 and response.json()["error"] == "internal error: RuntimeError: boom"
+    lines = [r.getMessage() for r in caplog.records if r.name == "resunet.serve"]
+    assert lines[-1].startswith("POST /predict 500 ") and lines[-1].endswith("error: internal error: RuntimeError: boom")
+    def errors(body: str) -> float:
+        name = 'resunet_requests_total{path="/predict",status="500"} '
+        return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
+    assert errors(client.get("/metrics").text) - errors(before) == 1
+    monkeypatch.undo()
+    assert client.post("/predict", content=encoded(scene(30, 40))).status_code == 200
 
 
 async def _concurrently(app, requests: list[dict]) -> list[httpx.Response]:
@@ -412,6 +454,39 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
     assert "Traceback" not in log and "POST /predict 200" in log
 
 
+def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoint):
+    process, url = start_server(checkpoint, "--drain-timeout", "2")
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as stalled:  # declares 100 kB, sends 100 bytes, then waits
+        stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: 100000\r\n\r\n" + b"\0" * 100)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        started = time.time()
+        assert process.wait(30) == 0
+        assert time.time() - started < 15  # the 2 s drain, then closed; without it: until the client gives up
+
+
+def test_a_port_in_use_is_one_line_before_the_service_is_announced(checkpoint, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["serve", str(checkpoint), "--port", str(port)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == f"resunet serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)", err
+    assert " on http://" not in captured.out
+
+
+@pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "0"), ("--max-wait-ms", "-1"),
+                                         ("--port", "70000"), ("--drain-timeout", "0")])
+def test_serve_flags_out_of_range_are_refused_by_the_parser(checkpoint, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", str(checkpoint), flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
 # ---- the page, in a real browser ------------------------------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
@@ -497,6 +572,13 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
             assert page.text_content("#status") == f"{event}.png: done"
             found = page.eval_on_selector_all("#legend li", "items => items.map(i => Number(i.dataset.classId))")
             assert sorted(found) == sorted(c["id"] for c in small_classes)
+        # A file the server refuses: its error alone, not the previous image's mask, legend and download link.
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(b"not an image"), "name": "notes.png"})
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=60_000)
+        assert page.text_content("#status").startswith("400: ") and "not a readable image" in page.text_content(
+            "#status")
+        assert page.is_hidden("#result") and page.get_attribute("#download", "href") is None
+        assert page.eval_on_selector_all("#legend li", "items => items.length") == 0
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
     assert not requests_outside, requests_outside

@@ -33,7 +33,9 @@ NOT_RECIPE = {"out", "resume", "workers", "progress", "device", "cache_dir", "ma
 
 def recipe(cfg: TrainConfig | dict) -> dict:
     values = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
-    return {k: v for k, v in values.items() if k not in NOT_RECIPE}
+    # Under --time-budget a run stores the epoch count it fitted: the budget, not the count, is the recipe then.
+    budgeted = {"epochs", "eval_every"} if values.get("time_budget") else set()
+    return {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted}
 
 
 def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
@@ -48,7 +50,10 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
         result = json.loads(result_path.read_text())
         stored = result.get("recipe")
     elif last.is_file():
-        result, stored = None, recipe(load_checkpoint(last, tensors=False)["train_config"])
+        settings = load_checkpoint(last, tensors=False)["train_config"]
+        result, stored = None, recipe(settings)
+        if cfg.time_budget:  # continue the schedule the row fitted to its budget
+            cfg = replace(cfg, epochs=settings["epochs"])
     else:
         result, stored = None, None
     wanted = recipe(cfg)
@@ -67,7 +72,7 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     # The median epoch: an epoch slowed by something else on the machine does not move it.
     speed = statistics.median(r["train_images_per_s"] for r in records)
-    result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": cfg.epochs, "seed": cfg.seed,
+    result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": len(records), "seed": cfg.seed,
               "miou": scores["miou"], "boundary_miou": scores["boundary_miou"], "ece": scores["ece"],
               "train_images_per_s": speed, "cpu": cpu_name(), "recipe": wanted}
     result_path.write_text(json.dumps(result, indent=1))
@@ -117,7 +122,10 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     if base.seed == 1 and "seed 1" in options:
         raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, a read-only parent
+        raise TrainingError(f"--out {out}: cannot make the ablation folder ({error.strerror or error})") from None
     results = []
     for name in options:
         result = run_row(base, name, out)
@@ -126,7 +134,9 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
             break
         results.append(result)
     table = format_table(results)
-    header = (f"Ablation: {base.epochs} epochs each on {base.data_root} ({base.encoder}, seed {base.seed}), "
+    budget = (f"{base.time_budget} of training (at most {base.epochs} epochs)" if base.time_budget
+              else f"{base.epochs} epochs")
+    header = (f"Ablation: {budget} each on {base.data_root} ({base.encoder}, seed {base.seed}), "
               f"final weights on {base.val_split}; {cpu_name()}.\n\n")
     (out / "ablation.md").write_text(header + table + "\n")
     (out / "ablation.json").write_text(json.dumps({"base": base.to_dict(), "rows": results}, indent=1))

@@ -29,6 +29,15 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def remove_quietly(path: Path) -> None:
+    """Remove a temporary file if it can be: on a read-only folder it never was written, and the error that got us
+    here is the one to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def save_checkpoint(payload: dict, path: str | Path) -> None:
     """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one."""
     path = Path(path)
@@ -39,13 +48,16 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:  # a full disk, a quota, a read-only or vanished folder
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as error:  # a full disk, a quota, a read-only or vanished folder
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError.
+        remove_quietly(tmp)
+        reason = ((error.strerror or str(error)) if isinstance(error, OSError)
+                  else "the write stopped short: a full disk?")
         previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"{path}: could not save the checkpoint ({error.strerror or error}); {previous}; "
+        raise CheckpointError(f"{path}: could not save the checkpoint ({reason}); {previous}; "
                               "free some space and resume from it") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -58,6 +70,10 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
     """The checkpoint's payload, checked. tensors=False maps the file instead of reading it: for a caller that only
     wants the settings and descriptions (its tensors must then not be used)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it holds {', '.join(found[:3])})" if found else ""
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; give the .pt file itself{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -20,9 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.download import DownloadError
     from .data.images import DataError
     from .model.encoders import WeightsUnavailableError
+    from .runtime import DeviceError
     from .train import TrainingError
 
-    errors = (CheckpointError, DataError, DownloadError, WeightsUnavailableError, TrainingError, FileNotFoundError)
+    errors = (CheckpointError, DataError, DeviceError, DownloadError, WeightsUnavailableError, TrainingError,
+              FileNotFoundError)
     if sys.modules.get("resunet.export") is not None:  # only the export command imports it (and onnx with it)
         errors += (sys.modules["resunet.export"].ExportError,)
     return errors
@@ -55,7 +57,37 @@ def _window(text: str) -> int:
     return value
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def add_train_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One flag per TrainConfig field. defaults=False leaves every flag not on the command line out of the result
+    (how `train --resume` tells a flag given from one left at its default)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
@@ -63,14 +95,24 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         if kind is bool:
             if f.default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    help=f.metadata.get("help_off", help_text),
+                                    **({} if defaults else {"default": argparse.SUPPRESS}))
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text,
+                                    **({} if defaults else {"default": argparse.SUPPRESS}))
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = None if f.default is MISSING else f.default
-        parser.add_argument(flag, dest=f.name, type=base, default=default, choices=f.metadata.get("choices"),
-                            help=f"{help_text} (default: {default})")
+        parser.add_argument(flag, dest=f.name, type=base, default=default if defaults else argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), help=f"{help_text} (default: {default})")
+
+
+def flags_given(argv: list[str]) -> dict:
+    """The train flags on this command line (after the subcommand), with their values."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_flags(parser, defaults=False)
+    return vars(parser.parse_known_args(argv)[0])
 
 
 def cmd_demo_data(args) -> int:
@@ -87,15 +129,27 @@ def cmd_train(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in config_fields()}
     if args.resume:
-        # Resume continues the stored run; only how long and where/how it runs may change.
-        stored = load_checkpoint(args.resume, tensors=False)["train_config"]  # train() reads the weights
-        # A flag left at its default keeps the stored value (a run trained with --workers 0 resumes with 0).
+        # Resume continues the stored run: how long, where the data lies, how it runs and the learning rate (the way
+        # out of a diverged run) may change; a flag left out keeps the stored value (--workers 0 resumes with 0).
+        stored = load_checkpoint(args.resume, tensors=False).get("train_config")  # train() reads the weights
+        if stored is None:
+            raise SystemExit(f"resunet train: error: {args.resume}: holds no training settings; resume from a run's "
+                             "last.pt")
         changeable = {"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
-                      "checkpoint_every", "tensorboard"}
+                      "checkpoint_every", "tensorboard", "data_root", "lr", "resume"}
         defaults = {f.name: f.default for f in config_fields()}
-        given = {k: v for k, v in values.items() if k in changeable and v != defaults[k]}
+        given = flags_given(args.argv[args.argv.index("train") + 1:])
+        run_dir = str(Path(args.resume).parent)
+        if "out" in given and Path(given.pop("out")).resolve() != Path(run_dir).resolve():
+            raise SystemExit(f"resunet train: error: --out: a resumed run stays in its folder ({run_dir}); leave "
+                             "--out out, or copy the folder first")
+        for name, value in given.items():
+            if name not in changeable and value != stored.get(name, defaults[name]):
+                flag = "--" + name.replace("_", "-")
+                raise SystemExit(f"resunet train: error: {flag} {value}: cannot change on --resume (the run trains "
+                                 f"with {stored.get(name, defaults[name])}); start a new run with another --out")
         stored = {k: v for k, v in stored.items() if k in defaults}
-        values = {**defaults, **stored, **given, "resume": args.resume, "out": str(Path(args.resume).parent)}
+        values = {**defaults, **stored, **given, "resume": args.resume, "out": run_dir}
     elif values["data_root"] is None:
         raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
     result = train(TrainConfig(**values))
@@ -108,8 +162,9 @@ def cmd_ablate(args) -> int:
     if args.data_root is None:
         raise SystemExit("resunet ablate: error: --data-root is required")
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
-    run_ablation(base, [name.strip() for name in args.options.split(";")], base.out)
-    return 0
+    options = [name.strip() for name in args.options.split(";") if name.strip()]
+    results = run_ablation(base, options, base.out)
+    return 0 if len(results) == len(options) else 130  # fewer: a signal stopped a row (run it again to continue)
 
 
 def cmd_check_data(args) -> int:
@@ -127,6 +182,9 @@ def cmd_check_data(args) -> int:
 
 def inference_options(args) -> dict:
     """The options every inference command passes to `predict.load`."""
+    if args.stride is not None and (args.window is None or args.stride > args.window):
+        raise SystemExit(f"resunet {args.command}: error: --stride {args.stride}: needs --window, and at most the "
+                         "window (tiles must touch or overlap)")
     return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": tuple(args.scales),
             "window": args.window, "stride": args.stride}
 
@@ -191,7 +249,7 @@ def cmd_predict(args) -> int:
     from PIL import Image
 
     from .data.images import DataError, read_image
-    from .predict import load, load_ensemble
+    from .predict import check_working_size, load, load_ensemble
 
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -206,28 +264,52 @@ def cmd_predict(args) -> int:
         if sample is None:
             predictor = load(args.checkpoint, **inference_options(args))
         else:
-            predictor, line = load_fastest(args.checkpoint, sample, **inference_options(args))
+            predictor, line = load_fastest(args.checkpoint, sample, needs_logits=args.confidence,
+                                           **inference_options(args))
             print(line)
     else:
         predictor = load(args.checkpoint, **inference_options(args))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, a read-only parent
+        raise SystemExit(f"resunet predict: error: --out {out}: cannot make the folder ({error.strerror or error})")
     failed = 0
+    inputs = {path.resolve() for path in paths}
+    claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
     for path in paths:
+        outputs = {"mask": out / f"{path.stem}.png", "overlay": out / f"{path.stem}_overlay.jpg",
+                   "confidence": out / f"{path.stem}_confidence.png"}
+        if not args.overlay:
+            del outputs["overlay"]
+        if not args.confidence:
+            del outputs["confidence"]
+        clash = next((o for o in outputs.values() if o.resolve() in inputs or o.resolve() in claimed), None)
+        if clash is not None:  # never write over an input image or another input's result
+            owner = f"{claimed[clash.resolve()]}'s result" if clash.resolve() in claimed else "an input image"
+            print(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give another "
+                  "--out or rename the file", file=sys.stderr)
+            failed += 1
+            continue
+        claimed.update({o.resolve(): path for o in outputs.values()})
         try:
             image = read_image(path, args.max_pixels)
+            largest = max(args.scales) if "ms" in args.tta else 1.0
+            check_working_size(*image.shape[:2], round(predictor.size * largest))
         except DataError as error:  # one bad file must not stop the others
-            print(f"resunet predict: {error}", file=sys.stderr)
+            message = str(error)
+            print(f"resunet predict: {message if message.startswith(str(path)) else f'{path}: {message}'}",
+                  file=sys.stderr)
             failed += 1
             continue
         if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
             mask, confidence = predictor.predict_with_confidence(image)
-            Image.fromarray((confidence * 255).round().astype(np.uint8)).save(out / f"{path.stem}_confidence.png")
+            Image.fromarray((confidence * 255).round().astype(np.uint8)).save(outputs["confidence"])
         else:
             mask = predictor.predict(image)
-        predictor.colorize(mask).save(out / f"{path.stem}.png")
+        predictor.colorize(mask).save(outputs["mask"])
         if args.overlay:
-            predictor.overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.jpg", quality=90)
+            predictor.overlay(image, mask, args.alpha).save(outputs["overlay"], quality=90)
     print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
     return 1 if failed else 0
 
@@ -241,7 +323,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeSettings, create_app, run_server
+    from .serve import ServeSettings, check_address, create_app, run_server
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
@@ -251,8 +333,14 @@ def cmd_serve(args) -> int:
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
         print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
         return 1
+    try:
+        check_address(args.host, args.port)
+    except OSError as error:
+        print(f"resunet serve: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})",
+              file=sys.stderr)
+        return 1
     print(f"resunet serve: {args.model} on http://{args.host}:{args.port}/ (page), /predict, /docs", flush=True)
-    run_server(app, args.host, args.port, args.log_level)
+    run_server(app, args.host, args.port, args.log_level, args.drain_timeout)
     return 0
 
 
@@ -331,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="multi-scale TTA: factors of the working size, comma-separated")
     inference.add_argument("--window", type=_window, default=None,
                            help="sliding window: tile side in pixels of the resized image (≥ 32)")
-    inference.add_argument("--stride", type=_window, default=None,
+    inference.add_argument("--stride", type=_positive_int, default=None,
                            help="sliding window step (default: two thirds of --window)")
     inference.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                            help="refuse images (and masks) with more pixels, read from the file's header before "
@@ -351,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for --worst")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(run=cmd_evaluate)
 
@@ -360,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True)
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--alpha", type=_share, default=0.5, help="overlay opacity, 0..1")
     p.add_argument("--confidence", action="store_true",
                    help="also write NAME_confidence.png: each pixel's probability of its class (255 = 1), calibrated "
                         "when the checkpoint holds a temperature (resunet calibrate)")
@@ -376,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", default="grid.png")
     p.add_argument("--split", default="val")
-    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--count", type=_positive_int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_visualize)
 
@@ -401,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip TTA inside the end-to-end graph")
     p.add_argument("--int8", action="store_true", help="static INT8 quantisation (QDQ, per-channel weights)")
     p.add_argument("--calibration", help="dataset root (train split) or image folder to calibrate INT8 on")
-    p.add_argument("--calibration-count", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--calibration-count", type=_positive_int, default=64, help="calibration images (default 64)")
     p.add_argument("--data-root", help="also evaluate the file on this dataset and print the mIoU drift")
     p.add_argument("--split", default="val")
     p.add_argument("--max-miou-drop", type=float, default=1.0, help="INT8: largest mIoU drop accepted, in points")
@@ -412,12 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="an HTTP service and a web page for a model (.pt or .onnx)")
     p.add_argument("model", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="images per forward pass at most (default 8)")
+    p.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
                    help="how long a queued image waits for others to batch with (default 5 ms)")
-    p.add_argument("--max-queue", type=int, default=64, help="images waiting at most; then 503 (default 64)")
-    p.add_argument("--max-bytes", type=int, default=20_000_000, help="request body limit (default 20 MB)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="images waiting at most; then 503 (default 64)")
+    p.add_argument("--drain-timeout", type=_positive_int, default=30,
+                   help="on SIGTERM, seconds to finish the requests in flight before closing them (default 30)")
+    p.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="request body limit (default 20 MB)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"image size limit, read from the header before decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
@@ -448,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     tune_cpu_allocator()
     try:
         return args.run(args)

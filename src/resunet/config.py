@@ -20,7 +20,8 @@ class TrainConfig:
     num_classes: int | None = setting(None, "number of classes for a folder dataset without classes.json")
     ignore_index: int | None = setting(None, "label ignored by loss and metric (default 255, or classes.json's)")
     encoder: str = setting("resnet34", "resnet18|resnet34|resnet50|resnet101|efficientnet-lite0|-lite1|-lite2")
-    pretrained: bool = setting(True, "start the encoder from ImageNet weights (--no-pretrained: random init)")
+    pretrained: bool = setting(True, "start the encoder from ImageNet weights (--no-pretrained: random init)",
+                               help_off="start the encoder from random weights instead of ImageNet's")
     encoder_weights: str | None = setting(None, "local encoder weights file (torchvision format) instead of a download")
     decoder_channels: str = setting("256,128,64,32", "the four decoder blocks' widths, deepest first (narrower: faster)")
     attention: str = setting("none", "decoder attention: none, or scse (squeeze-and-excitation, channel and spatial, "
@@ -78,7 +79,8 @@ class TrainConfig:
                                            "(10m); a run resumed from it continues at that step")
     tensorboard: bool = setting(False, "also write TensorBoard event files to OUT/tensorboard (needs the "
                                 "tensorboard package: pip install 'resunet[tensorboard]')")
-    progress: bool = setting(True, "show per-epoch progress bars")
+    progress: bool = setting(True, "show per-epoch progress bars",
+                             help_off="no progress bars or in-epoch progress lines")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -418,10 +418,11 @@ def coverage_findings(results: list[PairResult], info: ClassInfo, train_split: s
             for index in np.flatnonzero(result.class_pixels):
                 present[result.split][int(index)].append(result.mask)
     findings = []
+    in_train = set(present.get(train_split, {}))  # .get: no readable training mask at all is reported elsewhere
     for split, classes in present.items():
         if split == train_split:
             continue
-        for index in sorted(set(classes) - set(present[train_split])):
+        for index in sorted(set(classes) - in_train):
             masks = classes[index]
             findings.append(finding("class_not_in_train", masks[0], f"{masks[0]}: class {info.names[index]!r} "
                                     f"({index}) is in {len(masks)} {split} mask(s), in no {train_split} mask"))

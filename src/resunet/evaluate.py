@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .predict import DEFAULT_SCALES, Predictor, load_ensemble
 
@@ -95,6 +95,34 @@ def format_table(scores: dict, info: ClassInfo) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value) -> str:
+    """JSON that every parser reads: NaN (a class absent from the split, an image with nothing scored) as null."""
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+    return json.dumps(clean(value), indent=1, allow_nan=False)
+
+
+def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None) -> None:
+    """Refuse, before evaluating, output paths that could not be written: a folder where a file goes, a file where
+    a folder goes, a parent that is a file."""
+    for path, kind in ((json_out, "--json"), (confusion_png, "--confusion")):
+        if path and Path(path).is_dir():
+            raise DataError(f"{kind} {path}: is a folder; give a file name")
+        if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
+            raise DataError(f"{kind} {path}: {Path(path).parent} is not a folder")
+    if worst_out:
+        folder = Path(worst_out)
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise DataError(f"--out {worst_out}: {blocking} is a file, not a folder")
+
+
 def run_evaluate(
     checkpoint: str,
     data_root: str,
@@ -118,6 +146,9 @@ def run_evaluate(
     boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
     `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json.
     `ensemble`: more model files whose probabilities are averaged with the first's."""
+    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None)  # before the work, not after it
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: at least 1")
     predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
                               window=window, stride=stride)
     info = predictor.info
@@ -138,7 +169,7 @@ def run_evaluate(
               "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1))
+        Path(json_out).write_text(strict_json(result))
     if confusion_png:
         from .visualize import plot_confusion
 
@@ -146,7 +177,7 @@ def run_evaluate(
     if per_image:
         result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out or "."))
         if json_out:
-            Path(json_out).write_text(json.dumps(result, indent=1))
+            Path(json_out).write_text(strict_json(result))
     return result
 
 
@@ -168,6 +199,6 @@ def write_worst(predictor: Predictor, dataset: PairedDataset, per_image: list[tu
                        "pixel_accuracy": accuracy})
     out.mkdir(parents=True, exist_ok=True)
     plot_worst(rows, dataset.info, out / "worst.png")
-    (out / "worst.json").write_text(json.dumps(listed, indent=1))
+    (out / "worst.json").write_text(strict_json(listed))
     print(f"wrote the {len(rows)} images with the lowest mIoU to {out / 'worst.png'} (list: {out / 'worst.json'})")
     return listed

@@ -324,6 +324,18 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         raise ExportError("--int8 needs --calibration DIR (training images to calibrate activations on)")
     if graph == "logits" and tta != "none":
         raise ExportError("a logits graph holds the network alone: apply --tta when predicting with it")
+    # Checked before any work: the outputs must be .onnx files (resunet loads a model by its suffix), must not be
+    # folders, and must not replace the checkpoint they come from.
+    if out.suffix.lower() != ".onnx":
+        raise ExportError(f"--onnx {out}: name the file *.onnx (resunet tells a model's kind by its suffix)")
+    written = [out, out.with_name(out.stem + ".fp32.onnx")] if int8 else [out]
+    for path in written:
+        if path.is_dir():
+            raise ExportError(f"--onnx {out}: {path} is a folder")
+        if path.exists() and source.exists() and path.resolve() == source.resolve():
+            raise ExportError(f"--onnx {out}: {path} is the checkpoint being exported; choose another name")
+    if int8 and calibration_count < 1:
+        raise ExportError(f"--calibration-count {calibration_count}: at least 1 image")
     payload = load_checkpoint(source)
     if payload["model_config"]["num_classes"] > 256:
         raise ExportError(f"{source}: {payload['model_config']['num_classes']} classes do not fit a uint8 mask")

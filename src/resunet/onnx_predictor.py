@@ -163,10 +163,11 @@ def exported_siblings(checkpoint: str | Path) -> list[Path]:
     return found
 
 
-def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple[Predictor, str]:
+def load_fastest(checkpoint: str | Path, sample: np.ndarray, needs_logits: bool = False,
+                 **options) -> tuple[Predictor, str]:
     """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
     `sample` fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
-    what was measured."""
+    what was measured. `needs_logits`: only candidates that give probabilities (not an end-to-end graph)."""
     import time
 
     from .predict import load
@@ -174,9 +175,11 @@ def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple
     candidates: list[tuple[str, Predictor]] = [(str(checkpoint), load(checkpoint, **options))]
     for path in exported_siblings(checkpoint):
         try:
-            candidates.append((str(path), load(path, **options)))
+            candidate = load(path, **options)
         except CheckpointError:  # an end-to-end file cannot run this TTA / window setting
             continue
+        if candidate.has_logits or not needs_logits:
+            candidates.append((str(path), candidate))
     if len(candidates) == 1:
         return candidates[0][1], f"backend: PyTorch ({checkpoint}; no exported file from it beside it)"
     timings = []

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from .classmap import argmax_map, upsample_argmax
 from .data.classes import ClassInfo
-from .data.images import read_image
+from .data.images import DataError, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
 from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
@@ -35,11 +35,24 @@ TTA_MODES = ("none", "flip", "ms", "ms+flip")
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 
 
+# What the network may be given at once: the working size scales an image's shorter side up or down, so a thin
+# strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes.
+MAX_WORKING_PIXELS = 16_000_000
+
+
+def check_working_size(height: int, width: int, size: int) -> None:
+    """Raise DataError (one line, the caller adds the file) if the image at the working size is too large."""
+    work_h, work_w = resize_short_side(height, width, size)
+    if work_h * work_w > MAX_WORKING_PIXELS:
+        raise DataError(f"{width}×{height} pixels become {work_w}×{work_h} at working size {size}, more than "
+                        f"{MAX_WORKING_PIXELS:,} pixels: crop the image or split it")
+
+
 def as_uint8_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image)
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # as read_image reads a file: EXIF orientation applied
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 array, got shape {array.shape} dtype {array.dtype}")
@@ -203,6 +216,7 @@ class Predictor:
         """N×3×H×W pixels (uint8 or float 0..255) → what the network sees: resized so the shorter side is `size`
         (default the working size; antialiased bilinear, skipped at that size already), normalised."""
         height, width = images.shape[-2:]
+        check_working_size(height, width, size or self.size)
         x = images.to(self.device).float()
         work = resize_short_side(height, width, size or self.size)
         if work != (height, width):
@@ -276,6 +290,14 @@ class Ensemble(Predictor):
         self.tta, self.scales, self.window, self.stride = first.tta, first.scales, first.window, first.stride
         self.temperature, self.has_logits = 1.0, True
 
+    def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                      stride: int | None = None) -> None:
+        """The same test-time augmentation and window for every member (each runs them at its own working size)."""
+        for member in self.members:
+            member.set_inference(tta, scales, window, stride)
+        first = self.members[0]
+        self.tta, self.scales, self.window, self.stride = first.tta, first.scales, first.window, first.stride
+
     def batch_key(self, height: int, width: int) -> tuple:
         return tuple(member.batch_key(height, width) for member in self.members)
 
@@ -316,5 +338,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
 
 def load_ensemble(paths: list[str | Path], **options) -> Predictor:
     """`load` for one model file, an `Ensemble` of them for several (same options for each)."""
+    if not paths:
+        raise ValueError("load_ensemble: no model files given")
     members = [load(path, **options) for path in paths]
     return members[0] if len(members) == 1 else Ensemble(members, [str(p) for p in paths])

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from .calibration import calibrate
-from .checkpoint import load_checkpoint, save_checkpoint, temporary_path
+from .checkpoint import CheckpointError, load_checkpoint, remove_quietly, save_checkpoint, temporary_path
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
@@ -47,6 +47,7 @@ from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset
 from .losses import SegmentationLoss
+from .model.encoders import ENCODERS
 from .model.unet import ResNetUNet
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
@@ -154,6 +155,16 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, device: to
     return optimizer_class(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def scale_learning_rate(optimizer, scheduler, ratio: float) -> None:
+    """Scale a resumed run's learning rate, where the schedule stands now and everything it will still do."""
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    if hasattr(scheduler, "base_lrs"):  # LambdaLR (cosine, poly); ReduceLROnPlateau works from the group's lr
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+
+
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
@@ -233,8 +244,13 @@ def decoder_widths(text: str) -> tuple[int, ...]:
 def write_atomically(path: Path, text: str) -> None:
     """A process killed mid-write leaves the old file or the new one, never half a line."""
     tmp = temporary_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk, a read-only folder: the checkpoints already saved stay as they are
+        remove_quietly(tmp)
+        raise TrainingError(f"{path}: could not write it ({error.strerror or error}); the previous {path.name} is "
+                            f"{'intact' if path.exists() else 'absent'}; free some space and resume") from None
 
 
 def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
@@ -320,6 +336,15 @@ class StopSignal:
                   file=sys.stderr, flush=True)
 
 
+def last_good_save(out: Path) -> str:
+    """What a diverged run leaves behind, for its error line."""
+    last = out / "last.pt"
+    if last.is_file():
+        return (f"weights not saved over {last} (it holds the last good save); resume from it with a lower --lr, "
+                "or check the data (resunet check-data)")
+    return "no checkpoint was saved yet; lower --lr or check the data (resunet check-data)"
+
+
 def stop_line(signal_name: str, where: str, out: Path) -> str:
     return (f"{signal_name}: stopped {where}; {out / 'last.pt'} holds it. "
             f"Resume with: resunet train --resume {out / 'last.pt'}")
@@ -361,11 +386,49 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     """metrics.jsonl lines up to an epoch (a crash may have left lines past the checkpoint)."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["epoch"] <= up_to_epoch]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = int(record["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:  # edited: our writes are atomic
+            raise TrainingError(f"{path}: line {number} is not an epoch's record ({error}); fix or remove it, the "
+                                "checkpoints do not depend on it") from None
+        if epoch <= up_to_epoch:
+            records.append(record)
+    return records
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse settings that make no sense before any work starts, in one line naming the flag."""
+    rules = [
+        ("epochs", cfg.epochs >= 1, "at least 1"),
+        ("batch-size", cfg.batch_size >= 1, "at least 1"),
+        ("eval-every", cfg.eval_every >= 1, "at least 1"),
+        ("size", cfg.size >= 1, "a positive number of pixels"),
+        ("crop-size", cfg.crop_size is None or cfg.crop_size >= 1, "a positive number of pixels"),
+        ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
+        ("weight-decay", cfg.weight_decay >= 0, "0 or more"),
+        ("warmup-epochs", cfg.warmup_epochs >= 0, "0 or more"),
+        ("workers", cfg.workers >= 0, "0 or more"),
+        ("scale-min", 0 < cfg.scale_min <= cfg.scale_max, f"positive and at most --scale-max ({cfg.scale_max})"),
+        ("jitter", cfg.jitter >= 0, "0 or more"),
+        ("mix-prob", 0 <= cfg.mix_prob <= 1, "a share between 0 and 1"),
+        ("focal-gamma", cfg.focal_gamma >= 0, "0 or more"),
+        ("num-classes", cfg.num_classes is None or cfg.num_classes >= 1, "at least 1"),
+        ("max-pixels", cfg.max_pixels >= 1, "at least 1"),
+    ]
+    for flag, holds, expected in rules:
+        if not holds:
+            raise TrainingError(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {expected}")
+    if cfg.encoder not in ENCODERS:
+        raise TrainingError(f"--encoder {cfg.encoder}: unknown; choose from {', '.join(ENCODERS)}")
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_settings(cfg)
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
     cfg = replace(cfg)  # a copy: --time-budget sets its epochs
@@ -391,7 +454,10 @@ def train(cfg: TrainConfig) -> dict:
         check_data_first(cfg, main_process)
     out = Path(cfg.out)
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file in the way, a read-only parent
+            raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
 
     # ---- data and model ----------------------------------------------------------------------------------------
     train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
@@ -424,12 +490,27 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, best_miou, position = 1, -1.0, None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
-        model.load_state_dict(state.get("training_model", state["model"]))  # with --ema, "model" is the average
+        if not {"optimizer", "scheduler", "train_config"} <= state.keys():
+            raise CheckpointError(f"{cfg.resume}: holds no training state (optimiser, schedule); resume from a "
+                                  "run's last.pt")
+        try:
+            model.load_state_dict(state.get("training_model", state["model"]))  # with --ema, "model" is the average
+            if average is not None:
+                average.module.load_state_dict(state["model"])
+        except RuntimeError as error:  # another class count (classes.json changed) or other architecture flags
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise CheckpointError(f"{cfg.resume}: its weights do not fit the model this run builds from "
+                                  f"{cfg.data_root} ({detail})") from None
         if average is not None:
-            average.module.load_state_dict(state["model"])
             average.updates = state["ema_updates"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        stored_lr = state["train_config"]["lr"]
+        if cfg.lr != stored_lr:  # `--resume ... --lr`: the way out of a diverged run
+            scale_learning_rate(optimizer, scheduler, cfg.lr / stored_lr)
+            if main_process:
+                print(f"resunet: learning rate {stored_lr:g} → {cfg.lr:g} from here on (the schedule scaled with it)",
+                      flush=True)
         scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
@@ -554,8 +635,7 @@ def train(cfg: TrainConfig) -> dict:
                 due, stop_now, diverged = agree(world, device, due, stop.name is not None, diverged)
                 if diverged:
                     raise TrainingError(f"the loss became NaN or infinite by step {steps} of epoch {epoch}; "
-                                        f"weights not saved over {out / 'last.pt'} (it holds the last good save); "
-                                        "lower --lr or check the data (resunet check-data)")
+                                        f"{last_good_save(out)}")
                 if stop_now or (due and steps < steps_per_epoch):  # an epoch's end saves anyway
                     inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
                                             time.perf_counter() - started, epoch_rng)
@@ -575,8 +655,7 @@ def train(cfg: TrainConfig) -> dict:
                 dist.all_reduce(reduced)
                 train_loss = float(reduced) / world
             if not math.isfinite(train_loss):
-                raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; weights not saved over "
-                                    f"{out / 'last.pt'}; lower --lr or check the data (resunet check-data)")
+                raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; {last_good_save(out)}")
 
             # --time-budget, after epoch 1's fit: the pace can drift (a shared machine, epoch 1's second half
             # faster or slower than later epochs), so each later epoch fits again at the pace of the last three.
@@ -640,7 +719,10 @@ def train(cfg: TrainConfig) -> dict:
                     save_run(out / "best.pt", epoch, rng, metrics=record)
                 save_run(out / "last.pt", epoch, rng, metrics=record)
                 last_save = time.perf_counter()
-                plot_curves(records, out / "curves.png")
+                try:
+                    plot_curves(records, out / "curves.png")
+                except OSError as error:  # the checkpoints are saved; a figure is not worth stopping for
+                    print(f"resunet: {out / 'curves.png'} not drawn ({error.strerror or error})", file=sys.stderr)
                 if board is not None:
                     board.epoch(global_step, record, info.names)
                     if evaluated:

@@ -138,6 +138,8 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
     from .data.dataset import open_dataset
     from .predict import load
 
+    if not Path(out).suffix:  # matplotlib would add ".png" itself; name the file it writes
+        out = f"{out}.png"
     predictor = load(checkpoint, **options)
     dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index, max_pixels)
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)

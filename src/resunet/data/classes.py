@@ -56,6 +56,8 @@ class ClassInfo:
     @classmethod
     def from_dict(cls, values: dict, source: str = "classes") -> "ClassInfo":
         try:
+            if not isinstance(values["classes"], (list, tuple)):
+                raise TypeError(f"'classes' must be a list of names, got {type(values['classes']).__name__}")
             names = tuple(str(n) for n in values["classes"])
             palette = values.get("palette") or voc_colormap(len(names))
             palette = tuple(tuple(int(v) for v in colour) for colour in palette)

@@ -16,7 +16,10 @@ from .images import DataError, list_images
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
     classes_json = root / "classes.json"
     if classes_json.is_file():
-        info = load_classes_json(classes_json)
+        try:
+            info = load_classes_json(classes_json)
+        except ValueError as error:  # unreadable or malformed: the user's file, so one line
+            raise DataError(str(error)) from None
         if num_classes is not None and num_classes != info.num_classes:
             raise DataError(f"{classes_json}: lists {info.num_classes} classes but --num-classes is {num_classes}")
         if ignore_index is not None and ignore_index != info.ignore_index:

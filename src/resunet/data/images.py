@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,10 +53,11 @@ def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, 
                                  "(--max-pixels; a decompression bomb?)") from None
     except UnidentifiedImageError:
         raise DataError(f"{label}: not a readable {kind} (not an image format we know)") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, struct.error, TypeError, IndexError) as error:
+        # struct.error: a broken EXIF block; TypeError: a TIFF strip offset stored as a float (found by fuzzing)
         if isinstance(error, DataError):
             raise
-        raise DataError(f"{label}: not a readable {kind} ({error})") from None
+        raise DataError(f"{label}: not a readable {kind} ({error or type(error).__name__})") from None
 
 
 def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -68,7 +70,23 @@ def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PI
     else:
         source, label = path, name or str(path)
     with opened(source, label, max_pixels) as image:
-        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # deep grey: Pillow's convert() would clip to white
+            return grey_to_rgb8(np.asarray(image))
+        return np.array(image.convert("RGB"))
+
+
+def grey_to_rgb8(grey: np.ndarray) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image as 8-bit RGB: values above 255 are taken as 16-bit (÷257), floats up to
+    1 as a 0..1 range, anything else as 8-bit already."""
+    values = grey.astype(np.float64)
+    top = float(np.nanmax(values)) if values.size else 0.0
+    if top > 255:
+        values = values / 257.0
+    elif grey.dtype.kind == "f" and top <= 1.0:
+        values = values * 255.0
+    grey8 = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    return np.repeat(grey8[..., None], 3, axis=2)
 
 
 def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

@@ -52,7 +52,7 @@ class ResNetEncoder(nn.Module):
         if weights == "imagenet":
             net.load_state_dict(_download_torchvision_weights(name, imagenet))
         elif weights is not None:
-            net.load_state_dict(_load_local_weights(Path(weights)))
+            load_local_weights(net, Path(weights), name)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -86,12 +86,29 @@ def _download_torchvision_weights(name: str, weights: torchvision.models.Weights
         ) from None
 
 
-def _load_local_weights(path: Path) -> dict:
+def load_local_weights(module: nn.Module, path: Path, name: str) -> None:
+    """--encoder-weights PATH into the encoder, or one line saying why not."""
+    state = _read_local_weights(path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:  # missing, unexpected or mis-shaped keys: weights of another network
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        detail = lines[0] if lines else str(error)
+        detail = detail if len(detail) <= 160 else detail[:160] + "…"
+        raise WeightsUnavailableError(f"{path}: these weights do not fit the {name} encoder ({detail})") from None
+
+
+def _read_local_weights(path: Path) -> dict:
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: encoder weights file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports a file it cannot read with many kinds (KeyError, RuntimeError, ...)
+        raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({type(error).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path}: holds a {type(state).__name__}, not a state dict of weights")
     return state
 
 
@@ -111,7 +128,7 @@ class LiteEncoder(nn.Module):
             except FileNotFoundError as error:
                 raise WeightsUnavailableError(str(error)) from None
         elif weights is not None:
-            self.body.load_state_dict(_load_local_weights(Path(weights)))
+            load_local_weights(self.body, Path(weights), name)
         strides = tuple(self.body.feature_info.reduction())
         if strides != (2, 4, 8, 16, 32):
             raise ValueError(f"{name}: expected feature strides 2..32, got {strides}")

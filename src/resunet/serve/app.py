@@ -20,16 +20,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.images import DEFAULT_MAX_PIXELS
-from ..predict import Predictor, load
+from ..data.images import DEFAULT_MAX_PIXELS, DataError
+from ..predict import Predictor, check_working_size, load
 from .codec import RequestError, class_summary, decode_image, png_bytes, rle_classes, upload_bytes
 from .engine import InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
-ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 log = logging.getLogger("resunet.serve")
 
 
@@ -101,7 +102,13 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     @app.middleware("http")
     async def log_and_count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to fix here
+            request.state.error = "client disconnected during the upload"
+            response = Response(status_code=499)  # nginx's "client closed request", for the log and the metrics
+        except Exception as error:  # a bug: answered and counted here, where the log line and the metrics are
+            response = await on_bug(request, error)
         seconds = time.perf_counter() - started
         path = request.url.path
         path = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
@@ -138,16 +145,23 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, message)
 
-    @app.get("/", include_in_schema=False)
+    # GET and HEAD: uptime monitors and load balancers often probe with HEAD.
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # every browser asks; no icon, and no 404 line in the log for it
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
     async def readyz() -> JSONResponse:
         if not engine.ready:
@@ -181,6 +195,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         data, name = await upload_bytes(request, settings.max_bytes)
         received = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+        try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
+            check_working_size(*image.shape[:2], predictor.size)
+        except DataError as error:
+            raise RequestError(413, f"{name}: {error}") from None
         decoded = time.perf_counter()
         try:
             result = await engine.submit(image, tta)
@@ -208,8 +226,22 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight, return."""
+def check_address(host: str, port: int) -> None:
+    """Raise OSError (one line: the address and why) if `host:port` cannot be listened on — a port in use, a host
+    that does not resolve — before the model is warmed up and the service announced; uvicorn would say it later, in
+    a log, with another exit status."""
+    import socket
+
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
+            probe.bind(address)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               drain_timeout_s: int = 30) -> None:
+    """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight (for at most
+    `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return."""
     import signal
 
     import uvicorn
@@ -223,6 +255,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     # start; with the default one SIGTERM would then kill the process (status -15). A no-op of ours lets it return.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                    timeout_graceful_shutdown=drain_timeout_s)
     finally:
         signal.signal(signal.SIGTERM, previous)

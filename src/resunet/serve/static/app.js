@@ -34,6 +34,15 @@ function serverMs(response) {
   return total ? parseFloat(total.split("dur=")[1]) : NaN;
 }
 
+function clearResult() {
+  // A failed request must not leave the previous image's mask, legend and download link beside its error.
+  $("result").hidden = true;
+  $("legend").replaceChildren();
+  const download = $("download");
+  download.removeAttribute("href");
+  download.setAttribute("aria-disabled", "true");
+}
+
 async function segment(file) {
   if (!file) return;
   setStatus(`segmenting ${file.name || "the pasted image"}…`);
@@ -44,11 +53,13 @@ async function segment(file) {
   try {
     response = await fetch("/predict", { method: "POST", body: form });
   } catch (error) {
+    clearResult();
     setStatus(`the server did not answer: ${error}`, true);
     return;
   }
   if (!response.ok) {
     const body = await response.json().catch(() => ({ error: response.statusText }));
+    clearResult();
     setStatus(`${response.status}: ${body.error}`, true);
     return;
   }

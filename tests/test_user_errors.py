@@ -1,0 +1,369 @@
+"""What a user gets wrong, and what the toolkit must then do: one line naming the flag or the file, before any work
+where the problem can be seen before it, never a traceback, never a finished file destroyed. Each case here was found
+by trying to break the commands as a user would (2026-12-04)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from resunet.cli import main
+from test_bad_inputs import good_pair
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> str:
+    return str(trained_run / "best.pt")
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith(f"resunet {command}: error: "), err
+    return err
+
+
+# ---- train: settings refused before any work ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
+    (["--size", "0"], "--size 0: must be a positive number of pixels"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--workers", "-1"], "--workers -1: must be 0 or more"),
+    (["--mix-prob", "2"], "--mix-prob 2.0: must be a share between 0 and 1"),
+    (["--scale-min", "3", "--scale-max", "1"], "--scale-min 3.0: must be positive and at most --scale-max (1.0)"),
+    (["--focal-gamma", "-2"], "--focal-gamma -2.0: must be 0 or more"),
+    (["--num-classes", "-2"], "--num-classes -2: must be at least 1"),
+    (["--encoder", "resnet35"], "--encoder resnet35: unknown; choose from resnet18"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], ""),
+])
+def test_nonsense_train_settings_are_one_line(tmp_path, capsys, flags, words):
+    code = main(["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"), *flags])
+    err = one_error_line(capsys, "train")
+    assert code == 2 and words in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_an_out_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    cfg = ["--data-root", str(demo_root), "--size", "64", "--no-pretrained", "--skip-data-check"]
+    assert main(["train", *cfg, "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in one_error_line(capsys, "train") and (tmp_path / "afile").read_text() == "mine"
+    assert main(["ablate", *cfg, "--out", str(tmp_path / "afile" / "sub"), "--options", "baseline"]) == 2
+    assert "cannot make the ablation folder" in one_error_line(capsys, "ablate")
+
+
+def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
+    from resunet.model.encoders import WeightsUnavailableError, build_encoder
+
+    (tmp_path / "junk.pth").write_text("not a torch file")
+    with pytest.raises(WeightsUnavailableError, match="junk.pth: not a PyTorch weights file"):
+        build_encoder("resnet18", tmp_path / "junk.pth")
+    torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsUnavailableError, match="other.pth: these weights do not fit the resnet18 encoder"):
+        build_encoder("resnet18", tmp_path / "other.pth")
+
+
+def test_the_no_flags_say_what_they_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no-pretrained start the encoder from random weights instead of ImageNet's" in out
+    assert "--no-progress no progress bars or in-epoch progress lines" in out
+
+
+# ---- train --resume: what may change, and what is refused ------------------------------------------------------------
+
+def test_resume_takes_every_flag_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys):
+    import resunet.train
+    from resunet.checkpoint import save_checkpoint
+    from resunet.config import TrainConfig
+
+    stored = TrainConfig(data_root="data", out="elsewhere", workers=0, epochs=7, lr=0.5, loss="ce+dice",
+                         checkpoint_every="100").to_dict()
+    save_checkpoint({"train_config": stored}, tmp_path / "last.pt")
+    seen = []
+    monkeypatch.setattr(resunet.train, "train", lambda cfg: seen.append(cfg) or {})
+    resume = ["train", "--resume", str(tmp_path / "last.pt")]
+    # Given explicitly, a flag counts even at its default value (workers 2, epochs 100 are the defaults).
+    assert main([*resume, "--workers", "2", "--epochs", "100", "--data-root", "/moved/data"]) == 0
+    assert (seen[-1].workers, seen[-1].epochs, seen[-1].data_root) == (2, 100, "/moved/data")
+    assert seen[-1].loss == "ce+dice" and seen[-1].lr == 0.5
+    assert main([*resume, "--lr", "0.1", "--loss", "ce+dice", "--out", str(tmp_path)]) == 0  # same loss and folder
+    assert seen[-1].lr == 0.1
+    calls = len(seen)
+    with pytest.raises(SystemExit, match=r"--loss dice: cannot change on --resume \(the run trains with ce\+dice\)"):
+        main([*resume, "--loss", "dice"])
+    with pytest.raises(SystemExit, match="--out: a resumed run stays in its folder"):
+        main([*resume, "--out", str(tmp_path / "other")])
+    assert len(seen) == calls
+
+
+def test_resume_with_a_lower_lr_scales_the_schedule_from_there(demo_root, ram_tmp, capsys):
+    from resunet.train import train
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, scheduler="cosine", encoder="resnet18", eval_every=1))
+    train(tiny_config(demo_root, run, epochs=3, scheduler="cosine", encoder="resnet18", eval_every=1,
+                      resume=str(run / "last.pt"), lr=5e-4))
+    assert "learning rate 0.001 → 0.0005 from here on" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Cosine over 3 epochs, no warm-up: after epoch 2 the factor is 0.5 (1 + cos(2π/3)) = 0.25 of the peak, and the
+    # peak is now 5e-4.
+    assert records[1]["epoch"] == 2 and records[1]["lr"] == pytest.approx(5e-4 * 0.25, rel=1e-6)
+    assert records[2]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_into_a_model_it_does_not_fit_is_one_line(demo_root, ram_tmp, capsys):
+    from resunet.checkpoint import CheckpointError
+    from resunet.train import train
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, encoder="resnet18", decoder_channels="16,16,16,16"))
+    with pytest.raises(CheckpointError, match="its weights do not fit the model this run builds"):
+        train(tiny_config(demo_root, run, epochs=2, encoder="resnet18", decoder_channels="32,16,16,16",
+                          resume=str(run / "last.pt")))
+
+
+# ---- saving: a full disk, a read-only folder -------------------------------------------------------------------------
+
+def test_a_checkpoint_write_torch_cannot_finish_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from resunet import checkpoint
+
+    checkpoint.save_checkpoint({"n": 1}, tmp_path / "last.pt")
+
+    def full_disk(*args, **kwargs):  # what torch's zip writer raises when the disk fills up mid-file
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 107692864 vs 107692752")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not save the checkpoint \(the write stopped short"):
+        checkpoint.save_checkpoint({"n": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(tmp_path / "last.pt")["n"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_metrics_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
+    import resunet.train as train_module
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    monkeypatch.setattr(train_module, "temporary_path", lambda path: tmp_path / "gone" / path.name)
+    with pytest.raises(train_module.TrainingError, match="metrics.jsonl: could not write it .* previous metrics.jsonl "
+                                                         "is intact"):
+        train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+# ---- data: classes.json, unreadable training masks, deep images ------------------------------------------------------
+
+@pytest.mark.parametrize("text, words", [
+    ("{bad json", "cannot read class description"),
+    ("[1, 2]", "malformed class description"),
+    ('{"classes": "abc"}', "'classes' must be a list of names"),
+    ('{"classes": ["a", "b"], "ignore_index": "x"}', "malformed class description"),
+])
+def test_a_malformed_classes_json_is_one_line(tmp_path, capsys, text, words):
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / "train" / folder).mkdir(parents=True)
+    (root / "classes.json").write_text(text)
+    assert main(["check-data", "--data-root", str(root)]) == 2
+    err = one_error_line(capsys, "check-data")
+    assert "classes.json" in err and words in err
+
+
+def test_check_data_with_no_readable_training_mask_reports_them(tmp_path, capsys):
+    from test_doctor import clean_dataset
+
+    root = clean_dataset(tmp_path / "data")
+    for mask in (root / "train" / "masks").iterdir():
+        mask.write_text("x")
+    assert main(["check-data", "--data-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "4 errors" in out and "good_0.png" in out
+
+
+def test_a_16_bit_grey_image_is_read_at_its_values_not_white(tmp_path):
+    from resunet.data.images import read_image
+
+    grey = (np.arange(40 * 30).reshape(30, 40) % 256).astype(np.uint16)
+    Image.fromarray(grey * 257).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = read_image(tmp_path / "deep.png")
+    assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
+    assert (pixels == grey[..., None]).all()  # 257·v / 257 = v, in every channel
+    Image.fromarray((grey / 255).astype(np.float32)).save(tmp_path / "float.tif")  # a 0..1 float image
+    assert np.abs(read_image(tmp_path / "float.tif").astype(int) - grey[..., None]).max() <= 1
+
+
+# ---- inference commands -----------------------------------------------------------------------------------------------
+
+def test_predict_never_writes_over_an_input_or_another_inputs_result(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(good_pair(0)[0])
+    Image.open(folder / "a.png").save(folder / "a.jpg")  # a.jpg's mask would be a.png, the input
+    (folder / "b.jpg").write_bytes((folder / "a.jpg").read_bytes())
+    before = (folder / "a.png").read_bytes()
+    assert main(["predict", checkpoint, str(folder), "--out", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert (folder / "a.png").read_bytes() == before and (folder / "b.png").is_file()
+    assert "a.jpg: not predicted, its output" in captured.err and "would overwrite an input image" in captured.err
+    assert "wrote 1 prediction(s)" in captured.out
+    other = tmp_path / "other"
+    (other / "x").mkdir(parents=True)
+    (other / "x" / "a.png").write_bytes(before)
+    assert main(["predict", checkpoint, str(folder / "a.png"), str(other / "x" / "a.png"), "--out",
+                 str(tmp_path / "out")]) == 1
+    assert "x/a.png: not predicted, its output" in capsys.readouterr().err  # the first a.png keeps its result
+
+
+def test_predict_refuses_a_thin_strip_that_would_exhaust_memory_and_goes_on(checkpoint, tmp_path, capsys):
+    Image.new("RGB", (20000, 1), (90, 120, 30)).save(tmp_path / "strip.png")
+    (tmp_path / "good.png").write_bytes(good_pair(0)[0])
+    assert main(["predict", checkpoint, str(tmp_path / "strip.png"), str(tmp_path / "good.png"), "--out",
+                 str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "strip.png: 20000×1 pixels become" in err and "crop the image" in err
+    assert (tmp_path / "out" / "good.png").is_file()
+
+
+def test_a_pil_image_is_read_as_its_file_is_exif_orientation_applied(checkpoint, tmp_path):
+    from resunet.predict import Predictor
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: stored landscape, shown portrait
+    image.save(tmp_path / "turned.jpg", exif=exif)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    from_file = predictor.predict(str(tmp_path / "turned.jpg"))
+    from_pil = predictor.predict(Image.open(tmp_path / "turned.jpg"))
+    assert from_file.shape == (48, 24) and (from_pil == from_file).all()
+
+
+def test_evaluate_checks_its_outputs_before_the_work_and_writes_strict_json(checkpoint, demo_root, tmp_path,
+                                                                             capsys, monkeypatch):
+    import resunet.evaluate
+
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
+    for flags, words in ((["--json", str(tmp_path / "afolder")], "is a folder"),
+                         (["--confusion", str(tmp_path / "afile" / "c.png")], "is not a folder"),
+                         (["--worst", "2", "--out", str(tmp_path / "afile")], "is a file, not a folder")):
+        assert main(["evaluate", checkpoint, "--data-root", str(demo_root), *flags]) == 2
+        assert words in one_error_line(capsys, "evaluate")
+    monkeypatch.undo()
+    assert main(["evaluate", checkpoint, "--data-root", str(demo_root), "--json", str(tmp_path / "e.json")]) == 0
+    text = (tmp_path / "e.json").read_text()
+    scores = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert None in scores["iou"] and "NaN" not in text  # the demo's val split lacks some of VOC's classes
+    assert all(v is None or not math.isnan(v) for v in scores["iou"])
+
+
+def test_a_model_with_other_classes_than_the_voc_data_is_one_line(demo_root, ram_tmp, capsys):
+    from resunet.train import train
+
+    folder = ram_tmp / "five"
+    for split in ("train", "val"):
+        for i in range(4):
+            image, mask = good_pair(i)
+            (folder / split / "images").mkdir(parents=True, exist_ok=True)
+            (folder / split / "masks").mkdir(parents=True, exist_ok=True)
+            (folder / split / "images" / f"p{i}.png").write_bytes(image)
+            labels = np.array(Image.open(io.BytesIO(mask)))
+            Image.fromarray(np.where(labels == 255, 255, labels % 5).astype(np.uint8)).save(
+                folder / split / "masks" / f"p{i}.png")
+    train(tiny_config(folder, ram_tmp / "run", epochs=1, batch_size=2, encoder="resnet18", num_classes=5))
+    for command in ("evaluate", "calibrate"):
+        assert main([command, str(ram_tmp / "run" / "best.pt"), "--data-root", str(demo_root)]) == 2
+        assert "VOC has 21 classes, not the 5 expected" in one_error_line(capsys, command)
+
+
+def test_window_stride_rules(checkpoint, demo_root, tmp_path, capsys):
+    image = tmp_path / "p.png"
+    image.write_bytes(good_pair(0)[0])
+    assert main(["predict", checkpoint, str(image), "--out", str(tmp_path / "o"), "--window", "40",
+                 "--stride", "26"]) == 0  # a stride under 32 is fine: the default for a 40 window is 26
+    with pytest.raises(SystemExit, match="--stride 64: needs --window, and at most the window"):
+        main(["predict", checkpoint, str(image), "--out", str(tmp_path / "o"), "--window", "32", "--stride", "64"])
+
+
+def test_export_never_replaces_its_checkpoint_and_names_onnx_files(checkpoint, tmp_path):
+    import shutil
+
+    from resunet.checkpoint import load_checkpoint
+    from resunet.export import ExportError, run_export
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(checkpoint, ckpt)
+    with pytest.raises(ExportError, match="name the file \\*.onnx"):
+        run_export(str(ckpt), str(ckpt))
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(ExportError, match="m.onnx is a folder"):
+        run_export(str(ckpt), str(tmp_path / "m.onnx"))
+    with pytest.raises(ExportError, match="--calibration-count 0: at least 1 image"):
+        run_export(str(ckpt), str(tmp_path / "q.onnx"), int8=True, calibration=str(tmp_path), calibration_count=0)
+    assert load_checkpoint(ckpt)["model_config"]  # still the checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "model.pt"]
+
+
+def test_visualize_says_the_file_it_wrote(checkpoint, demo_root, tmp_path, capsys):
+    assert main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", str(tmp_path / "grid"),
+                 "--count", "2"]) == 0
+    assert f"wrote {tmp_path / 'grid.png'}" in capsys.readouterr().out and (tmp_path / "grid.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["visualize", checkpoint, "--data-root", str(demo_root), "--count", "0"])
+
+
+# ---- ablate ----------------------------------------------------------------------------------------------------------
+
+def test_ablation_recipe_under_a_time_budget_is_the_budget_not_the_fitted_count():
+    from resunet.ablate import recipe
+    from resunet.config import TrainConfig
+
+    requested = TrainConfig(data_root="d", epochs=40, eval_every=40, time_budget="40s")
+    fitted = TrainConfig(data_root="d", epochs=6, eval_every=40, time_budget="40s")
+    assert recipe(requested) == recipe(fitted)
+    assert recipe(TrainConfig(data_root="d", epochs=40)) != recipe(TrainConfig(data_root="d", epochs=6))
+    assert recipe(requested) != recipe(TrainConfig(data_root="d", epochs=40, eval_every=40, time_budget="50s"))
+
+
+def test_tta_set_on_an_ensemble_reaches_every_member(checkpoint):
+    from resunet.predict import load_ensemble
+
+    image = np.array(Image.open(io.BytesIO(good_pair(3)[0])).convert("RGB"))
+    later = load_ensemble([checkpoint, checkpoint], device="cpu", precision="fp32")
+    later.set_inference(tta="flip")
+    assert [member.tta for member in later.members] == ["flip", "flip"]
+    at_load = load_ensemble([checkpoint, checkpoint], device="cpu", precision="fp32", tta="flip")
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    assert torch.allclose(later.probabilities(pixels), at_load.probabilities(pixels), atol=1e-6)
+    with pytest.raises(ValueError, match="no model files"):
+        load_ensemble([])
+
+
+def test_a_hand_broken_metrics_file_is_one_line_on_resume(tmp_path):
+    from resunet.train import TrainingError, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_lo\n')
+    with pytest.raises(TrainingError, match="metrics.jsonl: line 2 is not an epoch's record"):
+        read_metrics(tmp_path / "metrics.jsonl", 2)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_loss": 0.5}\n')
+    assert read_metrics(tmp_path / "metrics.jsonl", 1) == [{"epoch": 1, "train_loss": 1.0}]
+
+
+def test_a_run_folder_given_as_the_model_says_so(trained_run, capsys, tmp_path):
+    (tmp_path / "p.png").write_bytes(good_pair(0)[0])
+    assert main(["predict", str(trained_run), str(tmp_path / "p.png"), "--out", str(tmp_path / "o")]) == 2
+    err = one_error_line(capsys, "predict")
+    assert f"{trained_run}: a folder, not a checkpoint file; give the .pt file itself (it holds best.pt" in err
