@@ -6,7 +6,10 @@ or a folder dataset (`root/{train,val,test}/{images,masks}` or flat `root/{image
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +22,26 @@ from .images import DEFAULT_MAX_PIXELS, DataError, check_mask_values, read_image
 
 
 def worker_ignores_ctrl_c(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: Ctrl-C reaches every process of the terminal's group; the workers leave it to the
-    main process, which finishes its step and saves (a worker dying of it would take the next batch down)."""
+    """DataLoader `worker_init_fn`: Ctrl-C reaches every process of the terminal's group, and a scheduler's SIGTERM
+    (`kill -- -PGID`) every process of the job; the workers leave both to the main process, which finishes its step
+    and saves. A worker killed by one would take the next batch down, or leave half a batch in the queue the main
+    process is reading (it then waits for ever). The workers end as DataLoader ends them (an end-of-data message),
+    when the main process dies (PyTorch's watchdog), or at its exit (`_end_leftover_workers`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _end_leftover_workers() -> None:
+    """At the main process's exit multiprocessing ends its daemonic children (DataLoader workers a live iterator still
+    holds) with SIGTERM and waits for them; ours ignore SIGTERM, so end them with SIGKILL first. Registered after
+    multiprocessing's own exit function, so it runs before it. PyTorch's SIGCHLD handler would report each as a
+    failed worker: nothing needs it any more."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 @dataclass
