@@ -454,6 +454,27 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
     assert "Traceback" not in log and "POST /predict 200" in log
 
 
+def test_a_request_whose_client_hung_up_is_dropped_from_the_queue_not_computed(checkpoint):
+    # A long batching wait keeps the image queued while its client gives up.
+    process, url = start_server(checkpoint, "--max-wait-ms", "3000")
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/predict", content=encoded(scene(40, 50, 3)), timeout=0.5)
+        time.sleep(4)  # past the batching wait: the job would have run by now
+
+        def value(name: str) -> float:
+            body = httpx.get(url + "/metrics").text
+            return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
+        assert value("resunet_batch_size_count") == 0  # no forward pass for it
+        assert value('resunet_requests_total{path="/predict",status="499"}') == 1
+        assert value("resunet_images_in_flight") == 0
+        assert httpx.post(url + "/predict", content=encoded(scene(40, 50, 3)), timeout=60).status_code == 200
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=60)[0]
+    assert "POST /predict 499" in log and "error: client disconnected" in log and "Traceback" not in log
+
+
 def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoint):
     process, url = start_server(checkpoint, "--drain-timeout", "2")
     port = int(url.rsplit(":", 1)[1])

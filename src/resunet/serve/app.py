@@ -7,6 +7,7 @@ as if nothing happened.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 STATIC = Path(__file__).parent / "static"
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 log = logging.getLogger("resunet.serve")
+DISCONNECT_CHECK_S = 0.05  # how often a waiting request looks whether its client is still there
 
 
 @dataclass
@@ -60,6 +62,58 @@ def model_description(path: Path, predictor: Predictor) -> dict:
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class LogAndCount:
+    """Every HTTP request's one log line and its metrics, whatever became of it. A plain ASGI middleware: FastAPI's
+    @app.middleware("http") hides the client's disconnect from the endpoint (its request.is_disconnected() stays
+    False), and sees a bug as an exception raised past it, neither counted nor logged as a request."""
+
+    def __init__(self, app, metrics: ServiceMetrics, on_bug) -> None:
+        self.app, self.metrics, self.on_bug = app, metrics, on_bug
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_noting_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        request = Request(scope, receive)
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except ClientDisconnect:  # the client went away: nobody to answer, nothing to fix here
+            request.state.error = "client disconnected"
+            status["code"] = 499  # nginx's "client closed request", for the log and the metrics
+        except Exception as error:  # a bug: answered here, where the log line and the metrics are
+            response = await self.on_bug(request, error)
+            if not status["sent"]:
+                await response(scope, receive, send_noting_status)
+        seconds = time.perf_counter() - started
+        path = scope["path"]
+        label = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
+        self.metrics.requests.labels(label, str(status["code"])).inc()
+        self.metrics.latency.labels(label).observe(seconds)
+        error = getattr(request.state, "error", None)
+        log.info("%s %s %d %.1f ms%s", scope["method"], path, status["code"], 1000 * seconds,
+                 f" error: {error}" if error else "")
+
+
+async def until_done_or_gone(request: Request, work):
+    """Await `work`, but cancel it if the client hangs up meanwhile: under overload the queue must not fill with
+    images nobody waits for (the engine skips a job whose future is cancelled)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ClientDisconnect()
 
 
 def create_app(model_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -99,25 +153,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                   description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
     app.state.engine, app.state.settings, app.state.description = engine, settings, description
 
-    @app.middleware("http")
-    async def log_and_count(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to fix here
-            request.state.error = "client disconnected during the upload"
-            response = Response(status_code=499)  # nginx's "client closed request", for the log and the metrics
-        except Exception as error:  # a bug: answered and counted here, where the log line and the metrics are
-            response = await on_bug(request, error)
-        seconds = time.perf_counter() - started
-        path = request.url.path
-        path = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(seconds)
-        error = getattr(request.state, "error", None)
-        log.info("%s %s %d %.1f ms%s", request.method, request.url.path, response.status_code, 1000 * seconds,
-                 f" error: {error}" if error else "")
-        return response
+    app.add_middleware(LogAndCount, metrics=metrics, on_bug=lambda request, error: on_bug(request, error))
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -201,7 +237,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
             raise RequestError(413, f"{name}: {error}") from None
         decoded = time.perf_counter()
         try:
-            result = await engine.submit(image, tta)
+            result = await until_done_or_gone(request, engine.submit(image, tta))
         except QueueFullError as error:
             raise RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()
