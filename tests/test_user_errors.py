@@ -367,3 +367,36 @@ def test_a_run_folder_given_as_the_model_says_so(trained_run, capsys, tmp_path):
     assert main(["predict", str(trained_run), str(tmp_path / "p.png"), "--out", str(tmp_path / "o")]) == 2
     err = one_error_line(capsys, "predict")
     assert f"{trained_run}: a folder, not a checkpoint file; give the .pt file itself (it holds best.pt" in err
+
+
+def test_int8_calibration_skips_an_unreadable_image_and_names_it(tmp_path, capsys):
+    from resunet.export import ExportError, calibration_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"good_{i}.png").write_bytes(good_pair(i)[0])
+    (folder / "broken.png").write_bytes(good_pair(9)[0][:100])
+    images = calibration_images(folder, 4)
+    assert len(images) == 3 and all(image.shape == (32, 32, 3) for image in images)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "calibration: skipped" in err and "broken.png" in err
+    for path in folder.glob("good_*"):
+        path.write_bytes(b"")
+    with pytest.raises(ExportError, match="none of the 4 calibration images could be read"):
+        calibration_images(folder, 4)
+
+
+def test_a_budgeted_run_resumed_past_epoch_1s_middle_says_how_it_timed_it(demo_root, ram_tmp, capsys, monkeypatch):
+    from resunet.train import train
+    from test_faults import SMALL, signal_after_step
+
+    run = ram_tmp / "run"
+    signal_after_step(monkeypatch, 8)  # of 12: past the middle, where the second half's timing starts
+    assert train(tiny_config(demo_root, run, epochs=3, time_budget="1h", **SMALL))["stopped_by"] == "SIGTERM"
+    monkeypatch.undo()
+    capsys.readouterr()
+    train(tiny_config(demo_root, run, epochs=3, time_budget="1h", resume=str(run / "last.pt"), **SMALL))
+    out = capsys.readouterr().out
+    assert "(its second half not timed alone: the run resumed past its middle)" in out
+    assert "at the pace of its second half" not in out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -276,7 +277,17 @@ def calibration_images(root: str | Path, count: int) -> list[np.ndarray]:
     if not paths:
         raise ExportError(f"{root}: no calibration images found (a dataset root with a train split, or a folder)")
     step = max(1, len(paths) // count)  # spread over the split, not its first files
-    return [read_image(p) for p in paths[::step][:count]]
+    images, skipped = [], []
+    for path in paths[::step][:count]:
+        try:
+            images.append(read_image(path))
+        except DataError as error:  # one bad photo should not stop a quantisation the others can calibrate
+            skipped.append(str(error))
+    for line in skipped:
+        print(f"calibration: skipped {line}", file=sys.stderr)
+    if not images:
+        raise ExportError(f"{root}: none of the {len(skipped)} calibration images could be read")
+    return images
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], graph: str,

@@ -692,9 +692,10 @@ def train(cfg: TrainConfig) -> dict:
                     cfg.epochs = broadcast_int(fitted, world, device)
                     budget_fitted = True
                     if main_process:
-                        print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({steady_s:.0f}s at "
-                              f"the pace of its second half) and its evaluation {eval_s:.0f}s; {cfg.epochs} "
-                              "epoch(s) fit", flush=True)
+                        pace = (f"{steady_s:.0f}s at the pace of its second half" if half_mark is not None
+                                else "its second half not timed alone: the run resumed past its middle")
+                        print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({pace}) and its "
+                              f"evaluation {eval_s:.0f}s; {cfg.epochs} epoch(s) fit", flush=True)
             model.train()
             if cfg.scheduler == "plateau" and evaluated:
                 scheduler.step(scores["miou"])
