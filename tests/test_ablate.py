@@ -82,4 +82,8 @@ def test_a_signal_stops_the_ablation_without_scoring_the_row(demo_root, ram_tmp,
     base = tiny_config(demo_root, ram_tmp / "unused", epochs=1)
     assert run_ablation(base, ["baseline", "loss focal"], ram_tmp / "ablation") == []
     assert not (ram_tmp / "ablation" / "baseline" / "result.json").exists()
-    assert "stopped in row 'baseline'; run the same command again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped in row 'baseline'; run the same command again to continue it and the rows after it" in out
+    assert "would continue this row alone, with no table" in out
+    assert main(["ablate", "--data-root", str(demo_root), "--out", str(ram_tmp / "ablation"), "--options",
+                 "baseline; loss focal;"]) == 130  # stopped (the trailing ';' is no row of its own)

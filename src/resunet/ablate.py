@@ -130,7 +130,8 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     for name in options:
         result = run_row(base, name, out)
         if result is None:
-            print(f"ablation: stopped in row {name!r}; run the same command again to continue it", flush=True)
+            print(f"ablation: stopped in row {name!r}; run the same command again to continue it and the rows after "
+                  "it (the `resunet train --resume` above would continue this row alone, with no table)", flush=True)
             break
         results.append(result)
     table = format_table(results)
