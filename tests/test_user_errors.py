@@ -400,3 +400,57 @@ def test_a_budgeted_run_resumed_past_epoch_1s_middle_says_how_it_timed_it(demo_r
     out = capsys.readouterr().out
     assert "(its second half not timed alone: the run resumed past its middle)" in out
     assert "at the pace of its second half" not in out
+
+
+# ---- the Python API: a clear ValueError at the call, not a failure deep inside ------------------------------------
+
+def test_api_inputs_are_checked_where_they_are_given(checkpoint):
+    from resunet.predict import Predictor, load_ensemble
+
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for settings in (dict(tta="ms", scales=(float("nan"),)), dict(tta="ms", scales=(float("inf"),)),
+                     dict(scales=1.0), dict(scales=("a",)), dict(window=64.5), dict(window="64"),
+                     dict(window=64, stride=10.5), dict(window=64, stride=0), dict(stride=20)):
+        with pytest.raises(ValueError):
+            predictor.set_inference(**settings)
+    predictor.set_inference(window=np.int64(64), scales=[np.float32(1.0)])  # numpy numbers are numbers
+    predictor.set_inference()
+    for batch, words in (([], "non-empty list"), ([image[..., 0]], "image 0 is not an H×W×3 uint8"),
+                         ([image.astype(np.float32)], "image 0 is not an H×W×3 uint8"),
+                         (["photo.png"], "image 0 is not"), ([image, image[:0]], "image 1 is empty")):
+        with pytest.raises(ValueError, match=words):
+            predictor.predict_batch(batch)
+    with pytest.raises(ValueError, match="do not share a batch_key"):
+        predictor.predict_batch([image, image[:10, :20]])
+    with pytest.raises(ValueError, match="an empty image"):
+        predictor.predict(np.zeros((0, 5, 3), np.uint8))
+    for wrong in (image, torch.from_numpy(image), torch.from_numpy(image).permute(2, 0, 1)):
+        with pytest.raises(ValueError, match="expected an N×3×H×W image tensor"):
+            predictor.probabilities(wrong)
+    assert load_ensemble(checkpoint, device="cpu", precision="fp32").predict(image).shape == (37, 53)
+
+
+def test_a_deep_grey_pil_image_is_read_as_its_file_is(tmp_path, checkpoint):
+    from resunet.data.images import read_image
+    from resunet.predict import as_uint8_rgb
+
+    grey = ((np.arange(4096).reshape(64, 64) % 256) * 257).astype(np.int32)
+    Image.fromarray(grey, mode="I").save(tmp_path / "deep.tiff")
+    Image.fromarray((grey / 65535).astype(np.float32), mode="F").save(tmp_path / "unit.tiff")
+    for name in ("deep.tiff", "unit.tiff"):
+        from_file = read_image(tmp_path / name)
+        assert (as_uint8_rgb(Image.open(tmp_path / name)) == from_file).all(), name
+        assert from_file.max() == 255 and from_file.min() == 0
+
+
+def test_the_end_to_end_onnx_graph_refuses_a_thin_strip_too(exported):
+    from resunet.data.images import DataError
+    from resunet.predict import load
+
+    predictor = load(exported["dir"] / "model.onnx")
+    with pytest.raises(DataError, match="pixels become"):
+        predictor.predict(np.zeros((1, 20000, 3), np.uint8))
+    with pytest.raises(ValueError, match="a batch of one size"):
+        predictor.predict_batch([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)])
+    assert predictor.predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)

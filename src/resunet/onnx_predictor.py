@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data.classes import ClassInfo
-from .predict import DEFAULT_SCALES, Predictor
+from .predict import DEFAULT_SCALES, Predictor, check_batch, check_image_tensor, check_working_size
 
 FORMAT_KEY = "resunet.graph"
 GRAPHS = ("end-to-end", "logits")
@@ -133,6 +133,10 @@ class OnnxPredictor(Predictor):
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         if self.graph == "logits":
             return super().predict_batch(images)
+        check_batch(images)
+        if len({image.shape for image in images}) > 1:
+            raise ValueError("predict_batch: an end-to-end graph takes a batch of one size; call predict on each")
+        check_working_size(*images[0].shape[:2], self.size)  # the graph resizes inside: bound it before
         feed = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
         return list(self.session.run(self.first_output, {self.input_name: feed})[0].astype(np.uint8))
 
@@ -140,6 +144,8 @@ class OnnxPredictor(Predictor):
         """N×3×H×W uint8 → N×H×W int64 class maps."""
         if self.graph == "logits":
             return super().predict_tensor(images)
+        check_image_tensor(images)
+        check_working_size(*images.shape[-2:], self.size)
         feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
         return torch.from_numpy(self.session.run(self.first_output, {self.input_name: feed})[0]).long()
 

@@ -15,6 +15,8 @@ runs whole, exactly as without it. Other runtimes (the ONNX predictor) subclass 
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from PIL import Image, ImageOps
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from .classmap import argmax_map, upsample_argmax
 from .data.classes import ClassInfo
-from .data.images import DataError, read_image
+from .data.images import DEEP_GREY_MODES, DataError, grey_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
 from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
@@ -42,6 +44,8 @@ MAX_WORKING_PIXELS = 16_000_000
 
 def check_working_size(height: int, width: int, size: int) -> None:
     """Raise DataError (one line, the caller adds the file) if the image at the working size is too large."""
+    if height < 1 or width < 1:
+        raise DataError(f"an empty image ({width}×{height} pixels)")
     work_h, work_w = resize_short_side(height, width, size)
     if work_h * work_w > MAX_WORKING_PIXELS:
         raise DataError(f"{width}×{height} pixels become {work_w}×{work_h} at working size {size}, more than "
@@ -51,12 +55,36 @@ def check_working_size(height: int, width: int, size: int) -> None:
 def as_uint8_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image)
-    if isinstance(image, Image.Image):  # as read_image reads a file: EXIF orientation applied
-        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(image, Image.Image):  # as read_image reads a file: EXIF orientation applied, deep grey scaled
+        image = ImageOps.exif_transpose(image)
+        if image.mode in DEEP_GREY_MODES:
+            return grey_to_rgb8(np.asarray(image))
+        return np.array(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 array, got shape {array.shape} dtype {array.dtype}")
+    if 0 in array.shape[:2]:
+        raise ValueError(f"an empty image (shape {array.shape})")
     return array
+
+
+def check_batch(images: list[np.ndarray]) -> None:
+    """`predict_batch`'s input: a non-empty list of H×W×3 uint8 arrays (ValueError naming what is not)."""
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("predict_batch: expected a non-empty list of H×W×3 uint8 arrays")
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__)
+            raise ValueError(f"predict_batch: image {index} is not an H×W×3 uint8 array (shape {shape}, {dtype})")
+        if 0 in image.shape[:2]:
+            raise ValueError(f"predict_batch: image {index} is empty (shape {image.shape})")
+
+
+def check_image_tensor(images: torch.Tensor) -> None:
+    """`logits`' and `probabilities`' input: an N×3×H×W tensor (ValueError naming what it got)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"expected an N×3×H×W image tensor (uint8 or float 0..255), got {shape}")
 
 
 class Predictor:
@@ -106,10 +134,16 @@ class Predictor:
         """Choose test-time augmentation and sliding window (checked here, so a bad setting fails before any work)."""
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}")
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be positive, got {scales}")
-        if window is not None and (window < 32 or not 0 < (stride or window) <= window):
+        if (not isinstance(scales, (list, tuple)) or not scales
+                or not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in scales)):
+            raise ValueError(f"scales must be a non-empty sequence of positive finite numbers, got {scales!r}")
+        for name, value in (("window", window), ("stride", stride)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+        if window is not None and (window < 32 or not 0 < (window if stride is None else stride) <= window):
             raise ValueError(f"window must be ≥ 32 and 0 < stride ≤ window, got window {window} stride {stride}")
+        if window is None and stride is not None:
+            raise ValueError(f"stride {stride} needs a window")
         self.tta, self.scales = tta, tuple(float(s) for s in scales)
         self.window, self.stride = window, (stride or (window // 3 * 2 if window else None))
 
@@ -160,6 +194,7 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images: N×3×H×W uint8 (one size); returns float32 N×C×H×W logits at that size."""
+        check_image_tensor(images)
         return self.logits_by_group([images])[0]
 
     @torch.inference_mode()
@@ -245,6 +280,10 @@ class Predictor:
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """H×W×3 uint8 images of one `batch_key` (their own sizes may differ) → H×W uint8 class maps, each at its
         image's size, from one forward pass per working size. The same numbers as `predict` on each image alone."""
+        check_batch(images)
+        if len({self.batch_key(*image.shape[:2]) for image in images}) > 1:
+            raise ValueError("predict_batch: the images do not share a batch_key (working size); group them by "
+                             "predictor.batch_key(height, width), or call predict on each")
         groups = [torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None]
                   for image in images]
         return [maps[0].cpu().numpy() for maps in self.class_maps_by_group(groups)]
@@ -338,6 +377,8 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
 
 def load_ensemble(paths: list[str | Path], **options) -> Predictor:
     """`load` for one model file, an `Ensemble` of them for several (same options for each)."""
+    if isinstance(paths, (str, Path)):  # one file: as `load`
+        paths = [paths]
     if not paths:
         raise ValueError("load_ensemble: no model files given")
     members = [load(path, **options) for path in paths]

@@ -71,9 +71,12 @@ def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PI
         source, label = path, name or str(path)
     with opened(source, label, max_pixels) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # deep grey: Pillow's convert() would clip to white
+        if image.mode in DEEP_GREY_MODES:  # Pillow's convert() would clip them to white
             return grey_to_rgb8(np.asarray(image))
         return np.array(image.convert("RGB"))
+
+
+DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # 16-bit, 32-bit and float grey images
 
 
 def grey_to_rgb8(grey: np.ndarray) -> np.ndarray:
