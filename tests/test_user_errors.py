@@ -454,3 +454,54 @@ def test_the_end_to_end_onnx_graph_refuses_a_thin_strip_too(exported):
     with pytest.raises(ValueError, match="a batch of one size"):
         predictor.predict_batch([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)])
     assert predictor.predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
+
+
+def test_calibrate_on_a_split_with_no_labelled_pixel_keeps_the_stored_temperature(checkpoint, demo_root, tmp_path,
+                                                                                   capsys):
+    import shutil
+
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "model.pt"
+    payload = load_checkpoint(checkpoint)
+    payload["temperature"] = 0.5
+    save_checkpoint(payload, ckpt)
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    masks = data / "VOCdevkit/VOC2012/SegmentationClass"
+    for name in (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split():
+        mask = Image.open(masks / f"{name}.png")
+        mask.paste(255, (0, 0, *mask.size))  # every pixel the ignore label
+        mask.save(masks / f"{name}.png")
+    before = ckpt.read_bytes()
+    assert main(["calibrate", str(ckpt), "--data-root", str(data)]) == 2
+    assert "no labelled pixels in 8 image(s)" in one_error_line(capsys, "calibrate")
+    assert ckpt.read_bytes() == before
+
+
+def test_demo_data_never_rewrites_a_real_datasets_split_lists(tmp_path, capsys):
+    from resunet.data.demo import make_demo_dataset
+
+    voc = make_demo_dataset(tmp_path / "d", train=2, val=1, size=32)
+    make_demo_dataset(tmp_path / "d", train=3, val=1, size=32)  # a demo dataset may be written again
+    lists = voc / "ImageSets" / "Segmentation"
+    assert len((lists / "train.txt").read_text().split()) == 3
+    (lists / "train.txt").write_text("2007_000032\n")
+    assert main(["demo-data", str(tmp_path / "d"), "--train", "2", "--val", "1", "--size", "32"]) == 2
+    assert "lists images that are not demo images" in one_error_line(capsys, "demo-data")
+    assert (lists / "train.txt").read_text() == "2007_000032\n"
+    for flags in (["--size", "8"], ["--train", "-3"], ["--val", "0"]):
+        with pytest.raises(SystemExit):
+            main(["demo-data", str(tmp_path / "e"), *flags])
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_checkpoint_that_cannot_be_rewritten_gives_the_callers_advice(tmp_path, monkeypatch):
+    from resunet import checkpoint
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(checkpoint.torch, "save", refused)
+    with pytest.raises(checkpoint.CheckpointError, match="Operation not permitted.*no m.pt was written; make it "
+                                                         "writable$"):
+        checkpoint.save_checkpoint({"n": 1}, tmp_path / "m.pt", advice="make it writable")

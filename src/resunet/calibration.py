@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.dataset import PairedDataset, open_dataset
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .evaluate import evaluate_dataset
 from .metrics import CalibrationError
 from .predict import Predictor
@@ -43,6 +43,9 @@ def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tupl
         picked = valid[torch.randperm(len(valid), generator=generator)[:PIXELS_PER_IMAGE]]
         logits.append(flat[picked.to(flat.device)].float().cpu())
         labels.append(target[picked])
+    if sum(len(picked) for picked in labels) == 0:  # nothing to fit: the stored temperature must stay as it is
+        raise DataError(f"{dataset.description}: no labelled pixels in {len(dataset)} image(s) (all are the ignore "
+                        f"label {ignore}); nothing to fit, the checkpoint is unchanged")
     return torch.cat(logits), torch.cat(labels), meter.compute()
 
 
@@ -75,7 +78,7 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
-    save_checkpoint(payload, checkpoint)
+    save_checkpoint(payload, checkpoint, advice="free some space or make it writable, then calibrate again")
     return {"temperature": temperature, "ece_before": before, "ece_after": after}
 
 

@@ -38,8 +38,9 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
-def save_checkpoint(payload: dict, path: str | Path) -> None:
-    """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one."""
+def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some space and resume from it") -> None:
+    """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one.
+    `advice` ends the one-line error when the write fails (training's default: resume from the intact file)."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -54,8 +55,7 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         reason = ((error.strerror or str(error)) if isinstance(error, OSError)
                   else "the write stopped short: a full disk?")
         previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"{path}: could not save the checkpoint ({reason}); {previous}; "
-                              "free some space and resume from it") from None
+        raise CheckpointError(f"{path}: could not save the checkpoint ({reason}); {previous}; {advice}") from None
     except BaseException:
         remove_quietly(tmp)
         raise

@@ -64,6 +64,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _demo_size(text: str) -> int:
+    value = int(text)
+    if value < 16:  # the shapes drawn need room
+        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {value}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -378,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo-data", help="write a generated VOC-format dataset")
     p.add_argument("dir")
-    p.add_argument("--train", type=int, default=64)
-    p.add_argument("--val", type=int, default=16)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--train", type=_positive_int, default=64)
+    p.add_argument("--val", type=_positive_int, default=16)
+    p.add_argument("--size", type=_demo_size, default=128, help="image side in pixels (at least 16)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo_data)
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import VOC_CLASSES, VOC_INFO
+from .images import DataError
 
 # (class, shape, base colour): the colour is jittered per object, so shape and colour both carry the class.
 DEMO_OBJECTS = (
@@ -79,6 +80,10 @@ def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
 def make_demo_dataset(root: str | Path, train: int = 64, val: int = 16, size: int = 128, seed: int = 0) -> Path:
     """Write `root/VOCdevkit/VOC2012` with JPEGImages, SegmentationClass (palette PNGs) and train/val split files."""
     voc = Path(root) / "VOCdevkit" / "VOC2012"
+    for split in ("train", "val"):  # rewriting a demo dataset is fine; rewriting a real one's lists is not
+        listed = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if listed.is_file() and any(not name.startswith("demo_") for name in listed.read_text().split()):
+            raise DataError(f"{listed}: lists images that are not demo images; write the demo dataset elsewhere")
     (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (voc / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
