@@ -505,3 +505,30 @@ def test_a_checkpoint_that_cannot_be_rewritten_gives_the_callers_advice(tmp_path
     with pytest.raises(checkpoint.CheckpointError, match="Operation not permitted.*no m.pt was written; make it "
                                                          "writable$"):
         checkpoint.save_checkpoint({"n": 1}, tmp_path / "m.pt", advice="make it writable")
+
+
+def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_root, checkpoint, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for flags in (["--json", str(tmp_path / "afolder")], ["--plot", str(tmp_path / "afolder")],
+                  ["--plot", str(tmp_path / "p.xyz")]):
+        with pytest.raises(SystemExit, match="resunet check-data: error: --(json|plot) "):
+            main(["check-data", "--data-root", str(demo_root), *flags])
+    for flags in (["--num-classes", "0"], ["--max-pixels", "0"]):
+        with pytest.raises(SystemExit):
+            main(["check-data", "--data-root", str(demo_root), *flags])
+    assert "argument --max-pixels: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--root .*afile: is a file, not a folder"):
+        main(["download", "voc", "--root", str(tmp_path / "afile")])
+    assert main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", str(tmp_path / "g.xyz")]) == 2
+    assert "g.xyz: name a .png/.pdf/.svg/.jpg file" in one_error_line(capsys, "visualize")
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_bytes(b"demo_val_00000\n\xff\xfe\n")
+    assert main(["check-data", "--data-root", str(data)]) == 2
+    assert "val.txt: not a readable split file" in one_error_line(capsys, "check-data")
+    (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("")
+    assert main(["visualize", checkpoint, "--data-root", str(data), "--out", str(tmp_path / "g.png")]) == 2
+    assert "the val split has no images to draw" in one_error_line(capsys, "visualize")

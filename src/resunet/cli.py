@@ -176,7 +176,13 @@ def cmd_ablate(args) -> int:
 
 def cmd_check_data(args) -> int:
     from .doctor import check_data, format_report, plot_class_shares, write_json
+    from .visualize import PLOT_SUFFIXES
 
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # checked before reading the whole dataset
+        if path and Path(path).is_dir():
+            raise SystemExit(f"resunet check-data: error: {flag} {path}: is a folder; give a file name")
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise SystemExit(f"resunet check-data: error: --plot {args.plot}: name a {'/'.join(PLOT_SUFFIXES)} file")
     report = check_data(args.data_root, args.splits, args.num_classes, args.ignore_index, args.max_pixels,
                         args.workers)
     print(format_report(report))
@@ -355,6 +361,8 @@ def cmd_download(args) -> int:
     from .data import download
 
     root = Path(args.root)
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"resunet download: error: --root {root}: is a file, not a folder")
     if args.dataset == "voc":
         print(f"VOC 2012 ready at {download.download_voc2012(root)}")
     else:
@@ -410,9 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the findings and facts here")
     p.add_argument("--plot", help="also draw each class's pixel share per split here (PNG)")
     p.add_argument("--workers", type=int, default=4, help="reading threads (default 4)")
-    p.add_argument("--num-classes", type=int, help="for a folder dataset without classes.json")
+    p.add_argument("--num-classes", type=_positive_int, help="for a folder dataset without classes.json")
     p.add_argument("--ignore-index", type=int, help="for a folder dataset without classes.json (default 255)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images and masks from their header (default {DEFAULT_MAX_PIXELS:,})")
     p.set_defaults(run=cmd_check_data)
 

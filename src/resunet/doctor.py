@@ -28,7 +28,7 @@ from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import folder_classes
 from .data.images import DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, opened, read_image
-from .data.voc import find_voc_dir
+from .data.voc import find_voc_dir, split_names
 
 REPORT_FORMAT = 1  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
@@ -179,7 +179,7 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
             raise DataError(f"{split_file}: no such split file (available: {', '.join(available) or 'none'})")
         listing.files.append(split_file)
         mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
-        names = list(dict.fromkeys(line.strip() for line in split_file.read_text().splitlines() if line.strip()))
+        names = list(dict.fromkeys(split_names(split_file)))
         images, masks = [], []
         for name in names:
             pair = (voc_dir / "JPEGImages" / f"{name}.jpg", mask_dir / f"{name}.png")

@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .data.classes import ClassInfo  # noqa: E402
-from .data.images import DEFAULT_MAX_PIXELS  # noqa: E402
+from .data.images import DEFAULT_MAX_PIXELS, DataError  # noqa: E402
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
 
 
 def plot_curves(records: list[dict], path: str | Path) -> None:
@@ -140,8 +142,12 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
 
     if not Path(out).suffix:  # matplotlib would add ".png" itself; name the file it writes
         out = f"{out}.png"
+    elif Path(out).suffix.lower() not in PLOT_SUFFIXES:
+        raise DataError(f"--out {out}: name a {'/'.join(PLOT_SUFFIXES)} file")
     predictor = load(checkpoint, **options)
     dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index, max_pixels)
+    if len(dataset) == 0:
+        raise DataError(f"{data_root}: the {split} split has no images to draw")
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)
     samples = [dataset.load(int(i)) for i in sorted(picks)]
     predictions = [predictor.predict(s.image) for s in samples]

@@ -21,12 +21,21 @@ def find_voc_dir(root: Path) -> Path | None:
     return None
 
 
+def split_names(split_file: Path) -> list[str]:
+    """The image names a VOC split file lists, in order (one line, naming the file, if it cannot be read)."""
+    try:
+        text = split_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{split_file}: not a readable split file ({error})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
     split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.is_file():
         available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
         raise DataError(f"{split_file}: no such split file (available: {', '.join(available) or 'none'})")
-    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    names = split_names(split_file)
     mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
     images = [voc_dir / "JPEGImages" / f"{name}.jpg" for name in names]
     masks = [mask_dir / f"{name}.png" for name in names]
