@@ -262,7 +262,7 @@ def cmd_predict(args) -> int:
     from PIL import Image
 
     from .data.images import DataError, read_image
-    from .predict import check_working_size, load, load_ensemble
+    from .predict import load, load_ensemble
 
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -307,19 +307,19 @@ def cmd_predict(args) -> int:
         claimed.update({o.resolve(): path for o in outputs.values()})
         try:
             image = read_image(path, args.max_pixels)
-            largest = max(args.scales) if "ms" in args.tta else 1.0
-            check_working_size(*image.shape[:2], round(predictor.size * largest))
+            # The predictors bound the image's size at the working size themselves (predict.check_working_size).
+            if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
+                mask, confidence = predictor.predict_with_confidence(image)
+            else:
+                mask, confidence = predictor.predict(image), None
         except DataError as error:  # one bad file must not stop the others
             message = str(error)
             print(f"resunet predict: {message if message.startswith(str(path)) else f'{path}: {message}'}",
                   file=sys.stderr)
             failed += 1
             continue
-        if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
-            mask, confidence = predictor.predict_with_confidence(image)
+        if confidence is not None:
             Image.fromarray((confidence * 255).round().astype(np.uint8)).save(outputs["confidence"])
-        else:
-            mask = predictor.predict(image)
         predictor.colorize(mask).save(outputs["mask"])
         if args.overlay:
             predictor.overlay(image, mask, args.alpha).save(outputs["overlay"], quality=90)

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from .classmap import argmax_map, upsample_argmax
 from .data.classes import ClassInfo
-from .data.images import DEEP_GREY_MODES, DataError, grey_to_rgb8, read_image
+from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
 from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
@@ -55,11 +55,8 @@ def check_working_size(height: int, width: int, size: int) -> None:
 def as_uint8_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image)
-    if isinstance(image, Image.Image):  # as read_image reads a file: EXIF orientation applied, deep grey scaled
-        image = ImageOps.exif_transpose(image)
-        if image.mode in DEEP_GREY_MODES:
-            return grey_to_rgb8(np.asarray(image))
-        return np.array(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # as read_image reads a file
+        return pil_to_rgb8(image)
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 array, got shape {array.shape} dtype {array.dtype}")

@@ -70,13 +70,19 @@ def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PI
     else:
         source, label = path, name or str(path)
     with opened(source, label, max_pixels) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in DEEP_GREY_MODES:  # Pillow's convert() would clip them to white
-            return grey_to_rgb8(np.asarray(image))
-        return np.array(image.convert("RGB"))
+        return pil_to_rgb8(image)
 
 
 DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # 16-bit, 32-bit and float grey images
+
+
+def pil_to_rgb8(image: Image.Image) -> np.ndarray:
+    """A PIL image as H×W×3 uint8 RGB, as every reader of images here sees it: EXIF orientation applied, deep grey
+    scaled to 8 bits (Pillow's convert() would clip it to white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in DEEP_GREY_MODES:
+        return grey_to_rgb8(np.asarray(image))
+    return np.array(image.convert("RGB"))
 
 
 def grey_to_rgb8(grey: np.ndarray) -> np.ndarray:
