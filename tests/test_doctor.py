@@ -99,6 +99,8 @@ def bad_dataset(root: Path) -> Path:
     for i in range(4):
         save(picture(20 + i), train / "images" / f"no_mask_{i}.png")
     save(cat_and_dog(), train / "masks" / "orphan.png")
+    pair("twin", picture(40), cat_and_dog())
+    save(picture(41), train / "images" / "twin.jpg", quality=95)  # which picture does twin.png's mask label?
     # Leakage: the same picture in train and val, once byte for byte, once re-encoded as a JPEG.
     pair("dup", picture(30), cat_and_dog())
     save(picture(30), val / "images" / "dup_copy.png")
@@ -116,6 +118,7 @@ EXPECTED = {
     "too_large": ["train/images/bomb.png"],
     "missing_mask": [f"train/images/no_mask_{i}.png" for i in range(4)],
     "orphan_mask": ["train/masks/orphan.png"],
+    "same_name": ["train/images/twin.png"],
     "size_mismatch": ["train/masks/mismatch.png"],
     "mask_values": ["train/masks/out_of_range.png"],
     "off_palette": ["train/masks/off_palette.png"],
@@ -149,7 +152,7 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     report = json.loads(report_json.read_text())
     expected = {kind: [str(Path(p)) for p in paths] for kind, paths in EXPECTED.items()}
     assert by_kind(report["findings"]) == expected
-    assert report["errors"] == 10 and report["warnings"] == 6
+    assert report["errors"] == 11 and report["warnings"] == 6
     assert all(item["severity"] == doctor.KINDS[item["kind"]][0] for item in report["findings"])
     messages = {item["kind"]: item["message"] for item in report["findings"]}
     assert "truncated" in messages["unreadable"] and "over the limit" in messages["too_large"]
@@ -158,7 +161,7 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     assert "dup.png" in messages["duplicate"] and "near.png" in messages["near_duplicate"]
 
     # The people's report: a summary, then one counted group per kind, errors first, the first three files each.
-    assert "10 errors, 6 warnings" in out
+    assert "11 errors, 6 warnings" in out
     groups = [line for line in out.splitlines() if line.startswith(("ERROR", "WARNING"))]
     assert [line.split()[1] for line in groups] == list(EXPECTED)  # KINDS order: every error before any warning
     assert "missing_mask ×4: images without a mask" in out
@@ -168,8 +171,8 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     assert "store masks as PNG" in out
 
     facts = report["facts"]["splits"]
-    assert facts["train"]["pairs"] == 14 and facts["val"]["pairs"] == 4
-    assert facts["train"]["images_read"] == 12  # the broken image and the bomb are not
+    assert facts["train"]["pairs"] == 16 and facts["val"]["pairs"] == 4
+    assert facts["train"]["images_read"] == 14  # the broken image and the bomb are not
     assert facts["train"]["width"] == {"min": 32, "median": 32.0, "max": 32}
     assert facts["train"]["converted"] == {"grayscale": 2, "CMYK": 1, "16-bit": 1, "EXIF-rotated": 1}
     assert facts["train"]["class_share"]["bird"] == 0 < facts["val"]["class_share"]["bird"]

@@ -532,3 +532,48 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("")
     assert main(["visualize", checkpoint, "--data-root", str(data), "--out", str(tmp_path / "g.png")]) == 2
     assert "the val split has no images to draw" in one_error_line(capsys, "visualize")
+
+
+@pytest.mark.parametrize("description, words", [
+    ({"classes": ["bg", "a", "b"], "ignore_index": 1}, "ignore index 1 is also class 'a'"),
+    ({"classes": ["bg", "a", "a"]}, "class name(s) 'a' given twice"),
+    ({"classes": [f"c{i}" for i in range(300)]}, "300 classes; a uint8 mask holds at most 256"),
+])
+def test_classes_no_mask_can_hold_apart_are_refused(tmp_path, capsys, description, words):
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / "train" / folder).mkdir(parents=True)
+    (root / "classes.json").write_text(json.dumps(description))
+    assert main(["check-data", "--data-root", str(root)]) == 2
+    assert words in one_error_line(capsys, "check-data")
+    (root / "classes.json").unlink()
+    assert main(["check-data", "--data-root", str(root), "--num-classes", "3", "--ignore-index", "2"]) == 2
+    assert "ignore index 2 is also class 'class_2'" in one_error_line(capsys, "check-data")
+
+
+def test_images_or_masks_sharing_a_name_are_refused_not_paired_at_random(tmp_path, capsys):
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+    from test_doctor import clean_dataset, picture, save
+
+    root = clean_dataset(tmp_path / "data")
+    save(picture(7), root / "train" / "images" / "good_0.jpg", quality=95)  # beside good_0.png: whose mask?
+    out = tmp_path / "run"
+    assert main(["train", "--data-root", str(root), "--num-classes", "4", "--epochs", "1", "--out", str(out),
+                 "--no-pretrained", "--device", "cpu"]) == 2
+    assert "train/images/good_0.png: same name as good_0.jpg" in one_error_line(capsys, "train")  # the doctor's
+    with pytest.raises(DataError, match="good_0.jpg and good_0.png share the name 'good_0'"):  # and the dataset's
+        open_dataset(str(root), "train", 4)
+    (root / "train" / "images" / "good_0.jpg").unlink()
+    save(picture(8), root / "val" / "masks" / "good_1.bmp")
+    with pytest.raises(DataError, match="good_1.bmp and good_1.png share the name"):
+        open_dataset(str(root), "val", 4)
+
+
+def test_commands_that_need_the_checkpoint_say_so_when_given_the_onnx_file(exported, demo_root, tmp_path, capsys):
+    onnx_file = str(exported["dir"] / "model.onnx")
+    assert main(["calibrate", onnx_file, "--data-root", str(demo_root)]) == 2
+    assert "an exported ONNX model; this command needs the resunet checkpoint (.pt)" in one_error_line(capsys,
+                                                                                                      "calibrate")
+    assert main(["export", onnx_file, "--onnx", str(tmp_path / "again.onnx")]) == 2
+    assert "needs the resunet checkpoint (.pt)" in one_error_line(capsys, "export")

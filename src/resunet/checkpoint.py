@@ -76,6 +76,9 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
         raise CheckpointError(f"{path}: a folder, not a checkpoint file; give the .pt file itself{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":  # predict and evaluate take these; training, calibration and export cannot
+        raise CheckpointError(f"{path}: an exported ONNX model; this command needs the resunet checkpoint (.pt) "
+                              "it was exported from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=not tensors)
     except Exception as error:  # truncated zip, pickle of foreign objects, random bytes: all the same to a user

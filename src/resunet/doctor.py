@@ -42,6 +42,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "empty_split": ("error", "split folders without images"),
     "missing_mask": ("error", "images without a mask of the same name"),
     "orphan_mask": ("error", "masks without an image of the same name"),
+    "same_name": ("error", "two images (or two masks) with the same name and different extensions: images pair "
+                           "with masks by name, so one of them would share or lose its mask"),
     "missing_file": ("error", "split files naming absent images or masks"),
     "size_mismatch": ("error", "masks whose size differs from their image's"),
     "mask_values": ("error", "masks with values outside 0..C-1 and the ignore index"),
@@ -147,6 +149,13 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         read_from[split_dir] = split
         images, masks = list_images(image_dir), list_images(mask_dir)
         listing.files += images + masks
+        for files in (images, masks):
+            first_by_stem: dict[str, Path] = {}
+            for path in files:
+                if path.stem in first_by_stem:
+                    listing.findings.append(finding("same_name", relative(path, root), f"{relative(path, root)}: "
+                                                    f"same name as {first_by_stem[path.stem].name}"))
+                first_by_stem.setdefault(path.stem, path)
         masks_by_stem = {p.stem: p for p in masks}
         image_stems = {p.stem for p in images}
         for image in images:

@@ -67,6 +67,7 @@ class ClassInfo:
             raise ValueError(f"{source}: malformed class description ({error!r})") from None
         if len(palette) < len(names):
             raise ValueError(f"{source}: {len(names)} classes but only {len(palette)} palette colours")
+        check_classes(names, ignore_index, source)
         return cls(names, palette[: len(names)], ignore_index, ignore_colour, str(values.get("name", "dataset")))
 
     def palette_bytes(self) -> list[int]:
@@ -85,9 +86,24 @@ class ClassInfo:
 VOC_INFO = ClassInfo(VOC_CLASSES, tuple(voc_colormap(21)), 255, VOC_VOID_COLOUR, "PASCAL VOC 2012")
 
 
+def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> None:
+    """ValueError (one line, naming `source`) for classes no uint8 mask can hold apart: more than 256, a name
+    given twice (reports key classes by name), or an ignore label that is also a class."""
+    if len(names) > 256:
+        raise ValueError(f"{source}: {len(names)} classes; a uint8 mask holds at most 256")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{source}: class name(s) {', '.join(map(repr, twice))} given twice")
+    if 0 <= ignore_index < len(names):
+        raise ValueError(f"{source}: ignore index {ignore_index} is also class {names[ignore_index]!r} (classes are "
+                         f"0..{len(names) - 1}); give it a value outside them, e.g. 255")
+
+
 def generic_info(num_classes: int, ignore_index: int = 255) -> ClassInfo:
     """For a folder dataset without classes.json: names class_0.., VOC colours."""
-    return ClassInfo(tuple(f"class_{i}" for i in range(num_classes)), tuple(voc_colormap(num_classes)), ignore_index)
+    names = tuple(f"class_{i}" for i in range(num_classes))
+    check_classes(names, ignore_index, "--num-classes/--ignore-index")
+    return ClassInfo(names, tuple(voc_colormap(num_classes)), ignore_index)
 
 
 def load_classes_json(path: Path) -> ClassInfo:

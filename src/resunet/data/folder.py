@@ -27,7 +27,20 @@ def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None
         return info
     if num_classes is None:
         raise DataError(f"{root}: no classes.json here; pass --num-classes (and --ignore-index if not 255)")
-    return generic_info(num_classes, 255 if ignore_index is None else ignore_index)
+    try:
+        return generic_info(num_classes, 255 if ignore_index is None else ignore_index)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def check_unique_stems(folder: Path, files: list[Path]) -> None:
+    """Images pair with masks by stem, so a.jpg beside a.png would silently share (or lose) a mask."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise DataError(f"{folder}: {seen[path.stem].name} and {path.name} share the name {path.stem!r}; "
+                            "images pair with masks by name, so keep one")
+        seen[path.stem] = path
 
 
 def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
@@ -39,7 +52,10 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
         )
     info = folder_classes(root, num_classes, ignore_index)
     images = list_images(image_dir)
-    masks_by_stem = {p.stem: p for p in list_images(mask_dir)}
+    masks = list_images(mask_dir)
+    for folder, files in ((image_dir, images), (mask_dir, masks)):
+        check_unique_stems(folder, files)
+    masks_by_stem = {p.stem: p for p in masks}
     missing = [p.name for p in images if p.stem not in masks_by_stem]
     if missing:
         raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0]}")
