@@ -193,6 +193,11 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
          "pixels become"),
         ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
+        ("long file name", dict(method="POST", url="/predict", files={"file": ("a" * 5000 + ".png", good)}), 400,
+         "multipart part header of 5,060 bytes is over the parser's limit of 4,224 (a very long file name?)"),
+        ("broken form", dict(method="POST", url="/predict", content=b"--b\r\nno blank line, no end",
+                             headers={"content-type": "multipart/form-data; boundary=b"}), 400,
+         "malformed multipart body"),
         ("wrong method", dict(method="GET", url="/predict"), 405, "Method Not Allowed"),
         ("wrong path", dict(method="POST", url="/segment", content=good), 404, "Not Found"),
         ("bad format", dict(method="POST", url="/predict?format=xml", content=good), 422, "format"),
@@ -603,3 +608,30 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
     assert not requests_outside, requests_outside
+
+
+def test_the_api_docs_page_works_offline_in_a_real_browser(live_server):
+    """/docs is Swagger UI, whose scripts FastAPI loads from a CDN by default: blank on a machine without the
+    internet. Served from the installed package, it renders, and its "Try it out" really calls the service."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = live_server
+    expected = httpx.get(url + "/classes", timeout=30).json()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((url, "blob:", "data:"))
+                else None)
+        page.goto(url + "/docs")
+        page.wait_for_selector(".opblock-summary-path[data-path='/predict']", timeout=30_000)
+        page.click(".opblock-summary-path[data-path='/classes']")
+        page.click(".opblock-get .try-out__btn")
+        page.click(".opblock-get .execute")
+        page.wait_for_selector(".live-responses-table tbody .response-col_status", timeout=30_000)
+        assert page.text_content(".live-responses-table tbody .response-col_status").strip() == "200"
+        body = page.text_content(".live-responses-table tbody .response-col_description pre")
+        assert json.loads(body)["classes"] == expected["classes"]
+        browser.close()
+    assert not outside, outside
+    assert 'resunet_requests_total{path="/docs-assets",status="200"}' in httpx.get(url + "/metrics").text

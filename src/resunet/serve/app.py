@@ -19,6 +19,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -32,6 +33,7 @@ from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, served from the installed package, not a CDN
 log = logging.getLogger("resunet.serve")
 DISCONNECT_CHECK_S = 0.05  # how often a waiting request looks whether its client is still there
 
@@ -95,7 +97,8 @@ class LogAndCount:
                 await response(scope, receive, send_noting_status)
         seconds = time.perf_counter() - started
         path = scope["path"]
-        label = path if path in ROUTES else "/static" if path.startswith("/static/") else "other"
+        label = path if path in ROUTES else next((f for f in ("/static", DOCS_ASSETS) if path.startswith(f + "/")),
+                                                 "other")
         self.metrics.requests.labels(label, str(status["code"])).inc()
         self.metrics.latency.labels(label).observe(seconds)
         error = getattr(request.state, "error", None)
@@ -149,8 +152,9 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         yield
         await engine.stop()
 
-    app = FastAPI(title="resunet", version=__version__, lifespan=lifespan,
-                  description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
+    app = FastAPIOffline(title="resunet", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         redoc_url=None,  # ReDoc fetches its logo from a CDN; /docs says the same
+                         description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
     app.state.engine, app.state.settings, app.state.description = engine, settings, description
 
     app.add_middleware(LogAndCount, metrics=metrics, on_bug=lambda request, error: on_bug(request, error))

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 from PIL import Image
+from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
 from starlette.requests import Request
 
 from ..data.classes import ClassInfo
@@ -14,6 +15,7 @@ from ..data.images import DataError, ImageTooLargeError, read_image
 # Bodies sent as these types are taken as the image file itself; `application/x-www-form-urlencoded` is what
 # `curl --data-binary @photo.jpg` sends unless told otherwise.
 RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
+MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE  # python-multipart refuses a longer header line in a part
 
 
 class RequestError(Exception):
@@ -22,6 +24,17 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def longest_part_header(body: bytes, content_type: str) -> int:
+    """The longest header line of any part of a multipart body (a part's lines before its first blank one)."""
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
+                     if p.strip().lower().startswith("boundary=")), "")
+    longest = 0
+    for part in body.split(b"--" + boundary.encode("latin-1", "replace"))[1:] if boundary else []:
+        headers = part.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        longest = max([longest] + [len(line) for line in headers])
+    return longest
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -49,6 +62,11 @@ async def upload_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
         try:
             form = await Request(request.scope, replay).form()
         except Exception as error:  # a malformed multipart body
+            longest = longest_part_header(body, request.headers.get("content-type", ""))
+            if longest > MAX_PART_HEADER_BYTES:  # the parser's own message only says "Invalid multipart data"
+                raise RequestError(400, f"multipart part header of {longest:,} bytes is over the parser's limit of "
+                                        f"{MAX_PART_HEADER_BYTES:,} (a very long file name?): rename the file, or "
+                                        "send the image as the raw body") from None
             raise RequestError(400, f"malformed multipart body ({error})") from None
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
