@@ -610,6 +610,70 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
     assert not requests_outside, requests_outside
 
 
+DISPATCH_NAMED = DISPATCH_FILE.replace('type: "image/png"', "type: ''")
+
+
+def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tmp_path):
+    """Found by using the page as people do (2026-12-04): a slow earlier answer must not replace a later one, the same
+    file chosen twice is sent twice (a retry), a keyboard reaches the chooser, and a long name fits a phone."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = live_server
+    image = page_image(tmp_path)
+    small = encoded(scene(30, 40, 16))
+
+    def wait_count(page, name: str, count: int) -> None:
+        page.wait_for_selector(f"body[data-{name}='{count}']", timeout=60_000)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 360, "height": 800})
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+        # The first request is held back by the browser until the second has been answered and shown.
+        held = []
+        page.route("**/predict", lambda route: held.append(route) if not held else route.continue_())
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(image.read_bytes()), "name": "slow.png"})
+        page.evaluate(DISPATCH_FILE, {"event": "paste", "bytes": list(small), "name": "quick.png"})
+        wait_count(page, "segmented", 1)
+        assert page.text_content("#status") == "quick.png: done" and len(held) == 1
+        held[0].continue_()
+        wait_count(page, "answered", 2)  # the slow answer arrived, and was dropped
+        page.unroute("**/predict")
+        assert page.text_content("#status") == "quick.png: done"
+        assert page.get_attribute("#download", "download") == "quick_mask.png"
+        assert page.evaluate("document.querySelector('#legend').children.length") >= 1
+        # The pointer readout follows the pointer, and is reset when it leaves; a tiny image is shown enlarged.
+        box = page.locator("#view").bounding_box()
+        assert box["width"] >= 256 > 40
+        page.mouse.move(box["x"] + 2, box["y"] + 2)
+        assert page.text_content("#hover").startswith("(0, 0): ")
+        page.mouse.move(box["x"] + box["width"] + 50, box["y"])
+        assert page.text_content("#hover") == "point at the image to see the class under the pointer"
+        # The keyboard: Tab reaches the file input (drawn as its button), Space opens the chooser; the same file
+        # chosen twice is sent twice.
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "file"
+        for count in (2, 3):
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Space")
+            chooser.value.set_files(str(image))
+            wait_count(page, "segmented", count)
+            assert page.text_content("#status") == f"{image.name}: done"
+        # A long file name wraps instead of widening the page; a photo the browser cannot draw is said to be so.
+        long_name = "x" * 190 + ".png"
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(b"not an image"), "name": long_name})
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=60_000)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        buffer = io.BytesIO()
+        np_image = np.asarray(scene(30, 40, 3)).astype(np.float32) / 255  # a float TIFF: no browser draws one
+        Image.fromarray(np_image[..., 0], mode="F").save(buffer, format="TIFF")
+        page.evaluate(DISPATCH_NAMED, {"event": "drop", "bytes": list(buffer.getvalue()), "name": "float.tif"})
+        wait_count(page, "segmented", 4)
+        assert "cannot display the image itself: the mask alone is shown" in page.text_content("#status")
+        browser.close()
+
+
 def test_the_api_docs_page_works_offline_in_a_real_browser(live_server):
     """/docs is Swagger UI, whose scripts FastAPI loads from a CDN by default: blank on a machine without the
     internet. Served from the installed package, it renders, and its "Try it out" really calls the service."""

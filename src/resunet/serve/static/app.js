@@ -5,7 +5,9 @@
 const $ = (id) => document.getElementById(id);
 const view = $("view");
 const maskCanvas = document.createElement("canvas");
-const state = { classes: [], byColour: new Map(), image: null, mask: null, maskUrl: null };
+const state = { classes: [], byColour: new Map(), image: null, mask: null, maskUrl: null, latest: 0 };
+const HOVER_HINT = "point at the image to see the class under the pointer";
+const MIN_SHOWN_PX = 256;  // a tiny image is drawn enlarged (pixelated) so it can be seen and pointed at
 
 const colourKey = (r, g, b) => (r << 16) | (g << 8) | b;
 
@@ -43,8 +45,17 @@ function clearResult() {
   download.setAttribute("aria-disabled", "true");
 }
 
+function countAnswer() {
+  // Every answer, the latest or not: lets a test wait for an earlier request's late answer.
+  document.body.dataset.answered = String((Number(document.body.dataset.answered) || 0) + 1);
+}
+
 async function segment(file) {
   if (!file) return;
+  // Only the last image asked for is shown: an earlier, slower answer arriving later is dropped.
+  const ticket = ++state.latest;
+  const isStale = () => ticket !== state.latest;
+  clearResult();
   setStatus(`segmenting ${file.name || "the pasted image"}…`);
   const form = new FormData();
   form.append("file", file, file.name || "pasted.png");
@@ -53,13 +64,15 @@ async function segment(file) {
   try {
     response = await fetch("/predict", { method: "POST", body: form });
   } catch (error) {
-    clearResult();
+    countAnswer();
+    if (isStale()) return;
     setStatus(`the server did not answer: ${error}`, true);
     return;
   }
   if (!response.ok) {
     const body = await response.json().catch(() => ({ error: response.statusText }));
-    clearResult();
+    countAnswer();
+    if (isStale()) return;
     setStatus(`${response.status}: ${body.error}`, true);
     return;
   }
@@ -72,6 +85,8 @@ async function segment(file) {
   } catch (error) {
     image = null;  // a format the browser cannot draw (16-bit TIFF, …): the mask is still shown
   }
+  countAnswer();
+  if (isStale()) return;
   maskCanvas.width = mask.width;
   maskCanvas.height = mask.height;
   const maskContext = maskCanvas.getContext("2d", { willReadFrequently: true });
@@ -86,10 +101,12 @@ async function segment(file) {
   download.removeAttribute("aria-disabled");
   $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
     `${mask.width}×${mask.height} px`;
+  $("hover").textContent = HOVER_HINT;
   $("result").hidden = false;
   drawLegend();
   render();
-  setStatus(`${file.name || "pasted image"}: done`);
+  setStatus(`${file.name || "pasted image"}: done` +
+    (image ? "" : " (this browser cannot display the image itself: the mask alone is shown)"));
   document.body.dataset.segmented = String((Number(document.body.dataset.segmented) || 0) + 1);
 }
 
@@ -129,6 +146,9 @@ function render() {
   const opacity = Number($("opacity").value) / 100;
   view.width = state.mask.width;
   view.height = state.mask.height;
+  const enlarge = Math.max(1, MIN_SHOWN_PX / Math.max(view.width, view.height));
+  view.style.width = enlarge > 1 ? `${Math.round(view.width * enlarge)}px` : "";
+  view.classList.toggle("enlarged", enlarge > 1);
   const context = view.getContext("2d");
   context.clearRect(0, 0, view.width, view.height);
   if (mode !== "mask" && state.image) context.drawImage(state.image, 0, 0, view.width, view.height);
@@ -153,10 +173,14 @@ function showClassAt(event) {
   $("hover").textContent = `(${x}, ${y}): ${entry ? entry.name : "unknown"}`;
 }
 
-$("file").addEventListener("change", (event) => segment(event.target.files[0]));
+$("file").addEventListener("change", (event) => {
+  segment(event.target.files[0]);
+  event.target.value = "";  // choosing the same file again (a retry after an error) must fire "change" again
+});
 $("opacity").addEventListener("input", render);
 for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", render);
 view.addEventListener("pointermove", showClassAt);
+view.addEventListener("pointerleave", () => { $("hover").textContent = HOVER_HINT; });
 const drop = $("drop");
 for (const name of ["dragenter", "dragover"]) {
   drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("dragging"); });
