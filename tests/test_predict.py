@@ -200,3 +200,20 @@ def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, 
     assert main(["predict", str(trained_run / "best.pt"), str(photo), "--out", str(tmp_path / "pred"), "--ensemble",
                  str(trained_run / "last.pt")]) == 0
     assert (tmp_path / "pred" / f"{photo.stem}.png").is_file()
+
+
+@pytest.mark.parametrize("height, width, size", [(301, 457, (64, 97)), (457, 301, (97, 64)), (90, 1200, (64, 853))])
+def test_a_large_image_is_resized_band_by_band_to_the_same_bits(monkeypatch, height, width, size):
+    """An 8000×8000 upload took 768 MB as floats before resizing (the service grew ~1 GB per such request); band by
+    band it takes 48 MB, and the network must see exactly the same numbers."""
+    from resunet import predict as predict_module
+
+    pixels = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    whole = torch.nn.functional.interpolate(pixels.float(), size=size, mode="bilinear", align_corners=False,
+                                            antialias=True)
+    monkeypatch.setattr(predict_module, "FLOAT_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 3 * width * 7)  # 7 rows a band: many bands, a short last one
+    banded = predict_module.resize_antialiased(pixels, size)
+    assert banded.shape == whole.shape and torch.equal(banded, whole)
+    assert torch.equal(predict_module.resize_antialiased(pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+                                                         size), whole)  # an H×W×3 array's view, as predict passes it

@@ -195,6 +195,10 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
         ("long file name", dict(method="POST", url="/predict", files={"file": ("a" * 5000 + ".png", good)}), 400,
          "multipart part header of 5,060 bytes is over the parser's limit of 4,224 (a very long file name?)"),
+        ("line break in the name", dict(method="POST", url="/predict", headers={
+            "content-type": "multipart/form-data; boundary=b"}, content=b'--b\r\nContent-Disposition: form-data; '
+            b'name="file"; filename="one\ntwo.png"\r\n\r\nnot an image\r\n--b--\r\n'), 400,
+         "one?two.png: not a readable image"),
         ("broken form", dict(method="POST", url="/predict", content=b"--b\r\nno blank line, no end",
                              headers={"content-type": "multipart/form-data; boundary=b"}), 400,
          "malformed multipart body"),
@@ -493,6 +497,43 @@ def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoin
         assert time.time() - started < 15  # the 2 s drain, then closed; without it: until the client gives up
 
 
+def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
+    """A client that declares a body and stops sending held its connection for ever; 320 of them made the service
+    stop answering (and then log a traceback per accept). Now each gets 408 after --body-timeout, and at
+    --max-connections open connections uvicorn answers 503 at once, until they are gone."""
+    process, url = start_server(checkpoint, "--body-timeout", "2", "--max-connections", "3")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for _ in range(2):
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                               b"Content-Length: 1000\r\n\r\nabc")
+            stalled.append(connection)
+            time.sleep(0.3)  # uvicorn counts the connections open when a request's headers arrive, this one included
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 503  # the third: the limit, answered at once
+        answers = []
+        for connection in stalled:
+            connection.settimeout(15)
+            received = b""
+            while chunk := connection.recv(65536):  # until the service closes the connection
+                received += chunk
+            answers.append(received.decode("latin-1"))
+        for answer in answers:
+            assert answer.startswith("HTTP/1.1 408 "), answer
+            body = json.loads(answer.split("\r\n\r\n", 1)[1])
+            assert body["error"].endswith("the upload stalled: no byte for 2 s after 3 bytes"), body
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # their slots are free again
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'resunet_requests_total{path="/predict",status="408"} 2.0' in metrics
+    finally:
+        for connection in stalled:
+            connection.close()
+        process.terminate()
+        log = process.communicate(timeout=60)[0]
+    assert log.count("POST /predict 408") == 2 and "Traceback" not in log
+
+
 def test_a_port_in_use_is_one_line_before_the_service_is_announced(checkpoint, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -674,9 +715,10 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         browser.close()
 
 
-def test_the_api_docs_page_works_offline_in_a_real_browser(live_server):
+def test_the_api_docs_page_works_offline_in_a_real_browser(live_server, tmp_path):
     """/docs is Swagger UI, whose scripts FastAPI loads from a CDN by default: blank on a machine without the
-    internet. Served from the installed package, it renders, and its "Try it out" really calls the service."""
+    internet. Served from the installed package, it renders, and its "Try it out" really calls the service, /predict
+    with a file too."""
     from playwright.sync_api import sync_playwright
 
     process, url = live_server
@@ -696,6 +738,15 @@ def test_the_api_docs_page_works_offline_in_a_real_browser(live_server):
         assert page.text_content(".live-responses-table tbody .response-col_status").strip() == "200"
         body = page.text_content(".live-responses-table tbody .response-col_description pre")
         assert json.loads(body)["classes"] == expected["classes"]
+        # /predict: the described body gives a file field; the answer is the mask, shown as an image.
+        predict = page.locator(".opblock-post").filter(has=page.locator("[data-path='/predict']"))
+        predict.locator(".opblock-summary").click()
+        predict.locator(".try-out__btn").click()
+        predict.locator("input[type=file]").set_input_files(str(page_image(tmp_path)))
+        predict.locator(".execute").click()
+        predict.locator(".live-responses-table tbody .response-col_status").wait_for(timeout=60_000)
+        assert predict.locator(".live-responses-table tbody .response-col_status").text_content().strip() == "200"
+        predict.locator(".live-responses-table img").wait_for(timeout=30_000)  # Swagger draws the PNG it got
         browser.close()
     assert not outside, outside
     assert 'resunet_requests_total{path="/docs-assets",status="200"}' in httpx.get(url + "/metrics").text

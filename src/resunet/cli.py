@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import sys
 import typing
 from dataclasses import MISSING
@@ -45,8 +46,8 @@ def _positive_floats(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not values or not all(0 < v < math.inf for v in values):  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return values
 
 
@@ -75,6 +76,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -340,7 +348,7 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
-                             precision=args.precision, threads=args.threads)
+                             precision=args.precision, threads=args.threads, body_timeout_s=args.body_timeout)
     try:
         app = create_app(args.model, settings)
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
@@ -353,7 +361,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
         return 1
     print(f"resunet serve: {args.model} on http://{args.host}:{args.port}/ (page), /predict, /docs", flush=True)
-    run_server(app, args.host, args.port, args.log_level, args.drain_timeout)
+    run_server(app, args.host, args.port, args.log_level, args.drain_timeout, args.max_connections)
     return 0
 
 
@@ -523,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=_positive_int, default=30,
                    help="on SIGTERM, seconds to finish the requests in flight before closing them (default 30)")
     p.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="request body limit (default 20 MB)")
+    p.add_argument("--body-timeout", type=_positive_seconds, default=30.0,
+                   help="an upload that sends no byte for this many seconds gets 408 (default 30)")
+    p.add_argument("--max-connections", type=_positive_int, default=1000,
+                   help="when this many connections are open (a new request's included), it gets 503 at once "
+                        "(default 1000)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"image size limit, read from the header before decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")

@@ -40,6 +40,11 @@ DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 # What the network may be given at once: the working size scales an image's shorter side up or down, so a thin
 # strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes.
 MAX_WORKING_PIXELS = 16_000_000
+# Images past this many values per image (3 × 4M pixels) are resized band by band on the CPU; see resize_antialiased.
+# A band's floats take 48 MB: over glibc's largest mmap threshold (32 MiB, which runtime.tune_cpu_allocator sets),
+# so each band is returned to the system when freed instead of growing the heap band after band.
+FLOAT_WHOLE_ELEMENTS = 3 * 4_000_000
+BAND_BYTES = 48 * 2**20
 
 
 def check_working_size(height: int, width: int, size: int) -> None:
@@ -249,11 +254,11 @@ class Predictor:
         (default the working size; antialiased bilinear, skipped at that size already), normalised."""
         height, width = images.shape[-2:]
         check_working_size(height, width, size or self.size)
-        x = images.to(self.device).float()
         work = resize_short_side(height, width, size or self.size)
-        if work != (height, width):
-            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False, antialias=True)
-        return normalize(x / 255, self.mean, self.std)
+        images = images.to(self.device)
+        if work == (height, width):
+            return normalize(images.float() / 255, self.mean, self.std)
+        return normalize(resize_antialiased(images, work) / 255, self.mean, self.std)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """images: N×3×H×W uint8 (one size) → float32 N×C×H×W class probabilities, calibrated by the temperature."""
@@ -349,6 +354,21 @@ class Ensemble(Predictor):
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # The members' probabilities are averaged at full size: no low-resolution logits for the fused pass.
         return [argmax_map(logits) for logits in self.logits_by_group(groups)]
+
+
+def resize_antialiased(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N×3×H×W pixels → float N×3×h×w, antialiased bilinear. A large image on the CPU is not turned into floats whole
+    (an 8000×8000 photo would take 768 MB): its rows are narrowed to width w band by band, then resized to height h.
+    PyTorch's antialiased resize is separable and runs the width pass first, so the result is the same bit for bit
+    (tests/test_predict.py checks it)."""
+    height, width = images.shape[-2:]
+    if images.device.type != "cpu" or images[:1].numel() <= FLOAT_WHOLE_ELEMENTS or size[1] == width:
+        return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    rows = max(1, BAND_BYTES // (4 * images[:1, :, :1].numel()))
+    narrowed = torch.cat([F.interpolate(images[:, :, top:top + rows].float(), size=(min(rows, height - top), size[1]),
+                                        mode="bilinear", align_corners=False, antialias=True)
+                          for top in range(0, height, rows)], dim=2)
+    return F.interpolate(narrowed, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def tile_starts(length: int, window: int, stride: int) -> list[int]:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -50,6 +51,7 @@ class ServeSettings:
     precision: str = "auto"  # for .pt checkpoints
     threads: int | None = None  # onnxruntime threads (default: the cores)
     retry_after_s: int = 1  # what a 503 asks the client to wait
+    body_timeout_s: float = 30.0  # an upload with no byte for this long gets 408 (a stalled client frees its slot)
 
 
 def model_description(path: Path, predictor: Predictor) -> dict:
@@ -60,6 +62,29 @@ def model_description(path: Path, predictor: Predictor) -> dict:
     else:
         kind = "checkpoint"
     return {"file": path.name, "kind": kind, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers: one line, naming the problem (and the file, when there is one)."""
+
+    error: str
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+# /predict reads its body itself (raw image or multipart, bounded and timed), so FastAPI cannot infer it: described
+# here for /docs, whose "Try it out" then offers a file field.
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "image/*": BINARY, "application/octet-stream": BINARY}}}
+PREDICT_ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in {
+    400: "not a readable image, an empty body, or a malformed multipart form",
+    408: "the upload stalled (no byte for --body-timeout seconds)",
+    413: "the body is over --max-bytes, or the image over --max-pixels (read from its header)",
+    415: "a content type that is neither an image, raw bytes nor a multipart form",
+    422: "a query parameter out of its choices",
+    503: "the model is not ready yet, or the queue is full: retry after Retry-After seconds",
+}.items()}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -222,7 +247,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         description="The image as a multipart upload (form field `file`) or as the raw body. Answers the palette "
                     "PNG class map at the image's size, or with `format=json` the classes present with their share, "
                     "or with `format=rle` COCO run-length encodings (column-major) of each class present.",
-        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}, **PREDICT_ERRORS},
+        openapi_extra=PREDICT_BODY,
     )
     async def predict(request: Request, format: str = Query("png", pattern="^(png|json|rle)$"),
                       tta: str | None = Query(None, pattern="^(none|flip)$")) -> Response:
@@ -232,7 +258,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         if tta is not None and tta not in engine.variants:
             raise RequestError(400, f"tta '{tta}' is not available for this model "
                                     f"(available: {', '.join(engine.variants)})")
-        data, name = await upload_bytes(request, settings.max_bytes)
+        data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
         received = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
         try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
@@ -279,9 +305,11 @@ def check_address(host: str, port: int) -> None:
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               drain_timeout_s: int = 30) -> None:
+               drain_timeout_s: int = 30, max_connections: int | None = 1000) -> None:
     """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight (for at most
-    `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return."""
+    `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return. Past
+    `max_connections` open connections uvicorn answers 503 at once: many idle clients cannot use up the process's
+    file descriptors (then uvicorn's accept loop fails, logging a traceback for every try)."""
     import signal
 
     import uvicorn
@@ -296,6 +324,6 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                    timeout_graceful_shutdown=drain_timeout_s)
+                    timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import unicodedata
 
 import numpy as np
 from PIL import Image
@@ -26,6 +28,13 @@ class RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def printable_name(name: str, limit: int = 200) -> str:
+    """A client's file name as it may appear in a one-line error and log: control characters (a line break would
+    split the log line, or forge one) shown as '?', and at most `limit` characters."""
+    name = "".join("?" if unicodedata.category(c).startswith("C") else c for c in name)
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
 def longest_part_header(body: bytes, content_type: str) -> int:
     """The longest header line of any part of a multipart body (a part's lines before its first blank one)."""
     boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
@@ -37,13 +46,22 @@ def longest_part_header(body: bytes, content_type: str) -> int:
     return longest
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed), and with
+    408 when no byte of it arrives for `timeout_s` seconds (a stalled client would hold its connection for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the upload stalled: no byte for {timeout_s:g} s after {size:,} bytes",
+                               {"Connection": "close"}) from None  # its unread rest must not hold the connection
         size += len(chunk)
         if size > max_bytes:
             raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes")
@@ -51,10 +69,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def upload_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
+async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None = None) -> tuple[bytes, str]:
     """The image file of a request: the multipart form field `file`, or the raw body. Returns (bytes, a name)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if content_type == "multipart/form-data":
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -72,7 +90,7 @@ async def upload_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "multipart upload without a file in the form field 'file'")
         data = await upload.read()
-        name = upload.filename or "upload"
+        name = printable_name(upload.filename or "upload")
     elif not content_type or content_type.startswith(RAW_TYPES):
         data, name = body, "request body"
     else:
