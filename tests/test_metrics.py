@@ -54,6 +54,17 @@ def test_batching_and_order_do_not_matter():
     assert torch.equal(whole.matrix, pieces.matrix)
 
 
+@pytest.mark.parametrize("outside", [3, -1, 255])
+def test_a_prediction_outside_the_classes_is_an_error_not_another_rows_count(outside):
+    # 3 classes: n·t + p with p = 3 was counted as (t + 1, 0); p = 255 broke the reshape with a RuntimeError.
+    matrix = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=rf"predicted class\(es\) \[{outside}\] outside 0..2"):
+        matrix.update(torch.tensor([outside, 0]), torch.tensor([0, 0]))
+    assert matrix.matrix.sum() == 0
+    matrix.update(torch.tensor([outside, 1]), torch.tensor([255, 1]))  # under an ignored pixel: not counted at all
+    assert matrix.matrix.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         ConfusionMatrix(3).update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))

@@ -195,7 +195,14 @@ def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, 
 
     assert main(["evaluate", str(trained_run / "best.pt"), "--data-root", str(demo_root), "--ensemble",
                  str(trained_run / "last.pt"), "--json", str(tmp_path / "e.json"), "--workers", "0"]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["ensemble"] == [str(trained_run / "last.pt")]
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["ensemble"] == [str(trained_run / "last.pt")]
+    # Each member's own temperature is reported (the ensemble applies them before averaging), not a 1 of its own.
+    temperatures = [Predictor.from_checkpoint(trained_run / name).temperature for name in ("best.pt", "last.pt")]
+    assert scores["temperature"] == pytest.approx(temperatures)
+    printed = capsys.readouterr().out
+    assert f"working sizes {first.size}, {first.size}" in printed
+    assert "temperatures " + ", ".join(f"{t:.3g}" for t in temperatures) + " of the members" in printed
     photo = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
     assert main(["predict", str(trained_run / "best.pt"), str(photo), "--out", str(tmp_path / "pred"), "--ensemble",
                  str(trained_run / "last.pt")]) == 0

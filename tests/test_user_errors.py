@@ -258,7 +258,7 @@ def test_evaluate_checks_its_outputs_before_the_work_and_writes_strict_json(chec
     (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
     for flags, words in ((["--json", str(tmp_path / "afolder")], "is a folder"),
-                         (["--confusion", str(tmp_path / "afile" / "c.png")], "is not a folder"),
+                         (["--confusion", str(tmp_path / "afile" / "c.png")], "afile is a file, not a folder"),
                          (["--worst", "2", "--out", str(tmp_path / "afile")], "is a file, not a folder")):
         assert main(["evaluate", checkpoint, "--data-root", str(demo_root), *flags]) == 2
         assert words in one_error_line(capsys, "evaluate")
@@ -514,8 +514,8 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     (tmp_path / "afile").write_text("x")
     for flags in (["--json", str(tmp_path / "afolder")], ["--plot", str(tmp_path / "afolder")],
                   ["--plot", str(tmp_path / "p.xyz")]):
-        with pytest.raises(SystemExit, match="resunet check-data: error: --(json|plot) "):
-            main(["check-data", "--data-root", str(demo_root), *flags])
+        assert main(["check-data", "--data-root", str(demo_root), *flags]) == 2
+        assert one_error_line(capsys, "check-data").startswith(f"resunet check-data: error: {flags[0]} ")
     for flags in (["--num-classes", "0"], ["--max-pixels", "0"]):
         with pytest.raises(SystemExit):
             main(["check-data", "--data-root", str(demo_root), *flags])
@@ -577,3 +577,78 @@ def test_commands_that_need_the_checkpoint_say_so_when_given_the_onnx_file(expor
                                                                                                       "calibrate")
     assert main(["export", onnx_file, "--onnx", str(tmp_path / "again.onnx")]) == 2
     assert "needs the resunet checkpoint (.pt)" in one_error_line(capsys, "export")
+
+
+def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(checkpoint, demo_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Found by a helper (2026-12-04): evaluate wrote its JSON over the checkpoint, visualize its grid over a dataset
+    image, an unwritable or missing folder was found only after the whole evaluation (a traceback, the work lost)."""
+    import shutil
+
+    import resunet.evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    model = tmp_path / "m.pt"
+    shutil.copy(checkpoint, model)
+    kept = model.read_bytes()
+    voc = data / "VOCdevkit/VOC2012"
+    first_val = (voc / "ImageSets/Segmentation/val.txt").read_text().split()[0]
+    mask = voc / "SegmentationClass" / f"{first_val}.png"
+    monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
+    for flags, words in (
+            (["--json", str(model)], "is one of this command's inputs; writing there would destroy it"),
+            (["--confusion", str(mask)], "is one of this command's inputs"),
+            (["--json", str(tmp_path / "x.png"), "--confusion", str(tmp_path / "x.png")], "also given to --json"),
+            (["--confusion", str(tmp_path / "c.jpgx")], "name a .png/.pdf/.svg/.jpg file"),
+            (["--confusion", str(tmp_path / "c")], "name a .png/.pdf/.svg/.jpg file"),
+            (["--json", "/sys/fs/e.json"], "--json /sys/fs/e.json: cannot write in /sys/fs"),
+            (["--worst", "2", "--out", "/sys/fs/worst"], "--out /sys/fs/worst: cannot write in /sys/fs/worst")):
+        assert main(["evaluate", str(model), "--data-root", str(data), *flags]) == 2, flags
+        assert words in one_error_line(capsys, "evaluate"), flags
+    assert model.read_bytes() == kept
+    monkeypatch.undo()
+    # A missing folder is made, and each file written is named.
+    out = tmp_path / "new" / "deeper"
+    assert main(["evaluate", str(model), "--data-root", str(data), "--json", str(out / "e.json"), "--confusion",
+                 str(out / "c.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'e.json'}" in printed and f"wrote {out / 'c.png'}" in printed
+    assert json.loads((out / "e.json").read_text())["images"] > 0 and (out / "c.png").stat().st_size > 0
+    image = voc / "JPEGImages" / f"{first_val}.jpg"
+    image_bytes = image.read_bytes()
+    assert main(["visualize", str(model), "--data-root", str(data), "--out", str(image)]) == 2
+    assert "is one of this command's inputs" in one_error_line(capsys, "visualize")
+    assert image.read_bytes() == image_bytes
+    assert main(["export", str(model), "--onnx", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "m.onnx")]) == 2
+    assert "--json " in one_error_line(capsys, "export") and not (tmp_path / "m.onnx").exists()
+    assert main(["export", str(model), "--onnx", str(tmp_path / "m.onnx"), "--json", "/sys/fs/e.json"]) == 2
+    assert "cannot write in /sys/fs" in one_error_line(capsys, "export") and not (tmp_path / "m.onnx").exists()
+    assert main(["benchmark", "--quick", "--json", str(tmp_path)]) == 2  # before minutes of measuring
+    assert "is a folder; give a file name" in one_error_line(capsys, "benchmark")
+
+
+@pytest.mark.parametrize("command, words", [
+    (["evaluate", "M", "--data-root", "D", "--out", "w"], "--out DIR is the folder for --worst K's contact sheet"),
+    (["evaluate", "M", "--data-root", "D", "--scales", "0.5,1"], "--scales is for --tta ms or ms+flip"),
+    (["ablate", "--data-root", "D", "--options", ";"], "--options ';': no rows"),
+    (["ablate", "--data-root", "D", "--calibrate"], "the table's ECE is measured before calibration"),
+    (["ablate", "--data-root", "D", "--resume", "x.pt"], "ablate continues its stopped rows itself"),
+])
+def test_options_that_would_be_ignored_are_refused(command, words, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert words in str(stopped.value)
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("evaluate", "--worst", "0"), ("evaluate", "--workers", "-1"), ("evaluate", "--scales", "nan"),
+    ("evaluate", "--scales", "inf"), ("evaluate", "--max-pixels", "0"), ("visualize", "--seed", "-5"),
+    ("demo-data", "--seed", "-1"),
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(command, flag, value, capsys):
+    args = {"evaluate": ["evaluate", "M", "--data-root", "D"], "visualize": ["visualize", "M", "--data-root", "D"],
+            "demo-data": ["demo-data", "somewhere"]}[command]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, flag, value])
+    assert stopped.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err

@@ -71,6 +71,7 @@ from .data.dataset import PairedDataset, open_dataset
 from .data.demo import make_sample
 from .data.transforms import resize_short_side, resize_windows, sample_augment_params
 from .model.unet import ResNetUNet
+from .outputs import check_output_files
 from .predict import Predictor
 from .train import make_optimizer, train_step
 
@@ -761,6 +762,7 @@ def say(text: str) -> None:
 def run_benchmark(args) -> dict:
     """`resunet benchmark`: measure, print the table, write `args.json` if given; returns the report."""
     started = time.perf_counter()
+    check_output_files([("--json", getattr(args, "json", None))])  # before the minutes of measuring
     quick = bool(getattr(args, "quick", False))
     device = runtime.resolve_device(getattr(args, "device", "auto") or "auto")
     plan = plan_for(device, quick)
@@ -855,7 +857,6 @@ def run_benchmark(args) -> dict:
     print(format_report(report), flush=True)
     if getattr(args, "json", None):
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {path}")
     return report

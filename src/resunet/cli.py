@@ -65,6 +65,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _demo_size(text: str) -> int:
     value = int(text)
     if value < 16:  # the shapes drawn need room
@@ -176,21 +183,27 @@ def cmd_ablate(args) -> int:
 
     if args.data_root is None:
         raise SystemExit("resunet ablate: error: --data-root is required")
+    if args.resume:
+        raise SystemExit("resunet ablate: error: --resume: ablate continues its stopped rows itself; run the same "
+                         "ablate command again")
+    if args.calibrate:
+        raise SystemExit("resunet ablate: error: --calibrate: the table's ECE is measured before calibration; "
+                         "calibrate a row afterwards with resunet calibrate OUT/ROW/best.pt")
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     options = [name.strip() for name in args.options.split(";") if name.strip()]
+    if not options:
+        raise SystemExit(f"resunet ablate: error: --options {args.options!r}: no rows; choose from "
+                         f"{'; '.join(ABLATION_OPTIONS)}")
     results = run_ablation(base, options, base.out)
     return 0 if len(results) == len(options) else 130  # fewer: a signal stopped a row (run it again to continue)
 
 
 def cmd_check_data(args) -> int:
     from .doctor import check_data, format_report, plot_class_shares, write_json
-    from .visualize import PLOT_SUFFIXES
+    from .outputs import PLOT_SUFFIXES, check_output_files
 
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # checked before reading the whole dataset
-        if path and Path(path).is_dir():
-            raise SystemExit(f"resunet check-data: error: {flag} {path}: is a folder; give a file name")
-    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
-        raise SystemExit(f"resunet check-data: error: --plot {args.plot}: name a {'/'.join(PLOT_SUFFIXES)} file")
+    # Before reading the whole dataset (the dataset's own files are not known yet: the doctor lists them).
+    check_output_files([("--json", args.json), ("--plot", args.plot)], suffixes={"--plot": PLOT_SUFFIXES})
     report = check_data(args.data_root, args.splits, args.num_classes, args.ignore_index, args.max_pixels,
                         args.workers)
     print(format_report(report))
@@ -203,9 +216,13 @@ def cmd_check_data(args) -> int:
 
 def inference_options(args) -> dict:
     """The options every inference command passes to `predict.load`."""
+    from .predict import DEFAULT_SCALES
+
     if args.stride is not None and (args.window is None or args.stride > args.window):
         raise SystemExit(f"resunet {args.command}: error: --stride {args.stride}: needs --window, and at most the "
                          "window (tiles must touch or overlap)")
+    if tuple(args.scales) != DEFAULT_SCALES and "ms" not in args.tta:
+        raise SystemExit(f"resunet {args.command}: error: --scales is for --tta ms or ms+flip (--tta is {args.tta})")
     return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": tuple(args.scales),
             "window": args.window, "stride": args.stride}
 
@@ -215,6 +232,9 @@ def cmd_evaluate(args) -> int:
 
     if args.worst and not args.out:
         raise SystemExit("resunet evaluate: error: --worst K needs --out DIR for its contact sheet")
+    if args.out and not args.worst:
+        raise SystemExit("resunet evaluate: error: --out DIR is the folder for --worst K's contact sheet; give --worst "
+                         "too, or --json/--confusion for the scores")
     run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
                  workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels, worst=args.worst,
                  worst_out=args.out, ensemble=args.ensemble, **inference_options(args))
@@ -230,7 +250,10 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import run_export
+    from .outputs import check_output_files
 
+    check_output_files([("--onnx", args.onnx), ("--json", args.json)], inputs=[args.checkpoint],
+                       suffixes={"--onnx": (".onnx",)})
     result = run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
                         args.calibration, args.calibration_count, args.data_root, args.split, args.max_miou_drop,
                         args.workers)
@@ -404,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_positive_int, default=64)
     p.add_argument("--val", type=_positive_int, default=16)
     p.add_argument("--size", type=_demo_size, default=128, help="image side in pixels (at least 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.set_defaults(run=cmd_demo_data)
 
     p = commands.add_parser("train", help="train a model (defaults: the seed recipe)")
@@ -417,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default=";".join(ABLATION_OPTIONS),
                    help=f"';'-separated rows (default: all): {'; '.join(ABLATION_OPTIONS)}")
     p.set_defaults(run=cmd_ablate, out="runs/ablation")
+    for action in p._actions:  # the train flag's help describes a run folder; here it holds one per row
+        if action.dest == "out":
+            action.help = ("the ablation's folder: ablation.md, ablation.json and one run folder per row "
+                           "(default: runs/ablation)")
 
     p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")
@@ -425,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits to check (default: train/val/test that exist; train and val for VOC)")
     p.add_argument("--json", help="also write the findings and facts here")
     p.add_argument("--plot", help="also draw each class's pixel share per split here (PNG)")
-    p.add_argument("--workers", type=int, default=4, help="reading threads (default 4)")
+    p.add_argument("--workers", type=_non_negative_int, default=4, help="reading threads (default 4)")
     p.add_argument("--num-classes", type=_positive_int, help="for a folder dataset without classes.json")
     p.add_argument("--ignore-index", type=int, help="for a folder dataset without classes.json (default 255)")
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
@@ -444,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="sliding window: tile side in pixels of the resized image (≥ 32)")
     inference.add_argument("--stride", type=_positive_int, default=None,
                            help="sliding window step (default: two thirds of --window)")
-    inference.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    inference.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                            help="refuse images (and masks) with more pixels, read from the file's header before "
                                 f"decoding: decompression bombs (default {DEFAULT_MAX_PIXELS:,})")
 
@@ -456,14 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the scores and confusion matrix here")
     p.add_argument("--confusion", help="also draw the row-normalised confusion matrix and per-class IoU bars here "
                    "(PNG)")
-    p.add_argument("--worst", type=int, default=0, metavar="K",
+    p.add_argument("--worst", type=_positive_int, default=0, metavar="K",
                    help="also draw the K images with the lowest own mIoU: image / ground truth / prediction / errors "
                         "(to --out DIR/worst.png, listed in worst.json)")
     p.add_argument("--out", help="folder for --worst")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=_non_negative_int, default=2)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
@@ -488,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png")
     p.add_argument("--split", default="val")
     p.add_argument("--count", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.set_defaults(run=cmd_visualize)
 
     p = commands.add_parser("calibrate", help="fit a temperature on a split so probabilities match accuracy; store "
@@ -498,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images and masks from their header (default {DEFAULT_MAX_PIXELS:,})")
     p.set_defaults(run=cmd_calibrate)
 
@@ -516,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="also evaluate the file on this dataset and print the mIoU drift")
     p.add_argument("--split", default="val")
     p.add_argument("--max-miou-drop", type=float, default=1.0, help="INT8: largest mIoU drop accepted, in points")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=_non_negative_int, default=2)
     p.add_argument("--json", help="also write the figures here")
     p.set_defaults(run=cmd_export)
 
@@ -536,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_positive_int, default=1000,
                    help="when this many connections are open (a new request's included), it gets 503 at once "
                         "(default 1000)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"image size limit, read from the header before decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
     p.add_argument("--device", default="auto", help="for .pt checkpoints")

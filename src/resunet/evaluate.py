@@ -20,6 +20,7 @@ from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
+from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder
 from .predict import DEFAULT_SCALES, Predictor, load_ensemble
 
 
@@ -90,8 +91,12 @@ def format_table(scores: dict, info: ClassInfo) -> str:
                  + (f" {100 * scores['boundary_miou']:15.2f}" if boundary else ""))
     lines.append(f"{'pixel acc.':<{width}} {100 * scores['pixel_accuracy']:7.2f}")
     if scores.get("ece") is not None:  # a predictor with logits (not an end-to-end ONNX graph)
-        lines.append(f"{'ECE':<{width}} {100 * scores['ece']:7.2f}   (15 bins, temperature "
-                     f"{scores.get('temperature', 1.0):.3g})")
+        temperature = scores.get("temperature", 1.0)
+        if isinstance(temperature, list):  # an ensemble: each member's, applied before its probabilities are averaged
+            said = "temperatures " + ", ".join(f"{t:.3g}" for t in temperature) + " of the members"
+        else:
+            said = f"temperature {temperature:.3g}"
+        lines.append(f"{'ECE':<{width}} {100 * scores['ece']:7.2f}   (15 bins, {said})")
     return "\n".join(lines)
 
 
@@ -108,19 +113,15 @@ def strict_json(value) -> str:
     return json.dumps(clean(value), indent=1, allow_nan=False)
 
 
-def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None) -> None:
-    """Refuse, before evaluating, output paths that could not be written: a folder where a file goes, a file where
-    a folder goes, a parent that is a file."""
-    for path, kind in ((json_out, "--json"), (confusion_png, "--confusion")):
-        if path and Path(path).is_dir():
-            raise DataError(f"{kind} {path}: is a folder; give a file name")
-        if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
-            raise DataError(f"{kind} {path}: {Path(path).parent} is not a folder")
+def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None,
+                  inputs: list = ()) -> None:
+    """Refuse, before evaluating, outputs that could not be written or would be written over an input (the models,
+    the dataset's files) or over each other."""
+    outputs = [("--json", json_out), ("--confusion", confusion_png)]
     if worst_out:
-        folder = Path(worst_out)
-        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise DataError(f"--out {worst_out}: {blocking} is a file, not a folder")
+        check_output_folder("--out", worst_out)
+        outputs += [("--out", Path(worst_out) / "worst.png"), ("--out", Path(worst_out) / "worst.json")]
+    check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES})
 
 
 def run_evaluate(
@@ -152,28 +153,36 @@ def run_evaluate(
     predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
                               window=window, stride=stride)
     info = predictor.info
+    members = getattr(predictor, "members", None)  # an ensemble's own models
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
+    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None,
+                  inputs=[checkpoint, *ensemble, *dataset.image_paths, *dataset.mask_paths])
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
     per_image: list[tuple[int, float]] | None = [] if worst > 0 else None
     calibration = CalibrationError(info.ignore_index) if predictor.has_logits else None
     matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image,
                               calibration=calibration)
     scores = {**matrix.compute(), **boundary.compute(),
-              "ece": calibration.compute() if calibration else None, "temperature": predictor.temperature}
+              "ece": calibration.compute() if calibration else None,
+              "temperature": [m.temperature for m in members] if members else predictor.temperature}
     extra = f", window {predictor.window} stride {predictor.stride}" if predictor.window else ""
+    sizes = (f"working sizes {', '.join(str(m.size) for m in members)}" if members
+             else f"working size {predictor.size}")
     scales_text = f" scales {','.join(f'{s:g}' for s in predictor.scales)}" if "ms" in predictor.tta else ""
     print(f"{dataset.description}: {len(dataset)} images, evaluated at original resolution "
-          f"(working size {predictor.size}, tta {predictor.tta}{scales_text}{extra})")
+          f"({sizes}, tta {predictor.tta}{scales_text}{extra})")
     print(format_table(scores, info))
     result = {"checkpoint": str(checkpoint), "ensemble": list(ensemble), "split": split, "images": len(dataset),
               "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
     if json_out:
         Path(json_out).write_text(strict_json(result))
+        print(f"wrote {json_out}")
     if confusion_png:
         from .visualize import plot_confusion
 
         plot_confusion(matrix.matrix, info, confusion_png, scores)
+        print(f"wrote {confusion_png} (confusion matrix and per-class IoU)")
     if per_image:
         result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out or "."))
         if json_out:

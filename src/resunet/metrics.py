@@ -39,7 +39,11 @@ class ConfusionMatrix:
         target = target.reshape(-1).to(torch.int64)
         pred = pred.reshape(-1).to(torch.int64)
         keep = (target != self.ignore_index) & (target >= 0) & (target < n)
-        counts = torch.bincount(n * target[keep] + pred[keep], minlength=n * n)
+        pred = pred[keep]
+        if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < n:  # would be counted in another row
+            outside = torch.unique(pred[(pred < 0) | (pred >= n)])[:5].tolist()
+            raise ValueError(f"predicted class(es) {outside} outside 0..{n - 1}")
+        counts = torch.bincount(n * target[keep] + pred, minlength=n * n)
         self.matrix += counts.reshape(n, n).to(self.matrix.device)
 
     def reset(self) -> None:

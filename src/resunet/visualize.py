@@ -14,8 +14,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .data.classes import ClassInfo  # noqa: E402
 from .data.images import DEFAULT_MAX_PIXELS, DataError  # noqa: E402
+from .outputs import PLOT_SUFFIXES, check_output_files  # noqa: E402
 
-PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
 
 
 def plot_curves(records: list[dict], path: str | Path) -> None:
@@ -94,7 +94,10 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | Non
         if boundary:
             bars.barh(rows + height / 2, 100 * np.nan_to_num(np.asarray(boundary, dtype=np.float64)), height,
                       label=f"boundary IoU (mean {100 * scores['boundary_miou']:.1f})")
-        bars.set_yticks(rows, info.names)
+        absent = np.isnan(np.asarray(scores["iou"], dtype=np.float64))
+        for row in np.flatnonzero(absent):  # no bar is not a 0% bar: the class is in neither labels nor predictions
+            bars.text(1, row, "absent", va="center", fontsize=8, color="#777", style="italic")
+        bars.set_yticks(rows, [f"{name} (absent)" if gone else name for name, gone in zip(info.names, absent)])
         bars.invert_yaxis()
         bars.set_xlim(0, 100)
         bars.set_xlabel("%")
@@ -142,10 +145,10 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
 
     if not Path(out).suffix:  # matplotlib would add ".png" itself; name the file it writes
         out = f"{out}.png"
-    elif Path(out).suffix.lower() not in PLOT_SUFFIXES:
-        raise DataError(f"--out {out}: name a {'/'.join(PLOT_SUFFIXES)} file")
+    check_output_files([("--out", out)], suffixes={"--out": PLOT_SUFFIXES})
     predictor = load(checkpoint, **options)
     dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index, max_pixels)
+    check_output_files([("--out", out)], inputs=[checkpoint, *dataset.image_paths, *dataset.mask_paths])
     if len(dataset) == 0:
         raise DataError(f"{data_root}: the {split} split has no images to draw")
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)

@@ -1,0 +1,63 @@
+"""Output paths checked before the work that fills them: a command that evaluates for an hour must not then fail to
+write its answer, nor write it over its own inputs. Every failure is a DataError of one line naming the flag."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .data.images import DataError
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
+
+
+def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
+                       suffixes: dict[str, tuple[str, ...]] | None = None) -> None:
+    """`outputs`: (flag, path) pairs, None for an output not asked for. Each must be a writable file name (its
+    folder is created), with one of `suffixes[flag]` if given, different from the others and from every `inputs`
+    file (the model, the dataset's files)."""
+    given = [(flag, Path(path)) for flag, path in outputs if path]
+    read = {resolved(p) for p in inputs}
+    seen: dict[Path, str] = {}
+    for flag, path in given:
+        allowed = (suffixes or {}).get(flag)
+        if allowed and path.suffix.lower() not in allowed:
+            raise DataError(f"{flag} {path}: name a {'/'.join(allowed)} file")
+        if path.is_dir():
+            raise DataError(f"{flag} {path}: is a folder; give a file name")
+        target = resolved(path)
+        if target in read:
+            raise DataError(f"{flag} {path}: is one of this command's inputs; writing there would destroy it")
+        if target in seen:
+            raise DataError(f"{flag} {path}: also given to {seen[target]}; one file cannot hold both")
+        seen[target] = flag
+        check_writable_folder(flag, path, path.parent)
+        if path.exists():
+            try:  # appending nothing: refused for a read-only or immutable file, changes nothing otherwise
+                with open(path, "ab"):
+                    pass
+            except OSError as error:
+                raise DataError(f"{flag} {path}: cannot be written ({error.strerror or error})") from None
+
+
+def check_output_folder(flag: str, folder: str | Path) -> None:
+    """A folder the command will write files into: created now, and tried."""
+    check_writable_folder(flag, Path(folder), Path(folder))
+
+
+def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"{flag} {path}: {blocking} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise DataError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
+
+
+def resolved(path: str | Path) -> Path:
+    return Path(os.path.realpath(path))
