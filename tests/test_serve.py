@@ -701,6 +701,14 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
             chooser.value.set_files(str(image))
             wait_count(page, "segmented", count)
             assert page.text_content("#status") == f"{image.name}: done"
+        # Two files dropped at once: the first is segmented, and the page says so.
+        page.evaluate("""(bytes) => {
+          const data = new DataTransfer();
+          for (const name of ["first.png", "second.png"]) data.items.add(new File([new Uint8Array(bytes)], name));
+          document.querySelector("#drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }""", list(small))
+        wait_count(page, "segmented", 4)
+        assert page.text_content("#status") == "first.png: done (the first of 2 files: one image at a time)"
         # A long file name wraps instead of widening the page; a photo the browser cannot draw is said to be so.
         long_name = "x" * 190 + ".png"
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(b"not an image"), "name": long_name})
@@ -710,7 +718,7 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         np_image = np.asarray(scene(30, 40, 3)).astype(np.float32) / 255  # a float TIFF: no browser draws one
         Image.fromarray(np_image[..., 0], mode="F").save(buffer, format="TIFF")
         page.evaluate(DISPATCH_NAMED, {"event": "drop", "bytes": list(buffer.getvalue()), "name": "float.tif"})
-        wait_count(page, "segmented", 4)
+        wait_count(page, "segmented", 5)
         assert "cannot display the image itself: the mask alone is shown" in page.text_content("#status")
         browser.close()
 

@@ -50,13 +50,14 @@ function countAnswer() {
   document.body.dataset.answered = String((Number(document.body.dataset.answered) || 0) + 1);
 }
 
-async function segment(file) {
+async function segment(file, count = 1) {
   if (!file) return;
   // Only the last image asked for is shown: an earlier, slower answer arriving later is dropped.
   const ticket = ++state.latest;
   const isStale = () => ticket !== state.latest;
   clearResult();
-  setStatus(`segmenting ${file.name || "the pasted image"}…`);
+  const others = count > 1 ? ` (the first of ${count} files: one image at a time)` : "";
+  setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
   const form = new FormData();
   form.append("file", file, file.name || "pasted.png");
   const started = performance.now();
@@ -105,7 +106,7 @@ async function segment(file) {
   $("result").hidden = false;
   drawLegend();
   render();
-  setStatus(`${file.name || "pasted image"}: done` +
+  setStatus(`${file.name || "pasted image"}: done${others}` +
     (image ? "" : " (this browser cannot display the image itself: the mask alone is shown)"));
   document.body.dataset.segmented = String((Number(document.body.dataset.segmented) || 0) + 1);
 }
@@ -174,7 +175,7 @@ function showClassAt(event) {
 }
 
 $("file").addEventListener("change", (event) => {
-  segment(event.target.files[0]);
+  segment(event.target.files[0], event.target.files.length);
   event.target.value = "";  // choosing the same file again (a retry after an error) must fire "change" again
 });
 $("opacity").addEventListener("input", render);
@@ -190,7 +191,7 @@ for (const name of ["dragleave", "drop"]) {
 }
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
-  segment(event.dataTransfer.files[0]);
+  segment(event.dataTransfer.files[0], event.dataTransfer.files.length);
 });
 document.addEventListener("paste", (event) => {
   const item = [...(event.clipboardData?.items || [])].find((entry) => entry.type.startsWith("image/"));
