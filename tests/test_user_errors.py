@@ -456,6 +456,32 @@ def test_the_end_to_end_onnx_graph_refuses_a_thin_strip_too(exported):
     assert predictor.predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
 
 
+def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_fit(exported, monkeypatch):
+    """An 8000×8000 image through an end-to-end graph took 7 GB (its full-size logits: 21 floats a pixel), 17× the
+    .pt Predictor's fused path. Past the bound it is one line; the logits graph takes the same image."""
+    from fastapi.testclient import TestClient
+
+    import resunet.onnx_predictor
+    from resunet.data.images import DataError
+    from resunet.predict import load
+    from resunet.serve import ServeSettings, create_app
+
+    monkeypatch.setattr(resunet.onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 4 * 100 * 100)  # 100×100 images
+    predictor = load(exported["dir"] / "model.onnx")
+    assert predictor.predict(np.zeros((100, 100, 3), np.uint8)).shape == (100, 100)
+    with pytest.raises(DataError, match="101×100: this end-to-end graph would hold 0.0 GiB of full-size logits "
+                                        "\\(limit 0 GiB\\); export with --logits"):
+        predictor.predict(np.zeros((100, 101, 3), np.uint8))
+    with pytest.raises(DataError, match="full-size logits"):  # a batch holds the logits of all its images
+        predictor.predict_batch([np.zeros((80, 80, 3), np.uint8)] * 2)
+    assert load(exported["dir"] / "logits.onnx").predict(np.zeros((100, 101, 3), np.uint8)).shape == (100, 101)
+    buffer = io.BytesIO()
+    Image.new("RGB", (101, 100)).save(buffer, format="PNG")
+    with TestClient(create_app(exported["dir"] / "model.onnx", ServeSettings())) as client:
+        answer = client.post("/predict", content=buffer.getvalue())
+    assert answer.status_code == 413 and "full-size logits" in answer.json()["error"]
+
+
 def test_calibrate_on_a_split_with_no_labelled_pixel_keeps_the_stored_temperature(checkpoint, demo_root, tmp_path,
                                                                                    capsys):
     import shutil

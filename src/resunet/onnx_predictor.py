@@ -21,10 +21,13 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data.classes import ClassInfo
-from .predict import DEFAULT_SCALES, Predictor, check_batch, check_image_tensor, check_working_size
+from .data.images import DataError
+from .predict import DEFAULT_SCALES, Predictor, check_batch, check_image_tensor
 
 FORMAT_KEY = "resunet.graph"
 GRAPHS = ("end-to-end", "logits")
+# An 8000×8000 image through an end-to-end graph of 21 classes took 7 GB; past this, such a graph refuses the image.
+END_TO_END_MAX_LOGIT_BYTES = 2 * 2**30
 
 
 def available_cores() -> int:
@@ -126,6 +129,17 @@ class OnnxPredictor(Predictor):
                                   "(export with --logits for logits)")
         return super().logits_by_group(groups)
 
+    def check_size(self, height: int, width: int, count: int = 1) -> None:
+        super().check_size(height, width)
+        if self.graph != "end-to-end":
+            return
+        # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
+        needed = count * self.info.num_classes * height * width * 4
+        if needed > END_TO_END_MAX_LOGIT_BYTES:
+            raise DataError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
+                            f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export with "
+                            "--logits, which resunet upsamples without them, or shrink the image")
+
     def batch_key(self, height: int, width: int) -> tuple:
         # An end-to-end graph takes the images at their own size: a batch needs one size.
         return (height, width) if self.graph == "end-to-end" else super().batch_key(height, width)
@@ -136,7 +150,7 @@ class OnnxPredictor(Predictor):
         check_batch(images)
         if len({image.shape for image in images}) > 1:
             raise ValueError("predict_batch: an end-to-end graph takes a batch of one size; call predict on each")
-        check_working_size(*images[0].shape[:2], self.size)  # the graph resizes inside: bound it before
+        self.check_size(*images[0].shape[:2], len(images))  # the graph resizes inside: bound it before
         feed = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
         return list(self.session.run(self.first_output, {self.input_name: feed})[0].astype(np.uint8))
 
@@ -145,7 +159,7 @@ class OnnxPredictor(Predictor):
         if self.graph == "logits":
             return super().predict_tensor(images)
         check_image_tensor(images)
-        check_working_size(*images.shape[-2:], self.size)
+        self.check_size(*images.shape[-2:], len(images))
         feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
         return torch.from_numpy(self.session.run(self.first_output, {self.input_name: feed})[0]).long()
 

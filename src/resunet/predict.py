@@ -274,6 +274,10 @@ class Predictor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
         return self.class_maps_by_group([images])[0].long()
 
+    def check_size(self, height: int, width: int) -> None:
+        """DataError (one line; the caller adds the file) if this predictor cannot take an image of this size."""
+        check_working_size(height, width, self.size)
+
     def batch_key(self, height: int, width: int) -> tuple:
         """Images with equal keys can share one forward pass in `predict_batch`: the same network input shapes."""
         return tuple(resize_short_side(height, width, size) for size in self.tta_sizes())

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
-from ..predict import Predictor, check_working_size, load
+from ..predict import Predictor, load
 from .codec import RequestError, class_summary, decode_image, png_bytes, rle_classes, upload_bytes
 from .engine import InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -262,7 +262,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         received = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
         try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
-            check_working_size(*image.shape[:2], predictor.size)
+            predictor.check_size(*image.shape[:2])
         except DataError as error:
             raise RequestError(413, f"{name}: {error}") from None
         decoded = time.perf_counter()
