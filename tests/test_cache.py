@@ -58,3 +58,26 @@ def test_cached_loader_epochs_are_reproducible_and_sharded(tmp_path):
     assert not torch.equal(next(iter(second))[0], batches[0][0])
     shards = [loader(rank, 2) for rank in (0, 1)]
     assert [len(s) for s in shards] == [2, 2]
+
+
+def test_an_edited_classes_json_rebuilds_the_cache_of_rgb_masks(tmp_path):
+    # With RGB masks the palette decides each pixel's class: the same files, another classes.json, other labels.
+    import json
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / "train" / folder).mkdir(parents=True)
+    colours = np.zeros((16, 16, 3), np.uint8)
+    colours[:, 8:] = (128, 0, 0)  # right half: the second palette colour
+    Image.fromarray(colours).save(root / "train" / "masks" / "a.png")
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(root / "train" / "images" / "a.png")
+    description = {"classes": ["bg", "a", "b"], "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]]}
+    (root / "classes.json").write_text(json.dumps(description))
+    first = build_cache(open_dataset(root, "train"), size=16, cache_dir=tmp_path / "cache")
+    assert set(np.unique(first.masks[0]).tolist()) == {0, 1}
+    description["palette"] = [[0, 0, 0], [0, 128, 0], [128, 0, 0]]  # a and b swapped
+    (root / "classes.json").write_text(json.dumps(description))
+    second = build_cache(open_dataset(root, "train"), size=16, cache_dir=tmp_path / "cache")
+    assert second.folder != first.folder and set(np.unique(second.masks[0]).tolist()) == {0, 2}

@@ -45,6 +45,7 @@ def one_error_line(capsys, command: str) -> str:
     (["--num-classes", "-2"], "--num-classes -2: must be at least 1"),
     (["--encoder", "resnet35"], "--encoder resnet35: unknown; choose from resnet18"),
     (["--device", "banana"], "--device banana: not a device"),
+    (["--batch-size", "1", "--size", "32"], "--batch-size 1 with a 32-pixel crop: the encoder's deepest features"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], ""),
 ])
 def test_nonsense_train_settings_are_one_line(tmp_path, capsys, flags, words):
@@ -563,6 +564,8 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
 @pytest.mark.parametrize("description, words", [
     ({"classes": ["bg", "a", "b"], "ignore_index": 1}, "ignore index 1 is also class 'a'"),
     ({"classes": ["bg", "a", "a"]}, "class name(s) 'a' given twice"),
+    ({"classes": ["bg", "a"], "ignore_index": 300}, "ignore index 300 must be 0..255 (masks are uint8)"),
+    ({"classes": ["bg", "a"], "ignore_index": -1}, "ignore index -1 must be 0..255"),
     ({"classes": [f"c{i}" for i in range(300)]}, "300 classes; a uint8 mask holds at most 256"),
 ])
 def test_classes_no_mask_can_hold_apart_are_refused(tmp_path, capsys, description, words):

@@ -425,6 +425,10 @@ def check_settings(cfg: TrainConfig) -> None:
             raise TrainingError(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {expected}")
     if cfg.encoder not in ENCODERS:
         raise TrainingError(f"--encoder {cfg.encoder}: unknown; choose from {', '.join(ENCODERS)}")
+    crop = cfg.crop_size or cfg.size
+    if cfg.batch_size == 1 and crop <= 32:  # the encoder's last level is 1×1: BatchNorm sees one value per channel
+        raise TrainingError(f"--batch-size 1 with a {crop}-pixel crop: the encoder's deepest features are 1×1, and "
+                            "BatchNorm cannot train on one value per channel; use --batch-size 2 or a crop over 32")
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -41,7 +41,9 @@ def cache_short_side(size: int) -> int:
 
 
 def cache_key(dataset: PairedDataset, short_side: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}:{short_side}:{dataset.info.ignore_index}".encode())
+    # The classes too: with RGB masks the palette decides each pixel's class (an edited classes.json, same files).
+    classes = json.dumps(dataset.info.to_dict(), sort_keys=True)
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{short_side}:{classes}".encode())
     for path in dataset.image_paths + dataset.mask_paths:
         stat = path.stat()
         digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())

@@ -94,6 +94,8 @@ def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> Non
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ValueError(f"{source}: class name(s) {', '.join(map(repr, twice))} given twice")
+    if not 0 <= ignore_index <= 255:
+        raise ValueError(f"{source}: ignore index {ignore_index} must be 0..255 (masks are uint8)")
     if 0 <= ignore_index < len(names):
         raise ValueError(f"{source}: ignore index {ignore_index} is also class {names[ignore_index]!r} (classes are "
                          f"0..{len(names) - 1}); give it a value outside them, e.g. 255")
