@@ -224,3 +224,79 @@ def test_a_large_image_is_resized_band_by_band_to_the_same_bits(monkeypatch, hei
     assert banded.shape == whole.shape and torch.equal(banded, whole)
     assert torch.equal(predict_module.resize_antialiased(pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
                                                          size), whole)  # an H×W×3 array's view, as predict passes it
+
+
+@pytest.mark.parametrize("low, size", [((7, 9), (61, 83)), ((40, 30), (23, 17)), ((5, 5), (5, 12))])
+def test_rows_of_the_upsampled_logits_match_the_whole_upsampling(low, size):
+    from resunet.predict import upsampled_rows
+
+    logits = torch.randn((2, 4) + low, generator=torch.Generator().manual_seed(5))
+    whole = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    for rows in (1, 6, size[0] - 1):
+        bands = torch.cat([upsampled_rows(logits, size, top, min(size[0], top + rows))
+                           for top in range(0, size[0], rows)], dim=2)
+        assert bands.shape == whole.shape and torch.allclose(bands, whole, atol=1e-5)
+
+
+def test_banded_full_size_maps_match_the_whole_ones(trained_run, monkeypatch):
+    """Multi-scale TTA, ensembles and confidence maps combine full-size logits; past FULL_SIZE_WHOLE_ELEMENTS they do
+    it band by band of rows. Both ways must give the same maps and confidence (up to rounding order)."""
+    from resunet import predict as predict_module
+    from resunet.predict import Ensemble
+
+    first = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32")
+    second = Predictor.from_checkpoint(trained_run / "last.pt", precision="fp32")
+    second.temperature, second.size = 1.7, 48
+    image = np.array(make_sample(np.random.default_rng(4), 96)[0].resize((131, 97)))
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    cases = []
+    for predictor in (first, Ensemble([first, second])):
+        predictor.set_inference("ms+flip", scales=(0.75, 1.25))
+        cases.append((predictor, predictor.logits(pixels), predictor.predict_with_confidence(image)))
+    monkeypatch.setattr(predict_module, "FULL_SIZE_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 21 * 131 * 10)  # 10 rows a band, a short last one
+    for predictor, logits, (whole_mask, whole_confidence) in cases:
+        expected = logits.argmax(1)[0].numpy()
+        assert len(np.unique(expected)) >= 2  # a trained model: boundaries for the bands to get right
+        assert np.array_equal(whole_mask, expected)
+        mask, confidence = predictor.predict_with_confidence(image)
+        assert (mask == expected).mean() >= 0.999 and np.allclose(confidence, whole_confidence, atol=1e-5)
+        assert (predictor.predict(image) == expected).mean() >= 0.999
+        probabilities = (logits / predictor.temperature).softmax(1)[0]
+        assert np.allclose(confidence, probabilities.amax(0).numpy(), atol=1e-5)
+
+
+def test_multi_scale_confidence_on_a_large_image_takes_bands_not_gigabytes(tmp_path):
+    """A 3000×3000 photo's full-size logits take 756 MB per scale (21 classes); the multi-scale TTA and confidence
+    maps held several such tensors at once. Band by band the process grows by a fraction of one."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np, torch
+        from resunet.data.classes import generic_info
+        from resunet.model.unet import ResNetUNet
+        from resunet.predict import Ensemble, Predictor
+
+        def peak_mb():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) // 1024
+
+        torch.manual_seed(0)
+        members = [Predictor(ResNetUNet(21, "resnet18", None).eval(), generic_info(21), 32, (0.5,) * 3, (0.25,) * 3,
+                             "cpu", "fp32") for _ in range(2)]
+        image = np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)
+        members[0].predict(image[:64, :64])  # warm up: the allocator and kernels, not the image
+        for predictor in (members[0], Ensemble(members)):
+            predictor.set_inference("ms", scales=(0.75, 1.0))
+            start = peak_mb()
+            mask, confidence = predictor.predict_with_confidence(image)
+            assert mask.shape == confidence.shape == (3000, 3000)
+            assert np.array_equal(predictor.predict(image), mask)
+            print(peak_mb() - start)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = [int(line) for line in result.stdout.split()]
+    # The image (27 MB), its mask and confidence (45 MB) and a few 48 MB bands; whole, it was over 2 GB.
+    assert len(growth) == 2 and max(growth) < 500, growth

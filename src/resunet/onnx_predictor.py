@@ -123,11 +123,12 @@ class OnnxPredictor(Predictor):
         feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0])
 
-    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
+        # Under logits, probabilities and confidence maps alike.
         if self.graph != "logits":
             raise CheckpointError(f"{self.path}: an end-to-end graph outputs class maps, not logits "
                                   "(export with --logits for logits)")
-        return super().logits_by_group(groups)
+        return super().low_res_logits(groups)
 
     def check_size(self, height: int, width: int, count: int = 1) -> None:
         super().check_size(height, width)

@@ -15,6 +15,7 @@ runs whole, exactly as without it. Other runtimes (the ONNX predictor) subclass 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
-from .classmap import argmax_map, upsample_argmax
+from .classmap import argmax_map, linear_taps, upsample_argmax
 from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
@@ -45,6 +46,11 @@ MAX_WORKING_PIXELS = 16_000_000
 # so each band is returned to the system when freed instead of growing the heap band after band.
 FLOAT_WHOLE_ELEMENTS = 3 * 4_000_000
 BAND_BYTES = 48 * 2**20
+# Multi-scale TTA, ensembles and confidence maps need full-size logits (C floats a pixel: 5.4 GB for an 8000×8000
+# photo with 21 classes, and a few such tensors at once). Past this many values (N × C × H × W: 256 MiB, a 1790×1790
+# image with 21 classes) they are combined band by band of output rows instead (`Predictor.full_size_maps`);
+# below it, whole, with PyTorch's own upsampling.
+FULL_SIZE_WHOLE_ELEMENTS = 2**26
 
 
 def check_working_size(height: int, width: int, size: int) -> None:
@@ -203,27 +209,65 @@ class Predictor:
     def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups of uint8 images, n×3×H×W each, whose sizes differ but share a `batch_key` → each group's float32
         n×C×H×W logits at its own size: one forward pass per working size for all of them, the scales averaged."""
-        groups = self.on_device(groups)
-        totals: list[torch.Tensor | None] = [None] * len(groups)
-        sizes = self.tta_sizes()
-        for size in sizes:
-            for i, part in enumerate(self.working_logits_by_group(groups, size)):
-                up = F.interpolate(part, size=groups[i].shape[-2:], mode="bilinear", align_corners=False)
-                totals[i] = up if totals[i] is None else totals[i] + up
-        return totals if len(sizes) == 1 else [total / len(sizes) for total in totals]
+        return [self.full_size_logits(models, images.shape[-2:], 0, images.shape[-2])
+                for models, images in zip(self.low_res_logits(groups), groups)]
 
     @torch.inference_mode()
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups as for `logits_by_group` → each group's n×H×W class maps at its own size. At one working
         size the upsampling and argmax are one fused pass (`classmap.upsample_argmax`: the same maps, without
-        writing the full-size logits); multi-scale TTA averages full-size logits first. uint8, or int64 beyond 256
-        classes."""
+        writing the full-size logits); multi-scale TTA averages full-size logits first (`full_size_maps`). uint8,
+        or int64 beyond 256 classes."""
         sizes = self.tta_sizes()
         if len(sizes) > 1:
-            return [argmax_map(logits) for logits in self.logits_by_group(groups)]
+            return [maps for maps, _ in self.full_size_maps(groups)]
         groups = self.on_device(groups)
         return [upsample_argmax(part, images.shape[-2:])
                 for part, images in zip(self.working_logits_by_group(groups, sizes[0]), groups)]
+
+    def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
+        """Groups as for `logits_by_group` → for each group, for each model (one here; an `Ensemble`'s members):
+        its temperature and its float32 logits at each working size, before any upsampling."""
+        groups = self.on_device(groups)
+        by_size = [self.working_logits_by_group(groups, size) for size in self.tta_sizes()]
+        return [[(self.temperature, [parts[i] for parts in by_size])] for i in range(len(groups))]
+
+    def full_size_logits(self, models: list[tuple[float, list[torch.Tensor]]], size: tuple[int, int], top: int,
+                         bottom: int) -> torch.Tensor:
+        """Rows top..bottom of one group's full-size logits from its `low_res_logits`: the working sizes' logits
+        upsampled to `size` and averaged."""
+        (_, parts), = models
+        total = upsampled_rows(parts[0], size, top, bottom)
+        for part in parts[1:]:
+            total += upsampled_rows(part, size, top, bottom)
+        return total if len(parts) == 1 else total / len(parts)
+
+    @torch.inference_mode()
+    def full_size_maps(self, groups: list[torch.Tensor], confidence: bool = False
+                       ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Groups as for `logits_by_group` → each group's n×H×W class maps (the argmax of `logits_by_group`) and, on
+        request, float32 confidence (the chosen class's probability, calibrated by the temperature). A group whose
+        full-size logits would pass `FULL_SIZE_WHOLE_ELEMENTS` is done band by band of rows, so memory stays at a
+        band's logits (`BAND_BYTES`) instead of the whole image's; the bands' upsampling sums in another order than
+        PyTorch's, so a pixel whose two best classes tie to the last bits may differ."""
+        results = []
+        for models, images in zip(self.low_res_logits(groups), groups):
+            (n, classes), (height, width) = models[0][1][0].shape[:2], images.shape[-2:]
+            maps = torch.empty((n, height, width), dtype=torch.uint8 if classes <= 256 else torch.int64,
+                               device=self.device)
+            chosen = torch.empty((n, height, width), device=self.device) if confidence else None
+            rows = height
+            if n * classes * height * width > FULL_SIZE_WHOLE_ELEMENTS:
+                rows = max(1, BAND_BYTES // (4 * n * classes * width))
+            for top in range(0, height, rows):
+                bottom = min(height, top + rows)
+                logits = self.full_size_logits(models, (height, width), top, bottom)
+                maps[:, top:bottom] = argmax_map(logits)
+                if chosen is not None:
+                    chosen[:, top:bottom] = (logits / self.temperature).softmax(1).amax(1)
+                del logits
+            results.append((maps, chosen))
+        return results
 
     def on_device(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
@@ -267,8 +311,8 @@ class Predictor:
     def predict_with_confidence(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
         """One image → its H×W uint8 class map and H×W float32 confidence (the chosen class's probability)."""
         pixels = torch.from_numpy(np.require(as_uint8_rgb(image), requirements=("C", "W"))).permute(2, 0, 1)[None]
-        confidence, mask = self.probabilities(pixels)[0].max(0)
-        return mask.to(torch.uint8).cpu().numpy(), confidence.cpu().numpy()
+        (mask, confidence), = self.full_size_maps([pixels], confidence=True)
+        return mask[0].to(torch.uint8).cpu().numpy(), confidence[0].cpu().numpy()
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
@@ -346,18 +390,44 @@ class Ensemble(Predictor):
     def batch_key(self, height: int, width: int) -> tuple:
         return tuple(member.batch_key(height, width) for member in self.members)
 
-    @torch.inference_mode()
-    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        totals: list[torch.Tensor | None] = [None] * len(groups)
-        for member in self.members:
-            for i, logits in enumerate(member.logits_by_group(groups)):
-                p = (logits.to(self.device) / member.temperature).softmax(1)
-                totals[i] = p if totals[i] is None else totals[i] + p
-        return [(total / len(self.members)).clamp_min(1e-12).log() for total in totals]
+    def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
+        by_member = [member.low_res_logits(groups) for member in self.members]
+        return [[(temperature, [part.to(self.device) for part in parts]) for models in by_member
+                 for temperature, parts in models[i]] for i in range(len(groups))]
+
+    def full_size_logits(self, models: list[tuple[float, list[torch.Tensor]]], size: tuple[int, int], top: int,
+                         bottom: int) -> torch.Tensor:
+        """The log of the members' averaged (temperature-scaled) probabilities, rows top..bottom."""
+        total = None
+        for temperature, parts in models:
+            p = (Predictor.full_size_logits(self, [(temperature, parts)], size, top, bottom) / temperature).softmax(1)
+            total = p if total is None else total + p
+        return (total / len(models)).clamp_min(1e-12).log()
 
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # The members' probabilities are averaged at full size: no low-resolution logits for the fused pass.
-        return [argmax_map(logits) for logits in self.logits_by_group(groups)]
+        return [maps for maps, _ in self.full_size_maps(groups)]
+
+
+def upsampled_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:
+    """Rows top..bottom of `F.interpolate(logits, size, mode="bilinear", align_corners=False)` without the others:
+    the whole call when all rows are asked for; otherwise each output row blends its two source rows with PyTorch's
+    weights (`classmap.linear_taps`), then the width is interpolated (the same values up to rounding order)."""
+    if top == 0 and bottom == size[0]:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    first, second, weight_first, weight_second = (taps[top:bottom].to(logits.device)
+                                                  for taps in row_taps(logits.shape[-2], size[0]))
+    rows = (logits.index_select(2, first) * weight_first[:, None]
+            + logits.index_select(2, second) * weight_second[:, None])
+    n, classes, height, width = rows.shape
+    return F.interpolate(rows.reshape(n, classes * height, width), size=size[1], mode="linear",
+                         align_corners=False).reshape(n, classes, height, size[1])
+
+
+@functools.lru_cache(maxsize=16)
+def row_taps(in_len: int, out_len: int) -> tuple[torch.Tensor, ...]:
+    """`classmap.linear_taps` as tensors, kept for the bands of one image (and the next of its size)."""
+    return tuple(torch.from_numpy(taps) for taps in linear_taps(in_len, out_len))
 
 
 def resize_antialiased(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
