@@ -758,3 +758,37 @@ def test_the_api_docs_page_works_offline_in_a_real_browser(live_server, tmp_path
         browser.close()
     assert not outside, outside
     assert 'resunet_requests_total{path="/docs-assets",status="200"}' in httpx.get(url + "/metrics").text
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[str, dict, dict]:
+    """Send bytes as they are on a fresh connection; → (status line, headers, JSON body) of the answer."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):  # until the service closes the connection
+            received += chunk
+    head, body = received.decode("latin-1").split("\r\n\r\n", 1)
+    status, *lines = head.split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return status, headers, json.loads(body)
+
+
+def test_a_request_http_cannot_parse_gets_a_json_error_counted_in_metrics(live_server):
+    """uvicorn answered these itself in text/plain ("Invalid HTTP request received.", no reason), and neither the
+    log nor /metrics saw them."""
+    _, url = live_server
+    cases = [(b"GARBAGE\r\n\r\n", "400 Bad Request", "invalid HTTP request: "),
+             (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", "400 Bad Request",
+              "invalid HTTP request: "),
+             (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000,  # headers past 16 KB, unfinished
+              "431 Request Header Fields Too Large", "invalid HTTP request: Receive buffer too long")]
+    for request, status, start in cases:
+        line, headers, body = raw_exchange(url, request)
+        assert line == f"HTTP/1.1 {status}", line
+        assert headers["content-type"] == "application/json" and body["error"].startswith(start), (headers, body)
+        assert "\n" not in body["error"] and len(body["error"]) > len("invalid HTTP request: ")
+    assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # and the service goes on
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'resunet_requests_total{path="unparsed",status="400"} 2.0' in metrics
+    assert 'resunet_requests_total{path="unparsed",status="431"} 1.0' in metrics

@@ -8,11 +8,14 @@ as if nothing happened.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -36,6 +39,7 @@ STATIC = Path(__file__).parent / "static"
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, served from the installed package, not a CDN
 log = logging.getLogger("resunet.serve")
+UVICORN_INVALID_REQUEST = "Invalid HTTP request received."
 DISCONNECT_CHECK_S = 0.05  # how often a waiting request looks whether its client is still there
 
 
@@ -180,7 +184,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     app = FastAPIOffline(title="resunet", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
                          redoc_url=None,  # ReDoc fetches its logo from a CDN; /docs says the same
                          description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
-    app.state.engine, app.state.settings, app.state.description = engine, settings, description
+    app.state.engine, app.state.settings, app.state.description, app.state.metrics = (
+        engine, settings, description, metrics)
 
     app.add_middleware(LogAndCount, metrics=metrics, on_bug=lambda request, error: on_bug(request, error))
 
@@ -292,6 +297,32 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     return app
 
 
+def unparsable_requests_in_json(metrics: ServiceMetrics) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11), except that a request it cannot parse (a garbage request line, a
+    non-numeric Content-Length, headers past 16 KB) is answered like every other error: a JSON body naming the
+    problem, one log line and a count in /metrics (path "unparsed"). uvicorn answers those itself, before any app
+    sees them, with a text/plain "Invalid HTTP request received." and no reason."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            error = sys.exc_info()[1]  # uvicorn calls this inside its `except h11.RemoteProtocolError`
+            status = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
+            message = f"invalid HTTP request: {error}" if error else msg
+            body = json.dumps({"error": message}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+            metrics.requests.labels("unparsed", str(status)).inc()
+            log.info("- - %d error: %s", status, message)
+
+    return JsonErrorsH11Protocol
+
+
 def check_address(host: str, port: int) -> None:
     """Raise OSError (one line: the address and why) if `host:port` cannot be listened on — a port in use, a host
     that does not resolve — before the model is warmed up and the service announced; uvicorn would say it later, in
@@ -322,8 +353,11 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     # After its graceful shutdown uvicorn raises the signal that stopped it again, under the handler it found at
     # start; with the default one SIGTERM would then kill the process (status -15). A no-op of ours lets it return.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # Our protocol logs an unparsable request in one line with its reason; uvicorn's own warning would be a second.
+    logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != UVICORN_INVALID_REQUEST)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                    timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections)
+                    timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
+                    http=unparsable_requests_in_json(app.state.metrics))
     finally:
         signal.signal(signal.SIGTERM, previous)
