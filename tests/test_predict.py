@@ -300,3 +300,23 @@ def test_multi_scale_confidence_on_a_large_image_takes_bands_not_gigabytes(tmp_p
     growth = [int(line) for line in result.stdout.split()]
     # The image (27 MB), its mask and confidence (45 MB) and a few 48 MB bands; whole, it was over 2 GB.
     assert len(growth) == 2 and max(growth) < 500, growth
+
+
+def test_bf16_on_the_cpu_gives_no_nan_for_an_input_under_64_pixels():
+    """oneDNN's bf16 stride-2 convolutions returned NaN, now and then, where their output was one pixel wide: the
+    encoder's last stage for an input padded to 32 px (a 48×32 image gave all-NaN logits in 5 of 12 fresh models on
+    the AMX Xeon, and predict wrote class 0 everywhere without a word). Such inputs are padded to 64 px."""
+    from resunet.data.classes import generic_info
+    from resunet.model.unet import ResNetUNet
+    from resunet.runtime import autocast
+
+    torch.manual_seed(0)
+    for _ in range(12):  # a fresh model each time: the failure came with new weights
+        predictor = Predictor(ResNetUNet(3, "resnet18", None).eval(), generic_info(3), 32, (0.5,) * 3, (0.25,) * 3,
+                              "cpu", "bf16", fold_bn=True)
+        narrow = torch.randn(1, 3, 48, 32)
+        logits = predictor.network(narrow)
+        assert logits.shape == (1, 3, 48, 32) and torch.isfinite(logits).all()
+    wide = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    with torch.inference_mode(), autocast(predictor.device, None):
+        assert torch.equal(predictor.network(wide.float()), predictor.model(wide))  # 64 px and up: untouched

@@ -46,6 +46,10 @@ MAX_WORKING_PIXELS = 16_000_000
 # so each band is returned to the system when freed instead of growing the heap band after band.
 FLOAT_WHOLE_ELEMENTS = 3 * 4_000_000
 BAND_BYTES = 48 * 2**20
+# oneDNN's bf16 convolutions on the CPU (PyTorch 2.14 on a Xeon with AMX) sometimes return NaN where a stride-2 3×3
+# convolution's output is one pixel wide: the encoder's last stage, for an input the model pads to 32 px. An input
+# under 64 px is padded to 64 here (zeros on the right and bottom, as the model itself pads), so no map is that thin.
+BF16_MIN_SIDE = 64
 # Multi-scale TTA, ensembles and confidence maps need full-size logits (C floats a pixel: 5.4 GB for an 8000×8000
 # photo with 21 classes, and a few such tensors at once). Past this many values (N × C × H × W: 256 MiB, a 1790×1790
 # image with 21 classes) they are combined band by band of output rows instead (`Predictor.full_size_maps`);
@@ -174,12 +178,15 @@ class Predictor:
 
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float N×3×h×w (on the predictor's device) → logits N×C×h×w. Subclasses swap the runtime."""
+        height, width = x.shape[-2:]
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and min(height, width) < BF16_MIN_SIDE:
+            x = F.pad(x, (0, max(0, BF16_MIN_SIDE - width), 0, max(0, BF16_MIN_SIDE - height)))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.bf16_weights:
             x = x.to(torch.bfloat16)
         with autocast(self.device, None if self.bf16_weights else self.dtype):
-            return self.model(x)
+            return self.model(x)[..., :height, :width]
 
     def tiled(self, x: torch.Tensor) -> torch.Tensor:
         """`network` over the whole image, or over overlapping window tiles with logits averaged in the overlaps."""
