@@ -681,3 +681,120 @@ def test_numbers_out_of_range_are_refused_by_the_parser(command, flag, value, ca
     with pytest.raises(SystemExit) as stopped:
         main([*args, flag, value])
     assert stopped.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+# ---- runs moved, linked, rewound or fed other data (found 2026-12-04, second hunt) ----------------------------------
+
+def test_a_checkpoint_saved_through_a_link_updates_the_file_it_points_to(tmp_path):
+    import os
+
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint({"n": 1}, tmp_path / "v1.pt")
+    os.chmod(tmp_path / "v1.pt", 0o640)
+    (tmp_path / "current.pt").symlink_to("v1.pt")
+    save_checkpoint({"n": 2}, tmp_path / "current.pt")
+    assert (tmp_path / "current.pt").is_symlink()  # it was replaced by a copy, and v1.pt kept the old weights
+    assert load_checkpoint(tmp_path / "v1.pt")["n"] == 2
+    assert os.stat(tmp_path / "v1.pt").st_mode & 0o777 == 0o640  # and the file keeps its permissions
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.pt", "v1.pt"]
+
+
+def test_calibrate_refuses_a_read_only_checkpoint_before_the_fit(checkpoint, demo_root, tmp_path, capsys):
+    import os
+    import shutil
+
+    model = tmp_path / "model.pt"
+    shutil.copy(checkpoint, model)
+    os.chmod(model, 0o444)
+    before = model.read_bytes()
+    assert main(["calibrate", str(model), "--data-root", str(demo_root)]) == 2
+    assert "read-only, and calibrate stores the temperature in it" in one_error_line(capsys, "calibrate")
+    assert model.read_bytes() == before and os.stat(model).st_mode & 0o777 == 0o444
+
+
+def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(demo_root, ram_tmp, monkeypatch):
+    from resunet.checkpoint import load_checkpoint
+    from resunet.train import train
+
+    monkeypatch.chdir(demo_root.parent)
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root.name, run, epochs=1, encoder="resnet18", size=32))  # a relative --data-root
+    assert load_checkpoint(run / "last.pt")["train_config"]["data_root"] == str(demo_root)
+    links = ram_tmp / "links"
+    links.mkdir()
+    (links / "last.pt").symlink_to(run / "last.pt")
+    monkeypatch.chdir(links)  # elsewhere: the stored relative root would not be found from here
+    assert main(["train", "--resume", "last.pt", "--epochs", "2"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert sorted(p.name for p in links.iterdir()) == ["last.pt"] and (links / "last.pt").is_symlink()
+
+
+def test_resuming_from_a_checkpoint_behind_last_pt_is_refused(demo_root, ram_tmp):
+    import shutil
+
+    from resunet.checkpoint import load_checkpoint
+    from resunet.train import TrainingError, train
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, encoder="resnet18", size=32))
+    shutil.copy(run / "last.pt", run / "epoch1.pt")
+    train(tiny_config(demo_root, run, epochs=2, encoder="resnet18", size=32, resume=str(run / "last.pt")))
+    with pytest.raises(TrainingError, match=r"epoch1.pt: holds epoch 1, but .*last.pt is further on \(epoch 2\); "
+                                            "resuming would overwrite it"):
+        train(tiny_config(demo_root, run, epochs=3, encoder="resnet18", size=32, resume=str(run / "epoch1.pt")))
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_on_data_that_shrank(demo_root, ram_tmp, monkeypatch, capsys):
+    """The saved step replayed the batches of the old data's order: past the new epoch's end, a StopIteration
+    traceback. Now the change is said, and that epoch starts again."""
+    import shutil
+
+    from resunet.train import train
+    from test_faults import SMALL, signal_after_step
+
+    data = ram_tmp / "data"
+    shutil.copytree(demo_root, data)
+    run = ram_tmp / "run"
+    signal_after_step(monkeypatch, 8)  # 12 steps an epoch: stopped at step 8 of epoch 1
+    assert train(tiny_config(data, run, epochs=1, **SMALL))["stopped_by"] == "SIGTERM"
+    monkeypatch.undo()
+    listing = data / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt"
+    listing.write_text("\n".join(listing.read_text().split()[:16]) + "\n")  # 4 steps an epoch now
+    capsys.readouterr()
+    assert train(tiny_config(data, run, epochs=1, resume=str(run / "last.pt"), **SMALL))["stopped_by"] is None
+    out = capsys.readouterr().out
+    assert "the train data changed since" in out and "(48 → 16 train images, or files edited)" in out
+    assert "epoch 1 starts again from its first step (it was saved at step 8 of the old training data)" in out
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_run_folder_it_cannot_write_in_is_refused_before_the_first_epoch(demo_root, ram_tmp, monkeypatch):
+    import resunet.outputs as outputs_module
+    from resunet.train import TrainingError, train, write_atomically
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(outputs_module.tempfile, "TemporaryFile", refused)
+    with pytest.raises(TrainingError, match=r"--out .*run: cannot write in .*run \(Permission denied\)"):
+        train(tiny_config(demo_root, ram_tmp / "run", epochs=1, encoder="resnet18", size=32))
+    assert not (ram_tmp / "run" / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    (ram_tmp / "ro").mkdir()
+    monkeypatch.setattr("resunet.train.Path.write_text", refused)
+    with pytest.raises(TrainingError, match="could not write it .*; make it writable and start again$"):
+        write_atomically(ram_tmp / "ro" / "metrics.jsonl", "{}\n")  # no last.pt there: nothing to resume
+
+
+def test_a_file_named_twice_is_predicted_once(checkpoint, demo_root, tmp_path, capsys):
+    photo = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / photo.name).write_bytes(photo.read_bytes())
+    assert main(["predict", checkpoint, str(folder / photo.name), str(folder), str(folder / photo.name), "--out",
+                 str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{photo.stem}.png"]
+    assert "wrote 1 prediction(s)" in capsys.readouterr().out

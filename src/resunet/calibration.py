@@ -10,16 +10,18 @@ accuracy. Expected calibration error (15 bins, all non-ignored pixels) is report
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data.dataset import PairedDataset, open_dataset
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .evaluate import evaluate_dataset
 from .metrics import CalibrationError
+from .outputs import check_output_folder
 from .predict import Predictor
 
 PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image
@@ -86,6 +88,12 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """The `resunet calibrate` command."""
     predictor = Predictor.from_checkpoint(checkpoint, device, precision)
+    # The temperature is stored in the file: one it cannot rewrite is refused before the fit, not after.
+    real = Path(os.path.realpath(checkpoint))
+    if not real.stat().st_mode & 0o222:
+        raise CheckpointError(f"{checkpoint}: read-only, and calibrate stores the temperature in it; make it "
+                              "writable, or calibrate a copy")
+    check_output_folder("calibrate", real.parent)
     info = predictor.info
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     result = calibrate(checkpoint, dataset, predictor)

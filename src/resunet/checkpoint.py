@@ -8,6 +8,7 @@ checkpoint cannot run code. It carries the model's settings, the classes, the in
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,13 +42,15 @@ def remove_quietly(path: Path) -> None:
 def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some space and resume from it") -> None:
     """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one.
     `advice` ends the one-line error when the write fails (training's default: resume from the intact file)."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through a symbolic link: the file it points to, not a copy in its place
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)  # the file keeps its permissions
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # a full disk, a quota, a read-only or vanished folder
         # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError.

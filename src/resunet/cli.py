@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import os
 import sys
 import typing
 from dataclasses import MISSING
@@ -161,7 +162,7 @@ def cmd_train(args) -> int:
                       "checkpoint_every", "tensorboard", "data_root", "lr", "resume"}
         defaults = {f.name: f.default for f in config_fields()}
         given = flags_given(args.argv[args.argv.index("train") + 1:])
-        run_dir = str(Path(args.resume).parent)
+        run_dir = str(Path(os.path.realpath(args.resume)).parent)  # a link to RUN/last.pt resumes in RUN
         if "out" in given and Path(given.pop("out")).resolve() != Path(run_dir).resolve():
             raise SystemExit(f"resunet train: error: --out: a resumed run stays in its folder ({run_dir}); leave "
                              "--out out, or copy the folder first")
@@ -276,7 +277,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
             paths.append(path)
-    return paths
+    # A file named twice (itself and its folder, two globs) is predicted once, not refused as clashing with itself.
+    unique, seen = [], set()
+    for path in paths:
+        if (key := os.path.realpath(path)) not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def _readable(path: Path, max_pixels: int | None):

@@ -17,6 +17,8 @@ batches follow and the weights come out bit for bit as if the run had never stop
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
@@ -49,6 +51,7 @@ from .evaluate import evaluate_dataset
 from .losses import SegmentationLoss
 from .model.encoders import ENCODERS
 from .model.unet import ResNetUNet
+from .outputs import check_output_folder
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
                       tune_cpu_allocator, use_channels_last)
@@ -243,6 +246,7 @@ def decoder_widths(text: str) -> tuple[int, ...]:
 
 def write_atomically(path: Path, text: str) -> None:
     """A process killed mid-write leaves the old file or the new one, never half a line."""
+    path = Path(os.path.realpath(path))  # through a symbolic link: the file it points to, not a copy in its place
     tmp = temporary_path(path)
     try:
         tmp.write_text(text)
@@ -250,7 +254,13 @@ def write_atomically(path: Path, text: str) -> None:
     except OSError as error:  # a full disk, a read-only folder: the checkpoints already saved stay as they are
         remove_quietly(tmp)
         raise TrainingError(f"{path}: could not write it ({error.strerror or error}); the previous {path.name} is "
-                            f"{'intact' if path.exists() else 'absent'}; free some space and resume") from None
+                            f"{'intact' if path.exists() else 'absent'}; {write_advice(error, path.parent)}") from None
+
+
+def write_advice(error: OSError, out: Path) -> str:
+    """How a failed write inside a run folder ends its error line: what to fix, and whether there is a run to resume."""
+    fix = "make it writable" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "free some space"
+    return f"{fix} and resume from {out / 'last.pt'}" if (out / "last.pt").is_file() else f"{fix} and start again"
 
 
 def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
@@ -334,6 +344,37 @@ class StopSignal:
         if self.announce:
             print(f"{self.name}: finishing the current step, then saving last.pt (again to stop at once)",
                   file=sys.stderr, flush=True)
+
+
+def data_signature(dataset: PairedDataset, root: str | Path) -> dict:
+    """What a resumed run compares to tell whether its data changed: the image count, and a digest of each file's
+    path under the data root and size (not the root itself, nor the times: --data-root may move on resume)."""
+    digest = hashlib.sha256()
+    for path in dataset.image_paths + dataset.mask_paths:
+        digest.update(f"{os.path.relpath(path, root)}:{path.stat().st_size}\n".encode())
+    return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
+
+
+def absolute_paths(cfg: TrainConfig) -> dict:
+    """The config's paths as a resumed run must read them, from whatever folder it is started in."""
+    return {name: os.path.abspath(value) for name in ("data_root", "cache_dir") if (value := getattr(cfg, name))}
+
+
+def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
+    """Refuse a resume from a checkpoint older than the run's last.pt (`--resume RUN/best.pt`): the run would go
+    back to it and overwrite last.pt, the work since then lost."""
+    last = out / "last.pt"
+    if not last.is_file() or os.path.samefile(last, resume):
+        return
+    newer = load_checkpoint(last, tensors=False)
+
+    def point(payload: dict) -> tuple[int, int]:
+        return payload.get("epoch", 0), (payload.get("position") or {}).get("step", 0)
+
+    if point(newer) > point(state):
+        raise TrainingError(f"{resume}: holds epoch {state.get('epoch', 0)}, but {last} is further on (epoch "
+                            f"{newer.get('epoch', 0)}); resuming would overwrite it. Resume from {last}, or copy "
+                            f"{Path(resume).name} into another folder to branch from it")
 
 
 def last_good_save(out: Path) -> str:
@@ -460,8 +501,11 @@ def train(cfg: TrainConfig) -> dict:
     if main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            check_output_folder("--out", out)  # a folder it cannot write in: found now, not after the first epoch
         except OSError as error:  # a file in the way, a read-only parent
             raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
+        except DataError as error:
+            raise TrainingError(str(error)) from None
 
     # ---- data and model ----------------------------------------------------------------------------------------
     train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
@@ -523,6 +567,23 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
                                 f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
                                 f"share of the data depends on the count), or from an epoch's end")
+    data_now = {"train": data_signature(train_set, cfg.data_root), "val": data_signature(val_set, cfg.data_root)}
+    if cfg.resume:
+        check_not_behind(cfg.resume, state, out)
+        changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
+        if changed and main_process:
+            was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}" for split in changed)
+            print(f"resunet: the {' and '.join(changed)} data changed since {cfg.resume} was saved ({was} images, or "
+                  f"files edited); the run goes on with the data as it is now"
+                  + ("; its best val mIoU so far was measured on the old val split" if "val" in changed else ""),
+                  flush=True)
+        if position is not None and (data_now["train"]["images"] != state["data"]["train"]["images"]
+                                     if "train" in changed else position["step"] > len(loader)):
+            # The saved step counts batches of the old data's order: replaying it on other data means nothing.
+            if main_process:
+                print(f"resunet: epoch {position['epoch']} starts again from its first step (it was saved at step "
+                      f"{position['step']} of the old training data)", flush=True)
+            position = None
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
@@ -559,7 +620,7 @@ def train(cfg: TrainConfig) -> dict:
             "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
-            "train_config": cfg.to_dict(), **extra,
+            "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now, **extra,
             **({"training_model": raw_model.state_dict(), "ema_updates": average.updates} if average else {}),
         }, path)
 
