@@ -126,3 +126,26 @@ def test_camvid_layout_reads_with_its_classes():
     assert len(dataset) == 101 and dataset.info.num_classes == 11 and dataset.info.ignore_index == 11
     sample = dataset.load(0)
     assert sample.image.shape == (360, 480, 3) and sample.mask.max() <= 11
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B")])
+def test_16_bit_grey_is_always_read_divided_by_257_whatever_its_values(tmp_path, fmt, mode):
+    """A 16-bit file's scale is in its mode: a dark one (every value ≤ 255) is not read 257× too bright, and one
+    bright pixel does not change how the others are read."""
+    from resunet.data.images import read_image
+
+    def written(values: list[int], name: str) -> np.ndarray:
+        image = Image.new(mode, (len(values), 1))
+        for x, value in enumerate(values):
+            image.putpixel((x, 0), value)
+        path = tmp_path / name
+        image.save(path, fmt)
+        assert Image.open(path).mode == mode  # really read back as 16-bit
+        pixels = read_image(path)
+        assert pixels.shape == (1, len(values), 3) and (pixels == pixels[..., :1]).all()
+        return pixels[0, :, 0]
+
+    dark = written([100, 200], "dark.img")
+    assert dark.tolist() == [0, 1]  # 100/257 → 0.39, 200/257 → 0.78, rounded
+    with_bright = written([100, 200, 300, 65535], "bright.img")
+    assert with_bright.tolist() == [0, 1, 1, 255]  # the same pixels read the same, with or without the bright one

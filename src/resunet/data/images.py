@@ -73,7 +73,7 @@ def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PI
         return pil_to_rgb8(image)
 
 
-DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # 16-bit, 32-bit and float grey images
+DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16-bit, 32-bit and float grey images
 
 
 def pil_to_rgb8(image: Image.Image) -> np.ndarray:
@@ -81,16 +81,23 @@ def pil_to_rgb8(image: Image.Image) -> np.ndarray:
     scaled to 8 bits (Pillow's convert() would clip it to white)."""
     image = ImageOps.exif_transpose(image)
     if image.mode in DEEP_GREY_MODES:
-        return grey_to_rgb8(np.asarray(image))
+        # I;16* modes are 16-bit by definition: their scale is known, not guessed from the values.
+        return grey_to_rgb8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"))
     return np.array(image.convert("RGB"))
 
 
-def grey_to_rgb8(grey: np.ndarray) -> np.ndarray:
-    """A 16-bit, 32-bit or float grey image as 8-bit RGB: values above 255 are taken as 16-bit (÷257), floats up to
-    1 as a 0..1 range, anything else as 8-bit already."""
+def grey_to_rgb8(grey: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image as 8-bit RGB.
+
+    16-bit grey (`sixteen_bit`, by default: a uint16 array) is always ÷257, whatever its values: a dark 16-bit
+    image stays dark, and one bright pixel does not change how the rest is read. For 32-bit integer or float grey
+    (PIL modes I and F) the scale is not in the file and is guessed from the values: above 255 → 16-bit (÷257),
+    floats up to 1 → a 0..1 range, anything else → 8-bit already."""
+    if sixteen_bit is None:
+        sixteen_bit = grey.dtype.kind == "u" and grey.dtype.itemsize == 2
     values = grey.astype(np.float64)
     top = float(np.nanmax(values)) if values.size else 0.0
-    if top > 255:
+    if sixteen_bit or top > 255:
         values = values / 257.0
     elif grey.dtype.kind == "f" and top <= 1.0:
         values = values * 255.0
