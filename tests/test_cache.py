@@ -81,3 +81,19 @@ def test_an_edited_classes_json_rebuilds_the_cache_of_rgb_masks(tmp_path):
     (root / "classes.json").write_text(json.dumps(description))
     second = build_cache(open_dataset(root, "train"), size=16, cache_dir=tmp_path / "cache")
     assert second.folder != first.folder and set(np.unique(second.masks[0]).tolist()) == {0, 2}
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_data_error_line(tmp_path):
+    """build_cache itself (the API, benchmark) refuses an unwritable folder in one line, not with an OSError."""
+    import pytest
+
+    from resunet.data.images import DataError
+
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=48, seed=0)
+    (tmp_path / "afile").write_text("mine")
+    for where in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(DataError) as caught:
+            build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=where)
+        assert str(caught.value) == (f"--cache-dir {where}: cannot write the decoded-image cache ({tmp_path / 'afile'} "
+                                     "is a file, not a folder); give a writable --cache-dir")
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +165,77 @@ def test_metrics_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
                                                          "is intact"):
         train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+# ---- --cache-dir: a folder that cannot be written ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    from resunet.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    make_demo_dataset(root, train=4, val=2, size=48, seed=0)
+    return root
+
+
+def small_run(root: Path, out: Path, cache_dir: Path, *flags: str) -> int:
+    return main(["train", "--data-root", str(root), "--out", str(out), "--size", "32", "--epochs", "1",
+                 "--batch-size", "2", "--encoder", "resnet18", "--no-pretrained", "--workers", "0", "--no-progress",
+                 "--cache-dir",
+                 str(cache_dir), *flags])
+
+
+@contextmanager
+def immutable(folder: Path):
+    """`folder` made immutable (chattr +i): what stops even root from writing into it, as tests here run as root."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where, flags", [("afile", ["--skip-data-check"]), ("afile/sub", []),
+                                          ("afile", ["--data-path", "cached"])])
+def test_a_cache_dir_under_a_file_is_one_line_before_the_data_check_and_the_run_folder(small_root, tmp_path, capsys,
+                                                                                        where, flags):
+    (tmp_path / "afile").write_text("mine")
+    assert small_run(small_root, tmp_path / "run", tmp_path / where, *flags) == 2
+    err = one_error_line(capsys, "train")
+    assert (f"--cache-dir {tmp_path / where}: cannot write the decoded-image cache ({tmp_path / 'afile'} is a file, "
+            "not a folder); give a writable --cache-dir") in err
+    assert "data check" not in capsys.readouterr().out  # refused before the data check read every image
+    assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_immutable_cache_dir_is_refused_but_a_cache_built_there_still_loads(small_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    with immutable(cache):  # nothing built there yet: refused in one line
+        assert small_run(small_root, tmp_path / "refused", cache) == 2
+        err = one_error_line(capsys, "train")
+        assert f"--cache-dir {cache}: cannot write the decoded-image cache (Operation not permitted)" in err
+        assert not (tmp_path / "refused").exists()
+    from resunet.data.cache import build_cache
+    from resunet.data.dataset import open_dataset
+
+    build_cache(open_dataset(small_root, "train"), 32, cache)  # what a first run with --size 32 builds
+    with immutable(cache):  # built: read, never written, so a read-only cache serves the next runs
+        assert small_run(small_root, tmp_path / "again", cache) == 0
+        captured = capsys.readouterr()
+    assert "cached data path" in captured.out and (tmp_path / "again" / "best.pt").is_file()
+    assert captured.err.strip() == (f"resunet: warning: {cache / 'check-data'}: cannot keep the data check's report "
+                                    "(Operation not permitted); it will be checked again next time")
+
+
+def test_a_data_check_report_that_cannot_be_kept_is_a_warning_and_the_run_goes_on(small_root, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert small_run(small_root, tmp_path / "run", tmp_path / "afile", "--data-path", "simple") == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"resunet: warning: {tmp_path / 'afile' / 'check-data'}: cannot keep the data "
+                                    "check's report (Not a directory); it will be checked again next time")
+    assert "simple data path" in captured.out and (tmp_path / "run" / "best.pt").is_file()
 
 
 # ---- data: classes.json, unreadable training masks, deep images ------------------------------------------------------

@@ -84,6 +84,7 @@ class Report:
     findings: list[Finding]
     facts: dict
     from_cache: bool = False
+    cache_note: str | None = None  # why the report could not be kept in `cache_dir` (it is checked again next time)
 
     @property
     def errors(self) -> list[Finding]:
@@ -543,10 +544,18 @@ def check_data(
     }
     report = Report(str(listing.base), sorted_findings(findings), facts)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
-        partial.write_text(json.dumps(report.to_dict()))
-        os.replace(partial, cache_file)  # atomic: another process never reads half a report
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(report.to_dict()))
+            os.replace(partial, cache_file)  # atomic: another process never reads half a report
+        except OSError as error:  # a read-only or misplaced cache folder: the cache only saves time, the check is done
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+            report.cache_note = (f"{cache_file.parent}: cannot keep the data check's report "
+                                 f"({error.strerror or error}); it will be checked again next time")
     return report
 
 

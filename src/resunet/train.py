@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .calibration import calibrate
 from .checkpoint import CheckpointError, load_checkpoint, remove_quietly, save_checkpoint, temporary_path
 from .config import TrainConfig
-from .data.cache import CachedLoader, build_cache, default_cache_dir, estimate_cache_bytes
+from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
@@ -113,14 +113,35 @@ def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
               f"{format_findings(report.findings)}", flush=True)
     if report.errors:
         raise DataError(refusal(report, cfg.data_root))
+    if verbose and report.cache_note:  # the report only saves time next run: the run goes on without it
+        print(f"resunet: warning: {report.cache_note}", file=sys.stderr, flush=True)
 
 
-def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, device, rank: int, world: int):
+def check_cache_first(cfg: TrainConfig) -> None:
+    """Refuse an unwritable --cache-dir (DataError, one line) before the data check reads every image, when the
+    run would build the decoded-image cache. Anything else wrong with the data is left to the data check, which
+    says it better; `train` checks the cache again once the data is open."""
+    try:
+        dataset = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+        kind = choose_data_path(cfg, dataset)
+    except DataError:
+        return
+    if kind == "cached":
+        check_cache_writable(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+
+
+def choose_data_path(cfg: TrainConfig, dataset: PairedDataset) -> str:
+    """"cached" or "simple" (--data-path auto: cached while the decoded images fit the cache limit)."""
+    if cfg.data_path == "auto":
+        return "cached" if estimate_cache_bytes(dataset, cfg.size) < CACHE_LIMIT_BYTES else "simple"
+    return cfg.data_path
+
+
+def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, device, rank: int, world: int,
+                      kind: str | None = None):
     """The cached (decode once, augment on device) or the simple (per-sample PIL) data path."""
     scales = (cfg.scale_min, cfg.scale_max)
-    kind = cfg.data_path
-    if kind == "auto":
-        kind = "cached" if estimate_cache_bytes(dataset, cfg.size) < CACHE_LIMIT_BYTES else "simple"
+    kind = kind or choose_data_path(cfg, dataset)
     if kind == "cached":
         cache = build_cache(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None, max(1, cfg.workers))
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
@@ -496,7 +517,18 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     if not cfg.skip_data_check:
+        check_cache_first(cfg)
         check_data_first(cfg, main_process)
+    # ---- data, checked before the run folder is made: a refused run leaves nothing behind ------------------------
+    train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+    val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+    info = train_set.info
+    if len(train_set) < cfg.batch_size * world:
+        raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
+                        f"{cfg.batch_size * world}")
+    data_path = choose_data_path(cfg, train_set)
+    if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run has begun
+        check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
     out = Path(cfg.out)
     if main_process:
         try:
@@ -507,13 +539,7 @@ def train(cfg: TrainConfig) -> dict:
         except DataError as error:
             raise TrainingError(str(error)) from None
 
-    # ---- data and model ----------------------------------------------------------------------------------------
-    train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
-    val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
-    info = train_set.info
-    if len(train_set) < cfg.batch_size * world:
-        raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
-                        f"{cfg.batch_size * world}")
+    # ---- model ---------------------------------------------------------------------------------------------------
     weights = cfg.encoder_weights or ("imagenet" if cfg.pretrained and not cfg.resume else None)
     model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
                        attention=cfg.attention).to(device)
@@ -522,7 +548,7 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
-    loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world)
+    loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from .dataset import PairedDataset
-from .images import image_size
+from .images import DataError, image_size
 from .transforms import augment_batch
 
 CACHE_FORMAT = 2  # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel
@@ -83,10 +84,41 @@ def _scaled(sample, short_side: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
+def cache_folder(dataset: PairedDataset, size: int, cache_dir: Path | None = None) -> Path:
+    """Where `build_cache` keeps (or will keep) this dataset's decoded images at this training size."""
+    return (cache_dir or default_cache_dir()) / cache_key(dataset, cache_short_side(size))
+
+
+def cache_write_error(root: Path, error: OSError) -> DataError:
+    reason = error.strerror or str(error)
+    if isinstance(error, (FileExistsError, NotADirectoryError)):  # "File exists" would not say which file
+        blocking = next((path for path in (root, *root.parents) if path.exists() and not path.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking is not None else reason
+    return DataError(f"--cache-dir {root}: cannot write the decoded-image cache ({reason}); give a writable "
+                     "--cache-dir")
+
+
+def check_cache_writable(dataset: PairedDataset, size: int, cache_dir: Path | None = None) -> None:
+    """Raise DataError (one line naming the folder) if this dataset's cache is not built yet and cannot be written:
+    called before a run folder is made or an image decoded. A cache already built needs no write (it may be on a
+    read-only disk)."""
+    folder = cache_folder(dataset, size, cache_dir)
+    if (folder / "done").is_file():
+        return
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # What the build does first: a folder of its own beside the final one (a file can be writable in a folder
+        # where a new entry cannot be made, e.g. an immutable one).
+        Path(tempfile.mkdtemp(prefix=f"{folder.name}.probe", dir=folder.parent)).rmdir()
+    except OSError as error:
+        raise cache_write_error(folder.parent, error) from None
+
+
 def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None, workers: int = 2) -> DecodedCache:
-    """Return the cache for this dataset and training size, building it if absent or stale."""
+    """Return the cache for this dataset and training size, building it if absent or stale. A cache folder that
+    cannot be written raises DataError (one line)."""
     short_side = cache_short_side(size)
-    folder = (cache_dir or default_cache_dir()) / cache_key(dataset, short_side)
+    folder = cache_folder(dataset, size, cache_dir)
     if (folder / "done").is_file():
         return DecodedCache(folder)
     # First pass: sizes only (PIL reads headers without decoding), to size the canvas.
@@ -95,10 +127,29 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         w, h = image_size(path, dataset.max_pixels)
         scale = min(1.0, short_side / min(h, w))
         sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
-    canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
+        raise cache_write_error(folder.parent, error) from None
+    try:
+        _fill_cache(dataset, short_side, sizes, tmp, workers)
+    except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
+            raise cache_write_error(folder.parent, error) from None
+        raise
+    try:
+        tmp.rename(folder)  # atomic: a half-built cache is never seen as done
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DecodedCache(folder)
+
+
+def _fill_cache(dataset: PairedDataset, short_side: int, sizes: list[tuple[int, int]], tmp: Path,
+                workers: int) -> None:
+    canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
     n = len(dataset)
     images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, 3, canvas_h, canvas_w))
     masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, canvas_h, canvas_w))
@@ -121,11 +172,6 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
                                                "source": dataset.description}))
     (tmp / "done").touch()
     del images, masks
-    try:
-        tmp.rename(folder)  # atomic: a half-built cache is never seen as done
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return DecodedCache(folder)
 
 
 class CachedLoader:
