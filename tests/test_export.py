@@ -181,9 +181,15 @@ def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_ru
     # A negative allowance: the file must score 100 points above PyTorch, which no file can, so the check fails.
     with pytest.raises(ExportError, match=r"m\.int8\.onnx: mIoU fell .* file not kept; the verified fp32 file is "):
         run_export(str(trained_run / "best.pt"), str(tmp_path / "m.int8.onnx"), int8=True, calibration=str(demo_root),
-                   calibration_count=4, data_root=str(demo_root), workers=0, max_miou_drop=-100)
+                   calibration_count=4, data_root=str(demo_root), workers=0, max_miou_drop=-100,
+                   json_out=str(tmp_path / "m.json"))
     # Only the verified fp32 file is left: no INT8 file under the output name, no temporary file.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.fp32.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.fp32.onnx", "m.json"]
+    # The figures measured are not lost with the file: --json says what was measured and that the file was refused.
+    figures = json.loads((tmp_path / "m.json").read_text())
+    assert figures["onnx_kept"] is False and "mIoU fell" in figures["error"]
+    assert figures["miou"]["images"] == 8 and figures["int8"]["calibration_images"] == 4
+    assert figures["fp32_file"] == str(tmp_path / "m.int8.fp32.onnx")
 
 
 def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch):
@@ -195,13 +201,128 @@ def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path,
     monkeypatch.setattr(export, "write_model_onnx",
                         lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
     result = run_export(str(trained_run / "best.pt"), str(tmp_path / "m.int8.onnx"), int8=True,
-                        calibration=str(demo_root), calibration_count=16, data_root=str(demo_root), workers=0)
+                        calibration=str(demo_root), calibration_count=16, data_root=str(demo_root), workers=0,
+                        json_out=str(tmp_path / "m.json"))
+    assert json.loads((tmp_path / "m.json").read_text())["onnx_kept"] is True
     assert read_metadata(tmp_path / "m.int8.onnx")["resunet.int8"] == "true"
     assert (tmp_path / "m.int8.fp32.onnx").is_file()
     assert (tmp_path / "m.int8.onnx").stat().st_size < 0.4 * (tmp_path / "m.int8.fp32.onnx").stat().st_size
     # Stated tolerance on the 8 demo val images: within 2 points of PyTorch fp32.
     assert result["miou"]["drift_points"] > -2.0
     assert result["int8"]["agreement"] > 0.97
+
+
+# ---- bad input: one line, before the export ------------------------------------------------------------------------
+
+
+def export_error(capsys, lines: int = 1) -> str:
+    """The error line (after lines-1 others, e.g. a calibration image skipped), with no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == lines - 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("resunet export: error: "), err
+    return last
+
+
+def write_png(path, seed: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 3 if mode == "L" else 256, (32, 32, 3 if mode == "RGB" else 1))
+    Image.fromarray(pixels.astype(np.uint8).squeeze(), mode).save(path)
+
+
+def test_export_never_writes_over_its_fp32_copy_a_dataset_file_or_a_calibration_image(trained_run, demo_root, tmp_path,
+                                                                                      capsys, monkeypatch):
+    import resunet.export as export
+
+    def no_export(*args):
+        raise AssertionError("exported before the outputs were checked")
+
+    monkeypatch.setattr(export, "write_model_onnx", no_export)
+    ckpt = str(trained_run / "best.pt")
+    fp32 = tmp_path / "jx" / "q.fp32.onnx"  # a verified fp32 file an earlier INT8 export kept
+    fp32.parent.mkdir()
+    fp32.write_bytes(b"verified fp32 model")
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "jx/q.onnx"), "--int8", "--calibration", str(demo_root),
+                 "--json", str(fp32)]) == 2
+    assert f"--json {fp32}: also given to --onnx (fp32 copy)" in export_error(capsys)
+    assert fp32.read_bytes() == b"verified fp32 model"
+    # The dataset's files and the calibration images are inputs too, seen once the dataset is open.
+    mask = open_dataset(demo_root, "val").mask_paths[0]
+    photo = tmp_path / "photos" / "a.png"
+    write_png(photo, 0)
+    kept = mask.read_bytes(), photo.read_bytes()
+    for flags in (["--data-root", str(demo_root), "--json", str(mask)],
+                  ["--int8", "--calibration", str(photo.parent), "--json", str(photo)]):
+        assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), *flags]) == 2, flags
+        assert f"--json {flags[-1]}: is one of this command's inputs" in export_error(capsys), flags
+    assert (mask.read_bytes(), photo.read_bytes()) == kept
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_int8_calibration_needs_no_masks_and_names_the_datasets_own_problem(demo_root, tmp_path):
+    import shutil
+
+    from resunet.export import calibration_images, calibration_paths
+
+    # A folder dataset with one mask missing (and no classes.json): its train images still calibrate.
+    for i in range(3):
+        write_png(tmp_path / "labelled/train/images" / f"{i}.png", i)
+    for i in range(2):
+        write_png(tmp_path / "labelled/train/masks" / f"{i}.png", i, "L")
+    assert [p.name for p in calibration_paths(tmp_path / "labelled")] == ["0.png", "1.png", "2.png"]
+    assert len(calibration_images(tmp_path / "labelled", 8)) == 3
+    # Unlabelled images alone, in images/ or train/images/.
+    write_png(tmp_path / "flat/images/a.png", 5)
+    assert [p.name for p in calibration_paths(tmp_path / "flat")] == ["a.png"]
+    # Nothing to calibrate on: the message says what the dataset itself lacked.
+    voc = tmp_path / "voc"
+    shutil.copytree(demo_root, voc)
+    for image in (voc / "VOCdevkit/VOC2012/JPEGImages").glob("*"):
+        image.unlink()
+    with pytest.raises(ExportError, match=r"--calibration .*voc: no calibration images found .*; as a dataset: "
+                                          r".*train\.txt: \d+ listed files are missing"):
+        calibration_paths(voc)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no calibration images found .*; as a dataset: .*empty: not a dataset"):
+        calibration_paths(tmp_path / "empty")
+
+
+def test_a_calibration_set_that_cannot_serve_is_refused_before_the_export(trained_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    import resunet.export as export
+
+    def no_export(*args):
+        raise AssertionError("exported before the calibration set was checked")
+
+    monkeypatch.setattr(export, "write_model_onnx", no_export)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    out = tmp_path / "out" / "q.onnx"
+    for folder, words, lines in (("empty", "no calibration images found", 1),
+                                 ("broken", "none of the 1 calibration images", 2)):  # after "calibration: skipped"
+        assert main(["export", str(trained_run / "best.pt"), "--onnx", str(out), "--int8", "--calibration",
+                     str(tmp_path / folder)]) == 2
+        assert f"--calibration {tmp_path / folder}: {words}" in export_error(capsys, lines)
+    assert not list((tmp_path / "out").iterdir())  # no fp32 file left behind
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-miou-drop", "-5"], "argument --max-miou-drop: must be a finite number of points, 0 or more, got -5"),
+    (["--max-miou-drop", "nan"], "argument --max-miou-drop: must be a finite number of points, 0 or more, got nan"),
+    (["--max-miou-drop", "inf"], "argument --max-miou-drop: must be a finite number of points, 0 or more, got inf"),
+    (["--calibration", "D"], "--calibration D applies only with --int8"),
+    (["--calibration-count", "8"], "--calibration-count 8 applies only with --int8"),
+    (["--int8", "--calibration", "D", "--max-miou-drop", "2"], "--max-miou-drop 2.0 applies only with --data-root"),
+    (["--data-root", "D", "--max-miou-drop", "2"], "--max-miou-drop 2.0 applies only with --int8"),
+    (["--split", "test"], "--split test applies only with --data-root"),
+])
+def test_export_options_are_refused_not_ignored(tmp_path, capsys, flags, words):
+    with pytest.raises(SystemExit) as exit_info:  # before the checkpoint is even read: it does not exist
+        main(["export", str(tmp_path / "missing.pt"), "--onnx", str(tmp_path / "m.onnx"), *flags])
+    assert exit_info.value.code != 0
+    assert words in (capsys.readouterr().err + str(exit_info.value.code))
+    assert not list(tmp_path.iterdir())
 
 
 # ---- TTA and sliding window (PyTorch and ONNX alike go through Predictor.logits) -------------------------------

@@ -87,6 +87,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _drop_points(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:  # nan fails both comparisons (a drift check that would never fire)
+        raise argparse.ArgumentTypeError(f"must be a finite number of points, 0 or more, got {text}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:
@@ -251,17 +258,21 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import run_export
-    from .outputs import check_output_files
 
-    check_output_files([("--onnx", args.onnx), ("--json", args.json)], inputs=[args.checkpoint],
-                       suffixes={"--onnx": (".onnx",)})
-    result = run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
-                        args.calibration, args.calibration_count, args.data_root, args.split, args.max_miou_drop,
-                        args.workers)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    # Options that only mean something with another are refused, not ignored (their defaults are None to tell).
+    needs = [("--calibration", args.calibration, "--int8", args.int8),
+             ("--calibration-count", args.calibration_count, "--int8", args.int8),
+             ("--max-miou-drop", args.max_miou_drop, "--int8", args.int8),  # an fp32 file's limit is fixed (0.1)
+             ("--max-miou-drop", args.max_miou_drop, "--data-root", args.data_root),
+             ("--split", args.split, "--data-root", args.data_root)]
+    for flag, value, needed, given in needs:
+        if value is not None and not given:
+            raise SystemExit(f"resunet export: error: {flag} {value} applies only with {needed}; give {needed} too, "
+                             f"or leave {flag} out")
+    run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
+               args.calibration, 64 if args.calibration_count is None else args.calibration_count, args.data_root,
+               args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop, args.workers,
+               json_out=args.json)
     return 0
 
 
@@ -545,11 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--logits", action="store_true", help="the network alone: normalised input, logits out")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip TTA inside the end-to-end graph")
     p.add_argument("--int8", action="store_true", help="static INT8 quantisation (QDQ, per-channel weights)")
-    p.add_argument("--calibration", help="dataset root (train split) or image folder to calibrate INT8 on")
-    p.add_argument("--calibration-count", type=_positive_int, default=64, help="calibration images (default 64)")
+    p.add_argument("--calibration", help="INT8: dataset root (train split), its images folder or any image folder "
+                   "to calibrate on")
+    p.add_argument("--calibration-count", type=_positive_int, help="INT8: calibration images (default 64)")
     p.add_argument("--data-root", help="also evaluate the file on this dataset and print the mIoU drift")
-    p.add_argument("--split", default="val")
-    p.add_argument("--max-miou-drop", type=float, default=1.0, help="INT8: largest mIoU drop accepted, in points")
+    p.add_argument("--split", help="with --data-root: the split evaluated (default val)")
+    p.add_argument("--max-miou-drop", type=_drop_points,
+                   help="INT8 with --data-root: largest mIoU drop accepted, in points (default 1.0)")
     p.add_argument("--workers", type=_non_negative_int, default=2)
     p.add_argument("--json", help="also write the figures here")
     p.set_defaults(run=cmd_export)

@@ -45,6 +45,7 @@ from .evaluate import evaluate_dataset
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, OnnxPredictor, open_session
+from .outputs import check_output_files
 from .predict import Predictor
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
@@ -265,17 +266,30 @@ def images_per_second(predictor: Predictor, images: list[np.ndarray], repeats: i
 # ---- INT8 -----------------------------------------------------------------------------------------------------------
 
 
-def calibration_images(root: str | Path, count: int) -> list[np.ndarray]:
-    """`count` training images of a dataset root (its train split), or the images of a plain folder."""
+def calibration_paths(root: str | Path) -> list[Path]:
+    """The images INT8 calibration may use under `root`: a dataset's train split; else, as calibration needs no
+    masks, an unlabelled `root/train/images` or `root/images` folder, or the images in `root` itself."""
     root = Path(root)
+    if not root.is_dir():
+        raise ExportError(f"--calibration {root}: calibration folder not found")
+    dataset_error = None
     try:
         paths = open_dataset(root, "train").image_paths
-    except DataError:
-        if not root.is_dir():
-            raise ExportError(f"{root}: calibration folder not found") from None
-        paths = list_images(root)
+    except DataError as error:  # a missing mask or classes.json does not matter here; said below if nothing is found
+        dataset_error, paths = str(error), []
+        for folder in (root / "train" / "images", root / "images", root):
+            if folder.is_dir() and (paths := list_images(folder)):
+                break
     if not paths:
-        raise ExportError(f"{root}: no calibration images found (a dataset root with a train split, or a folder)")
+        why = f"; as a dataset: {dataset_error}" if dataset_error else ""
+        raise ExportError(f"--calibration {root}: no calibration images found (a dataset root with a train split, "
+                          f"an images or train/images folder, or a folder of images){why}")
+    return paths
+
+
+def calibration_images(root: str | Path, count: int, paths: list[Path] | None = None) -> list[np.ndarray]:
+    """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), spread over the list."""
+    paths = calibration_paths(root) if paths is None else paths
     step = max(1, len(paths) // count)  # spread over the split, not its first files
     images, skipped = [], []
     for path in paths[::step][:count]:
@@ -286,7 +300,7 @@ def calibration_images(root: str | Path, count: int) -> list[np.ndarray]:
     for line in skipped:
         print(f"calibration: skipped {line}", file=sys.stderr)
     if not images:
-        raise ExportError(f"{root}: none of the {len(skipped)} calibration images could be read")
+        raise ExportError(f"--calibration {root}: none of the {len(skipped)} calibration images could be read")
     return images
 
 
@@ -326,10 +340,16 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], gra
 # ---- the command ----------------------------------------------------------------------------------------------------
 
 
+def write_json(result: dict, path: str | Path | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1, default=str))
+
+
 def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: str = "none", int8: bool = False,
                calibration: str | None = None, calibration_count: int = 64, data_root: str | None = None,
-               split: str = "val", max_miou_drop: float = 1.0, workers: int = 2) -> dict:
-    """Export, verify, optionally quantise and evaluate; print what was checked; return the figures."""
+               split: str = "val", max_miou_drop: float = 1.0, workers: int = 2, json_out: str | None = None) -> dict:
+    """Export, verify, optionally quantise and evaluate; print what was checked; return the figures (and write them
+    to `json_out`, also when the file is refused for its parity or mIoU, so the measurements are not lost)."""
     source, out = Path(checkpoint), Path(onnx_out)
     if int8 and not calibration:
         raise ExportError("--int8 needs --calibration DIR (training images to calibrate activations on)")
@@ -347,19 +367,32 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             raise ExportError(f"--onnx {out}: {path} is the checkpoint being exported; choose another name")
     if int8 and calibration_count < 1:
         raise ExportError(f"--calibration-count {calibration_count}: at least 1 image")
+    # Every file written (an INT8 export keeps OUT.fp32.onnx too) must differ from the others and from every input.
+    outputs = [("--onnx", out), ("--onnx (fp32 copy)", written[-1] if int8 else None), ("--json", json_out)]
+    check_output_files(outputs, inputs=[source])
+    calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
     payload = load_checkpoint(source)
     if payload["model_config"]["num_classes"] > 256:
         raise ExportError(f"{source}: {payload['model_config']['num_classes']} classes do not fit a uint8 mask")
-    out.parent.mkdir(parents=True, exist_ok=True)
     network = prepare_network(model_from_checkpoint(payload, source))
     mean, std = tuple(payload["normalization"]["mean"]), tuple(payload["normalization"]["std"])
     size = int(payload["input_size"])
     reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)
     dataset = open_dataset(data_root, split, reference.info.num_classes, reference.info.ignore_index) \
         if data_root else None
+    dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
+    check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files])
+    # Read now: an unreadable calibration set is refused before the export and its verification, not after them.
+    calibration_set = calibration_images(calibration, calibration_count, calibration_files) if int8 else []
     sources = [dataset.load(i).image for i in range(min(3, len(dataset)))] if dataset is not None else []
     images = verification_images(sources)
     result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
+
+    def refuse(message: str) -> ExportError:
+        """The error for a file not kept; its figures still go to --json."""
+        result.update(onnx_kept=False, error=message)
+        write_json(result, json_out)
+        return ExportError(message)
 
     fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
     tmp = temporary_path(fp32_path)
@@ -378,8 +411,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         result["parity"] = {"max_logit_diff": parity.max_logit_diff, "agreement": parity.agreement,
                             "sizes": parity.sizes}
         if parity.max_logit_diff >= MAX_LOGIT_DIFF or parity.agreement < MIN_AGREEMENT:
-            raise ExportError(f"{out}: the exported graph does not match PyTorch (max |Δlogit| "
-                              f"{parity.max_logit_diff:.2e}, agreement {100 * parity.agreement:.3f}%); file not kept")
+            raise refuse(f"{out}: the exported graph does not match PyTorch (max |Δlogit| "
+                         f"{parity.max_logit_diff:.2e}, agreement {100 * parity.agreement:.3f}%); file not kept")
         os.replace(tmp, fp32_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -393,7 +426,6 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     try:
         if int8:
             started = time.perf_counter()
-            calibration_set = calibration_images(calibration, calibration_count)
             quantize_int8(fp32_path, checked, calibration_set, graph, reference)
             set_metadata(checked, {"resunet.int8": "true", "resunet.calibration_images": str(len(calibration_set))})
             final = OnnxPredictor(checked)
@@ -418,14 +450,16 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             if drift < -limit:
                 checked.unlink()
                 kept = f"; the verified fp32 file is {fp32_path}" if int8 else ""
-                raise ExportError(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}; file not "
-                                  f"kept{kept}")
+                raise refuse(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}; file not "
+                             f"kept{kept}")
     except BaseException:
         if int8:  # an interrupted or failed quantisation leaves no temporary file
             checked.unlink(missing_ok=True)
         raise
     if int8:
         os.replace(checked, out)
+    result["onnx_kept"] = True
+    write_json(result, json_out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
           f"{', tta ' + tta if tta != 'none' else ''})")
     return result
