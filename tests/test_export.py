@@ -397,6 +397,7 @@ def test_window_tiles_average_their_overlaps():
             self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
                 torch.device("cpu"), None, False, False, None)
             self.info, self.size, self.mean, self.std = VOC_INFO, 64, (0.0,) * 3, (1.0,) * 3
+            self.temperature, self.has_logits = 1.0, True  # as every predictor sets them
             self.set_inference("none", window=64, stride=32)
 
         def network(self, x):
