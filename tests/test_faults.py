@@ -237,3 +237,23 @@ def test_kill_9_at_random_moments_never_loses_the_run(demo_root, ram_tmp, uninte
         assert proc.wait(timeout=300) == 0, (run.parent / "run.log").read_text()
     assert [r["epoch"] for r in records(run)] == [1, 2], seed  # each epoch once
     assert_same_run(uninterrupted["cached"], run)
+
+
+def sigterm_at_worker_start(worker_id: int) -> None:
+    """A group's SIGTERM landing in a worker just started: after PyTorch's worker loop set its own SIGTERM handler,
+    before our worker_init_fn ignored the signal."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    from resunet.data.dataset import worker_ignores_ctrl_c
+
+    worker_ignores_ctrl_c(worker_id)
+
+
+def test_a_sigterm_as_workers_start_does_not_kill_them():
+    from torch.utils.data import DataLoader
+
+    from resunet.data.dataset import start_workers
+
+    loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=sigterm_at_worker_start)
+    assert [batch.tolist() for batch in start_workers(loader)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(RuntimeError, match="DataLoader worker"):  # what a plain iter() met, now and then
+        list(iter(loader))

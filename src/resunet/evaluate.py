@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.classes import ClassInfo
-from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder
@@ -50,7 +50,8 @@ def evaluate_dataset(
                         worker_init_fn=worker_ignores_ctrl_c if workers else None)
     # A bar only on a terminal: in a log file it would be `\r` fragments.
     position = rank  # the dataset index of the next sample: the loader keeps the shard's order
-    for samples in tqdm(loader, desc="eval", leave=False, disable=not progress or rank != 0 or not sys.stderr.isatty()):
+    no_bar = not progress or rank != 0 or not sys.stderr.isatty()
+    for samples in tqdm(start_workers(loader), total=len(loader), desc="eval", leave=False, disable=no_bar):
         # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.
         by_size: dict[tuple[int, int], list] = {}
         for sample in samples:

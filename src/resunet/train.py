@@ -42,7 +42,7 @@ from .calibration import calibrate
 from .checkpoint import CheckpointError, load_checkpoint, remove_quietly, save_checkpoint, temporary_path
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
-from .data.dataset import PairedDataset, open_dataset, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
@@ -673,7 +673,7 @@ def train(cfg: TrainConfig) -> dict:
                 started -= resumed["seconds"]
             else:
                 steps, loss_sum, timed_images, timed_seconds = 0, torch.zeros((), device=device), 0, 0.0
-            batches = iter(loader)
+            batches = start_workers(loader)
             for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
                 next(batches)
             # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S, no `\r` fragments.
