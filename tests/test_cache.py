@@ -97,3 +97,19 @@ def test_a_cache_dir_that_cannot_be_written_is_one_data_error_line(tmp_path):
         assert str(caught.value) == (f"--cache-dir {where}: cannot write the decoded-image cache ({tmp_path / 'afile'} "
                                      "is a file, not a folder); give a writable --cache-dir")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_unwritable_default_cache_folder_is_not_called_a_flag(tmp_path, monkeypatch):
+    """No --cache-dir given: the line names the default folder as such, not as a `--cache-dir` the user never typed."""
+    import pytest
+
+    from resunet.data.images import DataError
+
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=48, seed=0)
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "afile"))
+    with pytest.raises(DataError) as caught:
+        build_cache(open_dataset(tmp_path / "data", "train"), size=32)
+    assert str(caught.value) == (f"the default cache folder {tmp_path / 'afile' / 'resunet'}: cannot write the "
+                                 f"decoded-image cache ({tmp_path / 'afile'} is a file, not a folder); give a writable "
+                                 "--cache-dir")

@@ -89,13 +89,15 @@ def cache_folder(dataset: PairedDataset, size: int, cache_dir: Path | None = Non
     return (cache_dir or default_cache_dir()) / cache_key(dataset, cache_short_side(size))
 
 
-def cache_write_error(root: Path, error: OSError) -> DataError:
+def cache_write_error(root: Path, error: OSError, given: bool = True) -> DataError:
+    """`given`: the folder came from --cache-dir; else it is the default one, which the line must not pass off as a
+    flag the user typed."""
     reason = error.strerror or str(error)
     if isinstance(error, (FileExistsError, NotADirectoryError)):  # "File exists" would not say which file
         blocking = next((path for path in (root, *root.parents) if path.exists() and not path.is_dir()), None)
         reason = f"{blocking} is a file, not a folder" if blocking is not None else reason
-    return DataError(f"--cache-dir {root}: cannot write the decoded-image cache ({reason}); give a writable "
-                     "--cache-dir")
+    where = f"--cache-dir {root}" if given else f"the default cache folder {root}"
+    return DataError(f"{where}: cannot write the decoded-image cache ({reason}); give a writable --cache-dir")
 
 
 def check_cache_writable(dataset: PairedDataset, size: int, cache_dir: Path | None = None) -> None:
@@ -111,7 +113,7 @@ def check_cache_writable(dataset: PairedDataset, size: int, cache_dir: Path | No
         # where a new entry cannot be made, e.g. an immutable one).
         Path(tempfile.mkdtemp(prefix=f"{folder.name}.probe", dir=folder.parent)).rmdir()
     except OSError as error:
-        raise cache_write_error(folder.parent, error) from None
+        raise cache_write_error(folder.parent, error, cache_dir is not None) from None
 
 
 def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None, workers: int = 2) -> DecodedCache:
@@ -132,13 +134,13 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     try:
         tmp.mkdir(parents=True)
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
-        raise cache_write_error(folder.parent, error) from None
+        raise cache_write_error(folder.parent, error, cache_dir is not None) from None
     try:
         _fill_cache(dataset, short_side, sizes, tmp, workers)
     except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
-            raise cache_write_error(folder.parent, error) from None
+            raise cache_write_error(folder.parent, error, cache_dir is not None) from None
         raise
     try:
         tmp.rename(folder)  # atomic: a half-built cache is never seen as done
