@@ -241,13 +241,9 @@ class Predictor:
 
     def full_size_logits(self, models: list[tuple[float, list[torch.Tensor]]], size: tuple[int, int], top: int,
                          bottom: int) -> torch.Tensor:
-        """Rows top..bottom of one group's full-size logits from its `low_res_logits`: the working sizes' logits
-        upsampled to `size` and averaged."""
+        """Rows top..bottom of one group's full-size logits from its `low_res_logits` (one model here)."""
         (_, parts), = models
-        total = upsampled_rows(parts[0], size, top, bottom)
-        for part in parts[1:]:
-            total += upsampled_rows(part, size, top, bottom)
-        return total if len(parts) == 1 else total / len(parts)
+        return averaged_rows(parts, size, top, bottom)
 
     @torch.inference_mode()
     def full_size_maps(self, groups: list[torch.Tensor], confidence: bool = False
@@ -407,13 +403,21 @@ class Ensemble(Predictor):
         """The log of the members' averaged (temperature-scaled) probabilities, rows top..bottom."""
         total = None
         for temperature, parts in models:
-            p = (Predictor.full_size_logits(self, [(temperature, parts)], size, top, bottom) / temperature).softmax(1)
+            p = (averaged_rows(parts, size, top, bottom) / temperature).softmax(1)
             total = p if total is None else total + p
         return (total / len(models)).clamp_min(1e-12).log()
 
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # The members' probabilities are averaged at full size: no low-resolution logits for the fused pass.
         return [maps for maps, _ in self.full_size_maps(groups)]
+
+
+def averaged_rows(parts: list[torch.Tensor], size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:
+    """Rows top..bottom of one model's logits at each working size, upsampled to `size` and averaged."""
+    total = upsampled_rows(parts[0], size, top, bottom)
+    for part in parts[1:]:
+        total += upsampled_rows(part, size, top, bottom)
+    return total if len(parts) == 1 else total / len(parts)
 
 
 def upsampled_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:

@@ -598,14 +598,15 @@ def train(cfg: TrainConfig) -> dict:
         check_not_behind(cfg.resume, state, out)
         changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
         if changed and main_process:
-            was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}" for split in changed)
+            was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}"
+                            for split in changed)
             print(f"resunet: the {' and '.join(changed)} data changed since {cfg.resume} was saved ({was} images, or "
                   f"files edited); the run goes on with the data as it is now"
                   + ("; its best val mIoU so far was measured on the old val split" if "val" in changed else ""),
                   flush=True)
-        if position is not None and (data_now["train"]["images"] != state["data"]["train"]["images"]
-                                     if "train" in changed else position["step"] > len(loader)):
-            # The saved step counts batches of the old data's order: replaying it on other data means nothing.
+        # The saved step counts batches in the old data's order, which another image count reshuffles.
+        resized = "train" in changed and data_now["train"]["images"] != state["data"]["train"]["images"]
+        if position is not None and (resized or position["step"] > len(loader)):
             if main_process:
                 print(f"resunet: epoch {position['epoch']} starts again from its first step (it was saved at step "
                       f"{position['step']} of the old training data)", flush=True)
