@@ -331,10 +331,13 @@ def test_evaluate_checks_its_outputs_before_the_work_and_writes_strict_json(chec
 
     (tmp_path / "afolder").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "alink").symlink_to(tmp_path / "gone" / "worst")
     monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
     for flags, words in ((["--json", str(tmp_path / "afolder")], "is a folder"),
                          (["--confusion", str(tmp_path / "afile" / "c.png")], "afile is a file, not a folder"),
-                         (["--worst", "2", "--out", str(tmp_path / "afile")], "is a file, not a folder")):
+                         (["--worst", "2", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
+                         (["--worst", "2", "--out", str(tmp_path / "alink" / "sheet")],
+                          f"alink is a link to {tmp_path / 'gone' / 'worst'}, which does not exist")):
         assert main(["evaluate", checkpoint, "--data-root", str(demo_root), *flags]) == 2
         assert words in one_error_line(capsys, "evaluate")
     monkeypatch.undo()

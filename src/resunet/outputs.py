@@ -51,6 +51,10 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
     blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"{flag} {path}: {blocking} is a file, not a folder")
+    dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        # mkdir would only say "File exists" about a link whose target is missing
+        raise DataError(f"{flag} {path}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
