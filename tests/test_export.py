@@ -274,9 +274,13 @@ def test_int8_calibration_needs_no_masks_and_names_the_datasets_own_problem(demo
     # Unlabelled images alone, in images/ or train/images/.
     write_png(tmp_path / "flat/images/a.png", 5)
     assert [p.name for p in calibration_paths(tmp_path / "flat")] == ["a.png"]
-    # Nothing to calibrate on: the message says what the dataset itself lacked.
+    # A VOC tree with a mask missing: its photos still calibrate.
     voc = tmp_path / "voc"
     shutil.copytree(demo_root, voc)
+    next((voc / "VOCdevkit/VOC2012/SegmentationClass").glob("*.png")).unlink()
+    photos = sorted((voc / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))
+    assert sorted(calibration_paths(voc)) == photos and len(photos) > 1
+    # Nothing to calibrate on: the message says what the dataset itself lacked.
     for image in (voc / "VOCdevkit/VOC2012/JPEGImages").glob("*"):
         image.unlink()
     with pytest.raises(ExportError, match=r"--calibration .*voc: no calibration images found .*; as a dataset: "

@@ -41,6 +41,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, temporary_path
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset
 from .data.images import DataError, list_images, read_image
+from .data.voc import find_voc_dir
 from .evaluate import evaluate_dataset
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
@@ -268,7 +269,8 @@ def images_per_second(predictor: Predictor, images: list[np.ndarray], repeats: i
 
 def calibration_paths(root: str | Path) -> list[Path]:
     """The images INT8 calibration may use under `root`: a dataset's train split; else, as calibration needs no
-    masks, an unlabelled `root/train/images` or `root/images` folder, or the images in `root` itself."""
+    masks, a VOC tree's JPEGImages, an unlabelled `root/train/images` or `root/images` folder, or the images in
+    `root` itself."""
     root = Path(root)
     if not root.is_dir():
         raise ExportError(f"--calibration {root}: calibration folder not found")
@@ -277,7 +279,9 @@ def calibration_paths(root: str | Path) -> list[Path]:
         paths = open_dataset(root, "train").image_paths
     except DataError as error:  # a missing mask or classes.json does not matter here; said below if nothing is found
         dataset_error, paths = str(error), []
-        for folder in (root / "train" / "images", root / "images", root):
+        voc_dir = find_voc_dir(root)
+        voc_photos = () if voc_dir is None else (voc_dir / "JPEGImages",)
+        for folder in (*voc_photos, root / "train" / "images", root / "images", root):
             if folder.is_dir() and (paths := list_images(folder)):
                 break
     if not paths:
