@@ -511,7 +511,9 @@ def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
                                b"Content-Length: 1000\r\n\r\nabc")
             stalled.append(connection)
             time.sleep(0.3)  # uvicorn counts the connections open when a request's headers arrive, this one included
-        assert httpx.get(url + "/healthz", timeout=10).status_code == 503  # the third: the limit, answered at once
+        refused = httpx.get(url + "/healthz", timeout=10)  # the third: the limit, answered at once, in JSON
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json() == {"error": "too many open connections (--max-connections 3); try again shortly"}
         answers = []
         for connection in stalled:
             connection.settimeout(15)
@@ -526,6 +528,7 @@ def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # their slots are free again
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert 'resunet_requests_total{path="/predict",status="408"} 2.0' in metrics
+        assert 'resunet_requests_total{path="/healthz",status="503"} 1.0' in metrics
     finally:
         for connection in stalled:
             connection.close()

@@ -95,6 +95,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def path_label(path: str) -> str:
+    """A request's path as /metrics counts it: a route, a static folder, or "other" (no label per random path)."""
+    return path if path in ROUTES else next((f for f in ("/static", DOCS_ASSETS) if path.startswith(f + "/")), "other")
+
+
 class LogAndCount:
     """Every HTTP request's one log line and its metrics, whatever became of it. A plain ASGI middleware: FastAPI's
     @app.middleware("http") hides the client's disconnect from the endpoint (its request.is_disconnected() stays
@@ -126,8 +131,7 @@ class LogAndCount:
                 await response(scope, receive, send_noting_status)
         seconds = time.perf_counter() - started
         path = scope["path"]
-        label = path if path in ROUTES else next((f for f in ("/static", DOCS_ASSETS) if path.startswith(f + "/")),
-                                                 "other")
+        label = path_label(path)
         self.metrics.requests.labels(label, str(status["code"])).inc()
         self.metrics.latency.labels(label).observe(seconds)
         error = getattr(request.state, "error", None)
@@ -297,15 +301,41 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     return app
 
 
-def unparsable_requests_in_json(metrics: ServiceMetrics) -> type:
-    """uvicorn's HTTP/1.1 protocol (h11), except that a request it cannot parse (a garbage request line, a
-    non-numeric Content-Length, headers past 16 KB) is answered like every other error: a JSON body naming the
-    problem, one log line and a count in /metrics (path "unparsed"). uvicorn answers those itself, before any app
-    sees them, with a text/plain "Invalid HTTP request received." and no reason."""
+def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metrics: ServiceMetrics):
+    """`app`, except that past `limit` open connections (or requests in flight) a request gets 503 at once, in JSON
+    with Retry-After, logged and counted like every other answer; the connection is then closed."""
+    async def app_within_limit(scope, receive, send) -> None:
+        # uvicorn's own test, made as a request's headers arrive; by now this request's task is counted: hence ">"
+        if scope["type"] != "http" or (len(connections) < limit and len(tasks) <= limit):
+            return await app(scope, receive, send)
+        message = f"too many open connections (--max-connections {limit}); try again shortly"
+        body = json.dumps({"error": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", b"1"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        metrics.requests.labels(path_label(scope["path"]), "503").inc()
+        log.info("%s %s 503 error: %s", scope["method"], scope["path"], message)
+
+    return app_within_limit
+
+
+def json_errors_protocol(metrics: ServiceMetrics) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11), except for two answers uvicorn gives itself, before any app sees the
+    request, in text/plain and without a reason: they are given like every other error, a JSON body naming the
+    problem, one log line and a count in /metrics. A request it cannot parse (a garbage request line, a non-numeric
+    Content-Length, headers past 16 KB) is counted under path "unparsed"; one past --max-connections under its
+    path."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class JsonErrorsH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check, made in JSON instead
+            if limit is not None:
+                self.app = over_the_limit_in_json(self.app, limit, self.connections, self.tasks, metrics)
+
         def send_400_response(self, msg: str) -> None:
             error = sys.exc_info()[1]  # uvicorn calls this inside its `except h11.RemoteProtocolError`
             status = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
@@ -358,6 +388,6 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                     timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
-                    http=unparsable_requests_in_json(app.state.metrics))
+                    http=json_errors_protocol(app.state.metrics))
     finally:
         signal.signal(signal.SIGTERM, previous)
