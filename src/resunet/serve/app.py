@@ -369,7 +369,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
                drain_timeout_s: int = 30, max_connections: int | None = 1000) -> None:
     """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight (for at most
     `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return. Past
-    `max_connections` open connections uvicorn answers 503 at once: many idle clients cannot use up the process's
+    `max_connections` open connections a request gets 503 at once: many idle clients cannot use up the process's
     file descriptors (then uvicorn's accept loop fails, logging a traceback for every try)."""
     import signal
 
