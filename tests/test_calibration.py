@@ -31,6 +31,10 @@ def test_temperature_fit_recovers_a_known_overconfidence():
     labels = torch.multinomial(true_logits.softmax(1), 1, generator=generator)[:, 0]
     assert fit_temperature(3 * true_logits, labels) == pytest.approx(3.0, rel=0.05)  # logits 3× too sharp
     assert fit_temperature(true_logits / 2, labels) == pytest.approx(0.5, rel=0.05)  # too soft
+    # Where the NLL falls for ever, the fit stops at its bounds: always wrong or chance → 100; always right → 0.01.
+    assert fit_temperature(true_logits, true_logits.argmin(1)) == 100.0
+    assert fit_temperature(true_logits, torch.randint(0, 4, (40_000,), generator=generator)) == 100.0
+    assert fit_temperature(true_logits, true_logits.argmax(1)) == 0.01
 
 
 def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_run, demo_root, ram_tmp, capsys):
@@ -70,6 +74,19 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     scores = run_evaluate(str(checkpoint), str(demo_root), workers=0, precision="fp32")
     assert scores["ece"] == pytest.approx(payload["calibration"]["ece_after"], abs=1e-4)
     assert "ECE" in capsys.readouterr().out
+
+
+def test_a_temperature_at_its_bound_is_explained(trained_run, demo_root, ram_tmp, capsys, monkeypatch):
+    import resunet.calibration
+    from resunet.cli import main
+
+    checkpoint = ram_tmp / "bounded.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels: 100.0)  # as for chance
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert load_checkpoint(checkpoint)["temperature"] == 100.0
+    assert "the fit reached its bound 100: on this split the model's scores tell its right pixels" in out
 
 
 def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys):

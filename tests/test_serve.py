@@ -500,7 +500,7 @@ def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoin
 def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
     """A client that declares a body and stops sending held its connection for ever; 320 of them made the service
     stop answering (and then log a traceback per accept). Now each gets 408 after --body-timeout, and at
-    --max-connections open connections uvicorn answers 503 at once, until they are gone."""
+    --max-connections open connections the service answers 503 at once, until they are gone."""
     process, url = start_server(checkpoint, "--body-timeout", "2", "--max-connections", "3")
     port = int(url.rsplit(":", 1)[1])
     stalled = []

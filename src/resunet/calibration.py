@@ -25,6 +25,9 @@ from .outputs import check_output_folder
 from .predict import Predictor
 
 PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image
+# The NLL is convex in 1/T, so the bounded fit is the unbounded one clamped. It runs off to 0 for a model right on
+# every fitted pixel and to infinity for one no better than chance: neither is a number worth storing.
+TEMPERATURE_BOUNDS = (0.01, 100.0)
 
 
 def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -52,7 +55,7 @@ def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tupl
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 minimising the mean NLL of softmax(logits / T) (L-BFGS on log T)."""
+    """The T in TEMPERATURE_BOUNDS minimising the mean NLL of softmax(logits / T) (L-BFGS on log T)."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     logits = logits.double()
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -64,7 +67,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    low, high = TEMPERATURE_BOUNDS
+    return min(max(float(log_t.detach().exp()), low), high)
 
 
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
@@ -100,5 +104,12 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
           f"({len(dataset)} images); expected calibration error {100 * result['ece_before']:.2f}% → "
           f"{100 * result['ece_after']:.2f}% (15 bins, every non-ignored pixel); stored in the checkpoint")
+    low, high = TEMPERATURE_BOUNDS
+    if result["temperature"] == high:
+        print(f"  the fit reached its bound {high:g}: on this split the model's scores tell its right pixels from its "
+              "wrong ones no better than chance, so its probabilities are made near uniform")
+    elif result["temperature"] == low:
+        print(f"  the fit reached its bound {low:g}: the model is right on every pixel the fit saw, so its "
+              "probabilities are made near certain")
     return result
 
