@@ -71,6 +71,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return min(max(float(log_t.detach().exp()), low), high)
 
 
+def bound_note(temperature: float) -> str | None:
+    """What a temperature at one of TEMPERATURE_BOUNDS means, for the user; None inside them."""
+    low, high = TEMPERATURE_BOUNDS
+    if temperature == high:
+        return (f"the fit reached its bound {high:g}: on this split the model's scores tell its right pixels from its "
+                "wrong ones no better than chance, so its probabilities are made near uniform")
+    if temperature == low:
+        return (f"the fit reached its bound {low:g}: the model is right on every pixel the fit saw, so its "
+                "probabilities are made near certain")
+    return None
+
+
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after"}."""
@@ -104,12 +116,7 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
           f"({len(dataset)} images); expected calibration error {100 * result['ece_before']:.2f}% → "
           f"{100 * result['ece_after']:.2f}% (15 bins, every non-ignored pixel); stored in the checkpoint")
-    low, high = TEMPERATURE_BOUNDS
-    if result["temperature"] == high:
-        print(f"  the fit reached its bound {high:g}: on this split the model's scores tell its right pixels from its "
-              "wrong ones no better than chance, so its probabilities are made near uniform")
-    elif result["temperature"] == low:
-        print(f"  the fit reached its bound {low:g}: the model is right on every pixel the fit saw, so its "
-              "probabilities are made near certain")
+    if note := bound_note(result["temperature"]):
+        print(f"  {note}")
     return result
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from .calibration import calibrate
+from .calibration import bound_note, calibrate
 from .checkpoint import CheckpointError, load_checkpoint, remove_quietly, save_checkpoint, temporary_path
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
@@ -837,6 +837,8 @@ def train(cfg: TrainConfig) -> dict:
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
         print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, expected calibration error "
               f"{100 * fitted['ece_before']:.2f}% → {100 * fitted['ece_after']:.2f}% on {cfg.val_split}", flush=True)
+        if note := bound_note(fitted["temperature"]):
+            print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
         print(f"done: epochs {start_epoch}..{cfg.epochs} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
