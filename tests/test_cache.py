@@ -99,6 +99,35 @@ def test_a_cache_dir_that_cannot_be_written_is_one_data_error_line(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_a_full_disk_is_one_line_with_the_size_needed_and_no_leftovers(tmp_path, monkeypatch):
+    """The cache's blocks are reserved before a pixel is written: on a full disk the memory-mapped writes killed the
+    process with SIGBUS, without a word, leaving the half-built folder (seen on a 2 MB tmpfs)."""
+    import errno
+
+    import pytest
+
+    import resunet.data.cache as cache_module
+    from resunet.data.images import DataError
+
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=48, seed=0)
+    reserved = []
+
+    def full_disk(fd, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", full_disk)
+    with pytest.raises(DataError) as caught:
+        build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    # Size 32 caches at short side 40: three 40×40 images (3 bytes a pixel) and masks (1) = 19,200 bytes → 19 KB.
+    assert str(caught.value) == (f"--cache-dir {tmp_path / 'cache'}: no room for the decoded-image cache (it needs "
+                                 "19 KB); free some space or give a --cache-dir on another disk")
+    assert reserved[0] >= 3 * 3 * 40 * 40  # the whole of images.npy, reserved at once
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-built folder left
+    monkeypatch.undo()
+    built = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    assert len(built) == 3 and built.images.shape[0] == 3
+
+
 def test_an_unwritable_default_cache_folder_is_not_called_a_flag(tmp_path, monkeypatch):
     """No --cache-dir given: the line names the default folder as such, not as a `--cache-dir` the user never typed."""
     import pytest

@@ -10,6 +10,7 @@ crops, flips and jitters the batch on the training device.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -89,15 +90,33 @@ def cache_folder(dataset: PairedDataset, size: int, cache_dir: Path | None = Non
     return (cache_dir or default_cache_dir()) / cache_key(dataset, cache_short_side(size))
 
 
-def cache_write_error(root: Path, error: OSError, given: bool = True) -> DataError:
+def cache_write_error(root: Path, error: OSError, given: bool = True, needed: int | None = None) -> DataError:
     """`given`: the folder came from --cache-dir; else it is the default one, which the line must not pass off as a
-    flag the user typed."""
+    flag the user typed. `needed`: the cache's size in bytes, said when the disk is full."""
     reason = error.strerror or str(error)
     if isinstance(error, (FileExistsError, NotADirectoryError)):  # "File exists" would not say which file
         blocking = next((path for path in (root, *root.parents) if path.exists() and not path.is_dir()), None)
         reason = f"{blocking} is a file, not a folder" if blocking is not None else reason
     where = f"--cache-dir {root}" if given else f"the default cache folder {root}"
+    if error.errno == errno.ENOSPC and needed is not None:
+        size = f"{needed / 2**20:.0f} MB" if needed >= 2**20 else f"{-(-needed // 1024)} KB"
+        return DataError(f"{where}: no room for the decoded-image cache (it needs {size}); free some space or give "
+                         "a --cache-dir on another disk")
     return DataError(f"{where}: cannot write the decoded-image cache ({reason}); give a writable --cache-dir")
+
+
+def reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A uint8 .npy memmap whose disk blocks are all reserved now. open_memmap's file is sparse: a page written
+    later to a full disk kills the process with SIGBUS (no message, the build's temporary folder left behind); a
+    reservation that does not fit is an OSError (ENOSPC) here instead."""
+    array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: as before
+                raise
+    return array
 
 
 def check_cache_writable(dataset: PairedDataset, size: int, cache_dir: Path | None = None) -> None:
@@ -129,6 +148,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         w, h = image_size(path, dataset.max_pixels)
         scale = min(1.0, short_side / min(h, w))
         sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+    needed = 4 * len(sizes) * max(s[0] for s in sizes) * max(s[1] for s in sizes)  # images (3 bytes) and masks
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -140,7 +160,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
-            raise cache_write_error(folder.parent, error, cache_dir is not None) from None
+            raise cache_write_error(folder.parent, error, cache_dir is not None, needed) from None
         raise
     try:
         tmp.rename(folder)  # atomic: a half-built cache is never seen as done
@@ -153,8 +173,8 @@ def _fill_cache(dataset: PairedDataset, short_side: int, sizes: list[tuple[int, 
                 workers: int) -> None:
     canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
     n = len(dataset)
-    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, 3, canvas_h, canvas_w))
-    masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, canvas_h, canvas_w))
+    images = reserved_memmap(tmp / "images.npy", (n, 3, canvas_h, canvas_w))
+    masks = reserved_memmap(tmp / "masks.npy", (n, canvas_h, canvas_w))
     masks[:] = dataset.info.ignore_index
     true_sizes = np.zeros((n, 2), dtype=np.int64)
 
