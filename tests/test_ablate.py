@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 
 import pytest
 
@@ -32,7 +34,9 @@ def test_verdicts_against_the_seed_noise_by_hand():
     assert noise_and_verdicts([row("baseline", 0.6), row("loss dice", 0.5)])[1] == ["", "no noise estimate"]
 
 
-def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_tmp):
+def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_tmp, monkeypatch):
+    import resunet.ablate
+
     small = dict(epochs=1, size=32, encoder="resnet18", decoder_channels="32,16,8,8")
     base = tiny_config(demo_root, ram_tmp / "unused", **small)
     out = ram_tmp / "ablation"
@@ -56,8 +60,12 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     stamp = (out / "baseline" / "last.pt").stat().st_mtime_ns
     again = run_ablation(base, options, out)
     assert again == results and (out / "baseline" / "last.pt").stat().st_mtime_ns == stamp
+    # The same data named by a relative path is the same recipe (train stores it absolute in last.pt).
+    assert run_ablation(replace(base, data_root=os.path.relpath(demo_root)), options, out) == results
     # A row stopped before scoring continues from its last.pt (here already at the budget: scored, not retrained).
+    # Its final weights are scored: last.pt (best.pt may hold epoch 1 under --time-budget).
     (out / "loss-focal" / "result.json").unlink()
+    (out / "loss-focal" / "best.pt").unlink()
     stamp = (out / "loss-focal" / "last.pt").stat().st_mtime_ns
     rescored = run_ablation(base, ["loss focal"], out)[0]
     assert rescored["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
@@ -67,6 +75,26 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     # Another budget in the same folder would mix two recipes in one table.
     with pytest.raises(TrainingError, match="epochs"):
         run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "epochs": 2}), ["baseline"], out)
+    # A row that fails: the finished rows' table is written all the same.
+    (out / "ablation.md").unlink()
+    with pytest.raises(TrainingError, match="diverged"), monkeypatch.context() as patched:
+        patched.setattr(resunet.ablate, "train", lambda cfg: (_ for _ in ()).throw(TrainingError("diverged")))
+        run_ablation(base, ["baseline", "loss dice"], out)
+    table = (out / "ablation.md").read_text()
+    assert "| baseline |" in table and "loss dice" not in table
+
+
+def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_root, ram_tmp, monkeypatch):
+    import resunet.ablate
+
+    monkeypatch.setattr(resunet.ablate, "train", lambda cfg: pytest.fail("trained anyway"))
+    base = tiny_config(demo_root, ram_tmp / "unused", epochs=1, loss="dice", ema=0.999)
+    with pytest.raises(TrainingError, match=r"^ablation option\(s\) 'baseline', 'seed 1' listed twice; each row is"):
+        run_ablation(base, ["baseline", "seed 1", "baseline", "loss focal", "seed 1"], ram_tmp / "twice")
+    for option, flags in (("loss dice", "--loss dice"), ("ema 0.999", "--ema 0.999")):
+        with pytest.raises(TrainingError, match=f"^ablation option '{option}' changes nothing: the train flags "
+                                                f"already give {flags}; drop the row or change the base flag$"):
+            run_ablation(base, ["baseline", option], ram_tmp / "noop")
 
 
 def test_unknown_option_is_one_line(demo_root, capsys):
@@ -87,3 +115,7 @@ def test_a_signal_stops_the_ablation_without_scoring_the_row(demo_root, ram_tmp,
     assert "would continue this row alone, with no table" in out
     assert main(["ablate", "--data-root", str(demo_root), "--out", str(ram_tmp / "ablation"), "--options",
                  "baseline; loss focal;"]) == 130  # stopped (the trailing ';' is no row of its own)
+    # A signal during the row's final evaluation: the row is trained, not scored, and the ablation stops there.
+    monkeypatch.setattr(resunet.ablate, "train", lambda cfg: {"stopped_by": None, "stop_requested": "SIGTERM"})
+    assert run_ablation(base, ["baseline", "loss focal"], ram_tmp / "ablation") == []
+    assert "stopped in row 'baseline'" in capsys.readouterr().out

@@ -94,6 +94,24 @@ def test_a_signal_inside_an_epoch_saves_the_step_and_resume_is_bit_identical(
     assert_same_run(uninterrupted[data_path], run)
 
 
+def test_a_signal_during_the_final_evaluation_completes_the_run_and_is_reported(demo_root, ram_tmp, monkeypatch,
+                                                                                  capsys):
+    """Nothing is left to stop then: the run ends complete (last.pt at the last epoch), and says a stop was asked for,
+    so that a caller running several trainings (ablate) stops instead of starting the next one."""
+    real_evaluate = train_module.evaluate_dataset
+
+    def signal_then_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_dataset", signal_then_evaluate)
+    run = ram_tmp / "run"
+    result = train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    assert result["stopped_by"] is None and result["stop_requested"] == "SIGTERM"
+    assert load_checkpoint(run / "last.pt", tensors=False)["epoch"] == 1 and len(records(run)) == 1
+    assert "done: epochs 1..1" in capsys.readouterr().out
+
+
 def test_checkpoint_every_steps_saves_inside_epochs_and_resume_from_an_epoch_end_is_exact(demo_root, ram_tmp,
                                                                                            monkeypatch, uninterrupted):
     saved = []

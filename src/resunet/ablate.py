@@ -10,6 +10,7 @@ so a long ablation can be stopped and continued, and rows can be added later.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from dataclasses import replace
@@ -35,15 +36,18 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     values = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
     # Under --time-budget a run stores the epoch count it fitted: the budget, not the count, is the recipe then.
     budgeted = {"epochs", "eval_every"} if values.get("time_budget") else set()
-    return {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted}
+    kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted}
+    if kept.get("data_root"):  # `train` stores it absolute: `demo` and /abs/demo are the same data
+        kept["data_root"] = os.path.abspath(kept["data_root"])
+    return kept
 
 
 def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
-    """Train (or resume, or keep) one row and score its final weights; None if a signal stopped its training."""
+    """Train (or resume, or keep) one row and score its final weights (last.pt: under --time-budget epoch 1 is
+    evaluated too, and best.pt may hold it); None if a signal stopped it."""
     folder = out / row_folder(name)
     result_path = folder / "result.json"
     last = folder / "last.pt"
-    # Only the final epoch is evaluated, so best.pt is the budget's final model, not a selection on val.
     cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=base.epochs,
                   resume=str(last) if last.is_file() else None, calibrate=False)
     if result_path.is_file():
@@ -65,9 +69,12 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
         print(f"ablation: {name}: kept ({result_path})", flush=True)
         return result
     print(f"ablation: {name}: training {cfg.epochs} epochs{' (resumed)' if cfg.resume else ''}", flush=True)
-    if train(cfg)["stopped_by"]:  # SIGTERM/Ctrl-C: last.pt holds the position; the next run resumes it
+    outcome = train(cfg)
+    # SIGTERM/Ctrl-C: last.pt holds the position, and the next run resumes it; one that came during the final
+    # evaluation leaves the row trained, and the next run scores it.
+    if outcome["stopped_by"] or outcome.get("stop_requested"):
         return None
-    scores = run_evaluate(str(folder / "best.pt"), cfg.data_root, cfg.val_split, device=cfg.device,
+    scores = run_evaluate(str(last), cfg.data_root, cfg.val_split, device=cfg.device,
                           precision=cfg.precision, workers=cfg.workers)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     # The median epoch: an epoch slowed by something else on the machine does not move it.
@@ -119,21 +126,41 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     if unknown:
         raise TrainingError(f"unknown ablation option(s) {', '.join(map(repr, unknown))}; known: "
                          f"{', '.join(ABLATION_OPTIONS)}")
+    twice = sorted({name for name in options if options.count(name) > 1})
+    if twice:
+        raise TrainingError(f"ablation option(s) {', '.join(map(repr, twice))} listed twice; each row is trained once")
     if base.seed == 1 and "seed 1" in options:
         raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
+    for name in options:  # a row that changes nothing would retrain the baseline and be judged as the option's worth
+        if name != "baseline" and recipe(replace(base, **ABLATION_OPTIONS[name])) == recipe(base):
+            flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ABLATION_OPTIONS[name].items())
+            raise TrainingError(f"ablation option {name!r} changes nothing: the train flags already give {flags}; "
+                                "drop the row or change the base flag")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise TrainingError(f"--out {out}: cannot make the ablation folder ({error.strerror or error})") from None
     results = []
-    for name in options:
-        result = run_row(base, name, out)
-        if result is None:
-            print(f"ablation: stopped in row {name!r}; run the same command again to continue it and the rows after "
-                  "it (the `resunet train --resume` above would continue this row alone, with no table)", flush=True)
-            break
-        results.append(result)
+    try:
+        for name in options:
+            result = run_row(base, name, out)
+            if result is None:
+                print(f"ablation: stopped in row {name!r}; run the same command again to continue it and the rows "
+                      "after it (the `resunet train --resume` above would continue this row alone, with no table)",
+                      flush=True)
+                break
+            results.append(result)
+    except BaseException:  # a row that fails (a diverged loss, a full disk): the finished rows' table is still due
+        if results:
+            write_tables(base, results, out)
+        raise
+    write_tables(base, results, out)
+    return results
+
+
+def write_tables(base: TrainConfig, results: list[dict], out: Path) -> None:
+    """OUT/ablation.md and OUT/ablation.json for the rows in `results`, and the table printed."""
     table = format_table(results)
     budget = (f"{base.time_budget} of training (at most {base.epochs} epochs)" if base.time_budget
               else f"{base.epochs} epochs")
@@ -142,4 +169,3 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     (out / "ablation.md").write_text(header + table + "\n")
     (out / "ablation.json").write_text(json.dumps({"base": base.to_dict(), "rows": results}, indent=1))
     print("\n" + header + table, flush=True)
-    return results

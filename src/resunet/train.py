@@ -655,7 +655,7 @@ def train(cfg: TrainConfig) -> dict:
     run_started = last_save = time.perf_counter()
     scores: dict = {}
     budget_fitted, epoch_seconds, eval_s = False, [], 0.0  # --time-budget: fitted at epoch 1, then re-fitted
-    stopped_by = None
+    stopped_by = late_stop = None
     with StopSignal(announce=main_process) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
@@ -824,7 +824,10 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
                       f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                       flush=True)
-            if agree(world, device, stop.name is not None)[0] and epoch < cfg.epochs:  # it came while evaluating
+            if agree(world, device, stop.name is not None)[0]:  # it came while evaluating
+                if epoch == cfg.epochs:  # nothing left to stop: the run is complete; the caller is told (ablate)
+                    late_stop = stop.name or "a signal to another process"
+                    break
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
                     print(stop_line(stopped_by, f"after epoch {epoch}", out), flush=True)
@@ -846,4 +849,4 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return {"best_miou": best_miou, "last": records[-1] if records else None, "out": str(out),
-            "stopped_by": stopped_by}
+            "stopped_by": stopped_by, "stop_requested": stopped_by or late_stop}
