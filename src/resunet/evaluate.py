@@ -101,8 +101,9 @@ def format_table(scores: dict, info: ClassInfo) -> str:
     return "\n".join(lines)
 
 
-def strict_json(value) -> str:
-    """JSON that every parser reads: NaN (a class absent from the split, an image with nothing scored) as null."""
+def strict_json(value, indent: int | None = 1) -> str:
+    """JSON that every parser reads: NaN (a class absent from the split, an image with nothing scored) as null.
+    `indent` None: one line (a .jsonl record)."""
     def clean(item):
         if isinstance(item, float) and not math.isfinite(item):
             return None
@@ -111,7 +112,7 @@ def strict_json(value) -> str:
         if isinstance(item, (list, tuple)):
             return [clean(v) for v in item]
         return item
-    return json.dumps(clean(value), indent=1, allow_nan=False)
+    return json.dumps(clean(value), indent=indent, allow_nan=False)
 
 
 def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None,

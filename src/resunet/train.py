@@ -47,7 +47,7 @@ from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
-from .evaluate import evaluate_dataset
+from .evaluate import evaluate_dataset, strict_json
 from .losses import SegmentationLoss
 from .model.encoders import ENCODERS
 from .model.unet import ResNetUNet
@@ -804,7 +804,8 @@ def train(cfg: TrainConfig) -> dict:
 
             if main_process:
                 records.append(record)
-                write_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+                # strict: NaN (a class absent from val) as null, which every JSON parser reads
+                write_atomically(out / "metrics.jsonl", "".join(strict_json(r, indent=None) + "\n" for r in records))
                 # best.pt before last.pt: killed between the two, a resumed run repeats this epoch and writes
                 # best.pt again, where the other order would lose the improvement for good.
                 rng = rng_state()
