@@ -295,7 +295,7 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     assert lrs[0][1] > lrs[1][1] > 0  # cosine decay
     iou = records[-1]["val_iou"]
     assert scalar("val/IoU/background") == [(12, pytest.approx(records[0]["val_iou"][0])), (24, pytest.approx(iou[0]))]
-    scored = {f"val/IoU/{VOC_INFO.names[i]}" for r in records for i, v in enumerate(r["val_iou"]) if v == v}  # not NaN
+    scored = {f"val/IoU/{VOC_INFO.names[i]}" for r in records for i, v in enumerate(r["val_iou"]) if v is not None}
     assert set(events.Tags()["scalars"]) == scored | {"train/loss", "train/lr", "train/epoch_loss",
                                                       "train/images_per_s", "val/mIoU", "val/pixel_accuracy"}
     # The preview: 4 val images, each row image | ground truth | prediction, in the class colours.
@@ -310,6 +310,15 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     sample = open_dataset(demo_root, "val").load(0)
     truth = _to_height(VOC_INFO.colour_lut()[sample.mask], PREVIEW_HEIGHT)
     assert np.array_equal(sheet[:PREVIEW_HEIGHT, PREVIEW_HEIGHT:2 * PREVIEW_HEIGHT], truth)
+
+    # Resumed for a third epoch: the finished epochs' events stay; only those past the resume point are dropped.
+    train(tiny_config(demo_root, run, epochs=3, tensorboard=True, scheduler="cosine", resume=str(run / "last.pt"),
+                      **SMALL))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/mIoU")] == [12, 24, 36]
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]
+    assert [e.step for e in events.Images("val/predictions")] == [12, 24, 36]
 
 
 def test_tensorboard_missing_is_one_line_naming_the_extra(ram_tmp, monkeypatch):

@@ -29,14 +29,14 @@ class TensorBoardUnavailable(RuntimeError):
 
 class TensorBoardLog:
     def __init__(self, log_dir: str | Path, start_step: int) -> None:
-        """`start_step`: the step the run (re)starts from; events a killed run wrote past it are dropped, so a
-        resumed run's curves do not fold back on themselves."""
+        """`start_step`: the last step done when the run (re)starts; events a killed run wrote past it are dropped,
+        so a resumed run's curves do not fold back on themselves, and those at it (the finished epoch's) are kept."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TensorBoardUnavailable("--tensorboard needs the tensorboard package: "
                                          "pip install 'resunet[tensorboard]'") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
         self.losses: list[torch.Tensor] = []
 
     def step(self, global_step: int, loss: torch.Tensor, lr: float) -> None:
