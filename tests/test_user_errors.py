@@ -348,6 +348,49 @@ def test_evaluate_checks_its_outputs_before_the_work_and_writes_strict_json(chec
     assert all(v is None or not math.isnan(v) for v in scores["iou"])
 
 
+def test_a_full_disk_after_the_work_is_one_line_and_keeps_what_was_there(checkpoint, demo_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    """/dev/full fails every write with ENOSPC, as a full disk does; a link to it passes the checks made before the
+    work (they only open the file), so the failure comes where a full disk's would: at the write."""
+    import errno
+
+    from resunet.data.images import DataError
+    from resunet.outputs import write_output
+
+    (tmp_path / "e.json").symlink_to("/dev/full")
+    assert main(["evaluate", checkpoint, "--data-root", str(demo_root), "--json", str(tmp_path / "e.json")]) == 2
+    captured = capsys.readouterr()
+    assert "mIoU" in captured.out  # the scores were printed before the write
+    assert captured.err.strip() == (f"resunet evaluate: error: {tmp_path / 'e.json'}: could not write it (No space "
+                                    "left on device)")
+    photo = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / f"{photo.stem}.png").symlink_to("/dev/full")
+    assert main(["predict", checkpoint, str(photo), "--out", str(tmp_path / "pred")]) == 2
+    assert one_error_line(capsys, "predict").endswith(f"{photo.stem}.png: could not write it (No space left on "
+                                                      "device); 0 input(s) predicted before it")
+    # A regular file: written beside it and renamed, so a failed write leaves the old file whole and no leftovers.
+    (tmp_path / "old.json").write_text('{"old": 1}')
+
+    def half_then_full(self, text):
+        Path.write_bytes(self, text[:3].encode())
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(DataError, match=r"old\.json: could not write it \(No space left on device\)$"):
+        write_output(tmp_path / "old.json", '{"new": 2}')
+    monkeypatch.undo()
+    assert (tmp_path / "old.json").read_text() == '{"old": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "old.json", "pred"]
+    import matplotlib.pyplot as plt
+
+    from resunet.outputs import save_figure
+
+    (tmp_path / "c.png").symlink_to("/dev/full")
+    with pytest.raises(DataError, match=r"c\.png: could not write it \(No space left on device\)$"):
+        save_figure(plt.figure(), tmp_path / "c.png", dpi=50)
+    assert Path("/dev/full").is_char_device()  # the link's target is left as it was
+
+
 def test_a_model_with_other_classes_than_the_voc_data_is_one_line(demo_root, ram_tmp, capsys):
     from resunet.train import train
 

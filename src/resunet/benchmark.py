@@ -71,7 +71,7 @@ from .data.dataset import PairedDataset, open_dataset
 from .data.demo import make_sample
 from .data.transforms import resize_short_side, resize_windows, sample_augment_params
 from .model.unet import ResNetUNet
-from .outputs import check_output_files
+from .outputs import check_output_files, write_output
 from .predict import Predictor
 from .train import make_optimizer, train_step
 
@@ -857,6 +857,6 @@ def run_benchmark(args) -> dict:
     print(format_report(report), flush=True)
     if getattr(args, "json", None):
         path = Path(args.json)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_output(path, json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {path}")
     return report

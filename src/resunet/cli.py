@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import math
 import os
@@ -336,7 +337,7 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise SystemExit(f"resunet predict: error: --out {out}: cannot make the folder ({error.strerror or error})")
-    failed = 0
+    failed = written = 0
     inputs = {path.resolve() for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
     for path in paths:
@@ -367,11 +368,20 @@ def cmd_predict(args) -> int:
                   file=sys.stderr)
             failed += 1
             continue
+        pictures = {"mask": predictor.colorize(mask)}
         if confidence is not None:
-            Image.fromarray((confidence * 255).round().astype(np.uint8)).save(outputs["confidence"])
-        predictor.colorize(mask).save(outputs["mask"])
+            pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
         if args.overlay:
-            predictor.overlay(image, mask, args.alpha).save(outputs["overlay"], quality=90)
+            pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
+        for kind, picture in pictures.items():
+            try:
+                picture.save(outputs[kind], **({"quality": 90} if kind == "overlay" else {}))
+            except OSError as error:  # a full disk: every later file would fail the same way
+                if outputs[kind].is_file():
+                    outputs[kind].unlink()  # half a PNG
+                raise DataError(f"{outputs[kind]}: could not write it ({error.strerror or error}); "
+                                f"{written} input(s) predicted before it") from None
+        written += 1
     print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
     return 1 if failed else 0
 
@@ -619,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except _user_errors() as error:
         print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write no command foresaw, on a full or read-only disk: still one line
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"resunet {args.command}: error: {where}could not write ({error.strerror})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"resunet {args.command}: interrupted", file=sys.stderr)

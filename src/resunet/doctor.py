@@ -29,6 +29,7 @@ from .data.dataset import PairedDataset
 from .data.folder import folder_classes
 from .data.images import DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, opened, read_image
 from .data.voc import find_voc_dir, split_names
+from .outputs import save_figure, write_output
 
 REPORT_FORMAT = 1  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
@@ -609,7 +610,7 @@ def format_report(report: Report) -> str:
 def write_json(report: Report, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=1))
+    write_output(path, json.dumps(report.to_dict(), indent=1))
 
 
 def plot_class_shares(report: Report, path: str | Path) -> None:
@@ -633,7 +634,7 @@ def plot_class_shares(report: Report, path: str | Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

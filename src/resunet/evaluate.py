@@ -20,7 +20,7 @@ from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
-from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder
+from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder, write_output
 from .predict import DEFAULT_SCALES, Predictor, load_ensemble
 
 
@@ -178,7 +178,7 @@ def run_evaluate(
               "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
     if json_out:
-        Path(json_out).write_text(strict_json(result))
+        write_output(json_out, strict_json(result))
         print(f"wrote {json_out}")
     if confusion_png:
         from .visualize import plot_confusion
@@ -188,7 +188,7 @@ def run_evaluate(
     if per_image:
         result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out or "."))
         if json_out:
-            Path(json_out).write_text(strict_json(result))
+            write_output(json_out, strict_json(result))
     return result
 
 
@@ -210,6 +210,6 @@ def write_worst(predictor: Predictor, dataset: PairedDataset, per_image: list[tu
                        "pixel_accuracy": accuracy})
     out.mkdir(parents=True, exist_ok=True)
     plot_worst(rows, dataset.info, out / "worst.png")
-    (out / "worst.json").write_text(strict_json(listed))
+    write_output(out / "worst.json", strict_json(listed))
     print(f"wrote the {len(rows)} images with the lowest mIoU to {out / 'worst.png'} (list: {out / 'worst.json'})")
     return listed

@@ -46,7 +46,7 @@ from .evaluate import evaluate_dataset
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, OnnxPredictor, open_session
-from .outputs import check_output_files
+from .outputs import check_output_files, write_output
 from .predict import Predictor
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
@@ -346,7 +346,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], gra
 
 def write_json(result: dict, path: str | Path | None) -> None:
     if path:
-        Path(path).write_text(json.dumps(result, indent=1, default=str))
+        write_output(path, json.dumps(result, indent=1, default=str))
 
 
 def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: str = "none", int8: bool = False,

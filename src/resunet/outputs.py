@@ -4,6 +4,7 @@ write its answer, nor write it over its own inputs. Every failure is a DataError
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -61,6 +62,38 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
             pass
     except OSError as error:
         raise DataError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a file beside it, then renamed over it (keeping its
+    permissions), so a full disk leaves the old file, never half a JSON. A device or pipe (/dev/stdout) is written
+    directly. A failure is one DataError line naming the file."""
+    target = resolved(path)
+    try:
+        if target.exists() and not target.is_file():
+            target.write_text(text)
+            return
+        partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        try:
+            partial.write_text(text)
+            if target.exists():
+                shutil.copymode(target, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    except OSError as error:
+        raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
+
+
+def save_figure(figure, path: str | Path, dpi: int) -> None:
+    """matplotlib's savefig, with a failed write (a full disk) as one DataError line naming the file and no
+    half-written picture left behind."""
+    try:
+        figure.savefig(path, dpi=dpi)
+    except OSError as error:
+        if Path(path).is_file():
+            Path(path).unlink(missing_ok=True)
+        raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
 
 
 def resolved(path: str | Path) -> Path:

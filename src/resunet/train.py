@@ -815,8 +815,8 @@ def train(cfg: TrainConfig) -> dict:
                 last_save = time.perf_counter()
                 try:
                     plot_curves(records, out / "curves.png")
-                except OSError as error:  # the checkpoints are saved; a figure is not worth stopping for
-                    print(f"resunet: {out / 'curves.png'} not drawn ({error.strerror or error})", file=sys.stderr)
+                except DataError as error:  # the checkpoints are saved; a figure is not worth stopping for
+                    print(f"resunet: {error}; curves not drawn, training goes on", file=sys.stderr)
                 if board is not None:
                     board.epoch(global_step, record, info.names)
                     if evaluated:

@@ -14,7 +14,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .data.classes import ClassInfo  # noqa: E402
 from .data.images import DEFAULT_MAX_PIXELS, DataError  # noqa: E402
-from .outputs import PLOT_SUFFIXES, check_output_files  # noqa: E402
+from .outputs import PLOT_SUFFIXES, check_output_files, save_figure  # noqa: E402
 
 
 
@@ -37,7 +37,7 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
         ax.grid(alpha=0.3)
     # Fixed margins, not tight_layout: it measured every label each epoch, about half the plot's time.
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.92, wspace=0.22)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -65,7 +65,7 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
         axes[row][0].set_title(title, loc="left", fontsize=11)
     class_legend(fig, info, targets + predictions)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -104,7 +104,7 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | Non
         bars.grid(axis="x", alpha=0.3)
         bars.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -132,7 +132,7 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
         ax.set_title(title, loc="left", fontsize=10)
     class_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])])
     fig.tight_layout(rect=(0, 0.6 / (2.9 * len(rows) + 0.6), 1, 1))
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
