@@ -277,3 +277,24 @@ def test_train_refuses_a_dataset_with_errors_and_starts_with_skip_data_check(tmp
     assert main([*args, "--skip-data-check"]) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
     assert "orphan_mask" not in capsys.readouterr().out
+
+
+def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):
+    """Every val pixel ignored: mIoU is undefined, so best.pt was never written, and `train` then named a best.pt
+    that did not exist (ablate failed on it with a bare "not found")."""
+    root = clean_dataset(tmp_path / "data")
+    for mask in (root / "val" / "masks").glob("*.png"):
+        save(Image.new("L", (SIZE, SIZE), 255), mask)
+    assert main(["check-data", "--data-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR   unlabelled_split ×1" in out and "val: every pixel of its 2 masks is the ignore label 255" in out
+    args = ["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "2",
+            "--size", "32", "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir",
+            str(tmp_path / "cache"), "--encoder", "resnet18"]
+    assert main(args) == 2 and not (tmp_path / "run").exists()  # the data check refuses it before any work
+    capsys.readouterr()
+    assert main([*args, "--skip-data-check"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("every val pixel is the ignore label 255, so mIoU is undefined and no best.pt can be "
+                         "chosen; fix the val masks (resunet check-data finds them); last.pt of epoch 1 is saved")
+    assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "best.pt").exists()

@@ -31,7 +31,7 @@ from .data.images import DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list
 from .data.voc import find_voc_dir, split_names
 from .outputs import save_figure, write_output
 
-REPORT_FORMAT = 1  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 2  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -41,6 +41,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "unreadable": ("error", "files that cannot be read (broken, truncated, not an image, unsupported mask mode)"),
     "too_large": ("error", "files over --max-pixels, refused from their header (decompression bombs?)"),
     "empty_split": ("error", "split folders without images"),
+    "unlabelled_split": ("error", "splits whose masks are all the ignore label: nothing to learn from, or to score "
+                                  "(mIoU is undefined, so no best.pt could be chosen)"),
     "missing_mask": ("error", "images without a mask of the same name"),
     "orphan_mask": ("error", "masks without an image of the same name"),
     "same_name": ("error", "two images (or two masks) with the same name and different extensions: images pair "
@@ -440,6 +442,17 @@ def coverage_findings(results: list[PairResult], info: ClassInfo, train_split: s
     return findings
 
 
+def unlabelled_findings(results: list[PairResult], info: ClassInfo) -> list[Finding]:
+    """Splits whose masks, every one read, hold no pixel but the ignore label."""
+    read: dict[str, list[PairResult]] = defaultdict(list)
+    for result in results:
+        if result.class_pixels is not None:
+            read[result.split].append(result)
+    return [finding("unlabelled_split", split, f"{split}: every pixel of its {plural(len(masks), 'mask')} is the "
+                    f"ignore label {info.ignore_index}")
+            for split, masks in read.items() if not any(m.class_pixels.any() for m in masks)]
+
+
 def split_facts(results: list[PairResult], info: ClassInfo, pairs: int) -> dict:
     """Counts, image sizes, class shares and image kinds of one split."""
     sizes = np.array([r.image_size for r in results if r.image_size is not None]).reshape(-1, 2)
@@ -534,6 +547,7 @@ def check_data(
         findings += result.findings
     findings += leakage_findings(results, split_order)
     findings += coverage_findings(results, listing.info, train_split)
+    findings += unlabelled_findings(results, listing.info)
     facts = {
         "root": str(listing.base),
         "layout": listing.layout,

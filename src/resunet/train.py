@@ -825,6 +825,10 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
                       f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                       flush=True)
+            if evaluated and math.isnan(scores["miou"]):  # --skip-data-check let an unlabelled val split through
+                raise TrainingError(f"{val_set.description}: every val pixel is the ignore label {info.ignore_index}, "
+                                    "so mIoU is undefined and no best.pt can be chosen; fix the val masks (resunet "
+                                    f"check-data finds them); last.pt of epoch {epoch} is saved")
             if agree(world, device, stop.name is not None)[0]:  # it came while evaluating
                 if epoch == cfg.epochs:  # nothing left to stop: the run is complete; the caller is told (ablate)
                     late_stop = stop.name or "a signal to another process"
