@@ -90,6 +90,26 @@ def test_folder_dataset_with_classes_json(tmp_path):
     assert test.load(0).mask.max() <= 2
 
 
+def test_a_folder_split_that_is_not_there_is_named_with_those_that_are(tmp_path, capsys):
+    from resunet.cli import main
+
+    make_folder_dataset(tmp_path / "data", classes={"classes": ["sky", "road", "car"]})
+    message = (f"{tmp_path / 'data'}: no split 'test' (no {tmp_path / 'data' / 'test'}/{{images,masks}}); splits here: "
+               "train, val")
+    with pytest.raises(DataError) as caught:
+        open_dataset(tmp_path / "data", "test")
+    assert str(caught.value) == message
+    assert main(["check-data", "--data-root", str(tmp_path / "data"), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == f"resunet check-data: error: {message}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: not a dataset: expected VOCdevkit/VOC2012"):
+        open_dataset(tmp_path / "empty", "train")
+    # A model's class count against the data's (no --num-classes flag in evaluate or visualize: say whose it is).
+    with pytest.raises(DataError, match=r"classes.json: lists 3 classes, not the 21 expected \(the model's, or "
+                                        r"--num-classes\)$"):
+        open_dataset(tmp_path / "data", "val", num_classes=21)
+
+
 def test_folder_dataset_needs_num_classes_without_classes_json(tmp_path):
     make_folder_dataset(tmp_path)
     with pytest.raises(DataError, match="--num-classes"):

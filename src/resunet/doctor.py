@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import folder_classes
+from .data.folder import folder_classes, layout_error
 from .data.images import DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, opened, read_image
 from .data.voc import find_voc_dir, split_names
 from .outputs import save_figure, write_output
@@ -137,8 +137,7 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
     for split in splits:
         split_dirs[split] = root / split if (root / split / "images").is_dir() else root
         if not (split_dirs[split] / "images").is_dir() or not (split_dirs[split] / "masks").is_dir():
-            raise DataError(f"{root}: not a dataset: expected VOCdevkit/VOC2012, {root / split}/{{images,masks}} "
-                            f"or {root}/{{images,masks}}")
+            raise layout_error(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
     if (root / "classes.json").is_file():

@@ -21,9 +21,11 @@ def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None
         except ValueError as error:  # unreadable or malformed: the user's file, so one line
             raise DataError(str(error)) from None
         if num_classes is not None and num_classes != info.num_classes:
-            raise DataError(f"{classes_json}: lists {info.num_classes} classes but --num-classes is {num_classes}")
+            raise DataError(f"{classes_json}: lists {info.num_classes} classes, not the {num_classes} expected (the "
+                            "model's, or --num-classes)")
         if ignore_index is not None and ignore_index != info.ignore_index:
-            raise DataError(f"{classes_json}: ignore index {info.ignore_index} but --ignore-index is {ignore_index}")
+            raise DataError(f"{classes_json}: ignore index {info.ignore_index}, not the {ignore_index} expected (the "
+                            "model's, or --ignore-index)")
         return info
     if num_classes is None:
         raise DataError(f"{root}: no classes.json here; pass --num-classes (and --ignore-index if not 255)")
@@ -43,13 +45,23 @@ def check_unique_stems(folder: Path, files: list[Path]) -> None:
         seen[path.stem] = path
 
 
+def layout_error(root: Path, split: str) -> DataError:
+    """No `root/split/{images,masks}` and no flat `root/{images,masks}`: a split that is not there (naming those
+    that are), or no dataset at all."""
+    present = sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir()) \
+        if root.is_dir() else []
+    if present:
+        return DataError(f"{root}: no split {split!r} (no {root / split}/{{images,masks}}); splits here: "
+                         f"{', '.join(present)}")
+    return DataError(f"{root}: not a dataset: expected VOCdevkit/VOC2012, {root / split}/{{images,masks}} or "
+                     f"{root}/{{images,masks}}")
+
+
 def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
     split_dir = root / split if (root / split / "images").is_dir() else root
     image_dir, mask_dir = split_dir / "images", split_dir / "masks"
     if not image_dir.is_dir() or not mask_dir.is_dir():
-        raise DataError(
-            f"{root}: not a dataset: expected VOCdevkit/VOC2012, {root / split}/{{images,masks}} or {root}/{{images,masks}}"
-        )
+        raise layout_error(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     images = list_images(image_dir)
     masks = list_images(mask_dir)
