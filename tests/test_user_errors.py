@@ -444,6 +444,32 @@ def test_visualize_says_the_file_it_wrote(checkpoint, demo_root, tmp_path, capsy
     assert f"wrote {tmp_path / 'grid.png'}" in capsys.readouterr().out and (tmp_path / "grid.png").is_file()
     with pytest.raises(SystemExit):
         main(["visualize", checkpoint, "--data-root", str(demo_root), "--count", "0"])
+    # A folder, existing or written with a slash, is not a file name (vis.png was written beside "vis").
+    (tmp_path / "vis").mkdir()
+    capsys.readouterr()
+    for out in (str(tmp_path / "vis"), str(tmp_path / "new") + "/"):
+        assert main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", out]) == 2
+        assert one_error_line(capsys, "visualize").endswith(f"--out {out}: is a folder; give a file name such as "
+                                                            f"{Path(out) / 'grid.png'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "vis"]
+
+
+def test_the_class_legend_stays_inside_a_narrow_figure():
+    """A one-image grid is 3 inches wide: a legend of 8 columns ran off both of its sides."""
+    import matplotlib.pyplot as plt
+
+    from resunet.data.classes import VOC_INFO
+    from resunet.visualize import class_legend
+
+    for width in (3, 6, 15):
+        fig = plt.figure(figsize=(width, 4))
+        inches = class_legend(fig, VOC_INFO, [np.arange(21, dtype=np.uint8)])
+        fig.canvas.draw()
+        box = fig.legends[0].get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1  # every entry inside the width
+        assert box.height <= inches * fig.dpi  # the height reported holds every row
+        assert len(fig.legends[0].get_texts()) == 21
+        plt.close(fig)
 
 
 # ---- ablate ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ IoU bars, the worst images' contact sheet."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -45,11 +46,18 @@ def colorize(mask: np.ndarray, info: ClassInfo) -> np.ndarray:
     return info.colour_lut()[mask]
 
 
-def class_legend(fig, info: ClassInfo, masks: list[np.ndarray]) -> None:
-    """A legend along the figure's bottom of the classes that occur in the masks."""
+def class_legend(fig, info: ClassInfo, masks: list[np.ndarray]) -> float:
+    """A legend along the figure's bottom of the classes that occur in the masks, in as many columns as the
+    figure's width holds (a fixed 8 ran off both sides of a one-image grid); returns the height in inches its rows
+    take, for the caller to keep free."""
     present = sorted({int(v) for m in masks for v in np.unique(m) if v < info.num_classes})
+    if not present:
+        return 0.0
     handles = [Patch(color=np.array(info.palette[c]) / 255, label=info.names[c]) for c in present]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, frameon=False)
+    entry_inches = 0.55 + 0.09 * max(len(info.names[c]) for c in present)  # swatch, gaps, 10-pt text
+    columns = max(1, min(len(handles), int(0.95 * fig.get_figwidth() / entry_inches)))
+    fig.legend(handles=handles, loc="lower center", ncol=columns, frameon=False)
+    return 0.3 * math.ceil(len(handles) / columns) + 0.1
 
 
 def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: list[np.ndarray], info: ClassInfo,
@@ -63,8 +71,9 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
             axes[row][col].axis("off")
     for row, title in enumerate(("image", "ground truth", "prediction")):
         axes[row][0].set_title(title, loc="left", fontsize=11)
-    class_legend(fig, info, targets + predictions)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    legend_inches = class_legend(fig, info, targets + predictions)
+    fig.set_figheight(9.0 + legend_inches)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     save_figure(fig, path, dpi=90)
     plt.close(fig)
 
@@ -119,7 +128,7 @@ def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np
 def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
     """A contact sheet, one row per image: image / ground truth / prediction / errors, titled with its scores.
     `rows`: dicts with name, image, target, prediction, miou, pixel_accuracy."""
-    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
                     error_map(row["target"], row["prediction"], info))
@@ -130,8 +139,9 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
                             f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
     for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
         ax.set_title(title, loc="left", fontsize=10)
-    class_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])])
-    fig.tight_layout(rect=(0, 0.6 / (2.9 * len(rows) + 0.6), 1, 1))
+    legend_inches = class_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])])
+    fig.set_figheight(2.9 * len(rows) + legend_inches)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     save_figure(fig, path, dpi=80)
     plt.close(fig)
 
@@ -143,6 +153,8 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
     from .data.dataset import open_dataset
     from .predict import load
 
+    if str(out).endswith("/") or Path(out).is_dir():  # before ".png" is added: "vis" would become vis.png beside it
+        raise DataError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'grid.png'}")
     if not Path(out).suffix:  # matplotlib would add ".png" itself; name the file it writes
         out = f"{out}.png"
     check_output_files([("--out", out)], suffixes={"--out": PLOT_SUFFIXES})
