@@ -329,3 +329,15 @@ def test_tensorboard_missing_is_one_line_naming_the_extra(ram_tmp, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     with pytest.raises(TensorBoardUnavailable, match=r"pip install 'resunet\[tensorboard\]'"):
         TensorBoardLog(ram_tmp / "tb", 0)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_root, ram_tmp, capsys):
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    result = train(tiny_config(demo_root, run, epochs=1, resume=str(run / "last.pt"), **SMALL))
+    out = capsys.readouterr().out
+    assert result["stopped_by"] is None and "epochs 2..1" not in out
+    assert "; no epoch to train: 1 already done (--epochs 1; give more to continue)" in out
+    assert "done: no epoch to train" in out and (run / "last.pt").stat().st_mtime_ns == stamp

@@ -376,6 +376,13 @@ def data_signature(dataset: PairedDataset, root: str | Path) -> dict:
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 
+def epoch_span(first: int, last: int) -> str:
+    """The epochs a run trains, for its first and last lines; a resumed run already past --epochs trains none."""
+    if first > last:
+        return f"no epoch to train: {first - 1} already done (--epochs {last}; give more to continue)"
+    return f"epochs {first}..{last}"
+
+
 def absolute_paths(cfg: TrainConfig) -> dict:
     """The config's paths as a resumed run must read them, from whatever folder it is started in."""
     return {name: os.path.abspath(value) for name in ("data_root", "cache_dir") if (value := getattr(cfg, name))}
@@ -639,7 +646,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
               f"{info.num_classes} classes; {cfg.encoder} ({origin}); {describe_device(device)}, "
               f"{precision_name(dtype)}{', channels_last' if channels_last else ''}, {world} process(es), "
-              f"{data_path} data path; epochs {start_epoch}..{cfg.epochs}{where}", flush=True)
+              f"{data_path} data path; {epoch_span(start_epoch, cfg.epochs)}{where}", flush=True)
 
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
         save_checkpoint({
@@ -848,7 +855,7 @@ def train(cfg: TrainConfig) -> dict:
         if note := bound_note(fitted["temperature"]):
             print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
-        print(f"done: epochs {start_epoch}..{cfg.epochs} in {(time.perf_counter() - run_started) / 60:.1f} min, "
+        print(f"done: {epoch_span(start_epoch, cfg.epochs)} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
         dist.barrier()
