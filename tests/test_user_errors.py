@@ -918,6 +918,33 @@ def test_a_run_stopped_inside_an_epoch_resumes_on_data_that_shrank(demo_root, ra
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def test_a_resume_where_an_epoch_takes_more_steps_keeps_the_schedule_ending_with_the_last_epoch(demo_root, ram_tmp,
+                                                                                                 capsys):
+    """Another process count (torchrun) or training set changes the steps an epoch takes; the schedule counted the
+    old ones, so cosine ended early (lr 0 for the last epochs) or never reached 0."""
+    import shutil
+
+    from resunet.train import train
+    from test_faults import SMALL
+
+    data = ram_tmp / "data"
+    shutil.copytree(demo_root, data)
+    listing = data / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt"
+    names = listing.read_text().split()
+    listing.write_text("\n".join(names[:16]) + "\n")  # 4 steps an epoch
+    run = ram_tmp / "run"
+    train(tiny_config(data, run, epochs=1, scheduler="cosine", **SMALL))
+    listing.write_text("\n".join(names) + "\n")  # 12 steps an epoch
+    capsys.readouterr()
+    train(tiny_config(data, run, epochs=2, scheduler="cosine", resume=str(run / "last.pt"), **SMALL))
+    assert "the schedule is re-based from 4 to 12 steps done" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["lr"] == 0.0  # 24 of 24 steps: cosine's end
+    # The usual resume, same steps an epoch: nothing re-based (bit-identical resumes are tested in test_faults).
+    train(tiny_config(data, run, epochs=3, scheduler="cosine", resume=str(run / "last.pt"), **SMALL))
+    assert "re-based" not in capsys.readouterr().out
+
+
 def test_a_run_folder_it_cannot_write_in_is_refused_before_the_first_epoch(demo_root, ram_tmp, monkeypatch):
     import resunet.outputs as outputs_module
     from resunet.train import TrainingError, train, write_atomically

@@ -189,6 +189,22 @@ def scale_learning_rate(optimizer, scheduler, ratio: float) -> None:
         scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
 
 
+def rebase_schedule(scheduler, optimizer, steps_done: int, announce: bool) -> None:
+    """A resumed per-step schedule counts the steps this run would have taken to get here. Another process count
+    or training set gives an epoch another number of steps: counted in the old ones, cosine reached 0 epochs early
+    (or never). The same count (the usual resume) changes nothing."""
+    if scheduler.last_epoch == steps_done:
+        return
+    if announce:
+        print(f"resunet: the schedule is re-based from {scheduler.last_epoch} to {steps_done} steps done (an epoch "
+              "takes another number of steps now: another process count or training set), so it still ends with "
+              "the last epoch", flush=True)
+    scheduler.last_epoch = steps_done
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(steps_done)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
@@ -618,6 +634,9 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"resunet: epoch {position['epoch']} starts again from its first step (it was saved at step "
                       f"{position['step']} of the old training data)", flush=True)
             position = None
+    if cfg.resume and cfg.scheduler in PER_STEP_SCHEDULERS:
+        rebase_schedule(scheduler, optimizer, (start_epoch - 1) * len(loader) + (position["step"] if position else 0),
+                        main_process)
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
