@@ -86,6 +86,9 @@ def test_a_signal_inside_an_epoch_saves_the_step_and_resume_is_bit_identical(
     out = capsys.readouterr()
     assert f"SIGTERM: stopped at step {step + 1}/{STEPS} of epoch {epoch + 1}" in out.out
     assert f"Resume with: resunet train --resume {run / 'last.pt'}" in out.out
+    # Under torchrun the command given has as many processes (a save inside an epoch is refused with another count).
+    assert train_module.stop_line("SIGTERM", "after epoch 1", run, world=2).endswith(
+        f"Resume with: torchrun --nproc-per-node 2 -m resunet train --resume {run / 'last.pt'}")
     assert "finishing the current step" in out.err
     assert len(records(run)) == epoch  # the stopped epoch has no line yet
 

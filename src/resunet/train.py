@@ -430,9 +430,12 @@ def last_good_save(out: Path) -> str:
     return "no checkpoint was saved yet; lower --lr or check the data (resunet check-data)"
 
 
-def stop_line(signal_name: str, where: str, out: Path) -> str:
+def stop_line(signal_name: str, where: str, out: Path, world: int = 1) -> str:
+    """What stopped, where, and the command that resumes it: under torchrun, with as many processes (a save inside
+    an epoch needs them: each one's share of the data depends on the count)."""
+    launcher = f"torchrun --nproc-per-node {world} -m resunet" if world > 1 else "resunet"
     return (f"{signal_name}: stopped {where}; {out / 'last.pt'} holds it. "
-            f"Resume with: resunet train --resume {out / 'last.pt'}")
+            f"Resume with: {launcher} train --resume {out / 'last.pt'}")
 
 
 def agree(world: int, device: torch.device, *flags: bool) -> list[bool]:
@@ -764,7 +767,8 @@ def train(cfg: TrainConfig) -> dict:
             if stop_now:
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
-                    print(stop_line(stopped_by, f"at step {steps}/{steps_per_epoch} of epoch {epoch}", out), flush=True)
+                    print(stop_line(stopped_by, f"at step {steps}/{steps_per_epoch} of epoch {epoch}", out, world),
+                          flush=True)
                 break
 
             train_loss = float(loss_sum) / max(steps, 1)
@@ -861,7 +865,7 @@ def train(cfg: TrainConfig) -> dict:
                     break
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
-                    print(stop_line(stopped_by, f"after epoch {epoch}", out), flush=True)
+                    print(stop_line(stopped_by, f"after epoch {epoch}", out, world), flush=True)
                 break
 
     if board is not None:
