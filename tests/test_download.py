@@ -213,6 +213,40 @@ def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
     assert len(server.requests) == 1
 
 
+def test_an_extraction_cut_short_is_redone_from_the_kept_archive(voc_tar, server, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    """A run killed (or out of space) while extracting left most masks missing; the next run printed "ready"."""
+    import errno
+
+    from resunet.cli import main
+
+    url, md5, _ = voc_tar
+    root = tmp_path / "data"
+    real_extractall = tarfile.TarFile.extractall
+
+    def full_disk(self, *args, **kwargs):
+        real_extractall(self, *args, **kwargs)  # every file written, then the disk is "full" for the last one
+        (root / "VOCdevkit/VOC2012/SegmentationClass" / f"{VOC_VAL[0]}.png").unlink()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
+    with pytest.raises(DownloadError, match=r"^cannot extract .*VOCtrainval_11-May-2012\.tar into .*data \(No space "
+                                            r"left on device\); free some space or make it writable, then run the "
+                                            r"same command again$"):
+        download_voc2012(root, url=url, md5=md5)
+    monkeypatch.undo()
+    voc_dir = download_voc2012(root, url=url, md5=md5)  # extracted again: the archive was kept and verified
+    assert (voc_dir / "SegmentationClass" / f"{VOC_VAL[0]}.png").is_file() and len(server.requests) == 1
+    # Finished once: later runs read nothing (no md5 of the archive either).
+    monkeypatch.setattr("resunet.data.download.file_md5", lambda path: pytest.fail("checked the archive again"))
+    assert download_voc2012(root, url=url, md5=md5) == voc_dir
+    # A --root that cannot be a folder is one line, not a traceback.
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["download", "voc", "--root", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resunet download: error: --root ") and "\n" not in err and "afile" in err
+
+
 def test_wrong_md5_raises_and_leaves_no_file(big_file, tmp_path: Path) -> None:
     url, md5, _ = big_file
     dest = tmp_path / "blob.bin"

@@ -195,6 +195,9 @@ def extract(archive: Path, dest_dir: Path) -> None:
                 tar.extractall(dest_dir, members=members)
     except tarfile.TarError as err:  # includes tarfile.FilterError
         raise DownloadError(f"cannot extract {archive}: {_one_line(err)}") from err
+    except OSError as err:  # a full disk, a read-only folder: said in one line; a rerun extracts it again
+        raise DownloadError(f"cannot extract {archive} into {dest_dir} ({err.strerror or err}); free some space or "
+                            "make it writable, then run the same command again") from None
 
 
 def _require(base: Path, names: list[str], what: str) -> None:
@@ -207,30 +210,42 @@ _VOC_REQUIRED = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"]
 _SBD_REQUIRED = ["img", "cls", "train.txt", "val.txt"]
 
 
+# Written into the extracted folder once extraction has finished: a run killed (or out of space) mid-way leaves
+# none, and the next run extracts again from the kept archive instead of taking a folder missing most files as done.
+EXTRACTED_STAMP = ".resunet-extracted"
+
+
+def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
+                          required: list[str], what: str) -> Path:
+    stamp = folder / EXTRACTED_STAMP
+    archive_path = root / archive_name
+    if stamp.exists() or (folder.is_dir() and not archive_path.exists() and not (root / f"{archive_name}.part").exists()):
+        # Ours and finished; or extracted by hand (or by a version without stamps), with no archive to redo it from.
+        _require(folder, required, what)
+        return folder
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"--root {root}: cannot make the folder ({err.strerror or err})") from None
+    archive = download_url(url, archive_path, md5)
+    extract(archive, root)
+    _require(folder, required, f"extracted {what}")
+    stamp.touch()
+    return folder
+
+
 def download_voc2012(root: Path, url: str = VOC_URL, md5: str | None = VOC_MD5) -> Path:
     """Download and extract VOC 2012 trainval under ``root``; return ``root/VOCdevkit/VOC2012``."""
     root = Path(root)
-    voc_dir = root / "VOCdevkit" / "VOC2012"
-    if (voc_dir / "ImageSets" / "Segmentation" / "val.txt").exists():
-        _require(voc_dir, _VOC_REQUIRED, "VOC2012")
-        return voc_dir
-    archive = download_url(url, root / "VOCtrainval_11-May-2012.tar", md5)
-    extract(archive, root)
-    _require(voc_dir, _VOC_REQUIRED, "extracted VOC2012")
-    return voc_dir
+    return _download_and_extract(root, url, md5, "VOCtrainval_11-May-2012.tar", root / "VOCdevkit" / "VOC2012",
+                                 _VOC_REQUIRED, "VOC2012")
 
 
 def download_sbd(root: Path, url: str = SBD_URL, md5: str | None = SBD_MD5) -> Path:
     """Download and extract SBD under ``root``; return ``root/benchmark_RELEASE/dataset``."""
     root = Path(root)
-    sbd_dir = root / "benchmark_RELEASE" / "dataset"
-    if (sbd_dir / "val.txt").exists():
-        _require(sbd_dir, _SBD_REQUIRED, "SBD")
-        return sbd_dir
-    archive = download_url(url, root / "benchmark.tgz", md5)
-    extract(archive, root)
-    _require(sbd_dir, _SBD_REQUIRED, "extracted SBD")
-    return sbd_dir
+    return _download_and_extract(root, url, md5, "benchmark.tgz", root / "benchmark_RELEASE" / "dataset",
+                                 _SBD_REQUIRED, "SBD")
 
 
 def _read_ids(path: Path) -> set[str]:
