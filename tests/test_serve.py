@@ -485,8 +485,12 @@ def test_a_request_whose_client_hung_up_is_dropped_from_the_queue_not_computed(c
 
 
 def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoint):
+    """The drain ends at --drain-timeout; the request still running then gets our JSON 503 and one log line (it got
+    a text/plain 500 and a traceback). Also here, as this test reads the whole log: a path whose decoded form holds
+    a line break cannot forge a log line."""
     process, url = start_server(checkpoint, "--drain-timeout", "2")
     port = int(url.rsplit(":", 1)[1])
+    assert httpx.get(url + "/x%0A12:00:00 resunet serve: GET /forged 200", timeout=10).status_code == 404
     with socket.create_connection(("127.0.0.1", port)) as stalled:  # declares 100 kB, sends 100 bytes, then waits
         stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                         b"Content-Length: 100000\r\n\r\n" + b"\0" * 100)
@@ -495,6 +499,14 @@ def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoin
         started = time.time()
         assert process.wait(30) == 0
         assert time.time() - started < 15  # the 2 s drain, then closed; without it: until the client gives up
+        stalled.settimeout(5)
+        answer = stalled.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 503 ") and "application/json" in answer, answer
+    log = process.stdout.read()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "POST /predict 503" in log and "error: the service stopped before the answer (--drain-timeout passed)" in log
+    assert not any(line.startswith("12:00:00 resunet serve: GET /forged") for line in log.splitlines()), log
+    assert "GET /x?12:00:00 resunet serve: GET /forged 200 404" in log, log
 
 
 def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
 from ..predict import Predictor, load
-from .codec import RequestError, class_summary, decode_image, png_bytes, rle_classes, upload_bytes
+from .codec import RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes
 from .engine import InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
@@ -125,13 +125,20 @@ class LogAndCount:
         except ClientDisconnect:  # the client went away: nobody to answer, nothing to fix here
             request.state.error = "client disconnected"
             status["code"] = 499  # nginx's "client closed request", for the log and the metrics
+        except asyncio.CancelledError:  # at shutdown, uvicorn cancels what still runs when --drain-timeout passes
+            request.state.error = "the service stopped before the answer (--drain-timeout passed)"
+            if not status["sent"]:  # else uvicorn logged a traceback per request and sent a text/plain 500
+                try:
+                    await error_response(503, request.state.error)(scope, receive, send_noting_status)
+                except Exception:  # the connection is closing too: the log line and the count remain
+                    status["code"] = 503
         except Exception as error:  # a bug: answered here, where the log line and the metrics are
             response = await self.on_bug(request, error)
             if not status["sent"]:
                 await response(scope, receive, send_noting_status)
         seconds = time.perf_counter() - started
-        path = scope["path"]
-        label = path_label(path)
+        path = printable_name(scope["path"])  # decoded: a %0A would start a forged log line
+        label = path_label(scope["path"])
         self.metrics.requests.labels(label, str(status["code"])).inc()
         self.metrics.latency.labels(label).observe(seconds)
         error = getattr(request.state, "error", None)
@@ -315,7 +322,7 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         metrics.requests.labels(path_label(scope["path"]), "503").inc()
-        log.info("%s %s 503 error: %s", scope["method"], scope["path"], message)
+        log.info("%s %s 503 error: %s", scope["method"], printable_name(scope["path"]), message)
 
     return app_within_limit
 
