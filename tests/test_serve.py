@@ -807,3 +807,35 @@ def test_a_request_http_cannot_parse_gets_a_json_error_counted_in_metrics(live_s
     metrics = httpx.get(url + "/metrics", timeout=10).text
     assert 'resunet_requests_total{path="unparsed",status="400"} 2.0' in metrics
     assert 'resunet_requests_total{path="unparsed",status="431"} 1.0' in metrics
+
+
+def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_waiting(checkpoint):
+    """The Python API: stop() left every pending submit() waiting for ever (and a submit after it hung too)."""
+    from resunet.predict import load
+    from resunet.serve.engine import EngineStoppedError, InferenceEngine
+    from resunet.serve.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    engine = InferenceEngine(lambda: load(checkpoint), metrics, max_batch=1, max_wait_ms=0)
+    image = np.asarray(scene(40, 50))
+
+    async def scenario():
+        with pytest.raises(EngineStoppedError, match="not running"):
+            await engine.submit(image)
+        await engine.start()
+        predict_batch = engine.variants["none"].predict_batch
+        engine.variants["none"].predict_batch = lambda images: (time.sleep(0.3), predict_batch(images))[1]
+        pending = [asyncio.ensure_future(engine.submit(image)) for _ in range(6)]
+        await asyncio.sleep(0.1)  # the first in its pass, five queued
+        await asyncio.wait_for(engine.stop(), 10)
+        outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 5)
+        with pytest.raises(EngineStoppedError, match="not running"):
+            await engine.submit(image)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    stopped = [o for o in outcomes if isinstance(o, EngineStoppedError)]
+    assert len(stopped) >= 5 and all(isinstance(o, EngineStoppedError) or o.mask.shape == (40, 50) for o in outcomes)
+    assert metrics.in_flight._value.get() == 0
+    with pytest.raises(ValueError, match="tta 'ms': the service runs none or flip"):
+        ServeSettings(tta="ms")

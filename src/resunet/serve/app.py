@@ -32,7 +32,7 @@ from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
 from ..predict import Predictor, load
 from .codec import RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes
-from .engine import InferenceEngine, QueueFullError
+from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
@@ -57,6 +57,9 @@ class ServeSettings:
     retry_after_s: int = 1  # what a 503 asks the client to wait
     body_timeout_s: float = 30.0  # an upload with no byte for this long gets 408 (a stalled client frees its slot)
 
+    def __post_init__(self) -> None:
+        if self.tta not in REQUEST_TTA:  # "ms" was served as "none" without a word
+            raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)}")
 
 def model_description(path: Path, predictor: Predictor) -> dict:
     from ..fingerprint import sha256_file
@@ -286,6 +289,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
             result = await until_done_or_gone(request, engine.submit(image, tta))
         except QueueFullError as error:
             raise RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
+        except EngineStoppedError as error:
+            raise RequestError(503, str(error), {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()
         if format == "png":
             body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))

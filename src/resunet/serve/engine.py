@@ -32,6 +32,10 @@ class QueueFullError(Exception):
     """More requests are waiting than `max_queue`: the client should retry later."""
 
 
+class EngineStoppedError(Exception):
+    """The engine is not running (not started yet, or stopped): its images will not be computed."""
+
+
 @dataclass
 class Job:
     image: np.ndarray
@@ -86,6 +90,7 @@ class InferenceEngine:
         self.ready = False
         self.queue: asyncio.Queue[Job] | None = None
         self.batcher: asyncio.Task | None = None
+        self.waiting: set[asyncio.Future] = set()  # every submitted image's future until it is answered
         metrics.queue_depth.set_function(lambda: self.queue.qsize() if self.queue is not None else 0)
 
     async def start(self) -> None:
@@ -98,8 +103,9 @@ class InferenceEngine:
         self.ready = True
 
     async def stop(self) -> None:
-        """Stop batching once the forward pass under way is done. The inference thread (holding the model) stays, so
-        the app can start again (it ends with the process)."""
+        """Stop batching once the forward pass under way is done; every image still waiting (queued, or in that
+        pass) fails with EngineStoppedError, and so does a later submit. The inference thread (holding the model)
+        stays, so the app can start again (it ends with the process)."""
         self.ready = False
         if self.batcher is not None:
             self.batcher.cancel()
@@ -107,7 +113,11 @@ class InferenceEngine:
                 await self.batcher
             except asyncio.CancelledError:
                 pass
+            self.batcher = None
         await asyncio.get_running_loop().run_in_executor(self.executor, lambda: None)  # after the pass under way
+        for future in list(self.waiting):  # else their submit() would wait for ever
+            if not future.done():
+                future.set_exception(EngineStoppedError("the service is stopping; this image was not computed"))
 
     def warm_up(self) -> None:
         size = self.predictor.size
@@ -118,6 +128,8 @@ class InferenceEngine:
 
     async def submit(self, image: np.ndarray, tta: str | None = None) -> Result:
         """Queue one H×W×3 uint8 image and wait for its class map. QueueFullError when `max_queue` are waiting."""
+        if self.batcher is None:
+            raise EngineStoppedError("the engine is not running (start() it first, or it was stopped)")
         tta = tta or self.default_tta
         if tta not in self.variants:
             raise ValueError(f"tta '{tta}' is not available for this model (available: {', '.join(self.variants)})")
@@ -127,9 +139,11 @@ class InferenceEngine:
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
         self.metrics.in_flight.inc()
+        self.waiting.add(job.future)
         try:
             return await job.future
         finally:
+            self.waiting.discard(job.future)
             self.metrics.in_flight.dec()
 
     async def next_batch(self) -> list[Job]:
