@@ -683,7 +683,9 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the loop ------------------------------------------------------------------------------------------------
     run_started = last_save = time.perf_counter()
     scores: dict = {}
-    budget_fitted, epoch_seconds, eval_s = False, [], 0.0  # --time-budget: fitted at epoch 1, then re-fitted
+    # --time-budget: fitted at epoch 1, then re-fitted; an epoch costs its training steps plus its bookkeeping
+    # (metrics, checkpoints, curves, TensorBoard), timed apart, and a share of an evaluation
+    budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s = False, [], [], 0.0
     stopped_by = late_stop = None
     with StopSignal(announce=main_process) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -785,7 +787,7 @@ def train(cfg: TrainConfig) -> dict:
             # resume: its clock restarted.
             if budget_fitted and epoch < cfg.epochs:
                 epoch_seconds.append(time.perf_counter() - started)
-                pace_s = statistics.fmean(epoch_seconds[-3:])
+                pace_s = statistics.fmean(epoch_seconds[-3:]) + statistics.fmean(bookkeeping_seconds[-3:])
                 pending_eval_s = eval_s if epoch % cfg.eval_every == 0 else 0.0  # this epoch's, still to come
                 refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s, pace_s,
                                       eval_s, cfg.eval_every, refit_most(epoch, cfg.epochs, most_epochs), done=epoch)
@@ -804,20 +806,11 @@ def train(cfg: TrainConfig) -> dict:
                                           cfg.progress)
                 scores = matrix.compute()
                 eval_s = time.perf_counter() - eval_started
-                if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
+                if fit_budget:  # fitted once epoch 1's bookkeeping is timed too (below)
                     epoch_s = eval_started - started
                     steady_s = steady_epoch_seconds(
                         epoch_s, None if half_mark is None else eval_started - half_mark,
                         steps_per_epoch - steps_per_epoch // 2, steps_per_epoch)
-                    fitted = epochs_within(budget_s, time.perf_counter() - setup_started, steady_s, eval_s,
-                                           cfg.eval_every, cfg.epochs)
-                    cfg.epochs = broadcast_int(fitted, world, device)
-                    budget_fitted = True
-                    if main_process:
-                        pace = (f"{steady_s:.0f}s at the pace of its second half" if half_mark is not None
-                                else "its second half not timed alone: the run resumed past its middle")
-                        print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({pace}) and its "
-                              f"evaluation {eval_s:.0f}s; {cfg.epochs} epoch(s) fit", flush=True)
             model.train()
             if cfg.scheduler == "plateau" and evaluated:
                 scheduler.step(scores["miou"])
@@ -832,6 +825,7 @@ def train(cfg: TrainConfig) -> dict:
                       "seconds": round(seconds, 2),
                       "train_images_per_s": round(timed_images * world / max(timed_seconds, 1e-9), 2)}
 
+            bookkeeping_started = time.perf_counter()
             if main_process:
                 records.append(record)
                 # strict: NaN (a class absent from val) as null, which every JSON parser reads
@@ -855,6 +849,24 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
                       f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                       flush=True)
+            bookkeeping_seconds.append(time.perf_counter() - bookkeeping_started)
+            if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
+                fitted = epochs_within(budget_s, time.perf_counter() - setup_started,
+                                       steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs)
+                fitted = broadcast_int(fitted, world, device)
+                budget_fitted = True
+                if main_process:
+                    pace = (f"{steady_s:.0f}s at the pace of its second half" if half_mark is not None
+                            else "its second half not timed alone: the run resumed past its middle")
+                    print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({pace}), its evaluation "
+                          f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s; {fitted} epoch(s) fit",
+                          flush=True)
+                if fitted != cfg.epochs:
+                    cfg.epochs = fitted
+                    if main_process:  # the checkpoints carry the fitted count: a resumed run keeps it
+                        if improved:
+                            save_run(out / "best.pt", epoch, rng, metrics=record)
+                        save_run(out / "last.pt", epoch, rng, metrics=record)
             if evaluated and math.isnan(scores["miou"]):  # --skip-data-check let an unlabelled val split through
                 raise TrainingError(f"{val_set.description}: every val pixel is the ignore label {info.ignore_index}, "
                                     "so mIoU is undefined and no best.pt can be chosen; fix the val masks (resunet "
