@@ -298,3 +298,23 @@ def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_st
     assert line.endswith("every val pixel is the ignore label 255, so mIoU is undefined and no best.pt can be "
                          "chosen; fix the val masks (resunet check-data finds them); last.pt of epoch 1 is saved")
     assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_images_in_subfolders_are_said_not_to_be_read(tmp_path, capsys):
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    root = clean_dataset(tmp_path / "data")
+    for kind in ("images", "masks"):  # one pair moved one level down: silently left out before
+        (root / "train" / kind / "city").mkdir()
+        (root / "train" / kind / "good_3.png").rename(root / "train" / kind / "city" / "good_3.png")
+    assert main(["check-data", "--data-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING nested_files ×2" in out
+    assert f"{Path('train/images')}: 1 file(s) in subfolders, such as {Path('city/good_3.png')}, are not read" in out
+    for path in (root / "val" / "images").glob("*.png"):  # every val image nested (a Cityscapes-style layout)
+        (root / "val" / "images" / "city").mkdir(exist_ok=True)
+        path.rename(root / "val" / "images" / "city" / path.name)
+    with pytest.raises(DataError, match=r"val/images: no images \(2 in subfolders, such as city/good_0.png: images and "
+                                        r"masks are read only directly in their folders\)$"):
+        open_dataset(root, "val")

@@ -27,11 +27,12 @@ from tqdm import tqdm
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import folder_classes, layout_error
-from .data.images import DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, opened, read_image
+from .data.images import (DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, nested_images, opened,
+                          read_image)
 from .data.voc import find_voc_dir, split_names
 from .outputs import save_figure, write_output
 
-REPORT_FORMAT = 2  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 3  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -51,6 +52,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "size_mismatch": ("error", "masks whose size differs from their image's"),
     "mask_values": ("error", "masks with values outside 0..C-1 and the ignore index"),
     "off_palette": ("error", "RGB masks with colours outside the dataset's palette"),
+    "nested_files": ("warning", "images or masks in subfolders of images/ or masks/: not read (only files directly in "
+                                "those folders are)"),
     "jpeg_mask": ("warning", "masks stored as JPEG: lossy compression turns class edges into noise values, which "
                              "read as other classes — store masks as PNG"),
     "lossy_mask": ("warning", "RGB masks with many colours near (not equal to) palette colours: they went through "
@@ -152,6 +155,11 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         read_from[split_dir] = split
         images, masks = list_images(image_dir), list_images(mask_dir)
         listing.files += images + masks
+        for folder in (image_dir, mask_dir):
+            if nested := nested_images(folder):
+                listing.findings.append(finding("nested_files", relative(folder, root), f"{relative(folder, root)}: "
+                                                f"{len(nested)} file(s) in subfolders, such as "
+                                                f"{nested[0].relative_to(folder)}, are not read"))
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:

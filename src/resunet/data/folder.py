@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .classes import ClassInfo, generic_info, load_classes_json
 from .dataset import PairedDataset
-from .images import DataError, list_images
+from .images import DataError, list_images, nested_images
 
 
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
@@ -72,6 +72,9 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
     if missing:
         raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0]}")
     if not images:
-        raise DataError(f"{image_dir}: no images")
+        nested = nested_images(image_dir)
+        hint = (f" ({len(nested)} in subfolders, such as {nested[0].relative_to(image_dir)}: images and masks are read "
+                "only directly in their folders)") if nested else ""
+        raise DataError(f"{image_dir}: no images{hint}")
     masks = [masks_by_stem[p.stem] for p in images]
     return PairedDataset(images, masks, info, description=f"{split_dir}")
