@@ -202,6 +202,9 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("broken form", dict(method="POST", url="/predict", content=b"--b\r\nno blank line, no end",
                              headers={"content-type": "multipart/form-data; boundary=b"}), 400,
          "malformed multipart body"),
+        ("image sent as a form", dict(method="POST", url="/predict", content=good,
+                                      headers={"content-type": "multipart/form-data; boundary=b"}), 400,
+         "malformed multipart body"),
         ("wrong method", dict(method="GET", url="/predict"), 405, "Method Not Allowed"),
         ("wrong path", dict(method="POST", url="/segment", content=good), 404, "Not Found"),
         ("bad format", dict(method="POST", url="/predict?format=xml", content=good), 422, "format"),
@@ -221,6 +224,8 @@ def test_bad_requests_get_a_one_line_json_error_and_the_next_request_is_served(c
         assert words in error and "\n" not in error, (what, error)
         lines = [r.getMessage() for r in caplog.records if r.name == "resunet.serve"]
         assert len(lines) == 1 and f" {status} " in lines[0] and words in lines[0], (what, lines)
+        others = [r.getMessage() for r in caplog.records if r.name != "resunet.serve"]
+        assert others == [], (what, others)  # python-multipart logged its own unformatted line beside ours
         after = client.post("/predict", content=good)
         assert after.status_code == 200 and np.array_equal(mask_of(after.content), expected), what
 

@@ -39,6 +39,9 @@ STATIC = Path(__file__).parent / "static"
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, served from the installed package, not a CDN
 log = logging.getLogger("resunet.serve")
+# A malformed form is answered 400 with the parser's reason in our one log line; python-multipart also logged it
+# itself, as a second, unformatted line.
+logging.getLogger("python_multipart").setLevel(logging.CRITICAL)
 UVICORN_INVALID_REQUEST = "Invalid HTTP request received."
 DISCONNECT_CHECK_S = 0.05  # how often a waiting request looks whether its client is still there
 
