@@ -34,3 +34,17 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
     assert abs(single["miou"] - records[0]["val_miou"]) < 1e-9
     assert all(abs(a - b) < 1e-9 for a, b in zip(single["iou"], records[0]["val_iou"]) if a == a)
     assert abs(single["pixel_accuracy"] - records[0]["val_pixel_accuracy"]) < 1e-9
+
+
+def test_an_error_every_process_meets_is_said_once(demo_root, tmp_path):
+    """torchrun printed the same error line once per process (and ran the data check on each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(tmp_path / "run"), "--epochs",
+               "1", "--batch-size", "30", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
+               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
+    assert "48 training images, fewer than one batch of 60" in result.stderr
+    assert result.stdout.count("data check") == 1, result.stdout  # run by the first process alone

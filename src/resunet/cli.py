@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as error:
-        print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
+        if not getattr(error, "quiet", False):  # under torchrun, said by the first process only
+            print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a write no command foresaw, on a full or read-only disk: still one line
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):

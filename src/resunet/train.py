@@ -28,6 +28,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,6 +100,23 @@ def class_weights(dataset: PairedDataset) -> torch.Tensor:
     weights = np.ones(n)
     weights[present] = np.sqrt(np.median(freq[present]) / freq[present])
     return torch.tensor(weights / weights[present].mean(), dtype=torch.float32)
+
+
+class SaidByTheFirstProcess(TrainingError):
+    """Under torchrun, an error every process meets alike (the data, the settings): the first process says it;
+    the others end with it unsaid (`quiet`), not with N copies of the line."""
+    quiet = True
+
+
+@contextmanager
+def said_once(main_process: bool) -> Iterator[None]:
+    """Errors raised inside come out the same on every process: only the first one's is printed."""
+    try:
+        yield
+    except (DataError, TrainingError, CheckpointError) as error:
+        if not main_process:
+            raise SaidByTheFirstProcess(str(error)) from None
+        raise
 
 
 def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
@@ -542,19 +561,27 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
-    if not cfg.skip_data_check:
-        check_cache_first(cfg)
-        check_data_first(cfg, main_process)
+    if not cfg.skip_data_check:  # on the first process alone; the others wait for its verdict
+        failure = None
+        if main_process:
+            try:
+                check_cache_first(cfg)
+                check_data_first(cfg, verbose=True)
+            except DataError as error:
+                failure = error
+        if agree(world, device, failure is not None)[0]:
+            raise failure or SaidByTheFirstProcess("the data check failed")
     # ---- data, checked before the run folder is made: a refused run leaves nothing behind ------------------------
-    train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
-    val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
-    info = train_set.info
-    if len(train_set) < cfg.batch_size * world:
-        raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
-                        f"{cfg.batch_size * world}")
-    data_path = choose_data_path(cfg, train_set)
-    if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run has begun
-        check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    with said_once(main_process):
+        train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+        val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
+        info = train_set.info
+        if len(train_set) < cfg.batch_size * world:
+            raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
+                            f"{cfg.batch_size * world}")
+        data_path = choose_data_path(cfg, train_set)
+        if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run began
+            check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
     out = Path(cfg.out)
     if main_process:
         try:
