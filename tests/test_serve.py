@@ -798,7 +798,12 @@ def test_a_request_http_cannot_parse_gets_a_json_error_counted_in_metrics(live_s
     """uvicorn answered these itself in text/plain ("Invalid HTTP request received.", no reason), and neither the
     log nor /metrics saw them."""
     _, url = live_server
+    hung_up = 'resunet_requests_total{path="/predict",status="499"}'
+    before = next((line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines()
+                   if line.startswith(hung_up)), None)
     cases = [(b"GARBAGE\r\n\r\n", "400 Bad Request", "invalid HTTP request: "),
+             (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"zz\r\n", "400 Bad Request", "invalid HTTP request: "),  # a body refused mid-way
              (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", "400 Bad Request",
               "invalid HTTP request: "),
              (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000,  # headers past 16 KB, unfinished
@@ -810,8 +815,10 @@ def test_a_request_http_cannot_parse_gets_a_json_error_counted_in_metrics(live_s
         assert "\n" not in body["error"] and len(body["error"]) > len("invalid HTTP request: ")
     assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # and the service goes on
     metrics = httpx.get(url + "/metrics", timeout=10).text
-    assert 'resunet_requests_total{path="unparsed",status="400"} 2.0' in metrics
+    assert 'resunet_requests_total{path="unparsed",status="400"} 3.0' in metrics
     assert 'resunet_requests_total{path="unparsed",status="431"} 1.0' in metrics
+    # The request refused mid-body is counted once: not also as a client that hung up (499) on /predict.
+    assert next((line for line in metrics.splitlines() if line.startswith(hung_up)), None) == before
 
 
 def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_waiting(checkpoint):

@@ -43,6 +43,7 @@ log = logging.getLogger("resunet.serve")
 # itself, as a second, unformatted line.
 logging.getLogger("python_multipart").setLevel(logging.CRITICAL)
 UVICORN_INVALID_REQUEST = "Invalid HTTP request received."
+ANSWERED_UNPARSED = "resunet.answered_unparsed"  # scope key: the protocol answered this request (a body h11 refused)
 DISCONNECT_CHECK_S = 0.05  # how often a waiting request looks whether its client is still there
 
 
@@ -129,6 +130,8 @@ class LogAndCount:
         try:
             await self.app(scope, receive, send_noting_status)
         except ClientDisconnect:  # the client went away: nobody to answer, nothing to fix here
+            if scope.get(ANSWERED_UNPARSED):  # not the client: its body could not be parsed, answered, logged, counted
+                return
             request.state.error = "client disconnected"
             status["code"] = 499  # nginx's "client closed request", for the log and the metrics
         except asyncio.CancelledError:  # at shutdown, uvicorn cancels what still runs when --drain-timeout passes
@@ -364,6 +367,8 @@ def json_errors_protocol(metrics: ServiceMetrics) -> type:
             self.transport.close()
             metrics.requests.labels("unparsed", str(status)).inc()
             log.info("- - %d error: %s", status, message)
+            if self.cycle is not None:  # refused mid-body: the app, still reading, sees the close as a disconnect
+                self.cycle.scope[ANSWERED_UNPARSED] = True
 
     return JsonErrorsH11Protocol
 
