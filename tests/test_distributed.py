@@ -48,3 +48,26 @@ def test_an_error_every_process_meets_is_said_once(demo_root, tmp_path):
     assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
     assert "48 training images, fewer than one batch of 60" in result.stderr
     assert result.stdout.count("data check") == 1, result.stdout  # run by the first process alone
+
+
+def test_a_setup_error_on_another_process_alone_is_printed_by_that_process(monkeypatch):
+    """(Another node's disk lacking a file, say.) The first process, which did not fail, stops quietly; the one
+    that failed prints its line. When the first failed too, it alone prints."""
+    import pytest
+
+    import resunet.train as train_module
+    from resunet.data.images import DataError
+
+    missing = DataError("/data/x.png: not found")
+    monkeypatch.setattr(train_module, "agree", lambda world, device, *flags: [False, True])  # only another failed
+    with pytest.raises(train_module.SaidElsewhere) as quiet:
+        train_module.raise_once(None, 2, "cpu", main_process=True)
+    assert quiet.value.quiet
+    with pytest.raises(DataError) as loud:
+        train_module.raise_once(missing, 2, "cpu", main_process=False)
+    assert loud.value is missing and not getattr(loud.value, "quiet", False)
+    monkeypatch.setattr(train_module, "agree", lambda world, device, *flags: [True, True])  # the first failed
+    with pytest.raises(train_module.SaidElsewhere):
+        train_module.raise_once(missing, 2, "cpu", main_process=False)
+    monkeypatch.undo()
+    train_module.raise_once(None, 1, "cpu", main_process=True)  # nothing failed: nothing raised

@@ -28,8 +28,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,21 +100,24 @@ def class_weights(dataset: PairedDataset) -> torch.Tensor:
     return torch.tensor(weights / weights[present].mean(), dtype=torch.float32)
 
 
-class SaidByTheFirstProcess(TrainingError):
-    """Under torchrun, an error every process meets alike (the data, the settings): the first process says it;
-    the others end with it unsaid (`quiet`), not with N copies of the line."""
+class SaidElsewhere(TrainingError):
+    """Under torchrun, an error another process prints: this one ends with it unsaid (`quiet`)."""
     quiet = True
 
 
-@contextmanager
-def said_once(main_process: bool) -> Iterator[None]:
-    """Errors raised inside come out the same on every process: only the first one's is printed."""
-    try:
-        yield
-    except (DataError, TrainingError, CheckpointError) as error:
-        if not main_process:
-            raise SaidByTheFirstProcess(str(error)) from None
-        raise
+SETUP_ERRORS = (DataError, TrainingError, CheckpointError)
+
+
+def raise_once(failure: Exception | None, world: int, device: torch.device, main_process: bool) -> None:
+    """Every process runs the same setup: if it failed on any, all stop, and the line is printed once: by the first
+    process if it failed (the others met the same data and settings), else by each one that did (another node's
+    disk, say), the rest ending quietly. A collective: every process must call it."""
+    first_failed, any_failed = agree(world, device, failure is not None and main_process, failure is not None)
+    if not any_failed:
+        return
+    if failure is not None and (main_process or not first_failed):
+        raise failure
+    raise SaidElsewhere(str(failure) if failure is not None else "another process failed; see its line")
 
 
 def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
@@ -567,12 +568,12 @@ def train(cfg: TrainConfig) -> dict:
             try:
                 check_cache_first(cfg)
                 check_data_first(cfg, verbose=True)
-            except DataError as error:
+            except SETUP_ERRORS as error:
                 failure = error
-        if agree(world, device, failure is not None)[0]:
-            raise failure or SaidByTheFirstProcess("the data check failed")
+        raise_once(failure, world, device, main_process)
     # ---- data, checked before the run folder is made: a refused run leaves nothing behind ------------------------
-    with said_once(main_process):
+    failure = None
+    try:
         train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         info = train_set.info
@@ -582,6 +583,9 @@ def train(cfg: TrainConfig) -> dict:
         data_path = choose_data_path(cfg, train_set)
         if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run began
             check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    except SETUP_ERRORS as error:
+        failure = error
+    raise_once(failure, world, device, main_process)
     out = Path(cfg.out)
     if main_process:
         try:
