@@ -157,10 +157,11 @@ def test_a_checkpoint_write_torch_cannot_finish_is_one_line_and_keeps_the_old_fi
 
 
 def test_metrics_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
+    import resunet.outputs
     import resunet.train as train_module
 
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    monkeypatch.setattr(train_module, "temporary_path", lambda path: tmp_path / "gone" / path.name)
+    monkeypatch.setattr(resunet.outputs, "temporary_path", lambda path: tmp_path / "gone" / path.name)
     with pytest.raises(train_module.TrainingError, match="metrics.jsonl: could not write it .* previous metrics.jsonl "
                                                          "is intact"):
         train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')

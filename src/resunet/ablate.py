@@ -19,6 +19,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .config import ABLATION_OPTIONS, TrainConfig
 from .evaluate import run_evaluate
+from .outputs import write_output
 from .runtime import cpu_name
 from .train import TrainingError, train
 
@@ -82,7 +83,7 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
     result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": len(records), "seed": cfg.seed,
               "miou": scores["miou"], "boundary_miou": scores["boundary_miou"], "ece": scores["ece"],
               "train_images_per_s": speed, "cpu": cpu_name(), "recipe": wanted}
-    result_path.write_text(json.dumps(result, indent=1))
+    write_output(result_path, json.dumps(result, indent=1))
     return result
 
 
@@ -166,6 +167,6 @@ def write_tables(base: TrainConfig, results: list[dict], out: Path) -> None:
               else f"{base.epochs} epochs")
     header = (f"Ablation: {budget} each on {base.data_root} ({base.encoder}, seed {base.seed}), "
               f"final weights on {base.val_split}; {cpu_name()}.\n\n")
-    (out / "ablation.md").write_text(header + table + "\n")
-    (out / "ablation.json").write_text(json.dumps({"base": base.to_dict(), "rows": results}, indent=1))
+    write_output(out / "ablation.md", header + table + "\n")
+    write_output(out / "ablation.json", json.dumps({"base": base.to_dict(), "rows": results}, indent=1))
     print("\n" + header + table, flush=True)

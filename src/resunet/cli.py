@@ -312,6 +312,7 @@ def cmd_predict(args) -> int:
     from PIL import Image
 
     from .data.images import DataError, read_image
+    from .outputs import save_whole
     from .predict import load, load_ensemble
 
     paths = expand_inputs(args.inputs)
@@ -374,13 +375,11 @@ def cmd_predict(args) -> int:
         if args.overlay:
             pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
         for kind, picture in pictures.items():
+            options = {"quality": 90} if kind == "overlay" else {}
             try:
-                picture.save(outputs[kind], **({"quality": 90} if kind == "overlay" else {}))
-            except OSError as error:  # a full disk: every later file would fail the same way
-                if outputs[kind].is_file():
-                    outputs[kind].unlink()  # half a PNG
-                raise DataError(f"{outputs[kind]}: could not write it ({error.strerror or error}); "
-                                f"{written} input(s) predicted before it") from None
+                save_whole(outputs[kind], lambda: picture.save(outputs[kind], **options))
+            except DataError as error:  # a full disk: every later file would fail the same way
+                raise DataError(f"{error}; {written} input(s) predicted before it") from None
         written += 1
     print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
     return 1 if failed else 0

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .checkpoint import remove_quietly, temporary_path
 from .data.images import DataError
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
@@ -64,36 +65,46 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
         raise DataError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
 
 
-def write_output(path: str | Path, text: str) -> None:
+def replace_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` whole or not at all: into a file beside it, then renamed over it (keeping its
-    permissions), so a full disk leaves the old file, never half a JSON. A device or pipe (/dev/stdout) is written
-    directly. A failure is one DataError line naming the file."""
+    permissions), so a kill or a full disk leaves the old file, never half of it. Through a link, the file it points
+    to; a device or pipe (/dev/stdout) is written directly. A failure raises the OSError, the partial file removed."""
     target = resolved(path)
+    if target.exists() and not target.is_file():
+        target.write_text(text)
+        return
+    partial = temporary_path(target)
     try:
-        if target.exists() and not target.is_file():
-            target.write_text(text)
-            return
-        partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        try:
-            partial.write_text(text)
-            if target.exists():
-                shutil.copymode(target, partial)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        partial.write_text(text)
+        if target.exists():
+            shutil.copymode(target, partial)
+        os.replace(partial, target)
+    except OSError:
+        remove_quietly(partial)
+        raise
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """`replace_text`, a failure as one DataError line naming the file."""
+    try:
+        replace_text(path, text)
     except OSError as error:
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
 
 
-def save_figure(figure, path: str | Path, dpi: int) -> None:
-    """matplotlib's savefig, with a failed write (a full disk) as one DataError line naming the file and no
-    half-written picture left behind."""
+def save_whole(path: str | Path, save: Callable[[], None]) -> None:
+    """`save()` writes `path` (matplotlib's savefig, PIL's save); a failed write (a full disk) is one DataError line
+    naming the file, and the half-written file is removed."""
     try:
-        figure.savefig(path, dpi=dpi)
+        save()
     except OSError as error:
         if Path(path).is_file():
             Path(path).unlink(missing_ok=True)
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
+
+
+def save_figure(figure, path: str | Path, dpi: int) -> None:
+    save_whole(path, lambda: figure.savefig(path, dpi=dpi))
 
 
 def resolved(path: str | Path) -> Path:

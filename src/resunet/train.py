@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from .calibration import bound_note, calibrate
-from .checkpoint import CheckpointError, load_checkpoint, remove_quietly, save_checkpoint, temporary_path
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
 from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
@@ -51,7 +51,7 @@ from .evaluate import evaluate_dataset, strict_json
 from .losses import SegmentationLoss
 from .model.encoders import ENCODERS
 from .model.unet import ResNetUNet
-from .outputs import check_output_folder
+from .outputs import check_output_folder, replace_text
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
                       tune_cpu_allocator, use_channels_last)
@@ -302,14 +302,11 @@ def decoder_widths(text: str) -> tuple[int, ...]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """A process killed mid-write leaves the old file or the new one, never half a line."""
-    path = Path(os.path.realpath(path))  # through a symbolic link: the file it points to, not a copy in its place
-    tmp = temporary_path(path)
+    """A process killed mid-write leaves the old file or the new one, never half a line (`replace_text`)."""
+    path = Path(os.path.realpath(path))
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        replace_text(path, text)
     except OSError as error:  # a full disk, a read-only folder: the checkpoints already saved stay as they are
-        remove_quietly(tmp)
         raise TrainingError(f"{path}: could not write it ({error.strerror or error}); the previous {path.name} is "
                             f"{'intact' if path.exists() else 'absent'}; {write_advice(error, path.parent)}") from None
 
