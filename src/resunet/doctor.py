@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from .data.folder import folder_classes, layout_error
 from .data.images import (DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, nested_images, opened,
                           read_image)
 from .data.voc import find_voc_dir, split_names
-from .outputs import save_figure, write_output
+from .outputs import replace_text, save_figure, write_output
 
 REPORT_FORMAT = 3  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
@@ -566,16 +565,10 @@ def check_data(
     }
     report = Report(str(listing.base), sorted_findings(findings), facts)
     if cache_file is not None:
-        partial = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(report.to_dict()))
-            os.replace(partial, cache_file)  # atomic: another process never reads half a report
+            replace_text(cache_file, json.dumps(report.to_dict()))  # atomic: another process never reads half of it
         except OSError as error:  # a read-only or misplaced cache folder: the cache only saves time, the check is done
-            try:
-                partial.unlink(missing_ok=True)
-            except OSError:
-                pass
             report.cache_note = (f"{cache_file.parent}: cannot keep the data check's report "
                                  f"({error.strerror or error}); it will be checked again next time")
     return report

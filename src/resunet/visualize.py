@@ -60,6 +60,13 @@ def class_legend(fig, info: ClassInfo, masks: list[np.ndarray]) -> float:
     return 0.3 * math.ceil(len(handles) / columns) + 0.1
 
 
+def lay_out_with_legend(fig, info: ClassInfo, masks: list[np.ndarray], pictures_inches: float) -> None:
+    """The class legend under pictures `pictures_inches` tall: the figure grows by the legend's rows."""
+    legend_inches = class_legend(fig, info, masks)
+    fig.set_figheight(pictures_inches + legend_inches)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+
+
 def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: list[np.ndarray], info: ClassInfo,
               path: str | Path) -> None:
     """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
@@ -71,9 +78,7 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
             axes[row][col].axis("off")
     for row, title in enumerate(("image", "ground truth", "prediction")):
         axes[row][0].set_title(title, loc="left", fontsize=11)
-    legend_inches = class_legend(fig, info, targets + predictions)
-    fig.set_figheight(9.0 + legend_inches)
-    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    lay_out_with_legend(fig, info, targets + predictions, 9.0)
     save_figure(fig, path, dpi=90)
     plt.close(fig)
 
@@ -139,9 +144,7 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
                             f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
     for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
         ax.set_title(title, loc="left", fontsize=10)
-    legend_inches = class_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])])
-    fig.set_figheight(2.9 * len(rows) + legend_inches)
-    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    lay_out_with_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])], 2.9 * len(rows))
     save_figure(fig, path, dpi=80)
     plt.close(fig)
 

@@ -148,7 +148,8 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         w, h = image_size(path, dataset.max_pixels)
         scale = min(1.0, short_side / min(h, w))
         sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
-    needed = 4 * len(sizes) * max(s[0] for s in sizes) * max(s[1] for s in sizes)  # images (3 bytes) and masks
+    canvas = max(h for h, _ in sizes), max(w for _, w in sizes)  # every image fits it, padded
+    needed = 4 * len(sizes) * canvas[0] * canvas[1]  # images (3 bytes a pixel) and masks (1)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -156,7 +157,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
     try:
-        _fill_cache(dataset, short_side, sizes, tmp, workers)
+        _fill_cache(dataset, short_side, canvas, tmp, workers)
     except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
@@ -169,9 +170,8 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     return DecodedCache(folder)
 
 
-def _fill_cache(dataset: PairedDataset, short_side: int, sizes: list[tuple[int, int]], tmp: Path,
-                workers: int) -> None:
-    canvas_h, canvas_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int], tmp: Path, workers: int) -> None:
+    canvas_h, canvas_w = canvas
     n = len(dataset)
     images = reserved_memmap(tmp / "images.npy", (n, 3, canvas_h, canvas_w))
     masks = reserved_memmap(tmp / "masks.npy", (n, canvas_h, canvas_w))

@@ -219,7 +219,8 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
                           required: list[str], what: str) -> Path:
     stamp = folder / EXTRACTED_STAMP
     archive_path = root / archive_name
-    if stamp.exists() or (folder.is_dir() and not archive_path.exists() and not (root / f"{archive_name}.part").exists()):
+    downloading = archive_path.exists() or (root / f"{archive_name}.part").exists()
+    if stamp.exists() or (folder.is_dir() and not downloading):
         # Ours and finished; or extracted by hand (or by a version without stamps), with no archive to redo it from.
         _require(folder, required, what)
         return folder

@@ -65,6 +65,7 @@ class ServeSettings:
         if self.tta not in REQUEST_TTA:  # "ms" was served as "none" without a word
             raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)}")
 
+
 def model_description(path: Path, predictor: Predictor) -> dict:
     from ..fingerprint import sha256_file
 
@@ -327,11 +328,7 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
         if scope["type"] != "http" or (len(connections) < limit and len(tasks) <= limit):
             return await app(scope, receive, send)
         message = f"too many open connections (--max-connections {limit}); try again shortly"
-        body = json.dumps({"error": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", b"1"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
         metrics.requests.labels(path_label(scope["path"]), "503").inc()
         log.info("%s %s 503 error: %s", scope["method"], printable_name(scope["path"]), message)
 
