@@ -39,6 +39,15 @@ def test_focal_by_hand():
     assert loss("focal", [1, 3]) == pytest.approx((3 * by_hand[0] + by_hand[1] + 3 * by_hand[2]) / 7)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_gradients_stay_finite_on_a_pixel_already_right(gamma):
+    # A margin of 20 in float32: p rounds to 1, and (1 - p)^0.5 had an infinite derivative there (NaN weights).
+    x = torch.tensor([[[[20.0]], [[0.0]]]], requires_grad=True)
+    value = SegmentationLoss("focal", None, 255, focal_gamma=gamma)(x, torch.zeros(1, 1, 1, dtype=torch.long))
+    value.backward()
+    assert torch.isfinite(x.grad).all() and value.item() == pytest.approx(0.0, abs=1e-8)
+
+
 def test_dice_by_hand():
     # class 1: overlap 0.4 + 0.9 = 1.3, sum of p 1.6, 2 pixels → 1 - 2.6/3.6; class 0: overlap 0.7, sum of p 1.4,
     # 1 pixel → 1 - 1.4/2.4
@@ -115,6 +124,19 @@ def test_each_loss_ignores_void_and_has_gradients(name):
     assert torch.allclose(y.grad, grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5]])
+def test_each_loss_is_zero_with_a_zero_gradient_when_every_pixel_is_ignored(name, weight):
+    # A batch of crops inside void regions, or an unannotated image: torch's mean cross-entropy is 0/0 = NaN there,
+    # which stopped a run as diverged.
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(weight, dtype=torch.float64) if weight else None
+    value = SegmentationLoss(name, w, 255)(x, torch.full((2, 4, 5), 255))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_a_bad_keep_fraction_is_refused():
     with pytest.raises(ValueError, match="not in"):
         SegmentationLoss("ohem", None, 255, ohem_keep=0.0)
@@ -134,3 +156,27 @@ def test_training_with_a_chosen_loss(demo_root, ram_tmp):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["train_loss"] < records[0]["train_loss"]
     assert load_checkpoint(run / "last.pt")["train_config"]["loss"] == "ce+lovasz"
+
+
+def test_a_training_batch_with_every_pixel_ignored_does_not_stop_the_run(tmp_path, ram_tmp):
+    # Batch 1 over two images, one of them unannotated (all void): one step of every epoch has nothing labelled.
+    # Its cross-entropy was NaN and the run stopped at once, "the loss became NaN or infinite".
+    import json
+
+    from PIL import Image
+
+    from resunet.data.demo import make_demo_dataset
+    from resunet.train import train
+
+    from conftest import tiny_config
+
+    voc = make_demo_dataset(tmp_path, train=2, val=2, size=64, seed=1)
+    unannotated = voc / "SegmentationClass" / "demo_train_00000.png"
+    with Image.open(unannotated) as mask:
+        void = Image.new("P", mask.size, 255)
+        void.putpalette(mask.getpalette())
+    void.save(unannotated)
+    run = ram_tmp / "run"
+    train(tiny_config(tmp_path, run, epochs=1, batch_size=1, size=64, encoder="efficientnet-lite0"))
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0

@@ -1,7 +1,8 @@
 """Training losses. Each takes float logits N×C×H×W and int64 targets N×H×W, skips pixels labelled `ignore_index`,
 and returns a scalar.
 
-- ce: cross-entropy; with class weights, the weighted mean (as torch's CrossEntropyLoss).
+- ce: cross-entropy; with class weights, the weighted mean (as torch's CrossEntropyLoss); 0 on a batch with no
+  labelled pixel, where torch's mean is 0/0.
 - focal: cross-entropy scaled by (1 - p_t)^gamma (Lin et al. 2017): easy pixels count less; class weights as ce.
 - dice: 1 - soft Dice per class over the batch, averaged over the classes present in the targets (weighted by the
   class weights when given).
@@ -31,12 +32,27 @@ def valid_pixels(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
     return flat[keep], target[keep]
 
 
+def cross_entropy(logits, target, weight, ignore_index: int) -> torch.Tensor:
+    """torch's (weighted) mean cross-entropy, except on a batch with every pixel ignored: there torch's mean is
+    0/0 = NaN, and one such batch (a crop inside a void region, an unannotated image in a small batch) stopped a run
+    as diverged. It is 0 then, with a zero gradient. Sum and divisor stay tensors: no synchronisation with a GPU."""
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    labelled = target != ignore_index
+    if weight is None:
+        divisor = labelled.sum().to(total.dtype)
+    else:
+        divisor = (weight.to(total.dtype)[target.masked_fill(~labelled, 0)] * labelled).sum()
+    return total / divisor.clamp_min(torch.finfo(total.dtype).tiny)
+
+
 def focal_loss(logits, target, weight, ignore_index: int, gamma: float = 2.0) -> torch.Tensor:
     flat, labels = valid_pixels(logits, target, ignore_index)
     if labels.numel() == 0:
         return logits.sum() * 0
     log_p = F.log_softmax(flat, dim=1).gather(1, labels[:, None])[:, 0]
-    loss = -((1 - log_p.exp()) ** gamma) * log_p
+    # 1 - p, clamped off 0: where p rounds to 1 (a margin over ~17) the gradient of x^gamma at 0 is infinite for
+    # gamma < 1, and times log p = 0 it made NaN weights
+    loss = -((-torch.expm1(log_p)).clamp_min(1e-12) ** gamma) * log_p
     w = weight[labels] if weight is not None else torch.ones_like(loss)
     return (w * loss).sum() / w.sum()
 
@@ -114,7 +130,7 @@ class SegmentationLoss(nn.Module):
     def part(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w, ignore = self.weight, self.ignore_index
         if name == "ce":
-            return F.cross_entropy(logits, target, weight=w, ignore_index=ignore)
+            return cross_entropy(logits, target, w, ignore)
         if name == "focal":
             return focal_loss(logits, target, w, ignore, self.focal_gamma)
         if name == "dice":
