@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.classes import ClassInfo
-from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder, write_output
@@ -51,27 +51,28 @@ def evaluate_dataset(
     # A bar only on a terminal: in a log file it would be `\r` fragments.
     position = rank  # the dataset index of the next sample: the loader keeps the shard's order
     no_bar = not progress or rank != 0 or not sys.stderr.isatty()
-    for samples in tqdm(start_workers(loader), total=len(loader), desc="eval", leave=False, disable=no_bar):
-        # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.
-        by_size: dict[tuple[int, int], list] = {}
-        for sample in samples:
-            by_size.setdefault(sample.mask.shape, []).append((position, sample))
-            position += world_size
-        for group in by_size.values():
-            images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
-            targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
-            if calibration is not None:
-                probabilities = predictor.probabilities(images)
-                calibration.update(probabilities, targets.to(probabilities.device).long())
-                predictions = probabilities.argmax(1).cpu()
-            else:
-                predictions = predictor.predict_tensor(images).cpu()
-            matrix.update(predictions, targets)
-            for (index, _), prediction, target in zip(group, predictions, targets):
-                if boundary is not None:
-                    boundary.update(prediction, target)
-                if per_image is not None:
-                    per_image.append((index, image_miou(prediction, target, info.num_classes, info.ignore_index)))
+    with worker_batches(loader) as batches:  # a bad file ends the pass: its workers end with it
+        for samples in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=no_bar):
+            # Images of one size are run as one batch; a split with mixed sizes (VOC) runs in smaller groups.
+            by_size: dict[tuple[int, int], list] = {}
+            for sample in samples:
+                by_size.setdefault(sample.mask.shape, []).append((position, sample))
+                position += world_size
+            for group in by_size.values():
+                images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
+                targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
+                if calibration is not None:
+                    probabilities = predictor.probabilities(images)
+                    calibration.update(probabilities, targets.to(probabilities.device).long())
+                    predictions = probabilities.argmax(1).cpu()
+                else:
+                    predictions = predictor.predict_tensor(images).cpu()
+                matrix.update(predictions, targets)
+                for (index, _), prediction, target in zip(group, predictions, targets):
+                    if boundary is not None:
+                        boundary.update(prediction, target)
+                    if per_image is not None:
+                        per_image.append((index, image_miou(prediction, target, info.num_classes, info.ignore_index)))
     matrix.all_reduce()
     for extra in (boundary, calibration):
         if extra is not None:

@@ -42,7 +42,7 @@ from .calibration import bound_note, calibrate
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
-from .data.dataset import PairedDataset, open_dataset, start_workers, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
@@ -733,67 +733,67 @@ def train(cfg: TrainConfig) -> dict:
                 started -= resumed["seconds"]
             else:
                 steps, loss_sum, timed_images, timed_seconds = 0, torch.zeros((), device=device), 0, 0.0
-            batches = start_workers(loader)
-            for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
-                next(batches)
-            # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S, no `\r` fragments.
-            on_terminal = sys.stderr.isatty()
-            bar = tqdm(total=steps_per_epoch, initial=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                       disable=not (cfg.progress and main_process and on_terminal))
-            log_progress = cfg.progress and main_process and not on_terminal
-            last_line = time.perf_counter()
-            stop_now = False
-            while steps < steps_per_epoch and not stop_now:
-                try:
-                    images, masks = next(batches)
-                except RuntimeError:
-                    if stop.name is None:
-                        raise
-                    stop_now = True  # the signal reached the loader's worker processes too
-                    break
-                step_started = time.perf_counter()
-                if cfg.mix != "none":  # draws seeded by (seed, epoch, step, rank): a resumed run mixes the same
-                    key = (epoch_seed(cfg.seed, epoch) * 1_000_003 + steps) * 1024 + rank
-                    draws = torch.Generator().manual_seed(key)
-                    images, masks = mix_batch(images, masks, cfg.mix, cfg.mix_prob, info.ignore_index, draws)
-                loss = train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype,
-                                  channels_last)
-                if average is not None:
-                    average.update(raw_model)
-                loss_sum += loss
-                if cfg.scheduler in PER_STEP_SCHEDULERS:
-                    scheduler.step()
-                steps += 1
-                global_step += 1
-                bar.update()
-                if steps == steps_per_epoch // 2:
-                    half_mark = time.perf_counter()
-                if steps > 1 or not cfg.compile:  # keep torch.compile's warm-up out of the throughput
-                    timed_images += images.shape[0]
-                    timed_seconds += time.perf_counter() - step_started
-                if board is not None:
-                    board.step(global_step, loss, optimizer.param_groups[0]["lr"])
-                if log_progress and time.perf_counter() - last_line >= PROGRESS_EVERY_S:
-                    last_line = time.perf_counter()
-                    print(progress_line(epoch, cfg.epochs, steps, steps_per_epoch, timed_images, timed_seconds),
-                          flush=True)
-                due = (bool(save_every_steps) and global_step % save_every_steps == 0) or (
-                    bool(save_every_s) and time.perf_counter() - last_save >= save_every_s)
-                # A NaN is looked for after every step on the CPU (free) and under torchrun (the flags are shared
-                # anyway), every 100 steps on one GPU (it costs a synchronisation), and before any save.
-                look = device.type == "cpu" or world > 1 or steps % 100 == 0 or due or stop.name is not None
-                diverged = look and not bool(torch.isfinite(loss_sum))
-                due, stop_now, diverged = agree(world, device, due, stop.name is not None, diverged)
-                if diverged:
-                    raise TrainingError(f"the loss became NaN or infinite by step {steps} of epoch {epoch}; "
-                                        f"{last_good_save(out)}")
-                if stop_now or (due and steps < steps_per_epoch):  # an epoch's end saves anyway
-                    inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
-                                            time.perf_counter() - started, epoch_rng)
-                    if main_process:
-                        save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
-                    last_save = time.perf_counter()
-            bar.close()
+            with worker_batches(loader) as batches:  # its workers end with the epoch, however it ends
+                for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
+                    next(batches)
+                # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S, no `\r` fragments.
+                on_terminal = sys.stderr.isatty()
+                bar = tqdm(total=steps_per_epoch, initial=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                           disable=not (cfg.progress and main_process and on_terminal))
+                log_progress = cfg.progress and main_process and not on_terminal
+                last_line = time.perf_counter()
+                stop_now = False
+                while steps < steps_per_epoch and not stop_now:
+                    try:
+                        images, masks = next(batches)
+                    except RuntimeError:
+                        if stop.name is None:
+                            raise
+                        stop_now = True  # the signal reached the loader's worker processes too
+                        break
+                    step_started = time.perf_counter()
+                    if cfg.mix != "none":  # draws seeded by (seed, epoch, step, rank): a resumed run mixes the same
+                        key = (epoch_seed(cfg.seed, epoch) * 1_000_003 + steps) * 1024 + rank
+                        draws = torch.Generator().manual_seed(key)
+                        images, masks = mix_batch(images, masks, cfg.mix, cfg.mix_prob, info.ignore_index, draws)
+                    loss = train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype,
+                                      channels_last)
+                    if average is not None:
+                        average.update(raw_model)
+                    loss_sum += loss
+                    if cfg.scheduler in PER_STEP_SCHEDULERS:
+                        scheduler.step()
+                    steps += 1
+                    global_step += 1
+                    bar.update()
+                    if steps == steps_per_epoch // 2:
+                        half_mark = time.perf_counter()
+                    if steps > 1 or not cfg.compile:  # keep torch.compile's warm-up out of the throughput
+                        timed_images += images.shape[0]
+                        timed_seconds += time.perf_counter() - step_started
+                    if board is not None:
+                        board.step(global_step, loss, optimizer.param_groups[0]["lr"])
+                    if log_progress and time.perf_counter() - last_line >= PROGRESS_EVERY_S:
+                        last_line = time.perf_counter()
+                        print(progress_line(epoch, cfg.epochs, steps, steps_per_epoch, timed_images, timed_seconds),
+                              flush=True)
+                    due = (bool(save_every_steps) and global_step % save_every_steps == 0) or (
+                        bool(save_every_s) and time.perf_counter() - last_save >= save_every_s)
+                    # A NaN is looked for after every step on the CPU (free) and under torchrun (the flags are shared
+                    # anyway), every 100 steps on one GPU (it costs a synchronisation), and before any save.
+                    look = device.type == "cpu" or world > 1 or steps % 100 == 0 or due or stop.name is not None
+                    diverged = look and not bool(torch.isfinite(loss_sum))
+                    due, stop_now, diverged = agree(world, device, due, stop.name is not None, diverged)
+                    if diverged:
+                        raise TrainingError(f"the loss became NaN or infinite by step {steps} of epoch {epoch}; "
+                                            f"{last_good_save(out)}")
+                    if stop_now or (due and steps < steps_per_epoch):  # an epoch's end saves anyway
+                        inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
+                                                time.perf_counter() - started, epoch_rng)
+                        if main_process:
+                            save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+                        last_save = time.perf_counter()
+                bar.close()
             if stop_now:
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
