@@ -190,6 +190,18 @@ def test_sampled_scales_follow_the_recipe():
     assert 0.4 < params.flip.float().mean() < 0.6
 
 
+@pytest.mark.parametrize("jitter", [0.2, 1.0, 1.5])
+def test_jitter_factors_span_colorjitters_range(jitter):
+    # torchvision's ColorJitter (the simple data path) draws each factor uniformly in [max(0, 1 - j), 1 + j]; the
+    # cached path drew from 1 - j, negative above j = 1 (16% of the factors at 1.5), and inverted colours.
+    factors = sample_augment_params(torch.tensor([[300, 400]] * 2000), 64, (1.0, 1.0), jitter,
+                                    torch.Generator().manual_seed(0)).factors
+    low = max(0.0, 1 - jitter)
+    assert factors.min() >= low and factors.max() <= 1 + jitter
+    assert factors.min() < low + 0.01 and factors.max() > 1 + jitter - 0.01
+    assert float(factors.mean()) == pytest.approx((low + 1 + jitter) / 2, abs=0.03)
+
+
 def test_resize_windows_match_pytorch_antialiased_bilinear():
     # Every sample's window, resized by the numba kernel and placed in a zero crop, must be F.interpolate's
     # antialiased bilinear resize of that window (computed in float, rounded to levels): at most one level apart,

@@ -129,7 +129,9 @@ def sample_augment_params(
     factor = scale * size / np.minimum(valid[:, 0], valid[:, 1])  # source pixels → output pixels
     windows = torch.from_numpy(_windows(valid, factor[:, None], crop, uniform[:, 1:3]))
     src_y, src_x, out_y, out_x = windows[:, 0, :2], windows[:, 1, :2], windows[:, 0, 2:], windows[:, 1, 2:]
-    factors = 1 - jitter + 2 * jitter * torch.rand(n, 3, generator=generator, dtype=torch.float64).numpy()
+    # ColorJitter's range, [max(0, 1 - j), 1 + j]: a negative factor would invert the colours
+    low, width = (1 - jitter, 2 * jitter) if jitter <= 1 else (0.0, 1 + jitter)
+    factors = low + width * torch.rand(n, 3, generator=generator, dtype=torch.float64).numpy()
     orders = np.argsort(torch.rand(n, 3, generator=generator).numpy(), axis=1)
     if jitter <= 0:
         factors = np.ones((n, 3))
