@@ -45,6 +45,23 @@ def one_error_line(capsys, command: str) -> str:
     (["--mix-prob", "2"], "--mix-prob 2.0: must be a share between 0 and 1"),
     (["--scale-min", "3", "--scale-max", "1"], "--scale-min 3.0: must be positive and at most --scale-max (1.0)"),
     (["--focal-gamma", "-2"], "--focal-gamma -2.0: must be 0 or more"),
+    (["--focal-gamma", "inf"], "--focal-gamma inf: must be 0 or more"),
+    (["--jitter", "nan"], "--jitter nan: must be 0 or more"),
+    (["--scale-max", "inf"], "--scale-max inf: must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay inf: must be 0 or more"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs inf: must be 0 or more"),
+    # every step of a warm-up as long as the run: the rate only rose, and never decayed
+    (["--scheduler", "cosine", "--epochs", "2", "--warmup-epochs", "2"],
+     "--warmup-epochs 2.0: must be 0 or more, and fewer than --epochs (2)"),
+    # mixing pairs an image with another of its batch: at batch 1 nothing was ever mixed, silently
+    (["--mix", "cutmix", "--batch-size", "1"], "--batch-size 1: must be 2 or more with --mix cutmix"),
+    # refused before any work: these were found after the data check, the cache build and the class weights, and
+    # an --ohem-keep 0 with --loss ce was blamed on "--loss ce"
+    (["--ohem-keep", "0"], "--ohem-keep 0.0: must be a fraction in (0, 1]"),
+    (["--ema", "1.5"], "--ema 1.5: must be a decay in [0, 1)"),
+    (["--decoder-channels", "1,2"], "--decoder-channels 1,2: four positive widths"),
+    (["--checkpoint-every", "nanm"], "--checkpoint-every nanm: give a number of steps"),
+    (["--seed", str(2**32)], f"--seed {2**32}: must be an integer from 0 to 2**32 - 1"),
     (["--num-classes", "-2"], "--num-classes -2: must be at least 1"),
     (["--encoder", "resnet35"], "--encoder resnet35: unknown; choose from resnet18"),
     (["--device", "banana"], "--device banana: not a device"),

@@ -48,7 +48,7 @@ from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset, strict_json
-from .losses import SegmentationLoss
+from .losses import LOSSES, SegmentationLoss
 from .model.encoders import ENCODERS
 from .model.unet import ResNetUNet
 from .outputs import check_output_folder, replace_text
@@ -231,10 +231,13 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
         total = max(1, cfg.epochs * steps_per_epoch)  # read now: --time-budget may shorten the run after epoch 1
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        # A --time-budget fit that holds no more epochs than the warm-up: half warm-up, half decay, not a rate that
+        # only rises (check_settings keeps the warm-up under --epochs)
+        ramp = warmup if warmup < total else total // 2
+        if step < ramp:
+            return (step + 1) / ramp
+        progress = min(1.0, (step - ramp) / max(1, total - ramp))
         if cfg.scheduler == "poly":
             return (1 - progress) ** 0.9
         return 0.5 * (1 + math.cos(math.pi * progress))
@@ -325,7 +328,7 @@ def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
         value = float(text[:-1]) * 60 if text.endswith("m") else int(text)
     except ValueError:
         value = 0
-    if value <= 0:
+    if not 0 < value < math.inf:  # nan too
         raise TrainingError(f"--checkpoint-every {text}: give a number of steps (500) or of minutes (10m)")
     return (None, value) if text.endswith("m") else (value, None)
 
@@ -508,6 +511,9 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 
 def check_settings(cfg: TrainConfig) -> None:
     """Refuse settings that make no sense before any work starts, in one line naming the flag."""
+    per_step = cfg.scheduler in PER_STEP_SCHEDULERS  # their warm-up must leave room for the decay
+    warmup_most = cfg.epochs if per_step else math.inf
+    warmup_expected = f"0 or more, and fewer than --epochs ({cfg.epochs})" if per_step else "0 or more"
     rules = [
         ("epochs", cfg.epochs >= 1, "at least 1"),
         ("batch-size", cfg.batch_size >= 1, "at least 1"),
@@ -515,13 +521,20 @@ def check_settings(cfg: TrainConfig) -> None:
         ("size", cfg.size >= 1, "a positive number of pixels"),
         ("crop-size", cfg.crop_size is None or cfg.crop_size >= 1, "a positive number of pixels"),
         ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
-        ("weight-decay", cfg.weight_decay >= 0, "0 or more"),
-        ("warmup-epochs", cfg.warmup_epochs >= 0, "0 or more"),
+        ("weight-decay", 0 <= cfg.weight_decay < math.inf, "0 or more"),
+        ("warmup-epochs", 0 <= cfg.warmup_epochs < warmup_most, warmup_expected),
         ("workers", cfg.workers >= 0, "0 or more"),
+        ("scale-max", math.isfinite(cfg.scale_max), "a finite number"),
         ("scale-min", 0 < cfg.scale_min <= cfg.scale_max, f"positive and at most --scale-max ({cfg.scale_max})"),
-        ("jitter", cfg.jitter >= 0, "0 or more"),
+        ("jitter", 0 <= cfg.jitter < math.inf, "0 or more"),
         ("mix-prob", 0 <= cfg.mix_prob <= 1, "a share between 0 and 1"),
-        ("focal-gamma", cfg.focal_gamma >= 0, "0 or more"),
+        ("batch-size", cfg.mix == "none" or cfg.batch_size >= 2,
+         f"2 or more with --mix {cfg.mix}: an image is mixed with another image of its batch"),
+        ("loss", cfg.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+        ("focal-gamma", 0 <= cfg.focal_gamma < math.inf, "0 or more"),
+        ("ohem-keep", 0 < cfg.ohem_keep <= 1, "a fraction in (0, 1]: the share of the valid pixels kept"),
+        ("ema", 0 <= cfg.ema < 1, "a decay in [0, 1), e.g. 0.999 (0: off)"),
+        ("seed", 0 <= cfg.seed < 2**32, "an integer from 0 to 2**32 - 1"),
         ("num-classes", cfg.num_classes is None or cfg.num_classes >= 1, "at least 1"),
         ("max-pixels", cfg.max_pixels >= 1, "at least 1"),
     ]
@@ -530,6 +543,8 @@ def check_settings(cfg: TrainConfig) -> None:
             raise TrainingError(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {expected}")
     if cfg.encoder not in ENCODERS:
         raise TrainingError(f"--encoder {cfg.encoder}: unknown; choose from {', '.join(ENCODERS)}")
+    decoder_widths(cfg.decoder_channels)
+    checkpoint_interval(cfg.checkpoint_every)
     crop = cfg.crop_size or cfg.size
     if cfg.batch_size == 1 and crop <= 32:  # the encoder's last level is 1×1: BatchNorm sees one value per channel
         raise TrainingError(f"--batch-size 1 with a {crop}-pixel crop: the encoder's deepest features are 1×1, and "
@@ -607,13 +622,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
-    try:
-        criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
-    except ValueError as error:
-        raise TrainingError(f"--loss {cfg.loss}: {error}") from None
-
-    if not 0 <= cfg.ema < 1:
-        raise TrainingError(f"--ema {cfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
+    criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     start_epoch, best_miou, position = 1, -1.0, None
     if cfg.resume:
@@ -754,7 +763,7 @@ def train(cfg: TrainConfig) -> dict:
                     step_started = time.perf_counter()
                     if cfg.mix != "none":  # draws seeded by (seed, epoch, step, rank): a resumed run mixes the same
                         key = (epoch_seed(cfg.seed, epoch) * 1_000_003 + steps) * 1024 + rank
-                        draws = torch.Generator().manual_seed(key)
+                        draws = torch.Generator().manual_seed(key % 2**64)  # over 2**64 from seed 180144 on
                         images, masks = mix_batch(images, masks, cfg.mix, cfg.mix_prob, info.ignore_index, draws)
                     loss = train_step(step_model, images, masks, criterion, optimizer, scaler, device, dtype,
                                       channels_last)

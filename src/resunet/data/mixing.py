@@ -5,8 +5,8 @@
 - ClassMix (Olsson et al. 2021): the pixels of half of the classes present in another image (rounded up) are pasted
   with their labels. Ignored pixels are never a pasted class, so they stay where they were.
 
-Both pick, for each image, a partner from a random permutation of the batch and mix an image with probability
-`prob`. The draws come from the generator passed in: the training loop seeds it by (seed, epoch, step), so a run
+Both pick, for each image, a partner among the other images of the batch (a random cyclic order: each image is
+some other image's partner once) and mix an image with probability `prob`. The draws come from the generator passed in: the training loop seeds it by (seed, epoch, step), so a run
 resumed at any step mixes exactly as the uninterrupted one.
 """
 
@@ -23,7 +23,7 @@ def mix_batch(images: torch.Tensor, masks: torch.Tensor, kind: str, prob: float,
     if kind == "none":
         return images, masks
     n, height, width = masks.shape
-    partners = torch.randperm(n, generator=generator).tolist()
+    partners = other_images(torch.randperm(n, generator=generator).tolist())
     chosen = (torch.rand(n, generator=generator) < prob).tolist()
     paste = torch.zeros((n, height, width), dtype=torch.bool)
     for i, j in enumerate(partners):
@@ -42,6 +42,15 @@ def mix_batch(images: torch.Tensor, masks: torch.Tensor, kind: str, prob: float,
     mixed_masks = torch.where(paste, masks[partners], masks)
     mixed_images = torch.where(paste[:, None], images[partners], images)
     return mixed_images, mixed_masks
+
+
+def other_images(order: list[int]) -> list[int]:
+    """Each image's partner: the next image in a random cyclic `order` of the batch, never itself when the batch has
+    two or more (a plain permutation left about 1 image in N unmixed, so --mix-prob 0.5 mixed 44% of a batch of 8)."""
+    partners = list(range(len(order)))
+    for k, image in enumerate(order):
+        partners[image] = order[(k + 1) % len(order)]
+    return partners
 
 
 def cutmix_box(height: int, width: int, area: float, cy: float, cx: float) -> torch.Tensor:
