@@ -75,7 +75,7 @@ CAMVID_LOSS ?= ce+dice
 CAMVID_TIME_BUDGET ?= 55m
 # The working size by CPU kind. Without bf16 the hour is bounded by epochs, and 288/256 fits nearly twice as many as
 # 360/320 (AMD EPYC Zen 3, fp32: 27 against 15 epochs, val mIoU 66.91% against 55.10%); with bf16 (avx512_bf16 or
-# AMX, as runtime.cpu_has_bf16 decides) 360/320, which reached 72.33% on the Zen 4 EPYC; on a slower day there the
+# AMX, as runtime.cpu_has_bf16 decides) 360/320, which reached 72.33% and 73.08% on the Zen 4 EPYC; on a slower day the
 # two sizes came within noise of each other (288/256: 51 epochs, 70.54%; 360/320: 38 epochs, 69.86%).
 # 360/256 costs what 288/256 does and, given 55 epochs, scores within noise of it (70.51% against 70.35%). RESULTS.md.
 # Asked of runtime.cpu_has_bf16 itself (one rule for the trainer and the Makefile), when a recipe first needs it: make
