@@ -274,6 +274,20 @@ def test_a_malformed_classes_json_is_one_line(tmp_path, capsys, text, words):
     assert "classes.json" in err and words in err
 
 
+def test_a_classes_json_not_in_utf8_is_one_line_naming_it_and_a_bom_is_read(tmp_path, capsys):
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / "train" / folder).mkdir(parents=True)
+    (root / "classes.json").write_bytes('{"classes": ["fond", "bâtiment"]}'.encode("cp1252"))
+    assert main(["check-data", "--data-root", str(root)]) == 2
+    err = one_error_line(capsys, "check-data")  # was the codec's message alone, no file named
+    assert "classes.json: cannot read class description" in err
+    from resunet.data.classes import load_classes_json
+
+    (root / "classes.json").write_bytes('\ufeff{"classes": ["fond", "bâtiment"]}'.encode("utf-8"))  # Notepad's BOM
+    assert load_classes_json(root / "classes.json").names == ("fond", "bâtiment")
+
+
 def test_check_data_with_no_readable_training_mask_reports_them(tmp_path, capsys):
     from test_doctor import clean_dataset
 
@@ -731,6 +745,16 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     ({"classes": ["bg", "a"], "ignore_index": 300}, "ignore index 300 must be 0..255 (masks are uint8)"),
     ({"classes": ["bg", "a"], "ignore_index": -1}, "ignore index -1 must be 0..255"),
     ({"classes": [f"c{i}" for i in range(300)]}, "300 classes; a uint8 mask holds at most 256"),
+    ({"classes": []}, "no classes"),
+    # Read silently as the later class, or as ignore (CamVid's ignore colour is black: a black class was lost)
+    ({"classes": ["bg", "a"], "palette": [[9, 9, 9], [9, 9, 9]]}, "classes 'bg' and 'a' have the same colour [9, 9"),
+    ({"classes": ["bg", "a"], "palette": [[0, 0, 0], [9, 9, 9]], "ignore_colour": [0, 0, 0]},
+     "class 'bg' has the ignore colour [0, 0, 0]"),
+    # -1 wrapped round to 255 (another class's colour); 256 and a 2-value colour stopped the read with a traceback
+    ({"classes": ["bg", "a"], "palette": [[-1, 0, 0], [9, 9, 9]]}, "colour [-1, 0, 0] of 'bg' is not three values"),
+    ({"classes": ["bg", "a"], "palette": [[256, 0, 0], [9, 9, 9]]}, "colour [256, 0, 0] of 'bg' is not three values"),
+    ({"classes": ["bg", "a"], "palette": [[1, 2], [9, 9, 9]]}, "colour [1, 2] of 'bg' is not three values"),
+    ({"classes": ["bg", "a"], "ignore_colour": [300, 0, 0]}, "colour [300, 0, 0] of 'ignore_colour' is not three"),
 ])
 def test_classes_no_mask_can_hold_apart_are_refused(tmp_path, capsys, description, words):
     root = tmp_path / "data"

@@ -68,7 +68,9 @@ class ClassInfo:
         if len(palette) < len(names):
             raise ValueError(f"{source}: {len(names)} classes but only {len(palette)} palette colours")
         check_classes(names, ignore_index, source)
-        return cls(names, palette[: len(names)], ignore_index, ignore_colour, str(values.get("name", "dataset")))
+        palette = palette[: len(names)]
+        check_colours(names, palette, ignore_colour, source)
+        return cls(names, palette, ignore_index, ignore_colour, str(values.get("name", "dataset")))
 
     def palette_bytes(self) -> list[int]:
         """A 768-entry PIL palette: the classes' colours, the ignore colour at the ignore index, VOC's elsewhere."""
@@ -89,6 +91,8 @@ VOC_INFO = ClassInfo(VOC_CLASSES, tuple(voc_colormap(21)), 255, VOC_VOID_COLOUR,
 def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> None:
     """ValueError (one line, naming `source`) for classes no uint8 mask can hold apart: more than 256, a name
     given twice (reports key classes by name), or an ignore label that is also a class."""
+    if not names:
+        raise ValueError(f"{source}: no classes")
     if len(names) > 256:
         raise ValueError(f"{source}: {len(names)} classes; a uint8 mask holds at most 256")
     twice = sorted({name for name in names if names.count(name) > 1})
@@ -101,6 +105,24 @@ def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> Non
                          f"0..{len(names) - 1}); give it a value outside them, e.g. 255")
 
 
+def check_colours(names: tuple[str, ...], palette: tuple, ignore_colour: tuple, source: str) -> None:
+    """ValueError (one line, naming `source`) for colours an RGB mask cannot be read by: not three values in 0..255
+    (one out of range wrapped round to another colour, or stopped the read with a traceback), a colour given to two
+    classes, or a class's colour that is also the ignore colour (its pixels were read as the later one, silently)."""
+    for name, colour in [*zip(names, palette), ("ignore_colour", ignore_colour)]:
+        if len(colour) != 3 or not all(0 <= v <= 255 for v in colour):
+            raise ValueError(f"{source}: colour {list(colour)} of {name!r} is not three values in 0..255")
+    owner: dict[tuple, str] = {}
+    for name, colour in zip(names, palette):
+        if colour in owner:
+            raise ValueError(f"{source}: classes {owner[colour]!r} and {name!r} have the same colour {list(colour)}; "
+                             "an RGB mask could not tell them apart")
+        owner[colour] = name
+    if ignore_colour in owner:
+        raise ValueError(f"{source}: class {owner[ignore_colour]!r} has the ignore colour {list(ignore_colour)}; give "
+                         "one of them another colour")
+
+
 def generic_info(num_classes: int, ignore_index: int = 255) -> ClassInfo:
     """For a folder dataset without classes.json: names class_0.., VOC colours."""
     names = tuple(f"class_{i}" for i in range(num_classes))
@@ -110,7 +132,7 @@ def generic_info(num_classes: int, ignore_index: int = 255) -> ClassInfo:
 
 def load_classes_json(path: Path) -> ClassInfo:
     try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        values = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # JSON is UTF-8; a BOM (Notepad) is fine
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read class description ({error})") from None
     return ClassInfo.from_dict(values, str(path))
