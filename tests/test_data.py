@@ -169,3 +169,31 @@ def test_16_bit_grey_is_always_read_divided_by_257_whatever_its_values(tmp_path,
     assert dark.tolist() == [0, 1]  # 100/257 → 0.39, 200/257 → 0.78, rounded
     with_bright = written([100, 200, 300, 65535], "bright.img")
     assert with_bright.tolist() == [0, 1, 1, 255]  # the same pixels read the same, with or without the bright one
+
+
+def test_a_colour_mask_resaved_with_a_palette_of_its_own_is_read_by_colour(tmp_path):
+    # PNG optimisers (optipng, oxipng) and editors re-save an RGB colour mask as a palette PNG in their own order; its
+    # indices were read as class ids: classes 0, 3, 8 came out as 0, 1, 2, and the data check saw nothing wrong.
+    from resunet.data.classes import ClassInfo
+
+    info = ClassInfo.from_dict(json.loads((shared_dir("camvid") / "classes.json").read_text()))
+    truth = np.zeros((8, 12), dtype=np.uint8)
+    truth[:, 4:8], truth[:, 8:] = 3, 8
+    truth[0, 0] = info.ignore_index
+    rgb = np.array([info.palette[c] if c < info.num_classes else info.ignore_colour for c in truth.ravel()],
+                   dtype=np.uint8).reshape(8, 12, 3)
+    resaved = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    resaved.save(tmp_path / "resaved.png")
+    with Image.open(tmp_path / "resaved.png") as check:
+        assert not np.array_equal(np.array(check), truth)  # its indices are not the classes
+    assert np.array_equal(read_mask(tmp_path / "resaved.png", info), truth)
+    # Class ids under a palette of their own (greyscale, here): still the ids, even where one index's grey is the
+    # ignore colour (black) of this dataset.
+    ids = Image.fromarray(truth.clip(0, 8), mode="L").convert("P")
+    ids.putpalette([v for i in range(256) for v in (i, i, i)])
+    ids.save(tmp_path / "ids.png")
+    assert np.array_equal(read_mask(tmp_path / "ids.png", info), truth.clip(0, 8))
+    only_class_0 = Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L").convert("P")
+    only_class_0.putpalette([v for i in range(256) for v in (i, i, i)])
+    only_class_0.save(tmp_path / "zeros.png")
+    assert (read_mask(tmp_path / "zeros.png", info) == 0).all()

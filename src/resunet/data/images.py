@@ -117,12 +117,15 @@ def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W uint8 class indices.
 
-    Palette ('P') and grey ('L') PNGs hold the indices directly. RGB masks drawn in the dataset's colours (as VOC's
-    ground truth often circulates) are converted through the palette; a colour outside it is an error.
+    Palette ('P') and grey ('L') PNGs hold the indices directly (`palette_indices`: unless the palette is the
+    dataset's colours in another order). RGB masks drawn in the dataset's colours (as VOC's ground truth often
+    circulates) are converted through the palette; a colour outside it is an error.
     """
     with opened(path, str(path), max_pixels, "mask") as image:
-        if image.mode in ("P", "L"):
-            return np.array(image)  # for 'P' these are palette indices = class ids
+        if image.mode == "P":
+            return palette_indices(image, info)
+        if image.mode == "L":
+            return np.array(image)
         if image.mode in ("RGB", "RGBA"):
             return rgb_to_index(np.asarray(image.convert("RGB")), info, path)
         if image.mode in ("I", "I;16", "I;16B", "I;16L"):
@@ -131,6 +134,27 @@ def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAUL
                 raise DataError(f"{path}: mask value {mask.max()} does not fit a class index (max 255)")
             return mask.astype(np.uint8)
         raise DataError(f"{path}: unsupported mask mode {image.mode!r} (need an index, palette or RGB PNG)")
+
+
+def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
+    """A palette mask's class ids. Its indices are the ids (VOC's masks, or ids under any palette of their own),
+    unless the palette is the dataset's colours in another order: a colour mask re-saved by a PNG optimiser or an
+    editor gets its own palette, and its indices then name other classes (read so, silently, until 2026-12-04).
+    So when every index used shows a colour of the dataset (a class's or the ignore colour) and one of them another
+    class's colour than its own, the pixels are read by colour."""
+    indices = np.array(image)
+    flat = image.getpalette() or []
+    colours = [tuple(flat[i:i + 3]) for i in range(0, len(flat) - 2, 3)]
+    by_colour = {colour: index for index, colour in enumerate(info.palette)}
+    by_colour.setdefault(tuple(info.ignore_colour), info.ignore_index)
+    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    shown = [by_colour.get(colours[u]) if u < len(colours) else None for u in used]
+    moved = any(c is not None and c != u and c != info.ignore_index for u, c in zip(used, shown))
+    if not moved or any(c is None for c in shown):
+        return indices
+    lut = np.arange(256, dtype=np.uint8)
+    lut[used] = shown
+    return lut[indices]
 
 
 def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") -> np.ndarray:
