@@ -197,3 +197,32 @@ def test_a_colour_mask_resaved_with_a_palette_of_its_own_is_read_by_colour(tmp_p
     only_class_0.putpalette([v for i in range(256) for v in (i, i, i)])
     only_class_0.save(tmp_path / "zeros.png")
     assert (read_mask(tmp_path / "zeros.png", info) == 0).all()
+
+
+def test_macos_appledouble_files_beside_the_images_are_not_images(tmp_path):
+    # A copy from a Mac to exFAT/SMB leaves ._name.jpg (metadata, not a picture) beside every file: they were listed
+    # as images and masks, and the data check refused each as unreadable.
+    from test_doctor import clean_dataset
+
+    from resunet.doctor import check_data
+
+    root = clean_dataset(tmp_path / "data")
+    for split in ("train", "val"):
+        for folder in ("images", "masks"):
+            for path in list((root / split / folder).iterdir()):
+                (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert [p.name for p in open_dataset(root, "train").image_paths] == [f"good_{i}.png" for i in range(4)]
+    assert not [f for f in check_data(root, workers=1).findings if f.severity == "error"]
+
+
+def test_a_voc_split_list_with_a_bom_a_name_twice_or_no_name(tmp_path):
+    voc = make_demo_dataset(tmp_path, train=3, val=2, size=32)
+    lists = voc / "ImageSets" / "Segmentation"
+    names = lists.joinpath("train.txt").read_text().split()
+    # Notepad's BOM was read into the first name ("2 listed files are missing, e.g. .../\ufeffdemo_train_00000.jpg")
+    # and a name listed twice was trained on twice
+    lists.joinpath("train.txt").write_text("\ufeff" + "\r\n".join(names + names[:1]) + "\r\n", encoding="utf-8")
+    assert [p.stem for p in open_dataset(tmp_path, "train").image_paths] == names
+    lists.joinpath("val.txt").write_text("\n")  # evaluate and visualize scored nothing without a word
+    with pytest.raises(DataError, match="val.txt: lists no images"):
+        open_dataset(tmp_path, "val")

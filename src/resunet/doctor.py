@@ -198,7 +198,7 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
             raise DataError(f"{split_file}: no such split file (available: {', '.join(available) or 'none'})")
         listing.files.append(split_file)
         mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
-        names = list(dict.fromkeys(split_names(split_file)))
+        names = split_names(split_file)
         images, masks = [], []
         for name in names:
             pair = (voc_dir / "JPEGImages" / f"{name}.jpg", mask_dir / f"{name}.png")

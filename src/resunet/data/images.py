@@ -183,10 +183,13 @@ def check_mask_values(mask: np.ndarray, info: ClassInfo, path: str | Path) -> No
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The images directly in `folder` (its subfolders are not read: see `nested_images`)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images directly in `folder` (its subfolders are not read: see `nested_images`). Hidden files are not
+    images: a copy from a Mac to exFAT, FAT or SMB leaves a `._name.jpg` (AppleDouble metadata) beside each file,
+    which was listed and then refused as unreadable."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def nested_images(folder: Path) -> list[Path]:
     """Images in `folder`'s subfolders (a Cityscapes-style images/CITY/*.png), which the datasets do not read."""
-    return sorted(p for p in folder.glob("*/**/*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.glob("*/**/*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())

@@ -22,12 +22,14 @@ def find_voc_dir(root: Path) -> Path | None:
 
 
 def split_names(split_file: Path) -> list[str]:
-    """The image names a VOC split file lists, in order (one line, naming the file, if it cannot be read)."""
+    """The image names a VOC split file lists, in order, each once (a name listed twice was trained on twice; the
+    data check counted it once); one line, naming the file, if it cannot be read. A BOM (a list saved by Notepad)
+    is not part of the first name."""
     try:
-        text = split_file.read_text(encoding="utf-8")
+        text = split_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{split_file}: not a readable split file ({error})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
 
 
 def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
@@ -36,6 +38,8 @@ def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
         available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
         raise DataError(f"{split_file}: no such split file (available: {', '.join(available) or 'none'})")
     names = split_names(split_file)
+    if not names:  # evaluate and visualize, which run no data check, scored nothing without a word
+        raise DataError(f"{split_file}: lists no images")
     mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
     images = [voc_dir / "JPEGImages" / f"{name}.jpg" for name in names]
     masks = [mask_dir / f"{name}.png" for name in names]
