@@ -736,7 +736,7 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     assert "val.txt: not a readable split file" in one_error_line(capsys, "check-data")
     (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("")
     assert main(["visualize", checkpoint, "--data-root", str(data), "--out", str(tmp_path / "g.png")]) == 2
-    assert "the val split has no images to draw" in one_error_line(capsys, "visualize")
+    assert "val.txt: lists no images" in one_error_line(capsys, "visualize")  # the list named, before any work
 
 
 @pytest.mark.parametrize("description, words", [
