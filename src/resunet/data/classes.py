@@ -80,6 +80,12 @@ class ClassInfo:
             colours[self.ignore_index] = self.ignore_colour
         return [v for colour in colours for v in colour]
 
+    def class_by_colour(self) -> dict[tuple[int, int, int], int]:
+        """Each class's colour → its index, and the ignore colour → the ignore index (the colours are distinct:
+        `check_colours`): how a mask drawn in colours is read."""
+        return {**{tuple(colour): index for index, colour in enumerate(self.palette)},
+                tuple(self.ignore_colour): self.ignore_index}
+
     def colour_lut(self) -> np.ndarray:
         """256×3 uint8 look-up table from class index to colour."""
         return np.array(self.palette_bytes(), dtype=np.uint8).reshape(256, 3)

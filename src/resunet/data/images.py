@@ -145,8 +145,7 @@ def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
     indices = np.array(image)
     flat = image.getpalette() or []
     colours = [tuple(flat[i:i + 3]) for i in range(0, len(flat) - 2, 3)]
-    by_colour = {colour: index for index, colour in enumerate(info.palette)}
-    by_colour.setdefault(tuple(info.ignore_colour), info.ignore_index)
+    by_colour = info.class_by_colour()
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
     shown = [by_colour.get(colours[u]) if u < len(colours) else None for u in used]
     moved = any(c is not None and c != u and c != info.ignore_index for u, c in zip(used, shown))
@@ -159,10 +158,8 @@ def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
 
 def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") -> np.ndarray:
     """Map each pixel's colour to its class index (the ignore colour to the ignore index)."""
-    colours = list(info.palette) + [info.ignore_colour]
-    indices = list(range(info.num_classes)) + [info.ignore_index]
     lut = np.full(1 << 24, -1, dtype=np.int16)
-    for colour, index in zip(colours, indices):
+    for colour, index in info.class_by_colour().items():
         lut[(colour[0] << 16) | (colour[1] << 8) | colour[2]] = index
     keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     mask = lut[keys]

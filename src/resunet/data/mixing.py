@@ -6,8 +6,9 @@
   with their labels. Ignored pixels are never a pasted class, so they stay where they were.
 
 Both pick, for each image, a partner among the other images of the batch (a random cyclic order: each image is
-some other image's partner once) and mix an image with probability `prob`. The draws come from the generator passed in: the training loop seeds it by (seed, epoch, step), so a run
-resumed at any step mixes exactly as the uninterrupted one.
+some other image's partner once) and mix an image with probability `prob`. The draws come from the generator passed
+in: the training loop seeds it by (seed, epoch, step), so a run resumed at any step mixes exactly as the
+uninterrupted one.
 """
 
 from __future__ import annotations
