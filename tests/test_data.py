@@ -226,3 +226,20 @@ def test_a_voc_split_list_with_a_bom_a_name_twice_or_no_name(tmp_path):
     lists.joinpath("val.txt").write_text("\n")  # evaluate and visualize scored nothing without a word
     with pytest.raises(DataError, match="val.txt: lists no images"):
         open_dataset(tmp_path, "val")
+
+
+def test_a_voc_root_refuses_another_class_count_or_void_label(tmp_path, capsys):
+    from resunet.cli import main
+
+    voc = make_demo_dataset(tmp_path, train=3, val=2, size=32)
+    assert open_dataset(tmp_path, "val", num_classes=21, ignore_index=255).info.ignore_index == 255
+    with pytest.raises(DataError, match=r"VOC has 21 classes, not the 5 expected \(the model's, or --num-classes\)$"):
+        open_dataset(tmp_path, "val", num_classes=5)
+    # --ignore-index 0 was dropped without a word: void stayed 255 and class 0 was trained on
+    message = f"{voc}: VOC's void label is 255, not the 0 expected (the model's, or --ignore-index)"
+    with pytest.raises(DataError) as caught:
+        open_dataset(tmp_path, "val", ignore_index=0)
+    assert str(caught.value) == message
+    # The data check (which train runs first) says the same, before reading any image
+    assert main(["check-data", "--data-root", str(tmp_path), "--ignore-index", "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"resunet check-data: error: {message}"

@@ -28,7 +28,7 @@ from .data.dataset import PairedDataset
 from .data.folder import folder_classes, layout_error
 from .data.images import (DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, nested_images, opened,
                           read_image)
-from .data.voc import find_voc_dir, split_names
+from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
 REPORT_FORMAT = 3  # part of the cache key: a change in what the checks find must not reuse old reports
@@ -229,6 +229,7 @@ def list_splits(root: str | Path, splits: list[str] | None = None, num_classes: 
     splits = list(dict.fromkeys(splits)) if splits else None
     voc_dir = find_voc_dir(root)
     if voc_dir is not None:
+        check_voc_classes(voc_dir, num_classes, ignore_index)
         return list_voc_splits(voc_dir, splits, max_pixels)
     return list_folder_splits(root, splits, num_classes, ignore_index, max_pixels)
 

@@ -151,11 +151,8 @@ def open_dataset(
         raise DataError(f"{root}: data root is not a folder")
     voc_dir = voc.find_voc_dir(root)
     if voc_dir is not None:
+        voc.check_voc_classes(voc_dir, num_classes, ignore_index)
         dataset = voc.voc_dataset(voc_dir, split)
-        if num_classes is not None and num_classes != dataset.info.num_classes:
-            # A folder dataset checks its classes.json the same way (folder.folder_classes).
-            raise DataError(f"{voc_dir}: VOC has {dataset.info.num_classes} classes, not the {num_classes} "
-                            "expected (the model's, or --num-classes)")
     else:
         dataset = folder.folder_dataset(root, split, num_classes, ignore_index)
     dataset.max_pixels = max_pixels

@@ -21,6 +21,17 @@ def find_voc_dir(root: Path) -> Path | None:
     return None
 
 
+def check_voc_classes(voc_dir: Path, num_classes: int | None, ignore_index: int | None) -> None:
+    """VOC's classes are fixed (21, void 255): a model's or a flag's other count or ignore label is one line. A
+    folder dataset checks its classes.json the same way (`folder.folder_classes`); --ignore-index was dropped here."""
+    if num_classes is not None and num_classes != VOC_INFO.num_classes:
+        raise DataError(f"{voc_dir}: VOC has {VOC_INFO.num_classes} classes, not the {num_classes} expected (the "
+                        "model's, or --num-classes)")
+    if ignore_index is not None and ignore_index != VOC_INFO.ignore_index:
+        raise DataError(f"{voc_dir}: VOC's void label is {VOC_INFO.ignore_index}, not the {ignore_index} expected (the "
+                        "model's, or --ignore-index)")
+
+
 def split_names(split_file: Path) -> list[str]:
     """The image names a VOC split file lists, in order, each once (a name listed twice was trained on twice; the
     data check counted it once); one line, naming the file, if it cannot be read. A BOM (a list saved by Notepad)
