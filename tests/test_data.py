@@ -243,3 +243,22 @@ def test_a_voc_root_refuses_another_class_count_or_void_label(tmp_path, capsys):
     # The data check (which train runs first) says the same, before reading any image
     assert main(["check-data", "--data-root", str(tmp_path), "--ignore-index", "0"]) == 2
     assert capsys.readouterr().err.strip() == f"resunet check-data: error: {message}"
+
+
+def test_jfif_jpe_and_gif_files_are_images_and_masks(tmp_path):
+    # A browser saves photos as .jfif: the image was not listed, so it and its mask dropped out of every split
+    # without a word (only check-data named the mask as an orphan).
+    make_folder_dataset(tmp_path, ("train",))
+    images, masks = tmp_path / "train" / "images", tmp_path / "train" / "masks"
+    rng = np.random.default_rng(1)
+    for name, image_suffix, mask_suffix in (("web", ".jfif", ".png"), ("old", ".jpe", ".gif"), ("anim", ".gif", ".png")):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
+            images / f"{name}{image_suffix}", "GIF" if image_suffix == ".gif" else "JPEG")
+        mask = Image.fromarray(np.full((20, 30), 2, np.uint8), "P")
+        mask.putpalette(VOC_INFO.palette_bytes())  # a GIF's saver may renumber its palette; its colours say the class
+        mask.save(masks / f"{name}{mask_suffix}")
+    dataset = open_dataset(tmp_path, "train", num_classes=3)
+    assert [p.name for p in dataset.image_paths] == ["0.png", "1.png", "2.png", "anim.gif", "old.jpe", "web.jfif"]
+    for index in range(3, 6):
+        sample = dataset.load(index)
+        assert sample.image.shape == (20, 30, 3) and (sample.mask == 2).all()

@@ -49,8 +49,11 @@ def test_cli_predict_writes_palette_pngs_at_original_size(trained_run, tmp_path)
     inputs.mkdir()
     Image.fromarray(np.full((37, 53, 3), 90, np.uint8)).save(inputs / "a.jpg")
     Image.fromarray(np.full((64, 48, 3), 200, np.uint8)).save(inputs / "b.png")
+    Image.fromarray(np.full((30, 40, 3), 20, np.uint8)).save(inputs / "c.jfif", "JPEG")  # a browser's saved photo
+    (inputs / "._a.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a Mac's metadata file: not an image
     assert main(["predict", str(trained_run / "best.pt"), str(inputs), "--out", str(tmp_path / "out"), "--overlay"]) == 0
-    for name, size in (("a", (53, 37)), ("b", (48, 64))):
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png", "c.png"]
+    for name, size in (("a", (53, 37)), ("b", (48, 64)), ("c", (40, 30))):
         mask = Image.open(tmp_path / "out" / f"{name}.png")
         assert mask.mode == "P" and mask.size == size
         assert mask.getpalette()[3:6] == [128, 0, 0]

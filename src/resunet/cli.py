@@ -278,13 +278,13 @@ def cmd_export(args) -> int:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    from .data.images import IMAGE_SUFFIXES
+    from .data.images import list_images
 
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += list_images(path)  # as the datasets list them: a Mac's hidden ._name.jpg is not an image
         elif any(c in item for c in "*?["):
             paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
