@@ -142,3 +142,30 @@ def test_an_unwritable_default_cache_folder_is_not_called_a_flag(tmp_path, monke
     assert str(caught.value) == (f"the default cache folder {tmp_path / 'afile' / 'resunet'}: cannot write the "
                                  f"decoded-image cache ({tmp_path / 'afile'} is a file, not a folder); give a writable "
                                  "--cache-dir")
+
+
+def test_cache_bytes_is_the_built_size_for_portrait_and_landscape_photos(tmp_path, monkeypatch):
+    # The first image alone was the estimate: a landscape photo first, then portraits, made a square canvas about
+    # twice the estimate, and --data-path auto could build a cache far above its limit.
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from resunet import train
+    from resunet.data.cache import cache_bytes
+
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (tmp_path / "data" / split / sub).mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 80), (80, 40), (90, 45)]):  # size 32: shorter sides above 40 are scaled to 40
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "data" / "train" / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((h, w), np.uint8)).save(tmp_path / "data" / "train" / "masks" / f"{i}.png")
+    dataset = open_dataset(tmp_path / "data", "train", num_classes=2)
+    needed = cache_bytes(dataset, 32)
+    assert needed == 4 * 3 * 80 * 80  # canvas: the landscape's width by the portraits' height
+    cache = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")
+    assert cache.images.shape == (3, 3, 80, 80) and cache.images.nbytes + cache.masks.nbytes == needed
+    monkeypatch.setattr(train, "CACHE_LIMIT_BYTES", needed - 1)  # above the old estimate of 53,760 bytes
+    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32), dataset) == "simple"
+    monkeypatch.setattr(train, "CACHE_LIMIT_BYTES", needed + 1)
+    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32), dataset) == "cached"

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .calibration import bound_note, calibrate
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data.cache import CachedLoader, build_cache, check_cache_writable, default_cache_dir, estimate_cache_bytes
+from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
@@ -153,7 +153,7 @@ def check_cache_first(cfg: TrainConfig) -> None:
 def choose_data_path(cfg: TrainConfig, dataset: PairedDataset) -> str:
     """"cached" or "simple" (--data-path auto: cached while the decoded images fit the cache limit)."""
     if cfg.data_path == "auto":
-        return "cached" if estimate_cache_bytes(dataset, cfg.size) < CACHE_LIMIT_BYTES else "simple"
+        return "cached" if cache_bytes(dataset, cfg.size) < CACHE_LIMIT_BYTES else "simple"
     return cfg.data_path
 
 

@@ -52,12 +52,23 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def estimate_cache_bytes(dataset: PairedDataset, size: int) -> int:
-    """An upper estimate from the first image's aspect ratio (no full pass over the data)."""
-    sample = dataset.load(0)
-    h, w = sample.mask.shape
-    scale = min(1.0, cache_short_side(size) / min(h, w))
-    return int(len(dataset) * (h * scale) * (w * scale) * 4 * 1.4)
+def cache_canvas(dataset: PairedDataset, short_side: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Each image's (height, width) in the cache, its shorter side at most `short_side`, and the canvas every one
+    of them fits, padded: from the files' headers, no pixel decoded."""
+    sizes = []
+    for path in dataset.image_paths:
+        w, h = image_size(path, dataset.max_pixels)
+        scale = min(1.0, short_side / min(h, w))
+        sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+    return sizes, (max(h for h, _ in sizes), max(w for _, w in sizes))
+
+
+def cache_bytes(dataset: PairedDataset, size: int) -> int:
+    """The cache's size on disk (images 3 bytes a pixel, masks 1, every image on the full canvas). It was estimated
+    from the first image alone, so a mix of portrait and landscape photos (canvas: the longer side squared) came
+    to about twice the estimate, and --data-path auto could build a cache far above its limit."""
+    sizes, (canvas_h, canvas_w) = cache_canvas(dataset, cache_short_side(size))
+    return 4 * len(sizes) * canvas_h * canvas_w
 
 
 class DecodedCache:
@@ -142,14 +153,8 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     folder = cache_folder(dataset, size, cache_dir)
     if (folder / "done").is_file():
         return DecodedCache(folder)
-    # First pass: sizes only (PIL reads headers without decoding), to size the canvas.
-    sizes = []
-    for path in dataset.image_paths:
-        w, h = image_size(path, dataset.max_pixels)
-        scale = min(1.0, short_side / min(h, w))
-        sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
-    canvas = max(h for h, _ in sizes), max(w for _, w in sizes)  # every image fits it, padded
-    needed = 4 * len(sizes) * canvas[0] * canvas[1]  # images (3 bytes a pixel) and masks (1)
+    sizes, canvas = cache_canvas(dataset, short_side)  # headers only
+    needed = 4 * len(sizes) * canvas[0] * canvas[1]  # images (3 bytes a pixel) and masks (1): cache_bytes
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
