@@ -262,3 +262,13 @@ def test_jfif_jpe_and_gif_files_are_images_and_masks(tmp_path):
     for index in range(3, 6):
         sample = dataset.load(index)
         assert sample.image.shape == (20, 30, 3) and (sample.mask == 2).all()
+
+
+def test_one_bit_and_grey_alpha_masks_are_class_indices(tmp_path):
+    # Both were refused ("unsupported mask mode"): a 1-bit PNG is how many tools save a binary mask.
+    indices = np.array([[0, 1, 1], [1, 0, 0]], np.uint8)
+    Image.fromarray(indices.astype(bool)).save(tmp_path / "binary.png")
+    Image.fromarray(indices * 2, "L").convert("LA").save(tmp_path / "grey_alpha.png")
+    assert Image.open(tmp_path / "binary.png").mode == "1" and Image.open(tmp_path / "grey_alpha.png").mode == "LA"
+    assert read_mask(tmp_path / "binary.png", VOC_INFO).tolist() == indices.tolist()
+    assert read_mask(tmp_path / "grey_alpha.png", VOC_INFO).tolist() == (indices * 2).tolist()

@@ -318,3 +318,26 @@ def test_images_in_subfolders_are_said_not_to_be_read(tmp_path, capsys):
     with pytest.raises(DataError, match=r"val/images: no images \(2 in subfolders, such as city/good_0.png: images and "
                                         r"masks are read only directly in their folders\)$"):
         open_dataset(root, "val")
+
+
+def test_the_data_check_reads_each_mask_as_training_does(tmp_path):
+    # It read a palette mask's indices as they are (a colour mask re-saved with its own palette counted the wrong
+    # classes, silently), and refused 1-bit and grey+alpha masks that training reads.
+    from resunet.data.dataset import open_dataset
+
+    root = clean_dataset(tmp_path / "data")
+    masks = root / "train" / "masks"
+    rgb = np.array(CLASSES["palette"], dtype=np.uint8)[np.asarray(cat_and_dog())]
+    resaved = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=3)
+    assert not np.array_equal(np.asarray(resaved), np.asarray(cat_and_dog()))  # its indices are not the classes
+    save(resaved, masks / "good_0.png")
+    save(Image.fromarray(np.asarray(labels((1, 0, 0, 32, 10))) == 1), masks / "good_1.png")  # 1-bit: class 1 a bit
+    save(labels((2, 0, 0, 20, 20)).convert("LA"), masks / "good_2.png")
+    assert [Image.open(masks / f"good_{i}.png").mode for i in range(3)] == ["P", "1", "LA"]
+    report = doctor.check_data(root, workers=1)
+    assert not [f.message for f in report.findings if f.severity == "error"]
+    dataset = open_dataset(root, "train")
+    expected = np.bincount(np.concatenate([dataset.load(i).mask.ravel() for i in range(len(dataset))]), minlength=4)
+    # By hand: cat_and_dog's cat 12×12 and dog 14×14 twice (good_0 and good_3), a 32×10 cat, a 20×20 dog
+    assert expected[1:].tolist() == [2 * 12 * 12 + 32 * 10, 2 * 14 * 14 + 20 * 20, 0]
+    assert report.facts["splits"]["train"]["class_pixels"] == dict(zip(CLASSES["classes"], expected[:4].tolist()))

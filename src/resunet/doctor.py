@@ -26,12 +26,12 @@ from tqdm import tqdm
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import folder_classes, layout_error
-from .data.images import (DEFAULT_MAX_PIXELS, DataError, ImageTooLargeError, list_images, nested_images, opened,
-                          read_image)
+from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, DataError,
+                          ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
-REPORT_FORMAT = 3  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 4  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -252,9 +252,6 @@ class PairResult:
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-INDEX_MASK_MODES = ("P", "L")
-RGB_MASK_MODES = ("RGB", "RGBA")
-INT_MASK_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
 def notes_of(image: Image.Image) -> tuple[str, ...]:
@@ -370,7 +367,10 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
             jpeg, mode, mask_size = mask.format == "JPEG", mask.mode, mask.size
             if mode not in INDEX_MASK_MODES + RGB_MASK_MODES + INT_MASK_MODES:
                 raise DataError(f"{result.mask}: unsupported mask mode {mode!r} (need an index, palette or RGB PNG)")
-            pixels = np.asarray(mask.convert("RGB") if mode in RGB_MASK_MODES else mask)
+            if mode in RGB_MASK_MODES:
+                pixels = np.asarray(mask.convert("RGB"))
+            else:  # as training reads it (a colour mask re-saved with its own palette is read by colour)
+                pixels = index_mask(mask, info) if mode in INDEX_MASK_MODES else np.asarray(mask)
     except DataError as error:
         result.findings.append(unreadable(error, result.mask))
         return result

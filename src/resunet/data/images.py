@@ -116,26 +116,41 @@ def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         return width, height
 
 
+# How each mode of mask file is read: class ids stored directly (`index_mask`), colours (`rgb_to_index`), or wide
+# integers (values above 255 refused). Shared with the data check, which must read a mask as training does.
+INDEX_MASK_MODES = ("P", "L", "LA", "1")
+RGB_MASK_MODES = ("RGB", "RGBA")
+INT_MASK_MODES = ("I", "I;16", "I;16B", "I;16L")
+
+
 def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W uint8 class indices.
 
-    Palette ('P') and grey ('L') PNGs hold the indices directly (`palette_indices`: unless the palette is the
-    dataset's colours in another order). RGB masks drawn in the dataset's colours (as VOC's ground truth often
-    circulates) are converted through the palette; a colour outside it is an error.
+    Palette, grey and 1-bit PNGs hold the indices directly (`index_mask`). RGB masks drawn in the dataset's colours
+    (as VOC's ground truth often circulates) are converted through the palette; a colour outside it is an error.
     """
     with opened(path, str(path), max_pixels, "mask") as image:
-        if image.mode == "P":
-            return palette_indices(image, info)
-        if image.mode == "L":
-            return np.array(image)
-        if image.mode in ("RGB", "RGBA"):
+        if image.mode in INDEX_MASK_MODES:
+            return index_mask(image, info)
+        if image.mode in RGB_MASK_MODES:
             return rgb_to_index(np.asarray(image.convert("RGB")), info, path)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        if image.mode in INT_MASK_MODES:
             mask = np.asarray(image).astype(np.int64)
             if mask.max(initial=0) > 255:
                 raise DataError(f"{path}: mask value {mask.max()} does not fit a class index (max 255)")
             return mask.astype(np.uint8)
         raise DataError(f"{path}: unsupported mask mode {image.mode!r} (need an index, palette or RGB PNG)")
+
+
+def index_mask(image: Image.Image, info: ClassInfo) -> np.ndarray:
+    """The class ids of a mask in one of INDEX_MASK_MODES. Palette ('P'): `palette_indices`, unless the palette is
+    the dataset's colours in another order. Grey ('L', or 'LA': its alpha dropped, as RGBA's is). 1-bit ('1', how
+    many tools save a binary mask): 0 and 1; PIL's convert("L") would make 1 into 255, the usual ignore label."""
+    if image.mode == "P":
+        return palette_indices(image, info)
+    if image.mode == "1":
+        return np.array(image).astype(np.uint8)
+    return np.array(image.getchannel("L"))
 
 
 def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
