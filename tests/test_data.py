@@ -272,3 +272,17 @@ def test_one_bit_and_grey_alpha_masks_are_class_indices(tmp_path):
     assert Image.open(tmp_path / "binary.png").mode == "1" and Image.open(tmp_path / "grey_alpha.png").mode == "LA"
     assert read_mask(tmp_path / "binary.png", VOC_INFO).tolist() == indices.tolist()
     assert read_mask(tmp_path / "grey_alpha.png", VOC_INFO).tolist() == (indices * 2).tolist()
+
+
+def test_a_mask_drawn_on_a_turned_photos_stored_pixels_says_so(tmp_path):
+    # evaluate and visualize run no data check: their size error now carries the data check's hint.
+    make_folder_dataset(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 30 wide and 20 high, shown 20 wide and 30 high
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "train" / "images" / "2.jpg", exif=exif)
+    (tmp_path / "train" / "images" / "2.png").unlink()
+    dataset = open_dataset(tmp_path, "train", num_classes=3)
+    with pytest.raises(DataError) as caught:
+        dataset.load(2)
+    assert str(caught.value) == (f"{tmp_path / 'train' / 'masks' / '2.png'}: mask is 30×20 but its image is 20×30 (the "
+                                 "image is EXIF-rotated; the mask matches it unrotated?)")

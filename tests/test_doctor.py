@@ -122,6 +122,7 @@ EXPECTED = {
     "size_mismatch": ["train/masks/mismatch.png"],
     "mask_values": ["train/masks/out_of_range.png"],
     "off_palette": ["train/masks/off_palette.png"],
+    "exif_orientation": ["train/images/good_3.jpg"],  # stored turned 90°, square: its mask fits either way
     "jpeg_mask": ["train/masks/jpeg_mask.jpg"],
     "binary_255": ["train/masks/binary.png"],
     "one_class": ["train/masks/one_class.png"],
@@ -152,7 +153,7 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     report = json.loads(report_json.read_text())
     expected = {kind: [str(Path(p)) for p in paths] for kind, paths in EXPECTED.items()}
     assert by_kind(report["findings"]) == expected
-    assert report["errors"] == 11 and report["warnings"] == 6
+    assert report["errors"] == 11 and report["warnings"] == 7
     assert all(item["severity"] == doctor.KINDS[item["kind"]][0] for item in report["findings"])
     messages = {item["kind"]: item["message"] for item in report["findings"]}
     assert "truncated" in messages["unreadable"] and "over the limit" in messages["too_large"]
@@ -161,7 +162,7 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     assert "dup.png" in messages["duplicate"] and "near.png" in messages["near_duplicate"]
 
     # The people's report: a summary, then one counted group per kind, errors first, the first three files each.
-    assert "11 errors, 6 warnings" in out
+    assert "11 errors, 7 warnings" in out
     groups = [line for line in out.splitlines() if line.startswith(("ERROR", "WARNING"))]
     assert [line.split()[1] for line in groups] == list(EXPECTED)  # KINDS order: every error before any warning
     assert "missing_mask ×4: images without a mask" in out
@@ -341,3 +342,22 @@ def test_the_data_check_reads_each_mask_as_training_does(tmp_path):
     # By hand: cat_and_dog's cat 12×12 and dog 14×14 twice (good_0 and good_3), a 32×10 cat, a 20×20 dog
     assert expected[1:].tolist() == [2 * 12 * 12 + 32 * 10, 2 * 14 * 14 + 20 * 20, 0]
     assert report.facts["splits"]["train"]["class_pixels"] == dict(zip(CLASSES["classes"], expected[:4].tolist()))
+
+
+def test_a_photo_stored_flipped_or_turned_whose_mask_fits_either_way_is_a_warning(tmp_path):
+    # Orientations 2-4 keep the picture's sides: a mask drawn on the stored pixels was misaligned without a word.
+    root = clean_dataset(tmp_path / "data")
+    images = root / "train" / "images"
+    for name, orientation, width in (("good_0", 3, SIZE), ("good_1", 6, SIZE + 8), ("good_2", 1, SIZE)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        picture_ = picture(60).resize((width, SIZE)) if orientation != 6 else picture(60).resize((SIZE, width))
+        save(picture_, images / f"{name}.jpg", quality=95, exif=exif)  # good_1: stored 32×40, shown 40×32
+        (images / f"{name}.png").unlink()
+    save(cat_and_dog(width=SIZE + 8), root / "train" / "masks" / "good_1.png")  # drawn on the picture as shown
+    report = doctor.check_data(root, workers=1)
+    found = {f.path: f.message for f in report.findings}
+    assert list(found) == ["train/images/good_0.jpg"]
+    assert found["train/images/good_0.jpg"] == ("train/images/good_0.jpg: EXIF orientation 3 (turned 180°); its "
+                                                "mask is read against the picture as shown")
+    assert doctor.KINDS["exif_orientation"][0] == "warning"

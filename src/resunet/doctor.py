@@ -26,8 +26,8 @@ from tqdm import tqdm
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import folder_classes, layout_error
-from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, DataError,
-                          ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image)
+from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
+                          DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
@@ -35,6 +35,8 @@ REPORT_FORMAT = 4  # part of the cache key: a change in what the checks find mus
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
+EXIF_ORIENTATIONS = {2: "mirrored", 3: "turned 180°", 4: "upside down", 5: "mirrored and turned", 6: "turned 90°",
+                     7: "mirrored and turned", 8: "turned 270°"}
 
 # kind → (severity, what the kind means; for warnings, why it is likely a mistake). The order is the report's order.
 KINDS: dict[str, tuple[str, str]] = {
@@ -51,6 +53,9 @@ KINDS: dict[str, tuple[str, str]] = {
     "size_mismatch": ("error", "masks whose size differs from their image's"),
     "mask_values": ("error", "masks with values outside 0..C-1 and the ignore index"),
     "off_palette": ("error", "RGB masks with colours outside the dataset's palette"),
+    "exif_orientation": ("warning", "images stored flipped or turned (EXIF orientation) whose mask fits both the "
+                                    "stored and the shown picture: masks are read against the picture as shown, so "
+                                    "one drawn on the stored pixels would be misaligned without any error — check"),
     "nested_files": ("warning", "images or masks in subfolders of images/ or masks/: not read (only files directly in "
                                 "those folders are)"),
     "jpeg_mask": ("warning", "masks stored as JPEG: lossy compression turns class edges into noise values, which "
@@ -350,10 +355,11 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
     """Read one image and its mask once (the image as every command reads it, the mask raw, so that JPEG noise and
     off-palette colours can be told apart) and check both."""
     result = PairResult(split, relative(image_path, base), relative(mask_path, base), [])
-    rgb = None
+    rgb, orientation, stored_size = None, None, None
     try:
         with opened(image_path, result.image, max_pixels) as header:
             result.image_notes = notes_of(header)
+            orientation, stored_size = header.getexif().get(0x0112), header.size
         rgb = read_image(image_path, max_pixels, name=result.image)
     except DataError as error:
         result.findings.append(unreadable(error, result.image))
@@ -382,8 +388,13 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
     else:
         classes = pixels.astype(np.int64)
     result.findings += mask_findings(classes, info, result.mask)
+    if result.image_size == mask_size == stored_size and orientation in range(2, 9):
+        # Orientations 2-4 keep the sides (5-8 too, on a square): a mask drawn on the stored pixels fits the size.
+        result.findings.append(finding("exif_orientation", result.image, f"{result.image}: EXIF orientation "
+                                       f"{orientation} ({EXIF_ORIENTATIONS[orientation]}); its mask is read against "
+                                       "the picture as shown"))
     if result.image_size is not None and result.image_size != mask_size:
-        rotated = " (the image is EXIF-rotated; the mask matches it unrotated?)" if (
+        rotated = TURNED_MASK_HINT if (
             "EXIF-rotated" in result.image_notes and result.image_size == mask_size[::-1]) else ""
         result.findings.append(finding("size_mismatch", result.mask, f"{result.mask}: mask is "
                                        f"{mask_size[0]}×{mask_size[1]} but its image is "

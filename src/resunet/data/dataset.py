@@ -19,7 +19,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .classes import ClassInfo
-from .images import DEFAULT_MAX_PIXELS, DataError, check_mask_values, read_image, read_mask
+from .images import (DEFAULT_MAX_PIXELS, TURNED_MASK_HINT, DataError, check_mask_values, read_image, read_mask,
+                     sides_swapped)
 
 
 def worker_ignores_ctrl_c(worker_id: int) -> None:
@@ -120,8 +121,11 @@ class PairedDataset(Dataset):
         image = read_image(image_path, self.max_pixels)
         mask = read_mask(mask_path, self.info, self.max_pixels)
         if mask.shape != image.shape[:2]:
+            # The data check's hint too: evaluate and visualize run no data check.
+            turned = mask.shape == image.shape[1::-1] and sides_swapped(image_path)
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but its image is "
-                            f"{image.shape[1]}×{image.shape[0]}")
+                            f"{image.shape[1]}×{image.shape[0]}"
+                            + (TURNED_MASK_HINT if turned else ""))
         check_mask_values(mask, self.info, mask_path)
         return Sample(image_path.stem, image, mask)
 

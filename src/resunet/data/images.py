@@ -111,7 +111,7 @@ def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
     with opened(path, str(path), max_pixels) as image:
         width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the sides
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # as sides_swapped
             return height, width
         return width, height
 
@@ -121,6 +121,18 @@ def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 INDEX_MASK_MODES = ("P", "L", "LA", "1")
 RGB_MASK_MODES = ("RGB", "RGBA")
 INT_MASK_MODES = ("I", "I;16", "I;16B", "I;16L")
+
+
+TURNED_MASK_HINT = " (the image is EXIF-rotated; the mask matches it unrotated?)"  # after a size mismatch
+
+
+def sides_swapped(path: str | Path) -> bool:
+    """Whether the image is stored turned by 90° (EXIF orientations 5-8): read, its width and height swap."""
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(0x0112) in (5, 6, 7, 8)
+    except (OSError, SyntaxError, ValueError, struct.error, TypeError, IndexError):
+        return False
 
 
 def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
