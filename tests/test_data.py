@@ -88,6 +88,9 @@ def test_folder_dataset_with_classes_json(tmp_path):
     test = open_dataset(tmp_path, "test")
     assert len(test) == 3 and test.info.names == ("sky", "road", "car") and test.info.ignore_index == 11
     assert test.load(0).mask.max() <= 2
+    with pytest.raises(DataError, match=r"classes.json: ignore index 11, not the 255 expected \(the model's, or "
+                                        r"--ignore-index\)$"):
+        open_dataset(tmp_path, "test", ignore_index=255)
 
 
 def test_a_folder_split_that_is_not_there_is_named_with_those_that_are(tmp_path, capsys):

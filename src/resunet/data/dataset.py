@@ -81,6 +81,18 @@ def _end_leftover_workers() -> None:
         child.kill()
 
 
+def check_expected_classes(info: ClassInfo, num_classes: int | None, ignore_index: int | None, source: str | Path,
+                           has: str, ignores: str) -> None:
+    """DataError, one line naming `source`, when the data's class count or ignore label is not the one expected (a
+    model's, or a flag's). `has` and `ignores` word it: "lists" / "ignore index" for a classes.json."""
+    if num_classes is not None and num_classes != info.num_classes:
+        raise DataError(f"{source}: {has} {info.num_classes} classes, not the {num_classes} expected (the model's, or "
+                        "--num-classes)")
+    if ignore_index is not None and ignore_index != info.ignore_index:
+        raise DataError(f"{source}: {ignores} {info.ignore_index}, not the {ignore_index} expected (the model's, or "
+                        "--ignore-index)")
+
+
 @dataclass
 class Sample:
     name: str

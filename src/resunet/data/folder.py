@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .classes import ClassInfo, generic_info, load_classes_json
-from .dataset import PairedDataset
+from .dataset import PairedDataset, check_expected_classes
 from .images import DataError, list_images, nested_images
 
 
@@ -20,12 +20,7 @@ def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None
             info = load_classes_json(classes_json)
         except ValueError as error:  # unreadable or malformed: the user's file, so one line
             raise DataError(str(error)) from None
-        if num_classes is not None and num_classes != info.num_classes:
-            raise DataError(f"{classes_json}: lists {info.num_classes} classes, not the {num_classes} expected (the "
-                            "model's, or --num-classes)")
-        if ignore_index is not None and ignore_index != info.ignore_index:
-            raise DataError(f"{classes_json}: ignore index {info.ignore_index}, not the {ignore_index} expected (the "
-                            "model's, or --ignore-index)")
+        check_expected_classes(info, num_classes, ignore_index, classes_json, "lists", "ignore index")
         return info
     if num_classes is None:
         raise DataError(f"{root}: no classes.json here; pass --num-classes (and --ignore-index if not 255)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .classes import VOC_INFO
-from .dataset import PairedDataset
+from .dataset import PairedDataset, check_expected_classes
 from .images import DataError
 
 
@@ -22,14 +22,9 @@ def find_voc_dir(root: Path) -> Path | None:
 
 
 def check_voc_classes(voc_dir: Path, num_classes: int | None, ignore_index: int | None) -> None:
-    """VOC's classes are fixed (21, void 255): a model's or a flag's other count or ignore label is one line. A
-    folder dataset checks its classes.json the same way (`folder.folder_classes`); --ignore-index was dropped here."""
-    if num_classes is not None and num_classes != VOC_INFO.num_classes:
-        raise DataError(f"{voc_dir}: VOC has {VOC_INFO.num_classes} classes, not the {num_classes} expected (the "
-                        "model's, or --num-classes)")
-    if ignore_index is not None and ignore_index != VOC_INFO.ignore_index:
-        raise DataError(f"{voc_dir}: VOC's void label is {VOC_INFO.ignore_index}, not the {ignore_index} expected (the "
-                        "model's, or --ignore-index)")
+    """VOC's classes are fixed (21, void 255): a model's or a flag's other count or ignore label is one line, as for a
+    folder dataset's classes.json (--ignore-index was dropped here, without a word)."""
+    check_expected_classes(VOC_INFO, num_classes, ignore_index, voc_dir, "VOC has", "VOC's void label is")
 
 
 def split_names(split_file: Path) -> list[str]:
