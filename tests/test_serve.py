@@ -691,15 +691,17 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         page = browser.new_page(viewport={"width": 360, "height": 800})
         page.goto(url + "/")
         page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
-        # The first request is held back by the browser until the second has been answered and shown.
-        held = []
+        # The first request is held back by the browser until the second has been answered and shown; the page
+        # cancels it when the second starts (the server drops an image whose client hung up).
+        held, failed = [], []
+        page.on("requestfailed", lambda request: failed.append((request.url, request.failure)))
         page.route("**/predict", lambda route: held.append(route) if not held else route.continue_())
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(image.read_bytes()), "name": "slow.png"})
         page.evaluate(DISPATCH_FILE, {"event": "paste", "bytes": list(small), "name": "quick.png"})
         wait_count(page, "segmented", 1)
         assert page.text_content("#status") == "quick.png: done" and len(held) == 1
-        held[0].continue_()
-        wait_count(page, "answered", 2)  # the slow answer arrived, and was dropped
+        wait_count(page, "answered", 2)  # the slow one ended too: cancelled, and dropped
+        assert failed == [(url + "/predict", "net::ERR_ABORTED")]
         page.unroute("**/predict")
         assert page.text_content("#status") == "quick.png: done"
         assert page.get_attribute("#download", "download") == "quick_mask.png"
@@ -741,6 +743,114 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         wait_count(page, "segmented", 5)
         assert "cannot display the image itself: the mask alone is shown" in page.text_content("#status")
         browser.close()
+
+
+def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real_browser(live_server, tmp_path):
+    """Found by reading the page (2026-12-04): a file dropped beside the zone opened in place of the page, an answer
+    the browser could not draw left "segmenting…" for ever, a mask of another shape was stretched over the image, a
+    tap showed no class, and a tall photo pushed the readout off the screen."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = live_server
+    small = encoded(scene(30, 40, 16))  # 40 wide, 30 high
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+        # Dropped on the page outside the zone: the browser's own handling (open the file) is cancelled, and the
+        # file is segmented.
+        cancelled = page.evaluate("""(bytes) => {
+          const data = new DataTransfer();
+          data.items.add(new File([new Uint8Array(bytes)], "beside.png", {type: "image/png"}));
+          const over = new DragEvent("dragover", {dataTransfer: data, bubbles: true, cancelable: true});
+          const drop = new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+          return [!document.querySelector("h1").dispatchEvent(over), !document.body.dispatchEvent(drop)];
+        }""", list(small))
+        assert cancelled == [True, True]
+        page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+        assert page.text_content("#status") == "beside.png: done"
+        # A 200 whose body is no PNG: one error line, the result hidden, and the next image works.
+        page.route("**/predict", lambda route: route.fulfill(status=200, body=b"garbage", content_type="image/png"))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "cut.png"})
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=60_000)
+        assert page.text_content("#status").startswith("cut.png: the answer could not be shown: ")
+        assert page.is_hidden("#result")
+        # A mask of another shape than the image as the browser reads it: the mask alone, said so.
+        upright = Image.new("P", (30, 40))
+        upright.putpalette([0, 0, 0, 128, 0, 0] * 128)
+        page.unroute("**/predict")
+        page.route("**/predict", lambda route: route.fulfill(status=200, body=encoded(upright), content_type="image/png"))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "turned.png"})
+        page.wait_for_selector("body[data-segmented='2']", timeout=60_000)
+        assert page.text_content("#status") == ("turned.png: done (this browser shows the image at 40×30, the mask is "
+                                                "30×40: the mask alone is shown)")
+        assert page.evaluate("[view.width, view.height]") == [30, 40]
+        page.unroute("**/predict")
+        # A tall photo: at most 75% of the screen high, its shape kept, the readout on the same screen.
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(encoded(scene(1200, 100, 5))), "name": "tall.png"})
+        page.wait_for_selector("body[data-segmented='3']", timeout=60_000)
+        page.evaluate("document.querySelector('#view').scrollIntoView()")
+        box = page.locator("#view").bounding_box()
+        assert box["height"] <= 0.75 * 720 + 0.5 and box["width"] / box["height"] == pytest.approx(100 / 1200, rel=0.02)
+        hover = page.locator("#hover").bounding_box()
+        assert hover["y"] + hover["height"] <= 720
+        page.mouse.move(box["x"] + box["width"] - 0.5, box["y"] + box["height"] - 0.5)  # the far corner
+        x, y = map(int, page.text_content("#hover").split(")")[0].strip("(").split(", "))
+        assert abs(x - 99) <= 2.5 and abs(y - 1199) <= 2.5  # one CSS pixel is 2.2 image pixels here
+        # A phone: a tap shows the class under the finger, and it stays when the finger lifts.
+        phone = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+        page = phone.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+        page.evaluate(DISPATCH_FILE, {"event": "paste", "bytes": list(small), "name": "tap.png"})
+        page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+        box = page.locator("#view").bounding_box()
+        page.touchscreen.tap(box["x"] + 3, box["y"] + 3)
+        page.wait_for_timeout(200)
+        assert page.text_content("#hover").startswith("(0, 0): ")
+        browser.close()
+
+
+def test_the_page_works_mounted_under_a_path_of_another_app_in_a_real_browser(checkpoint, tmp_path):
+    """The README's way to mount the service in one's own app: the page asked for /static, /classes and /predict at
+    the root, and got 404s under /seg/. Its files are revalidated on each load (an upgrade's new script is used)."""
+    import uvicorn
+    from fastapi import FastAPI
+    from playwright.sync_api import sync_playwright
+
+    seg = create_app(checkpoint)
+    outer = FastAPI(lifespan=seg.router.lifespan_context)
+    outer.mount("/seg", seg)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(outer, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while not (server.started and httpx.get(url + "/seg/readyz", timeout=5).status_code == 200):
+            assert time.time() < deadline, "the mounted service did not become ready in 120 s"
+            time.sleep(0.2)
+        for path in ("/seg/", "/seg/static/app.js", "/seg/static/style.css"):
+            assert httpx.get(url + path, timeout=30).headers["cache-control"] == "no-cache"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            missing = []
+            page.on("response", lambda response: missing.append(response.url) if response.status >= 400 else None)
+            page.goto(url + "/seg")  # redirected to /seg/
+            page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+            page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(encoded(scene(30, 40, 16))),
+                                          "name": "mounted.png"})
+            page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+            assert page.text_content("#status") == "mounted.png: done"
+            assert page.evaluate("getComputedStyle(document.querySelector('#drop')).borderStyle") == "dashed"
+            browser.close()
+        assert not missing, missing
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def test_the_api_docs_page_works_offline_in_a_real_browser(live_server, tmp_path):

@@ -36,6 +36,20 @@ from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullE
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
+# The page and its files are revalidated on each load (a 304 when unchanged): with Last-Modified alone a browser caches
+# them for a while by its own rule, and after an upgrade could pair the new page with the old script.
+REVALIDATE = {"Cache-Control": "no-cache"}
+
+
+class PageFiles(StaticFiles):
+    """The page's script and style, served with REVALIDATE."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response
+
+
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, served from the installed package, not a CDN
 log = logging.getLogger("resunet.serve")
@@ -239,13 +253,13 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     # GET and HEAD: uptime monitors and load balancers often probe with HEAD.
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=REVALIDATE)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:  # every browser asks; no icon, and no 404 line in the log for it
         return Response(status_code=204)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", PageFiles(directory=STATIC), name="static")
 
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="The process is alive")

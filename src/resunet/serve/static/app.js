@@ -5,15 +5,17 @@
 const $ = (id) => document.getElementById(id);
 const view = $("view");
 const maskCanvas = document.createElement("canvas");
-const state = { classes: [], byColour: new Map(), image: null, mask: null, maskUrl: null, latest: 0 };
+const state = { classes: [], byColour: new Map(), image: null, mask: null, maskUrl: null, latest: 0, upload: null };
 const HOVER_HINT = "point at the image to see the class under the pointer";
 const MIN_SHOWN_PX = 256;  // a tiny image is drawn enlarged (pixelated) so it can be seen and pointed at
 
 const colourKey = (r, g, b) => (r << 16) | (g << 8) | b;
 
+// URLs are relative to the page: it works mounted under a path of another app (or behind a proxy's prefix).
 async function loadModel() {
   try {
-    const response = await fetch("/classes");
+    const response = await fetch("classes");
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
     const description = await response.json();
     state.classes = description.classes;
     for (const c of description.classes) state.byColour.set(colourKey(...c.color), c);
@@ -52,9 +54,12 @@ function countAnswer() {
 
 async function segment(file, count = 1) {
   if (!file) return;
-  // Only the last image asked for is shown: an earlier, slower answer arriving later is dropped.
+  // Only the last image asked for is shown: an earlier upload is cancelled (the server drops an image whose client
+  // hung up, so the new one does not wait behind it), and an earlier answer arriving anyway is dropped.
   const ticket = ++state.latest;
   const isStale = () => ticket !== state.latest;
+  if (state.upload) state.upload.abort();
+  state.upload = new AbortController();
   clearResult();
   const others = count > 1 ? ` (the first of ${count} files: one image at a time)` : "";
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
@@ -63,7 +68,7 @@ async function segment(file, count = 1) {
   const started = performance.now();
   let response;
   try {
-    response = await fetch("/predict", { method: "POST", body: form });
+    response = await fetch("predict", { method: "POST", body: form, signal: state.upload.signal });
   } catch (error) {
     countAnswer();
     if (isStale()) return;
@@ -77,38 +82,64 @@ async function segment(file, count = 1) {
     setStatus(`${response.status}: ${body.error}`, true);
     return;
   }
-  const blob = await response.blob();
-  const roundTrip = performance.now() - started;
-  const mask = await createImageBitmap(blob);
+  let mask = null;
   let image = null;
+  let counted = false;
   try {
-    image = await createImageBitmap(file);  // EXIF orientation applied, as on the server
+    const blob = await response.blob();
+    const roundTrip = performance.now() - started;
+    mask = await createImageBitmap(blob);
+    try {
+      image = await createImageBitmap(file);  // EXIF orientation applied, as on the server
+    } catch (error) {
+      image = null;  // a format the browser cannot draw (16-bit TIFF, …): the mask is still shown
+    }
+    await modelLoaded;  // the legend and the readout name classes by their colours
+    countAnswer();
+    counted = true;
+    if (isStale()) return;
+    let note = image ? "" : " (this browser cannot display the image itself: the mask alone is shown)";
+    if (image && (image.width !== mask.width || image.height !== mask.height)) {
+      // The browser read the file otherwise than the server (an orientation it ignores): no stretched overlay.
+      note = ` (this browser shows the image at ${image.width}×${image.height}, the mask is ` +
+        `${mask.width}×${mask.height}: the mask alone is shown)`;
+      image.close();
+      image = null;
+    }
+    maskCanvas.width = mask.width;
+    maskCanvas.height = mask.height;
+    const maskContext = maskCanvas.getContext("2d", { willReadFrequently: true });
+    maskContext.drawImage(mask, 0, 0);
+    state.mask = maskContext.getImageData(0, 0, mask.width, mask.height);
+    if (state.image) state.image.close();
+    state.image = image;
+    image = null;
+    if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
+    state.maskUrl = URL.createObjectURL(blob);
+    const download = $("download");
+    download.href = state.maskUrl;
+    download.download = `${(file.name || "pasted").replace(/\.[^.]*$/, "")}_mask.png`;
+    download.removeAttribute("aria-disabled");
+    $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
+      `${mask.width}×${mask.height} px`;
+    $("hover").textContent = HOVER_HINT;
+    $("result").hidden = false;
+    drawLegend();
+    sizeView(mask.width, mask.height);
+    render();
+    setStatus(`${file.name || "pasted image"}: done${others}${note}`);
+    document.body.dataset.segmented = String((Number(document.body.dataset.segmented) || 0) + 1);
   } catch (error) {
-    image = null;  // a format the browser cannot draw (16-bit TIFF, …): the mask is still shown
+    // A body cut off, a PNG the browser cannot decode, a canvas too large for it: said, not left at "segmenting…".
+    if (!counted) countAnswer();
+    if (isStale()) return;
+    clearResult();
+    state.mask = null;
+    setStatus(`${file.name || "pasted image"}: the answer could not be shown: ${error}`, true);
+  } finally {
+    if (mask) mask.close();
+    if (image) image.close();
   }
-  countAnswer();
-  if (isStale()) return;
-  maskCanvas.width = mask.width;
-  maskCanvas.height = mask.height;
-  const maskContext = maskCanvas.getContext("2d", { willReadFrequently: true });
-  maskContext.drawImage(mask, 0, 0);
-  state.mask = maskContext.getImageData(0, 0, mask.width, mask.height);
-  state.image = image;
-  if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
-  state.maskUrl = URL.createObjectURL(blob);
-  const download = $("download");
-  download.href = state.maskUrl;
-  download.download = `${(file.name || "pasted").replace(/\.[^.]*$/, "")}_mask.png`;
-  download.removeAttribute("aria-disabled");
-  $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
-    `${mask.width}×${mask.height} px`;
-  $("hover").textContent = HOVER_HINT;
-  $("result").hidden = false;
-  drawLegend();
-  render();
-  setStatus(`${file.name || "pasted image"}: done${others}` +
-    (image ? "" : " (this browser cannot display the image itself: the mask alone is shown)"));
-  document.body.dataset.segmented = String((Number(document.body.dataset.segmented) || 0) + 1);
 }
 
 function drawLegend() {
@@ -141,15 +172,19 @@ function drawLegend() {
   }));
 }
 
+function sizeView(width, height) {
+  // Once per answer: setting a canvas's size reallocates and clears it (the opacity slider only redraws).
+  view.width = width;
+  view.height = height;
+  const enlarge = Math.max(1, MIN_SHOWN_PX / Math.max(width, height));
+  view.style.width = enlarge > 1 ? `${Math.round(width * enlarge)}px` : "";
+  view.classList.toggle("enlarged", enlarge > 1);
+}
+
 function render() {
   if (!state.mask) return;
   const mode = document.querySelector("input[name=mode]:checked").value;
   const opacity = Number($("opacity").value) / 100;
-  view.width = state.mask.width;
-  view.height = state.mask.height;
-  const enlarge = Math.max(1, MIN_SHOWN_PX / Math.max(view.width, view.height));
-  view.style.width = enlarge > 1 ? `${Math.round(view.width * enlarge)}px` : "";
-  view.classList.toggle("enlarged", enlarge > 1);
   const context = view.getContext("2d");
   context.clearRect(0, 0, view.width, view.height);
   if (mode !== "mask" && state.image) context.drawImage(state.image, 0, 0, view.width, view.height);
@@ -181,16 +216,22 @@ $("file").addEventListener("change", (event) => {
 $("opacity").addEventListener("input", render);
 for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", render);
 view.addEventListener("pointermove", showClassAt);
-view.addEventListener("pointerleave", () => { $("hover").textContent = HOVER_HINT; });
+view.addEventListener("pointerdown", showClassAt);  // a tap on a touch screen moves no pointer
+view.addEventListener("pointerleave", (event) => {
+  // A finger leaves as it lifts: the class it tapped stays shown.
+  if (event.pointerType !== "touch") $("hover").textContent = HOVER_HINT;
+});
 const drop = $("drop");
 for (const name of ["dragenter", "dragover"]) {
   drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("dragging"); });
 }
-for (const name of ["dragleave", "drop"]) {
-  drop.addEventListener(name, () => drop.classList.remove("dragging"));
-}
-drop.addEventListener("drop", (event) => {
+drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+// A file dropped anywhere on the page is segmented: the browser would otherwise open it in place of the page (the
+// natural place to drop the next image is the result, below the zone).
+document.addEventListener("dragover", (event) => event.preventDefault());
+document.addEventListener("drop", (event) => {
   event.preventDefault();
+  drop.classList.remove("dragging");
   segment(event.dataTransfer.files[0], event.dataTransfer.files.length);
 });
 document.addEventListener("paste", (event) => {
@@ -198,4 +239,4 @@ document.addEventListener("paste", (event) => {
   if (item) segment(item.getAsFile());
 });
 $("download").setAttribute("aria-disabled", "true");
-loadModel();
+const modelLoaded = loadModel();
