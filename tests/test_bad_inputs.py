@@ -146,3 +146,28 @@ def test_a_bomb_mask_is_refused_from_its_header(tmp_path):
     with pytest.raises(ImageTooLargeError, match="over the limit"):
         read_mask(path, generic_info(3))
     os.remove(path)
+
+
+def test_max_pixels_can_be_raised_past_pils_own_ceiling(tmp_path):
+    # PIL refuses more than 2 × its MAX_IMAGE_PIXELS (179 MP) in Image.open, before our check: a genuine 13600×13600
+    # aerial photo was refused whatever --max-pixels said, and the line named no width and height.
+    from PIL import Image
+
+    from resunet.data.classes import generic_info
+    from resunet.data.images import ImageTooLargeError, image_size, read_mask
+
+    path = tmp_path / "aerial.png"
+    Image.new("1", (13_600, 13_600)).save(path)  # 185 million pixels, a 1-bit PNG of a few kB
+    assert 13_600 ** 2 > 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError) as caught:
+        image_size(path)
+    assert str(caught.value) == (f"{path}: image of 13600×13600 = 184,960,000 pixels is over the limit of 64,000,000 "
+                                 "(--max-pixels; a decompression bomb?)")
+    assert image_size(path, max_pixels=200_000_000) == (13_600, 13_600)
+    assert image_size(path, max_pixels=None) == (13_600, 13_600)
+    mask = read_mask(path, generic_info(2), max_pixels=190_000_000)  # decoded: 185 MB of class ids
+    assert mask.shape == (13_600, 13_600) and not mask.any()
+    del mask
+    with pytest.raises(ImageTooLargeError, match="over the limit of 180,000,000"):
+        read_mask(path, generic_info(2), max_pixels=180_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's own ceiling is left as it was, for everyone else

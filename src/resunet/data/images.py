@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +35,34 @@ class ImageTooLargeError(DataError):
     """The image declares more pixels than allowed (checked from its header, before decoding)."""
 
 
+_PIL_CEILING = threading.Lock()
+
+
+def open_unbounded(source: str | Path | io.BytesIO) -> Image.Image:
+    """Image.open (the header only) without PIL's own ceiling of 2 × MAX_IMAGE_PIXELS (179 MP): `opened` checks the
+    size against --max-pixels from the same header, before any pixel is decoded. PIL's ceiling refused a 15000×15000
+    aerial photo whatever --max-pixels said, and named no width and height. It is a global, so it is lifted for the
+    header's read alone, under a lock, and only for a file over it."""
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError:
+        pass
+    if hasattr(source, "seek"):
+        source.seek(0)
+    with _PIL_CEILING:
+        ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = ceiling
+
+
 @contextmanager
 def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, kind: str = "image") -> Iterator:
     """The PIL image of `source`, its header read and its size checked against `max_pixels` before any pixel is
     decoded. Every way the file can fail — inside the block too — becomes one DataError line naming `label`."""
     try:
-        with Image.open(source) as image:
+        with open_unbounded(source) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"{label}: {kind} of {width}×{height} = {width * height:,} pixels is over "
