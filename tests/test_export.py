@@ -436,15 +436,46 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
-def test_backend_auto_with_confidence_leaves_out_the_end_to_end_graph(exported, demo_root, tmp_path, capsys):
+def test_an_end_to_end_file_gives_confidence_and_ece_from_its_logits(exported, demo_root, tmp_path, capsys):
+    # It was refused ("an end-to-end graph outputs class maps, not logits"), and evaluate left ECE out without a word,
+    # though the graph outputs full-size logits beside its class maps.
     import shutil
 
+    e2e = OnnxPredictor(exported["dir"] / "model.onnx")
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="fp32")
+    image = scene(75, 101)
+    mask, confidence = e2e.predict_with_confidence(image)
+    expected_mask, expected_confidence = reference.predict_with_confidence(image)
+    assert (mask == expected_mask).mean() >= 0.999 and np.abs(confidence - expected_confidence).max() < 1e-3
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None]
+    assert torch.allclose(e2e.probabilities(batch), reference.probabilities(batch), atol=1e-4)
+    scores = []
+    for model in (exported["ckpt"], exported["dir"] / "model.onnx"):
+        assert main(["evaluate", str(model), "--data-root", str(demo_root), "--json", str(tmp_path / "e.json"),
+                     "--precision", "fp32", "--workers", "0"] if model.suffix == ".pt" else
+                    ["evaluate", str(model), "--data-root", str(demo_root), "--json", str(tmp_path / "e.json"),
+                     "--workers", "0"]) == 0
+        scores.append(json.loads((tmp_path / "e.json").read_text())["ece"])
+        assert "ECE" in capsys.readouterr().out
+    assert scores[1] == pytest.approx(scores[0], abs=1e-3)
+    # --backend auto with --confidence times the end-to-end file too (it was left out), and writes the same map.
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(exported["ckpt"], folder / "best.pt")
-    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")  # class maps only: no confidence from it
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
     images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_00000.jpg")
     assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "out"), "--backend", "auto",
                  "--confidence"]) == 0
-    assert "backend: PyTorch" in capsys.readouterr().out  # the only candidate left
-    assert len(list((tmp_path / "out").glob("*_confidence.png"))) == 1
+    assert "model.onnx" in capsys.readouterr().out.split("backend auto: ")[1]
+    assert main(["predict", str(folder / "model.onnx"), images, "--out", str(tmp_path / "onnx"), "--confidence"]) == 0
+    assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "pt"), "--confidence",
+                 "--precision", "fp32"]) == 0
+    onnx_map, pt_map = (np.array(Image.open(tmp_path / d / "demo_val_00000_confidence.png"), dtype=int)
+                        for d in ("onnx", "pt"))
+    assert np.abs(onnx_map - pt_map).max() <= 1
+    # An ensemble still needs working-size logits, and says so when it is loaded.
+    from resunet.checkpoint import CheckpointError
+    from resunet.predict import load_ensemble
+
+    with pytest.raises(CheckpointError, match="model.onnx: an end-to-end ONNX graph gives no working-size logits"):
+        load_ensemble([exported["ckpt"], folder / "model.onnx"])

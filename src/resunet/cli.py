@@ -328,8 +328,7 @@ def cmd_predict(args) -> int:
         if sample is None:
             predictor = load(args.checkpoint, **inference_options(args))
         else:
-            predictor, line = load_fastest(args.checkpoint, sample, needs_logits=args.confidence,
-                                           **inference_options(args))
+            predictor, line = load_fastest(args.checkpoint, sample, **inference_options(args))
             print(line)
     else:
         predictor = load(args.checkpoint, **inference_options(args))

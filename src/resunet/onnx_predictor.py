@@ -3,9 +3,10 @@
 The file describes itself (ONNX metadata written by `resunet export`): classes, palette, ignore label, working size,
 normalisation, which graph it holds. Two kinds of graph:
 
-- "end-to-end": uint8 N×H×W×3 image in, uint8 N×H×W class map out; resize, normalisation, the network, the flip TTA
-  chosen at export, upsampling and argmax are all inside the graph. It answers `predict_tensor` in one call; it has
-  no logits, so multi-scale TTA and sliding windows need the logits graph.
+- "end-to-end": uint8 N×H×W×3 image in, uint8 N×H×W class map and float N×C×H×W full-size logits out; resize,
+  normalisation, the network, the flip TTA chosen at export, upsampling and argmax are all inside the graph. It
+  answers `predict_tensor`, probabilities and confidence in one call each; it has no working-size logits, so
+  multi-scale TTA, sliding windows and ensembles need the logits graph.
 - "logits": the network alone (normalised float N×3×H×W in, logits out); everything around it runs here exactly as
   for a `.pt` checkpoint, so every TTA mode and sliding window work.
 """
@@ -99,7 +100,9 @@ class OnnxPredictor(Predictor):
         self.quantized = meta.get("resunet.int8") == "true"
         self.input_name = self.session.get_inputs()[0].name
         self.first_output = [self.session.get_outputs()[0].name]  # the mask of an end-to-end graph (not its logits)
-        self.has_logits = self.graph == "logits"
+        # Both graphs give probabilities (an end-to-end one from its full-size logits output); only the logits graph
+        # gives working-size logits, which TTA, windows and ensembles combine.
+        self.has_logits, self.has_working_logits = True, self.graph == "logits"
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             torch.device("cpu"), None, False, False, None)
         self.set_inference(tta, scales, window, stride)
@@ -124,10 +127,9 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0])
 
     def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
-        # Under logits, probabilities and confidence maps alike.
         if self.graph != "logits":
-            raise CheckpointError(f"{self.path}: an end-to-end graph outputs class maps, not logits "
-                                  "(export with --logits for logits)")
+            raise CheckpointError(f"{self.path}: an end-to-end graph outputs full-size class maps and logits, not the "
+                                  "working-size logits this needs (export with --logits)")
         return super().low_res_logits(groups)
 
     def check_size(self, height: int, width: int, count: int = 1) -> None:
@@ -155,14 +157,34 @@ class OnnxPredictor(Predictor):
         feed = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
         return list(self.session.run(self.first_output, {self.input_name: feed})[0].astype(np.uint8))
 
+    def run_end_to_end(self, images: torch.Tensor, logits: bool = False) -> list[np.ndarray]:
+        """N×3×H×W uint8 (one size) → the graph's class maps, and on request its full-size logits."""
+        check_image_tensor(images)
+        self.check_size(*images.shape[-2:], len(images))
+        feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
+        return self.session.run(None if logits else self.first_output, {self.input_name: feed})
+
+    def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.graph == "logits":
+            return super().logits_by_group(groups)
+        return [torch.from_numpy(self.run_end_to_end(images, logits=True)[1]) for images in groups]
+
+    def full_size_maps(self, groups: list[torch.Tensor], confidence: bool = False
+                       ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.graph == "logits":
+            return super().full_size_maps(groups, confidence)
+        results = []
+        for images in groups:
+            maps, logits = self.run_end_to_end(images, logits=True)
+            chosen = (torch.from_numpy(logits) / self.temperature).softmax(1).amax(1) if confidence else None
+            results.append((torch.from_numpy(maps), chosen))
+        return results
+
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps."""
         if self.graph == "logits":
             return super().predict_tensor(images)
-        check_image_tensor(images)
-        self.check_size(*images.shape[-2:], len(images))
-        feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
-        return torch.from_numpy(self.session.run(self.first_output, {self.input_name: feed})[0]).long()
+        return torch.from_numpy(self.run_end_to_end(images)[0]).long()
 
 
 def exported_siblings(checkpoint: str | Path) -> list[Path]:
@@ -184,11 +206,10 @@ def exported_siblings(checkpoint: str | Path) -> list[Path]:
     return found
 
 
-def load_fastest(checkpoint: str | Path, sample: np.ndarray, needs_logits: bool = False,
-                 **options) -> tuple[Predictor, str]:
+def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple[Predictor, str]:
     """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
     `sample` fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
-    what was measured. `needs_logits`: only candidates that give probabilities (not an end-to-end graph)."""
+    what was measured. Every candidate gives probabilities (--confidence), an end-to-end graph from its logits."""
     import time
 
     from .predict import load
@@ -199,8 +220,7 @@ def load_fastest(checkpoint: str | Path, sample: np.ndarray, needs_logits: bool 
             candidate = load(path, **options)
         except CheckpointError:  # an end-to-end file cannot run this TTA / window setting
             continue
-        if candidate.has_logits or not needs_logits:
-            candidates.append((str(path), candidate))
+        candidates.append((str(path), candidate))
     if len(candidates) == 1:
         return candidates[0][1], f"backend: PyTorch ({checkpoint}; no exported file from it beside it)"
     timings = []

@@ -138,7 +138,8 @@ class Predictor:
             self.model = self.model.to(torch.bfloat16)
         self.info, self.size, self.mean, self.std = info, size, tuple(mean), tuple(std)
         self.temperature = 1.0  # probabilities are softmax(logits / temperature); `resunet calibrate` fits it
-        self.has_logits = True  # (an end-to-end ONNX graph outputs class maps only)
+        # Probabilities at full size, and working-size logits (which an end-to-end ONNX graph does not give).
+        self.has_logits = self.has_working_logits = True
         self.set_inference(tta, scales, window, stride)
 
     def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
@@ -372,15 +373,15 @@ class Ensemble(Predictor):
             if member.info.names != first.info.names or member.info.ignore_index != first.info.ignore_index:
                 raise CheckpointError(f"{name}: its classes differ from {names[0]}'s; an ensemble needs the same "
                                       "classes in the same order")
-            if not member.has_logits:
-                raise CheckpointError(f"{name}: an end-to-end ONNX graph gives no probabilities to average "
+            if not member.has_working_logits:
+                raise CheckpointError(f"{name}: an end-to-end ONNX graph gives no working-size logits to average "
                                       "(export with --logits for an ensemble)")
         self.members = members
         self.info, self.size, self.mean, self.std = first.info, first.size, first.mean, first.std
         self.device, self.dtype, self.channels_last, self.bf16_weights, self.model = (
             first.device, first.dtype, first.channels_last, first.bf16_weights, None)
         self.tta, self.scales, self.window, self.stride = first.tta, first.scales, first.window, first.stride
-        self.temperature, self.has_logits = 1.0, True
+        self.temperature, self.has_logits, self.has_working_logits = 1.0, True, True
 
     def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
                       stride: int | None = None) -> None:
