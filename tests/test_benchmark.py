@@ -99,3 +99,19 @@ def test_data_windows_last_about_the_planned_time_whatever_the_loader_speed(monk
     assert result["images_per_window"] == 8 * 3 * plan.batch and result["windows"] == 3
     assert next(calls) == 3 + 3 + 3 * 8 * 3  # warm-up pass, sizing pass, three windows: nothing else drawn
     assert result["window_s"] == pytest.approx([0.096] * 3)
+
+
+def test_without_the_bench_extra_it_says_what_to_install_before_any_work(tmp_path, monkeypatch):
+    # A plain `pip install resunet` has no segmentation_models_pytorch: a traceback came after the JPEG set was
+    # written and the first measurements ran.
+    import sys
+    import tempfile
+
+    from resunet.cli import main
+
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)  # import fails as if not installed
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit, match=r"^resunet benchmark: error: it compares with segmentation_models_pytorch, "
+                                         r"which is not installed: pip install 'resunet\[bench\]'"):
+        main(["benchmark", "--quick", "--json", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()

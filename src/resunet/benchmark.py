@@ -763,6 +763,11 @@ def run_benchmark(args) -> dict:
     """`resunet benchmark`: measure, print the table, write `args.json` if given; returns the report."""
     started = time.perf_counter()
     check_output_files([("--json", getattr(args, "json", None))])  # before the minutes of measuring
+    try:  # the side-by-side comparison's other half: an extra, not a dependency of resunet itself
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        raise SystemExit("resunet benchmark: error: it compares with segmentation_models_pytorch, which is not "
+                         "installed: pip install 'resunet[bench]' (make benchmark installs it)") from None
     quick = bool(getattr(args, "quick", False))
     device = runtime.resolve_device(getattr(args, "device", "auto") or "auto")
     plan = plan_for(device, quick)
