@@ -61,6 +61,10 @@ def test_train_flags_cover_the_recipe(capsys):
                  "--device", "--resume", "--precision", "--compile", "--loss", "--checkpoint-every", "--tensorboard"):
         assert flag in out, flag
     assert "(default: 0.0001)" in out and "(default: 100)" in out and "(default: 256)" in out
+    # An unset flag said "(default: None)", after its own "(default: size)" or "(default 255, ...)"
+    flat = " ".join(out.split())
+    assert "default: None" not in flat and flat.count("(default: size)") == 1
+    assert "classes.json) (default" not in flat and "$XDG_CACHE_HOME/resunet, or ~/.cache/resunet)" in flat
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -135,8 +135,10 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> N
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = None if f.default is MISSING else f.default
+        # No "(default: None)": an unset flag's meaning is in its help, which names its own default where it has one.
+        shown = "" if default is None or "default" in help_text else f" (default: {default})"
         parser.add_argument(flag, dest=f.name, type=base, default=default if defaults else argparse.SUPPRESS,
-                            choices=f.metadata.get("choices"), help=f"{help_text} (default: {default})")
+                            choices=f.metadata.get("choices"), help=help_text + shown)
 
 
 def flags_given(argv: list[str]) -> dict:

@@ -13,7 +13,8 @@ def setting(default, help: str, **extra):
 
 @dataclass
 class TrainConfig:
-    data_root: str = setting(None, "dataset folder: VOCdevkit layout or {train,val}/{images,masks}", required=True)
+    data_root: str = setting(None, "dataset folder: VOCdevkit layout or {train,val}/{images,masks} (required, "
+                                   "unless --resume reads it from the run)", required=True)
     out: str = setting("runs/train", "run folder: last.pt, best.pt, metrics.jsonl, curves.png")
     train_split: str = setting("train", "training split (VOC: train or train_aug)")
     val_split: str = setting("val", "validation split, evaluated every epoch at original resolution")
@@ -66,7 +67,7 @@ class TrainConfig:
     data_path: str = setting("auto", "cached: decode once, augment batched on the device; simple: per-sample "
                              "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GB",
                              choices=("auto", "cached", "simple"))
-    cache_dir: str | None = setting(None, "decoded-image cache folder (default ~/.cache/resunet)")
+    cache_dir: str | None = setting(None, "decoded-image cache folder (default $XDG_CACHE_HOME/resunet, or ~/.cache/resunet)")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images/masks with more pixels, read from their header "
                               "(decompression bombs)")
     skip_data_check: bool = setting(False, "start without the dataset check (resunet check-data) of the train and "
