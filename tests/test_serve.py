@@ -341,7 +341,9 @@ def test_an_exported_onnx_file_is_served_the_same_way(exported):
         assert description["model"]["kind"] == "onnx end-to-end" and description["tta"]["available"] == ["none"]
         assert description["model"]["sha256"] == sha256_file(path)
         response = client.post("/predict?tta=flip", content=encoded(images[0]))
-        assert response.status_code == 400 and "not available" in response.json()["error"]
+        # A bad parameter is a 422, as every other one (it was a 400, which means an unreadable image)
+        assert response.status_code == 422 and response.json()["error"] == ("tta 'flip' is not available for this "
+                                                                             "model (available: none)")
 
 
 # ---- start-up failures and a real uvicorn process -------------------------------------------------------------------

@@ -108,7 +108,7 @@ PREDICT_ERRORS = {status: {"model": ErrorBody, "description": meaning} for statu
     408: "the upload stalled (no byte for --body-timeout seconds)",
     413: "the body is over --max-bytes, or the image over --max-pixels (read from its header)",
     415: "a content type that is neither an image, raw bytes nor a multipart form",
-    422: "a query parameter out of its choices",
+    422: "a query parameter out of its choices (tta: the model's, as /classes lists them)",
     503: "the model is not ready yet, or the queue is full: retry after Retry-After seconds",
 }.items()}
 
@@ -296,7 +296,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         if not engine.ready:
             raise RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
         if tta is not None and tta not in engine.variants:
-            raise RequestError(400, f"tta '{tta}' is not available for this model "
+            raise RequestError(422, f"tta '{tta}' is not available for this model "
                                     f"(available: {', '.join(engine.variants)})")
         data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
         received = time.perf_counter()
