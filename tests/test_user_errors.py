@@ -121,7 +121,9 @@ def test_resume_takes_every_flag_given_and_refuses_what_cannot_change(tmp_path, 
     assert (seen[-1].workers, seen[-1].epochs, seen[-1].data_root) == (2, 100, "/moved/data")
     assert seen[-1].loss == "ce+dice" and seen[-1].lr == 0.5
     assert main([*resume, "--lr", "0.1", "--loss", "ce+dice", "--out", str(tmp_path)]) == 0  # same loss and folder
-    assert seen[-1].lr == 0.1
+    assert seen[-1].lr == 0.1 and not seen[-1].calibrate
+    assert main([*resume, "--calibrate"]) == 0  # done to best.pt after training: it was refused ("True ... False")
+    assert seen[-1].calibrate
     calls = len(seen)
     with pytest.raises(SystemExit, match=r"--loss dice: cannot change on --resume \(the run trains with ce\+dice\)"):
         main([*resume, "--loss", "dice"])

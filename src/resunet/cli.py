@@ -168,8 +168,9 @@ def cmd_train(args) -> int:
         if stored is None:
             raise SystemExit(f"resunet train: error: {args.resume}: holds no training settings; resume from a run's "
                              "last.pt")
+        # --calibrate is what happens after training (to best.pt), not part of the recipe.
         changeable = {"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
-                      "checkpoint_every", "tensorboard", "data_root", "lr", "resume"}
+                      "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate"}
         defaults = {f.name: f.default for f in config_fields()}
         given = flags_given(args.argv[args.argv.index("train") + 1:])
         run_dir = str(Path(os.path.realpath(args.resume)).parent)  # a link to RUN/last.pt resumes in RUN
