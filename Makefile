@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Generated VOC-format data → train (CPU, bf16 where the CPU has it) → evaluate → predict → picture grid → ONNX export.
+# Generated VOC-format data → train (CPU, bf16 where it has it; or a GPU) → evaluate → predict → grid → ONNX export.
 # EfficientNet-Lite0 with the ImageNet weights bundled in a pinned package: it learns the shapes in a few short
 # epochs on every CPU kind, so the whole demo fits in about 4 minutes from a fresh clone, install included.
 DEMO_DATA := data/demo
@@ -55,7 +55,8 @@ test: install-dev $(CHROMIUM)
 benchmark: install-dev
 	$(RESUNET) benchmark --json benchmarks/latest.json
 
-# fp32 vs bf16 training and evaluation of the demo recipe (accuracy, not speed).
+# fp32 vs bf16 training and evaluation on the demo data: a ResNet34-UNet from scratch, the demo's recipe before it
+# moved to a pretrained Lite0 (accuracy, not speed).
 precision-check: install
 	$(PY) benchmarks/precision_check.py --out runs/precision
 
@@ -113,7 +114,8 @@ camvid-gpu: install-dev
 	$(RESUNET) evaluate $(CAMVID_GPU_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_GPU_RUN)/val.json
 
 # Inference options on the CamVid model (after `make camvid`): mIoU and img/s for none / flip / ms / ms+flip / window,
-# then the model exported to ONNX, fp32 and INT8 (calibrated on 64 training images), each evaluated on val.
+# then the model exported to INT8 ONNX (calibrated on 64 training images; its fp32 copy parity-checked) and
+# evaluated on val.
 camvid-tta: install
 	$(PY) benchmarks/tta_table.py $(CAMVID_RUN)/best.pt --data-root $(DATA) --window 320 --stride 240 \
 		--json $(CAMVID_RUN)/tta.json

@@ -1,6 +1,7 @@
 """fp32 vs bf16 on demo data: does reduced precision cost accuracy?
 
-Trains the `make demo` recipe (12 epochs instead of 20, to keep the fp32 run short) twice with the same seed, once in fp32 and once with bf16 autocast (+ channels_last),
+Trains a ResNet34-UNet from scratch on the demo data (the `make demo` recipe before it moved to a pretrained
+EfficientNet-Lite0; 12 epochs) twice with the same seed, once in fp32 and once with bf16 autocast (+ channels_last),
 then evaluates each checkpoint on the demo val split in both precisions. Run: `make precision-check`
 (or `python benchmarks/precision_check.py --out runs/precision`).
 """

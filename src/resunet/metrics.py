@@ -54,7 +54,8 @@ class ConfusionMatrix:
         self.matrix = summed_over_processes(self.matrix)
 
     def compute(self) -> dict:
-        """{"miou": float, "iou": [per class, NaN where absent], "pixel_accuracy": float, "class_present": [...]}"""
+        """{"miou": float, "iou": [per class, NaN where absent from prediction and ground truth alike],
+        "pixel_accuracy": float}"""
         m = self.matrix.double()
         true_positive = m.diag()
         union = m.sum(0) + m.sum(1) - true_positive  # TP + FP + FN
