@@ -14,7 +14,6 @@ normalisation, which graph it holds. Two kinds of graph:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +23,12 @@ from .checkpoint import CheckpointError
 from .data.classes import ClassInfo
 from .data.images import DataError
 from .predict import DEFAULT_SCALES, Predictor, check_batch, check_image_tensor
+from .runtime import available_cores
 
 FORMAT_KEY = "resunet.graph"
 GRAPHS = ("end-to-end", "logits")
 # An 8000×8000 image through an end-to-end graph of 21 classes took 7 GB; past this, such a graph refuses the image.
 END_TO_END_MAX_LOGIT_BYTES = 2 * 2**30
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:

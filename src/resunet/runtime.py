@@ -55,6 +55,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise DeviceError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # torch accepts any index here; the run would stop at its first tensor, after the data check and cache.
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise DeviceError(f"--device {name}: resunet runs on cpu or cuda")
     return device
@@ -76,7 +80,9 @@ def cpu_has_bf16() -> bool:
     flags = cpu_flags()
     if flags:
         return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # No /proc/cpuinfo (not Linux): the CPU's own bf16 instructions. oneDNN's "bf16 supported" is true on any
+    # AVX-512 CPU, where it emulates bf16 slower than fp32.
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @functools.cache
@@ -112,7 +118,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 hardware from Ampere (compute capability 8) on; torch's is_bf16_supported() is also true where it is
+        # only emulated (T4, V100), much slower than fp16 there.
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
@@ -138,7 +146,15 @@ def precision_name(dtype: torch.dtype | None) -> str:
 def cpu_threads(pieces: int) -> int:
     """Threads for a nogil CPU kernel split into `pieces` independent parts (the data path's samples, the class
     map's row bands): as many as PyTorch uses for the model and this process may run on, one per piece at most."""
-    return max(1, min(pieces, torch.get_num_threads(), len(os.sched_getaffinity(0))))
+    return max(1, min(pieces, torch.get_num_threads(), available_cores()))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the platform has one: not macOS or Windows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 class HelperThreads:

@@ -1,0 +1,45 @@
+"""Device and precision choices (runtime.py) on machines this suite does not run on, by their reported features."""
+
+import os
+
+import pytest
+import torch
+
+from resunet import runtime
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                   ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch, capability, expected):
+    # torch.cuda.is_bf16_supported() is true on a T4 or V100 too (emulated, far slower than fp16): auto picked bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) is expected
+
+
+def test_a_cuda_index_past_the_machines_gpus_is_one_line(monkeypatch):
+    # torch accepts cuda:3 on a one-GPU machine; the run stopped at its first tensor with "invalid device ordinal".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(runtime.DeviceError, match=r"^--device cuda:3: this machine has 1 CUDA device\(s\), "
+                                                  r"cuda:0..cuda:0$"):
+        runtime.resolve_device("cuda:3")
+
+
+def test_without_cpuinfo_bf16_is_the_cpus_own_not_onednns_emulation(monkeypatch):
+    # oneDNN's "bf16 supported" is true on any AVX-512 CPU (a Skylake Xeon emulates bf16, slower than fp32).
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert runtime.cpu_has_bf16() is expected
+        assert runtime.resolve_precision("auto", torch.device("cpu")) is (torch.bfloat16 if expected else None)
+
+
+def test_cpu_threads_without_sched_getaffinity(monkeypatch):
+    # macOS and Windows have no os.sched_getaffinity: every CPU prediction and the cached data path raised there.
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert runtime.available_cores() == os.cpu_count()
+    assert runtime.cpu_threads(64) == min(torch.get_num_threads(), os.cpu_count())
