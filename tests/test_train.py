@@ -351,3 +351,22 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_root, ram_t
     assert result["stopped_by"] is None and "epochs 2..1" not in out
     assert "; no epoch to train: 1 already done (--epochs 1; give more to continue)" in out
     assert "done: no epoch to train" in out and (run / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_run_resumed_where_auto_means_fp16_starts_its_loss_scale(ram_tmp, monkeypatch):
+    # A run started on a CPU or an Ampere GPU saves an empty (disabled) scaler; resumed on a T4, where auto means fp16,
+    # loading it raised "The source state dict is empty" with a traceback.
+    import resunet.train
+    from resunet.data.demo import make_demo_dataset
+    from resunet.train import train
+
+    make_demo_dataset(ram_tmp / "data", train=8, val=2, size=32, seed=0)
+    run = ram_tmp / "run"
+    settings = dict(encoder="resnet18", batch_size=4, size=32)
+    monkeypatch.setattr(resunet.train, "resolve_precision", lambda precision, device: None)
+    train(tiny_config(ram_tmp / "data", run, epochs=1, **settings))
+    assert load_checkpoint(run / "last.pt")["scaler"] == {}
+    monkeypatch.setattr(resunet.train, "resolve_precision", lambda precision, device: torch.float16)
+    train(tiny_config(ram_tmp / "data", run, epochs=2, resume=str(run / "last.pt"), **settings))
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["scaler"]["scale"] > 0  # fp16's scaler ran and was saved

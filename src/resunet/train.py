@@ -648,7 +648,8 @@ def train(cfg: TrainConfig) -> dict:
             if main_process:
                 print(f"resunet: learning rate {stored_lr:g} → {cfg.lr:g} from here on (the schedule scaled with it)",
                       flush=True)
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16: a run resumed where "auto" means fp16 starts its scale
+            scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
         position = state.get("position")  # saved inside an epoch: continue at that step
