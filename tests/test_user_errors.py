@@ -1015,3 +1015,29 @@ def test_a_file_named_twice_is_predicted_once(checkpoint, demo_root, tmp_path, c
                  str(tmp_path / "out")]) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{photo.stem}.png"]
     assert "wrote 1 prediction(s)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_another_resunet_version_is_one_line(checkpoint, demo_root, tmp_path, capsys):
+    # Model settings are added without a new VERSION (attention, decoder_channels): a newer file's unknown setting was
+    # a TypeError traceback in predict, evaluate, export and serve; a missing description a KeyError.
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    image = tmp_path / "p.png"
+    image.write_bytes(good_pair(0)[0])
+    newer, missing, odd = tmp_path / "newer.pt", tmp_path / "missing.pt", tmp_path / "odd.pt"
+    save_checkpoint({**payload, "model_config": {**payload["model_config"], "deep_supervision": True}}, newer)
+    save_checkpoint({k: v for k, v in payload.items() if k != "normalization"}, missing)
+    save_checkpoint(payload, odd)
+    torch.save({**torch.load(odd, weights_only=True), "version": "2.0"}, odd)
+    expected = {
+        newer: "newer.pt: holds a model description this resunet cannot read (TypeError: ",
+        missing: "missing.pt: holds a model description this resunet cannot read (KeyError: 'normalization'); made by "
+                 "another resunet version?",
+        odd: "odd.pt: not a resunet checkpoint (version '2.0')",
+    }
+    for path, words in expected.items():
+        assert main(["predict", str(path), str(image), "--out", str(tmp_path / "out")]) == 2
+        assert words in one_error_line(capsys, "predict")
+        assert main(["export", str(path), "--onnx", str(tmp_path / "m.onnx")]) == 2
+        assert words in one_error_line(capsys, "export")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,14 +90,32 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
         raise CheckpointError(f"{path}: not a readable resunet checkpoint ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a resunet checkpoint")
-    if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this resunet")
+    version = payload.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: not a resunet checkpoint (version {version!r})")
+    if version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version} is newer than this resunet")
     return payload
+
+
+@contextmanager
+def reading_description(path: str | Path) -> Iterator[None]:
+    """Around reading a checkpoint's descriptions (model settings, classes, size, normalisation): one missing, or
+    holding a setting this resunet does not know (a newer one's file: settings are added without a new VERSION), is
+    one line naming the file, not a KeyError or TypeError traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: holds a model description this resunet cannot read ({type(error).__name__}: "
+                              f"{error}); made by another resunet version?") from None
 
 
 def model_from_checkpoint(payload: dict, path: str | Path = "checkpoint") -> ResNetUNet:
     """Rebuild the architecture from the checkpoint's own description and load its weights."""
-    model = ResNetUNet.from_config(ModelConfig.from_dict(payload["model_config"]), encoder_weights=None)
+    with reading_description(path):
+        model = ResNetUNet.from_config(ModelConfig.from_dict(payload["model_config"]), encoder_weights=None)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:

@@ -376,12 +376,11 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     check_output_files(outputs, inputs=[source])
     calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
     payload = load_checkpoint(source)
-    if payload["model_config"]["num_classes"] > 256:
-        raise ExportError(f"{source}: {payload['model_config']['num_classes']} classes do not fit a uint8 mask")
+    reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)  # its description read
+    if reference.info.num_classes > 256:
+        raise ExportError(f"{source}: {reference.info.num_classes} classes do not fit a uint8 mask")
     network = prepare_network(model_from_checkpoint(payload, source))
-    mean, std = tuple(payload["normalization"]["mean"]), tuple(payload["normalization"]["std"])
-    size = int(payload["input_size"])
-    reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)
+    mean, std, size = reference.mean, reference.std, reference.size
     dataset = open_dataset(data_root, split, reference.info.num_classes, reference.info.ignore_index) \
         if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint,
+                         reading_description)
 from .classmap import argmax_map, linear_taps, upsample_argmax
 from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
@@ -166,10 +167,14 @@ class Predictor:
                         stride: int | None = None) -> "Predictor":
         payload = load_checkpoint(path)
         model = model_from_checkpoint(payload, path)
-        norm = payload["normalization"]
-        predictor = cls(model, checkpoint_classes(payload), int(payload["input_size"]), norm["mean"], norm["std"],
-                        device, precision, tta, fold_bn=True, scales=scales, window=window, stride=stride)
-        predictor.temperature = float(payload.get("temperature", 1.0))
+        with reading_description(path):
+            norm = payload["normalization"]
+            info, size, temperature = (checkpoint_classes(payload), int(payload["input_size"]),
+                                       float(payload.get("temperature", 1.0)))
+            mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+        predictor = cls(model, info, size, mean, std, device, precision, tta, fold_bn=True, scales=scales,
+                        window=window, stride=stride)
+        predictor.temperature = temperature
         return predictor
 
     @staticmethod
