@@ -112,3 +112,40 @@ def test_resume_keeps_the_stored_settings_and_changes_only_what_is_given(tmp_pat
     assert (cfg.workers, cfg.epochs, cfg.checkpoint_every) == (3, 9, "5m")
     assert cfg.lr == 0.1  # the learning rate may change (the way out of a diverged run); the rest of the recipe may
     # not: tests/test_user_errors.py
+
+
+def test_json_to_dev_stdout_through_a_pipe(tmp_path):
+    # /dev/stdout's real path is /proc/PID/fd/pipe:[N] when stdout is a pipe (`... --json /dev/stdout | jq`): the
+    # report was refused after all the work ("could not write it (No such file or directory)").
+    from test_doctor import clean_dataset
+
+    root = clean_dataset(tmp_path / "data")
+    result = run_cli("check-data", "--data-root", str(root), "--json", "/dev/stdout", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert report["errors"] == 0 and report["facts"]["splits"]["train"]["pairs"] == 4
+
+
+def test_a_failed_save_removes_only_what_it_wrote(tmp_path):
+    # A file refused at opening (a read-only mask of an earlier run, for a user who is not root) was deleted.
+    from resunet.data.images import DataError
+    from resunet.outputs import save_whole
+
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"earlier result")
+
+    def refused():
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(DataError, match=r"kept.png: could not write it \(Permission denied\)$"):
+        save_whole(kept, refused)
+    assert kept.read_bytes() == b"earlier result"
+    for path in (kept, tmp_path / "new.png"):  # half written, then the disk is full: removed, old or new
+
+        def half(path=path):
+            path.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(DataError, match="No space left on device"):
+            save_whole(path, half)
+        assert not path.exists()

@@ -35,6 +35,8 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
         if target in seen:
             raise DataError(f"{flag} {path}: also given to {seen[target]}; one file cannot hold both")
         seen[target] = flag
+        if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout, /dev/null): written as it is
+            continue
         check_writable_folder(flag, path, path.parent)
         if path.exists():
             try:  # appending nothing: refused for a read-only or immutable file, changes nothing otherwise
@@ -69,10 +71,11 @@ def replace_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` whole or not at all: into a file beside it, then renamed over it (keeping its
     permissions), so a kill or a full disk leaves the old file, never half of it. Through a link, the file it points
     to; a device or pipe (/dev/stdout) is written directly. A failure raises the OSError, the partial file removed."""
-    target = resolved(path)
-    if target.exists() and not target.is_file():
-        target.write_text(text)
+    if Path(path).exists() and not Path(path).is_file():
+        # Not through its resolved path: /dev/stdout's is /proc/PID/fd/pipe:[N] when it is a pipe, which is no file.
+        Path(path).write_text(text)
         return
+    target = resolved(path)
     partial = temporary_path(target)
     try:
         partial.write_text(text)
@@ -94,13 +97,24 @@ def write_output(path: str | Path, text: str) -> None:
 
 def save_whole(path: str | Path, save: Callable[[], None]) -> None:
     """`save()` writes `path` (matplotlib's savefig, PIL's save); a failed write (a full disk) is one DataError line
-    naming the file, and the half-written file is removed."""
+    naming the file, and the half-written file is removed. A file the write never touched (refused at opening: a
+    read-only mask from an earlier run) is kept."""
+    before = file_state(path)
     try:
         save()
     except OSError as error:
-        if Path(path).is_file():
+        if file_state(path) not in (None, before):
             Path(path).unlink(missing_ok=True)
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
+
+
+def file_state(path: str | Path) -> tuple[int, int] | None:
+    """A regular file's (size, modification time), None for no file: whether a write has touched it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_size, stat.st_mtime_ns) if Path(path).is_file() else None
 
 
 def save_figure(figure, path: str | Path, dpi: int) -> None:
