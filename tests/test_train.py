@@ -252,13 +252,21 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    (run / ".notes.tmpl").write_text("mine")  # the user's, beside a save's leftover from a killed process
+    (run / ".last.pt.tmp999").write_bytes(b"half")
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
     message = str(error.value)
     assert "No space left on device" in message and "the previous last.pt is intact" in message
+    assert message.endswith(f"free some space and resume from {run / 'last.pt'}")
     assert (run / "last.pt").read_bytes() == before  # untouched, and it still loads
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    # No temporary file left behind, the leftover removed, the user's file kept (".*.tmp*" matched it too)
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".notes.tmpl"]
+    # The first save of a run: nothing to resume from ("no best.pt was written; ... resume from it" said so)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(demo_root, ram_tmp / "fresh", epochs=1, **SMALL))
+    assert str(error.value).endswith("no best.pt was written; free some space and start again")
 
 
 def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_root, ram_tmp, capsys):

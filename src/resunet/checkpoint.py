@@ -8,6 +8,7 @@ checkpoint cannot run code. It carries the model's settings, the classes, the in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,11 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is named as `temporary_path` names them (not a user's own .notes.tmpl)."""
+    return re.fullmatch(r"\..+\.tmp\d+", path.name) is not None
+
+
 def remove_quietly(path: Path) -> None:
     """Remove a temporary file if it can be: on a read-only folder it never was written, and the error that got us
     here is the one to report."""
@@ -41,9 +47,9 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
-def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some space and resume from it") -> None:
+def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some space and try again") -> None:
     """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one.
-    `advice` ends the one-line error when the write fails (training's default: resume from the intact file)."""
+    `advice` ends the one-line error when the write fails."""
     path = Path(os.path.realpath(path))  # through a symbolic link: the file it points to, not a copy in its place
     tmp = temporary_path(path)
     try:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from .calibration import bound_note, calibrate
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
@@ -681,7 +681,8 @@ def train(cfg: TrainConfig) -> dict:
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
-            stale.unlink(missing_ok=True)
+            if is_temporary(stale):
+                stale.unlink(missing_ok=True)
 
     raw_model = model
     if world > 1:
@@ -709,6 +710,9 @@ def train(cfg: TrainConfig) -> dict:
               f"{data_path} data path; {epoch_span(start_epoch, cfg.epochs)}{where}", flush=True)
 
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
+        # A failed save of best.pt or last.pt leaves the previous last.pt, if any, to resume from.
+        last = out / "last.pt"
+        advice = f"free some space and resume from {last}" if last.exists() else "free some space and start again"
         save_checkpoint({
             "model_config": raw_model.config.to_dict(), "classes": info.to_dict(), "input_size": cfg.size,
             "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
@@ -716,7 +720,7 @@ def train(cfg: TrainConfig) -> dict:
             "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
             "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now, **extra,
             **({"training_model": raw_model.state_dict(), "ema_updates": average.updates} if average else {}),
-        }, path)
+        }, path, advice)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     run_started = last_save = time.perf_counter()
