@@ -124,10 +124,10 @@ def test_checkpoint_every_steps_saves_inside_epochs_and_resume_from_an_epoch_end
     saved = []
     real_save = train_module.save_checkpoint
 
-    def spy(payload, path):
+    def spy(payload, path, advice):
         position = payload.get("position")
         saved.append((path.name, payload["epoch"], position and position["step"]))
-        real_save(payload, path)
+        real_save(payload, path, advice)
 
     monkeypatch.setattr(train_module, "save_checkpoint", spy)
     run = ram_tmp / "run"
@@ -146,7 +146,8 @@ def test_checkpoint_every_minutes_saves_when_the_time_is_up(demo_root, ram_tmp, 
     saved = []
     real_save = train_module.save_checkpoint
     monkeypatch.setattr(train_module, "save_checkpoint",
-                        lambda payload, path: (saved.append(payload.get("position")), real_save(payload, path)))
+                        lambda payload, path, advice: (saved.append(payload.get("position")),
+                                                       real_save(payload, path, advice)))
     # 0.0001 minutes = 6 ms, shorter than any step: a save after every step but the epoch's last.
     train(tiny_config(demo_root, ram_tmp / "run", epochs=1, checkpoint_every="0.0001m", **SMALL))
     assert [p["step"] for p in saved if p] == list(range(1, STEPS))
