@@ -361,3 +361,21 @@ def test_a_photo_stored_flipped_or_turned_whose_mask_fits_either_way_is_a_warnin
     assert found["train/images/good_0.jpg"] == ("train/images/good_0.jpg: EXIF orientation 3 (turned 180°); its "
                                                 "mask is read against the picture as shown")
     assert doctor.KINDS["exif_orientation"][0] == "warning"
+
+
+def test_a_mask_with_transparent_pixels_is_a_warning(tmp_path):
+    # Alpha is dropped when a mask is read: a pixel left transparent was read as whatever colour hides under it
+    # (often black, a class), without a word.
+    root = clean_dataset(tmp_path / "data")
+    rgb = np.array(CLASSES["palette"], dtype=np.uint8)[np.asarray(cat_and_dog())]
+    alpha = np.full((SIZE, SIZE), 255, np.uint8)
+    alpha[:, :5] = 0  # 5 columns left transparent, 2 more half
+    alpha[:, 5:7] = 128
+    save(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), root / "train" / "masks" / "good_0.png")
+    save(Image.fromarray(np.dstack([rgb, np.full((SIZE, SIZE), 255, np.uint8)]), "RGBA"),
+         root / "train" / "masks" / "good_1.png")  # opaque: nothing to say
+    report = doctor.check_data(root, workers=1)
+    assert [(f.kind, f.path, f.message) for f in report.findings] == [
+        ("mask_alpha", "train/masks/good_0.png", f"train/masks/good_0.png: {7 * SIZE} transparent or translucent "
+                                                 "pixel(s), read by their colour")]
+    assert doctor.KINDS["mask_alpha"][0] == "warning"

@@ -31,7 +31,7 @@ from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, 
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
-REPORT_FORMAT = 5  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 6  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -60,6 +60,9 @@ KINDS: dict[str, tuple[str, str]] = {
                                 "those folders are)"),
     "jpeg_mask": ("warning", "masks stored as JPEG: lossy compression turns class edges into noise values, which "
                              "read as other classes — store masks as PNG"),
+    "mask_alpha": ("warning", "masks with transparent pixels: a mask is read by its colour (or grey) alone, so a pixel "
+                              "left transparent is the class its hidden colour names, not unlabelled — paint unlabelled "
+                              "pixels in the ignore colour"),
     "lossy_mask": ("warning", "RGB masks with many colours near (not equal to) palette colours: they went through "
                               "lossy compression, and the edges became noise"),
     "binary_255": ("warning", "binary masks with only 0 and 255 where 255 is the ignore label: the object would be "
@@ -373,6 +376,7 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
             jpeg, mode, mask_size = mask.format == "JPEG", mask.mode, mask.size
             if mode not in INDEX_MASK_MODES + RGB_MASK_MODES + INT_MASK_MODES:
                 raise DataError(f"{result.mask}: unsupported mask mode {mode!r} (need an index, palette or RGB PNG)")
+            see_through = int((np.asarray(mask.getchannel("A")) < 255).sum()) if mode in ("RGBA", "LA") else 0
             if mode in RGB_MASK_MODES:
                 pixels = np.asarray(mask.convert("RGB"))
             else:  # as training reads it (a colour mask re-saved with its own palette is read by colour)
@@ -382,6 +386,9 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
         return result
     if jpeg:
         result.findings.append(finding("jpeg_mask", result.mask, f"{result.mask}: stored as JPEG (mode {mode})"))
+    if see_through:
+        result.findings.append(finding("mask_alpha", result.mask, f"{result.mask}: {see_through:,} transparent or "
+                                       "translucent pixel(s), read by their colour"))
     if mode in RGB_MASK_MODES:
         classes, colour_findings = rgb_mask_findings(pixels, info, result.mask, jpeg)
         result.findings += colour_findings
