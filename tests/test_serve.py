@@ -772,6 +772,17 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
         assert cancelled == [True, True]
         page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
         assert page.text_content("#status") == "beside.png: done"
+        # A folder dropped (the browser hands it over as an entry whose file it cannot read): said so, nothing sent.
+        page.evaluate("""() => {
+          const real = DataTransferItem.prototype.webkitGetAsEntry;
+          DataTransferItem.prototype.webkitGetAsEntry = () => ({isDirectory: true, name: "holiday photos"});
+          const data = new DataTransfer();
+          data.items.add(new File([], "holiday photos"));
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+          DataTransferItem.prototype.webkitGetAsEntry = real;
+        }""")
+        assert page.text_content("#status") == "holiday photos: a folder; drop image files (one is segmented at a time)"
+        assert page.evaluate("document.body.dataset.answered") == "1"  # no request was made
         # A 200 whose body is no PNG: one error line, the result hidden, and the next image works.
         page.route("**/predict", lambda route: route.fulfill(status=200, body=b"garbage", content_type="image/png"))
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "cut.png"})

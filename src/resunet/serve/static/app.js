@@ -232,6 +232,13 @@ document.addEventListener("dragover", (event) => event.preventDefault());
 document.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("dragging");
+  // A folder arrives as a File the browser cannot read: its upload failed as "the server did not answer".
+  const entry = event.dataTransfer.items?.[0]?.webkitGetAsEntry?.();
+  if (entry && entry.isDirectory) {
+    clearResult();
+    setStatus(`${entry.name}: a folder; drop image files (one is segmented at a time)`, true);
+    return;
+  }
   segment(event.dataTransfer.files[0], event.dataTransfer.files.length);
 });
 document.addEventListener("paste", (event) => {
