@@ -166,6 +166,11 @@ def test_cache_bytes_is_the_built_size_for_portrait_and_landscape_photos(tmp_pat
     cache = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")
     assert cache.images.shape == (3, 3, 80, 80) and cache.images.nbytes + cache.masks.nbytes == needed
     monkeypatch.setattr(train, "CACHE_LIMIT_BYTES", needed - 1)  # above the old estimate of 53,760 bytes
-    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32), dataset) == "simple"
+    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32, cache_dir=None), dataset) == "simple"
     monkeypatch.setattr(train, "CACHE_LIMIT_BYTES", needed + 1)
-    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32), dataset) == "cached"
+    assert train.choose_data_path(SimpleNamespace(data_path="auto", size=32, cache_dir=None), dataset) == "cached"
+    # The headers are read once per dataset state (a PNG's EXIF lookup decodes it), and not at all once it is built.
+    import resunet.data.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "image_size", lambda *args: pytest.fail("headers read again"))
+    assert cache_bytes(dataset, 32) == needed and cache_bytes(dataset, 32, tmp_path / "cache") == needed

@@ -153,7 +153,8 @@ def check_cache_first(cfg: TrainConfig) -> None:
 def choose_data_path(cfg: TrainConfig, dataset: PairedDataset) -> str:
     """"cached" or "simple" (--data-path auto: cached while the decoded images fit the cache limit)."""
     if cfg.data_path == "auto":
-        return "cached" if cache_bytes(dataset, cfg.size) < CACHE_LIMIT_BYTES else "simple"
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        return "cached" if cache_bytes(dataset, cfg.size, cache_dir) < CACHE_LIMIT_BYTES else "simple"
     return cfg.data_path
 
 

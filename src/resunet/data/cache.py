@@ -52,23 +52,41 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     return digest.hexdigest()[:20]
 
 
+# cache_canvas's answers by (cache_key, max_pixels): train asks up to three times at start-up (the early cache check,
+# the data path's choice, the build), and a file changed in between changes the key.
+_CANVASES: dict[tuple[str, int | None], tuple[list[tuple[int, int]], tuple[int, int]]] = {}
+
+
 def cache_canvas(dataset: PairedDataset, short_side: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """Each image's (height, width) in the cache, its shorter side at most `short_side`, and the canvas every one
-    of them fits, padded: from the files' headers, no pixel decoded."""
-    sizes = []
-    for path in dataset.image_paths:
-        w, h = image_size(path, dataset.max_pixels)
-        scale = min(1.0, short_side / min(h, w))
-        sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
-    return sizes, (max(h for h, _ in sizes), max(w for _, w in sizes))
+    of them fits, padded. From the files' headers, but a PNG's EXIF orientation may lie past its pixels, and Pillow
+    decodes the image to look (about 4 ms for a 480×360 CamVid photo): so once per dataset state in a process."""
+    key = (cache_key(dataset, short_side), dataset.max_pixels)
+    if key not in _CANVASES:
+        sizes = []
+        for path in dataset.image_paths:
+            w, h = image_size(path, dataset.max_pixels)
+            scale = min(1.0, short_side / min(h, w))
+            sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+        _CANVASES[key] = sizes, (max(h for h, _ in sizes), max(w for _, w in sizes))
+    return _CANVASES[key]
 
 
-def cache_bytes(dataset: PairedDataset, size: int) -> int:
-    """The cache's size on disk (images 3 bytes a pixel, masks 1, every image on the full canvas). It was estimated
-    from the first image alone, so a mix of portrait and landscape photos (canvas: the longer side squared) came
-    to about twice the estimate, and --data-path auto could build a cache far above its limit."""
-    sizes, (canvas_h, canvas_w) = cache_canvas(dataset, cache_short_side(size))
-    return 4 * len(sizes) * canvas_h * canvas_w
+def canvas_bytes(count: int, canvas: tuple[int, int]) -> int:
+    """`count` images on the canvas: 3 bytes a pixel, and 1 for the mask."""
+    return 4 * count * canvas[0] * canvas[1]
+
+
+def cache_bytes(dataset: PairedDataset, size: int, cache_dir: Path | None = None) -> int:
+    """The cache's size on disk: a built one's arrays, else `cache_canvas`'s. It was estimated from the first image
+    alone, so a mix of portrait and landscape photos (canvas: the longer side squared) came to about twice the
+    estimate, and --data-path auto could build a cache far above its limit."""
+    folder = cache_folder(dataset, size, cache_dir)
+    if (folder / "done").is_file():
+        built = DecodedCache(folder)
+        return built.images.size + built.masks.size
+    sizes, canvas = cache_canvas(dataset, cache_short_side(size))
+    return canvas_bytes(len(sizes), canvas)
 
 
 class DecodedCache:
@@ -154,7 +172,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     if (folder / "done").is_file():
         return DecodedCache(folder)
     sizes, canvas = cache_canvas(dataset, short_side)  # headers only
-    needed = 4 * len(sizes) * canvas[0] * canvas[1]  # images (3 bytes a pixel) and masks (1): cache_bytes
+    needed = canvas_bytes(len(sizes), canvas)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
