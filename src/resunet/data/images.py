@@ -130,11 +130,14 @@ def grey_to_rgb8(grey: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarra
     return np.repeat(grey8[..., None], 3, axis=2)
 
 
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90°: read, its sides swap
+
+
 def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
     with opened(path, str(path), max_pixels) as image:
         width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # as sides_swapped
+        if image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS:
             return height, width
         return width, height
 
@@ -150,11 +153,11 @@ TURNED_MASK_HINT = " (the image is EXIF-rotated; the mask matches it unrotated?)
 
 
 def sides_swapped(path: str | Path) -> bool:
-    """Whether the image is stored turned by 90° (EXIF orientations 5-8): read, its width and height swap."""
+    """Whether the image is stored turned by 90° (False for a file that cannot be read: asked after an error)."""
     try:
-        with Image.open(path) as image:
-            return image.getexif().get(0x0112) in (5, 6, 7, 8)
-    except (OSError, SyntaxError, ValueError, struct.error, TypeError, IndexError):
+        with opened(path, str(path), None) as image:
+            return image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS
+    except DataError:
         return False
 
 
