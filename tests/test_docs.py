@@ -1,0 +1,85 @@
+"""The README is run, not just read: its Python blocks execute against a real checkpoint and ONNX file, and every flag
+its command lines (and the Makefile's) give a subcommand is one that subcommand accepts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resunet.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "Makefile", "RESULTS.md", "benchmarks/RESULTS.md"]
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def commands_with_flags(text: str) -> list[tuple[str, list[str]]]:
+    """(subcommand, its --flags) for each `resunet SUB ...` or `$(RESUNET) SUB ...` command line, continuation lines
+    joined. An error message quoted after the command ('resunet evaluate: error: ...') is not a command line."""
+    text = text.replace("\\\n", " ")
+    found = []
+    for sub, rest in re.findall(r"(?:\bresunet|\$\(RESUNET\)) ([a-z][a-z-]*)((?:[^\n`#]|#\S)*)", text):
+        if rest.startswith(":"):
+            continue
+        found.append((sub, re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)))
+    return found
+
+
+def test_command_finder_reads_continuations_and_skips_error_messages():
+    text = ("```\nresunet train --data-root D \\\n    --epochs 5  # --not-a-flag\n```\n"
+            "`resunet evaluate: error: ... --ignore-index`\n$(RESUNET) predict CKPT IMG --out O")
+    assert commands_with_flags(text) == [("train", ["--data-root", "--epochs"]), ("predict", ["--out"])]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_documented_flag_exists(doc):
+    subcommands = next(a for a in build_parser()._actions if a.choices and "train" in a.choices).choices
+    unknown, checked = [], 0
+    for sub, flags in commands_with_flags((ROOT / doc).read_text()):
+        if sub not in subcommands:
+            continue  # prose such as "resunet refuses an image": not a command
+        accepted = subcommands[sub]._option_string_actions
+        unknown += [f"resunet {sub} {flag}" for flag in flags if flag not in accepted]
+        checked += len(flags)
+    assert checked > 0
+    assert not unknown, f"{doc} names flags its subcommand does not take: {unknown}"
+
+
+def test_readme_python_runs(exported, demo_root, tmp_path, monkeypatch):
+    """Each Python block of the README, executed as written in a folder holding the files it names: the demo run's
+    checkpoint and ONNX file, and a photo. What the comments promise is then checked."""
+    blocks = python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "best.pt").symlink_to(exported["ckpt"])
+    (tmp_path / "runs" / "demo" / "model.onnx").symlink_to(exported["dir"] / "model.onnx")
+    (tmp_path / "model.onnx").symlink_to(exported["dir"] / "model.onnx")
+    photo = next((demo_root / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    Image.open(photo).resize((90, 70)).save(tmp_path / "photo.jpg")  # not the working size: the output must follow
+    monkeypatch.chdir(tmp_path)
+
+    api, plain = {}, {}
+    exec(compile(blocks[0], "README.md", "exec"), api)
+    exec(compile(blocks[1], "README.md", "exec"), plain)
+
+    mask = api["mask"]
+    assert mask.dtype == np.uint8 and mask.shape == (70, 90)  # "H×W uint8 class map at the photo's size"
+    saved = Image.open("mask.png")
+    assert saved.mode == "P" and saved.size == (90, 70)
+    assert np.array_equal(np.array(saved), mask)
+    assert Image.open("overlay.jpg").size == (90, 70)
+    # resunet.load on the ONNX file (fp32) gives the map of the checkpoint's Predictor (device auto: bf16 on a CPU
+    # that has it, so a few boundary pixels may differ)
+    assert (api["predictor"].predict("photo.jpg") == mask).mean() > 0.99
+    # plain onnxruntime: mask and logits at the input's size, the mask their argmax
+    onnx_mask, logits = plain["mask"], plain["logits"]
+    assert onnx_mask.shape == (1, 70, 90) and logits.shape[:1] + logits.shape[2:] == (1, 70, 90)
+    assert np.array_equal(onnx_mask[0], logits[0].argmax(0))
+    assert (onnx_mask[0] == mask).mean() > 0.99
