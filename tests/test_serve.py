@@ -974,3 +974,54 @@ def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_wa
     assert metrics.in_flight._value.get() == 0
     with pytest.raises(ValueError, match="tta 'ms': the service runs none or flip"):
         ServeSettings(tta="ms")
+
+
+def test_the_page_shows_an_image_larger_than_a_canvas_scaled_down_in_a_real_browser(live_server, tmp_path):
+    """A phone's browser refuses a canvas over 16.7 million pixels, so a 48 MP photo's answer was one error line. The
+    page now shows such an answer scaled down (nearest neighbour: class colours stay exact) and reads classes at the
+    original's coordinates. The limit is lowered here so that a small image takes that path."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = live_server
+    photo = encoded(scene(200, 300, 7))  # 300 wide, 200 high: 60,000 pixels, 4× the limit below
+    answer = httpx.post(url + "/predict", files={"file": ("big.png", photo)}, timeout=60)
+    mask = np.array(Image.open(io.BytesIO(answer.content)))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.add_init_script("window.RESUNET_CANVAS_LIMITS = {pixels: 15000}")
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(photo), "name": "big.png"})
+        page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+        assert page.text_content("#status") == ("big.png: done (shown at 50% of its 300×200 px: larger than a browser "
+                                                "canvas; the download is full size)")
+        assert page.evaluate("[view.width, view.height]") == [150, 100]
+        assert page.text_content("#latency").endswith("300×200 px")
+        # Every shown pixel is a class colour: no blended edges from scaling.
+        page.check("input[name=mode][value=mask]")
+        colours = page.evaluate("""() => {
+          const d = view.getContext('2d').getImageData(0, 0, view.width, view.height).data;
+          const seen = new Set();
+          for (let i = 0; i < d.length; i += 4) seen.add(`${d[i]},${d[i + 1]},${d[i + 2]}`);
+          return [...seen];
+        }""")
+        classes = httpx.get(url + "/classes").json()["classes"]
+        assert set(colours) <= {",".join(map(str, c["color"])) for c in classes}
+        assert 1 < len(colours) <= len(np.unique(mask))
+        # The readout names the original pixel and its class in the full-size answer.
+        page.evaluate("document.querySelector('#view').scrollIntoView()")
+        box = page.locator("#view").bounding_box()
+        uniform = [(x, y) for y in range(4, 196, 8) for x in range(4, 296, 8)
+                   if (mask[y - 4:y + 5, x - 4:x + 5] == mask[y, x]).all()]
+        for x, y in uniform[:: max(1, len(uniform) // 6)]:
+            page.mouse.move(box["x"] + (x + 0.5) * box["width"] / 300, box["y"] + (y + 0.5) * box["height"] / 200)
+            shown_xy, shown_name = page.text_content("#hover").split(": ")
+            read_x, read_y = map(int, shown_xy.strip("()").split(", "))
+            assert abs(read_x - x) <= 1 and abs(read_y - y) <= 1
+            assert shown_name == classes[mask[y, x]]["name"]
+        # The download link is the full-size answer.
+        download = page.evaluate("fetch(document.querySelector('#download').href).then(r => r.arrayBuffer())"
+                                 ".then(b => [...new Uint8Array(b)])")
+        assert np.array_equal(np.array(Image.open(io.BytesIO(bytes(download)))), mask)
+        browser.close()

@@ -5,11 +5,32 @@
 const $ = (id) => document.getElementById(id);
 const view = $("view");
 const maskCanvas = document.createElement("canvas");
-const state = { classes: [], byColour: new Map(), image: null, mask: null, maskUrl: null, latest: 0, upload: null };
+const state = {
+  classes: [], byColour: new Map(), image: null, mask: null, full: null, maskUrl: null, latest: 0, upload: null,
+};
 const HOVER_HINT = "point at the image to see the class under the pointer";
 const MIN_SHOWN_PX = 256;  // a tiny image is drawn enlarged (pixelated) so it can be seen and pointed at
 
 const colourKey = (r, g, b) => (r << 16) | (g << 8) | b;
+
+// A canvas past these is refused or left blank by some browsers (Safari on a phone: 16.7 million pixels, i.e. a 48 MP
+// photo fails; Chromium: 32767 px a side), and reading a 48 MP mask back costs 192 MB: a larger answer is shown
+// scaled down to fit, its classes still read at the original's coordinates. (A test lowers them before the page loads.)
+const CANVAS_LIMITS = { pixels: 16_777_216, side: 16_384, ...(window.RESUNET_CANVAS_LIMITS || {}) };
+
+function shownSize(width, height) {
+  const scale = Math.min(1, Math.sqrt(CANVAS_LIMITS.pixels / (width * height)), CANVAS_LIMITS.side / width,
+    CANVAS_LIMITS.side / height);
+  return { width: Math.max(1, Math.floor(width * scale)), height: Math.max(1, Math.floor(height * scale)), scale };
+}
+
+async function pngSize(blob) {
+  // The answer's size from its IHDR chunk (8-byte signature, chunk length, "IHDR", width, height), read before
+  // decoding so that a mask too large for a canvas is decoded at the size it is shown at.
+  const header = new DataView(await blob.slice(0, 24).arrayBuffer());
+  if (header.byteLength < 24 || header.getUint32(12) !== 0x49484452) throw new Error("the answer is not a PNG");
+  return { width: header.getUint32(16), height: header.getUint32(20) };
+}
 
 // URLs are relative to the page: it works mounted under a path of another app (or behind a proxy's prefix).
 async function loadModel() {
@@ -88,7 +109,11 @@ async function segment(file, count = 1) {
   try {
     const blob = await response.blob();
     const roundTrip = performance.now() - started;
-    mask = await createImageBitmap(blob);
+    const full = await pngSize(blob);
+    const shown = shownSize(full.width, full.height);
+    // Nearest-neighbour scaling keeps every pixel a class colour (the readout and legend read classes by colour).
+    mask = await createImageBitmap(blob, shown.scale < 1 ?
+      { resizeWidth: shown.width, resizeHeight: shown.height, resizeQuality: "pixelated" } : {});
     try {
       image = await createImageBitmap(file);  // EXIF orientation applied, as on the server
     } catch (error) {
@@ -99,18 +124,24 @@ async function segment(file, count = 1) {
     counted = true;
     if (isStale()) return;
     let note = image ? "" : " (this browser cannot display the image itself: the mask alone is shown)";
-    if (image && (image.width !== mask.width || image.height !== mask.height)) {
+    if (image && (image.width !== full.width || image.height !== full.height)) {
       // The browser read the file otherwise than the server (an orientation it ignores): no stretched overlay.
       note = ` (this browser shows the image at ${image.width}×${image.height}, the mask is ` +
-        `${mask.width}×${mask.height}: the mask alone is shown)`;
+        `${full.width}×${full.height}: the mask alone is shown)`;
       image.close();
       image = null;
     }
-    maskCanvas.width = mask.width;
-    maskCanvas.height = mask.height;
+    if (shown.scale < 1) {
+      note += ` (shown at ${(100 * shown.width / full.width).toFixed(0)}% of its ${full.width}×${full.height} px: ` +
+        "larger than a browser canvas; the download is full size)";
+    }
+    maskCanvas.width = shown.width;
+    maskCanvas.height = shown.height;
     const maskContext = maskCanvas.getContext("2d", { willReadFrequently: true });
-    maskContext.drawImage(mask, 0, 0);
-    state.mask = maskContext.getImageData(0, 0, mask.width, mask.height);
+    maskContext.imageSmoothingEnabled = false;  // a browser that ignored the resize options: still no blended colours
+    maskContext.drawImage(mask, 0, 0, shown.width, shown.height);
+    state.mask = maskContext.getImageData(0, 0, shown.width, shown.height);
+    state.full = full;
     if (state.image) state.image.close();
     state.image = image;
     image = null;
@@ -121,11 +152,11 @@ async function segment(file, count = 1) {
     download.download = `${(file.name || "pasted").replace(/\.[^.]*$/, "")}_mask.png`;
     download.removeAttribute("aria-disabled");
     $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
-      `${mask.width}×${mask.height} px`;
+      `${full.width}×${full.height} px`;
     $("hover").textContent = HOVER_HINT;
     $("result").hidden = false;
     drawLegend();
-    sizeView(mask.width, mask.height);
+    sizeView(shown.width, shown.height);
     render();
     setStatus(`${file.name || "pasted image"}: done${others}${note}`);
     document.body.dataset.segmented = String((Number(document.body.dataset.segmented) || 0) + 1);
@@ -199,11 +230,14 @@ function render() {
 
 function showClassAt(event) {
   if (!state.mask) return;
+  // Coordinates in the image as sent (the view may be scaled down from it, and is scaled on screen).
   const box = view.getBoundingClientRect();
-  const x = Math.floor((event.clientX - box.left) * view.width / box.width);
-  const y = Math.floor((event.clientY - box.top) * view.height / box.height);
-  if (x < 0 || y < 0 || x >= view.width || y >= view.height) return;
-  const i = 4 * (y * state.mask.width + x);
+  const x = Math.floor((event.clientX - box.left) * state.full.width / box.width);
+  const y = Math.floor((event.clientY - box.top) * state.full.height / box.height);
+  if (x < 0 || y < 0 || x >= state.full.width || y >= state.full.height) return;
+  const shownX = Math.floor(x * state.mask.width / state.full.width);
+  const shownY = Math.floor(y * state.mask.height / state.full.height);
+  const i = 4 * (shownY * state.mask.width + shownX);
   const d = state.mask.data;
   const entry = state.byColour.get(colourKey(d[i], d[i + 1], d[i + 2]));
   $("hover").textContent = `(${x}, ${y}): ${entry ? entry.name : "unknown"}`;
