@@ -376,7 +376,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     check_output_files(outputs, inputs=[source])
     calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
     payload = load_checkpoint(source)
-    reference = Predictor.from_checkpoint(source, device="cpu", precision="fp32", tta=tta)  # its description read
+    reference = Predictor.from_payload(payload, source, device="cpu", precision="fp32", tta=tta)  # description read
     if reference.info.num_classes > 256:
         raise ExportError(f"{source}: {reference.info.num_classes} classes do not fit a uint8 mask")
     network = prepare_network(model_from_checkpoint(payload, source))

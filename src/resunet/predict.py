@@ -165,7 +165,13 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
                         scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
                         stride: int | None = None) -> "Predictor":
-        payload = load_checkpoint(path)
+        return cls.from_payload(load_checkpoint(path), path, device, precision, tta, scales, window, stride)
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: str | Path, device: str = "auto", precision: str = "auto",
+                     tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                     stride: int | None = None) -> "Predictor":
+        """`from_checkpoint` for a checkpoint already read (`path` names it in errors): export reads it once."""
         model = model_from_checkpoint(payload, path)
         with reading_description(path):
             norm = payload["normalization"]
