@@ -127,25 +127,35 @@ def test_json_to_dev_stdout_through_a_pipe(tmp_path):
 
 
 def test_a_failed_save_removes_only_what_it_wrote(tmp_path):
-    # A file refused at opening (a read-only mask of an earlier run, for a user who is not root) was deleted.
+    # A file refused at opening (a read-only mask of an earlier run, for a user who is not root) was deleted. Now
+    # every file is written beside its name and renamed into place: a write cut short by a full disk or by Ctrl-C
+    # leaves the earlier file whole, or no file, and nothing beside it (predict --skip-existing trusts what it finds).
     from resunet.data.images import DataError
     from resunet.outputs import save_whole
 
     kept = tmp_path / "kept.png"
     kept.write_bytes(b"earlier result")
+    kept.chmod(0o640)
 
-    def refused():
+    def refused(where):
         raise PermissionError(13, "Permission denied")
 
-    with pytest.raises(DataError, match=r"kept.png: could not write it \(Permission denied\)$"):
-        save_whole(kept, refused)
-    assert kept.read_bytes() == b"earlier result"
-    for path in (kept, tmp_path / "new.png"):  # half written, then the disk is full: removed, old or new
+    def half_then_full(where):
+        where.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
 
-        def half(path=path):
-            path.write_bytes(b"half")
-            raise OSError(28, "No space left on device")
+    def half_then_ctrl_c(where):
+        where.write_bytes(b"half")
+        raise KeyboardInterrupt
 
-        with pytest.raises(DataError, match="No space left on device"):
-            save_whole(path, half)
-        assert not path.exists()
+    for path in (kept, tmp_path / "new.png"):
+        with pytest.raises(DataError, match=r"could not write it \(Permission denied\)$"):
+            save_whole(path, refused)
+        with pytest.raises(DataError, match=r"could not write it \(No space left on device\)$"):
+            save_whole(path, half_then_full)
+        with pytest.raises(KeyboardInterrupt):
+            save_whole(path, half_then_ctrl_c)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.png"]
+        assert kept.read_bytes() == b"earlier result"
+    save_whole(kept, lambda where: where.write_bytes(b"new result"))
+    assert kept.read_bytes() == b"new result" and kept.stat().st_mode & 0o777 == 0o640

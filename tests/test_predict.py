@@ -73,6 +73,77 @@ def test_cli_predict_reports_a_bad_file_and_finishes_the_rest(trained_run, tmp_p
     assert (tmp_path / "out" / "good.png").is_file()
 
 
+def test_cli_predict_skip_existing_predicts_only_inputs_with_a_missing_output(trained_run, tmp_path, capsys):
+    from resunet.cli import main
+
+    for name, value in (("a", 30), ("b", 120), ("c", 220)):
+        Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    command = ["predict", str(trained_run / "best.pt"), *(str(tmp_path / f"{n}.png") for n in "abc"), "--out", str(out)]
+    assert main(command) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "b.png").unlink()
+    (out / "c.png").write_bytes(b"an earlier run's file")  # kept as it is: whatever is there counts as done
+    stamps = {n: (out / f"{n}.png").stat().st_mtime_ns for n in "ac"}
+    capsys.readouterr()
+    assert main([*command, "--skip-existing"]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote 1 prediction(s) to {out}; 2 skipped, their files already "
+                                               "there (--skip-existing)")
+    assert (out / "b.png").read_bytes() == first["b.png"]
+    assert {n: (out / f"{n}.png").stat().st_mtime_ns for n in "ac"} == stamps
+    # Asked for an overlay too: an input is done only when all its files are there.
+    assert main([*command, "--skip-existing", "--overlay"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.png", "b.png", "c.png", "a_overlay.jpg",
+                                                             "b_overlay.jpg", "c_overlay.jpg"])
+    assert (out / "c.png").read_bytes() == first["c.png"]
+
+
+def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, tmp_path):
+    """A real process, interrupted as a terminal's Ctrl-C does, part-way through a folder: it says how far it got,
+    every file it left is whole (none half-written, no temporary files), and --skip-existing finishes the folder with
+    the same results as one uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(inputs / f"{i:03d}.png")
+    command = [sys.executable, "-m", "resunet", "predict", str(trained_run / "best.pt"), str(inputs), "--device", "cpu"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.png"))) < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (stdout, stderr)
+    done = sorted(p.name for p in out.iterdir())
+    assert 20 <= len(done) < 300 and all(name.endswith(".png") and not name.startswith(".") for name in done)
+    last = stderr.strip().splitlines()[-1]
+    counted = int(last.split("interrupted after ")[1].split(" ")[0])
+    assert counted in (len(done), len(done) - 1)  # Ctrl-C may land between a file's rename and its count
+    assert last == (f"resunet predict: interrupted after {counted} of 300 input(s), each of their files whole in {out}; "
+                    "the same command with --skip-existing goes on from there")
+    for name in done:
+        Image.open(out / name).load()  # whole: a cut PNG fails to decode
+    resumed = subprocess.run([*command, "--out", str(out), "--skip-existing"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().endswith(f"wrote {300 - len(done)} prediction(s) to {out}; {len(done)} skipped, "
+                                           "their files already there (--skip-existing)")
+    whole = tmp_path / "whole"
+    assert subprocess.run([*command, "--out", str(whole)], capture_output=True, timeout=300).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for path in whole.iterdir():
+        assert np.array_equal(np.array(Image.open(path)), np.array(Image.open(out / path.name))), path.name
+
+
 def test_predict_on_real_voc_photos_runs(predictor):
     samples = shared_dir("voc-samples")
     for stem in ("1", "23", "114"):

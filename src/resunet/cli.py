@@ -313,6 +313,7 @@ def _readable(path: Path, max_pixels: int | None):
 def cmd_predict(args) -> int:
     import numpy as np
     from PIL import Image
+    from tqdm import tqdm
 
     from .data.images import DataError, read_image
     from .outputs import save_whole
@@ -340,50 +341,66 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise SystemExit(f"resunet predict: error: --out {out}: cannot make the folder ({error.strerror or error})")
-    failed = written = 0
+    failed = written = skipped = 0
     inputs = {path.resolve() for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
-    for path in paths:
-        outputs = {"mask": out / f"{path.stem}.png", "overlay": out / f"{path.stem}_overlay.jpg",
-                   "confidence": out / f"{path.stem}_confidence.png"}
-        if not args.overlay:
-            del outputs["overlay"]
-        if not args.confidence:
-            del outputs["confidence"]
-        clash = next((o for o in outputs.values() if o.resolve() in inputs or o.resolve() in claimed), None)
-        if clash is not None:  # never write over an input image or another input's result
-            owner = f"{claimed[clash.resolve()]}'s result" if clash.resolve() in claimed else "an input image"
-            print(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give another "
-                  "--out or rename the file", file=sys.stderr)
-            failed += 1
-            continue
-        claimed.update({o.resolve(): path for o in outputs.values()})
-        try:
-            image = read_image(path, args.max_pixels)
-            # The predictors bound the image's size at the working size themselves (predict.check_working_size).
-            if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
-                mask, confidence = predictor.predict_with_confidence(image)
-            else:
-                mask, confidence = predictor.predict(image), None
-        except DataError as error:  # one bad file must not stop the others
-            message = str(error)
-            print(f"resunet predict: {message if message.startswith(str(path)) else f'{path}: {message}'}",
-                  file=sys.stderr)
-            failed += 1
-            continue
-        pictures = {"mask": predictor.colorize(mask)}
-        if confidence is not None:
-            pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
-        if args.overlay:
-            pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
-        for kind, picture in pictures.items():
-            options = {"quality": 90} if kind == "overlay" else {}
+    # A bar only on a terminal (in a log file it would be `\r` fragments); a file's error is written above it.
+    bar = tqdm(paths, desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty())
+    try:
+        for path in bar:
+            outputs = {"mask": out / f"{path.stem}.png", "overlay": out / f"{path.stem}_overlay.jpg",
+                       "confidence": out / f"{path.stem}_confidence.png"}
+            if not args.overlay:
+                del outputs["overlay"]
+            if not args.confidence:
+                del outputs["confidence"]
+            clash = next((o for o in outputs.values() if o.resolve() in inputs or o.resolve() in claimed), None)
+            if clash is not None:  # never write over an input image or another input's result
+                owner = f"{claimed[clash.resolve()]}'s result" if clash.resolve() in claimed else "an input image"
+                tqdm.write(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give "
+                           "another --out or rename the file", file=sys.stderr)
+                failed += 1
+                continue
+            claimed.update({o.resolve(): path for o in outputs.values()})
+            # Each file is renamed into place once written (save_whole): one that exists is a finished result.
+            if args.skip_existing and all(o.is_file() for o in outputs.values()):
+                skipped += 1
+                continue
             try:
-                save_whole(outputs[kind], lambda: picture.save(outputs[kind], **options))
-            except DataError as error:  # a full disk: every later file would fail the same way
-                raise DataError(f"{error}; {written} input(s) predicted before it") from None
-        written += 1
-    print(f"wrote {len(paths) - failed} prediction(s) to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+                image = read_image(path, args.max_pixels)
+                # The predictors bound the image's size at the working size themselves (predict.check_working_size).
+                if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
+                    mask, confidence = predictor.predict_with_confidence(image)
+                else:
+                    mask, confidence = predictor.predict(image), None
+            except DataError as error:  # one bad file must not stop the others
+                message = str(error)
+                tqdm.write(f"resunet predict: {message if message.startswith(str(path)) else f'{path}: {message}'}",
+                           file=sys.stderr)
+                failed += 1
+                continue
+            pictures = {"mask": predictor.colorize(mask)}
+            if confidence is not None:
+                pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
+            if args.overlay:
+                pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
+            for kind, picture in pictures.items():
+                options = {"format": "JPEG", "quality": 90} if kind == "overlay" else {"format": "PNG"}
+                try:
+                    save_whole(outputs[kind], lambda where: picture.save(where, **options))
+                except DataError as error:  # a full disk: every later file would fail the same way
+                    raise DataError(f"{error}; {written} input(s) predicted before it") from None
+            written += 1
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"resunet predict: interrupted after {written + skipped} of {len(paths)} input(s), each of their files "
+              f"whole in {out}; the same command with --skip-existing goes on from there", file=sys.stderr)
+        return 130
+    bar.close()
+    done = f"wrote {written} prediction(s) to {out}"
+    if skipped:
+        done += f"; {skipped} skipped, their files already there (--skip-existing)"
+    print(done + (f"; {failed} input(s) failed" if failed else ""))
     return 1 if failed else 0
 
 
@@ -528,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=_share, default=0.5, help="overlay opacity, 0..1")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave out inputs whose every output file is already in --out (each is written whole): a "
+                        "run stopped part-way goes on where it stopped")
     p.add_argument("--confidence", action="store_true",
                    help="also write NAME_confidence.png: each pixel's probability of its class (255 = 1), calibrated "
                         "when the checkpoint holds a temperature (resunet calibrate)")

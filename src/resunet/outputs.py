@@ -3,6 +3,7 @@ write its answer, nor write it over its own inputs. Every failure is a DataError
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -67,24 +68,29 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
         raise DataError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
 
 
-def replace_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all: into a file beside it, then renamed over it (keeping its
-    permissions), so a kill or a full disk leaves the old file, never half of it. Through a link, the file it points
-    to; a device or pipe (/dev/stdout) is written directly. A failure raises the OSError, the partial file removed."""
+def replace_file(path: str | Path, save: Callable[[Path], None]) -> None:
+    """`save(where)` writes the file's content at `where`, a file beside `path` that is then renamed over it (keeping
+    its permissions): a write cut short (a kill, Ctrl-C, a full disk) leaves the old file or none, never half of one.
+    Through a link, the file it points to; a device or pipe (/dev/stdout) is written directly. A failure raises, the
+    partial file removed."""
     if Path(path).exists() and not Path(path).is_file():
         # Not through its resolved path: /dev/stdout's is /proc/PID/fd/pipe:[N] when it is a pipe, which is no file.
-        Path(path).write_text(text)
+        save(Path(path))
         return
     target = resolved(path)
     partial = temporary_path(target)
     try:
-        partial.write_text(text)
+        save(partial)
         if target.exists():
             shutil.copymode(target, partial)
         os.replace(partial, target)
-    except OSError:
+    except BaseException:
         remove_quietly(partial)
         raise
+
+
+def replace_text(path: str | Path, text: str) -> None:
+    replace_file(path, lambda where: where.write_text(text))
 
 
 def write_output(path: str | Path, text: str) -> None:
@@ -95,30 +101,20 @@ def write_output(path: str | Path, text: str) -> None:
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
 
 
-def save_whole(path: str | Path, save: Callable[[], None]) -> None:
-    """`save()` writes `path` (matplotlib's savefig, PIL's save); a failed write (a full disk) is one DataError line
-    naming the file, and the half-written file is removed. A file the write never touched (refused at opening: a
-    read-only mask from an earlier run) is kept."""
-    before = file_state(path)
+def save_whole(path: str | Path, save: Callable[[Path], None]) -> None:
+    """`replace_file` for pictures: `save(where)` is PIL's save or matplotlib's savefig, given the format (`where` has
+    no image suffix). So `predict --skip-existing` can trust every file it finds. An earlier file that is read-only
+    is refused, not replaced; a failure is one DataError line naming the file."""
     try:
-        save()
+        if resolved(path).is_file() and not os.access(resolved(path), os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        replace_file(path, save)
     except OSError as error:
-        if file_state(path) not in (None, before):
-            Path(path).unlink(missing_ok=True)
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
 
 
-def file_state(path: str | Path) -> tuple[int, int] | None:
-    """A regular file's (size, modification time), None for no file: whether a write has touched it."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return (stat.st_size, stat.st_mtime_ns) if Path(path).is_file() else None
-
-
 def save_figure(figure, path: str | Path, dpi: int) -> None:
-    save_whole(path, lambda: figure.savefig(path, dpi=dpi))
+    save_whole(path, lambda where: figure.savefig(where, dpi=dpi, format=Path(path).suffix[1:].lower()))
 
 
 def resolved(path: str | Path) -> Path:
