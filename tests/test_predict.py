@@ -101,7 +101,7 @@ def test_cli_predict_skip_existing_predicts_only_inputs_with_a_missing_output(tr
 def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, tmp_path):
     """A real process, interrupted as a terminal's Ctrl-C does, part-way through a folder: it says how far it got,
     every file it left is whole (none half-written, no temporary files), and --skip-existing finishes the folder with
-    the same results as one uninterrupted run."""
+    the maps an uninterrupted run gives."""
     import os
     import signal
     import subprocess
@@ -111,7 +111,7 @@ def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, t
     inputs = tmp_path / "in"
     inputs.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(300):
+    for i in range(200):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(inputs / f"{i:03d}.png")
     command = [sys.executable, "-m", "resunet", "predict", str(trained_run / "best.pt"), str(inputs), "--device", "cpu"]
     out = tmp_path / "out"
@@ -124,24 +124,23 @@ def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, t
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, (stdout, stderr)
     done = sorted(p.name for p in out.iterdir())
-    assert 20 <= len(done) < 300 and all(name.endswith(".png") and not name.startswith(".") for name in done)
+    assert 20 <= len(done) < 200 and all(name.endswith(".png") and not name.startswith(".") for name in done)
     last = stderr.strip().splitlines()[-1]
     counted = int(last.split("interrupted after ")[1].split(" ")[0])
     assert counted in (len(done), len(done) - 1)  # Ctrl-C may land between a file's rename and its count
-    assert last == (f"resunet predict: interrupted after {counted} of 300 input(s), each of their files whole in {out}; "
+    assert last == (f"resunet predict: interrupted after {counted} of 200 input(s), each of their files whole in {out}; "
                     "the same command with --skip-existing goes on from there")
     for name in done:
         Image.open(out / name).load()  # whole: a cut PNG fails to decode
     resumed = subprocess.run([*command, "--out", str(out), "--skip-existing"], capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.strip().endswith(f"wrote {300 - len(done)} prediction(s) to {out}; {len(done)} skipped, "
+    assert resumed.stdout.strip().endswith(f"wrote {200 - len(done)} prediction(s) to {out}; {len(done)} skipped, "
                                            "their files already there (--skip-existing)")
-    whole = tmp_path / "whole"
-    assert subprocess.run([*command, "--out", str(whole)], capture_output=True, timeout=300).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
-    for path in whole.iterdir():
-        assert np.array_equal(np.array(Image.open(path)), np.array(Image.open(out / path.name))), path.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.with_suffix(".png").name for p in inputs.iterdir())
+    predictor = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")  # as the command builds it
+    for path in sorted(inputs.iterdir()):
+        assert np.array_equal(np.array(Image.open(out / path.name)), predictor.predict(path)), path.name
 
 
 def test_predict_on_real_voc_photos_runs(predictor):
