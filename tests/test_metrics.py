@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,26 @@ def test_a_prediction_outside_the_classes_is_an_error_not_another_rows_count(out
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         ConfusionMatrix(3).update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("outside", [3, -1, 254])
+def test_a_true_label_outside_the_classes_is_an_error_not_dropped(outside):
+    # Dropped, the pixel left the count: scored with the wrong class count (3 for a 4-class set), a model's mIoU rose.
+    matrix = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=rf"true class\(es\) \[{outside}\] outside 0..2 \(and not the ignore index "
+                                         r"255\)"):
+        matrix.update(torch.tensor([0, 1, 2]), torch.tensor([0, outside, 1]))
+    assert matrix.matrix.sum() == 0
+
+
+def test_numpy_class_maps_count_as_tensors_and_floats_are_refused():
+    # Predictor.predict returns numpy arrays, and masks are read as numpy: both went in with an AttributeError.
+    target = np.array([[0, 0, 1], [2, 255, 1]], np.uint8)
+    target.flags.writeable = False  # as a cached mask is
+    pred = np.array([[0, 1, 1], [2, 0, 1]], np.uint8)
+    from_numpy, from_torch = ConfusionMatrix(3), ConfusionMatrix(3)
+    from_numpy.update(pred, target)
+    from_torch.update(torch.from_numpy(pred), torch.from_numpy(target.copy()))
+    assert from_numpy.matrix.tolist() == from_torch.matrix.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match=r"pred holds torch.float32: class indices must be integers"):
+        from_numpy.update(torch.rand(2, 3), torch.from_numpy(target.copy()))

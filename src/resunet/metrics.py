@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,19 +32,29 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """`pred`, `target`: integer tensors of the same shape (any shape), class indices."""
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """`pred`, `target`: integer tensors or arrays of the same shape (any shape), class indices; `target` may
+        also hold `ignore_index`. A label outside the classes is an error: dropped, it would raise the mIoU of a
+        model scored with the wrong class count."""
+        # A copy of an array (a read-only one, as a cached mask is, would make torch warn); a tensor as it is.
+        pred, target = (v if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in (pred, target))
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        for name, values in (("pred", pred), ("target", target)):
+            if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+                raise ValueError(f"{name} holds {values.dtype}: class indices must be integers (a class map, not "
+                                 "logits or probabilities: take their argmax over the class dimension)")
         n = self.num_classes
         target = target.reshape(-1).to(torch.int64)
         pred = pred.reshape(-1).to(torch.int64)
-        keep = (target != self.ignore_index) & (target >= 0) & (target < n)
-        pred = pred[keep]
-        if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < n:  # would be counted in another row
-            outside = torch.unique(pred[(pred < 0) | (pred >= n)])[:5].tolist()
-            raise ValueError(f"predicted class(es) {outside} outside 0..{n - 1}")
-        counts = torch.bincount(n * target[keep] + pred, minlength=n * n)
+        keep = target != self.ignore_index
+        for name, values in (("true", target[keep]), ("predicted", pred[keep])):
+            if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < n:  # another row's count
+                outside = torch.unique(values[(values < 0) | (values >= n)])[:5].tolist()
+                raise ValueError(f"{name} class(es) {outside} outside 0..{n - 1}"
+                                 + (f" (and not the ignore index {self.ignore_index})" if name == "true" else ""))
+        target, pred = target[keep], pred[keep]
+        counts = torch.bincount(n * target + pred, minlength=n * n)
         self.matrix += counts.reshape(n, n).to(self.matrix.device)
 
     def reset(self) -> None:
