@@ -1,5 +1,6 @@
-"""The README is run, not just read: its Python blocks execute against a real checkpoint and ONNX file, and every flag
-its command lines (and the Makefile's) give a subcommand is one that subcommand accepts."""
+"""The README is run, not just read: its Python blocks execute (against a real checkpoint and ONNX file; the training
+block with train recording its settings), and every flag its command lines (and the Makefile's) give a subcommand is
+one that subcommand accepts."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_readme_python_runs(exported, demo_root, tmp_path, monkeypatch):
     """Each Python block of the README, executed as written in a folder holding the files it names: the demo run's
     checkpoint and ONNX file, and a photo. What the comments promise is then checked."""
     blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 2
+    api_block = next(b for b in blocks if "Predictor.from_checkpoint" in b)
+    plain_block = next(b for b in blocks if "ort.InferenceSession" in b)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "best.pt").symlink_to(exported["ckpt"])
     (tmp_path / "runs" / "demo" / "model.onnx").symlink_to(exported["dir"] / "model.onnx")
@@ -66,8 +68,8 @@ def test_readme_python_runs(exported, demo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     api, plain = {}, {}
-    exec(compile(blocks[0], "README.md", "exec"), api)
-    exec(compile(blocks[1], "README.md", "exec"), plain)
+    exec(compile(api_block, "README.md", "exec"), api)
+    exec(compile(plain_block, "README.md", "exec"), plain)
 
     mask = api["mask"]
     assert mask.dtype == np.uint8 and mask.shape == (70, 90)  # "H×W uint8 class map at the photo's size"
@@ -83,3 +85,28 @@ def test_readme_python_runs(exported, demo_root, tmp_path, monkeypatch):
     assert onnx_mask.shape == (1, 70, 90) and logits.shape[:1] + logits.shape[2:] == (1, 70, 90)
     assert np.array_equal(onnx_mask[0], logits[0].argmax(0))
     assert (onnx_mask[0] == mask).mean() > 0.99
+
+
+def test_readme_training_block_runs(tmp_path, monkeypatch):
+    """The README's training block, executed as written with `train` recording each run's settings instead of
+    training (the suite trains for real elsewhere): the names it imports exist, its TrainConfig fields are real, and
+    resume continues the run in its folder with its recipe and the new epoch count."""
+    import resunet.train
+    from resunet.checkpoint import save_checkpoint
+
+    block = next(b for b in python_blocks((ROOT / "README.md").read_text()) if "TrainConfig(" in b)
+    runs = []
+
+    def recorded(cfg):
+        runs.append(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_checkpoint({"train_config": cfg.to_dict()}, Path(cfg.out) / "last.pt")
+        return {}
+
+    monkeypatch.setattr(resunet.train, "train", recorded)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    first, resumed = runs
+    assert (first.out, first.encoder, first.epochs, first.size) == ("runs/mine", "efficientnet-lite0", 20, 128)
+    assert Path(resumed.out) == (tmp_path / "runs" / "mine").resolve() and resumed.epochs == 40
+    assert resumed.resume == "runs/mine/last.pt" and resumed.encoder == "efficientnet-lite0" and resumed.size == 128

@@ -172,7 +172,8 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(demo_ro
     monkeypatch.setattr(train_module, "train_step",  # from the third step on, the loss is NaN
                         lambda *a, **k: real_step(*a, **k) * (float("nan") if next(calls) >= 3 else 1.0))
     with pytest.raises(TrainingError, match=r"NaN or infinite by step 3 of epoch 3.*not saved over"):
-        train(tiny_config(demo_root, run, epochs=3, checkpoint_every="4", resume=str(run / "last.pt"), **SMALL))
+        train(tiny_config(demo_root, run, epochs=3, checkpoint_every="4", resume=str(run / "last.pt"),
+                          data_path="cached", **SMALL))  # the run's own data path: a resumed run keeps its recipe
     assert (run / "last.pt").read_bytes() == good
 
 

@@ -30,6 +30,12 @@ def test_predict_accepts_pil_path_and_array_and_keeps_original_size(predictor, t
     assert np.array_equal(from_array, predictor.predict(path))
     batch = predictor.predict([array, array[:50]])
     assert [m.shape for m in batch] == [(75, 100), (50, 100)]
+    assert [m.shape for m in predictor.predict((array, array[:50]))] == [(75, 100), (50, 100)]
+    # Grey and RGBA arrays: the maps of the same pixels as a PIL image (they were refused, PIL's were not)
+    grey, rgba = array[..., 0], np.dstack([array, np.full((75, 100), 200, np.uint8)])
+    assert np.array_equal(predictor.predict(grey), predictor.predict(Image.fromarray(grey)))
+    assert np.array_equal(predictor.predict(rgba), predictor.predict(Image.fromarray(rgba)))
+    assert np.array_equal(predictor.predict(grey), predictor.predict(np.dstack([grey] * 3)))
 
 
 def test_predict_segments_demo_objects(predictor, demo_root):

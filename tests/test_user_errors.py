@@ -125,11 +125,54 @@ def test_resume_takes_every_flag_given_and_refuses_what_cannot_change(tmp_path, 
     assert main([*resume, "--calibrate"]) == 0  # done to best.pt after training: it was refused ("True ... False")
     assert seen[-1].calibrate
     calls = len(seen)
-    with pytest.raises(SystemExit, match=r"--loss dice: cannot change on --resume \(the run trains with ce\+dice\)"):
-        main([*resume, "--loss", "dice"])
-    with pytest.raises(SystemExit, match="--out: a resumed run stays in its folder"):
-        main([*resume, "--out", str(tmp_path / "other")])
+    capsys.readouterr()
+    assert main([*resume, "--loss", "dice"]) == 2
+    assert one_error_line(capsys, "train").endswith("--loss dice: cannot change on --resume (the run trains with "
+                                                    "ce+dice); start a new run with another --out")
+    assert main([*resume, "--out", str(tmp_path / "other")]) == 2
+    assert "--out: a resumed run stays in its folder" in one_error_line(capsys, "train")
     assert len(seen) == calls
+
+
+def test_paths_given_as_path_objects_leave_checkpoints_that_load(tmp_path):
+    # A Path in TrainConfig was stored as a pickled PosixPath, which torch.load(weights_only=True) refuses: every
+    # checkpoint of a run started from Python with out=Path(...) was unreadable.
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.config import TrainConfig
+
+    cfg = TrainConfig(data_root=tmp_path / "data", out=tmp_path / "run", resume=tmp_path / "run" / "last.pt")
+    assert (cfg.data_root, cfg.out, cfg.resume) == (str(tmp_path / "data"), str(tmp_path / "run"),
+                                                    str(tmp_path / "run" / "last.pt"))
+    save_checkpoint({"train_config": cfg.to_dict()}, tmp_path / "x.pt")
+    assert load_checkpoint(tmp_path / "x.pt")["train_config"]["out"] == str(tmp_path / "run")
+
+
+def test_resume_from_python_keeps_the_runs_folder_and_recipe(demo_root, ram_tmp, capsys):
+    """From Python a TrainConfig(resume=...) took its defaults for everything not given: the run went on in
+    ./runs/train under the default loss and lr, or died on a KeyError in the optimiser's state. resume() is the
+    CLI's --resume; a hand-built TrainConfig that differs from its run is refused in one line."""
+    from resunet.config import TrainConfig
+    from resunet.train import TrainingError, resume, train
+
+    run = ram_tmp / "run"
+    recipe = dict(encoder="resnet18", loss="dice", lr=2e-3, scheduler="cosine", eval_every=1)
+    train(tiny_config(demo_root, run, epochs=1, **recipe))
+    with pytest.raises(TrainingError, match=r"^out='runs/train': a resumed run stays in its folder \(.*run\); "
+                                            r"resunet.train.resume\('.*last.pt', epochs=...\) keeps"):
+        train(TrainConfig(resume=str(run / "last.pt"), data_root=str(demo_root), epochs=2))
+    with pytest.raises(TrainingError, match=r"^loss='ce': the run trains with 'dice', and it cannot change on "
+                                            "resume"):
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **{**recipe, "loss": "ce"}))
+    with pytest.raises(TrainingError, match=r"^--loss ce: cannot change on --resume \(the run trains with dice\)"):
+        resume(run / "last.pt", epochs=2, loss="ce")
+    with pytest.raises(TrainingError, match=r"^data_root \(--data-root\): required"):
+        train(TrainConfig())
+    assert not Path("runs/train").exists()
+    capsys.readouterr()
+    resume(run / "last.pt", epochs=2)  # in its folder, with its loss, lr and schedule
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and last["train_config"]["loss"] == "dice" and last["train_config"]["lr"] == 2e-3
 
 
 def test_resume_with_a_lower_lr_scales_the_schedule_from_there(demo_root, ram_tmp, capsys):
@@ -151,11 +194,20 @@ def test_resume_into_a_model_it_does_not_fit_is_one_line(demo_root, ram_tmp, cap
     from resunet.checkpoint import CheckpointError
     from resunet.train import train
 
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.train import TrainingError
+
     run = ram_tmp / "run"
     train(tiny_config(demo_root, run, epochs=1, encoder="resnet18", decoder_channels="16,16,16,16"))
+    wider = dict(epochs=2, encoder="resnet18", decoder_channels="32,16,16,16", resume=str(run / "last.pt"))
+    with pytest.raises(TrainingError, match="decoder_channels='32,16,16,16': the run trains with '16,16,16,16'"):
+        train(tiny_config(demo_root, run, **wider))  # the settings say it first
+    # Settings that do not describe the weights (a hand-edited file): the weights say it.
+    payload = load_checkpoint(run / "last.pt")
+    payload["train_config"]["decoder_channels"] = "32,16,16,16"
+    save_checkpoint(payload, run / "last.pt")
     with pytest.raises(CheckpointError, match="its weights do not fit the model this run builds"):
-        train(tiny_config(demo_root, run, epochs=2, encoder="resnet18", decoder_channels="32,16,16,16",
-                          resume=str(run / "last.pt")))
+        train(tiny_config(demo_root, run, **wider))
 
 
 # ---- saving: a full disk, a read-only folder -------------------------------------------------------------------------
@@ -607,8 +659,16 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
     with pytest.raises(ValueError, match="an empty image"):
         predictor.predict(np.zeros((0, 5, 3), np.uint8))
     for wrong in (image, torch.from_numpy(image), torch.from_numpy(image).permute(2, 0, 1)):
-        with pytest.raises(ValueError, match="expected an N×3×H×W image tensor"):
-            predictor.probabilities(wrong)
+        for method in (predictor.probabilities, predictor.logits, predictor.predict_tensor):
+            with pytest.raises(ValueError, match="expected an N×3×H×W image tensor"):
+                method(wrong)
+    # torchvision's 0..1 floats were read as nearly black 0..255 images: wrong maps without a word
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    for method in (predictor.probabilities, predictor.logits, predictor.predict_tensor):
+        with pytest.raises(ValueError, match=r"got floats in 0..1: pass \(images \* 255\)"):
+            method(pixels.float() / 255)
+    assert torch.equal(predictor.predict_tensor(pixels.float()), predictor.predict_tensor(pixels))  # float 0..255
+    assert predictor.predict_tensor(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8)  # black is black in both scales
     assert load_ensemble(checkpoint, device="cpu", precision="fp32").predict(image).shape == (37, 53)
 
 

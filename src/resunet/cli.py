@@ -157,36 +157,18 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .train import train
+    from .train import resumed_config, train
 
-    values = {f.name: getattr(args, f.name) for f in config_fields()}
     if args.resume:
-        # Resume continues the stored run: how long, where the data lies, how it runs and the learning rate (the way
-        # out of a diverged run) may change; a flag left out keeps the stored value (--workers 0 resumes with 0).
-        stored = load_checkpoint(args.resume, tensors=False).get("train_config")  # train() reads the weights
-        if stored is None:
-            raise SystemExit(f"resunet train: error: {args.resume}: holds no training settings; resume from a run's "
-                             "last.pt")
-        # --calibrate is what happens after training (to best.pt), not part of the recipe.
-        changeable = {"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
-                      "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate"}
-        defaults = {f.name: f.default for f in config_fields()}
+        # Resume continues the stored run; a flag given changes its setting where it may (train.RESUME_CHANGEABLE),
+        # a flag left out keeps the stored value.
         given = flags_given(args.argv[args.argv.index("train") + 1:])
-        run_dir = str(Path(os.path.realpath(args.resume)).parent)  # a link to RUN/last.pt resumes in RUN
-        if "out" in given and Path(given.pop("out")).resolve() != Path(run_dir).resolve():
-            raise SystemExit(f"resunet train: error: --out: a resumed run stays in its folder ({run_dir}); leave "
-                             "--out out, or copy the folder first")
-        for name, value in given.items():
-            if name not in changeable and value != stored.get(name, defaults[name]):
-                flag = "--" + name.replace("_", "-")
-                raise SystemExit(f"resunet train: error: {flag} {value}: cannot change on --resume (the run trains "
-                                 f"with {stored.get(name, defaults[name])}); start a new run with another --out")
-        stored = {k: v for k, v in stored.items() if k in defaults}
-        values = {**defaults, **stored, **given, "resume": args.resume, "out": run_dir}
-    elif values["data_root"] is None:
+        cfg = resumed_config(args.resume, {name: value for name, value in given.items() if name != "resume"})
+    elif args.data_root is None:
         raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
-    result = train(TrainConfig(**values))
+    else:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
+    result = train(cfg)
     return 130 if result.get("stopped_by") == "SIGINT" else 0
 
 

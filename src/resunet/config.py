@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .data.images import DEFAULT_MAX_PIXELS
@@ -82,6 +83,13 @@ class TrainConfig:
                                 "tensorboard package: pip install 'resunet[tensorboard]')")
     progress: bool = setting(True, "show per-epoch progress bars",
                              help_off="no progress bars or in-epoch progress lines")
+
+    def __post_init__(self) -> None:
+        # A Path from a Python caller is kept as text: checkpoints store these settings and are read back with
+        # torch.load(weights_only=True), which refuses pickled Path objects (a run's every checkpoint was unreadable).
+        for f in fields(self):
+            if isinstance(value := getattr(self, f.name), os.PathLike):
+                setattr(self, f.name, os.fspath(value))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -175,6 +175,7 @@ class OnnxPredictor(Predictor):
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps."""
+        check_image_tensor(images)
         if self.graph == "logits":
             return super().predict_tensor(images)
         return torch.from_numpy(self.run_end_to_end(images)[0]).long()

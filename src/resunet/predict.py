@@ -74,10 +74,13 @@ def as_uint8_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, Image.Image):  # as read_image reads a file
         return pil_to_rgb8(image)
     array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"expected an H×W×3 uint8 array, got shape {array.shape} dtype {array.dtype}")
-    if 0 in array.shape[:2]:
+    if array.ndim in (2, 3) and 0 in array.shape[:2]:
         raise ValueError(f"an empty image (shape {array.shape})")
+    if array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 4)):
+        return pil_to_rgb8(Image.fromarray(array))  # grey or RGBA: read as the same pixels in a PIL image or file are
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 array (or H×W grey, H×W×4 RGBA), got shape {array.shape} dtype "
+                         f"{array.dtype}")
     return array
 
 
@@ -94,10 +97,15 @@ def check_batch(images: list[np.ndarray]) -> None:
 
 
 def check_image_tensor(images: torch.Tensor) -> None:
-    """`logits`' and `probabilities`' input: an N×3×H×W tensor (ValueError naming what it got)."""
+    """The tensor methods' input (`logits`, `probabilities`, `predict_tensor`): an N×3×H×W tensor of 0..255 pixels
+    (ValueError naming what it got). Floats scaled to 0..1, torchvision's convention, would be read as nearly black
+    images and give wrong maps without a word; a float image whose brightest pixel is at most 1 is refused."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected an N×3×H×W image tensor (uint8 or float 0..255), got {shape}")
+    if images.is_floating_point() and 0 < float(images.max()) <= 1:
+        raise ValueError("expected pixels 0..255 (uint8 or float), got floats in 0..1: pass (images * 255), or the "
+                         "uint8 image")
 
 
 class Predictor:
@@ -119,7 +127,10 @@ class Predictor:
     ) -> None:
         """`fold_bn`: merge BatchNorm into the convolutions (faster; only for a model no longer trained).
         `channels_last`: the memory layout; None picks the inference one (`runtime.use_channels_last`). The model is
-        converted in place, so a model still in training passes its training layout."""
+        converted in place, so a model still in training passes its training layout. Every prediction puts the
+        model in eval mode and leaves it there: a training loop that predicts with the model it trains calls
+        `model.train()` again before its next step (resunet's own does), or BatchNorm stops learning its
+        statistics."""
         tune_cpu_allocator()
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = resolve_precision(precision, self.device)
@@ -331,6 +342,7 @@ class Predictor:
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
+        check_image_tensor(images)
         return self.class_maps_by_group([images])[0].long()
 
     def check_size(self, height: int, width: int) -> None:
@@ -354,8 +366,9 @@ class Predictor:
         return [maps[0].cpu().numpy() for maps in self.class_maps_by_group(groups)]
 
     def predict(self, image: ImageLike | list[ImageLike]) -> np.ndarray | list[np.ndarray]:
-        """One image (PIL, path, or H×W×3 uint8) → H×W uint8 class map; a list → a list of them."""
-        if isinstance(image, list):
+        """One image (PIL, path, or H×W×3 uint8; H×W grey and H×W×4 RGBA arrays too) → H×W uint8 class map; a list
+        (or tuple) → a list of them."""
+        if isinstance(image, (list, tuple)):
             return [self.predict(item) for item in image]
         return self.predict_batch([as_uint8_rgb(image)])[0]
 

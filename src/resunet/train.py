@@ -28,7 +28,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -425,6 +425,62 @@ def absolute_paths(cfg: TrainConfig) -> dict:
     return {name: os.path.abspath(value) for name in ("data_root", "cache_dir") if (value := getattr(cfg, name))}
 
 
+# What a resumed run may change: how long, where the data lies, how it runs and the learning rate (the way out of a
+# diverged run). --calibrate is what happens after training (to best.pt), not part of the recipe.
+RESUME_CHANGEABLE = frozenset({"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
+                               "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate"})
+
+
+def stored_settings(checkpoint: str | Path) -> tuple[dict, str]:
+    """The training settings a run's checkpoint holds (as TrainConfig fields) and the run's folder."""
+    stored = load_checkpoint(checkpoint, tensors=False).get("train_config")  # train() reads the weights
+    if stored is None:
+        raise TrainingError(f"{checkpoint}: holds no training settings; resume from a run's last.pt")
+    known = {f.name for f in fields(TrainConfig)}
+    run_dir = str(Path(os.path.realpath(checkpoint)).parent)  # a link to RUN/last.pt resumes in RUN
+    return {k: v for k, v in stored.items() if k in known}, run_dir
+
+
+def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
+    """The settings of the run `checkpoint` belongs to, with `changes` (TrainConfig fields) made where a resumed run
+    may change (RESUME_CHANGEABLE); another change is refused in one line. A setting in `changes` counts even at its
+    default value (`--workers 2` resumes with 2); one left out keeps the stored value."""
+    stored, run_dir = stored_settings(checkpoint)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changes = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in changes.items()}
+    if "out" in changes and Path(changes.pop("out")).resolve() != Path(run_dir).resolve():
+        raise TrainingError(f"--out: a resumed run stays in its folder ({run_dir}); leave --out out, or copy the "
+                            "folder first")
+    for name, value in changes.items():
+        if name not in defaults:
+            raise TrainingError(f"{name}: not a training setting")
+        if name not in RESUME_CHANGEABLE and value != stored.get(name, defaults[name]):
+            raise TrainingError(f"--{name.replace('_', '-')} {value}: cannot change on --resume (the run trains with "
+                                f"{stored.get(name, defaults[name])}); start a new run with another --out")
+    return TrainConfig(**{**defaults, **stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir})
+
+
+def resume(checkpoint: str | Path, **changes) -> dict:
+    """Python's `resunet train --resume CHECKPOINT [flags]`: the run goes on in its folder with its own recipe;
+    `changes` are TrainConfig fields that may change (epochs=80, lr=1e-4, data_root=..., workers=0, ...)."""
+    return train(resumed_config(checkpoint, changes))
+
+
+def check_resumed_settings(cfg: TrainConfig) -> None:
+    """A TrainConfig built by hand with `resume=` (not by `resume` or the CLI) must be its run's recipe, in its
+    folder: otherwise a run went on in ./runs/train, or under another loss or schedule, or failed on a KeyError deep
+    in the optimiser's state."""
+    stored, run_dir = stored_settings(cfg.resume)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    how = f"resunet.train.resume({os.fspath(cfg.resume)!r}, epochs=...) keeps the run's recipe and folder"
+    if Path(cfg.out).resolve() != Path(run_dir).resolve():
+        raise TrainingError(f"out={cfg.out!r}: a resumed run stays in its folder ({run_dir}); {how}")
+    for name, value in cfg.to_dict().items():
+        if name not in RESUME_CHANGEABLE | {"out"} and value != stored.get(name, defaults[name]):
+            raise TrainingError(f"{name}={value!r}: the run trains with {stored.get(name, defaults[name])!r}, and "
+                                f"it cannot change on resume; {how}")
+
+
 def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
     """Refuse a resume from a checkpoint older than the run's last.pt (`--resume RUN/best.pt`): the run would go
     back to it and overwrite last.pt, the work since then lost."""
@@ -553,6 +609,10 @@ def check_settings(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
+    if cfg.data_root is None:
+        raise TrainingError("data_root (--data-root): required, the dataset folder")
+    if cfg.resume:
+        check_resumed_settings(cfg)
     check_settings(cfg)
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
