@@ -202,6 +202,23 @@ def test_a_colour_mask_resaved_with_a_palette_of_its_own_is_read_by_colour(tmp_p
     assert (read_mask(tmp_path / "zeros.png", info) == 0).all()
 
 
+def test_class_ids_under_a_palette_whose_unset_entries_are_black_stay_ids(tmp_path):
+    # User code writes ids and fills only its classes' palette entries; the rest stay black, the colour of class 0.
+    # Read by colour, the void index 255 (and a class whose entry was left out) became class 0 without a word.
+    from resunet.data.classes import ClassInfo, generic_info
+
+    ids = np.array([[0, 1, 2, 255], [1, 1, 2, 255]], dtype=np.uint8)
+    for info, filled in ((generic_info(3), 3), (generic_info(3), 2),
+                         (ClassInfo.from_dict({"classes": ["background", "car", "tree"],
+                                               "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]]}), 3)):
+        palette = np.zeros((256, 3), np.uint8)
+        palette[:filled] = np.array(info.palette[:filled], dtype=np.uint8)
+        mask = Image.fromarray(ids, "P")
+        mask.putpalette(palette.ravel().tolist())
+        mask.save(tmp_path / "ids.png")
+        assert np.array_equal(read_mask(tmp_path / "ids.png", info), ids), (info.names, filled)
+
+
 def test_macos_appledouble_files_beside_the_images_are_not_images(tmp_path):
     # A copy from a Mac to exFAT/SMB leaves ._name.jpg (metadata, not a picture) beside every file: they were listed
     # as images and masks, and the data check refused each as unreadable.

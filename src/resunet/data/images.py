@@ -195,16 +195,20 @@ def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
     """A palette mask's class ids. Its indices are the ids (VOC's masks, or ids under any palette of their own),
     unless the palette is the dataset's colours in another order: a colour mask re-saved by a PNG optimiser or an
     editor gets its own palette, and its indices then name other classes (read so, silently, until 2026-12-04).
-    So when every index used shows a colour of the dataset (a class's or the ignore colour) and one of them another
-    class's colour than its own, the pixels are read by colour."""
+    So when every index used shows a colour of the dataset (a class's or the ignore colour), each a different one,
+    and one of them another class's colour than its own, the pixels are read by colour. Black alone is no evidence:
+    code that writes ids fills the palette entries of its classes and leaves the rest black, so the void index 255
+    (or a class left out) shows black, the colour of class 0 in VOC-style palettes; read by colour, void became
+    background without a word."""
     indices = np.array(image)
     flat = image.getpalette() or []
     colours = [tuple(flat[i:i + 3]) for i in range(0, len(flat) - 2, 3)]
     by_colour = info.class_by_colour()
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
     shown = [by_colour.get(colours[u]) if u < len(colours) else None for u in used]
-    moved = any(c is not None and c != u and c != info.ignore_index for u, c in zip(used, shown))
-    if not moved or any(c is None for c in shown):
+    moved = [u for u, c in zip(used, shown) if c is not None and c != u and c != info.ignore_index]
+    if (not moved or any(c is None for c in shown) or len(set(shown)) < len(shown)
+            or all(colours[u] == (0, 0, 0) for u in moved)):
         return indices
     lut = np.arange(256, dtype=np.uint8)
     lut[used] = shown
