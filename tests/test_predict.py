@@ -146,6 +146,31 @@ def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, t
         assert np.array_equal(np.array(Image.open(out / path.name)), predictor.predict(path)), path.name
 
 
+def test_cli_predict_says_what_its_inputs_leave_out(trained_run, tmp_path, capsys):
+    # A folder's subfolders are not read, and a glob that matched nothing was dropped: "wrote 1 prediction(s)", exit
+    # 0, for a folder whose images sat one level down or a typo in one of several inputs.
+    from resunet.cli import main
+
+    (tmp_path / "in" / "city" / "deeper").mkdir(parents=True)
+    for name in ("top.png", "city/a.png", "city/deeper/b.png"):
+        Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(tmp_path / "in" / name)
+    model, out = str(trained_run / "best.pt"), str(tmp_path / "out")
+    assert main(["predict", model, str(tmp_path / "in"), "--out", out]) == 0
+    assert capsys.readouterr().err.strip() == (f"resunet predict: {tmp_path / 'in'}: 2 image(s) in subfolders, such as "
+                                               f"city/a.png, are not read; give '{tmp_path / 'in'}/**/*' to include them")
+    assert main(["predict", model, str(tmp_path / "in" / "city"), str(tmp_path / "typo" / "*.png"), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"resunet predict: {tmp_path / 'typo' / '*.png'}: matches no image file" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "top.png"]
+    assert main(["predict", model, f"{tmp_path / 'in'}/**/*", "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a.png", "b.png", "top.png"]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "empty" / "sub" / "c.png")
+    assert main(["predict", model, str(tmp_path / "empty"), "--out", out]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        f"resunet predict: {tmp_path / 'empty'}: a folder without images", "resunet predict: error: no input images found"]
+
+
 def test_predict_on_real_voc_photos_runs(predictor):
     samples = shared_dir("voc-samples")
     for stem in ("1", "23", "114"):

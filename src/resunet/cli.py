@@ -262,16 +262,32 @@ def cmd_export(args) -> int:
     return 0
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    from .data.images import list_images
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
+    """The image files that files, folders and globs name; a line for each input that names none (a glob that
+    matches nothing, a folder without images: a typo must not pass for a finished run); and a note for each folder
+    whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*')."""
+    from .data.images import IMAGE_SUFFIXES, list_images, nested_images
 
     paths: list[Path] = []
+    problems: list[str] = []
+    notes: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += list_images(path)  # as the datasets list them: a Mac's hidden ._name.jpg is not an image
+            found = list_images(path)  # as the datasets list them: a Mac's hidden ._name.jpg is not an image
+            nested = nested_images(path)
+            if nested:
+                notes.append(f"{path}: {len(nested)} image(s) in subfolders, such as {nested[0].relative_to(path)}, "
+                             f"are not read; give '{path}/**/*' to include them")
+            if not found:
+                problems.append(f"{path}: a folder without images")
+            paths += found
         elif any(c in item for c in "*?["):
-            paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{item}: matches no image file")
+            paths += found
         else:
             paths.append(path)
     # A file named twice (itself and its folder, two globs) is predicted once, not refused as clashing with itself.
@@ -280,7 +296,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if (key := os.path.realpath(path)) not in seen:
             seen.add(key)
             unique.append(path)
-    return unique
+    return unique, problems, notes
 
 
 def _readable(path: Path, max_pixels: int | None):
@@ -301,7 +317,9 @@ def cmd_predict(args) -> int:
     from .outputs import save_whole
     from .predict import load, load_ensemble
 
-    paths = expand_inputs(args.inputs)
+    paths, problems, notes = expand_inputs(args.inputs)
+    for line in [*notes, *problems]:
+        print(f"resunet predict: {line}", file=sys.stderr)
     if not paths:
         print("resunet predict: error: no input images found", file=sys.stderr)
         return 1
@@ -323,7 +341,7 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise SystemExit(f"resunet predict: error: --out {out}: cannot make the folder ({error.strerror or error})")
-    failed = written = skipped = 0
+    failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
     inputs = {path.resolve() for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
     # A bar only on a terminal (in a log file it would be `\r` fragments); a file's error is written above it.
