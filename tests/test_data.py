@@ -107,6 +107,19 @@ def test_a_folder_split_that_is_not_there_is_named_with_those_that_are(tmp_path,
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: not a dataset: expected VOCdevkit/VOC2012"):
         open_dataset(tmp_path / "empty", "train")
+    # An "all images" pool kept at the root beside the splits: a misspelt split was read from the pool (train and
+    # val images, scored as if held out) without a word. A flat dataset without splits still serves every split.
+    import shutil
+
+    for folder in ("images", "masks"):
+        shutil.copytree(tmp_path / "data" / "train" / folder, tmp_path / "data" / folder)
+    with pytest.raises(DataError) as caught:
+        open_dataset(tmp_path / "data", "Val")
+    assert str(caught.value) == (f"{tmp_path / 'data'}: no split 'Val' (no {tmp_path / 'data' / 'Val'}/{{images,"
+                                 "masks}); splits here: train, val")
+    shutil.rmtree(tmp_path / "data" / "train")
+    shutil.rmtree(tmp_path / "data" / "val")
+    assert len(open_dataset(tmp_path / "data", "val")) == len(open_dataset(tmp_path / "data", "train")) > 0
     # A model's class count against the data's (no --num-classes flag in evaluate or visualize: say whose it is).
     with pytest.raises(DataError, match=r"classes.json: lists 3 classes, not the 21 expected \(the model's, or "
                                         r"--num-classes\)$"):

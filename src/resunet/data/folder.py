@@ -55,7 +55,12 @@ def layout_error(root: Path, split: str) -> DataError:
 def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
     split_dir = root / split if (root / split / "images").is_dir() else root
     image_dir, mask_dir = split_dir / "images", split_dir / "masks"
-    if not image_dir.is_dir() or not mask_dir.is_dir():
+    # The flat root/{images,masks} serves every split only in a dataset without split folders: beside train/ and
+    # val/ (an "all images" pool kept at the root), a split spelt wrong (--split Val) was read from the pool, and a
+    # model was scored on its own training images without a word.
+    has_splits = any((p / "images").is_dir() and (p / "masks").is_dir() for p in root.iterdir()) \
+        if root.is_dir() else False
+    if not image_dir.is_dir() or not mask_dir.is_dir() or (split_dir == root and has_splits):
         raise layout_error(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     images = list_images(image_dir)
