@@ -117,6 +117,9 @@ def test_a_folder_split_that_is_not_there_is_named_with_those_that_are(tmp_path,
         open_dataset(tmp_path / "data", "Val")
     assert str(caught.value) == (f"{tmp_path / 'data'}: no split 'Val' (no {tmp_path / 'data' / 'Val'}/{{images,"
                                  "masks}); splits here: train, val")
+    capsys.readouterr()
+    assert main(["check-data", "--data-root", str(tmp_path / "data"), "--split", "Val"]) == 2  # the data check too
+    assert capsys.readouterr().err.strip() == f"resunet check-data: error: {caught.value}"
     shutil.rmtree(tmp_path / "data" / "train")
     shutil.rmtree(tmp_path / "data" / "val")
     assert len(open_dataset(tmp_path / "data", "val")) == len(open_dataset(tmp_path / "data", "train")) > 0

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import folder_classes, layout_error
+from .data.folder import find_split_dir, folder_classes
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
@@ -145,9 +145,7 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:
-        split_dirs[split] = root / split if (root / split / "images").is_dir() else root
-        if not (split_dirs[split] / "images").is_dir() or not (split_dirs[split] / "masks").is_dir():
-            raise layout_error(root, split)
+        split_dirs[split] = find_split_dir(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
     if (root / "classes.json").is_file():

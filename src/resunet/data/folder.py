@@ -40,11 +40,17 @@ def check_unique_stems(folder: Path, files: list[Path]) -> None:
         seen[path.stem] = path
 
 
+def split_folders(root: Path) -> list[str]:
+    """The splits of a folder dataset: its subfolders holding images/ and masks/."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir())
+
+
 def layout_error(root: Path, split: str) -> DataError:
     """No `root/split/{images,masks}` and no flat `root/{images,masks}`: a split that is not there (naming those
     that are), or no dataset at all."""
-    present = sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir()) \
-        if root.is_dir() else []
+    present = split_folders(root)
     if present:
         return DataError(f"{root}: no split {split!r} (no {root / split}/{{images,masks}}); splits here: "
                          f"{', '.join(present)}")
@@ -52,16 +58,20 @@ def layout_error(root: Path, split: str) -> DataError:
                      f"{root}/{{images,masks}}")
 
 
-def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
-    split_dir = root / split if (root / split / "images").is_dir() else root
-    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
-    # The flat root/{images,masks} serves every split only in a dataset without split folders: beside train/ and
-    # val/ (an "all images" pool kept at the root), a split spelt wrong (--split Val) was read from the pool, and a
-    # model was scored on its own training images without a word.
-    has_splits = any((p / "images").is_dir() and (p / "masks").is_dir() for p in root.iterdir()) \
-        if root.is_dir() else False
-    if not image_dir.is_dir() or not mask_dir.is_dir() or (split_dir == root and has_splits):
+def find_split_dir(root: Path, split: str) -> Path:
+    """Where a split of a folder dataset lies: root/split/{images,masks}, or the flat root/{images,masks}, which
+    serves every split only in a dataset without split folders. Beside train/ and val/ (an "all images" pool kept at
+    the root), a split spelt wrong (--split Val) was read from the pool, and a model was scored on its own training
+    images without a word. layout_error for a split that is not there."""
+    folder = root / split if (root / split / "images").is_dir() else root
+    if not (folder / "images").is_dir() or not (folder / "masks").is_dir() or (folder == root and split_folders(root)):
         raise layout_error(root, split)
+    return folder
+
+
+def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignore_index: int | None = None) -> PairedDataset:
+    split_dir = find_split_dir(root, split)
+    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
     info = folder_classes(root, num_classes, ignore_index)
     images = list_images(image_dir)
     masks = list_images(mask_dir)
