@@ -106,7 +106,7 @@ def save_whole(path: str | Path, save: Callable[[Path], None]) -> None:
     no image suffix). So `predict --skip-existing` can trust every file it finds. An earlier file that is read-only
     is refused, not replaced; a failure is one DataError line naming the file."""
     try:
-        if resolved(path).is_file() and not os.access(resolved(path), os.W_OK):
+        if (target := resolved(path)).is_file() and not os.access(target, os.W_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
         replace_file(path, save)
     except OSError as error:

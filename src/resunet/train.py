@@ -432,13 +432,14 @@ RESUME_CHANGEABLE = frozenset({"epochs", "workers", "progress", "device", "cache
 
 
 def stored_settings(checkpoint: str | Path) -> tuple[dict, str]:
-    """The training settings a run's checkpoint holds (as TrainConfig fields) and the run's folder."""
+    """Every TrainConfig field of the run a checkpoint belongs to (the default for one an older file lacks), and
+    the run's folder."""
     stored = load_checkpoint(checkpoint, tensors=False).get("train_config")  # train() reads the weights
     if stored is None:
         raise TrainingError(f"{checkpoint}: holds no training settings; resume from a run's last.pt")
-    known = {f.name for f in fields(TrainConfig)}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     run_dir = str(Path(os.path.realpath(checkpoint)).parent)  # a link to RUN/last.pt resumes in RUN
-    return {k: v for k, v in stored.items() if k in known}, run_dir
+    return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}, run_dir
 
 
 def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
@@ -446,18 +447,17 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
     may change (RESUME_CHANGEABLE); another change is refused in one line. A setting in `changes` counts even at its
     default value (`--workers 2` resumes with 2); one left out keeps the stored value."""
     stored, run_dir = stored_settings(checkpoint)
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     changes = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in changes.items()}
     if "out" in changes and Path(changes.pop("out")).resolve() != Path(run_dir).resolve():
         raise TrainingError(f"--out: a resumed run stays in its folder ({run_dir}); leave --out out, or copy the "
                             "folder first")
     for name, value in changes.items():
-        if name not in defaults:
+        if name not in stored:
             raise TrainingError(f"{name}: not a training setting")
-        if name not in RESUME_CHANGEABLE and value != stored.get(name, defaults[name]):
+        if name not in RESUME_CHANGEABLE and value != stored[name]:
             raise TrainingError(f"--{name.replace('_', '-')} {value}: cannot change on --resume (the run trains with "
-                                f"{stored.get(name, defaults[name])}); start a new run with another --out")
-    return TrainConfig(**{**defaults, **stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir})
+                                f"{stored[name]}); start a new run with another --out")
+    return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir})
 
 
 def resume(checkpoint: str | Path, **changes) -> dict:
@@ -471,14 +471,13 @@ def check_resumed_settings(cfg: TrainConfig) -> None:
     folder: otherwise a run went on in ./runs/train, or under another loss or schedule, or failed on a KeyError deep
     in the optimiser's state."""
     stored, run_dir = stored_settings(cfg.resume)
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     how = f"resunet.train.resume({os.fspath(cfg.resume)!r}, epochs=...) keeps the run's recipe and folder"
     if Path(cfg.out).resolve() != Path(run_dir).resolve():
         raise TrainingError(f"out={cfg.out!r}: a resumed run stays in its folder ({run_dir}); {how}")
     for name, value in cfg.to_dict().items():
-        if name not in RESUME_CHANGEABLE | {"out"} and value != stored.get(name, defaults[name]):
-            raise TrainingError(f"{name}={value!r}: the run trains with {stored.get(name, defaults[name])!r}, and "
-                                f"it cannot change on resume; {how}")
+        if name not in RESUME_CHANGEABLE | {"out"} and value != stored[name]:
+            raise TrainingError(f"{name}={value!r}: the run trains with {stored[name]!r}, and it cannot change on "
+                                f"resume; {how}")
 
 
 def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
