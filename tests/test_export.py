@@ -434,6 +434,12 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend auto")][0]
     assert "best.pt" in line and "model.onnx" in line and "fastest here" in line
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    # Asked for bf16, the exported file (fp32 on the CPU) is not a candidate: it was timed, and used, as if in bf16.
+    assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "bf16"), "--backend", "auto",
+                 "--precision", "bf16"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
+    assert line.startswith(f"backend: PyTorch ({folder / 'best.pt'}; the files exported from it run on the CPU")
+    assert len(list((tmp_path / "bf16").glob("*.png"))) == 2
 
 
 def test_an_end_to_end_file_gives_confidence_and_ece_from_its_logits(exported, demo_root, tmp_path, capsys):

@@ -1101,3 +1101,35 @@ def test_a_checkpoint_from_another_resunet_version_is_one_line(checkpoint, demo_
         assert words in one_error_line(capsys, "predict")
         assert main(["export", str(path), "--onnx", str(tmp_path / "m.onnx")]) == 2
         assert words in one_error_line(capsys, "export")
+
+
+def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_threads_reach_torch(exported, capsys):
+    """An .onnx file runs on the CPU at its exported precision: --device cuda or --precision bf16 with one ran on the
+    CPU in fp32 without a word. --threads, said to be onnxruntime's, was dropped for a .pt checkpoint."""
+    import torch
+
+    from resunet.cli import main
+    from resunet.predict import load
+    from resunet.runtime import DeviceError
+
+    onnx = exported["dir"] / "model.onnx"
+    with pytest.raises(DeviceError, match="--device cuda: .*model.onnx is an exported file, which runs on the CPU"):
+        load(onnx, device="cuda")
+    with pytest.raises(DeviceError, match="--precision bf16: .*model.onnx is an exported file"):
+        load(onnx, precision="bf16")
+    assert load(onnx, device="cpu", precision="fp32").predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
+    image = exported["dir"] / "black.png"
+    Image.new("RGB", (9, 8)).save(image)
+    assert main(["predict", str(onnx), str(image), "--out", str(exported["dir"] / "never"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resunet predict: error: --device cuda: ") and err.count("\n") == 1
+    assert not (exported["dir"] / "never" / "black.png").exists()
+
+    before = torch.get_num_threads()
+    try:
+        load(exported["ckpt"], threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(DeviceError, match="--threads 0: at least 1"):
+            load(exported["ckpt"], threads=0)
+    finally:
+        torch.set_num_threads(before)

@@ -619,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
     p.add_argument("--device", default="auto", help="for .pt checkpoints")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="for .pt checkpoints")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the cores)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads: onnxruntime's for an .onnx file, torch's for a .pt checkpoint "
+                        "(default: the cores)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=cmd_serve)
 

@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError
 from .data.classes import ClassInfo
 from .data.images import DataError
-from .predict import DEFAULT_SCALES, Predictor, check_batch, check_image_tensor
+from .predict import DEFAULT_SCALES, ONNX_DEVICES, ONNX_PRECISIONS, Predictor, check_batch, check_image_tensor
 from .runtime import available_cores
 
 FORMAT_KEY = "resunet.graph"
@@ -209,7 +209,12 @@ def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple
     from .predict import load
 
     candidates: list[tuple[str, Predictor]] = [(str(checkpoint), load(checkpoint, **options))]
-    for path in exported_siblings(checkpoint):
+    siblings = exported_siblings(checkpoint)
+    if siblings and (options.get("device", "auto") not in ONNX_DEVICES
+                     or options.get("precision", "auto") not in ONNX_PRECISIONS):
+        return candidates[0][1], (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in "
+                                  "their exported precision, not as --device/--precision ask)")
+    for path in siblings:
         try:
             candidate = load(path, **options)
         except CheckpointError:  # an end-to-end file cannot run this TTA / window setting

@@ -32,11 +32,15 @@ from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
-from .runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator, use_channels_last
+from .runtime import (DeviceError, autocast, resolve_device, resolve_precision, tune_cpu_allocator,
+                      use_channels_last)
 
 ImageLike = Image.Image | np.ndarray | str | Path
 TTA_MODES = ("none", "flip", "ms", "ms+flip")
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
+# What an exported .onnx file runs as: on the CPU, at the precision it was exported with.
+ONNX_DEVICES = ("auto", "cpu")
+ONNX_PRECISIONS = ("auto", "fp32")
 
 
 # What the network may be given at once: the working size scales an image's shorter side up or down, so a thin
@@ -494,11 +498,25 @@ def tile_starts(length: int, window: int, stride: int) -> list[int]:
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
          scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None, stride: int | None = None,
          threads: int | None = None) -> Predictor:
-    """A predictor for a `.pt` checkpoint or an exported `.onnx` file (picked by the file's suffix)."""
+    """A predictor for a `.pt` checkpoint or an exported `.onnx` file (picked by the file's suffix). `threads`: the
+    CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint."""
+    if threads is not None and threads < 1:
+        raise DeviceError(f"--threads {threads}: at least 1")
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
+        # An exported file runs on the CPU at the precision it was exported with; asked otherwise, say so rather
+        # than time a CPU run the user believes was on the GPU.
+        if device not in ONNX_DEVICES:
+            raise DeviceError(f"--device {device}: {path} is an exported file, which runs on the CPU (onnxruntime); "
+                              "give its .pt checkpoint to run elsewhere")
+        if precision not in ONNX_PRECISIONS:
+            raise DeviceError(f"--precision {precision}: {path} is an exported file, whose precision was set when it "
+                              "was exported (fp32, or INT8 with export --int8); give its .pt checkpoint for "
+                              f"{precision}")
         return OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)
 
 

@@ -43,7 +43,8 @@ def tune_cpu_allocator() -> bool:
 
 
 class DeviceError(ValueError):
-    """A --device this machine does not have or torch does not know: the user's input, reported in one line."""
+    """A --device this machine does not have or torch does not know, or a --device, --precision or --threads a model
+    file cannot run with: the user's input, reported in one line."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:

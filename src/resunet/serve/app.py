@@ -71,7 +71,7 @@ class ServeSettings:
     tta: str = "none"  # default test-time augmentation: none | flip (a request may ask with ?tta=)
     device: str = "auto"  # for .pt checkpoints
     precision: str = "auto"  # for .pt checkpoints
-    threads: int | None = None  # onnxruntime threads (default: the cores)
+    threads: int | None = None  # CPU threads: onnxruntime's for .onnx, torch's for .pt (default: the cores)
     retry_after_s: int = 1  # what a 503 asks the client to wait
     body_timeout_s: float = 30.0  # an upload with no byte for this long gets 408 (a stalled client frees its slot)
 
