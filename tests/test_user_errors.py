@@ -317,6 +317,12 @@ def test_a_data_check_report_that_cannot_be_kept_is_a_warning_and_the_run_goes_o
     ("[1, 2]", "malformed class description"),
     ('{"classes": "abc"}', "'classes' must be a list of names"),
     ('{"classes": ["a", "b"], "ignore_index": "x"}', "malformed class description"),
+    # Keys it does not have were passed over: VOC's colours and ignore 255 were used in their place, without a word.
+    ('{"classes": ["a", "b"], "colors": [[0, 0, 0], [9, 9, 9]]}', "unknown key(s) 'colors' (did you mean 'palette'?);"
+     " a class file has name, classes, palette, ignore_index, ignore_colour"),
+    ('{"classes": ["a", "b"], "ignore_label": 0, "ignore_colr": [1, 1, 1], "extra": 1}',
+     "unknown key(s) 'ignore_label' (did you mean 'ignore_index'?), 'ignore_colr' (did you mean 'ignore_colour'?), "
+     "'extra'; a class"),
 ])
 def test_a_malformed_classes_json_is_one_line(tmp_path, capsys, text, words):
     root = tmp_path / "data"

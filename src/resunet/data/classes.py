@@ -141,4 +141,32 @@ def load_classes_json(path: Path) -> ClassInfo:
         values = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # JSON is UTF-8; a BOM (Notepad) is fine
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read class description ({error})") from None
+    if isinstance(values, dict):
+        check_keys(values, str(path))
     return ClassInfo.from_dict(values, str(path))
+
+
+CLASS_FILE_KEYS = ("name", "classes", "palette", "ignore_index", "ignore_colour")
+# What other tools and habits call them (a spelling check alone sends "colours" to "ignore_colour").
+KEY_SYNONYMS = {
+    "palette": ("colors", "colours", "color", "colour", "colormap", "colourmap", "color_map", "colour_map", "cmap"),
+    "classes": ("names", "class_names", "labels", "categories"),
+    "ignore_index": ("ignore_label", "ignore", "void", "void_index", "void_label", "ignore_value"),
+    "ignore_colour": ("ignore_color", "void_color", "void_colour"),
+}
+
+
+def check_keys(values: dict, source: str) -> None:
+    """ValueError for a key a class file does not have: "colors" for "palette", or "ignore_label", was passed over
+    and the default (VOC's colours, 255) used in its place without a word."""
+    import difflib
+
+    unknown = [key for key in values if key not in CLASS_FILE_KEYS]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        meant = [known for known, others in KEY_SYNONYMS.items() if str(key).lower() in others]
+        meant = meant or difflib.get_close_matches(str(key).lower(), CLASS_FILE_KEYS, n=1, cutoff=0.6)
+        hints.append(f"{key!r} (did you mean {meant[0]!r}?)" if meant else repr(key))
+    raise ValueError(f"{source}: unknown key(s) {', '.join(hints)}; a class file has {', '.join(CLASS_FILE_KEYS)}")
