@@ -67,6 +67,26 @@ def test_colour_outside_palette_names_the_file(tmp_path):
         read_mask(path, VOC_INFO)
     assert str(path) in str(info.value) and "(1, 2, 3)" in str(info.value) and "x=3, y=2" in str(info.value)
     assert rgb_to_index(np.zeros((2, 2, 3), np.uint8), VOC_INFO).tolist() == [[0, 0], [0, 0]]
+    assert "grey" not in str(info.value)
+
+
+def test_class_ids_saved_as_rgb_get_a_hint(tmp_path):
+    """Ids written in three channels (cv2.imwrite of a 3-channel array) read as colours: (1, 1, 1) is no VOC colour.
+    The error said only that; now it says what the mask looks like."""
+    ids = np.array([[0, 1, 15], [20, 255, 3]], np.uint8)
+    path = tmp_path / "ids.png"
+    Image.fromarray(np.repeat(ids[..., None], 3, axis=2)).save(path)
+    with pytest.raises(DataError) as info:
+        read_mask(path, VOC_INFO)
+    assert str(info.value) == (f"{path}: colour (1, 1, 1) at (x=1, y=0) is not in the PASCAL VOC 2012 palette (every "
+                               "pixel is grey with a class id as its value (0, 1, 3, 15, 20, 255): class ids saved as "
+                               "RGB? Save them as a one-channel (L) or palette PNG)")
+    Image.fromarray(ids).save(path)  # as the hint says
+    assert (read_mask(path, VOC_INFO) == ids).all()
+    ids[0, 0] = 21  # not a VOC class: no hint
+    Image.fromarray(np.repeat(ids[..., None], 3, axis=2)).save(path)
+    with pytest.raises(DataError, match="palette$"):
+        read_mask(path, VOC_INFO)
 
 
 def make_folder_dataset(root, splits=("train", "val"), classes=None, size=(20, 30)):

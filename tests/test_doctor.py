@@ -379,3 +379,20 @@ def test_a_mask_with_transparent_pixels_is_a_warning(tmp_path):
         ("mask_alpha", "train/masks/good_0.png", f"train/masks/good_0.png: {7 * SIZE} transparent or translucent "
                                                  "pixel(s), read by their colour")]
     assert doctor.KINDS["mask_alpha"][0] == "warning"
+
+
+def test_an_rgb_mask_of_class_ids_or_black_and_white_is_said_to_look_so(tmp_path):
+    # The data check and the datasets share the hint (rgb_mask_hint); it had the binary one alone.
+    root = clean_dataset(tmp_path / "data")
+    ids = np.asarray(cat_and_dog())
+    save(Image.fromarray(np.repeat(ids[..., None], 3, axis=2)), root / "train" / "masks" / "good_0.png")
+    save(Image.fromarray(np.repeat((ids > 0)[..., None] * np.uint8(255), 3, axis=2)),
+         root / "train" / "masks" / "good_1.png")
+    report = doctor.check_data(root, workers=1)
+    assert [(f.kind, f.path, f.message) for f in report.findings if f.kind == "off_palette"] == [
+        ("off_palette", "train/masks/good_0.png", "train/masks/good_0.png: 2 colour(s) outside the dataset palette on "
+         "340 pixels, e.g. (1, 1, 1) at (x=2, y=2) (every pixel is grey with a class id as its value (0, 1, 2): class "
+         "ids saved as RGB? Save them as a one-channel (L) or palette PNG)"),
+        ("off_palette", "train/masks/good_1.png", "train/masks/good_1.png: 1 colour(s) outside the dataset palette on "
+         "340 pixels, e.g. (255, 255, 255) at (x=2, y=2) (a black-and-white binary mask? store it as an index PNG with "
+         "the object as 1)")]

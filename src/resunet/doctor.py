@@ -27,7 +27,8 @@ from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import find_split_dir, folder_classes
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
-                          DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image)
+                          DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image,
+                          rgb_mask_hint)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
@@ -312,9 +313,8 @@ def rgb_mask_findings(rgb: np.ndarray, info: ClassInfo, label: str, jpeg: bool) 
     off_keys, off_counts = np.unique(packed[~on_palette], return_counts=True)
     y, x = np.argwhere(~on_palette)[0]
     colour = tuple(int(v) for v in rgb[y, x])
-    hint = ""
-    if set(np.unique(packed).tolist()) <= {0, 0xFFFFFF}:
-        hint = " (a black-and-white binary mask? store it as an index PNG with the object as 1)"
+    hint = rgb_mask_hint(rgb, info)
+    hint = f" ({hint})" if hint else ""
     findings = [finding("off_palette", label, f"{label}: {len(off_keys)} colour(s) outside the {info.name} palette "
                         f"on {int(off_counts.sum()):,} pixels, e.g. {colour} at (x={x}, y={y}){hint}")]
     if not jpeg:  # a JPEG says so itself (jpeg_mask); this catches the PNG that went through a JPEG once

@@ -225,8 +225,27 @@ def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") ->
     if (mask < 0).any():
         y, x = np.argwhere(mask < 0)[0]
         colour = tuple(int(v) for v in rgb[y, x])
-        raise DataError(f"{path}: colour {colour} at (x={x}, y={y}) is not in the {info.name} palette")
+        hint = rgb_mask_hint(rgb, info)
+        raise DataError(f"{path}: colour {colour} at (x={x}, y={y}) is not in the {info.name} palette"
+                        + (f" ({hint})" if hint else ""))
     return mask.astype(np.uint8)
+
+
+def rgb_mask_hint(rgb: np.ndarray, info: ClassInfo) -> str:
+    """What an RGB mask with colours off the palette looks like, where it is clear: black and white alone (a binary
+    mask), or every pixel grey with a class id or the ignore label as its value (ids saved in three channels, as
+    cv2.imwrite of a 3-channel array does). Said, not acted on: a JPEG's noise around black is grey too."""
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    if not grey.all():
+        return ""
+    values = np.unique(rgb[..., 0])
+    if set(values.tolist()) <= {0, 255}:
+        return "a black-and-white binary mask? store it as an index PNG with the object as 1"
+    if not ((values < info.num_classes) | (values == info.ignore_index)).all():
+        return ""
+    shown = ", ".join(map(str, values[:6].tolist())) + (", ..." if len(values) > 6 else "")
+    return (f"every pixel is grey with a class id as its value ({shown}): class ids saved as RGB? Save them as a "
+            "one-channel (L) or palette PNG")
 
 
 def check_mask_values(mask: np.ndarray, info: ClassInfo, path: str | Path) -> None:
