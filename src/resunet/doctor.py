@@ -651,22 +651,25 @@ def plot_class_shares(report: Report, path: str | Path) -> None:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
+    from .fonts import fonts_for
+
     names, splits = report.facts["classes"], report.facts["splits"]
-    x = np.arange(len(names))
-    width = 0.8 / max(len(splits), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) * max(len(splits), 1) + 2), 4))
-    for i, (split, values) in enumerate(splits.items()):
-        shares = [100 * values["class_share"][name] for name in names]
-        ax.bar(x + (i - (len(splits) - 1) / 2) * width, shares, width, label=f"{split} ({values['pairs']} pairs)")
-    ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_ylabel("% of labelled pixels")
-    ax.set_title(f"class pixel share: {report.root}", fontsize=10)
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    with fonts_for(path, *names, *splits, str(report.root)):
+        x = np.arange(len(names))
+        width = 0.8 / max(len(splits), 1)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) * max(len(splits), 1) + 2), 4))
+        for i, (split, values) in enumerate(splits.items()):
+            shares = [100 * values["class_share"][name] for name in names]
+            ax.bar(x + (i - (len(splits) - 1) / 2) * width, shares, width, label=f"{split} ({values['pairs']} pairs)")
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_ylabel("% of labelled pixels")
+        ax.set_title(f"class pixel share: {report.root}", fontsize=10)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_figure(fig, path, dpi=100)
+        plt.close(fig)
 
 
 def refusal(report: Report, data_root: str | Path) -> str:

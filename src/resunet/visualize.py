@@ -15,6 +15,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .data.classes import ClassInfo  # noqa: E402
 from .data.images import DEFAULT_MAX_PIXELS, DataError  # noqa: E402
+from .fonts import fonts_for  # noqa: E402
 from .outputs import PLOT_SUFFIXES, check_output_files, save_figure  # noqa: E402
 
 
@@ -70,56 +71,60 @@ def lay_out_with_legend(fig, info: ClassInfo, masks: list[np.ndarray], pictures_
 def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: list[np.ndarray], info: ClassInfo,
               path: str | Path) -> None:
     """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
-    columns = len(images)
-    fig, axes = plt.subplots(3, columns, figsize=(3 * columns, 9.6), squeeze=False)
-    for col in range(columns):
-        for row, picture in enumerate((images[col], colorize(targets[col], info), colorize(predictions[col], info))):
-            axes[row][col].imshow(picture)
-            axes[row][col].axis("off")
-    for row, title in enumerate(("image", "ground truth", "prediction")):
-        axes[row][0].set_title(title, loc="left", fontsize=11)
-    lay_out_with_legend(fig, info, targets + predictions, 9.0)
-    save_figure(fig, path, dpi=90)
-    plt.close(fig)
+    with fonts_for(path, *info.names):
+        columns = len(images)
+        fig, axes = plt.subplots(3, columns, figsize=(3 * columns, 9.6), squeeze=False)
+        for col in range(columns):
+            pictures = (images[col], colorize(targets[col], info), colorize(predictions[col], info))
+            for row, picture in enumerate(pictures):
+                axes[row][col].imshow(picture)
+                axes[row][col].axis("off")
+        for row, title in enumerate(("image", "ground truth", "prediction")):
+            axes[row][0].set_title(title, loc="left", fontsize=11)
+        lay_out_with_legend(fig, info, targets + predictions, 9.0)
+        save_figure(fig, path, dpi=90)
+        plt.close(fig)
 
 
 def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | None = None) -> None:
     """Row-normalised confusion matrix (rows: true class) with class names; given `scores`, beside it a bar chart of
     each class's IoU (and boundary IoU when scored)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    m = m / np.maximum(m.sum(1, keepdims=True), 1)
-    n = info.num_classes
-    side = 0.45 * n + 2
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(2 * side + 3 if scores else side + 1, side),
-                             squeeze=False)
-    ax = axes[0][0]
-    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), info.names, rotation=90)
-    ax.set_yticks(range(n), info.names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if scores:
-        bars = axes[0][1]
-        rows = np.arange(n)
-        iou = 100 * np.nan_to_num(np.asarray(scores["iou"], dtype=np.float64))
-        boundary = scores.get("boundary_iou")
-        height = 0.4 if boundary else 0.8
-        bars.barh(rows - (height / 2 if boundary else 0), iou, height, label=f"IoU (mean {100 * scores['miou']:.1f})")
-        if boundary:
-            bars.barh(rows + height / 2, 100 * np.nan_to_num(np.asarray(boundary, dtype=np.float64)), height,
-                      label=f"boundary IoU (mean {100 * scores['boundary_miou']:.1f})")
-        absent = np.isnan(np.asarray(scores["iou"], dtype=np.float64))
-        for row in np.flatnonzero(absent):  # no bar is not a 0% bar: the class is in neither labels nor predictions
-            bars.text(1, row, "absent", va="center", fontsize=8, color="#777", style="italic")
-        bars.set_yticks(rows, [f"{name} (absent)" if gone else name for name, gone in zip(info.names, absent)])
-        bars.invert_yaxis()
-        bars.set_xlim(0, 100)
-        bars.set_xlabel("%")
-        bars.grid(axis="x", alpha=0.3)
-        bars.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=90)
-    plt.close(fig)
+    with fonts_for(path, *info.names):
+        m = np.asarray(matrix, dtype=np.float64)
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        n = info.num_classes
+        side = 0.45 * n + 2
+        fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(2 * side + 3 if scores else side + 1, side),
+                                 squeeze=False)
+        ax = axes[0][0]
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), info.names, rotation=90)
+        ax.set_yticks(range(n), info.names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if scores:
+            bars = axes[0][1]
+            rows = np.arange(n)
+            iou = 100 * np.nan_to_num(np.asarray(scores["iou"], dtype=np.float64))
+            boundary = scores.get("boundary_iou")
+            height = 0.4 if boundary else 0.8
+            bars.barh(rows - (height / 2 if boundary else 0), iou, height,
+                      label=f"IoU (mean {100 * scores['miou']:.1f})")
+            if boundary:
+                bars.barh(rows + height / 2, 100 * np.nan_to_num(np.asarray(boundary, dtype=np.float64)), height,
+                          label=f"boundary IoU (mean {100 * scores['boundary_miou']:.1f})")
+            absent = np.isnan(np.asarray(scores["iou"], dtype=np.float64))
+            for row in np.flatnonzero(absent):  # no bar is not a 0% bar: the class is in neither labels nor predictions
+                bars.text(1, row, "absent", va="center", fontsize=8, color="#777", style="italic")
+            bars.set_yticks(rows, [f"{name} (absent)" if gone else name for name, gone in zip(info.names, absent)])
+            bars.invert_yaxis()
+            bars.set_xlim(0, 100)
+            bars.set_xlabel("%")
+            bars.grid(axis="x", alpha=0.3)
+            bars.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, path, dpi=90)
+        plt.close(fig)
 
 
 def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np.ndarray:
@@ -133,20 +138,21 @@ def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np
 def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
     """A contact sheet, one row per image: image / ground truth / prediction / errors, titled with its scores.
     `rows`: dicts with name, image, target, prediction, miou, pixel_accuracy."""
-    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
-    for ax_row, row in zip(axes, rows):
-        pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
-                    error_map(row["target"], row["prediction"], info))
-        for ax, picture in zip(ax_row, pictures):
-            ax.imshow(picture)
-            ax.axis("off")
-        ax_row[0].set_title(f"{row['name']}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
-                            f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
-    for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
-        ax.set_title(title, loc="left", fontsize=10)
-    lay_out_with_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])], 2.9 * len(rows))
-    save_figure(fig, path, dpi=80)
-    plt.close(fig)
+    with fonts_for(path, *info.names, *(row["name"] for row in rows)):
+        fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
+        for ax_row, row in zip(axes, rows):
+            pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
+                        error_map(row["target"], row["prediction"], info))
+            for ax, picture in zip(ax_row, pictures):
+                ax.imshow(picture)
+                ax.axis("off")
+            ax_row[0].set_title(f"{row['name']}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
+                                f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
+        for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
+            ax.set_title(title, loc="left", fontsize=10)
+        lay_out_with_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])], 2.9 * len(rows))
+        save_figure(fig, path, dpi=80)
+        plt.close(fig)
 
 
 def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5, seed: int = 0,

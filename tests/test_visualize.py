@@ -1,0 +1,69 @@
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from resunet.data.classes import ClassInfo  # noqa: E402
+from resunet.fonts import fallback_families, fonts_for  # noqa: E402
+from resunet.visualize import plot_confusion  # noqa: E402
+
+HOOKED_D = "\u1d81"  # ᶁ: not in DejaVu Sans, in STIXGeneral (both ship with matplotlib)
+CAT = "\u732b"  # 猫: in no font matplotlib ships
+
+
+def titled(text: str):
+    figure = plt.figure(figsize=(1.5, 0.6))
+    figure.text(0.05, 0.3, text, fontsize=14)
+    return figure
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_characters_dejavu_lacks_are_drawn_with_an_installed_font_that_has_them(tmp_path, capsys):
+    families, unshown = fallback_families(f"road {HOOKED_D}")
+    assert families and unshown == ""
+    assert fallback_families("road, sky: ASCII and Latin-1 ñ é") == ([], "")
+    # Drawn as a glyph, not as matplotlib's last-resort box: the picture differs from plain savefig's, and
+    # matplotlib's "Glyph ... missing" warning (one per character and draw) is not raised.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = titled(HOOKED_D)
+        plain.savefig(tmp_path / "plain.png", dpi=50)
+        assert any("missing from font" in str(w.message) for w in caught)
+        caught.clear()
+        with fonts_for(tmp_path / "fallback.png", HOOKED_D):
+            titled(HOOKED_D).savefig(tmp_path / "fallback.png", dpi=50)
+        assert not caught
+    assert (pixels(tmp_path / "plain.png") != pixels(tmp_path / "fallback.png")).any()
+    assert capsys.readouterr().err == ""
+    # ASCII text is drawn exactly as before.
+    titled("road").savefig(tmp_path / "a.png", dpi=50)
+    with fonts_for(tmp_path / "b.png", "road"):
+        titled("road").savefig(tmp_path / "b.png", dpi=50)
+    assert (pixels(tmp_path / "a.png") == pixels(tmp_path / "b.png")).all()
+    plt.close("all")
+
+
+def test_characters_no_installed_font_has_are_said_once(tmp_path, capsys):
+    """Class names in Chinese came out as boxes in every plot, with a warning per character and draw."""
+    families, unshown = fallback_families(CAT + HOOKED_D)
+    info = ClassInfo((f"{CAT}{HOOKED_D}", "dog", CAT), ((0, 0, 0), (9, 9, 9), (20, 20, 20)))
+    scores = {"iou": [0.5, 0.25, float("nan")], "miou": 0.375}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]), info, tmp_path / "confusion.png", scores)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    assert pixels(tmp_path / "confusion.png").shape[2] == 3
+    err = capsys.readouterr().err
+    if unshown:  # no CJK font here (none ships with matplotlib; Debian's fonts-noto-cjk would have it)
+        assert unshown == CAT and families
+        assert err == (f"resunet: warning: {tmp_path / 'confusion.png'}: no installed font has {CAT}; drawn as boxes "
+                       "(install a font with them, e.g. Debian's fonts-noto-cjk)\n")
+    else:
+        assert err == ""
