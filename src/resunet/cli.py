@@ -266,7 +266,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
     """The image files that files, folders and globs name; a line for each input that names none (a glob that
     matches nothing, a folder without images: a typo must not pass for a finished run); and a note for each folder
     whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*')."""
-    from .data.images import IMAGE_SUFFIXES, list_images, nested_images
+    from .data.images import image_name, list_images, nested_images
 
     paths: list[Path] = []
     problems: list[str] = []
@@ -284,7 +284,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
             paths += found
         elif any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True)
-                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+                           if image_name(Path(p)) and Path(p).is_file())
             if not found:
                 problems.append(f"{item}: matches no image file")
             paths += found

@@ -257,14 +257,19 @@ def check_mask_values(mask: np.ndarray, info: ClassInfo, path: str | Path) -> No
         )
 
 
+def image_name(path: Path) -> bool:
+    """Whether a file is taken for an image by its name: an image suffix, and not hidden (a copy from a Mac to exFAT,
+    FAT or SMB leaves a `._name.jpg`, AppleDouble metadata, beside each file)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def list_images(folder: Path) -> list[Path]:
-    """The images directly in `folder` (its subfolders are not read: see `nested_images`). Hidden files are not
-    images: a copy from a Mac to exFAT, FAT or SMB leaves a `._name.jpg` (AppleDouble metadata) beside each file,
-    which was listed and then refused as unreadable."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The images directly in `folder` (its subfolders are not read: see `nested_images`), by `image_name`: the
+    AppleDouble files were listed and then refused as unreadable."""
+    return sorted(p for p in folder.iterdir() if image_name(p))
 
 
 def nested_images(folder: Path) -> list[Path]:
     """Images in `folder`'s subfolders (a Cityscapes-style images/CITY/*.png), which the datasets do not read."""
     return sorted(p for p in folder.glob("*/**/*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+                  if image_name(p) and p.is_file())
