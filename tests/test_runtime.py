@@ -38,6 +38,24 @@ def test_without_cpuinfo_bf16_is_the_cpus_own_not_onednns_emulation(monkeypatch)
         assert runtime.resolve_precision("auto", torch.device("cpu")) is (torch.bfloat16 if expected else None)
 
 
+def test_the_cpu_kind_is_x86s_three_or_the_architecture(monkeypatch):
+    # An ARM CPU (its /proc/cpuinfo has "Features", not "flags") was 'no-bf16', the Xeon kind with an INT8 target.
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())
+    assert runtime.cpu_kind() == "aarch64"
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    for flags, kind in ((("avx512_vnni",), "no-bf16"), (("avx512_bf16",), "avx512_bf16"),
+                        (("avx512_bf16", "amx_bf16"), "amx")):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+        assert runtime.cpu_kind() == kind
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "AMD64")  # Windows: no /proc/cpuinfo, the CPU's own say
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())
+    for avx512_bf16, amx, kind in ((False, False, "no-bf16"), (True, False, "avx512_bf16"), (True, True, "amx")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert runtime.cpu_kind() == kind
+
+
 def test_cpu_threads_without_sched_getaffinity(monkeypatch):
     # macOS and Windows have no os.sched_getaffinity: every CPU prediction and the cached data path raised there.
     monkeypatch.delattr(os, "sched_getaffinity")

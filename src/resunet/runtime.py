@@ -99,11 +99,16 @@ def cpu_name() -> str:
 
 
 def cpu_kind() -> str:
-    """'amx' (Intel AMX tiles), 'avx512_bf16' (e.g. AMD Zen 4), or 'no-bf16'."""
+    """'amx' (Intel AMX tiles), 'avx512_bf16' (e.g. AMD Zen 4), 'no-bf16' (an x86 CPU without either), or, on
+    another architecture, its name ('aarch64', 'arm64'): the benchmark's targets and the auto precision were measured
+    on the three x86 kinds only (an ARM CPU with bf16 was called 'no-bf16', and given that kind's INT8 target)."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return machine or "unknown"
     flags = cpu_flags()
-    if "amx_bf16" in flags:
+    if "amx_bf16" in flags or (not flags and torch.cpu._is_amx_tile_supported()):
         return "amx"
-    if "avx512_bf16" in flags:
+    if "avx512_bf16" in flags or (not flags and torch.cpu._is_avx512_bf16_supported()):
         return "avx512_bf16"
     return "no-bf16"
 
