@@ -231,7 +231,8 @@ def test_an_extraction_cut_short_is_redone_from_the_kept_archive(voc_tar, server
     monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
     with pytest.raises(DownloadError, match=r"^cannot extract .*VOCtrainval_11-May-2012\.tar into .*data \(No space "
                                             r"left on device\); free some space or make it writable, then run the "
-                                            r"same command again$"):
+                                            r"same command again \(keep VOCtrainval_11-May-2012\.tar: it is "
+                                            r"extracted again from it\)$"):
         download_voc2012(root, url=url, md5=md5)
     monkeypatch.undo()
     voc_dir = download_voc2012(root, url=url, md5=md5)  # extracted again: the archive was kept and verified
@@ -405,3 +406,133 @@ def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
     assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
     assert os.stat(aug / "2008_000005.png").st_mtime_ns == stamp
     np.testing.assert_array_equal(load("2008_000006"), sbd_mask("2008_000006"))
+
+
+# --------------------------------------------------------------------------- runs stopped, disks, hands
+
+
+def test_a_half_extracted_folder_whose_archive_was_deleted_is_not_ready(voc_tar, server, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Extraction stopped by a full disk says "free some space"; the 2 GB archive beside it is the obvious thing to
+    delete, and the next run took the half-extracted folder for one extracted by hand: "VOC 2012 ready"."""
+    url, md5, _ = voc_tar
+    root = tmp_path / "data"
+
+    def stopped(self, *args, **kwargs):
+        (root / "VOCdevkit/VOC2012/JPEGImages").mkdir(parents=True)  # the first members only
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tarfile.TarFile, "extractall", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        download_voc2012(root, url=url, md5=md5)
+    monkeypatch.undo()
+    archive = root / "VOCtrainval_11-May-2012.tar"
+    kept = archive.read_bytes()
+    archive.unlink()
+    with pytest.raises(DownloadError, match=r"VOC2012 was being extracted from VOCtrainval_11-May-2012.tar when a run "
+                                            r"stopped, and VOCtrainval_11-May-2012.tar is gone: delete .*VOC2012 and "
+                                            r"run the same command again"):
+        download_voc2012(root, url=url, md5=md5)
+    archive.write_bytes(kept)  # or put it back
+    voc_dir = download_voc2012(root, url=url, md5=md5)
+    assert (voc_dir / "SegmentationClass" / f"{VOC_VAL[0]}.png").is_file() and len(server.requests) == 1
+    assert not (root / ".VOCtrainval_11-May-2012.tar.extracting").exists()
+    # A folder extracted by hand (no archive ever here) is still taken as it is.
+    hand = tmp_path / "hand"
+    (hand / "VOCdevkit").mkdir(parents=True)
+    (voc_dir.parent.parent / "VOCdevkit" / "VOC2012").rename(hand / "VOCdevkit" / "VOC2012")
+    assert download_voc2012(hand, url=url, md5=md5) == hand / "VOCdevkit" / "VOC2012"
+
+
+def test_a_copy_cut_short_put_there_by_hand_is_resumed_not_silently_deleted(big_file, server, tmp_path: Path,
+                                                                            capsys) -> None:
+    url, md5, total = big_file
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes((server.root / "blob.bin").read_bytes()[:120_000])
+    assert download_url(url, dest, md5=md5, progress=False) == dest and md5_of(dest) == md5
+    assert server.requests == [("/blob.bin", "bytes=120000-")]
+    err = capsys.readouterr().err
+    assert err.startswith(f"resunet: {dest}: md5 ") and "continued as a partial download (blob.bin.part)" in err
+    # Not a prefix of the file: the download fails its md5, says where from and what to do.
+    dest.write_bytes(b"<html>login</html>")
+    with pytest.raises(DownloadError, match=f"^md5 mismatch for blob.bin from {url}: .*; file deleted; run the same "
+                                            "command again to download it anew$"):
+        download_url(url, dest, md5=md5, progress=False)
+    assert not dest.exists() and not (tmp_path / "blob.bin.part").exists()
+
+
+def test_a_second_run_on_the_same_root_is_refused_while_the_first_holds_it(voc_tar, tmp_path: Path) -> None:
+    """The second resumed into the .part the first was writing: the md5 failed, the file was deleted, both lost it."""
+    import fcntl
+
+    url, md5, _ = voc_tar
+    root = tmp_path / "data"
+    root.mkdir()
+    with open(root / ".VOCtrainval_11-May-2012.tar.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first run holds it
+        with pytest.raises(DownloadError, match="^another resunet download is fetching or extracting "):
+            download_voc2012(root, url=url, md5=md5)
+    assert not list(root.glob("VOC*"))
+    assert (download_voc2012(root, url=url, md5=md5) / EXTRACTED).is_file()
+
+
+EXTRACTED = ".resunet-extracted"
+
+
+def test_a_full_disk_while_downloading_is_said_to_be_the_disk(big_file, tmp_path: Path) -> None:
+    # It was "download of URL failed: [Errno 28] No space left on device": the network was blamed.
+    url, md5, _ = big_file
+    dest = tmp_path / "blob.bin"
+    (tmp_path / "blob.bin.part").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(DownloadError, match=r"^cannot write .*blob.bin.part \(No space left on device\); free some "
+                                            r"space on that disk or make .* writable; then run the same command$"):
+        download_url(url, dest, md5=md5, progress=False)
+    (tmp_path / "blob.bin.part").unlink()
+    (tmp_path / "blob.bin.part").mkdir()  # cannot be opened for writing
+    with pytest.raises(DownloadError, match=r"^cannot write .*blob.bin.part \(Is a directory\)"):
+        download_url(url, dest, md5=md5, progress=False)
+
+
+def test_a_vocdevkit_linked_to_another_disk_gets_a_way_out(voc_tar, tmp_path: Path) -> None:
+    url, md5, _ = voc_tar
+    root, elsewhere = tmp_path / "data", tmp_path / "big" / "VOCdevkit"
+    elsewhere.mkdir(parents=True)
+    root.mkdir()
+    (root / "VOCdevkit").symlink_to(elsewhere)
+    with pytest.raises(DownloadError, match=r"VOCdevkit is a link \(to .*big/VOCdevkit\), and extraction does not "
+                                            r"write through links; give --root the folder on the other disk instead$"):
+        download_voc2012(root, url=url, md5=md5)
+
+
+def test_train_aug_from_damaged_or_unwritable_files_is_one_line(voc_tar, server, tmp_path: Path) -> None:
+    """A truncated .mat or PNG (a half-extracted tree, a copy by hand) or a folder it cannot write: tracebacks."""
+    voc_url, voc_md5, _ = voc_tar
+    sbd = build_sbd_tgz(tmp_path / "sbd_build", server.root / "benchmark.tgz")
+    root = tmp_path / "data"
+    voc_dir = download_voc2012(root, url=voc_url, md5=voc_md5)
+    sbd_dir = download_sbd(root, url=f"{server.url}/benchmark.tgz", md5=md5_of(sbd))
+    mat = sbd_dir / "cls" / "2008_000005.mat"
+    mat.write_bytes(mat.read_bytes()[:200])
+    with pytest.raises(DownloadError, match=f"^{mat}: cannot read it \\(.*\\); the extracted folder is damaged: delete "
+                                            f"{sbd_dir.parent} and run the same command again$"):
+        make_train_aug(voc_dir, sbd_dir)
+    png = voc_dir / "SegmentationClass" / f"{VOC_TRAIN[0]}.png"
+    png.write_bytes(png.read_bytes()[:60])
+    (voc_dir / "SegmentationClassAug" / f"{VOC_TRAIN[0]}.png").unlink()
+    with pytest.raises(DownloadError, match=f"^{png}: cannot read it "):
+        make_train_aug(voc_dir, sbd_dir)
+    (voc_dir / "SegmentationClassAug").rename(tmp_path / "aside")
+    (voc_dir / "SegmentationClassAug").write_text("a file in the way")
+    with pytest.raises(DownloadError, match="^cannot write .*SegmentationClassAug \\(File exists\\); make .* writable"):
+        make_train_aug(voc_dir, sbd_dir)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    from resunet.cli import main
+    from resunet.data import download
+
+    def interrupted(root):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(download, "download_voc2012", interrupted)
+    assert main(["download", "voc", "--root", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("resunet download: interrupted; what was done is kept (a download as its .part "
+                                       "file, the masks written): the same command goes on from there\n")

@@ -440,13 +440,18 @@ def cmd_download(args) -> int:
     root = Path(args.root)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"resunet download: error: --root {root}: is a file, not a folder")
-    if args.dataset == "voc":
-        print(f"VOC 2012 ready at {download.download_voc2012(root)}")
-    else:
-        voc_dir = download.download_voc2012(root)
-        sbd_dir = download.download_sbd(root)
-        count = download.make_train_aug(voc_dir, sbd_dir)
-        print(f"train_aug ready: {count} images (use --train-split train_aug --data-root {root})")
+    try:
+        if args.dataset == "voc":
+            print(f"VOC 2012 ready at {download.download_voc2012(root)}")
+        else:
+            voc_dir = download.download_voc2012(root)
+            sbd_dir = download.download_sbd(root)
+            count = download.make_train_aug(voc_dir, sbd_dir)
+            print(f"train_aug ready: {count} images (use --train-split train_aug --data-root {root})")
+    except KeyboardInterrupt:
+        print("resunet download: interrupted; what was done is kept (a download as its .part file, the masks "
+              "written): the same command goes on from there", file=sys.stderr)
+        return 130
     return 0
 
 

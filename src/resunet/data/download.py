@@ -11,10 +11,12 @@ The URLs and md5 sums are those torchvision's ``VOCSegmentation`` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -81,6 +83,16 @@ def _network_error(url: str, part: Path, reason: object) -> DownloadError:
     return DownloadError(f"download of {url} failed: {_one_line(reason)}; {tail}")
 
 
+def _disk_error(part: Path, err: OSError) -> DownloadError:
+    try:
+        kept = part.stat().st_size
+    except OSError:
+        kept = 0
+    tail = f"the {kept} bytes downloaded are kept and the same command resumes" if kept else "then run the same command"
+    return DownloadError(f"cannot write {part} ({err.strerror or err}); free some space on that disk or make "
+                         f"{part.parent} writable; {tail}")
+
+
 def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
     """Append the missing bytes of ``url`` to ``part``; return when it is complete."""
     offset = part.stat().st_size if part.exists() else 0
@@ -119,7 +131,11 @@ def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
         expected = offset + int(length) if length is not None else None
         received = offset
         try:
-            with open(part, "ab" if resumed else "wb") as fh, tqdm(
+            fh = open(part, "ab" if resumed else "wb")
+        except OSError as err:
+            raise _disk_error(part, err) from None
+        try:
+            with fh, tqdm(
                 total=expected,
                 initial=offset,
                 unit="B",
@@ -129,7 +145,10 @@ def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
                 disable=not progress,
             ) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    fh.write(chunk)
+                    try:
+                        fh.write(chunk)
+                    except OSError as err:  # this machine's disk, not the network: say which, and what to do
+                        raise _disk_error(part, err) from None
                     received += len(chunk)
                     bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as err:
@@ -148,18 +167,29 @@ def download_url(url: str, dest: Path, md5: str | None = None, progress: bool = 
     None) is returned without touching the network.
     """
     dest = Path(dest)
-    if dest.exists():
-        if md5 is None or file_md5(dest) == md5:
-            return dest
-        dest.unlink()  # stale or corrupt: fetch it again rather than trust it
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
+    if dest.exists():
+        actual = None if md5 is None else file_md5(dest)
+        if actual == md5:
+            return dest
+        # Not the file: most often a copy cut short (put there by hand on a machine without internet), whose bytes
+        # are a prefix of the download. Continued as the partial file unless one is already there; said either way.
+        if part.exists():
+            dest.unlink()
+            done = "deleted (a partial download is already beside it)"
+        else:
+            os.replace(dest, part)
+            done = f"continued as a partial download ({part.name})"
+        print(f"resunet: {dest}: md5 {actual}, not {md5}: not the file (a copy cut short?); {done}", file=sys.stderr)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     _fetch_to_part(url, part, dest.name, progress)
     if md5 is not None:
         actual = file_md5(part)
         if actual != md5:
             part.unlink()  # resuming a corrupt prefix would never succeed
-            raise DownloadError(f"md5 mismatch for {dest.name}: expected {md5}, got {actual}; file deleted")
+            raise DownloadError(f"md5 mismatch for {dest.name} from {url}: expected {md5}, got {actual} (a proxy's or "
+                                "login page instead of the file, or a damaged copy?); file deleted; run the same "
+                                "command again to download it anew")
     os.replace(part, dest)  # atomic on one filesystem: no half-written dest
     return dest
 
@@ -194,16 +224,24 @@ def extract(archive: Path, dest_dir: Path) -> None:
                     _check_member_fallback(member, dest_dir)
                 tar.extractall(dest_dir, members=members)
     except tarfile.TarError as err:  # includes tarfile.FilterError
+        linked = [entry for entry in dest_dir.iterdir() if entry.is_symlink()]
+        if isinstance(err, tarfile.OutsideDestinationError) and linked:
+            # The "data" filter does not extract through links, even the user's own (a VOCdevkit on another disk).
+            raise DownloadError(f"cannot extract {archive}: {linked[0]} is a link (to {os.readlink(linked[0])}), and "
+                                "extraction does not write through links; give --root the folder on the other disk "
+                                "instead") from None
         raise DownloadError(f"cannot extract {archive}: {_one_line(err)}") from err
     except OSError as err:  # a full disk, a read-only folder: said in one line; a rerun extracts it again
         raise DownloadError(f"cannot extract {archive} into {dest_dir} ({err.strerror or err}); free some space or "
-                            "make it writable, then run the same command again") from None
+                            f"make it writable, then run the same command again (keep {archive.name}: it is "
+                            "extracted again from it)") from None
 
 
 def _require(base: Path, names: list[str], what: str) -> None:
     missing = [name for name in names if not (base / name).exists()]
     if missing:
-        raise DownloadError(f"{what} at {base} is incomplete: missing {', '.join(missing)}")
+        raise DownloadError(f"{what} at {base} is incomplete: missing {', '.join(missing)}; delete {base} and run the "
+                            "same command again to download and extract it anew")
 
 
 _VOC_REQUIRED = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"]
@@ -215,23 +253,63 @@ _SBD_REQUIRED = ["img", "cls", "train.txt", "val.txt"]
 EXTRACTED_STAMP = ".resunet-extracted"
 
 
+def _extracting_marker(root: Path, archive_name: str) -> Path:
+    """Beside the archive while it is being extracted: a half-extracted folder whose archive was then deleted (to
+    free the space the error asked for) is not taken for one extracted by hand."""
+    return root / f".{archive_name}.extracting"
+
+
+@contextlib.contextmanager
+def _only_run(root: Path, archive_name: str):
+    """One download of an archive into a root at a time: a second run resumed into the .part the first was still
+    writing, the md5 failed and both lost the download."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; runs are not guarded
+        yield
+        return
+    try:
+        lock = open(root / f".{archive_name}.lock", "a")
+    except OSError as err:
+        raise DownloadError(f"--root {root}: cannot write in it ({err.strerror or err})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DownloadError(f"another resunet download is fetching or extracting {root / archive_name}; let it "
+                                "finish (then this command has nothing left to do)") from None
+        yield
+
+
 def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
                           required: list[str], what: str) -> Path:
     stamp = folder / EXTRACTED_STAMP
-    archive_path = root / archive_name
-    downloading = archive_path.exists() or (root / f"{archive_name}.part").exists()
-    if stamp.exists() or (folder.is_dir() and not downloading):
-        # Ours and finished; or extracted by hand (or by a version without stamps), with no archive to redo it from.
+    if stamp.exists():  # ours and finished
         _require(folder, required, what)
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DownloadError(f"--root {root}: cannot make the folder ({err.strerror or err})") from None
-    archive = download_url(url, archive_path, md5)
-    extract(archive, root)
-    _require(folder, required, f"extracted {what}")
-    stamp.touch()
+    archive_path = root / archive_name
+    marker = _extracting_marker(root, archive_name)
+    with _only_run(root, archive_name):
+        if stamp.exists():  # finished by the run this one waited for
+            return folder
+        downloading = archive_path.exists() or (root / f"{archive_name}.part").exists()
+        if folder.is_dir() and not downloading:
+            if marker.exists():
+                raise DownloadError(f"{folder} was being extracted from {archive_name} when a run stopped, and "
+                                    f"{archive_name} is gone: delete {folder} and run the same command again (it "
+                                    f"downloads the archive anew), or put {archive_name} back in {root}")
+            _require(folder, required, what)  # extracted by hand (or by a version without stamps)
+            return folder
+        archive = download_url(url, archive_path, md5)
+        marker.touch()
+        extract(archive, root)
+        _require(folder, required, f"extracted {what}")
+        stamp.touch()
+        marker.unlink()
     return folder
 
 
@@ -296,7 +374,8 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
     names = sorted((sbd_all | voc_train) - voc_val)
 
     out_dir = voc_dir / "SegmentationClassAug"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     for name in tqdm(names, desc="SegmentationClassAug", unit="mask"):
         out = out_dir / f"{name}.png"
         if out.exists():
@@ -304,14 +383,37 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
         voc_png = voc_dir / "SegmentationClass" / f"{name}.png"
         sbd_mat = sbd_dir / "cls" / f"{name}.mat"
         if voc_png.exists():
-            mask = _check_labels(_read_voc_png(voc_png), voc_png)
+            mask = _check_labels(_read_annotation(_read_voc_png, voc_png, voc_dir), voc_png)
         elif sbd_mat.exists():
-            mask = _check_labels(read_sbd_mat(sbd_mat), sbd_mat)
+            mask = _check_labels(_read_annotation(read_sbd_mat, sbd_mat, sbd_dir.parent), sbd_mat)
         else:
             raise DownloadError(f"no annotation for {name}: neither {voc_png} nor {sbd_mat} exists")
         tmp = out.with_suffix(".png.tmp")
-        Image.fromarray(mask).save(tmp, format="PNG")
-        os.replace(tmp, out)  # a killed run never leaves a truncated PNG to be skipped later
+        with _writing(out):
+            Image.fromarray(mask).save(tmp, format="PNG")
+            os.replace(tmp, out)  # a killed run never leaves a truncated PNG to be skipped later
 
-    (splits / "train_aug.txt").write_text("".join(f"{name}\n" for name in names))
+    with _writing(splits / "train_aug.txt"):
+        (splits / "train_aug.txt").write_text("".join(f"{name}\n" for name in names))
     return len(names)
+
+
+def _read_annotation(read, path: Path, extracted: Path) -> np.ndarray:
+    """`read(path)`, a file it cannot read (cut short, or not what it should be) as one line saying what to do."""
+    try:
+        return read(path)
+    except DownloadError:
+        raise
+    except Exception as err:  # PIL's and scipy's errors for a damaged file are of many kinds (OSError, ValueError, ...)
+        raise DownloadError(f"{path}: cannot read it ({_one_line(err) or type(err).__name__}); the extracted folder is "
+                            f"damaged: delete {extracted} and run the same command again") from None
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A write into the dataset's folder that fails (read-only, a full disk) as one line; masks written are kept."""
+    try:
+        yield
+    except OSError as err:
+        raise DownloadError(f"cannot write {path} ({err.strerror or err}); make {path.parent} writable or free some "
+                            "space, then run the same command again (the masks written are kept)") from None
