@@ -375,13 +375,18 @@ def test_fake_sbd_readable_by_torchvision_sbdataset(tmp_path: Path) -> None:
         np.testing.assert_array_equal(read_sbd_mat(ds_dir / "cls" / f"{name}.mat"), np.array(target))
 
 
-def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
+def voc_and_sbd(voc_tar, server, tmp_path: Path) -> tuple[Path, Path]:
+    """VOC and SBD downloaded from the local server into tmp_path/data: (VOC2012 folder, SBD dataset folder)."""
     voc_url, voc_md5, _ = voc_tar
     sbd = build_sbd_tgz(tmp_path / "sbd_build", server.root / "benchmark.tgz")
     root = tmp_path / "data"
     voc_dir = download_voc2012(root, url=voc_url, md5=voc_md5)
-    sbd_dir = download_sbd(root, url=f"{server.url}/benchmark.tgz", md5=md5_of(sbd))
-    assert sbd_dir == root / "benchmark_RELEASE" / "dataset"
+    return voc_dir, download_sbd(root, url=f"{server.url}/benchmark.tgz", md5=md5_of(sbd))
+
+
+def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
+    voc_dir, sbd_dir = voc_and_sbd(voc_tar, server, tmp_path)
+    assert sbd_dir == tmp_path / "data" / "benchmark_RELEASE" / "dataset"
 
     assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
     listed = (voc_dir / "ImageSets/Segmentation/train_aug.txt").read_text().split()
@@ -505,11 +510,7 @@ def test_a_vocdevkit_linked_to_another_disk_gets_a_way_out(voc_tar, tmp_path: Pa
 
 def test_train_aug_from_damaged_or_unwritable_files_is_one_line(voc_tar, server, tmp_path: Path) -> None:
     """A truncated .mat or PNG (a half-extracted tree, a copy by hand) or a folder it cannot write: tracebacks."""
-    voc_url, voc_md5, _ = voc_tar
-    sbd = build_sbd_tgz(tmp_path / "sbd_build", server.root / "benchmark.tgz")
-    root = tmp_path / "data"
-    voc_dir = download_voc2012(root, url=voc_url, md5=voc_md5)
-    sbd_dir = download_sbd(root, url=f"{server.url}/benchmark.tgz", md5=md5_of(sbd))
+    voc_dir, sbd_dir = voc_and_sbd(voc_tar, server, tmp_path)
     mat = sbd_dir / "cls" / "2008_000005.mat"
     mat.write_bytes(mat.read_bytes()[:200])
     with pytest.raises(DownloadError, match=f"^{mat}: cannot read it \\(.*\\); the extracted folder is damaged: delete "
