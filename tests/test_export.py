@@ -192,6 +192,41 @@ def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_ru
     assert figures["fp32_file"] == str(tmp_path / "m.int8.fp32.onnx")
 
 
+@pytest.mark.parametrize("failure", ["miou", "ctrl-c"])
+def test_a_failed_miou_check_keeps_the_earlier_file(exported, trained_run, demo_root, tmp_path, monkeypatch, failure):
+    """The fp32 file took its name after the parity check, before the mIoU check: a file refused there was removed
+    with the earlier good file it had replaced (make demo's model.onnx on a rerun), and Ctrl-C during the
+    evaluation left an unchecked file under the real name."""
+    import shutil
+
+    import resunet.export as export
+
+    class Scores:
+        def __init__(self, miou: float) -> None:
+            self.miou = miou
+
+        def compute(self) -> dict:
+            return {"miou": self.miou}
+
+    def evaluate(predictor, dataset, **options):
+        calls.append(predictor)
+        if len(calls) == 2 and failure == "ctrl-c":
+            raise KeyboardInterrupt
+        return Scores(0.50 if len(calls) == 1 else 0.48)  # the file 2 points below PyTorch
+
+    calls: list = []
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    monkeypatch.setattr(export, "evaluate_dataset", evaluate)
+    (tmp_path / "m.onnx").write_bytes(b"the earlier, checked file")
+    expected = (KeyboardInterrupt, None) if failure == "ctrl-c" else (ExportError, r"m\.onnx: mIoU fell 2\.00 points")
+    with pytest.raises(expected[0], match=expected[1]):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), data_root=str(demo_root), workers=0)
+    assert len(calls) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file beside it
+    assert (tmp_path / "m.onnx").read_bytes() == b"the earlier, checked file"
+
+
 def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch):
     import shutil
 

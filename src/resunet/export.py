@@ -399,6 +399,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
 
     fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
     tmp = temporary_path(fp32_path)
+    # A file takes its name only once its checks have passed (parity here; the mIoU check below for the file asked
+    # for): a failed or interrupted export leaves an earlier file of that name as it was.
     try:
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
@@ -416,16 +418,18 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         if parity.max_logit_diff >= MAX_LOGIT_DIFF or parity.agreement < MIN_AGREEMENT:
             raise refuse(f"{out}: the exported graph does not match PyTorch (max |Δlogit| "
                          f"{parity.max_logit_diff:.2e}, agreement {100 * parity.agreement:.3f}%); file not kept")
-        os.replace(tmp, fp32_path)
-    finally:
+        if int8:  # the fp32 copy beside the INT8 file is checked by parity alone
+            os.replace(tmp, fp32_path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-    fp32 = OnnxPredictor(fp32_path)
+        raise
+    fp32 = OnnxPredictor(fp32_path if int8 else tmp)
     result["fp32_file"] = str(fp32_path)
 
     final = fp32
-    # The INT8 file takes its name only after the mIoU check below, and a file that fails the check is removed:
-    # nothing unchecked is left where a deployment would pick it up (the verified fp32 file stays).
-    checked = temporary_path(out) if int8 else out
+    # The file asked for takes its name only after the mIoU check below, and a file that fails the check is
+    # removed: nothing unchecked is left where a deployment would pick it up (an INT8 export's fp32 file stays).
+    checked = temporary_path(out) if int8 else tmp
     try:
         if int8:
             started = time.perf_counter()
@@ -450,17 +454,14 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             print(f"mIoU on {dataset.description} ({len(dataset)} images, original resolution): PyTorch fp32 "
                   f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
             limit = max_miou_drop if int8 else 0.1
-            if drift < -limit:
-                checked.unlink()
+            if drift < -limit:  # the file is removed below
                 kept = f"; the verified fp32 file is {fp32_path}" if int8 else ""
                 raise refuse(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}; file not "
                              f"kept{kept}")
-    except BaseException:
-        if int8:  # an interrupted or failed quantisation leaves no temporary file
-            checked.unlink(missing_ok=True)
+    except BaseException:  # a failed check, a failed or interrupted quantisation: no temporary file is left
+        checked.unlink(missing_ok=True)
         raise
-    if int8:
-        os.replace(checked, out)
+    os.replace(checked, out)
     result["onnx_kept"] = True
     write_json(result, json_out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
