@@ -477,6 +477,42 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert len(list((tmp_path / "bf16").glob("*.png"))) == 2
 
 
+def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_root, tmp_path, capsys):
+    """Found by a helper: --backend auto picked an end-to-end file exported with flip TTA for a run asked for none
+    (other logits, without a word), and an INT8 file for --precision fp32, which an INT8 file was also given as
+    such directly; a line said 'no exported file beside it' where files were only left out; and an image the model
+    cannot take, timed first, failed the whole run instead of itself."""
+    import shutil
+
+    from resunet.export import set_metadata
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    for name, metadata in (("flip.onnx", {"resunet.tta": "flip"}), ("q.int8.onnx", {"resunet.int8": "true"})):
+        shutil.copy(exported["dir"] / "model.onnx", folder / name)  # the same graph, described otherwise
+        set_metadata(folder / name, metadata)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (5000, 1)).save(images / "a_strip.png")  # 320000×64 at working size 64: over the limit
+    shutil.copy(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_00000.jpg", images / "b.jpg")
+    predict = ["predict", str(folder / "best.pt"), str(images), "--backend", "auto"]
+    assert main([*predict, "--out", str(tmp_path / "out")]) == 1  # the strip failed, alone
+    out, err = capsys.readouterr()
+    line = [l for l in out.splitlines() if l.startswith("backend")][0]
+    assert line.startswith("backend auto: ") and "q.int8.onnx" in line.split("left out")[0], line
+    assert line.endswith("; left out: flip.onnx: exported with tta flip, not none)"), line
+    assert "a_strip.png: 5000×1 pixels become" in err and (tmp_path / "out" / "b.png").is_file()
+    assert main([*predict, "--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 1
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
+    assert line == (f"backend: PyTorch ({folder / 'best.pt'}; the files exported from it cannot run as asked; left "
+                    "out: flip.onnx: exported with tta flip, not none, q.int8.onnx: --precision fp32: it holds INT8 "
+                    "weights)")
+    assert main(["predict", str(folder / "q.int8.onnx"), str(images / "b.jpg"), "--out", str(tmp_path / "q"),
+                 "--precision", "fp32"]) == 2
+    assert "--precision fp32: " + str(folder / "q.int8.onnx") + " holds INT8 weights" in capsys.readouterr().err
+
+
 def test_an_end_to_end_file_gives_confidence_and_ece_from_its_logits(exported, demo_root, tmp_path, capsys):
     # It was refused ("an end-to-end graph outputs class maps, not logits"), and evaluate left ECE out without a word,
     # though the graph outputs full-size logits beside its class maps.

@@ -328,12 +328,9 @@ def cmd_predict(args) -> int:
     elif args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
         from .onnx_predictor import load_fastest
 
-        sample = next((image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None), None)
-        if sample is None:
-            predictor = load(args.checkpoint, **inference_options(args))
-        else:
-            predictor, line = load_fastest(args.checkpoint, sample, **inference_options(args))
-            print(line)
+        samples = (image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None)
+        predictor, line = load_fastest(args.checkpoint, samples, **inference_options(args))
+        print(line)
     else:
         predictor = load(args.checkpoint, **inference_options(args))
     out = Path(args.out)

@@ -14,6 +14,7 @@ normalisation, which graph it holds. Two kinds of graph:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from .checkpoint import CheckpointError
 from .data.classes import ClassInfo
 from .data.images import DataError
 from .predict import DEFAULT_SCALES, ONNX_DEVICES, ONNX_PRECISIONS, Predictor, check_batch, check_image_tensor
-from .runtime import available_cores
+from .runtime import DeviceError, available_cores
 
 FORMAT_KEY = "resunet.graph"
 GRAPHS = ("end-to-end", "logits")
@@ -200,28 +201,51 @@ def exported_siblings(checkpoint: str | Path) -> list[Path]:
     return found
 
 
-def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple[Predictor, str]:
+def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarray],
+                 **options) -> tuple[Predictor, str]:
     """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
-    `sample` fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
-    what was measured. Every candidate gives probabilities (--confidence), an end-to-end graph from its logits."""
+    a sample fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
+    what was measured. Every candidate gives probabilities (--confidence), an end-to-end graph from its logits.
+    `samples`: an image, or images of which the first the model can take is timed (one it refuses, a strip past the
+    working-size limit, fails when it is predicted, as it would without --backend auto). A file that cannot run as
+    `options` ask (another precision, a TTA it was not exported with) is left out, and the line says why."""
     import time
 
     from .predict import load
 
-    candidates: list[tuple[str, Predictor]] = [(str(checkpoint), load(checkpoint, **options))]
+    pytorch = load(checkpoint, **options)
     siblings = exported_siblings(checkpoint)
     if siblings and (options.get("device", "auto") not in ONNX_DEVICES
                      or options.get("precision", "auto") not in ONNX_PRECISIONS):
-        return candidates[0][1], (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in "
-                                  "their exported precision, not as --device/--precision ask)")
+        return pytorch, (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in their "
+                         "exported precision, not as --device/--precision ask)")
+    candidates: list[tuple[str, Predictor]] = [(str(checkpoint), pytorch)]
+    left_out = []
     for path in siblings:
         try:
             candidate = load(path, **options)
-        except CheckpointError:  # an end-to-end file cannot run this TTA / window setting
+            baked = getattr(candidate, "baked_tta", "none")
+            if candidate.graph == "end-to-end" and baked != options.get("tta", "none"):
+                raise CheckpointError(f"{path}: exported with tta {baked}, not {options.get('tta', 'none')}")
+        except (CheckpointError, DeviceError) as error:  # a TTA, window or precision the file cannot run
+            reason = str(error).replace(f"{path}: ", "", 1).replace(str(path), "it").split(";")[0]
+            left_out.append(f"{path.name}: {reason}")
             continue
         candidates.append((str(path), candidate))
+    why = f"; left out: {', '.join(left_out)}" if left_out else ""
     if len(candidates) == 1:
-        return candidates[0][1], f"backend: PyTorch ({checkpoint}; no exported file from it beside it)"
+        beside = "the files exported from it cannot run as asked" if left_out else "no exported file from it beside it"
+        return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{why})"
+    sample = None
+    for image in [samples] if isinstance(samples, np.ndarray) else samples:
+        try:
+            pytorch.predict(image)
+        except DataError:
+            continue
+        sample = image
+        break
+    if sample is None:
+        return pytorch, f"backend: PyTorch ({checkpoint}; no input image it can take, to time the exported files on)"
     timings = []
     for name, predictor in candidates:
         predictor.predict(sample)
@@ -233,4 +257,4 @@ def load_fastest(checkpoint: str | Path, sample: np.ndarray, **options) -> tuple
         timings.append((sorted(times)[1], name, predictor))
     timings.sort(key=lambda t: t[0])
     summary = ", ".join(f"{Path(name).name} {1000 * seconds:.0f} ms" for seconds, name, _ in timings)
-    return timings[0][2], f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image)"
+    return timings[0][2], f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image{why})"

@@ -514,7 +514,11 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
             raise DeviceError(f"--precision {precision}: {path} is an exported file, whose precision was set when it "
                               "was exported (fp32, or INT8 with export --int8); give its .pt checkpoint for "
                               f"{precision}")
-        return OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
+        predictor = OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
+        if precision == "fp32" and predictor.quantized:  # asked for fp32, it would have run INT8 without a word
+            raise DeviceError(f"--precision fp32: {path} holds INT8 weights; give its fp32 copy "
+                              f"({Path(path).stem}.fp32.onnx beside it, from export --int8) or its .pt checkpoint")
+        return predictor
     if threads is not None:
         torch.set_num_threads(threads)
     return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)
