@@ -660,8 +660,27 @@ def test_int8_calibration_skips_an_unreadable_image_and_names_it(tmp_path, capsy
     assert err.count("\n") == 1 and "calibration: skipped" in err and "broken.png" in err
     for path in folder.glob("good_*"):
         path.write_bytes(b"")
-    with pytest.raises(ExportError, match="none of the 4 calibration images could be read"):
+    with pytest.raises(ExportError, match="none of the 4 calibration images could be used"):
         calibration_images(folder, 4)
+
+
+def test_int8_calibration_spreads_over_the_list_and_skips_what_the_model_cannot_take(tmp_path, capsys):
+    """Under twice the count, the first files were taken (a step of len // count); a 5000×1 strip was taken and
+    failed the quantisation after the export, with no file named (found by a helper)."""
+    from resunet.export import ExportError, calibration_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    assert [image[0, 0, 0] for image in calibration_images(folder, 3)] == [0, 80, 200]  # 0.png, 2.png, 5.png
+    Image.new("RGB", (5000, 1)).save(folder / "9_strip.png")
+    assert len(calibration_images(folder, 7, size=64)) == 6
+    err = capsys.readouterr().err
+    assert err.strip() == (f"calibration: skipped {folder / '9_strip.png'}: 5000×1 pixels become 320000×64 at working "
+                           "size 64, more than 16,000,000 pixels: crop the image or split it")
+    with pytest.raises(ExportError, match="--calibration .*0.png: a file; give a folder of images"):
+        calibration_images(folder / "0.png", 3)
 
 
 def test_a_budgeted_run_resumed_past_epoch_1s_middle_says_how_it_timed_it(demo_root, ram_tmp, capsys, monkeypatch):

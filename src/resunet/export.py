@@ -47,7 +47,7 @@ from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, OnnxPredictor, open_session
 from .outputs import check_output_files, write_output
-from .predict import Predictor
+from .predict import Predictor, check_working_size
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
 MAX_LOGIT_DIFF = 1e-3
@@ -272,6 +272,8 @@ def calibration_paths(root: str | Path) -> list[Path]:
     masks, a VOC tree's JPEGImages, an unlabelled `root/train/images` or `root/images` folder, or the images in
     `root` itself."""
     root = Path(root)
+    if root.is_file():
+        raise ExportError(f"--calibration {root}: a file; give a folder of images (or a dataset root)")
     if not root.is_dir():
         raise ExportError(f"--calibration {root}: calibration folder not found")
     dataset_error = None
@@ -291,20 +293,28 @@ def calibration_paths(root: str | Path) -> list[Path]:
     return paths
 
 
-def calibration_images(root: str | Path, count: int, paths: list[Path] | None = None) -> list[np.ndarray]:
-    """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), spread over the list."""
+def calibration_images(root: str | Path, count: int, paths: list[Path] | None = None,
+                       size: int | None = None) -> list[np.ndarray]:
+    """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), spread evenly over the
+    list from its first to its last. With `size` (the model's working size), an image the model cannot take at that
+    size (a strip past the working-size limit) is skipped and named, as an unreadable one is."""
     paths = calibration_paths(root) if paths is None else paths
-    step = max(1, len(paths) // count)  # spread over the split, not its first files
+    # spread over the split, not its first files (a step of len // count took the first `count` of a split under
+    # twice `count`)
+    chosen = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round()})
     images, skipped = [], []
-    for path in paths[::step][:count]:
+    for path in (paths[i] for i in chosen):
         try:
-            images.append(read_image(path))
+            image = read_image(path)
+            if size is not None:
+                check_working_size(image.shape[0], image.shape[1], size)
+            images.append(image)
         except DataError as error:  # one bad photo should not stop a quantisation the others can calibrate
-            skipped.append(str(error))
+            skipped.append(str(error) if str(path) in str(error) else f"{path}: {error}")
     for line in skipped:
         print(f"calibration: skipped {line}", file=sys.stderr)
     if not images:
-        raise ExportError(f"--calibration {root}: none of the {len(skipped)} calibration images could be read")
+        raise ExportError(f"--calibration {root}: none of the {len(skipped)} calibration images could be used")
     return images
 
 
@@ -386,7 +396,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files])
     # Read now: an unreadable calibration set is refused before the export and its verification, not after them.
-    calibration_set = calibration_images(calibration, calibration_count, calibration_files) if int8 else []
+    calibration_set = calibration_images(calibration, calibration_count, calibration_files, reference.size) \
+        if int8 else []
     sources = [dataset.load(i).image for i in range(min(3, len(dataset)))] if dataset is not None else []
     images = verification_images(sources)
     result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
