@@ -646,6 +646,13 @@ def test_a_run_folder_given_as_the_model_says_so(trained_run, capsys, tmp_path):
     assert f"{trained_run}: a folder, not a checkpoint file; give the .pt file itself (it holds best.pt" in err
 
 
+def test_exporting_a_file_that_is_no_checkpoint_makes_no_folder(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    assert main(["export", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "n" / "x.onnx")]) == 2
+    assert "junk.pt: not a readable resunet checkpoint" in one_error_line(capsys, "export")
+    assert not (tmp_path / "n").exists()  # the --onnx folder was made before the checkpoint was read
+
+
 def test_int8_calibration_skips_an_unreadable_image_and_names_it(tmp_path, capsys):
     from resunet.export import ExportError, calibration_images
 

@@ -383,10 +383,12 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         raise ExportError(f"--calibration-count {calibration_count}: at least 1 image")
     # Every file written (an INT8 export keeps OUT.fp32.onnx too) must differ from the others and from every input.
     outputs = [("--onnx", out), ("--onnx (fp32 copy)", written[-1] if int8 else None), ("--json", json_out)]
-    check_output_files(outputs, inputs=[source])
     calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
+    # The inputs are read before the outputs are checked (which makes their folders): a file that is no checkpoint
+    # leaves no empty --onnx folder behind
     payload = load_checkpoint(source)
     reference = Predictor.from_payload(payload, source, device="cpu", precision="fp32", tta=tta)  # description read
+    check_output_files(outputs, inputs=[source])
     if reference.info.num_classes > 256:
         raise ExportError(f"{source}: {reference.info.num_classes} classes do not fit a uint8 mask")
     network = prepare_network(model_from_checkpoint(payload, source))
