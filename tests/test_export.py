@@ -14,7 +14,7 @@ from resunet.data.dataset import open_dataset
 from resunet.data.transforms import normalize, resize_short_side
 from resunet.evaluate import evaluate_dataset
 from resunet.export import ExportError, run_export, sha256_file
-from resunet.onnx_predictor import OnnxPredictor, read_metadata
+from resunet.onnx_predictor import MIOU_CHECK_KEY, OnnxPredictor, read_metadata
 from resunet.predict import tile_starts
 
 ODD_SIZES = ((75, 101), (257, 333))
@@ -227,7 +227,7 @@ def test_a_failed_miou_check_keeps_the_earlier_file(exported, trained_run, demo_
     assert (tmp_path / "m.onnx").read_bytes() == b"the earlier, checked file"
 
 
-def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch):
+def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch, capsys):
     import shutil
 
     import resunet.export as export
@@ -245,6 +245,15 @@ def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path,
     # Stated tolerance on the 8 demo val images: within 2 points of PyTorch fp32.
     assert result["miou"]["drift_points"] > -2.0
     assert result["int8"]["agreement"] > 0.97
+    # The check is recorded in the file: `predict --backend auto` lets only a measured INT8 file win on speed.
+    check = json.loads(read_metadata(tmp_path / "m.int8.onnx")[MIOU_CHECK_KEY])
+    assert check == {"split": "val", "images": 8, "drift_points": round(result["miou"]["drift_points"], 4),
+                     "limit": 1.0}
+    # Without --data-root nothing is measured: the file says so, and so does the command.
+    run_export(str(trained_run / "best.pt"), str(tmp_path / "u.int8.onnx"), int8=True, calibration=str(demo_root),
+               calibration_count=4, workers=0)
+    assert MIOU_CHECK_KEY not in read_metadata(tmp_path / "u.int8.onnx")
+    assert "u.int8.onnx: INT8 not checked on labelled images (no --data-root)" in capsys.readouterr().out
 
 
 # ---- bad input: one line, before the export ------------------------------------------------------------------------
@@ -481,7 +490,8 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     """Found by a helper: --backend auto picked an end-to-end file exported with flip TTA for a run asked for none
     (other logits, without a word), and an INT8 file for --precision fp32, which an INT8 file was also given as
     such directly; a line said 'no exported file beside it' where files were only left out; and an image the model
-    cannot take, timed first, failed the whole run instead of itself."""
+    cannot take, timed first, failed the whole run instead of itself. An INT8 file never measured on labelled data
+    (exported without --data-root) is left out too: it must not win on speed alone."""
     import shutil
 
     from resunet.export import set_metadata
@@ -489,7 +499,9 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(exported["ckpt"], folder / "best.pt")
-    for name, metadata in (("flip.onnx", {"resunet.tta": "flip"}), ("q.int8.onnx", {"resunet.int8": "true"})):
+    checked = {"resunet.int8": "true", MIOU_CHECK_KEY: '{"split": "val", "images": 8, "drift_points": -0.1}'}
+    for name, metadata in (("flip.onnx", {"resunet.tta": "flip"}), ("q.int8.onnx", checked),
+                           ("unchecked.int8.onnx", {"resunet.int8": "true"})):
         shutil.copy(exported["dir"] / "model.onnx", folder / name)  # the same graph, described otherwise
         set_metadata(folder / name, metadata)
     images = tmp_path / "images"
@@ -501,13 +513,14 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     out, err = capsys.readouterr()
     line = [l for l in out.splitlines() if l.startswith("backend")][0]
     assert line.startswith("backend auto: ") and "q.int8.onnx" in line.split("left out")[0], line
-    assert line.endswith("; left out: flip.onnx: exported with tta flip, not none)"), line
+    assert line.endswith("; left out: flip.onnx: exported with tta flip, not none, unchecked.int8.onnx: INT8 with no "
+                         "mIoU check (export it with --data-root))"), line
     assert "a_strip.png: 5000×1 pixels become" in err and (tmp_path / "out" / "b.png").is_file()
     assert main([*predict, "--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 1
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
     assert line == (f"backend: PyTorch ({folder / 'best.pt'}; the files exported from it cannot run as asked; left "
                     "out: flip.onnx: exported with tta flip, not none, q.int8.onnx: --precision fp32: it holds INT8 "
-                    "weights)")
+                    "weights, unchecked.int8.onnx: --precision fp32: it holds INT8 weights)")
     assert main(["predict", str(folder / "q.int8.onnx"), str(images / "b.jpg"), "--out", str(tmp_path / "q"),
                  "--precision", "fp32"]) == 2
     assert "--precision fp32: " + str(folder / "q.int8.onnx") + " holds INT8 weights" in capsys.readouterr().err

@@ -27,6 +27,9 @@ from .predict import DEFAULT_SCALES, ONNX_DEVICES, ONNX_PRECISIONS, Predictor, c
 from .runtime import DeviceError, available_cores
 
 FORMAT_KEY = "resunet.graph"
+# Written by export once an INT8 file passed its mIoU check on labelled data (split, images, drift): an INT8 file
+# without it was never measured, and `--backend auto` does not let it win on speed alone.
+MIOU_CHECK_KEY = "resunet.miou_check"
 GRAPHS = ("end-to-end", "logits")
 # An 8000×8000 image through an end-to-end graph of 21 classes took 7 GB; past this, such a graph refuses the image.
 END_TO_END_MAX_LOGIT_BYTES = 2 * 2**30
@@ -208,7 +211,8 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     what was measured. Every candidate gives probabilities (--confidence), an end-to-end graph from its logits.
     `samples`: an image, or images of which the first the model can take is timed (one it refuses, a strip past the
     working-size limit, fails when it is predicted, as it would without --backend auto). A file that cannot run as
-    `options` ask (another precision, a TTA it was not exported with) is left out, and the line says why."""
+    `options` ask (another precision, a TTA it was not exported with), or an INT8 file never checked on labelled data,
+    is left out, and the line says why."""
     import time
 
     from .predict import load
@@ -227,6 +231,8 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
             baked = getattr(candidate, "baked_tta", "none")
             if candidate.graph == "end-to-end" and baked != options.get("tta", "none"):
                 raise CheckpointError(f"{path}: exported with tta {baked}, not {options.get('tta', 'none')}")
+            if candidate.quantized and MIOU_CHECK_KEY not in candidate.metadata:
+                raise CheckpointError(f"{path}: INT8 with no mIoU check (export it with --data-root)")
         except (CheckpointError, DeviceError) as error:  # a TTA, window or precision the file cannot run
             reason = str(error).replace(f"{path}: ", "", 1).replace(str(path), "it").split(";")[0]
             left_out.append(f"{path.name}: {reason}")
