@@ -50,6 +50,8 @@ def one_error_line(capsys, command: str) -> str:
     (["--scale-max", "inf"], "--scale-max inf: must be a finite number"),
     (["--weight-decay", "inf"], "--weight-decay inf: must be 0 or more"),
     (["--warmup-epochs", "inf"], "--warmup-epochs inf: must be 0 or more"),
+    # the plateau scheduler has no warm-up: it was ignored without a word
+    (["--warmup-epochs", "1"], "--warmup-epochs 1.0: must be 0 with --scheduler plateau: a warm-up is part of"),
     # every step of a warm-up as long as the run: the rate only rose, and never decayed
     (["--scheduler", "cosine", "--epochs", "2", "--warmup-epochs", "2"],
      "--warmup-epochs 2.0: must be 0 or more, and fewer than --epochs (2)"),
@@ -183,6 +185,50 @@ def test_paths_given_as_path_objects_leave_checkpoints_that_load(tmp_path):
                                                     str(tmp_path / "run" / "last.pt"))
     save_checkpoint({"train_config": cfg.to_dict()}, tmp_path / "x.pt")
     assert load_checkpoint(tmp_path / "x.pt")["train_config"]["out"] == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("setting, words", [
+    # a typo fell back to another recipe without a word: Adam, no schedule, ClassMix, no weights, the simple path
+    ({"optimizer": "AdamW"}, "--optimizer 'AdamW': unknown; did you mean adamw? choose from adam, adamw"),
+    ({"scheduler": "Cosine"}, "--scheduler 'Cosine': unknown; did you mean cosine?"),
+    ({"mix": "CutMix"}, "--mix 'CutMix': unknown; did you mean cutmix?"),
+    ({"class_weights": "sqrt_inv_freq"}, "--class-weights 'sqrt_inv_freq': unknown; did you mean sqrt-inv-freq?"),
+    ({"data_path": "cache"}, "--data-path 'cache': unknown; did you mean cached?"),
+    ({"attention": "scSE"}, "--attention 'scSE': unknown; did you mean scse?"),  # a ValueError after the data check
+    ({"mix": None}, "--mix None: must be text"),
+    # numbers as text, or not whole: TypeErrors inside the checks, the cache build or the loop (a run folder left)
+    ({"lr": "1e-3"}, "--lr '1e-3': must be a number"),
+    ({"ema": "0.999"}, "--ema '0.999': must be a number"),
+    ({"epochs": 2.5}, "--epochs 2.5: must be a whole number"),
+    ({"size": 64.5}, "--size 64.5: must be a whole number"),
+    ({"batch_size": True}, "--batch-size True: must be a whole number"),
+    ({"pretrained": "no"}, "--pretrained 'no': must be True or False"),
+])
+def test_python_settings_of_the_wrong_kind_are_one_line_before_any_work(tmp_path, setting, words):
+    """Found by a helper using resunet from Python: argparse checks the flags' types and lists, nothing checked a
+    TrainConfig built by hand."""
+    from resunet.train import TrainingError, train
+
+    with pytest.raises(TrainingError) as refused:
+        train(tiny_config(tmp_path / "no-data", tmp_path / "run", **setting))
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_settings_in_their_natural_forms_train(demo_root, ram_tmp, capsys):
+    """The model's own tuple of decoder widths, numpy numbers, steps and seconds as numbers: stored as the flags'
+    forms (a tuple failed with an AttributeError; numpy numbers would make the checkpoint unreadable)."""
+    from resunet.checkpoint import load_checkpoint
+    from resunet.train import train
+
+    run = ram_tmp / "run"
+    cfg = tiny_config(demo_root, run, epochs=np.int64(1), lr=np.float64(1e-3), decoder_channels=(64, 32, 16, 16),
+                      checkpoint_every=5, time_budget=3600, size=32, encoder="efficientnet-lite0", precision="fp32")
+    train(cfg)
+    stored = load_checkpoint(run / "last.pt")["train_config"]
+    assert stored["decoder_channels"] == "64,32,16,16" and stored["epochs"] == 1 and type(stored["epochs"]) is int
+    assert stored["checkpoint_every"] == "5" and stored["time_budget"] == "3600" and stored["lr"] == 1e-3
+    assert load_checkpoint(run / "last.pt")["model_config"]["decoder_channels"] == [64, 32, 16, 16]
 
 
 def test_resume_from_python_keeps_the_runs_folder_and_recipe(demo_root, ram_tmp, capsys):

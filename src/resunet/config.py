@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 from .data.images import DEFAULT_MAX_PIXELS
@@ -41,7 +43,7 @@ class TrainConfig:
     optimizer: str = setting("adam", "adam (L2 weight decay, the seed) or adamw (decoupled)", choices=("adam", "adamw"))
     scheduler: str = setting("plateau", "plateau: ReduceLROnPlateau on val mIoU; cosine: per-step decay to 0; poly: "
                              "per-step (1 - progress)^0.9 decay to 0", choices=("plateau", "cosine", "poly"))
-    warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine and poly)")
+    warmup_epochs: float = setting(0.0, "linear warm-up epochs (cosine and poly; plateau has none)")
     ema: float = setting(0.0, "keep an exponential moving average of the weights and BatchNorm statistics with this "
                          "decay (e.g. 0.999; 0: off); it is the model evaluated, selected and saved")
     size: int = setting(256, "working size: images are scaled so the shorter side is size (× a random scale when "
@@ -89,9 +91,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # A Path from a Python caller is kept as text: checkpoints store these settings and are read back with
         # torch.load(weights_only=True), which refuses pickled Path objects (a run's every checkpoint was unreadable).
+        # So are numpy numbers (as Python's) and the other forms a caller writes naturally: the model's own tuple of
+        # decoder widths, a number of steps for checkpoint_every, of seconds for time_budget. What is left of
+        # another type is refused by `train` (`train.check_types`), in one line.
+        hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
-            if isinstance(value := getattr(self, f.name), os.PathLike):
-                setattr(self, f.name, os.fspath(value))
+            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, bool):
+                pass
+            elif int in kinds and isinstance(value, numbers.Integral):
+                value = int(value)
+            elif float in kinds and isinstance(value, numbers.Real):
+                value = float(value)
+            elif f.name == "decoder_channels" and isinstance(value, (tuple, list)):
+                value = ",".join(str(v) for v in value)
+            elif f.name in ("checkpoint_every", "time_budget") and isinstance(value, numbers.Real):
+                value = str(value)
+            setattr(self, f.name, value)
 
     def to_dict(self) -> dict:
         return asdict(self)

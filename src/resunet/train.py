@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -573,6 +574,28 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     return records
 
 
+def check_types(cfg: TrainConfig) -> None:
+    """From Python, settings arrive as given, not parsed by the flags: each must be of its field's type and, where
+    its flag takes a fixed list, one of that list. A typo fell back to another optimizer, scheduler, mix, class
+    weighting or data path without a word, and a number given as text failed deep in the run."""
+    hints = typing.get_type_hints(TrainConfig)
+    names = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
+    for f in fields(cfg):
+        value, kinds = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        flag = f"--{f.name.replace('_', '-')}"
+        if value is None and (type(None) in kinds or f.default is None):
+            continue
+        if not any(isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                   for kind in kinds if kind is not type(None)):
+            expected = " or ".join(names[kind] for kind in kinds if kind in names)
+            raise TrainingError(f"{flag} {value!r}: must be {expected}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.5)
+            meant = f"did you mean {close[0]}? " if close else ""
+            raise TrainingError(f"{flag} {value!r}: unknown; {meant}choose from {', '.join(choices)}")
+
+
 def check_settings(cfg: TrainConfig) -> None:
     """Refuse settings that make no sense before any work starts, in one line naming the flag."""
     per_step = cfg.scheduler in PER_STEP_SCHEDULERS  # their warm-up must leave room for the decay
@@ -587,6 +610,8 @@ def check_settings(cfg: TrainConfig) -> None:
         ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
         ("weight-decay", 0 <= cfg.weight_decay < math.inf, "0 or more"),
         ("warmup-epochs", 0 <= cfg.warmup_epochs < warmup_most, warmup_expected),
+        ("warmup-epochs", per_step or cfg.warmup_epochs == 0,
+         f"0 with --scheduler {cfg.scheduler}: a warm-up is part of the cosine and poly schedules"),
         ("workers", cfg.workers >= 0, "0 or more"),
         ("scale-max", math.isfinite(cfg.scale_max), "a finite number"),
         ("scale-min", 0 < cfg.scale_min <= cfg.scale_max, f"positive and at most --scale-max ({cfg.scale_max})"),
@@ -625,6 +650,7 @@ def check_settings(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
+    check_types(cfg)
     if cfg.resume:
         check_resumed_settings(cfg)
     check_settings(cfg)
