@@ -101,3 +101,16 @@ def test_evaluate_reports_boundary_iou_and_draws_the_worst_images(trained_run, d
     assert [r["miou"] for r in listed] == pytest.approx(sorted(own.values())[:3], abs=1e-6)
     assert Image.open(tmp_path / "worst" / "worst.png").size[1] > 3 * 150
     assert Image.open(tmp_path / "confusion.png").size[0] > Image.open(tmp_path / "confusion.png").size[1]
+
+
+def test_run_evaluate_refuses_worst_without_a_folder_and_a_folder_without_worst(tmp_path, monkeypatch):
+    """Found by a helper: from Python, worst=2 with no worst_out wrote worst.png and worst.json into the current
+    folder, past the output checks, and a worst_out with worst=0 was ignored; the CLI refused both."""
+    from resunet.data.images import DataError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="--worst 2 needs --out DIR for its contact sheet"):
+        run_evaluate("model.pt", "data", worst=2)
+    with pytest.raises(DataError, match="is the folder for --worst K's contact sheet; give --worst too"):
+        run_evaluate("model.pt", "data", worst_out=str(tmp_path / "sheet"))
+    assert not list(tmp_path.iterdir())

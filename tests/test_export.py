@@ -569,3 +569,11 @@ def test_an_end_to_end_file_gives_confidence_and_ece_from_its_logits(exported, d
 
     with pytest.raises(CheckpointError, match="model.onnx: an end-to-end ONNX graph gives no working-size logits"):
         load_ensemble([exported["ckpt"], folder / "model.onnx"])
+
+def test_load_takes_a_torch_device_for_an_onnx_file_and_refuses_scales_without_ms(exported):
+    """Found by a helper: load(file.onnx, device=torch.device("cpu")) said the file 'runs on the CPU' and refused it
+    (a .pt took it), and scales given without tta ms were ignored without a word."""
+    assert load(exported["dir"] / "logits.onnx", device=torch.device("cpu")).graph == "logits"
+    with pytest.raises(ValueError, match=r"scales \(0\.5, 1\.0\) are for tta ms or ms\+flip \(tta is none\)"):
+        load(exported["ckpt"], scales=(0.5, 1.0))
+    assert load(exported["ckpt"], tta="ms", scales=(0.5, 1.0)).scales == (0.5, 1.0)

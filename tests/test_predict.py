@@ -422,3 +422,23 @@ def test_bf16_on_the_cpu_gives_no_nan_for_an_input_under_64_pixels():
     wide = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
     with torch.inference_mode(), autocast(predictor.device, None):
         assert torch.equal(predictor.network(wide.float()), predictor.model(wide))  # 64 px and up: untouched
+
+
+def test_overlay_mixes_by_alpha_and_refuses_an_alpha_outside_0_to_1():
+    """Found by a helper: alpha 1.5 wrapped the uint8 pixels around (200 became 156) without a word; the CLI's
+    --alpha is checked, the Python method was not."""
+    from resunet.data.classes import generic_info
+    from resunet.model.unet import ResNetUNet
+
+    predictor = Predictor(ResNetUNet(3, "resnet18", None).eval(), generic_info(3), 32, (0.5,) * 3, (0.25,) * 3,
+                          "cpu", "fp32")
+    image = np.full((2, 3, 3), 200, np.uint8)
+    mask = np.array([[0, 1, 2], [2, 1, 0]])
+    colours = predictor.info.colour_lut()[mask]
+    assert np.array_equal(np.asarray(predictor.overlay(image, mask, 1.0)), colours)
+    assert np.array_equal(np.asarray(predictor.overlay(image, mask, 0.0)), image)
+    half = np.asarray(predictor.overlay(image, mask, 0.5)).astype(int)
+    assert np.abs(half - (200 + colours.astype(int)) / 2).max() <= 0.5
+    for alpha in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="alpha must be from 0 to 1"):
+            predictor.overlay(image, mask, alpha)

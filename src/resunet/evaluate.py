@@ -150,6 +150,10 @@ def run_evaluate(
     boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
     `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json.
     `ensemble`: more model files whose probabilities are averaged with the first's."""
+    if worst > 0 and not worst_out:  # the contact sheet went to the current folder, unchecked
+        raise DataError(f"--worst {worst} needs --out DIR for its contact sheet")
+    if worst_out and worst <= 0:
+        raise DataError(f"--out {worst_out} is the folder for --worst K's contact sheet; give --worst too")
     check_outputs(json_out, confusion_png, worst_out if worst > 0 else None)  # before the work, not after it
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: at least 1")
@@ -187,7 +191,7 @@ def run_evaluate(
         plot_confusion(matrix.matrix, info, confusion_png, scores)
         print(f"wrote {confusion_png} (confusion matrix and per-class IoU)")
     if per_image:
-        result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out or "."))
+        result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out))
         if json_out:
             write_output(json_out, strict_json(result))
     return result

@@ -383,6 +383,9 @@ class Predictor:
         return image
 
     def overlay(self, image: ImageLike, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+        """The class colours over the image, `alpha` of them (0: the image, 1: the colours alone)."""
+        if not 0 <= alpha <= 1:  # past 1 the uint8 pixels wrapped around (200 became 156)
+            raise ValueError(f"alpha must be from 0 to 1, got {alpha}")
         rgb = as_uint8_rgb(image).astype(np.float32)
         colours = self.info.colour_lut()[mask].astype(np.float32)
         return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
@@ -502,6 +505,9 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
     CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint."""
     if threads is not None and threads < 1:
         raise DeviceError(f"--threads {threads}: at least 1")
+    device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt
+    if tuple(scales) != DEFAULT_SCALES and "ms" not in tta:  # else ignored without a word
+        raise ValueError(f"scales {tuple(scales)} are for tta ms or ms+flip (tta is {tta})")
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
