@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import typing
@@ -94,9 +95,8 @@ class TrainConfig:
         # So are numpy numbers (as Python's) and the other forms a caller writes naturally: the model's own tuple of
         # decoder widths, a number of steps for checkpoint_every, of seconds for time_budget. What is left of
         # another type is refused by `train` (`train.check_types`), in one line.
-        hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
-            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            value, kinds = getattr(self, f.name), field_kinds()[f.name]
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
             elif isinstance(value, bool):
@@ -113,6 +113,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@functools.cache
+def field_kinds() -> dict[str, tuple[type, ...]]:
+    """Each TrainConfig field's types, from its annotation (`int | None` -> (int, NoneType))."""
+    return {name: typing.get_args(hint) or (hint,) for name, hint in typing.get_type_hints(TrainConfig).items()}
 
 
 # `resunet ablate`'s rows: name -> the TrainConfig fields it changes. "seed 1" is the base again with another seed:

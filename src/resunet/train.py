@@ -29,7 +29,6 @@ import statistics
 import sys
 import threading
 import time
-import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from .calibration import bound_note, calibrate
 from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
@@ -578,10 +577,9 @@ def check_types(cfg: TrainConfig) -> None:
     """From Python, settings arrive as given, not parsed by the flags: each must be of its field's type and, where
     its flag takes a fixed list, one of that list. A typo fell back to another optimizer, scheduler, mix, class
     weighting or data path without a word, and a number given as text failed deep in the run."""
-    hints = typing.get_type_hints(TrainConfig)
     names = {bool: "True or False", int: "a whole number", float: "a number", str: "text"}
     for f in fields(cfg):
-        value, kinds = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        value, kinds = getattr(cfg, f.name), field_kinds()[f.name]
         flag = f"--{f.name.replace('_', '-')}"
         if value is None and (type(None) in kinds or f.default is None):
             continue
