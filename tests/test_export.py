@@ -169,6 +169,10 @@ def test_failed_verification_is_an_error_and_keeps_no_file(exported, tmp_path, m
     with pytest.raises(ExportError, match="does not match PyTorch"):
         run_export(str(exported["ckpt"]), str(tmp_path / "m.onnx"), graph="logits")
     assert not list(tmp_path.iterdir())
+    # Nor the folders it made for the file (found 2026-12-05: they stayed, empty).
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        run_export(str(exported["ckpt"]), str(tmp_path / "new" / "deeper" / "m.onnx"), graph="logits")
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_run, demo_root, tmp_path, monkeypatch):
@@ -352,7 +356,7 @@ def test_a_calibration_set_that_cannot_serve_is_refused_before_the_export(traine
         assert main(["export", str(trained_run / "best.pt"), "--onnx", str(out), "--int8", "--calibration",
                      str(tmp_path / folder)]) == 2
         assert f"--calibration {tmp_path / folder}: {words}" in export_error(capsys, lines)
-    assert not list((tmp_path / "out").iterdir())  # no fp32 file left behind
+    assert not (tmp_path / "out").exists()  # no fp32 file left behind, nor the folder made for it
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -974,6 +974,21 @@ def test_commands_that_need_the_checkpoint_say_so_when_given_the_onnx_file(expor
     assert "needs the resunet checkpoint (.pt)" in one_error_line(capsys, "export")
 
 
+def test_a_command_refused_after_its_outputs_were_checked_leaves_no_folder(checkpoint, tmp_path, capsys):
+    """Checking an output made its missing folders (2026-12-05): evaluate, export and visualize refused for a dataset
+    that does not open left empty --json/--confusion/--out/--onnx folders behind."""
+    missing = str(tmp_path / "no-dataset")
+    new = tmp_path / "new"
+    for command, flags in (
+            ("evaluate", ["--json", str(new / "a" / "e.json"), "--confusion", str(new / "b" / "c.png"), "--worst", "2",
+                          "--out", str(new / "worst")]),
+            ("export", ["--onnx", str(new / "c" / "m.onnx"), "--json", str(new / "d" / "e.json")]),
+            ("visualize", ["--out", str(new / "e" / "grid.png")])):
+        assert main([command, checkpoint, "--data-root", missing, *flags]) == 2, command
+        assert "no-dataset" in one_error_line(capsys, command)
+        assert not new.exists(), (command, [str(p) for p in new.rglob("*")])
+
+
 def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(checkpoint, demo_root, tmp_path, capsys,
                                                                           monkeypatch):
     """Found by a helper (2026-12-04): evaluate wrote its JSON over the checkpoint, visualize its grid over a dataset

@@ -46,7 +46,7 @@ from .evaluate import evaluate_dataset
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, open_session
-from .outputs import check_output_files, write_output
+from .outputs import check_output_files, make_folders, remove_empty_folders, write_output
 from .predict import Predictor, check_working_size
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
@@ -384,8 +384,6 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     # Every file written (an INT8 export keeps OUT.fp32.onnx too) must differ from the others and from every input.
     outputs = [("--onnx", out), ("--onnx (fp32 copy)", written[-1] if int8 else None), ("--json", json_out)]
     calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
-    # The inputs are read before the outputs are checked (which makes their folders): a file that is no checkpoint
-    # leaves no empty --onnx folder behind
     payload = load_checkpoint(source)
     reference = Predictor.from_payload(payload, source, device="cpu", precision="fp32", tta=tta)  # description read
     check_output_files(outputs, inputs=[source])
@@ -413,7 +411,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
     tmp = temporary_path(fp32_path)
     # A file takes its name only once its checks have passed (parity here; the mIoU check below for the file asked
-    # for): a failed or interrupted export leaves an earlier file of that name as it was.
+    # for): a failed or interrupted export leaves an earlier file of that name as it was, and no folder it made.
+    made = make_folders(fp32_path.parent)
     try:
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
@@ -435,6 +434,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             os.replace(tmp, fp32_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        remove_empty_folders(made)
         raise
     fp32 = OnnxPredictor(fp32_path if int8 else tmp)
     result["fp32_file"] = str(fp32_path)
@@ -479,6 +479,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
                   "predict --backend auto will not pick it")
     except BaseException:  # a failed check, a failed or interrupted quantisation: no temporary file is left
         checked.unlink(missing_ok=True)
+        remove_empty_folders(made)
         raise
     os.replace(checked, out)
     result["onnx_kept"] = True

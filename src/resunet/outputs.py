@@ -18,9 +18,9 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (
 
 def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
                        suffixes: dict[str, tuple[str, ...]] | None = None) -> None:
-    """`outputs`: (flag, path) pairs, None for an output not asked for. Each must be a writable file name (its
-    folder is created), with one of `suffixes[flag]` if given, different from the others and from every `inputs`
-    file (the model, the dataset's files)."""
+    """`outputs`: (flag, path) pairs, None for an output not asked for. Each must be a writable file name (a missing
+    folder must be one that can be made; it is made when the file is written), with one of `suffixes[flag]` if given,
+    different from the others and from every `inputs` file (the model, the dataset's files)."""
     given = [(flag, Path(path)) for flag, path in outputs if path]
     read = {resolved(p) for p in inputs}
     seen: dict[Path, str] = {}
@@ -48,11 +48,13 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
 
 
 def check_output_folder(flag: str, folder: str | Path) -> None:
-    """A folder the command will write files into: created now, and tried."""
+    """A folder the command will write files into: it, or the folder it would be made in, is tried."""
     check_writable_folder(flag, Path(folder), Path(folder))
 
 
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
+    """Made by nothing here: a command refused later (a model that does not load, a dataset that does not open)
+    leaves no empty folder behind. A missing folder is tried through the nearest one that exists."""
     blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"{flag} {path}: {blocking} is a file, not a folder")
@@ -60,12 +62,28 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
     if dangling is not None:
         # mkdir would only say "File exists" about a link whose target is missing
         raise DataError(f"{flag} {path}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
+    nearest = next(p for p in (folder, *folder.parents, Path.cwd()) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=nearest):
             pass
     except OSError as error:
         raise DataError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """`folder` and its missing parents made; the ones made, deepest first, for `remove_empty_folders`."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Undo `make_folders` for a command that failed: the folders it made, while they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there after all
+            return
 
 
 def replace_file(path: str | Path, save: Callable[[Path], None]) -> None:
@@ -78,6 +96,7 @@ def replace_file(path: str | Path, save: Callable[[Path], None]) -> None:
         save(Path(path))
         return
     target = resolved(path)
+    target.parent.mkdir(parents=True, exist_ok=True)  # checked by check_output_files, made only now
     partial = temporary_path(target)
     try:
         save(partial)
