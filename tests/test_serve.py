@@ -976,6 +976,35 @@ def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_wa
         ServeSettings(tta="ms")
 
 
+def test_the_engine_cuts_a_batch_of_long_images_into_passes_within_one_images_bound(checkpoint):
+    """Eight images that each pass the working-size bound went through one forward pass: eight times the memory
+    one may take (21 GB for five thin strips, found by a helper, 2026-12-05). Each pass now holds at most the pixels
+    one image may have; the masks are those of each image alone."""
+    from resunet.predict import load, max_working_pixels
+    from resunet.serve.engine import InferenceEngine
+    from resunet.serve.metrics import ServiceMetrics
+
+    engine = InferenceEngine(lambda: load(checkpoint, precision="fp32"), ServiceMetrics(), max_batch=8,
+                             max_wait_ms=200)
+    size = engine.predictor.size
+    assert max_working_pixels(size) == 16 * size * size
+    long = [np.asarray(scene(size, 6 * size, seed)) for seed in range(3)]  # 6 working squares each: two a pass
+    passes = []
+
+    async def scenario():
+        await engine.start()
+        predict_batch = engine.variants["none"].predict_batch
+        engine.variants["none"].predict_batch = lambda images: (passes.append(len(images)), predict_batch(images))[1]
+        results = await asyncio.gather(*(engine.submit(image) for image in long))
+        await engine.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert sorted(passes) == [1, 2] and sorted(result.batch_size for result in results) == [1, 2, 2]
+    alone = load(checkpoint, precision="fp32")
+    assert all(np.array_equal(result.mask, alone.predict(image)) for result, image in zip(results, long))
+
+
 def test_the_page_shows_an_image_larger_than_a_canvas_scaled_down_in_a_real_browser(live_server, tmp_path):
     """A phone's browser refuses a canvas over 16.7 million pixels, so a 48 MP photo's answer was one error line. The
     page now shows such an answer scaled down (nearest neighbour: class colours stay exact) and reads classes at the

@@ -731,7 +731,8 @@ def test_int8_calibration_spreads_over_the_list_and_skips_what_the_model_cannot_
     assert len(calibration_images(folder, 7, size=64)) == 6
     err = capsys.readouterr().err
     assert err.strip() == (f"calibration: skipped {folder / '9_strip.png'}: 5000×1 pixels become 320000×64 at working "
-                           "size 64, more than 16,000,000 pixels: crop the image or split it")
+                           "size 64, more than 65,536 pixels (16 × 64², an image 16 times as long as wide): crop the "
+                           "image or split it")
     with pytest.raises(ExportError, match="--calibration .*0.png: a file; give a folder of images"):
         calibration_images(folder / "0.png", 3)
 
@@ -801,6 +802,24 @@ def test_a_deep_grey_pil_image_is_read_as_its_file_is(tmp_path, checkpoint):
         assert from_file.max() == 255 and from_file.min() == 0
 
 
+def test_the_working_size_bound_is_sixteen_working_squares_at_most_sixteen_million_pixels():
+    """A 3000×2 PNG of 108 bytes became 96×144,000 at size 96: under the 16M bound, it took 35 s and 6 GB in the
+    service, and eight at once 21 GB (found by a helper, 2026-12-05)."""
+    from resunet.data.images import DataError
+    from resunet.predict import check_working_size, max_working_pixels
+
+    assert max_working_pixels(64) == 16 * 64 * 64 and max_working_pixels(2000) == 16_000_000
+    check_working_size(64, 1024, 64)  # 64×1024: 16 squares, allowed
+    check_working_size(2, 2, 512)  # scaled up to 512×512
+    with pytest.raises(DataError, match=r"^1025×64 pixels become 1025×64 at working size 64, more than 65,536 pixels "
+                                        r"\(16 × 64², an image 16 times as long as wide\): crop the image or split it$"):
+        check_working_size(64, 1025, 64)
+    with pytest.raises(DataError, match="3000×2 pixels become 144000×96 at working size 96"):
+        check_working_size(2, 3000, 96)
+    with pytest.raises(DataError, match=r"become 1000×16001 at working size 1000, more than 16,000,000 pixels: crop"):
+        check_working_size(16001, 1000, 1000)
+
+
 def test_the_end_to_end_onnx_graph_refuses_a_thin_strip_too(exported):
     from resunet.data.images import DataError
     from resunet.predict import load
@@ -813,7 +832,8 @@ def test_the_end_to_end_onnx_graph_refuses_a_thin_strip_too(exported):
     assert predictor.predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
 
 
-def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_fit(exported, monkeypatch):
+def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_fit(exported, demo_root,
+                                                                                      monkeypatch):
     """An 8000×8000 image through an end-to-end graph took 7 GB (its full-size logits: 21 floats a pixel), 17× the
     .pt Predictor's fused path. Past the bound it is one line; the logits graph takes the same image."""
     from fastapi.testclient import TestClient
@@ -829,8 +849,15 @@ def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_
     with pytest.raises(DataError, match="101×100: this end-to-end graph would hold 0.0 GiB of full-size logits "
                                         "\\(limit 0 GiB\\); export with --logits"):
         predictor.predict(np.zeros((100, 101, 3), np.uint8))
-    with pytest.raises(DataError, match="full-size logits"):  # a batch holds the logits of all its images
-        predictor.predict_batch([np.zeros((80, 80, 3), np.uint8)] * 2)
+    # Images that fit one by one fit in a batch too, run in parts: the service batches concurrent requests of one
+    # size, and eight 2000×2000 photos (each fine alone) were answered 500 (found by a helper, 2026-12-05).
+    photos = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_val_*.jpg"))[:3]
+    images = [np.asarray(Image.open(photo).convert("RGB")) for photo in photos]  # 64×64: two a run, then one
+    alone = [predictor.predict(image) for image in images]
+    assert len({mask.tobytes() for mask in alone}) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(predictor.predict_batch(images), alone, strict=True))
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    assert np.array_equal(predictor.predict_tensor(tensor).numpy(), np.stack(alone))
     assert load(exported["dir"] / "logits.onnx").predict(np.zeros((100, 101, 3), np.uint8)).shape == (100, 101)
     buffer = io.BytesIO()
     Image.new("RGB", (101, 100)).save(buffer, format="PNG")

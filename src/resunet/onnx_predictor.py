@@ -129,16 +129,19 @@ class OnnxPredictor(Predictor):
                                   "working-size logits this needs (export with --logits)")
         return super().low_res_logits(groups)
 
-    def check_size(self, height: int, width: int, count: int = 1) -> None:
+    def check_size(self, height: int, width: int) -> None:
         super().check_size(height, width)
         if self.graph != "end-to-end":
             return
-        # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
-        needed = count * self.info.num_classes * height * width * 4
+        needed = self.logit_bytes(height, width)
         if needed > END_TO_END_MAX_LOGIT_BYTES:
             raise DataError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
                             f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export with "
                             "--logits, which resunet upsamples without them, or shrink the image")
+
+    def logit_bytes(self, height: int, width: int) -> int:
+        # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
+        return self.info.num_classes * height * width * 4
 
     def batch_key(self, height: int, width: int) -> tuple:
         # An end-to-end graph takes the images at their own size: a batch needs one size.
@@ -150,16 +153,24 @@ class OnnxPredictor(Predictor):
         check_batch(images)
         if len({image.shape for image in images}) > 1:
             raise ValueError("predict_batch: an end-to-end graph takes a batch of one size; call predict on each")
-        self.check_size(*images[0].shape[:2], len(images))  # the graph resizes inside: bound it before
         feed = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
-        return list(self.session.run(self.first_output, {self.input_name: feed})[0].astype(np.uint8))
+        return list(self.run_in_parts(feed, self.first_output)[0].astype(np.uint8))
 
     def run_end_to_end(self, images: torch.Tensor, logits: bool = False) -> list[np.ndarray]:
         """N×3×H×W uint8 (one size) → the graph's class maps, and on request its full-size logits."""
         check_image_tensor(images)
-        self.check_size(*images.shape[-2:], len(images))
         feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
-        return self.session.run(None if logits else self.first_output, {self.input_name: feed})
+        return self.run_in_parts(feed, None if logits else self.first_output)
+
+    def run_in_parts(self, feed: np.ndarray, outputs: list[str] | None) -> list[np.ndarray]:
+        """N×H×W×3 uint8 through the end-to-end graph, as many images per run as their full-size logits allow: each
+        image alone must fit (check_size), a batch of them need not (the service batches concurrent requests)."""
+        height, width = feed.shape[1:3]
+        self.check_size(height, width)  # the graph resizes inside: bound it before
+        per_run = max(1, END_TO_END_MAX_LOGIT_BYTES // self.logit_bytes(height, width))
+        parts = [self.session.run(outputs, {self.input_name: feed[start:start + per_run]})
+                 for start in range(0, len(feed), per_run)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(pieces) for pieces in zip(*parts)]
 
     def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.graph == "logits":

@@ -44,8 +44,11 @@ ONNX_PRECISIONS = ("auto", "fp32")
 
 
 # What the network may be given at once: the working size scales an image's shorter side up or down, so a thin
-# strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes.
+# strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes. The bound is 16
+# working squares (an image 16 times as long as it is wide; a 4:3 photo is 1.33), at most 16M pixels: a 3000×2 PNG of
+# 108 bytes at size 96 (96×144,000, under 16M) took 35 s and 6 GB in the service.
 MAX_WORKING_PIXELS = 16_000_000
+MAX_WORKING_SQUARES = 16
 # Images past this many values per image (3 × 4M pixels) are resized band by band on the CPU; see resize_antialiased.
 # A band's floats take 48 MB: over glibc's largest mmap threshold (32 MiB, which runtime.tune_cpu_allocator sets),
 # so each band is returned to the system when freed instead of growing the heap band after band.
@@ -62,14 +65,21 @@ BF16_MIN_SIDE = 64
 FULL_SIZE_WHOLE_ELEMENTS = 2**26
 
 
+def max_working_pixels(size: int) -> int:
+    """The most pixels an image may have at working size `size` (and a served batch in all)."""
+    return min(MAX_WORKING_PIXELS, MAX_WORKING_SQUARES * size * size)
+
+
 def check_working_size(height: int, width: int, size: int) -> None:
     """Raise DataError (one line, the caller adds the file) if the image at the working size is too large."""
     if height < 1 or width < 1:
         raise DataError(f"an empty image ({width}×{height} pixels)")
     work_h, work_w = resize_short_side(height, width, size)
-    if work_h * work_w > MAX_WORKING_PIXELS:
-        raise DataError(f"{width}×{height} pixels become {work_w}×{work_h} at working size {size}, more than "
-                        f"{MAX_WORKING_PIXELS:,} pixels: crop the image or split it")
+    if work_h * work_w > (limit := max_working_pixels(size)):
+        bound = f"{limit:,} pixels" if limit == MAX_WORKING_PIXELS else \
+            f"{limit:,} pixels ({MAX_WORKING_SQUARES} × {size}², an image {MAX_WORKING_SQUARES} times as long as wide)"
+        raise DataError(f"{width}×{height} pixels become {work_w}×{work_h} at working size {size}, more than {bound}: "
+                        "crop the image or split it")
 
 
 def as_uint8_rgb(image: ImageLike) -> np.ndarray:
@@ -357,6 +367,10 @@ class Predictor:
         """Images with equal keys can share one forward pass in `predict_batch`: the same network input shapes."""
         return tuple(resize_short_side(height, width, size) for size in self.tta_sizes())
 
+    def working_pixels(self, height: int, width: int) -> int:
+        """The pixels the network sees for one image (over every TTA scale): what a batch's memory grows with."""
+        return sum(h * w for h, w in (resize_short_side(height, width, size) for size in self.tta_sizes()))
+
     @torch.inference_mode()
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """H×W×3 uint8 images of one `batch_key` (their own sizes may differ) → H×W uint8 class maps, each at its
@@ -424,6 +438,9 @@ class Ensemble(Predictor):
 
     def batch_key(self, height: int, width: int) -> tuple:
         return tuple(member.batch_key(height, width) for member in self.members)
+
+    def working_pixels(self, height: int, width: int) -> int:
+        return sum(member.working_pixels(height, width) for member in self.members)
 
     def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
         by_member = [member.low_res_logits(groups) for member in self.members]

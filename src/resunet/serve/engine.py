@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..checkpoint import CheckpointError
-from ..predict import Predictor
+from ..predict import Predictor, max_working_pixels
 from .metrics import ServiceMetrics
 
 REQUEST_TTA = ("none", "flip")
@@ -176,7 +176,24 @@ class InferenceEngine:
                 key = (job.tta,) + self.variants[job.tta].batch_key(height, width)
                 groups.setdefault(key, []).append(job)
             for jobs in groups.values():
-                await self.run_group(loop, jobs)
+                for part in self.within_budget(jobs):
+                    await self.run_group(loop, part)
+
+    def within_budget(self, jobs: list[Job]) -> list[list[Job]]:
+        """A group cut into forward passes of at most the working pixels one image may have: eight long images that
+        each pass the bound must not take eight times its memory at once."""
+        predictor = self.variants[jobs[0].tta]
+        budget = max_working_pixels(predictor.size)
+        parts: list[list[Job]] = [[]]
+        used = 0
+        for job in jobs:
+            pixels = predictor.working_pixels(*job.image.shape[:2])
+            if parts[-1] and used + pixels > budget:
+                parts.append([])
+                used = 0
+            parts[-1].append(job)
+            used += pixels
+        return parts
 
     async def run_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         predictor = self.variants[jobs[0].tta]
