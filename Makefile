@@ -29,7 +29,7 @@ DEMO_RUN := runs/demo
 DEMO_EPOCHS ?= 5
 demo: install
 	$(RESUNET) demo-data $(DEMO_DATA) --train 96 --val 24 --size 128 --seed 0
-	$(RESUNET) train --data-root $(DEMO_DATA) --out $(DEMO_RUN) --epochs $(DEMO_EPOCHS) --size 128 --scale-min 0.75 \
+	$(RESUNET) train --data-root $(DEMO_DATA) --out $(DEMO_RUN) --overwrite --epochs $(DEMO_EPOCHS) --size 128 --scale-min 0.75 \
 		--scale-max 1.25 --encoder efficientnet-lite0 --optimizer adamw --lr 2e-3 --scheduler cosine \
 		--class-weights sqrt-inv-freq --eval-every 2 --seed 0
 	$(RESUNET) evaluate $(DEMO_RUN)/best.pt --data-root $(DEMO_DATA) --split val --json $(DEMO_RUN)/eval.json \

@@ -378,3 +378,81 @@ def test_a_run_resumed_where_auto_means_fp16_starts_its_loss_scale(ram_tmp, monk
     train(tiny_config(ram_tmp / "data", run, epochs=2, resume=str(run / "last.pt"), **settings))
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 2 and state["scaler"]["scale"] > 0  # fp16's scaler ran and was saved
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwrite(demo_root, ram_tmp, monkeypatch):
+    """A run started again without --resume (or another recipe into the same --out) replaced last.pt, best.pt and
+    metrics.jsonl of the run there without a word (found by a helper, 2026-12-05)."""
+    from dataclasses import replace
+
+    import resunet.train
+    from resunet.train import RUN_FILES, resumed_config
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=2, **SMALL))
+    kept = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png")}
+    with pytest.raises(TrainingError, match=(
+            rf"^--out {run}: holds a run already \(last.pt and best.pt\); go on with it with --resume "
+            rf"{run / 'last.pt'}, start it over with --overwrite, or give another --out$")):
+        train(tiny_config(demo_root, run, epochs=1, loss="dice", **SMALL))
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    (run / "last.pt").unlink()
+    with pytest.raises(TrainingError, match=r"holds a run already \(best.pt\); start it over with --overwrite"):
+        train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    # --overwrite: the old run's files go once the new run is ready to train (a stop after that leaves none of them
+    # beside the new run's), and not before (a refused run keeps them).
+    with pytest.raises(TrainingError, match="--epochs"):
+        train(tiny_config(demo_root, run, epochs=0, overwrite=True, **SMALL))
+    assert (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before the first epoch")
+
+    monkeypatch.setattr(resunet.train, "make_train_loader", stop)
+    with pytest.raises(RuntimeError, match="stopped before"):
+        train(tiny_config(demo_root, run, epochs=1, overwrite=True, **SMALL))
+    assert run.is_dir() and not [name for name in RUN_FILES if (run / name).exists()]
+    monkeypatch.undo()
+    train(tiny_config(demo_root, run, epochs=1, overwrite=True, loss="dice", **SMALL))
+    assert len(read_records(run)) == 1 and load_checkpoint(run / "last.pt")["train_config"]["loss"] == "dice"
+    # It starts a run; it is not a setting of the run: resuming it is plain --resume, and both at once is refused.
+    resumed = resumed_config(run / "last.pt", {"epochs": 2})
+    assert resumed.overwrite is False
+    with pytest.raises(TrainingError, match="^--overwrite starts a new run, --resume goes on with one: give one"):
+        train(replace(resumed, overwrite=True))
+
+
+def test_a_resume_refuses_a_dataset_that_now_labels_other_classes(demo_root, ram_tmp):
+    """classes.json edited between a run and its resume (two classes swapped): the masks were read as other classes
+    and the run went on without a word (found by a helper, 2026-12-05). Stands in: the run's stored classes edited."""
+    from resunet.checkpoint import save_checkpoint
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, eval_every=1, **SMALL))
+    state = load_checkpoint(run / "last.pt")
+    names = state["classes"]["classes"]
+    names[1], names[15] = names[15], names[1]
+    save_checkpoint(state, run / "last.pt")
+    with pytest.raises(TrainingError, match=(
+            rf"^--resume {run / 'last.pt'}: {demo_root} now gives other classes than the run was trained on \(names "
+            r"differ; class 1: 'person' → 'aeroplane'\); a run keeps its labels: restore the dataset's classes.json")):
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
+    names[1], names[15] = names[15], names[1]
+    state["classes"]["ignore_index"] = 254
+    save_checkpoint(state, run / "last.pt")
+    with pytest.raises(TrainingError, match=r"\(ignore label differ\)"):
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
+
+
+def test_an_unreadable_last_pt_beside_the_checkpoint_resumed_is_named_with_what_to_do(demo_root, ram_tmp):
+    """`--resume RUN/best.pt` with a truncated RUN/last.pt (a half-copied folder) said only that last.pt was not a
+    readable checkpoint: not why it was read, nor what to do (found by a helper, 2026-12-05)."""
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    with pytest.raises(TrainingError, match=(
+            rf"^--resume {run / 'best.pt'}: {last}, which the run would overwrite, is not readable \(.*\); move it "
+            r"aside if it is damaged, then resume from best.pt$")):
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "best.pt"), **SMALL))
+    assert len(last.read_bytes()) == 5000

@@ -30,7 +30,7 @@ def row_folder(name: str) -> str:
 
 # Fields that change how a run is carried out, not what it learns: a row may be continued with other values.
 NOT_RECIPE = {"out", "resume", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
-              "checkpoint_every", "tensorboard", "calibrate"}
+              "checkpoint_every", "tensorboard", "calibrate", "overwrite"}
 
 
 def recipe(cfg: TrainConfig | dict) -> dict:

@@ -43,6 +43,7 @@ from .calibration import bound_note, calibrate
 from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
+from .data.classes import ClassInfo
 from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
@@ -432,7 +433,9 @@ def absolute_paths(cfg: TrainConfig) -> dict:
 # is where the first run's encoder started, not read again on resume.
 RESUME_CHANGEABLE = frozenset({"epochs", "workers", "progress", "device", "cache_dir", "max_pixels", "skip_data_check",
                                "checkpoint_every", "tensorboard", "data_root", "lr", "resume", "calibrate",
-                               "encoder_weights"})
+                               "encoder_weights", "overwrite"})
+# What a run writes in its folder; `--overwrite` removes them before a new run starts there.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")
 
 
 def stored_settings(checkpoint: str | Path) -> tuple[dict, str]:
@@ -465,7 +468,9 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
                                     "new run with another --out")
             raise TrainingError(f"--{name.replace('_', '-')} {value}: cannot change on --resume (the run trains with "
                                 f"{stored[name]}); start a new run with another --out")
-    return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir})
+    # --overwrite belongs to the start of a run, not to its settings: a run started with it resumes without it.
+    return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir,
+                          "overwrite": changes.get("overwrite", False)})
 
 
 def resume(checkpoint: str | Path, **changes) -> dict:
@@ -494,7 +499,11 @@ def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
     last = out / "last.pt"
     if not last.is_file() or os.path.samefile(last, resume):
         return
-    newer = load_checkpoint(last, tensors=False)
+    try:
+        newer = load_checkpoint(last, tensors=False)
+    except CheckpointError as error:  # a half-copied run folder: the file asked for is not the one that failed
+        raise TrainingError(f"--resume {resume}: {last}, which the run would overwrite, is not readable ({error}); "
+                            f"move it aside if it is damaged, then resume from {Path(resume).name}") from None
 
     def point(payload: dict) -> tuple[int, int]:
         return payload.get("epoch", 0), (payload.get("position") or {}).get("step", 0)
@@ -503,6 +512,38 @@ def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
         raise TrainingError(f"{resume}: holds epoch {state.get('epoch', 0)}, but {last} is further on (epoch "
                             f"{newer.get('epoch', 0)}); resuming would overwrite it. Resume from {last}, or copy "
                             f"{Path(resume).name} into another folder to branch from it")
+
+
+def check_new_run_folder(cfg: TrainConfig) -> None:
+    """A new run in a folder that holds one would replace its checkpoints and metrics, epoch by epoch (a run stopped
+    and started again without --resume): refused unless asked for with --overwrite."""
+    if cfg.resume:
+        if cfg.overwrite:
+            raise TrainingError("--overwrite starts a new run, --resume goes on with one: give one of them")
+        return
+    out = Path(cfg.out)
+    held = [name for name in ("last.pt", "best.pt") if (out / name).is_file()]
+    if held and not cfg.overwrite:
+        go_on = f"go on with it with --resume {out / 'last.pt'}, " if "last.pt" in held else ""
+        raise TrainingError(f"--out {out}: holds a run already ({' and '.join(held)}); {go_on}start it over with "
+                            "--overwrite, or give another --out")
+
+
+def check_same_classes(resume: str | Path, state: dict, info: ClassInfo, data_root: str) -> None:
+    """A resumed run's dataset must label as its checkpoint does: a classes.json edited since (two classes swapped,
+    another ignore label) reads the same masks as other classes, and the run went on without a word."""
+    stored = ClassInfo.from_dict(state["classes"], str(resume))
+    now = info
+    differ = [what for what, a, b in (("names", stored.names, now.names), ("palette", stored.palette, now.palette),
+                                       ("ignore label", (stored.ignore_index, stored.ignore_colour),
+                                        (now.ignore_index, now.ignore_colour))) if a != b]
+    if not differ:
+        return
+    first = next((f"class {i}: {a!r} → {b!r}" for i, (a, b) in enumerate(zip(stored.names, now.names)) if a != b),
+                 None) if "names" in differ else None
+    raise TrainingError(f"--resume {resume}: {data_root} now gives other classes than the run was trained on "
+                        f"({', '.join(differ)} differ{f'; {first}' if first else ''}); a run keeps its labels: restore "
+                        "the dataset's classes.json, or start a new run with another --out")
 
 
 def last_good_save(out: Path) -> str:
@@ -652,6 +693,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         check_resumed_settings(cfg)
     check_settings(cfg)
+    check_new_run_folder(cfg)
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
     cfg = replace(cfg)  # a copy: --time-budget sets its epochs
@@ -707,6 +749,9 @@ def train(cfg: TrainConfig) -> dict:
         try:
             out.mkdir(parents=True, exist_ok=True)
             check_output_folder("--out", out)  # a folder it cannot write in: found now, not after the first epoch
+            if cfg.overwrite:  # the earlier run's files go only now that this one's data and model are ready
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
         except OSError as error:  # a file in the way, a read-only parent
             raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
         except DataError as error:
@@ -760,6 +805,7 @@ def train(cfg: TrainConfig) -> dict:
                                 f"share of the data depends on the count), or from an epoch's end")
     data_now = {"train": data_signature(train_set, cfg.data_root), "val": data_signature(val_set, cfg.data_root)}
     if cfg.resume:
+        check_same_classes(cfg.resume, state, info, cfg.data_root)
         check_not_behind(cfg.resume, state, out)
         changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
         if changed and main_process:
