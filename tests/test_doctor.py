@@ -396,3 +396,25 @@ def test_an_rgb_mask_of_class_ids_or_black_and_white_is_said_to_look_so(tmp_path
         ("off_palette", "train/masks/good_1.png", "train/masks/good_1.png: 1 colour(s) outside the dataset palette on "
          "340 pixels, e.g. (255, 255, 255) at (x=2, y=2) (a black-and-white binary mask? store it as an index PNG with "
          "the object as 1)")]
+
+
+def test_a_32_bit_mask_with_negative_values_is_an_error_in_the_check_and_when_read(tmp_path):
+    """A mode 'I' mask holding -2 passed check-data (0 errors) and was read wrapped into uint8: -2 as 254, which
+    failed only at the end of the first epoch as a value not in the file, and -1 as 255, silently ignored (found by a
+    helper, 2026-12-05)."""
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    (root / "val" / "masks" / "good_0.png").unlink()
+    values = np.asarray(cat_and_dog()).astype(np.int32)
+    values[0, :3] = [-2, -1, 255]
+    save(Image.fromarray(values, mode="I"), root / "val" / "masks" / "good_0.tif")
+    assert Image.open(root / "val" / "masks" / "good_0.tif").mode == "I"
+    report = doctor.check_data(root, workers=1)
+    label = str(Path("val/masks/good_0.tif"))
+    assert [(f.severity, f.kind, f.path, f.message) for f in report.findings] == [
+        ("error", "mask_values", label, f"{label}: mask values [-2, -1] below 0 (class indices are 0..3, ignore 255)")]
+    dataset = open_dataset(str(root), "val")
+    with pytest.raises(DataError, match=r"good_0.tif: mask value -2 is below 0; class indices are 0..255$"):
+        dataset.load(0)

@@ -456,7 +456,73 @@ def test_a_16_bit_grey_image_is_read_at_its_values_not_white(tmp_path):
     assert np.abs(read_image(tmp_path / "float.tif").astype(int) - grey[..., None]).max() <= 1
 
 
+def test_an_eps_file_is_not_read_so_no_client_can_feed_postscript_to_ghostscript(monkeypatch):
+    """PIL opens EPS by running Ghostscript: any client of the service could send PostScript to it (found by a
+    helper, 2026-12-05). Images are opened as raster formats PIL decodes itself."""
+    import subprocess
+
+    from resunet.data.images import DataError, read_image
+    from resunet.serve.codec import RequestError, decode_image
+
+    def no_program(*args, **kwargs):
+        raise AssertionError(f"ran {args[0]!r}")
+
+    for name in ("Popen", "check_call", "run"):
+        monkeypatch.setattr(subprocess, name, no_program)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    with pytest.raises(DataError, match=r"^upload: not a readable image \(not an image format we know\)$"):
+        read_image(eps, name="upload")
+    with pytest.raises(RequestError, match="not an image format we know") as refused:
+        decode_image(eps, "upload", None)
+    assert refused.value.status == 400
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA"):  # the usual ones are still read
+        buffer = io.BytesIO()
+        Image.new("RGB", (5, 4), (10, 200, 30)).save(buffer, format=fmt)
+        assert read_image(buffer.getvalue()).shape == (4, 5, 3), fmt
+
+
 # ---- inference commands -----------------------------------------------------------------------------------------------
+
+def test_predict_run_again_over_its_own_out_leaves_its_results_out_and_goes_on(checkpoint, tmp_path, capsys):
+    """`predict 'rec/**/*' --out rec/preds` run again (with --skip-existing, as its Ctrl-C line says) took its own
+    results for photos: every input failed as one that would overwrite an input (found by a helper, 2026-12-05).
+    Each file predict writes is marked (PNG text, JPEG comment), and a marked input is left out; a photo of the
+    user's is not marked, and stays protected."""
+    from resunet.outputs import is_prediction
+
+    rec = tmp_path / "rec"
+    for i, sub in enumerate(("a", "b")):
+        (rec / sub).mkdir(parents=True)
+        (rec / sub / f"photo{i}.png").write_bytes(good_pair(i)[0])
+    command = ["predict", checkpoint, f"{rec}/**/*", "--out", str(rec / "preds"), "--overlay", "--confidence"]
+    assert main(command) == 0
+    written = sorted((rec / "preds").iterdir())
+    assert len(written) == 6 and all(is_prediction(path) for path in written)
+    assert not is_prediction(rec / "a" / "photo0.png")
+    capsys.readouterr()
+    assert main([*command, "--skip-existing"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"resunet predict: left out 6 file(s) that resunet predict wrote, such as "
+                                    f"{written[0]}: results of an earlier run, not images to predict")
+    assert captured.out.strip() == (f"wrote 0 prediction(s) to {rec / 'preds'}; 2 skipped, their files already there "
+                                    "(--skip-existing)")
+    assert main(command) == 0 and "wrote 2 prediction(s)" in capsys.readouterr().out
+    assert sorted((rec / "preds").iterdir()) == written
+
+
+def test_predict_an_unreadable_file_does_not_take_the_name_of_a_good_ones_result(checkpoint, tmp_path, capsys):
+    """a.jpg (not an image) and a.png (a photo) in one folder: a.png was refused as overwriting a.jpg's result, which
+    was never written (found by a helper, 2026-12-05). A name is taken by a result, not by a file that failed."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not an image")
+    (folder / "a.png").write_bytes(good_pair(0)[0])
+    assert main(["predict", checkpoint, str(folder), "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "a.jpg: not a readable image" in captured.err and "would overwrite" not in captured.err
+    assert "wrote 1 prediction(s)" in captured.out and "1 input(s) failed" in captured.out
+    assert Image.open(tmp_path / "out" / "a.png").size == Image.open(folder / "a.png").size
+
 
 def test_predict_never_writes_over_an_input_or_another_inputs_result(checkpoint, tmp_path, capsys):
     folder = tmp_path / "photos"

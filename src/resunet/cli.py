@@ -314,10 +314,16 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .data.images import DataError, read_image
-    from .outputs import save_whole
+    from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
 
     paths, problems, notes = expand_inputs(args.inputs)
+    # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
+    # overwrite, and --skip-existing could not go on.
+    if earlier := [path for path in paths if is_prediction(path)]:
+        paths = [path for path in paths if path not in set(earlier)]
+        notes.append(f"left out {len(earlier)} file(s) that resunet predict wrote, such as {earlier[0]}: results of "
+                     "an earlier run, not images to predict")
     for line in [*notes, *problems]:
         print(f"resunet predict: {line}", file=sys.stderr)
     if not paths:
@@ -358,9 +364,9 @@ def cmd_predict(args) -> int:
                            "another --out or rename the file", file=sys.stderr)
                 failed += 1
                 continue
-            claimed.update({o.resolve(): path for o in outputs.values()})
             # Each file is renamed into place once written (save_whole): one that exists is a finished result.
             if args.skip_existing and all(o.is_file() for o in outputs.values()):
+                claimed.update({o.resolve(): path for o in outputs.values()})
                 skipped += 1
                 continue
             try:
@@ -376,13 +382,15 @@ def cmd_predict(args) -> int:
                            file=sys.stderr)
                 failed += 1
                 continue
+            # Claimed once predicted: an unreadable a.jpg must not keep a.png from its own a.png result.
+            claimed.update({o.resolve(): path for o in outputs.values()})
             pictures = {"mask": predictor.colorize(mask)}
             if confidence is not None:
                 pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
             if args.overlay:
                 pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
             for kind, picture in pictures.items():
-                options = {"format": "JPEG", "quality": 90} if kind == "overlay" else {"format": "PNG"}
+                options = prediction_save_options(kind)
                 try:
                     save_whole(outputs[kind], lambda where: picture.save(where, **options))
                 except DataError as error:  # a full disk: every later file would fail the same way

@@ -392,6 +392,11 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
         result.findings += colour_findings
     else:
         classes = pixels.astype(np.int64)
+        if (negative := np.unique(classes[classes < 0]).tolist()):  # a 32-bit mask: read_mask refuses these
+            result.findings.append(finding("mask_values", result.mask, f"{result.mask}: mask values {negative[:5]} "
+                                           f"below 0 (class indices are 0..{info.num_classes - 1}, ignore "
+                                           f"{info.ignore_index})"))
+            classes = np.where(classes < 0, -1, classes)  # reported: not again as off-palette
     result.findings += mask_findings(classes, info, result.mask)
     if result.image_size == mask_size == stored_size and orientation in range(2, 9):
         # Orientations 2-4 keep the sides (5-8 too, on a square): a mask drawn on the stored pixels fits the size.

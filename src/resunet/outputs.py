@@ -14,6 +14,9 @@ from .checkpoint import remove_quietly, temporary_path
 from .data.images import DataError
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
+# Written into every file `resunet predict` makes (a PNG text chunk, a JPEG comment): a later run whose inputs take in
+# an earlier --out (`predict 'photos/**/*' --out photos/masks`, run again) tells its results from photos.
+PREDICTION_MARK = "resunet predict"
 
 
 def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
@@ -138,3 +141,27 @@ def save_figure(figure, path: str | Path, dpi: int) -> None:
 
 def resolved(path: str | Path) -> Path:
     return Path(os.path.realpath(path))
+
+
+def prediction_save_options(kind: str) -> dict:
+    """PIL save options for a file of `resunet predict`: "overlay" (JPEG) or a class or confidence map (PNG), marked
+    as a result."""
+    if kind == "overlay":
+        return {"format": "JPEG", "quality": 90, "comment": PREDICTION_MARK}
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Software", PREDICTION_MARK)
+    return {"format": "PNG", "pnginfo": text}
+
+
+def is_prediction(path: str | Path) -> bool:
+    """Whether `resunet predict` wrote this file (its mark, read from the header)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=("PNG", "JPEG")) as image:
+            mark = image.info.get("Software") if image.format == "PNG" else image.info.get("comment")
+    except Exception:  # not a PNG or JPEG, or unreadable: an input like any other, reported when it is read
+        return False
+    return mark in (PREDICTION_MARK, PREDICTION_MARK.encode())

@@ -18,6 +18,10 @@ from .classes import ClassInfo
 
 # What Pillow reads. .jfif and .jpe are JPEG (browsers save photos as .jfif); a GIF is read as its first frame. A file
 # with another suffix is not listed: an image listed nowhere dropped its mask too, without a word outside check-data.
+# What Image.open may take a file for: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on
+# it: a client of the service could feed PostScript to it) nor the formats that need a handler installed.
+READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "ICO", "TGA", "QOI", "JPEG2000",
+                "PCX", "SGI", "PSD")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 # The largest image decoded by default: 8000×8000, above any camera's photo (a 48 MP phone shot is 8000×6000), far
 # below what fills memory. A small file can declare billions of pixels (a "decompression bomb"); it is refused from
@@ -44,7 +48,7 @@ def open_unbounded(source: str | Path | io.BytesIO) -> Image.Image:
     aerial photo whatever --max-pixels said, and named no width and height. It is a global, so it is lifted for the
     header's read alone, under a lock, and only for a file over it."""
     try:
-        return Image.open(source)
+        return Image.open(source, formats=READ_FORMATS)
     except Image.DecompressionBombError:
         pass
     if hasattr(source, "seek"):
@@ -52,7 +56,7 @@ def open_unbounded(source: str | Path | io.BytesIO) -> Image.Image:
     with _PIL_CEILING:
         ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(source)
+            return Image.open(source, formats=READ_FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = ceiling
 
@@ -176,6 +180,8 @@ def read_mask(path: str | Path, info: ClassInfo, max_pixels: int | None = DEFAUL
             mask = np.asarray(image).astype(np.int64)
             if mask.max(initial=0) > 255:
                 raise DataError(f"{path}: mask value {mask.max()} does not fit a class index (max 255)")
+            if mask.min(initial=0) < 0:  # uint8 would wrap it: -1 became 255 (ignored), -2 became 254
+                raise DataError(f"{path}: mask value {mask.min()} is below 0; class indices are 0..255")
             return mask.astype(np.uint8)
         raise DataError(f"{path}: unsupported mask mode {image.mode!r} (need an index, palette or RGB PNG)")
 
