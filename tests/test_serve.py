@@ -295,9 +295,14 @@ def test_concurrent_requests_are_batched_by_working_shape(checkpoint, reference)
         assert np.array_equal(mask_of(response.content), reference.predict(np.asarray(image)))
 
 
-def test_a_full_queue_answers_503_with_retry_after(checkpoint):
+def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
+    import resunet.serve.app
+
     app = create_app(checkpoint, ServeSettings(max_batch=1, max_queue=1, max_wait_ms=0))
     engine = app.state.engine
+    decoded = []
+    decode = resunet.serve.app.decode_image
+    monkeypatch.setattr(resunet.serve.app, "decode_image", lambda *args: (decoded.append(1), decode(*args))[1])
     release = threading.Event()
     original = engine.variants["none"].predict_batch
 
@@ -323,6 +328,8 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint):
     third, first, second = asyncio.run(scenario())
     assert third.status_code == 503 and third.headers["retry-after"] == "1" and "busy" in third.json()["error"]
     assert first.status_code == 200 and second.status_code == 200
+    # Refused before its decode (found by a helper, 2026-12-05: each 503 for a 2000×2000 JPEG cost a second of it).
+    assert len(decoded) == 2
 
 
 def test_an_exported_onnx_file_is_served_the_same_way(exported):
@@ -404,6 +411,32 @@ def rss_mb(pid: int) -> float:
 # the seed's resnet34 U-Net) and 1269 MB after this test's 200 requests. Bounds: 150 MB of growth, 2 GB in all.
 RSS_GROWTH_LIMIT_MB = 150
 RSS_LIMIT_MB = 2048
+
+
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(live_server):
+    """Python's urllib (http.client) writes the whole body before it reads: the service answered 413 from the
+    declared length and closed with the body unread, and the client met a reset connection instead of the answer
+    (found by a helper, 2026-12-05). A refused body is read and dropped (up to 64 MiB) before the answer."""
+    import urllib.error
+    import urllib.request
+
+    _, url = live_server
+    body = bytes(21 * 2**20)  # over the default --max-bytes (20 MB)
+    for headers in ({"Content-Type": "application/octet-stream"}, {"Content-Type": "image/png"}):
+        request = urllib.request.Request(url + "/predict", data=body, headers=headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=60)
+        assert answer.value.code == 413
+        assert json.loads(answer.value.read()) == {
+            "error": f"request body of {len(body):,} bytes is over the limit of 20,000,000 bytes"}
+    # Sent in chunks with no length declared: refused once past the limit, the rest read and dropped.
+    request = urllib.request.Request(url + "/predict", data=iter([bytes(2**20)] * 21), method="POST",
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Transfer-Encoding": "chunked"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413 and "over the limit of 20,000,000 bytes" in json.loads(answer.value.read())["error"]
+    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
 
 
 def test_load_200_requests_from_16_clients_with_bad_ones_interleaved(live_server, reference):

@@ -300,6 +300,9 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                                     f"(available: {', '.join(engine.variants)})")
         data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
         received = time.perf_counter()
+        if engine.queue_full():  # before the decode: under overload a refusal must cost little
+            raise RequestError(503, f"busy: {engine.max_queue} requests are already waiting; retry later",
+                               {"Retry-After": str(settings.retry_after_s)})
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
         try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
             predictor.check_size(*image.shape[:2])

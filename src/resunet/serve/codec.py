@@ -9,7 +9,7 @@ import unicodedata
 import numpy as np
 from PIL import Image
 from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..data.classes import ClassInfo
 from ..data.images import DataError, ImageTooLargeError, read_image
@@ -18,6 +18,10 @@ from ..data.images import DataError, ImageTooLargeError, read_image
 # `curl --data-binary @photo.jpg` sends unless told otherwise.
 RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE  # python-multipart refuses a longer header line in a part
+# A body refused as too large is still read (and dropped) up to this much before the 413, as nginx lingers: a client
+# that sends its whole body before reading the answer (Python's urllib, http.client) otherwise met a reset
+# connection, never the 413. A larger body is not waited for.
+DRAIN_BYTES = 64 * 2**20
 
 
 class RequestError(Exception):
@@ -50,10 +54,13 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
     """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed), and with
     408 when no byte of it arrives for `timeout_s` seconds (a stalled client would hold its connection for ever)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes")
-    chunks, size = [], 0
     stream = request.stream()
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        if int(declared) <= DRAIN_BYTES:
+            await discard(stream, timeout_s)
+        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes",
+                           {"Connection": "close"})
+    chunks, size = [], 0
     while True:
         try:
             chunk = await asyncio.wait_for(anext(stream), timeout_s)
@@ -64,9 +71,20 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
                                {"Connection": "close"}) from None  # its unread rest must not hold the connection
         size += len(chunk)
         if size > max_bytes:
-            raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes")
+            await discard(stream, timeout_s, DRAIN_BYTES - size)
+            raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes", {"Connection": "close"})
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def discard(stream, timeout_s: float | None, most: int = DRAIN_BYTES) -> None:
+    """Read the rest of a refused body and drop it: up to `most` bytes, while it keeps coming."""
+    dropped = 0
+    try:
+        while dropped < most:
+            dropped += len(await asyncio.wait_for(anext(stream), timeout_s))
+    except (StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
+        pass
 
 
 async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None = None) -> tuple[bytes, str]:

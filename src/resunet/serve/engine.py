@@ -126,6 +126,9 @@ class InferenceEngine:
             for _ in range(2):
                 predictor.predict_batch([image])
 
+    def queue_full(self) -> bool:
+        return self.queue is not None and self.queue.full()
+
     async def submit(self, image: np.ndarray, tta: str | None = None) -> Result:
         """Queue one H×W×3 uint8 image and wait for its class map. QueueFullError when `max_queue` are waiting."""
         if self.batcher is None:
