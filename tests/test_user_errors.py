@@ -456,6 +456,19 @@ def test_a_16_bit_grey_image_is_read_at_its_values_not_white(tmp_path):
     assert np.abs(read_image(tmp_path / "float.tif").astype(int) - grey[..., None]).max() <= 1
 
 
+def test_a_broken_exif_block_is_read_without_a_warning_on_stderr(tmp_path):
+    """PIL's two-line "Corrupt EXIF data" UserWarning went to the service's log and predict's stderr, breaking their
+    one line per problem (found by a helper, 2026-12-05). The picture is read as stored."""
+    import sys
+
+    path = tmp_path / "badexif.jpg"
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
+    code = ("import sys; from resunet.data.images import read_image; "
+            f"print(read_image({str(path)!r}).shape)")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "(4, 6, 3)" and done.stderr == "", done.stderr
+
+
 def test_an_eps_file_is_not_read_so_no_client_can_feed_postscript_to_ghostscript(monkeypatch):
     """PIL opens EPS by running Ghostscript: any client of the service could send PostScript to it (found by a
     helper, 2026-12-05). Images are opened as raster formats PIL decodes itself."""
@@ -1065,6 +1078,25 @@ def test_commands_that_need_the_checkpoint_say_so_when_given_the_onnx_file(expor
                                                                                                       "calibrate")
     assert main(["export", onnx_file, "--onnx", str(tmp_path / "again.onnx")]) == 2
     assert "needs the resunet checkpoint (.pt)" in one_error_line(capsys, "export")
+
+
+def test_evaluate_on_a_split_with_no_labelled_pixel_says_there_is_nothing_to_score(checkpoint, demo_root, tmp_path,
+                                                                                     capsys):
+    """Every val mask pixel the ignore label: evaluate printed "mIoU nan" and exited 0 without a word of why (found
+    by a helper, 2026-12-05); train refuses such a split."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    voc = data / "VOCdevkit/VOC2012"
+    names = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    for name in names:
+        mask = Image.open(voc / "SegmentationClass" / f"{name}.png")
+        Image.new("L", mask.size, 255).save(voc / "SegmentationClass" / f"{name}.png")  # grey: indices as they are
+    assert main(["evaluate", checkpoint, "--data-root", str(data), "--json", str(tmp_path / "e.json")]) == 2
+    assert one_error_line(capsys, "evaluate").endswith(
+        f"every mask pixel of its {len(names)} image(s) is the ignore label 255: nothing to score")
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_a_command_refused_after_its_outputs_were_checked_leaves_no_folder(checkpoint, tmp_path, capsys):

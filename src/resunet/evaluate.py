@@ -169,6 +169,9 @@ def run_evaluate(
     calibration = CalibrationError(info.ignore_index) if predictor.has_logits else None
     matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image,
                               calibration=calibration)
+    if matrix.matrix.sum() == 0:  # printed as "mIoU nan", exit status 0, without a word of why
+        raise DataError(f"{dataset.description}: every mask pixel of its {len(dataset)} image(s) is the ignore label "
+                        f"{info.ignore_index}: nothing to score")
     scores = {**matrix.compute(), **boundary.compute(),
               "ece": calibration.compute() if calibration else None,
               "temperature": [m.temperature for m in members] if members else predictor.temperature}
