@@ -143,6 +143,9 @@ def test_resume_takes_every_flag_given_and_refuses_what_cannot_change(tmp_path, 
     assert main([*resume, "--loss", "dice"]) == 2
     assert one_error_line(capsys, "train").endswith("--loss dice: cannot change on --resume (the run trains with "
                                                     "ce+dice); start a new run with another --out")
+    assert main([*resume, "--crop-size", "256"]) == 2  # it said "the run trains with None" (a helper, 2026-12-05)
+    assert one_error_line(capsys, "train").endswith("--crop-size 256: cannot change on --resume (the run was started "
+                                                    "without --crop-size); start a new run with another --out")
     assert main([*resume, "--out", str(tmp_path / "other")]) == 2
     assert "--out: a resumed run stays in its folder" in one_error_line(capsys, "train")
     assert main([*resume, "--no-pretrained"]) == 2  # it named a flag that does not exist: "--pretrained False"

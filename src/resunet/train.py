@@ -466,8 +466,10 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
                 flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
                 raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
                                     "new run with another --out")
-            raise TrainingError(f"--{name.replace('_', '-')} {value}: cannot change on --resume (the run trains with "
-                                f"{stored[name]}); start a new run with another --out")
+            flag = f"--{name.replace('_', '-')}"
+            was = f"was started without {flag}" if stored[name] is None else f"trains with {stored[name]}"
+            raise TrainingError(f"{flag} {value}: cannot change on --resume (the run {was}); start a new run with "
+                                "another --out")
     # --overwrite belongs to the start of a run, not to its settings: a run started with it resumes without it.
     return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir,
                           "overwrite": changes.get("overwrite", False)})
