@@ -193,6 +193,8 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
          "pixels become"),
         ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
+        ("two files", dict(method="POST", url="/predict", files=[("file", ("a.png", good)), ("file", ("b.png", good))]),
+         400, "multipart upload with 2 parts named 'file': send one image a request"),
         ("long file name", dict(method="POST", url="/predict", files={"file": ("a" * 5000 + ".png", good)}), 400,
          "multipart part header of 5,060 bytes is over the parser's limit of 4,224 (a very long file name?)"),
         ("line break in the name", dict(method="POST", url="/predict", headers={

@@ -104,7 +104,10 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
                                         f"{MAX_PART_HEADER_BYTES:,} (a very long file name?): rename the file, or "
                                         "send the image as the raw body") from None
             raise RequestError(400, f"malformed multipart body ({error})") from None
-        upload = form.get("file")
+        files = form.getlist("file")
+        if len(files) > 1:  # the last one was answered, the others dropped without a word
+            raise RequestError(400, f"multipart upload with {len(files)} parts named 'file': send one image a request")
+        upload = files[0] if files else None
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "multipart upload without a file in the form field 'file'")
         data = await upload.read()
