@@ -418,3 +418,22 @@ def test_a_32_bit_mask_with_negative_values_is_an_error_in_the_check_and_when_re
     dataset = open_dataset(str(root), "val")
     with pytest.raises(DataError, match=r"good_0.tif: mask value -2 is below 0; class indices are 0..255$"):
         dataset.load(0)
+
+
+def test_an_image_and_its_mask_pair_when_their_names_differ_only_in_unicode_form(tmp_path):
+    """'café' written composed (most tools) and decomposed (a Mac: e + combining accent): the same name on screen,
+    yet the check said "no mask café.*" and named the mask an orphan, and training refused the split (found by a
+    helper, 2026-12-05). Names pair in Unicode's composed form."""
+    import unicodedata
+
+    from resunet.data.dataset import open_dataset
+
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    (root / "val" / "images" / "good_0.png").rename(root / "val" / "images" / f"{composed}.png")
+    (root / "val" / "masks" / "good_0.png").rename(root / "val" / "masks" / f"{decomposed}.png")
+    assert doctor.check_data(root, workers=1).findings == []
+    dataset = open_dataset(str(root), "val")
+    assert [p.name for p in dataset.mask_paths] == [f"{decomposed}.png"]
+    assert np.array_equal(dataset.load(0).mask, np.asarray(cat_and_dog()))

@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes
+from .data.folder import find_split_dir, folder_classes, pairing_name
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image,
                           rgb_mask_hint)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
-REPORT_FORMAT = 6  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 7  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -169,25 +169,25 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:
-                if path.stem in first_by_stem:
+                if pairing_name(path) in first_by_stem:
                     listing.findings.append(finding("same_name", relative(path, root), f"{relative(path, root)}: "
-                                                    f"same name as {first_by_stem[path.stem].name}"))
-                first_by_stem.setdefault(path.stem, path)
-        masks_by_stem = {p.stem: p for p in masks}
-        image_stems = {p.stem for p in images}
+                                                    f"same name as {first_by_stem[pairing_name(path)].name}"))
+                first_by_stem.setdefault(pairing_name(path), path)
+        masks_by_stem = {pairing_name(p): p for p in masks}
+        image_stems = {pairing_name(p) for p in images}
         for image in images:
-            if image.stem not in masks_by_stem:
+            if pairing_name(image) not in masks_by_stem:
                 listing.findings.append(finding("missing_mask", relative(image, root), f"{relative(image, root)}: "
                                                 f"no mask {image.stem}.* in {relative(mask_dir, root)}"))
         for mask in masks:
-            if mask.stem not in image_stems:
+            if pairing_name(mask) not in image_stems:
                 listing.findings.append(finding("orphan_mask", relative(mask, root), f"{relative(mask, root)}: no "
                                                 f"image {mask.stem}.* in {relative(image_dir, root)}"))
         if not images:
             listing.findings.append(finding("empty_split", relative(image_dir, root),
                                             f"{relative(image_dir, root)}: no images"))
-        paired = [p for p in images if p.stem in masks_by_stem]
-        listing.splits[split] = PairedDataset(paired, [masks_by_stem[p.stem] for p in paired], info,
+        paired = [p for p in images if pairing_name(p) in masks_by_stem]
+        listing.splits[split] = PairedDataset(paired, [masks_by_stem[pairing_name(p)] for p in paired], info,
                                               description=str(split_dir), max_pixels=max_pixels)
     return listing
 

@@ -6,6 +6,7 @@ An optional `root/classes.json` (names, palette, ignore index) sets the classes;
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from .classes import ClassInfo, generic_info, load_classes_json
@@ -30,14 +31,20 @@ def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None
         raise DataError(str(error)) from None
 
 
+def pairing_name(path: Path) -> str:
+    """What an image and its mask share: the stem, in Unicode's composed form. A Mac writes 'café' decomposed (e +
+    combining accent), most other tools composed: the same name on screen, and 'no mask café.*' in the check."""
+    return unicodedata.normalize("NFC", path.stem)
+
+
 def check_unique_stems(folder: Path, files: list[Path]) -> None:
     """Images pair with masks by stem, so a.jpg beside a.png would silently share (or lose) a mask."""
     seen: dict[str, Path] = {}
     for path in files:
-        if path.stem in seen:
-            raise DataError(f"{folder}: {seen[path.stem].name} and {path.name} share the name {path.stem!r}; "
+        if (name := pairing_name(path)) in seen:
+            raise DataError(f"{folder}: {seen[name].name} and {path.name} share the name {path.stem!r}; "
                             "images pair with masks by name, so keep one")
-        seen[path.stem] = path
+        seen[name] = path
 
 
 def split_folders(root: Path) -> list[str]:
@@ -77,8 +84,8 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
     masks = list_images(mask_dir)
     for folder, files in ((image_dir, images), (mask_dir, masks)):
         check_unique_stems(folder, files)
-    masks_by_stem = {p.stem: p for p in masks}
-    missing = [p.name for p in images if p.stem not in masks_by_stem]
+    masks_by_stem = {pairing_name(p): p for p in masks}
+    missing = [p.name for p in images if pairing_name(p) not in masks_by_stem]
     if missing:
         raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0]}")
     if not images:
@@ -86,5 +93,5 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
         hint = (f" ({len(nested)} in subfolders, such as {nested[0].relative_to(image_dir)}: images and masks are read "
                 "only directly in their folders)") if nested else ""
         raise DataError(f"{image_dir}: no images{hint}")
-    masks = [masks_by_stem[p.stem] for p in images]
+    masks = [masks_by_stem[pairing_name(p)] for p in images]
     return PairedDataset(images, masks, info, description=f"{split_dir}")
