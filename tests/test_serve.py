@@ -191,6 +191,9 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("large", dict(method="POST", url="/predict", content=bomb_png(9000, 8000)), 413, "9000×8000"),
         ("thin strip", dict(method="POST", url="/predict", content=encoded(Image.new("RGB", (20000, 1)))), 413,
          "pixels become"),
+        ("long strip", dict(method="POST", url="/predict", content=encoded(Image.new("RGB", (3000, 2)))), 413,
+         "3000×2 pixels become 96000×64 at working size 64, more than 65,536 pixels (16 × 64², an image 16 times "
+         "as long as wide)"),
         ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
         ("two files", dict(method="POST", url="/predict", files=[("file", ("a.png", good)), ("file", ("b.png", good))]),

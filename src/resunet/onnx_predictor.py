@@ -129,11 +129,11 @@ class OnnxPredictor(Predictor):
                                   "working-size logits this needs (export with --logits)")
         return super().low_res_logits(groups)
 
-    def check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int, count: int = 1) -> None:
         super().check_size(height, width)
         if self.graph != "end-to-end":
             return
-        needed = self.logit_bytes(height, width)
+        needed = count * self.logit_bytes(height, width)
         if needed > END_TO_END_MAX_LOGIT_BYTES:
             raise DataError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
                             f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export with "
@@ -163,9 +163,13 @@ class OnnxPredictor(Predictor):
         return self.run_in_parts(feed, None if logits else self.first_output)
 
     def run_in_parts(self, feed: np.ndarray, outputs: list[str] | None) -> list[np.ndarray]:
-        """N×H×W×3 uint8 through the end-to-end graph, as many images per run as their full-size logits allow: each
-        image alone must fit (check_size), a batch of them need not (the service batches concurrent requests)."""
+        """N×H×W×3 uint8 through the end-to-end graph. Class maps alone: as many images per run as their full-size
+        logits allow; each image must fit (check_size), a batch of them need not (the service batches concurrent
+        requests). With the logits (`outputs` None) the whole batch's are returned at once, so the batch must fit."""
         height, width = feed.shape[1:3]
+        if outputs is None:
+            self.check_size(height, width, len(feed))
+            return self.session.run(None, {self.input_name: feed})
         self.check_size(height, width)  # the graph resizes inside: bound it before
         per_run = max(1, END_TO_END_MAX_LOGIT_BYTES // self.logit_bytes(height, width))
         parts = [self.session.run(outputs, {self.input_name: feed[start:start + per_run]})

@@ -44,10 +44,11 @@ ONNX_PRECISIONS = ("auto", "fp32")
 
 
 # What the network may be given at once: the working size scales an image's shorter side up or down, so a thin
-# strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes. The bound is 16
-# working squares (an image 16 times as long as it is wide; a 4:3 photo is 1.33), at most 16M pixels: a 3000×2 PNG of
-# 108 bytes at size 96 (96×144,000, under 16M) took 35 s and 6 GB in the service.
+# strip (1×20000 at size 64: 64×1,280,000) would ask for gigabytes from a file of a few kilobytes.
 MAX_WORKING_PIXELS = 16_000_000
+# What the service takes from a client (`max_working_pixels`): 16 working squares (an image 16 times as long as it is
+# wide; a 4:3 photo is 1.33), at most the bound above. A 3000×2 PNG of 108 bytes at size 96 (96×144,000, under 16M)
+# took 35 s and 6 GB there, five at once 21 GB. Not applied to datasets: a line-scan or text-line val split is data.
 MAX_WORKING_SQUARES = 16
 # Images past this many values per image (3 × 4M pixels) are resized band by band on the CPU; see resize_antialiased.
 # A band's floats take 48 MB: over glibc's largest mmap threshold (32 MiB, which runtime.tune_cpu_allocator sets),
@@ -66,16 +67,16 @@ FULL_SIZE_WHOLE_ELEMENTS = 2**26
 
 
 def max_working_pixels(size: int) -> int:
-    """The most pixels an image may have at working size `size` (and a served batch in all)."""
+    """The most working pixels the service takes for one request at working size `size` (and runs in one pass)."""
     return min(MAX_WORKING_PIXELS, MAX_WORKING_SQUARES * size * size)
 
 
-def check_working_size(height: int, width: int, size: int) -> None:
+def check_working_size(height: int, width: int, size: int, limit: int = MAX_WORKING_PIXELS) -> None:
     """Raise DataError (one line, the caller adds the file) if the image at the working size is too large."""
     if height < 1 or width < 1:
         raise DataError(f"an empty image ({width}×{height} pixels)")
     work_h, work_w = resize_short_side(height, width, size)
-    if work_h * work_w > (limit := max_working_pixels(size)):
+    if work_h * work_w > limit:
         bound = f"{limit:,} pixels" if limit == MAX_WORKING_PIXELS else \
             f"{limit:,} pixels ({MAX_WORKING_SQUARES} × {size}², an image {MAX_WORKING_SQUARES} times as long as wide)"
         raise DataError(f"{width}×{height} pixels become {work_w}×{work_h} at working size {size}, more than {bound}: "

@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
-from ..predict import Predictor, load
+from ..predict import Predictor, check_working_size, load, max_working_pixels
 from .codec import RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes
 from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
@@ -306,6 +306,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
         try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
             predictor.check_size(*image.shape[:2])
+            check_working_size(*image.shape[:2], predictor.size, max_working_pixels(predictor.size))
         except DataError as error:
             raise RequestError(413, f"{name}: {error}") from None
         decoded = time.perf_counter()
