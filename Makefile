@@ -70,6 +70,8 @@ clean:
 # `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand, CAMVID_SEED=1 another seed,
 # CAMVID_FLAGS="--attention scse" adds training options (an option measured at the full budget, not just in the ablation).
 # CAMVID_TIME_BUDGET= (empty) trains exactly CAMVID_EPOCHS, the same result on every CPU.
+# A run folder that holds a run is not trained over: give another CAMVID_RUN, or OVERWRITE=1 to start it over (a
+# stopped run goes on with `resunet train --resume RUN/last.pt`).
 CAMVID_RUN ?= runs/camvid
 CAMVID_EPOCHS ?= 55
 CAMVID_LOSS ?= ce+dice
@@ -86,6 +88,8 @@ CAMVID_SIZE ?= $(if $(CPU_BF16),360,288)
 CAMVID_CROP ?= $(if $(CPU_BF16),320,256)
 CAMVID_SEED ?= 0
 CAMVID_FLAGS ?=
+OVERWRITE ?=
+START = $(if $(OVERWRITE),--overwrite)
 CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_CROP) --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
 	--seed $(CAMVID_SEED)
@@ -93,7 +97,8 @@ CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_C
 CAMVID_SCHEDULE = --epochs $(CAMVID_EPOCHS) --loss $(CAMVID_LOSS) --eval-every 3 \
 	$(if $(CAMVID_TIME_BUDGET),--time-budget $(CAMVID_TIME_BUDGET))
 camvid: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) --encoder efficientnet-lite0 $(CAMVID_SCHEDULE) $(CAMVID_FLAGS)
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_RUN) $(START) --encoder efficientnet-lite0 $(CAMVID_SCHEDULE) \
+		$(CAMVID_FLAGS)
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_RUN)/val.json \
 		--confusion $(CAMVID_RUN)/confusion.png
 	$(RESUNET) evaluate $(CAMVID_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_RUN)/val_flip.json
@@ -102,13 +107,14 @@ camvid: install
 # (at most 55 epochs: fewer fit than for the Lite0 U-Net in fp32 and on the Zen 4, all 55 on the AMX Xeon; RESULTS.md).
 CAMVID_SEED_RUN ?= runs/camvid-seed
 camvid-seed: install
-	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_SEED_RUN) --encoder resnet34 --no-pretrained $(CAMVID_SCHEDULE)
+	$(RESUNET) train $(CAMVID_COMMON) --out $(CAMVID_SEED_RUN) $(START) --encoder resnet34 --no-pretrained \
+		$(CAMVID_SCHEDULE)
 	$(RESUNET) evaluate $(CAMVID_SEED_RUN)/best.pt --data-root $(DATA) --split val --json $(CAMVID_SEED_RUN)/val.json
 
 # The GPU recipe: full resolution, long schedule, the larger Lite2 encoder (needs resunet[lite]).
 CAMVID_GPU_RUN ?= runs/camvid-gpu
 camvid-gpu: install-dev
-	$(RESUNET) train --data-root $(DATA) --out $(CAMVID_GPU_RUN) --encoder efficientnet-lite2 --size 360 --crop-size 352 \
+	$(RESUNET) train --data-root $(DATA) --out $(CAMVID_GPU_RUN) $(START) --encoder efficientnet-lite2 --size 360 --crop-size 352 \
 		--scale-min 0.5 --scale-max 2.0 --batch-size 16 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 \
 		--scheduler cosine --warmup-epochs 5 --class-weights sqrt-inv-freq --epochs 300 --eval-every 5 --seed 0
 	$(RESUNET) evaluate $(CAMVID_GPU_RUN)/best.pt --data-root $(DATA) --split val --tta flip --json $(CAMVID_GPU_RUN)/val.json

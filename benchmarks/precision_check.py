@@ -32,7 +32,7 @@ def main() -> None:
         run = out / precision
         train(TrainConfig(data_root=str(data), out=str(run), epochs=args.epochs, size=128, scale_min=0.75,
                           scale_max=1.25, pretrained=False, optimizer="adamw", lr=1e-3, scheduler="cosine", seed=0,
-                          precision=precision, progress=False))
+                          precision=precision, progress=False, overwrite=True))  # a rerun starts over
         for eval_precision in ("fp32", "bf16"):
             scores = run_evaluate(str(run / "best.pt"), str(data), "val", precision=eval_precision)
             rows[(precision, eval_precision)] = scores["miou"]

@@ -70,6 +70,13 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     rescored = run_ablation(base, ["loss focal"], out)[0]
     assert rescored["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
     assert (out / "loss-focal" / "last.pt").stat().st_mtime_ns == stamp
+    # A row stopped between its first two saves (best.pt written, last.pt not) starts again: train refuses a new run
+    # in a folder that holds one, and the row was stuck (review, 2026-12-05).
+    (out / "loss-focal" / "result.json").unlink()
+    (out / "loss-focal" / "last.pt").rename(out / "loss-focal" / "best.pt")
+    retrained = run_ablation(base, ["loss focal"], out)[0]
+    assert retrained["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)  # the same seed, the same row
+    assert (out / "loss-focal" / "last.pt").is_file()
     with pytest.raises(TrainingError, match="already uses seed 1"):  # the noise row would repeat the baseline
         run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "seed": 1}), ["seed 1"], out)
     # Another budget in the same folder would mix two recipes in one table.

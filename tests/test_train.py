@@ -390,6 +390,8 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwri
 
     run = ram_tmp / "run"
     train(tiny_config(demo_root, run, epochs=2, **SMALL))
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1.old").write_bytes(b"the old run's curves")
     kept = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png")}
     with pytest.raises(TrainingError, match=(
             rf"^--out {run}: holds a run already \(last.pt and best.pt\); go on with it with --resume "
@@ -412,6 +414,7 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwri
     with pytest.raises(RuntimeError, match="stopped before"):
         train(tiny_config(demo_root, run, epochs=1, overwrite=True, **SMALL))
     assert run.is_dir() and not [name for name in RUN_FILES if (run / name).exists()]
+    assert not (run / "tensorboard").exists()  # its events would mix with the new run's (review, 2026-12-05)
     monkeypatch.undo()
     train(tiny_config(demo_root, run, epochs=1, overwrite=True, loss="dice", **SMALL))
     assert len(read_records(run)) == 1 and load_checkpoint(run / "last.pt")["train_config"]["loss"] == "dice"

@@ -250,6 +250,9 @@ def test_resume_from_python_keeps_the_runs_folder_and_recipe(demo_root, ram_tmp,
     with pytest.raises(TrainingError, match=r"^loss='ce': the run trains with 'dice', and it cannot change on "
                                             "resume"):
         train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **{**recipe, "loss": "ce"}))
+    with pytest.raises(TrainingError, match=r"^crop_size=48: the run was started without crop_size, and it cannot "
+                                            "change on resume"):  # "trains with None" (review, 2026-12-05)
+        train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **{**recipe, "crop_size": 48}))
     with pytest.raises(TrainingError, match=r"^--loss ce: cannot change on --resume \(the run trains with dice\)"):
         resume(run / "last.pt", epochs=2, loss="ce")
     with pytest.raises(TrainingError, match=r"^data_root \(--data-root\): required"):
@@ -464,12 +467,22 @@ def test_a_broken_exif_block_is_read_without_a_warning_on_stderr(tmp_path):
     one line per problem (found by a helper, 2026-12-05). The picture is read as stored."""
     import sys
 
-    path = tmp_path / "badexif.jpg"
-    Image.new("RGB", (6, 4), (200, 10, 10)).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
-    code = ("import sys; from resunet.data.images import read_image; "
-            f"print(read_image({str(path)!r}).shape)")
+    header = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08"
+    broken = {"cut short": header + b"\xff\xff",  # "Corrupt EXIF data"
+              # one entry (ImageDescription, 100 characters) past the block's end: "Tag data larger than file"
+              "past its end": header + b"\x00\x01\x01\x0e\x00\x02\x00\x00\x00\x64\x00\x00\x00\x1a\x00\x00\x00\x00"}
+    paths = []
+    for i, exif in enumerate(broken.values()):
+        paths.append(str(tmp_path / f"badexif{i}.jpg"))
+        Image.new("RGB", (6, 4), (200, 10, 10)).save(paths[-1], exif=exif)
+    code = f"from resunet.data.images import read_image; print([read_image(p).shape for p in {paths!r}])"
     done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "(4, 6, 3)" and done.stderr == "", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == "[(4, 6, 3), (4, 6, 3)]" and done.stderr == "", done.stderr
+    # Without the filter each of them warns (the test's files are broken as described).
+    check = ("import warnings; from PIL import Image, ImageOps; warnings.simplefilter('always'); "
+             f"[ImageOps.exif_transpose(Image.open(p)) for p in {paths!r}]")
+    warned = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120).stderr
+    assert "Corrupt EXIF data" in warned and "Tag data larger than file" in warned, warned
 
 
 def test_an_eps_file_is_not_read_so_no_client_can_feed_postscript_to_ghostscript(monkeypatch):
@@ -1176,6 +1189,7 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     (["ablate", "--data-root", "D", "--options", ";"], "--options ';': no rows"),
     (["ablate", "--data-root", "D", "--calibrate"], "the table's ECE is measured before calibration"),
     (["ablate", "--data-root", "D", "--resume", "x.pt"], "ablate continues its stopped rows itself"),
+    (["ablate", "--data-root", "D", "--overwrite"], "ablate keeps its finished rows and continues stopped ones"),
 ])
 def test_options_that_would_be_ignored_are_refused(command, words, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -49,8 +49,9 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
     folder = out / row_folder(name)
     result_path = folder / "result.json"
     last = folder / "last.pt"
+    # No last.pt: the row starts (again). A best.pt alone is a row stopped between its first two saves, not a run.
     cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=base.epochs,
-                  resume=str(last) if last.is_file() else None, calibrate=False)
+                  resume=str(last) if last.is_file() else None, calibrate=False, overwrite=not last.is_file())
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         stored = result.get("recipe")

@@ -183,6 +183,9 @@ def cmd_ablate(args) -> int:
     if args.calibrate:
         raise SystemExit("resunet ablate: error: --calibrate: the table's ECE is measured before calibration; "
                          "calibrate a row afterwards with resunet calibrate OUT/ROW/best.pt")
+    if args.overwrite:
+        raise SystemExit("resunet ablate: error: --overwrite: ablate keeps its finished rows and continues stopped "
+                         "ones; give another --out to start a table over")
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     options = [name.strip() for name in args.options.split(";") if name.strip()]
     if not options:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -491,8 +492,8 @@ def check_resumed_settings(cfg: TrainConfig) -> None:
         raise TrainingError(f"out={cfg.out!r}: a resumed run stays in its folder ({run_dir}); {how}")
     for name, value in cfg.to_dict().items():
         if name not in RESUME_CHANGEABLE | {"out"} and value != stored[name]:
-            raise TrainingError(f"{name}={value!r}: the run trains with {stored[name]!r}, and it cannot change on "
-                                f"resume; {how}")
+            was = f"was started without {name}" if stored[name] is None else f"trains with {stored[name]!r}"
+            raise TrainingError(f"{name}={value!r}: the run {was}, and it cannot change on resume; {how}")
 
 
 def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
@@ -754,6 +755,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.overwrite:  # the earlier run's files go only now that this one's data and model are ready
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
+                shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
         except OSError as error:  # a file in the way, a read-only parent
             raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
         except DataError as error:

@@ -29,9 +29,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".ti
 DEFAULT_MAX_PIXELS = 64_000_000
 # PIL warns from 89 MP on; the limit above is what we enforce, with one clear line instead.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-# A broken EXIF block: the picture is read as stored (no orientation to apply). PIL's two-line warning split the
-# service's one-line log entries and predict's stderr.
-warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+# A broken EXIF block: the picture is read as stored (no orientation to apply). PIL's two-line warnings ("Corrupt
+# EXIF data", "Tag data larger than file", ...) split the service's one-line log entries and predict's stderr.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class DataError(ValueError):
