@@ -50,6 +50,7 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     payload = load_checkpoint(checkpoint)
     temperature = payload["temperature"]
     assert f"temperature {temperature:.3f}" in line and "expected calibration error" in line
+    assert "% uncalibrated (temperature 1) → " in line and "replacing" not in line
     assert payload["calibration"]["ece_after"] <= payload["calibration"]["ece_before"] + 1e-3
     after = Predictor.from_checkpoint(checkpoint, precision="fp32")
     assert after.temperature == temperature != 1.0
@@ -74,6 +75,12 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     scores = run_evaluate(str(checkpoint), str(demo_root), workers=0, precision="fp32")
     assert scores["ece"] == pytest.approx(payload["calibration"]["ece_after"], abs=1e-4)
     assert "ECE" in capsys.readouterr().out
+    # Again on the calibrated file: its "before" is the model's at temperature 1, not the file's (a helper read the
+    # second run's 39% → 1.6% as a gain, 2026-12-05); the temperature it replaces is named.
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
+    again = capsys.readouterr().out
+    assert f"{100 * payload['calibration']['ece_before']:.2f}% uncalibrated (temperature 1)" in again
+    assert f"replacing temperature {temperature:.3f}" in again
 
 
 def test_a_temperature_at_its_bound_is_explained(trained_run, demo_root, ram_tmp, capsys, monkeypatch):

@@ -175,6 +175,38 @@ def test_failed_verification_is_an_error_and_keeps_no_file(exported, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
+def test_sigterm_during_an_export_leaves_no_temporary_file_nor_the_folders_it_made(exported, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """SIGTERM (a timeout, a scheduler) killed export with a partial hidden .x.onnx.tmpPID and the folders it had
+    made left behind; Ctrl-C cleaned up (found by a helper, 2026-12-05). It is stopped as Ctrl-C is now."""
+    import os
+    import signal
+
+    import resunet.export as export
+    from resunet.cli import main
+
+    def cut_short(network, path, *args):
+        path.write_bytes(b"half of a graph")
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this process's main thread: the handler runs here
+
+    monkeypatch.setattr(export, "write_model_onnx", cut_short)
+    ignored = []  # the test's own handler: without export's, the signal is noted here instead of killing pytest
+
+    def note(signum, frame):
+        ignored.append(signum)
+
+    before = signal.signal(signal.SIGTERM, note)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["export", str(exported["ckpt"]), "--onnx", str(tmp_path / "new" / "sub" / "x.onnx"), "--logits"])
+        assert signal.getsignal(signal.SIGTERM) is note  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 128 + signal.SIGTERM and not ignored
+    assert "resunet export: stopped by SIGTERM" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_run, demo_root, tmp_path, monkeypatch):
     import shutil
 

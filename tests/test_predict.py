@@ -442,3 +442,8 @@ def test_overlay_mixes_by_alpha_and_refuses_an_alpha_outside_0_to_1():
     for alpha in (1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="alpha must be from 0 to 1"):
             predictor.overlay(image, mask, alpha)
+    # Another image's mask, or probabilities: a numpy broadcast or indexing error (found by a helper, 2026-12-05).
+    with pytest.raises(ValueError, match=r"^mask must be the image's H×W \(2×3\) of class ids \(integers\), got int64 3×2$"):
+        predictor.overlay(image, mask.T.astype(np.int64))
+    with pytest.raises(ValueError, match="of class ids \\(integers\\), got float32 2×3"):
+        predictor.overlay(image, mask.astype(np.float32))

@@ -1190,6 +1190,9 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     (["ablate", "--data-root", "D", "--calibrate"], "the table's ECE is measured before calibration"),
     (["ablate", "--data-root", "D", "--resume", "x.pt"], "ablate continues its stopped rows itself"),
     (["ablate", "--data-root", "D", "--overwrite"], "ablate keeps its finished rows and continues stopped ones"),
+    (["predict", "M", "x.png", "--out", "o", "--alpha", "0.9"], "--alpha 0.9 applies only with --overlay"),
+    (["predict", "M", "x.png", "--out", "o", "--ensemble", "N", "--backend", "auto"],
+     "--backend auto picks one model's fastest file"),
 ])
 def test_options_that_would_be_ignored_are_refused(command, words, capsys):
     with pytest.raises(SystemExit) as stopped:

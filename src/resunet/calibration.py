@@ -86,7 +86,7 @@ def bound_note(temperature: float) -> str | None:
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after"}."""
-    predictor.temperature = 1.0
+    stored, predictor.temperature = predictor.temperature, 1.0
     logits, labels, before = collect(predictor, dataset)
     temperature = fit_temperature(logits, labels)
     predictor.temperature = temperature
@@ -97,7 +97,7 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
     save_checkpoint(payload, checkpoint, advice="free some space or make it writable, then calibrate again")
-    return {"temperature": temperature, "ece_before": before, "ece_after": after}
+    return {"temperature": temperature, "ece_before": before, "ece_after": after, "stored_temperature": stored}
 
 
 def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: str = "auto", precision: str = "auto",
@@ -114,8 +114,10 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     result = calibrate(checkpoint, dataset, predictor)
     print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
-          f"({len(dataset)} images); expected calibration error {100 * result['ece_before']:.2f}% → "
-          f"{100 * result['ece_after']:.2f}% (15 bins, every non-ignored pixel); stored in the checkpoint")
+          f"({len(dataset)} images); expected calibration error {100 * result['ece_before']:.2f}% uncalibrated "
+          f"(temperature 1) → {100 * result['ece_after']:.2f}% (15 bins, every non-ignored pixel); stored in the "
+          "checkpoint" + (f", replacing temperature {result['stored_temperature']:.3f}"
+                          if result["stored_temperature"] != 1.0 else ""))
     if note := bound_note(result["temperature"]):
         print(f"  {note}")
     return result

@@ -7,6 +7,7 @@ import errno
 import glob
 import math
 import os
+import signal
 import sys
 import typing
 from dataclasses import MISSING
@@ -258,11 +259,22 @@ def cmd_export(args) -> int:
         if value is not None and not given:
             raise SystemExit(f"resunet export: error: {flag} {value} applies only with {needed}; give {needed} too, "
                              f"or leave {flag} out")
-    run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
-               args.calibration, 64 if args.calibration_count is None else args.calibration_count, args.data_root,
-               args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop, args.workers,
-               json_out=args.json)
+    # SIGTERM (a timeout, a scheduler) as Ctrl-C: run_export's cleanup then removes its temporary file and the folders
+    # it made, where the default action killed it with a partial hidden .onnx left behind.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
+                   args.calibration, 64 if args.calibration_count is None else args.calibration_count, args.data_root,
+                   args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop, args.workers,
+                   json_out=args.json)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    print("resunet export: stopped by SIGTERM", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
@@ -320,6 +332,12 @@ def cmd_predict(args) -> int:
     from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
 
+    if args.ensemble and args.backend == "auto":  # the ensemble branch below never looked at it
+        raise SystemExit("resunet predict: error: --backend auto picks one model's fastest file; an --ensemble runs "
+                         "each model as given (.pt, or .onnx logits files): leave one of them out")
+    if args.alpha is not None and not args.overlay:
+        raise SystemExit(f"resunet predict: error: --alpha {args.alpha:g} applies only with --overlay; give --overlay "
+                         "too, or leave --alpha out")
     paths, problems, notes = expand_inputs(args.inputs)
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
     # overwrite, and --skip-existing could not go on.
@@ -391,7 +409,7 @@ def cmd_predict(args) -> int:
             if confidence is not None:
                 pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
             if args.overlay:
-                pictures["overlay"] = predictor.overlay(image, mask, args.alpha)
+                pictures["overlay"] = predictor.overlay(image, mask, 0.5 if args.alpha is None else args.alpha)
             for kind, picture in pictures.items():
                 options = prediction_save_options(kind)
                 try:
@@ -557,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True)
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
-    p.add_argument("--alpha", type=_share, default=0.5, help="overlay opacity, 0..1")
+    p.add_argument("--alpha", type=_share, default=None, help="overlay opacity, 0..1 (default 0.5; with --overlay)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave out inputs whose every output file is already in --out (each is written whole): a "
                         "run stopped part-way goes on where it stopped")

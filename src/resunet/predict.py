@@ -402,6 +402,10 @@ class Predictor:
         if not 0 <= alpha <= 1:  # past 1 the uint8 pixels wrapped around (200 became 156)
             raise ValueError(f"alpha must be from 0 to 1, got {alpha}")
         rgb = as_uint8_rgb(image).astype(np.float32)
+        mask = np.asarray(mask)
+        if mask.shape != rgb.shape[:2] or not np.issubdtype(mask.dtype, np.integer):
+            raise ValueError(f"mask must be the image's H×W ({rgb.shape[0]}×{rgb.shape[1]}) of class ids (integers), "
+                             f"got {mask.dtype} {'×'.join(map(str, mask.shape))}")
         colours = self.info.colour_lut()[mask].astype(np.float32)
         return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
 
