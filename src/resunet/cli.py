@@ -342,7 +342,8 @@ def cmd_predict(args) -> int:
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
     # overwrite, and --skip-existing could not go on.
     if earlier := [path for path in paths if is_prediction(path)]:
-        paths = [path for path in paths if path not in set(earlier)]
+        left_out = set(earlier)  # once: not rebuilt for every path
+        paths = [path for path in paths if path not in left_out]
         notes.append(f"left out {len(earlier)} file(s) that resunet predict wrote, such as {earlier[0]}: results of "
                      "an earlier run, not images to predict")
     for line in [*notes, *problems]:

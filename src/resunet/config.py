@@ -83,8 +83,8 @@ class TrainConfig:
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     resume: str | None = setting(None, "continue exactly from this last.pt (an epoch's end or a step inside one)")
     overwrite: bool = setting(False, "start a new run in an --out that holds one already: its last.pt, best.pt, "
-                              "metrics.jsonl and curves.png are removed once the data is checked (without it such a "
-                              "folder is refused)")
+                              "metrics.jsonl, curves.png and tensorboard/ are removed once the data is checked "
+                              "(without it such a folder is refused)")
     checkpoint_every: str | None = setting(None, "also save last.pt inside epochs: every N steps (500) or N minutes "
                                            "(10m); a run resumed from it continues at that step")
     tensorboard: bool = setting(False, "also write TensorBoard event files to OUT/tensorboard (needs the "

@@ -169,10 +169,10 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:
-                if pairing_name(path) in first_by_stem:
+                if (name := pairing_name(path)) in first_by_stem:
                     listing.findings.append(finding("same_name", relative(path, root), f"{relative(path, root)}: "
-                                                    f"same name as {first_by_stem[pairing_name(path)].name}"))
-                first_by_stem.setdefault(pairing_name(path), path)
+                                                    f"same name as {first_by_stem[name].name}"))
+                first_by_stem.setdefault(name, path)
         masks_by_stem = {pairing_name(p): p for p in masks}
         image_stems = {pairing_name(p) for p in images}
         for image in images:

@@ -65,7 +65,7 @@ def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
     if dangling is not None:
         # mkdir would only say "File exists" about a link whose target is missing
         raise DataError(f"{flag} {path}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
-    nearest = next(p for p in (folder, *folder.parents, Path.cwd()) if p.exists())
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), folder)  # '.' or '/' ends the parents
     try:
         with tempfile.TemporaryFile(dir=nearest):
             pass

@@ -536,13 +536,12 @@ def check_same_classes(resume: str | Path, state: dict, info: ClassInfo, data_ro
     """A resumed run's dataset must label as its checkpoint does: a classes.json edited since (two classes swapped,
     another ignore label) reads the same masks as other classes, and the run went on without a word."""
     stored = ClassInfo.from_dict(state["classes"], str(resume))
-    now = info
-    differ = [what for what, a, b in (("names", stored.names, now.names), ("palette", stored.palette, now.palette),
+    differ = [what for what, a, b in (("names", stored.names, info.names), ("palette", stored.palette, info.palette),
                                        ("ignore label", (stored.ignore_index, stored.ignore_colour),
-                                        (now.ignore_index, now.ignore_colour))) if a != b]
+                                        (info.ignore_index, info.ignore_colour))) if a != b]
     if not differ:
         return
-    first = next((f"class {i}: {a!r} → {b!r}" for i, (a, b) in enumerate(zip(stored.names, now.names)) if a != b),
+    first = next((f"class {i}: {a!r} → {b!r}" for i, (a, b) in enumerate(zip(stored.names, info.names)) if a != b),
                  None) if "names" in differ else None
     raise TrainingError(f"--resume {resume}: {data_root} now gives other classes than the run was trained on "
                         f"({', '.join(differ)} differ{f'; {first}' if first else ''}); a run keeps its labels: restore "

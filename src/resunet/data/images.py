@@ -18,11 +18,11 @@ from .classes import ClassInfo
 
 # What Pillow reads. .jfif and .jpe are JPEG (browsers save photos as .jfif); a GIF is read as its first frame. A file
 # with another suffix is not listed: an image listed nowhere dropped its mask too, without a word outside check-data.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 # What Image.open may take a file for: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on
 # it: a client of the service could feed PostScript to it) nor the formats that need a handler installed.
 READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "ICO", "TGA", "QOI", "JPEG2000",
                 "PCX", "SGI", "PSD")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 # The largest image decoded by default: 8000×8000, above any camera's photo (a 48 MP phone shot is 8000×6000), far
 # below what fills memory. A small file can declare billions of pixels (a "decompression bomb"); it is refused from
 # its header, before a single pixel is decoded.
