@@ -81,11 +81,20 @@ def test_run_folder_contents(trained_run):
     assert load_checkpoint(trained_run / "last.pt", tensors=False)["train_config"] == ckpt["train_config"]
 
 
-def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp):
+def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp, monkeypatch):
+    import resunet.train
+
+    drawn = []  # the epochs each drawing of curves.png shows
+    plot = resunet.train.plot_curves
+    monkeypatch.setattr(resunet.train, "plot_curves", lambda records, path: (drawn.append(
+        [r["epoch"] for r in records]), plot(records, path)))
+    monkeypatch.setattr(resunet.train, "CURVES_EVERY_S", 3600.0)
     out = ram_tmp / "sparse"
     train(tiny_config(demo_root, out, epochs=3, eval_every=2, **SMALL))
     assert [r["val_miou"] is not None for r in read_records(out)] == [False, True, True]
     assert (out / "curves.png").is_file() and (out / "best.pt").is_file()
+    # Redrawn at most every CURVES_EVERY_S: after epoch 1, then once more when the run ends, with every epoch.
+    assert drawn == [[1], [1, 2, 3]]
 
 
 def test_time_budget_arithmetic_by_hand():

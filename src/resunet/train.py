@@ -79,6 +79,18 @@ def seed_everything(seed: int) -> None:
 
 
 PROGRESS_EVERY_S = 60.0
+# curves.png is redrawn at most this often (and when the run ends or stops): a drawing takes about 0.3 s, a fifth of
+# an epoch on a small dataset; metrics.jsonl is written every epoch whatever this says.
+CURVES_EVERY_S = 30.0
+
+
+def draw_curves(records: list[dict], out: Path) -> float:
+    """Draw RUN/curves.png; returns when it was drawn (a failed drawing counts: it is not retried every epoch)."""
+    try:
+        plot_curves(records, out / "curves.png")
+    except DataError as error:  # the checkpoints are saved; a figure is not worth stopping for
+        print(f"resunet: {error}; curves not drawn, training goes on", file=sys.stderr)
+    return time.perf_counter()
 
 
 def progress_line(epoch: int, epochs: int, step: int, steps: int, images: int, seconds: float) -> str:
@@ -879,6 +891,7 @@ def train(cfg: TrainConfig) -> dict:
     # (metrics, checkpoints, curves, TensorBoard), timed apart, and a share of an evaluation
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s = False, [], [], 0.0
     stopped_by = late_stop = None
+    curves_drawn, curves_behind = -math.inf, False
     with StopSignal(announce=main_process) as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
@@ -1029,10 +1042,9 @@ def train(cfg: TrainConfig) -> dict:
                     save_run(out / "best.pt", epoch, rng, metrics=record)
                 save_run(out / "last.pt", epoch, rng, metrics=record)
                 last_save = time.perf_counter()
-                try:
-                    plot_curves(records, out / "curves.png")
-                except DataError as error:  # the checkpoints are saved; a figure is not worth stopping for
-                    print(f"resunet: {error}; curves not drawn, training goes on", file=sys.stderr)
+                curves_behind = True
+                if last_save - curves_drawn >= CURVES_EVERY_S:
+                    curves_drawn, curves_behind = draw_curves(records, out), False
                 if board is not None:
                     board.epoch(global_step, record, info.names)
                     if evaluated:
@@ -1072,6 +1084,8 @@ def train(cfg: TrainConfig) -> dict:
                     print(stop_line(stopped_by, f"after epoch {epoch}", out, world), flush=True)
                 break
 
+    if curves_behind:  # the run ended or stopped since the last drawing
+        draw_curves(records, out)
     if board is not None:
         board.close()
     if main_process and stopped_by is None and cfg.calibrate:
