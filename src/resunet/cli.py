@@ -14,21 +14,24 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from .config import ABLATION_OPTIONS, TrainConfig, config_fields
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, DataError
 
+
+
+class UsageError(Exception):
+    """Options that cannot work together, or one a command needs: exit status 2, as argparse's own usage errors."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, not our bug: one line, no traceback."""
     from .checkpoint import CheckpointError
     from .data.download import DownloadError
-    from .data.images import DataError
     from .model.encoders import WeightsUnavailableError
     from .runtime import DeviceError
     from .train import TrainingError
 
     errors = (CheckpointError, DataError, DeviceError, DownloadError, WeightsUnavailableError, TrainingError,
-              FileNotFoundError)
+              FileNotFoundError, UsageError)
     if sys.modules.get("resunet.export") is not None:  # only the export command imports it (and onnx with it)
         errors += (sys.modules["resunet.export"].ExportError,)
     return errors
@@ -166,7 +169,7 @@ def cmd_train(args) -> int:
         given = flags_given(args.argv[args.argv.index("train") + 1:])
         cfg = resumed_config(args.resume, {name: value for name, value in given.items() if name != "resume"})
     elif args.data_root is None:
-        raise SystemExit("resunet train: error: --data-root is required (or --resume RUN_DIR/last.pt)")
+        raise UsageError("--data-root is required (or --resume RUN_DIR/last.pt)")
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     result = train(cfg)
@@ -177,20 +180,20 @@ def cmd_ablate(args) -> int:
     from .ablate import run_ablation
 
     if args.data_root is None:
-        raise SystemExit("resunet ablate: error: --data-root is required")
+        raise UsageError("--data-root is required")
     if args.resume:
-        raise SystemExit("resunet ablate: error: --resume: ablate continues its stopped rows itself; run the same "
+        raise UsageError("--resume: ablate continues its stopped rows itself; run the same "
                          "ablate command again")
     if args.calibrate:
-        raise SystemExit("resunet ablate: error: --calibrate: the table's ECE is measured before calibration; "
+        raise UsageError("--calibrate: the table's ECE is measured before calibration; "
                          "calibrate a row afterwards with resunet calibrate OUT/ROW/best.pt")
     if args.overwrite:
-        raise SystemExit("resunet ablate: error: --overwrite: ablate keeps its finished rows and continues stopped "
+        raise UsageError("--overwrite: ablate keeps its finished rows and continues stopped "
                          "ones; give another --out to start a table over")
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     options = [name.strip() for name in args.options.split(";") if name.strip()]
     if not options:
-        raise SystemExit(f"resunet ablate: error: --options {args.options!r}: no rows; choose from "
+        raise UsageError(f"--options {args.options!r}: no rows; choose from "
                          f"{'; '.join(ABLATION_OPTIONS)}")
     results = run_ablation(base, options, base.out)
     return 0 if len(results) == len(options) else 130  # fewer: a signal stopped a row (run it again to continue)
@@ -217,10 +220,10 @@ def inference_options(args) -> dict:
     from .predict import DEFAULT_SCALES
 
     if args.stride is not None and (args.window is None or args.stride > args.window):
-        raise SystemExit(f"resunet {args.command}: error: --stride {args.stride}: needs --window, and at most the "
+        raise UsageError(f"--stride {args.stride}: needs --window, and at most the "
                          "window (tiles must touch or overlap)")
     if tuple(args.scales) != DEFAULT_SCALES and "ms" not in args.tta:
-        raise SystemExit(f"resunet {args.command}: error: --scales is for --tta ms or ms+flip (--tta is {args.tta})")
+        raise UsageError(f"--scales is for --tta ms or ms+flip (--tta is {args.tta})")
     return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": tuple(args.scales),
             "window": args.window, "stride": args.stride}
 
@@ -229,9 +232,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
     if args.worst and not args.out:
-        raise SystemExit("resunet evaluate: error: --worst K needs --out DIR for its contact sheet")
+        raise UsageError("--worst K needs --out DIR for its contact sheet")
     if args.out and not args.worst:
-        raise SystemExit("resunet evaluate: error: --out DIR is the folder for --worst K's contact sheet; give --worst "
+        raise UsageError("--out DIR is the folder for --worst K's contact sheet; give --worst "
                          "too, or --json/--confusion for the scores")
     run_evaluate(args.checkpoint, args.data_root, args.split, args.json, batch_size=args.batch_size,
                  workers=args.workers, confusion_png=args.confusion, max_pixels=args.max_pixels, worst=args.worst,
@@ -257,7 +260,7 @@ def cmd_export(args) -> int:
              ("--split", args.split, "--data-root", args.data_root)]
     for flag, value, needed, given in needs:
         if value is not None and not given:
-            raise SystemExit(f"resunet export: error: {flag} {value} applies only with {needed}; give {needed} too, "
+            raise UsageError(f"{flag} {value} applies only with {needed}; give {needed} too, "
                              f"or leave {flag} out")
     # SIGTERM (a timeout, a scheduler) as Ctrl-C: run_export's cleanup then removes its temporary file and the folders
     # it made, where the default action killed it with a partial hidden .onnx left behind.
@@ -315,7 +318,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
 
 
 def _readable(path: Path, max_pixels: int | None):
-    from .data.images import DataError, read_image
+    from .data.images import read_image
 
     try:
         return read_image(path, max_pixels)
@@ -328,15 +331,15 @@ def cmd_predict(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from .data.images import DataError, read_image
+    from .data.images import read_image
     from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
 
     if args.ensemble and args.backend == "auto":  # the ensemble branch below never looked at it
-        raise SystemExit("resunet predict: error: --backend auto picks one model's fastest file; an --ensemble runs "
+        raise UsageError("--backend auto picks one model's fastest file; an --ensemble runs "
                          "each model as given (.pt, or .onnx logits files): leave one of them out")
     if args.alpha is not None and not args.overlay:
-        raise SystemExit(f"resunet predict: error: --alpha {args.alpha:g} applies only with --overlay; give --overlay "
+        raise UsageError(f"--alpha {args.alpha:g} applies only with --overlay; give --overlay "
                          "too, or leave --alpha out")
     paths, problems, notes = expand_inputs(args.inputs)
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
@@ -365,7 +368,7 @@ def cmd_predict(args) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
-        raise SystemExit(f"resunet predict: error: --out {out}: cannot make the folder ({error.strerror or error})")
+        raise DataError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
     failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
     inputs = {path.resolve() for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
@@ -466,7 +469,7 @@ def cmd_download(args) -> int:
 
     root = Path(args.root)
     if root.exists() and not root.is_dir():
-        raise SystemExit(f"resunet download: error: --root {root}: is a file, not a folder")
+        raise DataError(f"--root {root}: is a file, not a folder")
     try:
         if args.dataset == "voc":
             print(f"VOC 2012 ready at {download.download_voc2012(root)}")
