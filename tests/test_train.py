@@ -110,6 +110,8 @@ def test_time_budget_arithmetic_by_hand():
     assert epochs_within(3600, 2000, 200, 30, 3, 20, done=10) == 17
     assert epochs_within(3600, 2000, 200, 30, 3, 12, done=10) == 12
     assert epochs_within(3600, 3500, 200, 30, 3, 20, done=10) == 10  # nothing more fits: the run ends here
+    # --calibrate's 300 s after the last epoch: 3600 − 400 − 50 − 300 = 2850 s for epochs of 266.7 s → 10 more.
+    assert epochs_within(3600, 400, 250, 50, 3, 100, after_s=300) == 11
     # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
@@ -123,16 +125,19 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     import resunet.train
 
     fits, paces = [], []  # what the loop measured; the fit itself is checked by hand above
-    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args: fits.append(args) or 2)
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or 2)
     steady = resunet.train.steady_epoch_seconds
     monkeypatch.setattr(resunet.train, "steady_epoch_seconds",
                         lambda *args: paces.append((args, steady(*args))) or paces[-1][1])
     slow_save = resunet.train.save_checkpoint
     monkeypatch.setattr(resunet.train, "save_checkpoint", lambda *args: (time.sleep(0.4), slow_save(*args)))
     out = ram_tmp / "budget"
-    train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
+    train(tiny_config(demo_root, out, epochs=5, eval_every=3, scheduler="cosine", time_budget="1h", calibrate=True,
+                      **SMALL))
     records = read_records(out)
-    (budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), = fits
+    ((budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), kw), = fits
+    # --calibrate's two passes over val (the fit's, then the ECE after it) are budgeted: they overran it when not
+    assert kw == {"after_s": 2 * eval_s}
     ((whole_epoch_s, second_half_s, _, _), steady_s), = paces
     assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > whole_epoch_s + eval_s > 0
     # The fit is given the second half's pace, not the whole epoch's, plus epoch 1's saves (best.pt and last.pt,
@@ -142,7 +147,9 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     # Two epochs, the first evaluated to time it; the cosine spans the two (lr 0 at the end), not the five.
     assert [r["val_miou"] is not None for r in records] == [True, True] and records[-1]["lr"] == 0
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
-    assert "time budget 1h: epoch 1 took" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "time budget 1h: epoch 1 took" in printed and f"then --calibrate about {2 * eval_s:.0f}s" in printed
+    assert "calibrated " in printed
     # Saved again after the fit at epoch 1: a run resumed from there keeps the fitted count.
     assert load_checkpoint(out / "best.pt", tensors=False)["train_config"]["epochs"] == 2
 
@@ -159,7 +166,8 @@ def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_r
     out = ram_tmp / "refit"
     train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
-    assert [(args[-1], kw) for args, kw in fits] == [(30, {}), (30, {"done": 2}), (22, {"done": 3})]
+    assert [(args[-1], kw) for args, kw in fits] == [(30, {"after_s": 0}), (30, {"done": 2, "after_s": 0}),
+                                                     (22, {"done": 3, "after_s": 0})]  # no --calibrate to budget
     (budget_s, elapsed_s, pace_s, eval_s, eval_every, _), _ = fits[1]
     assert (budget_s, eval_every) == (3600, 3)
     # The re-fit's pace is epoch 2's training time (the one epoch since the fit) plus the bookkeeping of the

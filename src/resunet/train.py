@@ -362,10 +362,11 @@ def duration_seconds(text: str) -> float:
 
 
 def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: float, eval_every: int,
-                  max_epochs: int, done: int = 1) -> int:
+                  max_epochs: int, done: int = 1, after_s: float = 0.0) -> int:
     """How many epochs in all fit a time budget, `done` of them already trained: each further epoch costs its
-    training time plus its share of an evaluation, and the last one is always evaluated."""
-    left = budget_s - elapsed_s - eval_s  # the final evaluation
+    training time plus its share of an evaluation, the last one is always evaluated, and `after_s` runs after it
+    (--calibrate's passes over val)."""
+    left = budget_s - elapsed_s - eval_s - after_s  # the final evaluation, then what follows the last epoch
     more = int(max(0.0, left) // (epoch_s + eval_s / eval_every))
     return max(done, min(max_epochs, done + more))
 
@@ -889,7 +890,7 @@ def train(cfg: TrainConfig) -> dict:
     scores: dict = {}
     # --time-budget: fitted at epoch 1, then re-fitted; an epoch costs its training steps plus its bookkeeping
     # (metrics, checkpoints, curves, TensorBoard), timed apart, and a share of an evaluation
-    budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s = False, [], [], 0.0
+    budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
     with StopSignal(announce=main_process) as stop:
@@ -995,7 +996,8 @@ def train(cfg: TrainConfig) -> dict:
                 pace_s = statistics.fmean(epoch_seconds[-3:]) + statistics.fmean(bookkeeping_seconds[-3:])
                 pending_eval_s = eval_s if epoch % cfg.eval_every == 0 else 0.0  # this epoch's, still to come
                 refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s, pace_s,
-                                      eval_s, cfg.eval_every, refit_most(epoch, cfg.epochs, most_epochs), done=epoch)
+                                      eval_s, cfg.eval_every, refit_most(epoch, cfg.epochs, most_epochs), done=epoch,
+                                      after_s=calibration_s)
                 refit = broadcast_int(refit, world, device)
                 if refit != cfg.epochs:
                     cfg.epochs = refit
@@ -1055,15 +1057,20 @@ def train(cfg: TrainConfig) -> dict:
                       flush=True)
             bookkeeping_seconds.append(time.perf_counter() - bookkeeping_started)
             if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
+                # --calibrate, after the last epoch: a pass over val for the fit and one for the ECE after it, each
+                # about as long as an evaluation (they overran the budget by that much when left out)
+                calibration_s = 2 * eval_s if cfg.calibrate else 0.0
                 fitted = epochs_within(budget_s, time.perf_counter() - setup_started,
-                                       steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs)
+                                       steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs,
+                                       after_s=calibration_s)
                 fitted = broadcast_int(fitted, world, device)
                 budget_fitted = True
                 if main_process:
                     pace = (f"{steady_s:.0f}s at the pace of its second half" if half_mark is not None
                             else "its second half not timed alone: the run resumed past its middle")
+                    after = f", then --calibrate about {calibration_s:.0f}s" if cfg.calibrate else ""
                     print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({pace}), its evaluation "
-                          f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s; {fitted} epoch(s) fit",
+                          f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s{after}; {fitted} epoch(s) fit",
                           flush=True)
                 if fitted != cfg.epochs:
                     cfg.epochs = fitted
