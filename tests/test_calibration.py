@@ -105,4 +105,6 @@ def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys)
     train(tiny_config(demo_root, run, epochs=1, size=32, encoder="efficientnet-lite0", calibrate=True))
     payload = load_checkpoint(run / "best.pt")
     assert payload["temperature"] > 0 and set(payload["calibration"]) == {"split", "ece_before", "ece_after"}
-    assert f"temperature {payload['temperature']:.3f}" in capsys.readouterr().out
+    ece = payload["calibration"]
+    assert (f"temperature {payload['temperature']:.3f}, expected calibration error {100 * ece['ece_before']:.2f}% "
+            f"uncalibrated (temperature 1) → {100 * ece['ece_after']:.2f}% on val") in capsys.readouterr().out

@@ -83,6 +83,13 @@ def bound_note(temperature: float) -> str | None:
     return None
 
 
+def ece_change(result: dict) -> str:
+    """A calibration's ECE before and after, as `calibrate` and `train --calibrate` say it: the "before" is the model
+    at temperature 1, whatever temperature the file held (a second calibration's before/after read as a gain)."""
+    return (f"expected calibration error {100 * result['ece_before']:.2f}% uncalibrated (temperature 1) → "
+            f"{100 * result['ece_after']:.2f}%")
+
+
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after"}."""
@@ -113,11 +120,10 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     info = predictor.info
     dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
     result = calibrate(checkpoint, dataset, predictor)
+    replaced = result["stored_temperature"]
     print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
-          f"({len(dataset)} images); expected calibration error {100 * result['ece_before']:.2f}% uncalibrated "
-          f"(temperature 1) → {100 * result['ece_after']:.2f}% (15 bins, every non-ignored pixel); stored in the "
-          "checkpoint" + (f", replacing temperature {result['stored_temperature']:.3f}"
-                          if result["stored_temperature"] != 1.0 else ""))
+          f"({len(dataset)} images); {ece_change(result)} (15 bins, every non-ignored pixel); stored in the "
+          "checkpoint" + (f", replacing temperature {replaced:.3f}" if replaced != 1.0 else ""))
     if note := bound_note(result["temperature"]):
         print(f"  {note}")
     return result

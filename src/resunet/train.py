@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from .calibration import bound_note, calibrate
+from .calibration import bound_note, calibrate, ece_change
 from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
@@ -1098,8 +1098,8 @@ def train(cfg: TrainConfig) -> dict:
     if main_process and stopped_by is None and cfg.calibrate:
         best = out / "best.pt"
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
-        print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, expected calibration error "
-              f"{100 * fitted['ece_before']:.2f}% → {100 * fitted['ece_after']:.2f}% on {cfg.val_split}", flush=True)
+        print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, {ece_change(fitted)} on {cfg.val_split}",
+              flush=True)
         if note := bound_note(fitted["temperature"]):
             print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
