@@ -420,6 +420,34 @@ def test_a_32_bit_mask_with_negative_values_is_an_error_in_the_check_and_when_re
         dataset.load(0)
 
 
+def test_a_cache_built_before_the_negative_value_check_is_built_again(tmp_path, monkeypatch):
+    """A decoded-image cache built before negative mask values were refused (format 2) holds a -1 as 255, the ignore
+    label, and a --skip-data-check run reused it: those pixels were left out without a word. Now the masks are read
+    again and the bad one is named."""
+    import resunet.data.cache as cache
+    import resunet.data.dataset as dataset_module
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    (root / "train" / "masks" / "good_0.png").unlink()
+    values = np.asarray(cat_and_dog()).astype(np.int32)
+    assert values[0, 0] != 255
+    values[0, 0] = -1
+    save(Image.fromarray(values, mode="I"), root / "train" / "masks" / "good_0.tif")
+    dataset = open_dataset(str(root), "train")
+    size = max(values.shape)  # the cache keeps the masks unscaled
+    with monkeypatch.context() as before:  # the cache format and the mask reading of then: wrapped into uint8
+        before.setattr(cache, "CACHE_FORMAT", 2)
+        before.setattr(dataset_module, "read_mask",
+                       lambda path, info, max_pixels: np.asarray(Image.open(path)).astype(np.uint8))
+        old = cache.build_cache(dataset, size=size, cache_dir=tmp_path / "cache", workers=1)
+        index = dataset.mask_paths.index(root / "train" / "masks" / "good_0.tif")
+        assert old.masks[index, 0, 0] == 255  # the -1: ignored, without a word
+    with pytest.raises(DataError, match=r"good_0.tif: mask value -1 is below 0"):
+        cache.build_cache(dataset, size=size, cache_dir=tmp_path / "cache", workers=1)
+
+
 def test_an_image_and_its_mask_pair_when_their_names_differ_only_in_unicode_form(tmp_path):
     """'café' written composed (most tools) and decomposed (a Mac: e + combining accent): the same name on screen,
     yet the check said "no mask café.*" and named the mask an orphan, and training refused the split (found by a

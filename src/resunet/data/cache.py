@@ -29,7 +29,9 @@ from .dataset import PairedDataset
 from .images import DataError, image_size
 from .transforms import augment_batch
 
-CACHE_FORMAT = 2  # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel
+# 2: images planar (N×3×H×W), so the resize reads whole rows of one channel; 3: masks read since negative values in
+# 32-bit masks are refused (a format-2 cache may hold a -1 as 255, ignored, or a -2 as 254)
+CACHE_FORMAT = 3
 CACHE_HEADROOM = 1.25
 
 
