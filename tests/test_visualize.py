@@ -67,3 +67,20 @@ def test_characters_no_installed_font_has_are_said_once(tmp_path, capsys):
                        "(install a font with them, e.g. Debian's fonts-noto-cjk)\n")
     else:
         assert err == ""
+
+
+def test_the_grid_fits_its_rows_to_the_pictures_shape(tmp_path):
+    """The grid was 9.6 inches tall whatever the pictures: 4:3 frames (CamVid's 480×360) left a quarter of it white
+    rows between picture rows, 6:1 strips over three quarters."""
+    from resunet.data.classes import generic_info
+    from resunet.visualize import plot_grid
+
+    rng = np.random.default_rng(0)
+    for (height, width), most_white in (((300, 400), 0.2), ((100, 600), 0.4), ((400, 300), 0.2)):
+        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+        masks = [rng.integers(0, 3, (height, width), dtype=np.uint8) for _ in range(2)]
+        path = tmp_path / f"grid_{height}x{width}.png"
+        plot_grid(images, masks, masks, generic_info(3), path)
+        grey = np.asarray(Image.open(path).convert("L"))
+        white_rows = float((grey.min(axis=1) > 250).mean())  # titles and the legend are not white
+        assert white_rows < most_white, (height, width, white_rows)

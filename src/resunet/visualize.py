@@ -73,7 +73,11 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
     """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
     with fonts_for(path, *info.names):
         columns = len(images)
-        fig, axes = plt.subplots(3, columns, figsize=(3 * columns, 9.6), squeeze=False)
+        # Each row as tall as its widest-for-its-height picture needs at 3 inches a column, plus its title: a fixed
+        # height (made for square pictures) left bands of white between the rows of CamVid's 4:3 frames.
+        aspect = min(max(image.shape[0] / image.shape[1] for image in images), 3.0)
+        pictures_inches = 3 * (3 * aspect + 0.3)
+        fig, axes = plt.subplots(3, columns, figsize=(3 * columns, pictures_inches), squeeze=False)
         for col in range(columns):
             pictures = (images[col], colorize(targets[col], info), colorize(predictions[col], info))
             for row, picture in enumerate(pictures):
@@ -81,7 +85,7 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
                 axes[row][col].axis("off")
         for row, title in enumerate(("image", "ground truth", "prediction")):
             axes[row][0].set_title(title, loc="left", fontsize=11)
-        lay_out_with_legend(fig, info, targets + predictions, 9.0)
+        lay_out_with_legend(fig, info, targets + predictions, pictures_inches)
         save_figure(fig, path, dpi=90)
         plt.close(fig)
 
