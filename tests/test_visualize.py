@@ -84,3 +84,20 @@ def test_the_grid_fits_its_rows_to_the_pictures_shape(tmp_path):
         grey = np.asarray(Image.open(path).convert("L"))
         white_rows = float((grey.min(axis=1) > 250).mean())  # titles and the legend are not white
         assert white_rows < most_white, (height, width, white_rows)
+
+
+def test_the_iou_legend_covers_no_bar(tmp_path, monkeypatch):
+    """The legend sat inside the bar chart's lower right, on the last classes' bars when they were long."""
+    import resunet.visualize as visualize
+    from resunet.data.classes import generic_info
+
+    drawn = {}
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path, dpi: (fig.canvas.draw(), drawn.update(fig=fig)))
+    iou = [0.9, 0.15, 0.96, 0.81]
+    visualize.plot_confusion(np.diag([5, 1, 9, 4]) + 1, generic_info(4), tmp_path / "c.png",
+                             {"iou": iou, "miou": float(np.mean(iou)), "boundary_iou": [0.8, 0.1, 0.9, 0.78],
+                              "boundary_miou": 0.645})
+    chart = drawn["fig"].axes[1]
+    legend = chart.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in chart.patches]
+    assert len(bars) == 8 and not any(legend.overlaps(bar) for bar in bars)
