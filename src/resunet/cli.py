@@ -23,17 +23,14 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, not our bug: one line, no traceback."""
-    from .checkpoint import CheckpointError
-    from .data.download import DownloadError
-    from .model.encoders import WeightsUnavailableError
-    from .runtime import DeviceError
-    from .train import TrainingError
-
-    errors = (CheckpointError, DataError, DeviceError, DownloadError, WeightsUnavailableError, TrainingError,
-              FileNotFoundError, UsageError)
-    if sys.modules.get("resunet.export") is not None:  # only the export command imports it (and onnx with it)
-        errors += (sys.modules["resunet.export"].ExportError,)
+    """Errors that are the user's input, not our bug: one line, no traceback. A module's error class counts once the
+    command has imported that module (no other can have raised it): a refused flag is said without importing torch."""
+    errors: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, UsageError)
+    for module, name in (("checkpoint", "CheckpointError"), ("data.download", "DownloadError"),
+                         ("model.encoders", "WeightsUnavailableError"), ("runtime", "DeviceError"),
+                         ("train", "TrainingError"), ("export", "ExportError")):
+        if (loaded := sys.modules.get(f"{__package__}.{module}")) is not None:
+            errors += (getattr(loaded, name),)
     return errors
 
 
@@ -161,6 +158,8 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.resume is None and args.data_root is None:  # before importing torch: a refusal is said at once
+        raise UsageError("--data-root is required (or --resume RUN_DIR/last.pt)")
     from .train import resumed_config, train
 
     if args.resume:
@@ -168,8 +167,6 @@ def cmd_train(args) -> int:
         # a flag left out keeps the stored value.
         given = flags_given(args.argv[args.argv.index("train") + 1:])
         cfg = resumed_config(args.resume, {name: value for name, value in given.items() if name != "resume"})
-    elif args.data_root is None:
-        raise UsageError("--data-root is required (or --resume RUN_DIR/last.pt)")
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     result = train(cfg)
@@ -177,8 +174,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import run_ablation
-
     if args.data_root is None:
         raise UsageError("--data-root is required")
     if args.resume:
@@ -195,6 +190,8 @@ def cmd_ablate(args) -> int:
     if not options:
         raise UsageError(f"--options {args.options!r}: no rows; choose from "
                          f"{'; '.join(ABLATION_OPTIONS)}")
+    from .ablate import run_ablation  # after the refusals: they come without importing torch
+
     results = run_ablation(base, options, base.out)
     return 0 if len(results) == len(options) else 130  # fewer: a signal stopped a row (run it again to continue)
 
@@ -250,8 +247,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import run_export
-
     # Options that only mean something with another are refused, not ignored (their defaults are None to tell).
     needs = [("--calibration", args.calibration, "--int8", args.int8),
              ("--calibration-count", args.calibration_count, "--int8", args.int8),
@@ -262,6 +257,8 @@ def cmd_export(args) -> int:
         if value is not None and not given:
             raise UsageError(f"{flag} {value} applies only with {needed}; give {needed} too, "
                              f"or leave {flag} out")
+    from .export import run_export  # after the refusals: they come without importing torch
+
     # SIGTERM (a timeout, a scheduler) as Ctrl-C: run_export's cleanup then removes its temporary file and the folders
     # it made, where the default action killed it with a partial hidden .onnx left behind.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -327,7 +324,13 @@ def _readable(path: Path, max_pixels: int | None):
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
+    if args.ensemble and args.backend == "auto":  # the ensemble branch below never looked at it
+        raise UsageError("--backend auto picks one model's fastest file; an --ensemble runs "
+                         "each model as given (.pt, or .onnx logits files): leave one of them out")
+    if args.alpha is not None and not args.overlay:
+        raise UsageError(f"--alpha {args.alpha:g} applies only with --overlay; give --overlay "
+                         "too, or leave --alpha out")
+    import numpy as np  # after the refusals: they come without importing torch
     from PIL import Image
     from tqdm import tqdm
 
@@ -335,12 +338,6 @@ def cmd_predict(args) -> int:
     from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
 
-    if args.ensemble and args.backend == "auto":  # the ensemble branch below never looked at it
-        raise UsageError("--backend auto picks one model's fastest file; an --ensemble runs "
-                         "each model as given (.pt, or .onnx logits files): leave one of them out")
-    if args.alpha is not None and not args.overlay:
-        raise UsageError(f"--alpha {args.alpha:g} applies only with --overlay; give --overlay "
-                         "too, or leave --alpha out")
     paths, problems, notes = expand_inputs(args.inputs)
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
     # overwrite, and --skip-existing could not go on.
@@ -678,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import tune_cpu_allocator
+    from .allocator import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
