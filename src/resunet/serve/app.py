@@ -281,6 +281,9 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def busy(error: QueueFullError) -> RequestError:
+        return RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
+
     @app.post(
         "/predict",
         summary="Segment one image",
@@ -300,9 +303,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                                     f"(available: {', '.join(engine.variants)})")
         data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
         received = time.perf_counter()
-        if engine.queue_full():  # before the decode: under overload a refusal must cost little
-            raise RequestError(503, f"busy: {engine.max_queue} requests are already waiting; retry later",
-                               {"Retry-After": str(settings.retry_after_s)})
+        try:
+            engine.check_room()  # before the decode: under overload a refusal must cost little
+        except QueueFullError as error:
+            raise busy(error) from None
         image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
         try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
             predictor.check_size(*image.shape[:2])
@@ -313,7 +317,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         try:
             result = await until_done_or_gone(request, engine.submit(image, tta))
         except QueueFullError as error:
-            raise RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
+            raise busy(error) from None
         except EngineStoppedError as error:
             raise RequestError(503, str(error), {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()

@@ -126,8 +126,10 @@ class InferenceEngine:
             for _ in range(2):
                 predictor.predict_batch([image])
 
-    def queue_full(self) -> bool:
-        return self.queue is not None and self.queue.full()
+    def check_room(self) -> None:
+        """QueueFullError when `max_queue` images are waiting: the service asks before decoding an upload."""
+        if self.queue is not None and self.queue.full():
+            raise QueueFullError(f"{self.max_queue} requests are already waiting")
 
     async def submit(self, image: np.ndarray, tta: str | None = None) -> Result:
         """Queue one H×W×3 uint8 image and wait for its class map. QueueFullError when `max_queue` are waiting."""
@@ -136,11 +138,9 @@ class InferenceEngine:
         tta = tta or self.default_tta
         if tta not in self.variants:
             raise ValueError(f"tta '{tta}' is not available for this model (available: {', '.join(self.variants)})")
+        self.check_room()
         job = Job(image, tta, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
+        self.queue.put_nowait(job)  # no await since the check: the room is still there
         self.metrics.in_flight.inc()
         self.waiting.add(job.future)
         try:
