@@ -25,7 +25,8 @@ from torch import nn
 from layout_speed import alternate, training_step  # benchmarks/ is on the path when this script runs
 from resunet.losses import SegmentationLoss
 from resunet.model.unet import ResNetUNet
-from resunet.runtime import cpu_kind, cpu_name, tune_cpu_allocator
+from resunet.allocator import tune_cpu_allocator
+from resunet.runtime import cpu_kind, cpu_name
 
 
 class BilinearHead(nn.Module):

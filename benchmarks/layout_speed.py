@@ -17,7 +17,8 @@ import torch
 
 from resunet.losses import SegmentationLoss
 from resunet.model.unet import ResNetUNet
-from resunet.runtime import cpu_kind, cpu_name, tune_cpu_allocator
+from resunet.allocator import tune_cpu_allocator
+from resunet.runtime import cpu_kind, cpu_name
 
 
 def twin_models(encoder: str, classes: int, train: bool) -> tuple[torch.nn.Module, torch.nn.Module]:

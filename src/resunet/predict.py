@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .allocator import tune_cpu_allocator
 from .checkpoint import (CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint,
                          reading_description)
 from .classmap import argmax_map, linear_taps, upsample_argmax
@@ -32,8 +33,7 @@ from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
-from .runtime import (DeviceError, autocast, resolve_device, resolve_precision, tune_cpu_allocator,
-                      use_channels_last)
+from .runtime import DeviceError, autocast, resolve_device, resolve_precision, use_channels_last
 
 ImageLike = Image.Image | np.ndarray | str | Path
 TTA_MODES = ("none", "flip", "ms", "ms+flip")
@@ -51,7 +51,7 @@ MAX_WORKING_PIXELS = 16_000_000
 # took 35 s and 6 GB there, five at once 21 GB. Not applied to datasets: a line-scan or text-line val split is data.
 MAX_WORKING_SQUARES = 16
 # Images past this many values per image (3 × 4M pixels) are resized band by band on the CPU; see resize_antialiased.
-# A band's floats take 48 MB: over glibc's largest mmap threshold (32 MiB, which runtime.tune_cpu_allocator sets),
+# A band's floats take 48 MB: over glibc's largest mmap threshold (32 MiB, which allocator.tune_cpu_allocator sets),
 # so each band is returned to the system when freed instead of growing the heap band after band.
 FLOAT_WHOLE_ELEMENTS = 3 * 4_000_000
 BAND_BYTES = 48 * 2**20

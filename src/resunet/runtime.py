@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .allocator import tune_cpu_allocator  # noqa: F401 (where its callers found it)
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from .allocator import tune_cpu_allocator
 from .calibration import bound_note, calibrate, ece_change
 from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
 from .config import TrainConfig, field_kinds
@@ -57,7 +58,7 @@ from .model.unet import ResNetUNet
 from .outputs import check_output_folder, replace_text
 from .predict import Predictor
 from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
-                      tune_cpu_allocator, use_channels_last)
+                      use_channels_last)
 from .tensorboard_log import TensorBoardLog, TensorBoardUnavailable
 from .visualize import plot_curves
 

@@ -73,8 +73,8 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
     """Row 1 images, row 2 ground truth, row 3 prediction (class colours), legend of the classes present."""
     with fonts_for(path, *info.names):
         columns = len(images)
-        # Each row as tall as its widest-for-its-height picture needs at 3 inches a column, plus its title: a fixed
-        # height (made for square pictures) left bands of white between the rows of CamVid's 4:3 frames.
+        # Each row as tall as its tallest picture (height over width) needs at 3 inches a column, plus its title: a
+        # fixed height (made for square pictures) left bands of white between the rows of CamVid's 4:3 frames.
         aspect = min(max(image.shape[0] / image.shape[1] for image in images), 3.0)
         pictures_inches = 3 * (3 * aspect + 0.3)
         fig, axes = plt.subplots(3, columns, figsize=(3 * columns, pictures_inches), squeeze=False)
