@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+# `make test` runs two pytest-xdist workers (half the suite's time on two cores: much of it is waiting, on imports
+# in subprocesses, servers and browsers). Each computes on its share of the cores: two workers of two threads each
+# would fight over them. Set before torch is imported; subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
-from resunet.config import TrainConfig
-from resunet.data.demo import make_demo_dataset
-from resunet.train import train
+import pytest  # noqa: E402
+
+from resunet.config import TrainConfig  # noqa: E402
+from resunet.data.demo import make_demo_dataset  # noqa: E402
+from resunet.train import train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+BUILT_ONCE = "RESUNET_TESTS_BUILT_ONCE"  # the folder of what one test run builds once for all its workers
 
 
 def tiny_config(data_root: Path, out: Path, **overrides) -> TrainConfig:
@@ -27,19 +38,47 @@ def tiny_config(data_root: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, train=48, val=8, size=64, seed=0)
-    return root
-
-
 def ram_dir(prefix: str) -> Path:
     """A fresh folder in RAM (tmpfs) where the machine has one, else on disk. Training writes and fsyncs an 80-320 MB
     checkpoint every epoch; on this project's machines those disk writes took a third of the suite's time."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     return Path(tempfile.mkdtemp(prefix=f"resunet-tests-{prefix}-", dir=base))
+
+
+def pytest_configure(config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controlling process (or the only one): workers inherit it
+        os.environ[BUILT_ONCE] = str(ram_dir("built-once"))
+
+
+def pytest_unconfigure(config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(BUILT_ONCE):
+        shutil.rmtree(os.environ.pop(BUILT_ONCE), ignore_errors=True)
+
+
+def built_once(name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, built by `build` once per test run: the first worker to ask builds it while the others wait
+    (a file lock), then all read it. Tests copy what they change. A failed build leaves nothing: the next asker
+    builds again (and fails the same way, in its own test)."""
+    base = Path(os.environ[BUILT_ONCE])
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (base / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            (base / f"{name}.done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_root() -> Path:
+    return built_once("demo", lambda root: make_demo_dataset(root, train=48, val=8, size=64, seed=0))
 
 
 @pytest.fixture
@@ -51,15 +90,15 @@ def ram_tmp():
 
 @pytest.fixture(scope="session")
 def trained_run(demo_root) -> Path:
-    """The seed model (resnet34, from scratch) trained for 20 short epochs: enough to segment the demo shapes, and a VOC
-    sample photo into more than background (14 or 16 epochs segmented the shapes too, but not the photo). Evaluated
-    every other epoch (each evaluation may also write a 107 MB best.pt). In fp32: the same model on every CPU, and at
-    64 px bf16 autocast costs more than it saves where the CPU has no AMX."""
-    root = ram_dir("trained")
-    train(tiny_config(demo_root, root / "trained", encoder="resnet34", size=64, epochs=20, lr=2e-3,
-                      scheduler="cosine", eval_every=2))
-    yield root / "trained"
-    shutil.rmtree(root, ignore_errors=True)
+    """The seed model (resnet34, from scratch) trained for 20 short epochs: enough to segment the demo shapes and to
+    keep its INT8 export within a point of mIoU (14 or 16 epochs did not). Evaluated every other epoch (each
+    evaluation may also write a 107 MB best.pt). In fp32, and at 64 px bf16 autocast costs more than it saves where
+    the CPU has no AMX. The weights differ in their last digits with the thread count (one under `make test`'s
+    workers, all cores in one process): tests ask what any such model does, not which pixels it gets right."""
+    root = built_once("trained", lambda root: train(tiny_config(
+        demo_root, root / "trained", encoder="resnet34", size=64, epochs=20, lr=2e-3, scheduler="cosine",
+        eval_every=2)))
+    return root / "trained"
 
 
 def shared_dir(name: str) -> Path:
@@ -70,12 +109,18 @@ def shared_dir(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run, demo_root, tmp_path_factory) -> dict:
-    """The trained run exported twice: end to end (verified, evaluated on val) and as the logits graph."""
+def exported(trained_run, demo_root) -> dict:
+    """The trained run exported twice: end to end (verified, evaluated on val) and as the logits graph; each export's
+    figures as run_export returned them (kept in JSON for the workers that did not build them)."""
     from resunet.export import run_export
 
-    out = tmp_path_factory.mktemp("onnx")
     ckpt = trained_run / "best.pt"
-    e2e = run_export(str(ckpt), str(out / "model.onnx"), data_root=str(demo_root), workers=0)
-    logits = run_export(str(ckpt), str(out / "logits.onnx"), graph="logits", workers=0)
-    return {"dir": out, "ckpt": ckpt, "e2e": e2e, "logits": logits}
+
+    def export(out: Path) -> None:
+        run_export(str(ckpt), str(out / "model.onnx"), data_root=str(demo_root), workers=0,
+                   json_out=str(out / "e2e.json"))
+        run_export(str(ckpt), str(out / "logits.onnx"), graph="logits", workers=0, json_out=str(out / "logits.json"))
+
+    out = built_once("onnx", export)
+    return {"dir": out, "ckpt": ckpt, **{name: json.loads((out / f"{name}.json").read_text())
+                                         for name in ("e2e", "logits")}}

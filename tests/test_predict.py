@@ -14,6 +14,17 @@ def predictor(trained_run):
     return Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
 
 
+def with_objects(predictor: Predictor, size: int, resize: tuple[int, int] | None = None) -> np.ndarray:
+    """The first of a few demo pictures in which the predictor finds an object: tests of how maps are assembled need
+    boundaries, and which picture a briefly trained model gets right depends on the CPU's arithmetic."""
+    for seed in range(8):
+        picture = make_sample(np.random.default_rng(seed), size)[0]
+        image = np.array(picture.resize(resize) if resize else picture)
+        if len(np.unique(predictor.predict(image))) >= 2:
+            return image
+    raise AssertionError(f"the trained model finds no object in 8 demo pictures of {size} px")
+
+
 def test_predictor_rebuilds_everything_from_the_checkpoint(predictor):
     assert predictor.info.num_classes == 21 and predictor.size == 64
     assert predictor.model.config.encoder == "resnet34"
@@ -180,14 +191,14 @@ def test_predict_on_real_voc_photos_runs(predictor):
 @pytest.mark.parametrize("tta", ["none", "flip", "ms"])
 def test_class_maps_are_the_argmax_of_the_logits(predictor, demo_root, tta):
     # predict and predict_tensor fuse the upsampling with the argmax (resunet.classmap) at one working size; the
-    # maps must be those of the full-size logits. The demo model's 64-pixel working size is upsampled 8× to the
-    # 513×513 photos, so most of a map is decided by its boundaries.
+    # maps must be those of the full-size logits. The demo model's 64-pixel working size is upsampled 8× to a
+    # 513×513 picture, so most of a map is decided by its boundaries. Demo shapes drawn at that size: the model finds
+    # them on any CPU (a VOC photo was all background for the same recipe trained on one thread).
     from resunet.data.dataset import open_dataset
 
     predictor.set_inference(tta)
     try:
-        images = [np.array(Image.open(shared_dir("voc-samples") / "114_image.png").convert("RGB")),
-                  open_dataset(demo_root, "val").load(0).image]
+        images = [with_objects(predictor, 513), open_dataset(demo_root, "val").load(0).image]
         for image in images:
             pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
             expected = predictor.logits(pixels).argmax(1)
@@ -348,7 +359,7 @@ def test_banded_full_size_maps_match_the_whole_ones(trained_run, monkeypatch):
     first = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32")
     second = Predictor.from_checkpoint(trained_run / "last.pt", precision="fp32")
     second.temperature, second.size = 1.7, 48
-    image = np.array(make_sample(np.random.default_rng(4), 96)[0].resize((131, 97)))
+    image = with_objects(first, 96, (131, 97))
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
     cases = []
     for predictor in (first, Ensemble([first, second])):
