@@ -174,3 +174,59 @@ def test_cache_bytes_is_the_built_size_for_portrait_and_landscape_photos(tmp_pat
 
     monkeypatch.setattr(cache_module, "image_size", lambda *args: pytest.fail("headers read again"))
     assert cache_bytes(dataset, 32) == needed and cache_bytes(dataset, 32, tmp_path / "cache") == needed
+
+
+def test_a_rebuilt_cache_removes_the_stale_copy_of_its_files_and_no_other(tmp_path, monkeypatch):
+    data, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_demo_dataset(data, train=4, val=2, size=48, seed=0)
+    make_demo_dataset(tmp_path / "copy", train=4, val=2, size=48, seed=0)
+    train_set = open_dataset(data, "train")
+    old = build_cache(train_set, size=32, cache_dir=cache_dir)
+    kept = [build_cache(train_set, size=24, cache_dir=cache_dir),  # another size
+            build_cache(open_dataset(data, "val"), size=32, cache_dir=cache_dir),  # another split
+            build_cache(open_dataset(tmp_path / "copy", "train"), size=32, cache_dir=cache_dir)]  # same pictures
+    assert old.replaced == [] and all(cache.replaced == [] for cache in kept)
+    building = cache_dir / f"{old.folder.name}.tmp99999"  # another process's build, not done yet
+    building.mkdir()
+    unreadable = cache_dir / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "done").touch()
+    (unreadable / "meta.json").write_text("{")
+    old_bytes = sum(path.stat().st_size for path in old.folder.iterdir())
+    pixels = old.images[1].copy()
+
+    mask = train_set.mask_paths[1]  # a mask edited (the same pixels, a newer time): a new key
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    new = build_cache(open_dataset(data, "train"), size=32, cache_dir=cache_dir)
+    assert new.folder != old.folder and new.replaced == [(old.folder, old_bytes)] and old_bytes > 4 * 3 * 40 * 40
+    assert not old.folder.exists()
+    assert all(cache.folder.is_dir() for cache in kept) and building.is_dir() and unreadable.is_dir()
+    assert np.array_equal(old.images[1], pixels)  # a run still training from the old copy reads on
+
+    # The same files named by a relative path: the same copy, replaced again.
+    monkeypatch.chdir(tmp_path)
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    newer = build_cache(open_dataset("data", "train"), size=32, cache_dir=cache_dir)
+    assert [folder for folder, _ in newer.replaced] == [new.folder]
+    assert build_cache(open_dataset("data", "train"), size=32, cache_dir=cache_dir).replaced == []  # reused
+
+
+def test_train_says_which_stale_cache_it_removed(tmp_path, capsys):
+    from dataclasses import replace
+
+    from resunet.train import train
+
+    from conftest import tiny_config
+
+    make_demo_dataset(tmp_path / "data", train=8, val=2, size=48, seed=0)
+    config = tiny_config(tmp_path / "data", tmp_path / "first", epochs=1, data_path="cached")
+    train(config)
+    assert "resunet: removed" not in capsys.readouterr().out
+    (first,) = [folder for folder in (tmp_path / "cache").iterdir() if (folder / "done").is_file()]
+    mask = open_dataset(tmp_path / "data", "train").mask_paths[0]
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    train(replace(config, out=str(tmp_path / "second")))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resunet: removed")]
+    assert len(lines) == 1 and lines[0].startswith("resunet: removed 1 stale decoded-image cache(s) of these files at "
+                                                   f"this size (") and f"MB: {first}), built before" in lines[0]
+    assert not first.exists()

@@ -181,6 +181,11 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
     kind = kind or choose_data_path(cfg, dataset)
     if kind == "cached":
         cache = build_cache(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None, max(1, cfg.workers))
+        if cache.replaced and rank == 0:
+            print(f"resunet: removed {len(cache.replaced)} stale decoded-image cache(s) of these files at this size "
+                  f"({sum(size for _, size in cache.replaced) / 1e6:.0f} MB: {cache.replaced[0][0]}"
+                  f"{', ...' if len(cache.replaced) > 1 else ''}), built before a file or the classes changed",
+                  flush=True)
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
                               cfg.jitter, device, cfg.seed, rank, world, cfg.crop_size)
         return loader, "cached"

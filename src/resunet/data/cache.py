@@ -54,6 +54,13 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     return digest.hexdigest()[:20]
 
 
+def cache_identity(dataset: PairedDataset, short_side: int) -> str:
+    """What a cache is a copy of, whatever the files hold: these files (by their real paths) at this size. A newer
+    cache of the same identity makes an older one stale: a file edited, classes.json changed, a format bump."""
+    paths = "\n".join(str(path.resolve()) for path in dataset.image_paths + dataset.mask_paths)
+    return hashlib.sha256(f"{short_side}\n{paths}".encode()).hexdigest()[:20]
+
+
 # cache_canvas's answers by (cache_key, max_pixels): train asks up to three times at start-up (the early cache check,
 # the data path's choice, the build), and a file changed in between changes the key.
 _CANVASES: dict[tuple[str, int | None], tuple[list[tuple[int, int]], tuple[int, int]]] = {}
@@ -94,8 +101,9 @@ def cache_bytes(dataset: PairedDataset, size: int, cache_dir: Path | None = None
 class DecodedCache:
     """The memory-mapped arrays: images N×3×H×W, masks N×H×W, sizes N×2 (valid height, width)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, replaced: list[tuple[Path, int]] | None = None) -> None:
         self.folder = folder
+        self.replaced = replaced or []  # (folder, bytes) of the stale copies removed when this one was built
         # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
         self.images = np.load(folder / "images.npy", mmap_mode="c")
         self.masks = np.load(folder / "masks.npy", mmap_mode="c")
@@ -192,7 +200,28 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         tmp.rename(folder)  # atomic: a half-built cache is never seen as done
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return DecodedCache(folder)
+    return DecodedCache(folder, remove_stale_caches(folder, cache_identity(dataset, short_side)))
+
+
+def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
+    """Remove the finished caches beside `folder` that copy the same files at the same size: each edit of a mask
+    would otherwise leave a whole copy of the decoded images behind (gigabytes for SBD). A run still training from
+    one keeps reading it (its memory maps hold the files until they close); a folder being built, another size,
+    split or dataset, or one that cannot be read is left alone. Returns what was removed, with its size in bytes."""
+    removed = []
+    for other in folder.parent.iterdir():
+        if other == folder or not (other / "done").is_file():
+            continue
+        try:
+            if json.loads((other / "meta.json").read_text()).get("identity") != identity:
+                continue
+            size = sum(path.stat().st_size for path in other.iterdir())
+        except (OSError, ValueError, AttributeError):
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        if not other.exists():
+            removed.append((other, size))
+    return removed
 
 
 def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int], tmp: Path, workers: int) -> None:
@@ -216,7 +245,8 @@ def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int]
     masks.flush()
     np.save(tmp / "sizes.npy", true_sizes)
     (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "short_side": short_side, "count": n,
-                                               "source": dataset.description}))
+                                               "source": dataset.description,
+                                               "identity": cache_identity(dataset, short_side)}))
     (tmp / "done").touch()
     del images, masks
 
