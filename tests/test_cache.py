@@ -1,6 +1,9 @@
 """The decoded-image cache: built once, reused across runs, rebuilt when a source file changes."""
 
+import fcntl
+import gc
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -176,39 +179,62 @@ def test_cache_bytes_is_the_built_size_for_portrait_and_landscape_photos(tmp_pat
     assert cache_bytes(dataset, 32) == needed and cache_bytes(dataset, 32, tmp_path / "cache") == needed
 
 
+def touch_later(path) -> None:
+    """A file edited (the same bytes, a newer time): a new cache key."""
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+
+
 def test_a_rebuilt_cache_removes_the_stale_copy_of_its_files_and_no_other(tmp_path, monkeypatch):
     data, cache_dir = tmp_path / "data", tmp_path / "cache"
     make_demo_dataset(data, train=4, val=2, size=48, seed=0)
     make_demo_dataset(tmp_path / "copy", train=4, val=2, size=48, seed=0)
     train_set = open_dataset(data, "train")
     old = build_cache(train_set, size=32, cache_dir=cache_dir)
+    old_folder = old.folder
     kept = [build_cache(train_set, size=24, cache_dir=cache_dir),  # another size
             build_cache(open_dataset(data, "val"), size=32, cache_dir=cache_dir),  # another split
             build_cache(open_dataset(tmp_path / "copy", "train"), size=32, cache_dir=cache_dir)]  # same pictures
     assert old.replaced == [] and all(cache.replaced == [] for cache in kept)
-    building = cache_dir / f"{old.folder.name}.tmp99999"  # another process's build, not done yet
-    building.mkdir()
-    unreadable = cache_dir / "unreadable"
+    building = cache_dir / f"{old_folder.name}.tmp99999"  # another process's build: done, not yet renamed
+    shutil.copytree(old_folder, building)
+    unreadable = cache_dir / ("0" * 20)
     unreadable.mkdir()
     (unreadable / "done").touch()
     (unreadable / "meta.json").write_text("{")
-    old_bytes = sum(path.stat().st_size for path in old.folder.iterdir())
-    pixels = old.images[1].copy()
+    old_bytes = sum(path.stat().st_size for path in old_folder.iterdir())
 
-    mask = train_set.mask_paths[1]  # a mask edited (the same pixels, a newer time): a new key
-    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    mask = train_set.mask_paths[1]
+    touch_later(mask)
+    in_use = build_cache(open_dataset(data, "train"), size=32, cache_dir=cache_dir)
+    assert in_use.folder != old_folder and in_use.replaced == [] and old_folder.is_dir()  # `old` still reads it
+    del old  # the run that read it has ended
+    touch_later(mask)
     new = build_cache(open_dataset(data, "train"), size=32, cache_dir=cache_dir)
-    assert new.folder != old.folder and new.replaced == [(old.folder, old_bytes)] and old_bytes > 4 * 3 * 40 * 40
-    assert not old.folder.exists()
+    assert new.replaced == [(old_folder, old_bytes)] and old_bytes > 4 * 3 * 40 * 40 and not old_folder.exists()
+    assert in_use.folder.is_dir()  # still read by `in_use`
     assert all(cache.folder.is_dir() for cache in kept) and building.is_dir() and unreadable.is_dir()
-    assert np.array_equal(old.images[1], pixels)  # a run still training from the old copy reads on
 
     # The same files named by a relative path: the same copy, replaced again.
     monkeypatch.chdir(tmp_path)
-    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    in_use_folder, new_folder = in_use.folder, new.folder
+    del in_use, new
+    touch_later(mask)
     newer = build_cache(open_dataset("data", "train"), size=32, cache_dir=cache_dir)
-    assert [folder for folder, _ in newer.replaced] == [new.folder]
+    assert sorted(folder for folder, _ in newer.replaced) == sorted([in_use_folder, new_folder])
     assert build_cache(open_dataset("data", "train"), size=32, cache_dir=cache_dir).replaced == []  # reused
+
+
+def test_the_same_files_read_with_other_classes_keep_their_caches(tmp_path):
+    from test_data import make_folder_dataset
+
+    make_folder_dataset(tmp_path / "data", splits=("train",))
+    three = build_cache(open_dataset(tmp_path / "data", "train", num_classes=3), size=16, cache_dir=tmp_path / "c")
+    four = build_cache(open_dataset(tmp_path / "data", "train", num_classes=4), size=16, cache_dir=tmp_path / "c")
+    assert four.folder != three.folder and four.replaced == []
+    del three, four  # neither in use: each would go only as the stale copy of its own reading
+    touch_later(tmp_path / "data" / "train" / "masks" / "0.png")
+    again = build_cache(open_dataset(tmp_path / "data", "train", num_classes=4), size=16, cache_dir=tmp_path / "c")
+    assert len(again.replaced) == 1 and len([p for p in (tmp_path / "c").iterdir() if (p / "done").exists()]) == 2
 
 
 def test_train_says_which_stale_cache_it_removed(tmp_path, capsys):
@@ -220,11 +246,16 @@ def test_train_says_which_stale_cache_it_removed(tmp_path, capsys):
 
     make_demo_dataset(tmp_path / "data", train=8, val=2, size=48, seed=0)
     config = tiny_config(tmp_path / "data", tmp_path / "first", epochs=1, data_path="cached")
-    train(config)
-    assert "resunet: removed" not in capsys.readouterr().out
-    (first,) = [folder for folder in (tmp_path / "cache").iterdir() if (folder / "done").is_file()]
-    mask = open_dataset(tmp_path / "data", "train").mask_paths[0]
-    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    gc.disable()  # the run lets its cache go when it ends, not when the collector finds its objects
+    try:
+        train(config)
+        assert "resunet: removed" not in capsys.readouterr().out
+        (first,) = [folder for folder in (tmp_path / "cache").iterdir() if (folder / "done").is_file()]
+        with open(first / "done", "rb") as done:
+            fcntl.flock(done, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no process reads it now
+    finally:
+        gc.enable()
+    touch_later(open_dataset(tmp_path / "data", "train").mask_paths[0])
     train(replace(config, out=str(tmp_path / "second")))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resunet: removed")]
     assert len(lines) == 1 and lines[0].startswith("resunet: removed 1 stale decoded-image cache(s) of these files at "

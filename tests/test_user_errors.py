@@ -1384,7 +1384,8 @@ def test_a_checkpoint_from_another_resunet_version_is_one_line(checkpoint, demo_
         assert words in one_error_line(capsys, "export")
 
 
-def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_threads_reach_torch(exported, capsys):
+def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_threads_reach_torch(exported, capsys,
+                                                                                                     tmp_path):
     """An .onnx file runs on the CPU at its exported precision: --device cuda or --precision bf16 with one ran on the
     CPU in fp32 without a word. --threads, said to be onnxruntime's, was dropped for a .pt checkpoint."""
     import torch
@@ -1399,12 +1400,12 @@ def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_t
     with pytest.raises(DeviceError, match="--precision bf16: .*model.onnx is an exported file"):
         load(onnx, precision="bf16")
     assert load(onnx, device="cpu", precision="fp32").predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
-    image = exported["dir"] / "black.png"
+    image = tmp_path / "black.png"  # not in exported["dir"]: that folder is shared by the test workers
     Image.new("RGB", (9, 8)).save(image)
-    assert main(["predict", str(onnx), str(image), "--out", str(exported["dir"] / "never"), "--device", "cuda"]) == 2
+    assert main(["predict", str(onnx), str(image), "--out", str(tmp_path / "never"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("resunet predict: error: --device cuda: ") and err.count("\n") == 1
-    assert not (exported["dir"] / "never" / "black.png").exists()
+    assert not (tmp_path / "never" / "black.png").exists()
 
     before = torch.get_num_threads()
     try:

@@ -180,8 +180,9 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
     scales = (cfg.scale_min, cfg.scale_max)
     kind = kind or choose_data_path(cfg, dataset)
     if kind == "cached":
-        cache = build_cache(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None, max(1, cfg.workers))
-        if cache.replaced and rank == 0:
+        cache = build_cache(dataset, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None, max(1, cfg.workers),
+                            remove_stale=distributed_env()[1] == 0)  # one process per machine: its cache folder
+        if cache.replaced:
             print(f"resunet: removed {len(cache.replaced)} stale decoded-image cache(s) of these files at this size "
                   f"({sum(size for _, size in cache.replaced) / 1e6:.0f} MB: {cache.replaced[0][0]}"
                   f"{', ...' if len(cache.replaced) > 1 else ''}), built before a file or the classes changed",
@@ -1097,6 +1098,8 @@ def train(cfg: TrainConfig) -> dict:
                     print(stop_line(stopped_by, f"after epoch {epoch}", out, world), flush=True)
                 break
 
+    if isinstance(loader, CachedLoader):  # its lock, now: a process that trains again may hold this run for a while
+        loader.cache.close()
     if curves_behind:  # the run ended or stopped since the last drawing
         draw_curves(records, out)
     if board is not None:

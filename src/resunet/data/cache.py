@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locks (nor can a file mapped there be removed)
+    fcntl = None
+
 from .dataset import PairedDataset
 from .images import DataError, image_size
 from .transforms import augment_batch
@@ -33,6 +39,7 @@ from .transforms import augment_batch
 # 32-bit masks are refused (a format-2 cache may hold a -1 as 255, ignored, or a -2 as 254)
 CACHE_FORMAT = 3
 CACHE_HEADROOM = 1.25
+CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID)
 
 
 def default_cache_dir() -> Path:
@@ -55,10 +62,11 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
 
 
 def cache_identity(dataset: PairedDataset, short_side: int) -> str:
-    """What a cache is a copy of, whatever the files hold: these files (by their real paths) at this size. A newer
-    cache of the same identity makes an older one stale: a file edited, classes.json changed, a format bump."""
+    """What a cache is a copy of, whatever the files hold: these files (by their real paths) read with these classes,
+    at this size. A newer cache of the same identity makes an older one stale: a file edited, a format bump."""
+    classes = json.dumps(dataset.info.to_dict(), sort_keys=True)  # flags or a classes.json: another reading
     paths = "\n".join(str(path.resolve()) for path in dataset.image_paths + dataset.mask_paths)
-    return hashlib.sha256(f"{short_side}\n{paths}".encode()).hexdigest()[:20]
+    return hashlib.sha256(f"{short_side}\n{classes}\n{paths}".encode()).hexdigest()[:20]
 
 
 # cache_canvas's answers by (cache_key, max_pixels): train asks up to three times at start-up (the early cache check,
@@ -104,6 +112,11 @@ class DecodedCache:
     def __init__(self, folder: Path, replaced: list[tuple[Path, int]] | None = None) -> None:
         self.folder = folder
         self.replaced = replaced or []  # (folder, bytes) of the stale copies removed when this one was built
+        # A shared lock while this process reads the folder: remove_stale_caches leaves a cache in use alone (on a
+        # network disk too, where maps of files removed by another host fail).
+        self._in_use = open(folder / "done", "rb")
+        if fcntl is not None:
+            fcntl.flock(self._in_use, fcntl.LOCK_SH)
         # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
         self.images = np.load(folder / "images.npy", mmap_mode="c")
         self.masks = np.load(folder / "masks.npy", mmap_mode="c")
@@ -111,6 +124,10 @@ class DecodedCache:
 
     def __len__(self) -> int:
         return len(self.sizes)
+
+    def close(self) -> None:
+        """Done reading: a later build may remove this copy once it is stale (the maps stay valid here)."""
+        self._in_use.close()
 
 
 def _scaled(sample, short_side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,9 +191,11 @@ def check_cache_writable(dataset: PairedDataset, size: int, cache_dir: Path | No
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
 
 
-def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None, workers: int = 2) -> DecodedCache:
-    """Return the cache for this dataset and training size, building it if absent or stale. A cache folder that
-    cannot be written raises DataError (one line)."""
+def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None, workers: int = 2,
+                remove_stale: bool = True) -> DecodedCache:
+    """Return the cache for this dataset and training size, building it if absent or stale; a build first removes
+    the stale copies of the same files (`remove_stale`: one process per machine asks). A cache folder that cannot be
+    written raises DataError (one line)."""
     short_side = cache_short_side(size)
     folder = cache_folder(dataset, size, cache_dir)
     if (folder / "done").is_file():
@@ -189,6 +208,8 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         tmp.mkdir(parents=True)
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
+    # Before the build, so a disk that held the old copy has room for the new one.
+    replaced = remove_stale_caches(folder, cache_identity(dataset, short_side)) if remove_stale else []
     try:
         _fill_cache(dataset, short_side, canvas, tmp, workers)
     except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
@@ -200,27 +221,32 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         tmp.rename(folder)  # atomic: a half-built cache is never seen as done
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return DecodedCache(folder, remove_stale_caches(folder, cache_identity(dataset, short_side)))
+    return DecodedCache(folder, replaced)
 
 
 def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
-    """Remove the finished caches beside `folder` that copy the same files at the same size: each edit of a mask
-    would otherwise leave a whole copy of the decoded images behind (gigabytes for SBD). A run still training from
-    one keeps reading it (its memory maps hold the files until they close); a folder being built, another size,
-    split or dataset, or one that cannot be read is left alone. Returns what was removed, with its size in bytes."""
+    """Remove the finished caches beside `folder` that copy the same files with the same classes at the same size:
+    each edit of a mask would otherwise leave a whole copy of the decoded images behind (gigabytes for SBD). Left
+    alone: a cache a process is reading (its lock), folders being built, other sizes, splits, datasets or classes,
+    caches built before identities were recorded, and whatever cannot be read or removed. Returns what was removed,
+    with its size in bytes."""
     removed = []
-    for other in folder.parent.iterdir():
-        if other == folder or not (other / "done").is_file():
-            continue
+    try:
+        others = [path for path in folder.parent.iterdir() if CACHE_NAME.fullmatch(path.name) and path != folder]
+    except OSError:
+        return removed
+    for other in others:
         try:
             if json.loads((other / "meta.json").read_text()).get("identity") != identity:
                 continue
-            size = sum(path.stat().st_size for path in other.iterdir())
+            with open(other / "done", "rb") as done:
+                if fcntl is not None:
+                    fcntl.flock(done, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process reads it
+                size = sum(path.stat().st_size for path in other.iterdir())
+                shutil.rmtree(other)
         except (OSError, ValueError, AttributeError):
             continue
-        shutil.rmtree(other, ignore_errors=True)
-        if not other.exists():
-            removed.append((other, size))
+        removed.append((other, size))
     return removed
 
 
