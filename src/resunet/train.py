@@ -16,6 +16,7 @@ batches follow and the weights come out bit for bit as if the run had never stop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import errno
@@ -900,7 +901,10 @@ def train(cfg: TrainConfig) -> dict:
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
-    with StopSignal(announce=main_process) as stop:
+    # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
+    # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
+    cache_read = contextlib.closing(loader.cache) if isinstance(loader, CachedLoader) else contextlib.nullcontext()
+    with StopSignal(announce=main_process) as stop, cache_read:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
                 break
@@ -1098,8 +1102,6 @@ def train(cfg: TrainConfig) -> dict:
                     print(stop_line(stopped_by, f"after epoch {epoch}", out, world), flush=True)
                 break
 
-    if isinstance(loader, CachedLoader):  # its lock, now: a process that trains again may hold this run for a while
-        loader.cache.close()
     if curves_behind:  # the run ended or stopped since the last drawing
         draw_curves(records, out)
     if board is not None:
