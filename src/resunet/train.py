@@ -186,7 +186,7 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
         if cache.replaced:
             print(f"resunet: removed {len(cache.replaced)} stale decoded-image cache(s) of these files at this size "
                   f"({sum(size for _, size in cache.replaced) / 1e6:.0f} MB: {cache.replaced[0][0]}"
-                  f"{', ...' if len(cache.replaced) > 1 else ''}), built before a file or the classes changed",
+                  f"{', ...' if len(cache.replaced) > 1 else ''}), built before a file changed",
                   flush=True)
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
                               cfg.jitter, device, cfg.seed, rank, world, cfg.crop_size)

@@ -209,9 +209,10 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
     # Before the build, so a disk that held the old copy has room for the new one.
-    replaced = remove_stale_caches(folder, cache_identity(dataset, short_side)) if remove_stale else []
+    identity = cache_identity(dataset, short_side)  # every file's real path: once, for the removal and meta.json
+    replaced = remove_stale_caches(folder, identity) if remove_stale else []
     try:
-        _fill_cache(dataset, short_side, canvas, tmp, workers)
+        _fill_cache(dataset, short_side, canvas, tmp, workers, identity)
     except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
@@ -250,7 +251,8 @@ def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
     return removed
 
 
-def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int], tmp: Path, workers: int) -> None:
+def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int], tmp: Path, workers: int,
+                identity: str) -> None:
     canvas_h, canvas_w = canvas
     n = len(dataset)
     images = reserved_memmap(tmp / "images.npy", (n, 3, canvas_h, canvas_w))
@@ -272,7 +274,7 @@ def _fill_cache(dataset: PairedDataset, short_side: int, canvas: tuple[int, int]
     np.save(tmp / "sizes.npy", true_sizes)
     (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "short_side": short_side, "count": n,
                                                "source": dataset.description,
-                                               "identity": cache_identity(dataset, short_side)}))
+                                               "identity": identity}))
     (tmp / "done").touch()
     del images, masks
 
