@@ -102,15 +102,23 @@ def test_time_budget_arithmetic_by_hand():
     for bad in ("abc", "0m", "-5m", "m", "inf", "nanh"):
         with pytest.raises(TrainingError, match="--time-budget"):
             duration_seconds(bad)
-    # 3600 s, 400 s gone (setup and epoch 1), the final evaluation 50 s: 3150 s for epochs of 250 s + 50/3 s → 11.
+    # 3600 s, 400 s gone (setup and epoch 1), epochs of 250 s, evaluations of 50 s after epochs 3, 6, ... and the
+    # last: 11 more end at epoch 12 after 400 + 11 · 250 + 4 · 50 = 3350 s; a 12th more would need 3650 s.
     assert epochs_within(3600, 400, 250, 50, 3, 100) == 12
+    # Evaluated every epoch, the last one's evaluation counts once: 100 + 24 · (40 + 30) = 1780 s ≤ 1800 s, so 25
+    # epochs (reserving it twice gave 24). Every third: 120 + 50 · 55 + 17 · 25 = 3295 s ≤ 3300 s, so 51.
+    assert epochs_within(1800, 100, 40, 30, 1, 200) == 25
+    assert epochs_within(3300, 120, 55, 25, 3, 200) == 51
+    assert epochs_within(3300, 126, 55, 25, 3, 200) == 50  # 6 s more and the 51st no longer fits
     assert epochs_within(3600, 400, 250, 50, 3, 10) == 10  # --epochs stays the most
     assert epochs_within(60, 400, 250, 50, 3, 100) == 1  # over budget already: the first epoch is all
-    # The re-fit after epoch 10: 2000 s gone, 3600 − 2000 − 30 = 1570 s for epochs of 200 + 30/3 s → 7 more.
+    # The re-fit after epoch 10: 2000 s gone, 7 more epochs of 200 s evaluated after 12, 15 and 17: 2000 + 1400 + 90
+    # = 3490 s; an 8th more would need 3690 s.
     assert epochs_within(3600, 2000, 200, 30, 3, 20, done=10) == 17
     assert epochs_within(3600, 2000, 200, 30, 3, 12, done=10) == 12
     assert epochs_within(3600, 3500, 200, 30, 3, 20, done=10) == 10  # nothing more fits: the run ends here
-    # --calibrate's 300 s after the last epoch: 3600 − 400 − 50 − 300 = 2850 s for epochs of 266.7 s → 10 more.
+    # --calibrate's 300 s after the last epoch: 10 more end at epoch 11, 400 + 2500 + 4 · 50 + 300 = 3400 s; an 11th
+    # more would need 3950 s.
     assert epochs_within(3600, 400, 250, 50, 3, 100, after_s=300) == 11
     # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
@@ -160,7 +168,10 @@ def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_r
     # Epoch 1's fit says 20 of --epochs 30; after epoch 2 (a tenth of 20) the re-fit may choose up to 30 and says
     # 22; after epoch 3 (past a tenth of 22) it may choose at most 22 and says 3: nothing more fits, the run ends.
     fits, answers = [], iter([20, 22, 3])
-    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or next(answers))
+    called = []  # when each fit was made
+    monkeypatch.setattr(resunet.train, "epochs_within",
+                        lambda *args, **kw: called.append(time.perf_counter()) or fits.append((args, kw))
+                        or next(answers))
     slow_save, save_s = resunet.train.save_checkpoint, []
 
     def timed_slow_save(*args):
@@ -182,6 +193,11 @@ def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_r
     # its clock counts both epochs and epoch 1's evaluation.
     assert 0.8 < pace_s <= records[1]["seconds"] + sum(save_s[:2]) + 1.0 and eval_s > 0
     assert elapsed_s > records[0]["seconds"] + pace_s
+    # ... and the bookkeeping of epoch 2 still to come after the re-fit (saves, curves: the mean so far, epoch 1's
+    # here, its two saves and its drawing; left out, a run could overrun by a save): the clock at the re-fit,
+    # counted from when the first fit's clock started, is short of what it was told by that much.
+    setup_started = called[0] - fits[0][0][1]
+    assert sum(save_s[:2]) <= elapsed_s - (called[1] - setup_started) < sum(save_s[:2]) + 1.5
     # Three epochs: 1 evaluated for the fit, 3 as the last. The cosine (lr 1e-3, no warm-up, 12 steps an epoch)
     # spans the count in force at each step: 30 epochs during epoch 1, 20 during epoch 2, 22 during epoch 3 (the
     # cut to 3 came after its last step).

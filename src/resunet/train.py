@@ -372,11 +372,23 @@ def duration_seconds(text: str) -> float:
 def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: float, eval_every: int,
                   max_epochs: int, done: int = 1, after_s: float = 0.0) -> int:
     """How many epochs in all fit a time budget, `done` of them already trained: each further epoch costs its
-    training time plus its share of an evaluation, the last one is always evaluated, and `after_s` runs after it
-    (--calibrate's passes over val)."""
-    left = budget_s - elapsed_s - eval_s - after_s  # the final evaluation, then what follows the last epoch
-    more = int(max(0.0, left) // (epoch_s + eval_s / eval_every))
-    return max(done, min(max_epochs, done + more))
+    training time, the epochs on the --eval-every grid and the last one an evaluation too, and `after_s` runs after
+    the last (--calibrate's passes over val)."""
+    left = budget_s - elapsed_s - after_s
+
+    def cost(more: int) -> float:  # `more` epochs after `done`, counted as the loop runs them
+        last = done + more
+        evaluations = last // eval_every - done // eval_every + (more > 0 and last % eval_every != 0)
+        return more * epoch_s + evaluations * eval_s
+
+    # A first guess with every epoch paying its share of an evaluation, then corrected: the last epoch's
+    # evaluation counts once whether or not it falls on the grid (a guess that reserved it twice left an epoch out).
+    more = max(0, min(max_epochs - done, int(max(0.0, left - eval_s) // (epoch_s + eval_s / eval_every))))
+    while more > 0 and cost(more) > left:
+        more -= 1
+    while done + more < max_epochs and cost(more + 1) <= left:
+        more += 1
+    return max(done, done + more)
 
 
 def refit_most(epoch: int, fitted: int, most: int) -> int:
@@ -1004,9 +1016,11 @@ def train(cfg: TrainConfig) -> dict:
             # resume: its clock restarted.
             if budget_fitted and epoch < cfg.epochs:
                 epoch_seconds.append(time.perf_counter() - started)
-                pace_s = statistics.fmean(epoch_seconds[-3:]) + statistics.fmean(bookkeeping_seconds[-3:])
-                pending_eval_s = eval_s if epoch % cfg.eval_every == 0 else 0.0  # this epoch's, still to come
-                refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_eval_s, pace_s,
+                bookkeeping_s = statistics.fmean(bookkeeping_seconds[-3:])
+                pace_s = statistics.fmean(epoch_seconds[-3:]) + bookkeeping_s
+                # this epoch's evaluation and saves, still to come
+                pending_s = (eval_s if epoch % cfg.eval_every == 0 else 0.0) + bookkeeping_s
+                refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_s, pace_s,
                                       eval_s, cfg.eval_every, refit_most(epoch, cfg.epochs, most_epochs), done=epoch,
                                       after_s=calibration_s)
                 refit = broadcast_int(refit, world, device)
