@@ -616,6 +616,17 @@ def broadcast_int(value: int, world: int, device: torch.device) -> int:
     return int(tensor)
 
 
+def share_buffers(model: nn.Module, world: int) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every process, before a sharded evaluation: without
+    SyncBatchNorm (the CPU) each process's last steps updated them from its own batches, so each shard was scored by
+    a slightly different model and the val mIoU recorded (and the best.pt chosen by it) was not the saved model's.
+    DistributedDataParallel does the same at the start of the next training forward."""
+    if world == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
 def position_state(epoch: int, step: int, loss_sum: torch.Tensor, world: int, timed_images: int,
                    timed_seconds: float, seconds: float, epoch_rng: dict) -> dict:
     """Where a run stands inside an epoch; with the weights and optimiser, all a resumed run needs to continue at
@@ -1034,6 +1045,7 @@ def train(cfg: TrainConfig) -> dict:
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
             if evaluated:
                 eval_started = time.perf_counter()
+                share_buffers(evaluated_model, world)
                 matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
                                           cfg.progress)
                 scores = matrix.compute()
