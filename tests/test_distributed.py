@@ -2,8 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from resunet.checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint
 from resunet.data.dataset import open_dataset
@@ -73,3 +78,65 @@ def test_a_setup_error_on_another_process_alone_is_printed_by_that_process(monke
         train_module.raise_once(missing, 2, "cpu", main_process=False)
     monkeypatch.undo()
     train_module.raise_once(None, 1, "cpu", main_process=True)  # nothing failed: nothing raised
+
+
+def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, tmp_path):
+    """Ctrl-C reaches the whole process group, and torchrun passes the same SIGINT on to its processes a moment
+    later: taken as a second signal ("stop at once"), it stopped them without the save (4 runs in 6). Here a third
+    copy comes 50 ms later, after the first has been handled, as torchrun's does when its processes are busy."""
+    run, log_path = tmp_path / "ddp", tmp_path / "ddp.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(run), "--epochs", "3",
+               "--batch-size", "2", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
+               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch   1/3" not in log_path.read_text():  # epoch 1 saved: the signals land in epoch 2
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.02)
+        workers = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                   and (entry / "stat").exists() and parent_of(entry) == proc.pid]
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C; torchrun passes it on at once
+        time.sleep(0.05)
+        for pid in workers:  # and a copy that comes late
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=120)  # torchrun's own exit status: it re-raises the signal it got
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "SIGINT: stopped " in text and "resunet train: interrupted" not in text, text[-3000:]
+    state = load_checkpoint(run / "last.pt", tensors=False)
+    assert state["epoch"] >= 2 or state["position"]["epoch"] == 2, text[-3000:]
+
+
+def parent_of(proc_entry: Path) -> int | None:
+    try:  # "pid (name) state ppid ...": the name may hold spaces and brackets
+        return int((proc_entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_torchrun_passing_on_the_signal_is_not_a_second_one(monkeypatch):
+    import resunet.train as train_module
+
+    clock = [100.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock[0])
+    stop = train_module.StopSignal(announce=False, repeat_s=10.0)
+    stop.handle(signal.SIGINT, None)
+    clock[0] += 0.5
+    stop.handle(signal.SIGINT, None)  # torchrun's copy: still the first request
+    assert stop.name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # another signal is a second request
+        stop.handle(signal.SIGTERM, None)
+    clock[0] += 10
+    with pytest.raises(KeyboardInterrupt):  # the same one 10 s later: the user's second Ctrl-C
+        stop.handle(signal.SIGINT, None)
+    single = train_module.StopSignal(announce=False)  # one process: any second signal stops at once
+    single.handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        single.handle(signal.SIGINT, None)

@@ -410,16 +410,25 @@ def steady_epoch_seconds(epoch_s: float, second_half_s: float | None, second_hal
     return second_half_s * steps_per_epoch / second_half_steps
 
 
+# How long a repeated signal is taken for torchrun's copy of the first: it passes it on within milliseconds, but a
+# process deep in one long native call (a backward pass on a slow CPU) runs Python's handler only when it returns.
+TORCHRUN_REPEAT_S = 10.0
+
+
 class StopSignal:
     """SIGTERM (a preempted cloud machine, a scheduler's time limit) and SIGINT (Ctrl-C) ask the loop to stop: it
     finishes the step in progress, saves last.pt with the position inside the epoch, and returns. A second signal
-    stops at once (KeyboardInterrupt), leaving the last save."""
+    stops at once (KeyboardInterrupt), leaving the last save. Under torchrun (`repeat_s` > 0) the same signal again
+    within `repeat_s` seconds is the same request: torchrun passes on to its processes the Ctrl-C or `kill -- -PGID`
+    they also got from the process group, and taken as a second signal it stopped them at once, without the save."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, repeat_s: float = 0.0) -> None:
         self.name: str | None = None
         self.announce = announce
+        self.repeat_s = repeat_s
+        self.received_at = -math.inf
         self.previous: dict = {}
 
     def __enter__(self) -> "StopSignal":
@@ -432,11 +441,15 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
         if self.name is not None:
+            if name == self.name and time.monotonic() - self.received_at < self.repeat_s:
+                return
             raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
+        self.name, self.received_at = name, time.monotonic()
         if self.announce:
-            print(f"{self.name}: finishing the current step, then saving last.pt (again to stop at once)",
+            again = f"again after {self.repeat_s:.0f}s" if self.repeat_s else "again"
+            print(f"{self.name}: finishing the current step, then saving last.pt ({again} to stop at once)",
                   file=sys.stderr, flush=True)
 
 
@@ -927,7 +940,7 @@ def train(cfg: TrainConfig) -> dict:
     # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
     # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
     cache_read = contextlib.closing(loader.cache) if isinstance(loader, CachedLoader) else contextlib.nullcontext()
-    with StopSignal(announce=main_process) as stop, cache_read:
+    with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
                 break
@@ -1143,7 +1156,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"done: {epoch_span(start_epoch, cfg.epochs)} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        with stop:  # a late copy of the signal that stopped the run (torchrun's) is not a second one here either
+            dist.barrier()
+            dist.destroy_process_group()
     return {"best_miou": best_miou, "last": records[-1] if records else None, "out": str(out),
             "stopped_by": stopped_by, "stop_requested": stopped_by or late_stop}
