@@ -465,3 +465,51 @@ def test_an_image_and_its_mask_pair_when_their_names_differ_only_in_unicode_form
     dataset = open_dataset(str(root), "val")
     assert [p.name for p in dataset.mask_paths] == [f"{decomposed}.png"]
     assert np.array_equal(dataset.load(0).mask, np.asarray(cat_and_dog()))
+
+
+def test_the_cached_report_follows_a_permission_change_and_never_keeps_unreadable_files(tmp_path, monkeypatch):
+    """A chmod changes a file's change time alone: keyed on sizes and modification times, the report of a file
+    unreadable for its permissions was reused after they were set right (train refused data check-data passed).
+    And a report of a file that could not be read is not kept: the read may succeed next time."""
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    cache = tmp_path / "cache"
+    path = root / "val" / "masks" / "good_0.png"
+    assert not doctor.check_data(root, workers=1, cache_dir=cache).from_cache
+    os.chmod(path, 0o600)
+    assert not doctor.check_data(root, workers=1, cache_dir=cache).from_cache  # checked again
+    assert doctor.check_data(root, workers=1, cache_dir=cache).from_cache
+    check_pair = doctor.check_pair
+    failing = [True]  # a read that fails once (a permission, a network disk), then works
+
+    def flaky(split, image, mask, *rest):
+        if failing and mask == path:
+            failing.clear()
+            mask = tmp_path / "absent.png"
+        return check_pair(split, image, mask, *rest)
+
+    monkeypatch.setattr(doctor, "check_pair", flaky)
+    os.utime(path)  # the key changes
+    first = doctor.check_data(root, workers=1, cache_dir=cache)
+    assert [f.kind for f in first.errors] == ["unreadable"] and not first.from_cache
+    again = doctor.check_data(root, workers=1, cache_dir=cache)
+    assert not again.from_cache and not again.errors
+
+
+def test_a_symlink_loop_or_a_dangling_link_is_a_finding_before_train_too(tmp_path, capsys):
+    """check-data reported them; train's cached check looked at every file first for its key and raised."""
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    loop = root / "train" / "images" / "loop.png"
+    loop.symlink_to(loop.name)
+    (root / "train" / "masks" / "loop.png").symlink_to("nowhere.png")
+    args = ["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--size", "32",
+            "--batch-size", "2", "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir",
+            str(tmp_path / "cache"), "--encoder", "resnet18"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "ERROR   unreadable ×2" in captured.out and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    # Without the check, the decoded-image cache's key names the first file it cannot look at.
+    assert main([*args, "--skip-data-check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root / 'train' / 'images' / 'loop.png'}: cannot be read" in err, err
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@
 Checks are plain functions that return `Finding`s: errors (training cannot use the file), warnings (likely mistakes,
 each with its reason) and, beside them, facts (counts, sizes, class shares, image kinds that are converted when
 read). `format_report` writes them for people, `write_json` for programs. `train` runs the same `check_data` on its
-splits before its first step, with the report cached by the files' sizes and modification times.
+splits before its first step, with the report cached by the files' sizes and modification and change times.
 """
 
 from __future__ import annotations
@@ -517,12 +517,17 @@ def sorted_findings(findings: Iterable[Finding]) -> list[Finding]:
 # ---- the whole check ---------------------------------------------------------------------------------------------
 
 
-def report_key(listing: Listing, settings: str) -> str:
-    """Like the decoded cache's key: the settings and every listed file's path, size and modification time."""
+def report_key(listing: Listing, settings: str) -> str | None:
+    """Like the decoded cache's key: the settings and every listed file's path, size, modification and change times
+    (a chmod changes the latter alone). None when a file cannot be looked at (a symlink loop, a dangling link): the
+    check then reads it and reports it."""
     digest = hashlib.sha256(f"{REPORT_FORMAT}:{settings}:{json.dumps(listing.info.to_dict())}".encode())
-    for path in listing.files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    try:
+        for path in listing.files:
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
+    except (OSError, RuntimeError):  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
+        return None
     return digest.hexdigest()[:20]
 
 
@@ -540,7 +545,7 @@ def check_data(
     """Check the splits of a dataset (default: train/val/test that exist; train/val for VOC).
 
     `train_split` (default: train or train_aug if checked) is the one other splits' classes are compared with.
-    `cache_dir`: keep the report there, keyed by the files' sizes and modification times, and reuse it while nothing
+    `cache_dir`: keep the report there, keyed by the files' sizes and times (a chmod too), and reuse it while nothing
     changed. A root that is not a dataset at all raises DataError."""
     listing = list_splits(data_root, splits, num_classes, ignore_index, max_pixels)
     split_order = list(listing.splits)
@@ -550,8 +555,8 @@ def check_data(
         split_order.remove(train_split)
         split_order.insert(0, train_split)
     cache_file = None
-    if cache_dir is not None:
-        key = report_key(listing, f"{split_order}:{train_split}:{max_pixels}")
+    key = report_key(listing, f"{split_order}:{train_split}:{max_pixels}") if cache_dir is not None else None
+    if key is not None:
         cache_file = Path(cache_dir) / f"{key}.json"
         try:
             report = Report.from_dict(json.loads(cache_file.read_text()))
@@ -586,7 +591,9 @@ def check_data(
                                       len(listing.splits[split])) for split in split_order},
     }
     report = Report(str(listing.base), sorted_findings(findings), facts)
-    if cache_file is not None:
+    # A report of files that could not be read is not kept: a read may succeed next time (a network disk back)
+    # with nothing in the key changed.
+    if cache_file is not None and not any(f.kind == "unreadable" for f in report.findings):
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             replace_text(cache_file, json.dumps(report.to_dict()))  # atomic: another process never reads half of it

@@ -139,8 +139,8 @@ def raise_once(failure: Exception | None, world: int, device: torch.device, main
 
 def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
     """`resunet check-data` on the train and val splits: errors stop the run before anything is built or written,
-    warnings are printed. The report is cached beside the decoded images, keyed by the files' sizes and modification
-    times, so a re-run on an unchanged dataset (a resumed run too) reads no image."""
+    warnings are printed. The report is cached beside the decoded images, keyed by the files' sizes and times
+    (modification and change), so a re-run on an unchanged dataset (a resumed run too) reads no image."""
     cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "check-data"
     report = check_data(cfg.data_root, [cfg.train_split, cfg.val_split], cfg.num_classes, cfg.ignore_index,
                         cfg.max_pixels, max(1, cfg.workers), cfg.train_split, cache_dir, verbose and cfg.progress)

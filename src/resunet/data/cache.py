@@ -56,16 +56,26 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     classes = json.dumps(dataset.info.to_dict(), sort_keys=True)
     digest = hashlib.sha256(f"{CACHE_FORMAT}:{short_side}:{classes}".encode())
     for path in dataset.image_paths + dataset.mask_paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        stat, real = looked_at(path)
+        digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
+
+
+def looked_at(path: Path) -> tuple[os.stat_result, Path]:
+    """A listed file's stat and real path; DataError naming it when it has none (a symlink loop, a dangling link,
+    a folder without permission)."""
+    try:
+        return path.stat(), path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise DataError(f"{path}: cannot be read ({reason})") from None
 
 
 def cache_identity(dataset: PairedDataset, short_side: int) -> str:
     """What a cache is a copy of, whatever the files hold: these files (by their real paths) read with these classes,
     at this size. A newer cache of the same identity makes an older one stale: a file edited, a format bump."""
     classes = json.dumps(dataset.info.to_dict(), sort_keys=True)  # flags or a classes.json: another reading
-    paths = "\n".join(str(path.resolve()) for path in dataset.image_paths + dataset.mask_paths)
+    paths = "\n".join(str(looked_at(path)[1]) for path in dataset.image_paths + dataset.mask_paths)
     return hashlib.sha256(f"{short_side}\n{classes}\n{paths}".encode()).hexdigest()[:20]
 
 
