@@ -171,3 +171,30 @@ def test_max_pixels_can_be_raised_past_pils_own_ceiling(tmp_path):
     with pytest.raises(ImageTooLargeError, match="over the limit of 180,000,000"):
         read_mask(path, generic_info(2), max_pixels=180_000_000)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's own ceiling is left as it was, for everyone else
+
+
+def test_predict_reports_a_symlink_loop_and_an_unreadable_folder_and_predicts_the_rest(checkpoint, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """A symlink loop among the inputs raised RuntimeError from Path.resolve() before any image was predicted; a
+    folder without read permission raised PermissionError. (Root reads any folder: its refusal is simulated.)"""
+    folder, locked = tmp_path / "in", tmp_path / "locked"
+    folder.mkdir()
+    locked.mkdir()
+    (folder / "good.png").write_bytes(good_pair(1)[0])
+    (folder / "loop.png").symlink_to("loop.png")
+    iterdir = Path.iterdir
+
+    def refusing(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refusing)
+    assert main(["predict", checkpoint, str(folder), str(folder / "loop.png"), str(locked), "--out",
+                 str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert lines[0] == f"resunet predict: {locked}: cannot read the folder (Permission denied)", lines
+    assert len(lines) == 2 and lines[1].startswith(f"resunet predict: {folder / 'loop.png'}: "), lines
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]

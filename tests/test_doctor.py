@@ -513,3 +513,23 @@ def test_a_symlink_loop_or_a_dangling_link_is_a_finding_before_train_too(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{root / 'train' / 'images' / 'loop.png'}: cannot be read" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_cannot_be_read_is_one_line_for_check_data_and_train(tmp_path, capsys, monkeypatch):
+    root = clean_dataset(tmp_path / "data", train=2, val=1)
+    locked = root / "val" / "masks"
+    iterdir = Path.iterdir
+
+    def refusing(self):  # root reads any folder: a refusal is simulated
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refusing)
+    said = f"{locked}: cannot read the folder (Permission denied)\n"
+    assert main(["check-data", "--data-root", str(root)]) == 2
+    assert capsys.readouterr().err == f"resunet check-data: error: {said}"
+    assert main(["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--size", "32",
+                 "--batch-size", "2", "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir",
+                 str(tmp_path / "cache"), "--encoder", "resnet18"]) == 2
+    assert capsys.readouterr().err == f"resunet train: error: {said}"

@@ -289,7 +289,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = list_images(path)  # as the datasets list them: a Mac's hidden ._name.jpg is not an image
+            try:
+                found = list_images(path)  # as the datasets list them: a Mac's hidden ._name.jpg is not an image
+            except DataError as error:  # a folder without read permission: the other inputs still run
+                problems.append(str(error))
+                continue
             nested = nested_images(path)
             if nested:
                 notes.append(f"{path}: {len(nested)} image(s) in subfolders, such as {nested[0].relative_to(path)}, "
@@ -367,7 +371,8 @@ def cmd_predict(args) -> int:
     except OSError as error:  # a file in the way, a read-only parent
         raise DataError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
     failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
-    inputs = {path.resolve() for path in paths}
+    # os.path.realpath, not Path.resolve: a symlink loop among the inputs raised there (it is reported when read)
+    inputs = {Path(os.path.realpath(path)) for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
     # A bar only on a terminal (in a log file it would be `\r` fragments); a file's error is written above it.
     bar = tqdm(paths, desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty())
@@ -379,16 +384,17 @@ def cmd_predict(args) -> int:
                 del outputs["overlay"]
             if not args.confidence:
                 del outputs["confidence"]
-            clash = next((o for o in outputs.values() if o.resolve() in inputs or o.resolve() in claimed), None)
+            real = {o: Path(os.path.realpath(o)) for o in outputs.values()}
+            clash = next((o for o in outputs.values() if real[o] in inputs or real[o] in claimed), None)
             if clash is not None:  # never write over an input image or another input's result
-                owner = f"{claimed[clash.resolve()]}'s result" if clash.resolve() in claimed else "an input image"
+                owner = f"{claimed[real[clash]]}'s result" if real[clash] in claimed else "an input image"
                 tqdm.write(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give "
                            "another --out or rename the file", file=sys.stderr)
                 failed += 1
                 continue
             # Each file is renamed into place once written (save_whole): one that exists is a finished result.
             if args.skip_existing and all(o.is_file() for o in outputs.values()):
-                claimed.update({o.resolve(): path for o in outputs.values()})
+                claimed.update({real[o]: path for o in outputs.values()})
                 skipped += 1
                 continue
             try:
@@ -405,7 +411,7 @@ def cmd_predict(args) -> int:
                 failed += 1
                 continue
             # Claimed once predicted: an unreadable a.jpg must not keep a.png from its own a.png result.
-            claimed.update({o.resolve(): path for o in outputs.values()})
+            claimed.update({real[o]: path for o in outputs.values()})
             pictures = {"mask": predictor.colorize(mask)}
             if confidence is not None:
                 pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))

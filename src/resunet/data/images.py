@@ -274,8 +274,11 @@ def image_name(path: Path) -> bool:
 
 def list_images(folder: Path) -> list[Path]:
     """The images directly in `folder` (its subfolders are not read: see `nested_images`), by `image_name`: the
-    AppleDouble files were listed and then refused as unreadable."""
-    return sorted(p for p in folder.iterdir() if image_name(p))
+    AppleDouble files were listed and then refused as unreadable. DataError for a folder that cannot be read."""
+    try:
+        return sorted(p for p in folder.iterdir() if image_name(p))
+    except OSError as error:
+        raise DataError(f"{folder}: cannot read the folder ({error.strerror or error})") from None
 
 
 def nested_images(folder: Path) -> list[Path]:
