@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from resunet.ablate import format_table, noise_and_verdicts, run_ablation
+from resunet.ablate import format_table, noise_and_verdicts, recipe, run_ablation
 from resunet.cli import main
 from resunet.train import TrainingError
 
@@ -79,9 +79,14 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     assert (out / "loss-focal" / "last.pt").is_file()
     with pytest.raises(TrainingError, match="already uses seed 1"):  # the noise row would repeat the baseline
         run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "seed": 1}), ["seed 1"], out)
-    # Another budget in the same folder would mix two recipes in one table.
-    with pytest.raises(TrainingError, match="epochs"):
-        run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "epochs": 2}), ["baseline"], out)
+    # Another budget in the same folder would mix two recipes in one table: refused before any row trains (a new
+    # row listed first was trained into the folder, then the table held it alone).
+    table = (out / "ablation.md").read_text()
+    with pytest.raises(TrainingError, match="epochs"), monkeypatch.context() as patched:
+        patched.setattr(resunet.ablate, "train", lambda cfg: pytest.fail("trained before the refusal"))
+        run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "epochs": 2}), ["ema 0.999", "baseline"],
+                     out)
+    assert (out / "ablation.md").read_text() == table and not (out / "ema-0.999").exists()
     # A row that fails: the finished rows' table is written all the same.
     (out / "ablation.md").unlink()
     with pytest.raises(TrainingError, match="diverged"), monkeypatch.context() as patched:
@@ -89,6 +94,15 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
         run_ablation(base, ["baseline", "loss dice"], out)
     table = (out / "ablation.md").read_text()
     assert "| baseline |" in table and "loss dice" not in table
+
+
+def test_a_relative_path_is_the_same_recipe_as_the_absolute_one_train_stores(demo_root, ram_tmp):
+    """train stores --data-root and --encoder-weights absolute: a row stopped under a relative --encoder-weights
+    was refused as another recipe when the same command was run again."""
+    base = tiny_config(os.path.relpath(demo_root), ram_tmp / "unused", encoder_weights="w.pth")
+    stored = {**base.to_dict(), "data_root": os.path.abspath(demo_root), "encoder_weights": os.path.abspath("w.pth")}
+    assert recipe(base) == recipe(stored)
+    assert recipe(replace(base, encoder_weights="v.pth")) != recipe(stored)
 
 
 def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_root, ram_tmp, monkeypatch):
@@ -115,8 +129,12 @@ def test_a_signal_stops_the_ablation_without_scoring_the_row(demo_root, ram_tmp,
 
     monkeypatch.setattr(resunet.ablate, "train", lambda cfg: {"stopped_by": "SIGTERM"})
     base = tiny_config(demo_root, ram_tmp / "unused", epochs=1)
+    (ram_tmp / "ablation").mkdir()
+    (ram_tmp / "ablation" / "ablation.md").write_text("an earlier run's table\n")
     assert run_ablation(base, ["baseline", "loss focal"], ram_tmp / "ablation") == []
     assert not (ram_tmp / "ablation" / "baseline" / "result.json").exists()
+    # No row finished: the earlier table stays (it was replaced by an empty one).
+    assert (ram_tmp / "ablation" / "ablation.md").read_text() == "an earlier run's table\n"
     out = capsys.readouterr().out
     assert "stopped in row 'baseline'; run the same command again to continue it and the rows after it" in out
     assert "would continue this row alone, with no table" in out

@@ -38,14 +38,15 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     # Under --time-budget a run stores the epoch count it fitted: the budget, not the count, is the recipe then.
     budgeted = {"epochs", "eval_every"} if values.get("time_budget") else set()
     kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted}
-    if kept.get("data_root"):  # `train` stores it absolute: `demo` and /abs/demo are the same data
-        kept["data_root"] = os.path.abspath(kept["data_root"])
+    for name in ("data_root", "encoder_weights"):  # `train` stores them absolute: `w.pth` and /abs/w.pth are one file
+        if kept.get(name):
+            kept[name] = os.path.abspath(kept[name])
     return kept
 
 
-def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
-    """Train (or resume, or keep) one row and score its final weights (last.pt: under --time-budget epoch 1 is
-    evaluated too, and best.pt may hold it); None if a signal stopped it."""
+def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict | None]:
+    """One row's training config and its finished result if it has one; TrainingError if its folder holds a row
+    trained with another recipe."""
     folder = out / row_folder(name)
     result_path = folder / "result.json"
     last = folder / "last.pt"
@@ -54,7 +55,7 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
                   resume=str(last) if last.is_file() else None, calibrate=False, overwrite=not last.is_file())
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        stored = result.get("recipe")
+        stored = recipe(result["recipe"]) if isinstance(result.get("recipe"), dict) else None
     elif last.is_file():
         settings = load_checkpoint(last, tensors=False)["train_config"]
         result, stored = None, recipe(settings)
@@ -67,6 +68,15 @@ def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
         changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
         raise TrainingError(f"{folder}: trained with another recipe ({', '.join(changed)} differ); "
                             "give the ablation another --out")
+    return cfg, result
+
+
+def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
+    """Train (or resume, or keep) one row and score its final weights (last.pt: under --time-budget epoch 1 is
+    evaluated too, and best.pt may hold it); None if a signal stopped it."""
+    cfg, result = plan_row(base, name, out)
+    folder = Path(cfg.out)
+    result_path, last, wanted = folder / "result.json", folder / "last.pt", recipe(cfg)
     if result is not None:
         print(f"ablation: {name}: kept ({result_path})", flush=True)
         return result
@@ -143,6 +153,8 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise TrainingError(f"--out {out}: cannot make the ablation folder ({error.strerror or error})") from None
+    for name in options:  # every row's folder before any training: a changed recipe found at row 3 had cost two
+        plan_row(base, name, out)
     results = []
     try:
         for name in options:
@@ -157,7 +169,8 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         if results:
             write_tables(base, results, out)
         raise
-    write_tables(base, results, out)
+    if results:  # a stop in the first row leaves an earlier table as it was
+        write_tables(base, results, out)
     return results
 
 
