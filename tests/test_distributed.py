@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,38 @@ def test_an_error_every_process_meets_is_said_once(demo_root, tmp_path):
     assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
     assert "48 training images, fewer than one batch of 60" in result.stderr
     assert result.stdout.count("data check") == 1, result.stdout  # run by the first process alone
+
+
+def test_a_flag_a_folder_or_a_bad_file_under_torchrun_is_one_line_and_leaves_nothing(demo_root, tmp_path):
+    """A refused flag was said once per process; an --out only the first process makes (a file in the way) left the
+    second a gloo traceback; a bad file found by the cache build (--skip-data-check) was said twice and left an
+    empty run folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    masks = data / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    bad = sorted(masks.glob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:120])  # its header reads, its pixels do not
+    (tmp_path / "file").write_text("in the way")
+
+    def torchrun(root, out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "resunet", "train", "--data-root", str(root), "--out", str(out), "--epochs", "1",
+                   "--batch-size", "4", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
+                   "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode != 0
+        assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
+        # torchrun reports its failed process with a traceback of its own, after "failed (exitcode: 2)"
+        ours = result.stderr.split("failed (exitcode")[0]
+        assert "Traceback" not in ours and "[rank" not in result.stderr, result.stderr[-3000:]
+        return result.stderr
+
+    assert "--epochs 0: must be at least 1" in torchrun(demo_root, tmp_path / "a", "--epochs", "0")
+    assert f"--out {tmp_path / 'file' / 'run'}: cannot make the run folder" in torchrun(demo_root,
+                                                                                        tmp_path / "file" / "run")
+    assert f"{bad}" in torchrun(data, tmp_path / "b", "--skip-data-check")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_setup_error_on_another_process_alone_is_printed_by_that_process(monkeypatch):

@@ -748,13 +748,18 @@ def check_settings(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
-    check_types(cfg)
-    if cfg.resume:
-        check_resumed_settings(cfg)
-    check_settings(cfg)
-    check_new_run_folder(cfg)
-    # ---- setup: processes, device, precision --------------------------------------------------------------------
     rank, local_rank, world = distributed_env()
+    try:
+        check_types(cfg)
+        if cfg.resume:
+            check_resumed_settings(cfg)
+        check_settings(cfg)
+        check_new_run_folder(cfg)
+    except SETUP_ERRORS as error:  # before the processes can agree: each met it; the first on each machine says it
+        if local_rank != 0:
+            error.quiet = True
+        raise
+    # ---- setup: processes, device, precision --------------------------------------------------------------------
     cfg = replace(cfg)  # a copy: --time-budget sets its epochs
     budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
     most_epochs = cfg.epochs  # --epochs: what a --time-budget fit may choose at most
@@ -804,6 +809,8 @@ def train(cfg: TrainConfig) -> dict:
     model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
                        attention=cfg.attention).to(device)
     out = Path(cfg.out)
+    made_out = not out.exists()
+    failure = None
     if main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -813,9 +820,10 @@ def train(cfg: TrainConfig) -> dict:
                     (out / name).unlink(missing_ok=True)
                 shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
         except OSError as error:  # a file in the way, a read-only parent
-            raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
+            failure = TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})")
         except DataError as error:
-            raise TrainingError(str(error)) from None
+            failure = TrainingError(str(error))
+    raise_once(failure, world, device, main_process)  # the other processes stop too, quietly
 
     # ---- model ---------------------------------------------------------------------------------------------------
     mean, std = model.normalization
@@ -823,7 +831,15 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
-    loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
+    failure = None
+    try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
+        loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
+    except SETUP_ERRORS as error:
+        failure = error
+    if failure is not None and main_process and made_out:  # a refused run leaves nothing behind
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if still empty
+    raise_once(failure, world, device, main_process)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
