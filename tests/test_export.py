@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import resunet.predict
 from resunet import Predictor, load
 from resunet.cli import main
 from resunet.data.dataset import open_dataset
@@ -466,6 +467,30 @@ def test_window_on_an_image_that_fits_equals_whole_image(predictor):
     predictor.set_inference("none", window=96, stride=64)
     try:
         assert torch.equal(predictor.logits(image), whole)
+    finally:
+        predictor.set_inference("none")
+
+
+def test_window_tiles_go_through_the_network_together(predictor, monkeypatch):
+    """One network call per tile took minutes for a long strip's thousands of tiles (a 500×1 photo at --window 48):
+    they go together now, with the same logits as tile by tile."""
+    image = torch.from_numpy(scene(40, 400)).permute(2, 0, 1)[None]  # working size 64×640: 19 tiles of 64 at 32
+    x = predictor.preprocess(image)
+    by_hand = torch.zeros(1, predictor.info.num_classes, 64, 640)
+    for left in range(0, 640 - 64 + 1, 32):
+        by_hand[..., left:left + 64] += predictor.network(x[..., left:left + 64]).float()
+    by_hand /= torch.tensor([1.0] + [2.0] * 18 + [1.0]).repeat_interleave(32)
+    calls = []
+    network = predictor.network
+    monkeypatch.setattr(predictor, "network", lambda tiles: calls.append(len(tiles)) or network(tiles))
+    predictor.set_inference("none", window=64, stride=32)
+    try:
+        assert torch.allclose(predictor.working_logits(x), by_hand, atol=1e-4)
+        assert calls == [19]
+        calls.clear()
+        monkeypatch.setattr(resunet.predict, "TILE_BATCH_PIXELS", 8 * 64 * 64)  # a bound on each call's pixels
+        assert torch.allclose(predictor.working_logits(x), by_hand, atol=1e-4)
+        assert calls == [8, 8, 3]
     finally:
         predictor.set_inference("none")
 

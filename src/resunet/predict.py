@@ -227,21 +227,27 @@ class Predictor:
             return self.model(x)[..., :height, :width]
 
     def tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """`network` over the whole image, or over overlapping window tiles with logits averaged in the overlaps."""
+        """`network` over the whole image, or over overlapping window tiles with logits averaged in the overlaps.
+        The tiles (all of one size: the last of a row or column is flush with the edge) go through the network
+        together, up to TILE_BATCH_PIXELS at a time: one call per tile took minutes for a long strip's thousands."""
         height, width = x.shape[-2:]
         if self.window is None or (height <= self.window and width <= self.window):
             return self.network(x)
-        tops, lefts = tile_starts(height, self.window, self.stride), tile_starts(width, self.window, self.stride)
+        corners = [(top, left) for top in tile_starts(height, self.window, self.stride)
+                   for left in tile_starts(width, self.window, self.stride)]
+        tile_h, tile_w = min(height, self.window), min(width, self.window)
+        per_call = max(1, TILE_BATCH_PIXELS // (len(x) * tile_h * tile_w))
         total = count = None
-        for top in tops:
-            for left in lefts:
-                tile = x[..., top:top + self.window, left:left + self.window]
-                out = self.network(tile).float()
-                if total is None:
-                    total = out.new_zeros(out.shape[:2] + (height, width))
-                    count = out.new_zeros((1, 1, height, width))
-                total[..., top:top + self.window, left:left + self.window] += out
-                count[..., top:top + self.window, left:left + self.window] += 1
+        for first in range(0, len(corners), per_call):
+            chunk = corners[first:first + per_call]
+            tiles = torch.cat([x[..., top:top + tile_h, left:left + tile_w] for top, left in chunk])
+            outs = self.network(tiles).float().split(len(x))
+            if total is None:
+                total = outs[0].new_zeros(outs[0].shape[:2] + (height, width))
+                count = outs[0].new_zeros((1, 1, height, width))
+            for (top, left), out in zip(chunk, outs):
+                total[..., top:top + tile_h, left:left + tile_w] += out
+                count[..., top:top + tile_h, left:left + tile_w] += 1
         return total / count
 
     @torch.inference_mode()
@@ -508,6 +514,10 @@ def resize_antialiased(images: torch.Tensor, size: tuple[int, int]) -> torch.Ten
                                         mode="bilinear", align_corners=False, antialias=True)
                           for top in range(0, height, rows)], dim=2)
     return F.interpolate(narrowed, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+# Window tiles per network call, in pixels of all of them: a batch of 4 at 512², 455 at 48².
+TILE_BATCH_PIXELS = 2**20
 
 
 def tile_starts(length: int, window: int, stride: int) -> list[int]:
