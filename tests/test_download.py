@@ -152,8 +152,10 @@ def build_voc_tar(work: Path, out: Path) -> Path:
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True)
     for name in VOC_TRAIN + VOC_VAL:
-        _save_jpg(voc / "JPEGImages" / f"{name}.jpg")
         _save_voc_png(voc_mask(name), voc / "SegmentationClass" / f"{name}.png")
+    # The real archive's 17,125 photos include every SBD image, most without a VOC mask: train_aug reads them.
+    for name in sorted(set(VOC_TRAIN + VOC_VAL + SBD_TRAIN + SBD_VAL)):
+        _save_jpg(voc / "JPEGImages" / f"{name}.jpg")
     (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
     (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(VOC_VAL) + "\n")
     return _tar_dir(work, "VOCdevkit", out, "w")
@@ -205,12 +207,18 @@ def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
     assert voc_dir == root / "VOCdevkit" / "VOC2012"
     assert md5_of(root / "VOCtrainval_11-May-2012.tar") == md5
     assert not (root / "VOCtrainval_11-May-2012.tar.part").exists()
-    assert sorted(p.stem for p in (voc_dir / "JPEGImages").iterdir()) == sorted(VOC_TRAIN + VOC_VAL)
+    assert sorted(p.stem for p in (voc_dir / "JPEGImages").iterdir()) == sorted({*VOC_TRAIN, *VOC_VAL, *SBD_TRAIN,
+                                                                                 *SBD_VAL})
     assert (voc_dir / "ImageSets/Segmentation/val.txt").read_text().split() == VOC_VAL
     assert len(server.requests) == 1
     # Idempotent: already extracted, so no request at all.
     assert download_voc2012(root, url=url, md5=md5) == voc_dir
     assert len(server.requests) == 1
+    # --root given the dataset's own folders, as train's --data-root takes them: the same dataset, no download (it
+    # was downloaded again and extracted inside them).
+    assert download_voc2012(voc_dir, url=url, md5=md5) == voc_dir
+    assert download_voc2012(root / "VOCdevkit", url=url, md5=md5) == voc_dir
+    assert len(server.requests) == 1 and not (voc_dir / "VOCdevkit").exists()
 
 
 def test_an_extraction_cut_short_is_redone_from_the_kept_archive(voc_tar, server, tmp_path: Path, monkeypatch,
@@ -506,6 +514,18 @@ def test_a_vocdevkit_linked_to_another_disk_gets_a_way_out(voc_tar, tmp_path: Pa
     with pytest.raises(DownloadError, match=r"VOCdevkit is a link \(to .*big/VOCdevkit\), and extraction does not "
                                             r"write through links; give --root the folder on the other disk instead$"):
         download_voc2012(root, url=url, md5=md5)
+
+
+def test_train_aug_refuses_a_voc_folder_without_its_images(voc_tar, server, tmp_path: Path) -> None:
+    """A VOC-layout folder that is not VOC 2012 trainval at --root: train_aug named images it does not have, and
+    was said ready."""
+    voc_dir, sbd_dir = voc_and_sbd(voc_tar, server, tmp_path)
+    (voc_dir / "JPEGImages" / "2008_000005.jpg").unlink()  # an SBD-only name
+    with pytest.raises(DownloadError, match=f"^{voc_dir}: 1 of the {len(EXPECTED_TRAIN_AUG)} train_aug images are not "
+                                            "in JPEGImages \\(such as 2008_000005.jpg\\); is it VOC 2012 trainval"):
+        make_train_aug(voc_dir, sbd_dir)
+    assert not (voc_dir / "SegmentationClassAug").exists()
+    assert not (voc_dir / "ImageSets" / "Segmentation" / "train_aug.txt").exists()
 
 
 def test_train_aug_from_damaged_or_unwritable_files_is_one_line(voc_tar, server, tmp_path: Path) -> None:

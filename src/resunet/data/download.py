@@ -313,16 +313,28 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
     return folder
 
 
-def download_voc2012(root: Path, url: str = VOC_URL, md5: str | None = VOC_MD5) -> Path:
-    """Download and extract VOC 2012 trainval under ``root``; return ``root/VOCdevkit/VOC2012``."""
+def dataset_root(root: Path) -> Path:
+    """The folder that holds VOCdevkit, also when given VOCdevkit or VOCdevkit/VOC2012 themselves (as train's
+    --data-root takes them): the archive was downloaded again and extracted inside them, VOC2012/VOCdevkit/VOC2012."""
     root = Path(root)
+    if root.name == "VOC2012" and root.parent.name == "VOCdevkit":
+        return root.parent.parent
+    if root.name == "VOCdevkit" and (root / "VOC2012").is_dir():
+        return root.parent
+    return root
+
+
+def download_voc2012(root: Path, url: str = VOC_URL, md5: str | None = VOC_MD5) -> Path:
+    """Download and extract VOC 2012 trainval under ``root`` (see `dataset_root`); return
+    ``root/VOCdevkit/VOC2012``."""
+    root = dataset_root(root)
     return _download_and_extract(root, url, md5, "VOCtrainval_11-May-2012.tar", root / "VOCdevkit" / "VOC2012",
                                  _VOC_REQUIRED, "VOC2012")
 
 
 def download_sbd(root: Path, url: str = SBD_URL, md5: str | None = SBD_MD5) -> Path:
-    """Download and extract SBD under ``root``; return ``root/benchmark_RELEASE/dataset``."""
-    root = Path(root)
+    """Download and extract SBD under ``root`` (see `dataset_root`); return ``root/benchmark_RELEASE/dataset``."""
+    root = dataset_root(root)
     return _download_and_extract(root, url, md5, "benchmark.tgz", root / "benchmark_RELEASE" / "dataset",
                                  _SBD_REQUIRED, "SBD")
 
@@ -372,6 +384,13 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
     voc_val = _read_ids(splits / "val.txt")
     sbd_all = _read_ids(sbd_dir / "train.txt") | _read_ids(sbd_dir / "val.txt")
     names = sorted((sbd_all | voc_train) - voc_val)
+    # Every name's photo, before any mask is written: a VOC-layout folder that is not VOC 2012 trainval (a dataset
+    # of one's own at --root) gave a split of names without images, said ready.
+    missing = [name for name in names if not (voc_dir / "JPEGImages" / f"{name}.jpg").is_file()]
+    if missing:
+        raise DownloadError(f"{voc_dir}: {len(missing)} of the {len(names)} train_aug images are not in JPEGImages "
+                            f"(such as {missing[0]}.jpg); is it VOC 2012 trainval? Give download a --root of its "
+                            "own")
 
     out_dir = voc_dir / "SegmentationClassAug"
     with _writing(out_dir):
