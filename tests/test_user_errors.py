@@ -99,6 +99,23 @@ def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(WeightsUnavailableError, match="other.pth: these weights do not fit the resnet18 encoder"):
         build_encoder("resnet18", tmp_path / "other.pth")
+    (tmp_path / "empty.pth").write_bytes(b"x" * 0)  # it said "(EOFError)"
+    with pytest.raises(WeightsUnavailableError, match=r"empty.pth: not a PyTorch weights file \(an empty file\)$"):
+        build_encoder("resnet18", tmp_path / "empty.pth")
+    # A plain pickle: torch's two-line warning about its protocol came before the line.
+    import pickle
+    import warnings
+
+    (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsUnavailableError, match=r"plain.pth: not a PyTorch weights file \(torch.load: "):
+            build_encoder("resnet18", tmp_path / "plain.pth")
+    # A whole model saved (objects, not tensors): the line says what to save instead.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"model.pth: holds Python objects other than tensors, which "
+                                                      r"are not loaded .*Save its state_dict\(\) instead$"):
+        build_encoder("resnet18", tmp_path / "model.pth")
 
 
 def test_encoder_weights_that_do_not_fit_leave_no_run_folder(demo_root, tmp_path, capsys):

@@ -9,6 +9,8 @@ ResNets come from torchvision (its weights API, so downloads are hash-checked); 
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,9 +126,19 @@ def read_local_weights(path: Path, name: str) -> dict:
     One line saying why not otherwise."""
     check_weights_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's two lines on an unusual pickle protocol, before the one line here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # junk, not a pickle of objects
+            raise WeightsUnavailableError(f"{path}: not a PyTorch weights file (torch.load: UnpicklingError)") from None
+        # weights_only refuses arbitrary objects: a whole model pickled, say
+        raise WeightsUnavailableError(f"{path}: holds Python objects other than tensors, which are not loaded (they "
+                                      "could run code): a whole model saved with torch.save(model)? Save its "
+                                      "state_dict() instead") from None
     except Exception as error:  # torch reports a file it cannot read with many kinds (KeyError, RuntimeError, ...)
-        raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({type(error).__name__})") from None
+        reason = "an empty file" if Path(path).stat().st_size == 0 else f"torch.load: {type(error).__name__}"
+        raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({reason})") from None
     if isinstance(state, dict) and isinstance(state.get("model_config"), dict) and isinstance(state.get("model"), dict):
         return _resunet_encoder_state(state, path, name)
     for key in WRAPPER_KEYS:
