@@ -7,7 +7,7 @@ and returns a scalar.
 - dice: 1 - soft Dice per class over the batch, averaged over the classes present in the targets (weighted by the
   class weights when given).
 - lovasz: the Lovász-softmax loss (Berman et al. 2018), a convex surrogate of the Jaccard index (IoU), averaged over
-  the classes present.
+  the classes present; class weights are not used (the paper's plain average; in ce+lovasz they weight the ce).
 - ohem: cross-entropy over the hardest pixels only: the `ohem_keep` fraction with the highest loss, ranked without
   the class weights (a low-weight class's wrong pixels stay hard), then weighted as ce.
 - ce+dice, ce+lovasz: the sum of the two.
