@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from resunet.checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint
+from resunet.checkpoint import checkpoint_classes, load_checkpoint, model_from_checkpoint, save_checkpoint
 from resunet.data.dataset import open_dataset
 from resunet.evaluate import evaluate_dataset
 from resunet.predict import Predictor
@@ -42,6 +42,15 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
     assert abs(single["miou"] - records[-1]["val_miou"]) < 1e-9
     assert all(abs(a - b) < 1e-9 for a, b in zip(single["iou"], records[-1]["val_iou"]) if a == a)
     assert abs(single["pixel_accuracy"] - records[-1]["val_pixel_accuracy"]) < 1e-9
+
+    # A checkpoint saved inside an epoch by another process count: every process refused it, each in its own line.
+    payload["position"] = {"epoch": 3, "step": 1, "loss_sums": [0.0]}
+    save_checkpoint(payload, tmp_path / "one.pt")
+    resume = [*command[:command.index("train") + 1], "--resume", str(tmp_path / "one.pt"), "--epochs", "3"]
+    result = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
+    assert "saved inside epoch 3 by 1 process(es); resume it with as many" in result.stderr
 
 
 def test_an_error_every_process_meets_is_said_once(demo_root, tmp_path):
@@ -75,6 +84,8 @@ def test_a_flag_a_folder_or_a_bad_file_under_torchrun_is_one_line_and_leaves_not
                    "-m", "resunet", "train", "--data-root", str(root), "--out", str(out), "--epochs", "1",
                    "--batch-size", "4", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
                    "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18", *extra]
+        if "--encoder-weights" in extra:  # weights to start from: not random
+            command.remove("--no-pretrained")
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode != 0
         assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
@@ -84,6 +95,8 @@ def test_a_flag_a_folder_or_a_bad_file_under_torchrun_is_one_line_and_leaves_not
         return result.stderr
 
     assert "--epochs 0: must be at least 1" in torchrun(demo_root, tmp_path / "a", "--epochs", "0")
+    assert "missing.pth: encoder weights file not found" in torchrun(demo_root, tmp_path / "a", "--encoder-weights",
+                                                                     str(tmp_path / "missing.pth"))
     assert f"--out {tmp_path / 'file' / 'run'}: cannot make the run folder" in torchrun(demo_root,
                                                                                         tmp_path / "file" / "run")
     assert f"{bad}" in torchrun(data, tmp_path / "b", "--skip-data-check")
@@ -158,7 +171,7 @@ def test_torchrun_passing_on_the_signal_is_not_a_second_one(monkeypatch):
     import resunet.train as train_module
 
     clock = [100.0]
-    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(train_module.StopSignal, "clock", staticmethod(lambda: clock[0]))
     stop = train_module.StopSignal(announce=False, repeat_s=10.0)
     stop.handle(signal.SIGINT, None)
     clock[0] += 0.5

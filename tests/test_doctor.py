@@ -533,3 +533,24 @@ def test_a_folder_that_cannot_be_read_is_one_line_for_check_data_and_train(tmp_p
                  "--batch-size", "2", "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir",
                  str(tmp_path / "cache"), "--encoder", "resnet18"]) == 2
     assert capsys.readouterr().err == f"resunet train: error: {said}"
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_is_refused_on_a_bad_file(tmp_path, capsys):
+    """--overwrite removed the earlier run's files before the cache build found a bad mask (--skip-data-check): the
+    new run was refused and the old one gone."""
+    import shutil
+
+    root = clean_dataset(tmp_path / "data", train=4, val=2)
+    args = ["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--size", "32", "--batch-size", "2",
+            "--no-pretrained", "--workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--encoder", "resnet18"]
+    assert main([*args, "--data-root", str(root)]) == 0
+    kept = (tmp_path / "run" / "last.pt").read_bytes()
+    bad = shutil.copytree(root, tmp_path / "bad")
+    mask = bad / "train" / "masks" / "good_0.png"
+    mask.write_bytes(mask.read_bytes()[:60])  # its header reads, its pixels do not
+    capsys.readouterr()
+    assert main([*args, "--data-root", str(bad), "--overwrite", "--skip-data-check"]) == 2
+    assert "good_0.png" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == kept
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl"}

@@ -54,12 +54,12 @@ from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
-from .model.encoders import ENCODERS, check_weights_file
+from .model.encoders import ENCODERS, WeightsUnavailableError, check_weights_file
 from .model.unet import ResNetUNet
 from .outputs import check_output_folder, replace_text
 from .predict import Predictor
-from .runtime import (autocast, describe_device, distributed_env, precision_name, resolve_device, resolve_precision,
-                      use_channels_last)
+from .runtime import (DeviceError, autocast, describe_device, distributed_env, precision_name, resolve_device,
+                      resolve_precision, use_channels_last)
 from .tensorboard_log import TensorBoardLog, TensorBoardUnavailable
 from .visualize import plot_curves
 
@@ -122,7 +122,7 @@ class SaidElsewhere(TrainingError):
     quiet = True
 
 
-SETUP_ERRORS = (DataError, TrainingError, CheckpointError)
+SETUP_ERRORS = (DataError, TrainingError, CheckpointError, WeightsUnavailableError, DeviceError)
 
 
 def raise_once(failure: Exception | None, world: int, device: torch.device, main_process: bool) -> None:
@@ -423,6 +423,7 @@ class StopSignal:
     they also got from the process group, and taken as a second signal it stopped them at once, without the save."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, announce: bool = True, repeat_s: float = 0.0) -> None:
         self.name: str | None = None
@@ -443,10 +444,10 @@ class StopSignal:
     def handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.name is not None:
-            if name == self.name and time.monotonic() - self.received_at < self.repeat_s:
+            if name == self.name and self.clock() - self.received_at < self.repeat_s:
                 return
             raise KeyboardInterrupt
-        self.name, self.received_at = name, time.monotonic()
+        self.name, self.received_at = name, self.clock()
         if self.announce:
             again = f"again after {self.repeat_s:.0f}s" if self.repeat_s else "again"
             print(f"{self.name}: finishing the current step, then saving last.pt ({again} to stop at once)",
@@ -755,18 +756,18 @@ def train(cfg: TrainConfig) -> dict:
             check_resumed_settings(cfg)
         check_settings(cfg)
         check_new_run_folder(cfg)
+        budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
+        device = resolve_device(cfg.device)
     except SETUP_ERRORS as error:  # before the processes can agree: each met it; the first on each machine says it
         if local_rank != 0:
             error.quiet = True
         raise
     # ---- setup: processes, device, precision --------------------------------------------------------------------
     cfg = replace(cfg)  # a copy: --time-budget sets its epochs
-    budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
     most_epochs = cfg.epochs  # --epochs: what a --time-budget fit may choose at most
     setup_started = time.perf_counter()
     save_every_steps, save_every_s = checkpoint_interval(cfg.checkpoint_every)
     tune_cpu_allocator()
-    device = resolve_device(cfg.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -806,19 +807,19 @@ def train(cfg: TrainConfig) -> dict:
     # Built before the run folder is made, so weights that cannot be had or do not fit leave nothing behind. A
     # resumed run's weights come from its checkpoint: the encoder's start file is not read again (it may be gone).
     weights = None if cfg.resume else cfg.encoder_weights or ("imagenet" if cfg.pretrained else None)
-    model = ResNetUNet(info.num_classes, cfg.encoder, weights, decoder_channels=decoder_widths(cfg.decoder_channels),
-                       attention=cfg.attention).to(device)
+    failure = model = None
+    try:
+        model = ResNetUNet(info.num_classes, cfg.encoder, weights,
+                           decoder_channels=decoder_widths(cfg.decoder_channels), attention=cfg.attention).to(device)
+    except SETUP_ERRORS as error:  # weights that cannot be had or do not fit: every process, said once
+        failure = error
+    raise_once(failure, world, device, main_process)
     out = Path(cfg.out)
     made_out = not out.exists()
-    failure = None
     if main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
             check_output_folder("--out", out)  # a folder it cannot write in: found now, not after the first epoch
-            if cfg.overwrite:  # the earlier run's files go only now that this one's data and model are ready
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-                shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
         except OSError as error:  # a file in the way, a read-only parent
             failure = TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})")
         except DataError as error:
@@ -840,6 +841,10 @@ def train(cfg: TrainConfig) -> dict:
         with contextlib.suppress(OSError):
             out.rmdir()  # only if still empty
     raise_once(failure, world, device, main_process)
+    if cfg.overwrite and main_process:  # the earlier run's files go only now that this one's data and model are ready
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -847,42 +852,52 @@ def train(cfg: TrainConfig) -> dict:
     criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     start_epoch, best_miou, position = 1, -1.0, None
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume)
-        if not {"optimizer", "scheduler", "train_config"} <= state.keys():
-            raise CheckpointError(f"{cfg.resume}: holds no training state (optimiser, schedule); resume from a "
-                                  "run's last.pt")
-        try:
-            model.load_state_dict(state.get("training_model", state["model"]))  # with --ema, "model" is the average
+    failure = None
+    try:  # a checkpoint that does not fit: every process meets it, and it is said once
+        if cfg.resume:
+            state = load_checkpoint(cfg.resume)
+            if not {"optimizer", "scheduler", "train_config"} <= state.keys():
+                raise CheckpointError(f"{cfg.resume}: holds no training state (optimiser, schedule); resume from a "
+                                      "run's last.pt")
+            try:
+                model.load_state_dict(state.get("training_model", state["model"]))  # with --ema, "model" is the average
+                if average is not None:
+                    average.module.load_state_dict(state["model"])
+            except RuntimeError as error:  # another class count (classes.json changed) or other architecture flags
+                detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+                raise CheckpointError(f"{cfg.resume}: its weights do not fit the model this run builds from "
+                                      f"{cfg.data_root} ({detail})") from None
             if average is not None:
-                average.module.load_state_dict(state["model"])
-        except RuntimeError as error:  # another class count (classes.json changed) or other architecture flags
-            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-            raise CheckpointError(f"{cfg.resume}: its weights do not fit the model this run builds from "
-                                  f"{cfg.data_root} ({detail})") from None
-        if average is not None:
-            average.updates = state["ema_updates"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stored_lr = state["train_config"]["lr"]
-        if cfg.lr != stored_lr:  # `--resume ... --lr`: the way out of a diverged run
-            scale_learning_rate(optimizer, scheduler, cfg.lr / stored_lr)
-            if main_process:
-                print(f"resunet: learning rate {stored_lr:g} → {cfg.lr:g} from here on (the schedule scaled with it)",
-                      flush=True)
-        if state["scaler"]:  # empty from a run without fp16: a run resumed where "auto" means fp16 starts its scale
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
-        position = state.get("position")  # saved inside an epoch: continue at that step
-        if position is not None and len(position["loss_sums"]) != world:
-            raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
-                                f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
-                                f"share of the data depends on the count), or from an epoch's end")
+                average.updates = state["ema_updates"]
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            stored_lr = state["train_config"]["lr"]
+            if cfg.lr != stored_lr:  # `--resume ... --lr`: the way out of a diverged run
+                scale_learning_rate(optimizer, scheduler, cfg.lr / stored_lr)
+                if main_process:
+                    print(f"resunet: learning rate {stored_lr:g} → {cfg.lr:g} from here on (the schedule scaled "
+                          "with it)", flush=True)
+            if state["scaler"]:  # empty from a run without fp16: a run resumed where "auto" means fp16 starts its scale
+                scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"])
+            start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+            position = state.get("position")  # saved inside an epoch: continue at that step
+            if position is not None and len(position["loss_sums"]) != world:
+                raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
+                                    f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
+                                    f"share of the data depends on the count), or from an epoch's end")
+    except SETUP_ERRORS as error:
+        failure = error
+    raise_once(failure, world, device, main_process)
     data_now = {"train": data_signature(train_set, cfg.data_root), "val": data_signature(val_set, cfg.data_root)}
     if cfg.resume:
-        check_same_classes(cfg.resume, state, info, cfg.data_root)
-        check_not_behind(cfg.resume, state, out)
+        failure = None
+        try:
+            check_same_classes(cfg.resume, state, info, cfg.data_root)
+            check_not_behind(cfg.resume, state, out)
+        except SETUP_ERRORS as error:
+            failure = error
+        raise_once(failure, world, device, main_process)
         changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
         if changed and main_process:
             was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}"
@@ -918,12 +933,13 @@ def train(cfg: TrainConfig) -> dict:
                           channels_last=channels_last)
     steps_per_epoch = len(loader)
     global_step = (start_epoch - 1) * steps_per_epoch + (position["step"] if position else 0)
-    board = None
+    board = failure = None
     if cfg.tensorboard and main_process:
         try:
             board = TensorBoardLog(out / "tensorboard", global_step)
         except TensorBoardUnavailable as error:
-            raise TrainingError(str(error)) from None
+            failure = TrainingError(str(error))
+    raise_once(failure, world, device, main_process)  # the first process alone writes: the others stop quietly
     if main_process:
         where = f" (epoch {start_epoch} from step {position['step']}/{steps_per_epoch})" if position else ""
         origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
@@ -1126,7 +1142,8 @@ def train(cfg: TrainConfig) -> dict:
                 # --calibrate, after the last epoch: a pass over val for the fit and one for the ECE after it, each
                 # about as long as an evaluation (they overran the budget by that much when left out)
                 calibration_s = 2 * eval_s if cfg.calibrate else 0.0
-                fitted = epochs_within(budget_s, time.perf_counter() - setup_started,
+                # The clock counts the re-save that follows a changed count too (as long as epoch 1's saves).
+                fitted = epochs_within(budget_s, time.perf_counter() - setup_started + bookkeeping_seconds[-1],
                                        steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs,
                                        after_s=calibration_s)
                 fitted = broadcast_int(fitted, world, device)
@@ -1172,7 +1189,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"done: {epoch_span(start_epoch, cfg.epochs)} in {(time.perf_counter() - run_started) / 60:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
-        with stop:  # a late copy of the signal that stopped the run (torchrun's) is not a second one here either
+        # A late copy of the signal that stopped the run (torchrun's) is not a second one here either.
+        with stop if stop.name is not None else contextlib.nullcontext():
             dist.barrier()
             dist.destroy_process_group()
     return {"best_miou": best_miou, "last": records[-1] if records else None, "out": str(out),
