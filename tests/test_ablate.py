@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -62,6 +63,12 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     assert again == results and (out / "baseline" / "last.pt").stat().st_mtime_ns == stamp
     # The same data named by a relative path is the same recipe (train stores it absolute in last.pt).
     assert run_ablation(replace(base, data_root=os.path.relpath(demo_root)), options, out) == results
+    # A new row stopped between finished ones: the table keeps the finished rows after it (it held the first alone).
+    with monkeypatch.context() as patched:
+        patched.setattr(resunet.ablate, "train", lambda cfg: {"stopped_by": "SIGTERM"})
+        assert run_ablation(base, ["baseline", "ema 0.999", "loss focal"], out) == results[:1]
+    assert [r["option"] for r in json.loads((out / "ablation.json").read_text())["rows"]] == options
+    shutil.rmtree(out / "ema-0.999", ignore_errors=True)
     # A row stopped before scoring continues from its last.pt (here already at the budget: scored, not retrained).
     # Its final weights are scored: last.pt (best.pt may hold epoch 1 under --time-budget).
     (out / "loss-focal" / "result.json").unlink()

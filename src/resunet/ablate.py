@@ -156,6 +156,12 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     for name in options:  # every row's folder before any training: a changed recipe found at row 3 had cost two
         plan_row(base, name, out)
     results = []
+
+    def finished(rows: list[dict]) -> list[dict]:
+        """The rows done, and those after the stopped or failed one that an earlier run finished: a table of
+        fewer rows replaced a fuller one."""
+        return rows + [result for name in options[len(rows) + 1:] if (result := plan_row(base, name, out)[1])]
+
     try:
         for name in options:
             result = run_row(base, name, out)
@@ -166,11 +172,11 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
                 break
             results.append(result)
     except BaseException:  # a row that fails (a diverged loss, a full disk): the finished rows' table is still due
-        if results:
-            write_tables(base, results, out)
+        if rows := finished(results):
+            write_tables(base, rows, out)
         raise
-    if results:  # a stop in the first row leaves an earlier table as it was
-        write_tables(base, results, out)
+    if rows := finished(results):  # a stop in the first row with no row finished leaves an earlier table
+        write_tables(base, rows, out)
     return results
 
 
