@@ -218,6 +218,14 @@ def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
     # was downloaded again and extracted inside them).
     assert download_voc2012(voc_dir, url=url, md5=md5) == voc_dir
     assert download_voc2012(root / "VOCdevkit", url=url, md5=md5) == voc_dir
+    cwd = os.getcwd()
+    try:  # given relative, from inside them
+        os.chdir(voc_dir)
+        assert download_voc2012(Path("."), url=url, md5=md5).resolve() == voc_dir.resolve()
+        os.chdir(root / "VOCdevkit")
+        assert download_voc2012(Path("VOC2012"), url=url, md5=md5).resolve() == voc_dir.resolve()
+    finally:
+        os.chdir(cwd)
     assert len(server.requests) == 1 and not (voc_dir / "VOCdevkit").exists()
 
 

@@ -316,12 +316,12 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
 def dataset_root(root: Path) -> Path:
     """The folder that holds VOCdevkit, also when given VOCdevkit or VOCdevkit/VOC2012 themselves (as train's
     --data-root takes them): the archive was downloaded again and extracted inside them, VOC2012/VOCdevkit/VOC2012."""
-    root = Path(root)
-    if root.name == "VOC2012" and root.parent.name == "VOCdevkit":
-        return root.parent.parent
-    if root.name == "VOCdevkit" and (root / "VOC2012").is_dir():
-        return root.parent
-    return root
+    full = Path(os.path.abspath(root))  # `--root .` inside VOC2012, `--root VOC2012` inside VOCdevkit
+    if full.name == "VOC2012" and full.parent.name == "VOCdevkit":
+        return full.parent.parent
+    if full.name == "VOCdevkit" and (full / "VOC2012").is_dir():
+        return full.parent
+    return Path(root)
 
 
 def download_voc2012(root: Path, url: str = VOC_URL, md5: str | None = VOC_MD5) -> Path:
