@@ -113,9 +113,32 @@ def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
             build_encoder("resnet18", tmp_path / "plain.pth")
     # A whole model saved (objects, not tensors): the line says what to save instead.
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
-    with pytest.raises(WeightsUnavailableError, match=r"model.pth: holds Python objects other than tensors, which "
-                                                      r"are not loaded .*Save its state_dict\(\) instead$"):
+    with pytest.raises(WeightsUnavailableError, match=r"model.pth: holds Python objects other than tensors \(torch"
+                                                      r".nn.modules.linear.Linear\), which are not loaded .*Save its "
+                                                      r"state_dict\(\) instead$"):
         build_encoder("resnet18", tmp_path / "model.pth")
+
+
+def test_encoder_weights_from_training_scripts_with_their_args_load(tmp_path):
+    """torchvision's references save {"model": ..., "args": argparse.Namespace}, timm's train.py {"state_dict": ...,
+    "args": ..., "metric": numpy float}: torch.load's weights_only refused them, and the README says they load."""
+    import argparse
+
+    import numpy as np
+
+    from resunet.model.encoders import build_encoder
+
+    import torchvision
+
+    weights = {key: torch.randn_like(value) if value.is_floating_point() else value
+               for key, value in torchvision.models.resnet18().state_dict().items()}
+    torch.save({"model": weights, "args": argparse.Namespace(lr=0.1, model="resnet18"), "epoch": 89},
+               tmp_path / "torchvision.pth")
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=0.1), "metric": np.float64(71.5)},
+               tmp_path / "timm.pth")
+    for name in ("torchvision.pth", "timm.pth"):
+        encoder = build_encoder("resnet18", tmp_path / name)
+        assert torch.equal(encoder.state_dict()["stem.0.weight"], weights["conv1.weight"]), name
 
 
 def test_encoder_weights_that_do_not_fit_leave_no_run_folder(demo_root, tmp_path, capsys):

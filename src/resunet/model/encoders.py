@@ -10,6 +10,7 @@ ResNets come from torchvision (its weights API, so downloads are hash-checked); 
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -120,22 +121,39 @@ def check_weights_file(path: str | Path) -> None:
         raise WeightsUnavailableError(f"{path}: encoder weights file not found")
 
 
+def training_script_globals() -> list:
+    """What training scripts save beside the weights, which torch.load's weights_only refuses by default but cannot
+    run code: torchvision's references and timm's train.py keep their argparse.Namespace as "args", timm its metric
+    as a numpy scalar."""
+    import argparse
+
+    import numpy as np
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtypes = getattr(np, "dtypes", None)
+    return [argparse.Namespace, scalar, np.dtype,
+            *(getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType"))]
+
+
 def read_local_weights(path: Path, name: str) -> dict:
     """--encoder-weights PATH as a state dict for the `name` encoder's network, unwrapped: a training script's
     {"state_dict": ...} or {"model": ...}, DataParallel's "module." prefix, or the encoder of a resunet checkpoint.
     One line saying why not otherwise."""
     check_weights_file(path)
     try:
-        with warnings.catch_warnings():  # torch's two lines on an unusual pickle protocol, before the one line here
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(training_script_globals()):
+            warnings.simplefilter("ignore", UserWarning)  # torch's two lines on a pickle's protocol, before ours
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # junk, not a pickle of objects
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused is None:  # junk, not a pickle of objects
             raise WeightsUnavailableError(f"{path}: not a PyTorch weights file (torch.load: UnpicklingError)") from None
         # weights_only refuses arbitrary objects: a whole model pickled, say
-        raise WeightsUnavailableError(f"{path}: holds Python objects other than tensors, which are not loaded (they "
-                                      "could run code): a whole model saved with torch.save(model)? Save its "
-                                      "state_dict() instead") from None
+        raise WeightsUnavailableError(f"{path}: holds Python objects other than tensors ({refused.group(1)}), which "
+                                      "are not loaded (they could run code): a whole model saved with "
+                                      "torch.save(model)? Save its state_dict() instead") from None
     except Exception as error:  # torch reports a file it cannot read with many kinds (KeyError, RuntimeError, ...)
         reason = "an empty file" if Path(path).stat().st_size == 0 else f"torch.load: {type(error).__name__}"
         raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({reason})") from None
