@@ -37,6 +37,46 @@ def test_temperature_fit_recovers_a_known_overconfidence():
     assert fit_temperature(true_logits, true_logits.argmax(1)) == 0.01
 
 
+def test_the_fit_weighs_every_pixel_once_not_every_image():
+    """Each image gives the fit at most PIXELS_PER_IMAGE pixels: a small image's weighed as much as a large one's
+    whole. Weighted by the pixels each stands for, the fit is the one over every pixel (as the ECE is)."""
+    from types import SimpleNamespace
+
+    import resunet.calibration as calibration
+    from resunet.data.classes import VOC_INFO
+
+    generator = torch.Generator().manual_seed(0)
+    # A large image whose logits are 3× too sharp and a smaller one whose logits are right: 160,000 and 22,500
+    # pixels, 20,000 of each fitted.
+    sizes, sharpness = [(400, 400), (150, 150)], [3.0, 1.0]
+    truth = {size: 2 * torch.randn(1, 21, *size, generator=generator) for size in sizes}
+    labels = {size: torch.multinomial(truth[size][0].flatten(1).T.softmax(1), 1, generator=generator)[:, 0]
+              .reshape(size) for size in sizes}
+
+    class Split:
+        info = VOC_INFO
+
+        def __len__(self):
+            return 2
+
+        def load(self, index):
+            return SimpleNamespace(image=np.zeros((*sizes[index], 3), np.uint8),
+                                   mask=labels[sizes[index]].numpy().astype(np.uint8))
+
+    class Stub:
+        def logits(self, image):
+            size = tuple(image.shape[-2:])
+            return truth[size] * sharpness[sizes.index(size)]
+
+    logits, picked, weights, _ = calibration.collect(Stub(), Split())
+    assert sorted(set(weights.tolist())) == [22_500 / 20_000, 8.0]
+    every_pixel = calibration.fit_temperature(
+        torch.cat([(truth[size] * k)[0].flatten(1).T for size, k in zip(sizes, sharpness)]),
+        torch.cat([labels[size].reshape(-1) for size in sizes]))
+    assert calibration.fit_temperature(logits, picked, weights) == pytest.approx(every_pixel, rel=0.02)
+    assert calibration.fit_temperature(logits, picked) < 0.9 * every_pixel  # image by image
+
+
 def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_run, demo_root, ram_tmp, capsys):
     from resunet.cli import main
     from resunet.evaluate import run_evaluate
@@ -89,7 +129,7 @@ def test_a_temperature_at_its_bound_is_explained(trained_run, demo_root, ram_tmp
 
     checkpoint = ram_tmp / "bounded.pt"
     shutil.copy(trained_run / "best.pt", checkpoint)
-    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels: 100.0)  # as for chance
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 100.0)  # as for chance
     assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     assert load_checkpoint(checkpoint)["temperature"] == 100.0

@@ -30,11 +30,14 @@ PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid p
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 
 
-def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def collect(predictor: Predictor, dataset: PairedDataset,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One pass over the split: logits P×C and labels P of up to PIXELS_PER_IMAGE random valid pixels of every
-    image (for the fit), and the expected calibration error of the uncalibrated probabilities over every pixel."""
+    image, and each one's weight P (the valid pixels it stands for: the fit is over every pixel, as the ECE is, not
+    image by image, where a small image weighed as much as a large one), for the fit; and the expected calibration
+    error of the uncalibrated probabilities over every pixel."""
     generator = torch.Generator().manual_seed(seed)
-    logits, labels = [], []
+    logits, labels, weights = [], [], []
     ignore = dataset.info.ignore_index
     meter = CalibrationError(ignore)
     for index in range(len(dataset)):
@@ -48,21 +51,24 @@ def collect(predictor: Predictor, dataset: PairedDataset, seed: int = 0) -> tupl
         picked = valid[torch.randperm(len(valid), generator=generator)[:PIXELS_PER_IMAGE]]
         logits.append(flat[picked.to(flat.device)].float().cpu())
         labels.append(target[picked])
+        weights.append(torch.full((len(picked),), len(valid) / max(1, len(picked)), dtype=torch.float64))
     if sum(len(picked) for picked in labels) == 0:  # nothing to fit: the stored temperature must stay as it is
         raise DataError(f"{dataset.description}: no labelled pixels in {len(dataset)} image(s) (all are the ignore "
                         f"label {ignore}); nothing to fit, the checkpoint is unchanged")
-    return torch.cat(logits), torch.cat(labels), meter.compute()
+    return torch.cat(logits), torch.cat(labels), torch.cat(weights), meter.compute()
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T in TEMPERATURE_BOUNDS minimising the mean NLL of softmax(logits / T) (L-BFGS on log T)."""
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """The T in TEMPERATURE_BOUNDS minimising the mean NLL of softmax(logits / T), each pixel weighted by `weights`
+    if given (L-BFGS on log T)."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     logits = logits.double()
+    weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = (F.cross_entropy(logits / log_t.exp(), labels, reduction="none") * weights).sum() / weights.sum()
         loss.backward()
         return loss
 
@@ -94,8 +100,8 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after"}."""
     stored, predictor.temperature = predictor.temperature, 1.0
-    logits, labels, before = collect(predictor, dataset)
-    temperature = fit_temperature(logits, labels)
+    logits, labels, weights, before = collect(predictor, dataset)
+    temperature = fit_temperature(logits, labels, weights)
     predictor.temperature = temperature
     meter = CalibrationError(dataset.info.ignore_index)
     evaluate_dataset(predictor, dataset, workers=0, progress=False, calibration=meter)  # `evaluate`'s own ECE
