@@ -137,6 +137,18 @@ def raise_once(failure: Exception | None, world: int, device: torch.device, main
     raise SaidElsewhere(str(failure) if failure is not None else "another process failed; see its line")
 
 
+@contextlib.contextmanager
+def said_once(world: int, device: torch.device, main_process: bool):
+    """A setup step every process runs (or the first alone, the others passing through): a SETUP_ERRORS failure in
+    it, on any process, stops them all, said once (`raise_once`). A collective: every process must enter it."""
+    failure = None
+    try:
+        yield
+    except SETUP_ERRORS as error:
+        failure = error
+    raise_once(failure, world, device, main_process)
+
+
 def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
     """`resunet check-data` on the train and val splits: errors stop the run before anything is built or written,
     warnings are printed. The report is cached beside the decoded images, keyed by the files' sizes and times
@@ -781,17 +793,12 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     if not cfg.skip_data_check:  # on the first process alone; the others wait for its verdict
-        failure = None
-        if main_process:
-            try:
+        with said_once(world, device, main_process):
+            if main_process:
                 check_cache_first(cfg)
                 check_data_first(cfg, verbose=True)
-            except SETUP_ERRORS as error:
-                failure = error
-        raise_once(failure, world, device, main_process)
     # ---- data, checked before the run folder is made: a refused run leaves nothing behind ------------------------
-    failure = None
-    try:
+    with said_once(world, device, main_process):
         train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         info = train_set.info
@@ -801,30 +808,23 @@ def train(cfg: TrainConfig) -> dict:
         data_path = choose_data_path(cfg, train_set)
         if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run began
             check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    except SETUP_ERRORS as error:
-        failure = error
-    raise_once(failure, world, device, main_process)
     # Built before the run folder is made, so weights that cannot be had or do not fit leave nothing behind. A
     # resumed run's weights come from its checkpoint: the encoder's start file is not read again (it may be gone).
     weights = None if cfg.resume else cfg.encoder_weights or ("imagenet" if cfg.pretrained else None)
-    failure = model = None
-    try:
+    with said_once(world, device, main_process):  # weights that cannot be had or do not fit
         model = ResNetUNet(info.num_classes, cfg.encoder, weights,
                            decoder_channels=decoder_widths(cfg.decoder_channels), attention=cfg.attention).to(device)
-    except SETUP_ERRORS as error:  # weights that cannot be had or do not fit: every process, said once
-        failure = error
-    raise_once(failure, world, device, main_process)
     out = Path(cfg.out)
     made_out = not out.exists()
-    if main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            check_output_folder("--out", out)  # a folder it cannot write in: found now, not after the first epoch
-        except OSError as error:  # a file in the way, a read-only parent
-            failure = TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})")
-        except DataError as error:
-            failure = TrainingError(str(error))
-    raise_once(failure, world, device, main_process)  # the other processes stop too, quietly
+    with said_once(world, device, main_process):  # made by the first process: the others stop too, quietly
+        if main_process:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                check_output_folder("--out", out)  # a folder it cannot write in: found now, not after an epoch
+            except OSError as error:  # a file in the way, a read-only parent
+                raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
+            except DataError as error:
+                raise TrainingError(str(error)) from None
 
     # ---- model ---------------------------------------------------------------------------------------------------
     mean, std = model.normalization
@@ -832,15 +832,14 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
-    failure = None
-    try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
-        loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
-    except SETUP_ERRORS as error:
-        failure = error
-    if failure is not None and main_process and made_out:  # a refused run leaves nothing behind
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if still empty
-    raise_once(failure, world, device, main_process)
+    with said_once(world, device, main_process):
+        try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
+            loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
+        except SETUP_ERRORS:
+            if main_process and made_out:  # a refused run leaves nothing behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if still empty
+            raise
     if cfg.overwrite and main_process:  # the earlier run's files go only now that this one's data and model are ready
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -852,8 +851,7 @@ def train(cfg: TrainConfig) -> dict:
     criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     start_epoch, best_miou, position = 1, -1.0, None
-    failure = None
-    try:  # a checkpoint that does not fit: every process meets it, and it is said once
+    with said_once(world, device, main_process):  # a checkpoint that does not fit: every process meets it
         if cfg.resume:
             state = load_checkpoint(cfg.resume)
             if not {"optimizer", "scheduler", "train_config"} <= state.keys():
@@ -886,18 +884,11 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
                                     f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
                                     f"share of the data depends on the count), or from an epoch's end")
-    except SETUP_ERRORS as error:
-        failure = error
-    raise_once(failure, world, device, main_process)
     data_now = {"train": data_signature(train_set, cfg.data_root), "val": data_signature(val_set, cfg.data_root)}
     if cfg.resume:
-        failure = None
-        try:
+        with said_once(world, device, main_process):
             check_same_classes(cfg.resume, state, info, cfg.data_root)
             check_not_behind(cfg.resume, state, out)
-        except SETUP_ERRORS as error:
-            failure = error
-        raise_once(failure, world, device, main_process)
         changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
         if changed and main_process:
             was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}"
@@ -933,13 +924,13 @@ def train(cfg: TrainConfig) -> dict:
                           channels_last=channels_last)
     steps_per_epoch = len(loader)
     global_step = (start_epoch - 1) * steps_per_epoch + (position["step"] if position else 0)
-    board = failure = None
-    if cfg.tensorboard and main_process:
-        try:
-            board = TensorBoardLog(out / "tensorboard", global_step)
-        except TensorBoardUnavailable as error:
-            failure = TrainingError(str(error))
-    raise_once(failure, world, device, main_process)  # the first process alone writes: the others stop quietly
+    board = None
+    with said_once(world, device, main_process):  # the first process alone writes: the others stop quietly
+        if cfg.tensorboard and main_process:
+            try:
+                board = TensorBoardLog(out / "tensorboard", global_step)
+            except TensorBoardUnavailable as error:
+                raise TrainingError(str(error)) from None
     if main_process:
         where = f" (epoch {start_epoch} from step {position['step']}/{steps_per_epoch})" if position else ""
         origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
