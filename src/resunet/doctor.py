@@ -27,8 +27,8 @@ from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import find_split_dir, folder_classes, pairing_name
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
-                          DataError, ImageTooLargeError, index_mask, list_images, nested_images, opened, read_image,
-                          rgb_mask_hint)
+                          DataError, ImageTooLargeError, index_mask, list_images, looked_at, nested_images, opened,
+                          read_image, rgb_mask_hint)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
@@ -524,9 +524,9 @@ def report_key(listing: Listing, settings: str) -> str | None:
     digest = hashlib.sha256(f"{REPORT_FORMAT}:{settings}:{json.dumps(listing.info.to_dict())}".encode())
     try:
         for path in listing.files:
-            stat = path.stat()
-            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
-    except (OSError, RuntimeError):  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
+            stat, real = looked_at(path)
+            digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
+    except DataError:
         return None
     return digest.hexdigest()[:20]
 

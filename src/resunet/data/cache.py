@@ -32,7 +32,7 @@ except ImportError:  # Windows: no locks (nor can a file mapped there be removed
     fcntl = None
 
 from .dataset import PairedDataset
-from .images import DataError, image_size
+from .images import DataError, image_size, looked_at
 from .transforms import augment_batch
 
 # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel; 3: masks read since negative values in
@@ -61,21 +61,13 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def looked_at(path: Path) -> tuple[os.stat_result, Path]:
-    """A listed file's stat and real path; DataError naming it when it has none (a symlink loop, a dangling link,
-    a folder without permission)."""
-    try:
-        return path.stat(), path.resolve()
-    except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise DataError(f"{path}: cannot be read ({reason})") from None
-
 
 def cache_identity(dataset: PairedDataset, short_side: int) -> str:
     """What a cache is a copy of, whatever the files hold: these files (by their real paths) read with these classes,
     at this size. A newer cache of the same identity makes an older one stale: a file edited, a format bump."""
     classes = json.dumps(dataset.info.to_dict(), sort_keys=True)  # flags or a classes.json: another reading
-    paths = "\n".join(str(looked_at(path)[1]) for path in dataset.image_paths + dataset.mask_paths)
+    # cache_key has looked at every file already (a loop or a dangling link is refused there)
+    paths = "\n".join(str(path.resolve()) for path in dataset.image_paths + dataset.mask_paths)
     return hashlib.sha256(f"{short_side}\n{classes}\n{paths}".encode()).hexdigest()[:20]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import threading
@@ -270,6 +271,16 @@ def image_name(path: Path) -> bool:
     """Whether a file is taken for an image by its name: an image suffix, and not hidden (a copy from a Mac to exFAT,
     FAT or SMB leaves a `._name.jpg`, AppleDouble metadata, beside each file)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def looked_at(path: Path) -> tuple[os.stat_result, Path]:
+    """A listed file's stat and real path; DataError naming it when it has none (a symlink loop, a dangling link,
+    a folder without permission)."""
+    try:
+        return path.stat(), path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise DataError(f"{path}: cannot be read ({reason})") from None
 
 
 def list_images(folder: Path) -> list[Path]:
