@@ -71,10 +71,9 @@ def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict
     return cfg, result
 
 
-def run_row(base: TrainConfig, name: str, out: Path) -> dict | None:
-    """Train (or resume, or keep) one row and score its final weights (last.pt: under --time-budget epoch 1 is
-    evaluated too, and best.pt may hold it); None if a signal stopped it."""
-    cfg, result = plan_row(base, name, out)
+def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
+    """Train (or resume, or keep) one row as `plan_row` planned it and score its final weights (last.pt: under
+    --time-budget epoch 1 is evaluated too, and best.pt may hold it); None if a signal stopped it."""
     folder = Path(cfg.out)
     result_path, last, wanted = folder / "result.json", folder / "last.pt", recipe(cfg)
     if result is not None:
@@ -153,18 +152,19 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise TrainingError(f"--out {out}: cannot make the ablation folder ({error.strerror or error})") from None
-    for name in options:  # every row's folder before any training: a changed recipe found at row 3 had cost two
-        plan_row(base, name, out)
+    # Every row's folder before any training (a changed recipe found at row 3 had cost two); training a row
+    # touches no other row's folder, so the plans hold until each row's turn.
+    plans = [plan_row(base, name, out) for name in options]
     results = []
 
     def finished(rows: list[dict]) -> list[dict]:
         """The rows done, and those after the stopped or failed one that an earlier run finished: a table of
         fewer rows replaced a fuller one."""
-        return rows + [result for name in options[len(rows) + 1:] if (result := plan_row(base, name, out)[1])]
+        return rows + [result for _, result in plans[len(rows) + 1:] if result is not None]
 
     try:
-        for name in options:
-            result = run_row(base, name, out)
+        for name, (cfg, kept) in zip(options, plans):
+            result = run_row(name, cfg, kept)
             if result is None:
                 print(f"ablation: stopped in row {name!r}; run the same command again to continue it and the rows "
                       "after it (the `resunet train --resume` above would continue this row alone, with no table)",
