@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from resunet import load
-from resunet.data.dataset import open_dataset
+from resunet.data.dataset import open_dataset_for_model
 from resunet.evaluate import evaluate_dataset
 from resunet.runtime import cpu_name, precision_name
 
@@ -36,7 +36,7 @@ def main() -> None:
              ("ms+flip", {"tta": "ms+flip", "scales": scales}),
              (f"window {args.window}/{args.stride}", {"window": args.window, "stride": args.stride})]
     predictor = load(args.model)
-    dataset = open_dataset(args.data_root, args.split, predictor.info.num_classes, predictor.info.ignore_index)
+    dataset = open_dataset_for_model(args.data_root, args.split, predictor.info)
     rows = []
     for name, options in modes:
         predictor.set_inference(**{"tta": "none", **options})

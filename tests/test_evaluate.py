@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from resunet.data.classes import VOC_INFO
 from resunet.data.demo import make_sample
 from resunet.evaluate import run_evaluate
 from resunet.metrics import ConfusionMatrix
@@ -22,7 +23,7 @@ def mixed_size_folder(root, rng_seed=0):
         image, mask = make_sample(rng, max(h, w))
         image.crop((0, 0, w, h)).save(root / "val" / "images" / f"{i}.png")
         mask.crop((0, 0, w, h)).save(root / "val" / "masks" / f"{i}.png")
-    (root / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(21)]}))
+    (root / "classes.json").write_text(json.dumps({"classes": list(VOC_INFO.names)}))  # the model's classes
     return sizes
 
 
@@ -77,6 +78,25 @@ def test_boundary_iou_by_hand():
     assert metric.compute()["boundary_iou"] == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("width", [1, 2, 5, 13])
+def test_the_boundary_band_is_the_square_erosions_complement(width):
+    """The band as a running minimum (constant time a pixel, where a pooling window scanned 2·width+1 of them: tens of
+    seconds an image for a 4000×3000 photo's 100-pixel band) against the erosion written out: a pixel of the mask is
+    in the band when some pixel within `width` (chessboard) is outside the mask or outside the image."""
+    from resunet.metrics import boundary_band
+
+    generator = torch.Generator().manual_seed(width)
+    masks = torch.rand(3, 23, 31, generator=generator) < torch.tensor([0.5, 0.9, 0.99])[:, None, None]
+    masks[2, :, :3] = False  # a mask touching one edge, one mostly full, one at random
+    padded = torch.nn.functional.pad(masks, (width,) * 4, value=False)
+    height, across = masks.shape[1:]
+    whole = torch.ones_like(masks)
+    for dy in range(2 * width + 1):
+        for dx in range(2 * width + 1):
+            whole &= padded[:, dy:dy + height, dx:dx + across]
+    assert torch.equal(boundary_band(masks, width), masks & ~whole)
+
+
 def test_evaluate_reports_boundary_iou_and_draws_the_worst_images(trained_run, demo_root, tmp_path, capsys):
     from resunet.data.dataset import open_dataset
     from resunet.metrics import image_miou
@@ -114,3 +134,83 @@ def test_run_evaluate_refuses_worst_without_a_folder_and_a_folder_without_worst(
     with pytest.raises(DataError, match="is the folder for --worst K's contact sheet; give --worst too"):
         run_evaluate("model.pt", "data", worst_out=str(tmp_path / "sheet"))
     assert not list(tmp_path.iterdir())
+
+
+def test_data_naming_other_classes_than_the_model_is_refused_in_one_line(trained_run, ram_tmp, capsys):
+    """evaluate, visualize, calibrate and export's check compared the class count alone: a classes.json listing the
+    model's classes in another order was scored (or fitted, or drawn) every class as another, without a word
+    (review, 2026-12-06)."""
+    import shutil
+
+    from resunet.cli import main
+
+    root = ram_tmp / "data"
+    mixed_size_folder(root)
+    names = list(VOC_INFO.names)
+    names[1], names[2] = names[2], names[1]
+    (root / "classes.json").write_text(json.dumps({"classes": names}))
+    checkpoint = ram_tmp / "best.pt"  # calibrate would rewrite it
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    stamp = checkpoint.stat().st_mtime_ns
+    for command in (["evaluate", str(checkpoint)], ["visualize", str(checkpoint), "--out", str(ram_tmp / "grid.png")],
+                    ["calibrate", str(checkpoint)], ["export", str(checkpoint), "--onnx", str(ram_tmp / "m.onnx")]):
+        assert main([*command, "--data-root", str(root)]) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert (f"{root / 'val'}: its classes are not the model's (names differ; class 1: 'aeroplane' → "
+                "'bicycle'), so its masks would be scored as other classes" in err), err
+    assert checkpoint.stat().st_mtime_ns == stamp and not (ram_tmp / "grid.png").exists()
+    assert not (ram_tmp / "m.onnx").exists()
+
+
+def test_data_without_class_names_is_read_with_the_models_and_a_model_without_names_reads_the_datas(ram_tmp):
+    """A folder without classes.json was read with VOC's colours whatever the model's: RGB masks drawn in the model's
+    own colours were refused. A model trained without names (class_0, ...) has nothing to compare: the data's hold."""
+    from resunet.data.classes import ClassInfo, generic_info
+    from resunet.data.dataset import open_dataset_for_model
+
+    model = ClassInfo(("sky", "road", "car"), ((10, 20, 30), (40, 50, 60), (70, 80, 90)), 255, name="streets")
+    (ram_tmp / "val" / "images").mkdir(parents=True)
+    (ram_tmp / "val" / "masks").mkdir(parents=True)
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(ram_tmp / "val" / "images" / "a.png")
+    drawn = np.zeros((3, 4, 3), np.uint8)
+    drawn[:] = (70, 80, 90)
+    drawn[0] = (10, 20, 30)
+    Image.fromarray(drawn).save(ram_tmp / "val" / "masks" / "a.png")
+    dataset = open_dataset_for_model(ram_tmp, "val", model)
+    assert dataset.info == model
+    assert dataset.load(0).mask.tolist() == [[0] * 4, [2] * 4, [2] * 4]
+    (ram_tmp / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"], "palette": [[10, 20, 30],
+                                                                                             [40, 50, 60],
+                                                                                             [70, 80, 90]]}))
+    assert open_dataset_for_model(ram_tmp, "val", generic_info(3)).info.names == ("a", "b", "c")
+
+
+def test_evaluate_scores_calibration_band_by_band_never_the_batchs_whole_probabilities(trained_run, exported, ram_tmp,
+                                                                                       monkeypatch):
+    """evaluate's ECE took each batch's full-size probabilities whole (three N×C×H×W float tensors at once: gigabytes
+    for large photos), and an end-to-end ONNX file had to hold the whole batch's logits (2 GiB for all of them, where
+    each image alone fits). Now band by band, and the ONNX graph an image or a few at a time: the same figures."""
+    import resunet.onnx_predictor as onnx_predictor
+    import resunet.predict as predict_module
+    from resunet.metrics import CalibrationError
+
+    root = ram_tmp / "data"
+    sizes = mixed_size_folder(root)
+    predictor = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32")
+    meter = CalibrationError(255)
+    for i in range(len(sizes)):
+        pixels = torch.from_numpy(np.array(Image.open(root / "val" / "images" / f"{i}.png"))).permute(2, 0, 1)[None]
+        mask = torch.from_numpy(np.array(Image.open(root / "val" / "masks" / f"{i}.png")).astype(np.int64))[None]
+        meter.update(predictor.probabilities(pixels), mask)
+    whole = meter.compute()
+    monkeypatch.setattr(Predictor, "probabilities", lambda *args: pytest.fail("the whole batch's probabilities"))
+    monkeypatch.setattr(predict_module, "FULL_SIZE_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 2 * 21 * 120 * 7)  # 7 rows of two 120-wide images a band
+    banded = run_evaluate(str(trained_run / "best.pt"), str(root), "val", precision="fp32", workers=0)
+    assert banded["ece"] == pytest.approx(whole, abs=1e-5)
+    # The end-to-end file: room for one image's logits, where evaluate runs the two 80×120 images as one batch.
+    reference = run_evaluate(str(exported["dir"] / "model.onnx"), str(root), "val", workers=0)
+    monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 120 * 100 * 4)
+    split = run_evaluate(str(exported["dir"] / "model.onnx"), str(root), "val", workers=0)
+    assert split["ece"] == reference["ece"] and split["confusion_matrix"] == reference["confusion_matrix"]

@@ -17,14 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data.dataset import PairedDataset, open_dataset
+from .data.dataset import PairedDataset, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .evaluate import evaluate_dataset
 from .metrics import CalibrationError
 from .outputs import check_output_folder
 from .predict import Predictor
 
-PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image
+PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image, at most
+# and this many in all: VOC's 1,449 val images at 20,000 each held 29M pixels' logits (2.4 GB, and four times that in
+# the fit's float64), where one scalar is fitted as well from 4M. A larger split gives fewer pixels an image.
+FIT_PIXELS = 4_000_000
+FIT_CHUNK = 2**18  # pixels a step of the fit's NLL takes at once (its float64 copies stay tens of MB)
 # The NLL is convex in 1/T, so the bounded fit is the unbounded one clamped. It runs off to 0 for a model right on
 # every fitted pixel and to infinity for one no better than chance: neither is a number worth storing.
 TEMPERATURE_BOUNDS = (0.01, 100.0)
@@ -33,10 +37,12 @@ TEMPERATURE_BOUNDS = (0.01, 100.0)
 def collect(predictor: Predictor, dataset: PairedDataset,
             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One pass over the split: logits P×C and labels P of up to PIXELS_PER_IMAGE random valid pixels of every
-    image, and each one's weight P (the valid pixels it stands for: the fit is over every pixel, as the ECE is, not
-    image by image, where a small image weighed as much as a large one), for the fit; and the expected calibration
-    error of the uncalibrated probabilities over every pixel."""
+    image (fewer when the split has more than FIT_PIXELS // PIXELS_PER_IMAGE images), and each one's weight P (the
+    valid pixels it stands for: the fit is over every pixel, as the ECE is, not image by image, where a small image
+    weighed as much as a large one), for the fit; and the expected calibration error of the uncalibrated
+    probabilities over every pixel."""
     generator = torch.Generator().manual_seed(seed)
+    per_image = max(1, min(PIXELS_PER_IMAGE, FIT_PIXELS // max(1, len(dataset))))
     logits, labels, weights = [], [], []
     ignore = dataset.info.ignore_index
     meter = CalibrationError(ignore)
@@ -48,7 +54,7 @@ def collect(predictor: Predictor, dataset: PairedDataset,
         meter.update(out.softmax(1), target[None].to(out.device))
         flat, target = out[0].flatten(1).T, target.reshape(-1)  # H·W × C, H·W
         valid = (target != ignore).nonzero()[:, 0]
-        picked = valid[torch.randperm(len(valid), generator=generator)[:PIXELS_PER_IMAGE]]
+        picked = valid[torch.randperm(len(valid), generator=generator)[:per_image]]
         logits.append(flat[picked.to(flat.device)].float().cpu())
         labels.append(target[picked])
         weights.append(torch.full((len(picked),), len(valid) / max(1, len(picked)), dtype=torch.float64))
@@ -60,16 +66,21 @@ def collect(predictor: Predictor, dataset: PairedDataset,
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     """The T in TEMPERATURE_BOUNDS minimising the mean NLL of softmax(logits / T), each pixel weighted by `weights`
-    if given (L-BFGS on log T)."""
+    if given (L-BFGS on log T, in float64, FIT_CHUNK pixels at a time: the gradients add up over the chunks)."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    logits = logits.double()
     weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
+    total_weight = weights.sum()
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = (F.cross_entropy(logits / log_t.exp(), labels, reduction="none") * weights).sum() / weights.sum()
-        loss.backward()
+        loss = torch.zeros((), dtype=torch.float64)
+        for start in range(0, len(labels), FIT_CHUNK):
+            end = start + FIT_CHUNK
+            part = (F.cross_entropy(logits[start:end].double() / log_t.exp(), labels[start:end], reduction="none")
+                    * weights[start:end]).sum() / total_weight
+            part.backward()
+            loss += part.detach()
         return loss
 
     optimizer.step(closure)
@@ -123,8 +134,7 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
         raise CheckpointError(f"{checkpoint}: read-only, and calibrate stores the temperature in it; make it "
                               "writable, or calibrate a copy")
     check_output_folder("calibrate", real.parent)
-    info = predictor.info
-    dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
+    dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
     result = calibrate(checkpoint, dataset, predictor)
     replaced = result["stored_temperature"]
     print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "

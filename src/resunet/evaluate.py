@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.classes import ClassInfo
-from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, open_dataset_for_model, worker_batches, worker_ignores_ctrl_c
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder, write_output
@@ -61,10 +61,11 @@ def evaluate_dataset(
             for group in by_size.values():
                 images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
                 targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
-                if calibration is not None:
-                    probabilities = predictor.probabilities(images)
-                    calibration.update(probabilities, targets.to(probabilities.device).long())
-                    predictions = probabilities.argmax(1).cpu()
+                if calibration is not None:  # band by band: never the whole batch's full-size probabilities
+                    (maps, confidence), = predictor.full_size_maps([images], confidence=True)
+                    predictions = maps.long()
+                    calibration.update_chosen(confidence, predictions, targets.to(predictions.device).long())
+                    predictions = predictions.cpu()
                 else:
                     predictions = predictor.predict_tensor(images).cpu()
                 matrix.update(predictions, targets)
@@ -161,7 +162,7 @@ def run_evaluate(
                               window=window, stride=stride)
     info = predictor.info
     members = getattr(predictor, "members", None)  # an ensemble's own models
-    dataset = open_dataset(data_root, split, info.num_classes, info.ignore_index, max_pixels)
+    dataset = open_dataset_for_model(data_root, split, info, max_pixels)
     check_outputs(json_out, confusion_png, worst_out if worst > 0 else None,
                   inputs=[checkpoint, *ensemble, *dataset.image_paths, *dataset.mask_paths])
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)

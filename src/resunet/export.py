@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, temporary_path
 from .data.classes import ClassInfo
-from .data.dataset import open_dataset
+from .data.dataset import open_dataset, open_dataset_for_model
 from .data.images import DataError, list_images, read_image
 from .data.voc import find_voc_dir
 from .evaluate import evaluate_dataset
@@ -391,8 +391,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         raise ExportError(f"{source}: {reference.info.num_classes} classes do not fit a uint8 mask")
     network = prepare_network(model_from_checkpoint(payload, source))
     mean, std, size = reference.mean, reference.std, reference.size
-    dataset = open_dataset(data_root, split, reference.info.num_classes, reference.info.ignore_index) \
-        if data_root else None
+    dataset = open_dataset_for_model(data_root, split, reference.info) if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files])
     # Read now: an unreadable calibration set is refused before the export and its verification, not after them.

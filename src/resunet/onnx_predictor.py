@@ -14,7 +14,7 @@ normalisation, which graph it holds. Two kinds of graph:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +170,17 @@ class OnnxPredictor(Predictor):
         if outputs is None:
             self.check_size(height, width, len(feed))
             return self.session.run(None, {self.input_name: feed})
+        parts = list(self.runs(feed, outputs))
+        return parts[0] if len(parts) == 1 else [np.concatenate(pieces) for pieces in zip(*parts)]
+
+    def runs(self, feed: np.ndarray, outputs: list[str] | None) -> Iterator[list[np.ndarray]]:
+        """N×H×W×3 uint8 through the end-to-end graph, as many images a run as their full-size logits allow (each
+        must fit): each run's `outputs` (None: all, the logits too)."""
+        height, width = feed.shape[1:3]
         self.check_size(height, width)  # the graph resizes inside: bound it before
         per_run = max(1, END_TO_END_MAX_LOGIT_BYTES // self.logit_bytes(height, width))
-        parts = [self.session.run(outputs, {self.input_name: feed[start:start + per_run]})
-                 for start in range(0, len(feed), per_run)]
-        return parts[0] if len(parts) == 1 else [np.concatenate(pieces) for pieces in zip(*parts)]
+        for start in range(0, len(feed), per_run):
+            yield self.session.run(outputs, {self.input_name: feed[start:start + per_run]})
 
     def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.graph == "logits":
@@ -186,10 +192,15 @@ class OnnxPredictor(Predictor):
         if self.graph == "logits":
             return super().full_size_maps(groups, confidence)
         results = []
-        for images in groups:
-            maps, logits = self.run_end_to_end(images, logits=True)
-            chosen = (torch.from_numpy(logits) / self.temperature).softmax(1).amax(1) if confidence else None
-            results.append((torch.from_numpy(maps), chosen))
+        for images in groups:  # as many images a run as their logits allow: the batch's are never held at once
+            check_image_tensor(images)
+            feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
+            maps, chosen = [], []
+            for part_maps, logits in self.runs(feed, None):
+                maps.append(torch.from_numpy(part_maps))
+                if confidence:
+                    chosen.append((torch.from_numpy(logits) / self.temperature).softmax(1).amax(1))
+            results.append((torch.cat(maps), torch.cat(chosen) if confidence else None))
         return results
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:

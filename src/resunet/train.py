@@ -46,7 +46,7 @@ from .calibration import bound_note, calibrate, ece_change
 from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
-from .data.classes import ClassInfo
+from .data.classes import ClassInfo, class_differences
 from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
@@ -594,17 +594,12 @@ def check_new_run_folder(cfg: TrainConfig) -> None:
 def check_same_classes(resume: str | Path, state: dict, info: ClassInfo, data_root: str) -> None:
     """A resumed run's dataset must label as its checkpoint does: a classes.json edited since (two classes swapped,
     another ignore label) reads the same masks as other classes, and the run went on without a word."""
-    stored = ClassInfo.from_dict(state["classes"], str(resume))
-    differ = [what for what, a, b in (("names", stored.names, info.names), ("palette", stored.palette, info.palette),
-                                       ("ignore label", (stored.ignore_index, stored.ignore_colour),
-                                        (info.ignore_index, info.ignore_colour))) if a != b]
-    if not differ:
+    differ = class_differences(ClassInfo.from_dict(state["classes"], str(resume)), info)
+    if differ is None:
         return
-    first = next((f"class {i}: {a!r} → {b!r}" for i, (a, b) in enumerate(zip(stored.names, info.names)) if a != b),
-                 None) if "names" in differ else None
     raise TrainingError(f"--resume {resume}: {data_root} now gives other classes than the run was trained on "
-                        f"({', '.join(differ)} differ{f'; {first}' if first else ''}); a run keeps its labels: restore "
-                        "the dataset's classes.json, or start a new run with another --out")
+                        f"({differ}); a run keeps its labels: restore the dataset's classes.json, or start a new run "
+                        "with another --out")
 
 
 def last_good_save(out: Path) -> str:

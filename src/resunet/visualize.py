@@ -165,7 +165,7 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, **options) -> None:
     """The `resunet visualize` command: the seed's 3×5 grid on `count` images of the split. `options`: those of
     `predict.load` (device, precision, tta, ...); `checkpoint` may be a .pt or an .onnx file."""
-    from .data.dataset import open_dataset
+    from .data.dataset import open_dataset_for_model
     from .predict import load
 
     if str(out).endswith("/") or Path(out).is_dir():  # before ".png" is added: "vis" would become vis.png beside it
@@ -174,7 +174,7 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
         out = f"{out}.png"
     check_output_files([("--out", out)], suffixes={"--out": PLOT_SUFFIXES})
     predictor = load(checkpoint, **options)
-    dataset = open_dataset(data_root, split, predictor.info.num_classes, predictor.info.ignore_index, max_pixels)
+    dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
     check_output_files([("--out", out)], inputs=[checkpoint, *dataset.image_paths, *dataset.mask_paths])
     if len(dataset) == 0:
         raise DataError(f"{data_root}: the {split} split has no images to draw")

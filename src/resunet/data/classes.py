@@ -129,6 +129,22 @@ def check_colours(names: tuple[str, ...], palette: tuple, ignore_colour: tuple, 
                          "one of them another colour")
 
 
+def class_differences(expected: ClassInfo, found: ClassInfo, colours: bool = True) -> str | None:
+    """How `found` labels otherwise than `expected` ("names, palette differ; class 1: 'car' → 'road'"), or None when
+    they label alike (the dataset's display name aside). `colours=False`: the names and the ignore index alone, for
+    data whose masks are read with its own colours."""
+    compared = [("names", expected.names, found.names),
+                ("palette", expected.palette if colours else (), found.palette if colours else ()),
+                ("ignore label", (expected.ignore_index, expected.ignore_colour if colours else ()),
+                 (found.ignore_index, found.ignore_colour if colours else ()))]
+    differ = [what for what, a, b in compared if a != b]
+    if not differ:
+        return None
+    first = next((f"class {i}: {a!r} → {b!r}" for i, (a, b) in enumerate(zip(expected.names, found.names)) if a != b),
+                 None)
+    return f"{', '.join(differ)} differ{f'; {first}' if first else ''}"
+
+
 def generic_info(num_classes: int, ignore_index: int = 255) -> ClassInfo:
     """For a folder dataset without classes.json: names class_0.., VOC colours."""
     names = tuple(f"class_{i}" for i in range(num_classes))

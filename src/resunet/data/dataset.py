@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .classes import ClassInfo
+from .classes import ClassInfo, class_differences, generic_info
 from .images import (DEFAULT_MAX_PIXELS, TURNED_MASK_HINT, DataError, check_mask_values, read_image, read_mask,
                      sides_swapped)
 
@@ -172,4 +172,24 @@ def open_dataset(
     else:
         dataset = folder.folder_dataset(root, split, num_classes, ignore_index)
     dataset.max_pixels = max_pixels
+    return dataset
+
+
+def open_dataset_for_model(root: str | Path, split: str, model_classes: ClassInfo,
+                           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PairedDataset:
+    """The split labelled as a trained model labels, for the commands that score, calibrate or draw it. A dataset that
+    names its classes (VOC's, a classes.json) must name the model's, in its order (its colours may differ: they only
+    say how its own masks are drawn): another order scored every class as another, without a word. One that does not (a folder without classes.json) is read with the model's classes,
+    so masks drawn in the model's colours are read as its classes; a model trained without names takes the data's."""
+    dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+    unnamed = generic_info(model_classes.num_classes, model_classes.ignore_index)
+    if dataset.info == unnamed:
+        dataset.info = model_classes
+        return dataset
+    if model_classes == unnamed:  # a model trained without class names: the dataset's own are all there is to go by
+        return dataset
+    differ = class_differences(model_classes, dataset.info, colours=False)  # its masks are read in its own colours
+    if differ is not None:
+        raise DataError(f"{dataset.description}: its classes are not the model's ({differ}), so its masks would be "
+                        "scored as other classes; use data labelled as the model was trained (the same classes.json)")
     return dataset
