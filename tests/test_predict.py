@@ -458,3 +458,32 @@ def test_overlay_mixes_by_alpha_and_refuses_an_alpha_outside_0_to_1():
         predictor.overlay(image, mask.T.astype(np.int64))
     with pytest.raises(ValueError, match="of class ids \\(integers\\), got float32 2×3"):
         predictor.overlay(image, mask.astype(np.float32))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 70368744177664 bytes")])
+def test_a_photo_that_runs_the_device_out_of_memory_is_one_line_and_the_others_run(trained_run, tmp_path,
+                                                                                   monkeypatch, capsys, error):
+    """Running out of memory (torch's OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) for one photo
+    ended the whole predict run with a traceback, where a file the model cannot take is one line and the other inputs
+    still run (review, 2026-12-06)."""
+    from resunet.cli import main
+
+    for name, size in (("big.png", 96), ("small.png", 48)):
+        make_sample(np.random.default_rng(0), size)[0].save(tmp_path / name)
+    real = Predictor.predict
+
+    def predict(self, image):
+        if np.asarray(image).shape[0] == 96:
+            raise error
+        return real(self, image)
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    out = tmp_path / "out"
+    assert main(["predict", str(trained_run / "best.pt"), str(tmp_path / "big.png"), str(tmp_path / "small.png"),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'big.png'}: out of cpu memory at 96×96; the other inputs still run" \
+        in err, err
+    assert sorted(path.name for path in out.iterdir()) == ["small.png"]

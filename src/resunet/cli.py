@@ -339,12 +339,14 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .data.images import read_image
+    import torch
     from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
 
     paths, problems, notes = expand_inputs(args.inputs)
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
     # overwrite, and --skip-existing could not go on.
+    from .runtime import is_out_of_memory
     if earlier := [path for path in paths if is_prediction(path)]:
         left_out = set(earlier)  # once: not rebuilt for every path
         paths = [path for path in paths if path not in left_out]
@@ -401,6 +403,7 @@ def cmd_predict(args) -> int:
                 image = read_image(path, args.max_pixels)
                 # The predictors bound the image's size at the working size themselves (predict.check_working_size).
                 if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
+            out_of_memory = False
                     mask, confidence = predictor.predict_with_confidence(image)
                 else:
                     mask, confidence = predictor.predict(image), None
@@ -414,6 +417,20 @@ def cmd_predict(args) -> int:
             claimed.update({real[o]: path for o in outputs.values()})
             pictures = {"mask": predictor.colorize(mask)}
             if confidence is not None:
+            except RuntimeError as error:  # a photo too large for the device's memory: the smaller ones still fit
+                if not is_out_of_memory(error):
+                    raise
+                height, width = image.shape[:2]
+                on_gpu = predictor.device.type == "cuda"
+                tqdm.write(f"resunet predict: {path}: out of {predictor.device.type} memory at {width}×{height}; the "
+                           f"other inputs still run ({'--device cpu, or ' if on_gpu else ''}a lower --max-pixels "
+                           "skips such files)", file=sys.stderr)
+                failed += 1
+                out_of_memory = True
+            if out_of_memory:
+                if predictor.device.type == "cuda":  # out of the handler, whose traceback held the pass's tensors
+                    torch.cuda.empty_cache()
+                continue
                 pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
             if args.overlay:
                 pictures["overlay"] = predictor.overlay(image, mask, 0.5 if args.alpha is None else args.alpha)

@@ -267,10 +267,12 @@ class Predictor:
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups as for `logits_by_group` → each group's n×H×W class maps at its own size. At one working
         size the upsampling and argmax are one fused pass (`classmap.upsample_argmax`: the same maps, without
-        writing the full-size logits); multi-scale TTA averages full-size logits first (`full_size_maps`). uint8,
+        writing the full-size logits) on the CPU; multi-scale TTA, and a GPU, go through `full_size_maps`. uint8,
         or int64 beyond 256 classes."""
         sizes = self.tta_sizes()
-        if len(sizes) > 1:
+        # The fused pass runs on the CPU; on a GPU the full-size logits are upsampled band by band instead of whole
+        # (a 48-megapixel photo's would take 4 GB of GPU memory at 21 classes).
+        if len(sizes) > 1 or self.device.type != "cpu":
             return [maps for maps, _ in self.full_size_maps(groups)]
         groups = self.on_device(groups)
         return [upsample_argmax(part, images.shape[-2:])

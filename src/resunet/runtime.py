@@ -44,6 +44,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device that could not hold what a pass asked of it: torch's OutOfMemoryError on a GPU; on the CPU the
+    allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                        and "can't allocate memory" in str(error))
+
+
 def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
