@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,31 @@ def test_a_signal_stops_the_ablation_without_scoring_the_row(demo_root, ram_tmp,
     monkeypatch.setattr(resunet.ablate, "train", lambda cfg: {"stopped_by": None, "stop_requested": "SIGTERM"})
     assert run_ablation(base, ["baseline", "loss focal"], ram_tmp / "ablation") == []
     assert "stopped in row 'baseline'" in capsys.readouterr().out
+
+
+def test_a_row_is_scored_under_the_recipes_max_pixels_and_evaluated_as_its_schedule_needs(demo_root, ram_tmp,
+                                                                                          monkeypatch, capsys):
+    """A row trained under --max-pixels above the default was then scored under the default: every row trained and
+    failed to score, again on each rerun. --eval-every was replaced without a word; a plateau schedule steps on the
+    evaluations, so its rows keep them, and with another schedule the flag is refused (review, 2026-12-06)."""
+    import resunet.ablate
+    from resunet.ablate import plan_row, run_row
+
+    def trained(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "metrics.jsonl").write_text('{"train_images_per_s": 2.0}\n')
+        return {"stopped_by": None}
+
+    scored = {}
+    monkeypatch.setattr(resunet.ablate, "train", trained)
+    monkeypatch.setattr(resunet.ablate, "run_evaluate",
+                        lambda *args, **kw: scored.update(kw) or {"miou": 0.5, "boundary_miou": 0.4, "ece": 0.1})
+    base = tiny_config(demo_root, ram_tmp / "unused", epochs=4, eval_every=2, max_pixels=70_000_000)
+    cfg, result = plan_row(base, "baseline", ram_tmp / "ablation")
+    assert run_row("baseline", cfg, result)["miou"] == 0.5 and scored["max_pixels"] == 70_000_000
+    assert cfg.eval_every == 2  # tiny_config's --scheduler plateau
+    assert plan_row(replace(base, scheduler="cosine"), "baseline", ram_tmp / "cosine")[0].eval_every == 4
+    assert main(["ablate", "--data-root", str(demo_root), "--scheduler", "cosine", "--eval-every", "2",
+                 "--out", str(ram_tmp / "refused")]) == 2
+    assert "--eval-every: ablate scores each row's final weights once" in capsys.readouterr().err
+    assert not (ram_tmp / "refused").exists()

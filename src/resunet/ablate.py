@@ -51,7 +51,11 @@ def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict
     result_path = folder / "result.json"
     last = folder / "last.pt"
     # No last.pt: the row starts (again). A best.pt alone is a row stopped between its first two saves, not a run.
-    cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=base.epochs,
+    # The rows' final weights are scored once, so evaluating between epochs would cost time for nothing; but
+    # ReduceLROnPlateau steps on those evaluations, so a plateau recipe keeps them.
+    plateau = ABLATION_OPTIONS[name].get("scheduler", base.scheduler) == "plateau"
+    eval_every = base.eval_every if plateau else base.epochs
+    cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=eval_every,
                   resume=str(last) if last.is_file() else None, calibrate=False, overwrite=not last.is_file())
     if result_path.is_file():
         result = json.loads(result_path.read_text())
@@ -86,7 +90,7 @@ def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
     if outcome["stopped_by"] or outcome.get("stop_requested"):
         return None
     scores = run_evaluate(str(last), cfg.data_root, cfg.val_split, device=cfg.device,
-                          precision=cfg.precision, workers=cfg.workers)
+                          precision=cfg.precision, workers=cfg.workers, max_pixels=cfg.max_pixels)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     # The median epoch: an epoch slowed by something else on the machine does not move it.
     speed = statistics.median(r["train_images_per_s"] for r in records)

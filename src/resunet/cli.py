@@ -186,6 +186,10 @@ def cmd_ablate(args) -> int:
         raise UsageError("--overwrite: ablate keeps its finished rows and continues stopped "
                          "ones; give another --out to start a table over")
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
+    if base.scheduler != "plateau" and "eval_every" in flags_given(args.argv[1:]):
+        raise UsageError(f"--eval-every: ablate scores each row's final weights once, so with --scheduler "
+                         f"{base.scheduler} evaluations between epochs would only cost time (a plateau schedule "
+                         "keeps them: it steps on them)")
     options = [name.strip() for name in args.options.split(";") if name.strip()]
     if not options:
         raise UsageError(f"--options {args.options!r}: no rows; choose from "
