@@ -17,9 +17,30 @@ from resunet.evaluate import evaluate_dataset
 from resunet.predict import Predictor
 
 
+BUILD_COUNTER = """
+import os
+if os.environ.get("RESUNET_TEST_BUILDS"):  # each decoded-cache build, by process: the test counts them
+    import resunet.data.cache as cache
+    fill = cache._fill_cache
+
+    def counted(*args, **kwargs):
+        with open(os.environ["RESUNET_TEST_BUILDS"], "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        return fill(*args, **kwargs)
+
+    cache._fill_cache = counted
+"""
+
+
 def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Each process built the whole decoded cache at once (one copy each, the last renames dropped): now the first
+    # process of the machine builds it and the other opens it (review, 2026-12-06).
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(BUILD_COUNTER)
+    builds = tmp_path / "builds.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESUNET_TEST_BUILDS": str(builds),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(run), "--epochs", "2",
                "--batch-size", "4", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
@@ -27,6 +48,7 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
+    assert len(builds.read_text().split()) == 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2  # one process writes logs and checkpoints
     assert result.stdout.count("epoch   2/2") == 1

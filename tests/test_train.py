@@ -504,3 +504,74 @@ def test_an_unreadable_last_pt_beside_the_checkpoint_resumed_is_named_with_what_
             r"aside if it is damaged, then resume from best.pt$")):
         train(tiny_config(demo_root, run, epochs=2, resume=str(run / "best.pt"), **SMALL))
     assert len(last.read_bytes()) == 5000
+
+
+def test_a_time_budget_fit_within_the_warm_up_is_resumed(demo_root, ram_tmp, capsys, monkeypatch):
+    """A --time-budget run fitted to no more epochs than its warm-up (make_scheduler then halves the warm-up) could
+    not be resumed: the resume checked --warmup-epochs against the fitted count, a flag the user never changed
+    (review, 2026-12-06)."""
+    import resunet.train
+    from resunet.train import resumed_config
+
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: 2)
+    out = ram_tmp / "warm"
+    train(tiny_config(demo_root, out, epochs=10, scheduler="cosine", warmup_epochs=3, time_budget="1h", **SMALL))
+    assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 2
+    with pytest.raises(TrainingError, match=r"--warmup-epochs 3.0: must be 0 or more, and fewer than --epochs \(2\)"):
+        train(tiny_config(demo_root, ram_tmp / "new", epochs=2, scheduler="cosine", warmup_epochs=3, **SMALL))
+    capsys.readouterr()
+    train(resumed_config(out / "last.pt", {}))
+    assert "no epoch to train: 2 already done" in capsys.readouterr().out
+
+
+def test_the_data_signature_is_the_same_from_any_level_of_a_voc_tree(demo_root, ram_tmp, capsys):
+    """--data-root may name the folder holding VOCdevkit, VOCdevkit or VOC2012 (README); a run resumed with another
+    of them said its train and val data had changed, its best val mIoU measured on an old split (review,
+    2026-12-06). Runs saved before keep their digest under the root they were given."""
+    from resunet.data.dataset import open_dataset
+    from resunet.train import data_signature, resumed_config
+
+    inner = demo_root / "VOCdevkit" / "VOC2012"
+    assert data_signature(open_dataset(demo_root, "val")) == data_signature(open_dataset(inner, "val"))
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    capsys.readouterr()
+    train(resumed_config(run / "last.pt", {"epochs": 2, "data_root": str(inner)}))
+    printed = capsys.readouterr().out
+    assert "epoch   2/2" in printed and "data changed" not in printed
+    # A last.pt from before: its digest taken under the --data-root it was given.
+    state = load_checkpoint(run / "last.pt")
+    state["data"] = {split: data_signature(open_dataset(demo_root, split), demo_root) for split in ("train", "val")}
+    assert state["data"]["val"] != data_signature(open_dataset(demo_root, "val"))
+    from resunet.checkpoint import save_checkpoint
+
+    save_checkpoint(state, run / "last.pt")
+    train(resumed_config(run / "last.pt", {"epochs": 3, "data_root": str(demo_root)}))
+    printed = capsys.readouterr().out
+    assert "epoch   3/3" in printed and "data changed" not in printed
+    # A file really changed is still said.
+    state = load_checkpoint(run / "last.pt")
+    state["data"]["val"]["digest"] = "0" * 16
+    save_checkpoint(state, run / "last.pt")
+    train(resumed_config(run / "last.pt", {"epochs": 4}))
+    assert "the val data changed since" in capsys.readouterr().out
+
+
+def test_the_simple_path_draws_other_augmentations_on_each_process(demo_root):
+    """Under torchrun the simple data path reseeded the global generator with (seed, epoch) alone: every process drew
+    the same scales, crops, flips and jitter for its k-th sample (the cached path adds the rank). A single process
+    draws as before."""
+    from resunet.data.dataset import open_dataset
+    from resunet.train import epoch_seed, make_train_loader, set_loader_epoch
+
+    cfg = tiny_config(demo_root, demo_root / "unused", data_path="simple")
+    dataset = open_dataset(demo_root, "train")
+    loader, kind = make_train_loader(cfg, dataset, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), 0, 1, "simple")
+    assert kind == "simple"
+    draws = []  # one loader over the whole split (its sampler draws from the same generator): the ranks' generators
+    for rank in (0, 1, 0):
+        set_loader_epoch(loader, 3, cfg.seed, rank)
+        draws.append(next(iter(loader))[0])
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    set_loader_epoch(loader, 3, cfg.seed)
+    assert torch.initial_seed() == epoch_seed(cfg.seed, 3)

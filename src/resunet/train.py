@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import errno
 import hashlib
@@ -213,17 +214,20 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
     return loader, "simple"
 
 
-def set_loader_epoch(loader, epoch: int, seed: int) -> None:
+def set_loader_epoch(loader, epoch: int, seed: int, rank: int = 0) -> None:
     if isinstance(loader, CachedLoader):
         loader.set_epoch(epoch)
     elif isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     # Reseeding the global generator makes the simple path's shuffling and per-sample augmentation (and the
-    # worker seeds derived from it) a function of (seed, epoch) as well.
-    torch.manual_seed(epoch_seed(seed, epoch))
+    # worker seeds derived from it) a function of (seed, epoch) as well, and of the rank: under torchrun every
+    # process drew the same scales, crops, flips and jitter for its k-th sample (the cached path adds the rank too).
+    # The CPU generator keeps a seed's low 32 bits: the rank's offset must change those.
+    torch.manual_seed(epoch_seed(seed, epoch) + rank * 1_000_003)
 
 
 PER_STEP_SCHEDULERS = ("cosine", "poly")
+SETUP_TIMEOUT = datetime.timedelta(minutes=60)  # torchrun: how long a process waits for the others' setup steps
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -466,12 +470,16 @@ class StopSignal:
                   file=sys.stderr, flush=True)
 
 
-def data_signature(dataset: PairedDataset, root: str | Path) -> dict:
+def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> dict:
     """What a resumed run compares to tell whether its data changed: the image count, and a digest of each file's
-    path under the data root and size (not the root itself, nor the times: --data-root may move on resume)."""
+    path and size, the path taken under the folder all the split's files share (not the root, nor the times:
+    --data-root may move on resume, or name VOC's data/, VOCdevkit or VOC2012 alike). `root`: under it instead,
+    as runs saved before 2026-12-06 did."""
+    files = dataset.image_paths + dataset.mask_paths
+    under = root if root is not None or not files else os.path.commonpath([Path(path).parent for path in files])
     digest = hashlib.sha256()
-    for path in dataset.image_paths + dataset.mask_paths:
-        digest.update(f"{os.path.relpath(path, root)}:{path.stat().st_size}\n".encode())
+    for path in files:
+        digest.update(f"{os.path.relpath(path, under)}:{path.stat().st_size}\n".encode())
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 
@@ -705,7 +713,10 @@ def check_types(cfg: TrainConfig) -> None:
 def check_settings(cfg: TrainConfig) -> None:
     """Refuse settings that make no sense before any work starts, in one line naming the flag."""
     per_step = cfg.scheduler in PER_STEP_SCHEDULERS  # their warm-up must leave room for the decay
-    warmup_most = cfg.epochs if per_step else math.inf
+    # ... of --epochs; a resumed --time-budget run's epochs are its fit, which may hold no more than the warm-up
+    # (make_scheduler then halves it), and its warm-up was checked against --epochs when it started
+    fitted = cfg.resume is not None and cfg.time_budget is not None
+    warmup_most = cfg.epochs if per_step and not fitted else math.inf
     warmup_expected = f"0 or more, and fewer than --epochs ({cfg.epochs})" if per_step else "0 or more"
     rules = [
         ("epochs", cfg.epochs >= 1, "at least 1"),
@@ -779,7 +790,10 @@ def train(cfg: TrainConfig) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The processes wait in a collective while the first runs the data check and each machine's first builds
+        # the decoded cache: minutes on a large dataset, past NCCL's default 10-minute timeout (gloo's is 30). It
+        # bounds every collective: a process that hangs in training is found after as long.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=SETUP_TIMEOUT)
     main_process = rank == 0
     dtype = resolve_precision(cfg.precision, device)
     channels_last = use_channels_last(device, dtype, cfg.encoder, training=True)
@@ -827,14 +841,20 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
-    with said_once(world, device, main_process):
-        try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
-            loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
-        except SETUP_ERRORS:
-            if main_process and made_out:  # a refused run leaves nothing behind
-                with contextlib.suppress(OSError):
-                    out.rmdir()  # only if still empty
-            raise
+    # Under torchrun each machine's first process builds the decoded cache, then the others open it: all of them
+    # building at once decoded the split once per process, into as many copies (a full disk where one fits).
+    # Two turns for every process whatever its data path (each decides it from its own disk: they may differ).
+    builds = data_path != "cached" or local_rank == 0
+    for turn in (1, 2) if world > 1 else (1,):
+        with said_once(world, device, main_process):
+            try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
+                if builds == (turn == 1):
+                    loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
+            except SETUP_ERRORS:
+                if main_process and made_out:  # a refused run leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        out.rmdir()  # only if still empty
+                raise
     if cfg.overwrite and main_process:  # the earlier run's files go only now that this one's data and model are ready
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -879,12 +899,14 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
                                     f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
                                     f"share of the data depends on the count), or from an epoch's end")
-    data_now = {"train": data_signature(train_set, cfg.data_root), "val": data_signature(val_set, cfg.data_root)}
+    data_now = {"train": data_signature(train_set), "val": data_signature(val_set)}
     if cfg.resume:
         with said_once(world, device, main_process):
             check_same_classes(cfg.resume, state, info, cfg.data_root)
             check_not_behind(cfg.resume, state, out)
-        changed = [split for split in ("train", "val") if state.get("data", data_now)[split] != data_now[split]]
+        saved = state.get("data", data_now)
+        changed = [split for split, dataset in (("train", train_set), ("val", val_set))
+                   if saved[split] != data_now[split] and saved[split] != data_signature(dataset, cfg.data_root)]
         if changed and main_process:
             was = ", ".join(f"{state['data'][split]['images']} → {data_now[split]['images']} {split}"
                             for split in changed)
@@ -965,10 +987,10 @@ def train(cfg: TrainConfig) -> dict:
             started = time.perf_counter()
             half_mark = None  # set when the epoch's first half is done (--time-budget's fit)
             model.train()
-            set_loader_epoch(loader, epoch, cfg.seed)
             resumed, position = position, None
             if resumed is not None:
-                restore_rng(resumed["rng"])
+                restore_rng(resumed["rng"])  # rank 0's; the torch generator is then reseeded for this process's rank
+            set_loader_epoch(loader, epoch, cfg.seed, rank)
             epoch_rng = rng_state()  # where this epoch's random draws start: a save inside it replays from here
             if resumed is not None:
                 steps, loss_sum = resumed["step"], resumed["loss_sums"][rank].to(device)
