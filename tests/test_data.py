@@ -342,3 +342,67 @@ def test_a_mask_drawn_on_a_turned_photos_stored_pixels_says_so(tmp_path):
         dataset.load(2)
     assert str(caught.value) == (f"{tmp_path / 'train' / 'masks' / '2.png'}: mask is 30×20 but its image is 20×30 (the "
                                  "image is EXIF-rotated; the mask matches it unrotated?)")
+
+
+def twelve_bit_tiff(path, values: list[int]) -> None:
+    """A one-row grey TIFF of 12 bits a sample (BitsPerSample 12, as some cameras and microscopes write), two values
+    packed in three bytes."""
+    import struct
+
+    assert len(values) == 2
+    data = bytes([values[0] >> 4, ((values[0] & 15) << 4) | (values[1] >> 8), values[1] & 255])
+    entries = [(256, 3, 2), (257, 3, 1), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, None), (277, 3, 1),
+               (278, 3, 1), (279, 4, len(data))]
+    ifd_at = 8
+    data_at = ifd_at + 2 + 12 * len(entries) + 4
+    out = b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = data_at if tag == 273 else value
+        out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else
+                                                    struct.pack("<I", value))
+    path.write_bytes(out + struct.pack("<I", 0) + data)
+
+
+def test_tiffs_turned_deep_or_over_pils_ceiling_read_as_the_other_formats(tmp_path, monkeypatch):
+    """Three ways TIFF differs from the other formats, each found by a helper (2026-12-06): PIL gives a turned TIFF's
+    size as shown already, and image_size swapped it again (the decoded cache was sized for the stored picture: its
+    build stopped with a traceback); PIL checks its own pixel ceiling again when a TIFF's pixels are decoded, after
+    --max-pixels had lifted it for the header; a 12-bit TIFF decodes as 16-bit grey and was divided by 257 (white
+    came out level 16)."""
+    from resunet.data.cache import build_cache
+    from resunet.data.images import image_size, read_image
+
+    root = tmp_path / "turned"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    stored = np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)  # 6 wide, 4 tall as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: 4 wide, 6 tall
+    Image.fromarray(stored).save(root / "images" / "p.tif", exif=exif.tobytes())
+    Image.fromarray(np.zeros((6, 4), np.uint8)).save(root / "masks" / "p.png")
+    assert read_image(root / "images" / "p.tif").shape == (6, 4, 3)
+    assert image_size(root / "images" / "p.tif") == (4, 6)
+    dataset = open_dataset(root, "train")
+    cache = build_cache(dataset, 8, tmp_path / "cache")
+    assert len(cache) == 1
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's ceiling 2,000 pixels: stands in for its 179 MP
+    for suffix in ("png", "tif"):
+        Image.new("RGB", (50, 50), (10, 20, 30)).save(tmp_path / f"big.{suffix}")
+        assert read_image(tmp_path / f"big.{suffix}", max_pixels=10_000)[0, 0].tolist() == [10, 20, 30]
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.undo()
+
+    twelve_bit_tiff(tmp_path / "deep.tif", [4095, 2048])
+    assert read_image(tmp_path / "deep.tif")[0, :, 0].tolist() == [255, 128]
+
+
+def test_a_scale_that_rounds_to_no_pixel_still_gives_a_crop():
+    """--size 64 --scale-min 0.01: the simple path drew a 0-pixel side and stopped with a traceback (the cached path
+    makes it one pixel)."""
+    from resunet.data.transforms import TrainTransform
+
+    transform = TrainTransform(64, (0.01, 0.01), (0.5,) * 3, (0.5,) * 3, 255, 0.2)
+    image, mask = transform(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))
+    assert tuple(image.shape) == (3, 64, 64) and tuple(mask.shape) == (64, 64)

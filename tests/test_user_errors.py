@@ -1090,7 +1090,7 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     ({"classes": ["bg", "a", "a"]}, "class name(s) 'a' given twice"),
     ({"classes": ["bg", "a"], "ignore_index": 300}, "ignore index 300 must be 0..255 (masks are uint8)"),
     ({"classes": ["bg", "a"], "ignore_index": -1}, "ignore index -1 must be 0..255"),
-    ({"classes": [f"c{i}" for i in range(300)]}, "300 classes; a uint8 mask holds at most 256"),
+    ({"classes": [f"c{i}" for i in range(300)]}, "300 classes; a uint8 mask holds at most 255 and the ignore label"),
     ({"classes": []}, "no classes"),
     # Read silently as the later class, or as ignore (CamVid's ignore colour is black: a black class was lost)
     ({"classes": ["bg", "a"], "palette": [[9, 9, 9], [9, 9, 9]]}, "classes 'bg' and 'a' have the same colour [9, 9"),

@@ -36,8 +36,9 @@ from .images import DataError, image_size, looked_at
 from .transforms import augment_batch
 
 # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel; 3: masks read since negative values in
-# 32-bit masks are refused (a format-2 cache may hold a -1 as 255, ignored, or a -2 as 254)
-CACHE_FORMAT = 3
+# 32-bit masks are refused (a format-2 cache may hold a -1 as 255, ignored, or a -2 as 254); 4: a 12-bit TIFF read
+# on its own scale (format 3 held it near black), a turned TIFF's canvas sized as it is shown
+CACHE_FORMAT = 4
 CACHE_HEADROOM = 1.25
 CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID)
 

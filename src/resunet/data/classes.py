@@ -95,12 +95,12 @@ VOC_INFO = ClassInfo(VOC_CLASSES, tuple(voc_colormap(21)), 255, VOC_VOID_COLOUR,
 
 
 def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> None:
-    """ValueError (one line, naming `source`) for classes no uint8 mask can hold apart: more than 256, a name
+    """ValueError (one line, naming `source`) for classes no uint8 mask can hold apart: more than 255, a name
     given twice (reports key classes by name), or an ignore label that is also a class."""
     if not names:
         raise ValueError(f"{source}: no classes")
-    if len(names) > 256:
-        raise ValueError(f"{source}: {len(names)} classes; a uint8 mask holds at most 256")
+    if len(names) > 255:  # and an ignore label outside them
+        raise ValueError(f"{source}: {len(names)} classes; a uint8 mask holds at most 255 and the ignore label")
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ValueError(f"{source}: class name(s) {', '.join(map(repr, twice))} given twice")

@@ -46,21 +46,27 @@ class ImageTooLargeError(DataError):
 _PIL_CEILING = threading.Lock()
 
 
-def open_unbounded(source: str | Path | io.BytesIO) -> Image.Image:
-    """Image.open (the header only) without PIL's own ceiling of 2 × MAX_IMAGE_PIXELS (179 MP): `opened` checks the
-    size against --max-pixels from the same header, before any pixel is decoded. PIL's ceiling refused a 15000×15000
-    aerial photo whatever --max-pixels said, and named no width and height. It is a global, so it is lifted for the
-    header's read alone, under a lock, and only for a file over it."""
+@contextmanager
+def open_unbounded(source: str | Path | io.BytesIO) -> Iterator[Image.Image]:
+    """Image.open without PIL's own ceiling of 2 × MAX_IMAGE_PIXELS (179 MP): `opened` checks the size against
+    --max-pixels from the same header, before any pixel is decoded. PIL's ceiling refused a 15000×15000 aerial photo
+    whatever --max-pixels said, and named no width and height. It is a global, so it is lifted under a lock, and
+    only for a file over it: while the file is open, since a TIFF checks it again when its pixels are decoded."""
     try:
-        return Image.open(source, formats=READ_FORMATS)
+        image = Image.open(source, formats=READ_FORMATS)
     except Image.DecompressionBombError:
-        pass
+        image = None
+    if image is not None:
+        with image:
+            yield image
+        return
     if hasattr(source, "seek"):
         source.seek(0)
     with _PIL_CEILING:
         ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(source, formats=READ_FORMATS)
+            with Image.open(source, formats=READ_FORMATS) as image:
+                yield image
         finally:
             Image.MAX_IMAGE_PIXELS = ceiling
 
@@ -112,25 +118,38 @@ DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16-bit, 32-bi
 def pil_to_rgb8(image: Image.Image) -> np.ndarray:
     """A PIL image as H×W×3 uint8 RGB, as every reader of images here sees it: EXIF orientation applied, deep grey
     scaled to 8 bits (Pillow's convert() would clip it to white)."""
+    bits = stored_bits(image)
     image = ImageOps.exif_transpose(image)
     if image.mode in DEEP_GREY_MODES:
-        # I;16* modes are 16-bit by definition: their scale is known, not guessed from the values.
-        return grey_to_rgb8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"))
+        # I;16* modes hold up to 16 bits: their scale is known (a TIFF says 12 if it has 12), not guessed.
+        return grey_to_rgb8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"), bits=bits)
     return np.array(image.convert("RGB"))
 
 
-def grey_to_rgb8(grey: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarray:
+def stored_bits(image: Image.Image) -> int:
+    """The bits per sample a TIFF declares (a 12-bit camera's file decodes as 16-bit grey, white at 4095); 16 for any
+    other file."""
+    declared = getattr(image, "tag_v2", {}).get(258) if image.format == "TIFF" else None
+    if isinstance(declared, tuple):
+        declared = declared[0] if declared else None
+    return declared if isinstance(declared, int) and 8 < declared < 16 else 16
+
+
+def grey_to_rgb8(grey: np.ndarray, sixteen_bit: bool | None = None, bits: int = 16) -> np.ndarray:
     """A 16-bit, 32-bit or float grey image as 8-bit RGB.
 
     16-bit grey (`sixteen_bit`, by default: a uint16 array) is always ÷257, whatever its values: a dark 16-bit
-    image stays dark, and one bright pixel does not change how the rest is read. For 32-bit integer or float grey
+    image stays dark, and one bright pixel does not change how the rest is read (a file of fewer `bits`, as a
+    12-bit TIFF: scaled from 2**bits - 1). For 32-bit integer or float grey
     (PIL modes I and F) the scale is not in the file and is guessed from the values: above 255 → 16-bit (÷257),
     floats up to 1 → a 0..1 range, anything else → 8-bit already."""
     if sixteen_bit is None:
         sixteen_bit = grey.dtype.kind == "u" and grey.dtype.itemsize == 2
     values = grey.astype(np.float64)
     top = float(np.nanmax(values)) if values.size else 0.0
-    if sixteen_bit or top > 255:
+    if sixteen_bit:
+        values = values * (255.0 / (2**bits - 1))
+    elif top > 255:
         values = values / 257.0
     elif grey.dtype.kind == "f" and top <= 1.0:
         values = values * 255.0
@@ -145,7 +164,9 @@ def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
     with opened(path, str(path), max_pixels) as image:
         width, height = image.size
-        if image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS:
+        # PIL gives a TIFF's size as shown already (it turns the pixels when it decodes them): swapped again, the
+        # decoded-image cache was sized for the stored picture and its build stopped with a traceback.
+        if image.format != "TIFF" and image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS:
             return height, width
         return width, height
 

@@ -53,7 +53,8 @@ class TrainTransform:
         crop: int | None = None,
     ) -> None:
         steps = [
-            RandomResizeNearestExactMasks(int(size * scales[0]), int(size * scales[1]) + 1, antialias=True),
+            RandomResizeNearestExactMasks(max(1, int(size * scales[0])), max(1, int(size * scales[1])) + 1,
+                                          antialias=True),
             v2.RandomCrop(crop or size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
             v2.RandomHorizontalFlip(),
         ]
