@@ -339,18 +339,18 @@ def cmd_predict(args) -> int:
         raise UsageError(f"--alpha {args.alpha:g} applies only with --overlay; give --overlay "
                          "too, or leave --alpha out")
     import numpy as np  # after the refusals: they come without importing torch
+    import torch
     from PIL import Image
     from tqdm import tqdm
 
     from .data.images import read_image
-    import torch
     from .outputs import is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
+    from .runtime import is_out_of_memory
 
     paths, problems, notes = expand_inputs(args.inputs)
     # Run again with its --out among its inputs, predict took its own results for photos: each failed as one it would
     # overwrite, and --skip-existing could not go on.
-    from .runtime import is_out_of_memory
     if earlier := [path for path in paths if is_prediction(path)]:
         left_out = set(earlier)  # once: not rebuilt for every path
         paths = [path for path in paths if path not in left_out]
@@ -403,11 +403,11 @@ def cmd_predict(args) -> int:
                 claimed.update({real[o]: path for o in outputs.values()})
                 skipped += 1
                 continue
+            out_of_memory = False
             try:
                 image = read_image(path, args.max_pixels)
                 # The predictors bound the image's size at the working size themselves (predict.check_working_size).
                 if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
-            out_of_memory = False
                     mask, confidence = predictor.predict_with_confidence(image)
                 else:
                     mask, confidence = predictor.predict(image), None
@@ -417,10 +417,6 @@ def cmd_predict(args) -> int:
                            file=sys.stderr)
                 failed += 1
                 continue
-            # Claimed once predicted: an unreadable a.jpg must not keep a.png from its own a.png result.
-            claimed.update({real[o]: path for o in outputs.values()})
-            pictures = {"mask": predictor.colorize(mask)}
-            if confidence is not None:
             except RuntimeError as error:  # a photo too large for the device's memory: the smaller ones still fit
                 if not is_out_of_memory(error):
                     raise
@@ -435,6 +431,10 @@ def cmd_predict(args) -> int:
                 if predictor.device.type == "cuda":  # out of the handler, whose traceback held the pass's tensors
                     torch.cuda.empty_cache()
                 continue
+            # Claimed once predicted: an unreadable a.jpg must not keep a.png from its own a.png result.
+            claimed.update({real[o]: path for o in outputs.values()})
+            pictures = {"mask": predictor.colorize(mask)}
+            if confidence is not None:
                 pictures["confidence"] = Image.fromarray((confidence * 255).round().astype(np.uint8))
             if args.overlay:
                 pictures["overlay"] = predictor.overlay(image, mask, 0.5 if args.alpha is None else args.alpha)
@@ -523,16 +523,19 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+DATA_ROOT_HELP = "dataset folder: a VOCdevkit tree or {train,val,test}/{images,masks} (README: datasets)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resunet", description="U-Net segmentation on ImageNet-pretrained encoders")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("demo-data", help="write a generated VOC-format dataset")
     p.add_argument("dir")
-    p.add_argument("--train", type=_positive_int, default=64)
-    p.add_argument("--val", type=_positive_int, default=16)
+    p.add_argument("--train", type=_positive_int, default=64, help="training images (default 64)")
+    p.add_argument("--val", type=_positive_int, default=16, help="validation images (default 16)")
     p.add_argument("--size", type=_demo_size, default=128, help="image side in pixels (at least 16)")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the shapes (default 0)")
     p.set_defaults(run=cmd_demo_data)
 
     p = commands.add_parser("train", help="train a model (defaults: the seed recipe)")
@@ -552,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")
-    p.add_argument("--data-root", required=True)
+    p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
     p.add_argument("--split", dest="splits", nargs="+", action="extend", metavar="S",
                    help="splits to check (default: train/val/test that exist; train and val for VOC)")
     p.add_argument("--json", help="also write the findings and facts here")
@@ -583,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", parents=[inference],
                             help="per-class IoU and boundary IoU, mIoU, pixel accuracy")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="val")
+    p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
+    p.add_argument("--split", default="val", help="split to score (default val)")
     p.add_argument("--json", help="also write the scores and confusion matrix here")
     p.add_argument("--confusion", help="also draw the row-normalised confusion matrix and per-class IoU bars here "
                    "(PNG)")
@@ -594,14 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for --worst")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--workers", type=_non_negative_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images read per step; those of one size go through the network together (default 8)")
+    p.add_argument("--workers", type=_non_negative_int, default=2, help="image-reading processes (default 2)")
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for NAME.png (and NAME_overlay.jpg, NAME_confidence.png)")
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=_share, default=None, help="overlay opacity, 0..1 (default 0.5; with --overlay)")
     p.add_argument("--skip-existing", action="store_true",
@@ -619,20 +623,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("visualize", parents=[inference], help="3×5 grid: image / ground truth / prediction")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--split", default="val")
-    p.add_argument("--count", type=_positive_int, default=5)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
+    p.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
+    p.add_argument("--split", default="val", help="split to draw from (default val)")
+    p.add_argument("--count", type=_positive_int, default=5, help="rows: images drawn (default 5)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="which images are drawn (default 0)")
     p.set_defaults(run=cmd_visualize)
 
     p = commands.add_parser("calibrate", help="fit a temperature on a split so probabilities match accuracy; store "
                             "it in the checkpoint; print the expected calibration error before and after")
     p.add_argument("checkpoint", help="a .pt checkpoint (rewritten with the temperature)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="val")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
+    p.add_argument("--split", default="val", help="split the temperature is fitted on (default val)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="of the forward passes (the fit itself is in float64)")
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images and masks from their header (default {DEFAULT_MAX_PIXELS:,})")
     p.set_defaults(run=cmd_calibrate)
@@ -653,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="with --data-root: the split evaluated (default val)")
     p.add_argument("--max-miou-drop", type=_drop_points,
                    help="INT8 with --data-root: largest mIoU drop accepted, in points (default 1.0)")
-    p.add_argument("--workers", type=_non_negative_int, default=2)
+    p.add_argument("--workers", type=_non_negative_int, default=2,
+                   help="with --data-root: image-reading processes (default 2)")
     p.add_argument("--json", help="also write the figures here")
     p.set_defaults(run=cmd_export)
 
@@ -681,12 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads: onnxruntime's for an .onnx file, torch's for a .pt checkpoint "
                         "(default: the cores)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="of the service's log lines (default info)")
     p.set_defaults(run=cmd_serve)
 
     p = commands.add_parser("download", help="download and verify VOC 2012 (voc) or VOC + SBD train_aug (sbd)")
     p.add_argument("dataset", choices=("voc", "sbd"))
-    p.add_argument("--root", default="data")
+    p.add_argument("--root", default="data", help="folder to download into (default data)")
     p.set_defaults(run=cmd_download)
 
     p = commands.add_parser("encoders", help="list encoders, parameters, feature channels, weights available")
@@ -695,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("benchmark", help="throughput of our train step, data path and Predictor vs references")
     p.add_argument("--json", help="write all figures here")
     p.add_argument("--quick", action="store_true", help="fewer, shorter windows (a smoke test, not a measurement)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.set_defaults(run=cmd_benchmark)
     return parser

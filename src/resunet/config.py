@@ -21,7 +21,7 @@ class TrainConfig:
                                    "unless --resume reads it from the run)", required=True)
     out: str = setting("runs/train", "run folder: last.pt, best.pt, metrics.jsonl, curves.png")
     train_split: str = setting("train", "training split (VOC: train or train_aug)")
-    val_split: str = setting("val", "validation split, evaluated every epoch at original resolution")
+    val_split: str = setting("val", "validation split, evaluated every --eval-every epochs at original resolution")
     num_classes: int | None = setting(None, "number of classes for a folder dataset without classes.json")
     ignore_index: int | None = setting(None, "label ignored by loss and metric (default 255, or classes.json's)")
     encoder: str = setting("resnet34", "resnet18|resnet34|resnet50|resnet101|efficientnet-lite0|-lite1|-lite2")
@@ -36,8 +36,9 @@ class TrainConfig:
     epochs: int = setting(100, "epochs (with --time-budget: the most)")
     time_budget: str | None = setting(None, "fit the run to this wall-clock time (50m, 1.5h, 3000s), setup included: "
                                       "after the first epoch (always evaluated, to time it) the epochs are cut to "
-                                      "what fits at the measured pace and the schedule spans those; stored, so a "
-                                      "resumed run keeps them")
+                                      "what fits at the measured pace and the schedule spans those; re-fitted after "
+                                      "each later epoch (shortened if it would overrun, lengthened only in the first "
+                                      "tenth); stored, so a resumed run keeps them")
     batch_size: int = setting(8, "images per step (per process under torchrun)")
     lr: float = setting(1e-4, "learning rate")
     weight_decay: float = setting(1e-5, "weight decay")
@@ -71,7 +72,7 @@ class TrainConfig:
                                      "bf16, fp16", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model")
     data_path: str = setting("auto", "cached: decode once, augment batched on the device; simple: per-sample "
-                             "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GB",
+                             "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GiB",
                              choices=("auto", "cached", "simple"))
     cache_dir: str | None = setting(None, "decoded-image cache folder (default $XDG_CACHE_HOME/resunet, or ~/.cache/resunet)")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images/masks with more pixels, read from their header "
@@ -83,7 +84,8 @@ class TrainConfig:
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     resume: str | None = setting(None, "continue exactly from this last.pt (an epoch's end or a step inside one)")
     overwrite: bool = setting(False, "start a new run in an --out that holds one already: its last.pt, best.pt, "
-                              "metrics.jsonl, curves.png and tensorboard/ are removed once the data is checked "
+                              "metrics.jsonl, curves.png and tensorboard/ are removed once the new run's data and "
+                              "model are ready "
                               "(without it such a folder is refused)")
     checkpoint_every: str | None = setting(None, "also save last.pt inside epochs: every N steps (500) or N minutes "
                                            "(10m); a run resumed from it continues at that step")
