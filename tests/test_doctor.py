@@ -554,3 +554,34 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_one_is_refused_on_a_bad_fi
     assert "good_0.png" in capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").read_bytes() == kept
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl"}
+
+
+def test_palette_masks_of_one_split_read_two_ways_are_a_warning(tmp_path):
+    """Class ids stored under VOC's palette in a dataset whose classes.json reuses a VOC colour at another position
+    (road drawn in VOC's aeroplane red, which is this dataset's car): a mask with road alone shows only dataset
+    colours, one of them another class's, and was read by colour (road became car); a mask with car too shows VOC's
+    green, no colour of the dataset, and was read by index. Nothing said so (a helper, 2026-12-06); now a warning
+    names an example of each."""
+    from resunet.data.classes import voc_colormap
+
+    root = tmp_path / "ids"
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "masks").mkdir(parents=True)
+    (root / "classes.json").write_text(json.dumps({"classes": ["background", "road", "car"],
+                                                   "palette": [[0, 0, 0], [128, 64, 128], [128, 0, 0]]}))
+    palette = [value for colour in voc_colormap(256) for value in colour]
+    for name, ids in (("road", [0, 1]), ("road_car", [0, 1, 2])):
+        picture(len(name)).save(root / "train" / "images" / f"{name}.png")
+        mask = Image.fromarray(np.repeat(np.array(ids, np.uint8), SIZE * SIZE // len(ids) + 1)[:SIZE * SIZE]
+                               .reshape(SIZE, SIZE), "P")
+        mask.putpalette(palette)
+        mask.save(root / "train" / "masks" / f"{name}.png")
+    report = doctor.check_data(root, ["train"], workers=1)
+    mixed = [f for f in report.findings if f.kind == "palette_mixed"]
+    assert len(mixed) == 1 and mixed[0].severity == "warning", report.findings
+    assert ("train/masks/road.png: read by colour (and 0 more in train), while train/masks/road_car.png (and 0 more) "
+            "is read by index" in mixed[0].message), mixed[0].message
+    # Both read the same way (the car mask alone): nothing to say.
+    (root / "train" / "masks" / "road.png").unlink()
+    (root / "train" / "images" / "road.png").unlink()
+    assert not [f for f in doctor.check_data(root, ["train"], workers=1).findings if f.kind == "palette_mixed"]

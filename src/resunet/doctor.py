@@ -28,11 +28,11 @@ from .data.dataset import PairedDataset
 from .data.folder import find_split_dir, folder_classes, pairing_name
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           DataError, ImageTooLargeError, index_mask, list_images, looked_at, nested_images, opened,
-                          read_image, rgb_mask_hint)
+                          palette_reading, read_image, rgb_mask_hint)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
-REPORT_FORMAT = 7  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 8  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -77,6 +77,11 @@ KINDS: dict[str, tuple[str, str]] = {
     "near_duplicate": ("warning", f"nearly the same image (difference hash ≤ {NEAR_DUPLICATE_BITS} of 64 bits apart: "
                                   "re-encoded, resized, brightened) in two splits: leakage inflates every score"),
     "shared_split": ("warning", "two splits read the same folder (flat layout): validation on training images"),
+    "palette_mixed": ("warning", "palette masks of one split read two ways: by colour (every index shows a dataset "
+                                 "colour, some another class's) and by index (some colour is not the dataset's): "
+                                 "class ids stored under a palette that shows other classes' colours (VOC's, say) "
+                                 "are then read as other classes in some images — re-save them as index PNGs "
+                                 "without that palette, or as RGB masks in the dataset's colours"),
 }
 
 
@@ -256,6 +261,7 @@ class PairResult:
     difference_hash: int | None = None  # 64-bit dHash of the grey thumbnail: near duplicates
     class_pixels: np.ndarray | None = None  # pixels per class (num_classes,)
     ignored_pixels: int = 0
+    palette_reading: str | None = None  # a palette mask's, as images.palette_reading says
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -377,7 +383,9 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
             see_through = int((np.asarray(mask.getchannel("A")) < 255).sum()) if mode in ("RGBA", "LA") else 0
             if mode in RGB_MASK_MODES:
                 pixels = np.asarray(mask.convert("RGB"))
-            else:  # as training reads it (a colour mask re-saved with its own palette is read by colour)
+            elif mode == "P":  # as training reads it (a colour mask re-saved with its own palette is read by colour)
+                pixels, result.palette_reading = palette_reading(mask, info)
+            else:
                 pixels = index_mask(mask, info) if mode in INDEX_MASK_MODES else np.asarray(mask)
     except DataError as error:
         result.findings.append(unreadable(error, result.mask))
@@ -446,6 +454,23 @@ def leakage_findings(results: list[PairResult], split_order: list[str]) -> list[
                 twin = earlier[closest]
                 findings.append(finding("near_duplicate", result.image, f"{result.image}: looks like {twin.image} "
                                         f"({twin.split}; difference hashes {plural(int(distance[closest]), 'bit')} apart)"))
+    return findings
+
+
+def palette_findings(results: list[PairResult], split_order: list[str]) -> list[Finding]:
+    """A split whose palette masks were read some by colour, some by index though a colour reading was looked for:
+    `palette_reading` decides mask by mask, so ids under a palette that shows other classes' colours are read by
+    colour only where every colour happens to fit. One finding a split, naming an example of each."""
+    findings = []
+    for split in split_order:
+        by_colour = [r for r in results if r.split == split and r.palette_reading == "colour"]
+        by_index = [r for r in results if r.split == split and r.palette_reading == "index, not colour"]
+        if by_colour and by_index:
+            findings.append(finding("palette_mixed", by_colour[0].mask, f"{by_colour[0].mask}: read by colour "
+                                    f"(and {len(by_colour) - 1} more in {split}), while {by_index[0].mask} (and "
+                                    f"{len(by_index) - 1} more) is read by index: its palette shows a colour "
+                                    "outside the dataset's; if both store class ids, the first are read as other "
+                                    "classes"))
     return findings
 
 
@@ -579,6 +604,7 @@ def check_data(
     for result in results:
         findings += result.findings
     findings += leakage_findings(results, split_order)
+    findings += palette_findings(results, split_order)
     findings += coverage_findings(results, listing.info, train_split)
     findings += unlabelled_findings(results, listing.info)
     facts = {

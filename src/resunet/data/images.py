@@ -216,14 +216,19 @@ def index_mask(image: Image.Image, info: ClassInfo) -> np.ndarray:
     the dataset's colours in another order. Grey ('L', or 'LA': its alpha dropped, as RGBA's is). 1-bit ('1', how
     many tools save a binary mask): 0 and 1; PIL's convert("L") would make 1 into 255, the usual ignore label."""
     if image.mode == "P":
-        return palette_indices(image, info)
+        return palette_reading(image, info)[0]
     if image.mode == "1":
         return np.array(image).astype(np.uint8)
     return np.array(image.getchannel("L"))
 
 
-def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
-    """A palette mask's class ids. Its indices are the ids (VOC's masks, or ids under any palette of their own),
+def palette_reading(image: Image.Image, info: ClassInfo) -> tuple[np.ndarray, str]:
+    """A palette mask's class ids, and how they were read: "colour", "index", or "index, not colour" (by index, though
+    some index shows another class's colour: a colour reading was ruled out). The data check warns when one split
+    holds masks read both ways: ids stored under a palette that happens to show other classes' colours (VOC's
+    palette, say) are read by colour in the images where every colour fits, by index in the others.
+
+    Its indices are the ids Its indices are the ids (VOC's masks, or ids under any palette of their own),
     unless the palette is the dataset's colours in another order: a colour mask re-saved by a PNG optimiser or an
     editor gets its own palette, and its indices then name other classes (read so, silently, until 2026-12-04).
     So when every index used shows a colour of the dataset (a class's or the ignore colour), each a different one,
@@ -238,12 +243,13 @@ def palette_indices(image: Image.Image, info: ClassInfo) -> np.ndarray:
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
     shown = [by_colour.get(colours[u]) if u < len(colours) else None for u in used]
     moved = [u for u, c in zip(used, shown) if c is not None and c != u and c != info.ignore_index]
-    if (not moved or any(c is None for c in shown) or len(set(shown)) < len(shown)
-            or all(colours[u] == (0, 0, 0) for u in moved)):
-        return indices
+    if not moved:
+        return indices, "index"
+    if any(c is None for c in shown) or len(set(shown)) < len(shown) or all(colours[u] == (0, 0, 0) for u in moved):
+        return indices, "index, not colour"
     lut = np.arange(256, dtype=np.uint8)
     lut[used] = shown
-    return lut[indices]
+    return lut[indices], "colour"
 
 
 def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") -> np.ndarray:
