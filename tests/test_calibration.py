@@ -13,6 +13,22 @@ from resunet.checkpoint import load_checkpoint
 from resunet.metrics import CalibrationError
 
 
+def through_bands(logits_of):
+    """A stand-in predictor whose full-size logits are `logits_of(image)`, handed out by Predictor's own banding."""
+    from resunet.predict import Predictor
+
+    class Stub:
+        logit_bands = Predictor.logit_bands
+
+        def low_res_logits(self, groups):
+            return [[(1.0, [logits_of(groups[0])])]]
+
+        def full_size_logits(self, models, size, top, bottom):
+            return models[0][1][0][:, :, top:bottom]
+
+    return Stub()
+
+
 def test_expected_calibration_error_by_hand():
     # Top-class probabilities 0.95 (right), 0.95 (wrong), 0.55 (right), 0.65 (right), and an ignored pixel.
     # 15 bins: 0.95 → bin 14 (2 pixels, 1 right, confidence sum 1.9), 0.55 → bin 8, 0.65 → bin 9.
@@ -63,12 +79,9 @@ def test_the_fit_weighs_every_pixel_once_not_every_image():
             return SimpleNamespace(image=np.zeros((*sizes[index], 3), np.uint8),
                                    mask=labels[sizes[index]].numpy().astype(np.uint8))
 
-    class Stub:
-        def logits(self, image):
-            size = tuple(image.shape[-2:])
-            return truth[size] * sharpness[sizes.index(size)]
-
-    logits, picked, weights, _ = calibration.collect(Stub(), Split())
+    logits, picked, weights, _ = calibration.collect(
+        through_bands(lambda image: truth[tuple(image.shape[-2:])] * sharpness[sizes.index(tuple(image.shape[-2:]))]),
+        Split())
     assert sorted(set(weights.tolist())) == [22_500 / 20_000, 8.0]
     every_pixel = calibration.fit_temperature(
         torch.cat([(truth[size] * k)[0].flatten(1).T for size, k in zip(sizes, sharpness)]),
@@ -177,10 +190,23 @@ def test_the_fit_holds_a_bounded_number_of_pixels_and_fits_them_chunk_by_chunk(m
         def load(self, index):
             return SimpleNamespace(image=np.zeros((60, 50, 3), np.uint8), mask=np.ones((60, 50), np.uint8))
 
-    class Stub:
-        def logits(self, image):
-            return torch.zeros(1, 21, 60, 50)
+    full = {index: torch.randn(1, 21, 60, 50, generator=generator) for index in range(4)}
+    stub = through_bands(lambda image: full[int(image[0, 0, 0, 0])])
+
+    class Numbered(Split):
+        def load(self, index):  # the image's first pixel says which logits are its
+            sample = super().load(index)
+            sample.image[0, 0] = index
+            return sample
 
     monkeypatch.setattr(calibration, "FIT_PIXELS", 4_000)  # 1,000 of each image's 3,000 valid pixels
-    logits, picked, weights, _ = calibration.collect(Stub(), Split())
+    logits, picked, weights, ece = calibration.collect(stub, Numbered())
     assert len(logits) == len(picked) == 4_000 and weights.tolist() == [3.0] * 4_000
+    # Band by band (a large photo's full-size logits were held whole, and their softmax beside them): the same.
+    import resunet.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "FULL_SIZE_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 21 * 50 * 7)  # 7 rows a band, a short last one
+    banded = calibration.collect(stub, Numbered())
+    assert torch.equal(banded[0], logits) and torch.equal(banded[1], picked)
+    assert banded[3] == pytest.approx(ece, abs=1e-9)

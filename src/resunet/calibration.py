@@ -49,14 +49,20 @@ def collect(predictor: Predictor, dataset: PairedDataset,
     for index in range(len(dataset)):
         sample = dataset.load(index)
         image = torch.from_numpy(sample.image).permute(2, 0, 1)[None]
-        out = predictor.logits(image)
         target = torch.from_numpy(sample.mask).long()
-        meter.update(out.softmax(1), target[None].to(out.device))
-        flat, target = out[0].flatten(1).T, target.reshape(-1)  # H·W × C, H·W
-        valid = (target != ignore).nonzero()[:, 0]
-        picked = valid[torch.randperm(len(valid), generator=generator)[:per_image]]
-        logits.append(flat[picked.to(flat.device)].float().cpu())
-        labels.append(target[picked])
+        height, width = target.shape
+        flat_target = target.reshape(-1)
+        valid = (flat_target != ignore).nonzero()[:, 0]
+        picked = valid[torch.randperm(len(valid), generator=generator)[:per_image]].sort().values
+        # The full-size logits band by band of rows, as evaluate's (a large photo's were held whole, twice)
+        with torch.no_grad():
+            (models,) = predictor.low_res_logits([image])
+            for top, bottom, band in predictor.logit_bands(models, (height, width)):
+                meter.update(band.softmax(1), target[None, top:bottom].to(band.device))
+                inside = picked[(picked >= top * width) & (picked < bottom * width)]
+                logits.append(band[0].flatten(1).T[(inside - top * width).to(band.device)].float().cpu())
+                labels.append(flat_target[inside])
+                del band
         weights.append(torch.full((len(picked),), len(valid) / max(1, len(picked)), dtype=torch.float64))
     if sum(len(picked) for picked in labels) == 0:  # nothing to fit: the stored temperature must stay as it is
         raise DataError(f"{dataset.description}: no labelled pixels in {len(dataset)} image(s) (all are the ignore "

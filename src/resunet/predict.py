@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -305,18 +306,25 @@ class Predictor:
             maps = torch.empty((n, height, width), dtype=torch.uint8 if classes <= 256 else torch.int64,
                                device=self.device)
             chosen = torch.empty((n, height, width), device=self.device) if confidence else None
-            rows = height
-            if n * classes * height * width > FULL_SIZE_WHOLE_ELEMENTS:
-                rows = max(1, BAND_BYTES // (4 * n * classes * width))
-            for top in range(0, height, rows):
-                bottom = min(height, top + rows)
-                logits = self.full_size_logits(models, (height, width), top, bottom)
+            for top, bottom, logits in self.logit_bands(models, (height, width)):
                 maps[:, top:bottom] = argmax_map(logits)
                 if chosen is not None:
                     chosen[:, top:bottom] = (logits / self.temperature).softmax(1).amax(1)
-                del logits
+                del logits  # one band's held at a time
             results.append((maps, chosen))
         return results
+
+    def logit_bands(self, models: list[tuple[float, list[torch.Tensor]]], size: tuple[int, int]
+                    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """One group's full-size logits from its `low_res_logits`, as (top, bottom, rows top..bottom): whole, or band
+        by band of rows once they would pass `FULL_SIZE_WHOLE_ELEMENTS` (a band holds `BAND_BYTES`)."""
+        (n, classes), (height, width) = models[0][1][0].shape[:2], size
+        rows = height
+        if n * classes * height * width > FULL_SIZE_WHOLE_ELEMENTS:
+            rows = max(1, BAND_BYTES // (4 * n * classes * width))
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            yield top, bottom, self.full_size_logits(models, size, top, bottom)
 
     def on_device(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         # Always eval mode: the training loop shares this model and switches it back to train mode each epoch;
