@@ -157,10 +157,21 @@ def test_data_naming_other_classes_than_the_model_is_refused_in_one_line(trained
         assert main([*command, "--data-root", str(root)]) == 2, command
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
-        assert (f"{root / 'val'}: its classes are not the model's (names differ; class 1: 'aeroplane' → "
-                "'bicycle'), so its masks would be scored as other classes" in err), err
+        assert (f"{root / 'val'}: its classes are not the model's (the same classes in another order; class 1: "
+                "'aeroplane' → 'bicycle'), so its masks would be scored as other classes" in err), err
     assert checkpoint.stat().st_mtime_ns == stamp and not (ram_tmp / "grid.png").exists()
     assert not (ram_tmp / "m.onnx").exists()
+    # Letter case and surrounding spaces aside, the same names in the same order are the model's (an audit, 2026-12-06).
+    (root / "classes.json").write_text(json.dumps({"classes": [f" {name.title()}" for name in VOC_INFO.names]}))
+    assert main(["evaluate", str(checkpoint), "--data-root", str(root)]) == 0
+    names[5] = "boat-ish"
+    (root / "classes.json").write_text(json.dumps({"classes": names}))
+    assert main(["evaluate", str(checkpoint), "--data-root", str(root)]) == 2
+    assert "(other class names; class 1: 'aeroplane' → 'bicycle')" in capsys.readouterr().err
+    # Another ignore label: the model's, and no flag these commands lack.
+    (root / "classes.json").write_text(json.dumps({"classes": list(VOC_INFO.names), "ignore_index": 254}))
+    assert main(["evaluate", str(checkpoint), "--data-root", str(root)]) == 2
+    assert capsys.readouterr().err.endswith("ignore index 254, not the 255 expected (the model's)\n")
 
 
 def test_data_without_class_names_is_read_with_the_models_and_a_model_without_names_reads_the_datas(ram_tmp):

@@ -129,14 +129,12 @@ def check_colours(names: tuple[str, ...], palette: tuple, ignore_colour: tuple, 
                          "one of them another colour")
 
 
-def class_differences(expected: ClassInfo, found: ClassInfo, colours: bool = True) -> str | None:
+def class_differences(expected: ClassInfo, found: ClassInfo) -> str | None:
     """How `found` labels otherwise than `expected` ("names, palette differ; class 1: 'car' → 'road'"), or None when
-    they label alike (the dataset's display name aside). `colours=False`: the names and the ignore index alone, for
-    data whose masks are read with its own colours."""
-    compared = [("names", expected.names, found.names),
-                ("palette", expected.palette if colours else (), found.palette if colours else ()),
-                ("ignore label", (expected.ignore_index, expected.ignore_colour if colours else ()),
-                 (found.ignore_index, found.ignore_colour if colours else ()))]
+    they label alike (the dataset's display name aside)."""
+    compared = [("names", expected.names, found.names), ("palette", expected.palette, found.palette),
+                ("ignore label", (expected.ignore_index, expected.ignore_colour),
+                 (found.ignore_index, found.ignore_colour))]
     differ = [what for what, a, b in compared if a != b]
     if not differ:
         return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .classes import ClassInfo, class_differences, generic_info
+from .classes import ClassInfo, generic_info
 from .images import (DEFAULT_MAX_PIXELS, TURNED_MASK_HINT, DataError, check_mask_values, read_image, read_mask,
                      sides_swapped)
 
@@ -81,16 +81,25 @@ def _end_leftover_workers() -> None:
         child.kill()
 
 
+class UnexpectedClassesError(DataError):
+    """The data's class count or ignore label is not the one expected; `finding` says so without where the
+    expectation came from (a model's, or a flag's: the message names both)."""
+
+    def __init__(self, finding: str, flag: str) -> None:
+        super().__init__(f"{finding} (the model's, or {flag})")
+        self.finding = finding
+
+
 def check_expected_classes(info: ClassInfo, num_classes: int | None, ignore_index: int | None, source: str | Path,
                            has: str, ignores: str) -> None:
-    """DataError, one line naming `source`, when the data's class count or ignore label is not the one expected (a
-    model's, or a flag's). `has` and `ignores` word it: "lists" / "ignore index" for a classes.json."""
+    """UnexpectedClassesError, one line naming `source`, when the data's class count or ignore label is not the one
+    expected (a model's, or a flag's). `has` and `ignores` word it: "lists" / "ignore index" for a classes.json."""
     if num_classes is not None and num_classes != info.num_classes:
-        raise DataError(f"{source}: {has} {info.num_classes} classes, not the {num_classes} expected (the model's, or "
-                        "--num-classes)")
+        raise UnexpectedClassesError(f"{source}: {has} {info.num_classes} classes, not the {num_classes} expected",
+                                     "--num-classes")
     if ignore_index is not None and ignore_index != info.ignore_index:
-        raise DataError(f"{source}: {ignores} {info.ignore_index}, not the {ignore_index} expected (the model's, or "
-                        "--ignore-index)")
+        raise UnexpectedClassesError(f"{source}: {ignores} {info.ignore_index}, not the {ignore_index} expected",
+                                     "--ignore-index")
 
 
 @dataclass
@@ -178,18 +187,26 @@ def open_dataset(
 def open_dataset_for_model(root: str | Path, split: str, model_classes: ClassInfo,
                            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PairedDataset:
     """The split labelled as a trained model labels, for the commands that score, calibrate or draw it. A dataset that
-    names its classes (VOC's, a classes.json) must name the model's, in its order (its colours may differ: they only
-    say how its own masks are drawn): another order scored every class as another, without a word. One that does not (a folder without classes.json) is read with the model's classes,
-    so masks drawn in the model's colours are read as its classes; a model trained without names takes the data's."""
-    dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+    names its classes (VOC's, a classes.json) must name the model's, in its order (letter case and surrounding spaces
+    aside; its colours may differ: they only say how its own masks are drawn): another order scored every class as
+    another, without a word. One that does not (a folder without classes.json) is read with the model's classes, so
+    masks drawn in the model's colours are read as its classes; a model trained without names takes the data's."""
+    try:
+        dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+    except UnexpectedClassesError as error:  # these commands have no --num-classes or --ignore-index
+        raise DataError(f"{error.finding} (the model's)") from None
     unnamed = generic_info(model_classes.num_classes, model_classes.ignore_index)
     if dataset.info == unnamed:
         dataset.info = model_classes
         return dataset
     if model_classes == unnamed:  # a model trained without class names: the dataset's own are all there is to go by
         return dataset
-    differ = class_differences(model_classes, dataset.info, colours=False)  # its masks are read in its own colours
-    if differ is not None:
-        raise DataError(f"{dataset.description}: its classes are not the model's ({differ}), so its masks would be "
-                        "scored as other classes; use data labelled as the model was trained (the same classes.json)")
+    ours, theirs = ([name.strip().casefold() for name in info.names] for info in (model_classes, dataset.info))
+    if ours != theirs:
+        first = next(f"class {i}: {a!r} → {b!r}" for i, (a, b, x, y) in
+                     enumerate(zip(model_classes.names, dataset.info.names, ours, theirs)) if x != y)
+        what = "the same classes in another order" if sorted(ours) == sorted(theirs) else "other class names"
+        raise DataError(f"{dataset.description}: its classes are not the model's ({what}; {first}), so its masks "
+                        "would be scored as other classes; use data labelled as the model was trained (the same "
+                        "classes.json)")
     return dataset
