@@ -575,3 +575,20 @@ def test_the_simple_path_draws_other_augmentations_on_each_process(demo_root):
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
     set_loader_epoch(loader, 3, cfg.seed)
     assert torch.initial_seed() == epoch_seed(cfg.seed, 3)
+
+
+def test_a_resume_that_changes_the_epochs_of_a_per_step_schedule_says_where_the_rate_goes(demo_root, ram_tmp, capsys):
+    """A finished cosine run (its rate at 0) resumed with more --epochs is stretched over them: the rate rose again,
+    to a quarter of its peak for 2 → 3 epochs, without a word (an audit, 2026-12-06)."""
+    from resunet.train import resumed_config
+
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=2, scheduler="cosine", **SMALL))
+    capsys.readouterr()
+    train(resumed_config(run / "last.pt", {"epochs": 3}))
+    printed = capsys.readouterr().out
+    assert ("resunet: --epochs 3 (the run was set to 2): the cosine schedule now spans 3 epochs, so the learning rate "
+            "goes on at 0.00025 (it was 0)") in printed, printed
+    assert len(read_records(run)) == 3
+    train(resumed_config(run / "last.pt", {"epochs": 3}))  # the same count: nothing to say
+    assert "schedule now spans" not in capsys.readouterr().out

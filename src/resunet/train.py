@@ -922,8 +922,14 @@ def train(cfg: TrainConfig) -> dict:
                       f"{position['step']} of the old training data)", flush=True)
             position = None
     if cfg.resume and cfg.scheduler in PER_STEP_SCHEDULERS:
-        rebase_schedule(scheduler, optimizer, (start_epoch - 1) * len(loader) + (position["step"] if position else 0),
-                        main_process)
+        steps_done = (start_epoch - 1) * len(loader) + (position["step"] if position else 0)
+        rebase_schedule(scheduler, optimizer, steps_done, main_process)
+        stored_epochs = state["train_config"]["epochs"]
+        if cfg.epochs != stored_epochs and main_process:  # a finished cosine at 0 would rise again without a word
+            going_on = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](steps_done)
+            print(f"resunet: --epochs {cfg.epochs} (the run was set to {stored_epochs}): the {cfg.scheduler} schedule "
+                  f"now spans {cfg.epochs} epochs, so the learning rate goes on at {going_on:.3g} (it was "
+                  f"{optimizer.param_groups[0]['lr']:.3g})", flush=True)
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
