@@ -158,9 +158,7 @@ class OnnxPredictor(Predictor):
 
     def run_end_to_end(self, images: torch.Tensor, logits: bool = False) -> list[np.ndarray]:
         """N×3×H×W uint8 (one size) → the graph's class maps, and on request its full-size logits."""
-        check_image_tensor(images)
-        feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
-        return self.run_in_parts(feed, None if logits else self.first_output)
+        return self.run_in_parts(graph_feed(images), None if logits else self.first_output)
 
     def run_in_parts(self, feed: np.ndarray, outputs: list[str] | None) -> list[np.ndarray]:
         """N×H×W×3 uint8 through the end-to-end graph. Class maps alone: as many images per run as their full-size
@@ -193,10 +191,8 @@ class OnnxPredictor(Predictor):
             return super().full_size_maps(groups, confidence)
         results = []
         for images in groups:  # as many images a run as their logits allow: the batch's are never held at once
-            check_image_tensor(images)
-            feed = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
             maps, chosen = [], []
-            for part_maps, logits in self.runs(feed, None):
+            for part_maps, logits in self.runs(graph_feed(images), None):
                 maps.append(torch.from_numpy(part_maps))
                 if confidence:
                     chosen.append((torch.from_numpy(logits) / self.temperature).softmax(1).amax(1))
@@ -209,6 +205,12 @@ class OnnxPredictor(Predictor):
         if self.graph == "logits":
             return super().predict_tensor(images)
         return torch.from_numpy(self.run_end_to_end(images)[0]).long()
+
+
+def graph_feed(images: torch.Tensor) -> np.ndarray:
+    """N×3×H×W uint8 images (one size) as the end-to-end graph takes them: N×H×W×3 uint8, contiguous."""
+    check_image_tensor(images)
+    return np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
 
 
 def exported_siblings(checkpoint: str | Path) -> list[Path]:

@@ -228,7 +228,7 @@ def palette_reading(image: Image.Image, info: ClassInfo) -> tuple[np.ndarray, st
     holds masks read both ways: ids stored under a palette that happens to show other classes' colours (VOC's
     palette, say) are read by colour in the images where every colour fits, by index in the others.
 
-    Its indices are the ids Its indices are the ids (VOC's masks, or ids under any palette of their own),
+    Its indices are the ids (VOC's masks, or ids under any palette of their own),
     unless the palette is the dataset's colours in another order: a colour mask re-saved by a PNG optimiser or an
     editor gets its own palette, and its indices then name other classes (read so, silently, until 2026-12-04).
     So when every index used shows a colour of the dataset (a class's or the ignore colour), each a different one,
