@@ -406,3 +406,29 @@ def test_a_scale_that_rounds_to_no_pixel_still_gives_a_crop():
     transform = TrainTransform(64, (0.01, 0.01), (0.5,) * 3, (0.5,) * 3, 255, 0.2)
     image, mask = transform(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))
     assert tuple(image.shape) == (3, 64, 64) and tuple(mask.shape) == (64, 64)
+
+
+EXIF_TURNS = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: np.swapaxes(a, 0, 1),
+              6: lambda a: np.rot90(a, -1), 7: lambda a: np.swapaxes(np.rot90(a, 2), 0, 1), 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_TURNS))
+def test_tiffs_of_every_mode_read_upright_for_every_orientation(tmp_path, orientation):
+    """An 8-bit grey or palette TIFF stored turned by 90° came out scrambled when PIL memory-mapped the file (found
+    2026-12-06: Pillow 13 turns the mapped image in place), RGB ones right: each mode, image and mask, against the
+    orientation's definition (EXIF 2.3: 6 = turn 90° clockwise to show)."""
+    from resunet.data.classes import ClassInfo
+    from resunet.data.images import read_image
+
+    stored = np.arange(6 * 4, dtype=np.uint8).reshape(4, 6) * 10  # every pixel different: any scramble shows
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    shown = EXIF_TURNS[orientation](stored)
+    palette = Image.fromarray(stored, "L").convert("P")
+    palette.putpalette([v for i in range(256) for v in (i, i, i)])
+    for name, image in {"grey": Image.fromarray(stored, "L"), "palette": palette,
+                        "rgb": Image.fromarray(np.repeat(stored[..., None], 3, axis=2))}.items():
+        image.save(tmp_path / f"{name}.tif", exif=exif.tobytes())
+        assert read_image(tmp_path / f"{name}.tif")[..., 0].tolist() == shown.tolist(), name
+    info = ClassInfo(tuple(f"c{i}" for i in range(240)), tuple((i, i, i) for i in range(240)))
+    assert read_mask(tmp_path / "grey.tif", info).tolist() == shown.tolist()

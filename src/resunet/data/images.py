@@ -9,7 +9,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,24 +51,30 @@ def open_unbounded(source: str | Path | io.BytesIO) -> Iterator[Image.Image]:
     """Image.open without PIL's own ceiling of 2 × MAX_IMAGE_PIXELS (179 MP): `opened` checks the size against
     --max-pixels from the same header, before any pixel is decoded. PIL's ceiling refused a 15000×15000 aerial photo
     whatever --max-pixels said, and named no width and height. It is a global, so it is lifted under a lock, and
-    only for a file over it: while the file is open, since a TIFF checks it again when its pixels are decoded."""
-    try:
-        image = Image.open(source, formats=READ_FORMATS)
-    except Image.DecompressionBombError:
-        image = None
-    if image is not None:
-        with image:
-            yield image
-        return
-    if hasattr(source, "seek"):
-        source.seek(0)
-    with _PIL_CEILING:
-        ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    only for a file over it: while the file is open, since a TIFF checks it again when its pixels are decoded.
+
+    A path is opened here and PIL given the file object: given a name, PIL memory-maps an uncompressed file, and an
+    8-bit grey (or palette) TIFF stored turned by 90° then came out with its pixels scrambled (Pillow 13 turns the
+    mapped image in place; decoded from the file object it is right)."""
+    with ExitStack() as files:
+        if not hasattr(source, "read"):
+            source = files.enter_context(open(source, "rb"))
         try:
-            with Image.open(source, formats=READ_FORMATS) as image:
+            image = Image.open(source, formats=READ_FORMATS)
+        except Image.DecompressionBombError:
+            image = None
+        if image is not None:
+            with image:
                 yield image
-        finally:
-            Image.MAX_IMAGE_PIXELS = ceiling
+            return
+        source.seek(0)
+        with _PIL_CEILING:
+            ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(source, formats=READ_FORMATS) as image:
+                    yield image
+            finally:
+                Image.MAX_IMAGE_PIXELS = ceiling
 
 
 @contextmanager
