@@ -168,10 +168,27 @@ def test_data_naming_other_classes_than_the_model_is_refused_in_one_line(trained
     (root / "classes.json").write_text(json.dumps({"classes": names}))
     assert main(["evaluate", str(checkpoint), "--data-root", str(root)]) == 2
     assert "(other class names; class 1: 'aeroplane' → 'bicycle')" in capsys.readouterr().err
-    # Another ignore label: the model's, and no flag these commands lack.
+    # Data with its own ignore label (CamVid's copies say 11, VOC's 255) was refused: these commands have no
+    # --ignore-index. Its ignore pixels are the model's ignore pixels: the same scores, the same drawing.
+    (root / "classes.json").write_text(json.dumps({"classes": list(VOC_INFO.names)}))
+    kept = run_evaluate(str(checkpoint), str(root), workers=0, precision="fp32")
+    assert main(["visualize", str(checkpoint), "--data-root", str(root), "--out", str(ram_tmp / "grid.png")]) == 0
+    for mask_path in (root / "val" / "masks").iterdir():
+        mask = np.array(Image.open(mask_path))
+        assert (mask == 255).any()
+        Image.fromarray(np.where(mask == 255, 254, mask).astype(np.uint8)).save(mask_path)
     (root / "classes.json").write_text(json.dumps({"classes": list(VOC_INFO.names), "ignore_index": 254}))
+    relabelled = run_evaluate(str(checkpoint), str(root), workers=0, precision="fp32")
+    assert relabelled["confusion_matrix"] == kept["confusion_matrix"]
+    np.testing.assert_equal(relabelled["boundary_iou"], kept["boundary_iou"])  # NaN: a class in neither
+    assert relabelled["ece"] == kept["ece"]
+    assert main(["visualize", str(checkpoint), "--data-root", str(root), "--out", str(ram_tmp / "grid2.png")]) == 0
+    assert np.array_equal(np.array(Image.open(ram_tmp / "grid.png")), np.array(Image.open(ram_tmp / "grid2.png")))
+    # The model's ignore label is then an unknown value in this data's masks, as any other.
+    Image.fromarray(np.full((80, 120), 255, np.uint8)).save(root / "val" / "masks" / "0.png")
+    capsys.readouterr()
     assert main(["evaluate", str(checkpoint), "--data-root", str(root)]) == 2
-    assert capsys.readouterr().err.endswith("ignore index 254, not the 255 expected (the model's)\n")
+    assert "0.png: mask values [255] outside 0..20 and ignore 254" in capsys.readouterr().err
 
 
 def test_data_without_class_names_is_read_with_the_models_and_a_model_without_names_reads_the_datas(ram_tmp):

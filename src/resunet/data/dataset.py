@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,7 @@ class UnexpectedClassesError(DataError):
     def __init__(self, finding: str, flag: str) -> None:
         super().__init__(f"{finding} (the model's, or {flag})")
         self.finding = finding
+        self.flag = flag
 
 
 def check_expected_classes(info: ClassInfo, num_classes: int | None, ignore_index: int | None, source: str | Path,
@@ -120,8 +121,11 @@ class PairedDataset(Dataset):
         transform: Callable | None = None,
         description: str = "",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        stored_ignore: int | None = None,
     ) -> None:
-        """`max_pixels`: larger images or masks are refused from their header (DataError), before decoding."""
+        """`max_pixels`: larger images or masks are refused from their header (DataError), before decoding.
+        `stored_ignore`: the ignore label the mask files hold, where it is not `info`'s (data scored by a model
+        trained with another): they are read with it, and their ignore pixels handed out as `info`'s."""
         if len(image_paths) != len(mask_paths):
             raise ValueError("image and mask lists differ in length")
         self.image_paths = list(image_paths)
@@ -130,6 +134,7 @@ class PairedDataset(Dataset):
         self.transform = transform
         self.description = description
         self.max_pixels = max_pixels
+        self.stored_ignore = stored_ignore
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -140,14 +145,17 @@ class PairedDataset(Dataset):
     def load(self, index: int) -> Sample:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
         image = read_image(image_path, self.max_pixels)
-        mask = read_mask(mask_path, self.info, self.max_pixels)
+        stored = self.info if self.stored_ignore is None else replace(self.info, ignore_index=self.stored_ignore)
+        mask = read_mask(mask_path, stored, self.max_pixels)
         if mask.shape != image.shape[:2]:
             # The data check's hint too: evaluate and visualize run no data check.
             turned = mask.shape == image.shape[1::-1] and sides_swapped(image_path)
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but its image is "
                             f"{image.shape[1]}×{image.shape[0]}"
                             + (TURNED_MASK_HINT if turned else ""))
-        check_mask_values(mask, self.info, mask_path)
+        check_mask_values(mask, stored, mask_path)
+        if stored is not self.info:
+            mask = np.where(mask == stored.ignore_index, np.uint8(self.info.ignore_index), mask)
         return Sample(image_path.stem, image, mask)
 
     def __getitem__(self, index: int):
@@ -158,7 +166,7 @@ class PairedDataset(Dataset):
 
     def with_transform(self, transform: Callable | None) -> "PairedDataset":
         return PairedDataset(self.image_paths, self.mask_paths, self.info, transform, self.description,
-                             self.max_pixels)
+                             self.max_pixels, self.stored_ignore)
 
 
 def open_dataset(
@@ -190,9 +198,18 @@ def open_dataset_for_model(root: str | Path, split: str, model_classes: ClassInf
     names its classes (VOC's, a classes.json) must name the model's, in its order (letter case and surrounding spaces
     aside; its colours may differ: they only say how its own masks are drawn): another order scored every class as
     another, without a word. One that does not (a folder without classes.json) is read with the model's classes, so
-    masks drawn in the model's colours are read as its classes; a model trained without names takes the data's."""
+    masks drawn in the model's colours are read as its classes; a model trained without names takes the data's.
+    Its own ignore label may differ from the model's (CamVid's 11, VOC's 255): its ignore pixels are handed out as
+    the model's, so the scores skip them."""
     try:
-        dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+        try:
+            dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+        except UnexpectedClassesError as error:
+            if error.flag != "--ignore-index":
+                raise
+            dataset = open_dataset(root, split, model_classes.num_classes, None, max_pixels)
+            dataset.stored_ignore = dataset.info.ignore_index
+            dataset.info = replace(dataset.info, ignore_index=model_classes.ignore_index)
     except UnexpectedClassesError as error:  # these commands have no --num-classes or --ignore-index
         raise DataError(f"{error.finding} (the model's)") from None
     unnamed = generic_info(model_classes.num_classes, model_classes.ignore_index)
