@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,21 +116,28 @@ def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PI
     else:
         source, label = path, name or str(path)
     with opened(source, label, max_pixels) as image:
-        return pil_to_rgb8(image)
+        return pil_to_rgb8(image, owned=True)
 
 
 DEEP_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16-bit, 32-bit and float grey images
 
 
-def pil_to_rgb8(image: Image.Image) -> np.ndarray:
+def pil_to_rgb8(image: Image.Image, owned: bool = False) -> np.ndarray:
     """A PIL image as H×W×3 uint8 RGB, as every reader of images here sees it: EXIF orientation applied, deep grey
-    scaled to 8 bits (Pillow's convert() would clip it to white)."""
+    scaled to 8 bits (Pillow's convert() would clip it to white).
+
+    `owned`: the image is a file opened for this read, free to change: turned in place, and an RGB one not
+    converted. Each copy costs the whole image again: a 64 MP upload took 1.1 GB to read (a helper, 2026-12-06),
+    now about 10 bytes a pixel at the peak (PIL's 4, the array's 3, and the bytes numpy copies it from)."""
     bits = stored_bits(image)
-    image = ImageOps.exif_transpose(image)
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode in DEEP_GREY_MODES:
         # I;16* modes hold up to 16 bits: their scale is known (a TIFF says 12 if it has 12), not guessed.
         return grey_to_rgb8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"), bits=bits)
-    return np.array(image.convert("RGB"))
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def stored_bits(image: Image.Image) -> int:
@@ -166,15 +174,35 @@ def grey_to_rgb8(grey: np.ndarray, sixteen_bit: bool | None = None, bits: int = 
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90°: read, its sides swap
 
 
-def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
-    with opened(path, str(path), max_pixels) as image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without decoding a pixel."""
+
+    width: int  # as `read_image` returns the image: EXIF orientation applied
+    height: int
+    format: str  # PIL's name for the file's format: JPEG, PNG, WEBP, TIFF, ...
+    orientation: int  # the EXIF orientation `read_image` applies (1: stored upright)
+
+
+def read_header(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                name: str | None = None) -> ImageHeader:
+    """The header of `path` (or of a file's bytes, labelled `name` in errors); DataError as `read_image` would."""
+    source, label = (io.BytesIO(path), name or "image") if isinstance(path, bytes) else (path, name or str(path))
+    with opened(source, label, max_pixels) as image:
         width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+        orientation = orientation if orientation in range(1, 9) else 1  # exif_transpose ignores other values
         # PIL gives a TIFF's size as shown already (it turns the pixels when it decodes them): swapped again, the
         # decoded-image cache was sized for the stored picture and its build stopped with a traceback.
-        if image.format != "TIFF" and image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS:
-            return height, width
-        return width, height
+        if image.format != "TIFF" and orientation in SWAPPING_ORIENTATIONS:
+            width, height = height, width
+        return ImageHeader(width, height, image.format or "", orientation)
+
+
+def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as `read_image` returns the image (EXIF rotation applied), from the header alone."""
+    header = read_header(path, max_pixels)
+    return header.width, header.height
 
 
 # How each mode of mask file is read: class ids stored directly (`index_mask`), colours (`rgb_to_index`), or wide
