@@ -82,6 +82,53 @@ def test_readyz_is_503_until_the_model_is_warm_and_healthz_always_answers(checkp
         assert warm.get("/readyz").status_code == 200
 
 
+def test_the_port_answers_while_the_model_warms_up_and_readyz_says_when_it_is_warm(checkpoint, monkeypatch):
+    """uvicorn opens its port only once the app's start has returned, and that start warmed the model up: during
+    warm-up /healthz and /readyz were refused connections, never the 503 the README promises (a liveness probe
+    failed; a helper, 2026-12-06). `resunet serve` now starts without waiting (warm_up_first=False): /healthz 200,
+    /readyz and /predict 503 until warm; a warm-up that fails is said by /readyz."""
+    warm = threading.Event()
+    app = create_app(checkpoint, ServeSettings(warm_up_first=False))
+    engine = app.state.engine
+    real_warm_up = engine.warm_up
+    monkeypatch.setattr(engine, "warm_up", lambda: (warm.wait(30), real_warm_up())[1])
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+                during = [await http.get("/healthz"), await http.get("/readyz"),
+                          await http.post("/predict", content=encoded(scene(30, 40)))]
+                warm.set()
+                while not engine.ready:
+                    await asyncio.sleep(0.01)
+                return during, [await http.get("/readyz"), await http.post("/predict", content=encoded(scene(30, 40)))]
+
+    during, after = asyncio.run(scenario())
+    assert [r.status_code for r in during] == [200, 503, 503]
+    assert during[1].json() == {"error": "model not ready yet"} and during[1].headers["retry-after"] == "1"
+    assert [r.status_code for r in after] == [200, 200]
+
+    broken = create_app(checkpoint, ServeSettings(warm_up_first=False))
+    monkeypatch.setattr(broken.state.engine, "warm_up", lambda: 1 / 0)
+
+    async def failing():
+        async with broken.router.lifespan_context(broken):
+            while broken.state.engine.starting is None or not broken.state.engine.starting.done():
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broken), base_url="http://t") as http:
+                return await http.get("/readyz")
+
+    answer = asyncio.run(failing())
+    assert answer.status_code == 503 and answer.json() == {"error": "model warm-up failed: ZeroDivisionError: "
+                                                                    "division by zero"}
+    # What `resunet serve` builds: the settings the command line gives, started without waiting.
+    built = {}
+    monkeypatch.setattr("resunet.serve.create_app", lambda model, settings: built.setdefault("s", settings))
+    monkeypatch.setattr("resunet.serve.run_server", lambda *args: None)
+    assert cli_main(["serve", str(checkpoint), "--port", "0", "--head-timeout", "7"]) == 0
+    assert built["s"].warm_up_first is False and built["s"].head_timeout_s == 7
+
+
 def test_classes_describe_the_model_and_its_file(client, checkpoint, reference):
     description = client.get("/classes").json()
     assert [c["name"] for c in description["classes"]] == list(reference.info.names)
@@ -254,6 +301,50 @@ def test_metrics_count_requests_latency_and_batches(client):
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def test_json_and_rle_answers_time_their_encoding_too(client, monkeypatch):
+    """timing_ms.encode was taken before the JSON or RLE answer was made: 0.0, and a total short of the real time
+    (a helper, 2026-12-06: half of an RLE answer's time missing)."""
+    import resunet.serve.app
+
+    for name in ("class_summary", "rle_classes"):
+        made = getattr(resunet.serve.app, name)
+        monkeypatch.setattr(resunet.serve.app, name, lambda *args, made=made: (time.sleep(0.2), made(*args))[1])
+    for answer in ("json", "rle"):
+        timing = client.post(f"/predict?format={answer}", content=encoded(scene(30, 40))).json()["timing_ms"]
+        assert timing["encode"] >= 200, timing
+        parts = sum(timing[key] for key in ("receive", "decode", "queue", "inference", "encode"))
+        assert parts <= timing["total"] + 0.1, timing
+
+
+def test_an_app_mounted_under_a_path_counts_its_routes_by_name(checkpoint):
+    """Mounted as the README shows, every request was counted under path="other" (Starlette keeps the prefix in
+    the path; a helper, 2026-12-06)."""
+    from fastapi import FastAPI
+
+    seg = create_app(checkpoint)
+    outer = FastAPI(lifespan=seg.router.lifespan_context)
+    outer.mount("/seg", seg)
+    with TestClient(outer) as http:
+        assert http.post("/seg/predict", content=encoded(scene(30, 40))).status_code == 200
+        assert http.post("/seg/predict", content=b"not an image").status_code == 400
+        text = http.get("/seg/metrics").text
+    assert 'resunet_requests_total{path="/predict",status="200"} 1.0' in text
+    assert 'resunet_requests_total{path="/predict",status="400"} 1.0' in text
+    assert 'path="other"' not in text
+
+
+def test_the_announced_url_is_one_a_browser_opens():
+    """`--host ::1` was announced as http://::1:8000/ and `--port 0` as port 0 (a helper, 2026-12-06)."""
+    from resunet.serve import check_address, service_url
+
+    assert service_url("::1", 8000) == "http://[::1]:8000/"
+    assert service_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    port = check_address("127.0.0.1", 0)
+    assert 1024 <= port < 65536
+    with socket.socket() as again:  # the port chosen is free: the service binds it next
+        again.bind(("127.0.0.1", port))
+
+
 def test_monitors_may_probe_with_head_and_the_browsers_icon_request_is_no_error(client):
     for path in ("/", "/healthz", "/readyz"):
         response = client.head(path)
@@ -335,6 +426,56 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
     assert first.status_code == 200 and second.status_code == 200
     # Refused before its decode (found by a helper, 2026-12-05: each 503 for a 2000×2000 JPEG cost a second of it).
     assert len(decoded) == 2
+
+
+def test_the_pixels_being_decoded_and_waiting_are_bounded_and_thin_strips_refused_from_the_header(checkpoint,
+                                                                                                monkeypatch):
+    """The queue counted images, and decoding (10 bytes a pixel at its peak) came before it: three 200 KB uploads of
+    8000×8000 sent at once took the service from 1 to 4.9 GB (a helper, 2026-12-06). The pixels of the images being
+    decoded, waiting or segmented are bounded (--max-pending-pixels; one image alone always runs), and an image the
+    model cannot run is refused from its header, before its decode."""
+    import resunet.serve.app
+
+    app = create_app(checkpoint, ServeSettings(max_batch=1, max_wait_ms=0, max_pending_pixels=5_000))
+    engine = app.state.engine
+    decoded = []
+    decode = resunet.serve.app.decode_image
+    monkeypatch.setattr(resunet.serve.app, "decode_image", lambda *args: (decoded.append(1), decode(*args))[1])
+    release = threading.Event()
+    original = engine.variants["none"].predict_batch
+
+    def held(images):  # the first forward pass waits until the test has made its requests
+        release.wait(30)
+        return original(images)
+
+    def pending(text: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("resunet_pending_pixels "))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            engine.variants["none"].predict_batch = held
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+                data = encoded(scene(40, 50))  # 2,000 pixels
+                first = asyncio.create_task(http.post("/predict", content=data))
+                second = asyncio.create_task(http.post("/predict", content=data))
+                while len(decoded) < 2:
+                    await asyncio.sleep(0.01)
+                held_now = pending((await http.get("/metrics")).text)
+                third = await http.post("/predict", content=data)  # 6,000 pixels would be pending: refused
+                strip = await http.post("/predict", content=encoded(Image.new("RGB", (20_000, 1))))
+                release.set()
+                answers = third, strip, await first, await second
+                alone = await http.post("/predict", content=encoded(scene(80, 100)))  # 8,000 pixels, nothing else
+                return held_now, answers, alone, pending((await http.get("/metrics")).text)
+
+    held_now, (third, strip, first, second), alone, after = asyncio.run(scenario())
+    assert held_now == 4_000
+    assert third.status_code == 503 and third.headers["retry-after"] == "1", third.text
+    assert third.json()["error"] == ("busy: 4,000 pixels of other images are being decoded or segmented "
+                                     "(--max-pending-pixels 5,000); retry later")
+    assert strip.status_code == 413 and "20000×1 pixels become" in strip.json()["error"], strip.text
+    assert first.status_code == 200 and second.status_code == 200 and alone.status_code == 200
+    assert len(decoded) == 3 and after == 0  # neither the refused nor the strip was decoded
 
 
 def test_an_exported_onnx_file_is_served_the_same_way(exported):
@@ -565,7 +706,7 @@ def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
     """A client that declares a body and stops sending held its connection for ever; 320 of them made the service
     stop answering (and then log a traceback per accept). Now each gets 408 after --body-timeout, and at
     --max-connections open connections the service answers 503 at once, until they are gone."""
-    process, url = start_server(checkpoint, "--body-timeout", "2", "--max-connections", "3")
+    process, url = start_server(checkpoint, "--body-timeout", "2", "--max-connections", "3", "--head-timeout", "2")
     port = int(url.rsplit(":", 1)[1])
     stalled = []
     try:
@@ -590,9 +731,24 @@ def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
             body = json.loads(answer.split("\r\n\r\n", 1)[1])
             assert body["error"].endswith("the upload stalled: no byte for 2 s after 3 bytes"), body
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # their slots are free again
+        # A connection that sends nothing, and one that sends half a request head, held their slots for ever (a
+        # helper, 2026-12-06: uvicorn times only the wait after an answer): closed after --head-timeout, the half
+        # head answered 408.
+        silent, half = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
+        stalled += [silent, half]
+        half.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for connection in (silent, half):
+            connection.settimeout(15)
+        assert silent.recv(65536) == b""
+        answer = half.recv(65536).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert json.loads(answer.split("\r\n\r\n", 1)[1]) == {
+            "error": "the request head did not arrive within 2 s"}
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert 'resunet_requests_total{path="/predict",status="408"} 2.0' in metrics
         assert 'resunet_requests_total{path="/healthz",status="503"} 1.0' in metrics
+        assert 'resunet_requests_total{path="unparsed",status="408"} 1.0' in metrics
     finally:
         for connection in stalled:
             connection.close()
@@ -856,6 +1012,18 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
         page.mouse.move(box["x"] + box["width"] - 0.5, box["y"] + box["height"] - 0.5)  # the far corner
         x, y = map(int, page.text_content("#hover").split(")")[0].strip("(").split(", "))
         assert abs(x - 99) <= 2.5 and abs(y - 1199) <= 2.5  # one CSS pixel is 2.2 image pixels here
+        # A square photo stored turned (EXIF orientation 6): Chromium draws a WebP as stored while the server turns
+        # it, and the sizes agree, so the mask was laid sideways over it without a word (a helper, 2026-12-06): the
+        # mask alone now. A JPEG the browser turns as the server does: overlaid.
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        for count, (name, fmt) in enumerate((("square.webp", "WEBP"), ("square.jpg", "JPEG")), start=4):
+            photo = encoded(scene(48, 48, 6), fmt, exif=exif.tobytes())
+            page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(photo), "name": name})
+            page.wait_for_selector(f"body[data-segmented='{count}']", timeout=60_000)
+            expected = "" if fmt == "JPEG" else (" (the file is stored turned (EXIF orientation 6), and this browser "
+                                                 "may not turn it as the server did: the mask alone is shown)")
+            assert page.text_content("#status") == f"{name}: done{expected}"
         # A phone: a tap shows the class under the finger, and it stays when the finger lifts.
         phone = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
         page = phone.new_page()

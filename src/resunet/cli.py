@@ -467,24 +467,26 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeSettings, check_address, create_app, run_server
+    from .serve import ServeSettings, check_address, create_app, run_server, service_url
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
-                             precision=args.precision, threads=args.threads, body_timeout_s=args.body_timeout)
+                             precision=args.precision, threads=args.threads, body_timeout_s=args.body_timeout,
+                             head_timeout_s=args.head_timeout, max_pending_pixels=args.max_pending_pixels,
+                             warm_up_first=False)  # the port answers while the model warms up: /readyz says when
     try:
         app = create_app(args.model, settings)
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
         print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
         return 1
     try:
-        check_address(args.host, args.port)
+        port = check_address(args.host, args.port)
     except OSError as error:
         print(f"resunet serve: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})",
               file=sys.stderr)
         return 1
-    print(f"resunet serve: {args.model} on http://{args.host}:{args.port}/ (page), /predict, /docs", flush=True)
-    run_server(app, args.host, args.port, args.log_level, args.drain_timeout, args.max_connections)
+    print(f"resunet serve: {args.model} on {service_url(args.host, port)} (page), /predict, /docs", flush=True)
+    run_server(app, args.host, port, args.log_level, args.drain_timeout, args.max_connections)
     return 0
 
 
@@ -676,11 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="request body limit (default 20 MB)")
     p.add_argument("--body-timeout", type=_positive_seconds, default=30.0,
                    help="an upload that sends no byte for this many seconds gets 408 (default 30)")
+    p.add_argument("--head-timeout", type=_positive_seconds, default=30.0,
+                   help="a connection that has not sent a whole request head this many seconds after opening (or "
+                        "after its last answer) is closed, with 408 if part came (default 30)")
     p.add_argument("--max-connections", type=_positive_int, default=1000,
                    help="when this many connections are open (a new request's included), it gets 503 at once "
                         "(default 1000)")
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"image size limit, read from the header before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-pending-pixels", type=_positive_int, default=4 * DEFAULT_MAX_PIXELS,
+                   help="pixels of the images being decoded, waiting or segmented, all requests together; beyond, "
+                        f"503 (default {4 * DEFAULT_MAX_PIXELS:,}: about 3 bytes a pixel held, 10 while decoding)")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
     p.add_argument("--device", default="auto", help="for .pt checkpoints")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="for .pt checkpoints")

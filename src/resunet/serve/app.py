@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -31,7 +31,8 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
 from ..predict import Predictor, check_working_size, load, max_working_pixels
-from .codec import RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes
+from .codec import (RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes,
+                    upload_header)
 from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
@@ -68,12 +69,19 @@ class ServeSettings:
     max_queue: int = 64  # images waiting at most; beyond, 503 with Retry-After
     max_bytes: int = 20_000_000  # request body limit (413 beyond)
     max_pixels: int = DEFAULT_MAX_PIXELS  # image size limit, checked from the header before decoding (413 beyond)
+    # Pixels of the images being decoded, waiting or segmented, all requests together (503 beyond): each holds memory
+    # from its decode on, and 64 MP fit in a 200 KB upload.
+    max_pending_pixels: int = 4 * DEFAULT_MAX_PIXELS
     tta: str = "none"  # default test-time augmentation: none | flip (a request may ask with ?tta=)
     device: str = "auto"  # for .pt checkpoints
     precision: str = "auto"  # for .pt checkpoints
     threads: int | None = None  # CPU threads: onnxruntime's for .onnx, torch's for .pt (default: the cores)
     retry_after_s: int = 1  # what a 503 asks the client to wait
     body_timeout_s: float = 30.0  # an upload with no byte for this long gets 408 (a stalled client frees its slot)
+    head_timeout_s: float = 30.0  # a connection that has not sent a whole request head in this long is closed
+    # False: the app's start returns before the model is warmed up, so a server answers at once (/healthz 200,
+    # /readyz 503 until warm); `resunet serve` does so. True: it returns warm (an app mounted in another's lifespan).
+    warm_up_first: bool = True
 
     def __post_init__(self) -> None:
         if self.tta not in REQUEST_TTA:  # "ms" was served as "none" without a word
@@ -117,9 +125,38 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def path_label(path: str) -> str:
-    """A request's path as /metrics counts it: a route, a static folder, or "other" (no label per random path)."""
+def path_label(scope: dict) -> str:
+    """A request's path as /metrics counts it: a route, a static folder, or "other" (no label per random path). An app
+    mounted under a prefix (`app.mount("/seg", ...)`) counts its routes without it: Starlette keeps the whole path in
+    scope["path"], and every request was counted as "other"."""
+    path, prefix = scope["path"], scope.get("root_path", "")
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix):]
     return path if path in ROUTES else next((f for f in ("/static", DOCS_ASSETS) if path.startswith(f + "/")), "other")
+
+
+class PixelBudget:
+    """The pixels of the images being decoded, waiting or segmented, all requests together, at most `limit`: each
+    takes memory from its decode on (about 10 bytes a pixel while decoding, 3 after), while its upload may be a
+    few hundred KB. The queue counted images, and decoding happened before it: three 200 KB uploads of 8000×8000
+    at once took the service from 1 to 4.9 GB (a helper, 2026-12-06). One image alone is always let in (its own
+    limit is --max-pixels)."""
+
+    def __init__(self, limit: int, metrics: ServiceMetrics) -> None:
+        self.limit, self.pending = limit, 0
+        metrics.pending_pixels.set_function(lambda: self.pending)
+
+    @contextmanager
+    def holding(self, pixels: int):
+        """Count `pixels` while the block runs (on the event loop: no lock); QueueFullError if they do not fit."""
+        if self.pending and self.pending + pixels > self.limit:
+            raise QueueFullError(f"{self.pending:,} pixels of other images are being decoded or segmented "
+                                 f"(--max-pending-pixels {self.limit:,})")
+        self.pending += pixels
+        try:
+            yield
+        finally:
+            self.pending -= pixels
 
 
 class LogAndCount:
@@ -135,6 +172,7 @@ class LogAndCount:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
+        label = path_label(scope)  # now: a mount inside the app (the static files) rewrites the scope's root_path
 
         async def send_noting_status(message) -> None:
             if message["type"] == "http.response.start":
@@ -162,7 +200,6 @@ class LogAndCount:
                 await response(scope, receive, send_noting_status)
         seconds = time.perf_counter() - started
         path = printable_name(scope["path"])  # decoded: a %0A would start a forged log line
-        label = path_label(scope["path"])
         self.metrics.requests.labels(label, str(status["code"])).inc()
         self.metrics.latency.labels(label).observe(seconds)
         error = getattr(request.state, "error", None)
@@ -196,6 +233,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue)
     predictor = engine.predictor
     info = predictor.info
+    pixels = PixelBudget(settings.max_pending_pixels, metrics)
     description = {
         "classes": [{"id": i, "name": name, "color": list(colour)}
                     for i, (name, colour) in enumerate(zip(info.names, info.palette))],
@@ -208,11 +246,18 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         "resunet_version": __version__,
     }
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await engine.start()
+    def say_ready() -> None:
         log.info("ready: %s (%s), working size %d, classes %d", model_path.name, description["model"]["kind"],
                  predictor.size, info.num_classes)
+
+    def warm_up_failed(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("warm-up failed, the service stays unready (/readyz 503): %s", engine.warm_up_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start(wait=settings.warm_up_first, on_ready=say_ready)
+        engine.starting.add_done_callback(warm_up_failed)
         yield
         await engine.stop()
 
@@ -269,6 +314,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
     async def readyz() -> JSONResponse:
+        if engine.warm_up_error:
+            return error_response(503, f"model warm-up failed: {engine.warm_up_error}")
         if not engine.ready:
             return error_response(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
         return JSONResponse({"status": "ready"})
@@ -280,6 +327,15 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def check_runnable(height: int, width: int, name: str) -> None:
+        """413 for an image the model cannot run: a thin strip of few pixels can still ask the network for gigabytes
+        at the working size, and an end-to-end ONNX graph has its bound on logits."""
+        try:
+            predictor.check_size(height, width)
+            check_working_size(height, width, predictor.size, max_working_pixels(predictor.size))
+        except DataError as error:
+            raise RequestError(413, f"{name}: {error}") from None
 
     def busy(error: QueueFullError) -> RequestError:
         return RequestError(503, f"busy: {error}; retry later", {"Retry-After": str(settings.retry_after_s)})
@@ -303,19 +359,16 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                                     f"(available: {', '.join(engine.variants)})")
         data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
         received = time.perf_counter()
+        header = upload_header(data, name, settings.max_pixels)
+        check_runnable(header.height, header.width, name)  # from the header: a refusal costs no decode
         try:
             engine.check_room()  # before the decode: under overload a refusal must cost little
-        except QueueFullError as error:
-            raise busy(error) from None
-        image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
-        try:  # a thin strip of few pixels can still ask the network for gigabytes at the working size
-            predictor.check_size(*image.shape[:2])
-            check_working_size(*image.shape[:2], predictor.size, max_working_pixels(predictor.size))
-        except DataError as error:
-            raise RequestError(413, f"{name}: {error}") from None
-        decoded = time.perf_counter()
-        try:
-            result = await until_done_or_gone(request, engine.submit(image, tta))
+            with pixels.holding(header.width * header.height):
+                image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+                check_runnable(*image.shape[:2], name)
+                decoded = time.perf_counter()
+                result = await until_done_or_gone(request, engine.submit(image, tta))
+                del image
         except QueueFullError as error:
             raise busy(error) from None
         except EngineStoppedError as error:
@@ -323,6 +376,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         inferred = time.perf_counter()
         if format == "png":
             body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))
+        elif format == "json":
+            classes_found = class_summary(result.mask, info)
+        else:
+            classes_found = await run_in_threadpool(rle_classes, result.mask, info)
         timing = {"receive": received - started, "decode": decoded - received, "queue": result.queue_ms / 1000,
                   "inference": result.inference_ms / 1000, "encode": time.perf_counter() - inferred}
         timing = {key: round(1000 * value, 2) for key, value in timing.items()}
@@ -331,12 +388,9 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         height, width = result.mask.shape
         if format == "png":
             headers = {"Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timing.items() if k != "batch_size"),
-                       "X-Batch-Size": str(result.batch_size)}
+                       "X-Batch-Size": str(result.batch_size), "X-Image-Format": header.format,
+                       "X-Image-Orientation": str(header.orientation)}
             return Response(body, media_type="image/png", headers=headers)
-        if format == "json":
-            classes_found = class_summary(result.mask, info)
-        else:
-            classes_found = await run_in_threadpool(rle_classes, result.mask, info)
         return JSONResponse({"width": width, "height": height, "classes": classes_found, "timing_ms": timing})
 
     return app
@@ -351,18 +405,22 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
             return await app(scope, receive, send)
         message = f"too many open connections (--max-connections {limit}); try again shortly"
         await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
-        metrics.requests.labels(path_label(scope["path"]), "503").inc()
+        metrics.requests.labels(path_label(scope), "503").inc()
         log.info("%s %s 503 error: %s", scope["method"], printable_name(scope["path"]), message)
 
     return app_within_limit
 
 
-def json_errors_protocol(metrics: ServiceMetrics) -> type:
+def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) -> type:
     """uvicorn's HTTP/1.1 protocol (h11), except for two answers uvicorn gives itself, before any app sees the
     request, in text/plain and without a reason: they are given like every other error, a JSON body naming the
     problem, one log line and a count in /metrics. A request it cannot parse (a garbage request line, a non-numeric
     Content-Length, headers past 16 KB) is counted under path "unparsed"; one past --max-connections under its
-    path."""
+    path. And a connection must send a whole request head within `head_timeout_s` of opening (or of its last
+    answer): uvicorn only times the idle wait after an answer, which any byte ends, so a client that never sent a
+    byte, or sent its head a byte at a time, held its connection for ever; a thousand of them were
+    --max-connections, and every other client got 503 (a helper, 2026-12-06). Closed then; answered 408 if part of a
+    head had come."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -372,17 +430,49 @@ def json_errors_protocol(metrics: ServiceMetrics) -> type:
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check, made in JSON instead
             if limit is not None:
                 self.app = over_the_limit_in_json(self.app, limit, self.connections, self.tasks, metrics)
+            self.head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self.await_head()
+
+        def connection_lost(self, exc) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def await_head(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            self.head_deadline = self.loop.call_later(head_timeout_s, self.head_too_slow, self.cycle)
+
+        def head_too_slow(self, cycle) -> None:
+            # A head that came since is a new cycle (a pipelined one may have begun before the deadline was set: a
+            # request under way is never cut here; its body has --body-timeout).
+            if self.cycle is not cycle or (cycle is not None and not cycle.response_complete):
+                return
+            if self.transport.is_closing():
+                return
+            if self.conn.trailing_data[0]:
+                self.answer_and_close(408, f"the request head did not arrive within {head_timeout_s:g} s")
+            else:  # an idle connection, as after keep-alive: nothing to answer
+                self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
             error = sys.exc_info()[1]  # uvicorn calls this inside its `except h11.RemoteProtocolError`
             status = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
-            message = f"invalid HTTP request: {error}" if error else msg
+            self.answer_and_close(status, f"invalid HTTP request: {error}" if error else msg)
+
+        def answer_and_close(self, status: int, message: str) -> None:
             body = json.dumps({"error": message}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
-                          h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
+            # Written as bytes: h11 sends no answer before a request head has come (the 408 case).
+            self.transport.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json"
+                                 f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
             self.transport.close()
             metrics.requests.labels("unparsed", str(status)).inc()
             log.info("- - %d error: %s", status, message)
@@ -392,16 +482,24 @@ def json_errors_protocol(metrics: ServiceMetrics) -> type:
     return JsonErrorsH11Protocol
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int) -> int:
     """Raise OSError (one line: the address and why) if `host:port` cannot be listened on — a port in use, a host
     that does not resolve — before the model is warmed up and the service announced; uvicorn would say it later, in
-    a log, with another exit status."""
+    a log, with another exit status. Returns the port: for port 0, a free one the system chose (announced as
+    ":0" and served on another, unsaid)."""
     import socket
 
     for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
-            probe.bind(address)
+            probe.bind((address[0], port, *address[2:]))
+            port = port or probe.getsockname()[1]
+    return port
+
+
+def service_url(host: str, port: int) -> str:
+    """The URL a browser opens: an IPv6 address in brackets (http://::1:8000/ is no URL)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
@@ -427,6 +525,6 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                     timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
-                    http=json_errors_protocol(app.state.metrics))
+                    http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,7 @@ from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
 from starlette.requests import ClientDisconnect, Request
 
 from ..data.classes import ClassInfo
-from ..data.images import DataError, ImageTooLargeError, read_image
+from ..data.images import DataError, ImageHeader, ImageTooLargeError, read_header, read_image
 
 # Bodies sent as these types are taken as the image file itself; `application/x-www-form-urlencoded` is what
 # `curl --data-binary @photo.jpg` sends unless told otherwise.
@@ -122,6 +122,17 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
     if not data:
         raise RequestError(400, "empty body: no image received")
     return data, name
+
+
+def upload_header(data: bytes, name: str, max_pixels: int | None) -> ImageHeader:
+    """The upload's size as shown, format and EXIF orientation, from its header; 413 for too many pixels, 400 for a
+    file that is not a readable image."""
+    try:
+        return read_header(data, max_pixels, name=name)
+    except ImageTooLargeError as error:
+        raise RequestError(413, str(error)) from None
+    except DataError as error:
+        raise RequestError(400, str(error)) from None
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:

@@ -88,25 +88,41 @@ class InferenceEngine:
         self.metrics = metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.ready = False
+        self.warm_up_error: str | None = None  # why a warm-up in the background failed (the engine then never readies)
+        self.starting: asyncio.Task | None = None
         self.queue: asyncio.Queue[Job] | None = None
         self.batcher: asyncio.Task | None = None
         self.waiting: set[asyncio.Future] = set()  # every submitted image's future until it is answered
         metrics.queue_depth.set_function(lambda: self.queue.qsize() if self.queue is not None else 0)
 
-    async def start(self) -> None:
+    async def start(self, wait: bool = True, on_ready: Callable[[], None] | None = None) -> None:
         """Create the queue, warm the model up (the first passes build the kernels), start batching, then report
-        ready."""
-        loop = asyncio.get_running_loop()
+        ready and call `on_ready`. `wait=False`: return at once, warming up in the background (a server then answers
+        /healthz and /readyz's 503 meanwhile); a failure there is kept in `warm_up_error`, and the engine stays
+        unready."""
         self.queue = asyncio.Queue(self.max_queue)
-        await loop.run_in_executor(self.executor, self.warm_up)
+        self.starting = asyncio.ensure_future(self._warm_up_then_batch(on_ready))
+        if wait:
+            await self.starting
+
+    async def _warm_up_then_batch(self, on_ready: Callable[[], None] | None) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.warm_up)
+        except Exception as error:
+            self.warm_up_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            raise
         self.batcher = asyncio.create_task(self.run_batches())
         self.ready = True
+        if on_ready is not None:
+            on_ready()
 
     async def stop(self) -> None:
         """Stop batching once the forward pass under way is done; every image still waiting (queued, or in that
         pass) fails with EngineStoppedError, and so does a later submit. The inference thread (holding the model)
         stays, so the app can start again (it ends with the process)."""
         self.ready = False
+        if self.starting is not None and not self.starting.done():  # stopped while warming up
+            self.starting.cancel()
         if self.batcher is not None:
             self.batcher.cancel()
             try:

@@ -23,6 +23,8 @@ class ServiceMetrics:
         self.in_flight = Gauge("resunet_images_in_flight", "Images queued or being segmented",
                                registry=self.registry)
         self.queue_depth = Gauge("resunet_queue_depth", "Images waiting for a forward pass", registry=self.registry)
+        self.pending_pixels = Gauge("resunet_pending_pixels", "Pixels of the images being decoded, waiting or "
+                                    "segmented (at most --max-pending-pixels)", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

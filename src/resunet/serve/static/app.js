@@ -73,6 +73,15 @@ function countAnswer() {
   document.body.dataset.answered = String((Number(document.body.dataset.answered) || 0) + 1);
 }
 
+// Whether the browser's picture of the file is the one the server segmented, when the file is stored turned (EXIF
+// orientation, which the server applies): browsers turn a JPEG, but Chromium draws a WebP as stored. Sides that
+// differ from the mask's are caught above; a square photo, or one flipped or turned by 180°, keeps its size.
+function turnedAlike(response, full) {
+  const orientation = Number(response.headers.get("X-Image-Orientation") || 1);
+  if (orientation === 1 || response.headers.get("X-Image-Format") === "JPEG") return true;
+  return orientation >= 5 && full.width !== full.height;  // turned by 90° and the sides match: the browser turned it
+}
+
 async function segment(file, count = 1) {
   if (!file) return;
   // Only the last image asked for is shown: an earlier upload is cancelled (the server drops an image whose client
@@ -128,6 +137,11 @@ async function segment(file, count = 1) {
       // The browser read the file otherwise than the server (an orientation it ignores): no stretched overlay.
       note = ` (this browser shows the image at ${image.width}×${image.height}, the mask is ` +
         `${full.width}×${full.height}: the mask alone is shown)`;
+      image.close();
+      image = null;
+    } else if (image && !turnedAlike(response, full)) {
+      note = ` (the file is stored turned (EXIF orientation ${response.headers.get("X-Image-Orientation")}), and ` +
+        "this browser may not turn it as the server did: the mask alone is shown)";
       image.close();
       image = null;
     }
