@@ -52,7 +52,6 @@ from .predict import Predictor, check_working_size
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
 MAX_LOGIT_DIFF = 1e-3
 MIN_AGREEMENT = 0.999
-VERIFY_SIZES = ((75, 101), (257, 333), (360, 480))  # (height, width): odd, larger than, and a typical photo
 
 
 class ExportError(ValueError):
@@ -205,15 +204,25 @@ def write_model_onnx(network: nn.Module, path: Path, graph: str, size: int, mean
 # ---- verification ----------------------------------------------------------------------------------------------
 
 
-def verification_images(sources: list[np.ndarray]) -> list[np.ndarray]:
+def verification_sizes(size: int) -> list[tuple[int, int]]:
+    """(height, width) of the verification images for working size `size`: odd sides, enlarged and reduced to the
+    working size, landscape and portrait. The sizes were fixed (75×101, 257×333, 360×480): all landscape, and at
+    working size 360 none reduced, so a graph that resized without antialiasing, or took the height for the short
+    side, passed at 100% (a helper, 2026-12-06)."""
+    small, large = ((size // 2 + 11) | 1, (2 * size // 3 + 17) | 1), ((3 * size // 2) | 1, (2 * size) | 1)
+    return [small, small[::-1], large, large[::-1]]
+
+
+def verification_images(sources: list[np.ndarray], size: int) -> list[np.ndarray]:
     """Real pictures at the verification sizes (resized from `sources`; generated scenes when there are none)."""
+    sizes = verification_sizes(size)
     if not sources:
         from .data.demo import make_sample
 
         rng = np.random.default_rng(0)
-        sources = [np.array(make_sample(rng, 256)[0]) for _ in VERIFY_SIZES]
+        sources = [np.array(make_sample(rng, 256)[0]) for _ in sizes]
     return [np.array(Image.fromarray(sources[i % len(sources)]).resize((w, h), Image.BILINEAR))
-            for i, (h, w) in enumerate(VERIFY_SIZES)]
+            for i, (h, w) in enumerate(sizes)]
 
 
 def as_batch(image: np.ndarray) -> torch.Tensor:
@@ -398,7 +407,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     calibration_set = calibration_images(calibration, calibration_count, calibration_files, reference.size) \
         if int8 else []
     sources = [dataset.load(i).image for i in range(min(3, len(dataset)))] if dataset is not None else []
-    images = verification_images(sources)
+    images = verification_images(sources, size)
     result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
 
     def refuse(message: str) -> ExportError:
