@@ -487,3 +487,20 @@ def test_a_photo_that_runs_the_device_out_of_memory_is_one_line_and_the_others_r
     assert err.count("\n") == 1 and f"{tmp_path / 'big.png'}: out of cpu memory at 96×96; the other inputs still run" \
         in err, err
     assert sorted(path.name for path in out.iterdir()) == ["small.png"]
+
+
+def test_multi_scale_tta_bounds_every_scale_before_running_any(trained_run, monkeypatch):
+    """--tta ms checked each scale's working pixels as it came to it: a 2500×1 strip, within the bound at the
+    working size (64) but not at 1.5 ×, ran the smaller scales first (50 s and 14 GB, or the OOM killer on a
+    500×7 strip with a 360 model), then was refused naming 96 as the working size (a helper, 2026-12-06)."""
+    from resunet.data.images import DataError
+
+    predictor = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32", tta="ms")
+    ran = []
+    monkeypatch.setattr(predictor, "working_logits", lambda x: ran.append(x.shape))
+    with pytest.raises(DataError, match=r"^1×2500 pixels become 96×240000 at working size 96, more than "
+                                        r"16,000,000 pixels: crop the image or split it \(--tta ms runs it at 1.5 × "
+                                        r"the working size 64\)$"):
+        predictor.predict(np.zeros((2500, 1, 3), np.uint8))
+    assert ran == []
+    Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32").check_size(2500, 1)  # one scale: fits

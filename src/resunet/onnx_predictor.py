@@ -74,6 +74,35 @@ def open_session(path: str | Path, threads: int | None = None):
         raise CheckpointError(f"{path}: not a readable ONNX file (onnxruntime: {first})") from None
 
 
+# What each graph takes and gives (ONNX Runtime's names for the types; None: a dimension left free).
+SIGNATURES = {"end-to-end": (("tensor(uint8)", (None, None, None, 3)), ["tensor(uint8)", "tensor(float)"]),
+              "logits": (("tensor(float)", (None, 3, None, None)), ["tensor(float)"])}
+
+
+def check_signature(session, graph: str, num_classes: int, path: Path) -> None:
+    """CheckpointError (one line) when the graph does not take and give what resunet feeds and reads for `graph`:
+    images of any batch and size. onnxruntime's own make_dynamic_shape_fixed keeps the metadata of a file whose
+    input it fixed to one size, and such a file ended predict and evaluate at its first other image with
+    onnxruntime's traceback (a helper, 2026-12-06)."""
+    (input_type, input_shape), output_types = SIGNATURES[graph]
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    takes = f"{inputs[0].type} {inputs[0].shape}" if len(inputs) == 1 else f"{len(inputs)} inputs"
+    problem = None
+    if len(inputs) != 1 or inputs[0].type != input_type or len(inputs[0].shape) != 4:
+        problem = f"its graph takes {takes}"
+    elif any(isinstance(have, int) if want is None else have != want
+             for have, want in zip(inputs[0].shape, input_shape)):
+        problem = f"its graph takes only {takes} (fixed sides or batch: resunet feeds any)"
+    elif [o.type for o in outputs] != output_types or not all(len(o.shape) in (3, 4) for o in outputs):
+        problem = f"its graph gives {[f'{o.type} {o.shape}' for o in outputs]}"
+    elif isinstance(outputs[-1].shape[1], int) and outputs[-1].shape[1] != num_classes:
+        problem = f"its graph gives {outputs[-1].shape[1]} classes, its metadata {num_classes}"
+    if problem:
+        layout = "uint8 N×H×W×3" if graph == "end-to-end" else "float N×3×H×W"
+        raise CheckpointError(f"{path}: resunet metadata for the {graph} graph ({layout} of any size), but {problem}; "
+                              "export it again from its checkpoint")
+
+
 class OnnxPredictor(Predictor):
     """`Predictor` over an exported file (CPU, onnxruntime, threads = the cores unless given)."""
 
@@ -95,6 +124,7 @@ class OnnxPredictor(Predictor):
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
         self.quantized = meta.get("resunet.int8") == "true"
+        check_signature(self.session, self.graph, self.info.num_classes, self.path)
         self.input_name = self.session.get_inputs()[0].name
         self.first_output = [self.session.get_outputs()[0].name]  # the mask of an end-to-end graph (not its logits)
         # Both graphs give probabilities (an end-to-end one from its full-size logits output); only the logits graph

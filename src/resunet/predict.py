@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,6 +283,8 @@ class Predictor:
     def low_res_logits(self, groups: list[torch.Tensor]) -> list[list[tuple[float, list[torch.Tensor]]]]:
         """Groups as for `logits_by_group` → for each group, for each model (one here; an `Ensemble`'s members):
         its temperature and its float32 logits at each working size, before any upsampling."""
+        for images in groups:  # every scale's bound before any scale runs
+            self.check_size(*images.shape[-2:])
         groups = self.on_device(groups)
         by_size = [self.working_logits_by_group(groups, size) for size in self.tta_sizes()]
         return [[(self.temperature, [parts[i] for parts in by_size])] for i in range(len(groups))]
@@ -377,8 +380,18 @@ class Predictor:
         return self.class_maps_by_group([images])[0].long()
 
     def check_size(self, height: int, width: int) -> None:
-        """DataError (one line; the caller adds the file) if this predictor cannot take an image of this size."""
-        check_working_size(height, width, self.size)
+        """DataError (one line; the caller adds the file) if this predictor cannot take an image of this size: at
+        every working size it runs it at. Multi-scale TTA checked each scale as it came to it: a strip too long for
+        its largest scale ran the others first (50 s and 14 GB, or the OOM killer), then was refused, naming the
+        scale's size as the working size (a helper, 2026-12-06)."""
+        for size in sorted(set(self.tta_sizes()), reverse=True):
+            try:
+                check_working_size(height, width, size)
+            except DataError as error:
+                if size == self.size:
+                    raise
+                raise DataError(f"{error} (--tta {self.tta} runs it at {size / self.size:g} × the working size "
+                                f"{self.size})") from None
 
     def batch_key(self, height: int, width: int) -> tuple:
         """Images with equal keys can share one forward pass in `predict_batch`: the same network input shapes."""
@@ -555,7 +568,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
 
         # An exported file runs on the CPU at the precision it was exported with; asked otherwise, say so rather
         # than time a CPU run the user believes was on the GPU.
-        if device not in ONNX_DEVICES:
+        if device not in ONNX_DEVICES and not re.fullmatch(r"cpu:\d+", device):  # torch.device("cpu", 0): the CPU
             raise DeviceError(f"--device {device}: {path} is an exported file, which runs on the CPU (onnxruntime); "
                               "give its .pt checkpoint to run elsewhere")
         if precision not in ONNX_PRECISIONS:
