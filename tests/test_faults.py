@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,39 @@ def test_a_sigterm_as_workers_start_does_not_kill_them():
     assert [batch.tolist() for batch in start_workers(loader)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(RuntimeError, match="DataLoader worker"):  # what a plain iter() met, now and then
         list(iter(loader))
+
+
+def test_data_workers_die_with_a_killed_main_process(tmp_path):
+    """A trainer killed with -9 (or by the OOM killer) while evaluation's workers held whole images left them for
+    ever: PyTorch's watchdog ends a worker's loop, but the worker then waits to hand its last batches to a pipe nobody
+    reads, and it ignores SIGTERM (a helper, 2026-12-06: 4 kills in 7, 700 MB each, holding the cache's lock)."""
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import numpy as np\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from resunet.data.dataset import start_workers, worker_ignores_ctrl_c\n"
+        "class Big(Dataset):  # items far larger than a pipe's buffer, as evaluation's whole images are\n"
+        "    def __len__(self): return 64\n"
+        "    def __getitem__(self, i): return np.zeros(4_000_000, np.uint8)\n"
+        "loader = DataLoader(Big(), batch_size=1, num_workers=2, collate_fn=lambda b: b,\n"
+        "                    worker_init_fn=worker_ignores_ctrl_c)\n"
+        "batches = start_workers(loader)\n"
+        "next(batches)\n"
+        "print(' '.join(str(w.pid) for w in batches._workers), flush=True)\n"
+        "time.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in process.stdout.readline().split()]
+    assert len(workers) == 2
+    time.sleep(2)  # the workers fill their queues and block on the full pipe
+    process.kill()
+    process.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    for pid in alive:  # the test leaves nothing behind, passed or not
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their killed main process"
