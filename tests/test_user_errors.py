@@ -90,6 +90,25 @@ def test_an_out_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys):
     assert "cannot make the ablation folder" in one_error_line(capsys, "ablate")
 
 
+def test_an_out_folder_among_the_datas_folders_is_one_line(demo_root, tmp_path, capsys):
+    """--out train/images was accepted: the run's curves.png and checkpoints were then read as images, and every later
+    run, its own resume too, refused the dataset (a helper, 2026-12-06)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    voc = data / "VOCdevkit" / "VOC2012"
+    cfg = ["--data-root", str(data), "--size", "64", "--no-pretrained", "--skip-data-check"]
+    for out in (voc / "SegmentationClass", voc / "JPEGImages" / "run"):
+        before = sorted(p.name for p in voc.rglob("*"))
+        assert main(["train", *cfg, "--out", str(out)]) == 2
+        line = one_error_line(capsys, "train")
+        assert line.endswith(f"--out {out}: inside {(out if out.name != 'run' else out.parent).resolve()}, whose "
+                             "files are read as the data's images or masks; give a run folder outside the data's "
+                             "folders"), line
+        assert sorted(p.name for p in voc.rglob("*")) == before
+
+
 def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
     from resunet.model.encoders import WeightsUnavailableError, build_encoder
 

@@ -764,6 +764,18 @@ def check_settings(cfg: TrainConfig) -> None:
                             "BatchNorm cannot train on one value per channel; use --batch-size 2 or a crop over 32")
 
 
+def check_out_outside_data(out: Path, *datasets: PairedDataset) -> None:
+    """DataError when --out is a folder the data's images or masks are read from, or inside one: a run written into
+    train/images left its curves.png and checkpoints there, read as images from then on, and every later run, its own
+    resume too, refused the dataset (a helper, 2026-12-06)."""
+    target = out.resolve()
+    for folder in {path.parent for dataset in datasets for path in [*dataset.image_paths, *dataset.mask_paths]}:
+        folder = folder.resolve()
+        if target == folder or folder in target.parents:
+            raise DataError(f"--out {out}: inside {folder}, whose files are read as the data's images or masks; "
+                            "give a run folder outside the data's folders")
+
+
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
@@ -811,6 +823,7 @@ def train(cfg: TrainConfig) -> dict:
         train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         info = train_set.info
+        check_out_outside_data(Path(cfg.out), train_set, val_set)
         if len(train_set) < cfg.batch_size * world:
             raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                             f"{cfg.batch_size * world}")
