@@ -287,27 +287,47 @@ def test_a_sigterm_as_workers_start_does_not_kill_them():
         list(iter(loader))
 
 
+LOADER_SCRIPT = (
+    "import os, sys, time\n"
+    "import numpy as np\n"
+    "from torch.utils.data import DataLoader, Dataset\n"
+    "from resunet.data.dataset import start_workers, worker_ignores_ctrl_c\n"
+    "class Big(Dataset):  # items far larger than a pipe's buffer, as evaluation's whole images are\n"
+    "    def __len__(self): return 64\n"
+    "    def __getitem__(self, i): return np.zeros(4_000_000, np.uint8)\n"
+    "loader = DataLoader(Big(), batch_size=1, num_workers=2, collate_fn=lambda b: b,\n"
+    "                    worker_init_fn=worker_ignores_ctrl_c)\n"
+    "batches = start_workers(loader)\n"
+    "next(batches)\n"
+    "print(os.getpid(), ' '.join(str(w.pid) for w in batches._workers), flush=True)\n"
+    "if sys.argv[1:] == ['all']:\n"
+    "    print(sum(1 for _ in batches) + 1, flush=True)\n"
+    "else:\n"
+    "    time.sleep(600)\n")
+
+
+def test_data_workers_run_under_a_main_process_that_is_pid_1(tmp_path):
+    """In a container without an init the trainer is PID 1: its workers, seeing their parent's pid 1, took it for
+    dead and exited at start (a review, 2026-12-06). Run in a new PID namespace, as such a container does."""
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_SCRIPT)
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script), "all"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "Operation not permitted" in result.stderr:
+        pytest.skip("unshare --pid is not permitted here (needs root or user namespaces)")
+    assert result.returncode == 0, result.stderr
+    first, count = result.stdout.split("\n")[:2]
+    assert first.split()[0] == "1" and count == "64"
+
+
 def test_data_workers_die_with_a_killed_main_process(tmp_path):
     """A trainer killed with -9 (or by the OOM killer) while evaluation's workers held whole images left them for
     ever: PyTorch's watchdog ends a worker's loop, but the worker then waits to hand its last batches to a pipe nobody
     reads, and it ignores SIGTERM (a helper, 2026-12-06: 4 kills in 7, 700 MB each, holding the cache's lock)."""
     script = tmp_path / "loader.py"
-    script.write_text(
-        "import os, sys, time\n"
-        "import numpy as np\n"
-        "from torch.utils.data import DataLoader, Dataset\n"
-        "from resunet.data.dataset import start_workers, worker_ignores_ctrl_c\n"
-        "class Big(Dataset):  # items far larger than a pipe's buffer, as evaluation's whole images are\n"
-        "    def __len__(self): return 64\n"
-        "    def __getitem__(self, i): return np.zeros(4_000_000, np.uint8)\n"
-        "loader = DataLoader(Big(), batch_size=1, num_workers=2, collate_fn=lambda b: b,\n"
-        "                    worker_init_fn=worker_ignores_ctrl_c)\n"
-        "batches = start_workers(loader)\n"
-        "next(batches)\n"
-        "print(' '.join(str(w.pid) for w in batches._workers), flush=True)\n"
-        "time.sleep(600)\n")
+    script.write_text(LOADER_SCRIPT)
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    workers = [int(pid) for pid in process.stdout.readline().split()]
+    workers = [int(pid) for pid in process.stdout.readline().split()[1:]]
     assert len(workers) == 2
     time.sleep(2)  # the workers fill their queues and block on the full pipe
     process.kill()

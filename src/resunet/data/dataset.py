@@ -46,14 +46,15 @@ def die_with_parent() -> None:
     gone, but the worker then waits to hand its queue's last batches to a pipe nobody reads: a trainer killed (-9,
     or by the OOM killer) while evaluation's workers held whole images left them for ever, 700 MB each, holding the
     decoded-image cache's lock, deaf to SIGTERM (a helper, 2026-12-06: 4 kills in 7)."""
-    if not sys.platform.startswith("linux"):
+    parent = multiprocessing.parent_process()
+    if not sys.platform.startswith("linux") or parent is None:
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the call: nobody would send the signal
-        os._exit(0)
+    if os.getppid() != parent.pid:  # it died before the call: nobody sends the signal (not "PID 1": in a container
+        os._exit(0)  # without an init, the trainer is PID 1)
 
 
 WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
