@@ -116,11 +116,13 @@ def test_the_port_answers_while_the_model_warms_up_and_readyz_says_when_it_is_wa
             while broken.state.engine.starting is None or not broken.state.engine.starting.done():
                 await asyncio.sleep(0.01)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broken), base_url="http://t") as http:
-                return await http.get("/readyz")
+                return [await http.get("/readyz"), await http.get("/healthz"),
+                        await http.post("/predict", content=encoded(scene(30, 40)))]
 
-    answer = asyncio.run(failing())
-    assert answer.status_code == 503 and answer.json() == {"error": "model warm-up failed: ZeroDivisionError: "
-                                                                    "division by zero"}
+    answers = asyncio.run(failing())
+    for answer in answers:  # alive, never to be ready: /healthz too, so a liveness probe restarts it
+        assert answer.status_code == 503 and answer.json() == {"error": "model warm-up failed: ZeroDivisionError: "
+                                                                        "division by zero"}
     # What `resunet serve` builds: the settings the command line gives, started without waiting.
     built = {}
     monkeypatch.setattr("resunet.serve.create_app", lambda model, settings: built.setdefault("s", settings))
@@ -391,20 +393,29 @@ def test_concurrent_requests_are_batched_by_working_shape(checkpoint, reference)
         assert np.array_equal(mask_of(response.content), reference.predict(np.asarray(image)))
 
 
-def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
+def app_with_a_held_pass(checkpoint, monkeypatch, settings: ServeSettings):
+    """An app whose decodes are counted (in the list returned), and `held`: a forward pass to put in place of the
+    engine's, waiting until the test sets `release`."""
     import resunet.serve.app
 
-    app = create_app(checkpoint, ServeSettings(max_batch=1, max_queue=1, max_wait_ms=0))
-    engine = app.state.engine
+    app = create_app(checkpoint, settings)
     decoded = []
     decode = resunet.serve.app.decode_image
     monkeypatch.setattr(resunet.serve.app, "decode_image", lambda *args: (decoded.append(1), decode(*args))[1])
     release = threading.Event()
-    original = engine.variants["none"].predict_batch
+    original = app.state.engine.variants["none"].predict_batch
 
-    def held(images):  # the first forward pass waits until the test has filled the queue
+    def held(images):
         release.wait(30)
         return original(images)
+
+    return app, decoded, release, held
+
+
+def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
+    app, decoded, release, held = app_with_a_held_pass(checkpoint, monkeypatch,
+                                                       ServeSettings(max_batch=1, max_queue=1, max_wait_ms=0))
+    engine = app.state.engine
 
     async def scenario():
         async with app.router.lifespan_context(app):
@@ -428,25 +439,43 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
     assert len(decoded) == 2
 
 
+def test_an_image_whose_client_went_away_waits_in_the_queue_without_its_pixels(checkpoint, monkeypatch):
+    """A request whose client hangs up is over (its pixels free in the service's count), but its job waited in the
+    queue, holding the decoded image, until the batcher skipped it between passes: during a long pass, abandoned
+    uploads piled up outside the bound (a review, 2026-12-06)."""
+    app, _, release, held = app_with_a_held_pass(checkpoint, monkeypatch, ServeSettings(max_batch=1, max_wait_ms=0))
+    engine = app.state.engine
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            engine.variants["none"].predict_batch = held
+            image = np.zeros((40, 50, 3), np.uint8)
+            first = asyncio.ensure_future(engine.submit(image))
+            while engine.metrics.in_flight._value.get() < 1 or engine.queue.qsize():
+                await asyncio.sleep(0.01)  # the batcher has taken the first image: its pass is held
+            second = asyncio.ensure_future(engine.submit(image.copy()))
+            while engine.queue.qsize() < 1:
+                await asyncio.sleep(0.01)
+            second.cancel()
+            await asyncio.sleep(0.05)
+            waiting = engine.queue._queue[0]
+            release.set()
+            return waiting, await first
+
+    waiting, first = asyncio.run(scenario())
+    assert waiting.future.cancelled() and waiting.image is None
+    assert first.mask.shape == (40, 50) and first.batch_size == 1
+
+
 def test_the_pixels_being_decoded_and_waiting_are_bounded_and_thin_strips_refused_from_the_header(checkpoint,
                                                                                                 monkeypatch):
     """The queue counted images, and decoding (10 bytes a pixel at its peak) came before it: three 200 KB uploads of
     8000×8000 sent at once took the service from 1 to 4.9 GB (a helper, 2026-12-06). The pixels of the images being
     decoded, waiting or segmented are bounded (--max-pending-pixels; one image alone always runs), and an image the
     model cannot run is refused from its header, before its decode."""
-    import resunet.serve.app
-
-    app = create_app(checkpoint, ServeSettings(max_batch=1, max_wait_ms=0, max_pending_pixels=5_000))
+    app, decoded, release, held = app_with_a_held_pass(checkpoint, monkeypatch, ServeSettings(
+        max_batch=1, max_wait_ms=0, max_pending_pixels=5_000))
     engine = app.state.engine
-    decoded = []
-    decode = resunet.serve.app.decode_image
-    monkeypatch.setattr(resunet.serve.app, "decode_image", lambda *args: (decoded.append(1), decode(*args))[1])
-    release = threading.Event()
-    original = engine.variants["none"].predict_batch
-
-    def held(images):  # the first forward pass waits until the test has made its requests
-        release.wait(30)
-        return original(images)
 
     def pending(text: str) -> float:
         return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("resunet_pending_pixels "))
@@ -462,7 +491,9 @@ def test_the_pixels_being_decoded_and_waiting_are_bounded_and_thin_strips_refuse
                     await asyncio.sleep(0.01)
                 held_now = pending((await http.get("/metrics")).text)
                 third = await http.post("/predict", content=data)  # 6,000 pixels would be pending: refused
-                strip = await http.post("/predict", content=encoded(Image.new("RGB", (20_000, 1))))
+                # Truncated: refused from its header, 413, not found unreadable by a decode (a PNG's EXIF lookup
+                # decoded the whole image: a review, 2026-12-06).
+                strip = await http.post("/predict", content=encoded(Image.new("RGB", (20_000, 1)))[:-30])
                 release.set()
                 answers = third, strip, await first, await second
                 alone = await http.post("/predict", content=encoded(scene(80, 100)))  # 8,000 pixels, nothing else

@@ -185,12 +185,17 @@ class ImageHeader:
 
 
 def read_header(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                name: str | None = None) -> ImageHeader:
-    """The header of `path` (or of a file's bytes, labelled `name` in errors); DataError as `read_image` would."""
+                name: str | None = None, decode_for_orientation: bool = True) -> ImageHeader:
+    """The header of `path` (or of a file's bytes, labelled `name` in errors); DataError as `read_image` would.
+
+    A PNG's EXIF block may follow its pixels, and PIL decodes the whole image to look for it: with
+    `decode_for_orientation=False` a PNG's orientation is read only from a block before its pixels (where PNG writers,
+    PIL too, put it), and taken as 1 otherwise. The service asks so: its header read must cost no decode."""
     source, label = (io.BytesIO(path), name or "image") if isinstance(path, bytes) else (path, name or str(path))
     with opened(source, label, max_pixels) as image:
         width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+        found_cheaply = image.format != "PNG" or "exif" in image.info
+        orientation = image.getexif().get(0x0112, 1) if found_cheaply or decode_for_orientation else 1
         orientation = orientation if orientation in range(1, 9) else 1  # exif_transpose ignores other values
         # PIL gives a TIFF's size as shown already (it turns the pixels when it decodes them): swapped again, the
         # decoded-image cache was sized for the stored picture and its build stopped with a traceback.

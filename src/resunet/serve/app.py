@@ -308,8 +308,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
 
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="The process is alive")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        if engine.warm_up_error:  # alive but never to be ready: a liveness probe should restart it
+            return error_response(503, f"model warm-up failed: {engine.warm_up_error}")
+        return JSONResponse({"status": "ok"})
 
     @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
@@ -352,6 +354,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def predict(request: Request, format: str = Query("png", pattern="^(png|json|rle)$"),
                       tta: str | None = Query(None, pattern="^(none|flip)$")) -> Response:
         started = time.perf_counter()
+        if engine.warm_up_error:
+            raise RequestError(503, f"model warm-up failed: {engine.warm_up_error}")
         if not engine.ready:
             raise RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
         if tta is not None and tta not in engine.variants:
@@ -458,21 +462,27 @@ def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) 
                 return
             if self.transport.is_closing():
                 return
-            if self.conn.trailing_data[0]:
-                self.answer_and_close(408, f"the request head did not arrive within {head_timeout_s:g} s")
-            else:  # an idle connection, as after keep-alive: nothing to answer
-                self.transport.close()
+            waiting = self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+            if waiting and self.conn.trailing_data[0]:  # part of a new head: said why
+                message = f"the request head did not arrive within {head_timeout_s:g} s"
+                body = json.dumps({"error": message}).encode()
+                # Written as bytes: h11 sends no answer before a request head has come.
+                self.transport.write(f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+                metrics.requests.labels("unparsed", "408").inc()
+                log.info("- - 408 error: %s", message)
+            self.transport.close()  # else idle, as after keep-alive, or the rest of a body answered early
 
         def send_400_response(self, msg: str) -> None:
             error = sys.exc_info()[1]  # uvicorn calls this inside its `except h11.RemoteProtocolError`
             status = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
-            self.answer_and_close(status, f"invalid HTTP request: {error}" if error else msg)
-
-        def answer_and_close(self, status: int, message: str) -> None:
+            message = f"invalid HTTP request: {error}" if error else msg
             body = json.dumps({"error": message}).encode()
-            # Written as bytes: h11 sends no answer before a request head has come (the 408 case).
-            self.transport.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json"
-                                 f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
             self.transport.close()
             metrics.requests.labels("unparsed", str(status)).inc()
             log.info("- - %d error: %s", status, message)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -124,26 +126,27 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
     return data, name
 
 
-def upload_header(data: bytes, name: str, max_pixels: int | None) -> ImageHeader:
-    """The upload's size as shown, format and EXIF orientation, from its header; 413 for too many pixels, 400 for a
-    file that is not a readable image."""
+@contextmanager
+def as_request_errors() -> Iterator[None]:
+    """An unusable upload as its HTTP error: 413 for too many pixels (from the header), 400 for anything unreadable."""
     try:
-        return read_header(data, max_pixels, name=name)
+        yield
     except ImageTooLargeError as error:
         raise RequestError(413, str(error)) from None
     except DataError as error:
         raise RequestError(400, str(error)) from None
+
+
+def upload_header(data: bytes, name: str, max_pixels: int | None) -> ImageHeader:
+    """The upload's size as shown, format and EXIF orientation, from its header alone."""
+    with as_request_errors():
+        return read_header(data, max_pixels, name=name, decode_for_orientation=False)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
-    """H×W×3 uint8, read exactly as `resunet predict` reads files; 413 for too many pixels (from the header, before
-    decoding), 400 for anything unreadable."""
-    try:
+    """H×W×3 uint8, read exactly as `resunet predict` reads files (its size checked from the header first)."""
+    with as_request_errors():
         return read_image(data, max_pixels, name=name)
-    except ImageTooLargeError as error:
-        raise RequestError(413, str(error)) from None
-    except DataError as error:
-        raise RequestError(400, str(error)) from None
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -164,6 +164,9 @@ class InferenceEngine:
         finally:
             self.waiting.discard(job.future)
             self.metrics.in_flight.dec()
+            # An image whose client went away waits in the queue until the batcher skips it, between passes: as a
+            # few bytes, not its pixels (the service counts them free once its request is over).
+            job.image = None
 
     async def next_batch(self) -> list[Job]:
         """The first waiting job, plus what else arrives within `max_wait` (up to `max_batch` in all)."""
@@ -195,7 +198,8 @@ class InferenceEngine:
                 key = (job.tta,) + self.variants[job.tta].batch_key(height, width)
                 groups.setdefault(key, []).append(job)
             for jobs in groups.values():
-                for part in self.within_budget(jobs):
+                jobs = [job for job in jobs if not job.future.done()]  # gone during an earlier group's pass
+                for part in self.within_budget(jobs) if jobs else ():
                     await self.run_group(loop, part)
 
     def within_budget(self, jobs: list[Job]) -> list[list[Job]]:
@@ -215,6 +219,9 @@ class InferenceEngine:
         return parts
 
     async def run_group(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if not job.future.done()]  # gone during an earlier part's pass
+        if not jobs:
+            return
         predictor = self.variants[jobs[0].tta]
         started = time.perf_counter()
         try:

@@ -78,7 +78,7 @@ function countAnswer() {
 // differ from the mask's are caught above; a square photo, or one flipped or turned by 180°, keeps its size.
 function turnedAlike(response, full) {
   const orientation = Number(response.headers.get("X-Image-Orientation") || 1);
-  if (orientation === 1 || response.headers.get("X-Image-Format") === "JPEG") return true;
+  if (orientation === 1 || ["JPEG", "MPO"].includes(response.headers.get("X-Image-Format"))) return true;
   return orientation >= 5 && full.width !== full.height;  // turned by 90° and the sides match: the browser turned it
 }
 
