@@ -97,10 +97,14 @@ def test_a_graph_wrong_only_for_reduced_images_is_not_kept(trained_run, tmp_path
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return logits.argmax(1).to(torch.uint8), logits
 
+    # The model at working size 400, where the old sizes were all enlarged (at 64 they were all reduced).
+    payload = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=False)
+    payload["input_size"] = 400
+    torch.save(payload, tmp_path / "at400.pt")
     monkeypatch.setattr(EndToEnd, "forward", forward)
     with pytest.raises(ExportError, match="the exported graph does not match PyTorch"):
-        run_export(str(trained_run / "best.pt"), str(tmp_path / "wrong.onnx"), workers=0)
-    assert not list(tmp_path.iterdir())
+        run_export(str(tmp_path / "at400.pt"), str(tmp_path / "out" / "wrong.onnx"), workers=0)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("size", ODD_SIZES)
