@@ -311,8 +311,13 @@ def test_json_and_rle_answers_time_their_encoding_too(client, monkeypatch):
     for name in ("class_summary", "rle_classes"):
         made = getattr(resunet.serve.app, name)
         monkeypatch.setattr(resunet.serve.app, name, lambda *args, made=made: (time.sleep(0.2), made(*args))[1])
+    exif = Image.Exif()
+    exif[0x0112] = 6
     for answer in ("json", "rle"):
-        timing = client.post(f"/predict?format={answer}", content=encoded(scene(30, 40))).json()["timing_ms"]
+        body = client.post(f"/predict?format={answer}", content=encoded(scene(30, 40), "JPEG", exif=exif.tobytes()))
+        assert body.json()["image"] == {"format": "JPEG", "orientation": 6}  # the mask is the upright image's
+        assert (body.json()["width"], body.json()["height"]) == (30, 40)
+        timing = body.json()["timing_ms"]
         assert timing["encode"] >= 200, timing
         parts = sum(timing[key] for key in ("receive", "decode", "queue", "inference", "encode"))
         assert parts <= timing["total"] + 0.1, timing

@@ -395,7 +395,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                        "X-Batch-Size": str(result.batch_size), "X-Image-Format": header.format,
                        "X-Image-Orientation": str(header.orientation)}
             return Response(body, media_type="image/png", headers=headers)
-        return JSONResponse({"width": width, "height": height, "classes": classes_found, "timing_ms": timing})
+        # The mask is the upright image's: a client drawing it over the file as stored needs the turn.
+        image_fields = {"format": header.format, "orientation": header.orientation}
+        return JSONResponse({"width": width, "height": height, "image": image_fields, "classes": classes_found,
+                             "timing_ms": timing})
 
     return app
 
