@@ -225,16 +225,14 @@ def open_dataset_for_model(root: str | Path, split: str, model_classes: ClassInf
     Its own ignore label may differ from the model's (CamVid's 11, VOC's 255): its ignore pixels are handed out as
     the model's, so the scores skip them."""
     try:
-        try:
-            dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
-        except UnexpectedClassesError as error:
-            if error.flag != "--ignore-index":
-                raise
-            dataset = open_dataset(root, split, model_classes.num_classes, None, max_pixels)
-            dataset.stored_ignore = dataset.info.ignore_index
-            dataset.info = replace(dataset.info, ignore_index=model_classes.ignore_index)
-    except UnexpectedClassesError as error:  # these commands have no --num-classes or --ignore-index
-        raise DataError(f"{error.finding} (the model's)") from None
+        dataset = open_dataset(root, split, model_classes.num_classes, model_classes.ignore_index, max_pixels)
+    except UnexpectedClassesError as error:
+        if error.flag != "--ignore-index":  # these commands have no --num-classes
+            raise DataError(f"{error.finding} (the model's)") from None
+        # The class count was checked first, and matched: opened again without the ignore label, nothing else differs.
+        dataset = open_dataset(root, split, model_classes.num_classes, None, max_pixels)
+        dataset.stored_ignore = dataset.info.ignore_index
+        dataset.info = replace(dataset.info, ignore_index=model_classes.ignore_index)
     unnamed = generic_info(model_classes.num_classes, model_classes.ignore_index)
     if dataset.info == unnamed:
         dataset.info = model_classes
