@@ -223,8 +223,7 @@ TURNED_MASK_HINT = " (the image is EXIF-rotated; the mask matches it unrotated?)
 def sides_swapped(path: str | Path) -> bool:
     """Whether the image is stored turned by 90° (False for a file that cannot be read: asked after an error)."""
     try:
-        with opened(path, str(path), None) as image:
-            return image.getexif().get(0x0112) in SWAPPING_ORIENTATIONS
+        return read_header(path, None).orientation in SWAPPING_ORIENTATIONS
     except DataError:
         return False
 
