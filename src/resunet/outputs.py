@@ -55,6 +55,16 @@ def check_output_folder(flag: str, folder: str | Path) -> None:
     check_writable_folder(flag, Path(folder), Path(folder))
 
 
+def check_folder_apart(flag: str, folder: str | Path, data_files: Iterable[str | Path]) -> None:
+    """DataError when `folder`, which the command writes files into, is a folder the data's files are read from, or
+    inside one: what it writes would be read as data next time."""
+    target = resolved(folder)
+    for read in {resolved(parent) for parent in {Path(path).parent for path in data_files}}:
+        if target == read or read in target.parents:
+            raise DataError(f"{flag} {folder}: inside {read}, whose files are read as the data's images or masks; "
+                            "give a run folder outside the data's folders")
+
+
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:
     """Made by nothing here: a command refused later (a model that does not load, a dataset that does not open)
     leaves no empty folder behind. A missing folder is tried through the nearest one that exists."""

@@ -57,7 +57,7 @@ from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
 from .model.encoders import ENCODERS, WeightsUnavailableError, check_weights_file
 from .model.unet import ResNetUNet
-from .outputs import check_output_folder, replace_text
+from .outputs import check_folder_apart, check_output_folder, replace_text
 from .predict import Predictor
 from .runtime import (DeviceError, autocast, describe_device, distributed_env, precision_name, resolve_device,
                       resolve_precision, use_channels_last)
@@ -764,18 +764,6 @@ def check_settings(cfg: TrainConfig) -> None:
                             "BatchNorm cannot train on one value per channel; use --batch-size 2 or a crop over 32")
 
 
-def check_out_outside_data(out: Path, *datasets: PairedDataset) -> None:
-    """DataError when --out is a folder the data's images or masks are read from, or inside one: a run written into
-    train/images left its curves.png and checkpoints there, read as images from then on, and every later run, its own
-    resume too, refused the dataset (a helper, 2026-12-06)."""
-    target = out.resolve()
-    for folder in {path.parent for dataset in datasets for path in [*dataset.image_paths, *dataset.mask_paths]}:
-        folder = folder.resolve()
-        if target == folder or folder in target.parents:
-            raise DataError(f"--out {out}: inside {folder}, whose files are read as the data's images or masks; "
-                            "give a run folder outside the data's folders")
-
-
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
@@ -823,7 +811,10 @@ def train(cfg: TrainConfig) -> dict:
         train_set = open_dataset(cfg.data_root, cfg.train_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         val_set = open_dataset(cfg.data_root, cfg.val_split, cfg.num_classes, cfg.ignore_index, cfg.max_pixels)
         info = train_set.info
-        check_out_outside_data(Path(cfg.out), train_set, val_set)
+        # A run written into train/images left curves.png and its checkpoints to be read as images, and every later
+        # run, its own resume too, refused the dataset (a helper, 2026-12-06).
+        check_folder_apart("--out", cfg.out, [path for dataset in (train_set, val_set)
+                                              for path in (*dataset.image_paths, *dataset.mask_paths)])
         if len(train_set) < cfg.batch_size * world:
             raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                             f"{cfg.batch_size * world}")
