@@ -306,20 +306,26 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
 
     app.mount("/static", PageFiles(directory=STATIC), name="static")
 
+    def unready() -> RequestError | None:
+        """Why the model cannot answer now (503), or None."""
+        if engine.warm_up_error:  # never to be ready
+            return RequestError(503, f"model warm-up failed: {engine.warm_up_error}")
+        if not engine.ready:
+            return RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
+        return None
+
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> JSONResponse:
         if engine.warm_up_error:  # alive but never to be ready: a liveness probe should restart it
-            return error_response(503, f"model warm-up failed: {engine.warm_up_error}")
+            return await readyz()
         return JSONResponse({"status": "ok"})
 
     @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
     async def readyz() -> JSONResponse:
-        if engine.warm_up_error:
-            return error_response(503, f"model warm-up failed: {engine.warm_up_error}")
-        if not engine.ready:
-            return error_response(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
+        if refusal := unready():
+            return error_response(refusal.status, refusal.message, refusal.headers)
         return JSONResponse({"status": "ready"})
 
     @app.get("/classes", summary="Classes, colours, ignore label, working size, the model file and its sha256")
@@ -354,10 +360,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def predict(request: Request, format: str = Query("png", pattern="^(png|json|rle)$"),
                       tta: str | None = Query(None, pattern="^(none|flip)$")) -> Response:
         started = time.perf_counter()
-        if engine.warm_up_error:
-            raise RequestError(503, f"model warm-up failed: {engine.warm_up_error}")
-        if not engine.ready:
-            raise RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
+        if refusal := unready():
+            raise refusal
         if tta is not None and tta not in engine.variants:
             raise RequestError(422, f"tta '{tta}' is not available for this model "
                                     f"(available: {', '.join(engine.variants)})")
