@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +26,7 @@ from resunet.cli import main as cli_main
 from resunet.data.images import read_image
 from resunet.fingerprint import sha256_file
 from resunet.predict import Predictor
-from resunet.serve import ServeSettings, create_app
+from resunet.serve import ServeSettings, bind_address, create_app
 from resunet.serve.codec import rle_encode
 
 from test_bad_inputs import declared_png
@@ -126,7 +128,7 @@ def test_the_port_answers_while_the_model_warms_up_and_readyz_says_when_it_is_wa
     # What `resunet serve` builds: the settings the command line gives, started without waiting.
     built = {}
     monkeypatch.setattr("resunet.serve.create_app", lambda model, settings: built.setdefault("s", settings))
-    monkeypatch.setattr("resunet.serve.run_server", lambda *args: None)
+    monkeypatch.setattr("resunet.serve.run_server", lambda *args: [listener.close() for listener in args[-1]])
     assert cli_main(["serve", str(checkpoint), "--port", "0", "--head-timeout", "7"]) == 0
     assert built["s"].warm_up_first is False and built["s"].head_timeout_s == 7
 
@@ -342,14 +344,23 @@ def test_an_app_mounted_under_a_path_counts_its_routes_by_name(checkpoint):
 
 def test_the_announced_url_is_one_a_browser_opens():
     """`--host ::1` was announced as http://::1:8000/ and `--port 0` as port 0 (a helper, 2026-12-06)."""
-    from resunet.serve import check_address, service_url
+    from resunet.serve import service_url
 
     assert service_url("::1", 8000) == "http://[::1]:8000/"
     assert service_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
-    port = check_address("127.0.0.1", 0)
-    assert 1024 <= port < 65536
-    with socket.socket() as again:  # the port chosen is free: the service binds it next
-        again.bind(("127.0.0.1", port))
+
+
+def test_port_0_stays_bound_from_its_announcement_to_the_service():
+    """The free port --port 0 chose was released again, then bound by uvicorn after the announcement: another
+    process could take it in between (a known race, 2026-12-06). bind_address holds it; the service runs on it."""
+    sockets = bind_address("127.0.0.1", 0)
+    port = sockets[0].getsockname()[1]
+    assert len(sockets) == 1 and 1024 <= port < 65536
+    with socket.socket() as intruder, pytest.raises(OSError) as taken:
+        intruder.bind(("127.0.0.1", port))
+    assert taken.value.errno == errno.EADDRINUSE
+    for listener in sockets:
+        listener.close()
 
 
 def test_monitors_may_probe_with_head_and_the_browsers_icon_request_is_no_error(client):
@@ -549,17 +560,15 @@ def test_a_model_that_cannot_be_served_stops_start_up_in_one_line(tmp_path, caps
         assert err.startswith("resunet serve: error:") and str(path) in err and "\n" not in err, err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "resunet.cli", "serve", str(model), "--port", str(port),
-                                *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    """`resunet serve --port 0`, at the URL it announces (the port it chose), once /readyz says ready."""
+    process = subprocess.Popen([sys.executable, "-m", "resunet.cli", "serve", str(model), "--port", "0", *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not (announced := re.search(r" on (http://127\.0\.0\.1:[1-9]\d*)/ \(page\)", "".join(lines))):
+        lines.append(process.stdout.readline())
+        assert lines[-1], "".join(lines) + process.stdout.read()  # it ended without announcing a URL
+    url = announced.group(1)
     deadline = time.time() + 120
     while time.time() < deadline:
         assert process.poll() is None, process.stdout.read()
@@ -668,6 +677,18 @@ def test_load_200_requests_from_16_clients_with_bad_ones_interleaved(live_server
     batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
                if line.startswith("resunet_batch_size_count")]
     assert float(batches[0].split()[-1]) < 150  # concurrent requests of one shape shared forward passes
+
+
+def test_ctrl_c_stops_the_service_quietly_with_status_0(checkpoint):
+    """The service runs on sockets bound before its announcement (uvicorn.Server, not uvicorn.run): Ctrl-C, even
+    twice, must still end it as uvicorn.run did, at once, with no traceback."""
+    for presses in (1, 2):
+        process, url = start_server(checkpoint)
+        for _ in range(presses):
+            process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        log = process.stdout.read()
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
@@ -1084,9 +1105,10 @@ def test_the_page_works_mounted_under_a_path_of_another_app_in_a_real_browser(ch
     seg = create_app(checkpoint)
     outer = FastAPI(lifespan=seg.router.lifespan_context)
     outer.mount("/seg", seg)
-    port = free_port()
+    sockets = bind_address("127.0.0.1", 0)
+    port = sockets[0].getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(outer, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:

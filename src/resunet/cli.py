@@ -467,7 +467,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeSettings, check_address, create_app, run_server, service_url
+    from .serve import ServeSettings, bind_address, create_app, run_server, service_url
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
@@ -480,13 +480,14 @@ def cmd_serve(args) -> int:
         print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
         return 1
     try:
-        port = check_address(args.host, args.port)
+        sockets = bind_address(args.host, args.port)
     except OSError as error:
         print(f"resunet serve: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})",
               file=sys.stderr)
         return 1
+    port = sockets[0].getsockname()[1]  # the one chosen for --port 0
     print(f"resunet serve: {args.model} on {service_url(args.host, port)} (page), /predict, /docs", flush=True)
-    run_server(app, args.host, port, args.log_level, args.drain_timeout, args.max_connections)
+    run_server(app, args.host, port, args.log_level, args.drain_timeout, args.max_connections, sockets)
     return 0
 
 

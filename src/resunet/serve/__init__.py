@@ -4,6 +4,6 @@
     app = create_app("runs/demo/best.pt")  # or an exported .onnx; run it under any ASGI server
 """
 
-from .app import ServeSettings, check_address, create_app, run_server, service_url
+from .app import ServeSettings, bind_address, create_app, run_server, service_url
 
-__all__ = ["ServeSettings", "check_address", "create_app", "run_server", "service_url"]
+__all__ = ["ServeSettings", "bind_address", "create_app", "run_server", "service_url"]

@@ -499,19 +499,29 @@ def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) 
     return JsonErrorsH11Protocol
 
 
-def check_address(host: str, port: int) -> int:
-    """Raise OSError (one line: the address and why) if `host:port` cannot be listened on — a port in use, a host
-    that does not resolve — before the model is warmed up and the service announced; uvicorn would say it later, in
-    a log, with another exit status. Returns the port: for port 0, a free one the system chose (announced as
-    ":0" and served on another, unsaid)."""
+def bind_address(host: str, port: int) -> list:
+    """Bind the sockets `run_server` serves on: one per address `host` resolves to, as asyncio would (IPv6 sockets
+    IPv6 only). Raises OSError (the address and why: a port in use, a host that does not resolve) before the model
+    is warmed up and the service announced; uvicorn would say it later, in a log, with another exit status. For
+    port 0 the system chooses a free port, and it stays bound from here on: nothing can take it between its
+    announcement and the service's start."""
     import socket
 
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
-            probe.bind((address[0], port, *address[2:]))
-            port = port or probe.getsockname()[1]
-    return port
+    bound = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)):
+            listener = socket.socket(family, kind, proto)
+            bound.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind((address[0], port, *address[2:]))
+            port = port or listener.getsockname()[1]  # every address on the port the first one was given
+    except BaseException:
+        for listener in bound:
+            listener.close()
+        raise
+    return bound
 
 
 def service_url(host: str, port: int) -> str:
@@ -520,11 +530,12 @@ def service_url(host: str, port: int) -> str:
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               drain_timeout_s: int = 30, max_connections: int | None = 1000) -> None:
+               drain_timeout_s: int = 30, max_connections: int | None = 1000, sockets: list | None = None) -> None:
     """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight (for at most
     `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return. Past
     `max_connections` open connections a request gets 503 at once: many idle clients cannot use up the process's
-    file descriptors (then uvicorn's accept loop fails, logging a traceback for every try)."""
+    file descriptors (then uvicorn's accept loop fails, logging a traceback for every try). It serves on `sockets`
+    from bind_address(host, port), bound here if not given."""
     import signal
 
     import uvicorn
@@ -540,8 +551,12 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     # Our protocol logs an unparsable request in one line with its reason; uvicorn's own warning would be a second.
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != UVICORN_INVALID_REQUEST)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                    timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
-                    http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s))
+        sockets = sockets if sockets is not None else bind_address(host, port)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
+                                http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s))
+        uvicorn.Server(config).run(sockets=sockets)
+    except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C during the drain ends it quietly
+        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
