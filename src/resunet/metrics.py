@@ -99,7 +99,8 @@ class BoundaryIoU:
     """Boundary IoU per class (Cheng et al., CVPR 2021), accumulated over a whole split like the confusion matrix:
     IoU of the ground truth's and the prediction's boundary bands (each mask's pixels within d of its contour,
     d = 2% of the image diagonal), ignore-labelled pixels excluded. mIoU hides errors along the edges; this shows
-    them."""
+    them. Ignore pixels are don't-care: the ground truth takes the prediction's class there before its contours are
+    drawn, so the edge of a void region (VOC's band around every object) is no contour the prediction must meet."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, fraction: float = BOUNDARY_FRACTION) -> None:
         self.num_classes, self.ignore_index, self.fraction = num_classes, ignore_index, fraction
@@ -117,7 +118,7 @@ class BoundaryIoU:
         if len(classes) == 0:
             return
         d = self.band_width(*target.shape)
-        truth = boundary_band(target[None] == classes[:, None, None], d) & valid
+        truth = boundary_band(torch.where(valid, target, pred)[None] == classes[:, None, None], d) & valid
         guess = boundary_band(pred[None] == classes[:, None, None], d) & valid
         self.intersection[classes] += (truth & guess).sum((1, 2))
         self.union[classes] += (truth | guess).sum((1, 2))
