@@ -51,6 +51,14 @@ def test_temperature_fit_recovers_a_known_overconfidence():
     assert fit_temperature(true_logits, true_logits.argmin(1)) == 100.0
     assert fit_temperature(true_logits, torch.randint(0, 4, (40_000,), generator=generator)) == 100.0
     assert fit_temperature(true_logits, true_logits.argmax(1)) == 0.01
+    # Right on every pixel by a wide margin: the NLL is soon too small for L-BFGS's gradient test, which stopped at
+    # T 0.25 (a helper's audit). One wrong pixel among them and the NLL has a minimum inside the bounds.
+    one_hot = 5 * torch.nn.functional.one_hot(labels, 4).double()
+    assert fit_temperature(one_hot, labels) == 0.01
+    one_wrong = one_hot.clone()
+    one_wrong[0] = one_wrong[0].roll(1)
+    assert 0.01 < fit_temperature(one_wrong, labels) < 100
+    assert fit_temperature(one_wrong, labels, (torch.arange(len(labels)) > 0).double()) == 0.01  # it weighs nothing
 
 
 def test_the_fit_weighs_every_pixel_once_not_every_image():

@@ -73,8 +73,13 @@ def collect(predictor: Predictor, dataset: PairedDataset,
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     """The T in TEMPERATURE_BOUNDS minimising the mean NLL of softmax(logits / T), each pixel weighted by `weights`
     if given (L-BFGS on log T, in float64, FIT_CHUNK pixels at a time: the gradients add up over the chunks)."""
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
+    low, high = TEMPERATURE_BOUNDS
+    if every_pixel_right(logits, labels, weights):
+        # Each pixel's NLL then falls for ever as T does: the minimum is the lower bound. L-BFGS would stop early,
+        # where the NLL is too small for its gradient to count (T 0.25 for logits 5·one-hot).
+        return low
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     total_weight = weights.sum()
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -90,8 +95,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
         return loss
 
     optimizer.step(closure)
-    low, high = TEMPERATURE_BOUNDS
     return min(max(float(log_t.detach().exp()), low), high)
+
+
+def every_pixel_right(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether every pixel of positive weight has its label's score above every other class's."""
+    for start in range(0, len(labels), FIT_CHUNK):
+        part, truth = logits[start:start + FIT_CHUNK], labels[start:start + FIT_CHUNK]
+        own = part.gather(1, truth[:, None])
+        rivals = part.scatter(1, truth[:, None], float("-inf")).amax(1, keepdim=True)
+        if ((own <= rivals).squeeze(1) & (weights[start:start + FIT_CHUNK] > 0)).any():
+            return False
+    return True
 
 
 def bound_note(temperature: float) -> str | None:
