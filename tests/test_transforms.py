@@ -92,6 +92,16 @@ def test_batched_augmentation_keeps_alignment_and_ignore_padding():
         check_aligned(image, mask)
 
 
+def test_batched_augmentation_refuses_sizes_not_one_per_sample_and_samples_outside_the_canvases():
+    """The numba kernel reads no bounds: a size per canvas for fewer samples read past its box array (a random
+    MemoryError or ZeroDivisionError, a helper's audit)."""
+    images, masks, sizes = canvas_batch([blocks(40, 60, seed=s) for s in range(3)])
+    with pytest.raises(ValueError, match="valid_sizes has 3 rows for 5 samples"):
+        augment_batch(images, masks, [0, 1, 2, 0, 1], sizes, 32, (0.5, 2.0), *IDENTITY)
+    with pytest.raises(ValueError, match="outside the 3 canvases"):
+        augment_batch(images, masks, [0, 3], sizes[:2], 32, (0.5, 2.0), *IDENTITY)
+
+
 def test_batched_small_scale_pads_with_ignore_and_black():
     image, mask = blocks(40, 40)
     mask[:] = 2

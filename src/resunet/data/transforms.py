@@ -164,12 +164,19 @@ def augment_batch(
     crop: int | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale, crop, flip and jitter the samples `index` of uint8 canvases (images K×3×H×W, masks K×H×W, each image
-    valid in its top-left valid_sizes[i]) into a batch on `device`.
+    """Scale, crop, flip and jitter the samples `index` of uint8 canvases (images K×3×H×W, masks K×H×W) into a
+    batch on `device`. valid_sizes is N×2, a row per entry of `index`: the (height, width) of that sample's image in
+    its canvas's top-left corner.
 
     Random numbers come from `generator` (on the CPU), so a seeded generator gives the same batch on any device.
     Returns normalised N×3×crop×crop float32 images and N×crop×crop int64 masks.
     """
+    # The CPU kernel reads no bounds: a row per canvas, not per sample, read past its box array (a random
+    # MemoryError or ZeroDivisionError, a helper's audit).
+    if len(valid_sizes) != len(index):
+        raise ValueError(f"valid_sizes has {len(valid_sizes)} rows for {len(index)} samples: one per entry of index")
+    if len(index) and not 0 <= min(index) <= max(index) < len(images):
+        raise ValueError(f"index holds samples outside the {len(images)} canvases")
     params = sample_augment_params(valid_sizes, size, scales, jitter, generator, crop)
     device = torch.device(device)
     if device.type == "cpu":
