@@ -1247,6 +1247,32 @@ def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_wa
         ServeSettings(tta="ms")
 
 
+def test_a_stop_during_the_background_warm_up_waits_for_one_pass_not_all(checkpoint):
+    """SIGTERM while `resunet serve` warmed up waited for every warm-up pass (two per TTA variant; tens of seconds
+    for a large model on a CPU), past --drain-timeout. The warm-up now stops between passes."""
+    from resunet.predict import load
+    from resunet.serve.engine import InferenceEngine
+    from resunet.serve.metrics import ServiceMetrics
+
+    engine = InferenceEngine(lambda: load(checkpoint), ServiceMetrics())
+    passes = []
+    for variant in engine.variants.values():
+        variant.predict_batch = lambda images: (passes.append(time.monotonic()), time.sleep(0.5))
+    assert len(engine.variants) == 2  # none and flip: four passes, 2 s, without the stop
+
+    async def scenario():
+        await engine.start(wait=False)
+        await asyncio.sleep(0.2)  # in the first pass
+        started = time.monotonic()
+        await engine.stop()
+        return time.monotonic() - started
+
+    waited = asyncio.run(scenario())
+    time.sleep(0.6)  # had the warm-up gone on, a second pass would have begun by now
+    assert len(passes) == 1 and waited < 0.45, (passes, waited)
+    assert not engine.ready and engine.batcher is None
+
+
 def test_the_engine_cuts_a_batch_of_long_images_into_passes_within_one_images_bound(checkpoint):
     """Eight images that each pass the working-size bound went through one forward pass: eight times the memory
     one may take (21 GB for five thin strips, found by a helper, 2026-12-05). Each pass now holds at most the pixels

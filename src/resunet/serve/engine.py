@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,7 @@ class InferenceEngine:
         self.ready = False
         self.warm_up_error: str | None = None  # why a warm-up in the background failed (the engine then never readies)
         self.starting: asyncio.Task | None = None
+        self.stopping = threading.Event()  # read by the warm-up between its passes: a stop waits for one, not all
         self.queue: asyncio.Queue[Job] | None = None
         self.batcher: asyncio.Task | None = None
         self.waiting: set[asyncio.Future] = set()  # every submitted image's future until it is answered
@@ -101,6 +103,7 @@ class InferenceEngine:
         /healthz and /readyz's 503 meanwhile); a failure there is kept in `warm_up_error`, and the engine stays
         unready."""
         self.queue = asyncio.Queue(self.max_queue)
+        self.stopping.clear()
         self.starting = asyncio.ensure_future(self._warm_up_then_batch(on_ready))
         if wait:
             await self.starting
@@ -121,6 +124,7 @@ class InferenceEngine:
         pass) fails with EngineStoppedError, and so does a later submit. The inference thread (holding the model)
         stays, so the app can start again (it ends with the process)."""
         self.ready = False
+        self.stopping.set()
         if self.starting is not None and not self.starting.done():  # stopped while warming up
             self.starting.cancel()
         if self.batcher is not None:
@@ -140,6 +144,8 @@ class InferenceEngine:
         image = np.full((size, size * 4 // 3, 3), 127, np.uint8)
         for predictor in self.variants.values():
             for _ in range(2):
+                if self.stopping.is_set():  # the service is stopping: the rest of the warm-up is for nothing
+                    return
                 predictor.predict_batch([image])
 
     def check_room(self) -> None:
