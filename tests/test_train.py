@@ -506,6 +506,18 @@ def test_an_unreadable_last_pt_beside_the_checkpoint_resumed_is_named_with_what_
     assert len(last.read_bytes()) == 5000
 
 
+def test_the_start_up_line_says_what_a_mid_epoch_checkpoint_leaves_to_train():
+    """A checkpoint saved at step 5/16 of epoch 3, resumed with --epochs 2, said "no epoch to train: 2 already done
+    (--epochs 2; give more to continue) (epoch 3 from step 5/16)", as if it would train epoch 3 after all."""
+    from resunet.train import epoch_span
+
+    assert epoch_span(3, 2, 5, 16) == ("no epoch to train: 2 already done and epoch 3 begun (step 5/16) (--epochs 2; "
+                                       "give more to continue)")
+    assert epoch_span(3, 4, 5, 16) == "epochs 3..4 (epoch 3 from step 5/16)"
+    assert epoch_span(3, 4) == "epochs 3..4"
+    assert epoch_span(3, 2) == "no epoch to train: 2 already done (--epochs 2; give more to continue)"
+
+
 def test_a_time_budget_fit_within_the_warm_up_is_resumed(demo_root, ram_tmp, capsys, monkeypatch):
     """A --time-budget run fitted to no more epochs than its warm-up (make_scheduler then halves the warm-up) could
     not be resumed: the resume checked --warmup-epochs against the fitted count, a flag the user never changed

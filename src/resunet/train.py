@@ -483,11 +483,13 @@ def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> di
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 
-def epoch_span(first: int, last: int) -> str:
-    """The epochs a run trains, for its first and last lines; a resumed run already past --epochs trains none."""
+def epoch_span(first: int, last: int, step: int = 0, steps: int = 0) -> str:
+    """The epochs a run trains, for its first and last lines, the first from step `step` of `steps` when resumed
+    mid-epoch; a resumed run already past --epochs trains none."""
     if first > last:
-        return f"no epoch to train: {first - 1} already done (--epochs {last}; give more to continue)"
-    return f"epochs {first}..{last}"
+        begun = f" and epoch {first} begun (step {step}/{steps})" if step else ""
+        return f"no epoch to train: {first - 1} already done{begun} (--epochs {last}; give more to continue)"
+    return f"epochs {first}..{last}" + (f" (epoch {first} from step {step}/{steps})" if step else "")
 
 
 def absolute_paths(cfg: TrainConfig) -> dict:
@@ -959,12 +961,13 @@ def train(cfg: TrainConfig) -> dict:
             except TensorBoardUnavailable as error:
                 raise TrainingError(str(error)) from None
     if main_process:
-        where = f" (epoch {start_epoch} from step {position['step']}/{steps_per_epoch})" if position else ""
         origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
               f"{info.num_classes} classes; {cfg.encoder} ({origin}); {describe_device(device)}, "
               f"{precision_name(dtype)}{', channels_last' if channels_last else ''}, {world} process(es), "
-              f"{data_path} data path; {epoch_span(start_epoch, cfg.epochs)}{where}", flush=True)
+              f"{data_path} data path; "
+              f"{epoch_span(start_epoch, cfg.epochs, position['step'] if position else 0, steps_per_epoch)}",
+              flush=True)
 
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
         # A failed save of best.pt or last.pt leaves the previous last.pt, if any, to resume from.
