@@ -1,4 +1,7 @@
+import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -347,8 +350,6 @@ def test_a_mask_drawn_on_a_turned_photos_stored_pixels_says_so(tmp_path):
 def twelve_bit_tiff(path, values: list[int]) -> None:
     """A one-row grey TIFF of 12 bits a sample (BitsPerSample 12, as some cameras and microscopes write), two values
     packed in three bytes."""
-    import struct
-
     assert len(values) == 2
     data = bytes([values[0] >> 4, ((values[0] & 15) << 4) | (values[1] >> 8), values[1] & 255])
     entries = [(256, 3, 2), (257, 3, 1), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, None), (277, 3, 1),
@@ -459,3 +460,52 @@ def test_reading_an_image_holds_few_copies_of_it(tmp_path):
         grown_kb = int(subprocess.run([sys.executable, "-c", probe, str(tmp_path / name)], capture_output=True,
                                       text=True, check=True).stdout)
         assert 4 * 4000 * 4000 < grown_kb * 1024 < 12 * 4000 * 4000, (name, grown_kb)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_chunks(before: list[bytes] = (), after: list[bytes] = (), garbled_pixels: bool = False) -> bytes:
+    """A 30 wide, 20 high RGB PNG with extra chunks after its header or after its pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    header_end, end = 8 + 25, data.rindex(b"IEND") - 4
+    pixels = data[header_end:end]
+    if garbled_pixels:  # an IDAT chunk of the same length whose contents no decoder can inflate
+        length = struct.unpack(">I", pixels[:4])[0]
+        pixels = png_chunk(b"IDAT", b"\xff" * length) + pixels[12 + length:]
+    return data[:header_end] + b"".join(before) + pixels + b"".join(after) + data[end:]
+
+
+def test_a_pngs_orientation_is_read_from_its_chunks_wherever_they_are_without_decoding_its_pixels():
+    """The service reads an upload's header before deciding to decode it. For a PNG whose EXIF block follows its
+    pixels PIL decodes the whole image to find it, so the header read took orientation 1 there, and likewise for an
+    orientation given as a text chunk (ImageMagick's raw EXIF profile, XMP): the service's X-Image-Orientation said
+    1 of a mask it had turned. The header read now walks the chunks, skipping the pixel data unread."""
+    from resunet.data.images import read_header, read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    profile = f"\nexif\n{len(raw):8d}\n{raw.hex()}".encode()
+    turned = {
+        "an EXIF block after the pixels": png_with_chunks(after=[png_chunk(b"eXIf", raw)]),
+        "an EXIF block before them": png_with_chunks(before=[png_chunk(b"eXIf", raw)]),
+        "a raw EXIF profile in text": png_with_chunks(before=[png_chunk(b"tEXt", b"Raw profile type exif\0" + profile)]),
+        "a compressed one after the pixels": png_with_chunks(
+            after=[png_chunk(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(profile))]),
+    }
+    for case, data in turned.items():
+        header = read_header(data, name=case)
+        assert (header.width, header.height, header.orientation) == (20, 30, 6), case
+        assert read_image(data).shape == (30, 20, 3), case  # as the decoded image is turned
+    xmp = png_with_chunks(after=[png_chunk(b"iTXt", b'XML:com.adobe.xmp\0\0\0\0\0<x tiff:Orientation="8"/>')])
+    assert read_header(xmp).orientation == 8 and read_image(xmp).shape == (30, 20, 3)
+    assert read_header(png_with_chunks()).orientation == 1
+    # No pixel is decoded: pixel data no decoder can read still gives its header and the orientation after it.
+    garbled = png_with_chunks(after=[png_chunk(b"eXIf", raw)], garbled_pixels=True)
+    assert read_header(garbled).orientation == 6
+    with pytest.raises(DataError, match="not a readable image"):
+        read_image(garbled)

@@ -185,23 +185,55 @@ class ImageHeader:
 
 
 def read_header(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                name: str | None = None, decode_for_orientation: bool = True) -> ImageHeader:
+                name: str | None = None) -> ImageHeader:
     """The header of `path` (or of a file's bytes, labelled `name` in errors); DataError as `read_image` would.
-
-    A PNG's EXIF block may follow its pixels, and PIL decodes the whole image to look for it: with
-    `decode_for_orientation=False` a PNG's orientation is read only from a block before its pixels (where PNG writers,
-    PIL too, put it), and taken as 1 otherwise. The service asks so: its header read must cost no decode."""
+    No pixel is decoded: a PNG's orientation is found by walking its chunks (`png_orientation`)."""
     source, label = (io.BytesIO(path), name or "image") if isinstance(path, bytes) else (path, name or str(path))
     with opened(source, label, max_pixels) as image:
         width, height = image.size
-        found_cheaply = image.format != "PNG" or "exif" in image.info
-        orientation = image.getexif().get(0x0112, 1) if found_cheaply or decode_for_orientation else 1
+        orientation = png_orientation(image.fp) if image.format == "PNG" else image.getexif().get(0x0112, 1)
         orientation = orientation if orientation in range(1, 9) else 1  # exif_transpose ignores other values
         # PIL gives a TIFF's size as shown already (it turns the pixels when it decodes them): swapped again, the
         # decoded-image cache was sized for the stored picture and its build stopped with a traceback.
         if image.format != "TIFF" and orientation in SWAPPING_ORIENTATIONS:
             width, height = height, width
         return ImageHeader(width, height, image.format or "", orientation)
+
+
+# The chunks PIL takes a PNG's orientation from: an EXIF block, or text (ImageMagick's raw EXIF profile, XMP).
+PNG_ORIENTATION_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def png_orientation(file: io.IOBase) -> int:
+    """The EXIF orientation of an open PNG file as PIL finds it once the image is decoded — its EXIF block may
+    follow the pixels, and PIL decodes them all to look there — from its metadata chunks alone: the pixel data is
+    skipped unread. PIL's own chunk readers fill the info PIL's getexif reads; chunks are read as far as PIL reads
+    them (the end, or an animated PNG's second frame)."""
+    from PIL import PngImagePlugin
+
+    where = file.tell()
+    chunks = PngImagePlugin.PngStream(file)
+    try:
+        file.seek(8)  # the PNG signature
+        animated = pixels_passed = False
+        while True:
+            kind, _, length = chunks.read()
+            if kind == b"IEND" or (kind == b"fcTL" and animated and pixels_passed):
+                break
+            animated |= kind == b"acTL"
+            pixels_passed |= kind == b"IDAT"
+            if kind in PNG_ORIENTATION_CHUNKS:
+                chunks.call(kind, 0, length)
+                file.seek(4, os.SEEK_CUR)  # its checksum
+            else:
+                file.seek(length + 4, os.SEEK_CUR)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+        pass  # a broken chunk ends the walk, as it ends PIL's: what was read before it counts
+    finally:
+        file.seek(where)
+    shown = Image.new("1", (1, 1))
+    shown.info = chunks.im_info
+    return shown.getexif().get(0x0112, 1)
 
 
 def image_size(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

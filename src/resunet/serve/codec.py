@@ -140,7 +140,7 @@ def as_request_errors() -> Iterator[None]:
 def upload_header(data: bytes, name: str, max_pixels: int | None) -> ImageHeader:
     """The upload's size as shown, format and EXIF orientation, from its header alone."""
     with as_request_errors():
-        return read_header(data, max_pixels, name=name, decode_for_orientation=False)
+        return read_header(data, max_pixels, name=name)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
