@@ -396,6 +396,9 @@ def test_an_rgb_mask_of_class_ids_or_black_and_white_is_said_to_look_so(tmp_path
         ("off_palette", "train/masks/good_1.png", "train/masks/good_1.png: 1 colour(s) outside the dataset palette on "
          "340 pixels, e.g. (255, 255, 255) at (x=2, y=2) (a black-and-white binary mask? store it as an index PNG with "
          "the object as 1)")]
+    # Nothing else is said of them: their colours are not noise (lossy_mask), and a grey 0 read as the palette's
+    # black made the class-id mask "all one class" or "all ignore" (a helper, 2026-12-06).
+    assert sorted(f.kind for f in report.findings if f.path.startswith("train/masks/good_")) == ["off_palette"] * 2
 
 
 def test_a_32_bit_mask_with_negative_values_is_an_error_in_the_check_and_when_read(tmp_path):

@@ -323,6 +323,9 @@ def rgb_mask_findings(rgb: np.ndarray, info: ClassInfo, label: str, jpeg: bool) 
     hint = f" ({hint})" if hint else ""
     findings = [finding("off_palette", label, f"{label}: {len(off_keys)} colour(s) outside the {info.name} palette "
                         f"on {int(off_counts.sum()):,} pixels, e.g. {colour} at (x={x}, y={y}){hint}")]
+    if hint:  # its colours say what the file holds (a binary mask, class ids as grey): not noise, and no colour's
+        # class is meant (a grey 0 is CamVid's ignore colour; read as such, the mask was "all ignore")
+        return np.full_like(classes, -1), findings
     if not jpeg:  # a JPEG says so itself (jpeg_mask); this catches the PNG that went through a JPEG once
         top = np.argsort(off_counts)[::-1][:4096]  # the commonest colours are enough to tell noise from a mistake
         off_rgb = np.stack([(off_keys[top] >> 16) & 255, (off_keys[top] >> 8) & 255, off_keys[top] & 255], axis=1)
