@@ -104,9 +104,57 @@ def test_an_out_folder_among_the_datas_folders_is_one_line(demo_root, tmp_path, 
         assert main(["train", *cfg, "--out", str(out)]) == 2
         line = one_error_line(capsys, "train")
         assert line.endswith(f"--out {out}: inside {(out if out.name != 'run' else out.parent).resolve()}, whose "
-                             "files are read as the data's images or masks; give a run folder outside the data's "
-                             "folders"), line
+                             "files are read as the data's images or masks; write outside the data's folders"), line
         assert sorted(p.name for p in voc.rglob("*")) == before
+
+
+def test_no_output_goes_over_a_datasets_classes_json_or_into_any_of_its_splits_folders(checkpoint, demo_root,
+                                                                                      tmp_path, capsys, monkeypatch):
+    """Only the files of the split a command read were protected (a helper, 2026-12-06): `evaluate --json
+    D/classes.json` and `check-data --json D/classes.json` replaced the classes (every later train refused the
+    data), visualize's grid replaced a training mask, evaluate's confusion plot a training photo, and `evaluate
+    --worst 2 --out D/val/images` put worst.png among the images (no mask: the next train refused the data)."""
+    import shutil
+
+    import resunet.evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    voc = data / "VOCdevkit" / "VOC2012"
+    train_mask = voc / "SegmentationClass" / f"{(voc / 'ImageSets/Segmentation/train.txt').read_text().split()[0]}.png"
+    folder = tmp_path / "folder"
+    for split in ("train", "val"):
+        for part in ("images", "masks"):
+            (folder / split / part).mkdir(parents=True)
+        image, mask = good_pair(0)
+        (folder / split / "images" / "a.png").write_bytes(image)
+        (folder / split / "masks" / "a.png").write_bytes(mask)
+    (folder / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(21)]}))
+    before = {path: path.read_bytes() for root in (data, folder) for path in root.rglob("*") if path.is_file()}
+    monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
+    inside = "whose files are read as the data's images or masks; write outside the data's folders"
+    for command, words in (
+            (["evaluate", checkpoint, "--data-root", str(voc), "--confusion", str(voc / "JPEGImages" / "new.png")],
+             f"--confusion {voc / 'JPEGImages' / 'new.png'}: inside {(voc / 'JPEGImages').resolve()}, {inside}"),
+            (["evaluate", checkpoint, "--data-root", str(data), "--worst", "2", "--out", str(voc / "JPEGImages")],
+             f"--out {voc / 'JPEGImages'}: inside {(voc / 'JPEGImages').resolve()}, {inside}"),
+            (["visualize", checkpoint, "--data-root", str(data), "--out", str(train_mask)],
+             f"--out {train_mask}: inside {train_mask.parent.resolve()}, {inside}"),
+            (["evaluate", checkpoint, "--data-root", str(folder), "--json", str(folder / "classes.json")],
+             f"--json {folder / 'classes.json'}: is one of this command's inputs; writing there would destroy it"),
+            (["check-data", "--data-root", str(folder), "--split", "val", "--json", str(folder / "classes.json")],
+             "is one of this command's inputs; writing there would destroy it"),
+            (["check-data", "--data-root", str(folder), "--split", "val", "--plot",
+              str(folder / "train" / "masks" / "a.png")], f"inside {(folder / 'train' / 'masks').resolve()}, {inside}"),
+            (["export", checkpoint, "--onnx", str(tmp_path / "m.onnx"), "--data-root", str(data), "--json",
+              str(voc / "SegmentationClass" / "e.json")], f"inside {(voc / 'SegmentationClass').resolve()}, {inside}")):
+        assert main(command) == 2, command
+        assert one_error_line(capsys, command[0]).endswith(words), command
+    assert {path: path.read_bytes() for root in (data, folder) for path in root.rglob("*") if path.is_file()} == before
+    assert not (tmp_path / "m.onnx").exists()
+    # Beside the data's folders is outside them.
+    assert main(["check-data", "--data-root", str(folder), "--json", str(folder / "report.json")]) == 0
+    assert json.loads((folder / "report.json").read_text())
 
 
 def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
@@ -630,6 +678,32 @@ def test_predict_never_writes_over_an_input_or_another_inputs_result(checkpoint,
     assert main(["predict", checkpoint, str(folder / "a.png"), str(other / "x" / "a.png"), "--out",
                  str(tmp_path / "out")]) == 1
     assert "x/a.png: not predicted, its output" in capsys.readouterr().err  # the first a.png keeps its result
+
+
+def test_predict_replaces_only_its_own_earlier_results(checkpoint, tmp_path, capsys):
+    """`predict D/val/images --out D/val/masks` replaced the dataset's ground truth with predictions (exit 0), and
+    `evaluate` then scored 100% (a helper, 2026-12-06). An existing file in the way is replaced only if resunet
+    predict wrote it."""
+    photos, masks = tmp_path / "images", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    for i in range(2):
+        image, mask = good_pair(i)
+        (photos / f"p{i}.png").write_bytes(image)
+        (masks / f"p{i}.png").write_bytes(mask)
+    truth = {path: path.read_bytes() for path in masks.iterdir()}
+    assert main(["predict", checkpoint, str(photos), "--out", str(masks)]) == 1
+    captured = capsys.readouterr()
+    assert {path: path.read_bytes() for path in masks.iterdir()} == truth
+    assert (f"resunet predict: {photos / 'p0.png'}: not predicted, its output {masks / 'p0.png'} would overwrite a "
+            "file that resunet predict did not write (a dataset's mask?); give another --out or move the file"
+            in captured.err)
+    assert "wrote 0 prediction(s)" in captured.out and "2 input(s) failed" in captured.out
+    (masks / "p1.png").unlink()  # its own result, written now, is replaced by the next run
+    assert main(["predict", checkpoint, str(photos / "p1.png"), "--out", str(masks), "--overlay"]) == 0
+    assert main(["predict", checkpoint, str(photos / "p1.png"), "--out", str(masks), "--overlay"]) == 0
+    assert "wrote 1 prediction(s)" in capsys.readouterr().out
+    assert (masks / "p0.png").read_bytes() == truth[masks / "p0.png"]
 
 
 def test_predict_refuses_a_thin_strip_that_would_exhaust_memory_and_goes_on(checkpoint, tmp_path, capsys):
@@ -1214,7 +1288,7 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
     for flags, words in (
             (["--json", str(model)], "is one of this command's inputs; writing there would destroy it"),
-            (["--confusion", str(mask)], "is one of this command's inputs"),
+            (["--confusion", str(mask)], "whose files are read as the data's images or masks"),
             (["--json", str(tmp_path / "x.png"), "--confusion", str(tmp_path / "x.png")], "also given to --json"),
             (["--confusion", str(tmp_path / "c.jpgx")], "name a .png/.pdf/.svg/.jpg file"),
             (["--confusion", str(tmp_path / "c")], "name a .png/.pdf/.svg/.jpg file"),
@@ -1234,7 +1308,7 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     image = voc / "JPEGImages" / f"{first_val}.jpg"
     image_bytes = image.read_bytes()
     assert main(["visualize", str(model), "--data-root", str(data), "--out", str(image)]) == 2
-    assert "is one of this command's inputs" in one_error_line(capsys, "visualize")
+    assert "whose files are read as the data's images or masks" in one_error_line(capsys, "visualize")
     assert image.read_bytes() == image_bytes
     assert main(["export", str(model), "--onnx", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "m.onnx")]) == 2
     assert "--json " in one_error_line(capsys, "export") and not (tmp_path / "m.onnx").exists()

@@ -205,7 +205,8 @@ def cmd_check_data(args) -> int:
     from .outputs import PLOT_SUFFIXES, check_output_files
 
     # Before reading the whole dataset (the dataset's own files are not known yet: the doctor lists them).
-    check_output_files([("--json", args.json), ("--plot", args.plot)], suffixes={"--plot": PLOT_SUFFIXES})
+    check_output_files([("--json", args.json), ("--plot", args.plot)], suffixes={"--plot": PLOT_SUFFIXES},
+                       data_root=args.data_root)
     report = check_data(args.data_root, args.splits, args.num_classes, args.ignore_index, args.max_pixels,
                         args.workers)
     print(format_report(report))
@@ -402,6 +403,15 @@ def cmd_predict(args) -> int:
             if args.skip_existing and all(o.is_file() for o in outputs.values()):
                 claimed.update({real[o]: path for o in outputs.values()})
                 skipped += 1
+                continue
+            # Only an earlier result may be replaced: --out naming a dataset's masks folder wrote over its ground
+            # truth, and `evaluate` then scored 100% (a helper, 2026-12-06).
+            foreign = next((o for o in outputs.values() if o.exists() and not is_prediction(o)), None)
+            if foreign is not None:
+                tqdm.write(f"resunet predict: {path}: not predicted, its output {foreign} would overwrite a file that "
+                           "resunet predict did not write (a dataset's mask?); give another --out or move the file",
+                           file=sys.stderr)
+                failed += 1
                 continue
             out_of_memory = False
             try:

@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.classes import ClassInfo
-from .data.dataset import PairedDataset, open_dataset_for_model, worker_batches, worker_ignores_ctrl_c
+from .data.dataset import (PairedDataset, data_locations, open_dataset_for_model, worker_batches,
+                           worker_ignores_ctrl_c)
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
-from .outputs import PLOT_SUFFIXES, check_output_files, check_output_folder, write_output
+from .outputs import PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, write_output
 from .predict import DEFAULT_SCALES, Predictor, load_ensemble
 
 
@@ -117,15 +118,16 @@ def strict_json(value, indent: int | None = 1) -> str:
     return json.dumps(clean(value), indent=indent, allow_nan=False)
 
 
-def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None,
+def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None, data_root: str,
                   inputs: list = ()) -> None:
     """Refuse, before evaluating, outputs that could not be written or would be written over an input (the models,
-    the dataset's files) or over each other."""
+    the dataset's files), into the dataset's folders, or over each other."""
     outputs = [("--json", json_out), ("--confusion", confusion_png)]
     if worst_out:
+        check_folder_apart("--out", worst_out, data_locations(data_root)[0])
         check_output_folder("--out", worst_out)
         outputs += [("--out", Path(worst_out) / "worst.png"), ("--out", Path(worst_out) / "worst.json")]
-    check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES})
+    check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES}, data_root=data_root)
 
 
 def run_evaluate(
@@ -155,7 +157,7 @@ def run_evaluate(
         raise DataError(f"--worst {worst} needs --out DIR for its contact sheet")
     if worst_out and worst <= 0:
         raise DataError(f"--out {worst_out} is the folder for --worst K's contact sheet; give --worst too")
-    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None)  # before the work, not after it
+    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root)  # before the work
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: at least 1")
     predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
@@ -163,7 +165,7 @@ def run_evaluate(
     info = predictor.info
     members = getattr(predictor, "members", None)  # an ensemble's own models
     dataset = open_dataset_for_model(data_root, split, info, max_pixels)
-    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None,
+    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root,
                   inputs=[checkpoint, *ensemble, *dataset.image_paths, *dataset.mask_paths])
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
     per_image: list[tuple[int, float]] | None = [] if worst > 0 else None

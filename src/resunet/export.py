@@ -402,7 +402,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     mean, std, size = reference.mean, reference.std, reference.size
     dataset = open_dataset_for_model(data_root, split, reference.info) if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
-    check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files])
+    check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files], data_root=data_root)
     # Read now: an unreadable calibration set is refused before the export and its verification, not after them.
     calibration_set = calibration_images(calibration, calibration_count, calibration_files, reference.size) \
         if int8 else []

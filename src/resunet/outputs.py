@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .checkpoint import remove_quietly, temporary_path
+from .data.dataset import data_locations
 from .data.images import DataError
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
@@ -20,12 +21,15 @@ PREDICTION_MARK = "resunet predict"
 
 
 def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
-                       suffixes: dict[str, tuple[str, ...]] | None = None) -> None:
+                       suffixes: dict[str, tuple[str, ...]] | None = None,
+                       data_root: str | Path | None = None) -> None:
     """`outputs`: (flag, path) pairs, None for an output not asked for. Each must be a writable file name (a missing
     folder must be one that can be made; it is made when the file is written), with one of `suffixes[flag]` if given,
-    different from the others and from every `inputs` file (the model, the dataset's files)."""
+    different from the others and from every `inputs` file (the model, the dataset's files). With `data_root`, none
+    may go over the dataset's classes.json or into the folders any of its splits is read from."""
     given = [(flag, Path(path)) for flag, path in outputs if path]
-    read = {resolved(p) for p in inputs}
+    data_folders, data_files = data_locations(data_root) if data_root is not None else ([], [])
+    read = {resolved(p) for p in (*inputs, *data_files)}
     seen: dict[Path, str] = {}
     for flag, path in given:
         allowed = (suffixes or {}).get(flag)
@@ -36,6 +40,7 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
         target = resolved(path)
         if target in read:
             raise DataError(f"{flag} {path}: is one of this command's inputs; writing there would destroy it")
+        check_folder_apart(flag, path, data_folders, path.parent)
         if target in seen:
             raise DataError(f"{flag} {path}: also given to {seen[target]}; one file cannot hold both")
         seen[target] = flag
@@ -55,14 +60,16 @@ def check_output_folder(flag: str, folder: str | Path) -> None:
     check_writable_folder(flag, Path(folder), Path(folder))
 
 
-def check_folder_apart(flag: str, folder: str | Path, data_files: Iterable[str | Path]) -> None:
-    """DataError when `folder`, which the command writes files into, is a folder the data's files are read from, or
-    inside one: what it writes would be read as data next time."""
-    target = resolved(folder)
-    for read in {resolved(parent) for parent in {Path(path).parent for path in data_files}}:
+def check_folder_apart(flag: str, path: str | Path, data_folders: Iterable[str | Path],
+                       folder: str | Path | None = None) -> None:
+    """DataError when `folder` (by default `path` itself), which the command writes into, is one of `data_folders`
+    (those a dataset's images or masks are read from) or inside one: what it writes would be read as data next
+    time, or replace some."""
+    target = resolved(path if folder is None else folder)
+    for read in {resolved(data_folder) for data_folder in data_folders}:
         if target == read or read in target.parents:
-            raise DataError(f"{flag} {folder}: inside {read}, whose files are read as the data's images or masks; "
-                            "give a run folder outside the data's folders")
+            raise DataError(f"{flag} {path}: inside {read}, whose files are read as the data's images or masks; "
+                            "write outside the data's folders")
 
 
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:

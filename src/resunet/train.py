@@ -48,7 +48,7 @@ from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_che
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
-from .data.dataset import PairedDataset, open_dataset, worker_batches, worker_ignores_ctrl_c
+from .data.dataset import PairedDataset, data_locations, open_dataset, worker_batches, worker_ignores_ctrl_c
 from .data.images import DataError, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
@@ -815,8 +815,9 @@ def train(cfg: TrainConfig) -> dict:
         info = train_set.info
         # A run written into train/images left curves.png and its checkpoints to be read as images, and every later
         # run, its own resume too, refused the dataset (a helper, 2026-12-06).
-        check_folder_apart("--out", cfg.out, [path for dataset in (train_set, val_set)
-                                              for path in (*dataset.image_paths, *dataset.mask_paths)])
+        check_folder_apart("--out", cfg.out, [*data_locations(cfg.data_root)[0],
+                                              *{Path(path).parent for dataset in (train_set, val_set)
+                                                for path in (*dataset.image_paths, *dataset.mask_paths)}])
         if len(train_set) < cfg.batch_size * world:
             raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                             f"{cfg.batch_size * world}")

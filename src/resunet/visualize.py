@@ -172,10 +172,11 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
         raise DataError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'grid.png'}")
     if not Path(out).suffix:  # matplotlib would add ".png" itself; name the file it writes
         out = f"{out}.png"
-    check_output_files([("--out", out)], suffixes={"--out": PLOT_SUFFIXES})
+    check_output_files([("--out", out)], suffixes={"--out": PLOT_SUFFIXES}, data_root=data_root)
     predictor = load(checkpoint, **options)
     dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
-    check_output_files([("--out", out)], inputs=[checkpoint, *dataset.image_paths, *dataset.mask_paths])
+    check_output_files([("--out", out)], inputs=[checkpoint, *dataset.image_paths, *dataset.mask_paths],
+                       data_root=data_root)
     if len(dataset) == 0:
         raise DataError(f"{data_root}: the {split} split has no images to draw")
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)

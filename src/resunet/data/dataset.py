@@ -215,6 +215,24 @@ def open_dataset(
     return dataset
 
 
+def data_locations(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """(folders, files) a dataset under `root` is read from, every split's, not only the one a command reads: a
+    file written into one of the folders would be read as data (or replace some), and the files (its classes.json)
+    are read by every command. What no command's output may go in or over. Empty where `root` holds no dataset."""
+    from . import folder, voc  # local: both modules import this one
+
+    root = Path(root)
+    voc_dir = voc.find_voc_dir(root) if root.is_dir() else None
+    if voc_dir is not None:
+        folders = [voc_dir / name for name in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets")]
+        files: list[Path] = []
+    else:
+        splits = [root / name for name in folder.split_folders(root)] + [root]
+        folders = [split / part for split in splits for part in ("images", "masks")]
+        files = [root / "classes.json"]
+    return [f for f in folders if f.is_dir()], [f for f in files if f.is_file()]
+
+
 def open_dataset_for_model(root: str | Path, split: str, model_classes: ClassInfo,
                            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PairedDataset:
     """The split labelled as a trained model labels, for the commands that score, calibrate or draw it. A dataset that
