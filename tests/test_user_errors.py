@@ -1395,10 +1395,44 @@ def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(d
     assert sorted(p.name for p in links.iterdir()) == ["last.pt"] and (links / "last.pt").is_symlink()
 
 
-def test_resuming_from_a_checkpoint_behind_last_pt_is_refused(demo_root, ram_tmp):
+def test_a_val_file_found_unreadable_at_the_evaluation_keeps_the_epochs_training(demo_root, ram_tmp):
+    """With --skip-data-check a truncated val mask was found at the first evaluation: the epoch's training was lost,
+    no checkpoint saved and an empty run folder left (a helper, 2026-12-06). The epoch is saved as its last step;
+    mended, the resumed run evaluates it and goes on as a run that never stopped."""
     import shutil
 
     from resunet.checkpoint import load_checkpoint
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+    from resunet.train import train
+
+    data = ram_tmp / "data"
+    shutil.copytree(demo_root, data)
+    mask = open_dataset(data, "val").mask_paths[1]
+    whole = mask.read_bytes()
+    mask.write_bytes(whole[:len(whole) // 2])
+    run = ram_tmp / "run"
+    config = dict(epochs=2, skip_data_check=True, cache_dir=str(ram_tmp / "cache"))
+    with pytest.raises(DataError, match=rf"^{mask}: .*; epoch 1's training is saved: mend or remove the file, then "
+                                        rf"resunet train --resume {run / 'last.pt'}$"):
+        train(tiny_config(data, run, **config))
+    saved = load_checkpoint(run / "last.pt", tensors=False)
+    assert saved["epoch"] == 0 and saved["position"]["step"] == 12  # 48 images, batch 4: the whole epoch
+    mask.write_bytes(whole)
+    train(tiny_config(data, run, **config, resume=str(run / "last.pt")))
+    train(tiny_config(data, ram_tmp / "whole", **config))
+    resumed, uninterrupted = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                              for folder in (run, ram_tmp / "whole"))
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_miou"] == pytest.approx(b["val_miou"], rel=1e-5)
+
+
+def test_resuming_from_a_checkpoint_behind_last_pt_is_refused(demo_root, ram_tmp):
+    import shutil
+
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
     from resunet.train import TrainingError, train
 
     run = ram_tmp / "run"
@@ -1410,6 +1444,14 @@ def test_resuming_from_a_checkpoint_behind_last_pt_is_refused(demo_root, ram_tmp
         train(tiny_config(demo_root, run, epochs=3, encoder="resnet18", size=32, resume=str(run / "epoch1.pt")))
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # Saved inside an epoch, last.pt holds the epochs before it and some steps: it read "holds epoch 1, but last.pt
+    # is further on (epoch 1)" (a helper, 2026-12-06).
+    payload = load_checkpoint(run / "last.pt")
+    save_checkpoint({**payload, "epoch": 1, "position": {**(payload.get("position") or {}), "step": 9}},
+                    run / "last.pt")
+    with pytest.raises(TrainingError, match=r"epoch1.pt: holds epoch 1, but .*last.pt is further on \(epoch 1 and 9 "
+                                            r"step\(s\) of epoch 2\); resuming would overwrite it"):
+        train(tiny_config(demo_root, run, epochs=3, encoder="resnet18", size=32, resume=str(run / "epoch1.pt")))
 
 
 def test_a_run_stopped_inside_an_epoch_resumes_on_data_that_shrank(demo_root, ram_tmp, monkeypatch, capsys):

@@ -580,10 +580,14 @@ def check_not_behind(resume: str | Path, state: dict, out: Path) -> None:
     def point(payload: dict) -> tuple[int, int]:
         return payload.get("epoch", 0), (payload.get("position") or {}).get("step", 0)
 
+    def said(payload: dict) -> str:  # a checkpoint saved inside an epoch holds the epochs before it and some steps
+        epoch, step = point(payload)
+        return f"epoch {epoch}" + (f" and {step} step(s) of epoch {epoch + 1}" if step else "")
+
     if point(newer) > point(state):
-        raise TrainingError(f"{resume}: holds epoch {state.get('epoch', 0)}, but {last} is further on (epoch "
-                            f"{newer.get('epoch', 0)}); resuming would overwrite it. Resume from {last}, or copy "
-                            f"{Path(resume).name} into another folder to branch from it")
+        raise TrainingError(f"{resume}: holds {said(state)}, but {last} is further on ({said(newer)}); resuming "
+                            f"would overwrite it. Resume from {last}, or copy {Path(resume).name} into another folder "
+                            "to branch from it")
 
 
 def check_new_run_folder(cfg: TrainConfig) -> None:
@@ -1113,8 +1117,19 @@ def train(cfg: TrainConfig) -> dict:
             if evaluated:
                 eval_started = time.perf_counter()
                 share_buffers(evaluated_model, world)
-                matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
-                                          cfg.progress)
+                try:
+                    matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
+                                              cfg.progress)
+                except DataError as error:
+                    if world > 1:  # the save gathers from every process, and the others are not here
+                        raise
+                    # A val file found unreadable only now (--skip-data-check) costs its evaluation, not the epoch:
+                    # saved as its last step, a resume goes straight to the evaluation.
+                    inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
+                                            time.perf_counter() - started, epoch_rng)
+                    save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+                    raise DataError(f"{error}; epoch {epoch}'s training is saved: mend or remove the file, then "
+                                    f"resunet train --resume {out / 'last.pt'}") from None
                 scores = matrix.compute()
                 eval_s = time.perf_counter() - eval_started
                 if fit_budget:  # fitted once epoch 1's bookkeeping is timed too (below)
