@@ -36,6 +36,48 @@ def test_cache_holds_decoded_pixels_and_is_reused_then_invalidated(tmp_path):
     assert rebuilt.folder != cache.folder and (rebuilt.folder / "done").is_file()
 
 
+def test_a_mask_edited_with_its_size_and_modification_time_kept_rebuilds_the_cache(tmp_path):
+    """cp -p, rsync -a, tar and unzip put a file's modification time back: a mask edited that way, of the same
+    size, kept the cache, and training read the old mask without a word (a helper, 2026-12-06). Its change time
+    tells."""
+    from PIL import Image
+
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=40, seed=1)
+    dataset = open_dataset(tmp_path / "data", "train")
+    mask = dataset.mask_paths[1]
+    stored = Image.open(mask)
+    stored.save(mask, compress_level=0)  # uncompressed: an edit keeps the file's size
+    kept = mask.stat()
+    cache = build_cache(dataset, size=32, cache_dir=tmp_path / "cache")
+    edited = np.asarray(stored).copy()
+    edited[edited == 0] = 1
+    changed = stored.copy()  # its palette and other chunks kept
+    changed.putdata(edited.flatten().tolist())
+    changed.save(mask, compress_level=0)
+    os.utime(mask, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert (mask.stat().st_size, mask.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    rebuilt = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    assert rebuilt.folder != cache.folder and np.array_equal(rebuilt.masks[1][:40, :40], edited)
+
+
+def test_a_damaged_cache_is_one_line_naming_its_folder(tmp_path):
+    """A cache's arrays cut short or removed after it was built ended training with numpy's traceback ("mmap length
+    is greater than file size") or a bare "[Errno 2]" (a helper, 2026-12-06)."""
+    from resunet.data.images import DataError
+
+    make_demo_dataset(tmp_path / "data", train=3, val=1, size=40, seed=1)
+    dataset = open_dataset(tmp_path / "data", "train")
+    folder = build_cache(dataset, size=32, cache_dir=tmp_path / "cache").folder
+    images = (folder / "images.npy").read_bytes()
+    for damage, why in ((lambda: (folder / "images.npy").write_bytes(images[:1000]), "mmap length is greater"),
+                        (lambda: (folder / "sizes.npy").write_bytes(b"\x93NUMPY"), ""),
+                        (lambda: (folder / "images.npy").unlink(), "No such file or directory")):
+        damage()
+        with pytest.raises(DataError, match=rf"^{folder}: this decoded-image cache is damaged \(.*{why}.*\); delete "
+                                            r"the folder and run again \(it is rebuilt from the data\)$"):
+            build_cache(dataset, size=32, cache_dir=tmp_path / "cache")
+
+
 def test_small_images_are_stored_as_they_are(tmp_path):
     make_demo_dataset(tmp_path / "data", train=3, val=1, size=40, seed=1)
     dataset = open_dataset(tmp_path / "data", "train")

@@ -58,7 +58,9 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
     digest = hashlib.sha256(f"{CACHE_FORMAT}:{short_side}:{classes}".encode())
     for path in dataset.image_paths + dataset.mask_paths:
         stat, real = looked_at(path)
-        digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        # The change time too: a file edited and its modification time put back (cp -p, rsync -a, tar, unzip) kept
+        # the same key, and training read the old masks from the cache without a word (a helper, 2026-12-06).
+        digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -79,8 +81,7 @@ _CANVASES: dict[tuple[str, int | None], tuple[list[tuple[int, int]], tuple[int, 
 
 def cache_canvas(dataset: PairedDataset, short_side: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """Each image's (height, width) in the cache, its shorter side at most `short_side`, and the canvas every one
-    of them fits, padded. From the files' headers, but a PNG's EXIF orientation may lie past its pixels, and Pillow
-    decodes the image to look (about 4 ms for a 480×360 CamVid photo): so once per dataset state in a process."""
+    of them fits, padded. From the files' headers, once per dataset state in a process."""
     key = (cache_key(dataset, short_side), dataset.max_pixels)
     if key not in _CANVASES:
         sizes = []
@@ -121,9 +122,17 @@ class DecodedCache:
         if fcntl is not None:
             fcntl.flock(self._in_use, fcntl.LOCK_SH)
         # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
-        self.images = np.load(folder / "images.npy", mmap_mode="c")
-        self.masks = np.load(folder / "masks.npy", mmap_mode="c")
-        self.sizes = np.load(folder / "sizes.npy")
+        try:
+            self.images = np.load(folder / "images.npy", mmap_mode="c")
+            self.masks = np.load(folder / "masks.npy", mmap_mode="c")
+            self.sizes = np.load(folder / "sizes.npy")
+            if not len(self.images) == len(self.masks) == len(self.sizes):
+                raise ValueError(f"{len(self.images)} images, {len(self.masks)} masks, {len(self.sizes)} sizes")
+        except (OSError, ValueError, EOFError) as error:  # a file cut short or removed since it was built
+            self._in_use.close()
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise DataError(f"{folder}: this decoded-image cache is damaged ({why}); delete the folder and run "
+                            "again (it is rebuilt from the data)") from None
 
     def __len__(self) -> int:
         return len(self.sizes)
