@@ -513,7 +513,7 @@ def test_a_data_check_report_that_cannot_be_kept_is_a_warning_and_the_run_goes_o
     ("{bad json", "cannot read class description"),
     ("[1, 2]", "malformed class description"),
     ('{"classes": "abc"}', "'classes' must be a list of names"),
-    ('{"classes": ["a", "b"], "ignore_index": "x"}', "malformed class description"),
+    ('{"classes": ["a", "b"], "ignore_index": "x"}', "ignore_index 'x' is not a whole number"),
     # Keys it does not have were passed over: VOC's colours and ignore 255 were used in their place, without a word.
     ('{"classes": ["a", "b"], "colors": [[0, 0, 0], [9, 9, 9]]}', "unknown key(s) 'colors' (did you mean 'palette'?);"
      " a class file has name, classes, palette, ignore_index, ignore_colour"),
@@ -1193,6 +1193,14 @@ def test_check_data_visualize_and_download_outputs_and_roots_are_one_line(demo_r
     ({"classes": ["bg", "a"], "palette": [[-1, 0, 0], [9, 9, 9]]}, "colour [-1, 0, 0] of 'bg' is not three values"),
     ({"classes": ["bg", "a"], "palette": [[256, 0, 0], [9, 9, 9]]}, "colour [256, 0, 0] of 'bg' is not three values"),
     ({"classes": ["bg", "a"], "palette": [[1, 2], [9, 9, 9]]}, "colour [1, 2] of 'bg' is not three values"),
+    # JSON's Infinity stopped the read with a traceback, 254.7 was read as 254 and "255" as the colour (2, 5, 5)
+    ({"classes": ["bg", "a"], "ignore_index": float("inf")}, "ignore_index inf is not a whole number"),
+    ({"classes": ["bg", "a"], "ignore_index": 254.7}, "ignore_index 254.7 is not a whole number"),
+    ({"classes": ["bg", "a"], "palette": [[0, 0, float("inf")], [9, 9, 9]]},
+     "colour [0, 0, inf] of 'bg' is not three whole numbers in 0..255"),
+    ({"classes": ["bg", "a"], "palette": ["000", "255"]},
+     "colour '000' of 'bg' is not a list of three values in 0..255, such as [128, 0, 0]"),
+    ({"classes": ["bg", "a"], "palette": ["#000000", "#ff0000"]}, "colour '#000000' of 'bg' is not a list of three"),
     ({"classes": ["bg", "a"], "ignore_colour": [300, 0, 0]}, "colour [300, 0, 0] of 'ignore_colour' is not three"),
 ])
 def test_classes_no_mask_can_hold_apart_are_refused(tmp_path, capsys, description, words):

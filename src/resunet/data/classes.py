@@ -60,10 +60,13 @@ class ClassInfo:
                 raise TypeError(f"'classes' must be a list of names, got {type(values['classes']).__name__}")
             names = tuple(str(n) for n in values["classes"])
             palette = values.get("palette") or voc_colormap(len(names))
-            palette = tuple(tuple(int(v) for v in colour) for colour in palette)
-            ignore_index = int(values.get("ignore_index", 255))
-            ignore_colour = tuple(int(v) for v in values.get("ignore_colour", VOC_VOID_COLOUR))
-        except (KeyError, TypeError, ValueError) as error:
+            if not isinstance(palette, (list, tuple)):
+                raise TypeError(f"'palette' must be a list of colours, got {type(palette).__name__}")
+            palette = tuple(colour_values(colour, names[i] if i < len(names) else f"palette[{i}]", source)
+                            for i, colour in enumerate(palette))
+            ignore_index = whole_number(values.get("ignore_index", 255), "ignore_index", source)
+            ignore_colour = colour_values(values.get("ignore_colour", VOC_VOID_COLOUR), "ignore_colour", source)
+        except (KeyError, TypeError) as error:
             raise ValueError(f"{source}: malformed class description ({error!r})") from None
         if len(palette) < len(names):
             raise ValueError(f"{source}: {len(names)} classes but only {len(palette)} palette colours")
@@ -92,6 +95,26 @@ class ClassInfo:
 
 
 VOC_INFO = ClassInfo(VOC_CLASSES, tuple(voc_colormap(21)), 255, VOC_VOID_COLOUR, "PASCAL VOC 2012")
+
+
+def whole_number(value, what: str, source: str) -> int:
+    """`value` as an int; ValueError naming `source` for anything else. int() read 254.7 as 254, and JSON's
+    Infinity stopped the read with a traceback (a helper, 2026-12-06)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"{source}: {what} {value!r} is not a whole number")
+    return int(value)
+
+
+def colour_values(colour, name: str, source: str) -> tuple[int, ...]:
+    """A colour given as a list of whole numbers (their count and range: `check_colours`). A string was read
+    character by character ("255" as 2, 5, 5)."""
+    if not isinstance(colour, (list, tuple)):
+        raise ValueError(f"{source}: colour {colour!r} of {name!r} is not a list of three values in 0..255, such as "
+                         "[128, 0, 0]")
+    try:
+        return tuple(whole_number(v, "", source) for v in colour)
+    except ValueError:
+        raise ValueError(f"{source}: colour {list(colour)} of {name!r} is not three whole numbers in 0..255") from None
 
 
 def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> None:
