@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -278,6 +279,20 @@ def test_train_refuses_a_dataset_with_errors_and_starts_with_skip_data_check(tmp
     assert main([*args, "--skip-data-check"]) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
     assert "orphan_mask" not in capsys.readouterr().out
+
+
+def test_a_train_or_val_folder_without_its_masks_is_an_error_not_passed_over(tmp_path, capsys):
+    """val/images without val/masks: the check listed train alone and said 0 errors, then train refused the data
+    (a helper, 2026-12-06). An unlabelled test/images is no mistake and stays unsaid."""
+    root = clean_dataset(tmp_path / "data")
+    shutil.rmtree(root / "val" / "masks")
+    save(picture(9), root / "test" / "images" / "t.png")
+    assert main(["check-data", "--data-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR   half_split ×1" in out and "val/images: no val/masks folder beside it; train reads both" in out
+    assert "test/" not in out and "half_split ×2" not in out
+    args = ["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--skip-data-check", "--size", "32"]
+    assert main(args) == 2 and "no split 'val'" in capsys.readouterr().err
 
 
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):

@@ -44,6 +44,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "unreadable": ("error", "files that cannot be read (broken, truncated, not an image, unsupported mask mode)"),
     "too_large": ("error", "files over --max-pixels, refused from their header (decompression bombs?)"),
     "empty_split": ("error", "split folders without images"),
+    "half_split": ("error", "a train or val folder with images/ but no masks/ (or masks/ but no images/): training "
+                            "reads both folders of both splits"),
     "unlabelled_split": ("error", "splits whose masks are all the ignore label: nothing to learn from, or to score "
                                   "(mIoU is undefined, so no best.pt could be chosen)"),
     "missing_mask": ("error", "images without a mask of the same name"),
@@ -146,14 +148,21 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
                        max_pixels: int | None) -> Listing:
     """`root/{split}/{images,masks}` or flat `root/{images,masks}`, listed directly: `open_dataset` stops at the
     first image without a mask, the doctor wants them all (and the masks without images)."""
+    halves = []  # the split folders `resunet train` reads, half there: passed over, train then refused the data
     if splits is None:  # the labelled splits (an unlabelled test/images is not a mistake)
         splits = [s for s in ("train", "val", "test") if all((root / s / d).is_dir() for d in ("images", "masks"))]
+        halves = [(s, d) for s in ("train", "val") for d, other in (("images", "masks"), ("masks", "images"))
+                  if (root / s / d).is_dir() and not (root / s / other).is_dir()]
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:
         split_dirs[split] = find_split_dir(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
+    for split, there in halves:
+        missing = "masks" if there == "images" else "images"
+        listing.findings.append(finding("half_split", f"{split}/{missing}", f"{split}/{there}: no {split}/{missing} "
+                                        "folder beside it; train reads both, and would refuse this dataset"))
     if (root / "classes.json").is_file():
         listing.files.append(root / "classes.json")
     read_from: dict[Path, str] = {}
