@@ -176,7 +176,8 @@ def test_every_kind_is_found_grouped_and_counted(bad_root, tmp_path, capsys):
     assert facts["train"]["pairs"] == 16 and facts["val"]["pairs"] == 4
     assert facts["train"]["images_read"] == 14  # the broken image and the bomb are not
     assert facts["train"]["width"] == {"min": 32, "median": 32.0, "max": 32}
-    assert facts["train"]["converted"] == {"grayscale": 2, "CMYK": 1, "16-bit": 1, "EXIF-rotated": 1}
+    assert facts["train"]["converted"] == {"grayscale": 2, "CMYK": 1, "16-bit": 1, "EXIF-rotated": 1,
+                                           "palette masks read by colour": 0}
     assert facts["train"]["class_share"]["bird"] == 0 < facts["val"]["class_share"]["bird"]
     assert abs(sum(facts["val"]["class_share"].values()) - 1) < 1e-9
     assert "bird" in out and "16-bit" in out
@@ -599,6 +600,10 @@ def test_palette_masks_of_one_split_read_two_ways_are_a_warning(tmp_path):
     assert len(mixed) == 1 and mixed[0].severity == "warning", report.findings
     assert ("train/masks/road.png: read by colour (and 0 more in train), while train/masks/road_car.png (and 0 more) "
             "is read by index" in mixed[0].message), mixed[0].message
+    # And the facts count the masks read by colour, read so alone too: ids under a palette that shows the
+    # dataset's colours in another order had their classes swapped without a word (a helper, 2026-12-06).
+    assert report.facts["splits"]["train"]["converted"]["palette masks read by colour"] == 1
+    assert "1 palette masks read by colour" in doctor.format_report(report)
     # Both read the same way (the car mask alone): nothing to say.
     (root / "train" / "masks" / "road.png").unlink()
     (root / "train" / "images" / "road.png").unlink()

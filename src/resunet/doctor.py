@@ -518,6 +518,10 @@ def unlabelled_findings(results: list[PairResult], info: ClassInfo) -> list[Find
             for split, masks in read.items() if not any(m.class_pixels.any() for m in masks)]
 
 
+# A palette mask whose palette shows the dataset's colours in another order: read by those colours, not its indices
+PALETTE_BY_COLOUR = "palette masks read by colour"
+
+
 def split_facts(results: list[PairResult], info: ClassInfo, pairs: int) -> dict:
     """Counts, image sizes, class shares and image kinds of one split."""
     sizes = np.array([r.image_size for r in results if r.image_size is not None]).reshape(-1, 2)
@@ -534,6 +538,9 @@ def split_facts(results: list[PairResult], info: ClassInfo, pairs: int) -> dict:
     for result in results:
         for note in result.image_notes:
             notes[note] += 1
+        # Said, so that ids stored under a palette showing the dataset's colours in another order (read by colour,
+        # classes swapped) are not read so without a word (a helper, 2026-12-06)
+        notes[PALETTE_BY_COLOUR] += result.palette_reading == "colour"
     return {
         "pairs": pairs,
         "images_read": len(sizes),
@@ -542,7 +549,7 @@ def split_facts(results: list[PairResult], info: ClassInfo, pairs: int) -> dict:
         "class_pixels": {name: int(n) for name, n in zip(info.names, class_pixels)},
         "class_share": {name: float(n) / max(labelled, 1) for name, n in zip(info.names, class_pixels)},  # of labelled
         "ignored_share": ignored / max(labelled + ignored, 1),  # of all pixels
-        "converted": {note: notes[note] for note in ("grayscale", "CMYK", "16-bit", "EXIF-rotated")},
+        "converted": {note: notes[note] for note in ("grayscale", "CMYK", "16-bit", "EXIF-rotated", PALETTE_BY_COLOUR)},
     }
 
 
