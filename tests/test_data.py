@@ -111,8 +111,7 @@ def test_folder_dataset_with_classes_json(tmp_path):
     test = open_dataset(tmp_path, "test")
     assert len(test) == 3 and test.info.names == ("sky", "road", "car") and test.info.ignore_index == 11
     assert test.load(0).mask.max() <= 2
-    with pytest.raises(DataError, match=r"classes.json: ignore index 11, not the 255 expected \(the model's, or "
-                                        r"--ignore-index\)$"):
+    with pytest.raises(DataError, match=r"classes.json: ignore index 11, not the 255 expected \(--ignore-index\)$"):
         open_dataset(tmp_path, "test", ignore_index=255)
 
 
@@ -146,9 +145,8 @@ def test_a_folder_split_that_is_not_there_is_named_with_those_that_are(tmp_path,
     shutil.rmtree(tmp_path / "data" / "train")
     shutil.rmtree(tmp_path / "data" / "val")
     assert len(open_dataset(tmp_path / "data", "val")) == len(open_dataset(tmp_path / "data", "train")) > 0
-    # A model's class count against the data's (no --num-classes flag in evaluate or visualize: say whose it is).
-    with pytest.raises(DataError, match=r"classes.json: lists 3 classes, not the 21 expected \(the model's, or "
-                                        r"--num-classes\)$"):
+    # A flag's class count against the data's (a model's is said by open_dataset_for_model: "(the model's)").
+    with pytest.raises(DataError, match=r"classes.json: lists 3 classes, not the 21 expected \(--num-classes\)$"):
         open_dataset(tmp_path / "data", "val", num_classes=21)
 
 
@@ -292,10 +290,10 @@ def test_a_voc_root_refuses_another_class_count_or_void_label(tmp_path, capsys):
 
     voc = make_demo_dataset(tmp_path, train=3, val=2, size=32)
     assert open_dataset(tmp_path, "val", num_classes=21, ignore_index=255).info.ignore_index == 255
-    with pytest.raises(DataError, match=r"VOC has 21 classes, not the 5 expected \(the model's, or --num-classes\)$"):
+    with pytest.raises(DataError, match=r"VOC has 21 classes, not the 5 expected \(--num-classes\)$"):
         open_dataset(tmp_path, "val", num_classes=5)
     # --ignore-index 0 was dropped without a word: void stayed 255 and class 0 was trained on
-    message = f"{voc}: VOC's void label is 255, not the 0 expected (the model's, or --ignore-index)"
+    message = f"{voc}: VOC's void label is 255, not the 0 expected (--ignore-index)"
     with pytest.raises(DataError) as caught:
         open_dataset(tmp_path, "val", ignore_index=0)
     assert str(caught.value) == message

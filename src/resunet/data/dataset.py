@@ -109,7 +109,7 @@ class UnexpectedClassesError(DataError):
     expectation came from (a model's, or a flag's: the message names both)."""
 
     def __init__(self, finding: str, flag: str) -> None:
-        super().__init__(f"{finding} (the model's, or {flag})")
+        super().__init__(f"{finding} ({flag})")  # a model's expectation is said by open_dataset_for_model
         self.finding = finding
         self.flag = flag
 
