@@ -334,6 +334,21 @@ def test_unreachable_url_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "x.tar").exists()
 
 
+def test_a_download_that_got_nothing_leaves_nothing(tmp_path: Path) -> None:
+    """No network: `resunet download voc --root /tmp/x` said "nothing was downloaded" and left /tmp/x holding its
+    lock file (a helper, 2026-12-06). The folders it made are gone again; one that was there stays."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/VOCtrainval_11-May-2012.tar"
+    with pytest.raises(DownloadError, match="nothing was downloaded"):
+        download_voc2012(tmp_path / "new" / "data", url=url)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DownloadError, match="nothing was downloaded"):
+        download_voc2012(tmp_path, url=url)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_http_404_is_download_error(server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="404"):
         download_url(f"{server.url}/missing.tar", tmp_path / "missing.tar", progress=False)
@@ -492,6 +507,7 @@ def test_a_second_run_on_the_same_root_is_refused_while_the_first_holds_it(voc_t
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first run holds it
         with pytest.raises(DownloadError, match="^another resunet download is fetching or extracting "):
             download_voc2012(root, url=url, md5=md5)
+        assert (root / ".VOCtrainval_11-May-2012.tar.lock").is_file()  # the first run's lock is left alone
     assert not list(root.glob("VOC*"))
     assert (download_voc2012(root, url=url, md5=md5) / EXTRACTED).is_file()
 

@@ -287,10 +287,39 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
     if stamp.exists():  # ours and finished
         _require(folder, required, what)
         return folder
+    made = [p for p in (root, *root.parents) if not p.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DownloadError(f"--root {root}: cannot make the folder ({err.strerror or err})") from None
+    try:
+        return _fetch_and_extract(root, url, md5, archive_name, folder, required, what)
+    except BaseException:
+        _tidy_after_nothing(root, archive_name, made)
+        raise
+
+
+def _tidy_after_nothing(root: Path, archive_name: str, made: list[Path]) -> None:
+    """A run that failed before any byte was kept (no network, a 404) left its lock file, and the folders it made
+    to hold it: removed, unless another run holds the lock or anything else is there."""
+    lock = root / f".{archive_name}.lock"
+    try:
+        if [p.name for p in root.iterdir()] != [lock.name]:
+            return
+        import fcntl
+
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError where another run holds it
+            lock.unlink()
+        for folder in made:  # deepest first
+            folder.rmdir()
+    except (OSError, ImportError):
+        pass
+
+
+def _fetch_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
+                       required: list[str], what: str) -> Path:
+    stamp = folder / EXTRACTED_STAMP
     archive_path = root / archive_name
     marker = _extracting_marker(root, archive_name)
     with _only_run(root, archive_name):
