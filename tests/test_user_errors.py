@@ -1403,10 +1403,14 @@ def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(d
     assert sorted(p.name for p in links.iterdir()) == ["last.pt"] and (links / "last.pt").is_symlink()
 
 
-def test_a_val_file_found_unreadable_at_the_evaluation_keeps_the_epochs_training(demo_root, ram_tmp):
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split):
     """With --skip-data-check a truncated val mask was found at the first evaluation: the epoch's training was lost,
-    no checkpoint saved and an empty run folder left (a helper, 2026-12-06). The epoch is saved as its last step;
-    mended, the resumed run evaluates it and goes on as a run that never stopped."""
+    no checkpoint saved and an empty run folder left (a helper, 2026-12-06); a train mask, on the streamed data
+    path, lost the steps before it. They are saved (the val case as the epoch's last step); mended, the resumed run
+    goes on as a run that never stopped. Read by a loader worker, whose error comes back wrapped in its traceback:
+    the line still names the file."""
+    import re
     import shutil
 
     from resunet.checkpoint import load_checkpoint
@@ -1416,16 +1420,19 @@ def test_a_val_file_found_unreadable_at_the_evaluation_keeps_the_epochs_training
 
     data = ram_tmp / "data"
     shutil.copytree(demo_root, data)
-    mask = open_dataset(data, "val").mask_paths[1]
+    mask = open_dataset(data, split).mask_paths[1]
     whole = mask.read_bytes()
     mask.write_bytes(whole[:len(whole) // 2])
     run = ram_tmp / "run"
-    config = dict(epochs=2, skip_data_check=True, cache_dir=str(ram_tmp / "cache"))
-    with pytest.raises(DataError, match=rf"^{mask}: .*; epoch 1's training is saved: mend or remove the file, then "
-                                        rf"resunet train --resume {run / 'last.pt'}$"):
+    config = dict(epochs=2, skip_data_check=True, cache_dir=str(ram_tmp / "cache"), workers=1, data_path="simple")
+    kept = "epoch 1's training is" if split == "val" else r"the (\d+) step\(s\) of epoch 1 before it are"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(mask))}: [^\n]*; {kept} saved: mend the file \(or remove "
+                                        rf"the image and its mask, and its line in a VOC split list\), then resunet "
+                                        rf"train --resume {re.escape(str(run / 'last.pt'))}$") as caught:
         train(tiny_config(data, run, **config))
     saved = load_checkpoint(run / "last.pt", tensors=False)
-    assert saved["epoch"] == 0 and saved["position"]["step"] == 12  # 48 images, batch 4: the whole epoch
+    steps = 12 if split == "val" else int(re.search(kept, str(caught.value)).group(1))  # 48 images, batch 4
+    assert saved["epoch"] == 0 and saved["position"]["step"] == steps
     mask.write_bytes(whole)
     train(tiny_config(data, run, **config, resume=str(run / "last.pt")))
     train(tiny_config(data, ram_tmp / "whole", **config))

@@ -14,7 +14,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from .config import ABLATION_OPTIONS, TrainConfig, config_fields
-from .data.images import DEFAULT_MAX_PIXELS, DataError
+from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line
 
 
 
@@ -32,16 +32,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         if (loaded := sys.modules.get(f"{__package__}.{module}")) is not None:
             errors += (getattr(loaded, name),)
     return errors
-
-
-def one_line(error: BaseException) -> str:
-    """The user's message alone. An error raised in a DataLoader worker comes back with the worker's traceback in
-    its message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep its last line."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text or type(error).__name__
 
 
 def _positive_floats(text: str) -> tuple[float, ...]:

@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
 from .data.dataset import PairedDataset, data_locations, open_dataset, worker_batches, worker_ignores_ctrl_c
-from .data.images import DataError, read_mask
+from .data.images import DataError, one_line, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
@@ -997,6 +998,18 @@ def train(cfg: TrainConfig) -> dict:
     curves_drawn, curves_behind = -math.inf, False
     # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
     # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
+    def keep_steps_then_raise(error: DataError, kept: str, seconds: float) -> NoReturn:
+        """A file found unreadable only now (--skip-data-check, or changed since the check) costs what
+        it stopped, not the epoch's steps before it: saved, then the one-line error."""
+        if world > 1:  # the save gathers from every process, and the others are not here
+            raise error
+        inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds, seconds,
+                                epoch_rng)
+        save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+        raise DataError(f"{one_line(error)}; {kept} saved: mend the file (or remove the image and its mask, "
+                        f"and its line in a VOC split list), then resunet train --resume {out / 'last.pt'}"
+                        ) from None
+
     cache_read = contextlib.closing(loader.cache) if isinstance(loader, CachedLoader) else contextlib.nullcontext()
     with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -1017,8 +1030,9 @@ def train(cfg: TrainConfig) -> dict:
             else:
                 steps, loss_sum, timed_images, timed_seconds = 0, torch.zeros((), device=device), 0, 0.0
             with worker_batches(loader) as batches:  # its workers end with the epoch, however it ends
-                for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
-                    next(batches)
+                if steps < steps_per_epoch:  # saved after its last step, the epoch goes straight to its evaluation
+                    for _ in range(steps):  # the batches trained on before that save, drawn again and dropped
+                        next(batches)
                 # A bar on a terminal; in a log file or pipe, a plain line every PROGRESS_EVERY_S, no `\r` fragments.
                 on_terminal = sys.stderr.isatty()
                 bar = tqdm(total=steps_per_epoch, initial=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
@@ -1029,6 +1043,9 @@ def train(cfg: TrainConfig) -> dict:
                 while steps < steps_per_epoch and not stop_now:
                     try:
                         images, masks = next(batches)
+                    except DataError as error:
+                        keep_steps_then_raise(error, f"the {steps} step(s) of epoch {epoch} before it are",
+                                              time.perf_counter() - started)
                     except RuntimeError:
                         if stop.name is None:
                             raise
@@ -1120,16 +1137,8 @@ def train(cfg: TrainConfig) -> dict:
                 try:
                     matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
                                               cfg.progress)
-                except DataError as error:
-                    if world > 1:  # the save gathers from every process, and the others are not here
-                        raise
-                    # A val file found unreadable only now (--skip-data-check) costs its evaluation, not the epoch:
-                    # saved as its last step, a resume goes straight to the evaluation.
-                    inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
-                                            time.perf_counter() - started, epoch_rng)
-                    save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
-                    raise DataError(f"{error}; epoch {epoch}'s training is saved: mend or remove the file, then "
-                                    f"resunet train --resume {out / 'last.pt'}") from None
+                except DataError as error:  # saved as the epoch's last step: a resume evaluates it
+                    keep_steps_then_raise(error, f"epoch {epoch}'s training is", eval_started - started)
                 scores = matrix.compute()
                 eval_s = time.perf_counter() - eval_started
                 if fit_budget:  # fitted once epoch 1's bookkeeping is timed too (below)

@@ -40,6 +40,16 @@ class DataError(ValueError):
     """A user's file is unusable; the message is one line that names the file and the problem."""
 
 
+def one_line(error: BaseException) -> str:
+    """The user's message alone. An error raised in a DataLoader worker comes back with the worker's traceback in
+    its message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep its last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(error).__name__
+
+
 class ImageTooLargeError(DataError):
     """The image declares more pixels than allowed (checked from its header, before decoding)."""
 
