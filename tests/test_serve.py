@@ -357,7 +357,9 @@ def test_port_0_stays_bound_from_its_announcement_to_the_service():
     port = sockets[0].getsockname()[1]
     assert len(sockets) == 1 and 1024 <= port < 65536
     with socket.socket() as intruder, pytest.raises(OSError) as taken:
-        intruder.bind(("127.0.0.1", port))
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind (a bound socket alone
+        intruder.bind(("127.0.0.1", port))  # not yet listening let such a bind through)
+        intruder.listen()
     assert taken.value.errno == errno.EADDRINUSE
     for listener in sockets:
         listener.close()
@@ -1269,7 +1271,7 @@ def test_a_stop_during_the_background_warm_up_waits_for_one_pass_not_all(checkpo
 
     waited = asyncio.run(scenario())
     time.sleep(0.6)  # had the warm-up gone on, a second pass would have begun by now
-    assert len(passes) == 1 and waited < 0.45, (passes, waited)
+    assert len(passes) == 1 and waited < 1.2, (passes, waited)  # all four passes: 1.8 s
     assert not engine.ready and engine.batcher is None
 
 

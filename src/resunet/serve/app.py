@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -499,28 +500,36 @@ def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) 
     return JsonErrorsH11Protocol
 
 
-def bind_address(host: str, port: int) -> list:
+def bind_address(host: str, port: int) -> list[socket.socket]:
     """Bind the sockets `run_server` serves on: one per address `host` resolves to, as asyncio would (IPv6 sockets
     IPv6 only). Raises OSError (the address and why: a port in use, a host that does not resolve) before the model
     is warmed up and the service announced; uvicorn would say it later, in a log, with another exit status. For
     port 0 the system chooses a free port, and it stays bound from here on: nothing can take it between its
     announcement and the service's start."""
-    import socket
 
     bound = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)):
-            listener = socket.socket(family, kind, proto)
+            try:
+                listener = socket.socket(family, kind, proto)
+            except OSError:  # a family this kernel lacks (IPv6 turned off, ::1 still in /etc/hosts): asyncio skips it
+                continue
             bound.append(listener)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
             if family == socket.AF_INET6:
                 listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             listener.bind((address[0], port, *address[2:]))
+            # Listening at once: a socket bound but not listening does not keep another SO_REUSEADDR socket (any
+            # server's) from binding and listening on the same port; uvicorn then failed to listen, after the URL
+            # was announced. Connections wait in the backlog until the service accepts them.
+            listener.listen(2048)
             port = port or listener.getsockname()[1]  # every address on the port the first one was given
     except BaseException:
         for listener in bound:
             listener.close()
         raise
+    if not bound:
+        raise OSError(f"no address of {host} can be listened on here")
     return bound
 
 
@@ -530,7 +539,8 @@ def service_url(host: str, port: int) -> str:
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               drain_timeout_s: int = 30, max_connections: int | None = 1000, sockets: list | None = None) -> None:
+               drain_timeout_s: int = 30, max_connections: int | None = 1000,
+               sockets: list[socket.socket] | None = None) -> None:
     """Serve `app` under uvicorn until SIGTERM / Ctrl-C: then stop accepting, finish what is in flight (for at most
     `drain_timeout_s` seconds: a client that stalls mid-upload must not hold the shutdown), return. Past
     `max_connections` open connections a request gets 503 at once: many idle clients cannot use up the process's
@@ -551,7 +561,9 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     # Our protocol logs an unparsable request in one line with its reason; uvicorn's own warning would be a second.
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != UVICORN_INVALID_REQUEST)
     try:
-        sockets = sockets if sockets is not None else bind_address(host, port)
+        if sockets is None:  # from Python: say where (uvicorn is silent about sockets given to it; port 0 is unknown)
+            sockets = bind_address(host, port)
+            log.info("serving on %s", service_url(host, sockets[0].getsockname()[1]))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
                                 http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s))
