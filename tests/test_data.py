@@ -502,6 +502,18 @@ def test_a_pngs_orientation_is_read_from_its_chunks_wherever_they_are_without_de
     xmp = png_with_chunks(after=[png_chunk(b"iTXt", b'XML:com.adobe.xmp\0\0\0\0\0<x tiff:Orientation="8"/>')])
     assert read_header(xmp).orientation == 8 and read_image(xmp).shape == (30, 20, 3)
     assert read_header(png_with_chunks()).orientation == 1
+    # An animated PNG is read as PIL reads its first frame: up to the next frame's control chunk.
+    frames = [Image.fromarray(np.full((20, 30, 3), level, np.uint8)) for level in (10, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    apng = buffer.getvalue()
+    first_pixels = apng.index(b"IDAT")
+    past_them = first_pixels + 8 + struct.unpack(">I", apng[first_pixels - 4:first_pixels])[0]
+    end = apng.rindex(b"IEND") - 4
+    for data, orientation in ((apng[:past_them] + png_chunk(b"eXIf", raw) + apng[past_them:], 6),
+                              (apng[:end] + png_chunk(b"eXIf", raw) + apng[end:], 1)):  # past frame 2: not read
+        assert read_header(data).orientation == orientation
+        assert read_image(data).shape == ((30, 20, 3) if orientation == 6 else (20, 30, 3))
     # No pixel is decoded: pixel data no decoder can read still gives its header and the orientation after it.
     garbled = png_with_chunks(after=[png_chunk(b"eXIf", raw)], garbled_pixels=True)
     assert read_header(garbled).orientation == 6

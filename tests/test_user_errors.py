@@ -103,8 +103,9 @@ def test_an_out_folder_among_the_datas_folders_is_one_line(demo_root, tmp_path, 
         before = sorted(p.name for p in voc.rglob("*"))
         assert main(["train", *cfg, "--out", str(out)]) == 2
         line = one_error_line(capsys, "train")
-        assert line.endswith(f"--out {out}: inside {(out if out.name != 'run' else out.parent).resolve()}, whose "
-                             "files are read as the data's images or masks; write outside the data's folders"), line
+        assert line.endswith(f"--out {out}: inside {(out if out.name != 'run' else out.parent).resolve()}, a "
+                             "folder the dataset is read from (its files would be taken for data, or replaced); write "
+                             "outside the data's folders"), line
         assert sorted(p.name for p in voc.rglob("*")) == before
 
 
@@ -132,7 +133,8 @@ def test_no_output_goes_over_a_datasets_classes_json_or_into_any_of_its_splits_f
     (folder / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(21)]}))
     before = {path: path.read_bytes() for root in (data, folder) for path in root.rglob("*") if path.is_file()}
     monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
-    inside = "whose files are read as the data's images or masks; write outside the data's folders"
+    inside = ("a folder the dataset is read from (its files would be taken for data, or replaced); write outside "
+              "the data's folders")
     for command, words in (
             (["evaluate", checkpoint, "--data-root", str(voc), "--confusion", str(voc / "JPEGImages" / "new.png")],
              f"--confusion {voc / 'JPEGImages' / 'new.png'}: inside {(voc / 'JPEGImages').resolve()}, {inside}"),
@@ -699,6 +701,9 @@ def test_predict_replaces_only_its_own_earlier_results(checkpoint, tmp_path, cap
             "file that resunet predict did not write (a dataset's mask?); give another --out or move the file"
             in captured.err)
     assert "wrote 0 prediction(s)" in captured.out and "2 input(s) failed" in captured.out
+    # Nor are they taken for finished results by --skip-existing ("2 skipped, their files already there", exit 0).
+    assert main(["predict", checkpoint, str(photos), "--out", str(masks), "--skip-existing"]) == 1
+    assert "2 input(s) failed" in capsys.readouterr().out
     (masks / "p1.png").unlink()  # its own result, written now, is replaced by the next run
     assert main(["predict", checkpoint, str(photos / "p1.png"), "--out", str(masks), "--overlay"]) == 0
     assert main(["predict", checkpoint, str(photos / "p1.png"), "--out", str(masks), "--overlay"]) == 0
@@ -1296,7 +1301,7 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
     for flags, words in (
             (["--json", str(model)], "is one of this command's inputs; writing there would destroy it"),
-            (["--confusion", str(mask)], "whose files are read as the data's images or masks"),
+            (["--confusion", str(mask)], "a folder the dataset is read from"),
             (["--json", str(tmp_path / "x.png"), "--confusion", str(tmp_path / "x.png")], "also given to --json"),
             (["--confusion", str(tmp_path / "c.jpgx")], "name a .png/.pdf/.svg/.jpg file"),
             (["--confusion", str(tmp_path / "c")], "name a .png/.pdf/.svg/.jpg file"),
@@ -1316,7 +1321,7 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     image = voc / "JPEGImages" / f"{first_val}.jpg"
     image_bytes = image.read_bytes()
     assert main(["visualize", str(model), "--data-root", str(data), "--out", str(image)]) == 2
-    assert "whose files are read as the data's images or masks" in one_error_line(capsys, "visualize")
+    assert "a folder the dataset is read from" in one_error_line(capsys, "visualize")
     assert image.read_bytes() == image_bytes
     assert main(["export", str(model), "--onnx", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "m.onnx")]) == 2
     assert "--json " in one_error_line(capsys, "export") and not (tmp_path / "m.onnx").exists()

@@ -194,7 +194,7 @@ def cmd_check_data(args) -> int:
     from .doctor import check_data, format_report, plot_class_shares, write_json
     from .outputs import PLOT_SUFFIXES, check_output_files
 
-    # Before reading the whole dataset (the dataset's own files are not known yet: the doctor lists them).
+    # Before reading the whole dataset: its folders and classes.json are known from the layout alone.
     check_output_files([("--json", args.json), ("--plot", args.plot)], suffixes={"--plot": PLOT_SUFFIXES},
                        data_root=args.data_root)
     report = check_data(args.data_root, args.splits, args.num_classes, args.ignore_index, args.max_pixels,
@@ -390,13 +390,13 @@ def cmd_predict(args) -> int:
                 failed += 1
                 continue
             # Each file is renamed into place once written (save_whole): one that exists is a finished result.
-            if args.skip_existing and all(o.is_file() for o in outputs.values()):
+            if args.skip_existing and all(o.is_file() and is_prediction(o) for o in outputs.values()):
                 claimed.update({real[o]: path for o in outputs.values()})
                 skipped += 1
                 continue
             # Only an earlier result may be replaced: --out naming a dataset's masks folder wrote over its ground
             # truth, and `evaluate` then scored 100% (a helper, 2026-12-06).
-            foreign = next((o for o in outputs.values() if o.exists() and not is_prediction(o)), None)
+            foreign = next((o for o in outputs.values() if o.is_file() and not is_prediction(o)), None)
             if foreign is not None:
                 tqdm.write(f"resunet predict: {path}: not predicted, its output {foreign} would overwrite a file that "
                            "resunet predict did not write (a dataset's mask?); give another --out or move the file",

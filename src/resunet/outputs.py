@@ -68,8 +68,8 @@ def check_folder_apart(flag: str, path: str | Path, data_folders: Iterable[str |
     target = resolved(path if folder is None else folder)
     for read in {resolved(data_folder) for data_folder in data_folders}:
         if target == read or read in target.parents:
-            raise DataError(f"{flag} {path}: inside {read}, whose files are read as the data's images or masks; "
-                            "write outside the data's folders")
+            raise DataError(f"{flag} {path}: inside {read}, a folder the dataset is read from (its files would be "
+                            "taken for data, or replaced); write outside the data's folders")
 
 
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:

@@ -820,9 +820,7 @@ def train(cfg: TrainConfig) -> dict:
         info = train_set.info
         # A run written into train/images left curves.png and its checkpoints to be read as images, and every later
         # run, its own resume too, refused the dataset (a helper, 2026-12-06).
-        check_folder_apart("--out", cfg.out, [*data_locations(cfg.data_root)[0],
-                                              *{Path(path).parent for dataset in (train_set, val_set)
-                                                for path in (*dataset.image_paths, *dataset.mask_paths)}])
+        check_folder_apart("--out", cfg.out, data_locations(cfg.data_root)[0])
         if len(train_set) < cfg.batch_size * world:
             raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                             f"{cfg.batch_size * world}")

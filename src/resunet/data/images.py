@@ -201,7 +201,8 @@ def read_header(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_P
     source, label = (io.BytesIO(path), name or "image") if isinstance(path, bytes) else (path, name or str(path))
     with opened(source, label, max_pixels) as image:
         width, height = image.size
-        orientation = png_orientation(image.fp) if image.format == "PNG" else image.getexif().get(0x0112, 1)
+        orientation = (png_orientation(image.fp, image.is_animated) if image.format == "PNG"
+                       else image.getexif().get(0x0112, 1))
         orientation = orientation if orientation in range(1, 9) else 1  # exif_transpose ignores other values
         # PIL gives a TIFF's size as shown already (it turns the pixels when it decodes them): swapped again, the
         # decoded-image cache was sized for the stored picture and its build stopped with a traceback.
@@ -214,23 +215,23 @@ def read_header(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_P
 PNG_ORIENTATION_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 
 
-def png_orientation(file: io.IOBase) -> int:
-    """The EXIF orientation of an open PNG file as PIL finds it once the image is decoded — its EXIF block may
-    follow the pixels, and PIL decodes them all to look there — from its metadata chunks alone: the pixel data is
-    skipped unread. PIL's own chunk readers fill the info PIL's getexif reads; chunks are read as far as PIL reads
-    them (the end, or an animated PNG's second frame)."""
+def png_orientation(file: io.IOBase, animated: bool) -> int:
+    """The EXIF orientation of a PNG file (from its first byte) as PIL finds it once the image is decoded — its EXIF
+    block may follow the pixels, and PIL decodes them all to look there — from its metadata chunks alone: the pixel
+    data is skipped unread. PIL's own chunk readers fill the info PIL's getexif reads; chunks are read as far as PIL
+    reads them: the end, or the next frame's control chunk after the pixels of an `animated` one (PIL's
+    is_animated)."""
     from PIL import PngImagePlugin
 
     where = file.tell()
     chunks = PngImagePlugin.PngStream(file)
     try:
         file.seek(8)  # the PNG signature
-        animated = pixels_passed = False
+        pixels_passed = False
         while True:
             kind, _, length = chunks.read()
             if kind == b"IEND" or (kind == b"fcTL" and animated and pixels_passed):
                 break
-            animated |= kind == b"acTL"
             pixels_passed |= kind == b"IDAT"
             if kind in PNG_ORIENTATION_CHUNKS:
                 chunks.call(kind, 0, length)
@@ -351,7 +352,8 @@ def rgb_to_index(rgb: np.ndarray, info: ClassInfo, path: str | Path = "mask") ->
 def rgb_mask_hint(rgb: np.ndarray, info: ClassInfo) -> str:
     """What an RGB mask with colours off the palette looks like, where it is clear: black and white alone (a binary
     mask), or every pixel grey with a class id or the ignore label as its value (ids saved in three channels, as
-    cv2.imwrite of a 3-channel array does). Said, not acted on: a JPEG's noise around black is grey too."""
+    cv2.imwrite of a 3-channel array does). Said: the mask is refused as off the palette either way (the data check
+    then reads no class from it; a JPEG's noise around black is grey too)."""
     grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
     if not grey.all():
         return ""

@@ -177,6 +177,9 @@ def augment_batch(
         raise ValueError(f"valid_sizes has {len(valid_sizes)} rows for {len(index)} samples: one per entry of index")
     if len(index) and not 0 <= min(index) <= max(index) < len(images):
         raise ValueError(f"index holds samples outside the {len(images)} canvases")
+    sizes = torch.as_tensor(valid_sizes)
+    if len(index) and not ((sizes >= 1).all() and (sizes <= torch.tensor(images.shape[-2:])).all()):
+        raise ValueError(f"valid_sizes must lie within the {images.shape[-2]}×{images.shape[-1]} canvas, from 1")
     params = sample_augment_params(valid_sizes, size, scales, jitter, generator, crop)
     device = torch.device(device)
     if device.type == "cpu":
