@@ -538,6 +538,15 @@ def service_url(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
+def one_line_for_a_cut_shutdown(record: logging.LogRecord) -> bool:
+    """A second Ctrl-C (or SIGTERM) during the shutdown makes uvicorn cancel the app's lifespan; starlette reports
+    that as a failed shutdown carrying the CancelledError's traceback, which uvicorn logged whole: one line instead."""
+    text = record.getMessage()
+    if text.startswith("Traceback") and text.rstrip().endswith("CancelledError"):
+        record.msg, record.args = "shutdown cut short by a second signal; requests still in flight were dropped", ()
+    return True
+
+
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                drain_timeout_s: int = 30, max_connections: int | None = 1000,
                sockets: list[socket.socket] | None = None) -> None:
@@ -560,6 +569,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # Our protocol logs an unparsable request in one line with its reason; uvicorn's own warning would be a second.
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != UVICORN_INVALID_REQUEST)
+    logging.getLogger("uvicorn.error").addFilter(one_line_for_a_cut_shutdown)
     try:
         if sockets is None:  # from Python: say where (uvicorn is silent about sockets given to it; port 0 is unknown)
             sockets = bind_address(host, port)
