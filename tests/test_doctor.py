@@ -294,6 +294,12 @@ def test_a_train_or_val_folder_without_its_masks_is_an_error_not_passed_over(tmp
     assert "test/" not in out and "half_split ×2" not in out
     args = ["train", "--data-root", str(root), "--out", str(tmp_path / "run"), "--skip-data-check", "--size", "32"]
     assert main(args) == 2 and "no split 'val'" in capsys.readouterr().err
+    # Both splits half there: "not a dataset: expected ... root/all/{images,masks}" named a split nobody made.
+    shutil.rmtree(root / "train" / "masks")
+    assert main(["check-data", "--data-root", str(root)]) == 2
+    assert capsys.readouterr().err.strip() == (f"resunet check-data: error: {root / 'train' / 'images'}: no "
+                                               "train/masks folder beside it (2 split folder(s) half there), and no "
+                                               "complete split")
 
 
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):

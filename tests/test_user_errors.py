@@ -152,6 +152,15 @@ def test_no_output_goes_over_a_datasets_classes_json_or_into_any_of_its_splits_f
               str(voc / "SegmentationClass" / "e.json")], f"inside {(voc / 'SegmentationClass').resolve()}, {inside}")):
         assert main(command) == 2, command
         assert one_error_line(capsys, command[0]).endswith(words), command
+    # Through a link outside the data to a training mask: the check looked at the link's folder (a helper).
+    (tmp_path / "link.json").symlink_to(folder / "train" / "masks" / "a.png")
+    (tmp_path / "link.png").symlink_to(train_mask)
+    for command, where in (
+            (["check-data", "--data-root", str(folder), "--json", str(tmp_path / "link.json")], folder / "train/masks"),
+            (["visualize", checkpoint, "--data-root", str(data), "--out", str(tmp_path / "link.png")],
+             train_mask.parent)):
+        assert main(command) == 2, command
+        assert f"inside {where.resolve()}, {inside}" in one_error_line(capsys, command[0])
     assert {path: path.read_bytes() for root in (data, folder) for path in root.rglob("*") if path.is_file()} == before
     assert not (tmp_path / "m.onnx").exists()
     # Beside the data's folders is outside them.
@@ -701,6 +710,9 @@ def test_predict_replaces_only_its_own_earlier_results(checkpoint, tmp_path, cap
             "file that resunet predict did not write (a dataset's mask?); give another --out or move the file"
             in captured.err)
     assert "wrote 0 prediction(s)" in captured.out and "2 input(s) failed" in captured.out
+    # images/ beside masks/ is a dataset: writing there, even new names, adds to it (a helper, 2026-12-06), said.
+    assert (f"resunet predict: note: --out {masks} is inside {masks.resolve()}, a folder a dataset is read from: "
+            "the results will be read as its files" in captured.err)
     # Nor are they taken for finished results by --skip-existing ("2 skipped, their files already there", exit 0).
     assert main(["predict", checkpoint, str(photos), "--out", str(masks), "--skip-existing"]) == 1
     assert "2 input(s) failed" in capsys.readouterr().out
@@ -1409,7 +1421,7 @@ def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(d
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
-def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split):
+def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split, capsys):
     """With --skip-data-check a truncated val mask was found at the first evaluation: the epoch's training was lost,
     no checkpoint saved and an empty run folder left (a helper, 2026-12-06); a train mask, on the streamed data
     path, lost the steps before it. They are saved (the val case as the epoch's last step); mended, the resumed run
@@ -1439,7 +1451,9 @@ def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_r
     steps = 12 if split == "val" else int(re.search(kept, str(caught.value)).group(1))  # 48 images, batch 4
     assert saved["epoch"] == 0 and saved["position"]["step"] == steps
     mask.write_bytes(whole)
+    capsys.readouterr()
     train(tiny_config(data, run, **config, resume=str(run / "last.pt")))
+    assert "best val mIoU so far" not in capsys.readouterr().out  # none was measured (the data did change)
     train(tiny_config(data, ram_tmp / "whole", **config))
     resumed, uninterrupted = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
                               for folder in (run, ram_tmp / "whole"))

@@ -335,7 +335,7 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .data.images import read_image
-    from .outputs import is_prediction, prediction_save_options, save_whole
+    from .outputs import data_folder_around, is_prediction, prediction_save_options, save_whole
     from .predict import load, load_ensemble
     from .runtime import is_out_of_memory
 
@@ -367,6 +367,9 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise DataError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
+    if (data_folder := data_folder_around(out)) is not None:  # pseudo-labels are made so; an accident too
+        print(f"resunet predict: note: --out {out} is inside {data_folder}, a folder a dataset is read from: the "
+              "results will be read as its files", file=sys.stderr)
     failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
     # os.path.realpath, not Path.resolve: a symlink loop among the inputs raised there (it is reported when read)
     inputs = {Path(os.path.realpath(path)) for path in paths}

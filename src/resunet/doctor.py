@@ -153,6 +153,10 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         splits = [s for s in ("train", "val", "test") if all((root / s / d).is_dir() for d in ("images", "masks"))]
         halves = [(s, d) for s in ("train", "val") for d, other in (("images", "masks"), ("masks", "images"))
                   if (root / s / d).is_dir() and not (root / s / other).is_dir()]
+        if not splits and halves and not (root / "images").is_dir():  # "not a dataset: ... root/all/{...}" said less
+            split, there = halves[0]
+            raise DataError(f"{root / split / there}: no {split}/{'masks' if there == 'images' else 'images'} folder "
+                            f"beside it ({len(halves)} split folder(s) half there), and no complete split")
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:

@@ -40,7 +40,7 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
         target = resolved(path)
         if target in read:
             raise DataError(f"{flag} {path}: is one of this command's inputs; writing there would destroy it")
-        check_folder_apart(flag, path, data_folders, path.parent)
+        check_folder_apart(flag, path, data_folders, target.parent)  # a link's target's folder: written through it
         if target in seen:
             raise DataError(f"{flag} {path}: also given to {seen[target]}; one file cannot hold both")
         seen[target] = flag
@@ -70,6 +70,17 @@ def check_folder_apart(flag: str, path: str | Path, data_folders: Iterable[str |
         if target == read or read in target.parents:
             raise DataError(f"{flag} {path}: inside {read}, a folder the dataset is read from (its files would be "
                             "taken for data, or replaced); write outside the data's folders")
+
+
+def data_folder_around(folder: str | Path) -> Path | None:
+    """The dataset folder (a split's images or masks, VOC's) that `folder` is or lies in, looking for a dataset at
+    each of its parents: predict has no --data-root, and its --out there adds files the dataset then reads."""
+    target = resolved(folder)
+    for root in (target, *target.parents):
+        for data_folder in data_locations(root)[0]:
+            if data_folder == target or data_folder in target.parents:
+                return data_folder
+    return None
 
 
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:

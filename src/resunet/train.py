@@ -922,7 +922,8 @@ def train(cfg: TrainConfig) -> dict:
                             for split in changed)
             print(f"resunet: the {' and '.join(changed)} data changed since {cfg.resume} was saved ({was} images, or "
                   f"files edited); the run goes on with the data as it is now"
-                  + ("; its best val mIoU so far was measured on the old val split" if "val" in changed else ""),
+                  + ("; its best val mIoU so far was measured on the old val split"
+                     if "val" in changed and state.get("best_miou", -1.0) >= 0 else ""),
                   flush=True)
         # The saved step counts batches in the old data's order, which another image count reshuffles.
         resized = "train" in changed and data_now["train"]["images"] != state["data"]["train"]["images"]
