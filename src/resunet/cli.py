@@ -393,13 +393,14 @@ def cmd_predict(args) -> int:
                 failed += 1
                 continue
             # Each file is renamed into place once written (save_whole): one that exists is a finished result.
-            if args.skip_existing and all(o.is_file() and is_prediction(o) for o in outputs.values()):
+            ours = {o: is_prediction(o) for o in outputs.values() if o.is_file()}  # each file's header read once
+            if args.skip_existing and len(ours) == len(outputs) and all(ours.values()):
                 claimed.update({real[o]: path for o in outputs.values()})
                 skipped += 1
                 continue
             # Only an earlier result may be replaced: --out naming a dataset's masks folder wrote over its ground
             # truth, and `evaluate` then scored 100% (a helper, 2026-12-06).
-            foreign = next((o for o in outputs.values() if o.is_file() and not is_prediction(o)), None)
+            foreign = next((o for o, mine in ours.items() if not mine), None)
             if foreign is not None:
                 tqdm.write(f"resunet predict: {path}: not predicted, its output {foreign} would overwrite a file that "
                            "resunet predict did not write (a dataset's mask?); give another --out or move the file",

@@ -151,20 +151,20 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
     halves = []  # the split folders `resunet train` reads, half there: passed over, train then refused the data
     if splits is None:  # the labelled splits (an unlabelled test/images is not a mistake)
         splits = [s for s in ("train", "val", "test") if all((root / s / d).is_dir() for d in ("images", "masks"))]
-        halves = [(s, d) for s in ("train", "val") for d, other in (("images", "masks"), ("masks", "images"))
-                  if (root / s / d).is_dir() and not (root / s / other).is_dir()]
+        halves = [(s, there, missing) for s in ("train", "val")
+                  for there, missing in (("images", "masks"), ("masks", "images"))
+                  if (root / s / there).is_dir() and not (root / s / missing).is_dir()]
         if not splits and halves and not (root / "images").is_dir():  # "not a dataset: ... root/all/{...}" said less
-            split, there = halves[0]
-            raise DataError(f"{root / split / there}: no {split}/{'masks' if there == 'images' else 'images'} folder "
-                            f"beside it ({len(halves)} split folder(s) half there), and no complete split")
+            split, there, missing = halves[0]
+            raise DataError(f"{root / split / there}: no {split}/{missing} folder beside it ({len(halves)} split "
+                            "folder(s) half there), and no complete split")
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:
         split_dirs[split] = find_split_dir(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
-    for split, there in halves:
-        missing = "masks" if there == "images" else "images"
+    for split, there, missing in halves:
         listing.findings.append(finding("half_split", f"{split}/{missing}", f"{split}/{there}: no {split}/{missing} "
                                         "folder beside it; train reads both, and would refuse this dataset"))
     if (root / "classes.json").is_file():

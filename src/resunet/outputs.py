@@ -65,22 +65,24 @@ def check_folder_apart(flag: str, path: str | Path, data_folders: Iterable[str |
     """DataError when `folder` (by default `path` itself), which the command writes into, is one of `data_folders`
     (those a dataset's images or masks are read from) or inside one: what it writes would be read as data next
     time, or replace some."""
-    target = resolved(path if folder is None else folder)
-    for read in {resolved(data_folder) for data_folder in data_folders}:
-        if target == read or read in target.parents:
-            raise DataError(f"{flag} {path}: inside {read}, a folder the dataset is read from (its files would be "
-                            "taken for data, or replaced); write outside the data's folders")
+    read = enclosing(resolved(path if folder is None else folder), data_folders)
+    if read is not None:
+        raise DataError(f"{flag} {path}: inside {read}, a folder the dataset is read from (its files would be "
+                        "taken for data, or replaced); write outside the data's folders")
 
 
 def data_folder_around(folder: str | Path) -> Path | None:
     """The dataset folder (a split's images or masks, VOC's) that `folder` is or lies in, looking for a dataset at
     each of its parents: predict has no --data-root, and its --out there adds files the dataset then reads."""
     target = resolved(folder)
-    for root in (target, *target.parents):
-        for data_folder in data_locations(root)[0]:
-            if data_folder == target or data_folder in target.parents:
-                return data_folder
-    return None
+    return next((found for root in (target, *target.parents)
+                 if (found := enclosing(target, data_locations(root)[0])) is not None), None)
+
+
+def enclosing(target: Path, folders: Iterable[str | Path]) -> Path | None:
+    """The one of `folders` (resolved) that the resolved folder `target` is, or lies inside; None if none."""
+    return next((folder for folder in {resolved(f) for f in folders}
+                 if target == folder or folder in target.parents), None)
 
 
 def check_writable_folder(flag: str, path: Path, folder: Path) -> None:

@@ -995,20 +995,24 @@ def train(cfg: TrainConfig) -> dict:
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
-    # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
-    # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
+    def save_inside_epoch(seconds: float) -> None:
+        """last.pt at the current step of the current epoch, `seconds` into it: a resume continues there."""
+        inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds, seconds, epoch_rng)
+        if main_process:
+            save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+
     def keep_steps_then_raise(error: DataError, kept: str, seconds: float) -> NoReturn:
         """A file found unreadable only now (--skip-data-check, or changed since the check) costs what
         it stopped, not the epoch's steps before it: saved, then the one-line error."""
         if world > 1:  # the save gathers from every process, and the others are not here
             raise error
-        inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds, seconds,
-                                epoch_rng)
-        save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+        save_inside_epoch(seconds)
         raise DataError(f"{one_line(error)}; {kept} saved: mend the file (or remove the image and its mask, "
                         f"and its line in a VOC split list), then resunet train --resume {out / 'last.pt'}"
                         ) from None
 
+    # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
+    # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
     cache_read = contextlib.closing(loader.cache) if isinstance(loader, CachedLoader) else contextlib.nullcontext()
     with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -1087,10 +1091,7 @@ def train(cfg: TrainConfig) -> dict:
                         raise TrainingError(f"the loss became NaN or infinite by step {steps} of epoch {epoch}; "
                                             f"{last_good_save(out)}")
                     if stop_now or (due and steps < steps_per_epoch):  # an epoch's end saves anyway
-                        inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds,
-                                                time.perf_counter() - started, epoch_rng)
-                        if main_process:
-                            save_run(out / "last.pt", epoch - 1, epoch_rng, position=inside)
+                        save_inside_epoch(time.perf_counter() - started)
                         last_save = time.perf_counter()
                 bar.close()
             if stop_now:

@@ -506,7 +506,6 @@ def bind_address(host: str, port: int) -> list[socket.socket]:
     is warmed up and the service announced; uvicorn would say it later, in a log, with another exit status. For
     port 0 the system chooses a free port, and it stays bound from here on: nothing can take it between its
     announcement and the service's start."""
-
     bound = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)):
