@@ -614,3 +614,136 @@ def test_palette_masks_of_one_split_read_two_ways_are_a_warning(tmp_path):
     (root / "train" / "masks" / "road.png").unlink()
     (root / "train" / "images" / "road.png").unlink()
     assert not [f for f in doctor.check_data(root, ["train"], workers=1).findings if f.kind == "palette_mixed"]
+
+
+def test_nearly_matching_names_are_named_as_the_likely_partner(tmp_path, capsys):
+    """Pairing is by exact name; a mask named the image's name in another case, with a tail (CamVid's _L, _mask) or
+    with the image's extension kept (a.jpg.png) is named in the error, so the user sees what to rename."""
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    root = clean_dataset(tmp_path / "data")
+    masks = root / "train" / "masks"
+    (masks / "good_0.png").rename(masks / "good_0_L.png")
+    (masks / "good_1.png").rename(masks / "GOOD_1.png")
+    (masks / "good_2.png").rename(masks / "good_2.png.png")
+    save(picture(60), root / "train" / "images" / "amb_a.png")  # two images, one mask 'amb_x': near to both, so
+    save(picture(61), root / "train" / "images" / "amb_b.png")  # neither is named
+    save(cat_and_dog(), masks / "amb_x.png")
+    save(picture(62), root / "train" / "images" / "scan_07.png")  # one mask near two images: names neither
+    save(picture(63), root / "train" / "images" / "scan_07_gt_vis.png")
+    save(cat_and_dog(), masks / "scan_07_gt.png")
+    report_json = tmp_path / "report.json"
+    assert main(["check-data", "--data-root", str(root), "--json", str(report_json)]) == 1
+    messages = {item["path"]: item["message"] for item in json.loads(report_json.read_text())["findings"]}
+    masks_rel, images_rel = Path("train/masks"), Path("train/images")
+    tail = ": images and masks pair by the exact name, the extension aside)"
+    assert messages[str(images_rel / "good_0.png")] == (f"{images_rel / 'good_0.png'}: no mask good_0.* in {masks_rel} "
+                                                        f"({masks_rel}/good_0_L.png has nearly its name{tail}")
+    assert messages[str(images_rel / "good_1.png")].endswith(f"({masks_rel}/GOOD_1.png differs only in case{tail}")
+    assert messages[str(images_rel / "good_2.png")].endswith(f"({masks_rel}/good_2.png.png has nearly its name{tail}")
+    assert messages[str(masks_rel / "good_0_L.png")].endswith(f"({images_rel}/good_0.png has nearly its name{tail}")
+    for name in ("amb_a.png", "amb_b.png"):
+        assert messages[str(images_rel / name)] == f"{images_rel / name}: no mask {name[:-4]}.* in {masks_rel}"
+    assert messages[str(masks_rel / "amb_x.png")] == f"{masks_rel / 'amb_x.png'}: no image amb_x.* in {images_rel}"
+    for path in (images_rel / "scan_07.png", images_rel / "scan_07_gt_vis.png", masks_rel / "scan_07_gt.png"):
+        assert messages[str(path)].endswith(f"{images_rel if 'masks' in str(path) else masks_rel}"), messages[str(path)]
+    capsys.readouterr()
+
+    with pytest.raises(DataError, match=r"train/masks: no mask for 7 images, e.g. amb_a.png$"):  # amb_a: nobody's
+        open_dataset(root, "train")
+    for name in ("amb_a.png", "amb_b.png", "scan_07.png", "scan_07_gt_vis.png"):
+        (root / "train" / "images" / name).unlink()
+    with pytest.raises(DataError, match=r"train/masks: no mask for 3 images, e.g. good_0.png \(masks/good_0_L.png "
+                                        r"has nearly its name: images and masks pair by the exact name"):
+        open_dataset(root, "train")
+
+
+def test_files_with_other_suffixes_are_said_not_to_be_read(tmp_path, capsys):
+    """A phone's .heic photos copied among the images were passed over without a word: check-data warns, a split of
+    nothing else says why it has no images, and predict says which files of a folder it leaves out."""
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    root = clean_dataset(tmp_path / "data")
+    (root / "train" / "images" / "IMG_0001.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (root / "train" / "images" / "Thumbs.db").write_bytes(b"\0")  # Windows' own: not worth a word
+    (root / "train" / "images" / ".hidden.heic").write_bytes(b"\0")
+    cache = tmp_path / "cache"
+    report = doctor.check_data(root, workers=1, cache_dir=cache)
+    [warning] = report.warnings
+    assert warning.kind == "unread_files" and warning.path == str(Path("train/images"))
+    assert warning.message == (f"{Path('train/images')}: 1 file(s) not read, such as IMG_0001.heic (suffix .heic; "
+                               "images and masks are read from .jpg, .jpeg, .jpe, .jfif, .png, .gif, .bmp, .tif, "
+                               ".tiff, .webp)")
+    (root / "train" / "images" / "IMG_0002.HEIC").write_bytes(b"\0")  # the listed files unchanged: the key sees it
+    again = doctor.check_data(root, workers=1, cache_dir=cache)
+    assert not again.from_cache and "2 file(s) not read" in again.warnings[0].message
+
+    val_images = root / "val" / "images"
+    for path in val_images.glob("*.png"):
+        path.rename(path.with_suffix(".heic"))
+    with pytest.raises(DataError, match=r"val/images: no images \(2 file\(s\) not read, such as good_0.heic \(suffix "
+                                        r"\.heic; images and masks are read from \.jpg"):
+        open_dataset(root, "val")
+    capsys.readouterr()
+    assert main(["predict", "nothing.pt", str(val_images), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{val_images}: a folder without images (2 file(s) not read, such as good_0.heic" in err
+    train_images = root / "train" / "images"  # images beside them: predicted, and the others named in a note
+    assert main(["predict", "nothing.pt", str(train_images), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"resunet predict: {train_images}: 2 file(s) not read, such as IMG_0001.heic (suffix .heic;" in err
+    assert "nothing.pt: checkpoint not found" in err
+
+
+def test_a_dangling_link_is_named_as_one(tmp_path):
+    from resunet.data.images import DataError, looked_at, read_image
+
+    link = tmp_path / "photo.png"
+    link.symlink_to(tmp_path / "gone" / "photo.png")
+    with pytest.raises(DataError, match=rf"photo.png: image file not found \(a link to {tmp_path}/gone/photo.png, "
+                                        r"which is not there\)$"):
+        read_image(link)
+    with pytest.raises(DataError, match=r"photo.png: cannot be read \(No such file or directory\) \(a link to .*gone"):
+        looked_at(link)
+    with pytest.raises(DataError, match=r"missing.png: image file not found$"):  # no link: nothing more to say
+        read_image(tmp_path / "missing.png")
+
+
+def test_a_mask_carrying_its_own_exif_turn_is_said_not_to_be_turned(tmp_path):
+    """A mask painted over a copy of a phone photo keeps the photo's EXIF turn. The image is read as shown and the
+    mask as stored, so they do not fit; the size error says both carry the turn, and a warning names the mask."""
+    root = clean_dataset(tmp_path / "data")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    wide = Image.fromarray(np.asarray(picture(70))[:24])  # 32×24 stored, shown 24×32
+    save(wide, root / "train" / "images" / "turned.jpg", quality=95, exif=exif)
+    mask = Image.fromarray(np.asarray(cat_and_dog())[:24])
+    save(mask, root / "train" / "masks" / "turned.png", exif=exif)
+    exif[0x0112] = 3  # turned 180° (sides kept): only the warning
+    save(picture(71), root / "train" / "images" / "upside.png")
+    save(cat_and_dog(), root / "train" / "masks" / "upside.png", exif=exif)
+    report = doctor.check_data(root, workers=1)
+    messages = {(f.kind, f.path): f.message for f in report.findings}
+    turned, upside = str(Path("train/masks/turned.png")), str(Path("train/masks/upside.png"))
+    assert messages[("size_mismatch", turned)] == (f"{turned}: mask is 32×24 but its image is 24×32 (both carry EXIF "
+                                                   "orientation 6: the image is read turned, the mask as stored; save "
+                                                   "the mask turned, without the orientation)")
+    assert messages[("mask_orientation", turned)] == (
+        f"{turned}: EXIF orientation 6 (turned 90°) (as its image does), not applied: masks are read as stored")
+    assert messages[("mask_orientation", upside)] == (
+        f"{upside}: EXIF orientation 3 (turned 180°), not applied: masks are read as stored")
+    assert sorted(f.kind for f in report.findings) == ["mask_orientation", "mask_orientation", "size_mismatch"]
+    # A TIFF mask's turn is applied (Pillow turns a TIFF as it loads it): no word. A mask whose EXIF block is
+    # broken is read as every mask is, without its EXIF: not unreadable.
+    (root / "train" / "masks" / "turned.png").unlink()
+    (root / "train" / "images" / "turned.jpg").unlink()
+    (root / "train" / "masks" / "upside.png").unlink()
+    exif[0x0112] = 6
+    save(cat_and_dog(), root / "train" / "masks" / "upside.tif", exif=exif)
+    save(cat_and_dog(), root / "train" / "masks" / "good_0.png", exif=b"Exif\x00\x00ZZ\x00*\x00\x00\x00\x08")
+    from resunet.data.images import read_mask
+
+    assert read_mask(root / "train" / "masks" / "good_0.png", doctor.list_splits(root).info).shape == (SIZE, SIZE)
+    assert doctor.check_data(root, workers=1).findings == []

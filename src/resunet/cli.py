@@ -275,8 +275,9 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
     """The image files that files, folders and globs name; a line for each input that names none (a glob that
     matches nothing, a folder without images: a typo must not pass for a finished run); and a note for each folder
-    whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*')."""
-    from .data.images import image_name, list_images, nested_images
+    whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*') or whose files have
+    suffixes not read (a phone's .heic)."""
+    from .data.images import image_name, list_images, nested_images, unread_files, unread_note
 
     paths: list[Path] = []
     problems: list[str] = []
@@ -293,8 +294,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
             if nested:
                 notes.append(f"{path}: {len(nested)} image(s) in subfolders, such as {nested[0].relative_to(path)}, "
                              f"are not read; give '{path}/**/*' to include them")
+            unread = unread_note(unread_files(path))
             if not found:
-                problems.append(f"{path}: a folder without images")
+                problems.append(f"{path}: a folder without images" + (f" ({unread})" if unread else ""))
+            elif unread:
+                notes.append(f"{path}: {unread}")
             paths += found
         elif any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True)

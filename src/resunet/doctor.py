@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,14 +26,14 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes, pairing_name
+from .data.folder import find_split_dir, folder_classes, near_partner_hint, near_partners, pairing_name
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
-                          DataError, ImageTooLargeError, index_mask, list_images, looked_at, nested_images, opened,
-                          palette_reading, read_image, rgb_mask_hint)
+                          SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
+                          nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, write_output
 
-REPORT_FORMAT = 8  # part of the cache key: a change in what the checks find must not reuse old reports
+REPORT_FORMAT = 9  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3
@@ -61,6 +62,11 @@ KINDS: dict[str, tuple[str, str]] = {
                                     "one drawn on the stored pixels would be misaligned without any error — check"),
     "nested_files": ("warning", "images or masks in subfolders of images/ or masks/: not read (only files directly in "
                                 "those folders are)"),
+    "unread_files": ("warning", "files in images/ or masks/ whose suffix is not an image suffix read here (.heic, "
+                                ".jxl, .npy): not read, so not trained on or scored"),
+    "mask_orientation": ("warning", "masks that carry an EXIF orientation: a mask is read as stored, never turned (its "
+                                    "image is read as shown), so a mask painted over a copy of a turned photo does not "
+                                    "fit it"),
     "jpeg_mask": ("warning", "masks stored as JPEG: lossy compression turns class edges into noise values, which "
                              "read as other classes — store masks as PNG"),
     "mask_alpha": ("warning", "masks with transparent pixels: a mask is read by its colour (or grey) alone, so a pixel "
@@ -184,6 +190,9 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
                 listing.findings.append(finding("nested_files", relative(folder, root), f"{relative(folder, root)}: "
                                                 f"{len(nested)} file(s) in subfolders, such as "
                                                 f"{nested[0].relative_to(folder)}, are not read"))
+            if unread := unread_files(folder):
+                listing.findings.append(finding("unread_files", relative(folder, root),
+                                                f"{relative(folder, root)}: {unread_note(unread)}"))
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:
@@ -193,14 +202,17 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
                 first_by_stem.setdefault(name, path)
         masks_by_stem = {pairing_name(p): p for p in masks}
         image_stems = {pairing_name(p) for p in images}
-        for image in images:
-            if pairing_name(image) not in masks_by_stem:
-                listing.findings.append(finding("missing_mask", relative(image, root), f"{relative(image, root)}: "
-                                                f"no mask {image.stem}.* in {relative(mask_dir, root)}"))
-        for mask in masks:
-            if pairing_name(mask) not in image_stems:
-                listing.findings.append(finding("orphan_mask", relative(mask, root), f"{relative(mask, root)}: no "
-                                                f"image {mask.stem}.* in {relative(image_dir, root)}"))
+        lone_images = [p for p in images if pairing_name(p) not in masks_by_stem]
+        lone_masks = [p for p in masks if pairing_name(p) not in image_stems]
+        mask_for, image_for = near_partners(lone_images, lone_masks), near_partners(lone_masks, lone_images)
+        for image in lone_images:
+            hint = near_partner_hint(image, mask_for.get(image), relative(mask_dir, root))
+            listing.findings.append(finding("missing_mask", relative(image, root), f"{relative(image, root)}: "
+                                            f"no mask {image.stem}.* in {relative(mask_dir, root)}{hint}"))
+        for mask in lone_masks:
+            hint = near_partner_hint(mask, image_for.get(mask), relative(image_dir, root))
+            listing.findings.append(finding("orphan_mask", relative(mask, root), f"{relative(mask, root)}: no "
+                                            f"image {mask.stem}.* in {relative(image_dir, root)}{hint}"))
         if not images:
             listing.findings.append(finding("empty_split", relative(image_dir, root),
                                             f"{relative(image_dir, root)}: no images"))
@@ -373,12 +385,21 @@ def mask_findings(classes: np.ndarray, info: ClassInfo, label: str) -> list[Find
     return findings
 
 
+def mask_exif_orientation(mask: Image.Image) -> int | None:
+    """The EXIF orientation a mask file carries; None for a broken EXIF block: masks are read without their EXIF, so
+    one that is broken spoils nothing (the check must not call such a mask unreadable)."""
+    try:
+        return mask.getexif().get(0x0112)
+    except (struct.error, SyntaxError, TypeError, IndexError, ValueError):
+        return None
+
+
 def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, base: Path,
                max_pixels: int | None) -> PairResult:
     """Read one image and its mask once (the image as every command reads it, the mask raw, so that JPEG noise and
     off-palette colours can be told apart) and check both."""
     result = PairResult(split, relative(image_path, base), relative(mask_path, base), [])
-    rgb, orientation, stored_size = None, None, None
+    rgb, orientation, stored_size, mask_orientation = None, None, None, None
     try:
         with opened(image_path, result.image, max_pixels) as header:
             result.image_notes = notes_of(header)
@@ -393,7 +414,9 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
 
     try:
         with opened(mask_path, result.mask, max_pixels, "mask") as mask:
-            jpeg, mode, mask_size = mask.format == "JPEG", mask.mode, mask.size
+            mask_format, mode, mask_size = mask.format, mask.mode, mask.size
+            jpeg = mask_format == "JPEG"
+            mask_orientation = mask_exif_orientation(mask)
             if mode not in INDEX_MASK_MODES + RGB_MASK_MODES + INT_MASK_MODES:
                 raise DataError(f"{result.mask}: unsupported mask mode {mode!r} (need an index, palette or RGB PNG)")
             see_through = int((np.asarray(mask.getchannel("A")) < 255).sum()) if mode in ("RGBA", "LA") else 0
@@ -408,6 +431,11 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
         return result
     if jpeg:
         result.findings.append(finding("jpeg_mask", result.mask, f"{result.mask}: stored as JPEG (mode {mode})"))
+    if mask_orientation in range(2, 9) and mask_format != "TIFF":  # Pillow turns a TIFF's pixels as it loads them
+        same = " (as its image does)" if mask_orientation == orientation else ""
+        result.findings.append(finding("mask_orientation", result.mask, f"{result.mask}: EXIF orientation "
+                                       f"{mask_orientation} ({EXIF_ORIENTATIONS[mask_orientation]}){same}, not "
+                                       "applied: masks are read as stored"))
     if see_through:
         result.findings.append(finding("mask_alpha", result.mask, f"{result.mask}: {see_through:,} transparent or "
                                        "translucent pixel(s), read by their colour"))
@@ -430,6 +458,9 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
     if result.image_size is not None and result.image_size != mask_size:
         rotated = TURNED_MASK_HINT if (
             "EXIF-rotated" in result.image_notes and result.image_size == mask_size[::-1]) else ""
+        if rotated and mask_orientation == orientation in SWAPPING_ORIENTATIONS:  # both turned the same way
+            rotated = (f" (both carry EXIF orientation {orientation}: the image is read turned, the mask as stored; "
+                       "save the mask turned, without the orientation)")
         result.findings.append(finding("size_mismatch", result.mask, f"{result.mask}: mask is "
                                        f"{mask_size[0]}×{mask_size[1]} but its image is "
                                        f"{result.image_size[0]}×{result.image_size[1]}{rotated}"))
@@ -569,7 +600,9 @@ def report_key(listing: Listing, settings: str) -> str | None:
     """Like the decoded cache's key: the settings and every listed file's path, size, modification and change times
     (a chmod changes the latter alone). None when a file cannot be looked at (a symlink loop, a dangling link): the
     check then reads it and reports it."""
-    digest = hashlib.sha256(f"{REPORT_FORMAT}:{settings}:{json.dumps(listing.info.to_dict())}".encode())
+    # The listing's own findings too: a file it passes over (in a subfolder, with another suffix) is in no key.
+    digest = hashlib.sha256(f"{REPORT_FORMAT}:{settings}:{json.dumps(listing.info.to_dict())}:"
+                            f"{json.dumps([asdict(f) for f in listing.findings])}".encode())
     try:
         for path in listing.files:
             stat, real = looked_at(path)

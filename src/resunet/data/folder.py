@@ -6,12 +6,14 @@ An optional `root/classes.json` (names, palette, ignore index) sets the classes;
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 from .classes import ClassInfo, generic_info, load_classes_json
 from .dataset import PairedDataset, check_expected_classes
-from .images import DataError, list_images, nested_images
+from .images import DataError, list_images, nested_images, unread_files, unread_note
 
 
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
@@ -35,6 +37,43 @@ def pairing_name(path: Path) -> str:
     """What an image and its mask share: the stem, in Unicode's composed form. A Mac writes 'café' decomposed (e +
     combining accent), most other tools composed: the same name on screen, and 'no mask café.*' in the check."""
     return unicodedata.normalize("NFC", path.stem)
+
+
+NAME_TAIL = re.compile(r"[ ._-]+[a-z]{1,10}$")  # what tools add to a name: a_mask, a-label, CamVid's a_L, a.jpg
+
+
+def name_keys(path: Path) -> set[str]:
+    """The name in any case, with and without a tail of letters."""
+    name = pairing_name(path).casefold()
+    return {name, NAME_TAIL.sub("", name)}
+
+
+def near_partners(unpaired: list[Path], others: list[Path]) -> dict[Path, Path]:
+    """For files without a partner, the one file of `others` (the other folder's files without a partner) whose name
+    is nearly theirs: the same but for case, a tail added (a_mask.png, CamVid's a_L.png, a.jpg.png) or one on each
+    side (DeepGlobe's 1_sat.jpg and 1_mask.png). Pairing stays exact; this names the likely partner in the error.
+    A near name shared by two files of either side, or one file near to two, names nobody."""
+    by_key: dict[str, list[Path]] = {}
+    for other in others:
+        for key in name_keys(other):
+            by_key.setdefault(key, []).append(other)
+    asked = Counter(key for path in unpaired for key in name_keys(path))
+    found = {}
+    for path in unpaired:
+        matches = {by_key[k][0] for k in name_keys(path) if len(by_key.get(k, ())) == 1 and asked[k] == 1}
+        if len(matches) == 1:
+            found[path] = matches.pop()
+    claimed = Counter(found.values())  # scan_07.png and scan_07_gt_vis.png both near scan_07_gt.png
+    return {path: partner for path, partner in found.items() if claimed[partner] == 1}
+
+
+def near_partner_hint(path: Path, partner: Path | None, folder: str) -> str:
+    """' (masks/a_L.png has nearly its name: ...)' for `near_partners`' answer, or nothing."""
+    if partner is None:
+        return ""
+    how = "differs only in case" if pairing_name(partner).casefold() == pairing_name(path).casefold() else \
+        "has nearly its name"
+    return f" ({folder}/{partner.name} {how}: images and masks pair by the exact name, the extension aside)"
 
 
 def check_unique_stems(folder: Path, files: list[Path]) -> None:
@@ -85,13 +124,18 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
     for folder, files in ((image_dir, images), (mask_dir, masks)):
         check_unique_stems(folder, files)
     masks_by_stem = {pairing_name(p): p for p in masks}
-    missing = [p.name for p in images if pairing_name(p) not in masks_by_stem]
+    missing = [p for p in images if pairing_name(p) not in masks_by_stem]
     if missing:
-        raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0]}")
+        image_names = {pairing_name(p) for p in images}
+        orphans = [p for p in masks if pairing_name(p) not in image_names]
+        hint = near_partner_hint(missing[0], near_partners(missing, orphans).get(missing[0]), "masks")
+        raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0].name}{hint}")
     if not images:
         nested = nested_images(image_dir)
         hint = (f" ({len(nested)} in subfolders, such as {nested[0].relative_to(image_dir)}: images and masks are read "
                 "only directly in their folders)") if nested else ""
+        if not hint and (unread := unread_files(image_dir)):
+            hint = f" ({unread_note(unread)})"
         raise DataError(f"{image_dir}: no images{hint}")
     masks = [masks_by_stem[pairing_name(p)] for p in images]
     return PairedDataset(images, masks, info, description=f"{split_dir}")

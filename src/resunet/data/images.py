@@ -100,7 +100,7 @@ def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, 
                                          f"the limit of {max_pixels:,} (--max-pixels; a decompression bomb?)")
             yield image
     except FileNotFoundError:
-        raise DataError(f"{label}: {kind} file not found") from None
+        raise DataError(f"{label}: {kind} file not found{dangling_link(source)}") from None
     except Image.DecompressionBombError as error:  # PIL's own ceiling (2 × its MAX_IMAGE_PIXELS) stops open()
         declared = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
@@ -382,6 +382,17 @@ def image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def dangling_link(source: object) -> str:
+    """' (a link to X, which is not there)' for a path that is a link to nothing, else nothing: 'file not found'
+    for a file the user sees listed sends them looking in the wrong place."""
+    if not isinstance(source, (str, Path)) or not os.path.islink(source):
+        return ""
+    try:
+        return f" (a link to {os.readlink(source)}, which is not there)"
+    except OSError:
+        return ""
+
+
 def looked_at(path: Path) -> tuple[os.stat_result, Path]:
     """A listed file's stat and real path; DataError naming it when it has none (a symlink loop, a dangling link,
     a folder without permission)."""
@@ -389,7 +400,8 @@ def looked_at(path: Path) -> tuple[os.stat_result, Path]:
         return path.stat(), path.resolve()
     except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve() on a symlink loop before Python 3.13
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise DataError(f"{path}: cannot be read ({reason})") from None
+        link = dangling_link(path) if isinstance(error, FileNotFoundError) else ""
+        raise DataError(f"{path}: cannot be read ({reason}){link}") from None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -399,6 +411,28 @@ def list_images(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if image_name(p))
     except OSError as error:
         raise DataError(f"{folder}: cannot read the folder ({error.strerror or error})") from None
+
+
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # what Windows leaves in a folder of pictures
+
+
+def unread_files(folder: Path) -> list[Path]:
+    """The files directly in `folder` that `list_images` passes over for their suffix (a phone's .heic, a .jxl, an
+    .npy mask), hidden and system files aside: copied in with the rest, they were left out without a word."""
+    try:
+        return sorted(p for p in folder.iterdir() if not image_name(p) and not p.name.startswith(".")
+                      and p.name.lower() not in SYSTEM_FILES and p.is_file())
+    except OSError:  # list_images says why the folder cannot be read
+        return []
+
+
+def unread_note(files: list[Path]) -> str:
+    """'3 file(s) not read, such as a.heic (...)' for `unread_files`, or nothing."""
+    if not files:
+        return ""
+    suffixes = sorted({p.suffix.lower() or "(none)" for p in files})
+    return (f"{len(files)} file(s) not read, such as {files[0].name} (suffix {', '.join(suffixes[:5])}; images and "
+            f"masks are read from {', '.join(IMAGE_SUFFIXES)})")
 
 
 def nested_images(folder: Path) -> list[Path]:
