@@ -140,6 +140,7 @@ def test_classes_describe_the_model_and_its_file(client, checkpoint, reference):
     assert description["ignore_index"] == 255 and description["working_size"] == reference.size
     assert description["model"]["file"] == "best.pt" and description["model"]["sha256"] == sha256_file(checkpoint)
     assert description["tta"] == {"default": "none", "available": ["none", "flip"]}
+    assert description["limits"] == {"max_bytes": 300_000, "max_pixels": 64_000_000}  # the page checks a file's size
 
 
 def test_every_format_gives_the_mask_resunet_predict_writes(client, checkpoint, reference, tmp_path):
@@ -235,6 +236,9 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("empty body", dict(method="POST", url="/predict", content=b""), 400, "empty"),
         ("text", dict(method="POST", url="/predict", content=b"hello", headers={"content-type": "text/plain"}), 415,
          "unsupported content type"),
+        # Refused for its type before its body is read: it was read whole first, and one past --max-bytes got 413.
+        ("long text", dict(method="POST", url="/predict", content=b"x" * 400_000, headers={
+            "content-type": "text/plain"}), 415, "unsupported content type 'text/plain'"),
         ("random bytes", dict(method="POST", url="/predict", content=os.urandom(3000)), 400, "not a readable image"),
         ("truncated", dict(method="POST", url="/predict", content=good[: len(good) // 2]), 400, "not a readable image"),
         ("too many bytes", dict(method="POST", url="/predict", content=encoded(noise)), 413, "over the limit"),
@@ -263,6 +267,8 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
          "malformed multipart body"),
         ("wrong method", dict(method="GET", url="/predict"), 405, "Method Not Allowed"),
         ("wrong path", dict(method="POST", url="/segment", content=good), 404, "Not Found"),
+        # Logged: an escape code in the path would reach the terminal reading the log (a helper, 2026-12-06).
+        ("escape in the path", dict(method="GET", url="/%1b%5b2J%0b%c2%85"), 404, "GET /?[2J??: Not Found"),
         ("bad format", dict(method="POST", url="/predict?format=xml", content=good), 422, "format"),
         ("bad tta", dict(method="POST", url="/predict?tta=ms", content=good), 422, "tta"),
     ]
@@ -284,6 +290,143 @@ def test_bad_requests_get_a_one_line_json_error_and_the_next_request_is_served(c
         assert others == [], (what, others)  # python-multipart logged its own unformatted line beside ours
         after = client.post("/predict", content=good)
         assert after.status_code == 200 and np.array_equal(mask_of(after.content), expected), what
+
+
+class Upload:
+    """A request whose body arrives as `chunks`, `every` seconds apart (an ASGI receive), and what was read of it."""
+
+    def __init__(self, chunks: list[bytes], every: float = 0.0, content_type: str = "image/png") -> None:
+        from starlette.requests import Request
+
+        self.chunks, self.every, self.read = list(chunks), every, 0
+        headers = [(b"content-type", content_type.encode())]
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b""}
+        self.request = Request(scope, self.receive)
+
+    async def receive(self) -> dict:
+        await asyncio.sleep(self.every)
+        chunk = self.chunks.pop(0) if self.chunks else b""
+        self.read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(self.chunks)}
+
+
+def test_an_upload_must_keep_a_minimum_rate_after_the_body_timeout(monkeypatch):
+    """--body-timeout alone is a gap between two chunks: one byte every 25 s held a connection slot as long as the
+    client liked, and 1000 such clients every slot, for 40 bytes a second (a helper, 2026-12-06)."""
+    from resunet.serve import codec
+
+    monkeypatch.setattr(codec, "MIN_BODY_RATE", 100)  # bytes/s: the real 4 KiB/s scaled to a test's seconds
+    slow = Upload([b"0123456789"] * 30, every=0.12)  # no gap near the 0.3 s timeout, 83 bytes/s on average
+    with pytest.raises(codec.RequestError) as refused:
+        asyncio.run(codec.read_body(slow.request, 10_000, timeout_s=0.3))
+    assert refused.value.status == 408 and refused.value.headers == {"Connection": "close"}
+    assert re.fullmatch(r"the upload is too slow: \d+ bytes in \d s \(after the first 0.3 s, at least 100 bytes/s\)",
+                        refused.value.message), refused.value.message
+    assert 60 <= slow.read < 300  # refused on the way: 0.3 s + N/100 s passed after N bytes (about 1.6 s)
+    fast = Upload([b"0123456789"] * 30, every=0.01)  # 1000 bytes/s: read whole
+    assert asyncio.run(codec.read_body(fast.request, 10_000, timeout_s=0.3)) == b"0123456789" * 30
+    with pytest.raises(codec.RequestError, match=r"^the upload stalled: no byte for 0.3 s after 0 bytes$"):
+        asyncio.run(codec.read_body(Upload([b"late"], every=1.0).request, 10_000, timeout_s=0.3))
+
+
+def test_uploads_together_are_bounded_in_bytes():
+    """--max-bytes bounds one body, and 1000 connections each sending 20 MB held 20 GB: the bytes of all uploads
+    being received or decoded are counted as they arrive, and past --max-pending-bytes a request gets 503 (one
+    upload alone always runs)."""
+    from resunet.serve.codec import RequestError, UploadBudget, read_body
+
+    budget = UploadBudget(100, retry_after_s=3)
+    with budget.holding() as alone:  # alone, over the budget: let in
+        assert asyncio.run(read_body(Upload([b"x" * 80, b"y" * 80]).request, 1000, held=alone)) == b"x" * 80 + b"y" * 80
+        assert budget.pending == 160
+    assert budget.pending == 0  # released when the request is over
+    with budget.holding() as other:
+        other.take(60)
+        upload = Upload([b"x" * 30, b"y" * 30, b"z" * 30])
+        with budget.holding() as held, pytest.raises(RequestError) as refused:
+            asyncio.run(read_body(upload.request, 1000, held=held))
+        assert refused.value.status == 503 and upload.read == 90  # refused at its second chunk, the rest dropped
+        assert refused.value.message == ("busy: 60 bytes of other uploads are being received or decoded "
+                                         "(--max-pending-bytes 100); retry later")
+        assert refused.value.headers == {"Retry-After": "3", "Connection": "close"}
+        assert budget.pending == 60
+        other.release()  # decoded: its bytes are pixels now, counted elsewhere
+        assert budget.pending == 0
+        with budget.holding() as held:
+            assert len(asyncio.run(read_body(Upload([b"x" * 30] * 3).request, 1000, held=held))) == 90
+
+
+def test_a_refused_body_is_dropped_as_it_comes_up_to_the_drain_and_at_the_minimum_rate(monkeypatch):
+    """A body refused for its type (415, judged before the body) or for the budget (503) is read and dropped, as a
+    413's is, so that a client sending all before reading gets the answer; up to DRAIN_BYTES, not from a client
+    waiting for "100 Continue", and at the minimum rate: a drain at one byte a minute held its slot for ever."""
+    from resunet.serve import codec
+
+    def refused(upload: Upload, **options) -> codec.RequestError:
+        with pytest.raises(codec.RequestError) as error:
+            asyncio.run(codec.upload_bytes(upload.request, 1000, **options))
+        return error.value
+
+    monkeypatch.setattr(codec, "DRAIN_BYTES", 5)
+    upload = Upload([b"{}"] * 4, content_type="application/json")
+    error = refused(upload)
+    assert error.status == 415 and error.headers == {"Connection": "close"} and upload.read == 6  # 5 asked, 2 a chunk
+    waiting = Upload([b"{}"] * 4, content_type="text/plain")
+    waiting.request.scope["headers"].append((b"expect", b"100-continue"))
+    assert refused(waiting).status == 415 and waiting.read == 0
+    monkeypatch.setattr(codec, "DRAIN_BYTES", 10_000)
+    monkeypatch.setattr(codec, "MIN_BODY_RATE", 100)
+    slow = Upload([b"0123456789"] * 100, every=0.12, content_type="text/plain")
+    started = time.perf_counter()
+    assert refused(slow, timeout_s=0.3).status == 415
+    assert time.perf_counter() - started < 5 and slow.read < 300  # given up on, not drained for 14 s
+    budget = codec.UploadBudget(100)
+    with budget.holding() as other, budget.holding() as held:
+        other.take(90)
+        upload = Upload([b"x" * 30] * 5)
+        assert refused(upload, held=held).status == 503 and upload.read == 150  # the rest dropped too
+        assert budget.pending == 90
+
+
+def test_the_upload_budget_is_taken_by_predict_and_given_back_at_the_decode(checkpoint, monkeypatch):
+    import resunet.serve.app as app_module
+
+    seen = {}
+    app = create_app(checkpoint, ServeSettings(max_pending_bytes=2000))
+    real_header = app_module.upload_header
+
+    def header_off_the_loop(*args):
+        try:  # the header is walked in a worker thread: a million tiny PNG chunks must not stall the loop
+            asyncio.get_running_loop()
+            seen["header_on_loop"] = True
+        except RuntimeError:
+            seen["header_on_loop"] = False
+        seen["held_at_header"] = app.state.uploads.pending
+        return real_header(*args)
+
+    monkeypatch.setattr(app_module, "upload_header", header_off_the_loop)
+    submit = app.state.engine.submit
+
+    async def noting_submit(image, tta=None):
+        seen["held_at_submit"] = app.state.uploads.pending
+        return await submit(image, tta)
+
+    monkeypatch.setattr(app.state.engine, "submit", noting_submit)
+    photo = encoded(scene(30, 40, 2))
+    with TestClient(app) as client:
+        assert client.post("/predict", content=photo).status_code == 200
+        assert seen == {"header_on_loop": False, "held_at_header": len(photo), "held_at_submit": 0}
+        app.state.uploads.pending = 500  # another upload being received
+        busy = client.post("/predict", content=photo)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"] == ("busy: 500 bytes of other uploads are being received or decoded "
+                                        "(--max-pending-bytes 2,000); retry later")
+        assert app.state.uploads.pending == 500  # its own bytes given back
+        app.state.uploads.pending = 0
+        for what, request, status, _ in bad_requests()[:6]:  # refused before, during and after the read
+            client.request(**request)
+            assert app.state.uploads.pending == 0, what
+        assert "\nresunet_pending_upload_bytes 0.0\n" in client.get("/metrics").text
 
 
 def test_metrics_count_requests_latency_and_batches(client):
@@ -743,6 +886,15 @@ def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoin
     process, url = start_server(checkpoint, "--drain-timeout", "2")
     port = int(url.rsplit(":", 1)[1])
     assert httpx.get(url + "/x%0A12:00:00 resunet serve: GET /forged 200", timeout=10).status_code == 404
+    # A chunked body answered before it was read (404), whose rest is no HTTP: the connection is closed, one line.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as early:
+        early.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the whole JSON answer
+            answer += early.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        early.sendall(b"zz\r\n")
+        assert early.recv(65536) == b""  # closed
     with socket.create_connection(("127.0.0.1", port)) as stalled:  # declares 100 kB, sends 100 bytes, then waits
         stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                         b"Content-Length: 100000\r\n\r\n" + b"\0" * 100)
@@ -759,6 +911,32 @@ def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoin
     assert "POST /predict 503" in log and "error: the service stopped before the answer (--drain-timeout passed)" in log
     assert not any(line.startswith("12:00:00 resunet serve: GET /forged") for line in log.splitlines()), log
     assert "GET /x?12:00:00 resunet serve: GET /forged 200 404" in log, log
+    assert "connection closed: the rest of an answered request's body is not HTTP" in log, log
+    assert "Fatal error" not in log, log
+
+
+def test_sigterm_with_images_still_queued_at_the_drain_timeout_logs_no_traceback(checkpoint):
+    """Cancelled at --drain-timeout, a request left its wait for the image running; the engine's stop then failed
+    it, nobody read that, and asyncio logged "Task exception was never retrieved" with a traceback (a helper,
+    2026-12-06)."""
+    process, url = start_server(checkpoint, "--max-wait-ms", "20000", "--drain-timeout", "1")
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        httpx.post(url + "/predict", content=encoded(scene(40, 50, 3)), timeout=60))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 30
+    while "resunet_images_in_flight 2.0" not in httpx.get(url + "/metrics").text:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    for thread in threads:
+        thread.join(30)
+    assert [answer.status_code for answer in answers] == [503, 503]
+    log = process.stdout.read()
+    assert "Traceback" not in log and "never retrieved" not in log, log
+    assert log.count("POST /predict 503") == 2, log
 
 
 def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
@@ -1043,6 +1221,16 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
         }""")
         assert page.text_content("#status") == "holiday photos: a folder; drop image files (one is segmented at a time)"
         assert page.evaluate("document.body.dataset.answered") == "1"  # no request was made
+        # A file over --max-bytes: said at once, nothing sent (past 64 MiB the service leaves a refused body unread,
+        # and the browser said "Failed to fetch" instead of the 413).
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.items.add(new File([new Uint8Array(20_000_001)], "huge.png", {type: "image/png"}));
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""")
+        assert page.text_content("#status") == ("huge.png: 20,000,001 bytes, over this service's limit of 20,000,000 "
+                                                "bytes (--max-bytes)")
+        assert page.evaluate("document.body.dataset.answered") == "1" and page.is_hidden("#result")
         # A 200 whose body is no PNG: one error line, the result hidden, and the next image works.
         page.route("**/predict", lambda route: route.fulfill(status=200, body=b"garbage", content_type="image/png"))
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "cut.png"})

@@ -481,6 +481,7 @@ def cmd_serve(args) -> int:
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels, tta=args.tta, device=args.device,
                              precision=args.precision, threads=args.threads, body_timeout_s=args.body_timeout,
                              head_timeout_s=args.head_timeout, max_pending_pixels=args.max_pending_pixels,
+                             max_pending_bytes=args.max_pending_bytes,
                              warm_up_first=False)  # the port answers while the model warms up: /readyz says when
     try:
         app = create_app(args.model, settings)
@@ -698,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending-pixels", type=_positive_int, default=4 * DEFAULT_MAX_PIXELS,
                    help="pixels of the images being decoded, waiting or segmented, all requests together; beyond, "
                         f"503 (default {4 * DEFAULT_MAX_PIXELS:,}: about 3 bytes a pixel held, 10 while decoding)")
+    p.add_argument("--max-pending-bytes", type=_positive_int, default=500_000_000,
+                   help="bytes of the uploads being received or decoded, all requests together; beyond, 503 and the "
+                        "connection closed (default 500 MB; --max-bytes bounds one)")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
     p.add_argument("--device", default="auto", help="for .pt checkpoints")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="for .pt checkpoints")

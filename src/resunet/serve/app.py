@@ -32,8 +32,8 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
 from ..predict import Predictor, check_working_size, load, max_working_pixels
-from .codec import (RequestError, class_summary, decode_image, png_bytes, printable_name, rle_classes, upload_bytes,
-                    upload_header)
+from .codec import (RequestError, UploadBudget, class_summary, decode_image, png_bytes, printable_name, rle_classes,
+                    upload_bytes, upload_header)
 from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
@@ -73,6 +73,8 @@ class ServeSettings:
     # Pixels of the images being decoded, waiting or segmented, all requests together (503 beyond): each holds memory
     # from its decode on, and 64 MP fit in a 200 KB upload.
     max_pending_pixels: int = 4 * DEFAULT_MAX_PIXELS
+    # Bytes of the uploads being received or decoded, all requests together (503 beyond): --max-bytes bounds one.
+    max_pending_bytes: int = 500_000_000
     tta: str = "none"  # default test-time augmentation: none | flip (a request may ask with ?tta=)
     device: str = "auto"  # for .pt checkpoints
     precision: str = "auto"  # for .pt checkpoints
@@ -114,11 +116,11 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "image/*": BINARY, "application/octet-stream": BINARY}}}
 PREDICT_ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in {
     400: "not a readable image, an empty body, or a malformed multipart form",
-    408: "the upload stalled (no byte for --body-timeout seconds)",
+    408: "the upload stalled (no byte for --body-timeout seconds), or came slower than 4 KiB/s after them",
     413: "the body is over --max-bytes, or the image over --max-pixels (read from its header)",
     415: "a content type that is neither an image, raw bytes nor a multipart form",
     422: "a query parameter out of its choices (tta: the model's, as /classes lists them)",
-    503: "the model is not ready yet, or the queue is full: retry after Retry-After seconds",
+    503: "the model is not ready yet, or the queue or the memory budgets are full: retry after Retry-After seconds",
 }.items()}
 
 
@@ -212,13 +214,15 @@ async def until_done_or_gone(request: Request, work):
     """Await `work`, but cancel it if the client hangs up meanwhile: under overload the queue must not fill with
     images nobody waits for (the engine skips a job whose future is cancelled)."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise ClientDisconnect()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnect()
+    finally:  # also when this request is cancelled (--drain-timeout passed): a task left running ended in an error
+        task.cancel()  # nobody retrieved, and asyncio logged its traceback (a helper, 2026-12-06)
 
 
 def create_app(model_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -235,6 +239,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     predictor = engine.predictor
     info = predictor.info
     pixels = PixelBudget(settings.max_pending_pixels, metrics)
+    uploads = UploadBudget(settings.max_pending_bytes, settings.retry_after_s)
+    metrics.pending_upload_bytes.set_function(lambda: uploads.pending)
     description = {
         "classes": [{"id": i, "name": name, "color": list(colour)}
                     for i, (name, colour) in enumerate(zip(info.names, info.palette))],
@@ -242,6 +248,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         "ignore_index": info.ignore_index,
         "ignore_color": list(info.ignore_colour),
         "working_size": predictor.size,
+        "limits": {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels},  # the page checks a file's size
         "tta": {"default": engine.default_tta, "available": list(engine.variants)},
         "model": model_description(model_path, predictor),
         "resunet_version": __version__,
@@ -265,8 +272,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     app = FastAPIOffline(title="resunet", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
                          redoc_url=None,  # ReDoc fetches its logo from a CDN; /docs says the same
                          description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
-    app.state.engine, app.state.settings, app.state.description, app.state.metrics = (
-        engine, settings, description, metrics)
+    app.state.engine, app.state.settings, app.state.description, app.state.metrics, app.state.uploads = (
+        engine, settings, description, metrics, uploads)
 
     app.add_middleware(LogAndCount, metrics=metrics, on_bug=lambda request, error: on_bug(request, error))
 
@@ -277,7 +284,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = f"{request.method} {request.url.path}: {error.detail}"
+        message = f"{request.method} {printable_name(request.url.path)}: {error.detail}"  # logged: no escape codes
         request.state.error = message
         return error_response(error.status_code, message, getattr(error, "headers", None))
 
@@ -293,7 +300,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
         message = f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         request.state.error = message
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("unexpected error on %s %s", request.method, printable_name(request.url.path))
         return error_response(500, message)
 
     # GET and HEAD: uptime monitors and load balancers often probe with HEAD.
@@ -366,27 +373,31 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         if tta is not None and tta not in engine.variants:
             raise RequestError(422, f"tta '{tta}' is not available for this model "
                                     f"(available: {', '.join(engine.variants)})")
-        data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s)
-        received = time.perf_counter()
-        header = upload_header(data, name, settings.max_pixels)
-        check_runnable(header.height, header.width, name)  # from the header: a refusal costs no decode
-        try:
-            engine.check_room()  # before the decode: under overload a refusal must cost little
-            with pixels.holding(header.width * header.height):
-                image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
-                check_runnable(*image.shape[:2], name)
-                decoded = time.perf_counter()
-                result = await until_done_or_gone(request, engine.submit(image, tta))
-                del image
-        except QueueFullError as error:
-            raise busy(error) from None
-        except EngineStoppedError as error:
-            raise RequestError(503, str(error), {"Retry-After": str(settings.retry_after_s)})
+        with uploads.holding() as held:
+            data, name = await upload_bytes(request, settings.max_bytes, settings.body_timeout_s, held)
+            received = time.perf_counter()
+            # In a thread: a header may be a million tiny PNG chunks, walked in Python, and the loop serves everyone.
+            header = await run_in_threadpool(upload_header, data, name, settings.max_pixels)
+            check_runnable(header.height, header.width, name)  # from the header: a refusal costs no decode
+            try:
+                engine.check_room()  # before the decode: under overload a refusal must cost little
+                with pixels.holding(header.width * header.height):
+                    image = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+                    data = None  # the upload is its pixels now: counted by `pixels`, not `uploads`
+                    held.release()
+                    check_runnable(*image.shape[:2], name)
+                    decoded = time.perf_counter()
+                    result = await until_done_or_gone(request, engine.submit(image, tta))
+                    del image
+            except QueueFullError as error:
+                raise busy(error) from None
+            except EngineStoppedError as error:
+                raise RequestError(503, str(error), {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()
         if format == "png":
             body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))
         elif format == "json":
-            classes_found = class_summary(result.mask, info)
+            classes_found = await run_in_threadpool(class_summary, result.mask, info)
         else:
             classes_found = await run_in_threadpool(rle_classes, result.mask, info)
         timing = {"receive": received - started, "decode": decoded - received, "queue": result.queue_ms / 1000,
@@ -483,6 +494,13 @@ def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) 
 
         def send_400_response(self, msg: str) -> None:
             error = sys.exc_info()[1]  # uvicorn calls this inside its `except h11.RemoteProtocolError`
+            if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                # Answered already, before its body was read (a 404, a 415), and the rest of that body is no HTTP:
+                # nothing more can be said on this connection. h11 refused the 400, and asyncio logged "Fatal error:
+                # protocol.data_received() call failed" with a traceback (a helper, 2026-12-06).
+                self.transport.close()
+                log.info("- - connection closed: the rest of an answered request's body is not HTTP (%s)", error)
+                return
             status = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
             message = f"invalid HTTP request: {error}" if error else msg
             body = json.dumps({"error": message}).encode()

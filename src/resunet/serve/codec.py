@@ -24,6 +24,10 @@ MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE  # python-multipart refuses a lo
 # that sends its whole body before reading the answer (Python's urllib, http.client) otherwise met a reset
 # connection, never the 413. A larger body is not waited for.
 DRAIN_BYTES = 64 * 2**20
+# After its first --body-timeout seconds an upload must have come at this rate on average: the timeout alone is a gap
+# between two chunks, and one byte every 25 s held a connection slot for a week per upload (1000 of them, every
+# slot, for 40 bytes a second). 4 KiB/s is a 32 kbit/s link.
+MIN_BODY_RATE = 4096
 
 
 class RequestError(Exception):
@@ -32,6 +36,45 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+class UploadBudget:
+    """The bytes of the uploads being received or decoded, all requests together, at most `limit`: --max-bytes
+    bounds one body, and 1000 connections each sending 20 MB held 20 GB (a helper, 2026-12-06). Counted as they
+    arrive, so a refusal (503, the connection closed) comes before the body is whole. One upload alone is always let
+    in. Used on the event loop only: no lock."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+        self.limit, self.pending, self.retry_after_s = limit, 0, retry_after_s
+
+    @contextmanager
+    def holding(self) -> Iterator["HeldBytes"]:
+        held = HeldBytes(self)
+        try:
+            yield held
+        finally:
+            held.release()
+
+
+class HeldBytes:
+    """One request's share of an `UploadBudget`."""
+
+    def __init__(self, budget: UploadBudget) -> None:
+        self.budget, self.size = budget, 0
+
+    def take(self, size: int) -> None:
+        budget, others = self.budget, self.budget.pending - self.size
+        if others and budget.pending + size > budget.limit:
+            raise RequestError(503, f"busy: {others:,} bytes of other uploads are being received or decoded "
+                                    f"(--max-pending-bytes {budget.limit:,}); retry later",
+                               {"Retry-After": str(budget.retry_after_s), "Connection": "close"})
+        budget.pending += size
+        self.size += size
+
+    def release(self) -> None:
+        """The upload's bytes are no longer held (decoded, or the request is over)."""
+        self.budget.pending -= self.size
+        self.size = 0
 
 
 def printable_name(name: str, limit: int = 200) -> str:
@@ -52,49 +95,98 @@ def longest_part_header(body: bytes, content_type: str) -> int:
     return longest
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+class BodyClock:
+    """When the next chunk of a body must have come: `timeout_s` after the last one (a stalled client would hold its
+    connection for ever), and, past the first `timeout_s` seconds, soon enough for MIN_BODY_RATE on average. No
+    limit when `timeout_s` is None."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s, self.loop = timeout_s, asyncio.get_running_loop()
+        self.started = self.last = self.loop.time()
+        self.size = 0
+
+    async def next_chunk(self, stream) -> bytes:
+        """The next chunk; StopAsyncIteration at the end, RequestError 408 when it comes too late."""
+        wait, stalled = None, True
+        if self.timeout_s is not None:  # the rate's deadline moves on with every byte that comes
+            gap_ends = self.last + self.timeout_s
+            rate_ends = self.started + self.timeout_s + self.size / MIN_BODY_RATE
+            wait, stalled = max(min(gap_ends, rate_ends) - self.loop.time(), 0), gap_ends <= rate_ends
+        try:
+            chunk = await asyncio.wait_for(anext(stream), wait)
+        except asyncio.TimeoutError:
+            if stalled:
+                message = f"the upload stalled: no byte for {self.timeout_s:g} s after {self.size:,} bytes"
+            else:
+                message = (f"the upload is too slow: {self.size:,} bytes in {self.loop.time() - self.started:.0f} s "
+                           f"(after the first {self.timeout_s:g} s, at least {MIN_BODY_RATE:,} bytes/s)")
+            raise RequestError(408, message, {"Connection": "close"}) from None  # its unread rest must not hold it
+        self.size, self.last = self.size + len(chunk), self.loop.time()
+        return chunk
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None,
+                    held: HeldBytes | None = None) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed), and with
-    408 when no byte of it arrives for `timeout_s` seconds (a stalled client would hold its connection for ever)."""
+    408 when it comes too slowly (`BodyClock`). Its bytes are taken from `held`'s budget as they arrive."""
     declared = request.headers.get("content-length")
-    stream = request.stream()
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        # A client that waits for "100 Continue" (curl past 1 MiB) reads the 413 instead and sends nothing: reading
-        # would ask it for the body.
-        if int(declared) <= DRAIN_BYTES and request.headers.get("expect", "").lower() != "100-continue":
-            await discard(stream, timeout_s)
-        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes",
-                           {"Connection": "close"})
-    chunks, size = [], 0
+        await refuse_unread(request, timeout_s, RequestError(
+            413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes"))
+    stream, clock = request.stream(), BodyClock(timeout_s)
+    chunks = []
     while True:
         try:
-            chunk = await asyncio.wait_for(anext(stream), timeout_s)
+            chunk = await clock.next_chunk(stream)
         except StopAsyncIteration:
             break
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the upload stalled: no byte for {timeout_s:g} s after {size:,} bytes",
-                               {"Connection": "close"}) from None  # its unread rest must not hold the connection
-        size += len(chunk)
-        if size > max_bytes:
-            await discard(stream, timeout_s, DRAIN_BYTES - size)
-            raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes", {"Connection": "close"})
+        try:
+            if clock.size > max_bytes:
+                raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes")
+            if held is not None:
+                held.take(len(chunk))
+        except RequestError as refusal:  # the rest read and dropped first, as refuse_unread does
+            await discard(stream, clock, DRAIN_BYTES - clock.size)
+            refusal.headers.setdefault("Connection", "close")
+            raise
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def discard(stream, timeout_s: float | None, most: int = DRAIN_BYTES) -> None:
-    """Read the rest of a refused body and drop it: up to `most` bytes, while it keeps coming."""
+async def refuse_unread(request: Request, timeout_s: float | None, error: RequestError) -> None:
+    """Raise `error` (the connection then closed) for a body not to be kept, once it is read and dropped, if small
+    enough: a client that sends all of its body before reading the answer otherwise met a reset connection."""
+    declared = request.headers.get("content-length")
+    # A client that waits for "100 Continue" (curl past 1 MiB) reads the answer instead and sends nothing: reading
+    # would ask it for the body.
+    if ((declared is None or not declared.isdigit() or int(declared) <= DRAIN_BYTES)
+            and request.headers.get("expect", "").lower() != "100-continue"):
+        await discard(request.stream(), BodyClock(timeout_s), DRAIN_BYTES)
+    error.headers.setdefault("Connection", "close")
+    raise error
+
+
+async def discard(stream, clock: BodyClock, most: int) -> None:
+    """Read the rest of a refused body and drop it: up to `most` bytes, while it keeps coming as fast as a body must
+    (a drain at one byte a minute held the connection for ever)."""
     dropped = 0
     try:
         while dropped < most:
-            dropped += len(await asyncio.wait_for(anext(stream), timeout_s))
-    except (StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
+            dropped += len(await clock.next_chunk(stream))
+    except (StopAsyncIteration, RequestError, ClientDisconnect):
         pass
 
 
-async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None = None) -> tuple[bytes, str]:
+async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None = None,
+                       held: HeldBytes | None = None) -> tuple[bytes, str]:
     """The image file of a request: the multipart form field `file`, or the raw body. Returns (bytes, a name)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, max_bytes, timeout_s)
+    raw = not content_type or content_type.startswith(RAW_TYPES)
+    if not raw and content_type != "multipart/form-data":  # judged first: the body is dropped as it comes, not kept
+        await refuse_unread(request, timeout_s, RequestError(
+            415, f"unsupported content type '{content_type}': send an image file (raw body with an image/* or "
+                 "application/octet-stream type) or a multipart form with field 'file'"))
+    body = await read_body(request, max_bytes, timeout_s, held)
     if content_type == "multipart/form-data":
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -116,11 +208,8 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
             raise RequestError(400, "multipart upload without a file in the form field 'file'")
         data = await upload.read()
         name = printable_name(upload.filename or "upload")
-    elif not content_type or content_type.startswith(RAW_TYPES):
-        data, name = body, "request body"
     else:
-        raise RequestError(415, f"unsupported content type '{content_type}': send an image file (raw body with an "
-                                "image/* or application/octet-stream type) or a multipart form with field 'file'")
+        data, name = body, "request body"
     if not data:
         raise RequestError(400, "empty body: no image received")
     return data, name

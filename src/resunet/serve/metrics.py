@@ -25,6 +25,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("resunet_queue_depth", "Images waiting for a forward pass", registry=self.registry)
         self.pending_pixels = Gauge("resunet_pending_pixels", "Pixels of the images being decoded, waiting or "
                                     "segmented (at most --max-pending-pixels)", registry=self.registry)
+        self.pending_upload_bytes = Gauge("resunet_pending_upload_bytes", "Bytes of the uploads being received or "
+                                          "decoded (at most --max-pending-bytes)", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

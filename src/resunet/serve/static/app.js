@@ -7,6 +7,7 @@ const view = $("view");
 const maskCanvas = document.createElement("canvas");
 const state = {
   classes: [], byColour: new Map(), image: null, mask: null, full: null, maskUrl: null, latest: 0, upload: null,
+  maxBytes: null,
 };
 const HOVER_HINT = "point at the image to see the class under the pointer";
 const MIN_SHOWN_PX = 256;  // a tiny image is drawn enlarged (pixelated) so it can be seen and pointed at
@@ -39,6 +40,7 @@ async function loadModel() {
     if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
     const description = await response.json();
     state.classes = description.classes;
+    state.maxBytes = description.limits ? description.limits.max_bytes : null;
     for (const c of description.classes) state.byColour.set(colourKey(...c.color), c);
     $("model").textContent = `${description.model.file} (${description.model.kind}) · ` +
       `${description.classes.length} classes · working size ${description.working_size} px`;
@@ -91,6 +93,13 @@ async function segment(file, count = 1) {
   if (state.upload) state.upload.abort();
   state.upload = new AbortController();
   clearResult();
+  if (state.maxBytes && file.size > state.maxBytes) {
+    // Said here, not sent: past 64 MiB the server does not read the rest of a refused body, and the browser then
+    // reported a reset connection ("Failed to fetch") instead of the server's 413.
+    setStatus(`${file.name || "the pasted image"}: ${file.size.toLocaleString("en")} bytes, over this service's ` +
+      `limit of ${state.maxBytes.toLocaleString("en")} bytes (--max-bytes)`, true);
+    return;
+  }
   const others = count > 1 ? ` (the first of ${count} files: one image at a time)` : "";
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
   const form = new FormData();
