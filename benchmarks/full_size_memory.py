@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"full-size memory, {cpu_name()}, commit {commit}")
-    print(f"{'path':<10} {'side':>6} {'banded MB':>10} {'whole MB':>10}")
+    print(f"{'path':<10} {'side':>6} {'banded MiB':>10} {'whole MiB':>10}")
     for path in ("ensemble", "ms"):
         for side in args.sides:
             peaks = {}

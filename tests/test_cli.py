@@ -67,6 +67,21 @@ def test_train_flags_cover_the_recipe(capsys):
     assert "classes.json) (default" not in flat and "$XDG_CACHE_HOME/resunet, or ~/.cache/resunet)" in flat
 
 
+def test_ablate_help_offers_only_what_ablate_takes(capsys):
+    """ablate takes the train flags, but refuses --resume, --overwrite and --calibrate (each with its reason): its
+    --help offered them with train's words, and --data-root said "unless --resume reads it from the run"."""
+    flat = " ".join(help_text(capsys, "ablate").split())
+    for flag in ("--resume", "--overwrite", "--calibrate"):
+        assert flag not in flat, flag
+    assert "--data-root DATA_ROOT dataset folder: VOCdevkit layout or {train,val}/{images,masks} (required)" in flat
+    assert "--eval-every EVAL_EVERY evaluate every N epochs, with --scheduler plateau only" in flat
+    assert "one run folder per row (default: runs/ablation)" in flat
+    from resunet.cli import main
+
+    assert main(["ablate", "--data-root", ".", "--resume", "x.pt"]) == 2  # still parsed, to be refused with the reason
+    assert "ablate continues its stopped rows itself" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     from resunet.cli import main
 

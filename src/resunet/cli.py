@@ -535,7 +535,8 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
-DATA_ROOT_HELP = "dataset folder: a VOCdevkit tree or {train,val,test}/{images,masks} (README: datasets)"
+DATA_ROOT_HELP = ("dataset folder: a VOCdevkit tree or {train,val,test}/{images,masks} (README, Commands: the "
+                  "paragraph on --data-root)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,10 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default=";".join(ABLATION_OPTIONS),
                    help=f"';'-separated rows (default: all): {'; '.join(ABLATION_OPTIONS)}")
     p.set_defaults(run=cmd_ablate, out="runs/ablation")
-    for action in p._actions:  # the train flag's help describes a run folder; here it holds one per row
-        if action.dest == "out":
-            action.help = ("the ablation's folder: ablation.md, ablation.json and one run folder per row "
-                           "(default: runs/ablation)")
+    # The train flags' help as ablate reads them: --out holds one run folder per row; --resume, --overwrite and
+    # --calibrate are refused with their reason (cmd_ablate), so not offered in --help.
+    ablate_help = {"out": "the ablation's folder: ablation.md, ablation.json and one run folder per row (default: "
+                          "runs/ablation)",
+                   "data_root": "dataset folder: VOCdevkit layout or {train,val}/{images,masks} (required)",
+                   "eval_every": "evaluate every N epochs, with --scheduler plateau only (it steps on them; each row's "
+                                 "final weights are scored once anyway)",
+                   "resume": argparse.SUPPRESS, "overwrite": argparse.SUPPRESS, "calibrate": argparse.SUPPRESS}
+    for action in p._actions:
+        action.help = ablate_help.get(action.dest, action.help)
 
     p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")

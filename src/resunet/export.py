@@ -14,9 +14,9 @@ What the graphs are (ONNX opset 18, dynamic batch, height and width, metadata in
 - logits (`--logits`): `input` float N×3×H×W, normalised (metadata `resunet.mean`/`resunet.std` on 0..1 pixels) →
   `logits` float N×C×H×W, same size (any size: the model pads to a multiple of 32 inside and crops back).
 
-Verification (a failure deletes the file and exits non-zero): onnxruntime against PyTorch fp32 on three images of
-different sizes; the max absolute logit difference must be < 1e-3 and the class maps must agree on ≥ 99.9% of the
-pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed against the fp32 file and (with
+Verification (a failure deletes the file and exits non-zero): onnxruntime against PyTorch fp32 on four images of
+different sizes, landscape and portrait; the max absolute logit difference must be < 1e-3 and the class maps must
+agree on ≥ 99.9% of the pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed against the fp32 file and (with
 `--data-root`) its mIoU drift are reported, and the drift must stay within `--max-miou-drop` points.
 """
 
