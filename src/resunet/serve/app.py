@@ -13,6 +13,7 @@ import logging
 import socket
 import sys
 import time
+import unicodedata
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -116,7 +117,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "image/*": BINARY, "application/octet-stream": BINARY}}}
 PREDICT_ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in {
     400: "not a readable image, an empty body, or a malformed multipart form",
-    408: "the upload stalled (no byte for --body-timeout seconds), or came slower than 4 KiB/s after them",
+    408: "the upload stalled (no byte for --body-timeout seconds), or fell behind 4 KiB a second past them",
     413: "the body is over --max-bytes, or the image over --max-pixels (read from its header)",
     415: "a content type that is neither an image, raw bytes nor a multipart form",
     422: "a query parameter out of its choices (tta: the model's, as /classes lists them)",
@@ -184,7 +185,14 @@ class LogAndCount:
 
         request = Request(scope, receive)
         try:
+            if any(unicodedata.category(c).startswith("C") for c in scope["path"]):
+                # A control character in a path names no route, but Starlette's route patterns end in "$", which
+                # also matches before a final line break: /predict%0A ran a prediction (a helper, 2026-12-06).
+                raise StarletteHTTPException(404)
             await self.app(scope, receive, send_noting_status)
+        except StarletteHTTPException as error:
+            request.state.error = f"{scope['method']} {printable_name(scope['path'])}: {error.detail}"
+            await error_response(error.status_code, request.state.error)(scope, receive, send_noting_status)
         except ClientDisconnect:  # the client went away: nobody to answer, nothing to fix here
             if scope.get(ANSWERED_UNPARSED):  # not the client: its body could not be parsed, answered, logged, counted
                 return
@@ -284,7 +292,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = f"{request.method} {printable_name(request.url.path)}: {error.detail}"  # logged: no escape codes
+        # The scope's path as received (the URL's drops line breaks), control characters shown: it is logged
+        message = f"{request.method} {printable_name(request.scope['path'])}: {error.detail}"
         request.state.error = message
         return error_response(error.status_code, message, getattr(error, "headers", None))
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from ..data.classes import ClassInfo
 from ..data.images import DataError, ImageHeader, ImageTooLargeError, read_header, read_image
@@ -24,7 +24,7 @@ MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE  # python-multipart refuses a lo
 # that sends its whole body before reading the answer (Python's urllib, http.client) otherwise met a reset
 # connection, never the 413. A larger body is not waited for.
 DRAIN_BYTES = 64 * 2**20
-# After its first --body-timeout seconds an upload must have come at this rate on average: the timeout alone is a gap
+# An upload must have sent this many bytes for every second past its first --body-timeout: the timeout alone is a gap
 # between two chunks, and one byte every 25 s held a connection slot for a week per upload (1000 of them, every
 # slot, for 40 bytes a second). 4 KiB/s is a 32 kbit/s link.
 MIN_BODY_RATE = 4096
@@ -128,11 +128,19 @@ class BodyClock:
 async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None,
                     held: HeldBytes | None = None) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed), and with
-    408 when it comes too slowly (`BodyClock`). Its bytes are taken from `held`'s budget as they arrive."""
+    408 when it comes too slowly (`BodyClock`). Its bytes are taken from `held`'s budget: a declared length at once,
+    before any byte is read (first come, first served: taken chunk by chunk, uploads arriving together each took a
+    share, filled the budget and were all refused, though each fitted alone), a chunked body as it arrives."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and declared > max_bytes:
         await refuse_unread(request, timeout_s, RequestError(
-            413, f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,} bytes"))
+            413, f"request body of {declared:,} bytes is over the limit of {max_bytes:,} bytes"))
+    if held is not None and declared:
+        try:
+            held.take(declared)
+        except RequestError as refusal:
+            await refuse_unread(request, timeout_s, refusal)
     stream, clock = request.stream(), BodyClock(timeout_s)
     chunks = []
     while True:
@@ -143,9 +151,11 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
         try:
             if clock.size > max_bytes:
                 raise RequestError(413, f"request body is over the limit of {max_bytes:,} bytes")
-            if held is not None:
-                held.take(len(chunk))
+            if held is not None and clock.size > held.size:  # past what was declared (or nothing was)
+                held.take(clock.size - held.size)
         except RequestError as refusal:  # the rest read and dropped first, as refuse_unread does
+            if held is not None:
+                held.release()  # dropped: its bytes must not refuse the uploads still running
             await discard(stream, clock, DRAIN_BYTES - clock.size)
             refusal.headers.setdefault("Connection", "close")
             raise
@@ -168,12 +178,14 @@ async def refuse_unread(request: Request, timeout_s: float | None, error: Reques
 
 async def discard(stream, clock: BodyClock, most: int) -> None:
     """Read the rest of a refused body and drop it: up to `most` bytes, while it keeps coming as fast as a body must
-    (a drain at one byte a minute held the connection for ever)."""
+    (a drain at one byte a minute held the connection for ever); then the refusal is answered. A client gone
+    meanwhile (or a body the protocol refused and answered itself) is ClientDisconnect: no refusal is answered or
+    logged for it."""
     dropped = 0
     try:
         while dropped < most:
             dropped += len(await clock.next_chunk(stream))
-    except (StopAsyncIteration, RequestError, ClientDisconnect):
+    except (StopAsyncIteration, RequestError):
         pass
 
 

@@ -84,6 +84,17 @@ function turnedAlike(response, full) {
   return orientation >= 5 && full.width !== full.height;  // turned by 90° and the sides match: the browser turned it
 }
 
+// The multipart body FormData would send, made here so that its size (the one --max-bytes limits) is known before
+// sending. The file name escaped as browsers do (HTML's form encoding: " CR LF as %22 %0D %0A).
+function uploadForm(file, name) {
+  const random = Array.from({ length: 24 }, () => Math.floor(Math.random() * 36).toString(36));
+  const boundary = "----resunet" + random.join("");
+  const escaped = name.replace(/"/g, "%22").replace(/\r/g, "%0D").replace(/\n/g, "%0A");
+  const head = `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="${escaped}"\r\n` +
+    `Content-Type: ${file.type || "application/octet-stream"}\r\n\r\n`;
+  return { body: new Blob([head, file, `\r\n--${boundary}--\r\n`]), type: `multipart/form-data; boundary=${boundary}` };
+}
+
 async function segment(file, count = 1) {
   if (!file) return;
   // Only the last image asked for is shown: an earlier upload is cancelled (the server drops an image whose client
@@ -93,21 +104,23 @@ async function segment(file, count = 1) {
   if (state.upload) state.upload.abort();
   state.upload = new AbortController();
   clearResult();
-  if (state.maxBytes && file.size > state.maxBytes) {
+  const form = uploadForm(file, file.name || "pasted.png");
+  if (state.maxBytes && form.body.size > state.maxBytes) {
     // Said here, not sent: past 64 MiB the server does not read the rest of a refused body, and the browser then
-    // reported a reset connection ("Failed to fetch") instead of the server's 413.
-    setStatus(`${file.name || "the pasted image"}: ${file.size.toLocaleString("en")} bytes, over this service's ` +
-      `limit of ${state.maxBytes.toLocaleString("en")} bytes (--max-bytes)`, true);
+    // reported a reset connection ("Failed to fetch") instead of the server's 413. The limit is the whole body's.
+    setStatus(`${file.name || "the pasted image"}: ${file.size.toLocaleString("en")} bytes, ` +
+      `${form.body.size.toLocaleString("en")} with its upload form: over this service's limit of ` +
+      `${state.maxBytes.toLocaleString("en")} bytes (--max-bytes)`, true);
     return;
   }
   const others = count > 1 ? ` (the first of ${count} files: one image at a time)` : "";
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
-  const form = new FormData();
-  form.append("file", file, file.name || "pasted.png");
   const started = performance.now();
   let response;
   try {
-    response = await fetch("predict", { method: "POST", body: form, signal: state.upload.signal });
+    response = await fetch("predict", {
+      method: "POST", body: form.body, headers: { "Content-Type": form.type }, signal: state.upload.signal,
+    });
   } catch (error) {
     countAnswer();
     if (isStale()) return;
