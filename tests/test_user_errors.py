@@ -132,7 +132,12 @@ def test_no_output_goes_over_a_datasets_classes_json_or_into_any_of_its_splits_f
         (folder / split / "masks" / "a.png").write_bytes(mask)
     (folder / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(21)]}))
     before = {path: path.read_bytes() for root in (data, folder) for path in root.rglob("*") if path.is_file()}
-    monkeypatch.setattr(resunet.evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
+    # Patched where each command looks it up: export binds it at its import, and a first import of resunet.export
+    # under the patch kept the fake for the rest of the session (the exported-file fixtures then failed).
+    import resunet.export
+
+    for module in (resunet.evaluate, resunet.export):
+        monkeypatch.setattr(module, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated anyway"))
     inside = ("a folder the dataset is read from (its files would be taken for data, or replaced); write outside "
               "the data's folders")
     for command, words in (
