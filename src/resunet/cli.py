@@ -301,10 +301,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
                 notes.append(f"{path}: {unread}")
             paths += found
         elif any(c in item for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True)
-                           if image_name(Path(p)) and Path(p).is_file())
+            matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = [p for p in matched if image_name(p)]
             if not found:
-                problems.append(f"{item}: matches no image file")
+                unread = unread_note([p for p in matched if not p.name.startswith(".")])  # '*.HEIC'
+                problems.append(f"{item}: matches no image file" + (f" ({unread})" if unread else ""))
             paths += found
         else:
             paths.append(path)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes, near_partner_hint, near_partners, pairing_name
+from .data.folder import find_split_dir, folder_classes, near_partners, pairing_name, partner_hint
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
@@ -193,6 +193,8 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
             if unread := unread_files(folder):
                 listing.findings.append(finding("unread_files", relative(folder, root),
                                                 f"{relative(folder, root)}: {unread_note(unread)}"))
+        unread_images = {pairing_name(p): p for p in unread_files(image_dir)}
+        unread_masks = {pairing_name(p): p for p in unread_files(mask_dir)}
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:
@@ -206,16 +208,19 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         lone_masks = [p for p in masks if pairing_name(p) not in image_stems]
         mask_for, image_for = near_partners(lone_images, lone_masks), near_partners(lone_masks, lone_images)
         for image in lone_images:
-            hint = near_partner_hint(image, mask_for.get(image), relative(mask_dir, root))
+            hint = partner_hint(image, mask_for.get(image), unread_masks.get(pairing_name(image)),
+                                relative(mask_dir, root))
             listing.findings.append(finding("missing_mask", relative(image, root), f"{relative(image, root)}: "
                                             f"no mask {image.stem}.* in {relative(mask_dir, root)}{hint}"))
         for mask in lone_masks:
-            hint = near_partner_hint(mask, image_for.get(mask), relative(image_dir, root))
+            hint = partner_hint(mask, image_for.get(mask), unread_images.get(pairing_name(mask)),
+                                relative(image_dir, root))
             listing.findings.append(finding("orphan_mask", relative(mask, root), f"{relative(mask, root)}: no "
                                             f"image {mask.stem}.* in {relative(image_dir, root)}{hint}"))
         if not images:
+            why = f" ({unread_note(list(unread_images.values()))})" if unread_images else ""
             listing.findings.append(finding("empty_split", relative(image_dir, root),
-                                            f"{relative(image_dir, root)}: no images"))
+                                            f"{relative(image_dir, root)}: no images{why}"))
         paired = [p for p in images if pairing_name(p) in masks_by_stem]
         listing.splits[split] = PairedDataset(paired, [masks_by_stem[pairing_name(p)] for p in paired], info,
                                               description=str(split_dir), max_pixels=max_pixels)

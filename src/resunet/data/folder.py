@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .classes import ClassInfo, generic_info, load_classes_json
 from .dataset import PairedDataset, check_expected_classes
-from .images import DataError, list_images, nested_images, unread_files, unread_note
+from .images import IMAGE_SUFFIXES, DataError, list_images, nested_images, unread_files, unread_note
 
 
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
@@ -39,20 +39,30 @@ def pairing_name(path: Path) -> str:
     return unicodedata.normalize("NFC", path.stem)
 
 
-NAME_TAIL = re.compile(r"[ ._-]+[a-z]{1,10}$")  # what tools add to a name: a_mask, a-label, CamVid's a_L, a.jpg
+# What tools add to an image's or a mask's name, as a last word after _ - . or a space: a mask's (CamVid's a_L,
+# a_mask, ISIC's a_segmentation, Cityscapes' a_gtFine_labelIds), an image's (DeepGlobe's 1_sat, Cityscapes'
+# a_leftImg8bit), or an extension kept (a.jpg.png). Only these: any last word matched scene01_right to scene01_left.
+NAME_TAILS = frozenset({
+    "mask", "masks", "m", "l", "label", "labels", "lbl", "lab", "gt", "gtfine", "gtcoarse", "seg", "segm",
+    "segmentation", "annotation", "annotations", "anno", "ann", "target", "class", "classes", "labelids", "labelid",
+    "trainids", "color", "colour", "sat", "img", "image", "im", "rgb", "photo", "raw", "input", "orig", "original",
+    "leftimg8bit", *(suffix[1:] for suffix in IMAGE_SUFFIXES)})
+LAST_WORD = re.compile(r"^(.+?)[ ._-]+([^ ._-]+)$")
 
 
 def name_keys(path: Path) -> set[str]:
-    """The name in any case, with and without a tail of letters."""
-    name = pairing_name(path).casefold()
-    return {name, NAME_TAIL.sub("", name)}
+    """The name in any case, with and without the NAME_TAILS words it ends in."""
+    name = whole = pairing_name(path).casefold()
+    while (last := LAST_WORD.match(name)) and last.group(2) in NAME_TAILS:
+        name = last.group(1)
+    return {whole, name}
 
 
 def near_partners(unpaired: list[Path], others: list[Path]) -> dict[Path, Path]:
     """For files without a partner, the one file of `others` (the other folder's files without a partner) whose name
-    is nearly theirs: the same but for case, a tail added (a_mask.png, CamVid's a_L.png, a.jpg.png) or one on each
-    side (DeepGlobe's 1_sat.jpg and 1_mask.png). Pairing stays exact; this names the likely partner in the error.
-    A near name shared by two files of either side, or one file near to two, names nobody."""
+    is nearly theirs: the same but for case, or for NAME_TAILS words on either side (a_mask.png, CamVid's a_L.png,
+    a.jpg.png; DeepGlobe's 1_sat.jpg and 1_mask.png). Pairing stays exact; this names the likely partner in the
+    error. A near name shared by two files of either side, or one file near to two, names nobody."""
     by_key: dict[str, list[Path]] = {}
     for other in others:
         for key in name_keys(other):
@@ -63,12 +73,16 @@ def near_partners(unpaired: list[Path], others: list[Path]) -> dict[Path, Path]:
         matches = {by_key[k][0] for k in name_keys(path) if len(by_key.get(k, ())) == 1 and asked[k] == 1}
         if len(matches) == 1:
             found[path] = matches.pop()
-    claimed = Counter(found.values())  # scan_07.png and scan_07_gt_vis.png both near scan_07_gt.png
+    claimed = Counter(found.values())  # frame_9.png and frame_9_rgb.png both near frame_9_gt.png
     return {path: partner for path, partner in found.items() if claimed[partner] == 1}
 
 
-def near_partner_hint(path: Path, partner: Path | None, folder: str) -> str:
-    """' (masks/a_L.png has nearly its name: ...)' for `near_partners`' answer, or nothing."""
+def partner_hint(path: Path, partner: Path | None, unread_twin: Path | None, folder: str) -> str:
+    """Why `path` has no partner, when something says: a file of its very name in the other folder whose suffix is
+    not read (an .npy mask, a .heic photo), or `near_partners`' answer. Nothing otherwise."""
+    if unread_twin is not None:
+        return (f" ({folder}/{unread_twin.name} has its name, but {unread_twin.suffix or 'a name without a suffix'}"
+                " is not read)")
     if partner is None:
         return ""
     how = "differs only in case" if pairing_name(partner).casefold() == pairing_name(path).casefold() else \
@@ -128,8 +142,11 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
     if missing:
         image_names = {pairing_name(p) for p in images}
         orphans = [p for p in masks if pairing_name(p) not in image_names]
-        hint = near_partner_hint(missing[0], near_partners(missing, orphans).get(missing[0]), "masks")
-        raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {missing[0].name}{hint}")
+        near = near_partners(missing, orphans)
+        unread = {pairing_name(p): p for p in unread_files(mask_dir)}
+        hints = {path: partner_hint(path, near.get(path), unread.get(pairing_name(path)), "masks") for path in missing}
+        example = next((path for path in missing if hints[path]), missing[0])  # one that says why, if any does
+        raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {example.name}{hints[example]}")
     if not images:
         nested = nested_images(image_dir)
         hint = (f" ({len(nested)} in subfolders, such as {nested[0].relative_to(image_dir)}: images and masks are read "

@@ -20,7 +20,8 @@ from .classes import ClassInfo
 
 # What Pillow reads. .jfif and .jpe are JPEG (browsers save photos as .jfif); a GIF is read as its first frame. A file
 # with another suffix is not listed: an image listed nowhere dropped its mask too, without a word outside check-data.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".jp2",
+                  ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 # What Image.open may take a file for: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on
 # it: a client of the service could feed PostScript to it) nor the formats that need a handler installed.
 READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "ICO", "TGA", "QOI", "JPEG2000",
