@@ -863,6 +863,13 @@ def test_ctrl_c_stops_the_service_quietly_with_status_0(checkpoint):
         assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
 
 
+def wait_for_in_flight(url: str, images: int) -> None:
+    deadline = time.time() + 30
+    while f"resunet_images_in_flight {images}.0" not in httpx.get(url + "/metrics").text:
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
     # A long batching wait keeps the request in flight when the signal arrives.
     process, url = start_server(checkpoint, "--max-wait-ms", "3000")
@@ -870,10 +877,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=data, timeout=60)))
     thread.start()
-    deadline = time.time() + 30
-    while "resunet_images_in_flight 1.0" not in httpx.get(url + "/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_in_flight(url, 1)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(httpx.ConnectError):  # no longer accepting
@@ -952,10 +956,7 @@ def test_sigterm_with_images_still_queued_at_the_drain_timeout_logs_no_traceback
         httpx.post(url + "/predict", content=encoded(scene(40, 50, 3)), timeout=60))) for _ in range(2)]
     for thread in threads:
         thread.start()
-    deadline = time.time() + 30
-    while "resunet_images_in_flight 2.0" not in httpx.get(url + "/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_in_flight(url, 2)
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     for thread in threads:
