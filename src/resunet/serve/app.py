@@ -190,9 +190,10 @@ class LogAndCount:
                 # also matches before a final line break: /predict%0A ran a prediction (a helper, 2026-12-06).
                 raise StarletteHTTPException(404)
             await self.app(scope, receive, send_noting_status)
-        except StarletteHTTPException as error:
+        except StarletteHTTPException as error:  # the path refused above (the app answers its own)
             request.state.error = f"{scope['method']} {printable_name(scope['path'])}: {error.detail}"
-            await error_response(error.status_code, request.state.error)(scope, receive, send_noting_status)
+            if not status["sent"]:
+                await error_response(error.status_code, request.state.error)(scope, receive, send_noting_status)
         except ClientDisconnect:  # the client went away: nobody to answer, nothing to fix here
             if scope.get(ANSWERED_UNPARSED):  # not the client: its body could not be parsed, answered, logged, counted
                 return
@@ -309,7 +310,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
         message = f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         request.state.error = message
-        log.exception("unexpected error on %s %s", request.method, printable_name(request.url.path))
+        log.exception("unexpected error on %s %s", request.method, printable_name(request.scope["path"]))
         return error_response(500, message)
 
     # GET and HEAD: uptime monitors and load balancers often probe with HEAD.
