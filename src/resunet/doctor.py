@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes, near_partners, pairing_name, partner_hint
+from .data.folder import find_split_dir, folder_classes, pairing_name, partner_hints
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
@@ -185,16 +185,15 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         read_from[split_dir] = split
         images, masks = list_images(image_dir), list_images(mask_dir)
         listing.files += images + masks
+        unread = {folder: unread_files(folder) for folder in (image_dir, mask_dir)}
         for folder in (image_dir, mask_dir):
             if nested := nested_images(folder):
                 listing.findings.append(finding("nested_files", relative(folder, root), f"{relative(folder, root)}: "
                                                 f"{len(nested)} file(s) in subfolders, such as "
                                                 f"{nested[0].relative_to(folder)}, are not read"))
-            if unread := unread_files(folder):
+            if unread[folder]:
                 listing.findings.append(finding("unread_files", relative(folder, root),
-                                                f"{relative(folder, root)}: {unread_note(unread)}"))
-        unread_images = {pairing_name(p): p for p in unread_files(image_dir)}
-        unread_masks = {pairing_name(p): p for p in unread_files(mask_dir)}
+                                                f"{relative(folder, root)}: {unread_note(unread[folder])}"))
         for files in (images, masks):
             first_by_stem: dict[str, Path] = {}
             for path in files:
@@ -206,19 +205,16 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         image_stems = {pairing_name(p) for p in images}
         lone_images = [p for p in images if pairing_name(p) not in masks_by_stem]
         lone_masks = [p for p in masks if pairing_name(p) not in image_stems]
-        mask_for, image_for = near_partners(lone_images, lone_masks), near_partners(lone_masks, lone_images)
+        mask_hints = partner_hints(lone_images, lone_masks, unread[mask_dir], relative(mask_dir, root))
+        image_hints = partner_hints(lone_masks, lone_images, unread[image_dir], relative(image_dir, root))
         for image in lone_images:
-            hint = partner_hint(image, mask_for.get(image), unread_masks.get(pairing_name(image)),
-                                relative(mask_dir, root))
             listing.findings.append(finding("missing_mask", relative(image, root), f"{relative(image, root)}: "
-                                            f"no mask {image.stem}.* in {relative(mask_dir, root)}{hint}"))
+                                            f"no mask {image.stem}.* in {relative(mask_dir, root)}{mask_hints[image]}"))
         for mask in lone_masks:
-            hint = partner_hint(mask, image_for.get(mask), unread_images.get(pairing_name(mask)),
-                                relative(image_dir, root))
             listing.findings.append(finding("orphan_mask", relative(mask, root), f"{relative(mask, root)}: no "
-                                            f"image {mask.stem}.* in {relative(image_dir, root)}{hint}"))
+                                            f"image {mask.stem}.* in {relative(image_dir, root)}{image_hints[mask]}"))
         if not images:
-            why = f" ({unread_note(list(unread_images.values()))})" if unread_images else ""
+            why = f" ({unread_note(unread[image_dir])})" if unread[image_dir] else ""
             listing.findings.append(finding("empty_split", relative(image_dir, root),
                                             f"{relative(image_dir, root)}: no images{why}"))
         paired = [p for p in images if pairing_name(p) in masks_by_stem]

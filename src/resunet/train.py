@@ -995,6 +995,7 @@ def train(cfg: TrainConfig) -> dict:
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
+
     def save_inside_epoch(seconds: float) -> None:
         """last.pt at the current step of the current epoch, `seconds` into it: a resume continues there."""
         inside = position_state(epoch, steps, loss_sum, world, timed_images, timed_seconds, seconds, epoch_rng)

@@ -77,6 +77,14 @@ def near_partners(unpaired: list[Path], others: list[Path]) -> dict[Path, Path]:
     return {path: partner for path, partner in found.items() if claimed[partner] == 1}
 
 
+def partner_hints(unpaired: list[Path], others: list[Path], others_unread: list[Path], folder: str) -> dict[Path, str]:
+    """`partner_hint` for each of `unpaired`: `others` are the other folder's files without a partner, and
+    `others_unread` its files whose suffix is not read (`unread_files`); `folder` names it in the hints."""
+    near = near_partners(unpaired, others)
+    unread = {pairing_name(p): p for p in others_unread}
+    return {path: partner_hint(path, near.get(path), unread.get(pairing_name(path)), folder) for path in unpaired}
+
+
 def partner_hint(path: Path, partner: Path | None, unread_twin: Path | None, folder: str) -> str:
     """Why `path` has no partner, when something says: a file of its very name in the other folder whose suffix is
     not read (an .npy mask, a .heic photo), or `near_partners`' answer. Nothing otherwise."""
@@ -142,9 +150,7 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
     if missing:
         image_names = {pairing_name(p) for p in images}
         orphans = [p for p in masks if pairing_name(p) not in image_names]
-        near = near_partners(missing, orphans)
-        unread = {pairing_name(p): p for p in unread_files(mask_dir)}
-        hints = {path: partner_hint(path, near.get(path), unread.get(pairing_name(path)), "masks") for path in missing}
+        hints = partner_hints(missing, orphans, unread_files(mask_dir), "masks")
         example = next((path for path in missing if hints[path]), missing[0])  # one that says why, if any does
         raise DataError(f"{mask_dir}: no mask for {len(missing)} images, e.g. {example.name}{hints[example]}")
     if not images:

@@ -40,9 +40,10 @@ class RequestError(Exception):
 
 class UploadBudget:
     """The bytes of the uploads being received or decoded, all requests together, at most `limit`: --max-bytes
-    bounds one body, and 1000 connections each sending 20 MB held 20 GB (a helper, 2026-12-06). Counted as they
-    arrive, so a refusal (503, the connection closed) comes before the body is whole. One upload alone is always let
-    in. Used on the event loop only: no lock."""
+    bounds one body, and 1000 connections each sending 20 MB held 20 GB (a helper, 2026-12-06). Taken before the
+    body is read where its length is declared, as it arrives where not (`read_body`), so a refusal (503, the
+    connection closed) never waits for the whole body. One upload alone is always let in. Used on the event loop
+    only: no lock."""
 
     def __init__(self, limit: int, retry_after_s: int = 1) -> None:
         self.limit, self.pending, self.retry_after_s = limit, 0, retry_after_s
@@ -97,7 +98,7 @@ def longest_part_header(body: bytes, content_type: str) -> int:
 
 class BodyClock:
     """When the next chunk of a body must have come: `timeout_s` after the last one (a stalled client would hold its
-    connection for ever), and, past the first `timeout_s` seconds, soon enough for MIN_BODY_RATE on average. No
+    connection for ever), and soon enough for MIN_BODY_RATE bytes for every second past the first `timeout_s`. No
     limit when `timeout_s` is None."""
 
     def __init__(self, timeout_s: float | None) -> None:
