@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resunet.checkpoint import load_checkpoint
-from resunet.train import (TrainingError, duration_seconds, epochs_within, make_optimizer, refit_most,
+from resunet.train import (TrainingError, duration_seconds, epochs_within, make_optimizer,
                            steady_epoch_seconds, train)
 
 from conftest import tiny_config
@@ -124,9 +124,6 @@ def test_time_budget_arithmetic_by_hand():
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
     assert steady_epoch_seconds(300, 0.0, 0, 1) == 300  # one step per epoch: no second half to time
-    # A re-fit may lengthen up to --epochs only within the first tenth of the fitted run, then only shorten.
-    assert refit_most(2, 51, 80) == 80 and refit_most(5, 51, 80) == 80 and refit_most(5, 50, 80) == 80
-    assert refit_most(6, 51, 80) == 51 and refit_most(1, 9, 80) == 9 and refit_most(2, 4, 5) == 4
 
 
 def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
@@ -167,12 +164,13 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     assert load_checkpoint(out / "best.pt", tensors=False)["train_config"]["epochs"] == 2
 
 
-def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_root, ram_tmp, capsys, monkeypatch):
+def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_root, ram_tmp, capsys, monkeypatch):
     import resunet.train
 
-    # Epoch 1's fit says 20 of --epochs 30; after epoch 2 (a tenth of 20) the re-fit may choose up to 30 and says
-    # 22; after epoch 3 (past a tenth of 22) it may choose at most 22 and says 3: nothing more fits, the run ends.
-    fits, answers = [], iter([20, 22, 3])
+    # Epoch 1's fit says 10 of --epochs 30; after epoch 2 (a fifth of the run: a re-fit used to lengthen only
+    # within the first tenth, so a machine that sped up later left minutes unused) the re-fit may choose up
+    # to 30 and says 25; after epoch 3 it says 3: nothing more fits, the run ends.
+    fits, answers = [], iter([10, 25, 3])
     called = []  # when each fit was made
     monkeypatch.setattr(resunet.train, "epochs_within",
                         lambda *args, **kw: called.append(time.perf_counter()) or fits.append((args, kw))
@@ -191,7 +189,7 @@ def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_r
     train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
     assert [(args[-1], kw) for args, kw in fits] == [(30, {"after_s": 0}), (30, {"done": 2, "after_s": 0}),
-                                                     (22, {"done": 3, "after_s": 0})]  # no --calibrate to budget
+                                                     (30, {"done": 3, "after_s": 0})]  # no --calibrate to budget
     (budget_s, elapsed_s, pace_s, eval_s, eval_every, _), _ = fits[1]
     assert (budget_s, eval_every) == (3600, 3)
     # The re-fit's pace is epoch 2's training time (the one epoch since the fit) plus the bookkeeping of the
@@ -204,14 +202,22 @@ def test_a_time_budget_fits_again_after_each_epoch_lengthening_only_early(demo_r
     # is short of what it was told by that much.
     assert sum(save_s[:2]) - 0.1 <= elapsed_s - (called[1] - started) < sum(save_s[:2]) + 5
     # Three epochs: 1 evaluated for the fit, 3 as the last. The cosine (lr 1e-3, no warm-up, 12 steps an epoch)
-    # spans the count in force at each step: 30 epochs during epoch 1, 20 during epoch 2, 22 during epoch 3 (the
-    # cut to 3 came after its last step).
+    # spans 30 epochs during epoch 1; at each change of the count it goes on from how far along it is over the
+    # steps then left: 1/30 of the way at step 12, over 10 epochs during epoch 2, over 25 during epoch 3 (the cut
+    # to 3 came after its last step). Re-spanned in place (as before), the rate rose from 0.90 of its peak at
+    # step 24 to 0.98 at step 25.
     assert [r["val_miou"] is not None for r in records] == [True, False, True]
-    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * step / (epochs * 12))) for step, epochs in ((12, 30), (24, 20),
-                                                                                               (36, 22))]
+    progress = [12 / 360]
+    progress.append(progress[-1] + (1 - progress[-1]) * 12 / (120 - 12))
+    progress.append(progress[-1] + (1 - progress[-1]) * 12 / (300 - 24))
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * p)) for p in progress]
     assert [r["lr"] for r in records] == pytest.approx(cosine, rel=1e-6)
+    assert records[2]["lr"] < records[1]["lr"] < records[0]["lr"]
     printed = capsys.readouterr().out
-    assert "22 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
+    assert "25 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
+    # Where the decay was last re-planned is saved with the schedule: a resumed run goes on along the same curve.
+    saved = load_checkpoint(out / "last.pt", tensors=False)["scheduler"]["lr_lambdas"]
+    assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2])}]
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
 
 

@@ -1,6 +1,8 @@
 """Training options off the seed recipe: poly schedule, EMA of the weights, scSE attention, decoder widths, CutMix
 and ClassMix. Each against numbers worked out by hand, then all together through a real run and its exact resume."""
 
+import copy
+import io
 import itertools
 import json
 import math
@@ -13,7 +15,8 @@ from resunet.checkpoint import load_checkpoint, model_from_checkpoint
 from resunet.config import TrainConfig
 from resunet.data.mixing import cutmix_box, mix_batch, other_images
 from resunet.model.unet import SCSE, ResNetUNet
-from resunet.train import TrainingError, WeightAverage, decoder_widths, make_scheduler, train
+from resunet.train import (TrainingError, WeightAverage, decoder_widths, make_scheduler, rebase_schedule, set_epochs,
+                           train)
 
 from conftest import tiny_config
 from test_faults import signal_after_step
@@ -48,6 +51,51 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
             cfg.epochs = 2  # the fit, after epoch 1 (the next step's rate is already set)
     assert lrs[:11] == pytest.approx([(k + 1) / 30 for k in range(11)])
     assert lrs[11:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
+
+
+def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
+    """--time-budget changes --epochs during the run. The cosine re-spanned in place jumped: down when the run
+    shortened, up when it lengthened, so a re-fit could lengthen only early, and a machine that sped up later left
+    its minutes unused (9 of 55 in a make camvid run). Now the decay goes on from how far along it is."""
+    cfg = TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=1, lr=1.0)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)  # 10 steps of warm-up, then 90 of decay
+    lrs, state = [], None
+    for step in range(200):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if step == 49:  # after epoch 5 the run is lengthened to 20 epochs
+            set_epochs(cfg, scheduler, 20, 50)
+        if step == 119:
+            state = copy.deepcopy(scheduler.state_dict())
+    # Until step 50, the cosine over 90 steps; from there the rest of it (4/9 of the way done) over 150 steps.
+    cosine = [0.5 * (1 + math.cos(math.pi * p)) for p in [(k - 10) / 90 for k in range(10, 51)]
+              + [4 / 9 + 5 / 9 * (k - 50) / 150 for k in range(51, 200)]]
+    assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)]) and lrs[10:] == pytest.approx(cosine)
+    assert lrs[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 9)))  # 0.587, not the 0.895 of 40/190 in place
+    assert max(abs(a - b) for a, b in zip(lrs[10:], lrs[11:])) < 0.02 and lrs[199] < 1e-4
+    # Shortened after step 150 to 16 epochs: from there to 0 at step 160, no step down.
+    set_epochs(cfg, scheduler, 16, 150)
+    assert scheduler.lr_lambdas[0](150) == pytest.approx(lrs[150]) and scheduler.lr_lambdas[0](160) == 0
+
+    # The anchor is saved with the schedule (plain numbers: checkpoints load with weights_only) and restored: a
+    # resumed run goes on along the same curve, also with another number of steps an epoch (anchored in epochs).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert state["lr_lambdas"] == [{"anchor_epoch": 5.0, "anchor_progress": pytest.approx(4 / 9)}]
+    for steps_per_epoch, resumed_step in ((10, 120), (5, 60)):
+        resumed = TrainConfig(data_root="x", scheduler="cosine", epochs=20, warmup_epochs=1, lr=1.0)
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(resumed, optimizer, steps_per_epoch)
+        scheduler.load_state_dict(state)
+        rebase_schedule(scheduler, optimizer, resumed_step, announce=False)  # re-sets the rate if the count moved
+        assert scheduler.base_lrs[0] * scheduler.lr_lambdas[0](resumed_step) == pytest.approx(lrs[120])
+    # A checkpoint from before the anchor existed (LambdaLR saved None for a plain function): no anchor.
+    scheduler = make_scheduler(resumed, optimizer, steps_per_epoch)
+    scheduler.load_state_dict({**state, "lr_lambdas": [None]})
+    assert scheduler.lr_lambdas[0].anchor_epoch == 0
 
 
 def test_scse_by_hand():

@@ -271,19 +271,58 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
-    def factor(step: int) -> float:
-        total = max(1, cfg.epochs * steps_per_epoch)  # read now: --time-budget may shorten the run after epoch 1
-        # A --time-budget fit that holds no more epochs than the warm-up: half warm-up, half decay, not a rate that
-        # only rises (check_settings keeps the warm-up under --epochs)
-        ramp = warmup if warmup < total else total // 2
-        if step < ramp:
-            return (step + 1) / ramp
-        progress = min(1.0, (step - ramp) / max(1, total - ramp))
-        if cfg.scheduler == "poly":
-            return (1 - progress) ** 0.9
-        return 0.5 * (1 + math.cos(math.pi * progress))
+    class Curve:
+        """The factor of --lr at a step: a linear warm-up, then the cosine or poly decay to 0 at the last step of
+        --epochs, read at each step (--time-budget changes the count during the run). `anchor` is called before
+        such a change: from there the decay plays its rest, from how far along it is, over the steps then left, so
+        the rate neither jumps down when the run shortens nor up when it lengthens (a curve re-spanned in place did
+        both: a run of 46 epochs, one of warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak). The anchor is
+        this object's one state, saved and restored with the scheduler's (LambdaLR keeps a callable object's
+        attributes), in epochs, so that a resume with another number of steps an epoch keeps it in place."""
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        def __init__(self) -> None:
+            self.anchor_epoch, self.anchor_progress = 0.0, 0.0  # 0: never anchored
+
+        def ramp_and_total(self) -> tuple[int, int]:
+            total = max(1, cfg.epochs * steps_per_epoch)
+            # A --time-budget fit that holds no more epochs than the warm-up: half warm-up, half decay, not a rate
+            # that only rises (check_settings keeps the warm-up under --epochs)
+            return (warmup if warmup < total else total // 2), total
+
+        def progress(self, step: int) -> float | None:
+            """How far along the decay `step` is, 0 to 1; None within the warm-up."""
+            ramp, total = self.ramp_and_total()
+            anchor = round(self.anchor_epoch * steps_per_epoch)
+            if self.anchor_epoch and step >= anchor:
+                return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - anchor)
+                           / max(1, total - anchor))
+            if step < ramp:
+                return None
+            return min(1.0, (step - ramp) / max(1, total - ramp))
+
+        def anchor(self, step: int) -> None:
+            """The count of epochs is about to change after `step` steps: the decay goes on from where it is."""
+            progress = self.progress(step)
+            if progress:  # within the warm-up, or at its end, the change moves nothing already begun
+                self.anchor_epoch, self.anchor_progress = step / steps_per_epoch, progress
+
+        def __call__(self, step: int) -> float:
+            progress = self.progress(step)
+            if progress is None:
+                return (step + 1) / self.ramp_and_total()[0]
+            if cfg.scheduler == "poly":
+                return (1 - progress) ** 0.9
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Curve())
+
+
+def set_epochs(cfg: TrainConfig, scheduler, epochs: int, steps_done: int) -> None:
+    """--time-budget's fit: the run now ends after `epochs`, `steps_done` steps in; a cosine or poly schedule's
+    decay goes on from where it is to 0 at the new end."""
+    if cfg.scheduler in PER_STEP_SCHEDULERS:
+        scheduler.lr_lambdas[0].anchor(steps_done)
+    cfg.epochs = epochs
 
 
 def train_step(model, images, masks, criterion, optimizer, scaler, device, dtype, channels_last: bool) -> torch.Tensor:
@@ -406,15 +445,6 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: flo
     while done + more < max_epochs and cost(more + 1) <= left:
         more += 1
     return max(done, done + more)
-
-
-def refit_most(epoch: int, fitted: int, most: int) -> int:
-    """The most epochs a --time-budget re-fit after `epoch` may choose: up to --epochs (`most`) while the run is
-    within the first tenth of its `fitted` epochs, else `fitted` (it may only shorten). Early on the cosine is still
-    near its peak (0.976 of it at a tenth), so lengthening then raises the learning rate by at most a few percent;
-    later it would raise a rate already decayed. Epoch 1's fit can undershoot: on the Zen 4 EPYC at 288 px its
-    second half ran at 60 s an epoch, later epochs at 49-57 s, and training ended after 48 of its 55 minutes."""
-    return most if epoch * 10 <= fitted else fitted
 
 
 def steady_epoch_seconds(epoch_s: float, second_half_s: float | None, second_half_steps: int,
@@ -1112,8 +1142,8 @@ def train(cfg: TrainConfig) -> dict:
 
             # --time-budget, after epoch 1's fit: the pace can drift (a shared machine, epoch 1's second half
             # faster or slower than later epochs), so each later epoch fits again at the pace of the last three.
-            # It shortens the run if it would overrun, and lengthens it only early (`refit_most`). Not after a
-            # resume: its clock restarted.
+            # It shortens the run if it would overrun and lengthens it (up to --epochs) if time is left over, the
+            # decay going on from where it is (`set_epochs`). Not after a resume: its clock restarted.
             if budget_fitted and epoch < cfg.epochs:
                 epoch_seconds.append(time.perf_counter() - started)
                 bookkeeping_s = statistics.fmean(bookkeeping_seconds[-3:])
@@ -1121,11 +1151,10 @@ def train(cfg: TrainConfig) -> dict:
                 # this epoch's evaluation and saves, still to come
                 pending_s = (eval_s if epoch % cfg.eval_every == 0 else 0.0) + bookkeeping_s
                 refit = epochs_within(budget_s, time.perf_counter() - setup_started + pending_s, pace_s,
-                                      eval_s, cfg.eval_every, refit_most(epoch, cfg.epochs, most_epochs), done=epoch,
-                                      after_s=calibration_s)
+                                      eval_s, cfg.eval_every, most_epochs, done=epoch, after_s=calibration_s)
                 refit = broadcast_int(refit, world, device)
                 if refit != cfg.epochs:
-                    cfg.epochs = refit
+                    set_epochs(cfg, scheduler, refit, epoch * steps_per_epoch)
                     if main_process:
                         print(f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {cfg.epochs} "
                               "epoch(s) fit", flush=True)
@@ -1203,7 +1232,7 @@ def train(cfg: TrainConfig) -> dict:
                           f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s{after}; {fitted} epoch(s) fit",
                           flush=True)
                 if fitted != cfg.epochs:
-                    cfg.epochs = fitted
+                    set_epochs(cfg, scheduler, fitted, epoch * steps_per_epoch)
                     if main_process:  # the checkpoints carry the fitted count: a resumed run keeps it
                         if improved:
                             save_run(out / "best.pt", epoch, rng, metrics=record)
