@@ -217,7 +217,7 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
     assert "25 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
     # Where the decay was last re-planned is saved with the schedule: a resumed run goes on along the same curve.
     saved = load_checkpoint(out / "last.pt", tensors=False)["scheduler"]["lr_lambdas"]
-    assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2])}]
+    assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2]), "anchor_peak": 1.0}]
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
 
 

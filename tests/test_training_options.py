@@ -37,8 +37,9 @@ def test_poly_schedule_with_warmup_by_hand():
 
 def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
     # --epochs 10 --warmup-epochs 3 (10 steps an epoch), and a --time-budget that fits 2 epochs after epoch 1: every
-    # step was warm-up and the rate only rose (to 20/30 of its peak). Now, from the fit on, half warm-up (10 steps),
-    # then the cosine decay to 0.
+    # step was warm-up and the rate only rose (to 20/30 of its peak). Then, from the fit on, half warm-up (10 steps)
+    # and the cosine from the peak: the rate jumped from 11/30 to 0.98 of it at step 11. Now the warm-up ends at the
+    # fit and the cosine decays to 0 from the rate reached.
     cfg = TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=3, lr=1.0)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
@@ -48,9 +49,31 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
         optimizer.step()
         scheduler.step()
         if step == 9:
-            cfg.epochs = 2  # the fit, after epoch 1 (the next step's rate is already set)
+            set_epochs(cfg, scheduler, 2, 10)  # the fit, after epoch 1 (the next step's rate is already set)
     assert lrs[:11] == pytest.approx([(k + 1) / 30 for k in range(11)])
-    assert lrs[11:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
+    assert lrs[11:] == pytest.approx([11 / 30 * 0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
+    # Saved and resumed (the run's stored count is the fitted 2): the same curve.
+    resumed = make_scheduler(TrainConfig(data_root="x", scheduler="cosine", epochs=2, warmup_epochs=3, lr=1.0),
+                             torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), steps_per_epoch=10)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert [resumed.lr_lambdas[0](k) for k in range(10, 20)] == pytest.approx(lrs[10:])
+
+    # --warmup-epochs 5 fitted to 10 epochs (the warm-up keeps its 50 steps), then cut to 5 after epoch 4, inside
+    # the warm-up: its end would move to step 25, and step 41 fell 0.64 of the way along the decay (0.82 → 0.40).
+    cfg = TrainConfig(data_root="x", scheduler="poly", epochs=20, warmup_epochs=5, lr=1.0)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
+    lrs = []
+    for step in range(50):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if step == 9:
+            set_epochs(cfg, scheduler, 10, 10)
+        if step == 39:
+            set_epochs(cfg, scheduler, 5, 40)
+    assert lrs[:41] == pytest.approx([(k + 1) / 50 for k in range(41)])
+    assert lrs[41:] == pytest.approx([41 / 50 * (1 - (k - 40) / 10) ** 0.9 for k in range(41, 50)])
 
 
 def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
@@ -73,7 +96,8 @@ def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
     cosine = [0.5 * (1 + math.cos(math.pi * p)) for p in [(k - 10) / 90 for k in range(10, 51)]
               + [4 / 9 + 5 / 9 * (k - 50) / 150 for k in range(51, 200)]]
     assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)]) and lrs[10:] == pytest.approx(cosine)
-    assert lrs[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 9)))  # 0.587, not the 0.895 of 40/190 in place
+    assert lrs[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 9)))  # set before the change: 0.587 either way
+    assert lrs[51] == pytest.approx(0.5 * (1 + math.cos(math.pi * (4 / 9 + 5 / 9 / 150))))  # in place: 0.889
     assert max(abs(a - b) for a, b in zip(lrs[10:], lrs[11:])) < 0.02 and lrs[199] < 1e-4
     # Shortened after step 150 to 16 epochs: from there to 0 at step 160, no step down.
     set_epochs(cfg, scheduler, 16, 150)
@@ -84,7 +108,7 @@ def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
     buffer = io.BytesIO()
     torch.save(state, buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    assert state["lr_lambdas"] == [{"anchor_epoch": 5.0, "anchor_progress": pytest.approx(4 / 9)}]
+    assert state["lr_lambdas"] == [{"anchor_epoch": 5.0, "anchor_progress": pytest.approx(4 / 9), "anchor_peak": 1.0}]
     for steps_per_epoch, resumed_step in ((10, 120), (5, 60)):
         resumed = TrainConfig(data_root="x", scheduler="cosine", epochs=20, warmup_epochs=1, lr=1.0)
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -273,55 +273,65 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
     class Curve:
         """The factor of --lr at a step: a linear warm-up, then the cosine or poly decay to 0 at the last step of
-        --epochs, read at each step (--time-budget changes the count during the run). `anchor` is called before
-        such a change: from there the decay plays its rest, from how far along it is, over the steps then left, so
-        the rate neither jumps down when the run shortens nor up when it lengthens (a curve re-spanned in place did
-        both: a run of 46 epochs, one of warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak). The anchor is
-        this object's one state, saved and restored with the scheduler's (LambdaLR keeps a callable object's
-        attributes), in epochs, so that a resume with another number of steps an epoch keeps it in place."""
+        --epochs. --time-budget changes the count during the run, through `respan`: from there the decay plays its
+        rest, from how far along it is, over the steps then left, so the rate neither jumps down when the run
+        shortens nor up when it lengthens (a curve re-spanned in place did both: a run of 46 epochs, one of
+        warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak); a count that leaves no room for the
+        warm-up ends it there, and the decay starts from the rate reached. The anchor is this object's one
+        state, saved and restored with the scheduler's (LambdaLR keeps a callable object's attributes), in epochs,
+        so that a resume with another number of steps an epoch keeps it in place."""
 
         def __init__(self) -> None:
-            self.anchor_epoch, self.anchor_progress = 0.0, 0.0  # 0: never anchored
+            # where the count last changed (0: never), how far along the decay that was, and the decay's peak there
+            self.anchor_epoch, self.anchor_progress, self.anchor_peak = 0.0, 0.0, 1.0
 
-        def ramp_and_total(self) -> tuple[int, int]:
-            total = max(1, cfg.epochs * steps_per_epoch)
-            # A --time-budget fit that holds no more epochs than the warm-up: half warm-up, half decay, not a rate
-            # that only rises (check_settings keeps the warm-up under --epochs)
+        def ramp_and_total(self, epochs: int | None = None) -> tuple[int, int]:
+            total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
+            # No more epochs than the warm-up (check_settings keeps it under --epochs, but not a --time-budget fit):
+            # half warm-up, half decay, not a rate that only rises. `respan` itself ends such a warm-up where it is;
+            # this halving still serves the comparison there, and a run saved by an earlier version (no anchor).
             return (warmup if warmup < total else total // 2), total
+
+        def anchored(self, step: int) -> bool:
+            return bool(self.anchor_epoch) and step >= round(self.anchor_epoch * steps_per_epoch)
 
         def progress(self, step: int) -> float | None:
             """How far along the decay `step` is, 0 to 1; None within the warm-up."""
             ramp, total = self.ramp_and_total()
-            anchor = round(self.anchor_epoch * steps_per_epoch)
-            if self.anchor_epoch and step >= anchor:
+            if self.anchored(step):
+                anchor = round(self.anchor_epoch * steps_per_epoch)
                 return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - anchor)
                            / max(1, total - anchor))
             if step < ramp:
                 return None
             return min(1.0, (step - ramp) / max(1, total - ramp))
 
-        def anchor(self, step: int) -> None:
-            """The count of epochs is about to change after `step` steps: the decay goes on from where it is."""
-            progress = self.progress(step)
-            if progress:  # within the warm-up, or at its end, the change moves nothing already begun
+        def respan(self, step: int, epochs: int) -> None:
+            """The run will end after `epochs`, not --epochs, `step` steps in (before cfg.epochs changes)."""
+            progress, rate = self.progress(step), self(step)
+            if progress is None and self.ramp_and_total(epochs)[0] != self.ramp_and_total()[0]:
+                # a count that leaves no room for the warm-up would move its end: it ends here, at the rate reached
+                self.anchor_epoch, self.anchor_progress, self.anchor_peak = step / steps_per_epoch, 0.0, rate
+            elif progress:  # in the decay (in a warm-up that keeps its length, or at its end, nothing moves)
                 self.anchor_epoch, self.anchor_progress = step / steps_per_epoch, progress
 
         def __call__(self, step: int) -> float:
             progress = self.progress(step)
             if progress is None:
                 return (step + 1) / self.ramp_and_total()[0]
+            peak = self.anchor_peak if self.anchored(step) else 1.0
             if cfg.scheduler == "poly":
-                return (1 - progress) ** 0.9
-            return 0.5 * (1 + math.cos(math.pi * progress))
+                return peak * (1 - progress) ** 0.9
+            return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Curve())
 
 
 def set_epochs(cfg: TrainConfig, scheduler, epochs: int, steps_done: int) -> None:
-    """--time-budget's fit: the run now ends after `epochs`, `steps_done` steps in; a cosine or poly schedule's
-    decay goes on from where it is to 0 at the new end."""
+    """--time-budget's fit: the run now ends after `epochs`, `steps_done` steps in; a cosine or poly schedule goes on
+    from the rate it has reached to 0 at the new end."""
     if cfg.scheduler in PER_STEP_SCHEDULERS:
-        scheduler.lr_lambdas[0].anchor(steps_done)
+        scheduler.lr_lambdas[0].respan(steps_done, epochs)
     cfg.epochs = epochs
 
 
