@@ -144,7 +144,7 @@ def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ra
     records = read_records(out)
     ((budget_s, elapsed_s, epoch_s, eval_s, eval_every, max_epochs), kw), = fits
     # --calibrate's two passes over val (the fit's, then the ECE after it) are budgeted: they overran it when not
-    assert kw == {"after_s": 2 * eval_s}
+    assert kw == {"done": 1, "after_s": 2 * eval_s}
     ((whole_epoch_s, second_half_s, _, _), steady_s), = paces
     assert (budget_s, eval_every, max_epochs) == (3600, 3, 5) and elapsed_s > whole_epoch_s + eval_s > 0
     # The clock counts the re-save of best.pt and last.pt that follows a changed count (at least 0.8 s here): the
@@ -188,7 +188,7 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
     started = time.perf_counter()
     train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
-    assert [(args[-1], kw) for args, kw in fits] == [(30, {"after_s": 0}), (30, {"done": 2, "after_s": 0}),
+    assert [(args[-1], kw) for args, kw in fits] == [(30, {"done": 1, "after_s": 0}), (30, {"done": 2, "after_s": 0}),
                                                      (30, {"done": 3, "after_s": 0})]  # no --calibrate to budget
     (budget_s, elapsed_s, pace_s, eval_s, eval_every, _), _ = fits[1]
     assert (budget_s, eval_every) == (3600, 3)
@@ -217,7 +217,7 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
     assert "25 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
     # Where the decay was last re-planned is saved with the schedule: a resumed run goes on along the same curve.
     saved = load_checkpoint(out / "last.pt", tensors=False)["scheduler"]["lr_lambdas"]
-    assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2]), "anchor_peak": 1.0}]
+    assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2])}]
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
 
 
@@ -524,6 +524,33 @@ def test_the_start_up_line_says_what_a_mid_epoch_checkpoint_leaves_to_train():
     assert epoch_span(3, 4, 5, 16) == "epochs 3..4 (epoch 3 from step 5/16)"
     assert epoch_span(3, 4) == "epochs 3..4"
     assert epoch_span(3, 2) == "no epoch to train: 2 already done (--epochs 2; give more to continue)"
+
+
+def test_a_run_killed_before_its_time_budget_fit_fits_when_resumed(demo_root, ram_tmp, capsys, monkeypatch):
+    """Epoch 1's last.pt is saved before the fit and again after it. A process killed between the two left a last.pt
+    holding --epochs, and its resume never fitted: it trained on to --epochs (an audit, 2026-12-06). The save now
+    says whether the fit was made, and a resume from one made before it fits at the end of its first epoch."""
+    import resunet.train
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt  # as if the process died here, after epoch 1's saves
+
+    monkeypatch.setattr(resunet.train, "epochs_within", killed)
+    out = ram_tmp / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(demo_root, out, epochs=30, scheduler="cosine", time_budget="1h", **SMALL))
+    saved = load_checkpoint(out / "last.pt", tensors=False)
+    assert (saved["epoch"], saved["train_config"]["epochs"], saved["budget_fitted"]) == (1, 30, False)
+    fits = []
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append((args, kw)) or 3)
+    capsys.readouterr()
+    from resunet.train import resumed_config
+    train(resumed_config(out / "last.pt", {}))
+    printed = capsys.readouterr().out
+    assert "time budget 1h: epoch 2 took" in printed and "3 epoch(s) fit" in printed
+    assert [(args[5], kw["done"]) for args, kw in fits] == [(30, 2)]  # at most --epochs, two done
+    assert [r["epoch"] for r in read_records(out)] == [1, 2, 3] and read_records(out)[-1]["lr"] == 0
+    assert load_checkpoint(out / "last.pt", tensors=False)["budget_fitted"] is True
 
 
 def test_a_time_budget_fit_within_the_warm_up_is_resumed(demo_root, ram_tmp, capsys, monkeypatch):

@@ -37,9 +37,9 @@ def test_poly_schedule_with_warmup_by_hand():
 
 def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
     # --epochs 10 --warmup-epochs 3 (10 steps an epoch), and a --time-budget that fits 2 epochs after epoch 1: every
-    # step was warm-up and the rate only rose (to 20/30 of its peak). Then, from the fit on, half warm-up (10 steps)
-    # and the cosine from the peak: the rate jumped from 11/30 to 0.98 of it at step 11. Now the warm-up ends at the
-    # fit and the cosine decays to 0 from the rate reached.
+    # step was warm-up and the rate only rose (to 20/30 of its peak). Now the warm-up ends at the fit (step 10) and
+    # the cosine decays from the peak to 0 over the 10 steps left. (Decaying from the rate reached, 11/30, left a run
+    # cut early and lengthened again at that fraction of --lr for good: an audit, 2026-12-06.)
     cfg = TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=3, lr=1.0)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
@@ -51,15 +51,16 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
         if step == 9:
             set_epochs(cfg, scheduler, 2, 10)  # the fit, after epoch 1 (the next step's rate is already set)
     assert lrs[:11] == pytest.approx([(k + 1) / 30 for k in range(11)])
-    assert lrs[11:] == pytest.approx([11 / 30 * 0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
+    assert lrs[11:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
     # Saved and resumed (the run's stored count is the fitted 2): the same curve.
     resumed = make_scheduler(TrainConfig(data_root="x", scheduler="cosine", epochs=2, warmup_epochs=3, lr=1.0),
                              torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), steps_per_epoch=10)
     resumed.load_state_dict(scheduler.state_dict())
-    assert [resumed.lr_lambdas[0](k) for k in range(10, 20)] == pytest.approx(lrs[10:])
+    assert [resumed.lr_lambdas[0](k) for k in range(11, 20)] == pytest.approx(lrs[11:])
 
     # --warmup-epochs 5 fitted to 10 epochs (the warm-up keeps its 50 steps), then cut to 5 after epoch 4, inside
-    # the warm-up: its end would move to step 25, and step 41 fell 0.64 of the way along the decay (0.82 → 0.40).
+    # the warm-up: its end would move to step 25, which step 41 is 0.64 of the way past; the warm-up ends at step 40
+    # and the whole decay follows.
     cfg = TrainConfig(data_root="x", scheduler="poly", epochs=20, warmup_epochs=5, lr=1.0)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
@@ -73,7 +74,11 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
         if step == 39:
             set_epochs(cfg, scheduler, 5, 40)
     assert lrs[:41] == pytest.approx([(k + 1) / 50 for k in range(41)])
-    assert lrs[41:] == pytest.approx([41 / 50 * (1 - (k - 40) / 10) ** 0.9 for k in range(41, 50)])
+    assert lrs[41:] == pytest.approx([(1 - (k - 40) / 10) ** 0.9 for k in range(41, 50)])
+    # Lengthened again to 8 epochs after step 45: the decay goes on from where it is, at the full --lr's scale.
+    set_epochs(cfg, scheduler, 8, 45)
+    assert scheduler.lr_lambdas[0](45) == pytest.approx(lrs[45])
+    assert scheduler.lr_lambdas[0](46) == pytest.approx((1 - (0.5 + 0.5 * 1 / 35)) ** 0.9)
 
 
 def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
@@ -108,7 +113,7 @@ def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
     buffer = io.BytesIO()
     torch.save(state, buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    assert state["lr_lambdas"] == [{"anchor_epoch": 5.0, "anchor_progress": pytest.approx(4 / 9), "anchor_peak": 1.0}]
+    assert state["lr_lambdas"] == [{"anchor_epoch": 5.0, "anchor_progress": pytest.approx(4 / 9)}]
     for steps_per_epoch, resumed_step in ((10, 120), (5, 60)):
         resumed = TrainConfig(data_root="x", scheduler="cosine", epochs=20, warmup_epochs=1, lr=1.0)
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -276,14 +276,15 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         --epochs. --time-budget changes the count during the run, through `respan`: from there the decay plays its
         rest, from how far along it is, over the steps then left, so the rate neither jumps down when the run
         shortens nor up when it lengthens (a curve re-spanned in place did both: a run of 46 epochs, one of
-        warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak); a count that leaves no room for the
-        warm-up ends it there, and the decay starts from the rate reached. The anchor is this object's one
+        warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak). A count that leaves no room for the
+        warm-up ends it there: the rate steps up to its peak and the whole decay follows (decaying from the rate
+        reached instead kept a run that was cut early, then lengthened again, at a fraction of --lr for good). The
+        anchor is this object's one
         state, saved and restored with the scheduler's (LambdaLR keeps a callable object's attributes), in epochs,
         so that a resume with another number of steps an epoch keeps it in place."""
 
         def __init__(self) -> None:
-            # where the count last changed (0: never), how far along the decay that was, and the decay's peak there
-            self.anchor_epoch, self.anchor_progress, self.anchor_peak = 0.0, 0.0, 1.0
+            self.anchor_epoch, self.anchor_progress = 0.0, 0.0  # where the count last changed (0: never)
 
         def ramp_and_total(self, epochs: int | None = None) -> tuple[int, int]:
             total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
@@ -308,10 +309,10 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
         def respan(self, step: int, epochs: int) -> None:
             """The run will end after `epochs`, not --epochs, `step` steps in (before cfg.epochs changes)."""
-            progress, rate = self.progress(step), self(step)
+            progress = self.progress(step)
             if progress is None and self.ramp_and_total(epochs)[0] != self.ramp_and_total()[0]:
-                # a count that leaves no room for the warm-up would move its end: it ends here, at the rate reached
-                self.anchor_epoch, self.anchor_progress, self.anchor_peak = step / steps_per_epoch, 0.0, rate
+                # a count that leaves no room for the warm-up would move its end: it ends here, the decay begins
+                self.anchor_epoch, self.anchor_progress = step / steps_per_epoch, 0.0
             elif progress:  # in the decay (in a warm-up that keeps its length, or at its end, nothing moves)
                 self.anchor_epoch, self.anchor_progress = step / steps_per_epoch, progress
 
@@ -319,17 +320,16 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             progress = self.progress(step)
             if progress is None:
                 return (step + 1) / self.ramp_and_total()[0]
-            peak = self.anchor_peak if self.anchored(step) else 1.0
             if cfg.scheduler == "poly":
-                return peak * (1 - progress) ** 0.9
-            return peak * 0.5 * (1 + math.cos(math.pi * progress))
+                return (1 - progress) ** 0.9
+            return 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Curve())
 
 
 def set_epochs(cfg: TrainConfig, scheduler, epochs: int, steps_done: int) -> None:
-    """--time-budget's fit: the run now ends after `epochs`, `steps_done` steps in; a cosine or poly schedule goes on
-    from the rate it has reached to 0 at the new end."""
+    """--time-budget's fit: the run now ends after `epochs`, `steps_done` steps in; a cosine or poly schedule's
+    decay goes on from where it is to 0 at the new end."""
     if cfg.scheduler in PER_STEP_SCHEDULERS:
         scheduler.lr_lambdas[0].respan(steps_done, epochs)
     cfg.epochs = epochs
@@ -1023,7 +1023,8 @@ def train(cfg: TrainConfig) -> dict:
             "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
-            "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now, **extra,
+            "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now, "budget_fitted": budget_fitted,
+            **extra,
             **({"training_model": raw_model.state_dict(), "ema_updates": average.updates} if average else {}),
         }, path, advice)
 
@@ -1033,6 +1034,9 @@ def train(cfg: TrainConfig) -> dict:
     # --time-budget: fitted at epoch 1, then re-fitted; an epoch costs its training steps plus its bookkeeping
     # (metrics, checkpoints, curves, TensorBoard), timed apart, and a share of an evaluation
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
+    # Fitted at the end of epoch 1, or of the first epoch resumed from a save made before the fit (killed between
+    # epoch 1's saves and the fit's: that run had trained on to --epochs); older checkpoints count as fitted.
+    fit_epoch = start_epoch if cfg.resume and state.get("budget_fitted") is False else 1
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
 
@@ -1169,7 +1173,7 @@ def train(cfg: TrainConfig) -> dict:
                         print(f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {cfg.epochs} "
                               "epoch(s) fit", flush=True)
 
-            fit_budget = budget_s is not None and epoch == 1
+            fit_budget = budget_s is not None and epoch == fit_epoch and not budget_fitted
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
             if evaluated:
                 eval_started = time.perf_counter()
@@ -1228,25 +1232,25 @@ def train(cfg: TrainConfig) -> dict:
                 # --calibrate, after the last epoch: a pass over val for the fit and one for the ECE after it, each
                 # about as long as an evaluation (they overran the budget by that much when left out)
                 calibration_s = 2 * eval_s if cfg.calibrate else 0.0
-                # The clock counts the re-save that follows a changed count too (as long as epoch 1's saves).
+                # The clock counts the re-save that follows the fit too (as long as the epoch's own saves).
                 fitted = epochs_within(budget_s, time.perf_counter() - setup_started + bookkeeping_seconds[-1],
                                        steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs,
-                                       after_s=calibration_s)
+                                       done=epoch, after_s=calibration_s)
                 fitted = broadcast_int(fitted, world, device)
                 budget_fitted = True
                 if main_process:
                     pace = (f"{steady_s:.0f}s at the pace of its second half" if half_mark is not None
                             else "its second half not timed alone: the run resumed past its middle")
                     after = f", then --calibrate about {calibration_s:.0f}s" if cfg.calibrate else ""
-                    print(f"time budget {cfg.time_budget}: epoch 1 took {epoch_s:.0f}s ({pace}), its evaluation "
+                    print(f"time budget {cfg.time_budget}: epoch {epoch} took {epoch_s:.0f}s ({pace}), its evaluation "
                           f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s{after}; {fitted} epoch(s) fit",
                           flush=True)
                 if fitted != cfg.epochs:
                     set_epochs(cfg, scheduler, fitted, epoch * steps_per_epoch)
-                    if main_process:  # the checkpoints carry the fitted count: a resumed run keeps it
-                        if improved:
-                            save_run(out / "best.pt", epoch, rng, metrics=record)
-                        save_run(out / "last.pt", epoch, rng, metrics=record)
+                if main_process:  # the checkpoints carry the fit (the count, and that it was made): a resume keeps it
+                    if improved:
+                        save_run(out / "best.pt", epoch, rng, metrics=record)
+                    save_run(out / "last.pt", epoch, rng, metrics=record)
             if evaluated and math.isnan(scores["miou"]):  # --skip-data-check let an unlabelled val split through
                 raise TrainingError(f"{val_set.description}: every val pixel is the ignore label {info.ignore_index}, "
                                     "so mIoU is undefined and no best.pt can be chosen; fix the val masks (resunet "
