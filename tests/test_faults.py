@@ -341,3 +341,50 @@ def test_data_workers_die_with_a_killed_main_process(tmp_path):
     for pid in alive:  # the test leaves nothing behind, passed or not
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their killed main process"
+
+
+def test_a_signal_during_a_checkpoint_write_is_a_stop_not_a_full_disk(tmp_path, monkeypatch):
+    """A second Ctrl-C or SIGTERM raises KeyboardInterrupt in the signal handler; landing inside torch.save's file
+    write, torch turned it into a RuntimeError, which the save took for a full disk: "could not save the checkpoint
+    (the write stopped short: a full disk?)", exit status 2 (an audit, 2026-12-06). It is a stop: the previous file
+    stays, no temporary file is left, the interrupt goes on (exit 130). A write that fails on its own is still one
+    line about the disk."""
+    import builtins
+
+    import resunet.checkpoint
+    from resunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "weights": torch.zeros(4)}, path)
+
+    def failing_open(fault):
+        class Writer:
+            def __init__(self, file):
+                self.file, self.writes = file, 0
+
+            def write(self, data):
+                self.writes += 1
+                if self.writes == 3:
+                    raise fault
+                return self.file.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.file.close()
+
+        return lambda *args, **kw: Writer(builtins.open(*args, **kw))
+
+    for fault, expected in ((KeyboardInterrupt(), KeyboardInterrupt), (OSError(28, "No space left"), CheckpointError),
+                            (ValueError("short write"), CheckpointError)):
+        monkeypatch.setattr(resunet.checkpoint, "open", failing_open(fault), raising=False)
+        with pytest.raises(expected) as caught:
+            save_checkpoint({"epoch": 2, "weights": torch.ones(1_000_000)}, path)
+        if expected is CheckpointError:
+            assert "could not save the checkpoint" in str(caught.value) and "previous last.pt is intact" in str(
+                caught.value)
+        assert load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

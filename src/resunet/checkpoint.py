@@ -47,6 +47,19 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` came from an interrupt: torch's zip writer turns an exception raised in a file write (a
+    signal handler's KeyboardInterrupt) into a RuntimeError whose context it is."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a context chain is short; a cycle would not end
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some space and try again") -> None:
     """Write to a temporary file, fsync, then rename: a crash at any moment leaves the old file or the new one.
     `advice` ends the one-line error when the write fails."""
@@ -63,6 +76,8 @@ def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some sp
     except (OSError, RuntimeError) as error:  # a full disk, a quota, a read-only or vanished folder
         # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError.
         remove_quietly(tmp)
+        if interrupted(error):  # a second Ctrl-C or SIGTERM while writing: a stop, not a full disk
+            raise KeyboardInterrupt from None
         reason = ((error.strerror or str(error)) if isinstance(error, OSError)
                   else "the write stopped short: a full disk?")
         previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
