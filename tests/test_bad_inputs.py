@@ -198,3 +198,28 @@ def test_predict_reports_a_symlink_loop_and_an_unreadable_folder_and_predicts_th
     assert lines[0] == f"resunet predict: {locked}: cannot read the folder (Permission denied)", lines
     assert len(lines) == 2 and lines[1].startswith(f"resunet predict: {folder / 'loop.png'}: "), lines
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+
+
+def test_an_image_too_large_at_the_working_size_is_named_by_evaluate_visualize_and_calibrate(checkpoint, tmp_path,
+                                                                                             capsys):
+    """8000×2 pixels read fine but become 256000×64 at the model's working size (64), over the 16,000,000-pixel
+    bound: predict named the file, evaluate, visualize, calibrate and export's check gave the bound without it (an
+    audit, 2026-12-06)."""
+    root = make_dataset(tmp_path / "data")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8000, 2), (90, 120, 30)).save(buffer, format="PNG")
+    (root / "val" / "images" / "wide.png").write_bytes(buffer.getvalue())
+    Image.new("L", (8000, 2), 0).save(root / "val" / "masks" / "wide.png")
+    words = "8000×2 pixels become 256000×64 at working size 64"
+    wide = str(Path("val") / "images" / "wide.png")
+    assert main(["evaluate", checkpoint, "--data-root", str(root), "--workers", "0"]) == 2
+    one_error_line(capsys, "evaluate", wide, words)
+    assert main(["visualize", checkpoint, "--data-root", str(root), "--count", "4",
+                 "--out", str(tmp_path / "grid.png")]) == 2
+    one_error_line(capsys, "visualize", wide, words)
+    copy = tmp_path / "model.pt"
+    shutil.copy(checkpoint, copy)
+    before = copy.read_bytes()
+    assert main(["calibrate", str(copy), "--data-root", str(root)]) == 2
+    one_error_line(capsys, "calibrate", wide, words)
+    assert copy.read_bytes() == before

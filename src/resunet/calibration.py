@@ -56,7 +56,10 @@ def collect(predictor: Predictor, dataset: PairedDataset,
         picked = valid[torch.randperm(len(valid), generator=generator)[:per_image]].sort().values
         # The full-size logits band by band of rows, as evaluate's (a large photo's were held whole, twice)
         with torch.no_grad():
-            (models,) = predictor.low_res_logits([image])
+            try:
+                (models,) = predictor.low_res_logits([image])
+            except DataError as error:  # too large at the working size
+                raise dataset.named(index, error) from None
             for top, bottom, band in predictor.logit_bands(models, (height, width)):
                 meter.update(band.softmax(1), target[None, top:bottom].to(band.device))
                 inside = picked[(picked >= top * width) & (picked < bottom * width)]

@@ -62,13 +62,16 @@ def evaluate_dataset(
             for group in by_size.values():
                 images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for _, s in group])
                 targets = torch.stack([torch.from_numpy(s.mask) for _, s in group])
-                if calibration is not None:  # band by band: never the whole batch's full-size probabilities
-                    (maps, confidence), = predictor.full_size_maps([images], confidence=True)
-                    predictions = maps.long()
-                    calibration.update_chosen(confidence, predictions, targets.to(predictions.device).long())
-                    predictions = predictions.cpu()
-                else:
-                    predictions = predictor.predict_tensor(images).cpu()
+                try:
+                    if calibration is not None:  # band by band: never the whole batch's full-size probabilities
+                        (maps, confidence), = predictor.full_size_maps([images], confidence=True)
+                        predictions = maps.long()
+                        calibration.update_chosen(confidence, predictions, targets.to(predictions.device).long())
+                        predictions = predictions.cpu()
+                    else:
+                        predictions = predictor.predict_tensor(images).cpu()
+                except DataError as error:  # too large at the working size (one size: the group's first file)
+                    raise dataset.named(group[0][0], error) from None
                 matrix.update(predictions, targets)
                 for (index, _), prediction, target in zip(group, predictions, targets):
                     if boundary is not None:

@@ -180,7 +180,13 @@ def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val",
     if len(dataset) == 0:
         raise DataError(f"{data_root}: the {split} split has no images to draw")
     picks = np.random.default_rng(seed).choice(len(dataset), size=min(count, len(dataset)), replace=False)
-    samples = [dataset.load(int(i)) for i in sorted(picks)]
-    predictions = [predictor.predict(s.image) for s in samples]
+    indices = [int(i) for i in sorted(picks)]
+    samples = [dataset.load(i) for i in indices]
+    predictions = []
+    for index, sample in zip(indices, samples):
+        try:
+            predictions.append(predictor.predict(sample.image))
+        except DataError as error:  # too large at the working size
+            raise dataset.named(index, error) from None
     plot_grid([s.image for s in samples], [s.mask for s in samples], predictions, predictor.info, out)
     print(f"wrote {out}")

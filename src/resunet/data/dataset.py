@@ -165,6 +165,10 @@ class PairedDataset(Dataset):
     def names(self) -> list[str]:
         return [p.stem for p in self.image_paths]
 
+    def named(self, index: int, error: Exception) -> DataError:
+        """`error`, met with sample `index` after it was read (too large at the working size), naming its file."""
+        return DataError(f"{self.image_paths[index]}: {error}")
+
     def load(self, index: int) -> Sample:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
         image = read_image(image_path, self.max_pixels)
