@@ -774,6 +774,21 @@ def test_evaluate_checks_its_outputs_before_the_work_and_writes_strict_json(chec
     assert all(v is None or not math.isnan(v) for v in scores["iou"])
 
 
+def test_predict_an_output_one_file_cannot_take_fails_that_input_alone(checkpoint, demo_root, tmp_path, capsys):
+    """A folder where one result would go failed the whole run like a full disk ("0 input(s) predicted before it",
+    exit status 2) and the later inputs never ran (an audit, 2026-12-06). A write refused for that file alone is that
+    input's failure, one line; the others are written; exit status 1. A full disk still stops the run (above)."""
+    photos = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[:3]
+    out = tmp_path / "pred"
+    (out / f"{photos[0].stem}.png").mkdir(parents=True)
+    assert main(["predict", checkpoint, *map(str, photos), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines == [f"resunet predict: {out / photos[0].stem}.png: could not write it (Is a directory)"], lines
+    assert f"wrote 2 prediction(s) to {out}; 1 input(s) failed" in captured.out
+    assert all(Image.open(out / f"{photo.stem}.png").size == Image.open(photo).size for photo in photos[1:])
+
+
 def test_a_full_disk_after_the_work_is_one_line_and_keeps_what_was_there(checkpoint, demo_root, tmp_path, capsys,
                                                                           monkeypatch):
     """/dev/full fails every write with ENOSPC, as a full disk does; a link to it passes the checks made before the

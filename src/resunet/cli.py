@@ -340,7 +340,8 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .data.images import read_image
-    from .outputs import data_folder_around, is_prediction, prediction_save_options, save_whole
+    from .outputs import (DiskError, check_writable_folder, data_folder_around, is_prediction,
+                          prediction_save_options, save_whole)
     from .predict import load, load_ensemble
     from .runtime import is_out_of_memory
 
@@ -372,6 +373,7 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise DataError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
+    check_writable_folder("--out", out, out)  # before any prediction, not at the first write
     if (data_folder := data_folder_around(out)) is not None:  # pseudo-labels are made so; an accident too
         print(f"resunet predict: note: --out {out} is inside {data_folder}, a folder a dataset is read from: the "
               "results will be read as its files", file=sys.stderr)
@@ -451,9 +453,14 @@ def cmd_predict(args) -> int:
                 options = prediction_save_options(kind)
                 try:
                     save_whole(outputs[kind], lambda where: picture.save(where, **options))
-                except DataError as error:  # a full disk: every later file would fail the same way
+                except DiskError as error:  # a full disk: every later file would fail the same way
                     raise DataError(f"{error}; {written} input(s) predicted before it") from None
-            written += 1
+                except DataError as error:  # this file alone (a folder in its place): the others still run
+                    tqdm.write(f"resunet predict: {error}", file=sys.stderr)
+                    failed += 1
+                    break
+            else:
+                written += 1
     except KeyboardInterrupt:
         bar.close()
         print(f"resunet predict: interrupted after {written + skipped} of {len(paths)} input(s), each of their files "
@@ -750,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a write no command foresaw, on a full or read-only disk: still one line
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):  # outputs.WHOLE_DISK_ERRNOS
             raise
         where = f"{error.filename}: " if error.filename else ""
         print(f"resunet {args.command}: error: {where}could not write ({error.strerror})", file=sys.stderr)

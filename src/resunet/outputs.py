@@ -153,16 +153,25 @@ def write_output(path: str | Path, text: str) -> None:
         raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
 
 
+# A write refused for one of these reasons is refused for every later file too.
+WHOLE_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+class DiskError(DataError):
+    """A write the disk refused (full, over quota, read-only), not the one file: every later write would fail."""
+
+
 def save_whole(path: str | Path, save: Callable[[Path], None]) -> None:
     """`replace_file` for pictures: `save(where)` is PIL's save or matplotlib's savefig, given the format (`where` has
     no image suffix). So `predict --skip-existing` can trust every file it finds. An earlier file that is read-only
-    is refused, not replaced; a failure is one DataError line naming the file."""
+    is refused, not replaced; a failure is one DataError line naming the file (a DiskError if no file would do)."""
     try:
         if (target := resolved(path)).is_file() and not os.access(target, os.W_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
         replace_file(path, save)
     except OSError as error:
-        raise DataError(f"{path}: could not write it ({error.strerror or error})") from None
+        kind = DiskError if error.errno in WHOLE_DISK_ERRNOS else DataError
+        raise kind(f"{path}: could not write it ({error.strerror or error})") from None
 
 
 def save_figure(figure, path: str | Path, dpi: int) -> None:
