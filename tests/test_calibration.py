@@ -1,6 +1,7 @@
 """Calibration: ECE by hand, the temperature fit recovers a known temperature, and `resunet calibrate` stores it
 where predict, evaluate and the Python API use it."""
 
+import re
 import shutil
 
 import numpy as np
@@ -155,6 +156,40 @@ def test_a_temperature_at_its_bound_is_explained(trained_run, demo_root, ram_tmp
     out = capsys.readouterr().out
     assert load_checkpoint(checkpoint)["temperature"] == 100.0
     assert "the fit reached its bound 100: on this split the model's scores tell its right pixels" in out
+
+
+def test_a_checkpoint_that_cannot_be_rewritten_after_the_fit_keeps_the_fit_on_the_error_line(
+        trained_run, demo_root, ram_tmp, capsys, monkeypatch):
+    """An immutable file (chattr +i: its permission bits say writable) or a disk filled meanwhile is met only at the
+    save, after the fit; the fitted temperature and ECE were never printed (an audit, 2026-12-06). They are now on
+    the one error line, and the file is as it was."""
+    import errno
+
+    import resunet.calibration
+    import resunet.checkpoint
+    from resunet.cli import main
+
+    checkpoint = ram_tmp / "immutable.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    before = checkpoint.read_bytes()
+
+    def refused(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def save_refused(*args, **kw):  # the rename into place refused, as for an immutable file; nothing else
+        with monkeypatch.context() as patch:
+            patch.setattr(resunet.checkpoint.os, "replace", refused)
+            save(*args, **kw)
+
+    save = resunet.calibration.save_checkpoint
+    monkeypatch.setattr(resunet.calibration, "save_checkpoint", save_refused)
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"resunet calibrate: error: {checkpoint}: could not save the "
+                                                         "checkpoint (Operation not permitted)"), err
+    assert re.search(r"the fitted temperature \d+\.\d{3} \(expected calibration error \d+\.\d\d% uncalibrated "
+                     r"\(temperature 1\) → \d+\.\d\d%\) is not stored", err), err
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in ram_tmp.iterdir()) == ["immutable.pt"]
 
 
 def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys):
