@@ -1,7 +1,6 @@
 """Training options off the seed recipe: poly schedule, EMA of the weights, scSE attention, decoder widths, CutMix
 and ClassMix. Each against numbers worked out by hand, then all together through a real run and its exact resume."""
 
-import copy
 import io
 import itertools
 import json
@@ -22,16 +21,24 @@ from conftest import tiny_config
 from test_faults import signal_after_step
 
 
-def test_poly_schedule_with_warmup_by_hand():
-    cfg = TrainConfig(data_root="x", scheduler="poly", epochs=2, warmup_epochs=0.5, lr=1.0)
+def rates(cfg: TrainConfig, steps: int, changes: dict[int, int] | None = None, steps_per_epoch: int = 10):
+    """The rate (--lr 1) at each of `steps` steps, the count of epochs set to changes[n] after n steps, as
+    --time-budget's fit does (set_epochs); and the scheduler."""
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     lrs = []
-    for _ in range(20):
+    for step in range(1, steps + 1):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+        if step in (changes or {}):  # the next step's rate is already set
+            set_epochs(cfg, scheduler, changes[step], step)
+    return lrs, scheduler
+
+
+def test_poly_schedule_with_warmup_by_hand():
+    lrs, _ = rates(TrainConfig(data_root="x", scheduler="poly", epochs=2, warmup_epochs=0.5, lr=1.0), 20)
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # 20 steps, 5 of warm-up
     assert lrs[5:] == pytest.approx([(1 - k / 15) ** 0.9 for k in range(15)])
 
 
@@ -40,16 +47,8 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
     # step was warm-up and the rate only rose (to 20/30 of its peak). Now the warm-up ends at the fit (step 10) and
     # the cosine decays from the peak to 0 over the 10 steps left. (Decaying from the rate reached, 11/30, left a run
     # cut early and lengthened again at that fraction of --lr for good: an audit, 2026-12-06.)
-    cfg = TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=3, lr=1.0)
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
-    lrs = []
-    for step in range(20):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        if step == 9:
-            set_epochs(cfg, scheduler, 2, 10)  # the fit, after epoch 1 (the next step's rate is already set)
+    lrs, scheduler = rates(TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=3, lr=1.0), 20,
+                           {10: 2})
     assert lrs[:11] == pytest.approx([(k + 1) / 30 for k in range(11)])
     assert lrs[11:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (k - 10) / 10)) for k in range(11, 20)])
     # Saved and resumed (the run's stored count is the fitted 2): the same curve.
@@ -62,17 +61,7 @@ def test_a_time_budget_fit_shorter_than_the_warm_up_still_decays():
     # the warm-up: its end would move to step 25, which step 41 is 0.64 of the way past; the warm-up ends at step 40
     # and the whole decay follows.
     cfg = TrainConfig(data_root="x", scheduler="poly", epochs=20, warmup_epochs=5, lr=1.0)
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)
-    lrs = []
-    for step in range(50):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        if step == 9:
-            set_epochs(cfg, scheduler, 10, 10)
-        if step == 39:
-            set_epochs(cfg, scheduler, 5, 40)
+    lrs, scheduler = rates(cfg, 50, {10: 10, 40: 5})
     assert lrs[:41] == pytest.approx([(k + 1) / 50 for k in range(41)])
     assert lrs[41:] == pytest.approx([(1 - (k - 40) / 10) ** 0.9 for k in range(41, 50)])
     # Lengthened again to 8 epochs after step 45: the decay goes on from where it is, at the full --lr's scale.
@@ -85,18 +74,11 @@ def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
     """--time-budget changes --epochs during the run. The cosine re-spanned in place jumped: down when the run
     shortened, up when it lengthened, so a re-fit could lengthen only early, and a machine that sped up later left
     its minutes unused (9 of 55 in a make camvid run). Now the decay goes on from how far along it is."""
-    cfg = TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=1, lr=1.0)
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=10)  # 10 steps of warm-up, then 90 of decay
-    lrs, state = [], None
-    for step in range(200):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        if step == 49:  # after epoch 5 the run is lengthened to 20 epochs
-            set_epochs(cfg, scheduler, 20, 50)
-        if step == 119:
-            state = copy.deepcopy(scheduler.state_dict())
+    def recipe() -> TrainConfig:  # 10 steps of warm-up, then 90 of decay; lengthened to 20 epochs after epoch 5
+        return TrainConfig(data_root="x", scheduler="cosine", epochs=10, warmup_epochs=1, lr=1.0)
+
+    cfg = recipe()
+    lrs, scheduler = rates(cfg, 200, {50: 20})
     # Until step 50, the cosine over 90 steps; from there the rest of it (4/9 of the way done) over 150 steps.
     cosine = [0.5 * (1 + math.cos(math.pi * p)) for p in [(k - 10) / 90 for k in range(10, 51)]
               + [4 / 9 + 5 / 9 * (k - 50) / 150 for k in range(51, 200)]]
@@ -108,6 +90,7 @@ def test_a_changed_epoch_count_continues_the_decay_from_where_it_is():
     set_epochs(cfg, scheduler, 16, 150)
     assert scheduler.lr_lambdas[0](150) == pytest.approx(lrs[150]) and scheduler.lr_lambdas[0](160) == 0
 
+    state = rates(recipe(), 120, {50: 20})[1].state_dict()  # as saved 120 steps in
     # The anchor is saved with the schedule (plain numbers: checkpoints load with weights_only) and restored: a
     # resumed run goes on along the same curve, also with another number of steps an epoch (anchored in epochs).
     buffer = io.BytesIO()
