@@ -144,11 +144,11 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
+    result = {"temperature": temperature, "ece_before": before, "ece_after": after, "stored_temperature": stored}
     # An immutable file or a full disk is met only here: the fit's result goes on the error line, not lost with it.
-    fitted = f"the fitted temperature {temperature:.3f} ({ece_change({'ece_before': before, 'ece_after': after})})"
-    save_checkpoint(payload, checkpoint, advice=f"{fitted} is not stored; free some space or make it writable, then "
-                    "calibrate again")
-    return {"temperature": temperature, "ece_before": before, "ece_after": after, "stored_temperature": stored}
+    save_checkpoint(payload, checkpoint, advice=f"the fitted temperature {temperature:.3f} ({ece_change(result)}) is "
+                    "not stored; free some space or make it writable, then calibrate again")
+    return result
 
 
 def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: str = "auto", precision: str = "auto",

@@ -757,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a write no command foresaw, on a full or read-only disk: still one line
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):  # outputs.WHOLE_DISK_ERRNOS
+        # outputs.WHOLE_DISK_ERRNOS, written out: importing outputs would import torch for every command
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             raise
         where = f"{error.filename}: " if error.filename else ""
         print(f"resunet {args.command}: error: {where}could not write ({error.strerror})", file=sys.stderr)

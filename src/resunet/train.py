@@ -279,9 +279,8 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         warm-up, lengthened to 55 half-way rose from 0.52 to 0.64 of its peak). A count that leaves no room for the
         warm-up ends it there: the rate steps up to its peak and the whole decay follows (decaying from the rate
         reached instead kept a run that was cut early, then lengthened again, at a fraction of --lr for good). The
-        anchor is this object's one
-        state, saved and restored with the scheduler's (LambdaLR keeps a callable object's attributes), in epochs,
-        so that a resume with another number of steps an epoch keeps it in place."""
+        anchor is this object's one state, saved and restored with the scheduler's (LambdaLR keeps a callable
+        object's attributes), in epochs, so that a resume with another number of steps an epoch keeps it in place."""
 
         def __init__(self) -> None:
             self.anchor_epoch, self.anchor_progress = 0.0, 0.0  # where the count last changed (0: never)
@@ -293,14 +292,11 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             # this halving still serves the comparison there, and a run saved by an earlier version (no anchor).
             return (warmup if warmup < total else total // 2), total
 
-        def anchored(self, step: int) -> bool:
-            return bool(self.anchor_epoch) and step >= round(self.anchor_epoch * steps_per_epoch)
-
         def progress(self, step: int) -> float | None:
             """How far along the decay `step` is, 0 to 1; None within the warm-up."""
             ramp, total = self.ramp_and_total()
-            if self.anchored(step):
-                anchor = round(self.anchor_epoch * steps_per_epoch)
+            anchor = round(self.anchor_epoch * steps_per_epoch)
+            if self.anchor_epoch and step >= anchor:
                 return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - anchor)
                            / max(1, total - anchor))
             if step < ramp:
@@ -1173,7 +1169,7 @@ def train(cfg: TrainConfig) -> dict:
                         print(f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {cfg.epochs} "
                               "epoch(s) fit", flush=True)
 
-            fit_budget = budget_s is not None and epoch == fit_epoch and not budget_fitted
+            fit_budget = budget_s is not None and epoch == fit_epoch
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
             if evaluated:
                 eval_started = time.perf_counter()
