@@ -213,12 +213,34 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * p)) for p in progress]
     assert [r["lr"] for r in records] == pytest.approx(cosine, rel=1e-6)
     assert records[2]["lr"] < records[1]["lr"] < records[0]["lr"]
-    printed = capsys.readouterr().out
-    assert "25 epoch(s) fit" in printed and "3 epoch(s) fit" in printed
+    # Each re-fit says which way the count went, after its epoch's line (which shows the new count), and one that
+    # ends the run says its decay was cut short.
+    printed = capsys.readouterr().out.splitlines()
+    notes = [i for i, line in enumerate(printed) if "epochs now take" in line]
+    assert [printed[i - 1][:12] for i in notes] == ["epoch   2/25", "epoch   3/3 "]
+    assert printed[notes[0]].endswith("s; 25 epoch(s) fit, up from 10")
+    assert printed[notes[1]].endswith("s; 3 epoch(s) fit, down from 25; the run ends with this epoch, its cosine "
+                                      "schedule cut short (the learning rate never decayed to 0): a larger "
+                                      "--time-budget lets it finish")
     # Where the decay was last re-planned is saved with the schedule: a resumed run goes on along the same curve.
     saved = load_checkpoint(out / "last.pt", tensors=False)["scheduler"]["lr_lambdas"]
     assert saved == [{"anchor_epoch": 3.0, "anchor_progress": pytest.approx(progress[2])}]
     assert load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 3
+
+
+def test_a_time_budget_too_small_for_two_epochs_says_the_schedule_never_decayed(demo_root, ram_tmp, capsys,
+                                                                               monkeypatch):
+    """A budget that fits epoch 1 alone ended the run at the warm-up's top or the peak rate, without a word."""
+    import resunet.train
+
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: 1)
+    out = ram_tmp / "tiny-budget"
+    train(tiny_config(demo_root, out, epochs=5, scheduler="cosine", time_budget="1h", **SMALL))
+    assert len(read_records(out)) == 1 and read_records(out)[0]["lr"] > 0
+    fit = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time budget 1h: epoch 1 took")]
+    assert len(fit) == 1 and fit[0].endswith("; 1 epoch(s) fit; the run ends with this epoch, its cosine schedule "
+                                             "cut short (the learning rate never decayed to 0): a larger "
+                                             "--time-budget lets it finish")
 
 
 def test_validation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone(demo_root, ram_tmp, monkeypatch):

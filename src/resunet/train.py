@@ -453,6 +453,16 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: flo
     return max(done, done + more)
 
 
+def budget_end_note(fitted: int, epoch: int, cfg: TrainConfig) -> str:
+    """What a --time-budget fit (before `cfg.epochs` takes it) that ends the run with the epoch just trained means
+    for its learning rate: a cosine or poly schedule's decay was cut short, or never began (a budget too small for
+    two epochs ended at the warm-up's or the peak rate, without a word)."""
+    if fitted > epoch or fitted >= cfg.epochs or cfg.scheduler not in PER_STEP_SCHEDULERS:
+        return ""
+    return (f"; the run ends with this epoch, its {cfg.scheduler} schedule cut short (the learning rate never decayed "
+            "to 0): a larger --time-budget lets it finish")
+
+
 def steady_epoch_seconds(epoch_s: float, second_half_s: float | None, second_half_steps: int,
                          steps_per_epoch: int) -> float:
     """An epoch's time at the pace of epoch 1's second half: its first half pays once for warm-up (JIT compiles,
@@ -1154,6 +1164,7 @@ def train(cfg: TrainConfig) -> dict:
             # faster or slower than later epochs), so each later epoch fits again at the pace of the last three.
             # It shortens the run if it would overrun and lengthens it (up to --epochs) if time is left over, the
             # decay going on from where it is (`set_epochs`). Not after a resume: its clock restarted.
+            refit_note = None  # printed after this epoch's line, which shows the new count
             if budget_fitted and epoch < cfg.epochs:
                 epoch_seconds.append(time.perf_counter() - started)
                 bookkeeping_s = statistics.fmean(bookkeeping_seconds[-3:])
@@ -1164,10 +1175,10 @@ def train(cfg: TrainConfig) -> dict:
                                       eval_s, cfg.eval_every, most_epochs, done=epoch, after_s=calibration_s)
                 refit = broadcast_int(refit, world, device)
                 if refit != cfg.epochs:
+                    refit_note = (f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {refit} epoch(s) "
+                                  f"fit, {'up' if refit > cfg.epochs else 'down'} from {cfg.epochs}"
+                                  f"{budget_end_note(refit, epoch, cfg)}")
                     set_epochs(cfg, scheduler, refit, epoch * steps_per_epoch)
-                    if main_process:
-                        print(f"time budget {cfg.time_budget}: epochs now take {pace_s:.0f}s; {cfg.epochs} "
-                              "epoch(s) fit", flush=True)
 
             fit_budget = budget_s is not None and epoch == fit_epoch
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or fit_budget
@@ -1223,6 +1234,8 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f}  {miou}  lr {record['lr']:.2e}  "
                       f"{record['train_images_per_s']:6.1f} img/s  {seconds:5.1f}s{'  [best]' if improved else ''}",
                       flush=True)
+                if refit_note:
+                    print(refit_note, flush=True)
             bookkeeping_seconds.append(time.perf_counter() - bookkeeping_started)
             if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
                 # --calibrate, after the last epoch: a pass over val for the fit and one for the ECE after it, each
@@ -1239,8 +1252,8 @@ def train(cfg: TrainConfig) -> dict:
                             else "its second half not timed alone: the run resumed past its middle")
                     after = f", then --calibrate about {calibration_s:.0f}s" if cfg.calibrate else ""
                     print(f"time budget {cfg.time_budget}: epoch {epoch} took {epoch_s:.0f}s ({pace}), its evaluation "
-                          f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s{after}; {fitted} epoch(s) fit",
-                          flush=True)
+                          f"{eval_s:.0f}s and its saves {bookkeeping_seconds[-1]:.0f}s{after}; {fitted} epoch(s) fit"
+                          f"{budget_end_note(fitted, epoch, cfg)}", flush=True)
                 if fitted != cfg.epochs:
                     set_epochs(cfg, scheduler, fitted, epoch * steps_per_epoch)
                 if main_process:  # the checkpoints carry the fit (the count, and that it was made): a resume keeps it
