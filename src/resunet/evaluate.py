@@ -22,7 +22,7 @@ from .data.dataset import (PairedDataset, data_locations, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, write_output
-from .predict import DEFAULT_SCALES, Predictor, load_ensemble
+from .predict import AUTO_TTA, DEFAULT_SCALES, Predictor, load_ensemble
 
 
 def _as_lists(batch):
@@ -140,7 +140,7 @@ def run_evaluate(
     json_out: str | None = None,
     device: str = "auto",
     precision: str = "auto",
-    tta: str = "none",
+    tta: str = AUTO_TTA,
     batch_size: int = 8,
     workers: int = 2,
     confusion_png: str | None = None,
@@ -189,7 +189,7 @@ def run_evaluate(
           f"({sizes}, tta {predictor.tta}{scales_text}{extra})")
     print(format_table(scores, info))
     result = {"checkpoint": str(checkpoint), "ensemble": list(ensemble), "split": split, "images": len(dataset),
-              "classes": list(info.names),
+              "inference": predictor.inference_settings(), "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
     if json_out:
         write_output(json_out, strict_json(result))

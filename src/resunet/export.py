@@ -15,9 +15,11 @@ What the graphs are (ONNX opset 18, dynamic batch, height and width, metadata in
   `logits` float N×C×H×W, same size (any size: the model pads to a multiple of 32 inside and crops back).
 
 Verification (a failure deletes the file and exits non-zero): onnxruntime against PyTorch fp32 on four images of
-different sizes, landscape and portrait; the max absolute logit difference must be < 1e-3 and the class maps must
-agree on ≥ 99.9% of the pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed against the fp32 file and (with
-`--data-root`) its mIoU drift are reported, and the drift must stay within `--max-miou-drop` points.
+different sizes, landscape and portrait (from --data-root's split, else --calibration's photos not calibrated on,
+else generated scenes); the max absolute logit difference must be < 1e-3 and the class maps must agree on ≥ 99.9% of
+the pixels. An INT8 file cannot meet a fp32 tolerance: its agreement, its speed against the fp32 file and (with
+`--data-root`) its mIoU drift are reported, and the drift must stay within `--max-miou-drop` points; without
+`--data-root` no drift can be measured, and the agreement must reach MIN_INT8_AGREEMENT instead.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ from .predict import Predictor, check_working_size
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
 MAX_LOGIT_DIFF = 1e-3
 MIN_AGREEMENT = 0.999
+# An INT8 file checked on no labelled data: its class maps must agree with PyTorch fp32's on this share of the
+# verification pixels (photos of --calibration it was not calibrated on). Measured on CamVid val (RESULTS.md), one
+# model's INT8 variants: 98.79% agreement lost 0.90 points of mIoU, 97.46% lost 2.84, 92.29% lost 6.84; another
+# model's file at 99.21% gained 0.08. The limit sits where --max-miou-drop's default, 1 point, would.
+MIN_INT8_AGREEMENT = 0.985
 
 
 class ExportError(ValueError):
@@ -302,17 +309,21 @@ def calibration_paths(root: str | Path) -> list[Path]:
     return paths
 
 
+def spread(paths: list[Path], count: int) -> list[Path]:
+    """`count` of `paths` spread evenly from the first to the last (all when there are no more): over the split, not
+    its first files (a step of len // count took the first `count` of a split under twice `count`)."""
+    chosen = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round()})
+    return [paths[i] for i in chosen]
+
+
 def calibration_images(root: str | Path, count: int, paths: list[Path] | None = None,
                        size: int | None = None) -> list[np.ndarray]:
     """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), spread evenly over the
     list from its first to its last. With `size` (the model's working size), an image the model cannot take at that
     size (a strip past the working-size limit) is skipped and named, as an unreadable one is."""
     paths = calibration_paths(root) if paths is None else paths
-    # spread over the split, not its first files (a step of len // count took the first `count` of a split under
-    # twice `count`)
-    chosen = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round()})
     images, skipped = [], []
-    for path in (paths[i] for i in chosen):
+    for path in spread(paths, count):
         try:
             image = read_image(path)
             if size is not None:
@@ -406,9 +417,23 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     # Read now: an unreadable calibration set is refused before the export and its verification, not after them.
     calibration_set = calibration_images(calibration, calibration_count, calibration_files, reference.size) \
         if int8 else []
-    sources = [dataset.load(i).image for i in range(min(3, len(dataset)))] if dataset is not None else []
+    calibrated_on = set(spread(calibration_files, calibration_count)) if int8 else set()
+    # Real photos where there are any: generated scenes put the CamVid model's INT8 agreement at 86.71%, against
+    # 99.36% on its val images at the same mIoU. Without --data-root, photos the INT8 file was not calibrated on.
+    sources, source_name = [], "generated scenes"
+    held_out = [path for path in calibration_files if path not in calibrated_on]
+    if dataset is not None:
+        sources, source_name = [dataset.load(i).image for i in range(min(3, len(dataset)))], f"{split} images"
+    elif held_out:
+        try:
+            sources, source_name = calibration_images(calibration, 3, held_out, size), "held-out calibration images"
+        except ExportError:  # none of them readable (each named): the calibrated-on photos below
+            pass
+    if not sources and calibration_set:  # a folder of no more images than --calibration-count
+        sources, source_name = calibration_set[:3], "calibration images"
     images = verification_images(sources, size)
-    result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8}
+    result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8,
+                    "verified_on": source_name}
 
     def refuse(message: str) -> ExportError:
         """The error for a file not kept; its figures still go to --json."""
@@ -430,7 +455,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         fp32 = OnnxPredictor(tmp)
         parity = check_parity(fp32, reference, images)
         sizes = ", ".join(f"{w}×{h}" for h, w in parity.sizes)
-        print(f"parity, onnxruntime fp32 vs PyTorch fp32 on {len(images)} images ({sizes}): max |Δlogit| "
+        print(f"parity, onnxruntime fp32 vs PyTorch fp32 on {len(images)} {source_name} ({sizes}): max |Δlogit| "
               f"{parity.max_logit_diff:.2e} (limit {MAX_LOGIT_DIFF:g}), class maps agree on "
               f"{100 * parity.agreement:.3f}% of pixels (limit {100 * MIN_AGREEMENT:g}%)")
         result["parity"] = {"max_logit_diff": parity.max_logit_diff, "agreement": parity.agreement,
@@ -463,8 +488,13 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             result["int8"] = {"calibration_images": len(calibration_set), "agreement": agreement,
                               "fp32_images_per_s": speed_fp32, "int8_images_per_s": speed_int8}
             print(f"INT8 (QDQ, per-channel weights, {len(calibration_set)} calibration images): class maps agree with "
-                  f"PyTorch fp32 on {100 * agreement:.2f}% of pixels; {speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s "
-                  f"for the fp32 file ({speed_int8 / speed_fp32:.2f}×) on these {len(images)} images")
+                  f"PyTorch fp32 on {100 * agreement:.2f}% of the pixels of the {len(images)} {source_name}; "
+                  f"{speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s for the fp32 file "
+                  f"({speed_int8 / speed_fp32:.2f}×)")
+            if dataset is None and agreement < MIN_INT8_AGREEMENT:  # the one check there is without labels
+                raise refuse(f"{out}: INT8 class maps agree with PyTorch fp32 on only {100 * agreement:.2f}% of the "
+                             f"pixels (limit {100 * MIN_INT8_AGREEMENT:g}% without --data-root); file not kept; the "
+                             f"verified fp32 file is {fp32_path}; give --data-root to judge it by its mIoU instead")
 
         if dataset is not None:
             ref_scores = evaluate_dataset(reference, dataset, workers=workers, progress=False).compute()

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
+from .fingerprint import file_kind
 from .data.classes import ClassInfo
 from .data.images import DataError
-from .predict import DEFAULT_SCALES, ONNX_DEVICES, ONNX_PRECISIONS, Predictor, check_batch, check_image_tensor
+from .predict import (AUTO_TTA, DEFAULT_SCALES, ONNX_DEVICES, ONNX_PRECISIONS, Predictor, check_batch,
+                      check_image_tensor)
 from .runtime import DeviceError, available_cores
 
 FORMAT_KEY = "resunet.graph"
@@ -42,6 +44,17 @@ def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:
     return props
 
 
+def unreadable_onnx_reason(path: Path, error: Exception, reader: str = "onnxruntime") -> str:
+    """Why an .onnx file could not be opened: a resunet checkpoint given the wrong suffix is named as one."""
+    kind = file_kind(path)
+    if kind == "zip":
+        return "it is a zip archive, as a PyTorch checkpoint is: name a resunet checkpoint .pt"
+    if kind == "empty":
+        return "an empty file: an export or copy cut short?"
+    message = str(error).strip()
+    return f"{reader}: {message.splitlines()[0][:160]}" if message else type(error).__name__
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The file's metadata_props without starting onnxruntime (the protobuf, weights included, is parsed); a
     one-line CheckpointError for a bad file."""
@@ -53,7 +66,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # truncated protobuf, random bytes, a text file: all the same to a user
-        raise CheckpointError(f"{path}: not a readable ONNX file ({type(error).__name__})") from None
+        raise CheckpointError(f"{path}: not a readable ONNX file ({unreadable_onnx_reason(path, error, 'onnx')})"
+                              ) from None
     return checked_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
@@ -70,8 +84,7 @@ def open_session(path: str | Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # truncated protobuf, random bytes, a text file: all the same to a user
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable ONNX file (onnxruntime: {first})") from None
+        raise CheckpointError(f"{path}: not a readable ONNX file ({unreadable_onnx_reason(path, error)})") from None
 
 
 # What each graph takes and gives (ONNX Runtime's names for the types; None: a dimension left free).
@@ -106,7 +119,9 @@ def check_signature(session, graph: str, num_classes: int, path: Path) -> None:
 class OnnxPredictor(Predictor):
     """`Predictor` over an exported file (CPU, onnxruntime, threads = the cores unless given)."""
 
-    def __init__(self, path: str | Path, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES,
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, tta: str = AUTO_TTA, scales: tuple[float, ...] = DEFAULT_SCALES,
                  window: int | None = None, stride: int | None = None, threads: int | None = None) -> None:
         self.path = Path(path)
         # The metadata comes from the session: the file is parsed once, by onnxruntime.
@@ -134,15 +149,21 @@ class OnnxPredictor(Predictor):
             torch.device("cpu"), None, False, False, None)
         self.set_inference(tta, scales, window, stride)
 
-    def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+    def precision_name(self) -> str:
+        return "int8" if self.quantized else "fp32"
+
+    def set_inference(self, tta: str = AUTO_TTA, scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
                       stride: int | None = None) -> None:
         if self.graph == "end-to-end":
-            # The graph holds its own pre- and post-processing: it can do only what it was exported with.
-            if tta not in ("none", self.baked_tta) or window is not None:
-                asked = f"--tta {tta}" if tta not in ("none", self.baked_tta) else "--window"
+            # The graph holds its own pre- and post-processing: it can do only what it was exported with. An
+            # explicit "none" is refused too: it ran a graph exported with flip as flip without a word.
+            tta = self.baked_tta if tta == AUTO_TTA else tta
+            if tta != self.baked_tta or window is not None:
+                asked = f"--tta {tta}" if tta != self.baked_tta else "--window"
+                again = f"export it again with --tta {tta}, or " if tta in ("none", "flip") and window is None else ""
                 raise CheckpointError(
                     f"{self.path}: an end-to-end graph exported with tta '{self.baked_tta}' cannot run {asked}; "
-                    f"export with --logits for any TTA or sliding window")
+                    f"{again}export with --logits for any TTA or sliding window")
             super().set_inference(self.baked_tta, scales, None, None)
             return
         super().set_inference(tta, scales, window, stride)
@@ -287,8 +308,8 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
         try:
             candidate = load(path, **options)
             baked = getattr(candidate, "baked_tta", "none")
-            if candidate.graph == "end-to-end" and baked != options.get("tta", "none"):
-                raise CheckpointError(f"{path}: exported with tta {baked}, not {options.get('tta', 'none')}")
+            if candidate.graph == "end-to-end" and baked != pytorch.tta:  # "auto" loads the graph's own TTA
+                raise CheckpointError(f"{path}: exported with tta {baked}, not {pytorch.tta}")
             if candidate.quantized and MIOU_CHECK_KEY not in candidate.metadata:
                 raise CheckpointError(f"{path}: INT8 with no mIoU check (export it with --data-root)")
         except (CheckpointError, DeviceError) as error:  # a TTA, window or precision the file cannot run

@@ -39,6 +39,9 @@ from .runtime import DeviceError, autocast, resolve_device, resolve_precision, u
 
 ImageLike = Image.Image | np.ndarray | str | Path
 TTA_MODES = ("none", "flip", "ms", "ms+flip")
+# tta "auto": what the model file holds, none for a checkpoint, the TTA an end-to-end ONNX graph was exported with
+# (an explicit "none" given such a graph is refused: it ran the graph's flip without a word)
+AUTO_TTA = "auto"
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 # What an exported .onnx file runs as: on the CPU, at the precision it was exported with.
 ONNX_DEVICES = ("auto", "cpu")
@@ -126,6 +129,8 @@ def check_image_tensor(images: torch.Tensor) -> None:
 
 
 class Predictor:
+    runtime = "pytorch"  # what runs the network (OnnxPredictor: onnxruntime)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -173,9 +178,12 @@ class Predictor:
 
     def set_inference(self, tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
                       stride: int | None = None) -> None:
-        """Choose test-time augmentation and sliding window (checked here, so a bad setting fails before any work)."""
+        """Choose test-time augmentation and sliding window (checked here, so a bad setting fails before any work).
+        `tta` "auto" is "none" here (see AUTO_TTA)."""
+        if tta == AUTO_TTA:
+            tta = "none"
         if tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}")
+            raise ValueError(f"tta must be one of {', '.join((AUTO_TTA, *TTA_MODES))}")
         if (not isinstance(scales, (list, tuple)) or not scales
                 or not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in scales)):
             raise ValueError(f"scales must be a non-empty sequence of positive finite numbers, got {scales!r}")
@@ -215,6 +223,16 @@ class Predictor:
     def from_file(path: str | Path, **options) -> "Predictor":
         """A predictor for a `.pt` checkpoint or an exported `.onnx` file: the same code serves both."""
         return load(path, **options)
+
+    def precision_name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+    def inference_settings(self) -> dict:
+        """How this predictor runs, recorded beside its scores (`evaluate --json`): a score means little without
+        the TTA, working size and precision that gave it."""
+        return {"runtime": self.runtime, "device": str(self.device), "precision": self.precision_name(),
+                "working_size": self.size, "tta": self.tta, "scales": list(self.scales) if "ms" in self.tta else None,
+                "window": self.window, "stride": self.stride}
 
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float N×3×h×w (on the predictor's device) → logits N×C×h×w. Subclasses swap the runtime."""
@@ -473,6 +491,12 @@ class Ensemble(Predictor):
     def batch_key(self, height: int, width: int) -> tuple:
         return tuple(member.batch_key(height, width) for member in self.members)
 
+    def inference_settings(self) -> dict:
+        """The first member's, with each member's runtime, device, precision and working size listed."""
+        members = [member.inference_settings() for member in self.members]
+        listed = ("runtime", "device", "precision", "working_size")
+        return {**members[0], **{key: [m[key] for m in members] for key in listed}}
+
     def working_pixels(self, height: int, width: int) -> int:
         return sum(member.working_pixels(height, width) for member in self.members)
 
@@ -553,11 +577,12 @@ def tile_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
+def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = AUTO_TTA,
          scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None, stride: int | None = None,
          threads: int | None = None) -> Predictor:
     """A predictor for a `.pt` checkpoint or an exported `.onnx` file (picked by the file's suffix). `threads`: the
-    CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint."""
+    CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint. `tta`
+    "auto": none, or the TTA an end-to-end ONNX graph was exported with (which refuses any other)."""
     if threads is not None and threads < 1:
         raise DeviceError(f"--threads {threads}: at least 1")
     device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt

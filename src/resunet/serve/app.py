@@ -76,7 +76,9 @@ class ServeSettings:
     max_pending_pixels: int = 4 * DEFAULT_MAX_PIXELS
     # Bytes of the uploads being received or decoded, all requests together (503 beyond): --max-bytes bounds one.
     max_pending_bytes: int = 500_000_000
-    tta: str = "none"  # default test-time augmentation: none | flip (a request may ask with ?tta=)
+    # default test-time augmentation: none | flip (a request may ask with ?tta=); auto: none, or what an end-to-end
+    # ONNX graph was exported with
+    tta: str = "auto"
     device: str = "auto"  # for .pt checkpoints
     precision: str = "auto"  # for .pt checkpoints
     threads: int | None = None  # CPU threads: onnxruntime's for .onnx, torch's for .pt (default: the cores)
@@ -88,8 +90,8 @@ class ServeSettings:
     warm_up_first: bool = True
 
     def __post_init__(self) -> None:
-        if self.tta not in REQUEST_TTA:  # "ms" was served as "none" without a word
-            raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)}")
+        if self.tta not in ("auto", *REQUEST_TTA):  # "ms" was served as "none" without a word
+            raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)} (auto: the model's own)")
 
 
 def model_description(path: Path, predictor: Predictor) -> dict:
