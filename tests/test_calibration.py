@@ -154,8 +154,38 @@ def test_a_temperature_at_its_bound_is_explained(trained_run, demo_root, ram_tmp
     monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 100.0)  # as for chance
     assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert load_checkpoint(checkpoint)["temperature"] == 100.0
     assert "the fit reached its bound 100: on this split the model's scores tell its right pixels" in out
+    # A trained model made near uniform is far from calibrated: the temperature is not stored (below).
+    assert "would raise the expected calibration error" in out and "temperature" not in load_checkpoint(checkpoint)
+
+
+def test_a_temperature_that_would_raise_the_ece_is_not_stored(trained_run, demo_root, ram_tmp, capsys, monkeypatch):
+    """The NLL's optimum is not the ECE's: an audit's barely trained model fitted T 0.209, its ECE rose from 1.69%
+    to 24.61%, and the temperature was stored. A fit that raises the ECE now leaves the checkpoint as it was (T 0.01
+    here: near-certain probabilities from a model that is not right everywhere); `train --calibrate` too."""
+    import resunet.calibration
+    from resunet.cli import main
+    from resunet.train import train
+
+    from conftest import tiny_config
+
+    checkpoint = ram_tmp / "overconfident.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 0.01)
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"overconfident\.pt: temperature 0\.010 fitted on .* would raise the expected calibration error "
+                      r"(\d+\.\d\d)% uncalibrated \(temperature 1\) → (\d+\.\d\d)% \(15 bins, every non-ignored "
+                      r"pixel\); not stored: the checkpoint is unchanged \(temperature 1\.000\)", out)
+    assert found and float(found[2]) > float(found[1]) and checkpoint.read_bytes() == before
+    # One epoch from scratch: probabilities near uniform (ECE 80%), so near certain would lower it; uniform raises it.
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 100.0)
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, calibrate=True))
+    out = capsys.readouterr().out
+    assert f"not calibrated {run / 'best.pt'}: temperature 100.000 would raise the expected calibration error" in out
+    assert "temperature" not in load_checkpoint(run / "best.pt") and "calibration" not in load_checkpoint(run / "best.pt")
 
 
 def test_a_checkpoint_that_cannot_be_rewritten_after_the_fit_keeps_the_fit_on_the_error_line(

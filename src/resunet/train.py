@@ -1280,8 +1280,12 @@ def train(cfg: TrainConfig) -> dict:
     if main_process and stopped_by is None and cfg.calibrate:
         best = out / "best.pt"
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
-        print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, {ece_change(fitted)} on {cfg.val_split}",
-              flush=True)
+        if fitted["stored"]:
+            print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, {ece_change(fitted)} on "
+                  f"{cfg.val_split}", flush=True)
+        else:
+            print(f"not calibrated {best}: temperature {fitted['temperature']:.3f} would raise the "
+                  f"{ece_change(fitted)} on {cfg.val_split}; not stored", flush=True)
         if note := bound_note(fitted["temperature"]):
             print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
