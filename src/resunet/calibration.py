@@ -171,14 +171,15 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
     result = calibrate(checkpoint, dataset, predictor)
     replaced = result["stored_temperature"]
+    fitted = (f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
+              f"({len(dataset)} images)")
+    bins = "(15 bins, every non-ignored pixel)"
     if result["stored"]:
-        print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
-              f"({len(dataset)} images); {ece_change(result)} (15 bins, every non-ignored pixel); stored in the "
-              "checkpoint" + (f", replacing temperature {replaced:.3f}" if replaced != 1.0 else ""))
+        print(f"{fitted}; {ece_change(result)} {bins}; stored in the checkpoint"
+              + (f", replacing temperature {replaced:.3f}" if replaced != 1.0 else ""))
     else:
-        print(f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
-              f"({len(dataset)} images) would raise the {ece_change(result)} (15 bins, every non-ignored pixel); "
-              f"not stored: the checkpoint is unchanged (temperature {replaced:.3f})")
+        print(f"{fitted} would raise the {ece_change(result)} {bins}; not stored: the checkpoint is unchanged "
+              f"(temperature {replaced:.3f})")
     if note := bound_note(result["temperature"]):
         print(f"  {note}")
     return result
