@@ -1157,6 +1157,9 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 360, "height": 800})
+        # Intercept the file chooser from the start: expect_file_chooser alone turns interception on and off without
+        # waiting for the browser, and under load a Space below once beat it (the chooser never reached the test)
+        page.on("filechooser", lambda chooser: None)
         page.goto(url + "/")
         page.wait_for_function("document.querySelector('#model').textContent.includes('classes')")
         # The first request is held back by the browser until the second has been answered and shown; the page
