@@ -16,7 +16,7 @@ from resunet.data.transforms import normalize, resize_short_side
 from resunet.evaluate import evaluate_dataset
 from resunet.export import ExportError, run_export, sha256_file
 from resunet.onnx_predictor import MIOU_CHECK_KEY, OnnxPredictor, read_metadata
-from resunet.predict import tile_starts
+from resunet.predict import DEFAULT_SCALES, tile_starts
 from resunet.runtime import DeviceError
 
 ODD_SIZES = ((75, 101), (257, 333))
@@ -734,3 +734,7 @@ def test_load_takes_a_torch_device_for_an_onnx_file_and_refuses_scales_without_m
     with pytest.raises(ValueError, match=r"scales \(0\.5, 1\.0\) are for tta ms or ms\+flip \(tta is auto\)"):
         load(exported["ckpt"], scales=(0.5, 1.0))
     assert load(exported["ckpt"], tta="ms", scales=(0.5, 1.0)).scales == (0.5, 1.0)
+    # Scales equal to the default are given too (a session's review, 2026-12-06: taken as not given, and ignored)
+    with pytest.raises(ValueError, match=r"scales \(0\.75, 1\.0, 1\.25, 1\.5\) are for tta ms or ms\+flip"):
+        load(exported["ckpt"], tta="flip", scales=DEFAULT_SCALES)
+    assert load(exported["ckpt"], tta="ms").scales == DEFAULT_SCALES == (0.75, 1.0, 1.25, 1.5)

@@ -209,14 +209,12 @@ def cmd_check_data(args) -> int:
 
 def inference_options(args) -> dict:
     """The options every inference command passes to `predict.load`."""
-    from .predict import DEFAULT_SCALES
-
     if args.stride is not None and (args.window is None or args.stride > args.window):
         raise UsageError(f"--stride {args.stride}: needs --window, and at most the "
                          "window (tiles must touch or overlap)")
     if args.scales is not None and "ms" not in args.tta:  # None when not given: the default given was ignored too
         raise UsageError(f"--scales is for --tta ms or ms+flip (--tta is {args.tta})")
-    scales = DEFAULT_SCALES if args.scales is None else tuple(args.scales)
+    scales = None if args.scales is None else tuple(args.scales)  # None: predict.DEFAULT_SCALES
     return {"device": args.device, "precision": args.precision, "tta": args.tta, "scales": scales,
             "window": args.window, "stride": args.stride}
 

@@ -22,7 +22,7 @@ from .data.dataset import (PairedDataset, data_locations, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, write_output
-from .predict import AUTO_TTA, DEFAULT_SCALES, Predictor, load_ensemble
+from .predict import AUTO_TTA, Predictor, load_ensemble
 
 
 def _as_lists(batch):
@@ -144,7 +144,7 @@ def run_evaluate(
     batch_size: int = 8,
     workers: int = 2,
     confusion_png: str | None = None,
-    scales: tuple[float, ...] = DEFAULT_SCALES,
+    scales: tuple[float, ...] | None = None,
     window: int | None = None,
     stride: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,

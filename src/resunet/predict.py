@@ -578,16 +578,18 @@ def tile_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = AUTO_TTA,
-         scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None, stride: int | None = None,
+         scales: tuple[float, ...] | None = None, window: int | None = None, stride: int | None = None,
          threads: int | None = None) -> Predictor:
     """A predictor for a `.pt` checkpoint or an exported `.onnx` file (picked by the file's suffix). `threads`: the
     CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint. `tta`
-    "auto": none, or the TTA an end-to-end ONNX graph was exported with (which refuses any other)."""
+    "auto": none, or the TTA an end-to-end ONNX graph was exported with (which refuses any other). `scales`: for
+    tta ms and ms+flip only (None: DEFAULT_SCALES)."""
     if threads is not None and threads < 1:
         raise DeviceError(f"--threads {threads}: at least 1")
     device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt
-    if tuple(scales) != DEFAULT_SCALES and "ms" not in tta:  # else ignored without a word
+    if scales is not None and "ms" not in tta:  # else ignored without a word, even when equal to the default
         raise ValueError(f"scales {tuple(scales)} are for tta ms or ms+flip (tta is {tta})")
+    scales = DEFAULT_SCALES if scales is None else scales
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
