@@ -1,6 +1,7 @@
 """ONNX export: metadata, parity with PyTorch, the end-to-end graph, INT8, .onnx files in the commands; TTA and windows."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -334,6 +335,57 @@ def test_a_failed_miou_check_keeps_the_earlier_file(exported, trained_run, demo_
     assert len(calls) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file beside it
     assert (tmp_path / "m.onnx").read_bytes() == b"the earlier, checked file"
+
+
+def test_int8_without_data_root_keeps_photos_of_a_small_folder_apart_for_its_check(exported, trained_run, demo_root,
+                                                                                   tmp_path, monkeypatch):
+    """Found by a helper (2026-12-06): a folder of no more photos than --calibration-count was calibrated on whole,
+    and the INT8 file's one check without --data-root then ran on those same photos (it flattered the file), where
+    the README says photos it was not calibrated on."""
+    import shutil
+
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 0.0)  # which photos, not how well they agree
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_train_*.jpg"))[:8]:
+        shutil.copy(photo, folder / photo.name)
+    result = run_export(str(trained_run / "best.pt"), str(tmp_path / "q.int8.onnx"), int8=True,
+                        calibration=str(folder), workers=0)  # --calibration-count 64 > 8 photos
+    assert result["int8"]["calibration_images"] == 6 and result["verified_on"] == "held-out calibration images"
+
+
+def test_an_export_interrupted_at_any_session_opening_leaves_no_temporary_file(exported, trained_run, tmp_path,
+                                                                                monkeypatch):
+    """Found by a helper (2026-12-06): the fp32 file was opened a second time between the two guarded blocks, so a
+    Ctrl-C there (onnxruntime's optimisation of the end-to-end graph takes a while) left the hidden temporary file."""
+    import shutil
+
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    real, opened, stop_at = export.OnnxPredictor, [], [0]
+
+    def opening(*args, **kwargs):
+        opened.append(args[0])
+        if len(opened) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "OnnxPredictor", opening)
+    run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), workers=0)
+    openings = len(opened)
+    for stop_at[0] in range(1, openings + 1):
+        opened.clear()
+        (tmp_path / "m.onnx").write_bytes(b"the earlier, checked file")
+        with pytest.raises(KeyboardInterrupt):
+            run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), workers=0)
+        assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+        assert (tmp_path / "m.onnx").read_bytes() == b"the earlier, checked file"
 
 
 def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path, monkeypatch, capsys):
@@ -676,6 +728,50 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     assert main(["predict", str(folder / "q.int8.onnx"), str(images / "b.jpg"), "--out", str(tmp_path / "q"),
                  "--precision", "fp32"]) == 2
     assert "--precision fp32: " + str(folder / "q.int8.onnx") + " holds INT8 weights" in capsys.readouterr().err
+
+
+def test_backend_auto_leaves_out_a_graph_that_refuses_the_timed_image_and_takes_cpu_n(exported, demo_root, tmp_path,
+                                                                                       monkeypatch):
+    """Found by a helper (2026-12-06): an end-to-end file that refused the timed image (past its logit bound, which
+    the checkpoint does not have) stopped the whole run, and --device cpu:0, where an .onnx file runs as `load` says,
+    left every exported file out."""
+    import shutil
+
+    import resunet.onnx_predictor as onnx_predictor
+    from resunet.onnx_predictor import load_fastest
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
+    image = scene(48, 64)
+    predictor, line = load_fastest(folder / "best.pt", image, device="cpu:0")
+    assert line.startswith("backend auto: ") and "model.onnx" in line and "left out" not in line, line
+    monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 1000)  # this image's logits pass it
+    predictor, line = load_fastest(folder / "best.pt", image, device=torch.device("cpu", 0))
+    assert predictor.runtime == "pytorch"
+    assert re.fullmatch(r"backend auto: best\.pt is fastest here \(best\.pt \d+ ms per image; left out: model\.onnx: "
+                        r"64×48: this end-to-end graph would hold 0\.0 GiB of full-size logits \(limit 0 GiB\)\)",
+                        line), line
+
+
+def test_an_end_to_end_file_rounds_float_pixels_and_refuses_a_stride_without_window(exported):
+    """Found by a helper (2026-12-06): float pixels were cast to uint8 as they were (a bicubic resize's 256.4 wrapped
+    to 0, a black edge, and fractions were cut down; a bf16 tensor raised TypeError), and a stride given without a
+    window was dropped without a word (a .pt or logits file refuses it)."""
+    from resunet.onnx_predictor import graph_feed
+
+    floats = torch.tensor([256.4, -1.3, 10.6, 10.4, 3.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert graph_feed(floats)[0, 0, :, 0].tolist() == [255, 0, 11, 10, 3]
+    assert graph_feed(floats.to(torch.bfloat16))[0, 0, :, 0].tolist() == [255, 0, 11, 10, 3]
+    e2e = OnnxPredictor(exported["dir"] / "model.onnx")
+    image = torch.from_numpy(scene(48, 64)).permute(2, 0, 1)[None]
+    ringing = image.float() + 0.4  # a resampled image's overshoot, past 255 and below 0 along its edges
+    ringing[..., :4, :], ringing[..., -4:, :] = 256.4, -1.3
+    rounded = ringing.clamp(0, 255).round().to(torch.uint8)
+    assert torch.equal(e2e.predict_tensor(ringing), e2e.predict_tensor(rounded))
+    with pytest.raises(ValueError, match="stride 16 needs a window"):
+        load(exported["dir"] / "model.onnx", stride=16)
 
 
 def test_an_end_to_end_file_gives_confidence_and_ece_from_its_logits(exported, demo_root, tmp_path, capsys):

@@ -577,6 +577,13 @@ def tile_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def onnx_runs_on(device: str | torch.device) -> bool:
+    """Whether an exported file (onnxruntime, on the CPU) runs on `device`: auto, cpu, or cpu:N (torch.device("cpu",
+    0) from Python)."""
+    device = str(device)
+    return device in ONNX_DEVICES or re.fullmatch(r"cpu:\d+", device) is not None
+
+
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: str = AUTO_TTA,
          scales: tuple[float, ...] | None = None, window: int | None = None, stride: int | None = None,
          threads: int | None = None) -> Predictor:
@@ -595,7 +602,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
 
         # An exported file runs on the CPU at the precision it was exported with; asked otherwise, say so rather
         # than time a CPU run the user believes was on the GPU.
-        if device not in ONNX_DEVICES and not re.fullmatch(r"cpu:\d+", device):  # torch.device("cpu", 0): the CPU
+        if not onnx_runs_on(device):
             raise DeviceError(f"--device {device}: {path} is an exported file, which runs on the CPU (onnxruntime); "
                               "give its .pt checkpoint to run elsewhere")
         if precision not in ONNX_PRECISIONS:
