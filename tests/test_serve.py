@@ -28,6 +28,7 @@ from resunet.fingerprint import sha256_file
 from resunet.predict import Predictor
 from resunet.serve import ServeSettings, bind_address, create_app
 from resunet.serve.codec import rle_encode
+from resunet.serve.engine import QueueFullError
 
 from test_bad_inputs import declared_png
 
@@ -168,6 +169,71 @@ def test_every_format_gives_the_mask_resunet_predict_writes(client, checkpoint, 
         for entry in rle["classes"]:
             assert entry["rle"]["size"] == list(expected.shape)
             assert np.array_equal(coco_decode(entry["rle"]), expected == entry["id"])
+
+
+def test_json_answers_are_serialised_off_the_event_loop(client, monkeypatch):
+    """Found by a helper (2026-12-06): the class lists were built in the thread pool, but JSONResponse serialised
+    them in the endpoint, on the event loop: an RLE answer for a large photo (millions of run lengths) stalled every
+    other connection meanwhile, /healthz included."""
+    import resunet.serve.app as serve_app
+
+    where, real = [], serve_app.json_bytes
+
+    def recording(payload: dict) -> bytes:
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:  # no loop runs in a thread-pool thread
+            where.append("thread pool")
+        return real(payload)
+
+    monkeypatch.setattr(serve_app, "json_bytes", recording)
+    data = encoded(scene(30, 40))
+    for answer in ("json", "rle"):
+        reply = client.post(f"/predict?format={answer}", content=data)
+        assert reply.headers["content-type"] == "application/json" and reply.json()["width"] == 40
+    assert where == ["thread pool", "thread pool"]
+
+
+def test_a_waiting_request_reads_its_connection_once_not_every_50_ms():
+    """Found by a helper (2026-12-06): a request waiting for its forward pass polled request.is_disconnected() every
+    50 ms, and each poll had uvicorn read the socket again: a client pipelining its next request behind this one had
+    those bytes piled up in memory (about 5 MiB/s, uncounted by any limit). One receive() now waits for the hang-up,
+    which still cancels the work."""
+    from starlette.requests import ClientDisconnect, Request
+
+    from resunet.serve.app import until_done_or_gone
+
+    reads, cancelled = [], []
+
+    async def scenario():
+        hang_up = asyncio.Event()
+
+        async def receive() -> dict:
+            reads.append(1)
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def work(seconds: float) -> str:
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                cancelled.append(seconds)
+                raise
+            return "mask"
+
+        request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": []}, receive)
+        answered = await until_done_or_gone(request, work(0.5))
+        waiting = asyncio.ensure_future(until_done_or_gone(request, work(60)))
+        await asyncio.sleep(0.3)
+        hang_up.set()
+        with pytest.raises(ClientDisconnect):
+            await waiting
+        await asyncio.sleep(0)
+        return answered
+
+    assert asyncio.run(scenario()) == "mask"
+    assert len(reads) == 2 and cancelled == [60]  # one read per wait, none on a schedule; the work gone with it
 
 
 def coco_decode(rle: dict) -> np.ndarray:
@@ -653,6 +719,41 @@ def test_an_image_whose_client_went_away_waits_in_the_queue_without_its_pixels(c
     waiting, first = asyncio.run(scenario())
     assert waiting.future.cancelled() and waiting.image is None
     assert first.mask.shape == (40, 50) and first.batch_size == 1
+
+
+def test_an_image_whose_client_went_away_no_longer_counts_against_the_queue(checkpoint, monkeypatch):
+    """Found by a helper (2026-12-06): an abandoned image stays in the queue until the batcher skips it, between
+    passes, and it was counted there: during a long pass, clients that gave up and retried got 503 "requests are
+    already waiting" with nobody waiting, and resunet_queue_depth counted them."""
+    app, _, release, held = app_with_a_held_pass(checkpoint, monkeypatch, ServeSettings(max_batch=1, max_wait_ms=0,
+                                                                                         max_queue=1))
+    engine = app.state.engine
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            engine.variants["none"].predict_batch = held
+            image = np.zeros((40, 50, 3), np.uint8)
+            first = asyncio.ensure_future(engine.submit(image))
+            while engine.metrics.in_flight._value.get() < 1 or engine.queue.qsize():
+                await asyncio.sleep(0.01)  # the batcher has taken the first image: its pass is held
+            second = asyncio.ensure_future(engine.submit(image.copy()))
+            while engine.queue.qsize() < 1:
+                await asyncio.sleep(0.01)
+            with pytest.raises(QueueFullError, match="1 requests are already waiting"):
+                engine.check_room()  # the one place is taken by a live image
+            depth_live = engine.metrics.registry.get_sample_value("resunet_queue_depth")
+            second.cancel()
+            await asyncio.sleep(0.05)
+            depth_gone = engine.metrics.registry.get_sample_value("resunet_queue_depth")
+            engine.check_room()  # the abandoned image holds no place
+            third = asyncio.ensure_future(engine.submit(image.copy()))
+            await asyncio.sleep(0.05)
+            release.set()
+            return depth_live, depth_gone, await first, await third
+
+    depth_live, depth_gone, first, third = asyncio.run(scenario())
+    assert (depth_live, depth_gone) == (1, 0)
+    assert first.mask.shape == third.mask.shape == (40, 50)
 
 
 def test_the_pixels_being_decoded_and_waiting_are_bounded_and_thin_strips_refused_from_the_header(checkpoint,
@@ -1242,6 +1343,16 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
         page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
         assert page.text_content("#status") == "beside.png: done"
         # A folder dropped (the browser hands it over as an entry whose file it cannot read): said so, nothing sent.
+        # Dropped while a photo is still being segmented, it cancels that upload: the photo's answer replaced the
+        # message (a helper, 2026-12-06). The photo's request is held until the folder is dropped, then let go.
+        held = []
+        page.route("**/predict", lambda route: held.append(route))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "earlier.png"})
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('segmenting earlier.png')")
+        for _ in range(600):
+            if held:
+                break
+            page.wait_for_timeout(100)
         page.evaluate("""() => {
           const real = DataTransferItem.prototype.webkitGetAsEntry;
           DataTransferItem.prototype.webkitGetAsEntry = () => ({isDirectory: true, name: "holiday photos"});
@@ -1250,8 +1361,14 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
           document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
           DataTransferItem.prototype.webkitGetAsEntry = real;
         }""")
+        try:
+            held[0].continue_()  # cancelled by the page: nothing to let go
+        except Exception:  # noqa: BLE001 (Playwright's error for a request the page aborted)
+            pass
+        page.wait_for_selector("body[data-answered='2']", timeout=60_000)  # the photo's request ended
+        page.unroute("**/predict")
         assert page.text_content("#status") == "holiday photos: a folder; drop image files (one is segmented at a time)"
-        assert page.evaluate("document.body.dataset.answered") == "1"  # no request was made
+        assert page.evaluate("document.body.dataset.answered") == "2"  # no request was made for the folder
         # A file over --max-bytes: said at once, nothing sent (past 64 MiB the service leaves a refused body unread,
         # and the browser said "Failed to fetch" instead of the 413).
         page.evaluate("""() => {
@@ -1269,7 +1386,7 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
           document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
         }""")
         assert page.text_content("#status").startswith("edge.png: 19,999,950 bytes, 20,000,")
-        assert page.evaluate("document.body.dataset.answered") == "1" and page.is_hidden("#result")
+        assert page.evaluate("document.body.dataset.answered") == "2" and page.is_hidden("#result")
         # A 200 whose body is no PNG: one error line, the result hidden, and the next image works.
         page.route("**/predict", lambda route: route.fulfill(status=200, body=b"garbage", content_type="image/png"))
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "cut.png"})

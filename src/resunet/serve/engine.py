@@ -95,14 +95,18 @@ class InferenceEngine:
         self.queue: asyncio.Queue[Job] | None = None
         self.batcher: asyncio.Task | None = None
         self.waiting: set[asyncio.Future] = set()  # every submitted image's future until it is answered
-        metrics.queue_depth.set_function(lambda: self.queue.qsize() if self.queue is not None else 0)
+        # The images in the queue whose clients still wait: one whose client went away stays in the queue until the
+        # batcher skips it, between passes, and counted there it refused new requests (503) during a long pass.
+        self.queued: set[asyncio.Future] = set()
+        metrics.queue_depth.set_function(lambda: len(self.queued))
 
     async def start(self, wait: bool = True, on_ready: Callable[[], None] | None = None) -> None:
         """Create the queue, warm the model up (the first passes build the kernels), start batching, then report
         ready and call `on_ready`. `wait=False`: return at once, warming up in the background (a server then answers
         /healthz and /readyz's 503 meanwhile); a failure there is kept in `warm_up_error`, and the engine stays
         unready."""
-        self.queue = asyncio.Queue(self.max_queue)
+        self.queue = asyncio.Queue()  # bounded by `queued` (check_room): the live images, not the abandoned ones
+        self.queued.clear()
         self.stopping.clear()
         self.starting = asyncio.ensure_future(self._warm_up_then_batch(on_ready))
         if wait:
@@ -150,7 +154,7 @@ class InferenceEngine:
 
     def check_room(self) -> None:
         """QueueFullError when `max_queue` images are waiting: the service asks before decoding an upload."""
-        if self.queue is not None and self.queue.full():
+        if self.queue is not None and len(self.queued) >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting")
 
     async def submit(self, image: np.ndarray, tta: str | None = None) -> Result:
@@ -163,12 +167,14 @@ class InferenceEngine:
         self.check_room()
         job = Job(image, tta, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(job)  # no await since the check: the room is still there
+        self.queued.add(job.future)
         self.metrics.in_flight.inc()
         self.waiting.add(job.future)
         try:
             return await job.future
         finally:
             self.waiting.discard(job.future)
+            self.queued.discard(job.future)
             self.metrics.in_flight.dec()
             # An image whose client went away waits in the queue until the batcher skips it, between passes: as a
             # few bytes, not its pixels (the service counts them free once its request is over).
@@ -190,6 +196,7 @@ class InferenceEngine:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self.queued.difference_update(job.future for job in batch)  # out of the queue: in the pass
         return batch
 
     async def run_batches(self) -> None:

@@ -95,13 +95,18 @@ function uploadForm(file, name) {
   return { body: new Blob([head, file, `\r\n--${boundary}--\r\n`]), type: `multipart/form-data; boundary=${boundary}` };
 }
 
+function supersede() {
+  // Only what the user did last is shown: an earlier upload is cancelled (the server drops an image whose client
+  // hung up, so a new one does not wait behind it), and an earlier answer arriving anyway is dropped.
+  if (state.upload) state.upload.abort();
+  state.upload = null;
+  return ++state.latest;
+}
+
 async function segment(file, count = 1) {
   if (!file) return;
-  // Only the last image asked for is shown: an earlier upload is cancelled (the server drops an image whose client
-  // hung up, so the new one does not wait behind it), and an earlier answer arriving anyway is dropped.
-  const ticket = ++state.latest;
+  const ticket = supersede();
   const isStale = () => ticket !== state.latest;
-  if (state.upload) state.upload.abort();
   state.upload = new AbortController();
   clearResult();
   const form = uploadForm(file, file.name || "pasted.png");
@@ -305,6 +310,7 @@ document.addEventListener("drop", (event) => {
   // A folder arrives as a File the browser cannot read: its upload failed as "the server did not answer".
   const entry = event.dataTransfer.items?.[0]?.webkitGetAsEntry?.();
   if (entry && entry.isDirectory) {
+    supersede();  // an image still being segmented must not replace this message when its answer comes
     clearResult();
     setStatus(`${entry.name}: a folder; drop image files (one is segmented at a time)`, true);
     return;
