@@ -188,10 +188,11 @@ def test_camvid_layout_reads_with_its_classes():
     assert sample.image.shape == (360, 480, 3) and sample.mask.max() <= 11
 
 
-@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B")])
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B"), ("PPM", "I")])
 def test_16_bit_grey_is_always_read_divided_by_257_whatever_its_values(tmp_path, fmt, mode):
     """A 16-bit file's scale is in its mode: a dark one (every value ≤ 255) is not read 257× too bright, and one
-    bright pixel does not change how the others are read."""
+    bright pixel does not change how the others are read. A 16-bit PGM opens as mode "I", whose scale was guessed
+    from the values (a helper, 2026-12-06)."""
     from resunet.data.images import read_image
 
     def written(values: list[int], name: str) -> np.ndarray:
@@ -209,6 +210,15 @@ def test_16_bit_grey_is_always_read_divided_by_257_whatever_its_values(tmp_path,
     assert dark.tolist() == [0, 1]  # 100/257 → 0.39, 200/257 → 0.78, rounded
     with_bright = written([100, 200, 300, 65535], "bright.img")
     assert with_bright.tolist() == [0, 1, 1, 255]  # the same pixels read the same, with or without the bright one
+
+
+def test_a_12_bit_pgm_is_read_from_its_maxval(tmp_path):
+    # Pillow scales a PGM's maxval (4095 here, a 12-bit camera) to 0..65535: white is its maxval, as declared.
+    from resunet.data.images import read_image
+
+    path = tmp_path / "frame.pgm"
+    path.write_bytes(b"P5\n3 1\n4095\n" + np.array([4095, 2048, 16], ">u2").tobytes())
+    assert read_image(path)[0, :, 0].tolist() == [255, 128, 1]
 
 
 def test_a_colour_mask_resaved_with_a_palette_of_its_own_is_read_by_colour(tmp_path):

@@ -385,6 +385,53 @@ def test_a_photo_stored_flipped_or_turned_whose_mask_fits_either_way_is_a_warnin
     assert doctor.KINDS["exif_orientation"][0] == "warning"
 
 
+def test_a_split_whose_masks_are_all_off_the_palette_is_not_called_all_ignore(tmp_path):
+    """Found by a helper (2026-12-06): masks whose every colour is off the palette (class ids saved as RGB, the
+    README's own example) hold no readable pixel, and their split was reported as "every pixel ... is the ignore
+    label": `train` stopped with that line, the first error, which was not what was wrong."""
+    root = clean_dataset(tmp_path / "data")
+    ids = np.asarray(cat_and_dog())
+    for mask in (root / "val" / "masks").glob("*.png"):
+        save(Image.fromarray(np.repeat(ids[..., None], 3, axis=2)), mask)
+    report = doctor.check_data(root, workers=1)
+    assert [f.kind for f in report.errors] == ["off_palette", "off_palette"]
+    assert doctor.refusal(report, root).startswith("val/masks/good_0.png: 2 colour(s) outside the dataset palette")
+
+
+def test_exif_orientation_0_or_9_is_not_counted_as_turned(tmp_path):
+    # Found by a helper (2026-12-06): some software writes 0; the image is read as stored (read_header takes 1..8).
+    for value in (0, 9, 6):
+        exif = Image.Exif()
+        exif[0x0112] = value
+        picture(1).save(tmp_path / f"o{value}.jpg", exif=exif)
+        with Image.open(tmp_path / f"o{value}.jpg") as image:
+            assert ("EXIF-rotated" in doctor.notes_of(image)) == (value == 6)
+
+
+def test_check_data_checks_splits_of_other_names(tmp_path):
+    """Found by a helper (2026-12-06): DIR/training and DIR/validation were refused, naming a split "all" that
+    nobody made, where --help says the default is the splits that exist."""
+    root = clean_dataset(tmp_path / "data")
+    (root / "train").rename(root / "training")
+    (root / "val").rename(root / "validation")
+    report = doctor.check_data(root, workers=1)
+    assert sorted(report.facts["splits"]) == ["training", "validation"] and not report.errors
+    assert report.facts["splits"]["validation"]["pairs"] == 2
+
+
+def test_a_turned_tiff_whose_mask_fits_the_picture_as_shown_is_not_warned(tmp_path):
+    """Found by a helper (2026-12-06): PIL gives a TIFF's size as shown, so every TIFF stored sideways whose mask was
+    right (drawn on the picture as shown) was warned that its mask "fits both the stored and the shown picture"."""
+    root = clean_dataset(tmp_path / "data")
+    images = root / "train" / "images"
+    picture(60).resize((SIZE, SIZE + 8)).save(images / "good_1.tif", tiffinfo={0x0112: 6})  # shown 40×32
+    (images / "good_1.png").unlink()
+    save(cat_and_dog(width=SIZE + 8), root / "train" / "masks" / "good_1.png")  # drawn on the picture as shown
+    report = doctor.check_data(root, workers=1)
+    assert [(f.kind, f.path) for f in report.findings] == []
+    assert report.facts["splits"]["train"]["converted"]["EXIF-rotated"] == 1
+
+
 def test_a_mask_with_transparent_pixels_is_a_warning(tmp_path):
     # Alpha is dropped when a mask is read: a pixel left transparent was read as whatever colour hides under it
     # (often black, a class), without a word.

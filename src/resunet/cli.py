@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")
     p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
     p.add_argument("--split", dest="splits", nargs="+", action="extend", metavar="S",
-                   help="splits to check (default: train/val/test that exist; train and val for VOC)")
+                   help="splits to check (default: train/val/test that exist, else every NAME/{images,masks}; "
+                        "train and val for VOC)")
     p.add_argument("--json", help="also write the findings and facts here")
     p.add_argument("--plot", help="also draw each class's pixel share per split here (PNG)")
     p.add_argument("--workers", type=_non_negative_int, default=4, help="reading threads (default 4)")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes, pairing_name, partner_hints
+from .data.folder import find_split_dir, folder_classes, pairing_name, partner_hints, split_folders
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
@@ -164,6 +164,8 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
             split, there, missing = halves[0]
             raise DataError(f"{root / split / there}: no {split}/{missing} folder beside it ({len(halves)} split "
                             "folder(s) half there), and no complete split")
+        if not splits and not (root / "images").is_dir():  # other names (training/validation): those, not "all"
+            splits = split_folders(root)
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:
@@ -303,7 +305,7 @@ def notes_of(image: Image.Image) -> tuple[str, ...]:
     # PIL opens 16-bit RGB PNGs as 8-bit RGB; the raw mode of the undecoded tiles still says ";16".
     if image.mode.startswith("I;16") or any(";16" in str(getattr(tile, "args", "")) for tile in image.tile):
         notes.append("16-bit")
-    if image.getexif().get(0x0112) not in (None, 1):
+    if image.getexif().get(0x0112) in range(2, 9):  # 0 or 9, which some software writes, turn nothing (read_header)
         notes.append("EXIF-rotated")
     return tuple(notes)
 
@@ -405,6 +407,8 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
         with opened(image_path, result.image, max_pixels) as header:
             result.image_notes = notes_of(header)
             orientation, stored_size = header.getexif().get(0x0112), header.size
+            if header.format == "TIFF" and orientation in SWAPPING_ORIENTATIONS:  # PIL gives its size as shown
+                stored_size = stored_size[::-1]
         rgb = read_image(image_path, max_pixels, name=result.image)
     except DataError as error:
         result.findings.append(unreadable(error, result.image))
@@ -544,10 +548,12 @@ def coverage_findings(results: list[PairResult], info: ClassInfo, train_split: s
 
 
 def unlabelled_findings(results: list[PairResult], info: ClassInfo) -> list[Finding]:
-    """Splits whose masks, every one read, hold no pixel but the ignore label."""
+    """Splits whose masks, every one read, hold no pixel but the ignore label. A mask none of whose pixels could be
+    read as a class or the ignore label (its colours off the palette: class ids saved as RGB) is not one of them:
+    such a split was said to be "all ignore", and `train` stopped with that line, first among the errors."""
     read: dict[str, list[PairResult]] = defaultdict(list)
     for result in results:
-        if result.class_pixels is not None:
+        if result.class_pixels is not None and (result.class_pixels.any() or result.ignored_pixels):
             read[result.split].append(result)
     return [finding("unlabelled_split", split, f"{split}: every pixel of its {plural(len(masks), 'mask')} is the "
                     f"ignore label {info.ignore_index}")

@@ -141,13 +141,16 @@ def pil_to_rgb8(image: Image.Image, owned: bool = False) -> np.ndarray:
     converted. Each copy costs the whole image again: a 64 MP upload took 1.1 GB to read (a helper, 2026-12-06),
     now about 10 bytes a pixel at the peak (PIL's 4, the array's 3, and the bytes numpy copies it from)."""
     bits = stored_bits(image)
+    # I;16* modes hold up to 16 bits, and so does a PGM's "I" (Pillow scales a maxval over 255 to 0..65535): their
+    # scale is known (a TIFF says 12 if it has 12), not guessed from the values (a dark 16-bit PGM was read 257×
+    # too bright). Told before the turn: a turned copy has no format.
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
     if owned:
         ImageOps.exif_transpose(image, in_place=True)
     else:
         image = ImageOps.exif_transpose(image)
     if image.mode in DEEP_GREY_MODES:
-        # I;16* modes hold up to 16 bits: their scale is known (a TIFF says 12 if it has 12), not guessed.
-        return grey_to_rgb8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"), bits=bits)
+        return grey_to_rgb8(np.asarray(image), sixteen_bit=sixteen_bit, bits=bits)
     return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
