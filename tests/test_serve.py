@@ -693,41 +693,18 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint, monkeypatch):
     assert len(decoded) == 2
 
 
-def test_an_image_whose_client_went_away_waits_in_the_queue_without_its_pixels(checkpoint, monkeypatch):
+def test_an_image_whose_client_went_away_waits_in_the_queue_without_its_pixels_or_its_place(checkpoint, monkeypatch):
     """A request whose client hangs up is over (its pixels free in the service's count), but its job waited in the
     queue, holding the decoded image, until the batcher skipped it between passes: during a long pass, abandoned
-    uploads piled up outside the bound (a review, 2026-12-06)."""
-    app, _, release, held = app_with_a_held_pass(checkpoint, monkeypatch, ServeSettings(max_batch=1, max_wait_ms=0))
-    engine = app.state.engine
-
-    async def scenario():
-        async with app.router.lifespan_context(app):
-            engine.variants["none"].predict_batch = held
-            image = np.zeros((40, 50, 3), np.uint8)
-            first = asyncio.ensure_future(engine.submit(image))
-            while engine.metrics.in_flight._value.get() < 1 or engine.queue.qsize():
-                await asyncio.sleep(0.01)  # the batcher has taken the first image: its pass is held
-            second = asyncio.ensure_future(engine.submit(image.copy()))
-            while engine.queue.qsize() < 1:
-                await asyncio.sleep(0.01)
-            second.cancel()
-            await asyncio.sleep(0.05)
-            waiting = engine.queue._queue[0]
-            release.set()
-            return waiting, await first
-
-    waiting, first = asyncio.run(scenario())
-    assert waiting.future.cancelled() and waiting.image is None
-    assert first.mask.shape == (40, 50) and first.batch_size == 1
-
-
-def test_an_image_whose_client_went_away_no_longer_counts_against_the_queue(checkpoint, monkeypatch):
-    """Found by a helper (2026-12-06): an abandoned image stays in the queue until the batcher skips it, between
-    passes, and it was counted there: during a long pass, clients that gave up and retried got 503 "requests are
-    already waiting" with nobody waiting, and resunet_queue_depth counted them."""
+    uploads piled up outside the bound (a review, 2026-12-06). And it was counted there: clients that gave up and
+    retried got 503 "requests are already waiting" with nobody waiting, and resunet_queue_depth counted them (a
+    helper, 2026-12-06)."""
     app, _, release, held = app_with_a_held_pass(checkpoint, monkeypatch, ServeSettings(max_batch=1, max_wait_ms=0,
                                                                                          max_queue=1))
     engine = app.state.engine
+
+    def depth() -> float:
+        return engine.metrics.registry.get_sample_value("resunet_queue_depth")
 
     async def scenario():
         async with app.router.lifespan_context(app):
@@ -741,19 +718,21 @@ def test_an_image_whose_client_went_away_no_longer_counts_against_the_queue(chec
                 await asyncio.sleep(0.01)
             with pytest.raises(QueueFullError, match="1 requests are already waiting"):
                 engine.check_room()  # the one place is taken by a live image
-            depth_live = engine.metrics.registry.get_sample_value("resunet_queue_depth")
+            depths = [depth()]
             second.cancel()
             await asyncio.sleep(0.05)
-            depth_gone = engine.metrics.registry.get_sample_value("resunet_queue_depth")
+            waiting = engine.queue._queue[0]
+            depths.append(depth())
             engine.check_room()  # the abandoned image holds no place
             third = asyncio.ensure_future(engine.submit(image.copy()))
             await asyncio.sleep(0.05)
             release.set()
-            return depth_live, depth_gone, await first, await third
+            return waiting, depths, await first, await third
 
-    depth_live, depth_gone, first, third = asyncio.run(scenario())
-    assert (depth_live, depth_gone) == (1, 0)
-    assert first.mask.shape == third.mask.shape == (40, 50)
+    waiting, depths, first, third = asyncio.run(scenario())
+    assert waiting.future.cancelled() and waiting.image is None
+    assert depths == [1, 0]
+    assert first.mask.shape == third.mask.shape == (40, 50) and first.batch_size == 1
 
 
 def test_the_pixels_being_decoded_and_waiting_are_bounded_and_thin_strips_refused_from_the_header(checkpoint,
