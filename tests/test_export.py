@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -753,6 +754,43 @@ def test_backend_auto_leaves_out_a_graph_that_refuses_the_timed_image_and_takes_
     assert re.fullmatch(r"backend auto: best\.pt is fastest here \(best\.pt \d+ ms per image; left out: model\.onnx: "
                         r"64×48: this end-to-end graph would hold 0\.0 GiB of full-size logits \(limit 0 GiB\)\)",
                         line), line
+
+
+def test_backend_auto_gives_the_checkpoint_an_image_past_the_winning_graphs_logit_bound(exported, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Found by a session's review (2026-12-06): an end-to-end file that won on a small first image refused a later
+    one past its logit bound, which the checkpoint predicts: the image failed, only because of --backend auto."""
+    import shutil
+
+    import resunet.onnx_predictor as onnx_predictor
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(scene(48, 64)).save(images / "a_small.png")  # timed: the graph takes it
+    Image.fromarray(scene(150, 200, seed=1)).save(images / "b_large.png")
+    monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 1_000_000)  # 21 × 48 × 64 × 4 fits, not 150×200
+    real_predict = Predictor.predict
+
+    def slow_pytorch(self, image):  # the graph must win the timing for this to matter
+        if self.runtime == "pytorch":
+            time.sleep(0.2)
+        return real_predict(self, image)
+
+    monkeypatch.setattr(Predictor, "predict", slow_pytorch)
+    assert main(["predict", str(folder / "best.pt"), str(images), "--out", str(tmp_path / "out"), "--backend",
+                 "auto"]) == 0
+    out, err = capsys.readouterr()
+    assert "backend auto: model.onnx is fastest here" in out
+    assert (f"{images / 'b_large.png'}: 200×150: this end-to-end graph would hold 0.0 GiB of full-size logits (limit "
+            f"0 GiB) in model.onnx; predicted by {folder / 'best.pt'} instead") in err
+    reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="auto")
+    written = np.asarray(Image.open(tmp_path / "out" / "b_large.png"))
+    assert (written == reference.predict(np.asarray(Image.open(images / "b_large.png").convert("RGB")))).all()
+    assert (tmp_path / "out" / "a_small.png").is_file()
 
 
 def test_an_end_to_end_file_rounds_float_pixels_and_refuses_a_stride_without_window(exported):

@@ -345,6 +345,7 @@ def cmd_predict(args) -> int:
     from .data.images import read_image
     from .outputs import (DiskError, check_writable_folder, data_folder_around, is_prediction,
                           prediction_save_options, save_whole)
+    from .onnx_predictor import LogitBoundError
     from .predict import load, load_ensemble
     from .runtime import is_out_of_memory
 
@@ -361,9 +362,11 @@ def cmd_predict(args) -> int:
     if not paths:
         print("resunet predict: error: no input images found", file=sys.stderr)
         return 1
+    auto = False  # --backend auto chose among the checkpoint and its exported files
     if args.ensemble:
         predictor = load_ensemble([args.checkpoint, *args.ensemble], **inference_options(args))
     elif args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
+        auto = True
         from .onnx_predictor import load_fastest
 
         samples = (image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None)
@@ -381,6 +384,13 @@ def cmd_predict(args) -> int:
         print(f"resunet predict: note: --out {out} is inside {data_folder}, a folder a dataset is read from: the "
               "results will be read as its files", file=sys.stderr)
     failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
+    checkpoint_predictor = None  # --backend auto: the checkpoint, loaded for an image its exported winner refuses
+
+    def predicted(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
+            return model.predict_with_confidence(image)
+        return model.predict(image), None
+
     # os.path.realpath, not Path.resolve: a symlink loop among the inputs raised there (it is reported when read)
     inputs = {Path(os.path.realpath(path)) for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
@@ -421,10 +431,18 @@ def cmd_predict(args) -> int:
             try:
                 image = read_image(path, args.max_pixels)
                 # The predictors bound the image's size at the working size themselves (predict.check_working_size).
-                if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
-                    mask, confidence = predictor.predict_with_confidence(image)
-                else:
-                    mask, confidence = predictor.predict(image), None
+                try:
+                    mask, confidence = predicted(predictor, image)
+                except LogitBoundError as error:
+                    # Timed on a smaller image, an end-to-end file won on speed; one past its logit bound goes to
+                    # the checkpoint (it failed: a choice made for speed lost images PyTorch predicts).
+                    if not auto:
+                        raise
+                    if checkpoint_predictor is None:
+                        checkpoint_predictor = load(args.checkpoint, **inference_options(args))
+                    tqdm.write(f"resunet predict: {path}: {str(error).split(';')[0]} in {predictor.path.name}; "
+                               f"predicted by {args.checkpoint} instead", file=sys.stderr)
+                    mask, confidence = predicted(checkpoint_predictor, image)
             except DataError as error:  # one bad file must not stop the others
                 message = str(error)
                 tqdm.write(f"resunet predict: {message if message.startswith(str(path)) else f'{path}: {message}'}",
@@ -651,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--backend", default=None, choices=("torch", "auto"),
                    help="for a .pt MODEL: torch (default) runs it; auto times it against the .onnx files exported "
-                        "from it (beside it, matched by sha256) on the first image and uses the fastest")
+                        "from it (beside it, matched by sha256) on the first image and uses the fastest (an image "
+                        "past an end-to-end file's logit bound goes to the checkpoint)")
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("visualize", parents=[inference], help="3×5 grid: image / ground truth / prediction")

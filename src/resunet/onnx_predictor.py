@@ -29,6 +29,11 @@ from .predict import (AUTO_TTA, DEFAULT_SCALES, ONNX_PRECISIONS, Predictor, chec
 from .runtime import DeviceError, available_cores
 
 FORMAT_KEY = "resunet.graph"
+
+
+class LogitBoundError(DataError):
+    """An image whose full-size logits an end-to-end graph cannot hold (END_TO_END_MAX_LOGIT_BYTES): the checkpoint,
+    or a --logits file, takes it."""
 # Written by export once an INT8 file passed its mIoU check on labelled data (split, images, drift): an INT8 file
 # without it was never measured, and `--backend auto` does not let it win on speed alone.
 MIOU_CHECK_KEY = "resunet.miou_check"
@@ -188,7 +193,7 @@ class OnnxPredictor(Predictor):
             return
         needed = count * self.logit_bytes(height, width)
         if needed > END_TO_END_MAX_LOGIT_BYTES:
-            raise DataError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
+            raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
                             f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export with "
                             "--logits, which resunet upsamples without them, or shrink the image")
 
