@@ -345,7 +345,7 @@ def cmd_predict(args) -> int:
     from .data.images import read_image
     from .outputs import (DiskError, check_writable_folder, data_folder_around, is_prediction,
                           prediction_save_options, save_whole)
-    from .onnx_predictor import LogitBoundError
+    from .onnx_predictor import LogitBoundError, load_fastest
     from .predict import load, load_ensemble
     from .runtime import is_out_of_memory
 
@@ -367,8 +367,6 @@ def cmd_predict(args) -> int:
         predictor = load_ensemble([args.checkpoint, *args.ensemble], **inference_options(args))
     elif args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
         auto = True
-        from .onnx_predictor import load_fastest
-
         samples = (image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None)
         predictor, line = load_fastest(args.checkpoint, samples, **inference_options(args))
         print(line)

@@ -29,17 +29,17 @@ from .predict import (AUTO_TTA, DEFAULT_SCALES, ONNX_PRECISIONS, Predictor, chec
 from .runtime import DeviceError, available_cores
 
 FORMAT_KEY = "resunet.graph"
-
-
-class LogitBoundError(DataError):
-    """An image whose full-size logits an end-to-end graph cannot hold (END_TO_END_MAX_LOGIT_BYTES): the checkpoint,
-    or a --logits file, takes it."""
 # Written by export once an INT8 file passed its mIoU check on labelled data (split, images, drift): an INT8 file
 # without it was never measured, and `--backend auto` does not let it win on speed alone.
 MIOU_CHECK_KEY = "resunet.miou_check"
 GRAPHS = ("end-to-end", "logits")
 # An 8000×8000 image through an end-to-end graph of 21 classes took 7 GB; past this, such a graph refuses the image.
 END_TO_END_MAX_LOGIT_BYTES = 2 * 2**30
+
+
+class LogitBoundError(DataError):
+    """An image whose full-size logits an end-to-end graph cannot hold (END_TO_END_MAX_LOGIT_BYTES): the checkpoint,
+    or a --logits file, takes it."""
 
 
 def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:
@@ -194,8 +194,8 @@ class OnnxPredictor(Predictor):
         needed = count * self.logit_bytes(height, width)
         if needed > END_TO_END_MAX_LOGIT_BYTES:
             raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
-                            f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export with "
-                            "--logits, which resunet upsamples without them, or shrink the image")
+                                  f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export "
+                                  "with --logits, which resunet upsamples without them, or shrink the image")
 
     def logit_bytes(self, height: int, width: int) -> int:
         # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
@@ -346,7 +346,7 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     for name, predictor in candidates:
         try:
             predictor.predict(sample)
-        except DataError as error:  # the PyTorch model took it: an end-to-end graph past its logit bound
+        except LogitBoundError as error:  # the PyTorch model took it
             left_out.append(f"{Path(name).name}: {str(error).split(';')[0]}")
             continue
         times = []

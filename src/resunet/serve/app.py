@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
-from ..predict import Predictor, check_working_size, load, max_working_pixels
+from ..predict import AUTO_TTA, Predictor, check_working_size, load, max_working_pixels
 from .codec import (RequestError, UploadBudget, class_summary, decode_image, png_bytes, printable_name, rle_classes,
                     upload_bytes, upload_header)
 from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullError
@@ -77,7 +77,7 @@ class ServeSettings:
     max_pending_bytes: int = 500_000_000
     # default test-time augmentation: none | flip (a request may ask with ?tta=); auto: none, or what an end-to-end
     # ONNX graph was exported with
-    tta: str = "auto"
+    tta: str = AUTO_TTA
     device: str = "auto"  # for .pt checkpoints
     precision: str = "auto"  # for .pt checkpoints
     threads: int | None = None  # CPU threads: onnxruntime's for .onnx, torch's for .pt (default: the cores)
@@ -89,7 +89,7 @@ class ServeSettings:
     warm_up_first: bool = True
 
     def __post_init__(self) -> None:
-        if self.tta not in ("auto", *REQUEST_TTA):  # "ms" was served as "none" without a word
+        if self.tta not in (AUTO_TTA, *REQUEST_TTA):  # "ms" was served as "none" without a word
             raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)} (auto: the model's own)")
 
 
