@@ -27,6 +27,26 @@ def test_a_cuda_index_past_the_machines_gpus_is_one_line(monkeypatch):
         runtime.resolve_device("cuda:3")
 
 
+def test_telling_an_out_of_memory_error_keeps_nothing_of_it():
+    # is_out_of_memory sat under a cache (759e5c9): every error it was shown stayed referenced, with its traceback's
+    # frames and the failed pass's tensors, so the memory predict freed after a photo too large stayed allocated.
+    import gc
+    import weakref
+
+    def failed_pass():
+        held = torch.zeros(1024)  # noqa: F841  (a tensor the traceback's frame holds)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    try:
+        failed_pass()
+    except RuntimeError as error:
+        assert runtime.is_out_of_memory(error)
+        assert not runtime.is_out_of_memory(RuntimeError("shape mismatch"))
+        frame_tensor = weakref.ref(error.__traceback__.tb_next.tb_frame.f_locals["held"])
+    gc.collect()
+    assert frame_tensor() is None
+
+
 def test_without_cpuinfo_bf16_is_the_cpus_own_not_onednns_emulation(monkeypatch):
     # oneDNN's "bf16 supported" is true on any AVX-512 CPU (a Skylake Xeon emulates bf16, slower than fp32).
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())

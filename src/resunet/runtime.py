@@ -43,7 +43,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-@functools.cache
 def is_out_of_memory(error: BaseException) -> bool:
     """A device that could not hold what a pass asked of it: torch's OutOfMemoryError on a GPU; on the CPU the
     allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
@@ -51,6 +50,7 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                         and "can't allocate memory" in str(error))
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
