@@ -575,6 +575,31 @@ def test_a_run_killed_before_its_time_budget_fit_fits_when_resumed(demo_root, ra
     assert load_checkpoint(out / "last.pt", tensors=False)["budget_fitted"] is True
 
 
+def test_a_time_budget_run_resumed_twice_keeps_its_first_fit(demo_root, ram_tmp, capsys, monkeypatch):
+    """The fit is made once: a resumed run does not re-fit (its clock restarted). But a resumed run saved "not
+    fitted yet", so a second resume fitted again at the end of its first epoch, against a clock started there
+    (a helper's review, 2026-12-06)."""
+    import resunet.train
+    from resunet.train import resumed_config
+    from test_faults import signal_after_step
+
+    fits = []
+    monkeypatch.setattr(resunet.train, "epochs_within", lambda *args, **kw: fits.append(kw["done"]) or 4)
+    out = ram_tmp / "twice"
+    steps = 12  # an epoch of the demo's train split at batch 4
+    signal_after_step(monkeypatch, steps + 3)  # inside epoch 2, after epoch 1's fit
+    assert train(tiny_config(demo_root, out, epochs=30, scheduler="cosine", time_budget="1h",
+                             **SMALL))["stopped_by"] == "SIGTERM"
+    assert fits == [1] and load_checkpoint(out / "last.pt", tensors=False)["train_config"]["epochs"] == 4
+    signal_after_step(monkeypatch, steps + 3)  # resumed inside epoch 2: stopped inside epoch 3
+    assert train(resumed_config(out / "last.pt", {}))["stopped_by"] == "SIGTERM"
+    assert load_checkpoint(out / "last.pt", tensors=False)["budget_fitted"] is True
+    capsys.readouterr()
+    train(resumed_config(out / "last.pt", {}))
+    assert "epoch(s) fit" not in capsys.readouterr().out  # (the signals' counters are past their steps)
+    assert fits == [1] and [r["epoch"] for r in read_records(out)] == [1, 2, 3, 4]
+
+
 def test_a_time_budget_fit_within_the_warm_up_is_resumed(demo_root, ram_tmp, capsys, monkeypatch):
     """A --time-budget run fitted to no more epochs than its warm-up (make_scheduler then halves the warm-up) could
     not be resumed: the resume checked --warmup-epochs against the fitted count, a flag the user never changed

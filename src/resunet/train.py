@@ -1029,8 +1029,8 @@ def train(cfg: TrainConfig) -> dict:
             "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epochs_done, "best_miou": best_miou, "rng": rng,
-            "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now, "budget_fitted": budget_fitted,
-            **extra,
+            "train_config": {**cfg.to_dict(), **absolute_paths(cfg)}, "data": data_now,
+            "budget_fitted": budget_fitted or fitted_before, **extra,
             **({"training_model": raw_model.state_dict(), "ema_updates": average.updates} if average else {}),
         }, path, advice)
 
@@ -1043,6 +1043,8 @@ def train(cfg: TrainConfig) -> dict:
     # Fitted at the end of epoch 1, or of the first epoch resumed from a save made before the fit (killed between
     # epoch 1's saves and the fit's: that run had trained on to --epochs); older checkpoints count as fitted.
     fit_epoch = start_epoch if cfg.resume and state.get("budget_fitted") is False else 1
+    # A fit made before a resume stays made in this process's saves (it saved False: the next resume fitted again).
+    fitted_before = bool(cfg.resume) and state.get("budget_fitted") is not False
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
 
