@@ -208,3 +208,25 @@ def test_torchrun_passing_on_the_signal_is_not_a_second_one(monkeypatch):
     single.handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         single.handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("local_rank", [0, 3])
+def test_more_processes_than_gpus_is_one_line_from_every_process(demo_root, tmp_path, monkeypatch, local_rank):
+    """torchrun --nproc-per-node 4 on a two-GPU machine: ranks 2 and 3 stopped in a traceback ("invalid device
+    ordinal") and ranks 0 and 1 waited in the process group until its timeout (a helper's review, 2026-12-06).
+    Every process now stops before the group is made; the first on the machine says why."""
+    import torch
+
+    from conftest import tiny_config
+    from resunet.runtime import DeviceError
+    from resunet.train import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in {"WORLD_SIZE": 4, "RANK": local_rank, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": 4}.items():
+        monkeypatch.setenv(name, str(value))
+    with pytest.raises(DeviceError, match=r"^torchrun --nproc-per-node 4: this machine has 2 CUDA device\(s\), one a "
+                                          r"process; give --nproc-per-node 2 or fewer$") as stopped:
+        train(tiny_config(demo_root, tmp_path / "run", device="cuda"))
+    assert getattr(stopped.value, "quiet", False) is (local_rank != 0)
+    assert not (tmp_path / "run").exists()

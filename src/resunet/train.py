@@ -817,6 +817,15 @@ def check_settings(cfg: TrainConfig) -> None:
                             "BatchNorm cannot train on one value per channel; use --batch-size 2 or a crop over 32")
 
 
+def check_one_gpu_each(processes: int) -> None:
+    """Asked by every process of a machine alike, so all stop: those past the last GPU met "invalid device ordinal"
+    in a traceback, and the others waited in the process group until its timeout."""
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise DeviceError(f"torchrun --nproc-per-node {processes}: this machine has {gpus} CUDA device(s), one a "
+                          f"process; give --nproc-per-node {gpus} or fewer")
+
+
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
@@ -829,6 +838,8 @@ def train(cfg: TrainConfig) -> dict:
         check_new_run_folder(cfg)
         budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
         device = resolve_device(cfg.device)
+        if world > 1 and device.type == "cuda":  # each process takes the GPU of its local rank
+            check_one_gpu_each(int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
     except SETUP_ERRORS as error:  # before the processes can agree: each met it; the first on each machine says it
         if local_rank != 0:
             error.quiet = True
