@@ -156,6 +156,23 @@ def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, t
         assert np.array_equal(np.array(Image.open(out / path.name)), predictor.predict(path)), path.name
 
 
+def test_cli_predict_takes_a_file_named_like_a_glob_as_that_file(trained_run, tmp_path, capsys):
+    # `predict best.pt photos/*` hands over a[1].png, an existing file read as a glob: [1] matched a1.png instead
+    # (a[1].png never predicted, exit 0) or, alone, nothing ("matches no image file", exit 1). A helper, 2026-12-06.
+    from resunet.cli import main
+
+    (tmp_path / "in").mkdir()
+    for name, value in (("a[1].png", 30), ("a1.png", 200), ("b[2].png", 90)):
+        Image.fromarray(np.full((20, 24, 3), value, np.uint8)).save(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    assert main(["predict", str(trained_run / "best.pt"), str(tmp_path / "in" / "a[1].png"),
+                 str(tmp_path / "in" / "b[2].png"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a[1].png", "b[2].png"]
+    assert main(["predict", str(trained_run / "best.pt"), str(tmp_path / "in" / "a[0-9].png"), "--out",
+                 str(tmp_path / "globbed")]) == 0  # a pattern that names no file is still a pattern
+    assert sorted(p.name for p in (tmp_path / "globbed").iterdir()) == ["a1.png"]
+
+
 def test_cli_predict_says_what_its_inputs_leave_out(trained_run, tmp_path, capsys):
     # A folder's subfolders are not read, and a glob that matched nothing was dropped: "wrote 1 prediction(s)", exit
     # 0, for a folder whose images sat one level down or a typo in one of several inputs.

@@ -300,7 +300,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
             elif unread:
                 notes.append(f"{path}: {unread}")
             paths += found
-        elif any(c in item for c in "*?["):
+        elif any(c in item for c in "*?[") and not path.is_file():  # a file named a[1].jpg (the shell's * gave it)
             matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             found = [p for p in matched if image_name(p)]
             if not found:
