@@ -67,6 +67,18 @@ def test_train_flags_cover_the_recipe(capsys):
     assert "classes.json) (default" not in flat and "$XDG_CACHE_HOME/resunet, or ~/.cache/resunet)" in flat
 
 
+def test_ensemble_given_twice_keeps_every_model():
+    # argparse's default action kept the last --ensemble list alone: b.pt was dropped without a word, and the scores
+    # (and --json's "ensemble") were those of a.pt + c.pt (a helper, 2026-12-06).
+    from resunet.cli import build_parser
+
+    evaluate = ["evaluate", "a.pt", "--data-root", "d", "--ensemble", "b.pt", "--ensemble", "c.pt", "d.pt"]
+    assert build_parser().parse_args(evaluate).ensemble == ["b.pt", "c.pt", "d.pt"]
+    predict = ["predict", "a.pt", "x.jpg", "--out", "o", "--ensemble", "b.pt", "--ensemble", "c.pt"]
+    assert build_parser().parse_args(predict).ensemble == ["b.pt", "c.pt"]
+    assert build_parser().parse_args(["predict", "a.pt", "x.jpg", "--out", "o"]).ensemble == []
+
+
 def test_ablate_help_offers_only_what_ablate_takes(capsys):
     """ablate takes the train flags, but refuses --resume, --overwrite and --calibrate (each with its reason): its
     --help offered them with train's words, and --data-root said "unless --resume reads it from the run"."""

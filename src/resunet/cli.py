@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the K images with the lowest own mIoU: image / ground truth / prediction / errors "
                         "(to --out DIR/worst.png, listed in worst.json)")
     p.add_argument("--out", help="folder for --worst")
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+    p.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="images read per step; those of one size go through the network together (default 8)")
@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", action="store_true",
                    help="also write NAME_confidence.png: each pixel's probability of its class (255 = 1), calibrated "
                         "when the checkpoint holds a temperature (resunet calibrate)")
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+    p.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")
     p.add_argument("--backend", default=None, choices=("torch", "auto"),
                    help="for a .pt MODEL: torch (default) runs it; auto times it against the .onnx files exported "
