@@ -43,8 +43,11 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     base = tiny_config(demo_root, ram_tmp / "unused", **small)
     out = ram_tmp / "ablation"
     options = ["baseline", "loss focal"]
+    scored = []  # each row's final scoring honours --no-progress as its training does (it drew an "eval" bar)
+    monkeypatch.setattr(resunet.ablate, "run_evaluate",
+                        lambda *a, run=resunet.ablate.run_evaluate, **k: scored.append(k["progress"]) or run(*a, **k))
     results = run_ablation(base, options, out)
-    assert [r["option"] for r in results] == options
+    assert [r["option"] for r in results] == options and scored == [False, False]
     for r in results:
         folder = out / r["option"].replace(" ", "-")
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -77,6 +80,10 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
     stamp = (out / "loss-focal" / "last.pt").stat().st_mtime_ns
     rescored = run_ablation(base, ["loss focal"], out)[0]
     assert rescored["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
+    # The table keeps the baseline an earlier run finished: one row run again wrote a table of itself alone, with
+    # no baseline to measure it against (a helper, 2026-12-06).
+    assert [r["option"] for r in json.loads((out / "ablation.json").read_text())["rows"]] == ["loss focal", "baseline"]
+    assert "| loss focal |" in (out / "ablation.md").read_text() and "| baseline |" in (out / "ablation.md").read_text()
     assert (out / "loss-focal" / "last.pt").stat().st_mtime_ns == stamp
     # A row stopped between its first two saves (best.pt written, last.pt not) starts again: train refuses a new run
     # in a folder that holds one, and the row was stuck (review, 2026-12-05).

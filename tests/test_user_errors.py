@@ -1685,3 +1685,31 @@ def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_t
             load(exported["ckpt"], threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_out_of_memory_in_evaluate_or_visualize_is_one_line(checkpoint, demo_root, tmp_path, capsys, monkeypatch):
+    """A batch or a model too large for the device ended evaluate, visualize and calibrate in a traceback naming no
+    file (predict alone said it; a helper, 2026-12-06). evaluate names the batch's first file and what to lower;
+    any command says it ran out of memory, in one line, with the flags it takes that need less."""
+    from resunet.data.dataset import open_dataset
+    from resunet.predict import Predictor
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.\n"
+                           "Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Predictor, "full_size_maps", out_of_memory)
+    assert main(["evaluate", checkpoint, "--data-root", str(demo_root), "--batch-size", "3", "--workers", "0"]) == 2
+    first = open_dataset(str(demo_root), "val").image_paths[0]
+    assert one_error_line(capsys, "evaluate") == (
+        f"resunet evaluate: error: {first}: out of memory evaluating 3 image(s) of 64×64 together; a lower "
+        "--batch-size (or --window) needs less, as does --device cpu")
+    monkeypatch.setattr(Predictor, "predict", out_of_memory)
+    assert main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", str(tmp_path / "grid.png")]) == 2
+    assert one_error_line(capsys, "visualize") == (
+        "resunet visualize: error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "9663676416 bytes.); a lower --max-pixels needs less, as does --device cpu")
+    assert not (tmp_path / "grid.png").exists()
+    monkeypatch.setattr(Predictor, "predict", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # our bug, not the user's input: its traceback
+        main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", str(tmp_path / "grid.png")])

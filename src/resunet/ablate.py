@@ -90,7 +90,8 @@ def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
     if outcome["stopped_by"] or outcome.get("stop_requested"):
         return None
     scores = run_evaluate(str(last), cfg.data_root, cfg.val_split, device=cfg.device,
-                          precision=cfg.precision, workers=cfg.workers, max_pixels=cfg.max_pixels)
+                          precision=cfg.precision, workers=cfg.workers, max_pixels=cfg.max_pixels,
+                          progress=cfg.progress)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     # The median epoch: an epoch slowed by something else on the machine does not move it.
     speed = statistics.median(r["train_images_per_s"] for r in records)
@@ -160,11 +161,12 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     # touches no other row's folder, so the plans hold until each row's turn.
     plans = [plan_row(base, name, out) for name in options]
     results = []
+    earlier = earlier_rows(base, options, out)
 
     def finished(rows: list[dict]) -> list[dict]:
-        """The rows done, and those after the stopped or failed one that an earlier run finished: a table of
-        fewer rows replaced a fuller one."""
-        return rows + [result for _, result in plans[len(rows) + 1:] if result is not None]
+        """The rows done, those after the stopped or failed one that an earlier run finished, and the rows not
+        asked for this time that an earlier run finished: a table of fewer rows replaced a fuller one."""
+        return rows + [result for _, result in plans[len(rows) + 1:] if result is not None] + earlier
 
     try:
         for name, (cfg, kept) in zip(options, plans):
@@ -182,6 +184,22 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     if rows := finished(results):  # a stop in the first row with no row finished leaves an earlier table
         write_tables(base, rows, out)
     return results
+
+
+def earlier_rows(base: TrainConfig, options: list[str], out: Path) -> list[dict]:
+    """The finished rows in `out` of options not in `options`, trained with this recipe (a row added later, as the
+    Makefile's ABLATION_OPTIONS offers, wrote a table of itself alone over the full one)."""
+    rows = []
+    for name in ABLATION_OPTIONS:
+        if name in options or not (out / row_folder(name) / "result.json").is_file():
+            continue
+        try:
+            _, result = plan_row(base, name, out)
+        except TrainingError:  # another recipe's row, or one that changes nothing on this base: not this table's
+            continue
+        if result is not None:
+            rows.append(result)
+    return rows
 
 
 def write_tables(base: TrainConfig, results: list[dict], out: Path) -> None:

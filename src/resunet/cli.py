@@ -787,6 +787,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"resunet {args.command}: error: {where}could not write ({error.strerror})", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # out of memory where no file is to blame (a model, a batch): one line too
+        runtime = sys.modules.get(f"{__package__}.runtime")  # loaded by whatever ran out: torch is imported
+        if runtime is None or not runtime.is_out_of_memory(error):
+            raise
+        levers = [flag for flag, dest in (("--batch-size", "batch_size"), ("--size", "size"),
+                                          ("--max-pixels", "max_pixels")) if hasattr(args, dest)]
+        advice = f"; a lower {' or '.join(levers)} needs less" if levers else ""
+        advice += (", as does --device cpu" if levers else "; --device cpu") if hasattr(args, "device") else ""
+        print(f"resunet {args.command}: error: out of memory ({str(error).splitlines()[0][:200]}){advice}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"resunet {args.command}: interrupted", file=sys.stderr)
         return 130

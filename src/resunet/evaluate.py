@@ -23,6 +23,7 @@ from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, write_output
 from .predict import AUTO_TTA, Predictor, load_ensemble
+from .runtime import is_out_of_memory
 
 
 def _as_lists(batch):
@@ -72,6 +73,13 @@ def evaluate_dataset(
                         predictions = predictor.predict_tensor(images).cpu()
                 except DataError as error:  # too large at the working size (one size: the group's first file)
                     raise dataset.named(group[0][0], error) from None
+                except RuntimeError as error:  # a traceback, naming no file, for a batch too large for the device
+                    if not is_out_of_memory(error):
+                        raise
+                    height, width = targets.shape[-2:]
+                    raise dataset.named(group[0][0], DataError(
+                        f"out of memory evaluating {len(group)} image(s) of {width}×{height} together; a lower "
+                        "--batch-size (or --window) needs less, as does --device cpu")) from None
                 matrix.update(predictions, targets)
                 for (index, _), prediction, target in zip(group, predictions, targets):
                     if boundary is not None:
@@ -151,6 +159,7 @@ def run_evaluate(
     worst: int = 0,
     worst_out: str | None = None,
     ensemble: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
 ) -> dict:
     """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table (IoU and
     boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
@@ -173,8 +182,8 @@ def run_evaluate(
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
     per_image: list[tuple[int, float]] | None = [] if worst > 0 else None
     calibration = CalibrationError(info.ignore_index) if predictor.has_logits else None
-    matrix = evaluate_dataset(predictor, dataset, batch_size, workers, boundary=boundary, per_image=per_image,
-                              calibration=calibration)
+    matrix = evaluate_dataset(predictor, dataset, batch_size, workers, progress=progress, boundary=boundary,
+                              per_image=per_image, calibration=calibration)
     if matrix.matrix.sum() == 0:  # printed as "mIoU nan", exit status 0, without a word of why
         raise DataError(f"{dataset.description}: every mask pixel of its {len(dataset)} image(s) is the ignore label "
                         f"{info.ignore_index}: nothing to score")
