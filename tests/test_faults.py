@@ -5,6 +5,7 @@ group, as a terminal's Ctrl-C does), SIGKILL at random moments. The check is alw
 from last.pt with bit-identical weights and the same metrics.jsonl (timings aside) as a run never interrupted.
 """
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -100,6 +101,43 @@ def test_a_signal_inside_an_epoch_saves_the_step_and_resume_is_bit_identical(
     monkeypatch.undo()
     assert train(tiny_config(demo_root, run, resume=str(run / "last.pt"), **settings))["stopped_by"] is None
     assert_same_run(uninterrupted[data_path], run)
+
+
+def test_a_signal_that_ends_the_loader_while_a_batch_is_awaited_saves_the_steps_before_it(
+        demo_root, ram_tmp, monkeypatch, capsys, uninterrupted):
+    """A SIGTERM to the whole process group (docker stop, a batch scheduler) while training waits for a batch: the
+    loader's workers die too, and next() raises. The run stopped there without saving, yet said last.pt held the
+    step (it held the last save: the epoch's steps were lost; a helper's review, 2026-12-06)."""
+    real_batches, calls = train_module.worker_batches, itertools.count(1)
+
+    class Failing:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if next(calls) == STEPS + 6:  # the 6th batch of epoch 2: five of its steps trained, none saved
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+            return next(self.batches)
+
+    @contextlib.contextmanager
+    def failing_worker_batches(loader):
+        with real_batches(loader) as batches:
+            yield Failing(batches)
+
+    monkeypatch.setattr(train_module, "worker_batches", failing_worker_batches)
+    run = ram_tmp / "run"
+    settings = dict(epochs=2, data_path="cached", workers=0, **SMALL)
+    assert train(tiny_config(demo_root, run, **settings))["stopped_by"] == "SIGTERM"
+    state = load_checkpoint(run / "last.pt", tensors=False)
+    assert (state["epoch"], state["position"]["epoch"], state["position"]["step"]) == (1, 2, 5)
+    assert f"SIGTERM: stopped at step 5/{STEPS} of epoch 2; {run / 'last.pt'} holds it." in capsys.readouterr().out
+    monkeypatch.undo()
+    assert train(tiny_config(demo_root, run, resume=str(run / "last.pt"), **settings))["stopped_by"] is None
+    assert_same_run(uninterrupted["cached"], run)
 
 
 def test_a_signal_during_the_final_evaluation_completes_the_run_and_is_reported(demo_root, ram_tmp, monkeypatch,

@@ -672,11 +672,11 @@ def last_good_save(out: Path) -> str:
     return "no checkpoint was saved yet; lower --lr or check the data (resunet check-data)"
 
 
-def stop_line(signal_name: str, where: str, out: Path, world: int = 1) -> str:
+def stop_line(signal_name: str, where: str, out: Path, world: int = 1, held: str = "it") -> str:
     """What stopped, where, and the command that resumes it: under torchrun, with as many processes (a save inside
     an epoch needs them: each one's share of the data depends on the count)."""
     launcher = f"torchrun --nproc-per-node {world} -m resunet" if world > 1 else "resunet"
-    return (f"{signal_name}: stopped {where}; {out / 'last.pt'} holds it. "
+    return (f"{signal_name}: stopped {where}; {out / 'last.pt'} holds {held}. "
             f"Resume with: {launcher} train --resume {out / 'last.pt'}")
 
 
@@ -1106,7 +1106,7 @@ def train(cfg: TrainConfig) -> dict:
                            disable=not (cfg.progress and main_process and on_terminal))
                 log_progress = cfg.progress and main_process and not on_terminal
                 last_line = time.perf_counter()
-                stop_now = False
+                stop_now = unsaved = False
                 while steps < steps_per_epoch and not stop_now:
                     try:
                         images, masks = next(batches)
@@ -1116,7 +1116,14 @@ def train(cfg: TrainConfig) -> dict:
                     except RuntimeError:
                         if stop.name is None:
                             raise
-                        stop_now = True  # the signal reached the loader's worker processes too
+                        # The signal reached the loader's worker processes too, while this one waited for a batch:
+                        # the steps since the last save are saved as a stop after a step would save them. Under
+                        # torchrun the others are not here to gather from: last.pt keeps its last save.
+                        stop_now = True
+                        if world == 1:
+                            save_inside_epoch(time.perf_counter() - started)
+                        else:
+                            unsaved = True
                         break
                     step_started = time.perf_counter()
                     if cfg.mix != "none":  # draws seeded by (seed, epoch, step, rank): a resumed run mixes the same
@@ -1161,8 +1168,8 @@ def train(cfg: TrainConfig) -> dict:
             if stop_now:
                 stopped_by = stop.name or "a signal to another process"
                 if main_process:
-                    print(stop_line(stopped_by, f"at step {steps}/{steps_per_epoch} of epoch {epoch}", out, world),
-                          flush=True)
+                    print(stop_line(stopped_by, f"at step {steps}/{steps_per_epoch} of epoch {epoch}", out, world,
+                                    held="its last save before that" if unsaved else "it"), flush=True)
                 break
 
             train_loss = float(loss_sum) / max(steps, 1)
