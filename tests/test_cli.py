@@ -153,6 +153,32 @@ def test_json_to_dev_stdout_through_a_pipe(tmp_path):
     assert report["errors"] == 0 and report["facts"]["splits"]["train"]["pairs"] == 4
 
 
+def test_json_to_dev_stdout_redirected_to_a_file_keeps_what_was_printed(tmp_path):
+    # `check-data ... --json /dev/stdout >> log.txt`: /dev/stdout's real path is then log.txt, and the report was
+    # renamed over it: the lines printed before it and the log's earlier content were lost (as root; for another
+    # user, "cannot write in /dev"). It is now written through the open descriptor. A helper, 2026-12-06.
+    from test_doctor import clean_dataset
+
+    root = clean_dataset(tmp_path / "data")
+    log = tmp_path / "log.txt"
+    log.write_text("an earlier line\n")
+    with open(log, "a") as stdout:
+        result = subprocess.run([sys.executable, "-m", "resunet", "check-data", "--data-root", str(root), "--json",
+                                 "/dev/stdout", "--workers", "1"], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = log.read_text()
+    assert text.startswith("an earlier line\n") and "0 errors, 0 warnings" in text.split("{")[0]
+    assert json.loads(text[text.index("{"):text.rindex("}") + 1])["errors"] == 0
+    from resunet.data.images import DataError
+    from resunet.outputs import check_output_files, descriptor_of
+
+    assert [descriptor_of(p) for p in ("/dev/stdout", "/dev/stderr", "/dev/fd/5", "/proc/self/fd/7", "/dev/null",
+                                       "/proc/1/fd/1", "out/dev/stdout")] == [1, 2, 5, 7, None, None, None]
+    with pytest.raises(DataError, match="^--json /dev/fd/987: descriptor 987 is not open$"):
+        check_output_files([("--json", "/dev/fd/987")])
+
+
 def test_a_failed_save_removes_only_what_it_wrote(tmp_path):
     # A file refused at opening (a read-only mask of an earlier run, for a user who is not root) was deleted. Now
     # every file is written beside its name and renamed into place: a write cut short by a full disk or by Ctrl-C

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +20,32 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (
 # Written into every file `resunet predict` makes (a PNG text chunk, a JPEG comment): a later run whose inputs take in
 # an earlier --out (`predict 'photos/**/*' --out photos/masks`, run again) tells its results from photos.
 PREDICTION_MARK = "resunet predict"
+
+
+# This process's own open files by name: /dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N.
+DESCRIPTOR_NAME = re.compile(r"/dev/std(?P<std>out|err)|/dev/fd/(?P<fd>\d+)|/proc/self/fd/(?P<proc>\d+)")
+
+
+def descriptor_of(path: str | Path) -> int | None:
+    """The open descriptor a path names (`--json /dev/stdout`), written through, never replaced: redirected to a file
+    (`> report.txt`, `>> all.jsonl`) its real path is that file, and a rename over it lost what the command had
+    printed there (and everything before, with >>); for a user who is not root, /dev refused the rename outright."""
+    match = DESCRIPTOR_NAME.fullmatch(os.path.normpath(str(path)))
+    if match is None:
+        return None
+    return {"out": 1, "err": 2}[match["std"]] if match["std"] else int(match["fd"] or match["proc"])
+
+
+def write_through(descriptor: int, save: Callable[[Path], None]) -> None:
+    """`save(where)` to a temporary file, then its bytes appended to `descriptor` after what Python has printed."""
+    with tempfile.TemporaryDirectory(prefix="resunet-output-") as folder:
+        where = Path(folder) / "output"
+        save(where)
+        data = memoryview(where.read_bytes())
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    while data:
+        data = data[os.write(descriptor, data):]
 
 
 def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
@@ -44,7 +72,13 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
         if target in seen:
             raise DataError(f"{flag} {path}: also given to {seen[target]}; one file cannot hold both")
         seen[target] = flag
-        if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout, /dev/null): written as it is
+        if (descriptor := descriptor_of(path)) is not None:
+            try:
+                os.fstat(descriptor)
+            except OSError:  # /dev/fd/7 with no descriptor 7 open: found after the work
+                raise DataError(f"{flag} {path}: descriptor {descriptor} is not open") from None
+            continue  # written through
+        if path.exists() and not path.is_file():  # a device or pipe (/dev/null): written as it is
             continue
         check_writable_folder(flag, path, path.parent)
         if path.exists():
@@ -124,6 +158,9 @@ def replace_file(path: str | Path, save: Callable[[Path], None]) -> None:
     its permissions): a write cut short (a kill, Ctrl-C, a full disk) leaves the old file or none, never half of one.
     Through a link, the file it points to; a device or pipe (/dev/stdout) is written directly. A failure raises, the
     partial file removed."""
+    if (descriptor := descriptor_of(path)) is not None:
+        write_through(descriptor, save)
+        return
     if Path(path).exists() and not Path(path).is_file():
         # Not through its resolved path: /dev/stdout's is /proc/PID/fd/pipe:[N] when it is a pipe, which is no file.
         save(Path(path))
