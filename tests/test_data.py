@@ -529,3 +529,34 @@ def test_a_pngs_orientation_is_read_from_its_chunks_wherever_they_are_without_de
     assert read_header(garbled).orientation == 6
     with pytest.raises(DataError, match="not a readable image"):
         read_image(garbled)
+
+
+def test_a_folder_this_user_cannot_enter_is_not_a_dataset_and_not_a_traceback(tmp_path, monkeypatch):
+    """For a user who is not root, Path.is_dir raises PermissionError (EACCES) inside a folder it cannot enter,
+    where it returns False for a missing one. predict's --out looks for a dataset at every parent folder, so at /
+    it met /root/images and stopped in a traceback; a data root beside lost+found did too (a helper, 2026-12-06).
+    As root nothing is refused, so the refusal is made as the kernel makes it for another user."""
+    import errno
+    import pathlib
+
+    from resunet.data.dataset import data_locations
+    from resunet.data.folder import split_folders
+    from resunet.outputs import data_folder_around
+
+    for split in ("train", "val"):
+        for part in ("images", "masks"):
+            (tmp_path / "data" / split / part).mkdir(parents=True)
+    (tmp_path / "data" / "lost+found").mkdir()
+    (tmp_path / "locked").mkdir()
+    real_is_dir = pathlib.Path.is_dir
+
+    def is_dir(path):
+        if path.parent.name in ("lost+found", "locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_is_dir(path)
+
+    monkeypatch.setattr(pathlib.Path, "is_dir", is_dir)
+    assert split_folders(tmp_path / "data") == ["train", "val"]
+    assert data_locations(tmp_path / "locked" / "x") == ([], [])
+    assert data_folder_around(tmp_path / "preds") is None  # tmp_path holds locked/, whose entries cannot be seen
+    assert data_folder_around(tmp_path / "data" / "train" / "images" / "out") == tmp_path / "data" / "train" / "images"

@@ -226,7 +226,10 @@ def data_locations(root: str | Path) -> tuple[list[Path], list[Path]]:
     from . import folder, voc  # local: both modules import this one
 
     root = Path(root)
-    voc_dir = voc.find_voc_dir(root) if root.is_dir() else None
+    try:
+        voc_dir = voc.find_voc_dir(root) if root.is_dir() else None
+    except OSError:  # a folder this user cannot enter (predict's --out looks at every parent, /root among them)
+        return [], []
     if voc_dir is not None:
         folders = [voc_dir / name for name in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets")]
         files: list[Path] = []

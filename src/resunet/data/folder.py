@@ -112,7 +112,14 @@ def split_folders(root: Path) -> list[str]:
     """The splits of a folder dataset: its subfolders holding images/ and masks/."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir())
+
+    def holds_pairs(folder: Path) -> bool:
+        try:
+            return (folder / "images").is_dir() and (folder / "masks").is_dir()
+        except OSError:  # a folder this user cannot enter (/root, lost+found): is_dir raises EACCES, not False
+            return False
+
+    return sorted(p.name for p in root.iterdir() if holds_pairs(p))
 
 
 def layout_error(root: Path, split: str) -> DataError:
