@@ -1713,3 +1713,38 @@ def test_out_of_memory_in_evaluate_or_visualize_is_one_line(checkpoint, demo_roo
     monkeypatch.setattr(Predictor, "predict", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # our bug, not the user's input: its traceback
         main(["visualize", checkpoint, "--data-root", str(demo_root), "--out", str(tmp_path / "grid.png")])
+
+
+def test_a_file_name_that_is_not_utf8_is_checked_trained_on_and_drawn(demo_root, ram_tmp, capsys):
+    """caf\\xe9.jpg from a Latin-1 archive: Python names it with an escape (surrogate) that strict UTF-8 refuses.
+    train stopped in a traceback hashing the names for its cache, check-data printing a finding naming it, and
+    evaluate --worst drawing it in the contact sheet (a helper, 2026-12-06)."""
+    import os
+    import shutil
+    import sys
+
+    from resunet.train import train
+
+    voc, data = demo_root / "VOCdevkit" / "VOC2012", ram_tmp / "latin1"
+    latin = os.fsdecode(b"caf\xe9")
+    for split, count in (("train", 8), ("val", 4)):
+        names = (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:count]
+        for part in ("images", "masks"):
+            (data / split / part).mkdir(parents=True)
+        for i, name in enumerate(names):
+            stem = f"{latin}_{split}" if i == 0 else name
+            shutil.copy(voc / "JPEGImages" / f"{name}.jpg", data / split / "images" / f"{stem}.jpg")
+            shutil.copy(voc / "SegmentationClass" / f"{name}.png", data / split / "masks" / f"{stem}.png")
+    run = ram_tmp / "run"
+    train(tiny_config(data, run, epochs=1, num_classes=21, size=32))  # the cache's key hashes every name
+    assert main(["evaluate", str(run / "best.pt"), "--data-root", str(data), "--worst", "4", "--out",
+                 str(ram_tmp / "worst"), "--workers", "0"]) == 0
+    assert (ram_tmp / "worst" / "worst.png").is_file()
+    assert f"{latin}_val" in {row["name"] for row in json.loads((ram_tmp / "worst" / "worst.json").read_text())}
+    # A finding that names the file, printed to a strict UTF-8 stream (any locale but C's)
+    shutil.copy(data / "train" / "masks" / f"{latin}_train.png", data / "train" / "masks" / f"{latin}_alone.png")
+    result = subprocess.run([sys.executable, "-m", "resunet", "check-data", "--data-root", str(data),
+                             "--num-classes", "21"], capture_output=True, timeout=300,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+    assert b"caf\\udce9_alone.png" in result.stdout

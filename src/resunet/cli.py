@@ -773,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 (café.jpg from a Latin-1 archive) is
+        if hasattr(stream, "reconfigure"):  # printed as caf\udce9.jpg, not a UnicodeEncodeError in the middle
+            stream.reconfigure(errors="backslashreplace")
     tune_cpu_allocator()
     try:
         return args.run(args)

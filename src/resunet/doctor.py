@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import sys
 from collections import defaultdict
@@ -613,7 +614,7 @@ def report_key(listing: Listing, settings: str) -> str | None:
     try:
         for path in listing.files:
             stat, real = looked_at(path)
-            digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
+            digest.update(os.fsencode(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n"))
     except DataError:
         return None
     return digest.hexdigest()[:20]

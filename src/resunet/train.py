@@ -526,7 +526,7 @@ def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> di
     under = root if root is not None or not files else os.path.commonpath([Path(path).parent for path in files])
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{os.path.relpath(path, under)}:{path.stat().st_size}\n".encode())
+        digest.update(os.fsencode(f"{os.path.relpath(path, under)}:{path.stat().st_size}\n"))
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 

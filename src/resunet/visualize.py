@@ -4,6 +4,7 @@ IoU bars, the worst images' contact sheet."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -144,15 +145,18 @@ def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np
 def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
     """A contact sheet, one row per image: image / ground truth / prediction / errors, titled with its scores.
     `rows`: dicts with name, image, target, prediction, miou, pixel_accuracy."""
-    with fonts_for(path, *info.names, *(row["name"] for row in rows)):
+    # A file name that is not UTF-8 (caf\xe9 from a Latin-1 archive) with U+FFFD where its bytes are not text:
+    # the font machinery refused its escapes ("surrogates not allowed") after the whole evaluation.
+    names = [os.fsencode(row["name"]).decode(errors="replace") for row in rows]
+    with fonts_for(path, *info.names, *names):
         fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
-        for ax_row, row in zip(axes, rows):
+        for ax_row, row, name in zip(axes, rows, names):
             pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
                         error_map(row["target"], row["prediction"], info))
             for ax, picture in zip(ax_row, pictures):
                 ax.imshow(picture)
                 ax.axis("off")
-            ax_row[0].set_title(f"{row['name']}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
+            ax_row[0].set_title(f"{name}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
                                 f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
         for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
             ax.set_title(title, loc="left", fontsize=10)

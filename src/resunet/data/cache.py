@@ -60,7 +60,7 @@ def cache_key(dataset: PairedDataset, short_side: int) -> str:
         stat, real = looked_at(path)
         # The change time too: a file edited and its modification time put back (cp -p, rsync -a, tar, unzip) kept
         # the same key, and training read the old masks from the cache without a word (a helper, 2026-12-06).
-        digest.update(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
+        digest.update(os.fsencode(f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n"))
     return digest.hexdigest()[:20]
 
 
@@ -71,7 +71,7 @@ def cache_identity(dataset: PairedDataset, short_side: int) -> str:
     classes = json.dumps(dataset.info.to_dict(), sort_keys=True)  # flags or a classes.json: another reading
     # cache_key has looked at every file already (a loop or a dangling link is refused there)
     paths = "\n".join(str(path.resolve()) for path in dataset.image_paths + dataset.mask_paths)
-    return hashlib.sha256(f"{short_side}\n{classes}\n{paths}".encode()).hexdigest()[:20]
+    return hashlib.sha256(os.fsencode(f"{short_side}\n{classes}\n{paths}")).hexdigest()[:20]
 
 
 # cache_canvas's answers by (cache_key, max_pixels): train asks up to three times at start-up (the early cache check,
