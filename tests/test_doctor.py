@@ -812,3 +812,37 @@ def test_a_mask_carrying_its_own_exif_turn_is_said_not_to_be_turned(tmp_path):
 
     assert read_mask(root / "train" / "masks" / "good_0.png", doctor.list_splits(root).info).shape == (SIZE, SIZE)
     assert doctor.check_data(root, workers=1).findings == []
+
+
+def test_a_dataset_without_the_train_or_val_split_is_not_passed_as_clean(tmp_path, capsys):
+    """Found by a helper (2026-12-06): a VOC tree whose split file is ImageSets/Segmentation/default.txt (CVAT's
+    export) was checked not at all, yet check-data said "0 errors, 0 warnings" and exited 0; then train refused it.
+    Nothing read is an error; a train or val split missing beside others is a warning naming the way round it."""
+    from resunet.cli import main
+    from resunet.data.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "voc", train=2, val=2, size=16, seed=0)
+    splits = tmp_path / "voc" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    (splits / "train.txt").rename(splits / "default.txt")
+    (splits / "val.txt").unlink()
+    report = doctor.check_data(tmp_path / "voc", workers=1)
+    assert [(f.severity, f.kind, f.path) for f in report.findings] == [
+        ("error", "no_split", "ImageSets/Segmentation/train.txt"), ("error", "no_split", "ImageSets/Segmentation/val.txt")]
+    assert report.findings[1].message == ("ImageSets/Segmentation/val.txt: not there (split files here: default); "
+                                          "train reads it unless --val-split names another, and --split NAME checks "
+                                          "those")
+    assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--workers", "1"]) == 1
+    assert "no_split" in capsys.readouterr().out
+    assert not doctor.check_data(tmp_path / "voc", ["default"], workers=1).errors  # asked for: checked
+    (splits / "default.txt").rename(splits / "train.txt")
+    report = doctor.check_data(tmp_path / "voc", workers=1)
+    assert [(f.severity, f.kind) for f in report.findings] == [("warning", "missing_split")]
+    assert report.facts["splits"]["train"]["pairs"] == 2
+
+    root = clean_dataset(tmp_path / "data")  # a folder dataset of train alone
+    shutil.rmtree(root / "val")
+    report = doctor.check_data(root, workers=1)
+    assert [(f.severity, f.kind, f.path) for f in report.findings] == [("warning", "missing_split", "val")]
+    assert report.findings[0].message == ("val: no val/{images,masks} (splits here: train); train reads val unless "
+                                          "--val-split names another, and --split NAME checks those")
+    assert not doctor.check_data(root, ["train"], workers=1).findings  # the splits given are the ones checked

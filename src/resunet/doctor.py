@@ -46,6 +46,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "unreadable": ("error", "files that cannot be read (broken, truncated, not an image, unsupported mask mode)"),
     "too_large": ("error", "files over --max-pixels, refused from their header (decompression bombs?)"),
     "empty_split": ("error", "split folders without images"),
+    "no_split": ("error", "no split to check (no --split given, and no train or val): nothing was read"),
     "half_split": ("error", "a train or val folder with images/ but no masks/ (or masks/ but no images/): training "
                             "reads both folders of both splits"),
     "unlabelled_split": ("error", "splits whose masks are all the ignore label: nothing to learn from, or to score "
@@ -61,6 +62,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "exif_orientation": ("warning", "images stored flipped or turned (EXIF orientation) whose mask fits both the "
                                     "stored and the shown picture: masks are read against the picture as shown, so "
                                     "one drawn on the stored pixels would be misaligned without any error — check"),
+    "missing_split": ("warning", "no train or no val split, the two `resunet train` reads unless --train-split or "
+                                 "--val-split name others (looked for when no --split is given)"),
     "nested_files": ("warning", "images or masks in subfolders of images/ or masks/: not read (only files directly in "
                                 "those folders are)"),
     "unread_files": ("warning", "files in images/ or masks/ whose suffix is not an image suffix read here (.heic, "
@@ -156,6 +159,7 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
     """`root/{split}/{images,masks}` or flat `root/{images,masks}`, listed directly: `open_dataset` stops at the
     first image without a mask, the doctor wants them all (and the masks without images)."""
     halves = []  # the split folders `resunet train` reads, half there: passed over, train then refused the data
+    missing_splits: list[str] = []
     if splits is None:  # the labelled splits (an unlabelled test/images is not a mistake)
         splits = [s for s in ("train", "val", "test") if all((root / s / d).is_dir() for d in ("images", "masks"))]
         halves = [(s, there, missing) for s in ("train", "val")
@@ -167,12 +171,18 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
                             "folder(s) half there), and no complete split")
         if not splits and not (root / "images").is_dir():  # other names (training/validation): those, not "all"
             splits = split_folders(root)
+        if splits:  # a split folder layout without train or val: train refused it, the check passed
+            missing_splits = [s for s in ("train", "val") if s not in splits and s not in {h[0] for h in halves}]
         splits = splits or ["all"]  # flat layout: one folder for every split
     split_dirs = {}
     for split in splits:
         split_dirs[split] = find_split_dir(root, split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
+    for split in missing_splits:
+        listing.findings.append(finding("missing_split", split, f"{split}: no {split}/{{images,masks}} (splits here: "
+                                        f"{', '.join(splits)}); train reads {split} unless --{split}-split names "
+                                        "another, and --split NAME checks those"))
     for split, there, missing in halves:
         listing.findings.append(finding("half_split", f"{split}/{missing}", f"{split}/{there}: no {split}/{missing} "
                                         "folder beside it; train reads both, and would refuse this dataset"))
@@ -229,9 +239,16 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
 def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | None) -> Listing:
     """The names in `ImageSets/Segmentation/{split}.txt`, each checked for its image and mask."""
     split_files = voc_dir / "ImageSets" / "Segmentation"
+    listing = Listing(voc_dir, "voc", VOC_INFO, {})
     if splits is None:
         splits = [s for s in ("train", "val") if (split_files / f"{s}.txt").is_file()]
-    listing = Listing(voc_dir, "voc", VOC_INFO, {})
+        available = sorted(p.stem for p in split_files.glob("*.txt"))
+        for split in sorted({"train", "val"} - set(splits)):  # a CVAT export's default.txt: nothing was checked
+            listing.findings.append(finding(
+                "missing_split" if splits else "no_split", relative(split_files / f"{split}.txt", voc_dir),
+                f"{relative(split_files / f'{split}.txt', voc_dir)}: not there (split files here: "
+                f"{', '.join(available) or 'none'}); train reads it unless --{split}-split names another, and "
+                "--split NAME checks those"))
     for split in splits:
         split_file = split_files / f"{split}.txt"
         if not split_file.is_file():
