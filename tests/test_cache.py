@@ -4,6 +4,9 @@ import fcntl
 import gc
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,6 +243,8 @@ def test_a_rebuilt_cache_removes_the_stale_copy_of_its_files_and_no_other(tmp_pa
     assert old.replaced == [] and all(cache.replaced == [] for cache in kept)
     building = cache_dir / f"{old_folder.name}.tmp99999"  # another process's build: done, not yet renamed
     shutil.copytree(old_folder, building)
+    build_lock = open(building / "building", "wb")  # held while it builds, as build_cache holds it
+    fcntl.flock(build_lock, fcntl.LOCK_EX)
     unreadable = cache_dir / ("0" * 20)
     unreadable.mkdir()
     (unreadable / "done").touch()
@@ -324,3 +329,42 @@ def test_a_run_that_fails_mid_way_lets_its_cache_go(tmp_path, monkeypatch):
             fcntl.flock(done, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         gc.enable()
+
+
+def test_a_build_killed_part_way_leaves_a_folder_the_next_build_removes(tmp_path):
+    """A build killed where it cannot clean up (SIGKILL, an out-of-memory kill) left KEY.tmpPID, holding the whole
+    cache's reserved blocks, for good: each retry left another (a helper, 2026-12-06). The next build removes the
+    folders of builds that are not running (a running one holds its lock) and says so."""
+    data, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_demo_dataset(data, train=4, val=2, size=48, seed=0)
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from pathlib import Path
+import resunet.data.cache as cache
+from resunet.data.dataset import open_dataset
+
+def killed_part_way(dataset, short_side, canvas, tmp, *args):
+    (tmp / "images.npy").write_bytes(bytes(1_000_000))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+cache._fill_cache = killed_part_way
+cache.build_cache(open_dataset({str(data)!r}, "val"), size=32, cache_dir=Path({str(cache_dir)!r}))
+"""], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    left, = cache_dir.iterdir()
+    assert ".tmp" in left.name and (left / "building").is_file() and (left / "images.npy").is_file()
+    older = cache_dir / ("a" * 20 + f".tmp{killed_pid()}")  # a build from before the lock file: its process is gone
+    older.mkdir()
+    (older / "images.npy").write_bytes(bytes(1000))
+    alive = cache_dir / ("b" * 20 + f".tmp{os.getppid()}")  # no lock file, its process alive: left alone
+    alive.mkdir()
+    cache = build_cache(open_dataset(data, "train"), size=32, cache_dir=cache_dir)
+    assert sorted(cache.abandoned) == sorted([(left, 1_000_000), (older, 1000)]) and cache.replaced == []
+    assert not left.exists() and not older.exists() and alive.is_dir() and (cache.folder / "done").is_file()
+    assert not (cache.folder / "building").exists()
+
+
+def killed_pid() -> int:
+    """The id of a process that has ended."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(ended.stdout)

@@ -202,6 +202,10 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
                   f"({sum(size for _, size in cache.replaced) / 1e6:.0f} MB: {cache.replaced[0][0]}"
                   f"{', ...' if len(cache.replaced) > 1 else ''}), built before a file changed",
                   flush=True)
+        if cache.abandoned:
+            print(f"resunet: removed {len(cache.abandoned)} half-built decoded-image cache(s) left by builds that were "
+                  f"killed ({sum(size for _, size in cache.abandoned) / 1e6:.0f} MB: {cache.abandoned[0][0]}"
+                  f"{', ...' if len(cache.abandoned) > 1 else ''})", flush=True)
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
                               cfg.jitter, device, cfg.seed, rank, world, cfg.crop_size)
         return loader, "cached"

@@ -41,6 +41,8 @@ from .transforms import augment_batch
 CACHE_FORMAT = 4
 CACHE_HEADROOM = 1.25
 CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID)
+BUILD_NAME = re.compile(r"[0-9a-f]{20}\.tmp(?P<pid>\d+)")
+BUILD_LOCK = "building"  # held (exclusive) by the process building the folder, for as long as it builds
 
 
 def default_cache_dir() -> Path:
@@ -113,9 +115,11 @@ def cache_bytes(dataset: PairedDataset, size: int, cache_dir: Path | None = None
 class DecodedCache:
     """The memory-mapped arrays: images N×3×H×W, masks N×H×W, sizes N×2 (valid height, width)."""
 
-    def __init__(self, folder: Path, replaced: list[tuple[Path, int]] | None = None) -> None:
+    def __init__(self, folder: Path, replaced: list[tuple[Path, int]] | None = None,
+                 abandoned: list[tuple[Path, int]] | None = None) -> None:
         self.folder = folder
         self.replaced = replaced or []  # (folder, bytes) of the stale copies removed when this one was built
+        self.abandoned = abandoned or []  # (folder, bytes) of killed builds' half-built folders removed then
         # A shared lock while this process reads the folder: remove_stale_caches leaves a cache in use alone (on a
         # network disk too, where maps of files removed by another host fail).
         self._in_use = open(folder / "done", "rb")
@@ -220,21 +224,74 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         tmp.mkdir(parents=True)
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
-    # Before the build, so a disk that held the old copy has room for the new one.
-    identity = cache_identity(dataset, short_side)  # every file's real path: once, for the removal and meta.json
-    replaced = remove_stale_caches(folder, identity) if remove_stale else []
+    building = open(tmp / BUILD_LOCK, "wb")
+    with building:
+        if fcntl is not None:
+            try:
+                fcntl.flock(building, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (NFS without its lock daemon): built all the same
+                pass
+        # Before the build, so a disk that held the old copy has room for the new one.
+        identity = cache_identity(dataset, short_side)  # every file's real path: once, for the removal and meta.json
+        replaced = remove_stale_caches(folder, identity) if remove_stale else []
+        abandoned = remove_abandoned_builds(folder.parent) if remove_stale else []
+        try:
+            _fill_cache(dataset, short_side, canvas, tmp, workers, identity)
+            (tmp / BUILD_LOCK).unlink()
+        except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
+                raise cache_write_error(folder.parent, error, cache_dir is not None, needed) from None
+            raise
+        try:
+            tmp.rename(folder)  # atomic: a half-built cache is never seen as done
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return DecodedCache(folder, replaced, abandoned)
+
+
+def remove_abandoned_builds(parent: Path) -> list[tuple[Path, int]]:
+    """Remove the half-built caches (KEY.tmpPID) whose build was killed where it could not clean up (SIGKILL, an
+    out-of-memory kill, a SIGTERM before training's handler): each held a whole cache's reserved blocks, and each
+    retry left another. A build holds its folder's lock while it runs (on any host sharing the folder); a folder
+    without the lock file (made before it, or its first instant) is left while its process id lives here."""
+    removed = []
     try:
-        _fill_cache(dataset, short_side, canvas, tmp, workers, identity)
-    except BaseException as error:  # a bad image, Ctrl-C, a write that fails part-way: no half-built folder left
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError):  # reading errors are DataErrors already: an OSError here is a write's
-            raise cache_write_error(folder.parent, error, cache_dir is not None, needed) from None
-        raise
+        builds = [(path, int(match["pid"])) for path in parent.iterdir() if (match := BUILD_NAME.fullmatch(path.name))]
+    except OSError:
+        return removed
+    for build, pid in builds:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(build / BUILD_LOCK, "rb") as lock:
+                if fcntl is None:
+                    continue
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while its build runs
+                size = sum(path.stat().st_size for path in build.iterdir())
+                shutil.rmtree(build)
+        except FileNotFoundError:
+            if process_alive(pid):
+                continue
+            try:
+                size = sum(path.stat().st_size for path in build.iterdir())
+                shutil.rmtree(build)
+            except OSError:
+                continue
+        except OSError:  # its build still runs, or no lock can be taken here
+            continue
+        removed.append((build, size))
+    return removed
+
+
+def process_alive(pid: int) -> bool:
     try:
-        tmp.rename(folder)  # atomic: a half-built cache is never seen as done
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return DecodedCache(folder, replaced)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
