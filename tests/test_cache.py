@@ -368,3 +368,18 @@ def killed_pid() -> int:
     """The id of a process that has ended."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(ended.stdout)
+
+
+def test_a_file_system_without_locks_builds_and_reads_the_cache(tmp_path, monkeypatch):
+    """NFS without its lock daemon refuses every flock (ENOLCK): the reader's shared lock ended train in a
+    traceback after the whole build, and every later run at once (a helper, 2026-12-06). Read unguarded there."""
+    import errno
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    make_demo_dataset(tmp_path / "data", train=4, val=2, size=48, seed=0)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    built = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    again = build_cache(open_dataset(tmp_path / "data", "train"), size=32, cache_dir=tmp_path / "cache")
+    assert again.folder == built.folder and len(again) == 4 and np.array_equal(again.masks, built.masks)

@@ -515,6 +515,22 @@ def test_a_second_run_on_the_same_root_is_refused_while_the_first_holds_it(voc_t
 EXTRACTED = ".resunet-extracted"
 
 
+def test_a_file_system_without_locks_downloads_unguarded(voc_tar, tmp_path: Path, monkeypatch) -> None:
+    """NFS without its lock daemon refuses every flock (ENOLCK): it was said to be "another resunet download", and
+    the download refused for good (a helper, 2026-12-06)."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    url, md5, _ = voc_tar
+    assert (download_voc2012(tmp_path / "data", url=url, md5=md5) / EXTRACTED).is_file()
+
+
+
+
 def test_a_full_disk_while_downloading_is_said_to_be_the_disk(big_file, tmp_path: Path) -> None:
     # It was "download of URL failed: [Errno 28] No space left on device": the network was blamed.
     url, md5, _ = big_file

@@ -124,7 +124,10 @@ class DecodedCache:
         # network disk too, where maps of files removed by another host fail).
         self._in_use = open(folder / "done", "rb")
         if fcntl is not None:
-            fcntl.flock(self._in_use, fcntl.LOCK_SH)
+            try:
+                fcntl.flock(self._in_use, fcntl.LOCK_SH)
+            except OSError:  # a file system without locks (NFS without its lock daemon): read unguarded
+                pass
         # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
         try:
             self.images = np.load(folder / "images.npy", mmap_mode="c")

@@ -275,9 +275,11 @@ def _only_run(root: Path, archive_name: str):
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: held
             raise DownloadError(f"another resunet download is fetching or extracting {root / archive_name}; let it "
                                 "finish (then this command has nothing left to do)") from None
+        except OSError:  # a file system without locks (NFS without its lock daemon): unguarded, as on Windows
+            pass
         yield
 
 
