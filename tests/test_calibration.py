@@ -222,6 +222,33 @@ def test_a_checkpoint_that_cannot_be_rewritten_after_the_fit_keeps_the_fit_on_th
     assert checkpoint.read_bytes() == before and sorted(p.name for p in ram_tmp.iterdir()) == ["immutable.pt"]
 
 
+def test_a_checkpoint_saved_again_during_the_fit_is_not_given_the_earlier_models_temperature(
+        trained_run, demo_root, ram_tmp, capsys, monkeypatch):
+    """`calibrate RUN/best.pt` while RUN still trains: a better best.pt saved during the fit was given the earlier
+    model's temperature and ECE (or, saved between calibrate's re-read and its save, put back by the earlier one and
+    lost). A helper, 2026-12-06. Refused now, in one line, the newer file left as training wrote it."""
+    import resunet.calibration
+    from resunet.cli import main
+
+    checkpoint = ram_tmp / "best.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    newer = (trained_run / "last.pt").read_bytes()
+    real_fit = resunet.calibration.fit_temperature
+
+    def fit_while_training_saves(*args, **kwargs):
+        (ram_tmp / "best.pt.saving").write_bytes(newer)  # as training saves: a new file renamed into place
+        (ram_tmp / "best.pt.saving").replace(checkpoint)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", fit_while_training_saves)
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"resunet calibrate: error: {re.escape(str(checkpoint))}: saved again while the temperature "
+                        r"was fitted \(a run still training into its folder\?\); the fitted \d+\.\d{3} is the earlier "
+                        r"model's, so it is not stored: calibrate again once the file is final", err), err
+    assert checkpoint.read_bytes() == newer
+
+
 def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys):
     from resunet.train import train
 

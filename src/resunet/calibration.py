@@ -131,12 +131,20 @@ def ece_change(result: dict) -> str:
             f"{100 * result['ece_after']:.2f}%")
 
 
-def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor) -> dict:
+def file_state(path: str | Path) -> tuple[int, int, int]:
+    """What tells a file rewritten (a save renames a new file into place) from the one read: inode, size, time."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor,
+              loaded: tuple[int, int, int] | None = None) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after", "stored",
     "stored_temperature"}. A temperature that raises the ECE is not stored ("stored" False, the file unchanged): the
     NLL's optimum is not the ECE's, and the ECE is what evaluate reports (an audit's barely trained model: T 0.209,
-    ECE 1.69% -> 24.61%)."""
+    ECE 1.69% -> 24.61%). `loaded`: the file's `file_state` when `predictor` was read from it; a file saved again
+    since (a run still training into its folder) is refused, not given another model's temperature."""
     stored, predictor.temperature = predictor.temperature, 1.0
     logits, labels, weights, before = collect(predictor, dataset)
     temperature = fit_temperature(logits, labels, weights)
@@ -149,6 +157,10 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     if not result["stored"]:
         predictor.temperature = stored
         return result
+    if loaded is not None and file_state(checkpoint) != loaded:
+        raise CheckpointError(f"{checkpoint}: saved again while the temperature was fitted (a run still training into "
+                              f"its folder?); the fitted {temperature:.3f} is the earlier model's, so it is not stored: "
+                              "calibrate again once the file is final")
     payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
@@ -161,6 +173,7 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
 def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: str = "auto", precision: str = "auto",
                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """The `resunet calibrate` command."""
+    loaded = file_state(checkpoint)  # before it is read: a save during the fit is then seen
     predictor = Predictor.from_checkpoint(checkpoint, device, precision)
     # The temperature is stored in the file: one it cannot rewrite is refused before the fit, not after.
     real = Path(os.path.realpath(checkpoint))
@@ -169,7 +182,7 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
                               "writable, or calibrate a copy")
     check_output_folder("calibrate", real.parent)
     dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
-    result = calibrate(checkpoint, dataset, predictor)
+    result = calibrate(checkpoint, dataset, predictor, loaded)
     replaced = result["stored_temperature"]
     fitted = (f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
               f"({len(dataset)} images)")
