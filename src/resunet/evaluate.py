@@ -105,7 +105,7 @@ def format_table(scores: dict, info: ClassInfo) -> str:
     lines.append(f"{'mIoU':<{width}} {100 * scores['miou']:7.2f}"
                  + (f" {100 * scores['boundary_miou']:15.2f}" if boundary else ""))
     lines.append(f"{'pixel acc.':<{width}} {100 * scores['pixel_accuracy']:7.2f}")
-    if scores.get("ece") is not None:  # a predictor with logits (not an end-to-end ONNX graph)
+    if scores.get("ece") is not None:  # a predictor with probabilities (an end-to-end ONNX graph's too)
         temperature = scores.get("temperature", 1.0)
         if isinstance(temperature, list):  # an ensemble: each member's, applied before its probabilities are averaged
             said = "temperatures " + ", ".join(f"{t:.3g}" for t in temperature) + " of the members"
