@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 import httpx
@@ -316,6 +317,10 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
          "3000×2 pixels become 96000×64 at working size 64, more than 65,536 pixels (16 × 64², an image 16 times "
          "as long as wide)"),
         ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
+        # An iPhone's photo: named, with the way round it (it was "not an image format we know").
+        ("heic", dict(method="POST", url="/predict", files={"file": ("IMG_0001.HEIC", b"\0\0\0\x18ftypheic\0\0\0\0mif1"
+                                                                      + bytes(500), "image/heic")}), 400,
+         "IMG_0001.HEIC: not a readable image (a HEIC/HEIF photo, which is not read here: export it as JPEG or PNG)"),
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
         ("two files", dict(method="POST", url="/predict", files=[("file", ("a.png", good)), ("file", ("b.png", good))]),
          400, "multipart upload with 2 parts named 'file': send one image a request"),
@@ -599,6 +604,20 @@ def test_port_0_stays_bound_from_its_announcement_to_the_service():
     assert taken.value.errno == errno.EADDRINUSE
     for listener in sockets:
         listener.close()
+
+
+def test_the_page_is_revalidated_with_a_304_and_not_served_under_static(client):
+    """The page's route answered in full on every load, though its comment promised a 304 when unchanged; and
+    /static/index.html served a copy whose relative URLs (static/app.js, classes) pointed under /static, where
+    nothing is: a page stuck at "loading the model description" (a helper, 2026-12-06)."""
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-cache" and b"app.js" in page.content
+    again = client.get("/", headers={"If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    moved = client.get("/static/index.html", follow_redirects=False)
+    assert moved.status_code == 308 and moved.headers["location"] == "../"
+    assert client.get("/static/index.html").url.path == "/"
+    assert client.get("/static/app.js").status_code == 200 and client.head("/").status_code == 200
 
 
 def test_monitors_may_probe_with_head_and_the_browsers_icon_request_is_no_error(client):
@@ -1417,6 +1436,104 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
         page.touchscreen.tap(box["x"] + 3, box["y"] + 3)
         page.wait_for_timeout(200)
         assert page.text_content("#hover").startswith("(0, 0): ")
+        browser.close()
+
+
+def test_the_page_recovers_from_a_service_that_was_down_busy_or_behind_a_proxy_in_a_real_browser(live_server):
+    """Found by reading the page (a helper, 2026-12-06): opened while /classes failed, it never read the class names
+    (an empty legend, "unknown" everywhere, no size check); a 503 with Retry-After (warming up, a full queue) was
+    said and the image dropped; a proxy's 502 page over HTTP/2 read "502: " (or "undefined" for JSON without an
+    error); a drop with no file did nothing; without the picture, "image" drew an empty box; a HEIC photo was sent
+    whole to be refused."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = live_server
+    small = encoded(scene(30, 40, 16))
+    served = httpx.post(url + "/predict?format=json", content=small, timeout=60).json()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.route("**/classes", lambda route: route.fulfill(status=502, body=b"<html>down</html>"))
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.startsWith('could not read /classes')")
+        page.unroute("**/classes")  # the service is back
+        # Busy twice (Retry-After: 1), then answered: tried again by itself, the same file.
+        tries = []
+
+        def busy_then_on(route):
+            tries.append(route.request.post_data_buffer)
+            if len(tries) <= 2:
+                route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                              body=b'{"error": "model not ready yet"}')
+            else:
+                route.continue_()
+
+        page.route("**/predict", busy_then_on)
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "later.png"})
+        page.wait_for_function("document.querySelector('#status').textContent.includes('trying again in 1 s')")
+        page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
+        assert page.text_content("#status") == "later.png: done" and len(tries) == 3 and tries[0] == tries[2]
+        names = page.eval_on_selector_all("#legend li .name", "items => items.map(i => i.textContent)")
+        assert sorted(names) == sorted(c["name"] for c in served["classes"])  # read once the service was back
+        assert page.text_content("#model").endswith(" px") and "classes" in page.text_content("#model")
+        page.unroute("**/predict")
+        # Busy for good: said after the last try, with the service's reason.
+        page.route("**/predict", lambda route: route.fulfill(status=503, headers={"Retry-After": "1"},
+                                                            content_type="application/json",
+                                                            body=b'{"error": "busy: 64 images waiting; retry later"}'))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "busy.png"})
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=60_000)
+        assert page.text_content("#status") == "503: busy: 64 images waiting; retry later (after 6 tries)"
+        page.unroute("**/predict")
+        # A proxy's own page, no reason phrase (HTTP/2), and JSON without an "error": a sentence, not "" or undefined.
+        for status, body, said in ((502, b"<html><body>Bad Gateway</body></html>",
+                                    "502: bad gateway: the service behind the proxy did not answer"),
+                                   (404, b'{"detail": "Not Found"}', "404: not found (is the page's address right?)")):
+            page.route("**/predict", (lambda status, body: lambda route: route.fulfill(status=status, body=body))(
+                status, body))
+            page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "proxied.png"})
+            page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('{status}')",
+                                   timeout=60_000)
+            text = page.text_content("#status")
+            assert text in (said, f"{status}: {HTTPStatus(status).phrase}"), text  # HTTP/1.1 carries a phrase
+            assert "undefined" not in text and text != f"{status}: "
+            page.unroute("**/predict")
+        # A drop that carries no file (a link, a picture dragged from another tab): said.
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.setData("text/uri-list", "https://example.org/cat.jpg");
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""")
+        assert page.text_content("#status").startswith("nothing to segment in this drop: drag the image file itself")
+        # A HEIC photo: said before any upload.
+        answered = page.evaluate("document.body.dataset.answered")
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.items.add(new File([new Uint8Array(5000)], "IMG_0001.HEIC", {type: "image/heic"}));
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""")
+        assert page.text_content("#status").startswith("IMG_0001.HEIC: a HEIC/HEIF photo, which this service does "
+                                                       "not read; export it as JPEG or PNG")
+        assert page.evaluate("document.body.dataset.answered") == answered  # nothing sent
+        # Without the picture (a mask of another shape than the image as the browser reads it): "image" and the
+        # slider are off, and the mask is shown; with the picture again, both come back.
+        upright = Image.new("P", (30, 40))
+        upright.putpalette([0, 0, 0, 128, 0, 0] * 128)
+        page.evaluate("document.querySelector('input[value=image]').checked = true")  # chosen for the last result
+        page.route("**/predict", lambda route: route.fulfill(status=200, body=encoded(upright), content_type="image/png"))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "turned.png"})
+        page.wait_for_selector("body[data-segmented='2']", timeout=60_000)
+        assert page.is_disabled("input[value=image]") and page.is_disabled("#opacity")
+        assert page.is_checked("input[value=mask]")
+        assert page.evaluate("document.querySelector('#view').toDataURL()") != page.evaluate(
+            "(() => { const c = document.createElement('canvas'); c.width = 30; c.height = 40; return c.toDataURL(); })()")
+        page.unroute("**/predict")
+        page.check("input[value=overlay]")
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "again.png"})
+        page.wait_for_selector("body[data-segmented='3']", timeout=60_000)
+        assert not page.is_disabled("input[value=image]") and not page.is_disabled("#opacity")
+        page.check("input[value=mask]")
+        assert page.is_disabled("#opacity")  # it moves nothing outside the overlay
         browser.close()
 
 

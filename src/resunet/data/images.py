@@ -89,6 +89,26 @@ def open_unbounded(source: str | Path | io.BytesIO) -> Iterator[Image.Image]:
                 Image.MAX_IMAGE_PIXELS = ceiling
 
 
+# ISO base media files (ftyp box) of HEIF brands: an iPhone's photos, which Pillow does not read without a plugin.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def unknown_format(source: str | Path | io.BytesIO) -> str:
+    """Why an image was not identified, from its first bytes: a HEIC/HEIF photo is named, with the way round it."""
+    try:
+        if hasattr(source, "read"):
+            source.seek(0)
+            head = source.read(12)
+        else:
+            with open(source, "rb") as file:
+                head = file.read(12)
+    except OSError:
+        head = b""
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "a HEIC/HEIF photo, which is not read here: export it as JPEG or PNG"
+    return "not an image format we know"
+
+
 @contextmanager
 def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, kind: str = "image") -> Iterator:
     """The PIL image of `source`, its header read and its size checked against `max_pixels` before any pixel is
@@ -109,7 +129,7 @@ def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, 
         raise ImageTooLargeError(f"{label}: {kind} of {size} is over the limit of {limit:,} "
                                  "(--max-pixels; a decompression bomb?)") from None
     except UnidentifiedImageError:
-        raise DataError(f"{label}: not a readable {kind} (not an image format we know)") from None
+        raise DataError(f"{label}: not a readable {kind} ({unknown_format(source)})") from None
     except (OSError, SyntaxError, ValueError, struct.error, TypeError, IndexError) as error:
         # struct.error: a broken EXIF block; TypeError: a TIFF strip offset stored as a float (found by fuzzing)
         if isinstance(error, DataError):

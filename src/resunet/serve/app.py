@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
@@ -39,13 +39,24 @@ from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullE
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
-# The page and its files are revalidated on each load (a 304 when unchanged): with Last-Modified alone a browser caches
+# The page and its files are revalidated on each load (a 304 when unchanged, PageFiles): with Last-Modified alone a browser caches
 # them for a while by its own rule, and after an upgrade could pair the new page with the old script.
 REVALIDATE = {"Cache-Control": "no-cache"}
 
 
 class PageFiles(StaticFiles):
-    """The page's script and style, served with REVALIDATE."""
+    """The page and its script and style, served with REVALIDATE and answered 304 when unchanged (StaticFiles reads
+    the conditional headers; a FileResponse alone answered the page in full every time). Under /static the page is
+    sent to its own address: opened there, its relative URLs named /static/static/app.js and /static/classes."""
+
+    def __init__(self, *args, page_here: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.page_here = page_here
+
+    async def get_response(self, path: str, scope) -> Response:
+        if path == "index.html" and not self.page_here:
+            return RedirectResponse("../", status_code=308)
+        return await super().get_response(path, scope)
 
     def file_response(self, *args, **kwargs) -> Response:
         response = super().file_response(*args, **kwargs)
@@ -331,13 +342,14 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
 
     # GET and HEAD: uptime monitors and load balancers often probe with HEAD.
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers=REVALIDATE)
+    async def page(request: Request) -> Response:
+        return await page_file.get_response("index.html", request.scope)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:  # every browser asks; no icon, and no 404 line in the log for it
         return Response(status_code=204)
 
+    page_file = PageFiles(directory=STATIC, page_here=True)
     app.mount("/static", PageFiles(directory=STATIC), name="static")
 
     def unready() -> RequestError | None:

@@ -34,20 +34,51 @@ async function pngSize(blob) {
 }
 
 // URLs are relative to the page: it works mounted under a path of another app (or behind a proxy's prefix).
+// Read at the start and again with each image: a page opened while the service was down (or restarting) had no class
+// names for good, nor the size limit, and one restarted with another model was read with the old one's colours.
 async function loadModel() {
   try {
-    const response = await fetch("classes");
+    const response = await fetch("classes", { cache: "no-store" });
     if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
     const description = await response.json();
     state.classes = description.classes;
     state.maxBytes = description.limits ? description.limits.max_bytes : null;
-    for (const c of description.classes) state.byColour.set(colourKey(...c.color), c);
+    state.byColour = new Map(description.classes.map((c) => [colourKey(...c.color), c]));
     $("model").textContent = `${description.model.file} (${description.model.kind}) · ` +
       `${description.classes.length} classes · working size ${description.working_size} px`;
+    return true;
   } catch (error) {
-    $("model").textContent = `could not read /classes: ${error}`;
+    if (!state.classes.length) $("model").textContent = `could not read /classes: ${error}`;
+    return false;
   }
 }
+
+// What a status means, for an answer without the service's JSON (a proxy's HTML page; HTTP/2 has no reason phrase).
+const STATUS_MEANING = {
+  400: "the request was refused", 404: "not found (is the page's address right?)",
+  413: "too large for the service or a proxy in front of it", 429: "too many requests",
+  500: "the service failed", 502: "bad gateway: the service behind the proxy did not answer",
+  503: "the service is busy or not ready", 504: "gateway timeout: the service behind the proxy took too long",
+};
+const MAX_RETRIES = 5;  // 503s with Retry-After (warming up, a full queue) tried again, then said
+
+function retryAfterSeconds(response) {
+  const value = response.headers.get("Retry-After");
+  if (!value) return null;
+  const seconds = /^\d+$/.test(value.trim()) ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+  return Number.isFinite(seconds) ? Math.min(30, Math.max(1, Math.ceil(seconds))) : null;
+}
+
+async function errorText(response) {
+  const body = await response.json().catch(() => null);
+  const said = body && typeof body.error === "string" && body.error;
+  return `${response.status}: ${said || response.statusText || STATUS_MEANING[response.status] || "no reason given"}`;
+}
+
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// HEIC/HEIF (an iPhone's photos): not read by the service; said before the upload, not after 20 MB were sent.
+const isHeif = (file) => /^image\/hei[cf]/.test(file.type) || /\.(heic|heif)$/i.test(file.name || "");
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -109,6 +140,12 @@ async function segment(file, count = 1) {
   const isStale = () => ticket !== state.latest;
   state.upload = new AbortController();
   clearResult();
+  if (isHeif(file)) {
+    setStatus(`${file.name || "the pasted image"}: a HEIC/HEIF photo, which this service does not read; export it as ` +
+      "JPEG or PNG (on an iPhone: Settings › Camera › Formats › Most Compatible)", true);
+    return;
+  }
+  modelLoaded = loadModel();  // beside the upload; awaited before the answer is read by its colours
   const form = uploadForm(file, file.name || "pasted.png");
   if (state.maxBytes && form.body.size > state.maxBytes) {
     // Said here, not sent: past 64 MiB the server does not read the rest of a refused body, and the browser then
@@ -122,22 +159,33 @@ async function segment(file, count = 1) {
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
   const started = performance.now();
   let response;
-  try {
-    response = await fetch("predict", {
-      method: "POST", body: form.body, headers: { "Content-Type": form.type }, signal: state.upload.signal,
-    });
-  } catch (error) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      response = await fetch("predict", {
+        method: "POST", body: form.body, headers: { "Content-Type": form.type }, signal: state.upload.signal,
+      });
+    } catch (error) {
+      countAnswer();
+      if (isStale()) return;
+      // No answer: the network, the service gone, or the file unreadable here (moved or changed since it was picked).
+      setStatus(`${file.name || "the pasted image"}: no answer (the service unreachable, or the file no longer ` +
+        `readable here): ${error}`, true);
+      return;
+    }
+    if (response.ok) break;
+    const text = await errorText(response);
     countAnswer();
     if (isStale()) return;
-    setStatus(`the server did not answer: ${error}`, true);
-    return;
-  }
-  if (!response.ok) {
-    const body = await response.json().catch(() => ({ error: response.statusText }));
-    countAnswer();
+    const wait = response.status === 503 ? retryAfterSeconds(response) : null;
+    if (wait === null || attempt > MAX_RETRIES) {
+      setStatus(text + (attempt > 1 ? ` (after ${attempt} tries)` : ""), true);
+      return;
+    }
+    // Warming up, or a full queue: the service says when to come back (a failed warm-up sends no Retry-After).
+    setStatus(`${text}; trying again in ${wait} s (try ${attempt + 1} of ${MAX_RETRIES + 1})…`);
+    await pause(1000 * wait);
     if (isStale()) return;
-    setStatus(`${response.status}: ${body.error}`, true);
-    return;
+    setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
   }
   let mask = null;
   let image = null;
@@ -155,11 +203,12 @@ async function segment(file, count = 1) {
     } catch (error) {
       image = null;  // a format the browser cannot draw (16-bit TIFF, …): the mask is still shown
     }
-    await modelLoaded;  // the legend and the readout name classes by their colours
+    const named = await modelLoaded;  // the legend and the readout name classes by their colours
     countAnswer();
     counted = true;
     if (isStale()) return;
     let note = image ? "" : " (this browser cannot display the image itself: the mask alone is shown)";
+    if (!named && !state.classes.length) note += " (the class names could not be read from /classes: reload the page)";
     if (image && (image.width !== full.width || image.height !== full.height)) {
       // The browser read the file otherwise than the server (an orientation it ignores): no stretched overlay.
       note = ` (this browser shows the image at ${image.width}×${image.height}, the mask is ` +
@@ -255,7 +304,13 @@ function sizeView(width, height) {
 
 function render() {
   if (!state.mask) return;
+  // Without the picture (a format the browser cannot draw, or drawn otherwise than the server read it) only the mask
+  // can be shown: "image" drew an empty box, and the opacity slider moved nothing.
+  const imageMode = document.querySelector("input[name=mode][value=image]");
+  imageMode.disabled = !state.image;
+  if (!state.image && imageMode.checked) document.querySelector("input[name=mode][value=mask]").checked = true;
   const mode = document.querySelector("input[name=mode]:checked").value;
+  $("opacity").disabled = !state.image || mode !== "overlay";
   const opacity = Number($("opacity").value) / 100;
   const context = view.getContext("2d");
   context.clearRect(0, 0, view.width, view.height);
@@ -315,6 +370,11 @@ document.addEventListener("drop", (event) => {
     setStatus(`${entry.name}: a folder; drop image files (one is segmented at a time)`, true);
     return;
   }
+  if (!event.dataTransfer.files.length) {  // a link, selected text, a picture dragged from another tab
+    setStatus("nothing to segment in this drop: drag the image file itself (a picture from a web page: save it " +
+      "first, then drop or choose the file)", true);
+    return;
+  }
   segment(event.dataTransfer.files[0], event.dataTransfer.files.length);
 });
 document.addEventListener("paste", (event) => {
@@ -322,4 +382,4 @@ document.addEventListener("paste", (event) => {
   if (item) segment(item.getAsFile());
 });
 $("download").setAttribute("aria-disabled", "true");
-const modelLoaded = loadModel();
+let modelLoaded = loadModel();
