@@ -1214,6 +1214,25 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         hover = page.text_content("#hover")
         assert any(hover.endswith(": " + c["name"]) for c in served["classes"]), hover
+        # The keyboard's way (the pointer's alone left it out): focused, the arrow keys move a cross, and the readout
+        # names the class under it (a helper, 2026-12-06).
+        mask = mask_of(httpx.post(url + "/predict", content=image.read_bytes(), timeout=60).content)
+        names = {c["id"]: c["name"] for c in served["classes"]}
+        height, width = mask.shape
+        page.focus("#view")
+        before = page.evaluate(canvas)
+        page.keyboard.press("ArrowRight")  # the first key puts the cross in the middle
+        x, y = width // 2, height // 2
+        assert page.text_content("#hover") == f"({x}, {y}): {names[mask[y, x]]}"
+        assert page.evaluate(canvas) != before  # the cross is drawn
+        page.keyboard.press("Shift+ArrowLeft")
+        page.keyboard.press("ArrowDown")
+        x, y = x - 1, min(height - 1, y + max(1, round(0.02 * max(width, height))))
+        assert page.text_content("#hover") == f"({x}, {y}): {names[mask[y, x]]}"
+        assert page.get_attribute("#view", "aria-label").startswith(f"{image.name} segmented: ")
+        assert page.get_attribute("#hover", "aria-live") == "polite"
+        page.evaluate("document.activeElement.blur()")
+        assert page.evaluate(canvas) == before  # the cross goes with the focus
         assert page.get_attribute("#download", "href").startswith("blob:")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # fits the phone's width
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
@@ -1282,7 +1301,8 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         page.mouse.move(box["x"] + 2, box["y"] + 2)
         assert page.text_content("#hover").startswith("(0, 0): ")
         page.mouse.move(box["x"] + box["width"] + 50, box["y"])
-        assert page.text_content("#hover") == "point at the image to see the class under the pointer"
+        assert page.text_content("#hover") == ("point at the image (or focus it and use the arrow keys) to see the "
+                                                "class under the pointer")
         # The keyboard: Tab reaches the file input (drawn as its button), Space opens the chooser; the same file
         # chosen twice is sent twice.
         page.keyboard.press("Tab")

@@ -9,7 +9,7 @@ const state = {
   classes: [], byColour: new Map(), image: null, mask: null, full: null, maskUrl: null, latest: 0, upload: null,
   maxBytes: null,
 };
-const HOVER_HINT = "point at the image to see the class under the pointer";
+const HOVER_HINT = "point at the image (or focus it and use the arrow keys) to see the class under the pointer";
 const MIN_SHOWN_PX = 256;  // a tiny image is drawn enlarged (pixelated) so it can be seen and pointed at
 
 const colourKey = (r, g, b) => (r << 16) | (g << 8) | b;
@@ -244,8 +244,13 @@ async function segment(file, count = 1) {
     $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
       `${full.width}×${full.height} px`;
     $("hover").textContent = HOVER_HINT;
+    state.cursor = null;
     $("result").hidden = false;
     drawLegend();
+    const described = [...$("legend").children].slice(0, 5).map((item) =>
+      `${item.querySelector(".name").textContent} ${item.querySelector(".share").textContent}`);
+    view.setAttribute("aria-label", `${file.name || "the pasted image"} segmented: ${described.join(", ") || "no " +
+      "known class"}; arrow keys move a cross whose class is read out below`);
     sizeView(shown.width, shown.height);
     render();
     setStatus(`${file.name || "pasted image"}: done${others}${note}`);
@@ -322,6 +327,21 @@ function render() {
     context.drawImage(maskCanvas, 0, 0);
     context.globalAlpha = 1;
   }
+  if (state.cursor) {  // the keyboard's cross, in the view's pixels, drawn in both black and white to show anywhere
+    const x = (state.cursor.x + 0.5) * view.width / state.full.width;
+    const y = (state.cursor.y + 0.5) * view.height / state.full.height;
+    const arm = Math.max(4, 0.03 * Math.max(view.width, view.height));
+    for (const [colour, width] of [["black", 3], ["white", 1]]) {
+      context.strokeStyle = colour;
+      context.lineWidth = width * Math.max(1, view.width / view.getBoundingClientRect().width || 1);
+      context.beginPath();
+      context.moveTo(x - arm, y);
+      context.lineTo(x + arm, y);
+      context.moveTo(x, y - arm);
+      context.lineTo(x, y + arm);
+      context.stroke();
+    }
+  }
 }
 
 function showClassAt(event) {
@@ -331,12 +351,33 @@ function showClassAt(event) {
   const x = Math.floor((event.clientX - box.left) * state.full.width / box.width);
   const y = Math.floor((event.clientY - box.top) * state.full.height / box.height);
   if (x < 0 || y < 0 || x >= state.full.width || y >= state.full.height) return;
+  sayClassAt(x, y);
+}
+
+function sayClassAt(x, y) {
   const shownX = Math.floor(x * state.mask.width / state.full.width);
   const shownY = Math.floor(y * state.mask.height / state.full.height);
   const i = 4 * (shownY * state.mask.width + shownX);
   const d = state.mask.data;
   const entry = state.byColour.get(colourKey(d[i], d[i + 1], d[i + 2]));
   $("hover").textContent = `(${x}, ${y}): ${entry ? entry.name : "unknown"}`;
+}
+
+// The keyboard's way to the class readout (the pointer's alone left it out): with the view focused, the arrow keys
+// move a cross by about 2% of the image (Shift: one pixel) and the readout names the class under it.
+function moveCursor(event) {
+  const steps = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  if (!state.mask || !(event.key in steps)) return;
+  event.preventDefault();  // not the page's scroll
+  const [dx, dy] = steps[event.key];
+  const { width, height } = state.full;
+  const step = event.shiftKey ? 1 : Math.max(1, Math.round(0.02 * Math.max(width, height)));
+  const at = state.cursor || { x: Math.floor(width / 2), y: Math.floor(height / 2) };
+  state.cursor = state.cursor ? {
+    x: Math.min(width - 1, Math.max(0, at.x + dx * step)), y: Math.min(height - 1, Math.max(0, at.y + dy * step)),
+  } : at;  // the first key puts the cross in the middle
+  sayClassAt(state.cursor.x, state.cursor.y);
+  render();
 }
 
 $("file").addEventListener("change", (event) => {
@@ -346,6 +387,8 @@ $("file").addEventListener("change", (event) => {
 $("opacity").addEventListener("input", render);
 for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", render);
 view.addEventListener("pointermove", showClassAt);
+view.addEventListener("keydown", moveCursor);
+view.addEventListener("blur", () => { if (state.cursor) { state.cursor = null; render(); } });
 view.addEventListener("pointerdown", showClassAt);  // a tap on a touch screen moves no pointer
 view.addEventListener("pointerleave", (event) => {
   // A finger leaves as it lifts: the class it tapped stays shown.
