@@ -357,6 +357,11 @@ def test_python_settings_in_their_natural_forms_train(demo_root, ram_tmp, capsys
     assert stored["decoder_channels"] == "64,32,16,16" and stored["epochs"] == 1 and type(stored["epochs"]) is int
     assert stored["checkpoint_every"] == "5" and stored["time_budget"] == "3600" and stored["lr"] == 1e-3
     assert load_checkpoint(run / "last.pt")["model_config"]["decoder_channels"] == [64, 32, 16, 16]
+    # Given again in the same forms on resume, they are the same settings (refused as changes: a helper, 2026-12-06)
+    from resunet.train import resume
+
+    resume(run / "last.pt", epochs=2, decoder_channels=(64, 32, 16, 16), time_budget=3600, checkpoint_every=5)
+    assert load_checkpoint(run / "last.pt", tensors=False)["epoch"] == 2
 
 
 def test_resume_from_python_keeps_the_runs_folder_and_recipe(demo_root, ram_tmp, capsys):
@@ -1086,6 +1091,41 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
     assert torch.equal(predictor.predict_tensor(pixels.float()), predictor.predict_tensor(pixels))  # float 0..255
     assert predictor.predict_tensor(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8)  # black is black in both scales
     assert load_ensemble(checkpoint, device="cpu", precision="fp32").predict(image).shape == (37, 53)
+
+
+def test_the_tensor_methods_give_ordinary_tensors_and_check_the_group_methods_input(checkpoint):
+    """Found by a helper (2026-12-06): logits and full_size_maps returned inference tensors (an in-place change, or
+    a temperature fitted through them by autograd, raised); full_size_maps took a bare tensor (iterated over its
+    batch) and 0..1 floats (read as nearly black) without a word; colorize took no tensor, and a batch of maps
+    failed inside Pillow."""
+    import torch.nn.functional as F
+
+    from resunet.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 40, 48), dtype=np.uint8))
+    logits = predictor.logits(pixels)
+    logits -= logits.amax(1, keepdim=True)  # in place
+    assert float(logits.max()) == 0
+    temperature = torch.ones((), requires_grad=True)
+    labels = predictor.predict_tensor(pixels)
+    F.cross_entropy(predictor.logits(pixels) / temperature, labels).backward()
+    assert temperature.grad is not None
+    (maps, confidence), = predictor.full_size_maps([pixels], confidence=True)
+    maps[maps == 0] = 1
+    confidence *= 2
+    for method in (predictor.full_size_maps, predictor.logits_by_group):
+        with pytest.raises(ValueError, match="expected a list of N×3×H×W image tensors .*wrap a single tensor"):
+            method(pixels)
+        with pytest.raises(ValueError, match=r"got floats in 0..1: pass \(images \* 255\)"):
+            method([pixels.float() / 255])
+    first = labels[0]
+    assert np.array_equal(np.array(predictor.colorize(first)), first.numpy())  # a tensor's map
+    for wrong, words in ((labels.numpy(), "one H×W class map of integers .*got int64 2×40×48"),
+                         (predictor.probabilities(pixels)[0, 0].numpy(), "got float32 40×48"),
+                         (first.numpy() + 300, "class ids 300..")):
+        with pytest.raises(ValueError, match=words):
+            predictor.colorize(wrong)
 
 
 def test_a_deep_grey_pil_image_is_read_as_its_file_is(tmp_path, checkpoint):

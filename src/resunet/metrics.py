@@ -39,6 +39,7 @@ class ConfusionMatrix:
         pred, target = (v if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in (pred, target))
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        pred = pred.to(target.device)  # a GPU predictor's map against a mask read from disk
         for name, values in (("pred", pred), ("target", target)):
             if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
                 raise ValueError(f"{name} holds {values.dtype}: class indices must be integers (a class map, not "

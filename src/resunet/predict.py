@@ -128,6 +128,16 @@ def check_image_tensor(images: torch.Tensor) -> None:
                          "uint8 image")
 
 
+def check_groups(groups: list[torch.Tensor]) -> None:
+    """The group methods' input: a list of image tensors as `check_image_tensor` takes them (a bare tensor was
+    iterated over its batch, and 0..1 floats read as nearly black images without a word)."""
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"expected a list of N×3×H×W image tensors (one per image size), got {type(groups).__name__}"
+                         "; wrap a single tensor in a list")
+    for images in groups:
+        check_image_tensor(images)
+
+
 class Predictor:
     runtime = "pytorch"  # what runs the network (OnnxPredictor: onnxruntime)
 
@@ -270,20 +280,23 @@ class Predictor:
                 count[..., top:top + tile_h, left:left + tile_w] += 1
         return total / count
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a caller's in-place change of the result (logits -= max) or a temperature fitted
+    # through it by autograd raised "Inplace update to inference tensor outside InferenceMode"
+    @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images: N×3×H×W uint8 (one size); returns float32 N×C×H×W logits at that size."""
         check_image_tensor(images)
         return self.logits_by_group([images])[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups of uint8 images, n×3×H×W each, whose sizes differ but share a `batch_key` → each group's float32
         n×C×H×W logits at its own size: one forward pass per working size for all of them, the scales averaged."""
+        check_groups(groups)
         return [self.full_size_logits(models, images.shape[-2:], 0, images.shape[-2])
                 for models, images in zip(self.low_res_logits(groups), groups)]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def class_maps_by_group(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Groups as for `logits_by_group` → each group's n×H×W class maps at its own size. At one working
         size the upsampling and argmax are one fused pass (`classmap.upsample_argmax`: the same maps, without
@@ -313,7 +326,7 @@ class Predictor:
         (_, parts), = models
         return averaged_rows(parts, size, top, bottom)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def full_size_maps(self, groups: list[torch.Tensor], confidence: bool = False
                        ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Groups as for `logits_by_group` → each group's n×H×W class maps (the argmax of `logits_by_group`) and, on
@@ -321,6 +334,7 @@ class Predictor:
         full-size logits would pass `FULL_SIZE_WHOLE_ELEMENTS` is done band by band of rows, so memory stays at a
         band's logits (`BAND_BYTES`) instead of the whole image's; the bands' upsampling sums in another order than
         PyTorch's, so a pixel whose two best classes tie to the last bits may differ."""
+        check_groups(groups)
         results = []
         for models, images in zip(self.low_res_logits(groups), groups):
             (n, classes), (height, width) = models[0][1][0].shape[:2], images.shape[-2:]
@@ -419,7 +433,7 @@ class Predictor:
         """The pixels the network sees for one image (over every TTA scale): what a batch's memory grows with."""
         return sum(h * w for h, w in (resize_short_side(height, width, size) for size in self.tta_sizes()))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """H×W×3 uint8 images of one `batch_key` (their own sizes may differ) → H×W uint8 class maps, each at its
         image's size, from one forward pass per working size. The same numbers as `predict` on each image alone."""
@@ -438,8 +452,14 @@ class Predictor:
             return [self.predict(item) for item in image]
         return self.predict_batch([as_uint8_rgb(image)])[0]
 
-    def colorize(self, mask: np.ndarray) -> Image.Image:
-        """A palette PNG image of a class map, in this model's class colours."""
+    def colorize(self, mask: np.ndarray | torch.Tensor) -> Image.Image:
+        """A palette PNG image of a class map (H×W class ids, an array or a tensor), in this model's class colours."""
+        mask = np.asarray(mask.cpu()) if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) or mask.size == 0:
+            raise ValueError(f"mask must be one H×W class map of integers (predict's, or predict_tensor's [i]), got "
+                             f"{mask.dtype} {'×'.join(map(str, mask.shape))}")
+        if int(mask.min()) < 0 or int(mask.max()) > 255:
+            raise ValueError(f"mask holds class ids {int(mask.min())}..{int(mask.max())}: a palette PNG holds 0..255")
         image = Image.fromarray(mask.astype(np.uint8), mode="P")
         image.putpalette(self.info.palette_bytes())
         return image

@@ -579,10 +579,14 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
     if "out" in changes and Path(changes.pop("out")).resolve() != Path(run_dir).resolve():
         raise TrainingError(f"--out: a resumed run stays in its folder ({run_dir}); leave --out out, or copy the "
                             "folder first")
+    unknown = [name for name in changes if name not in stored]
+    if unknown:
+        raise TrainingError(f"{unknown[0]}: not a training setting")
+    # Compared as TrainConfig keeps them: time_budget=3000 is the stored "3000", decoder_channels=(256, 128, 64, 32)
+    # the stored "256,128,64,32" (both were refused as changes).
+    given = TrainConfig(**{**stored, **changes}).to_dict()
     for name, value in changes.items():
-        if name not in stored:
-            raise TrainingError(f"{name}: not a training setting")
-        if name not in RESUME_CHANGEABLE and value != stored[name]:
+        if name not in RESUME_CHANGEABLE and given[name] != stored[name]:
             if isinstance(value, bool):  # a switch has one flag, the one given: --no-pretrained, --calibrate
                 flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
                 raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
