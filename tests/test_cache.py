@@ -107,6 +107,20 @@ def test_cached_loader_epochs_are_reproducible_and_sharded(tmp_path):
     assert not torch.equal(next(iter(second))[0], batches[0][0])
     shards = [loader(rank, 2) for rank in (0, 1)]
     assert [len(s) for s in shards] == [2, 2]
+    # Every process draws its own augmentation in every epoch: with the rank added to the epoch's seed unspread,
+    # rank 31 drew in epoch 4 what rank 0 drew in epoch 5 (from 32 processes on; a helper, 2026-12-06). One image
+    # copied 64 times: two batches are equal exactly when their draws are.
+    for name in ("images", "masks"):
+        copied = np.repeat(getattr(cache, name)[:1], 64, axis=0)
+        setattr(cache, name, copied)
+    cache.sizes = np.repeat(cache.sizes[:1], 64, axis=0)
+    draws = {}
+    for rank, epoch in ((0, 5), (31, 4), (0, 4)):
+        shard = loader(rank, 32)
+        shard.set_epoch(epoch)
+        draws[rank, epoch] = next(iter(shard))[0]
+    assert not torch.equal(draws[0, 5], draws[31, 4])
+    assert not torch.equal(draws[0, 4], draws[31, 4])
 
 
 def test_an_edited_classes_json_rebuilds_the_cache_of_rgb_masks(tmp_path):

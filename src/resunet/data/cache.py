@@ -390,7 +390,9 @@ class CachedLoader:
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(len(self.cache), generator=generator)
         order = order[: len(order) // self.world_size * self.world_size][self.rank :: self.world_size]
-        aug_generator = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 31 + self.rank)
+        # The rank spread far apart (as train's seeds): with "+ rank", rank r in epoch e drew what rank r - 31 drew in
+        # epoch e + 1 from 32 processes on. Rank 0's draws are as before.
+        aug_generator = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 31 + self.rank * 1_000_003)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = np.sort(order[start : start + self.batch_size].numpy())  # sorted reads are kinder to the disk
             sizes = torch.from_numpy(self.cache.sizes[index])
