@@ -686,3 +686,32 @@ def test_a_resume_that_changes_the_epochs_of_a_per_step_schedule_says_where_the_
     assert len(read_records(run)) == 3
     train(resumed_config(run / "last.pt", {"epochs": 3}))  # the same count: nothing to say
     assert "schedule now spans" not in capsys.readouterr().out
+
+
+def test_train_leaves_the_callers_generators_and_speed_flags_as_it_found_them(demo_root, ram_tmp):
+    """From a notebook: train reseeded the global random generators (the caller's draws after it were train's) and,
+    on a GPU, left cudnn.benchmark and TF32 on for the caller's later fp32 work (a helper, 2026-12-06)."""
+    import random
+
+    import numpy as np
+
+    from resunet.train import caller_state_kept
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = draws()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    train(tiny_config(demo_root, ram_tmp / "run", epochs=1, **SMALL))
+    assert draws() == expected
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with caller_state_kept():  # what train sets on a GPU (a CPU run sets none of it)
+        torch.backends.cudnn.benchmark = not flags[0]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == flags

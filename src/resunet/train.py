@@ -32,6 +32,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import NoReturn
@@ -834,6 +835,26 @@ def check_one_gpu_each(processes: int) -> None:
                           f"process; give --nproc-per-node {gpus} or fewer")
 
 
+@contextlib.contextmanager
+def caller_state_kept() -> Iterator[None]:
+    """`train` from a notebook or a script leaves the process's global state as it found it: the speed flags it sets
+    on a GPU (cudnn.benchmark; TF32 for fp32 matmuls and convolutions, so the caller's later fp32 work ran at TF32
+    precision without a word) and the random generators it seeds (the caller's draws after it were train's)."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    generators = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        random.setstate(generators[0])
+        np.random.set_state(generators[1])
+        torch.set_rng_state(generators[2])
+        if generators[3] is not None:
+            torch.cuda.set_rng_state_all(generators[3])
+
+
+@caller_state_kept()
 def train(cfg: TrainConfig) -> dict:
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
