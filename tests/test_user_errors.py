@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -884,6 +885,14 @@ def test_export_never_replaces_its_checkpoint_and_names_onnx_files(checkpoint, t
         run_export(str(ckpt), str(tmp_path / "m.onnx"))
     with pytest.raises(ExportError, match="--calibration-count 0: at least 1 image"):
         run_export(str(ckpt), str(tmp_path / "q.onnx"), int8=True, calibration=str(tmp_path), calibration_count=0)
+    # From Python as from the command line: a graph's typo (it exported a logits graph, then refused it after the
+    # trace naming a temporary file) and options without what they need (ignored) are refused before any work.
+    for options, words in ((dict(graph="end_to_end"), "graph 'end_to_end': choose 'end-to-end' or 'logits'"),
+                           (dict(calibration=str(tmp_path)), f"--calibration {tmp_path} applies only with --int8"),
+                           (dict(max_miou_drop=2.0), "--max-miou-drop 2.0 applies only with --int8"),
+                           (dict(split="test"), "--split test applies only with --data-root")):
+        with pytest.raises(ExportError, match=f"^{re.escape(words)}"):
+            run_export(str(ckpt), str(tmp_path / "r.onnx"), **options)
     assert load_checkpoint(ckpt)["model_config"]  # still the checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "model.pt"]
 

@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING
 from pathlib import Path
 
-from .config import ABLATION_OPTIONS, TrainConfig, config_fields
+from .config import ABLATION_OPTIONS, TrainConfig, config_fields, export_refusal
 from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line
 
 
@@ -241,27 +241,21 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    # Options that only mean something with another are refused, not ignored (their defaults are None to tell).
-    needs = [("--calibration", args.calibration, "--int8", args.int8),
-             ("--calibration-count", args.calibration_count, "--int8", args.int8),
-             ("--max-miou-drop", args.max_miou_drop, "--int8", args.int8),  # an fp32 file's limit is fixed (0.1)
-             ("--max-miou-drop", args.max_miou_drop, "--data-root", args.data_root),
-             ("--split", args.split, "--data-root", args.data_root),
-             ("--workers", args.workers, "--data-root", args.data_root)]
-    for flag, value, needed, given in needs:
-        if value is not None and not given:
-            raise UsageError(f"{flag} {value} applies only with {needed}; give {needed} too, "
-                             f"or leave {flag} out")
-    from .export import run_export  # after the refusals: they come without importing torch
+    # Options that only mean something with another are refused, not ignored (their defaults are None to tell); here
+    # too, so the refusal comes without importing torch.
+    if refusal := export_refusal(args.int8, args.data_root, calibration=args.calibration,
+                                 calibration_count=args.calibration_count, max_miou_drop=args.max_miou_drop,
+                                 split=args.split, workers=args.workers):
+        raise UsageError(refusal)
+    from .export import run_export
 
     # SIGTERM (a timeout, a scheduler) as Ctrl-C: run_export's cleanup then removes its temporary file and the folders
     # it made, where the default action killed it with a partial hidden .onnx left behind.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         run_export(args.checkpoint, args.onnx, "logits" if args.logits else "end-to-end", args.tta, args.int8,
-                   args.calibration, 64 if args.calibration_count is None else args.calibration_count, args.data_root,
-                   args.split or "val", 1.0 if args.max_miou_drop is None else args.max_miou_drop,
-                   2 if args.workers is None else args.workers, json_out=args.json)
+                   args.calibration, args.calibration_count, args.data_root, args.split, args.max_miou_drop,
+                   args.workers, json_out=args.json)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -148,3 +148,22 @@ ABLATION_OPTIONS: dict[str, dict] = {
 
 def config_fields():
     return fields(TrainConfig)
+
+
+# export's options that mean something only beside another (option, what it needs): given without it, refused with
+# one line, from the command line and from run_export alike (ignored, they misled: a --split without --data-root
+# evaluated nothing).
+EXPORT_OPTION_NEEDS = (("calibration", "--int8"), ("calibration_count", "--int8"), ("max_miou_drop", "--int8"),
+                       ("max_miou_drop", "--data-root"), ("split", "--data-root"), ("workers", "--data-root"))
+EXPORT_GRAPHS = ("end-to-end", "logits")
+
+
+def export_refusal(int8: bool, data_root: str | None, **options) -> str | None:
+    """Why export refuses these options (None given: left out), or None: the first option given without what it
+    needs (EXPORT_OPTION_NEEDS)."""
+    present = {"--int8": bool(int8), "--data-root": data_root is not None}
+    for name, needed in EXPORT_OPTION_NEEDS:
+        if options.get(name) is not None and not present[needed]:
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} {options[name]} applies only with {needed}; give {needed} too, or leave {flag} out"
+    return None

@@ -41,6 +41,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, temporary_path
+from .config import EXPORT_GRAPHS, export_refusal
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset, open_dataset_for_model
 from .data.images import DataError, list_images, read_image
@@ -383,10 +384,23 @@ def write_json(result: dict, path: str | Path | None) -> None:
 
 
 def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: str = "none", int8: bool = False,
-               calibration: str | None = None, calibration_count: int = 64, data_root: str | None = None,
-               split: str = "val", max_miou_drop: float = 1.0, workers: int = 2, json_out: str | None = None) -> dict:
+               calibration: str | None = None, calibration_count: int | None = None, data_root: str | None = None,
+               split: str | None = None, max_miou_drop: float | None = None, workers: int | None = None,
+               json_out: str | None = None) -> dict:
     """Export, verify, optionally quantise and evaluate; print what was checked; return the figures (and write them
-    to `json_out`, also when the file is refused for its parity or mIoU, so the measurements are not lost)."""
+    to `json_out`, also when the file is refused for its parity or mIoU, so the measurements are not lost).
+    `graph`: "end-to-end" or "logits". None: the default, 64 calibration images, the val split, a 1.0-point mIoU
+    limit for INT8, 2 workers; an option given without what it needs (`calibration` without `int8`, `split` without
+    `data_root`, ...) is refused as the command refuses it (ExportError)."""
+    if graph not in EXPORT_GRAPHS:  # a typo exported a logits graph, refused after the trace naming a temporary file
+        raise ExportError(f"graph {graph!r}: choose {' or '.join(map(repr, EXPORT_GRAPHS))}")
+    # (workers without data_root, a reading setting for an evaluation not asked for, is let be here)
+    if refusal := export_refusal(int8, data_root, calibration=calibration, calibration_count=calibration_count,
+                                 max_miou_drop=max_miou_drop, split=split):
+        raise ExportError(refusal)
+    calibration_count = 64 if calibration_count is None else calibration_count
+    split, workers = split or "val", 2 if workers is None else workers
+    max_miou_drop = 1.0 if max_miou_drop is None else max_miou_drop
     source, out = Path(checkpoint), Path(onnx_out)
     if int8 and not calibration:
         raise ExportError("--int8 needs --calibration DIR (training images to calibrate activations on)")
