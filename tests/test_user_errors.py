@@ -1144,10 +1144,13 @@ def test_a_deep_grey_pil_image_is_read_as_its_file_is(tmp_path, checkpoint):
     grey = ((np.arange(4096).reshape(64, 64) % 256) * 257).astype(np.int32)
     Image.fromarray(grey, mode="I").save(tmp_path / "deep.tiff")
     Image.fromarray((grey / 65535).astype(np.float32), mode="F").save(tmp_path / "unit.tiff")
-    for name in ("deep.tiff", "unit.tiff"):
+    for name, array in (("deep.tiff", grey), ("unit.tiff", (grey / 65535).astype(np.float32))):
         from_file = read_image(tmp_path / name)
         assert (as_uint8_rgb(Image.open(tmp_path / name)) == from_file).all(), name
         assert from_file.max() == 255 and from_file.min() == 0
+        # The same pixels as an array: read as the file is (refused, though the message said H×W grey was taken)
+        assert (as_uint8_rgb(array) == from_file).all(), name
+    assert (as_uint8_rgb(grey.astype(np.uint16)) == read_image(tmp_path / "deep.tiff")).all()
 
 
 def test_the_working_size_bounds_datasets_at_16_million_pixels_and_the_service_at_16_working_squares():

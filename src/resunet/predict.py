@@ -98,9 +98,11 @@ def as_uint8_rgb(image: ImageLike) -> np.ndarray:
         raise ValueError(f"an empty image (shape {array.shape})")
     if array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 4)):
         return pil_to_rgb8(Image.fromarray(array))  # grey or RGBA: read as the same pixels in a PIL image or file are
+    if array.ndim == 2 and array.dtype in (np.uint16, np.int32, np.float32):  # deep grey (a 16-bit or float TIFF's):
+        return pil_to_rgb8(Image.fromarray(array))  # as PIL's I;16, I or F image, as its file is read
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"expected an H×W×3 uint8 array (or H×W grey, H×W×4 RGBA), got shape {array.shape} dtype "
-                         f"{array.dtype}")
+        raise ValueError(f"expected an H×W×3 uint8 array (or H×W grey: uint8, uint16, int32 or float32; H×W×4 RGBA "
+                         f"uint8), got shape {array.shape} dtype {array.dtype}")
     return array
 
 
