@@ -1113,6 +1113,11 @@ def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
         assert 'resunet_requests_total{path="/predict",status="408"} 2.0' in metrics
         assert 'resunet_requests_total{path="/healthz",status="503"} 1.0' in metrics
         assert 'resunet_requests_total{path="unparsed",status="408"} 1.0' in metrics
+        # The refused request is timed too: the latency histogram counts every request (it left that one out)
+        counted = sum(float(v) for v in re.findall(r'resunet_requests_total\{path="/healthz",status="\d+"\} (\S+)',
+                                                    metrics))
+        timed = re.search(r'resunet_request_duration_seconds_count\{path="/healthz"\} (\S+)', metrics)
+        assert timed and float(timed[1]) == counted >= 3
     finally:
         for connection in stalled:
             connection.close()
@@ -1707,6 +1712,51 @@ def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_wa
     assert metrics.in_flight._value.get() == 0
     with pytest.raises(ValueError, match="tta 'ms': the service runs none or flip"):
         ServeSettings(tta="ms")
+
+
+def test_the_engine_lets_a_pass_go_when_it_ends_and_starts_again_after_a_failed_warm_up(checkpoint):
+    """Found by a helper (2026-12-06): the batcher's loop kept the last batch's jobs while it waited for the next, so a
+    failed pass's error (its traceback holding the pass's images and tensors: an out-of-memory pass, say) stayed in
+    memory that the service already counted free, until another request came; and a failed warm-up stayed the
+    engine's for good: started again, it answered "model warm-up failed" for ever."""
+    import gc
+    import weakref
+
+    import torch
+
+    from resunet.predict import load
+    from resunet.serve.engine import InferenceEngine
+    from resunet.serve.metrics import ServiceMetrics
+
+    engine = InferenceEngine(lambda: load(checkpoint, precision="fp32"), ServiceMetrics(), max_batch=1,
+                             max_wait_ms=0)
+    held = []
+
+    def failed_pass(images):
+        pass_tensor = torch.zeros(1000)  # noqa: F841  (what a failed pass's frame holds)
+        held.append(weakref.ref(pass_tensor))
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    async def scenario():
+        real_warm_up = engine.warm_up
+        engine.warm_up = lambda: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            await engine.start()
+        assert engine.warm_up_error and not engine.ready
+        await engine.stop()
+        engine.warm_up = real_warm_up
+        await engine.start()  # started again: the earlier failure is not this start's
+        assert engine.ready and engine.warm_up_error is None
+        engine.variants["none"].predict_batch = failed_pass
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            await engine.submit(np.asarray(scene(40, 50)))
+        await asyncio.sleep(0.05)  # the batcher waits for the next batch now
+        gc.collect()
+        alive = held[0]() is not None
+        await engine.stop()
+        return alive
+
+    assert asyncio.run(scenario()) is False
 
 
 def test_a_stop_during_the_background_warm_up_waits_for_one_pass_not_all(checkpoint):

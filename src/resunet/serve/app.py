@@ -466,8 +466,10 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
         if scope["type"] != "http" or (len(connections) < limit and len(tasks) <= limit):
             return await app(scope, receive, send)
         message = f"too many open connections (--max-connections {limit}); try again shortly"
+        started = time.perf_counter()
         await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
         metrics.requests.labels(path_label(scope), "503").inc()
+        metrics.latency.labels(path_label(scope)).observe(time.perf_counter() - started)  # its count = the requests
         log.info("%s %s 503 error: %s", scope["method"], printable_name(scope["path"]), message)
 
     return app_within_limit

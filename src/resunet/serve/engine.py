@@ -108,6 +108,7 @@ class InferenceEngine:
         self.queue = asyncio.Queue()  # bounded by `queued` (check_room): the live images, not the abandoned ones
         self.queued.clear()
         self.stopping.clear()
+        self.warm_up_error = None  # an earlier start's: this one may succeed (it answered 503 for ever after)
         self.starting = asyncio.ensure_future(self._warm_up_then_batch(on_ready))
         if wait:
             await self.starting
@@ -196,24 +197,30 @@ class InferenceEngine:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+            if self.stopping.is_set():  # Python 3.10/3.11's wait_for returns an item it got as stop() cancelled the
+                raise asyncio.CancelledError  # batcher, dropping the cancel: the batcher waited for ever (stop too)
         self.queued.difference_update(job.future for job in batch)  # out of the queue: in the pass
         return batch
 
     async def run_batches(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self.next_batch()
-            groups: dict[tuple, list[Job]] = {}
-            for job in batch:
-                if job.future.done():  # the client went away while it waited
-                    continue
-                height, width = job.image.shape[:2]
-                key = (job.tta,) + self.variants[job.tta].batch_key(height, width)
-                groups.setdefault(key, []).append(job)
-            for jobs in groups.values():
-                jobs = [job for job in jobs if not job.future.done()]  # gone during an earlier group's pass
-                for part in self.within_budget(jobs) if jobs else ():
-                    await self.run_group(loop, part)
+            # One call a batch: its jobs (each image, its mask, or a failed pass's error with the traceback that
+            # holds the pass's images and tensors) go when it returns, not while the batcher waits for the next one.
+            await self.run_batch(await self.next_batch())
+
+    async def run_batch(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        groups: dict[tuple, list[Job]] = {}
+        for job in batch:
+            if job.future.done():  # the client went away while it waited
+                continue
+            height, width = job.image.shape[:2]
+            key = (job.tta,) + self.variants[job.tta].batch_key(height, width)
+            groups.setdefault(key, []).append(job)
+        for jobs in groups.values():
+            jobs = [job for job in jobs if not job.future.done()]  # gone during an earlier group's pass
+            for part in self.within_budget(jobs) if jobs else ():
+                await self.run_group(loop, part)
 
     def within_budget(self, jobs: list[Job]) -> list[list[Job]]:
         """A group cut into forward passes of at most the working pixels one image may have: eight long images that
