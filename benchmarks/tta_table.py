@@ -5,7 +5,8 @@
 
 Each mode evaluates the whole split (dataset-wide mIoU at original resolution, `resunet evaluate`'s metric) through
 the same `Predictor`; images/s is the split's image count over the evaluation's wall time (decoding included, one
-image per call). MODEL may be a .pt checkpoint or a logits-graph .onnx file.
+image per call), after one untimed image in that mode (first-call costs: numba kernels, oneDNN primitives, the first
+allocations, which the first mode's time alone carried). MODEL may be a .pt checkpoint or a logits-graph .onnx file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from resunet import load
 from resunet.data.dataset import open_dataset_for_model
 from resunet.evaluate import evaluate_dataset
-from resunet.runtime import cpu_name, precision_name
+from resunet.runtime import cpu_name
 
 
 def main() -> None:
@@ -40,6 +41,7 @@ def main() -> None:
     rows = []
     for name, options in modes:
         predictor.set_inference(**{"tta": "none", **options})
+        predictor.predict(dataset.load(0).image)  # warm-up, untimed
         started = time.perf_counter()
         scores = evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False).compute()
         seconds = time.perf_counter() - started
@@ -47,7 +49,7 @@ def main() -> None:
                      "seconds": seconds})
         print(f"{name:<18} mIoU {100 * scores['miou']:6.2f}%   {len(dataset) / seconds:6.2f} img/s", flush=True)
     report = {"model": args.model, "split": args.split, "images": len(dataset), "cpu": cpu_name(),
-              "precision": precision_name(getattr(predictor, "dtype", None)), "rows": rows}
+              "precision": predictor.precision_name(), "rows": rows}  # an INT8 .onnx file's "int8", not "fp32"
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -42,6 +42,9 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys, exported, monk
             assert entry["images_per_s"] > 0, (section, key)
             assert len(entry["window_s"]) == entry["windows"] >= 2
             assert entry["peak_memory"]["bytes"] > 0
+            memory = entry["peak_memory"]
+            if memory["kind"] == "cpu_peak_rss_self":  # the block's own rise, not what earlier blocks left (a helper)
+                assert memory["rise_bytes"] == max(0, memory["bytes"] - memory["rss_at_start_bytes"])
         expected = sections[section][ours]["images_per_s"] / sections[section][reference]["images_per_s"]
         assert report["ratios"][section] == pytest.approx(expected, rel=1e-9), section
     assert sections["data_path"]["cache_build_s"] > 0
@@ -61,6 +64,7 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys, exported, monk
         for key in ("onnx_fp32", "onnx_int8"):
             entry = sections["predictor"][key]
             assert entry["images_per_s"] > 0 and len(entry["window_s"]) == entry["windows"] >= 2
+            assert entry["threads"] == report["threads"]  # onnxruntime took every CPU, torch its own count
             assert report["ratios"][f"predictor_{key}"] == pytest.approx(
                 entry["images_per_s"] / sections["predictor"]["smp"]["images_per_s"], rel=1e-9)
         assert "predictor_onnx_fp32_vs_smp" in table and "onnx_int8" in table
@@ -115,3 +119,16 @@ def test_without_the_bench_extra_it_says_what_to_install_before_any_work(tmp_pat
                                          r"which is not installed: pip install 'resunet\[bench\]'"):
         main(["benchmark", "--quick", "--json", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_on_a_gpu_the_int8_target_is_said_to_be_for_cpu_runs():
+    # On CUDA with a host CPU without bf16 it said "CPU kind no-bf16: INT8 target is for CPUs without bf16".
+    import torch
+
+    from resunet.benchmark import judge_targets
+
+    ratios = {"predictor": 1.0, "training": 1.0, "data_path": 30.0}
+    rows = {t["name"]: t for t in judge_targets("no-bf16", torch.device("cuda"), ratios, 0.5, False)}
+    assert rows["predictor_int8_vs_smp"]["reason_not_judged"] == "the INT8 target is for CPU runs"
+    rows = {t["name"]: t for t in judge_targets("amx", torch.device("cpu"), ratios, None, False)}
+    assert rows["predictor_int8_vs_smp"]["reason_not_judged"] == "CPU kind amx: INT8 target is for CPUs without bf16"

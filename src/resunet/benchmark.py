@@ -201,7 +201,9 @@ def _children_peak_rss() -> list[int]:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Fills the yielded dict with the peak memory of the block: CUDA allocator peak, or this process's peak RSS."""
+    """Fills the yielded dict with the peak memory of the block: CUDA allocator peak, or this process's peak RSS and
+    its rise over the RSS at the block's start (`rise_bytes`): the allocator keeps freed blocks (tune_cpu_allocator),
+    so a later block's peak carries what earlier blocks left; the rise is the block's own."""
     record: dict = {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,7 +215,9 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     reset = _reset_rss_peak()
     record["rss_at_start_bytes"] = _current_rss_bytes()
     yield record
-    record.update(kind="cpu_peak_rss_self" if reset else "cpu_peak_rss_self_lifetime", bytes=_maxrss_bytes())
+    peak = _maxrss_bytes()
+    record.update(kind="cpu_peak_rss_self" if reset else "cpu_peak_rss_self_lifetime", bytes=peak,
+                  rise_bytes=max(0, peak - record["rss_at_start_bytes"]) if reset else None)
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...], backward: bool = False) -> float:
@@ -245,9 +249,11 @@ def measure_flops(batch: int, predict_shape: tuple[int, int], smp_shape: tuple[i
 
 
 def measure_cuda_peak(device: torch.device, n: int = 8192, iters: int = 100) -> float:
-    """Achieved bf16 matmul FLOP/s on this GPU: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    """Achieved matmul FLOP/s on this GPU in the precision training runs at (bf16, or fp16 before Ampere, where bf16
+    is emulated and its peak far below the fp16 training's: an MFU over 100%): the denominator of MFU."""
+    dtype = runtime.resolve_precision("auto", device) or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(10):
         a @ b
     torch.cuda.synchronize(device)
@@ -586,10 +592,11 @@ def measure_predictor_onnx(images: list[np.ndarray], plan: Plan, tmp: Path) -> d
     results = {}
     for key, path, what in (("onnx_fp32", fp32_path, "onnxruntime fp32, end-to-end graph"),
                             ("onnx_int8", int8_path, "onnxruntime INT8 QDQ, end-to-end graph")):
-        predictor = OnnxPredictor(path)
+        predictor = OnnxPredictor(path, threads=torch.get_num_threads())  # the torch rows' (onnxruntime: every CPU)
         assert predictor.predict(images[0]).shape == images[0].shape[:2]
         results[key] = {**_predict_windows(predictor.predict, images, plan, torch.device("cpu")), "what": what,
-                        "precision": "int8" if "int8" in key else "fp32", "channels_last": False}
+                        "precision": "int8" if "int8" in key else "fp32", "channels_last": False,
+                        "threads": predictor.session.get_session_options().intra_op_num_threads}
         del predictor
     results["onnx_fp32"]["export_s"], results["onnx_int8"]["quantize_s"] = export_s, quantize_s
     return results
@@ -650,8 +657,9 @@ def judge_targets(kind: str, device: torch.device, ratios: dict, mfu: float | No
     add("training_vs_seed_style", ratios["training"], speed[1] if speed else None, speed is not None, speed_note)
     add("data_path_vs_pil", ratios["data_path"], DATA_PATH_TARGET, True, "all devices")
     int8 = INT8_TARGETS.get(kind) if device.type == "cpu" else None
-    add("predictor_int8_vs_smp", ratios.get("predictor_onnx_int8"), int8, int8 is not None,
-        f"CPU kind {kind}" if int8 else f"CPU kind {kind}: INT8 target is for CPUs without bf16")
+    int8_note = (f"CPU kind {kind}" if int8 else f"CPU kind {kind}: INT8 target is for CPUs without bf16"
+                 if device.type == "cpu" else "the INT8 target is for CPU runs")
+    add("predictor_int8_vs_smp", ratios.get("predictor_onnx_int8"), int8, int8 is not None, int8_note)
     add("training_mfu", mfu, CUDA_MFU_TARGET, device.type == "cuda", "CUDA only")
     return rows
 
@@ -663,7 +671,10 @@ def _threshold(target: dict) -> str:
 
 
 def _mb(record: dict) -> str:
-    return f"{record['bytes'] / 2**20:7.0f} MB" if record.get("bytes") is not None else "      n/a"
+    if record.get("bytes") is None:
+        return "      n/a"
+    rise = f" (+{record['rise_bytes'] / 2**20:.0f} MB its own)" if record.get("rise_bytes") is not None else ""
+    return f"{record['bytes'] / 2**20:7.0f} MB{rise}"
 
 
 def format_report(report: dict) -> str:
