@@ -1478,6 +1478,7 @@ def test_the_page_recovers_from_a_service_that_was_down_busy_or_behind_a_proxy_i
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page()
+        page.add_init_script("window.RESUNET_MAX_RETRIES = 2")  # the page's 5 tries, 1 s apart, cost the suite 3 s
         page.route("**/classes", lambda route: route.fulfill(status=502, body=b"<html>down</html>"))
         page.goto(url + "/")
         page.wait_for_function("document.querySelector('#model').textContent.startsWith('could not read /classes')")
@@ -1508,7 +1509,7 @@ def test_the_page_recovers_from_a_service_that_was_down_busy_or_behind_a_proxy_i
                                                             body=b'{"error": "busy: 64 images waiting; retry later"}'))
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "busy.png"})
         page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=60_000)
-        assert page.text_content("#status") == "503: busy: 64 images waiting; retry later (after 6 tries)"
+        assert page.text_content("#status") == "503: busy: 64 images waiting; retry later (after 3 tries)"
         page.unroute("**/predict")
         # A proxy's own page, no reason phrase (HTTP/2), and JSON without an "error": a sentence, not "" or undefined.
         for status, body, said in ((502, b"<html><body>Bad Gateway</body></html>",

@@ -60,7 +60,8 @@ const STATUS_MEANING = {
   500: "the service failed", 502: "bad gateway: the service behind the proxy did not answer",
   503: "the service is busy or not ready", 504: "gateway timeout: the service behind the proxy took too long",
 };
-const MAX_RETRIES = 5;  // 503s with Retry-After (warming up, a full queue) tried again, then said
+// 503s with Retry-After (warming up, a full queue) tried again, then said. (A test lowers it before the page loads.)
+const MAX_RETRIES = window.RESUNET_MAX_RETRIES ?? 5;
 
 function retryAfterSeconds(response) {
   const value = response.headers.get("Retry-After");
