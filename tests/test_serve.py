@@ -546,6 +546,19 @@ def test_metrics_count_requests_latency_and_batches(client):
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def test_the_openapi_schema_lists_what_the_routes_answer(client):
+    """Found by a helper (2026-12-06): /healthz and /readyz were documented as 200 only (probes rely on their 503s),
+    /metrics as JSON (it is Prometheus text), and /predict's 500 and its thin-image 413 were not listed."""
+    paths = client.get("/openapi.json").json()["paths"]
+    for probe in ("/healthz", "/readyz"):
+        assert set(paths[probe]["get"]["responses"]) == {"200", "503"}, probe
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+    answers = paths["/predict"]["post"]["responses"]
+    assert {"400", "408", "413", "415", "422", "500", "503"} <= set(answers)
+    assert "too long and thin" in answers["413"]["description"]
+
+
 def test_json_and_rle_answers_time_their_encoding_too(client, monkeypatch):
     """timing_ms.encode was taken before the JSON or RLE answer was made: 0.0, and a total short of the real time
     (a helper, 2026-12-06: half of an RLE answer's time missing)."""

@@ -130,11 +130,16 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 PREDICT_ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in {
     400: "not a readable image, an empty body, or a malformed multipart form",
     408: "the upload stalled (no byte for --body-timeout seconds), or fell behind 4 KiB a second past them",
-    413: "the body is over --max-bytes, or the image over --max-pixels (read from its header)",
+    413: "the body is over --max-bytes, the image over --max-pixels (read from its header), or too long and thin "
+         "to run at the working size (or, for an end-to-end ONNX file, past its logit bound)",
     415: "a content type that is neither an image, raw bytes nor a multipart form",
     422: "a query parameter out of its choices (tta: the model's, as /classes lists them)",
+    500: "the model failed on this image (logged with its traceback); the service goes on",
     503: "the model is not ready yet, or the queue or the memory budgets are full: retry after Retry-After seconds",
 }.items()}
+# What /healthz and /readyz answer besides 200 (the schema listed 200 alone; probes rely on these 503s).
+PROBE_ERRORS = {503: {"model": ErrorBody, "description": "/readyz: not warmed up yet (with Retry-After), or never "
+                                                         "to be (warm-up failed); /healthz: only the latter"}}
 
 
 def json_bytes(payload: dict) -> bytes:
@@ -361,14 +366,14 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         return None
 
     @app.head("/healthz", include_in_schema=False)
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive", responses=PROBE_ERRORS)
     async def healthz() -> JSONResponse:
         if engine.warm_up_error:  # alive but never to be ready: a liveness probe should restart it
             return await readyz()
         return JSONResponse({"status": "ok"})
 
     @app.head("/readyz", include_in_schema=False)
-    @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)")
+    @app.get("/readyz", summary="The model is loaded and warmed up (503 until then)", responses=PROBE_ERRORS)
     async def readyz() -> JSONResponse:
         if refusal := unready():
             return error_response(refusal.status, refusal.message, refusal.headers)
@@ -378,7 +383,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     async def classes() -> dict:
         return description
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,  # text, not the default JSON
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
