@@ -827,7 +827,8 @@ def test_a_dataset_without_the_train_or_val_split_is_not_passed_as_clean(tmp_pat
     (splits / "val.txt").unlink()
     report = doctor.check_data(tmp_path / "voc", workers=1)
     assert [(f.severity, f.kind, f.path) for f in report.findings] == [
-        ("error", "no_split", "ImageSets/Segmentation/train.txt"), ("error", "no_split", "ImageSets/Segmentation/val.txt")]
+        ("error", "no_split", "ImageSets/Segmentation/train.txt"),
+        ("error", "no_split", "ImageSets/Segmentation/val.txt")]
     assert report.findings[1].message == ("ImageSets/Segmentation/val.txt: not there (split files here: default); "
                                           "train reads it unless --val-split names another, and --split NAME checks "
                                           "those")

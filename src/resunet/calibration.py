@@ -158,9 +158,9 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
         predictor.temperature = stored
         return result
     if loaded is not None and file_state(checkpoint) != loaded:
-        raise CheckpointError(f"{checkpoint}: saved again while the temperature was fitted (a run still training into "
-                              f"its folder?); the fitted {temperature:.3f} is the earlier model's, so it is not stored: "
-                              "calibrate again once the file is final")
+        raise CheckpointError(f"{checkpoint}: saved again while the temperature was fitted (a run still training "
+                              f"into its folder?); the fitted {temperature:.3f} is the earlier model's, so it is not "
+                              "stored: calibrate again once the file is final")
     payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})

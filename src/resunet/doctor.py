@@ -244,9 +244,9 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
         splits = [s for s in ("train", "val") if (split_files / f"{s}.txt").is_file()]
         available = sorted(p.stem for p in split_files.glob("*.txt"))
         for split in sorted({"train", "val"} - set(splits)):  # a CVAT export's default.txt: nothing was checked
+            where = relative(split_files / f"{split}.txt", voc_dir)
             listing.findings.append(finding(
-                "missing_split" if splits else "no_split", relative(split_files / f"{split}.txt", voc_dir),
-                f"{relative(split_files / f'{split}.txt', voc_dir)}: not there (split files here: "
+                "missing_split" if splits else "no_split", where, f"{where}: not there (split files here: "
                 f"{', '.join(available) or 'none'}); train reads it unless --{split}-split names another, and "
                 "--split NAME checks those"))
     for split in splits:

@@ -1082,9 +1082,9 @@ def train(cfg: TrainConfig) -> dict:
     budget_fitted, epoch_seconds, bookkeeping_seconds, eval_s, calibration_s = False, [], [], 0.0, 0.0
     # Fitted at the end of epoch 1, or of the first epoch resumed from a save made before the fit (killed between
     # epoch 1's saves and the fit's: that run had trained on to --epochs); older checkpoints count as fitted.
-    fit_epoch = start_epoch if cfg.resume and state.get("budget_fitted") is False else 1
     # A fit made before a resume stays made in this process's saves (it saved False: the next resume fitted again).
     fitted_before = bool(cfg.resume) and state.get("budget_fitted") is not False
+    fit_epoch = start_epoch if cfg.resume and not fitted_before else 1
     stopped_by = late_stop = None
     curves_drawn, curves_behind = -math.inf, False
 

@@ -123,11 +123,7 @@ class DecodedCache:
         # A shared lock while this process reads the folder: remove_stale_caches leaves a cache in use alone (on a
         # network disk too, where maps of files removed by another host fail).
         self._in_use = open(folder / "done", "rb")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._in_use, fcntl.LOCK_SH)
-            except OSError:  # a file system without locks (NFS without its lock daemon): read unguarded
-                pass
+        lock_where_supported(self._in_use, exclusive=False)
         # Copy-on-write maps: readable as ordinary writable arrays (for torch.from_numpy), never written back.
         try:
             self.images = np.load(folder / "images.npy", mmap_mode="c")
@@ -229,11 +225,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         raise cache_write_error(folder.parent, error, cache_dir is not None) from None
     building = open(tmp / BUILD_LOCK, "wb")
     with building:
-        if fcntl is not None:
-            try:
-                fcntl.flock(building, fcntl.LOCK_EX)
-            except OSError:  # a file system without locks (NFS without its lock daemon): built all the same
-                pass
+        lock_where_supported(building, exclusive=True)
         # Before the build, so a disk that held the old copy has room for the new one.
         identity = cache_identity(dataset, short_side)  # every file's real path: once, for the removal and meta.json
         replaced = remove_stale_caches(folder, identity) if remove_stale else []
@@ -271,20 +263,36 @@ def remove_abandoned_builds(parent: Path) -> list[tuple[Path, int]]:
                 if fcntl is None:
                     continue
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while its build runs
-                size = sum(path.stat().st_size for path in build.iterdir())
-                shutil.rmtree(build)
+                size = remove_folder(build)
         except FileNotFoundError:
             if process_alive(pid):
                 continue
             try:
-                size = sum(path.stat().st_size for path in build.iterdir())
-                shutil.rmtree(build)
+                size = remove_folder(build)
             except OSError:
                 continue
         except OSError:  # its build still runs, or no lock can be taken here
             continue
         removed.append((build, size))
     return removed
+
+
+def lock_where_supported(file, exclusive: bool) -> None:
+    """flock `file`, waiting for it; skipped where there are no locks: Windows (no fcntl), a file system without them
+    (NFS without its lock daemon: ENOLCK), where the cache is then built and read unguarded."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        pass
+
+
+def remove_folder(folder: Path) -> int:
+    """Remove a cache folder (flat: its files); the bytes it held."""
+    size = sum(path.stat().st_size for path in folder.iterdir())
+    shutil.rmtree(folder)
+    return size
 
 
 def process_alive(pid: int) -> bool:
@@ -315,8 +323,7 @@ def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
             with open(other / "done", "rb") as done:
                 if fcntl is not None:
                     fcntl.flock(done, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process reads it
-                size = sum(path.stat().st_size for path in other.iterdir())
-                shutil.rmtree(other)
+                size = remove_folder(other)
         except (OSError, ValueError, AttributeError):
             continue
         removed.append((other, size))

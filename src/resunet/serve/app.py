@@ -39,8 +39,8 @@ from .engine import REQUEST_TTA, EngineStoppedError, InferenceEngine, QueueFullE
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
-# The page and its files are revalidated on each load (a 304 when unchanged, PageFiles): with Last-Modified alone a browser caches
-# them for a while by its own rule, and after an upgrade could pair the new page with the old script.
+# The page and its files are revalidated on each load (a 304 when unchanged, PageFiles): with Last-Modified alone a
+# browser caches them for a while by its own rule, and after an upgrade could pair the new page with the old script.
 REVALIDATE = {"Cache-Control": "no-cache"}
 
 
