@@ -443,9 +443,17 @@ def test_bf16_on_the_cpu_gives_no_nan_for_an_input_under_64_pixels():
     for _ in range(12):  # a fresh model each time: the failure came with new weights
         predictor = Predictor(ResNetUNet(3, "resnet18", None).eval(), generic_info(3), 32, (0.5,) * 3, (0.25,) * 3,
                               "cpu", "bf16", fold_bn=True)
+        seen = []
+        hook = predictor.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
         narrow = torch.randn(1, 3, 48, 32)
         logits = predictor.network(narrow)
+        hook.remove()
         assert logits.shape == (1, 3, 48, 32) and torch.isfinite(logits).all()
+        # The padding itself, checked on any CPU (only the AMX Xeon's kernels gave the NaN): zeros to 64 px, cropped
+        assert seen == [(1, 3, 64, 64)]
+        with torch.inference_mode(), autocast(predictor.device, None):
+            padded = torch.nn.functional.pad(narrow, (0, 32, 0, 16)).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+            assert torch.equal(logits, predictor.model(padded)[..., :48, :32])
     wide = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
     with torch.inference_mode(), autocast(predictor.device, None):
         assert torch.equal(predictor.network(wide.float()), predictor.model(wide))  # 64 px and up: untouched
