@@ -659,12 +659,23 @@ def test_window_tiles_average_their_overlaps():
     probe = Probe()
     image = torch.zeros(1, 3, 64, 100, dtype=torch.uint8)  # working size 64×100: tiles at 0, 32, 36
     assert torch.allclose(probe.logits(image), torch.full((1, 1, 64, 100), 64.0))
+    # Tiles in both directions over an image whose every pixel differs (row × 1000 + column): rows start at 0, 32,
+    # 36 (height 100), columns at 0, 32, 64, 66 (width 130). A pointwise network must give the whole image back;
+    # one that answers its tile's top-left value shows which tiles cover each pixel, averaged.
+    ramp = (torch.arange(100.0)[:, None] * 1000 + torch.arange(130.0))[None, None].repeat(1, 3, 1, 1)
     pointwise = Probe()
     pointwise.network = lambda x: x[:, :2] * 2 + 1
     pointwise.set_inference("none")
-    whole = pointwise.logits(image + 7)
+    whole = pointwise.working_logits(ramp)
     pointwise.set_inference("none", window=64, stride=32)
-    assert torch.allclose(pointwise.logits(image + 7), whole)
+    assert torch.equal(pointwise.working_logits(ramp), whole)
+    corner = Probe()
+    corner.network = lambda x: x[:, :1, :1, :1].expand(-1, 1, *x.shape[-2:])
+    by_tile = corner.working_logits(ramp)[0, 0]
+    assert by_tile[0, 0] == 0 and by_tile[99, 129] == 36066  # one tile each: (0, 0) and (36, 66)
+    assert by_tile[50, 10] == pytest.approx((0 + 32 + 36) / 3 * 1000)  # rows 0, 32, 36; column 0
+    assert by_tile[40, 70] == pytest.approx((0 + 32 + 36) / 3 * 1000 + (32 + 64 + 66) / 3)  # nine tiles
+    assert by_tile[20, 40] == pytest.approx(0 + (0 + 32) / 2)  # row 0 only; columns 0 and 32
 
 
 def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, demo_root, tmp_path, capsys):
