@@ -230,3 +230,25 @@ def test_more_processes_than_gpus_is_one_line_from_every_process(demo_root, tmp_
         train(tiny_config(demo_root, tmp_path / "run", device="cuda"))
     assert getattr(stopped.value, "quiet", False) is (local_rank != 0)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("encoder", ["efficientnet-lite0", "resnet18"])
+def test_synchronised_batchnorm_keeps_every_activation(encoder):
+    """Found by a helper: torch's converter turned the Lite encoders' BatchNormAct2d (BatchNorm with its ReLU6) into a
+    plain SyncBatchNorm that never calls the activation, so a multi-GPU run trained an almost linear encoder. In eval
+    mode without a process group SyncBatchNorm is ordinary BatchNorm: the converted model must compute the same."""
+    import torch
+    from torch import nn
+
+    from resunet.model.unet import ResNetUNet
+    from resunet.train import sync_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNetUNet(3, encoder, None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        converted = sync_batchnorm(model).eval()
+        assert torch.allclose(converted(x), expected, atol=1e-6)
+    kinds = [type(module) for module in converted.modules()]
+    assert nn.BatchNorm2d not in kinds and nn.SyncBatchNorm in kinds  # every BatchNorm synchronised

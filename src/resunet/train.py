@@ -83,6 +83,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm synchronised across processes, timm's way: the Lite encoders' BatchNormAct2d carries its ReLU6, and
+    torch's own converter made it a plain SyncBatchNorm that never calls it (an almost linear encoder, trained and
+    selected as that, then evaluated and exported with its activations back)."""
+    from timm.layers import convert_sync_batchnorm  # timm: the Lite encoders' own library
+
+    return convert_sync_batchnorm(model)
+
+
 PROGRESS_EVERY_S = 60.0
 # curves.png is redrawn at most this often (and when the run ends or stops): a drawing takes about 0.3 s, a fifth of
 # an epoch on a small dataset; metrics.jsonl is written every epoch whatever this says.
@@ -936,7 +945,7 @@ def train(cfg: TrainConfig) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
+        model = sync_batchnorm(model)  # PyTorch's SyncBatchNorm runs on GPUs only
     # Under torchrun each machine's first process builds the decoded cache, then the others open it: all of them
     # building at once decoded the split once per process, into as many copies (a full disk where one fits).
     # Two turns for every process whatever its data path (each decides it from its own disk: they may differ).
