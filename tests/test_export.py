@@ -303,6 +303,57 @@ def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_ru
     assert figures["fp32_file"] == str(tmp_path / "m.int8.fp32.onnx")
 
 
+def test_an_export_writes_through_a_link_and_keeps_the_file_s_permissions(exported, trained_run, tmp_path,
+                                                                           monkeypatch):
+    """Found by a helper: the file was renamed over the link (deploy/model.onnx -> releases/v7.onnx became a plain
+    file, the release kept the old model) and took the umask's permissions, where every other output writes through
+    a link and keeps the mode."""
+    import shutil
+    import stat
+
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    real = tmp_path / "releases" / "v7.onnx"
+    real.parent.mkdir()
+    real.write_bytes(b"the earlier release")
+    real.chmod(0o640)
+    link = tmp_path / "model.onnx"
+    link.symlink_to(real)
+    run_export(str(trained_run / "best.pt"), str(link), workers=0)
+    assert link.is_symlink() and read_metadata(real)["resunet.source_sha256"] == sha256_file(trained_run / "best.pt")
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.onnx", "releases", "v7.onnx"]
+
+
+def test_a_refused_int8_export_leaves_an_earlier_pair_together(exported, trained_run, demo_root, tmp_path,
+                                                               monkeypatch):
+    """Found by a helper: the fp32 copy took its name before the INT8 file was checked, so a refused (or stopped)
+    re-export put the next checkpoint's fp32 file beside the earlier checkpoint's INT8 file, and load() pointed users
+    at that copy as the INT8 file's own."""
+    import shutil
+
+    import resunet.export as export
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    out, fp32 = tmp_path / "prod.onnx", tmp_path / "prod.fp32.onnx"
+    run_export(str(trained_run / "best.pt"), str(out), int8=True, calibration=str(demo_root), calibration_count=4,
+               workers=0)
+    pair = {path: path.read_bytes() for path in (out, fp32)}
+    payload = load_checkpoint(trained_run / "best.pt")
+    payload["temperature"] = 0.5  # another checkpoint: another hash
+    save_checkpoint(payload, tmp_path / "v2.pt")
+    monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 1.01)  # refused on its agreement, as no file can reach 101%
+    with pytest.raises(ExportError, match=r"file not kept; .*prod\.onnx and .*prod\.fp32\.onnx are left as they were"):
+        run_export(str(tmp_path / "v2.pt"), str(out), int8=True, calibration=str(demo_root), calibration_count=4,
+                   workers=0)
+    assert {path: path.read_bytes() for path in (out, fp32)} == pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prod.fp32.onnx", "prod.onnx", "v2.pt"]
+
+
 @pytest.mark.parametrize("failure", ["miou", "ctrl-c"])
 def test_a_failed_miou_check_keeps_the_earlier_file(exported, trained_run, demo_root, tmp_path, monkeypatch, failure):
     """The fp32 file took its name after the parity check, before the mIoU check: a file refused there was removed

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,7 @@ from .evaluate import evaluate_dataset
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, open_session
-from .outputs import check_output_files, make_folders, remove_empty_folders, write_output
+from .outputs import check_output_files, make_folders, remove_empty_folders, resolved, write_output
 from .predict import Predictor, check_working_size
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
@@ -378,6 +379,13 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], gra
 # ---- the command ----------------------------------------------------------------------------------------------------
 
 
+def rename_over(partial: Path, target: Path) -> None:
+    """A checked file takes its name, with the permissions of the file it replaces."""
+    if target.exists():
+        shutil.copymode(target, partial)
+    os.replace(partial, target)
+
+
 def write_json(result: dict, path: str | Path | None) -> None:
     if path:
         write_output(path, json.dumps(result, indent=1, default=str))
@@ -466,10 +474,18 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         return ExportError(message)
 
     fp32_path = out.with_name(out.stem + ".fp32.onnx") if int8 else out
-    tmp = temporary_path(fp32_path)
-    # A file takes its name only once its checks have passed (parity here; the mIoU check below for the file asked
-    # for): a failed or interrupted export leaves an earlier file of that name as it was, and no folder it made.
-    made = make_folders(fp32_path.parent)
+    # Written where a link points, with an earlier file's permissions (as every other output): the link to a
+    # release's file was replaced by a plain file, and a file other users read became the umask's 0600.
+    out_file, fp32_file = resolved(out), resolved(fp32_path)
+    tmp = temporary_path(fp32_file)
+    # A file takes its name only once its checks have passed (parity, then the mIoU check): a failed or interrupted
+    # export leaves an earlier file of that name as it was, and no folder it made. An INT8 export's two files take
+    # their names together, so an earlier pair is never split (the next checkpoint's fp32 copy beside the earlier
+    # INT8 file); a refused INT8 file leaves its verified fp32 copy only where no earlier OUT stands.
+    keeps_fp32 = int8 and not out_file.exists()
+    fp32_note = (f"the verified fp32 file is {fp32_path}" if keeps_fp32
+                 else f"{out} and {fp32_path} are left as they were")
+    made = make_folders(fp32_file.parent)
     try:
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
@@ -487,9 +503,6 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         if parity.max_logit_diff >= MAX_LOGIT_DIFF or parity.agreement < MIN_AGREEMENT:
             raise refuse(f"{out}: the exported graph does not match PyTorch (max |Δlogit| "
                          f"{parity.max_logit_diff:.2e}, agreement {100 * parity.agreement:.3f}%); file not kept")
-        if int8:  # the fp32 copy beside the INT8 file is checked by parity alone
-            os.replace(tmp, fp32_path)
-            fp32.path = fp32_path  # the session holds the graph: the file is not read again
     except BaseException:
         tmp.unlink(missing_ok=True)
         remove_empty_folders(made)
@@ -499,11 +512,11 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     final = fp32
     # The file asked for takes its name only after the mIoU check below, and a file that fails the check is
     # removed: nothing unchecked is left where a deployment would pick it up (an INT8 export's fp32 file stays).
-    checked = temporary_path(out) if int8 else tmp
+    checked = temporary_path(out_file) if int8 else tmp
     try:
         if int8:
             started = time.perf_counter()
-            quantize_int8(fp32_path, checked, calibration_set, graph, reference)
+            quantize_int8(tmp, checked, calibration_set, graph, reference)
             set_metadata(checked, {"resunet.int8": "true", "resunet.calibration_images": str(len(calibration_set))})
             final = OnnxPredictor(checked)
             result["quantize_s"] = time.perf_counter() - started
@@ -517,8 +530,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
                   f"({speed_int8 / speed_fp32:.2f}×)")
             if dataset is None and agreement < MIN_INT8_AGREEMENT:  # the one check there is without labels
                 raise refuse(f"{out}: INT8 class maps agree with PyTorch fp32 on only {100 * agreement:.2f}% of the "
-                             f"pixels (limit {100 * MIN_INT8_AGREEMENT:g}% without --data-root); file not kept; the "
-                             f"verified fp32 file is {fp32_path}; give --data-root to judge it by its mIoU instead")
+                             f"pixels (limit {100 * MIN_INT8_AGREEMENT:g}% without --data-root); file not kept; "
+                             f"{fp32_note}; give --data-root to judge it by its mIoU instead")
 
         if dataset is not None:
             ref_scores = evaluate_dataset(reference, dataset, workers=workers, progress=False).compute()
@@ -530,7 +543,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
                   f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
             limit = max_miou_drop if int8 else 0.1
             if drift < -limit:  # the file is removed below
-                kept = f"; the verified fp32 file is {fp32_path}" if int8 else ""
+                kept = f"; {fp32_note}" if int8 else ""
                 raise refuse(f"{out}: mIoU fell {-drift:.2f} points (limit {limit:g}) on {split}; file not "
                              f"kept{kept}")
             if int8:  # what `predict --backend auto` asks before it lets an INT8 file win on speed
@@ -539,11 +552,17 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         elif int8:
             print(f"{out.name}: INT8 not checked on labelled images (no --data-root): no mIoU drift is known, and "
                   "predict --backend auto will not pick it")
-    except BaseException:  # a failed check, a failed or interrupted quantisation: no temporary file is left
+    except BaseException as error:  # a failed check, a failed or interrupted quantisation: no temporary file is left
         checked.unlink(missing_ok=True)
-        remove_empty_folders(made)
+        if keeps_fp32 and isinstance(error, ExportError):
+            rename_over(tmp, fp32_file)
+        else:
+            tmp.unlink(missing_ok=True)
+            remove_empty_folders(made)
         raise
-    os.replace(checked, out)
+    if int8:
+        rename_over(tmp, fp32_file)
+    rename_over(checked, out_file)
     result["onnx_kept"] = True
     write_json(result, json_out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
