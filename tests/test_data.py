@@ -331,6 +331,22 @@ def test_jfif_jpe_and_gif_files_are_images_and_masks(tmp_path):
         assert sample.image.shape == (20, 30, 3) and (sample.mask == 2).all()
 
 
+@pytest.mark.parametrize("classes", [(0, 1), (0,)])
+def test_void_in_a_palette_compacted_on_saving_stays_void(tmp_path, classes):
+    """Found by a helper: Pillow's GIF writer drops unused palette entries, so a VOC mask of classes 0..m-1 and void
+    comes back with void's colour at index m, and void was read as class m (bicycle; aeroplane for background alone)
+    without a word. The colour says void; black at such an index still proves nothing (CamVid's void is black)."""
+    ids = np.zeros((8, 8), np.uint8)
+    ids[2:6, 2:6] = classes[-1]
+    ids[0] = 255
+    mask = Image.fromarray(ids, "P")
+    mask.putpalette(VOC_INFO.palette_bytes())
+    mask.save(tmp_path / "m.gif")
+    saved = Image.open(tmp_path / "m.gif")
+    assert sorted(np.unique(np.array(saved)).tolist()) == list(range(len(classes) + 1))  # compacted by the writer
+    assert (read_mask(tmp_path / "m.gif", VOC_INFO) == ids).all()
+
+
 def test_one_bit_and_grey_alpha_masks_are_class_indices(tmp_path):
     # Both were refused ("unsupported mask mode"): a 1-bit PNG is how many tools save a binary mask.
     indices = np.array([[0, 1, 1], [1, 0, 0]], np.uint8)

@@ -347,7 +347,10 @@ def palette_reading(image: Image.Image, info: ClassInfo) -> tuple[np.ndarray, st
     by_colour = info.class_by_colour()
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
     shown = [by_colour.get(colours[u]) if u < len(colours) else None for u in used]
-    moved = [u for u, c in zip(used, shown) if c is not None and c != u and c != info.ignore_index]
+    # The void colour at another index is evidence unless it is black: a palette compacted on saving (Pillow's GIF
+    # writer; masks holding classes 0..m-1 and void) shows it at index m, read as class m until 2026-12-07.
+    moved = [u for u, c in zip(used, shown)
+             if c is not None and c != u and (c != info.ignore_index or colours[u] != (0, 0, 0))]
     if not moved:
         return indices, "index"
     if any(c is None for c in shown) or len(set(shown)) < len(shown) or all(colours[u] == (0, 0, 0) for u in moved):
