@@ -556,6 +556,18 @@ def test_a_vocdevkit_linked_to_another_disk_gets_a_way_out(voc_tar, tmp_path: Pa
         download_voc2012(root, url=url, md5=md5)
 
 
+def test_train_aug_reads_split_files_saved_with_a_byte_order_mark(voc_tar, server, tmp_path: Path) -> None:
+    """Found by a helper: the training reader strips a BOM (Notepad) from VOC's split files, make_train_aug did not,
+    so its first name carried U+FEFF: a train.txt so saved was refused as "not VOC 2012 trainval", a val.txt so
+    saved let its first image into train_aug."""
+    voc_dir, sbd_dir = voc_and_sbd(voc_tar, server, tmp_path)
+    for name in ("train.txt", "val.txt"):
+        split = voc_dir / "ImageSets" / "Segmentation" / name
+        split.write_text("\ufeff" + split.read_text(), encoding="utf-8")
+    assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
+    assert (voc_dir / "ImageSets/Segmentation/train_aug.txt").read_text().split() == EXPECTED_TRAIN_AUG
+
+
 def test_train_aug_refuses_a_voc_folder_without_its_images(voc_tar, server, tmp_path: Path) -> None:
     """A VOC-layout folder that is not VOC 2012 trainval at --root: train_aug named images it does not have, and
     was said ready."""

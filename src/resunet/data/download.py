@@ -373,7 +373,8 @@ def download_sbd(root: Path, url: str = SBD_URL, md5: str | None = SBD_MD5) -> P
 def _read_ids(path: Path) -> set[str]:
     if not path.exists():
         raise DownloadError(f"split file not found: {path}")
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    # a BOM (Notepad) is not part of the first name, as the training reader has it (voc.split_names)
+    return {line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()}
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
