@@ -538,6 +538,12 @@ def test_a_data_check_report_that_cannot_be_kept_is_a_warning_and_the_run_goes_o
     ("[1, 2]", "malformed class description"),
     ('{"classes": "abc"}', "'classes' must be a list of names"),
     ('{"classes": ["a", "b"], "ignore_index": "x"}', "ignore_index 'x' is not a whole number"),
+    # Other tools' {"name", "color"} entries became names like "{'name': 'bg', ...}", their colours dropped.
+    ('{"classes": [{"name": "bg", "color": [0, 0, 0]}, {"name": "car", "color": [255, 0, 0]}]}',
+     'class 0 is {"name": "bg", "color": [0, 0, 0]}, not a name; a class file lists the names in \'classes\' and '
+     "their colours in 'palette'"),
+    ('{"classes": ["a", null]}', "class 1 is null, not a name"),
+    ('{"classes": ["a", " "]}', 'class 1 is " ", not a name'),
     # Keys it does not have were passed over: VOC's colours and ignore 255 were used in their place, without a word.
     ('{"classes": ["a", "b"], "colors": [[0, 0, 0], [9, 9, 9]]}', "unknown key(s) 'colors' (did you mean 'palette'?);"
      " a class file has name, classes, palette, ignore_index, ignore_colour"),

@@ -58,6 +58,12 @@ class ClassInfo:
         try:
             if not isinstance(values["classes"], (list, tuple)):
                 raise TypeError(f"'classes' must be a list of names, got {type(values['classes']).__name__}")
+            for i, name in enumerate(values["classes"]):
+                # {"name": ..., "color": ...} entries (other tools' format) became names like "{'name': 'bg', ...}"
+                # and their colours were dropped for VOC's without a word
+                if isinstance(name, bool) or not isinstance(name, (str, int)) or not str(name).strip():
+                    raise ValueError(f"{source}: class {i} is {json.dumps(name)}, not a name; a class file lists "
+                                     "the names in 'classes' and their colours in 'palette'")
             names = tuple(str(n) for n in values["classes"])
             palette = values.get("palette") or voc_colormap(len(names))
             if not isinstance(palette, (list, tuple)):
