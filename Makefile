@@ -96,7 +96,8 @@ CAMVID_SEED ?= 0
 CAMVID_EMA ?= 0.999
 CAMVID_FLAGS ?=
 OVERWRITE ?=
-START = $(if $(OVERWRITE),--overwrite)
+# OVERWRITE=0 (as CAMVID_EMA=0 means off) keeps the run: only 1, yes or true start it over
+START = $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite)
 CAMVID_COMMON = --data-root $(DATA) --size $(CAMVID_SIZE) --crop-size $(CAMVID_CROP) --scale-min 0.75 --scale-max 1.5 --batch-size 8 \
 	--optimizer adamw --lr 1e-3 --weight-decay 1e-4 --scheduler cosine --warmup-epochs 1 --class-weights sqrt-inv-freq \
 	--seed $(CAMVID_SEED)

@@ -143,3 +143,15 @@ def test_the_readme_says_where_make_installed_and_quotes_extras():
     sources = [readme, *(path.read_text() for path in (ROOT / "src" / "resunet").rglob("*.py"))]
     unquoted = [hit for text in sources for hit in re.findall(r"pip install [^'`\s]*\[[a-z-]+\]", text)]
     assert not unquoted
+
+
+@pytest.mark.parametrize("value, overwrites", [("0", False), ("", False), ("1", True)])
+def test_make_camvid_starts_a_run_over_only_when_asked(value, overwrites):
+    """Found by a helper: OVERWRITE=0 (as CAMVID_EMA=0 turns the average off) passed --overwrite, which removes a
+    finished run's checkpoints once the new one starts. Read from make's dry run: nothing is executed."""
+    import subprocess
+
+    printed = subprocess.run(["make", "-n", "-C", str(ROOT), "camvid", f"OVERWRITE={value}", "DATA=somewhere"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "resunet train --data-root somewhere" in printed
+    assert ("--overwrite" in printed) == overwrites
