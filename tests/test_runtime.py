@@ -81,3 +81,28 @@ def test_cpu_threads_without_sched_getaffinity(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity")
     assert runtime.available_cores() == os.cpu_count()
     assert runtime.cpu_threads(64) == min(torch.get_num_threads(), os.cpu_count())
+
+
+@pytest.mark.parametrize("locators, cached_in_tmp", [("UserWideCacheLocator,UserProvidedCacheLocator", True),
+                                                     ("UserWideCacheLocator", False)])
+def test_kernels_compile_where_no_folder_beside_them_or_at_home_is_writable(tmp_path, locators, cached_in_tmp):
+    """Found by a helper: a read-only install run by a user without a writable home (docker --user, a read-only root
+    file system) stopped every command at import with numba's "no locator available". The kernels are then cached in
+    the temporary folder, or compiled in the process. Simulated: numba told to look only at the user's cache (here a
+    path under a file, which no one can write), and at the folder numba.config.CACHE_DIR names when it is set."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": locators, "XDG_CACHE_HOME": str(tmp_path / "a-file" / "x"),
+           "TMPDIR": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    script = ("import numpy as np\nfrom resunet.classmap import linear_taps\nfrom resunet.data import kernels\n"
+              "first, second, _, weight = linear_taps(2, 4)\nprint(first.tolist(), weight.tolist())")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # PyTorch's bilinear taps for 2 → 4 pixels: sources at -0.25 (clamped to 0), 0.25, 0.75, 1.25
+    assert result.stdout.split() == ["[0,", "0,", "0,", "1]", "[0.0,", "0.25,", "0.75,", "0.25]"]
+    cached = list((tmp_path / f"resunet-numba-{os.getuid()}").rglob("*.nbi"))
+    assert bool(cached) == cached_in_tmp

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runtime import HelperThreads, cpu_threads
+from .runtime import HelperThreads, cached_kernel, cpu_threads
 
 _helpers = HelperThreads("resunet-classmap")
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def linear_taps(in_len: int, out_len: int):
     """For each output index along one axis: its two source indices and their weights, as PyTorch's bilinear
     (align_corners=False, no scale given) computes them in float32."""
@@ -57,7 +56,7 @@ def linear_taps(in_len: int, out_len: int):
     return first, second, weight_first, weight_second
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def row_argmax(logits, first: int, last: int, out) -> None:
     """Rows first..last (inclusive) of h×w×C float32 logits → their first maximum in `out` (h×w uint8)."""
     classes = logits.shape[2]
@@ -71,7 +70,7 @@ def row_argmax(logits, first: int, last: int, out) -> None:
             out[y, x] = best
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def upsample_argmax_rows(logits, low, rows_y, taps_x, start: int, stop: int, out) -> None:
     """Output rows start..stop of one image: logits h×w×C float32, `rows_y` and `taps_x` the `linear_taps` of each
     axis, out H×W uint8. First the argmax of the logit rows these output rows read, into `low` (h×w uint8; a row

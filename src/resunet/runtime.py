@@ -177,3 +177,30 @@ def distributed_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def cached_kernel(**options) -> Callable:
+    """numba.njit(cache=True, **options), its machine code kept where numba finds a writable folder (beside the module,
+    or the user's cache), else in the temporary folder, else compiled in each process: a read-only install run by a
+    user without a writable home (docker --user, a read-only root file system) stopped every command at import with
+    numba's "no locator available"."""
+    import numba
+
+    def decorate(function: Callable) -> Callable:
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError as error:
+            if "no locator available" not in str(error):
+                raise
+        if not numba.config.CACHE_DIR:
+            import tempfile
+
+            numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"resunet-numba-{os.getuid()}")
+            try:
+                return numba.njit(cache=True, **options)(function)
+            except RuntimeError as error:
+                if "no locator available" not in str(error):
+                    raise
+        return numba.njit(cache=False, **options)(function)
+
+    return decorate

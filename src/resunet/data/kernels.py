@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 
 import llvmlite.binding as llvm
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from ..runtime import cached_kernel
 from .transforms import GREY  # torchvision's rgb_to_grayscale weights, as the batched torch path uses them
 
 LANES = 16  # float32 lanes of an AVX-512 register
@@ -148,7 +148,7 @@ def _dense_block(typingctx, acc, acc_at, plane, start, weights, at, span):
     return sig, codegen
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def resize_weights(in_len, out_len):
     """PyTorch's antialiased bilinear weights (align_corners=False) for in_len → out_len pixels: output i reads
     source pixels first[i] + k for k < taps with weights[i, k]. Every output gets the same number of taps (the most
@@ -182,7 +182,7 @@ def resize_weights(in_len, out_len):
     return first, weights
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def permute_tables(first, weights, lanes):
     """The horizontal pass's plan for the permutes: per block of `lanes` outputs (16 for the AVX-512 permute, 8 for
     the AVX2 one) its first source pixel, and per (block, tap) the lanes' source offsets from it and their
@@ -206,7 +206,7 @@ def permute_tables(first, weights, lanes):
     return starts, index, lane_weights, span
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def horizontal_permute(plane, first, weights, starts, index, lane_weights, wide, acc) -> None:
     """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `permute_tables`), 16 outputs per step
     (AVX-512 only). plane must be readable 64 floats past its last source pixel."""
@@ -219,7 +219,7 @@ def horizontal_permute(plane, first, weights, starts, index, lane_weights, wide,
             _permute_block_narrow(acc, b * LANES, plane, starts[b], index, lane_weights, b * taps * LANES, taps)
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def horizontal_permute8(plane, taps, starts, index, lane_weights, span, acc) -> None:
     """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `permute_tables(..., 8)`, span ≤ 32), 8
     outputs per step on as few registers as the span needs (AVX2 only). plane must be readable 32 floats past a block's
@@ -238,7 +238,7 @@ def horizontal_permute8(plane, taps, starts, index, lane_weights, span, acc) -> 
                               taps)
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def dense_tables(first, weights):
     """The dense horizontal pass's plan: per block of 8 outputs its first source pixel and its span in source pixels
     (rounded up to a multiple of 4, so past the block's last tap: the plane must be readable 3 floats further), and
@@ -261,7 +261,7 @@ def dense_tables(first, weights):
     return starts, spans, widest, dense
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def horizontal_dense(plane, starts, spans, widest, dense, acc) -> None:
     """acc[x] = Σ_k weights[x, k] × plane[first[x] + k] (the plan from `dense_tables`), 8 outputs per block, any
     CPU and any span. acc: at least 8 × blocks floats."""
@@ -269,12 +269,12 @@ def horizontal_dense(plane, starts, spans, widest, dense, acc) -> None:
         _dense_block(acc, b * DENSE_LANES, plane, starts[b], dense, b * widest * DENSE_LANES, spans[b])
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def _no_permute(plane, first, weights, starts, index, lane_weights, wide, acc) -> None:
     """Stands in for `horizontal_permute` without AVX-512, where `resize_window` never takes that branch."""
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def _no_permute8(plane, taps, starts, index, lane_weights, span, acc) -> None:
     """Stands in for `horizontal_permute8` without AVX2 or with AVX-512, where `resize_window` never takes that
     branch."""
@@ -287,7 +287,7 @@ horizontal_permute8_here = horizontal_permute8 if AVX2 and not AVX512 else _no_p
 PERMUTE_LANES = LANES if AVX512 else PERMUTE8_LANES if AVX2 else 0
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def resize_window(image, box, out) -> None:
     """Resize image[:, sy:sy+sh, sx:sx+sw] (planar 3×H×W uint8) to oh×ow, antialiased bilinear, into
     out[:, oy:oy+oh, ox:ox+ow] (3×crop×crop uint8), rounding to the nearest level. box: (sy, sh, sx, sw, oy, oh,
@@ -334,7 +334,7 @@ def resize_window(image, box, out) -> None:
                 row[x] = np.uint8(min(max(np.rint(acc[x]), np.float32(0)), np.float32(255)))
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def colour_map(staging, factors, orders, mean, std, matrix, offset) -> None:
     """The jitter (brightness, contrast, saturation in `orders`) composed with /255 and the normalisation into
     x → M x + t for one 3×H×W uint8 crop; what `transforms.colour_maps` computes for a batch (same operations, same
@@ -372,7 +372,7 @@ def colour_map(staging, factors, orders, mean, std, matrix, offset) -> None:
         offset[c] = inv_std * (t[c] - mean[c])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@cached_kernel(nogil=True, fastmath=True)
 def colour(staging, flip, matrix, offset, low, high, out) -> None:
     """out[c, y, x] = clamp(M[c] · staging[:, y, x'] + t[c], low[c], high[c]), x' = x mirrored where flip.
     staging: 3×H×W uint8; matrix, offset, low, high float32; out: 3×H×W float32. One loop per row reads each
@@ -403,7 +403,7 @@ def colour(staging, flip, matrix, offset, low, high, out) -> None:
                 out2[x] = min(max(m20 * r + m21 * g + m22 * b + t2, low2), high2)
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def nearest(src_start, src_len, out_start, out_len, crop, where) -> None:
     """where[p] = the source pixel whose area holds crop position p's centre (PyTorch's `nearest-exact`), or -1 in
     the padding; what `transforms.nearest_indices` computes."""
@@ -416,7 +416,7 @@ def nearest(src_start, src_len, out_start, out_len, crop, where) -> None:
             where[p] = -1
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def labels(mask, rows, cols, ignore, out) -> None:
     """out[y, x] = mask[rows[y], cols[x]], or `ignore` where either index is -1.
     mask: H×W uint8 (one image of the cache); out: crop×crop int64."""
@@ -432,7 +432,7 @@ def labels(mask, rows, cols, ignore, out) -> None:
             row[x] = line[source] if source >= 0 else ignore
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def finish_sample(staging, mask, flip, factors, orders, box, mean, std, ignore, out_image, out_mask) -> None:
     """Everything after the resize for one sample: colour map, flip + map + normalise into out_image (3×crop×crop
     float32), labels into out_mask (crop×crop int64). box: (src_y, len, src_x, len, out_y, len, out_x, len)."""
@@ -449,7 +449,7 @@ def finish_sample(staging, mask, flip, factors, orders, box, mean, std, ignore, 
     labels(mask, rows, cols[::-1] if flip else cols, ignore, out_mask)  # the flip, once per sample
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_kernel(nogil=True)
 def augment_samples(images, masks, index, boxes, flips, factors, orders, mean, std, ignore, which, staging,
                     out_images, out_masks) -> None:
     """Batch positions `which`: sample index[i] of the cache (images N×3×H×W, masks N×H×W uint8) resized by
