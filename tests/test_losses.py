@@ -150,6 +150,21 @@ def test_each_loss_is_zero_with_a_zero_gradient_when_every_pixel_is_ignored(name
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_each_loss_of_bf16_logits_is_the_float32_loss(name):
+    """Found by a helper: the losses ran in the logits' precision, so a user's own bf16 loop got Lovász gradients from
+    cumulative counts and IoUs rounded to 2^-8 (per pixel ~1/union: mostly 0, with spikes). The loss is float32."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 32, 32).bfloat16()
+    target = torch.randint(0, 3, (2, 32, 32))
+    target[0, :4] = 255
+    grads = []
+    for x in (logits.float().requires_grad_(), logits.clone().requires_grad_()):
+        SegmentationLoss(name, weight=torch.tensor([1.0, 2.0, 0.5]))(x, target).backward()
+        grads.append(x.grad.float())
+    assert torch.equal(grads[1], grads[0].bfloat16().float())  # a bf16 leaf's gradient: the float32 one, rounded
+
+
 def test_a_bad_keep_fraction_is_refused():
     with pytest.raises(ValueError, match="not in"):
         SegmentationLoss("ohem", None, 255, ohem_keep=0.0)
