@@ -458,6 +458,13 @@ def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path,
     # Stated tolerance on the 8 demo val images: within 2 points of PyTorch fp32.
     assert result["miou"]["drift_points"] > -2.0
     assert result["int8"]["agreement"] > 0.97
+    # Export's figures are those of the files it kept, as `evaluate` scores them on their own.
+    from resunet.evaluate import run_evaluate
+
+    kept = run_evaluate(str(tmp_path / "m.int8.onnx"), str(demo_root), workers=0, progress=False)
+    assert kept["miou"] == pytest.approx(result["miou"]["onnx"], abs=1e-9)
+    pytorch = run_evaluate(str(trained_run / "best.pt"), str(demo_root), precision="fp32", workers=0, progress=False)
+    assert pytorch["miou"] == pytest.approx(result["miou"]["pytorch_fp32"], abs=1e-6)
     # The check is recorded in the file: `predict --backend auto` lets only a measured INT8 file win on speed.
     check = json.loads(read_metadata(tmp_path / "m.int8.onnx")[MIOU_CHECK_KEY])
     assert check == {"split": "val", "images": 8, "drift_points": round(result["miou"]["drift_points"], 4),
