@@ -270,16 +270,25 @@ def test_compile_trains_the_same_weights_and_saves_the_plain_model(demo_root, ra
     # the test gives torch.compile the "eager" backend: TorchDynamo still captures the model's graph and the
     # training steps run through it, with the same arithmetic as the plain run, bit for bit in fp32. The
     # checkpoint must hold the plain model's weights (no "_orig_mod." prefixes), loadable without compiling.
-    real_compile, compiled = torch.compile, []
+    real_compile, compiled, graph_runs = torch.compile, [], []
+
+    def counting(graph, example_inputs):  # the "eager" backend, counting the captured graph's training calls
+        def run(*args):
+            graph_runs.append(torch.is_grad_enabled())
+            return graph.forward(*args)
+        return run
 
     def eager_compile(model, **kwargs):
         compiled.append(model)
-        return real_compile(model, backend="eager")
+        return real_compile(model, backend=counting)
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     settings = dict(epochs=1, precision="fp32", batch_size=4, **SMALL)
     train(tiny_config(demo_root, ram_tmp / "compiled", compile=True, **settings))
     assert len(compiled) == 1
+    # The steps ran through the compiled model (training with the plain one passed the checks below as well)
+    steps = load_checkpoint(ram_tmp / "compiled" / "last.pt")["scheduler"]["last_epoch"]
+    assert steps >= 1 and graph_runs.count(True) >= steps
     train(tiny_config(demo_root, ram_tmp / "plain", **settings))
     assert len(compiled) == 1  # the plain run did not compile
     a, b = load_checkpoint(ram_tmp / "compiled" / "last.pt"), load_checkpoint(ram_tmp / "plain" / "last.pt")
