@@ -383,7 +383,14 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     from resunet.data.dataset import open_dataset
     from resunet.tensorboard_log import PREVIEW_HEIGHT, _to_height
 
+    from torch.utils.tensorboard import SummaryWriter
+
     run = ram_tmp / "run"
+    # A run killed before its first save leaves events no checkpoint records: the new run's curves drop them
+    # (they zigzagged through them).
+    orphaned = SummaryWriter(str(run / "tensorboard"))
+    orphaned.add_scalar("train/loss", 99.0, 10)
+    orphaned.close()
     train(tiny_config(demo_root, run, epochs=2, tensorboard=True, scheduler="cosine", **SMALL))
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -392,7 +399,7 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     # 12 steps per epoch: epoch values at steps 12 and 24, the loss every 10 steps.
     assert scalar("val/mIoU") == [(12 * r["epoch"], pytest.approx(r["val_miou"])) for r in records]
     assert scalar("train/epoch_loss") == [(12 * r["epoch"], pytest.approx(r["train_loss"])) for r in records]
-    assert [step for step, _ in scalar("train/loss")] == [10, 20]
+    assert [step for step, _ in scalar("train/loss")] == [10, 20] and 99.0 not in dict(scalar("train/loss")).values()
     lrs = scalar("train/lr")
     assert lrs[0][1] > lrs[1][1] > 0  # cosine decay
     iou = records[-1]["val_iou"]
@@ -423,14 +430,24 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     assert [e.step for e in events.Images("val/predictions")] == [12, 24, 36]
 
 
-def test_tensorboard_missing_is_one_line_naming_the_extra(ram_tmp, monkeypatch):
+def test_tensorboard_missing_is_one_line_naming_the_extra(demo_root, ram_tmp, monkeypatch):
     import sys
 
+    import resunet.train as train_module
     from resunet.tensorboard_log import TensorBoardLog, TensorBoardUnavailable
 
+    run = ram_tmp / "run"
+    train(tiny_config(demo_root, run, epochs=1, **SMALL))
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     with pytest.raises(TensorBoardUnavailable, match=r"pip install 'resunet\[tensorboard\]'"):
         TensorBoardLog(ram_tmp / "tb", 0)
+    # Found by a helper: train said so only after the data check, the cache build and --overwrite's removal of the
+    # earlier run, which was then gone with no new run in its place. Refused before any work now.
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    monkeypatch.setattr(train_module, "check_data", lambda *args, **kwargs: pytest.fail("the data was checked"))
+    with pytest.raises(TrainingError, match=r"^--tensorboard needs the tensorboard package"):
+        train(tiny_config(demo_root, run, epochs=1, overwrite=True, tensorboard=True, **SMALL))
+    assert (run / "last.pt").stat().st_mtime_ns == stamp and (run / "best.pt").is_file()
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_root, ram_tmp, capsys):

@@ -27,16 +27,23 @@ class TensorBoardUnavailable(RuntimeError):
     """--tensorboard without the tensorboard package."""
 
 
+def check_tensorboard() -> type:
+    """torch's SummaryWriter, or TensorBoardUnavailable naming the extra to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TensorBoardUnavailable("--tensorboard needs the tensorboard package: "
+                                     "pip install 'resunet[tensorboard]'") from None
+    return SummaryWriter
+
+
 class TensorBoardLog:
     def __init__(self, log_dir: str | Path, start_step: int) -> None:
         """`start_step`: the last step done when the run (re)starts; events a killed run wrote past it are dropped,
-        so a resumed run's curves do not fold back on themselves, and those at it (the finished epoch's) are kept."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TensorBoardUnavailable("--tensorboard needs the tensorboard package: "
-                                         "pip install 'resunet[tensorboard]'") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        so a resumed run's curves do not fold back on themselves, and those at it (the finished epoch's) are kept.
+        A new run (0) drops every earlier event: a run killed before its first save left events no checkpoint
+        records, and the next run's curves zigzagged through them."""
+        self.writer = check_tensorboard()(str(log_dir), purge_step=start_step + 1)
         self.losses: list[torch.Tensor] = []
 
     def step(self, global_step: int, loss: torch.Tensor, lr: float) -> None:

@@ -63,7 +63,7 @@ from .outputs import check_folder_apart, check_output_folder, replace_text
 from .predict import Predictor
 from .runtime import (DeviceError, autocast, describe_device, distributed_env, precision_name, resolve_device,
                       resolve_precision, use_channels_last)
-from .tensorboard_log import TensorBoardLog, TensorBoardUnavailable
+from .tensorboard_log import TensorBoardLog, TensorBoardUnavailable, check_tensorboard
 from .visualize import plot_curves
 
 CACHE_LIMIT_BYTES = 20 * 1024**3
@@ -783,6 +783,11 @@ def check_types(cfg: TrainConfig) -> None:
 
 def check_settings(cfg: TrainConfig) -> None:
     """Refuse settings that make no sense before any work starts, in one line naming the flag."""
+    if cfg.tensorboard:  # refused after the data check and cache build, and after --overwrite removed the old run
+        try:
+            check_tensorboard()
+        except TensorBoardUnavailable as error:
+            raise TrainingError(str(error)) from None
     per_step = cfg.scheduler in PER_STEP_SCHEDULERS  # their warm-up must leave room for the decay
     # ... of --epochs; a resumed --time-budget run's epochs are its fit, which may hold no more than the warm-up
     # (make_scheduler then halves it), and its warm-up was checked against --epochs when it started
@@ -960,14 +965,15 @@ def train(cfg: TrainConfig) -> dict:
                     with contextlib.suppress(OSError):
                         out.rmdir()  # only if still empty
                 raise
-    if cfg.overwrite and main_process:  # the earlier run's files go only now that this one's data and model are ready
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
+    # The earlier run's files go only now that this one's data, model and class weights (every mask read) are ready
+    if cfg.overwrite and main_process:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its curves would mix with the new run's
     criterion = SegmentationLoss(cfg.loss, loss_weights, info.ignore_index, cfg.focal_gamma, cfg.ohem_keep)
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     start_epoch, best_miou, position = 1, -1.0, None
