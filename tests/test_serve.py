@@ -1152,7 +1152,10 @@ def test_a_port_in_use_is_one_line_before_the_service_is_announced(checkpoint, c
 
 
 @pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "0"), ("--max-wait-ms", "-1"),
-                                         ("--port", "70000"), ("--drain-timeout", "0")])
+                                         ("--port", "70000"), ("--drain-timeout", "0"),
+                                         # found by a helper: a lone request waited for a full batch; every request,
+                                         # its own connection counted, got 503
+                                         ("--max-wait-ms", "inf"), ("--max-connections", "1")])
 def test_serve_flags_out_of_range_are_refused_by_the_parser(checkpoint, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["serve", str(checkpoint), flag, value])

@@ -74,8 +74,15 @@ def _demo_size(text: str) -> int:
 
 def _non_negative(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    if not 0 <= value < math.inf:  # inf: a lone request waited for a whole batch to arrive
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value:g}")
+    return value
+
+
+def _connections(text: str) -> int:
+    value = int(text)
+    if value < 2:  # the request's own connection counts: 1 answered every request, /healthz too, with 503
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a new request's own connection counts), got {value}")
     return value
 
 
@@ -723,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-timeout", type=_positive_seconds, default=30.0,
                    help="a connection that has not sent a whole request head this many seconds after opening (or "
                         "after its last answer) is closed, with 408 if part came (default 30)")
-    p.add_argument("--max-connections", type=_positive_int, default=1000,
+    p.add_argument("--max-connections", type=_connections, default=1000,
                    help="when this many connections are open (a new request's included), it gets 503 at once "
                         "(default 1000)")
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,

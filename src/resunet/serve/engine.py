@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -75,8 +76,8 @@ class InferenceEngine:
     def __init__(self, load_predictor: Callable[[], Predictor], metrics: ServiceMetrics, max_batch: int = 8,
                  max_wait_ms: float = 5.0, max_queue: int = 64) -> None:
         """`load_predictor` runs here, on the inference thread (its errors, e.g. a bad model file, raise here)."""
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and max_queue must be ≥ 1 and max_wait_ms ≥ 0")
+        if max_batch < 1 or max_queue < 1 or not 0 <= max_wait_ms < math.inf:
+            raise ValueError("max_batch and max_queue must be ≥ 1 and max_wait_ms finite, ≥ 0")
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="resunet-inference")
         try:
             predictor = self.executor.submit(load_predictor).result()
