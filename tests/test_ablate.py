@@ -131,6 +131,12 @@ def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_
         with pytest.raises(TrainingError, match=f"^ablation option '{option}' changes nothing: the train flags "
                                                 f"already give {flags}; drop the row or change the base flag$"):
             run_ablation(base, ["baseline", option], ram_tmp / "noop")
+    # Found by a helper: each row's settings were checked when its turn came, so --batch-size 1 trained every row up
+    # to the mixes hours in, and a rerun with another batch size was then refused for the finished rows.
+    single = tiny_config(demo_root, ram_tmp / "unused", epochs=1, batch_size=1, size=64, crop_size=64)
+    with pytest.raises(TrainingError, match=r"^ablation option 'mix cutmix': --batch-size 1: must be 2 or more"):
+        run_ablation(single, ["baseline", "mix cutmix"], ram_tmp / "single")
+    assert not (ram_tmp / "single").exists()
 
 
 def test_unknown_option_is_one_line(demo_root, capsys):

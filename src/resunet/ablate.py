@@ -21,7 +21,7 @@ from .config import ABLATION_OPTIONS, TrainConfig
 from .evaluate import run_evaluate
 from .outputs import write_output
 from .runtime import cpu_name
-from .train import TrainingError, train
+from .train import TrainingError, check_settings, check_types, train
 
 
 def row_folder(name: str) -> str:
@@ -152,6 +152,11 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
             flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ABLATION_OPTIONS[name].items())
             raise TrainingError(f"ablation option {name!r} changes nothing: the train flags already give {flags}; "
                                 "drop the row or change the base flag")
+        try:  # every row's settings before the first row trains: --batch-size 1 met the mix rows hours in
+            check_types(row := replace(base, **ABLATION_OPTIONS[name]))
+            check_settings(row)
+        except TrainingError as error:
+            raise TrainingError(f"ablation option {name!r}: {error}") from None
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
