@@ -106,3 +106,31 @@ def test_kernels_compile_where_no_folder_beside_them_or_at_home_is_writable(tmp_
     assert result.stdout.split() == ["[0,", "0,", "0,", "1]", "[0.0,", "0.25,", "0.75,", "0.25]"]
     cached = list((tmp_path / f"resunet-numba-{os.getuid()}").rglob("*.nbi"))
     assert bool(cached) == cached_in_tmp
+
+
+@pytest.mark.parametrize("setting", [None, ("MALLOC_TRIM_THRESHOLD_", "1000000"),
+                                     ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")])
+def test_the_allocator_is_tuned_unless_the_user_set_it(monkeypatch, setting):
+    """Found by a helper: mallopt replaced a user's own glibc malloc settings (an RSS cap for a container), also
+    inside an application that only built a Predictor."""
+    import ctypes
+    import sys
+
+    from resunet import allocator
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name, raising=False)
+    if setting:
+        monkeypatch.setenv(*setting)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    applied = allocator.tune_cpu_allocator.__wrapped__()
+    assert applied == (setting is None)
+    assert calls == ([(-3, 32 * 1024 * 1024), (-1, 1 << 30)] if setting is None else [])

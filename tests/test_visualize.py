@@ -101,3 +101,30 @@ def test_the_iou_legend_covers_no_bar(tmp_path, monkeypatch):
     legend = chart.get_legend().get_window_extent()
     bars = [patch.get_window_extent() for patch in chart.patches]
     assert len(bars) == 8 and not any(legend.overlaps(bar) for bar in bars)
+
+
+def test_dollar_signs_in_file_and_class_names_are_drawn_as_written(tmp_path, monkeypatch):
+    """Found by a helper: matplotlib read a title with two $ as mathtext, so "scan_$1_$2.png" among the worst images
+    failed in savefig (a traceback after the whole evaluation, no sheet) and "a $5 b $6" was drawn as an italic 5b."""
+    from matplotlib.text import Text
+
+    from resunet.visualize import plot_worst
+
+    info = ClassInfo(("back$ground$", "thing"), ((0, 0, 0), (200, 0, 0)), 255, (224, 224, 192))
+    target = np.zeros((8, 8), np.uint8)
+    target[2:6, 2:6] = 1
+    rows = [{"name": "scan_$1_$2.png", "image": np.zeros((8, 8, 3), np.uint8), "target": target,
+             "prediction": np.zeros((8, 8), np.uint8), "miou": 0.4, "pixel_accuracy": 0.75}]
+    drawn = []
+    real_draw = Text.draw
+
+    def spy(self, renderer):
+        drawn.append((self.get_text(), self._preprocess_math(self.get_text())[1]))
+        return real_draw(self, renderer)
+
+    monkeypatch.setattr(Text, "draw", spy)
+    plot_worst(rows, info, tmp_path / "worst.png")
+    assert Image.open(tmp_path / "worst.png").size[0] > 100
+    as_math = [math for text, math in drawn if "$" in text]  # whether each text with a $ was drawn as mathtext
+    assert {"scan_$1_$2.png", "back$ground$"} <= {text.split("\n")[0] for text, _ in drawn}
+    assert as_math and not any(as_math)

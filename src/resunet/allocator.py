@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 
@@ -19,6 +20,9 @@ def tune_cpu_allocator() -> bool:
     allocations reuse warm memory, as jemalloc/tcmalloc would. Returns whether the settings were applied.
     """
     if not sys.platform.startswith("linux"):
+        return False
+    # The user's own allocator settings (an RSS cap for a container, say) are not overridden
+    if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc." in os.getenv("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -56,7 +56,10 @@ def fonts_for(path: str | Path, *texts: str) -> Iterator[None]:
     fonts their characters need, and matplotlib's warnings about glyphs none of them has (one per character and
     draw) become one line naming the file and the characters, on leaving."""
     families, unshown = fallback_families("".join(texts))
-    with matplotlib.rc_context({"font.family": [*matplotlib.rcParams["font.family"], *families]}), \
+    # text.parse_math off: names are drawn as written ("scan_$1_$2.png" was mathtext: a traceback after the whole
+    # evaluation, or "a $5 b $6" drawn as an italic "5b")
+    with matplotlib.rc_context({"font.family": [*matplotlib.rcParams["font.family"], *families],
+                                "text.parse_math": False}), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
         yield
