@@ -348,8 +348,18 @@ def test_a_large_image_is_resized_band_by_band_to_the_same_bits(monkeypatch, hei
                                             antialias=True)
     monkeypatch.setattr(predict_module, "FLOAT_WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 3 * width * 7)  # 7 rows a band: many bands, a short last one
+    real_interpolate, heights = torch.nn.functional.interpolate, []
+
+    def spy(x, *args, **kwargs):
+        heights.append(x.shape[-2])
+        return real_interpolate(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
     banded = predict_module.resize_antialiased(pixels, size)
     assert banded.shape == whole.shape and torch.equal(banded, whole)
+    # Band by band indeed (the whole image in one call gives the same bits): 7-row bands, then the narrowed image
+    assert heights == [7] * (height // 7) + [height % 7] * (height % 7 > 0) + [height]
+    monkeypatch.setattr(torch.nn.functional, "interpolate", real_interpolate)
     assert torch.equal(predict_module.resize_antialiased(pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
                                                          size), whole)  # an H×W×3 array's view, as predict passes it
 
