@@ -1400,6 +1400,7 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
           document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
           DataTransferItem.prototype.webkitGetAsEntry = real;
         }""")
+        assert held  # the photo's request was made and held (an empty list raised IndexError, swallowed below)
         try:
             held[0].continue_()  # cancelled by the page: nothing to let go
         except Exception:  # noqa: BLE001 (Playwright's error for a request the page aborted)
