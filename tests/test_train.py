@@ -511,7 +511,8 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwri
     def stop(*args, **kwargs):
         raise RuntimeError("stopped before the first epoch")
 
-    monkeypatch.setattr(resunet.train, "make_optimizer", stop)  # after the data path is built: the run is ready
+    # after the data path, model, optimiser and class weights are ready: the run is ready
+    monkeypatch.setattr(resunet.train, "SegmentationLoss", stop)
     with pytest.raises(RuntimeError, match="stopped before"):
         train(tiny_config(demo_root, run, epochs=1, overwrite=True, **SMALL))
     assert run.is_dir() and not [name for name in RUN_FILES if (run / name).exists()]

@@ -127,9 +127,9 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # In float32 whatever the logits' precision: in bf16 Lovász's cumulative counts and IoUs round to 2^-8 (its
+        # Half precision in float32: in bf16 Lovász's cumulative counts and IoUs round to 2^-8 (its
         # per-pixel gradient, ~1/union, mostly 0), and in fp16 the ce divisor overflows past 65,504 labelled pixels
-        logits = logits.float()
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # float64 stays
         parts = [self.part(name, logits, target) for name in self.name.split("+")]
         return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
