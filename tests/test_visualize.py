@@ -128,3 +128,26 @@ def test_dollar_signs_in_file_and_class_names_are_drawn_as_written(tmp_path, mon
     as_math = [math for text, math in drawn if "$" in text]  # whether each text with a $ was drawn as mathtext
     assert {"scan_$1_$2.png", "back$ground$"} <= {text.split("\n")[0] for text, _ in drawn}
     assert as_math and not any(as_math)
+
+
+def test_importing_and_plotting_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """Found by a helper: importing resunet.train (visualize) switched matplotlib to Agg for good, so a notebook's
+    inline plots and a script's plt.show() drew nothing after it. The figures are resunet's own now, not pyplot's."""
+    import subprocess
+    import sys
+
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import resunet.train, resunet.doctor
+from resunet.visualize import plot_curves
+mine = plt.figure()
+plot_curves([{{"epoch": 1, "train_loss": 1.0, "val_miou": 0.5, "lr": 0.1}},
+             {{"epoch": 2, "train_loss": 0.5, "val_miou": 0.6, "lr": 0.05}}], {str(tmp_path / "curves.png")!r})
+print(matplotlib.get_backend(), plt.gcf() is mine, plt.get_fignums())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["svg", "True", "[1]"]
+    assert Image.open(tmp_path / "curves.png").size[0] > 500

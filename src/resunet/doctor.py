@@ -32,7 +32,7 @@ from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, 
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
 from .data.voc import check_voc_classes, find_voc_dir, split_names
-from .outputs import replace_text, save_figure, write_output
+from .outputs import replace_text, save_figure, subplots, write_output
 
 REPORT_FORMAT = 9  # part of the cache key: a change in what the checks find must not reuse old reports
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
@@ -765,18 +765,13 @@ def write_json(report: Report, path: str | Path) -> None:
 
 def plot_class_shares(report: Report, path: str | Path) -> None:
     """Bar chart: each class's share of the labelled pixels, one bar per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
     from .fonts import fonts_for
 
     names, splits = report.facts["classes"], report.facts["splits"]
     with fonts_for(path, *names, *splits, str(report.root)):
         x = np.arange(len(names))
         width = 0.8 / max(len(splits), 1)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) * max(len(splits), 1) + 2), 4))
+        fig, ax = subplots(1, 1, figsize=(max(6.0, 0.45 * len(names) * max(len(splits), 1) + 2), 4))
         for i, (split, values) in enumerate(splits.items()):
             shares = [100 * values["class_share"][name] for name in names]
             ax.bar(x + (i - (len(splits) - 1) / 2) * width, shares, width, label=f"{split} ({values['pairs']} pairs)")
@@ -788,7 +783,6 @@ def plot_class_shares(report: Report, path: str | Path) -> None:
         fig.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_figure(fig, path, dpi=100)
-        plt.close(fig)
 
 
 def refusal(report: Report, data_root: str | Path) -> str:

@@ -211,6 +211,15 @@ def save_whole(path: str | Path, save: Callable[[Path], None]) -> None:
         raise kind(f"{path}: could not write it ({error.strerror or error})") from None
 
 
+def subplots(rows: int, columns: int, figsize: tuple[float, float], **options) -> tuple:
+    """A figure of its own with its axes, drawn to files only: not pyplot's, whose backend (a notebook's inline one)
+    importing resunet switched to Agg for good, and whose current figure a train() in another thread could take."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, **options)
+
+
 def save_figure(figure, path: str | Path, dpi: int) -> None:
     save_whole(path, lambda where: figure.savefig(where, dpi=dpi, format=Path(path).suffix[1:].lower()))
 

@@ -7,24 +7,20 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from .data.classes import ClassInfo  # noqa: E402
-from .data.images import DEFAULT_MAX_PIXELS, DataError  # noqa: E402
-from .fonts import fonts_for  # noqa: E402
-from .outputs import PLOT_SUFFIXES, check_output_files, save_figure  # noqa: E402
+from .data.classes import ClassInfo
+from .data.images import DEFAULT_MAX_PIXELS, DataError
+from .fonts import fonts_for
+from .outputs import PLOT_SUFFIXES, check_output_files, save_figure, subplots
 
 
 
 def plot_curves(records: list[dict], path: str | Path) -> None:
     """Train loss, val mIoU and learning rate per epoch, from metrics.jsonl records."""
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(epochs, [r["train_loss"] for r in records], marker=".")
     axes[0].set_title("train loss")
     evaluated = [r for r in records if r.get("val_miou") is not None]  # --eval-every N skips some epochs
@@ -41,7 +37,6 @@ def plot_curves(records: list[dict], path: str | Path) -> None:
     # Fixed margins, not tight_layout: it measured every label each epoch, about half the plot's time.
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.92, wspace=0.22)
     save_figure(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def colorize(mask: np.ndarray, info: ClassInfo) -> np.ndarray:
@@ -78,7 +73,7 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
         # fixed height (made for square pictures) left bands of white between the rows of CamVid's 4:3 frames.
         aspect = min(max(image.shape[0] / image.shape[1] for image in images), 3.0)
         pictures_inches = 3 * (3 * aspect + 0.3)
-        fig, axes = plt.subplots(3, columns, figsize=(3 * columns, pictures_inches), squeeze=False)
+        fig, axes = subplots(3, columns, figsize=(3 * columns, pictures_inches), squeeze=False)
         for col in range(columns):
             pictures = (images[col], colorize(targets[col], info), colorize(predictions[col], info))
             for row, picture in enumerate(pictures):
@@ -88,7 +83,6 @@ def plot_grid(images: list[np.ndarray], targets: list[np.ndarray], predictions: 
             axes[row][0].set_title(title, loc="left", fontsize=11)
         lay_out_with_legend(fig, info, targets + predictions, pictures_inches)
         save_figure(fig, path, dpi=90)
-        plt.close(fig)
 
 
 def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | None = None) -> None:
@@ -99,7 +93,7 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | Non
         m = m / np.maximum(m.sum(1, keepdims=True), 1)
         n = info.num_classes
         side = 0.45 * n + 2
-        fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(2 * side + 3 if scores else side + 1, side),
+        fig, axes = subplots(1, 2 if scores else 1, figsize=(2 * side + 3 if scores else side + 1, side),
                                  squeeze=False)
         ax = axes[0][0]
         ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
@@ -131,7 +125,6 @@ def plot_confusion(matrix, info: ClassInfo, path: str | Path, scores: dict | Non
             bars.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
         fig.tight_layout()
         save_figure(fig, path, dpi=90)
-        plt.close(fig)
 
 
 def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np.ndarray:
@@ -149,7 +142,7 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
     # the font machinery refused its escapes ("surrogates not allowed") after the whole evaluation.
     names = [os.fsencode(row["name"]).decode(errors="replace") for row in rows]
     with fonts_for(path, *info.names, *names):
-        fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
+        fig, axes = subplots(len(rows), 4, figsize=(13, 2.9 * len(rows)), squeeze=False)
         for ax_row, row, name in zip(axes, rows, names):
             pictures = (row["image"], colorize(row["target"], info), colorize(row["prediction"], info),
                         error_map(row["target"], row["prediction"], info))
@@ -162,7 +155,6 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
             ax.set_title(title, loc="left", fontsize=10)
         lay_out_with_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])], 2.9 * len(rows))
         save_figure(fig, path, dpi=80)
-        plt.close(fig)
 
 
 def run_visualize(checkpoint: str, data_root: str, out: str, split: str = "val", count: int = 5, seed: int = 0,
