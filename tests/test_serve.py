@@ -317,6 +317,11 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
          "3000×2 pixels become 96000×64 at working size 64, more than 65,536 pixels (16 × 64², an image 16 times "
          "as long as wide)"),
         ("broken exif", dict(method="POST", url="/predict", content=broken_exif_jpeg()), 400, "not a readable image"),
+        # Pillow decodes an icon's PNG inside Image.open, before any size check, whatever size that PNG declares.
+        ("icon", dict(method="POST", url="/predict", content=icon(good)), 400, "not a readable image"),
+        # Logged: an escape code in the type would reach the terminal reading the log (a helper, 2026-12-07).
+        ("escape in the content type", dict(method="POST", url="/predict", content=b"x", headers={
+            "content-type": "\x1b[8m"}), 415, "unsupported content type '?[8m'"),
         # An iPhone's photo: named, with the way round it (it was "not an image format we know").
         ("heic", dict(method="POST", url="/predict", files={"file": ("IMG_0001.HEIC", b"\0\0\0\x18ftypheic\0\0\0\0mif1"
                                                                       + bytes(500), "image/heic")}), 400,
@@ -346,6 +351,13 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("bad format", dict(method="POST", url="/predict?format=xml", content=good), 422, "format"),
         ("bad tta", dict(method="POST", url="/predict?tta=ms", content=good), 422, "tta"),
     ]
+
+
+def icon(png: bytes) -> bytes:
+    """An .ico file holding `png` (its directory says 0×0, i.e. 256: Pillow reads the size from the PNG itself)."""
+    import struct
+
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
 
 
 def test_bad_requests_get_a_one_line_json_error_and_the_next_request_is_served(client, caplog):

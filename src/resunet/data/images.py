@@ -23,8 +23,10 @@ from .classes import ClassInfo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".jp2",
                   ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
 # What Image.open may take a file for: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on
-# it: a client of the service could feed PostScript to it) nor the formats that need a handler installed.
-READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "ICO", "TGA", "QOI", "JPEG2000",
+# it: a client of the service could feed PostScript to it) nor the formats that need a handler installed, nor ICO:
+# Pillow decodes an icon's embedded PNG inside Image.open, whatever size its PNG declares (an upload of ~10 MB that
+# decodes to ~10 GB, before any size check; icons are no photos, and .ico was never listed as an image).
+READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "TGA", "QOI", "JPEG2000",
                 "PCX", "SGI", "PSD")
 # The largest image decoded by default: 8000×8000, above any camera's photo (a 48 MP phone shot is 8000×6000), far
 # below what fills memory. A small file can declare billions of pixels (a "decompression bomb"); it is refused from
