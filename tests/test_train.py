@@ -430,6 +430,32 @@ def test_tensorboard_event_files_hold_the_run(demo_root, ram_tmp):
     assert [e.step for e in events.Images("val/predictions")] == [12, 24, 36]
 
 
+def test_tensorboard_keeps_the_events_up_to_a_failure(demo_root, ram_tmp, monkeypatch):
+    """Found by a helper: the writer was closed only after a run that ended well, and it flushes every 2 minutes, so a
+    diverged run lost the loss points before the NaN, the ones a user opens TensorBoard to see."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import resunet.train as train_module
+
+    real_step, steps = train_module.train_step, []
+
+    def step(*args, **kwargs):
+        steps.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(steps) == 31 else loss  # 12 steps an epoch: epoch 3's seventh
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    real_close, closed = train_module.TensorBoardLog.close, []
+    monkeypatch.setattr(train_module.TensorBoardLog, "close", lambda board: closed.append(1) or real_close(board))
+    run = ram_tmp / "run"
+    with pytest.raises(TrainingError, match="the loss became NaN or infinite by step 7 of epoch 3"):
+        train(tiny_config(demo_root, run, epochs=3, tensorboard=True, **SMALL))
+    assert closed == [1]  # flushed and its writer thread ended, as after a run that ends well
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]  # 30: after epoch 2's flush
+
+
 def test_tensorboard_missing_is_one_line_naming_the_extra(demo_root, ram_tmp, monkeypatch):
     import sys
 

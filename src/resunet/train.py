@@ -1122,7 +1122,11 @@ def train(cfg: TrainConfig) -> dict:
     # The cache's read lock goes with the loop, however it ends: a process that trains again (ablate, a notebook)
     # may hold this run's objects for a while, and a later build must be free to remove the copy once it is stale.
     cache_read = contextlib.closing(loader.cache) if isinstance(loader, CachedLoader) else contextlib.nullcontext()
-    with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read:
+    # Closed however the run ends (a diverged loss, a bad file, a full disk): the writer flushes every 2 minutes, and
+    # the events up to the failure are the ones a user opens TensorBoard to see
+    board_written = contextlib.closing(board) if board is not None else contextlib.nullcontext()
+    with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read, \
+            board_written:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
                 break
@@ -1339,8 +1343,6 @@ def train(cfg: TrainConfig) -> dict:
 
     if curves_behind:  # the run ended or stopped since the last drawing
         draw_curves(records, out)
-    if board is not None:
-        board.close()
     if main_process and stopped_by is None and cfg.calibrate:
         best = out / "best.pt"
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
