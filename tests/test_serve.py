@@ -1163,6 +1163,42 @@ def test_a_port_in_use_is_one_line_before_the_service_is_announced(checkpoint, c
     assert " on http://" not in captured.out
 
 
+def test_run_server_from_a_thread_twice_leaves_the_process_as_it_found_it(checkpoint, monkeypatch):
+    """Found by helpers: run_server set a SIGTERM handler unconditionally (ValueError off the main thread, where
+    uvicorn itself runs), and each call added a log handler and two uvicorn filters for good: a second call logged
+    every line twice, and the caller's own handlers no longer saw resunet.serve's records."""
+    import logging
+    import signal
+    import threading
+
+    import uvicorn
+
+    from resunet.serve import run_server
+
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: served.append(
+        [listener.close() for listener in sockets]))
+    app = create_app(checkpoint)
+    ours, theirs = logging.getLogger("resunet.serve"), logging.getLogger("uvicorn.error")
+    before = (list(ours.handlers), ours.level, ours.propagate, list(theirs.filters), signal.getsignal(signal.SIGTERM))
+    errors = []
+
+    def serve():
+        try:
+            run_server(app, port=0)
+        except Exception as error:  # noqa: BLE001 (the failure this test is about, reported below)
+            errors.append(error)
+
+    for _ in range(2):
+        worker = threading.Thread(target=serve)
+        worker.start()
+        worker.join(60)
+    run_server(app, port=0)  # and from the main thread
+    assert errors == [] and len(served) == 3
+    assert (list(ours.handlers), ours.level, ours.propagate, list(theirs.filters),
+            signal.getsignal(signal.SIGTERM)) == before
+
+
 @pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "0"), ("--max-wait-ms", "-1"),
                                          ("--port", "70000"), ("--drain-timeout", "0"),
                                          # found by a helper: a lone request waited for a full batch; every request,

@@ -620,20 +620,28 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     file descriptors (then uvicorn's accept loop fails, logging a traceback for every try). It serves on `sockets`
     from bind_address(host, port), bound here if not given."""
     import signal
+    import threading
 
     import uvicorn
 
+    # Everything set here is put back on return (a second call logged every line twice, and the caller's own
+    # handlers no longer saw resunet.serve); from a thread other than the main one no signal handler can be set
+    # (uvicorn then sets none either), so none is.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s resunet serve: %(message)s", "%H:%M:%S"))
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(log_level.upper())
     log.propagate = False
     # After its graceful shutdown uvicorn raises the signal that stopped it again, under the handler it found at
     # start; with the default one SIGTERM would then kill the process (status -15). A no-op of ours lets it return.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if on_main_thread else None
     # Our protocol logs an unparsable request in one line with its reason; uvicorn's own warning would be a second.
-    logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != UVICORN_INVALID_REQUEST)
-    logging.getLogger("uvicorn.error").addFilter(one_line_for_a_cut_shutdown)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    filters = (lambda record: record.getMessage() != UVICORN_INVALID_REQUEST, one_line_for_a_cut_shutdown)
+    for one in filters:
+        uvicorn_log.addFilter(one)
     try:
         if sockets is None:  # from Python: say where (uvicorn is silent about sockets given to it; port 0 is unknown)
             sockets = bind_address(host, port)
@@ -645,4 +653,10 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C during the drain ends it quietly
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        for one in filters:
+            uvicorn_log.removeFilter(one)
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
