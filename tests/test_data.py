@@ -576,3 +576,35 @@ def test_a_folder_this_user_cannot_enter_is_not_a_dataset_and_not_a_traceback(tm
     assert data_locations(tmp_path / "locked" / "x") == ([], [])
     assert data_folder_around(tmp_path / "preds") is None  # tmp_path holds locked/, whose entries cannot be seen
     assert data_folder_around(tmp_path / "data" / "train" / "images" / "out") == tmp_path / "data" / "train" / "images"
+
+
+def test_at_exit_only_resunets_own_workers_are_killed(tmp_path):
+    """Found by a helper: the exit hook that SIGKILLs DataLoader workers (they ignore SIGTERM) killed every daemonic
+    child of the program, so a user's own child never ran its SIGTERM clean-up. Ours, started by start_workers, are
+    still killed: a pass left open at exit does not hang it."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "cleaned-up"
+    script = f"""
+import multiprocessing, signal, sys, time
+import torch
+from torch.utils.data import DataLoader
+from resunet.data.dataset import start_workers, worker_ignores_ctrl_c
+
+def child():
+    signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, "w").close(), sys.exit(0)))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    mine = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    mine.start()
+    batches = start_workers(DataLoader(list(range(100)), batch_size=2, num_workers=2,
+                                       worker_init_fn=worker_ignores_ctrl_c))
+    next(batches)  # a pass left open at exit: its workers are ours
+    time.sleep(0.5)
+"""
+    # Ours ignore SIGTERM: not killed, multiprocessing's exit would wait for them for ever (the timeout fails it)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert marker.exists()  # the user's child got SIGTERM, not SIGKILL

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -67,12 +68,15 @@ def start_workers(loader: Iterable) -> Iterator:
     sends it as epoch 2's workers start), and the trainer printed a traceback. Blocked, the signal waits in the worker
     until `worker_ignores_ctrl_c` discards it; the main process gets its own when the block ends."""
     if threading.current_thread() is not threading.main_thread():
-        return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        batches = iter(loader)
+    else:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _our_workers.update(getattr(batches, "_workers", ()))  # the processes `_end_leftover_workers` may kill
+    return batches
 
 
 @contextmanager
@@ -91,13 +95,18 @@ def worker_batches(loader: Iterable) -> Iterator[Iterator]:
             end()
 
 
+# The DataLoader workers start_workers started: only those are killed at exit (every daemonic child was: a program
+# using resunet lost its own children's SIGTERM clean-up).
+_our_workers: weakref.WeakSet = weakref.WeakSet()
+
+
 @atexit.register
 def _end_leftover_workers() -> None:
     """At the main process's exit multiprocessing ends its daemonic children (DataLoader workers a live iterator still
     holds) with SIGTERM and waits for them; ours ignore SIGTERM, so end them with SIGKILL first. Registered after
     multiprocessing's own exit function, so it runs before it. PyTorch's SIGCHLD handler would report each as a
     failed worker: nothing needs it any more."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
+    children = [child for child in multiprocessing.active_children() if child.daemon and child in _our_workers]
     if children and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
