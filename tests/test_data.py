@@ -608,3 +608,26 @@ if __name__ == "__main__":
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists()  # the user's child got SIGTERM, not SIGKILL
+
+
+def rle_bmp(width: int, height: int, rows: list[bytes]) -> bytes:
+    """An 8-bit run-length-compressed BMP (rows bottom up, each ending 00 00), palette index i = (i, 2i, 3i) RGB."""
+    data = b"".join(row + b"\x00\x00" for row in rows) + b"\x00\x01"
+    palette = b"".join(bytes((3 * i % 256, 2 * i % 256, i, 0)) for i in range(256))  # stored B, G, R, 0
+    offset = 14 + 40 + len(palette)
+    return (b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0) + palette + data)
+
+
+def test_a_large_run_length_compressed_bmp_is_refused_before_its_slow_decode(tmp_path):
+    """Found by a helper: Pillow decodes RLE BMP in Python, so a 33 KB 8000×8000 one held a CPU for 10 s (a 64 MP
+    PNG: 0.55 s), and a few such uploads held the service. Refused over 4 MP from the header; small ones are read."""
+    from resunet.data.images import ImageTooLargeError, read_image
+
+    (tmp_path / "small.bmp").write_bytes(rle_bmp(4, 2, [b"\x02\x01\x02\x02", b"\x04\x03"]))
+    assert read_image(tmp_path / "small.bmp").tolist() == [[[3, 6, 9]] * 4, [[1, 2, 3]] * 2 + [[2, 4, 6]] * 2]
+    (tmp_path / "large.bmp").write_bytes(rle_bmp(2500, 2000, [b"\x01\x00"] * 2000))
+    with pytest.raises(ImageTooLargeError, match=r"large.bmp: image of 2500×2000 is a run-length-compressed BMP, which "
+                                                  r"Pillow decodes in Python \(seconds for a large one\); over "
+                                                  r"4,000,000 pixels it is not read: save it as PNG$"):
+        read_image(tmp_path / "large.bmp")

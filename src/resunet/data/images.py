@@ -32,6 +32,9 @@ READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM
 # below what fills memory. A small file can declare billions of pixels (a "decompression bomb"); it is refused from
 # its header, before a single pixel is decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Run-length-compressed BMP is decoded by Pillow in Python: an 8000×8000 one of 33 KB took 10 s of CPU on the Zen 4
+# (a 64 MP PNG 0.55 s), so a few small uploads held the service. Such files are read up to this size (~0.6 s).
+PYTHON_DECODED_MAX_PIXELS = 4_000_000
 # PIL warns from 89 MP on; the limit above is what we enforce, with one clear line instead.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # A broken EXIF block: the picture is read as stored (no orientation to apply). PIL's two-line warnings ("Corrupt
@@ -121,6 +124,10 @@ def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, 
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"{label}: {kind} of {width}×{height} = {width * height:,} pixels is over "
                                          f"the limit of {max_pixels:,} (--max-pixels; a decompression bomb?)")
+            if width * height > PYTHON_DECODED_MAX_PIXELS and any(tile[0] == "bmp_rle" for tile in image.tile):
+                raise ImageTooLargeError(f"{label}: {kind} of {width}×{height} is a run-length-compressed BMP, which "
+                                         "Pillow decodes in Python (seconds for a large one); over "
+                                         f"{PYTHON_DECODED_MAX_PIXELS:,} pixels it is not read: save it as PNG")
             yield image
     except FileNotFoundError:
         raise DataError(f"{label}: {kind} file not found{dangling_link(source)}") from None
