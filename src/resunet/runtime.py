@@ -187,20 +187,16 @@ def cached_kernel(**options) -> Callable:
     import numba
 
     def decorate(function: Callable) -> Callable:
-        try:
-            return numba.njit(cache=True, **options)(function)
-        except RuntimeError as error:
-            if "no locator available" not in str(error):
-                raise
-        if not numba.config.CACHE_DIR:
-            import tempfile
-
-            numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"resunet-numba-{os.getuid()}")
+        while True:
             try:
                 return numba.njit(cache=True, **options)(function)
             except RuntimeError as error:
                 if "no locator available" not in str(error):
                     raise
-        return numba.njit(cache=False, **options)(function)
+            if numba.config.CACHE_DIR:  # the user's own (NUMBA_CACHE_DIR) or the temporary folder failed too
+                return numba.njit(cache=False, **options)(function)
+            import tempfile
+
+            numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"resunet-numba-{os.getuid()}")
 
     return decorate

@@ -197,8 +197,8 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
     raw = not content_type or content_type.startswith(RAW_TYPES)
     if not raw and content_type != "multipart/form-data":  # judged first: the body is dropped as it comes, not kept
         await refuse_unread(request, timeout_s, RequestError(
-            415, f"unsupported content type '{printable_name(content_type, 100)}': send an image file (raw body with an image/* or "
-                 "application/octet-stream type) or a multipart form with field 'file'"))
+            415, f"unsupported content type '{printable_name(content_type, 100)}': send an image file (raw body "
+                 "with an image/* or application/octet-stream type) or a multipart form with field 'file'"))
     body = await read_body(request, max_bytes, timeout_s, held)
     if content_type == "multipart/form-data":
         async def replay() -> dict:
