@@ -36,6 +36,23 @@ def test_verdicts_against_the_seed_noise_by_hand():
     assert noise_and_verdicts([row("baseline", 0.6), row("loss dice", 0.5)])[1] == ["", "no noise estimate"]
 
 
+def test_a_row_kept_from_another_cpu_names_it(tmp_path):
+    """Found by a helper: a table of rows trained on several machines (rows kept from an earlier run) named this
+    machine for all of them in its header, their img/s among them; each row's CPU was stored and never shown."""
+    from resunet.ablate import write_tables
+    from resunet.config import TrainConfig
+
+    here = {"cpu": "Intel Xeon", "cpu_kind": "amx"}
+    rows = [{**row("baseline", 0.60), **here}, {**row("seed 1", 0.62, seed=1), **here},
+            {**row("loss focal", 0.615), "cpu": "AMD EPYC", "cpu_kind": "no-bf16"}, row("loss dice", 0.65)]
+    write_tables(TrainConfig(data_root="d", epochs=15), rows, tmp_path)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "final weights on val; Intel Xeon, amx (a row on another CPU names it)." in table
+    assert "| baseline | 60.00 |" in table and "| seed 1 | 62.00 |" in table
+    assert "| loss focal (AMD EPYC, no-bf16) | 61.50 |" in table
+    assert "| loss dice (CPU not recorded) | 65.00 |" in table
+
+
 def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_tmp, monkeypatch):
     import resunet.ablate
 

@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint
 from .config import ABLATION_OPTIONS, TrainConfig
 from .evaluate import run_evaluate
 from .outputs import write_output
-from .runtime import cpu_name
+from .runtime import cpu_kind, cpu_name
 from .train import TrainingError, check_settings, check_types, train
 
 
@@ -97,7 +97,7 @@ def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
     speed = statistics.median(r["train_images_per_s"] for r in records)
     result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": len(records), "seed": cfg.seed,
               "miou": scores["miou"], "boundary_miou": scores["boundary_miou"], "ece": scores["ece"],
-              "train_images_per_s": speed, "cpu": cpu_name(), "recipe": wanted}
+              "train_images_per_s": speed, "cpu": cpu_name(), "cpu_kind": cpu_kind(), "recipe": wanted}
     write_output(result_path, json.dumps(result, indent=1))
     return result
 
@@ -119,16 +119,29 @@ def noise_and_verdicts(results: list[dict]) -> tuple[float | None, list[str]]:
     return noise, verdicts
 
 
+def row_machine(result: dict) -> str:
+    """The CPU a row was trained on, as recorded ("AMD EPYC, avx512_bf16"; the kind since 2026-12-07)."""
+    return result.get("cpu", "CPU not recorded") + (f", {result['cpu_kind']}" if result.get("cpu_kind") else "")
+
+
+def table_machine(results: list[dict]) -> str:
+    """The baseline's CPU (the first row's without one): a row trained on another names its own."""
+    return row_machine(next((r for r in results if r["option"] == "baseline"), results[0])) if results else cpu_name()
+
+
 def format_table(results: list[dict]) -> str:
-    """A Markdown table: one row per option, the change in mIoU against the baseline and its verdict."""
+    """A Markdown table: one row per option, the change in mIoU against the baseline and its verdict. A row kept from
+    a run on another CPU names it (the header named this machine for every row, its img/s among them)."""
     noise, verdicts = noise_and_verdicts(results)
     base = next((r for r in results if r["option"] == "baseline"), None)
+    machine = table_machine(results)
     lines = ["| option | val mIoU % | Δ mIoU | boundary mIoU % | ECE % | train img/s | verdict |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r, verdict in zip(results, verdicts):
         delta = f"{100 * (r['miou'] - base['miou']):+.2f}" if base and r is not base else ""
         ece = f"{100 * r['ece']:.2f}" if r["ece"] is not None else "n/a"
-        lines.append(f"| {r['option']} | {100 * r['miou']:.2f} | {delta} | {100 * r['boundary_miou']:.2f} | {ece} | "
+        option = r["option"] if row_machine(r) == machine else f"{r['option']} ({row_machine(r)})"
+        lines.append(f"| {option} | {100 * r['miou']:.2f} | {delta} | {100 * r['boundary_miou']:.2f} | {ece} | "
                      f"{r['train_images_per_s']:.2f} | {verdict} |")
     if noise is not None:
         lines.append(f"\nNoise: the baseline at seeds {base['seed']} and 1 differs by {100 * noise:.2f} points of "
@@ -213,7 +226,7 @@ def write_tables(base: TrainConfig, results: list[dict], out: Path) -> None:
     budget = (f"{base.time_budget} of training (at most {base.epochs} epochs)" if base.time_budget
               else f"{base.epochs} epochs")
     header = (f"Ablation: {budget} each on {base.data_root} ({base.encoder}, seed {base.seed}), "
-              f"final weights on {base.val_split}; {cpu_name()}.\n\n")
+              f"final weights on {base.val_split}; {table_machine(results)} (a row on another CPU names it).\n\n")
     write_output(out / "ablation.md", header + table + "\n")
     write_output(out / "ablation.json", json.dumps({"base": base.to_dict(), "rows": results}, indent=1))
     print("\n" + header + table, flush=True)
