@@ -327,6 +327,31 @@ def test_an_export_writes_through_a_link_and_keeps_the_file_s_permissions(export
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.onnx", "releases", "v7.onnx"]
 
 
+def test_a_checkpoint_saved_again_during_its_export_is_refused(exported, trained_run, tmp_path, monkeypatch):
+    """Found by a helper: the file's sha256 was taken after the trace, so a best.pt replaced meanwhile (a run still
+    training into the folder) was recorded in a file holding the earlier weights, and `predict --backend auto` then
+    ran that file as the newer checkpoint's."""
+    import shutil
+
+    import resunet.export as export
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained_run / "best.pt", ckpt)
+    newer = load_checkpoint(ckpt)
+    newer["temperature"] = 0.5
+
+    def trace_while_training_saves(network, path, *args):
+        shutil.copy(exported["dir"] / "model.onnx", path)
+        save_checkpoint(newer, ckpt)  # the run's next best.pt, renamed into place
+
+    monkeypatch.setattr(export, "write_model_onnx", trace_while_training_saves)
+    with pytest.raises(ExportError, match=rf"^{ckpt}: saved again while it was exported \(a run still writing it\?\); "
+                                          "file not kept: export it again once it is written$"):
+        run_export(str(ckpt), str(tmp_path / "m.onnx"), workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
 def test_a_refused_int8_export_leaves_an_earlier_pair_together(exported, trained_run, demo_root, tmp_path,
                                                                monkeypatch):
     """Found by a helper: the fp32 copy took its name before the INT8 file was checked, so a refused (or stopped)

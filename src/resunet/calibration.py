@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, file_state, load_checkpoint, save_checkpoint
 from .data.dataset import PairedDataset, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .evaluate import evaluate_dataset
@@ -129,12 +129,6 @@ def ece_change(result: dict) -> str:
     at temperature 1, whatever temperature the file held (a second calibration's before/after read as a gain)."""
     return (f"expected calibration error {100 * result['ece_before']:.2f}% uncalibrated (temperature 1) → "
             f"{100 * result['ece_after']:.2f}%")
-
-
-def file_state(path: str | Path) -> tuple[int, int, int]:
-    """What tells a file rewritten (a save renames a new file into place) from the one read: inode, size, time."""
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predictor,

@@ -28,6 +28,12 @@ class CheckpointError(ValueError):
     """The file is not a usable checkpoint; the message is one line naming it."""
 
 
+def file_state(path: str | Path) -> tuple[int, int, int]:
+    """What tells a file rewritten (a save renames a new file into place) from the one read: inode, size, time."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def temporary_path(path: Path) -> Path:
     """Where a file is written before it is renamed into place: hidden, beside it (so the rename stays on one
     filesystem), named by the writing process. `train` removes leftovers of this pattern from a run's folder."""

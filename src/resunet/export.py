@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, temporary_path
+from .checkpoint import file_state, load_checkpoint, model_from_checkpoint, temporary_path
 from .config import EXPORT_GRAPHS, export_refusal
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset, open_dataset_for_model
@@ -168,7 +168,8 @@ def set_metadata(path: Path, values: dict[str, str]) -> None:
 
 
 def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple[float, ...], encoder: str,
-                 graph: str, tta: str, source: Path | None = None, temperature: float = 1.0) -> dict[str, str]:
+                 graph: str, tta: str, source: Path | None = None, temperature: float = 1.0,
+                 source_sha256: str | None = None) -> dict[str, str]:
     """What the file says about itself: enough to use it without resunet, and to trace it back to its checkpoint."""
     from . import __version__
 
@@ -197,7 +198,7 @@ def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple
     }
     if source is not None:
         values["resunet.source_checkpoint"] = source.name
-        values["resunet.source_sha256"] = sha256_file(source)
+        values["resunet.source_sha256"] = source_sha256 or sha256_file(source)
     return values
 
 
@@ -429,7 +430,12 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     # Every file written (an INT8 export keeps OUT.fp32.onnx too) must differ from the others and from every input.
     outputs = [("--onnx", out), ("--onnx (fp32 copy)", written[-1] if int8 else None), ("--json", json_out)]
     calibration_files = calibration_paths(calibration) if int8 else []  # a listing: cheap, and before any work
+    # The file as read: one saved again during the export (a run still training into its folder) is refused at the
+    # end; its hash, taken later, named the newer model in a file holding the earlier one (`predict --backend auto`
+    # then ran it as the newer)
+    loaded = file_state(source) if source.is_file() else None
     payload = load_checkpoint(source)
+    source_sha256 = sha256_file(source)
     reference = Predictor.from_payload(payload, source, device="cpu", precision="fp32", tta=tta)  # description read
     check_output_files(outputs, inputs=[source])
     if reference.info.num_classes > 256:
@@ -490,7 +496,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
         set_metadata(tmp, metadata_for(reference.info, size, mean, std, payload["model_config"]["encoder"], graph,
-                                       tta, source, payload.get("temperature", 1.0)))
+                                       tta, source, payload.get("temperature", 1.0), source_sha256))
         result["export_s"] = time.perf_counter() - started
         fp32 = OnnxPredictor(tmp)
         parity = check_parity(fp32, reference, images)
@@ -552,6 +558,10 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         elif int8:
             print(f"{out.name}: INT8 not checked on labelled images (no --data-root): no mIoU drift is known, and "
                   "predict --backend auto will not pick it")
+        if loaded is not None and file_state(source) != loaded:
+            keeps_fp32 = False
+            raise refuse(f"{source}: saved again while it was exported (a run still writing it?); file not kept: "
+                         "export it again once it is written")
     except BaseException as error:  # a failed check, a failed or interrupted quantisation: no temporary file is left
         checked.unlink(missing_ok=True)
         if keeps_fp32 and isinstance(error, ExportError):
