@@ -69,6 +69,26 @@ def test_a_calibrated_temperature_travels_with_the_file(exported, tmp_path, monk
     assert torch.allclose(onnx.probabilities(batch), reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("stored", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_stored_temperature_that_is_not_a_positive_number_is_refused(exported, tmp_path, stored):
+    """Found by a helper: only float() checked it, so a temperature edited to -1 made every confidence the least
+    likely class's probability (and an ensemble's maps turned toward it), and 0 or NaN made them NaN."""
+    import shutil
+
+    from resunet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from resunet.export import set_metadata
+
+    edited = tmp_path / "edited.pt"
+    save_checkpoint({**load_checkpoint(exported["ckpt"]), "temperature": stored}, edited)
+    with pytest.raises(CheckpointError, match=rf"^{edited}: temperature {stored!r} is not a positive number; run "
+                                              r"resunet calibrate on it again \(or store 1.0\)$"):
+        Predictor.from_checkpoint(edited, device="cpu")
+    shutil.copy(exported["dir"] / "logits.onnx", tmp_path / "edited.onnx")
+    set_metadata(tmp_path / "edited.onnx", {"resunet.temperature": repr(stored)})
+    with pytest.raises(CheckpointError, match=r"edited.onnx: temperature '.*' is not a positive number"):
+        OnnxPredictor(tmp_path / "edited.onnx")
+
+
 def test_export_verified_itself_and_evaluated_the_file(exported):
     for key in ("e2e", "logits"):
         parity = exported[key]["parity"]

@@ -7,6 +7,7 @@ checkpoint cannot run code. It carries the model's settings, the classes, the in
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -128,6 +129,16 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
     if version > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {version} is newer than this resunet")
     return payload
+
+
+def checked_temperature(value: object, path: str | Path) -> float:
+    """A stored temperature (`resunet calibrate`'s): a positive finite number. A negative one made the confidence the
+    least likely class's probability and turned an ensemble's maps toward it; 0 or NaN made every probability NaN."""
+    temperature = float(value)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckpointError(f"{path}: temperature {value!r} is not a positive number; run resunet calibrate on it "
+                              "again (or store 1.0)")
+    return temperature
 
 
 @contextmanager

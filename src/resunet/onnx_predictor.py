@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, checked_temperature
 from .fingerprint import file_kind
 from .data.classes import ClassInfo
 from .data.images import DataError
@@ -140,7 +140,8 @@ class OnnxPredictor(Predictor):
             self.mean = tuple(json.loads(meta["resunet.mean"]))
             self.std = tuple(json.loads(meta["resunet.std"]))
             self.baked_tta = meta.get("resunet.tta", "none")
-            self.temperature = float(meta.get("resunet.temperature", 1.0))  # files exported before it was stored: 1
+            # files exported before it was stored: 1
+            self.temperature = checked_temperature(meta.get("resunet.temperature", "1.0"), self.path)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
         self.quantized = meta.get("resunet.int8") == "true"

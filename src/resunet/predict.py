@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .allocator import tune_cpu_allocator
-from .checkpoint import (CheckpointError, checkpoint_classes, load_checkpoint, model_from_checkpoint,
-                         reading_description)
+from .checkpoint import (CheckpointError, checked_temperature, checkpoint_classes, load_checkpoint,
+                         model_from_checkpoint, reading_description)
 from .classmap import argmax_map, linear_taps, upsample_argmax
 from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
@@ -224,7 +224,7 @@ class Predictor:
         with reading_description(path):
             norm = payload["normalization"]
             info, size, temperature = (checkpoint_classes(payload), int(payload["input_size"]),
-                                       float(payload.get("temperature", 1.0)))
+                                       checked_temperature(payload.get("temperature", 1.0), path))
             mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
         predictor = cls(model, info, size, mean, std, device, precision, tta, fold_bn=True, scales=scales,
                         window=window, stride=stride)
