@@ -302,6 +302,30 @@ def test_sigterm_during_an_export_leaves_no_temporary_file_nor_the_folders_it_ma
     assert not list(tmp_path.iterdir())
 
 
+def test_a_split_with_no_labelled_pixel_cannot_pass_the_miou_check(exported, trained_run, tmp_path, monkeypatch):
+    """Found by a helper: on masks all of the ignore label both mIoUs were NaN, the drift NaN, and `NaN < -limit` is
+    false: the file was kept and marked as checked (so `predict --backend auto` trusted an unchecked INT8 file), and
+    --json held bare NaN tokens."""
+    import shutil
+
+    import resunet.export as export
+
+    monkeypatch.setattr(export, "write_model_onnx",
+                        lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / "val" / folder).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(scene(48, 64, i)).save(tmp_path / "data" / "val" / "images" / f"{i}.png")
+        Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / "data" / "val" / "masks" / f"{i}.png")
+    with pytest.raises(ExportError, match=r"no pixel of its val masks is labelled \(all the ignore label\), so the "
+                                          r"file's mIoU cannot be checked on it; give --split another split$"):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), data_root=str(tmp_path / "data"),
+                   workers=0, json_out=str(tmp_path / "m.json"))
+    assert not (tmp_path / "m.onnx").exists()
+    figures = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert figures["onnx_kept"] is False and figures["miou"]["drift_points"] is None
+
+
 def test_an_int8_file_that_fails_the_miou_check_is_not_kept(exported, trained_run, demo_root, tmp_path, monkeypatch):
     import shutil
 

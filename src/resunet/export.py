@@ -26,6 +26,7 @@ must reach MIN_INT8_AGREEMENT instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -47,7 +48,7 @@ from .data.classes import ClassInfo
 from .data.dataset import open_dataset, open_dataset_for_model
 from .data.images import DataError, list_images, read_image
 from .data.voc import find_voc_dir
-from .evaluate import evaluate_dataset
+from .evaluate import evaluate_dataset, strict_json
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, open_session
@@ -389,7 +390,8 @@ def rename_over(partial: Path, target: Path) -> None:
 
 def write_json(result: dict, path: str | Path | None) -> None:
     if path:
-        write_output(path, json.dumps(result, indent=1, default=str))
+        # numpy scalars and the like as text, as before; NaN as null, so that every JSON parser reads it
+        write_output(path, strict_json(json.loads(json.dumps(result, default=str))))
 
 
 def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: str = "none", int8: bool = False,
@@ -545,6 +547,9 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             drift = 100 * (file_scores["miou"] - ref_scores["miou"])
             result["miou"] = {"split": split, "images": len(dataset), "pytorch_fp32": ref_scores["miou"],
                               "onnx": file_scores["miou"], "drift_points": drift}
+            if not math.isfinite(drift):  # NaN passed the check below: an unchecked file kept, marked as checked
+                raise refuse(f"{dataset.description}: no pixel of its {split} masks is labelled (all the ignore "
+                             "label), so the file's mIoU cannot be checked on it; give --split another split")
             print(f"mIoU on {dataset.description} ({len(dataset)} images, original resolution): PyTorch fp32 "
                   f"{100 * ref_scores['miou']:.2f}%, {out.name} {100 * file_scores['miou']:.2f}% ({drift:+.2f} points)")
             limit = max_miou_drop if int8 else 0.1
