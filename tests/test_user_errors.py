@@ -967,11 +967,22 @@ def test_tta_set_on_an_ensemble_reaches_every_member(checkpoint):
 def test_a_hand_broken_metrics_file_is_one_line_on_resume(tmp_path):
     from resunet.train import TrainingError, read_metrics
 
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_lo\n')
+    first = '{"epoch": 1, "train_loss": 1.0, "lr": 0.001, "val_miou": null}\n'
+    (tmp_path / "metrics.jsonl").write_text(first + '{"epoch": 2, "train_lo\n')
     with pytest.raises(TrainingError, match="metrics.jsonl: line 2 is not an epoch's record"):
         read_metrics(tmp_path / "metrics.jsonl", 2)
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_loss": 0.5}\n')
-    assert read_metrics(tmp_path / "metrics.jsonl", 1) == [{"epoch": 1, "train_loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text(first + '{"epoch": 2, "train_loss": 0.5, "lr": 0.0005}\n')
+    assert read_metrics(tmp_path / "metrics.jsonl", 1) == [{"epoch": 1, "train_loss": 1.0, "lr": 0.001,
+                                                            "val_miou": None}]
+    # Found by a helper: a line without what the curves draw (or a string there, or an epoch of 1e999) was read,
+    # and the resumed run stopped at its first drawing with a traceback, at every resume.
+    for edited, words in (('{"epoch": 2, "train_loss": 0.5}', "'lr'"),
+                          ('{"epoch": 2, "train_loss": 0.5, "lr": "1e-4"}', "lr '1e-4' is not a number"),
+                          ('{"epoch": 2, "train_loss": 0.5, "lr": 0.1, "val_miou": "high"}', "val_miou 'high'"),
+                          ('{"epoch": 1e999, "train_loss": 0.5, "lr": 0.1}', "infinity")):
+        (tmp_path / "metrics.jsonl").write_text(first + edited + "\n")
+        with pytest.raises(TrainingError, match=f"metrics.jsonl: line 2 is not an epoch's record \\(.*{words}"):
+            read_metrics(tmp_path / "metrics.jsonl", 2)
 
 
 def test_a_run_folder_given_as_the_model_says_so(trained_run, capsys, tmp_path):

@@ -752,7 +752,14 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
         try:
             record = json.loads(line)
             epoch = int(record["epoch"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:  # edited: our writes are atomic
+            # what the curves draw: a line that lacked one passed here and stopped the resumed run at its first
+            # drawing with a KeyError traceback, at every resume
+            for key in ("train_loss", "lr"):
+                if isinstance(record[key], bool) or not isinstance(record[key], (int, float)):
+                    raise TypeError(f"{key} {record[key]!r} is not a number")
+            if not (record.get("val_miou") is None or isinstance(record["val_miou"], (int, float))):
+                raise TypeError(f"val_miou {record['val_miou']!r} is not a number")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as error:  # edited by hand
             raise TrainingError(f"{path}: line {number} is not an epoch's record ({error}); fix or remove it, the "
                                 "checkpoints do not depend on it") from None
         if epoch <= up_to_epoch:
