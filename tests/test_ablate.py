@@ -156,6 +156,24 @@ def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_
     assert not (ram_tmp / "single").exists()
 
 
+def test_a_damaged_result_file_is_one_line_or_left_out_of_the_table(demo_root, ram_tmp, monkeypatch):
+    """Found by a helper: a result.json cut short or edited was a JSONDecodeError traceback before any training, even
+    for a row not asked for (earlier rows are read for the table)."""
+    import resunet.ablate
+    from resunet.ablate import earlier_rows, row_folder
+
+    monkeypatch.setattr(resunet.ablate, "train", lambda cfg: pytest.fail("trained anyway"))
+    base = tiny_config(demo_root, ram_tmp / "unused", epochs=1)
+    out = ram_tmp / "ablation"
+    for text in ("{", "null", '{"option": "loss focal"}'):
+        (out / row_folder("loss focal")).mkdir(parents=True, exist_ok=True)
+        (out / row_folder("loss focal") / "result.json").write_text(text)
+        with pytest.raises(TrainingError, match=r"result.json: not a finished row's result \(.*missing\); remove it "
+                                                r"to score the row again from its last.pt$"):
+            run_ablation(base, ["loss focal"], out)
+        assert earlier_rows(base, ["baseline"], out) == []  # not asked for: left out of the table, not a traceback
+
+
 def test_unknown_option_is_one_line(demo_root, capsys):
     assert main(["ablate", "--data-root", str(demo_root), "--options", "baseline; loss hinge"]) == 2
     err = capsys.readouterr().err.strip()

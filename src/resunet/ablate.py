@@ -44,6 +44,23 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     return kept
 
 
+ROW_FIGURES = ("option", "seed", "miou", "boundary_miou", "ece", "train_images_per_s")
+
+
+def read_result(path: Path) -> dict:
+    """A row's result.json; one cut short or edited (a traceback, even for a row not asked for: earlier rows are read
+    for the table) is one line saying how to score the row again."""
+    try:
+        result = json.loads(path.read_text())
+        missing = [key for key in ROW_FIGURES if key not in result]
+    except (OSError, ValueError, TypeError) as error:
+        missing, result = [f"unreadable: {error}"], None
+    if missing:
+        raise TrainingError(f"{path}: not a finished row's result ({', '.join(missing)} missing); remove it to score "
+                            "the row again from its last.pt")
+    return result
+
+
 def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict | None]:
     """One row's training config and its finished result if it has one; TrainingError if its folder holds a row
     trained with another recipe."""
@@ -58,7 +75,7 @@ def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict
     cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=eval_every,
                   resume=str(last) if last.is_file() else None, calibrate=False, overwrite=not last.is_file())
     if result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result = read_result(result_path)
         stored = recipe(result["recipe"]) if isinstance(result.get("recipe"), dict) else None
     elif last.is_file():
         settings = load_checkpoint(last, tensors=False)["train_config"]
@@ -92,7 +109,7 @@ def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
     scores = run_evaluate(str(last), cfg.data_root, cfg.val_split, device=cfg.device,
                           precision=cfg.precision, workers=cfg.workers, max_pixels=cfg.max_pixels,
                           progress=cfg.progress)
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # The median epoch: an epoch slowed by something else on the machine does not move it.
     speed = statistics.median(r["train_images_per_s"] for r in records)
     result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": len(records), "seed": cfg.seed,
