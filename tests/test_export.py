@@ -85,7 +85,7 @@ def test_a_stored_temperature_that_is_not_a_positive_number_is_refused(exported,
         Predictor.from_checkpoint(edited, device="cpu")
     shutil.copy(exported["dir"] / "logits.onnx", tmp_path / "edited.onnx")
     set_metadata(tmp_path / "edited.onnx", {"resunet.temperature": repr(stored)})
-    with pytest.raises(CheckpointError, match=r"edited.onnx: temperature '.*' is not a positive number"):
+    with pytest.raises(CheckpointError, match=r"^\S+edited.onnx: temperature '.*' is not a positive number; run "):
         OnnxPredictor(tmp_path / "edited.onnx")
 
 

@@ -134,7 +134,10 @@ def load_checkpoint(path: str | Path, tensors: bool = True) -> dict:
 def checked_temperature(value: object, path: str | Path) -> float:
     """A stored temperature (`resunet calibrate`'s): a positive finite number. A negative one made the confidence the
     least likely class's probability and turned an ensemble's maps toward it; 0 or NaN made every probability NaN."""
-    temperature = float(value)
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = math.nan
     if not (math.isfinite(temperature) and temperature > 0):
         raise CheckpointError(f"{path}: temperature {value!r} is not a positive number; run resunet calibrate on it "
                               "again (or store 1.0)")

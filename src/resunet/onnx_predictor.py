@@ -140,10 +140,10 @@ class OnnxPredictor(Predictor):
             self.mean = tuple(json.loads(meta["resunet.mean"]))
             self.std = tuple(json.loads(meta["resunet.std"]))
             self.baked_tta = meta.get("resunet.tta", "none")
-            # files exported before it was stored: 1
-            self.temperature = checked_temperature(meta.get("resunet.temperature", "1.0"), self.path)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path}: resunet metadata incomplete ({error})") from None
+        # files exported before it was stored: 1
+        self.temperature = checked_temperature(meta.get("resunet.temperature", "1.0"), self.path)
         self.quantized = meta.get("resunet.int8") == "true"
         check_signature(self.session, self.graph, self.info.num_classes, self.path)
         self.input_name = self.session.get_inputs()[0].name
