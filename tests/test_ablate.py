@@ -212,7 +212,8 @@ def test_a_row_is_scored_under_the_recipes_max_pixels_and_evaluated_as_its_sched
 
     def trained(cfg):
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "metrics.jsonl").write_text('{"train_images_per_s": 2.0}\n')
+        (Path(cfg.out) / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0, "lr": 0.0, '
+                                                      '"train_images_per_s": 2.0}\n')
         return {"stopped_by": None}
 
     scored = {}

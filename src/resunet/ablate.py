@@ -21,7 +21,7 @@ from .config import ABLATION_OPTIONS, TrainConfig
 from .evaluate import run_evaluate
 from .outputs import write_output
 from .runtime import cpu_kind, cpu_name
-from .train import TrainingError, check_settings, check_types, train
+from .train import TrainingError, check_settings, check_types, read_metrics, train
 
 
 def row_folder(name: str) -> str:
@@ -109,7 +109,7 @@ def run_row(name: str, cfg: TrainConfig, result: dict | None) -> dict | None:
     scores = run_evaluate(str(last), cfg.data_root, cfg.val_split, device=cfg.device,
                           precision=cfg.precision, workers=cfg.workers, max_pixels=cfg.max_pixels,
                           progress=cfg.progress)
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(folder / "metrics.jsonl", cfg.epochs)
     # The median epoch: an epoch slowed by something else on the machine does not move it.
     speed = statistics.median(r["train_images_per_s"] for r in records)
     result = {"option": name, "changes": ABLATION_OPTIONS[name], "epochs": len(records), "seed": cfg.seed,

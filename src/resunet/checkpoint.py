@@ -35,6 +35,14 @@ def file_state(path: str | Path) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def rename_over(partial: Path, target: Path) -> None:
+    """A finished file (`partial`, beside `target`) takes `target`'s name, keeping the permissions of the file it
+    replaces."""
+    if target.exists():
+        shutil.copymode(target, partial)
+    os.replace(partial, target)
+
+
 def temporary_path(path: Path) -> Path:
     """Where a file is written before it is renamed into place: hidden, beside it (so the rename stays on one
     filesystem), named by the writing process. `train` removes leftovers of this pattern from a run's folder."""
@@ -78,9 +86,7 @@ def save_checkpoint(payload: dict, path: str | Path, advice: str = "free some sp
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            shutil.copymode(path, tmp)  # the file keeps its permissions
-        os.replace(tmp, path)
+        rename_over(tmp, path)
     except (OSError, RuntimeError) as error:  # a full disk, a quota, a read-only or vanished folder
         # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError.
         remove_quietly(tmp)

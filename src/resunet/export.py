@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import file_state, load_checkpoint, model_from_checkpoint, temporary_path
+from .checkpoint import file_state, load_checkpoint, model_from_checkpoint, rename_over, temporary_path
 from .config import EXPORT_GRAPHS, export_refusal
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset, open_dataset_for_model
@@ -379,13 +378,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], gra
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
-
-
-def rename_over(partial: Path, target: Path) -> None:
-    """A checked file takes its name, with the permissions of the file it replaces."""
-    if target.exists():
-        shutil.copymode(target, partial)
-    os.replace(partial, target)
 
 
 def write_json(result: dict, path: str | Path | None) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .checkpoint import remove_quietly, temporary_path
+from .checkpoint import remove_quietly, rename_over, temporary_path
 from .data.dataset import data_locations
 from .data.images import DataError
 
@@ -170,9 +169,7 @@ def replace_file(path: str | Path, save: Callable[[Path], None]) -> None:
     partial = temporary_path(target)
     try:
         save(partial)
-        if target.exists():
-            shutil.copymode(target, partial)
-        os.replace(partial, target)
+        rename_over(partial, target)
     except BaseException:
         remove_quietly(partial)
         raise
