@@ -148,13 +148,15 @@ def test_a_setup_error_on_another_process_alone_is_printed_by_that_process(monke
     train_module.raise_once(None, 1, "cpu", main_process=True)  # nothing failed: nothing raised
 
 
-def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, tmp_path):
+@pytest.mark.parametrize("processes", [2, 1])
+def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, tmp_path, processes):
     """Ctrl-C reaches the whole process group, and torchrun passes the same SIGINT on to its processes a moment
     later: taken as a second signal ("stop at once"), it stopped them without the save (4 runs in 6). Here a third
-    copy comes 50 ms later, after the first has been handled, as torchrun's does when its processes are busy."""
+    copy comes 50 ms later, after the first has been handled, as torchrun's does when its processes are busy. One
+    process under torchrun gets the copies too (it had no window for them: a helper's review, 2026-12-07)."""
     run, log_path = tmp_path / "ddp", tmp_path / "ddp.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(run), "--epochs", "3",
                "--batch-size", "2", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
                "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18"]
@@ -167,7 +169,7 @@ def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, tmp_path):
             time.sleep(0.02)
         workers = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
                    and (entry / "stat").exists() and parent_of(entry) == proc.pid]
-        assert len(workers) == 2
+        assert len(workers) == processes
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C; torchrun passes it on at once
         time.sleep(0.05)
         for pid in workers:  # and a copy that comes late

@@ -23,6 +23,7 @@ import torch
 
 import resunet.train as train_module
 from resunet.checkpoint import load_checkpoint
+from resunet.predict import Predictor
 from resunet.train import TrainingError, checkpoint_interval, train
 
 from conftest import ram_dir, tiny_config
@@ -140,22 +141,69 @@ def test_a_signal_that_ends_the_loader_while_a_batch_is_awaited_saves_the_steps_
     assert_same_run(uninterrupted["cached"], run)
 
 
-def test_a_signal_during_the_final_evaluation_completes_the_run_and_is_reported(demo_root, ram_tmp, monkeypatch,
-                                                                                  capsys):
-    """Nothing is left to stop then: the run ends complete (last.pt at the last epoch), and says a stop was asked for,
-    so that a caller running several trainings (ablate) stops instead of starting the next one."""
-    real_evaluate = train_module.evaluate_dataset
+def test_a_signal_during_an_evaluation_stops_it_saves_the_epochs_training_and_resume_is_bit_identical(
+        demo_root, ram_tmp, monkeypatch, capsys, uninterrupted):
+    """A scheduler's grace period (torchrun's, Slurm's, a spot machine's: ~30 s) can be shorter than an evaluation of
+    a large val split and its saves: the pass stopped only at its end, and the SIGKILL that followed lost the epoch's
+    training (a helper's review, 2026-12-07). Now it ends after the batch in progress, and last.pt holds the epoch's
+    steps: the resume evaluates them, and the run is the uninterrupted one."""
+    real_predict, batches = Predictor.predict_tensor, itertools.count(1)
 
-    def signal_then_evaluate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real_evaluate(*args, **kwargs)
+    def predict_then_signal(self, *args, **kwargs):
+        if next(batches) == 1:  # epoch 1's evaluation, first batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_predict(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_dataset", signal_then_evaluate)
+    monkeypatch.setattr(Predictor, "predict_tensor", predict_then_signal)
     run = ram_tmp / "run"
-    result = train(tiny_config(demo_root, run, epochs=1, **SMALL))
+    settings = dict(epochs=2, data_path="cached", workers=0, **SMALL)
+    assert train(tiny_config(demo_root, run, **settings))["stopped_by"] == "SIGTERM"
+    assert next(batches) == 2  # one batch of the pass (the split has 4)
+    state = load_checkpoint(run / "last.pt", tensors=False)
+    assert (state["epoch"], state["position"]["epoch"], state["position"]["step"]) == (0, 1, STEPS)
+    assert records(run) == [] and not (run / "best.pt").exists()
+    assert f"SIGTERM: stopped evaluating epoch 1; {run / 'last.pt'} holds its {STEPS} training steps" in \
+        capsys.readouterr().out
+    monkeypatch.undo()
+    assert train(tiny_config(demo_root, run, resume=str(run / "last.pt"), **settings))["stopped_by"] is None
+    assert_same_run(uninterrupted["cached"], run)
+
+
+def test_a_signal_during_the_last_saves_completes_the_run_reports_it_and_leaves_out_calibration(
+        demo_root, ram_tmp, monkeypatch, capsys):
+    """Nothing is left to stop then: the run ends complete (last.pt at the last epoch), and says a stop was asked for,
+    so that a caller running several trainings (ablate) stops instead of starting the next one; --calibrate, a pass
+    or two over val more, is left out with the command that does it (it ran, after a Ctrl-C)."""
+    real_save = train_module.save_checkpoint
+
+    def save_then_signal(payload, path, advice):
+        real_save(payload, path, advice)
+        if path.name == "last.pt" and payload["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_signal)
+    run = ram_tmp / "run"
+    result = train(tiny_config(demo_root, run, epochs=1, calibrate=True, **SMALL))
     assert result["stopped_by"] is None and result["stop_requested"] == "SIGTERM"
     assert load_checkpoint(run / "last.pt", tensors=False)["epoch"] == 1 and len(records(run)) == 1
-    assert "done: epochs 1..1" in capsys.readouterr().out
+    assert "temperature" not in load_checkpoint(run / "best.pt", tensors=False)
+    out = capsys.readouterr().out
+    assert "done: epochs 1..1" in out
+    assert (f"SIGTERM: --calibrate left out; resunet calibrate {run / 'best.pt'} --data-root {demo_root} "
+            "--split val does it") in out
+
+
+@pytest.mark.parametrize("result,status", [({"stopped_by": None, "stop_requested": "SIGINT"}, 130),
+                                           ({"stopped_by": "SIGINT", "stop_requested": "SIGINT"}, 130),
+                                           ({"stopped_by": None, "stop_requested": "SIGTERM"}, 0),
+                                           ({"stopped_by": None, "stop_requested": None}, 0)])
+def test_train_exits_130_after_any_ctrl_c(monkeypatch, result, status):
+    """Also one during the last epoch's saves (it said 0): a shell loop of trainings or a `train && export` chain
+    went on after the user's Ctrl-C."""
+    from resunet.cli import main
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: result)
+    assert main(["train", "--data-root", "data"]) == status
 
 
 def test_checkpoint_every_steps_saves_inside_epochs_and_resume_from_an_epoch_end_is_exact(demo_root, ram_tmp,

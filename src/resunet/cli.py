@@ -167,7 +167,8 @@ def cmd_train(args) -> int:
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
     result = train(cfg)
-    return 130 if result.get("stopped_by") == "SIGINT" else 0
+    # also a Ctrl-C during the last epoch's saves: the run is whole, but a shell loop or `&&` chain should stop
+    return 130 if result.get("stop_requested") == "SIGINT" else 0
 
 
 def cmd_ablate(args) -> int:

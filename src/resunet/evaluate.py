@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,10 +42,14 @@ def evaluate_dataset(
     boundary: BoundaryIoU | None = None,
     per_image: list[tuple[int, float]] | None = None,
     calibration: CalibrationError | None = None,
-) -> ConfusionMatrix:
+    stop: Callable[[], bool] | None = None,
+) -> ConfusionMatrix | None:
     """Confusion matrix over the whole dataset (all processes' shares summed). Given `boundary`, it accumulates the
     boundary IoU too; given `per_image`, (dataset index, the image's own mIoU) pairs are appended to it; given
-    `calibration`, the probabilities' calibration error (the predictor must output logits)."""
+    `calibration`, the probabilities' calibration error (the predictor must output logits). Given `stop`, it is asked
+    after each batch, and True ends the pass: None (training's evaluation, when a signal leaves a grace period too
+    short for a whole pass). Every process calls it as often as the one with the most batches: under torchrun it
+    may be a collective that agrees on the answer."""
     info = dataset.info
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index)
     shard = Subset(dataset, range(rank, len(dataset), world_size))
@@ -86,6 +91,13 @@ def evaluate_dataset(
                         boundary.update(prediction, target)
                     if per_image is not None:
                         per_image.append((index, image_miou(prediction, target, info.num_classes, info.ignore_index)))
+            if stop is not None and stop():
+                return None
+    if stop is not None:  # the calls the processes with more batches still make (shards differ by an image)
+        most_batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
+        for _ in range(len(loader), most_batches):
+            if stop():
+                return None
     matrix.all_reduce()
     for extra in (boundary, calibration):
         if extra is not None:

@@ -1132,7 +1132,9 @@ def train(cfg: TrainConfig) -> dict:
     # Closed however the run ends (a diverged loss, a bad file, a full disk): the writer flushes every 2 minutes, and
     # the events up to the failure are the ones a user opens TensorBoard to see
     board_written = contextlib.closing(board) if board is not None else contextlib.nullcontext()
-    with StopSignal(announce=main_process, repeat_s=TORCHRUN_REPEAT_S if world > 1 else 0.0) as stop, cache_read, \
+    # torchrun's copies of the signal reach one process of its own too (TORCHELASTIC_RUN_ID: set by torchrun)
+    repeat_s = TORCHRUN_REPEAT_S if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+    with StopSignal(announce=main_process, repeat_s=repeat_s) as stop, cache_read, \
             board_written:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
@@ -1261,10 +1263,19 @@ def train(cfg: TrainConfig) -> dict:
                 eval_started = time.perf_counter()
                 share_buffers(evaluated_model, world)
                 try:
+                    # A signal stops the pass too: a scheduler's grace period (torchrun's, Slurm's, a spot
+                    # machine's: ~30 s) can be shorter than a whole evaluation and its saves
                     matrix = evaluate_dataset(predictor, val_set, cfg.batch_size, cfg.workers, rank, world,
-                                              cfg.progress)
+                                              cfg.progress, stop=lambda: agree(world, device, stop.name is not None)[0])
                 except DataError as error:  # saved as the epoch's last step: a resume evaluates it
                     keep_steps_then_raise(error, f"epoch {epoch}'s training is", eval_started - started)
+                if matrix is None:  # the same save: the epoch's training, evaluated on resuming
+                    save_inside_epoch(eval_started - started)
+                    stopped_by = stop.name or "a signal to another process"
+                    if main_process:
+                        print(stop_line(stopped_by, f"evaluating epoch {epoch}", out, world,
+                                        held=f"its {steps} training steps"), flush=True)
+                    break
                 scores = matrix.compute()
                 eval_s = time.perf_counter() - eval_started
                 if fit_budget:  # fitted once epoch 1's bookkeeping is timed too (below)
@@ -1350,7 +1361,10 @@ def train(cfg: TrainConfig) -> dict:
 
     if curves_behind:  # the run ended or stopped since the last drawing
         draw_curves(records, out)
-    if main_process and stopped_by is None and cfg.calibrate:
+    if main_process and late_stop is not None and cfg.calibrate:  # the run is whole; the signal asked to stop
+        print(f"{late_stop}: --calibrate left out; resunet calibrate {out / 'best.pt'} --data-root {cfg.data_root} "
+              f"--split {cfg.val_split} does it", flush=True)
+    if main_process and stopped_by is None and late_stop is None and cfg.calibrate:
         best = out / "best.pt"
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
         if fitted["stored"]:
