@@ -148,6 +148,12 @@ async function segment(file, count = 1) {
   }
   modelLoaded = loadModel();  // beside the upload; awaited before the answer is read by its colours
   const form = uploadForm(file, file.name || "pasted.png");
+  if (!state.maxBytes || form.body.size > state.maxBytes) {
+    // The limit as the service has it now: one restarted with a larger --max-bytes was refused by the old one's
+    // (twice: the new one came after the check), and one down when the page opened went unchecked.
+    await modelLoaded;
+    if (isStale()) return;
+  }
   if (state.maxBytes && form.body.size > state.maxBytes) {
     // Said here, not sent: past 64 MiB the server does not read the rest of a refused body, and the browser then
     // reported a reset connection ("Failed to fetch") instead of the server's 413. The limit is the whole body's.
@@ -156,7 +162,7 @@ async function segment(file, count = 1) {
       `${state.maxBytes.toLocaleString("en")} bytes (--max-bytes)`, true);
     return;
   }
-  const others = count > 1 ? ` (the first of ${count} files: one image at a time)` : "";
+  const others = count > 1 ? ` (one of ${count} files: one image at a time)` : "";
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
   const started = performance.now();
   let response;
@@ -419,7 +425,10 @@ document.addEventListener("drop", (event) => {
       "first, then drop or choose the file)", true);
     return;
   }
-  segment(event.dataTransfer.files[0], event.dataTransfer.files.length);
+  // The first picture among the files: a photo copied with its sidecar (IMG_0001.AAE, sorted before IMG_0001.JPG)
+  // had the sidecar sent, refused, and the photo beside it left untried.
+  const files = [...event.dataTransfer.files];
+  segment(files.find((file) => file.type.startsWith("image/") && !isHeif(file)) || files[0], files.length);
 });
 document.addEventListener("paste", (event) => {
   const item = [...(event.clipboardData?.items || [])].find((entry) => entry.type.startsWith("image/"));
