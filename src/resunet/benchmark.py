@@ -25,12 +25,13 @@ Every figure is the MEDIAN images/s over repeated timed windows after warm-up ca
 in the JSON). FLOPs per image are counted once with `torch.utils.flop_counter.FlopCounterMode` on meta-device copies
 of the models (forward at the actual inference shape; forward + backward at 256² for training) and turned into
 achieved GFLOP/s. Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU this process's peak RSS
-(`resource.getrusage`, its high-water mark reset before each measurement through /proc/self/clear_refs). On CUDA the
+(/proc/self/status's VmHWM, reset before each measurement through /proc/self/clear_refs). On CUDA the
 training figure is also given as model-FLOPs utilisation: achieved / the peak measured with a bf16 matmul loop.
 
 Targets depend on the CPU kind (`runtime.cpu_kind()`): predictor and training speed-ups over the references where the
 CPU has bf16 arithmetic, none where it has not; the data path must be ≥ 20× the PIL loader everywhere; on CUDA the
-training step must reach ≥ 35% MFU. The thread count is left as it is (the same for ours and the references).
+training step must reach ≥ 35% MFU. The thread count is left as it is (the same for ours and the references), and
+the PIL loaders get as many worker processes as our data path has threads (`reference_workers`).
 
 The data is generated: 48 JPEGs of 500×375 (textured backgrounds with shapes) and palette PNG masks in the VOC
 layout, in a temporary folder removed at the end. `--quick` runs tiny windows: a smoke test, not a measurement.
@@ -46,7 +47,6 @@ import multiprocessing
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import sys
@@ -69,11 +69,16 @@ from .data.cache import CachedLoader, DecodedCache, build_cache
 from .data.classes import VOC_INFO
 from .data.dataset import PairedDataset, open_dataset
 from .data.demo import make_sample
-from .data.transforms import resize_short_side, resize_windows, sample_augment_params
+from .data.transforms import data_threads, resize_short_side, resize_windows, sample_augment_params
 from .model.unet import ResNetUNet
 from .outputs import check_output_files, write_output
 from .predict import Predictor
 from .train import make_optimizer, train_step
+
+try:
+    import resource
+except ImportError:  # Windows: peak memory is then not measured
+    resource = None
 
 SIZE = 256
 SCALES = (0.5, 2.0)
@@ -172,7 +177,19 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _maxrss_bytes() -> int:
+def _maxrss_bytes() -> int | None:
+    """This process's peak RSS: /proc/self/status's VmHWM on Linux, else getrusage's ru_maxrss. On Linux ru_maxrss
+    never falls below the peak of the process that started this one (kept across exec, and not reset by clear_refs):
+    launched from a 4 GB notebook kernel, every row read 4 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if resource is None:  # Windows
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -180,7 +197,7 @@ def _maxrss_bytes() -> int:
 def _current_rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
 
@@ -217,7 +234,7 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     yield record
     peak = _maxrss_bytes()
     record.update(kind="cpu_peak_rss_self" if reset else "cpu_peak_rss_self_lifetime", bytes=peak,
-                  rise_bytes=max(0, peak - record["rss_at_start_bytes"]) if reset else None)
+                  rise_bytes=max(0, peak - record["rss_at_start_bytes"]) if reset and peak is not None else None)
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...], backward: bool = False) -> float:
@@ -326,11 +343,19 @@ class SeedStyleDataset(Dataset):
         return tensor, torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
+def reference_workers(batch: int) -> int:
+    """The PIL loader's worker processes: as many as our data path's threads (`data_threads`: one per core, up to
+    the batch), the seed's 2 at least. With the seed's 2 on 8 cores our 8 threads met 2 processes, and the ratio
+    measured the core count."""
+    return max(SEED_WORKERS, data_threads(batch))
+
+
 def seed_style_loader(dataset: PairedDataset, batch: int, mean, std) -> DataLoader:
-    """The per-sample PIL DataLoader, 2 workers, shuffled; one long 'epoch' so workers start once (in the warm-up)."""
+    """The per-sample PIL DataLoader (`reference_workers`), shuffled; one long 'epoch' so workers start once (in
+    the warm-up)."""
     data = SeedStyleDataset(dataset, mean, std)
     sampler = RandomSampler(data, num_samples=len(data) * 10_000)
-    return DataLoader(data, batch, sampler=sampler, num_workers=SEED_WORKERS, drop_last=True)
+    return DataLoader(data, batch, sampler=sampler, num_workers=reference_workers(batch), drop_last=True)
 
 
 def cached_batches(loader: CachedLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -389,7 +414,8 @@ def measure_data_ours(cache: DecodedCache, plan: Plan, device: torch.device) -> 
     batches = cached_batches(loader)
     with peak_memory(device) as memory:
         result = time_data_windows(batches, len(loader), plan, _sync(device))
-    return {**result, "peak_memory": memory, "what": f"CachedLoader, augment on {device.type}"}
+    threads = f", {data_threads(plan.batch)} threads" if device.type == "cpu" else ""
+    return {**result, "peak_memory": memory, "what": f"CachedLoader, augment on {device.type}{threads}"}
 
 
 def measure_output_floor(plan: Plan, device: torch.device) -> float:
@@ -434,7 +460,8 @@ def measure_data_seed(dataset: PairedDataset, plan: Plan, device: torch.device) 
         result = time_data_windows(to_device, len(dataset) // plan.batch, plan, _sync(device))
         _with_workers_memory(memory)
     del to_device, batches  # the last references to the loader's iterator: stops the workers
-    return {**result, "peak_memory": memory, "what": f"PIL per-sample DataLoader, {SEED_WORKERS} workers"}
+    return {**result, "peak_memory": memory,
+            "what": f"PIL per-sample DataLoader, {reference_workers(plan.batch)} workers"}
 
 
 # ---- 1. training -----------------------------------------------------------------------------------------------------
@@ -507,7 +534,8 @@ def measure_train_seed(dataset: PairedDataset, plan: Plan, device: torch.device)
                                _sync(device), plan.min_windows, plan.train_budget_s)
         _with_workers_memory(memory)
     del batches
-    return {**result, "peak_memory": memory, "what": f"fp32 eager NCHW, PIL DataLoader {SEED_WORKERS} workers",
+    return {**result, "peak_memory": memory,
+            "what": f"fp32 eager NCHW, PIL DataLoader {reference_workers(plan.batch)} workers",
             "precision": "fp32", "channels_last": False}
 
 
@@ -690,8 +718,10 @@ def format_report(report: dict) -> str:
     applying = [f"{t['name']} ≥ {_threshold(t)}" for t in report["targets"] if t["applies"]]
     not_here = [f"{t['name']} ({t['note']})" for t in report["targets"] if not t["applies"]]
     lines.append(f"targets    {', '.join(applying)}" + (f"; n/a here: {', '.join(not_here)}" if not_here else ""))
+    reset = report["measurements"]["data_path"]["ours"]["peak_memory"].get("kind") == "cpu_peak_rss_self"
     memory_kind = ("CUDA max_memory_allocated" if report["device"] == "cuda"
-                   else "peak RSS of this process (resource.getrusage, high-water mark reset per measurement)")
+                   else "peak RSS of this process (VmHWM, reset per measurement)" if reset
+                   else "peak RSS of this process over its life so far (not resettable here: rows carry earlier ones)")
     lines.append(f"memory     {memory_kind}")
     busy = report.get("cpu_busy_before_start")
     if busy is not None and busy > 0.25:
@@ -705,6 +735,9 @@ def format_report(report: dict) -> str:
               "predictor": f"predictor {IMAGE_W}×{IMAGE_H}"}
     for section, label in labels.items():
         for key, entry in sections[section].items():
+            if key.endswith("_error"):  # a section that failed (ours_compiled, onnx): why, in one line
+                lines.append(f"{label:<20}{key.removesuffix('_error')}: failed ({entry[:60]})")
+                label = ""
             if not isinstance(entry, dict) or "images_per_s" not in entry:
                 continue
             gflops = f"{entry['gflop_per_s']:9.1f}" if entry.get("gflop_per_s") else f"{'-':>9}"
@@ -712,8 +745,6 @@ def format_report(report: dict) -> str:
             lines.append(f"{label:<20}{variant[:55]:<56}{entry['images_per_s']:9.2f}{100 * entry['spread']:7.0f}%"
                          f"{entry['windows']:5d}{gflops}{_mb(entry['peak_memory']):>11}")
             label = ""
-        if section == "training" and "ours_compiled_error" in sections[section]:
-            lines.append(f"{'':<20}ours_compiled: failed ({sections[section]['ours_compiled_error'][:60]})")
     data = sections["data_path"]
     lines.append("")
     lines.append(f"cache build (one-off, not in the data path figure): {data['cache_build_s']:.2f} s for "
@@ -826,9 +857,13 @@ def run_benchmark(args) -> dict:
         predictor["smp"]["gflop_per_s"] = predictor["smp"]["images_per_s"] * flops["smp_predict"] / 1e9
         if device.type == "cpu":
             say("predictor: ONNX export, INT8 calibration, onnxruntime fp32 and INT8")
-            predictor.update(measure_predictor_onnx(images, plan, tmp))
+            try:
+                predictor.update(measure_predictor_onnx(images, plan, tmp))
+            except Exception as error:  # ~350 MB of temporary files (a small /tmp), onnxruntime: the rest still stands
+                predictor["onnx_error"] = f"{type(error).__name__}: {error}"
             for key in ("onnx_fp32", "onnx_int8"):
-                predictor[key]["gflop_per_s"] = predictor[key]["images_per_s"] * flops["ours_predict"] / 1e9
+                if key in predictor:
+                    predictor[key]["gflop_per_s"] = predictor[key]["images_per_s"] * flops["ours_predict"] / 1e9
 
         # 1. training
         say("training: ours")
