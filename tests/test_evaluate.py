@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -141,6 +142,19 @@ def test_evaluate_reports_boundary_iou_and_draws_the_worst_images(trained_run, d
     assert [r["miou"] for r in listed] == pytest.approx(sorted(own.values())[:3], abs=1e-6)
     assert Image.open(tmp_path / "worst" / "worst.png").size[1] > 3 * 150
     assert Image.open(tmp_path / "confusion.png").size[0] > Image.open(tmp_path / "confusion.png").size[1]
+
+
+def test_worst_images_with_json_to_a_descriptor_write_one_document(trained_run, demo_root, tmp_path):
+    """`--worst K --json /dev/fd/3 3> scores.json`: the report went there twice, scored and then with the worst
+    images, two documents one after the other that no JSON reader takes (a helper's review, 2026-12-07)."""
+    report = tmp_path / "scores.json"
+    descriptor = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        run_evaluate(str(trained_run / "best.pt"), str(demo_root), workers=0, worst=1, precision="fp32",
+                     worst_out=str(tmp_path / "worst"), json_out=f"/dev/fd/{descriptor}")
+    finally:
+        os.close(descriptor)
+    assert len(json.loads(report.read_text())["worst"]) == 1
 
 
 def test_run_evaluate_refuses_worst_without_a_folder_and_a_folder_without_worst(tmp_path, monkeypatch):

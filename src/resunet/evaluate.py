@@ -22,7 +22,8 @@ from .data.dataset import (PairedDataset, data_locations, open_dataset_for_model
                            worker_ignores_ctrl_c)
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
-from .outputs import PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, write_output
+from .outputs import (PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, is_stream,
+                      write_output)
 from .predict import AUTO_TTA, Predictor, load_ensemble
 from .runtime import is_out_of_memory
 
@@ -212,7 +213,9 @@ def run_evaluate(
     result = {"checkpoint": str(checkpoint), "ensemble": list(ensemble), "split": split, "images": len(dataset),
               "inference": predictor.inference_settings(), "classes": list(info.names),
               **scores, "confusion_matrix": matrix.matrix.tolist()}
-    if json_out:
+    # A file is written now (the scores kept if the contact sheet fails) and again with the worst images; a stream
+    # (`--json /dev/fd/3 3> scores.json`) once, at the end: it got two documents one after the other
+    if json_out and not (per_image and is_stream(json_out)):
         write_output(json_out, strict_json(result))
         print(f"wrote {json_out}")
     if confusion_png:

@@ -35,6 +35,12 @@ def descriptor_of(path: str | Path) -> int | None:
     return {"out": 1, "err": 2}[match["std"]] if match["std"] else int(match["fd"] or match["proc"])
 
 
+def is_stream(path: str | Path) -> bool:
+    """A descriptor (`/dev/stdout`, `/dev/fd/3`), device or pipe: written through (`replace_file`), so a second
+    write adds to the first instead of replacing it."""
+    return descriptor_of(path) is not None or (Path(path).exists() and not Path(path).is_file())
+
+
 def write_through(descriptor: int, save: Callable[[Path], None]) -> None:
     """`save(where)` to a temporary file, then its bytes appended to `descriptor` after what Python has printed."""
     with tempfile.TemporaryDirectory(prefix="resunet-output-") as folder:
