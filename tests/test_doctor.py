@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -276,6 +277,15 @@ def test_train_refuses_a_dataset_with_errors_and_starts_with_skip_data_check(tmp
     assert f"resunet check-data --data-root {root}" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert len(list((tmp_path / "cache" / "check-data").glob("*.json"))) == 1  # a re-run reads no image
+    # The command named checks what train checked: its splits, its pixel limit (for --train-split train_aug it
+    # named a check of train and val alone, which said "0 errors": a helper's review, 2026-12-07)
+    (root / "train").rename(root / "training")
+    assert main([*args, "--train-split", "training", "--max-pixels", "5000000"]) == 2
+    suggested = capsys.readouterr().err.strip().split("or run: ")[1]
+    assert suggested == f"resunet check-data --data-root {root} --split training val --max-pixels 5000000"
+    assert main([*shlex.split(suggested)[1:], "--workers", "1"]) == 1
+    assert "ERROR   orphan_mask ×1" in capsys.readouterr().out
+    (root / "training").rename(root / "train")
 
     assert main([*args, "--skip-data-check"]) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
@@ -417,6 +427,12 @@ def test_check_data_checks_splits_of_other_names(tmp_path):
     report = doctor.check_data(root, workers=1)
     assert sorted(report.facts["splits"]) == ["training", "validation"] and not report.errors
     assert report.facts["splits"]["validation"]["pairs"] == 2
+    # Beside a pool of every image at the root (DIR/{images,masks}): the same splits (it was refused again, naming
+    # "all": a helper's review, 2026-12-07)
+    for kind in ("images", "masks"):
+        shutil.copytree(root / "training" / kind, root / kind)
+    report = doctor.check_data(root, workers=1)
+    assert sorted(report.facts["splits"]) == ["training", "validation"] and not report.errors
 
 
 def test_a_turned_tiff_whose_mask_fits_the_picture_as_shown_is_not_warned(tmp_path):

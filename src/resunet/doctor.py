@@ -165,12 +165,12 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
         halves = [(s, there, missing) for s in ("train", "val")
                   for there, missing in (("images", "masks"), ("masks", "images"))
                   if (root / s / there).is_dir() and not (root / s / missing).is_dir()]
+        if not splits:  # other names (training/validation), also beside a pool at the root: those, not "all"
+            splits = split_folders(root)
         if not splits and halves and not (root / "images").is_dir():  # "not a dataset: ... root/all/{...}" said less
             split, there, missing = halves[0]
             raise DataError(f"{root / split / there}: no {split}/{missing} folder beside it ({len(halves)} split "
                             "folder(s) half there), and no complete split")
-        if not splits and not (root / "images").is_dir():  # other names (training/validation): those, not "all"
-            splits = split_folders(root)
         if splits:  # a split folder layout without train or val: train refused it, the check passed
             missing_splits = [s for s in ("train", "val") if s not in splits and s not in {h[0] for h in halves}]
         splits = splits or ["all"]  # flat layout: one folder for every split
@@ -785,8 +785,9 @@ def plot_class_shares(report: Report, path: str | Path) -> None:
         save_figure(fig, path, dpi=100)
 
 
-def refusal(report: Report, data_root: str | Path) -> str:
-    """The one line `train` stops with (the grouped report is printed before it)."""
+def refusal(report: Report, data_root: str | Path, flags: str = "") -> str:
+    """The one line `train` stops with (the grouped report is printed before it); `flags`: the check-data flags
+    that check what train checked (its splits, class count, pixel limit), which the command given ends with."""
     first = report.errors[0]
     return (f"{first.message} — {plural(len(report.errors), 'data error')} in {data_root}, see the report above "
-            f"or run: resunet check-data --data-root {data_root}")
+            f"or run: resunet check-data --data-root {data_root}{flags}")

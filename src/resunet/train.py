@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -51,7 +52,7 @@ from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
 from .data.dataset import PairedDataset, data_locations, open_dataset, worker_batches, worker_ignores_ctrl_c
-from .data.images import DataError, one_line, read_mask
+from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
@@ -172,8 +173,13 @@ def check_data_first(cfg: TrainConfig, verbose: bool) -> None:
         pairs = sum(split["pairs"] for split in report.facts["splits"].values())
         print(f"data check{' (cached)' if report.from_cache else ''}: {pairs} pairs; "
               f"{format_findings(report.findings)}", flush=True)
-    if report.errors:
-        raise DataError(refusal(report, cfg.data_root))
+    if report.errors:  # the command it names checks what was checked here (it said "0 errors" for train_aug)
+        splits = [cfg.train_split, cfg.val_split]
+        flags = "".join([f" --split {shlex.join(splits)}" if splits != ["train", "val"] else "",
+                         f" --num-classes {cfg.num_classes}" if cfg.num_classes is not None else "",
+                         f" --ignore-index {cfg.ignore_index}" if cfg.ignore_index is not None else "",
+                         f" --max-pixels {cfg.max_pixels}" if cfg.max_pixels != DEFAULT_MAX_PIXELS else ""])
+        raise DataError(refusal(report, cfg.data_root, flags))
     if verbose and report.cache_note:  # the report only saves time next run: the run goes on without it
         print(f"resunet: warning: {report.cache_note}", file=sys.stderr, flush=True)
 
