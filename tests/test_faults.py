@@ -406,6 +406,25 @@ def test_data_workers_run_under_a_main_process_that_is_pid_1(tmp_path):
     assert first.split()[0] == "1" and count == "64"
 
 
+def test_data_workers_started_by_a_forkserver_run(tmp_path):
+    """Python 3.14 starts workers from a forkserver by default on Linux: their parent is the server, not the
+    trainer, and every worker took the trainer for dead and exited at once; the run stopped with "DataLoader worker
+    exited unexpectedly" (a helper's review, 2026-12-07). Asked for here, as 3.14 does by default."""
+    script = tmp_path / "forkserver.py"
+    script.write_text(
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from resunet.data.dataset import start_workers, worker_ignores_ctrl_c\n"
+        "class Numbers(Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return i\n"
+        "if __name__ == '__main__':\n"
+        "    loader = DataLoader(Numbers(), batch_size=1, num_workers=2, worker_init_fn=worker_ignores_ctrl_c,\n"
+        "                        multiprocessing_context='forkserver')\n"
+        "    print(sorted(int(batch) for batch in start_workers(loader)))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == f"{list(range(8))}\n", result.stderr[-2000:]
+
+
 def test_data_workers_die_with_a_killed_main_process(tmp_path):
     """A trainer killed with -9 (or by the OOM killer) while evaluation's workers held whole images left them for
     ever: PyTorch's watchdog ends a worker's loop, but the worker then waits to hand its last batches to a pipe nobody

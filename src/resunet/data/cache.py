@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ try:
 except ImportError:  # Windows: no locks (nor can a file mapped there be removed)
     fcntl = None
 
-from .dataset import PairedDataset
+from .dataset import PairedDataset, process_alive
 from .images import DataError, image_size, looked_at
 from .transforms import augment_batch
 
@@ -40,8 +41,10 @@ from .transforms import augment_batch
 # on its own scale (format 3 held it near black), a turned TIFF's canvas sized as it is shown
 CACHE_FORMAT = 4
 CACHE_HEADROOM = 1.25
-CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID)
-BUILD_NAME = re.compile(r"[0-9a-f]{20}\.tmp(?P<pid>\d+)")
+CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID-RANDOM)
+# The random part: two builders with one process id (PID 1 in two containers sharing a cache volume) removed each
+# other's build; builds named before it are KEY.tmpPID.
+BUILD_NAME = re.compile(r"[0-9a-f]{20}\.tmp(?P<pid>\d+)(-[0-9a-f]{8})?")
 BUILD_LOCK = "building"  # held (exclusive) by the process building the folder, for as long as it builds
 
 
@@ -181,9 +184,12 @@ def reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     later to a full disk kills the process with SIGBUS (no message, the build's temporary folder left behind); a
     reservation that does not fit is an OSError (ENOSPC) here instead."""
     array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    reserve = getattr(os, "posix_fallocate", None)  # not on macOS or Windows (an AttributeError traceback there)
+    if reserve is None:
+        return array
     with open(path, "r+b") as file:
         try:
-            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+            reserve(file.fileno(), 0, os.fstat(file.fileno()).st_size)
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: as before
                 raise
@@ -217,8 +223,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         return DecodedCache(folder)
     sizes, canvas = cache_canvas(dataset, short_side)  # headers only
     needed = canvas_bytes(len(sizes), canvas)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
         tmp.mkdir(parents=True)
     except OSError as error:  # a read-only folder, a file in the way: one line, not a traceback
@@ -229,7 +234,7 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
         # Before the build, so a disk that held the old copy has room for the new one.
         identity = cache_identity(dataset, short_side)  # every file's real path: once, for the removal and meta.json
         replaced = remove_stale_caches(folder, identity) if remove_stale else []
-        abandoned = remove_abandoned_builds(folder.parent) if remove_stale else []
+        abandoned = remove_abandoned_builds(folder.parent, tmp) if remove_stale else []
         try:
             _fill_cache(dataset, short_side, canvas, tmp, workers, identity)
             (tmp / BUILD_LOCK).unlink()
@@ -245,8 +250,8 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
     return DecodedCache(folder, replaced, abandoned)
 
 
-def remove_abandoned_builds(parent: Path) -> list[tuple[Path, int]]:
-    """Remove the half-built caches (KEY.tmpPID) whose build was killed where it could not clean up (SIGKILL, an
+def remove_abandoned_builds(parent: Path, own: Path | None = None) -> list[tuple[Path, int]]:
+    """Remove the half-built caches (KEY.tmpPID-RANDOM, other than `own`) whose build was killed where it could not clean up (SIGKILL, an
     out-of-memory kill, a SIGTERM before training's handler): each held a whole cache's reserved blocks, and each
     retry left another. A build holds its folder's lock while it runs (on any host sharing the folder); a folder
     without the lock file (made before it, or its first instant) is left while its process id lives here."""
@@ -256,10 +261,11 @@ def remove_abandoned_builds(parent: Path) -> list[tuple[Path, int]]:
     except OSError:
         return removed
     for build, pid in builds:
-        if pid == os.getpid():
+        if build == own:
             continue
         try:
-            with open(build / BUILD_LOCK, "rb") as lock:
+            # Open for writing: on NFS an exclusive lock needs it (EBADF for a file open to read: nothing was removed)
+            with open(build / BUILD_LOCK, "r+b") as lock:
                 if fcntl is None:
                     continue
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while its build runs
@@ -295,16 +301,6 @@ def remove_folder(folder: Path) -> int:
     return size
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
-
-
 def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
     """Remove the finished caches beside `folder` that copy the same files with the same classes at the same size:
     each edit of a mask would otherwise leave a whole copy of the decoded images behind (gigabytes for SBD). Left
@@ -320,7 +316,7 @@ def remove_stale_caches(folder: Path, identity: str) -> list[tuple[Path, int]]:
         try:
             if json.loads((other / "meta.json").read_text()).get("identity") != identity:
                 continue
-            with open(other / "done", "rb") as done:
+            with open(other / "done", "r+b") as done:  # for writing: NFS's exclusive locks need it
                 if fcntl is not None:
                     fcntl.flock(done, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process reads it
                 size = remove_folder(other)

@@ -54,8 +54,21 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent.pid:  # it died before the call: nobody sends the signal (not "PID 1": in a container
-        os._exit(0)  # without an init, the trainer is PID 1)
+    # It died before the call: nobody sends the signal (not "PID 1": in a container without an init, the trainer is
+    # PID 1). Started by a forkserver (Python 3.14's default on Linux) the parent is the server: the trainer's life
+    # is what counts (every worker ended at once there, and the run with them).
+    if os.getppid() != parent.pid and not process_alive(parent.pid):
+        os._exit(0)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
