@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import subprocess
 from contextlib import contextmanager
@@ -458,6 +459,21 @@ def test_metrics_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
                                                          "is intact"):
         train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_metrics_are_on_disk_before_they_replace_the_previous_file(tmp_path, monkeypatch):
+    """A power cut after the rename could leave metrics.jsonl empty (XFS, ext4 without the rename heuristics): a
+    resume read no history and rewrote it with the epochs after it alone (a helper's review, 2026-12-07)."""
+    import resunet.train as train_module
+
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')
+    partial = str(tmp_path / f".metrics.jsonl.tmp{os.getpid()}")
+    assert events == [("fsync", partial), ("replace", partial)]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 2}\n'
 
 
 # ---- --cache-dir: a folder that cannot be written ----------------------------------------------------------------------

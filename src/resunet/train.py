@@ -60,7 +60,7 @@ from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
 from .model.encoders import ENCODERS, WeightsUnavailableError, check_weights_file
 from .model.unet import ResNetUNet
-from .outputs import check_folder_apart, check_output_folder, replace_text
+from .outputs import check_folder_apart, check_output_folder, replace_file
 from .predict import Predictor
 from .runtime import (DeviceError, autocast, describe_device, distributed_env, precision_name, resolve_device,
                       resolve_precision, use_channels_last)
@@ -411,10 +411,19 @@ def decoder_widths(text: str) -> tuple[int, ...]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """A process killed mid-write leaves the old file or the new one, never half a line (`replace_text`)."""
+    """A process killed mid-write leaves the old file or the new one, never half a line (`replace_file`); so does a
+    power cut: the text is on disk before the rename (XFS and ext4 may otherwise keep the rename and an empty file,
+    and a resume read that as no history and rewrote metrics.jsonl without the epochs before it)."""
     path = Path(os.path.realpath(path))
+
+    def save(where: Path) -> None:
+        with open(where, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+
     try:
-        replace_text(path, text)
+        replace_file(path, save)
     except OSError as error:  # a full disk, a read-only folder: the checkpoints already saved stay as they are
         raise TrainingError(f"{path}: could not write it ({error.strerror or error}); the previous {path.name} is "
                             f"{'intact' if path.exists() else 'absent'}; {write_advice(error, path.parent)}") from None
