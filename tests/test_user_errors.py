@@ -726,6 +726,32 @@ def test_predict_never_writes_over_an_input_or_another_inputs_result(checkpoint,
     assert "x/a.png: not predicted, its output" in capsys.readouterr().err  # the first a.png keeps its result
 
 
+def test_predict_on_a_case_insensitive_disk_keeps_the_first_of_two_names_for_one_result(checkpoint, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """On macOS, exFAT or an SMB share, cam1/IMG_1.png's result and cam2/img_1.png's are one file under two names:
+    the second replaced the first (exit 0; a helper's review, 2026-12-07). Such a disk is played here by a hard
+    link: the first result, once written, is there under the second name too."""
+    import resunet.outputs
+
+    for folder, name, index in (("cam1", "IMG_1.png", 0), ("cam2", "img_1.png", 1)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(good_pair(index)[0])
+    out, real_save = tmp_path / "out", resunet.outputs.save_whole
+
+    def save_on_a_case_insensitive_disk(path, save):
+        real_save(path, save)
+        if path.name == "IMG_1.png":
+            os.link(path, path.with_name("img_1.png"))
+
+    monkeypatch.setattr(resunet.outputs, "save_whole", save_on_a_case_insensitive_disk)
+    assert main(["predict", checkpoint, str(tmp_path / "cam1" / "IMG_1.png"), str(tmp_path / "cam2" / "img_1.png"),
+                 "--out", str(out)]) == 1
+    first = (out / "IMG_1.png").read_bytes()
+    assert f"{tmp_path / 'cam2' / 'img_1.png'}: not predicted, its output {out / 'img_1.png'} would overwrite " \
+        f"{tmp_path / 'cam1' / 'IMG_1.png'}'s result" in capsys.readouterr().err
+    assert (out / "IMG_1.png").read_bytes() == first and os.path.samefile(out / "IMG_1.png", out / "img_1.png")
+
+
 def test_predict_replaces_only_its_own_earlier_results(checkpoint, tmp_path, capsys):
     """`predict D/val/images --out D/val/masks` replaced the dataset's ground truth with predictions (exit 0), and
     `evaluate` then scored 100% (a helper, 2026-12-06). An existing file in the way is replaced only if resunet

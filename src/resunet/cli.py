@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import typing
+from collections.abc import Iterable
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -394,6 +395,29 @@ def cmd_predict(args) -> int:
     # os.path.realpath, not Path.resolve: a symlink loop among the inputs raised there (it is reported when read)
     inputs = {Path(os.path.realpath(path)) for path in paths}
     claimed: dict[Path, Path] = {}  # output file -> the input it belongs to
+    # The same by the file itself (device, inode): on a case-insensitive disk (macOS, exFAT, an SMB share) IMG_1.png
+    # and img_1.png are one file under two names, and a second photo's result replaced the first's without a word.
+    written_files: dict[tuple[int, int], Path] = {}
+
+    def file_id(file: Path) -> tuple[int, int] | None:
+        try:
+            status = file.stat()
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def owner_of(file: Path) -> Path | None:
+        """The input whose result `file` is in this run: by its path, or by the file itself."""
+        owner = claimed.get(Path(os.path.realpath(file)))
+        if owner is None and (identity := file_id(file)) is not None:
+            owner = written_files.get(identity)
+        return owner
+
+    def claim(files: Iterable[Path], owner: Path) -> None:
+        for file in files:
+            claimed[Path(os.path.realpath(file))] = owner
+            if (identity := file_id(file)) is not None:
+                written_files[identity] = owner
     # A bar only on a terminal (in a log file it would be `\r` fragments); a file's error is written above it.
     bar = tqdm(paths, desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty())
     try:
@@ -405,9 +429,9 @@ def cmd_predict(args) -> int:
             if not args.confidence:
                 del outputs["confidence"]
             real = {o: Path(os.path.realpath(o)) for o in outputs.values()}
-            clash = next((o for o in outputs.values() if real[o] in inputs or real[o] in claimed), None)
+            clash = next((o for o in outputs.values() if real[o] in inputs or owner_of(o) is not None), None)
             if clash is not None:  # never write over an input image or another input's result
-                owner = f"{claimed[real[clash]]}'s result" if real[clash] in claimed else "an input image"
+                owner = f"{owner_of(clash)}'s result" if owner_of(clash) is not None else "an input image"
                 tqdm.write(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give "
                            "another --out or rename the file", file=sys.stderr)
                 failed += 1
@@ -415,7 +439,7 @@ def cmd_predict(args) -> int:
             # Each file is renamed into place once written (save_whole): one that exists is a finished result.
             ours = {o: is_prediction(o) for o in outputs.values() if o.is_file()}  # each file's header read once
             if args.skip_existing and len(ours) == len(outputs) and all(ours.values()):
-                claimed.update({real[o]: path for o in outputs.values()})
+                claim(outputs.values(), path)
                 skipped += 1
                 continue
             # Only an earlier result may be replaced: --out naming a dataset's masks folder wrote over its ground
@@ -474,6 +498,7 @@ def cmd_predict(args) -> int:
                 options = prediction_save_options(kind)
                 try:
                     save_whole(outputs[kind], lambda where: picture.save(where, **options))
+                    claim([outputs[kind]], path)
                 except DiskError as error:  # a full disk: every later file would fail the same way
                     raise DataError(f"{error}; {written} input(s) predicted before it") from None
                 except DataError as error:  # this file alone (a folder in its place): the others still run
