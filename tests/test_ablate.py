@@ -229,3 +229,19 @@ def test_a_row_is_scored_under_the_recipes_max_pixels_and_evaluated_as_its_sched
                  "--out", str(ram_tmp / "refused")]) == 2
     assert "--eval-every: ablate scores each row's final weights once" in capsys.readouterr().err
     assert not (ram_tmp / "refused").exists()
+
+
+def test_an_ablation_folder_another_ablation_is_writing_is_refused(demo_root, ram_tmp, monkeypatch):
+    """Two ablations in one --out each planned their rows once at the start: a row the other finished meanwhile was
+    still planned as "start over", its files deleted and trained again (a helper's review, 2026-12-07)."""
+    import resunet.ablate
+    from resunet.outputs import FolderLock
+
+    out = ram_tmp / "ablation"
+    out.mkdir()
+    monkeypatch.setattr(resunet.ablate, "train", lambda cfg: pytest.fail("a row trained beside the other ablation"))
+    with FolderLock(out) as other, pytest.raises(TrainingError, match=rf"^--out {out}: another resunet ablate is "
+                                                                    r"writing there; wait for it to end"):
+        assert other.held
+        run_ablation(tiny_config(demo_root, ram_tmp / "unused", epochs=1), ["baseline"], out)
+    assert list(out.iterdir()) == []

@@ -222,31 +222,52 @@ def test_a_checkpoint_that_cannot_be_rewritten_after_the_fit_keeps_the_fit_on_th
     assert checkpoint.read_bytes() == before and sorted(p.name for p in ram_tmp.iterdir()) == ["immutable.pt"]
 
 
+@pytest.mark.parametrize("during", ["fit_temperature", "load_checkpoint"])
 def test_a_checkpoint_saved_again_during_the_fit_is_not_given_the_earlier_models_temperature(
-        trained_run, demo_root, ram_tmp, capsys, monkeypatch):
-    """`calibrate RUN/best.pt` while RUN still trains: a better best.pt saved during the fit was given the earlier
-    model's temperature and ECE (or, saved between calibrate's re-read and its save, put back by the earlier one and
-    lost). A helper, 2026-12-06. Refused now, in one line, the newer file left as training wrote it."""
+        trained_run, demo_root, ram_tmp, capsys, monkeypatch, during):
+    """`calibrate RUN/best.pt` while RUN still trains (a process without the folder's lock: an older resunet): a
+    better best.pt saved during the fit was given the earlier model's temperature and ECE (or, saved between
+    calibrate's re-read and its save, put back by the earlier one and lost). A helper, 2026-12-06. Refused now, in one
+    line, the newer file left as training wrote it; also when saved just before the re-read, which came after the
+    check (a helper's review, 2026-12-07)."""
     import resunet.calibration
     from resunet.cli import main
 
     checkpoint = ram_tmp / "best.pt"
     shutil.copy(trained_run / "best.pt", checkpoint)
     newer = (trained_run / "last.pt").read_bytes()
-    real_fit = resunet.calibration.fit_temperature
+    real = getattr(resunet.calibration, during)
 
-    def fit_while_training_saves(*args, **kwargs):
+    def while_training_saves(*args, **kwargs):
         (ram_tmp / "best.pt.saving").write_bytes(newer)  # as training saves: a new file renamed into place
         (ram_tmp / "best.pt.saving").replace(checkpoint)
-        return real_fit(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(resunet.calibration, "fit_temperature", fit_while_training_saves)
+    monkeypatch.setattr(resunet.calibration, during, while_training_saves)
     assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"resunet calibrate: error: {re.escape(str(checkpoint))}: saved again while the temperature "
                         r"was fitted \(a run still training into its folder\?\); the fitted \d+\.\d{3} is the earlier "
                         r"model's, so it is not stored: calibrate again once the file is final", err), err
     assert checkpoint.read_bytes() == newer
+
+
+def test_calibrate_refuses_a_checkpoint_whose_folder_a_run_is_writing(trained_run, demo_root, ram_tmp, capsys):
+    """A run training in the folder replaces best.pt when it improves: between calibrate's read and its write the
+    newer model was put back by the older one. Training (and calibrate) hold the folder while they write it."""
+    from resunet.cli import main
+    from resunet.outputs import FolderLock
+
+    checkpoint = ram_tmp / "best.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    with FolderLock(ram_tmp) as training:
+        assert training.held
+        assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.strip() == (f"resunet calibrate: error: {checkpoint}: its folder is being written "
+                                               "by a resunet train or another calibrate; calibrate once it ends")
+    assert checkpoint.read_bytes() == before
+    assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
 
 
 def test_train_calibrate_fits_best_pt_after_training(demo_root, ram_tmp, capsys):

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -334,8 +335,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    from test_cache import killed_pid
+
     (run / ".notes.tmpl").write_text("mine")  # the user's, beside a save's leftover from a killed process
-    (run / ".last.pt.tmp999").write_bytes(b"half")
+    (run / f".last.pt.tmp{killed_pid()}").write_bytes(b"half")
+    # and a file another process is still writing (an export's ONNX file, for minutes): it failed at its end
+    (run / f".model.onnx.tmp{os.getppid()}").write_bytes(b"being written")
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
     message = str(error.value)
@@ -344,7 +349,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
     assert (run / "last.pt").read_bytes() == before  # untouched, and it still loads
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     # No temporary file left behind, the leftover removed, the user's file kept (".*.tmp*" matched it too)
-    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".notes.tmpl"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [f".model.onnx.tmp{os.getppid()}",
+                                                                               ".notes.tmpl"]
     # The first save of a run: nothing to resume from ("no best.pt was written; ... resume from it" said so)
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, ram_tmp / "fresh", epochs=1, **SMALL))
@@ -768,3 +774,28 @@ def test_train_leaves_the_callers_generators_and_speed_flags_as_it_found_them(de
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_a_run_folder_another_training_is_writing_is_refused_and_freed_however_a_run_ends(demo_root, ram_tmp,
+                                                                                         monkeypatch):
+    """`make camvid` started twice, or a --resume while the run still goes: both wrote last.pt, best.pt and
+    metrics.jsonl, each replacing the other's epoch by epoch (a helper's review, 2026-12-07). The folder is locked
+    while a run writes it (flock on the folder; a lock taken through another opening here, as another process's)."""
+    import resunet.train as train_module
+    from resunet.outputs import FolderLock
+
+    run = ram_tmp / "run"
+    run.mkdir()
+    with FolderLock(run) as other:
+        assert other.held
+        with pytest.raises(TrainingError, match=rf"^--out {run}: another resunet train is writing there \(the run, "
+                                                r"or a resume of it, is still going\); wait for it to end, or give "
+                                                r"another --out$"):
+            train(tiny_config(demo_root, run, epochs=1))
+    assert list(run.iterdir()) == []  # nothing written
+    # Freed when a run fails too, its traceback kept (as a notebook keeps the last one)
+    monkeypatch.setattr(train_module, "train_step", lambda *args: (_ for _ in ()).throw(KeyError("boom")))
+    with pytest.raises(KeyError) as failed:
+        train(tiny_config(demo_root, run, epochs=1))
+    with FolderLock(run) as after:
+        assert after.held and failed.traceback

@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .config import ABLATION_OPTIONS, TrainConfig
 from .evaluate import run_evaluate
-from .outputs import write_output
+from .outputs import FolderLock, write_output
 from .runtime import cpu_kind, cpu_name
 from .train import TrainingError, check_settings, check_types, read_metrics, train
 
@@ -192,6 +192,16 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, a read-only parent
         raise TrainingError(f"--out {out}: cannot make the ablation folder ({error.strerror or error})") from None
+    # Two ablations in one folder planned their rows once, each retraining (after deleting) rows the other finished
+    with FolderLock(out) as folder:
+        if not folder.held:
+            raise TrainingError(f"--out {out}: another resunet ablate is writing there; wait for it to end, or give "
+                                "another --out")
+        return run_rows(base, options, out)
+
+
+def run_rows(base: TrainConfig, options: list[str], out: Path) -> list[dict]:
+    """`run_ablation`'s rows, its checks passed and its folder held."""
     # Every row's folder before any training (a changed recipe found at row 3 had cost two); training a row
     # touches no other row's folder, so the plans hold until each row's turn.
     plans = [plan_row(base, name, out) for name in options]

@@ -21,7 +21,7 @@ from .data.dataset import PairedDataset, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .evaluate import evaluate_dataset
 from .metrics import CalibrationError
-from .outputs import check_output_folder
+from .outputs import FolderLock, check_output_folder
 from .predict import Predictor
 
 PIXELS_PER_IMAGE = 20_000  # the temperature's fit sees this many random valid pixels of each image, at most
@@ -151,11 +151,12 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     if not result["stored"]:
         predictor.temperature = stored
         return result
+    payload = load_checkpoint(checkpoint)
+    # After the re-read (a save between a check and the read put the older model back over the newer one)
     if loaded is not None and file_state(checkpoint) != loaded:
         raise CheckpointError(f"{checkpoint}: saved again while the temperature was fitted (a run still training "
                               f"into its folder?); the fitted {temperature:.3f} is the earlier model's, so it is not "
                               "stored: calibrate again once the file is final")
-    payload = load_checkpoint(checkpoint)
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
     # An immutable file or a full disk is met only here: the fit's result goes on the error line, not lost with it.
@@ -176,7 +177,13 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
                               "writable, or calibrate a copy")
     check_output_folder("calibrate", real.parent)
     dataset = open_dataset_for_model(data_root, split, predictor.info, max_pixels)
-    result = calibrate(checkpoint, dataset, predictor, loaded)
+    # A run training in the folder (or another calibrate) would replace the file between this one's read and write:
+    # the newer model lost, or a temperature fitted to another model. They hold the folder's lock while they write.
+    with FolderLock(real.parent) as folder:
+        if not folder.held:
+            raise CheckpointError(f"{checkpoint}: its folder is being written by a resunet train or another "
+                                  "calibrate; calibrate once it ends")
+        result = calibrate(checkpoint, dataset, predictor, loaded)
     replaced = result["stored_temperature"]
     fitted = (f"{checkpoint}: temperature {result['temperature']:.3f} fitted on {dataset.description} "
               f"({len(dataset)} images)")

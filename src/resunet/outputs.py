@@ -15,6 +15,11 @@ from .checkpoint import remove_quietly, rename_over, temporary_path
 from .data.dataset import data_locations
 from .data.images import DataError
 
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked
+    fcntl = None
+
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")  # the figure formats written (matplotlib picks by suffix)
 # Written into every file `resunet predict` makes (a PNG text chunk, a JPEG comment): a later run whose inputs take in
 # an earlier --out (`predict 'photos/**/*' --out photos/masks`, run again) tells its results from photos.
@@ -33,6 +38,43 @@ def descriptor_of(path: str | Path) -> int | None:
     if match is None:
         return None
     return {"out": 1, "err": 2}[match["std"]] if match["std"] else int(match["fd"] or match["proc"])
+
+
+class FolderLock:
+    """An exclusive lock on a folder (flock on the folder itself: no file left in it) for as long as a command
+    writes there: two trainings in one run folder replaced each other's checkpoints and metrics epoch by epoch, and a
+    calibrate put an older model back over a newer best.pt. `held` is False where another process holds it; where
+    there are no locks (Windows, NFS without its lock daemon) it is taken as held, the folder unguarded."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.descriptor: int | None = None
+        self.held = True
+        if fcntl is None:
+            return
+        try:
+            descriptor = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.held = False
+            os.close(descriptor)
+        except OSError:
+            os.close(descriptor)
+        else:
+            self.descriptor = descriptor
+
+    def close(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def is_stream(path: str | Path) -> bool:

@@ -51,7 +51,8 @@ from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_che
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
-from .data.dataset import PairedDataset, data_locations, open_dataset, worker_batches, worker_ignores_ctrl_c
+from .data.dataset import (PairedDataset, data_locations, open_dataset, process_alive, worker_batches,
+                           worker_ignores_ctrl_c)
 from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
@@ -60,7 +61,7 @@ from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
 from .model.encoders import ENCODERS, WeightsUnavailableError, check_weights_file
 from .model.unet import ResNetUNet
-from .outputs import check_folder_apart, check_output_folder, replace_file
+from .outputs import FolderLock, check_folder_apart, check_output_folder, replace_file
 from .predict import Predictor
 from .runtime import (DeviceError, autocast, describe_device, distributed_env, precision_name, resolve_device,
                       resolve_precision, use_channels_last)
@@ -892,6 +893,14 @@ def caller_state_kept() -> Iterator[None]:
 
 @caller_state_kept()
 def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) the run `cfg` describes; its folder is locked while it runs, however the run ends."""
+    with contextlib.ExitStack() as held:
+        return run_training(cfg, held)
+
+
+def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
+    """`train`'s body; `held` keeps the run folder's lock until train returns or raises (a traceback kept by a
+    notebook would otherwise keep the lock, and refuse the next run in the folder)."""
     if cfg.data_root is None:
         raise TrainingError("data_root (--data-root): required, the dataset folder")
     rank, local_rank, world = distributed_env()
@@ -966,6 +975,11 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingError(f"--out {out}: cannot make the run folder ({error.strerror or error})") from None
             except DataError as error:
                 raise TrainingError(str(error)) from None
+            # Another train (or --resume, or an ablate row) writing here would replace this run's checkpoints and
+            # metrics epoch by epoch, and this one theirs (`make camvid` started twice was taken without a word)
+            if not held.enter_context(FolderLock(out)).held:
+                raise TrainingError(f"--out {out}: another resunet train is writing there (the run, or a resume of "
+                                    "it, is still going); wait for it to end, or give another --out")
 
     # ---- model ---------------------------------------------------------------------------------------------------
     mean, std = model.normalization
@@ -1067,7 +1081,8 @@ def train(cfg: TrainConfig) -> dict:
     records = read_metrics(out / "metrics.jsonl", start_epoch - 1) if main_process else []
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
-            if is_temporary(stale):
+            # not one still being written (an export's ONNX files, for minutes, in the run folder)
+            if is_temporary(stale) and not process_alive(int(stale.name.rsplit(".tmp", 1)[1])):
                 stale.unlink(missing_ok=True)
 
     raw_model = model
