@@ -46,6 +46,14 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if not path.is_file():
             self.send_error(404)
             return
+        if srv.page_instead is not None:  # a proxy's login page, whatever was asked
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(srv.page_instead)))
+            self.end_headers()
+            srv.bytes_sent.append(len(srv.page_instead))
+            self.wfile.write(srv.page_instead)
+            return
         data = path.read_bytes()
         start = 0
         if rng and srv.honor_range:
@@ -87,7 +95,7 @@ def server(tmp_path: Path) -> Iterator[ThreadingHTTPServer]:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
     srv.daemon_threads = True
     srv.root, srv.requests, srv.bytes_sent = root, [], []
-    srv.cut_after, srv.honor_range = None, True
+    srv.cut_after, srv.honor_range, srv.page_instead = None, True, None
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -304,6 +312,27 @@ def test_server_ignoring_range_restarts(big_file, server, tmp_path: Path) -> Non
     assert server.requests[-1][1] == "bytes=50000-"
     assert server.bytes_sent[-1] == total
     assert md5_of(dest) == md5
+
+
+def test_a_page_sent_in_answer_to_a_resume_keeps_the_partial_file(big_file, server, tmp_path: Path) -> None:
+    # A proxy's or mirror's page (200, text/html) in answer to the Range request truncated the partial file before
+    # its md5 failed and it was deleted: the bytes already fetched were lost, though the error before had said they
+    # were kept (a helper's review, 2026-12-07).
+    url, md5, total = big_file
+    dest, part = tmp_path / "blob.bin", tmp_path / "blob.bin.part"
+    server.cut_after = 100_000
+    with pytest.raises(DownloadError):
+        download_url(url, dest, md5=md5, progress=False)
+    server.page_instead = b"<html>log in to the proxy</html>"
+    with pytest.raises(DownloadError) as info:
+        download_url(url, dest, md5=md5, progress=False)
+    assert str(info.value) == (f"download of {url} failed: asked to go on from byte 100,000, the server sent something "
+                               f"else (text/html, 32 bytes: a proxy's or login page?); partial file {part} (100000 "
+                               "bytes) is kept; run again to resume")
+    assert part.stat().st_size == 100_000
+    server.page_instead = None
+    assert download_url(url, dest, md5=md5, progress=False) == dest and md5_of(dest) == md5
+    assert server.bytes_sent[-1] == total - 100_000
 
 
 def test_complete_part_from_crash_before_rename(big_file, server, tmp_path: Path) -> None:
@@ -609,3 +638,37 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch, 
     assert main(["download", "voc", "--root", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("resunet download: interrupted; what was done is kept (a download as its .part "
                                        "file, the masks written): the same command goes on from there\n")
+
+
+def test_a_root_under_a_folder_this_user_cannot_enter_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    # `resunet download voc --root /root/data` as another user: Path.exists raised PermissionError (Python 3.11-3.13
+    # re-raise it), a traceback (a helper's review, 2026-12-07). Root enters any folder: the refusal is played here.
+    import pathlib
+
+    from resunet.cli import main
+
+    closed, real_exists = tmp_path / "closed", pathlib.Path.exists
+
+    def exists(path, *args, **kwargs):
+        if str(path).startswith(str(closed) + "/"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "exists", exists)
+    assert main(["download", "voc", "--root", str(closed / "data")]) == 2
+    assert capsys.readouterr().err.strip() == (f"resunet download: error: --root {closed / 'data'}: cannot use "
+                                               f"{closed / 'data'} (Permission denied); give a folder of your own")
+
+
+def test_what_was_written_is_on_disk_before_the_stamp_or_list_that_says_so(voc_tar, server, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    # A power cut just after a download finished could leave the extraction stamp (or train_aug.txt) with empty
+    # files under it: later runs said "ready" and skipped every empty mask (a helper's review, 2026-12-07).
+    seen = []
+    monkeypatch.setattr(os, "sync", lambda: seen.append(sorted(p.name for p in tmp_path.rglob("*")
+                                                               if p.name in (".resunet-extracted", "train_aug.txt"))))
+    voc_dir, sbd_dir = voc_and_sbd(voc_tar, server, tmp_path)
+    make_train_aug(voc_dir, sbd_dir)
+    # each sync came before its stamp or list: the VOC stamp, then SBD's, then train_aug.txt
+    assert seen == [[], [".resunet-extracted"], [".resunet-extracted", ".resunet-extracted"]]
+    assert (voc_dir / "ImageSets/Segmentation/train_aug.txt").is_file()

@@ -558,9 +558,9 @@ def cmd_download(args) -> int:
     from .data import download
 
     root = Path(args.root)
-    if root.exists() and not root.is_dir():
-        raise DataError(f"--root {root}: is a file, not a folder")
     try:
+        if root.exists() and not root.is_dir():
+            raise DataError(f"--root {root}: is a file, not a folder")
         if args.dataset == "voc":
             print(f"VOC 2012 ready at {download.download_voc2012(root)}")
         else:
@@ -572,6 +572,9 @@ def cmd_download(args) -> int:
         print("resunet download: interrupted; what was done is kept (a download as its .part file, the masks "
               "written): the same command goes on from there", file=sys.stderr)
         return 130
+    except PermissionError as error:  # a --root under a folder this user cannot enter (Path.exists raises it)
+        raise DataError(f"--root {root}: cannot use {error.filename or root} ({error.strerror or error}); give a "
+                        "folder of your own") from None
     return 0
 
 

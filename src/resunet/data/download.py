@@ -126,6 +126,14 @@ def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
             # A partial answer from some other offset is of no use: fetch it whole.
             part.unlink()
             return _fetch_to_part(url, part, desc, progress)
+        if offset and not resumed:
+            # A plain 200: a server without ranges sends the whole file, longer than the part; a proxy's or mirror's
+            # page sent in its place truncated the part (hours of a slow line) before its md5 failed and it went too.
+            kind = response.headers.get_content_type()
+            if kind == "text/html" or (length is not None and int(length) <= offset):
+                what = f"{kind}, {int(length):,} bytes" if length is not None else kind
+                raise _network_error(url, part, f"asked to go on from byte {offset:,}, the server sent something "
+                                                f"else ({what}: a proxy's or login page?)")
         if not resumed:
             offset = 0  # server ignored the Range (plain 200): start over
         expected = offset + int(length) if length is not None else None
@@ -339,6 +347,7 @@ def _fetch_and_extract(root: Path, url: str, md5: str | None, archive_name: str,
         marker.touch()
         extract(archive, root)
         _require(folder, required, f"extracted {what}")
+        _flush_to_disk()
         stamp.touch()
         marker.unlink()
     return folder
@@ -444,9 +453,19 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
             Image.fromarray(mask).save(tmp, format="PNG")
             os.replace(tmp, out)  # a killed run never leaves a truncated PNG to be skipped later
 
+    _flush_to_disk()
     with _writing(splits / "train_aug.txt"):
         (splits / "train_aug.txt").write_text("".join(f"{name}\n" for name in names))
     return len(names)
+
+
+def _flush_to_disk() -> None:
+    """What was written is on disk before the stamp or list that says it is there: after a power cut ext4 and XFS
+    can keep the stamp (or train_aug.txt) and give back empty files, which no later run looked at again (the stamp
+    says done; an existing mask is skipped)."""
+    sync = getattr(os, "sync", None)  # not on Windows
+    if sync is not None:
+        sync()
 
 
 def _read_annotation(read, path: Path, extracted: Path) -> np.ndarray:
