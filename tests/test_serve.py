@@ -180,12 +180,13 @@ def test_json_answers_are_serialised_off_the_event_loop(client, monkeypatch):
 
     where, real = [], serve_app.json_bytes
 
-    def recording(payload: dict) -> bytes:
-        try:
-            asyncio.get_running_loop()
-            where.append("event loop")
-        except RuntimeError:  # no loop runs in a thread-pool thread
-            where.append("thread pool")
+    def recording(payload: object) -> bytes:
+        if isinstance(payload, list):  # the class lists; the few numbers around them are written on the loop
+            try:
+                asyncio.get_running_loop()
+                where.append("event loop")
+            except RuntimeError:  # no loop runs in a thread-pool thread
+                where.append("thread pool")
         return real(payload)
 
     monkeypatch.setattr(serve_app, "json_bytes", recording)
@@ -552,10 +553,30 @@ def test_metrics_count_requests_latency_and_batches(client):
     ok = 'resunet_requests_total{path="/predict",status="200"}'
     assert value(text, ok) - value(before, ok) == 3
     assert value(text, 'resunet_requests_total{path="other",status="404"}') >= 1
-    assert value(text, 'resunet_request_duration_seconds_count{path="/predict"}') >= 3
+    latency = 'resunet_request_duration_seconds_count{path="/predict"}'  # this test's requests (the client is shared)
+    assert value(text, latency) - value(before, latency) == 3
     assert value(text, "resunet_batch_size_count") - value(before, "resunet_batch_size_count") == 3
     assert value(text, "resunet_images_in_flight") == 0
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_connection_limit_answer_asks_for_the_services_retry_after(checkpoint):
+    """Every 503 says ServeSettings.retry_after_s, but the one at --max-connections said 1: under the overload the
+    setting is for, those clients came back sooner than asked (a helper's review, 2026-12-07)."""
+    from resunet.serve.app import over_the_limit_in_json
+
+    app = create_app(checkpoint, ServeSettings(retry_after_s=7))
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def refuse():
+        limited = over_the_limit_in_json(app, 2, {"a", "b"}, set(), app.state.metrics, app.state.settings.retry_after_s)
+        await limited({"type": "http", "method": "GET", "path": "/healthz", "headers": []}, None, send)
+
+    asyncio.run(refuse())
+    assert sent[0]["status"] == 503 and (b"retry-after", b"7") in sent[0]["headers"]
 
 
 def test_the_openapi_schema_lists_what_the_routes_answer(client):
@@ -579,6 +600,10 @@ def test_json_and_rle_answers_time_their_encoding_too(client, monkeypatch):
     for name in ("class_summary", "rle_classes"):
         made = getattr(resunet.serve.app, name)
         monkeypatch.setattr(resunet.serve.app, name, lambda *args, made=made: (time.sleep(0.2), made(*args))[1])
+    # and serialising the classes (millions of run lengths for a large photo: it was left out; a helper, 2026-12-07)
+    serialise = resunet.serve.app.json_bytes
+    monkeypatch.setattr(resunet.serve.app, "json_bytes",
+                        lambda payload: (isinstance(payload, list) and time.sleep(0.2), serialise(payload))[1])
     exif = Image.Exif()
     exif[0x0112] = 6
     for answer in ("json", "rle"):
@@ -586,7 +611,7 @@ def test_json_and_rle_answers_time_their_encoding_too(client, monkeypatch):
         assert body.json()["image"] == {"format": "JPEG", "orientation": 6}  # the mask is the upright image's
         assert (body.json()["width"], body.json()["height"]) == (30, 40)
         timing = body.json()["timing_ms"]
-        assert timing["encode"] >= 200, timing
+        assert timing["encode"] >= 400, timing
         parts = sum(timing[key] for key in ("receive", "decode", "queue", "inference", "encode"))
         assert parts <= timing["total"] + 0.1, timing
 

@@ -142,7 +142,7 @@ PROBE_ERRORS = {503: {"model": ErrorBody, "description": "/readyz: not warmed up
                                                          "to be (warm-up failed); /healthz: only the latter"}}
 
 
-def json_bytes(payload: dict) -> bytes:
+def json_bytes(payload: object) -> bytes:
     """`payload` as JSONResponse renders it. For /predict's answers, called in the thread pool: an RLE answer for a
     large photo holds millions of run lengths, and serialising it on the event loop stalled every connection."""
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
@@ -440,10 +440,9 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         inferred = time.perf_counter()
         if format == "png":
             body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))
-        elif format == "json":
-            classes_found = await run_in_threadpool(class_summary, result.mask, info)
-        else:
-            classes_found = await run_in_threadpool(rle_classes, result.mask, info)
+        else:  # serialised here too: the bulk of an RLE answer (millions of run lengths) was outside `encode`
+            summary = class_summary if format == "json" else rle_classes
+            classes_json = await run_in_threadpool(lambda: json_bytes(summary(result.mask, info)))
         timing = {"receive": received - started, "decode": decoded - received, "queue": result.queue_ms / 1000,
                   "inference": result.inference_ms / 1000, "encode": time.perf_counter() - inferred}
         timing = {key: round(1000 * value, 2) for key, value in timing.items()}
@@ -457,14 +456,15 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
             return Response(body, media_type="image/png", headers=headers)
         # The mask is the upright image's: a client drawing it over the file as stored needs the turn.
         image_fields = {"format": header.format, "orientation": header.orientation}
-        body = await run_in_threadpool(json_bytes, {"width": width, "height": height, "image": image_fields,
-                                                    "classes": classes_found, "timing_ms": timing})
+        head = json_bytes({"width": width, "height": height, "image": image_fields})
+        body = head[:-1] + b',"classes":' + classes_json + b',"timing_ms":' + json_bytes(timing) + b"}"
         return Response(body, media_type="application/json")
 
     return app
 
 
-def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metrics: ServiceMetrics):
+def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metrics: ServiceMetrics,
+                           retry_after_s: int = 1):
     """`app`, except that past `limit` open connections (or requests in flight) a request gets 503 at once, in JSON
     with Retry-After, logged and counted like every other answer; the connection is then closed."""
     async def app_within_limit(scope, receive, send) -> None:
@@ -473,7 +473,8 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
             return await app(scope, receive, send)
         message = f"too many open connections (--max-connections {limit}); try again shortly"
         started = time.perf_counter()
-        await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
+        await error_response(503, message, {"Retry-After": str(retry_after_s), "Connection": "close"})(scope, receive,
+                                                                                                      send)
         metrics.requests.labels(path_label(scope), "503").inc()
         metrics.latency.labels(path_label(scope)).observe(time.perf_counter() - started)  # its count = the requests
         log.info("%s %s 503 error: %s", scope["method"], printable_name(scope["path"]), message)
@@ -481,7 +482,7 @@ def over_the_limit_in_json(app, limit: int, connections: set, tasks: set, metric
     return app_within_limit
 
 
-def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) -> type:
+def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0, retry_after_s: int = 1) -> type:
     """uvicorn's HTTP/1.1 protocol (h11), except for two answers uvicorn gives itself, before any app sees the
     request, in text/plain and without a reason: they are given like every other error, a JSON body naming the
     problem, one log line and a count in /metrics. A request it cannot parse (a garbage request line, a non-numeric
@@ -499,7 +500,8 @@ def json_errors_protocol(metrics: ServiceMetrics, head_timeout_s: float = 30.0) 
             super().__init__(*args, **kwargs)
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check, made in JSON instead
             if limit is not None:
-                self.app = over_the_limit_in_json(self.app, limit, self.connections, self.tasks, metrics)
+                self.app = over_the_limit_in_json(self.app, limit, self.connections, self.tasks, metrics,
+                                                  retry_after_s)
             self.head_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
@@ -648,8 +650,9 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
             log.info("serving on %s", service_url(host, sockets[0].getsockname()[1]))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
-                                http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s))
-        uvicorn.Server(config).run(sockets=sockets)
+                                http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s,
+                                                          app.state.settings.retry_after_s))
+        uvicorn.Server(config).run(sockets=sockets)  # a failed start (a warm-up that raised): SystemExit(3)
     except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C during the drain ends it quietly
         pass
     finally:
