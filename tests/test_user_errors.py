@@ -1157,6 +1157,15 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
         with pytest.raises(ValueError, match=r"got floats in 0..1: pass \(images \* 255\)"):
             method(pixels.float() / 255)
     assert torch.equal(predictor.predict_tensor(pixels.float()), predictor.predict_tensor(pixels))  # float 0..255
+    # torchvision's Normalize output and 16-bit frames were taken too: divided by 255 again (a nearly flat image),
+    # or cast to uint8 by an ONNX graph (300 -> 44), without a word (a helper's review, 2026-12-07)
+    normalised = (pixels.float() / 255 - 0.45) / 0.225
+    for method in (predictor.probabilities, predictor.logits, predictor.predict_tensor):
+        with pytest.raises(ValueError, match=r"got floats from -2\.\d\d to 2\.\d\d, normalised already: pass the "
+                                             r"0\.\.255 pixels"):
+            method(normalised)
+        with pytest.raises(ValueError, match=r"got integers from 0 to 65535: scale them to 0\.\.255"):
+            method(pixels.int() * 257)
     assert predictor.predict_tensor(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8)  # black is black in both scales
     assert load_ensemble(checkpoint, device="cpu", precision="fp32").predict(image).shape == (37, 53)
 
@@ -1210,6 +1219,11 @@ def test_a_deep_grey_pil_image_is_read_as_its_file_is(tmp_path, checkpoint):
         # The same pixels as an array: read as the file is (refused, though the message said H×W grey was taken)
         assert (as_uint8_rgb(array) == from_file).all(), name
     assert (as_uint8_rgb(grey.astype(np.uint16)) == read_image(tmp_path / "deep.tiff")).all()
+    # A dark 16-bit frame (every value under 256) stays dark, as its file does: a uint16 array must reach PIL as
+    # I;16, whose scale is known, not as I, whose scale is guessed from the values (257× too bright here)
+    dark = np.full((16, 20), 200, np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")  # a 16-bit PNG
+    assert read_image(tmp_path / "dark.png").max() == 1 and as_uint8_rgb(dark).max() == 1
 
 
 def test_the_working_size_bounds_datasets_at_16_million_pixels_and_the_service_at_16_working_squares():

@@ -125,9 +125,16 @@ def check_image_tensor(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected an N×3×H×W image tensor (uint8 or float 0..255), got {shape}")
-    if images.is_floating_point() and 0 < float(images.max()) <= 1:
+    low, high = float(images.min()), float(images.max())
+    if images.is_floating_point() and 0 < high <= 1:
         raise ValueError("expected pixels 0..255 (uint8 or float), got floats in 0..1: pass (images * 255), or the "
                          "uint8 image")
+    if images.is_floating_point() and low < -0.5 and high <= 8:  # torchvision's Normalize(mean, std): about -2.1..2.6
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.2f} to {high:.2f}, "
+                         "normalised already: pass the 0..255 pixels (the predictor normalises them)")
+    if not images.is_floating_point() and (low < 0 or high > 255):  # a 16-bit frame: divided by 255 as if 8-bit
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got integers from {low:.0f} to {high:.0f}: scale "
+                         "them to 0..255 (a 16-bit image: // 257)")
 
 
 def check_groups(groups: list[torch.Tensor]) -> None:
