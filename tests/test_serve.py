@@ -1493,6 +1493,8 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
           data.items.add(new File([new Uint8Array(20_000_001)], "huge.png", {type: "image/png"}));
           document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
         }""")
+        # said once the page has read the service's limit again (/classes, with each image)
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('huge.png')")
         assert re.fullmatch(r"huge.png: 20,000,001 bytes, 20,000,\d{3} with its upload form: over this service's "
                             r"limit of 20,000,000 bytes \(--max-bytes\)", page.text_content("#status"))
         # Just under the limit, over it with the form's lines: also said (it was sent, and answered 413 naming a size
@@ -1502,6 +1504,7 @@ def test_the_page_copes_with_drops_broken_answers_taps_and_tall_photos_in_a_real
           data.items.add(new File([new Uint8Array(19_999_950)], "edge.png", {type: "image/png"}));
           document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
         }""")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('edge.png')")
         assert page.text_content("#status").startswith("edge.png: 19,999,950 bytes, 20,000,")
         assert page.evaluate("document.body.dataset.answered") == "2" and page.is_hidden("#result")
         # The service restarted with a larger --max-bytes: the file was refused by the old limit (twice: the page
