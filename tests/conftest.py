@@ -56,6 +56,20 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(os.environ.pop(BUILT_ONCE), ignore_errors=True)
 
 
+# The session's minute-long builds (the trained model, its exports): the first worker to need one builds it while
+# another that needs it waits on its lock, idle. Within each file the tests that need them run after the others,
+# so a worker that would wait works meanwhile (test_user_errors' worker waited a minute on test_serve's build).
+BUILT_FIXTURES = frozenset({"trained_run", "exported"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], len(files))
+    items.sort(key=lambda item: (files[item.nodeid.split("::")[0]],
+                                 bool(BUILT_FIXTURES & set(getattr(item, "fixturenames", ())))))
+
+
 def built_once(name: str, build: Callable[[Path], None]) -> Path:
     """The folder `name`, built by `build` once per test run: the first worker to ask builds it while the others wait
     (a file lock), then all read it. Tests copy what they change. A failed build leaves nothing: the next asker
