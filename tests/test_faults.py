@@ -418,7 +418,7 @@ def test_data_workers_started_by_a_forkserver_run(tmp_path):
         "    def __len__(self): return 8\n"
         "    def __getitem__(self, i): return i\n"
         "if __name__ == '__main__':\n"
-        "    loader = DataLoader(Numbers(), batch_size=1, num_workers=2, worker_init_fn=worker_ignores_ctrl_c,\n"
+        "    loader = DataLoader(Numbers(), batch_size=1, num_workers=1, worker_init_fn=worker_ignores_ctrl_c,\n"
         "                        multiprocessing_context='forkserver')\n"
         "    print(sorted(int(batch) for batch in start_workers(loader)))\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
