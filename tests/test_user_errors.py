@@ -1606,6 +1606,27 @@ def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(d
     assert sorted(p.name for p in links.iterdir()) == ["last.pt"] and (links / "last.pt").is_symlink()
 
 
+def test_a_bad_mask_found_by_the_class_weights_leaves_no_run_folder(demo_root, ram_tmp):
+    """--class-weights sqrt-inv-freq reads every training mask before the first step: with --skip-data-check on the
+    simple data path a bad one was found there, after the run folder was made, and the empty folder was left (and
+    under torchrun each process printed the line; a helper's review, 2026-12-07)."""
+    import re
+    import shutil
+
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+    from resunet.train import train
+
+    data = ram_tmp / "data"
+    shutil.copytree(demo_root, data)
+    mask = open_dataset(data, "train").mask_paths[1]
+    mask.write_bytes(mask.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(mask))}: "):
+        train(tiny_config(data, ram_tmp / "run", epochs=1, skip_data_check=True, data_path="simple",
+                          class_weights="sqrt-inv-freq"))
+    assert not (ram_tmp / "run").exists()
+
+
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split, capsys):
     """With --skip-data-check a truncated val mask was found at the first evaluation: the epoch's training was lost,

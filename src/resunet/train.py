@@ -1004,7 +1004,17 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_weights = class_weights(train_set).to(device) if cfg.class_weights == "sqrt-inv-freq" else None
+    loss_weights = None
+    if cfg.class_weights == "sqrt-inv-freq":
+        # Every training mask read: with --skip-data-check on the simple data path, a bad one is found here first
+        with said_once(world, device, main_process):
+            try:
+                loss_weights = class_weights(train_set).to(device)
+            except SETUP_ERRORS:
+                if main_process and made_out:  # a refused run leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        out.rmdir()  # only if still empty
+                raise
     # The earlier run's files go only now that this one's data, model and class weights (every mask read) are ready
     if cfg.overwrite and main_process:
         for name in RUN_FILES:
