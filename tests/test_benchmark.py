@@ -194,6 +194,12 @@ def test_a_failed_onnx_section_keeps_every_other_figure(tmp_path, capsys, monkey
     table = capsys.readouterr().out
     assert "onnx: failed (OSError: [Errno 28] No space left on device)" in table
     assert "predictor_int8_vs_smp" in table and "predictor_onnx_fp32_vs_smp" not in table
+    # A full run where the INT8 target applies: its figure is missing because the section failed, not a quick run's
+    monkeypatch.setattr(benchmark.runtime, "cpu_kind", lambda: "no-bf16")
+    report = run_benchmark(argparse.Namespace(json=None, quick=False, device="cpu", compile=False))
+    int8 = next(t for t in report["targets"] if t["name"] == "predictor_int8_vs_smp")
+    assert int8["applies"] and int8["passed"] is None and int8["reason_not_judged"] == "not measured: its section failed"
+    assert "not measured (its section failed)" in capsys.readouterr().out
 
 
 def test_peak_memory_is_the_benchmarks_own_not_its_launchers():

@@ -425,6 +425,24 @@ def test_data_workers_started_by_a_forkserver_run(tmp_path):
     assert result.returncode == 0 and result.stdout == f"{list(range(8))}\n", result.stderr[-2000:]
 
 
+def test_a_zombie_is_not_alive():
+    """A trainer killed between a worker's fork and its death signal's setup, under a parent that has not reaped it
+    (torchrun polls): kill(pid, 0) succeeds on the zombie, and the worker took it for alive and lived on."""
+    from resunet.data.dataset import process_alive
+
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while "\nState:\tZ" not in Path(f"/proc/{child}/status").read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not process_alive(child) and process_alive(os.getpid())
+    finally:
+        os.waitpid(child, 0)
+    assert not process_alive(child)
+
+
 def test_data_workers_die_with_a_killed_main_process(tmp_path):
     """A trainer killed with -9 (or by the OOM killer) while evaluation's workers held whole images left them for
     ever: PyTorch's watchdog ends a worker's loop, but the worker then waits to hand its last batches to a pipe nobody

@@ -1419,6 +1419,14 @@ def test_the_page_keeps_up_with_a_hurried_user_in_a_real_browser(live_server, tm
         }""", list(small))
         wait_count(page, "segmented", 4)
         assert page.text_content("#status") == "IMG_0001.png: done (one of 2 files: one image at a time)"
+        # An iPhone's HEIC with its sidecar: the photo is the one answered (what to do with a HEIC), not the sidecar
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.items.add(new File([new Uint8Array(12)], "IMG_0002.AAE"));
+          data.items.add(new File([new Uint8Array(12)], "IMG_0002.HEIC", {type: "image/heic"}));
+          document.querySelector("#drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }""")
+        assert page.text_content("#status").startswith("IMG_0002.HEIC: a HEIC/HEIF photo, which this service does not")
         # A long file name wraps instead of widening the page; a photo the browser cannot draw is said to be so.
         long_name = "x" * 190 + ".png"
         page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(b"not an image"), "name": long_name})

@@ -1166,6 +1166,8 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
             method(normalised)
         with pytest.raises(ValueError, match=r"got integers from 0 to 65535: scale them to 0\.\.255"):
             method(pixels.int() * 257)
+    dark = pixels.float() * 0.03 - 0.6  # a dark 0..255 frame resized bicubic: it dips under 0, and is taken
+    assert predictor.predict_tensor(dark).shape == (1, *pixels.shape[2:])
     assert predictor.predict_tensor(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8)  # black is black in both scales
     assert load_ensemble(checkpoint, device="cpu", precision="fp32").predict(image).shape == (37, 53)
 

@@ -673,9 +673,11 @@ def judge_targets(kind: str, device: torch.device, ratios: dict, mfu: float | No
 
     def add(name: str, value: float | None, threshold: float | None, applies: bool, note: str) -> None:
         judged = applies and not quick and value is not None
+        # a full run's figure missing: its section failed (the ONNX rows), not a quick run
+        unmeasured = None if quick else "not measured: its section failed"
         rows.append({"name": name, "value": value, "threshold": threshold, "applies": applies, "note": note,
                      "passed": (value >= threshold) if judged else None,
-                     "reason_not_judged": None if judged else (why_not if applies else note)})
+                     "reason_not_judged": None if judged else (why_not or unmeasured if applies else note)})
 
     if device.type == "cpu":
         speed_note = f"CPU kind {kind}" if speed else f"CPU kind {kind}: no speed target"
@@ -780,7 +782,8 @@ def format_report(report: dict) -> str:
             shown = f"{value:.2f}×" if value is not None else "n/a"
         threshold = f"≥ {_threshold(target)}" if target["threshold"] is not None else "none"
         if target["passed"] is None:
-            verdict = "n/a" if not target["applies"] else "not judged (quick)"
+            verdict = ("n/a" if not target["applies"] else "not judged (quick)" if quick
+                       else "not measured (its section failed)")
         else:
             verdict = "PASS" if target["passed"] else "FAIL"
         lines.append(f"  {target['name']:<24}{shown:>10}   target {threshold:<8} {verdict}"

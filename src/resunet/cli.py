@@ -404,7 +404,8 @@ def cmd_predict(args) -> int:
             status = file.stat()
         except OSError:
             return None
-        return status.st_dev, status.st_ino
+        # 0: no identity (some network shares and virtual drives give every file 0)
+        return (status.st_dev, status.st_ino) if status.st_ino else None
 
     def owner_of(file: Path) -> Path | None:
         """The input whose result `file` is in this run: by its path, or by the file itself."""

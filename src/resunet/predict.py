@@ -129,7 +129,8 @@ def check_image_tensor(images: torch.Tensor) -> None:
     if images.is_floating_point() and 0 < high <= 1:
         raise ValueError("expected pixels 0..255 (uint8 or float), got floats in 0..1: pass (images * 255), or the "
                          "uint8 image")
-    if images.is_floating_point() and low < -0.5 and high <= 8:  # torchvision's Normalize(mean, std): about -2.1..2.6
+    # torchvision's Normalize(mean, std): about -2.1..2.6 (a dark 0..255 frame resized bicubic dips to about -0.6)
+    if images.is_floating_point() and low < -1 and high <= 8:
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.2f} to {high:.2f}, "
                          "normalised already: pass the 0..255 pixels (the predictor normalises them)")
     if not images.is_floating_point() and (low < 0 or high > 255):  # a 16-bit frame: divided by 255 as if 8-bit

@@ -62,13 +62,17 @@ def die_with_parent() -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (ended, not yet reaped: a trainer killed under a parent that polls) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # another user's process: alive
         return True
-    return True
+    try:  # "pid (name) state ...": the name may hold spaces and brackets
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): alive, as kill said
+        return True
 
 
 WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}

@@ -130,10 +130,12 @@ def _fetch_to_part(url: str, part: Path, desc: str, progress: bool) -> None:
             # A plain 200: a server without ranges sends the whole file, longer than the part; a proxy's or mirror's
             # page sent in its place truncated the part (hours of a slow line) before its md5 failed and it went too.
             kind = response.headers.get_content_type()
-            if kind == "text/html" or (length is not None and int(length) <= offset):
+            if kind == "text/html":
                 what = f"{kind}, {int(length):,} bytes" if length is not None else kind
                 raise _network_error(url, part, f"asked to go on from byte {offset:,}, the server sent something "
                                                 f"else ({what}: a proxy's or login page?)")
+            if length is not None and int(length) == offset:  # the part is whole (stopped during its md5): it decides
+                return
         if not resumed:
             offset = 0  # server ignored the Range (plain 200): start over
         expected = offset + int(length) if length is not None else None

@@ -428,7 +428,8 @@ document.addEventListener("drop", (event) => {
   // The first picture among the files: a photo copied with its sidecar (IMG_0001.AAE, sorted before IMG_0001.JPG)
   // had the sidecar sent, refused, and the photo beside it left untried.
   const files = [...event.dataTransfer.files];
-  segment(files.find((file) => file.type.startsWith("image/") && !isHeif(file)) || files[0], files.length);
+  segment(files.find((file) => file.type.startsWith("image/") && !isHeif(file)) || files.find(isHeif) || files[0],
+    files.length);
 });
 document.addEventListener("paste", (event) => {
   const item = [...(event.clipboardData?.items || [])].find((entry) => entry.type.startsWith("image/"));
