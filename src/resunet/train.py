@@ -990,31 +990,31 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
     # Under torchrun each machine's first process builds the decoded cache, then the others open it: all of them
     # building at once decoded the split once per process, into as many copies (a full disk where one fits).
     # Two turns for every process whatever its data path (each decides it from its own disk: they may differ).
+    @contextlib.contextmanager
+    def refused_leaves_nothing() -> Iterator[None]:
+        """A setup step after the run folder was made: refused, the run leaves nothing (the folder, if still empty)."""
+        try:
+            yield
+        except SETUP_ERRORS:
+            if main_process and made_out:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if still empty
+            raise
+
     builds = data_path != "cached" or local_rank == 0
     for turn in (1, 2) if world > 1 else (1,):
-        with said_once(world, device, main_process):
-            try:  # the cache build reads every image: with --skip-data-check, a bad one is found here
-                if builds == (turn == 1):
-                    loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
-            except SETUP_ERRORS:
-                if main_process and made_out:  # a refused run leaves nothing behind
-                    with contextlib.suppress(OSError):
-                        out.rmdir()  # only if still empty
-                raise
+        # the cache build reads every image: with --skip-data-check, a bad one is found here
+        with said_once(world, device, main_process), refused_leaves_nothing():
+            if builds == (turn == 1):
+                loader, data_path = make_train_loader(cfg, train_set, mean, std, device, rank, world, data_path)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_weights = None
     if cfg.class_weights == "sqrt-inv-freq":
         # Every training mask read: with --skip-data-check on the simple data path, a bad one is found here first
-        with said_once(world, device, main_process):
-            try:
-                loss_weights = class_weights(train_set).to(device)
-            except SETUP_ERRORS:
-                if main_process and made_out:  # a refused run leaves nothing behind
-                    with contextlib.suppress(OSError):
-                        out.rmdir()  # only if still empty
-                raise
+        with said_once(world, device, main_process), refused_leaves_nothing():
+            loss_weights = class_weights(train_set).to(device)
     # The earlier run's files go only now that this one's data, model and class weights (every mask read) are ready
     if cfg.overwrite and main_process:
         for name in RUN_FILES:
