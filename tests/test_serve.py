@@ -1116,6 +1116,31 @@ def test_sigterm_with_images_still_queued_at_the_drain_timeout_logs_no_traceback
     assert log.count("POST /predict 503") == 2, log
 
 
+def test_a_few_bytes_then_silence_is_a_stall_whichever_deadline_comes_first():
+    """3 bytes that came 5 ms after the body's clock started: the rate's deadline (3 bytes at 4 KiB/s past the
+    first 0.2 s) fell 4 ms before the silence's, and the 408 said "too slow" where the client had stalled (CI's run
+    of the test below read it so, 2026-12-07)."""
+    from resunet.serve.codec import BodyClock, RequestError
+
+    async def upload():
+        clock = BodyClock(0.2)
+
+        async def chunks():
+            await asyncio.sleep(0.005)
+            yield b"abc"
+            await asyncio.sleep(10)
+            yield b"never"
+
+        stream = chunks()
+        assert await clock.next_chunk(stream) == b"abc"
+        with pytest.raises(RequestError) as refused:
+            await clock.next_chunk(stream)
+        await stream.aclose()
+        return str(refused.value)
+
+    assert asyncio.run(upload()).endswith("the upload stalled: no byte for 0.2 s after 3 bytes")
+
+
 def test_stalled_uploads_get_408_and_cannot_take_every_connection(checkpoint):
     """A client that declares a body and stops sending held its connection for ever; 320 of them made the service
     stop answering (and then log a traceback per accept). Now each gets 408 after --body-timeout, and at
