@@ -183,14 +183,14 @@ def test_a_signal_during_the_last_saves_completes_the_run_reports_it_and_leaves_
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_signal)
     run = ram_tmp / "run"
-    result = train(tiny_config(demo_root, run, epochs=1, calibrate=True, **SMALL))
+    result = train(tiny_config(demo_root, run, epochs=1, calibrate=True, max_pixels=5_000_000, **SMALL))
     assert result["stopped_by"] is None and result["stop_requested"] == "SIGTERM"
     assert load_checkpoint(run / "last.pt", tensors=False)["epoch"] == 1 and len(records(run)) == 1
     assert "temperature" not in load_checkpoint(run / "best.pt", tensors=False)
     out = capsys.readouterr().out
     assert "done: epochs 1..1" in out
     assert (f"SIGTERM: --calibrate left out; resunet calibrate {run / 'best.pt'} --data-root {demo_root} "
-            "--split val does it") in out
+            "--split val --max-pixels 5000000 does it") in out  # the val images training took, taken again
 
 
 @pytest.mark.parametrize("result,status", [({"stopped_by": None, "stop_requested": "SIGINT"}, 130),

@@ -1402,8 +1402,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
     if curves_behind:  # the run ended or stopped since the last drawing
         draw_curves(records, out)
     if main_process and late_stop is not None and cfg.calibrate:  # the run is whole; the signal asked to stop
+        pixels = f" --max-pixels {cfg.max_pixels}" if cfg.max_pixels != DEFAULT_MAX_PIXELS else ""  # as trained
         print(f"{late_stop}: --calibrate left out; resunet calibrate {out / 'best.pt'} --data-root {cfg.data_root} "
-              f"--split {cfg.val_split} does it", flush=True)
+              f"--split {cfg.val_split}{pixels} does it", flush=True)
     if main_process and stopped_by is None and late_stop is None and cfg.calibrate:
         best = out / "best.pt"
         fitted = calibrate(best, val_set, Predictor.from_checkpoint(best, cfg.device, cfg.precision))
