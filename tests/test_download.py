@@ -335,7 +335,8 @@ def test_a_page_sent_in_answer_to_a_resume_keeps_the_partial_file(big_file, serv
     assert server.bytes_sent[-1] == total - 100_000
 
 
-def test_a_whole_part_from_a_server_that_ignores_ranges_is_checked_not_refused(big_file, server, tmp_path: Path) -> None:
+def test_a_whole_part_from_a_server_that_ignores_ranges_is_checked_not_refused(big_file, server,
+                                                                               tmp_path: Path) -> None:
     # Stopped during its md5 (or a whole copy put there by hand): a server that ignores Range answers 200 with the
     # part's own length. Refused as "something else" on every run, the download never finished (a review of this
     # session's change, 2026-12-07); the md5 decides, as after a 416.

@@ -432,7 +432,7 @@ def cmd_predict(args) -> int:
             real = {o: Path(os.path.realpath(o)) for o in outputs.values()}
             clash = next((o for o in outputs.values() if real[o] in inputs or owner_of(o) is not None), None)
             if clash is not None:  # never write over an input image or another input's result
-                owner = f"{owner_of(clash)}'s result" if owner_of(clash) is not None else "an input image"
+                owner = f"{earlier}'s result" if (earlier := owner_of(clash)) is not None else "an input image"
                 tqdm.write(f"resunet predict: {path}: not predicted, its output {clash} would overwrite {owner}; give "
                            "another --out or rename the file", file=sys.stderr)
                 failed += 1

@@ -251,10 +251,11 @@ def build_cache(dataset: PairedDataset, size: int, cache_dir: Path | None = None
 
 
 def remove_abandoned_builds(parent: Path, own: Path | None = None) -> list[tuple[Path, int]]:
-    """Remove the half-built caches (KEY.tmpPID-RANDOM, other than `own`) whose build was killed where it could not clean up (SIGKILL, an
-    out-of-memory kill, a SIGTERM before training's handler): each held a whole cache's reserved blocks, and each
-    retry left another. A build holds its folder's lock while it runs (on any host sharing the folder); a folder
-    without the lock file (made before it, or its first instant) is left while its process id lives here."""
+    """Remove the half-built caches (KEY.tmpPID-RANDOM, other than `own`) whose build was killed where it could
+    not clean up (SIGKILL, an out-of-memory kill, a SIGTERM before training's handler): each held a whole cache's
+    reserved blocks, and each retry left another. A build holds its folder's lock while it runs (on any host sharing
+    the folder); a folder without the lock file (made before it, or its first instant) is left while its process id
+    lives here."""
     removed = []
     try:
         builds = [(path, int(match["pid"])) for path in parent.iterdir() if (match := BUILD_NAME.fullmatch(path.name))]
