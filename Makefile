@@ -51,10 +51,11 @@ $(CHROMIUM):
 
 # Two pytest-xdist workers, one file each at a time (a file's fixtures are built once): on two cores the suite takes
 # about two thirds of the time of one process, much of which waits on subprocesses' imports, servers and browsers.
-# The trained model and its exports are built once for both (tests/conftest.py). TEST_WORKERS=0: one process.
+# The trained model and its exports are built once for both, and files are handed out longest first
+# (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install-dev $(CHROMIUM)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 benchmark: install-dev
 	$(RESUNET) benchmark --json benchmarks/latest.json

@@ -56,18 +56,37 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(os.environ.pop(BUILT_ONCE), ignore_errors=True)
 
 
-# The session's minute-long builds (the trained model, its exports): the first worker to need one builds it while
-# another that needs it waits on its lock, idle. Within each file the tests that need them run after the others,
-# so a worker that would wait works meanwhile (test_user_errors' worker waited a minute on test_serve's build).
-BUILT_FIXTURES = frozenset({"trained_run", "exported"})
+# The session's minute-long builds (the trained model, then its exports, which need it): the first worker to need one
+# builds it while another that needs it waits on its lock, idle. Within each file the tests that need them run after
+# the others, those needing the exports last, so a worker that would wait works meanwhile (test_user_errors' worker
+# waited a minute on test_serve's build of the model, then half a minute on its exports).
+BUILT_FIXTURES = ("trained_run", "exported")
+
+# The files that take longest, longest first (worker-seconds in a run of 2026-12-07 on the AMD EPYC Zen 4): with
+# `--no-loadscope-reorder` xdist hands files out in this order, the rest after them in their usual order, so the last
+# files handed out are short and both workers finish together. xdist's own order, by test count, handed out
+# test_distributed (7 tests, 100 s) near the end, and one worker idled while the other finished it.
+# test_serve goes first: it builds the trained model at once, while the other worker runs tests that need none.
+LONGEST_FILES = ("test_serve.py", "test_user_errors.py", "test_export.py", "test_train.py", "test_distributed.py",
+                 "test_faults.py", "test_predict.py", "test_cli.py", "test_benchmark.py", "test_calibration.py",
+                 "test_bad_inputs.py", "test_evaluate.py", "test_ablate.py", "test_download.py", "test_runtime.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     files: dict[str, int] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::")[0], len(files))
-    items.sort(key=lambda item: (files[item.nodeid.split("::")[0]],
-                                 bool(BUILT_FIXTURES & set(getattr(item, "fixturenames", ())))))
+
+    def file_rank(nodeid: str) -> tuple[int, int]:
+        path = nodeid.split("::")[0]
+        name = path.rsplit("/", 1)[-1]
+        return (LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)), files[path]
+
+    def built_rank(item) -> int:
+        needs = set(getattr(item, "fixturenames", ()))
+        return max((rank + 1 for rank, name in enumerate(BUILT_FIXTURES) if name in needs), default=0)
+
+    items.sort(key=lambda item: (file_rank(item.nodeid), built_rank(item)))
 
 
 def built_once(name: str, build: Callable[[Path], None]) -> Path:

@@ -32,19 +32,19 @@ if os.environ.get("RESUNET_TEST_BUILDS"):  # each decoded-cache build, by proces
 """
 
 
-def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path):
-    run = tmp_path / "ddp"
+def test_torchrun_two_processes_match_one_process_evaluation(demo_root, ram_tmp):
+    run = ram_tmp / "ddp"  # in RAM, as the other training tests: each run fsyncs some 400 MB of checkpoints
     # Each process built the whole decoded cache at once (one copy each, the last renames dropped): now the first
     # process of the machine builds it and the other opens it (review, 2026-12-06).
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(BUILD_COUNTER)
-    builds = tmp_path / "builds.txt"
+    (ram_tmp / "hook").mkdir()
+    (ram_tmp / "hook" / "sitecustomize.py").write_text(BUILD_COUNTER)
+    builds = ram_tmp / "builds.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESUNET_TEST_BUILDS": str(builds),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ram_tmp / "hook"), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(run), "--epochs", "2",
                "--batch-size", "4", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
-               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18", "--lr", "1e-3"]
+               "--cache-dir", str(ram_tmp / "cache"), "--no-progress", "--encoder", "resnet18", "--lr", "1e-3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
@@ -67,8 +67,8 @@ def test_torchrun_two_processes_match_one_process_evaluation(demo_root, tmp_path
 
     # A checkpoint saved inside an epoch by another process count: every process refused it, each in its own line.
     payload["position"] = {"epoch": 3, "step": 1, "loss_sums": [0.0]}
-    save_checkpoint(payload, tmp_path / "one.pt")
-    resume = [*command[:command.index("train") + 1], "--resume", str(tmp_path / "one.pt"), "--epochs", "3"]
+    save_checkpoint(payload, ram_tmp / "one.pt")
+    resume = [*command[:command.index("train") + 1], "--resume", str(ram_tmp / "one.pt"), "--epochs", "3"]
     result = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert result.stderr.count("resunet train: error: ") == 1, result.stderr[-3000:]
@@ -149,17 +149,17 @@ def test_a_setup_error_on_another_process_alone_is_printed_by_that_process(monke
 
 
 @pytest.mark.parametrize("processes", [2, 1])
-def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, tmp_path, processes):
+def test_ctrl_c_to_a_torchrun_job_saves_its_position(demo_root, ram_tmp, processes):
     """Ctrl-C reaches the whole process group, and torchrun passes the same SIGINT on to its processes a moment
     later: taken as a second signal ("stop at once"), it stopped them without the save (4 runs in 6). Here a third
     copy comes 50 ms later, after the first has been handled, as torchrun's does when its processes are busy. One
     process under torchrun gets the copies too (it had no window for them: a helper's review, 2026-12-07)."""
-    run, log_path = tmp_path / "ddp", tmp_path / "ddp.log"
+    run, log_path = ram_tmp / "ddp", ram_tmp / "ddp.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "resunet", "train", "--data-root", str(demo_root), "--out", str(run), "--epochs", "3",
                "--batch-size", "2", "--size", "64", "--no-pretrained", "--workers", "0", "--precision", "fp32",
-               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--encoder", "resnet18"]
+               "--cache-dir", str(ram_tmp / "cache"), "--no-progress", "--encoder", "resnet18"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

@@ -409,9 +409,10 @@ def test_a_refused_int8_export_leaves_an_earlier_pair_together(exported, trained
     monkeypatch.setattr(export, "write_model_onnx",
                         lambda network, path, *args: shutil.copy(exported["dir"] / "model.onnx", path))
     out, fp32 = tmp_path / "prod.onnx", tmp_path / "prod.fp32.onnx"
-    run_export(str(trained_run / "best.pt"), str(out), int8=True, calibration=str(demo_root), calibration_count=4,
-               workers=0)
-    pair = {path: path.read_bytes() for path in (out, fp32)}
+    # The earlier INT8 export's pair: the export asks only whether its file is there, so two stand-ins do
+    pair = {out: b"the earlier INT8 file", fp32: b"its fp32 copy"}
+    for path, content in pair.items():
+        path.write_bytes(content)
     payload = load_checkpoint(trained_run / "best.pt")
     payload["temperature"] = 0.5  # another checkpoint: another hash
     save_checkpoint(payload, tmp_path / "v2.pt")

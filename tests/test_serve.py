@@ -1019,27 +1019,10 @@ def wait_for_in_flight(url: str, images: int) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint):
-    # A long batching wait keeps the request in flight when the signal arrives.
-    process, url = start_server(checkpoint, "--max-wait-ms", "3000")
-    data = encoded(scene(40, 50, 11))
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=data, timeout=60)))
-    thread.start()
-    wait_for_in_flight(url, 1)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-        httpx.get(url + "/healthz", timeout=2)
-    thread.join(60)
-    assert result["r"].status_code == 200 and mask_of(result["r"].content).shape == (40, 50)
-    assert process.wait(60) == 0
-    log = process.stdout.read()
-    assert "Traceback" not in log and "POST /predict 200" in log
-
-
-def test_a_request_whose_client_hung_up_is_dropped_from_the_queue_not_computed(checkpoint):
-    # A long batching wait keeps the image queued while its client gives up.
+def test_a_client_that_hung_up_is_dropped_unqueued_and_sigterm_finishes_the_request_in_flight(checkpoint):
+    """One service (a start is seconds of the suite), two scenarios. A long batching wait keeps an image queued while
+    its client gives up: it is dropped, not computed. Then it keeps a request in flight when SIGTERM arrives: it is
+    answered, and the service exits 0."""
     process, url = start_server(checkpoint, "--max-wait-ms", "3000")
     try:
         with pytest.raises(httpx.TimeoutException):
@@ -1053,10 +1036,26 @@ def test_a_request_whose_client_hung_up_is_dropped_from_the_queue_not_computed(c
         assert value('resunet_requests_total{path="/predict",status="499"}') == 1
         assert value("resunet_images_in_flight") == 0
         assert httpx.post(url + "/predict", content=encoded(scene(40, 50, 3)), timeout=60).status_code == 200
+
+        data = encoded(scene(40, 50, 11))
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=data,
+                                                                            timeout=60)))
+        thread.start()
+        wait_for_in_flight(url, 1)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(url + "/healthz", timeout=2)
+        thread.join(60)
+        assert result["r"].status_code == 200 and mask_of(result["r"].content).shape == (40, 50)
+        assert process.wait(60) == 0
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         log = process.communicate(timeout=60)[0]
     assert "POST /predict 499" in log and "error: client disconnected" in log and "Traceback" not in log
+    assert log.count("POST /predict 200") == 2, log  # the one after the hang-up, and the one in flight
 
 
 def test_sigterm_does_not_wait_for_ever_on_a_client_stalled_mid_upload(checkpoint):

@@ -1629,8 +1629,29 @@ def test_a_bad_mask_found_by_the_class_weights_leaves_no_run_folder(demo_root, r
     assert not (ram_tmp / "run").exists()
 
 
+# The unreadable-file tests' runs: two epochs on the simple data path, its files read by a loader worker
+UNREADABLE_RUN = dict(epochs=2, skip_data_check=True, workers=1, data_path="simple")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_records(demo_root) -> list[dict]:
+    """metrics.jsonl of the run the unreadable-file tests resume, had it never stopped: trained once for both."""
+    import shutil
+
+    from conftest import ram_dir
+    from resunet.train import train
+
+    folder = ram_dir("uninterrupted")
+    try:
+        train(tiny_config(demo_root, folder / "run", **UNREADABLE_RUN, cache_dir=str(folder / "cache")))
+        return [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.parametrize("split", ["val", "train"])
-def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split, capsys):
+def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_root, ram_tmp, split, capsys,
+                                                                          uninterrupted_records):
     """With --skip-data-check a truncated val mask was found at the first evaluation: the epoch's training was lost,
     no checkpoint saved and an empty run folder left (a helper, 2026-12-06); a train mask, on the streamed data
     path, lost the steps before it. They are saved (the val case as the epoch's last step); mended, the resumed run
@@ -1650,7 +1671,7 @@ def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_r
     whole = mask.read_bytes()
     mask.write_bytes(whole[:len(whole) // 2])
     run = ram_tmp / "run"
-    config = dict(epochs=2, skip_data_check=True, cache_dir=str(ram_tmp / "cache"), workers=1, data_path="simple")
+    config = dict(UNREADABLE_RUN, cache_dir=str(ram_tmp / "cache"))
     kept = "epoch 1's training is" if split == "val" else r"the (\d+) step\(s\) of epoch 1 before it are"
     with pytest.raises(DataError, match=rf"^{re.escape(str(mask))}: [^\n]*; {kept} saved: mend the file \(or remove "
                                         rf"the image and its mask, and its line in a VOC split list\), then resunet "
@@ -1663,11 +1684,9 @@ def test_a_file_found_unreadable_while_training_keeps_the_steps_before_it(demo_r
     capsys.readouterr()
     train(tiny_config(data, run, **config, resume=str(run / "last.pt")))
     assert "best val mIoU so far" not in capsys.readouterr().out  # none was measured (the data did change)
-    train(tiny_config(data, ram_tmp / "whole", **config))
-    resumed, uninterrupted = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-                              for folder in (run, ram_tmp / "whole"))
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in resumed] == [1, 2]
-    for a, b in zip(resumed, uninterrupted):
+    for a, b in zip(resumed, uninterrupted_records):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_miou"] == pytest.approx(b["val_miou"], rel=1e-5)
 
