@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,66 @@ def test_worst_images_with_json_to_a_descriptor_write_one_document(trained_run, 
     finally:
         os.close(descriptor)
     assert len(json.loads(report.read_text())["worst"]) == 1
+
+
+def test_many_worst_images_go_on_several_sheets_listed_before_any_is_drawn(trained_run, demo_root, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`--worst 300` (VOC val) made one sheet 870 inches tall: matplotlib refuses a picture 2^16 pixels high, so the
+    whole evaluation ended in a traceback, and worst.json and a --json stream (both written after the sheet) were
+    lost with it (a helper's review, 2026-12-07). Rows go on sheets of WORST_PER_SHEET (3 here), and the lists are
+    written before any sheet is drawn."""
+    import resunet.evaluate as evaluate
+    import resunet.visualize as visualize
+
+    monkeypatch.setattr(evaluate, "WORST_PER_SHEET", 3)
+    drawn, plot_worst = [], visualize.plot_worst
+
+    def drawing(rows, info, path):
+        assert (tmp_path / "worst" / "worst.json").exists() and (tmp_path / "e.json").exists()
+        drawn.append((Path(path).name, len(rows)))
+        plot_worst(rows, info, path)
+    monkeypatch.setattr(visualize, "plot_worst", drawing)
+    result = run_evaluate(str(trained_run / "best.pt"), str(demo_root), workers=0, worst=7, precision="fp32",
+                          worst_out=str(tmp_path / "worst"), json_out=str(tmp_path / "e.json"))
+    assert drawn == [("worst.png", 3), ("worst-2.png", 3), ("worst-3.png", 1)]
+    listed = json.loads((tmp_path / "worst" / "worst.json").read_text())
+    assert listed == result["worst"] == json.loads((tmp_path / "e.json").read_text())["worst"]
+    assert [r["sheet"] for r in listed] == ["worst.png"] * 3 + ["worst-2.png"] * 3 + ["worst-3.png"]
+    heights = [Image.open(tmp_path / "worst" / name).size[1] for name, _ in drawn]
+    assert heights[0] == heights[1] > heights[2]  # three rows, three rows, one
+    assert "lowest mIoU to " + str(tmp_path / "worst" / "worst.png") + " to worst-3.png" in capsys.readouterr().out
+
+    def failing(rows, info, path):
+        raise OSError(f"{path}: No space left on device")
+    monkeypatch.setattr(visualize, "plot_worst", failing)
+    (tmp_path / "worst" / "worst.json").unlink()
+    with pytest.raises(OSError, match="No space left"):
+        run_evaluate(str(trained_run / "best.pt"), str(demo_root), workers=0, worst=4, precision="fp32",
+                     worst_out=str(tmp_path / "worst"), json_out=str(tmp_path / "e2.json"))
+    assert len(json.loads((tmp_path / "e2.json").read_text())["worst"]) == 4
+    assert len(json.loads((tmp_path / "worst" / "worst.json").read_text())) == 4
+
+
+def test_the_worst_sheet_keeps_thumbnails_whose_masks_are_sampled_on_one_grid():
+    """A row kept three 12-megapixel pictures whole until its sheet was drawn (GBs for --worst 30 of photos)."""
+    from resunet.visualize import thumbnails
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (1200, 1800, 3), dtype=np.uint8)
+    target = np.zeros((1200, 1800), np.uint8)
+    target[:, 900:] = 2  # left half class 0, right half class 2
+    target[600:, :] = 255  # the bottom half ignored
+    prediction = np.ones_like(target)
+    prediction[:, :450] = 2
+    small_image, small_target, small_prediction = thumbnails(image, target, prediction, 640)
+    assert small_image.shape == (427, 640, 3) and small_target.shape == small_prediction.shape == (427, 640)
+    assert (small_target[:213, :320] == 0).all() and (small_target[:213, 320:] == 2).all()
+    assert (small_target[214:] == 255).all()
+    assert (small_prediction[:, :160] == 2).all() and (small_prediction[:, 160:] == 1).all()
+    assert abs(float(small_image.mean()) - float(image.mean())) < 1  # an area average, not a sample
+    assert small_image.std() < image.std() / 2
+    same = thumbnails(image[:64, :48], target[:64, :48], prediction[:64, :48], 640)
+    assert same[0] is not None and all(a.shape == b.shape for a, b in zip(same, (image[:64, :48], target[:64, :48])))
 
 
 def test_run_evaluate_refuses_worst_without_a_folder_and_a_folder_without_worst(tmp_path, monkeypatch):

@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(PNG)")
     p.add_argument("--worst", type=_positive_int, default=0, metavar="K",
                    help="also draw the K images with the lowest own mIoU: image / ground truth / prediction / errors "
-                        "(to --out DIR/worst.png, listed in worst.json)")
+                        "(to --out DIR/worst.png, 25 a sheet: then worst-2.png, ...; listed in worst.json)")
     p.add_argument("--out", help="folder for --worst")
     p.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="MODEL",
                    help="more .pt checkpoints or .onnx logits files: the class probabilities of all are averaged")

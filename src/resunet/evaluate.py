@@ -143,14 +143,15 @@ def strict_json(value, indent: int | None = 1) -> str:
 
 
 def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: str | None, data_root: str,
-                  inputs: list = ()) -> None:
+                  inputs: list = (), worst: int = 1) -> None:
     """Refuse, before evaluating, outputs that could not be written or would be written over an input (the models,
     the dataset's files), into the dataset's folders, or over each other."""
     outputs = [("--json", json_out), ("--confusion", confusion_png)]
     if worst_out:
         check_folder_apart("--out", worst_out, data_locations(data_root)[0])
         check_output_folder("--out", worst_out)
-        outputs += [("--out", Path(worst_out) / "worst.png"), ("--out", Path(worst_out) / "worst.json")]
+        sheets = {worst_sheet_name(position) for position in range(0, worst, WORST_PER_SHEET)}
+        outputs += [("--out", Path(worst_out) / name) for name in (*sorted(sheets), "worst.json")]
     check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES}, data_root=data_root)
 
 
@@ -176,13 +177,14 @@ def run_evaluate(
 ) -> dict:
     """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table (IoU and
     boundary IoU), return the scores. `worst` > 0: also draw the `worst` images with the lowest own mIoU into
-    `worst_out`/worst.png (image, ground truth, prediction, errors) and list them in `worst_out`/worst.json.
+    `worst_out`/worst.png (image, ground truth, prediction, errors; past WORST_PER_SHEET rows on worst-2.png, ...)
+    and list them in `worst_out`/worst.json.
     `ensemble`: more model files whose probabilities are averaged with the first's."""
     if worst > 0 and not worst_out:  # the contact sheet went to the current folder, unchecked
         raise DataError(f"--worst {worst} needs --out DIR for its contact sheet")
     if worst_out and worst <= 0:
         raise DataError(f"--out {worst_out} is the folder for --worst K's contact sheet; give --worst too")
-    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root)  # before the work
+    check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root, worst=worst)  # before work
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: at least 1")
     predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
@@ -191,7 +193,7 @@ def run_evaluate(
     members = getattr(predictor, "members", None)  # an ensemble's own models
     dataset = open_dataset_for_model(data_root, split, info, max_pixels)
     check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root,
-                  inputs=[checkpoint, *ensemble, *dataset.image_paths, *dataset.mask_paths])
+                  inputs=[checkpoint, *ensemble, *dataset.image_paths, *dataset.mask_paths], worst=worst)
     boundary = BoundaryIoU(info.num_classes, info.ignore_index)
     per_image: list[tuple[int, float]] | None = [] if worst > 0 else None
     calibration = CalibrationError(info.ignore_index) if predictor.has_logits else None
@@ -224,30 +226,60 @@ def run_evaluate(
         plot_confusion(matrix.matrix, info, confusion_png, scores)
         print(f"wrote {confusion_png} (confusion matrix and per-class IoU)")
     if per_image:
-        result["worst"] = write_worst(predictor, dataset, per_image, worst, Path(worst_out))
+        rows, result["worst"] = worst_images(predictor, dataset, per_image, worst)
+        # Their list and the scores first: drawing is the step most likely to fail (a full disk, a font), and the
+        # whole evaluation is behind it.
+        out = Path(worst_out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_output(out / "worst.json", strict_json(result["worst"]))
         if json_out:
             write_output(json_out, strict_json(result))
+        draw_worst(rows, info, out)
     return result
 
 
-def write_worst(predictor: Predictor, dataset: PairedDataset, per_image: list[tuple[int, float]], count: int,
-                out: Path) -> list[dict]:
-    """The `count` images with the lowest own mIoU (NaN, nothing scored, last): a contact sheet and their list."""
-    from .visualize import plot_worst
+# Rows per contact sheet: matplotlib draws no picture 2^16 pixels high, which a single sheet of 226 rows (2.9 inches
+# each) reached: `--worst 300` on VOC val ended in a traceback after the whole evaluation. More go on worst-2.png...
+WORST_PER_SHEET = 25
+# Each row's pictures kept at most this many pixels a side (drawn ~260 wide): 12-megapixel photos held whole, with
+# their masks, took ~60 MB a row before matplotlib's own copies.
+WORST_THUMBNAIL = 640
+
+
+def worst_sheet_name(position: int) -> str:
+    """The contact sheet of the `position`-th worst image (from 0): worst.png, then worst-2.png, worst-3.png, ..."""
+    page = position // WORST_PER_SHEET + 1
+    return "worst.png" if page == 1 else f"worst-{page}.png"
+
+
+def worst_images(predictor: Predictor, dataset: PairedDataset, per_image: list[tuple[int, float]],
+                 count: int) -> tuple[list[dict], list[dict]]:
+    """The `count` images with the lowest own mIoU (NaN, nothing scored, last): their contact-sheet rows
+    (thumbnails) and their list (name, image file, scores, sheet)."""
+    from .visualize import thumbnails
 
     ranked = sorted(per_image, key=lambda item: (math.isnan(item[1]), item[1]))[:count]
     rows, listed = [], []
-    for index, miou in ranked:
+    for position, (index, miou) in enumerate(ranked):
         sample = dataset.load(index)
         prediction = predictor.predict(sample.image)
         valid = sample.mask != dataset.info.ignore_index
         accuracy = float((prediction[valid] == sample.mask[valid]).mean()) if valid.any() else math.nan
-        rows.append({"name": sample.name, "image": sample.image, "target": sample.mask, "prediction": prediction,
+        image, target, prediction = thumbnails(sample.image, sample.mask, prediction, WORST_THUMBNAIL)
+        rows.append({"name": sample.name, "image": image, "target": target, "prediction": prediction,
                      "miou": miou, "pixel_accuracy": accuracy})
         listed.append({"name": sample.name, "image": str(dataset.image_paths[index]), "miou": miou,
-                       "pixel_accuracy": accuracy})
-    out.mkdir(parents=True, exist_ok=True)
-    plot_worst(rows, dataset.info, out / "worst.png")
-    write_output(out / "worst.json", strict_json(listed))
-    print(f"wrote the {len(rows)} images with the lowest mIoU to {out / 'worst.png'} (list: {out / 'worst.json'})")
-    return listed
+                       "pixel_accuracy": accuracy, "sheet": worst_sheet_name(position)})
+    return rows, listed
+
+
+def draw_worst(rows: list[dict], info: ClassInfo, out: Path) -> None:
+    """The contact sheets of `rows` in `out`, WORST_PER_SHEET rows each."""
+    from .visualize import plot_worst
+
+    starts = range(0, len(rows), WORST_PER_SHEET)
+    sheets = [out / worst_sheet_name(start) for start in starts]
+    for start, sheet in zip(starts, sheets):
+        plot_worst(rows[start:start + WORST_PER_SHEET], info, sheet)
+    more = f" and {sheets[-1].name}" if len(sheets) == 2 else f" to {sheets[-1].name}" if len(sheets) > 2 else ""
+    print(f"wrote the {len(rows)} images with the lowest mIoU to {sheets[0]}{more} (list: {out / 'worst.json'})")

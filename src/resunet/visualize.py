@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.patches import Patch
+from PIL import Image
 
 from .data.classes import ClassInfo
 from .data.images import DEFAULT_MAX_PIXELS, DataError
@@ -133,6 +134,21 @@ def error_map(target: np.ndarray, prediction: np.ndarray, info: ClassInfo) -> np
     picture[prediction != target] = (230, 40, 40)
     picture[target == info.ignore_index] = (128, 128, 128)
     return picture
+
+
+def thumbnails(image: np.ndarray, target: np.ndarray, prediction: np.ndarray,
+               longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image, its mask and its prediction at most `longest` pixels a side, for a contact sheet's row: the masks
+    by nearest neighbour at one grid (their error map is the full-size one's, sampled), the image by area."""
+    height, width = target.shape
+    scale = longest / max(height, width)
+    if scale >= 1:
+        return image, target, prediction
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rows = ((np.arange(size[1]) + 0.5) * height / size[1]).astype(np.intp)
+    columns = ((np.arange(size[0]) + 0.5) * width / size[0]).astype(np.intp)
+    picture = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+    return picture, target[np.ix_(rows, columns)], prediction[np.ix_(rows, columns)]
 
 
 def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
