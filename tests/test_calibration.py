@@ -99,7 +99,8 @@ def test_the_fit_weighs_every_pixel_once_not_every_image():
     assert calibration.fit_temperature(logits, picked) < 0.9 * every_pixel  # image by image
 
 
-def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_run, demo_root, ram_tmp, capsys):
+def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_run, demo_root, ram_tmp, capsys,
+                                                                     monkeypatch):
     from resunet.cli import main
     from resunet.evaluate import run_evaluate
     from resunet.predict import Predictor
@@ -107,7 +108,17 @@ def test_calibrate_stores_the_temperature_and_predict_evaluate_use_it(trained_ru
     checkpoint = ram_tmp / "model.pt"
     shutil.copy(trained_run / "best.pt", checkpoint)
     before = Predictor.from_checkpoint(checkpoint, precision="fp32")
+    # Both passes go one image at a time: the ECE pass took evaluate's 8 (a helper's review, 2026-12-07)
+    batches, load = [], Predictor.from_checkpoint
+
+    def loading(*args, **kwargs):
+        predictor = load(*args, **kwargs)
+        predictor.model.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
+        return predictor
+    monkeypatch.setattr(Predictor, "from_checkpoint", loading)
     assert main(["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]) == 0
+    monkeypatch.undo()
+    assert batches == [1] * 16  # 8 val images, twice
     line = capsys.readouterr().out
     payload = load_checkpoint(checkpoint)
     temperature = payload["temperature"]

@@ -144,7 +144,9 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     temperature = fit_temperature(logits, labels, weights)
     predictor.temperature = temperature
     meter = CalibrationError(dataset.info.ignore_index)
-    evaluate_dataset(predictor, dataset, workers=0, progress=False, calibration=meter)  # `evaluate`'s own ECE
+    # `evaluate`'s own ECE, one image at a time as the fit's pass: at evaluate's 8 a GPU that had trained with
+    # --batch-size 2 could run out of memory at the very end of `train --calibrate`, the fit lost
+    evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
     after = meter.compute()
     result = {"temperature": temperature, "ece_before": before, "ece_after": after, "stored": after <= before,
               "stored_temperature": stored}
