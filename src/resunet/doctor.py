@@ -34,7 +34,9 @@ from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, 
 from .data.voc import check_voc_classes, find_voc_dir, split_names
 from .outputs import replace_text, save_figure, subplots, write_output
 
-REPORT_FORMAT = 9  # part of the cache key: a change in what the checks find must not reuse old reports
+# Part of the cache key: a change in what the checks find must not reuse old reports (10: 16-bit PGMs, compacted
+# palette masks, splits beside a root pool, datasets without a split to check)
+REPORT_FORMAT = 10
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3

@@ -38,8 +38,11 @@ from .transforms import augment_batch
 
 # 2: images planar (N×3×H×W), so the resize reads whole rows of one channel; 3: masks read since negative values in
 # 32-bit masks are refused (a format-2 cache may hold a -1 as 255, ignored, or a -2 as 254); 4: a 12-bit TIFF read
-# on its own scale (format 3 held it near black), a turned TIFF's canvas sized as it is shown
-CACHE_FORMAT = 4
+# on its own scale (format 3 held it near black), a turned TIFF's canvas sized as it is shown; 5: readers fixed since
+# (an 8-bit grey or palette TIFF stored turned was scrambled, a dark 16-bit PGM read 257x too bright, a palette mask
+# compacted by Pillow's GIF writer read its void as class m): a format-4 cache trained on the old pixels and labels
+# while evaluation read the files anew
+CACHE_FORMAT = 5
 CACHE_HEADROOM = 1.25
 CACHE_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's: a finished cache's folder (a build's is KEY.tmpPID-RANDOM)
 # The random part: two builders with one process id (PID 1 in two containers sharing a cache volume) removed each
