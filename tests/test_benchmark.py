@@ -213,10 +213,13 @@ def test_peak_memory_is_the_benchmarks_own_not_its_launchers():
 
     import numpy as np
 
-    # This launching process's peak at least 2 GiB (the suite's earlier tests have mostly taken it there already:
-    # writing a ballast costs seconds of page faults), the benchmark's own ~0.75 GiB (torch imported)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ballast = np.ones(max(0, 2**31 - peak), np.uint8)  # written, so resident
+    # This launching process's peak at least 2 GiB when the child starts, the benchmark's own ~0.75 GiB (torch
+    # imported). The ballast tops up what is resident now: an earlier peak the process has since come down from
+    # would not raise ru_maxrss past the bound, and the old reading would pass.
+    from resunet.benchmark import _current_rss_bytes
+
+    ballast = np.ones(max(0, 2**31 - _current_rss_bytes()), np.uint8)  # written, so resident
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= 2**31 - 2**26
     code = "from resunet.benchmark import _maxrss_bytes, _reset_rss_peak; _reset_rss_peak(); print(_maxrss_bytes())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     del ballast

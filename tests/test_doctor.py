@@ -641,6 +641,11 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_one_is_refused_on_a_bad_fi
     assert main([*args, "--data-root", str(bad), "--overwrite", "--skip-data-check"]) == 2
     assert "good_0.png" in capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").read_bytes() == kept
+    # On the streamed path the class weights' read of every mask finds it first: the old run still stands
+    assert main([*args, "--data-root", str(bad), "--overwrite", "--skip-data-check", "--data-path", "simple",
+                 "--class-weights", "sqrt-inv-freq"]) == 2
+    assert "good_0.png" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == kept
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl"}
 
 

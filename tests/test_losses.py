@@ -150,19 +150,30 @@ def test_each_loss_is_zero_with_a_zero_gradient_when_every_pixel_is_ignored(name
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", LOSSES)
-def test_each_loss_of_bf16_logits_is_the_float32_loss(name):
+def test_each_loss_of_half_precision_logits_is_the_float32_loss(name, dtype):
     """Found by a helper: the losses ran in the logits' precision, so a user's own bf16 loop got Lovász gradients from
     cumulative counts and IoUs rounded to 2^-8 (per pixel ~1/union: mostly 0, with spikes). The loss is float32."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 32, 32).bfloat16()
+    logits = torch.randn(2, 3, 32, 32).to(dtype)
     target = torch.randint(0, 3, (2, 32, 32))
     target[0, :4] = 255
     grads = []
     for x in (logits.float().requires_grad_(), logits.clone().requires_grad_()):
         SegmentationLoss(name, weight=torch.tensor([1.0, 2.0, 0.5]))(x, target).backward()
         grads.append(x.grad.float())
-    assert torch.equal(grads[1], grads[0].bfloat16().float())  # a bf16 leaf's gradient: the float32 one, rounded
+    assert torch.equal(grads[1], grads[0].to(dtype).float())  # a half leaf's gradient: the float32 one, rounded
+
+
+def test_cross_entropy_of_fp16_logits_over_65504_labelled_pixels_is_finite():
+    """In fp16 the mean's divisor, the labelled pixels' weight, overflows past 65,504 (one 256×256 crop)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 300, 300).half()
+    target = torch.randint(0, 3, (1, 300, 300))
+    loss = SegmentationLoss("ce", None, 255)(logits, target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(SegmentationLoss("ce", None, 255)(logits.float(), target).item(), rel=1e-6)
 
 
 def test_a_bad_keep_fraction_is_refused():

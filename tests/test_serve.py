@@ -560,20 +560,31 @@ def test_metrics_count_requests_latency_and_batches(client):
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_the_connection_limit_answer_asks_for_the_services_retry_after(checkpoint):
+def test_the_connection_limit_answer_asks_for_the_services_retry_after(checkpoint, monkeypatch):
     """Every 503 says ServeSettings.retry_after_s, but the one at --max-connections said 1: under the overload the
-    setting is for, those clients came back sooner than asked (a helper's review, 2026-12-07)."""
-    from resunet.serve.app import over_the_limit_in_json
+    setting is for, those clients came back sooner than asked (a helper's review, 2026-12-07). The protocol
+    run_server gives uvicorn, over its limit, answers with the setting."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from resunet.serve import run_server
 
     app = create_app(checkpoint, ServeSettings(retry_after_s=7))
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: configs.append(server.config) or [
+        listener.close() for listener in sockets])
+    run_server(app, port=0, max_connections=2)
     sent = []
 
     async def send(message):
         sent.append(message)
 
     async def refuse():
-        limited = over_the_limit_in_json(app, 2, {"a", "b"}, set(), app.state.metrics, app.state.settings.retry_after_s)
-        await limited({"type": "http", "method": "GET", "path": "/healthz", "headers": []}, None, send)
+        state = ServerState()
+        protocol = configs[0].http(config=configs[0], server_state=state, app_state={},
+                                   _loop=asyncio.get_running_loop())
+        state.connections.update({object(), object()})  # two open already
+        await protocol.app({"type": "http", "method": "GET", "path": "/healthz", "headers": []}, None, send)
 
     asyncio.run(refuse())
     assert sent[0]["status"] == 503 and (b"retry-after", b"7") in sent[0]["headers"]
