@@ -327,11 +327,20 @@ def test_evaluate_scores_calibration_band_by_band_never_the_batchs_whole_probabi
         mask = torch.from_numpy(np.array(Image.open(root / "val" / "masks" / f"{i}.png")).astype(np.int64))[None]
         meter.update(predictor.probabilities(pixels), mask)
     whole = meter.compute()
-    monkeypatch.setattr(Predictor, "probabilities", lambda *args: pytest.fail("the whole batch's probabilities"))
+    for whole_batch in ("probabilities", "logits", "logits_by_group"):
+        monkeypatch.setattr(Predictor, whole_batch, lambda *args, name=whole_batch: pytest.fail(f"the batch's {name}"))
+    band_bytes, full_size_logits = [], Predictor.full_size_logits
+
+    def banded_logits(self, models, size, top, bottom):
+        (images, classes), width = models[0][1][0].shape[:2], size[1]
+        band_bytes.append(4 * images * classes * (bottom - top) * width)
+        return full_size_logits(self, models, size, top, bottom)
+    monkeypatch.setattr(Predictor, "full_size_logits", banded_logits)
     monkeypatch.setattr(predict_module, "FULL_SIZE_WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(predict_module, "BAND_BYTES", 4 * 2 * 21 * 120 * 7)  # 7 rows of two 120-wide images a band
     banded = run_evaluate(str(trained_run / "best.pt"), str(root), "val", precision="fp32", workers=0)
     assert banded["ece"] == pytest.approx(whole, abs=1e-5)
+    assert band_bytes and max(band_bytes) <= 4 * 2 * 21 * 120 * 7  # every full-size logit made a band at a time
     # The end-to-end file: room for one image's logits, where evaluate runs the two 80×120 images as one batch.
     reference = run_evaluate(str(exported["dir"] / "model.onnx"), str(root), "val", workers=0)
     monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 120 * 100 * 4)
