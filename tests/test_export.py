@@ -844,8 +844,10 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     folder.mkdir()
     shutil.copy(exported["ckpt"], folder / "best.pt")
     checked = {"resunet.int8": "true", MIOU_CHECK_KEY: '{"split": "val", "images": 8, "drift_points": -0.1}'}
-    for name, metadata in (("flip.onnx", {"resunet.tta": "flip"}), ("q.int8.onnx", checked),
-                           ("unchecked.int8.onnx", {"resunet.int8": "true"})):
+    # An export of 12-05..12-07 checked against a split with no labelled pixel: its check measured nothing
+    unmeasured = {"resunet.int8": "true", MIOU_CHECK_KEY: '{"split": "val", "images": 8, "drift_points": NaN}'}
+    for name, metadata in (("flip.onnx", {"resunet.tta": "flip"}), ("nan.int8.onnx", unmeasured),
+                           ("q.int8.onnx", checked), ("unchecked.int8.onnx", {"resunet.int8": "true"})):
         shutil.copy(exported["dir"] / "model.onnx", folder / name)  # the same graph, described otherwise
         set_metadata(folder / name, metadata)
     images = tmp_path / "images"
@@ -857,14 +859,16 @@ def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_r
     out, err = capsys.readouterr()
     line = [l for l in out.splitlines() if l.startswith("backend")][0]
     assert line.startswith("backend auto: ") and "q.int8.onnx" in line.split("left out")[0], line
-    assert line.endswith("; left out: flip.onnx: exported with tta flip, not none, unchecked.int8.onnx: INT8 with no "
-                         "mIoU check (export it with --data-root))"), line
+    assert line.endswith("; left out: flip.onnx: exported with tta flip, not none, nan.int8.onnx: INT8 whose mIoU "
+                         "check measured nothing (export it again), unchecked.int8.onnx: INT8 with no mIoU check "
+                         "(export it with --data-root))"), line
     assert "a_strip.png: 5000×1 pixels become" in err and (tmp_path / "out" / "b.png").is_file()
     assert main([*predict, "--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 1
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
     assert line == (f"backend: PyTorch ({folder / 'best.pt'}; the files exported from it cannot run as asked; left "
-                    "out: flip.onnx: exported with tta flip, not none, q.int8.onnx: --precision fp32: it holds INT8 "
-                    "weights, unchecked.int8.onnx: --precision fp32: it holds INT8 weights)")
+                    "out: flip.onnx: exported with tta flip, not none, nan.int8.onnx: --precision fp32: it holds "
+                    "INT8 weights, q.int8.onnx: --precision fp32: it holds INT8 weights, unchecked.int8.onnx: "
+                    "--precision fp32: it holds INT8 weights)")
     assert main(["predict", str(folder / "q.int8.onnx"), str(images / "b.jpg"), "--out", str(tmp_path / "q"),
                  "--precision", "fp32"]) == 2
     assert "--precision fp32: " + str(folder / "q.int8.onnx") + " holds INT8 weights" in capsys.readouterr().err

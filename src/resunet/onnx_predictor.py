@@ -14,6 +14,7 @@ normalisation, which graph it holds. Two kinds of graph:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -295,6 +296,16 @@ def exported_siblings(checkpoint: str | Path) -> list[Path]:
     return found
 
 
+def measured_drift(check: str) -> bool:
+    """Whether an INT8 file's stored mIoU check holds a measured drift: exports of 2026-12-05 to 12-07 (4752a7d to
+    b418c9f) checked against a split with no labelled pixel stamped a NaN drift, a file never measured."""
+    try:
+        drift = json.loads(check)["drift_points"]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return isinstance(drift, (int, float)) and math.isfinite(drift)
+
+
 def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarray],
                  **options) -> tuple[Predictor, str]:
     """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
@@ -324,6 +335,8 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
                 raise CheckpointError(f"{path}: exported with tta {baked}, not {pytorch.tta}")
             if candidate.quantized and MIOU_CHECK_KEY not in candidate.metadata:
                 raise CheckpointError(f"{path}: INT8 with no mIoU check (export it with --data-root)")
+            if candidate.quantized and not measured_drift(candidate.metadata[MIOU_CHECK_KEY]):
+                raise CheckpointError(f"{path}: INT8 whose mIoU check measured nothing (export it again)")
         except (CheckpointError, DeviceError) as error:  # a TTA, window or precision the file cannot run
             reason = str(error).replace(f"{path}: ", "", 1).replace(str(path), "it").split(";")[0]
             left_out.append(f"{path.name}: {reason}")
