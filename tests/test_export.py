@@ -830,6 +830,38 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert len(list((tmp_path / "bf16").glob("*.png"))) == 2
 
 
+def test_a_model_whose_classes_share_a_colour_still_loads(exported, trained_run, demo_root, tmp_path, capsys):
+    """Models trained on index masks before two classes of one colour (or a class of the ignore colour) were refused
+    (2026-12-04) were refused for good by every command: the rule is for reading RGB masks, and a model only draws
+    with its colours (a helper's review of files earlier versions wrote). A resume onto a dataset whose colours
+    differ is the usual one line."""
+    import shutil
+
+    from resunet.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.cli import main
+    from resunet.data.classes import VOC_INFO
+    from resunet.export import set_metadata
+    from resunet.train import TrainingError, check_same_classes
+
+    payload = load_checkpoint(trained_run / "best.pt")
+    palette = [list(colour) for colour in payload["classes"]["palette"]]
+    palette[2] = palette[1]  # bicycle drawn as aeroplane
+    palette[3] = list(payload["classes"].get("ignore_colour", [224, 224, 192]))  # bird in void's colour
+    payload["classes"] = {**payload["classes"], "palette": palette}
+    save_checkpoint(payload, tmp_path / "old.pt")
+    assert Predictor.from_checkpoint(tmp_path / "old.pt", precision="fp32").info.palette[2] == tuple(palette[1])
+    photo = demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_00000.jpg"
+    assert main(["predict", str(tmp_path / "old.pt"), str(photo), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "demo_val_00000.png").is_file()
+    shutil.copy(exported["dir"] / "model.onnx", tmp_path / "old.onnx")
+    set_metadata(tmp_path / "old.onnx", {"resunet.classes": json.dumps(payload["classes"])})
+    assert OnnxPredictor(tmp_path / "old.onnx").info.palette[3] == tuple(palette[3])
+    with pytest.raises(TrainingError, match=r"^--resume old.pt: D now gives other classes than the run was trained "
+                                            r"on \(palette differ\);"):
+        check_same_classes("old.pt", payload, VOC_INFO, "D")
+    capsys.readouterr()
+
+
 def test_backend_auto_leaves_out_files_that_cannot_run_as_asked(exported, demo_root, tmp_path, capsys):
     """Found by a helper: --backend auto picked an end-to-end file exported with flip TTA for a run asked for none
     (other logits, without a word), and an INT8 file for --precision fp32, which an INT8 file was also given as

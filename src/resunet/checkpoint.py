@@ -177,4 +177,4 @@ def model_from_checkpoint(payload: dict, path: str | Path = "checkpoint") -> Res
 
 
 def checkpoint_classes(payload: dict) -> ClassInfo:
-    return ClassInfo.from_dict(payload["classes"])
+    return ClassInfo.from_dict(payload["classes"], distinct_colours=False)

@@ -136,7 +136,7 @@ class OnnxPredictor(Predictor):
         meta = self.metadata
         try:
             self.graph = meta[FORMAT_KEY]
-            self.info = ClassInfo.from_dict(json.loads(meta["resunet.classes"]), str(path))
+            self.info = ClassInfo.from_dict(json.loads(meta["resunet.classes"]), str(path), distinct_colours=False)
             self.size = int(meta["resunet.working_size"])
             self.mean = tuple(json.loads(meta["resunet.mean"]))
             self.std = tuple(json.loads(meta["resunet.std"]))

@@ -689,7 +689,7 @@ def check_new_run_folder(cfg: TrainConfig) -> None:
 def check_same_classes(resume: str | Path, state: dict, info: ClassInfo, data_root: str) -> None:
     """A resumed run's dataset must label as its checkpoint does: a classes.json edited since (two classes swapped,
     another ignore label) reads the same masks as other classes, and the run went on without a word."""
-    differ = class_differences(ClassInfo.from_dict(state["classes"], str(resume)), info)
+    differ = class_differences(ClassInfo.from_dict(state["classes"], str(resume), distinct_colours=False), info)
     if differ is None:
         return
     raise TrainingError(f"--resume {resume}: {data_root} now gives other classes than the run was trained on "

@@ -54,7 +54,10 @@ class ClassInfo:
         }
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "classes") -> "ClassInfo":
+    def from_dict(cls, values: dict, source: str = "classes", distinct_colours: bool = True) -> "ClassInfo":
+        """`distinct_colours`: refuse two classes of one colour, or a class of the ignore colour (a dataset's RGB
+        masks could not be read by them); False for a model's own description, which only draws with its colours:
+        models trained on index masks before the rule (2026-12-04) were refused for good."""
         try:
             if not isinstance(values["classes"], (list, tuple)):
                 raise TypeError(f"'classes' must be a list of names, got {type(values['classes']).__name__}")
@@ -78,7 +81,7 @@ class ClassInfo:
             raise ValueError(f"{source}: {len(names)} classes but only {len(palette)} palette colours")
         check_classes(names, ignore_index, source)
         palette = palette[: len(names)]
-        check_colours(names, palette, ignore_colour, source)
+        check_colours(names, palette, ignore_colour, source, distinct_colours)
         return cls(names, palette, ignore_index, ignore_colour, str(values.get("name", "dataset")))
 
     def palette_bytes(self) -> list[int]:
@@ -140,13 +143,17 @@ def check_classes(names: tuple[str, ...], ignore_index: int, source: str) -> Non
                          f"0..{len(names) - 1}); give it a value outside them, e.g. 255")
 
 
-def check_colours(names: tuple[str, ...], palette: tuple, ignore_colour: tuple, source: str) -> None:
+def check_colours(names: tuple[str, ...], palette: tuple, ignore_colour: tuple, source: str,
+                  distinct: bool = True) -> None:
     """ValueError (one line, naming `source`) for colours an RGB mask cannot be read by: not three values in 0..255
-    (one out of range wrapped round to another colour, or stopped the read with a traceback), a colour given to two
-    classes, or a class's colour that is also the ignore colour (its pixels were read as the later one, silently)."""
+    (one out of range wrapped round to another colour, or stopped the read with a traceback), and where `distinct`,
+    a colour given to two classes, or a class's colour that is also the ignore colour (its pixels were read as the
+    later one, silently)."""
     for name, colour in [*zip(names, palette), ("ignore_colour", ignore_colour)]:
         if len(colour) != 3 or not all(0 <= v <= 255 for v in colour):
             raise ValueError(f"{source}: colour {list(colour)} of {name!r} is not three values in 0..255")
+    if not distinct:
+        return
     owner: dict[tuple, str] = {}
     for name, colour in zip(names, palette):
         if colour in owner:
