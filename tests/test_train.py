@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resunet.checkpoint import load_checkpoint
-from resunet.train import (TrainingError, duration_seconds, epochs_within, make_optimizer,
+from resunet.train import (TrainingError, calibration_seconds, duration_seconds, epochs_within, make_optimizer,
                            steady_epoch_seconds, train)
 
 from conftest import tiny_config
@@ -121,6 +121,9 @@ def test_time_budget_arithmetic_by_hand():
     # --calibrate's 300 s after the last epoch: 10 more end at epoch 11, 400 + 2500 + 4 · 50 + 300 = 3400 s; an 11th
     # more would need 3950 s.
     assert epochs_within(3600, 400, 250, 50, 3, 100, after_s=300) == 11
+    # Calibration's two passes over val run on the first process alone: under torchrun, each is `world` times the
+    # sharded evaluation rank 0 timed (a helper's review: 2 evaluations reserved, 2 × world run)
+    assert calibration_seconds(50, 1) == 100 and calibration_seconds(50, 4) == 400
     # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch

@@ -483,6 +483,14 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, eval_s: flo
     return max(done, done + more)
 
 
+def calibration_seconds(eval_s: float, world: int) -> float:
+    """What --calibrate takes after the last epoch: a pass over val for the fit and one for the ECE after it (they
+    overran the budget by that much when left out), each run by the first process alone over the whole split, where
+    `eval_s` timed one process's share of the sharded evaluation (under torchrun a reserve of 2 × eval_s was short
+    by 2 × (world - 1) evaluations)."""
+    return 2 * eval_s * world
+
+
 def budget_end_note(fitted: int, epoch: int, cfg: TrainConfig) -> str:
     """What a --time-budget fit (before `cfg.epochs` takes it) that ends the run with the epoch just trained means
     for its learning rate: a cosine or poly schedule's decay was cut short, or never began (a budget too small for
@@ -1364,9 +1372,7 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                     print(refit_note, flush=True)
             bookkeeping_seconds.append(time.perf_counter() - bookkeeping_started)
             if fit_budget:  # every process takes rank 0's figure, so all stop at the same epoch
-                # --calibrate, after the last epoch: a pass over val for the fit and one for the ECE after it, each
-                # about as long as an evaluation (they overran the budget by that much when left out)
-                calibration_s = 2 * eval_s if cfg.calibrate else 0.0
+                calibration_s = calibration_seconds(eval_s, world) if cfg.calibrate else 0.0
                 # The clock counts the re-save that follows the fit too (as long as the epoch's own saves).
                 fitted = epochs_within(budget_s, time.perf_counter() - setup_started + bookkeeping_seconds[-1],
                                        steady_s + bookkeeping_seconds[-1], eval_s, cfg.eval_every, cfg.epochs,
