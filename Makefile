@@ -74,7 +74,8 @@ clean:
 # count), selected on val, evaluated at full 480×360: the whole target in under 60 minutes on any of our 2-core CPUs.
 # `make camvid CAMVID_SIZE=360 CAMVID_CROP=320` sets the working size and crop by hand, CAMVID_SEED=1 another seed,
 # CAMVID_FLAGS="--attention scse" adds training options (an option measured at the full budget, not just in the ablation).
-# CAMVID_TIME_BUDGET= (empty) trains exactly CAMVID_EPOCHS, the same result on every CPU.
+# CAMVID_TIME_BUDGET= (empty) trains exactly CAMVID_EPOCHS, the same number on every CPU (size and precision still
+# follow the CPU, as below).
 # A run folder that holds a run is not trained over: give another CAMVID_RUN, or OVERWRITE=1 to start it over (a
 # stopped run goes on with `resunet train --resume RUN/last.pt`).
 CAMVID_RUN ?= runs/camvid

@@ -563,17 +563,20 @@ def test_metrics_count_requests_latency_and_batches(client):
 def test_the_connection_limit_answer_asks_for_the_services_retry_after(checkpoint, monkeypatch):
     """Every 503 says ServeSettings.retry_after_s, but the one at --max-connections said 1: under the overload the
     setting is for, those clients came back sooner than asked (a helper's review, 2026-12-07). The protocol
-    run_server gives uvicorn, over its limit, answers with the setting."""
+    run_server gives uvicorn, over its limit, answers with the setting. And uvicorn keeps an idle connection as long
+    as --head-timeout, not its own 5 s."""
     import uvicorn
     from uvicorn.server import ServerState
 
     from resunet.serve import run_server
 
-    app = create_app(checkpoint, ServeSettings(retry_after_s=7))
+    app = create_app(checkpoint, ServeSettings(retry_after_s=7, head_timeout_s=45))
     configs = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: configs.append(server.config) or [
         listener.close() for listener in sockets])
     run_server(app, port=0, max_connections=2)
+    # An idle connection after an answer waits --head-timeout too, as the help says: uvicorn's 5 s closed it first
+    assert configs[0].timeout_keep_alive == 45
     sent = []
 
     async def send(message):

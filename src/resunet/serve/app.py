@@ -648,7 +648,10 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
         if sockets is None:  # from Python: say where (uvicorn is silent about sockets given to it; port 0 is unknown)
             sockets = bind_address(host, port)
             log.info("serving on %s", service_url(host, sockets[0].getsockname()[1]))
+        # An idle connection waits for its next request as long as for a first head (uvicorn's own 5 s closed it
+        # first: a proxy keeping upstream connections open for a minute met closed ones)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                timeout_keep_alive=app.state.settings.head_timeout_s,
                                 timeout_graceful_shutdown=drain_timeout_s, limit_concurrency=max_connections,
                                 http=json_errors_protocol(app.state.metrics, app.state.settings.head_timeout_s,
                                                           app.state.settings.retry_after_s))
