@@ -1153,9 +1153,18 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
                 method(wrong)
     # torchvision's 0..1 floats were read as nearly black 0..255 images: wrong maps without a word
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    # resized bicubic, as torchvision's pipelines do after ToDtype(scale=True), they overshoot 1 a little and were
+    # read as a black frame (a helper's audit, 2026-12-07); torchvision's 16-bit decode (uint16) raised torch's own
+    # "min_all not implemented"
+    overshot = torch.nn.functional.interpolate(pixels.float() / 255, scale_factor=1.5, mode="bicubic")
+    assert 1 < float(overshot.max()) <= 2
     for method in (predictor.probabilities, predictor.logits, predictor.predict_tensor):
-        with pytest.raises(ValueError, match=r"got floats in 0..1: pass \(images \* 255\)"):
-            method(pixels.float() / 255)
+        for scaled in (pixels.float() / 255, overshot):
+            with pytest.raises(ValueError, match=r"got floats from \S+ to \S+, scaled to 0\.\.1: pass \(images \* "
+                                                 r"255\)"):
+                method(scaled)
+        with pytest.raises(ValueError, match=r"got uint16: scale them to 0\.\.255 \(a 16-bit image: // 257\)"):
+            method(pixels.to(torch.uint16) * 257)
     assert torch.equal(predictor.predict_tensor(pixels.float()), predictor.predict_tensor(pixels))  # float 0..255
     # torchvision's Normalize output and 16-bit frames were taken too: divided by 255 again (a nearly flat image),
     # or cast to uint8 by an ONNX graph (300 -> 44), without a word (a helper's review, 2026-12-07)
@@ -1196,7 +1205,7 @@ def test_the_tensor_methods_give_ordinary_tensors_and_check_the_group_methods_in
     for method in (predictor.full_size_maps, predictor.logits_by_group):
         with pytest.raises(ValueError, match="expected a list of N×3×H×W image tensors .*wrap a single tensor"):
             method(pixels)
-        with pytest.raises(ValueError, match=r"got floats in 0..1: pass \(images \* 255\)"):
+        with pytest.raises(ValueError, match=r"scaled to 0\.\.1: pass \(images \* 255\)"):
             method([pixels.float() / 255])
     first = labels[0]
     assert np.array_equal(np.array(predictor.colorize(first)), first.numpy())  # a tensor's map

@@ -125,10 +125,17 @@ def check_image_tensor(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected an N×3×H×W image tensor (uint8 or float 0..255), got {shape}")
+    if images.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torchvision's 16-bit decode; no min() for them
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got {str(images.dtype).removeprefix('torch.')}: "
+                         "scale them to 0..255 (a 16-bit image: // 257)")
+    if images.is_complex():
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got {str(images.dtype).removeprefix('torch.')}")
     low, high = float(images.min()), float(images.max())
-    if images.is_floating_point() and 0 < high <= 1:
-        raise ValueError("expected pixels 0..255 (uint8 or float), got floats in 0..1: pass (images * 255), or the "
-                         "uint8 image")
+    # Up to 2, not 1: a bicubic resize of 0..1 floats overshoots a little (1.006 for a VOC photo) and was read as a
+    # black frame; a 0..255 frame whose brightest pixel is under 2 is black anyway
+    if images.is_floating_point() and 0 < high <= 2:
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.3g} to {high:.3g}, scaled to "
+                         "0..1: pass (images * 255), or the uint8 image")
     # torchvision's Normalize(mean, std): about -2.1..2.6 (a dark 0..255 frame resized bicubic dips to about -0.6)
     if images.is_floating_point() and low < -1 and high <= 8:
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.2f} to {high:.2f}, "
