@@ -830,6 +830,26 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert len(list((tmp_path / "bf16").glob("*.png"))) == 2
 
 
+def test_loading_and_tracing_a_model_leave_the_callers_random_draws_alone(trained_run, tmp_path, monkeypatch):
+    """Building the model to load weights into drew its random initialisation from torch's generator, and export
+    drew its trace examples there: a seeded notebook drew otherwise after loading a model (train() puts the
+    generators back; these did not: a helper's audit, 2026-12-07)."""
+    import resunet.export as export
+
+    def draws_after(step) -> torch.Tensor:
+        torch.manual_seed(0)
+        step()
+        return torch.rand(4)
+
+    untouched = draws_after(lambda: None)
+    predictor = Predictor.from_checkpoint(trained_run / "best.pt", precision="fp32")
+    assert torch.equal(draws_after(lambda: Predictor.from_checkpoint(trained_run / "best.pt")), untouched)
+    monkeypatch.setattr(export, "write_onnx", lambda *args: None)  # the trace itself is not what draws
+    for graph in ("end-to-end", "logits"):
+        assert torch.equal(draws_after(lambda: export.write_model_onnx(
+            predictor.model, tmp_path / "m.onnx", graph, 64, predictor.mean, predictor.std)), untouched)
+
+
 def test_a_model_whose_classes_share_a_colour_still_loads(exported, trained_run, demo_root, tmp_path, capsys):
     """Models trained on index masks before two classes of one colour (or a class of the ignore colour) were refused
     (2026-12-04) were refused for good by every command: the rule is for reading RGB masks, and a model only draws

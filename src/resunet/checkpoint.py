@@ -166,7 +166,9 @@ def reading_description(path: str | Path) -> Iterator[None]:
 
 def model_from_checkpoint(payload: dict, path: str | Path = "checkpoint") -> ResNetUNet:
     """Rebuild the architecture from the checkpoint's own description and load its weights."""
-    with reading_description(path):
+    # The random initialisation the weights replace draws from torch's generator: the caller's own, put back (a
+    # seeded notebook drew otherwise after loading a model)
+    with reading_description(path), torch.random.fork_rng(devices=[]):
         model = ResNetUNet.from_config(ModelConfig.from_dict(payload["model_config"]), encoder_weights=None)
     try:
         model.load_state_dict(payload["model"])

@@ -205,11 +205,12 @@ def metadata_for(info: ClassInfo, size: int, mean: tuple[float, ...], std: tuple
 def write_model_onnx(network: nn.Module, path: Path, graph: str, size: int, mean: tuple[float, ...],
                      std: tuple[float, ...], tta: str = "none") -> None:
     """Trace `network` (prepared by `prepare_network`) into `path` as an end-to-end or logits graph."""
+    draws = torch.Generator().manual_seed(0)  # not the caller's generator
     if graph == "end-to-end":
         module = EndToEnd(network, size, mean, std, tta).eval()
-        example = torch.randint(0, 256, (1, 75, 101, 3), dtype=torch.uint8)
+        example = torch.randint(0, 256, (1, 75, 101, 3), dtype=torch.uint8, generator=draws)
     else:
-        module, example = network, torch.randn(1, 3, 96, 128)
+        module, example = network, torch.randn(1, 3, 96, 128, generator=draws)
     with torch.no_grad():
         write_onnx(module, example, path, graph)
 
