@@ -80,7 +80,9 @@ def test_readyz_is_503_until_the_model_is_warm_and_healthz_always_answers(checkp
     cold = TestClient(app)  # no lifespan: the model is loaded but not warmed, the batcher not started
     assert cold.get("/healthz").json() == {"status": "ok"}
     response = cold.get("/readyz")
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    # Not "retry in 1 s": without a lifespan it would never be ready (warming up, it says so: the test below)
+    assert response.status_code == 503 and "retry-after" not in response.headers
+    assert "lifespan has not run" in response.json()["error"]
     assert cold.post("/predict", content=encoded(scene(40, 50))).status_code == 503
     with TestClient(app) as warm:
         assert warm.get("/readyz").status_code == 200
@@ -645,6 +647,19 @@ def test_an_app_mounted_under_a_path_counts_its_routes_by_name(checkpoint):
     assert 'resunet_requests_total{path="/predict",status="200"} 1.0' in text
     assert 'resunet_requests_total{path="/predict",status="400"} 1.0' in text
     assert 'path="other"' not in text
+
+
+def test_an_app_whose_lifespan_never_ran_says_so_instead_of_retry_in_1_s(checkpoint):
+    """Mounted without the outer app running its lifespan (or behind httpx's ASGITransport), the model is never
+    started: every request got 503 "model not ready yet" with Retry-After 1, for ever (a helper's audit)."""
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    outer.mount("/seg", create_app(checkpoint))
+    with TestClient(outer) as http:
+        answer = http.post("/seg/predict", content=encoded(scene(30, 40)))
+    assert answer.status_code == 503 and "retry-after" not in answer.headers
+    assert answer.json()["error"].startswith("the model was never started: this app's lifespan has not run")
 
 
 def test_the_announced_url_is_one_a_browser_opens():

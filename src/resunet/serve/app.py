@@ -361,6 +361,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         """Why the model cannot answer now (503), or None."""
         if engine.warm_up_error:  # never to be ready
             return RequestError(503, f"model warm-up failed: {engine.warm_up_error}")
+        if engine.starting is None:  # "not ready yet, retry in 1 s" told such a client to wait for ever
+            return RequestError(503, "the model was never started: this app's lifespan has not run (httpx's "
+                                "ASGITransport and a mounted app run none); serve it with uvicorn, use `with "
+                                "TestClient(app)`, or give the outer app lifespan=app.router.lifespan_context")
         if not engine.ready:
             return RequestError(503, "model not ready yet", {"Retry-After": str(settings.retry_after_s)})
         return None
