@@ -62,6 +62,10 @@ def one_error_line(capsys, command: str) -> str:
     # refused before any work: these were found after the data check, the cache build and the class weights, and
     # an --ohem-keep 0 with --loss ce was blamed on "--loss ce"
     (["--ohem-keep", "0"], "--ohem-keep 0.0: must be a fraction in (0, 1]"),
+    # an option of a loss or of --mix not chosen changed nothing, yet was stored (a helper's audit, 2026-12-07)
+    (["--loss", "ce", "--focal-gamma", "5"], "--focal-gamma 5.0: must be left out without --loss focal"),
+    (["--ohem-keep", "0.5"], "--ohem-keep 0.5: must be left out without --loss ohem"),
+    (["--mix-prob", "0.3"], "--mix-prob 0.3: must be left out without --mix cutmix or classmix"),
     (["--ema", "1.5"], "--ema 1.5: must be a decay in [0, 1)"),
     (["--decoder-channels", "1,2"], "--decoder-channels 1,2: four positive widths"),
     (["--checkpoint-every", "nanm"], "--checkpoint-every nanm: give a number of steps"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -825,6 +826,7 @@ def check_settings(cfg: TrainConfig) -> None:
     fitted = cfg.resume is not None and cfg.time_budget is not None
     warmup_most = cfg.epochs if per_step and not fitted else math.inf
     warmup_expected = f"0 or more, and fewer than --epochs ({cfg.epochs})" if per_step else "0 or more"
+    unset = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     rules = [
         ("epochs", cfg.epochs >= 1, "at least 1"),
         ("batch-size", cfg.batch_size >= 1, "at least 1"),
@@ -846,6 +848,14 @@ def check_settings(cfg: TrainConfig) -> None:
         ("loss", cfg.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
         ("focal-gamma", 0 <= cfg.focal_gamma < math.inf, "0 or more"),
         ("ohem-keep", 0 < cfg.ohem_keep <= 1, "a fraction in (0, 1]: the share of the valid pixels kept"),
+        # An option of a loss or --mix not chosen changed nothing, yet was stored, and a --resume refused to change
+        # it ("the run trains with 5.0"); a resumed run's settings are its own
+        ("focal-gamma", cfg.resume or cfg.loss == "focal" or cfg.focal_gamma == unset["focal_gamma"],
+         "left out without --loss focal, the only loss that uses it"),
+        ("ohem-keep", cfg.resume or cfg.loss == "ohem" or cfg.ohem_keep == unset["ohem_keep"],
+         "left out without --loss ohem, the only loss that uses it"),
+        ("mix-prob", cfg.resume or cfg.mix != "none" or cfg.mix_prob == unset["mix_prob"],
+         "left out without --mix cutmix or classmix"),
         ("ema", 0 <= cfg.ema < 1, "a decay in [0, 1), e.g. 0.999 (0: off)"),
         ("seed", 0 <= cfg.seed < 2**32, "an integer from 0 to 2**32 - 1"),
         ("num-classes", cfg.num_classes is None or cfg.num_classes >= 1, "at least 1"),
