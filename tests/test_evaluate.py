@@ -194,6 +194,8 @@ def test_many_worst_images_go_on_several_sheets_listed_before_any_is_drawn(train
                      worst_out=str(tmp_path / "worst"), json_out=str(tmp_path / "e2.json"))
     assert len(json.loads((tmp_path / "e2.json").read_text())["worst"]) == 4
     assert len(json.loads((tmp_path / "worst" / "worst.json").read_text())) == 4
+    # Two sheets now: the earlier run's third is not left beside them as if it were this run's (a helper's audit)
+    assert not (tmp_path / "worst" / "worst-3.png").exists() and (tmp_path / "worst" / "worst-2.png").exists()
 
 
 def test_the_worst_sheet_keeps_thumbnails_whose_masks_are_sampled_on_one_grid():

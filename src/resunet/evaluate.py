@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -279,6 +280,10 @@ def draw_worst(rows: list[dict], info: ClassInfo, out: Path) -> None:
 
     starts = range(0, len(rows), WORST_PER_SHEET)
     sheets = [out / worst_sheet_name(start) for start in starts]
+    for stale in out.glob("worst-*.png"):  # an earlier, longer list's sheets (another model's?) beside this one's
+        page = re.fullmatch(r"worst-(\d+)\.png", stale.name)
+        if page and int(page.group(1)) > len(sheets):
+            stale.unlink(missing_ok=True)
     for start, sheet in zip(starts, sheets):
         plot_worst(rows[start:start + WORST_PER_SHEET], info, sheet)
     more = f" and {sheets[-1].name}" if len(sheets) == 2 else f" to {sheets[-1].name}" if len(sheets) > 2 else ""
