@@ -149,6 +149,16 @@ def slowed_saves(monkeypatch) -> list[float]:
     return save_s
 
 
+def test_training_on_the_val_images_is_warned(demo_root, ram_tmp, capsys):
+    """`--train-split val --val-split val` passed the data check without a word (it checks the splits as one), and
+    the run's val mIoU measured fitting, not new images (a helper's audit, 2026-12-07)."""
+    train(tiny_config(demo_root, ram_tmp / "same", epochs=1, train_split="val", val_split="val"))
+    assert ("resunet: warning: 8 of the 8 val images are training images too (--train-split val, --val-split val)"
+            in capsys.readouterr().err)
+    train(tiny_config(demo_root, ram_tmp / "apart", epochs=1))
+    assert "training images too" not in capsys.readouterr().err
+
+
 def test_a_time_budget_cuts_the_epochs_and_the_schedule_spans_them(demo_root, ram_tmp, capsys, monkeypatch):
     import resunet.train
 
