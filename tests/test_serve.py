@@ -381,6 +381,21 @@ def test_bad_requests_get_a_one_line_json_error_and_the_next_request_is_served(c
         assert after.status_code == 200 and np.array_equal(mask_of(after.content), expected), what
 
 
+def test_python_multipart_is_quiet_in_our_forms_only(client, caplog):
+    """Importing resunet.serve set python-multipart's logger to CRITICAL for the process: an app mounting ours lost
+    the parser's lines about its own forms, errors included (a helper's audit, 2026-12-07)."""
+    import logging
+
+    parser_log = logging.getLogger("python_multipart.multipart")
+    assert logging.getLogger("python_multipart").level == logging.NOTSET
+    with caplog.at_level(logging.WARNING, logger="python_multipart.multipart"):
+        parser_log.warning("a host app's form")
+        response = client.post("/predict", content=b"--x\r\nnot a part", headers={
+            "content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 400
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("python_multipart")] == ["a host app's form"]
+
+
 class Upload:
     """A request whose body arrives as `chunks`, `every` seconds apart (an ASGI receive), and what was read of it."""
 

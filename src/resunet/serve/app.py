@@ -67,9 +67,6 @@ class PageFiles(StaticFiles):
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/classes", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script and style, served from the installed package, not a CDN
 log = logging.getLogger("resunet.serve")
-# A malformed form is answered 400 with the parser's reason in our one log line; python-multipart also logged it
-# itself, as a second, unformatted line.
-logging.getLogger("python_multipart").setLevel(logging.CRITICAL)
 UVICORN_INVALID_REQUEST = "Invalid HTTP request received."
 ANSWERED_UNPARSED = "resunet.answered_unparsed"  # scope key: the protocol answered this request (a body h11 refused)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
+import logging
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,11 @@ from ..data.images import DataError, ImageHeader, ImageTooLargeError, read_heade
 # `curl --data-binary @photo.jpg` sends unless told otherwise.
 RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE  # python-multipart refuses a longer header line in a part
+# A malformed form is answered 400 with the parser's reason in our one log line; python-multipart also logs it itself,
+# a second, unformatted line: dropped while we parse a form, and only then (a level set process-wide silenced the
+# forms of an app that mounts ours)
+PARSING_OUR_FORM: contextvars.ContextVar[bool] = contextvars.ContextVar("resunet_parsing_form", default=False)
+logging.getLogger("python_multipart.multipart").addFilter(lambda record: not PARSING_OUR_FORM.get())
 # A body refused as too large is still read (and dropped) up to this much before the 413, as nginx lingers: a client
 # that sends its whole body before reading the answer (Python's urllib, http.client) otherwise met a reset
 # connection, never the 413. A larger body is not waited for.
@@ -207,6 +214,7 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
+        ours = PARSING_OUR_FORM.set(True)
         try:
             form = await Request(request.scope, replay).form()
         except Exception as error:  # a malformed multipart body
@@ -216,6 +224,8 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
                                         f"{MAX_PART_HEADER_BYTES:,} (a very long file name?): rename the file, or "
                                         "send the image as the raw body") from None
             raise RequestError(400, f"malformed multipart body ({error})") from None
+        finally:
+            PARSING_OUR_FORM.reset(ours)
         files = form.getlist("file")
         if len(files) > 1:  # the last one was answered, the others dropped without a word
             raise RequestError(400, f"multipart upload with {len(files)} parts named 'file': send one image a request")
