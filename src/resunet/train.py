@@ -975,9 +975,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                             f"{cfg.batch_size * world}")
         shared = len({*map(os.path.realpath, train_set.image_paths)} & {*map(os.path.realpath, val_set.image_paths)})
         if shared and main_process:  # --train-split val --val-split val passed the data check without a word
-            print(f"resunet: warning: {shared} of the {len(val_set)} val images are training images too (--train-split "
-                  f"{cfg.train_split}, --val-split {cfg.val_split}): their val mIoU measures how the model fits what it "
-                  "trained on, not how it does on new images", file=sys.stderr, flush=True)
+            print(f"resunet: warning: {shared} of the {len(val_set)} val images are training images too "
+                  f"(--train-split {cfg.train_split}, --val-split {cfg.val_split}): their val mIoU measures how the "
+                  "model fits what it trained on, not how it does on new images", file=sys.stderr, flush=True)
         data_path = choose_data_path(cfg, train_set)
         if data_path == "cached":  # an unwritable --cache-dir is one line now, not a traceback once the run began
             check_cache_writable(train_set, cfg.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
