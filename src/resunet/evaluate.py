@@ -151,8 +151,7 @@ def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: st
     if worst_out:
         check_folder_apart("--out", worst_out, data_locations(data_root)[0])
         check_output_folder("--out", worst_out)
-        sheets = {worst_sheet_name(position) for position in range(0, worst, WORST_PER_SHEET)}
-        outputs += [("--out", Path(worst_out) / name) for name in (*sorted(sheets), "worst.json")]
+        outputs += [("--out", Path(worst_out) / name) for name in (*worst_sheet_names(worst), "worst.json")]
     check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES}, data_root=data_root)
 
 
@@ -253,6 +252,11 @@ def worst_sheet_name(position: int) -> str:
     return "worst.png" if page == 1 else f"worst-{page}.png"
 
 
+def worst_sheet_names(count: int) -> list[str]:
+    """The contact sheets `count` worst images fill, in order."""
+    return [worst_sheet_name(start) for start in range(0, count, WORST_PER_SHEET)]
+
+
 def worst_images(predictor: Predictor, dataset: PairedDataset, per_image: list[tuple[int, float]],
                  count: int) -> tuple[list[dict], list[dict]]:
     """The `count` images with the lowest own mIoU (NaN, nothing scored, last): their contact-sheet rows
@@ -278,13 +282,12 @@ def draw_worst(rows: list[dict], info: ClassInfo, out: Path) -> None:
     """The contact sheets of `rows` in `out`, WORST_PER_SHEET rows each."""
     from .visualize import plot_worst
 
-    starts = range(0, len(rows), WORST_PER_SHEET)
-    sheets = [out / worst_sheet_name(start) for start in starts]
+    sheets = [out / name for name in worst_sheet_names(len(rows))]
     for stale in out.glob("worst-*.png"):  # an earlier, longer list's sheets (another model's?) beside this one's
         page = re.fullmatch(r"worst-(\d+)\.png", stale.name)
         if page and int(page.group(1)) > len(sheets):
             stale.unlink(missing_ok=True)
-    for start, sheet in zip(starts, sheets):
+    for start, sheet in zip(range(0, len(rows), WORST_PER_SHEET), sheets):
         plot_worst(rows[start:start + WORST_PER_SHEET], info, sheet)
     more = f" and {sheets[-1].name}" if len(sheets) == 2 else f" to {sheets[-1].name}" if len(sheets) > 2 else ""
     print(f"wrote the {len(rows)} images with the lowest mIoU to {sheets[0]}{more} (list: {out / 'worst.json'})")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import datetime
 import difflib
 import errno
@@ -594,15 +593,17 @@ RESUME_CHANGEABLE = frozenset({"epochs", "workers", "progress", "device", "cache
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")
 
 
+CONFIG_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
 def stored_settings(checkpoint: str | Path) -> tuple[dict, str]:
     """Every TrainConfig field of the run a checkpoint belongs to (the default for one an older file lacks), and
     the run's folder."""
     stored = load_checkpoint(checkpoint, tensors=False).get("train_config")  # train() reads the weights
     if stored is None:
         raise TrainingError(f"{checkpoint}: holds no training settings; resume from a run's last.pt")
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     run_dir = str(Path(os.path.realpath(checkpoint)).parent)  # a link to RUN/last.pt resumes in RUN
-    return {**defaults, **{k: v for k, v in stored.items() if k in defaults}}, run_dir
+    return {**CONFIG_DEFAULTS, **{k: v for k, v in stored.items() if k in CONFIG_DEFAULTS}}, run_dir
 
 
 def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
@@ -826,7 +827,6 @@ def check_settings(cfg: TrainConfig) -> None:
     fitted = cfg.resume is not None and cfg.time_budget is not None
     warmup_most = cfg.epochs if per_step and not fitted else math.inf
     warmup_expected = f"0 or more, and fewer than --epochs ({cfg.epochs})" if per_step else "0 or more"
-    unset = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     rules = [
         ("epochs", cfg.epochs >= 1, "at least 1"),
         ("batch-size", cfg.batch_size >= 1, "at least 1"),
@@ -850,11 +850,11 @@ def check_settings(cfg: TrainConfig) -> None:
         ("ohem-keep", 0 < cfg.ohem_keep <= 1, "a fraction in (0, 1]: the share of the valid pixels kept"),
         # An option of a loss or --mix not chosen changed nothing, yet was stored, and a --resume refused to change
         # it ("the run trains with 5.0"); a resumed run's settings are its own
-        ("focal-gamma", cfg.resume or cfg.loss == "focal" or cfg.focal_gamma == unset["focal_gamma"],
+        ("focal-gamma", cfg.resume or cfg.loss == "focal" or cfg.focal_gamma == CONFIG_DEFAULTS["focal_gamma"],
          "left out without --loss focal, the only loss that uses it"),
-        ("ohem-keep", cfg.resume or cfg.loss == "ohem" or cfg.ohem_keep == unset["ohem_keep"],
+        ("ohem-keep", cfg.resume or cfg.loss == "ohem" or cfg.ohem_keep == CONFIG_DEFAULTS["ohem_keep"],
          "left out without --loss ohem, the only loss that uses it"),
-        ("mix-prob", cfg.resume or cfg.mix != "none" or cfg.mix_prob == unset["mix_prob"],
+        ("mix-prob", cfg.resume or cfg.mix != "none" or cfg.mix_prob == CONFIG_DEFAULTS["mix_prob"],
          "left out without --mix cutmix or classmix"),
         ("ema", 0 <= cfg.ema < 1, "a decay in [0, 1), e.g. 0.999 (0: off)"),
         ("seed", 0 <= cfg.seed < 2**32, "an integer from 0 to 2**32 - 1"),
@@ -973,8 +973,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
         if len(train_set) < cfg.batch_size * world:
             raise DataError(f"{cfg.data_root}: {len(train_set)} training images, fewer than one batch of "
                             f"{cfg.batch_size * world}")
-        shared = len({*map(os.path.realpath, train_set.image_paths)} & {*map(os.path.realpath, val_set.image_paths)})
-        if shared and main_process:  # --train-split val --val-split val passed the data check without a word
+        shared = main_process and len({*map(os.path.realpath, train_set.image_paths)}
+                                      & {*map(os.path.realpath, val_set.image_paths)})
+        if shared:  # --train-split val --val-split val passed the data check without a word
             print(f"resunet: warning: {shared} of the {len(val_set)} val images are training images too "
                   f"(--train-split {cfg.train_split}, --val-split {cfg.val_split}): their val mIoU measures how the "
                   "model fits what it trained on, not how it does on new images", file=sys.stderr, flush=True)
