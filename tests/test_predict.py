@@ -492,6 +492,32 @@ def test_overlay_mixes_by_alpha_and_refuses_an_alpha_outside_0_to_1():
         predictor.overlay(image, mask.T.astype(np.int64))
     with pytest.raises(ValueError, match="of class ids \\(integers\\), got float32 2×3"):
         predictor.overlay(image, mask.astype(np.float32))
+    # An id past the 256 colours was numpy's IndexError; -1 took the last colour without a word (2026-12-07).
+    for bad, ids in ((300, "0..300"), (-1, "-1..2")):
+        wrong = mask.copy()
+        wrong[0, 0] = bad
+        with pytest.raises(ValueError, match=f"^mask holds class ids {ids}: the colours cover 0..255$"):
+            predictor.overlay(image, wrong)
+
+
+def test_predict_with_confidence_takes_a_list_as_predict_does():
+    """predict takes one image or a list; predict_with_confidence took a list for one image (numpy's shape error)."""
+    from resunet.data.classes import generic_info
+    from resunet.model.unet import ResNetUNet
+
+    torch.manual_seed(0)
+    predictor = Predictor(ResNetUNet(3, "resnet18", None).eval(), generic_info(3), 32, (0.5,) * 3, (0.25,) * 3,
+                          "cpu", "fp32")
+    images = [np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for seed, (h, w) in enumerate([(20, 30), (33, 17)])]
+    pairs = predictor.predict_with_confidence(images)
+    assert isinstance(pairs, list) and len(pairs) == 2
+    for image, (mask, confidence) in zip(images, pairs):
+        alone_mask, alone_confidence = predictor.predict_with_confidence(image)
+        assert mask.shape == confidence.shape == image.shape[:2]
+        assert np.array_equal(mask, alone_mask) and np.array_equal(confidence, alone_confidence)
+        assert np.array_equal(mask, predictor.predict(image)) and (confidence > 1 / 3 - 1e-6).all()
+    assert [mask.shape for mask, _ in predictor.predict_with_confidence(tuple(images))] == [(20, 30), (33, 17)]
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"),

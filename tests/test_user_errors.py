@@ -1861,8 +1861,15 @@ def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_t
     try:
         load(exported["ckpt"], threads=1)
         assert torch.get_num_threads() == 1
-        with pytest.raises(DeviceError, match="--threads 0: at least 1"):
+        with pytest.raises(DeviceError, match="--threads 0: a whole number, at least 1"):
             load(exported["ckpt"], threads=0)
+        # From Python a fraction or a bool reached torch.set_num_threads (its own TypeError-like RuntimeError, or
+        # True taken as 1); numpy's integers are whole numbers (a helper, 2026-12-07).
+        for threads in (1.5, True):
+            with pytest.raises(DeviceError, match=f"--threads {threads}: a whole number, at least 1"):
+                load(exported["ckpt"], threads=threads)
+        load(exported["ckpt"], threads=np.int64(2))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -417,8 +417,12 @@ class Predictor:
         """images: N×3×H×W uint8 (one size) → float32 N×C×H×W class probabilities, calibrated by the temperature."""
         return (self.logits(images) / self.temperature).softmax(1)
 
-    def predict_with_confidence(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
-        """One image → its H×W uint8 class map and H×W float32 confidence (the chosen class's probability)."""
+    def predict_with_confidence(self, image: ImageLike | list[ImageLike]
+                                ) -> tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
+        """One image → its H×W uint8 class map and H×W float32 confidence (the chosen class's probability); a list
+        (or tuple) → a list of those pairs, as `predict`."""
+        if isinstance(image, (list, tuple)):
+            return [self.predict_with_confidence(item) for item in image]
         pixels = torch.from_numpy(np.require(as_uint8_rgb(image), requirements=("C", "W"))).permute(2, 0, 1)[None]
         (mask, confidence), = self.full_size_maps([pixels], confidence=True)
         return mask[0].to(torch.uint8).cpu().numpy(), confidence[0].cpu().numpy()
@@ -490,6 +494,8 @@ class Predictor:
         if mask.shape != rgb.shape[:2] or not np.issubdtype(mask.dtype, np.integer):
             raise ValueError(f"mask must be the image's H×W ({rgb.shape[0]}×{rgb.shape[1]}) of class ids (integers), "
                              f"got {mask.dtype} {'×'.join(map(str, mask.shape))}")
+        if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 255):  # -1 took the last colour without a word
+            raise ValueError(f"mask holds class ids {int(mask.min())}..{int(mask.max())}: the colours cover 0..255")
         colours = self.info.colour_lut()[mask].astype(np.float32)
         return Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
 
@@ -628,8 +634,9 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
     CPU threads, onnxruntime's session's for an .onnx file, torch's (process-wide) for a .pt checkpoint. `tta`
     "auto": none, or the TTA an end-to-end ONNX graph was exported with (which refuses any other). `scales`: for
     tta ms and ms+flip only (None: DEFAULT_SCALES)."""
-    if threads is not None and threads < 1:
-        raise DeviceError(f"--threads {threads}: at least 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+        raise DeviceError(f"--threads {threads!r}: a whole number, at least 1")
+    threads = None if threads is None else int(threads)  # numpy's integers too, for onnxruntime's option
     device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt
     if scales is not None and "ms" not in tta:  # else ignored without a word, even when equal to the default
         raise ValueError(f"scales {tuple(scales)} are for tta ms or ms+flip (tta is {tta})")
