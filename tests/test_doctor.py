@@ -311,6 +311,16 @@ def test_a_train_or_val_folder_without_its_masks_is_an_error_not_passed_over(tmp
                                                "train/masks folder beside it (2 split folder(s) half there), and no "
                                                "complete split")
 
+    # A folder of photos and no dataset: check-data suggested root/all/{images,masks}, which train never reads; now it
+    # names what train reads, as train says it (2026-12-07).
+    photos = tmp_path / "photos"
+    save(picture(9), photos / "a.png")
+    for command in (["check-data", "--data-root", str(photos)],
+                    ["train", "--data-root", str(photos), "--out", str(tmp_path / "run2"), "--size", "32"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{photos}: not a dataset: expected VOCdevkit/VOC2012, "
+                                                        f"{photos}/train/{{images,masks}} or {photos}/{{images,masks}}")
+
 
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):
     """Every val pixel ignored: mIoU is undefined, so best.pt was never written, and `train` then named a best.pt

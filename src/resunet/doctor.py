@@ -175,10 +175,13 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
                             "folder(s) half there), and no complete split")
         if splits:  # a split folder layout without train or val: train refused it, the check passed
             missing_splits = [s for s in ("train", "val") if s not in splits and s not in {h[0] for h in halves}]
-        splits = splits or ["all"]  # flat layout: one folder for every split
+    flat = not splits  # flat layout: one folder for every split, reported as "all"
+    splits = splits or ["all"]
     split_dirs = {}
     for split in splits:
-        split_dirs[split] = find_split_dir(root, split)
+        # Where there is no flat layout either, the error names what train reads (root/train/...), not root/all/...,
+        # which no command reads without --split all.
+        split_dirs[split] = find_split_dir(root, "train" if flat else split)
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
     for split in missing_splits:
