@@ -925,6 +925,17 @@ def test_a_model_that_cannot_be_served_stops_start_up_in_one_line(tmp_path, caps
         assert err.startswith("resunet serve: error:") and str(path) in err and "\n" not in err, err
 
 
+def test_an_option_the_machine_cannot_take_is_a_usage_error_exit_2_as_for_predict(checkpoint, capsys):
+    """It was exit 1, the code of an unreadable model file, where predict and evaluate say 2 (a usage error)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is no refused option here")
+    assert cli_main(["serve", str(checkpoint), "--port", "1", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resunet serve: error: --device cuda: CUDA is not available") and err.count("\n") == 1
+
+
 def start_server(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """`resunet serve --port 0`, at the URL it announces (the port it chose), once /readyz says ready."""
     process = subprocess.Popen([sys.executable, "-m", "resunet.cli", "serve", str(model), "--port", "0", *options],

@@ -530,6 +530,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .runtime import DeviceError
     from .serve import ServeSettings, bind_address, create_app, run_server, service_url
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
@@ -542,7 +543,9 @@ def cmd_serve(args) -> int:
         app = create_app(args.model, settings)
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
         print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
-        return 1
+        # An option this machine or model cannot take (--device cuda without CUDA, --precision fp32 for an INT8
+        # file) is a usage error, 2 as for predict and evaluate; an unreadable model file or a busy port, 1.
+        return 2 if isinstance(error, (DeviceError, UsageError)) else 1
     try:
         sockets = bind_address(args.host, args.port)
     except OSError as error:
