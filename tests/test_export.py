@@ -541,7 +541,10 @@ def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path,
                      "limit": 1.0}
     assert result["verified_on"] == "val images"
     printed = capsys.readouterr().out
-    assert "vs PyTorch fp32 on 4 val images (" in printed and "% of the pixels of the 4 val images; " in printed
+    # Four sizes of the split's first 3 images (it said "4 val images"), and so it says.
+    assert result["verified_sources"] == 3
+    assert ("vs PyTorch fp32 on 4 pictures resized from 3 of the val images (" in printed
+            and "% of the pixels of the 4 pictures resized from 3 of the val images; " in printed)
     # Without --data-root nothing is measured: the file says so, and so does the command. Its agreement is measured
     # on photos of the calibration folder it was not calibrated on, not on generated scenes (the CamVid model's
     # 86.71% there against 99.36% on photos).
@@ -551,7 +554,9 @@ def test_int8_export_keeps_demo_miou(exported, trained_run, demo_root, tmp_path,
     printed = capsys.readouterr().out
     assert "u.int8.onnx: INT8 not checked on labelled images (no --data-root)" in printed
     assert unchecked["verified_on"] == "held-out calibration images"
-    assert "of the pixels of the 4 held-out calibration images" in printed
+    # 4 of the demo's 56 photos calibrated on, 3 of the others resized to the 4 sizes: it said "4 held-out images"
+    assert unchecked["verified_sources"] == 3
+    assert "of the pixels of the 4 pictures resized from 3 of the held-out calibration images; " in printed
     # ... and there it is the one check: an agreement under MIN_INT8_AGREEMENT is refused (101% here: any is).
     monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 1.01)
     with pytest.raises(ExportError, match=r"r\.int8\.onnx: INT8 class maps agree with PyTorch fp32 on only [\d.]+% of "

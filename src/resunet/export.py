@@ -465,8 +465,12 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     if not sources and calibration_set:  # fewer than 4 photos, or none of those kept apart readable
         sources, source_name = calibration_set[:3], "calibration images (also calibrated on)"
     images = verification_images(sources, size)
+    # The checks run on each verification size, resized from at most 3 pictures: "4 held-out calibration images"
+    # said four photos where the folder had kept one or two apart.
+    pictures = (f"{len(images)} pictures resized from {len(sources)} of the {source_name}" if sources
+                else f"{len(images)} {source_name}")
     result: dict = {"checkpoint": str(source), "onnx": str(out), "graph": graph, "tta": tta, "int8": int8,
-                    "verified_on": source_name}
+                    "verified_on": source_name, "verified_sources": len(sources) or len(images)}
 
     def refuse(message: str) -> ExportError:
         """The error for a file not kept; its figures still go to --json."""
@@ -496,7 +500,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         fp32 = OnnxPredictor(tmp)
         parity = check_parity(fp32, reference, images)
         sizes = ", ".join(f"{w}×{h}" for h, w in parity.sizes)
-        print(f"parity, onnxruntime fp32 vs PyTorch fp32 on {len(images)} {source_name} ({sizes}): max |Δlogit| "
+        print(f"parity, onnxruntime fp32 vs PyTorch fp32 on {pictures} ({sizes}): max |Δlogit| "
               f"{parity.max_logit_diff:.2e} (limit {MAX_LOGIT_DIFF:g}), class maps agree on "
               f"{100 * parity.agreement:.3f}% of pixels (limit {100 * MIN_AGREEMENT:g}%)")
         result["parity"] = {"max_logit_diff": parity.max_logit_diff, "agreement": parity.agreement,
@@ -526,7 +530,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             result["int8"] = {"calibration_images": len(calibration_set), "agreement": agreement,
                               "fp32_images_per_s": speed_fp32, "int8_images_per_s": speed_int8}
             print(f"INT8 (QDQ, per-channel weights, {len(calibration_set)} calibration images): class maps agree with "
-                  f"PyTorch fp32 on {100 * agreement:.2f}% of the pixels of the {len(images)} {source_name}; "
+                  f"PyTorch fp32 on {100 * agreement:.2f}% of the pixels of the {pictures}; "
                   f"{speed_int8:.2f} img/s vs {speed_fp32:.2f} img/s for the fp32 file "
                   f"({speed_int8 / speed_fp32:.2f}×)")
             if dataset is None and agreement < MIN_INT8_AGREEMENT:  # the one check there is without labels
