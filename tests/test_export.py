@@ -821,7 +821,7 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     shutil.copy(exported["ckpt"], folder / "best.pt")
     shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
     (folder / "other.onnx").write_bytes(b"junk")  # not ours: skipped, not an error
-    assert exported_siblings(folder / "best.pt") == [folder / "model.onnx"]
+    assert exported_siblings(folder / "best.pt") == ([folder / "model.onnx"], [])
     images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_0000[0-1].jpg")
     assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "out"), "--backend", "auto"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend auto")][0]
@@ -833,6 +833,21 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
     assert line.startswith(f"backend: PyTorch ({folder / 'best.pt'}; the files exported from it run on the CPU")
     assert len(list((tmp_path / "bf16").glob("*.png"))) == 2
+    # The checkpoint calibrated (or trained on) since its export: the file beside it is of the earlier one and is not
+    # timed; the line named no file ("no exported file from it beside it" with model.onnx there). A suffix in upper
+    # case is an ONNX file all the same (`load` reads it so; --backend auto passed it over).
+    payload = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    payload["temperature"] = 1.5
+    torch.save(payload, folder / "best.pt")
+    (folder / "model.onnx").rename(folder / "model.ONNX")
+    stale = ["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "stale"), "--backend", "auto"]
+    assert main(stale) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
+    assert line == (f"backend: PyTorch ({folder / 'best.pt'}; no exported file from it beside it; model.ONNX: exported "
+                    "from an earlier best.pt (its sha256 differs), export again)")
+    assert exported_siblings(folder / "best.pt") == ([], [folder / "model.ONNX"])
+    shutil.copy(exported["ckpt"], folder / "best.pt")
+    assert exported_siblings(folder / "best.pt") == ([folder / "model.ONNX"], [])
 
 
 def test_loading_and_tracing_a_model_leave_the_callers_random_draws_alone(trained_run, tmp_path, monkeypatch):

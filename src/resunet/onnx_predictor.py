@@ -277,23 +277,29 @@ def graph_feed(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
 
 
-def exported_siblings(checkpoint: str | Path) -> list[Path]:
-    """`.onnx` files beside a checkpoint that `resunet export` made from exactly that file (sha256 in metadata)."""
+def exported_siblings(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:
+    """`.onnx` files beside a checkpoint that `resunet export` made from exactly that file (sha256 in metadata), and
+    those made from an earlier file of its name (calibrated or trained on since): out of date, to be named."""
     from .fingerprint import sha256_file
 
     checkpoint = Path(checkpoint)
-    candidates = sorted(checkpoint.parent.glob("*.onnx"))
+    # Any case of the suffix, as `load` reads it: model.ONNX was passed over without a word
+    candidates = sorted(path for path in checkpoint.parent.iterdir() if path.suffix.lower() == ".onnx"
+                        and path.is_file())
     if not candidates:
-        return []
+        return [], []
     digest = sha256_file(checkpoint)
-    found = []
+    found, stale = [], []
     for path in candidates:
         try:
-            if read_metadata(path).get("resunet.source_sha256") == digest:
-                found.append(path)
+            metadata = read_metadata(path)
         except CheckpointError:
             continue
-    return found
+        if metadata.get("resunet.source_sha256") == digest:
+            found.append(path)
+        elif metadata.get("resunet.source_checkpoint") == checkpoint.name:
+            stale.append(path)
+    return found, stale
 
 
 def measured_drift(check: str) -> bool:
@@ -320,7 +326,7 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     from .predict import load
 
     pytorch = load(checkpoint, **options)
-    siblings = exported_siblings(checkpoint)
+    siblings, stale = exported_siblings(checkpoint)
     if siblings and (not onnx_runs_on(options.get("device", "auto"))
                      or options.get("precision", "auto") not in ONNX_PRECISIONS):
         return pytorch, (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in their "
@@ -345,6 +351,9 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     why = f"; left out: {', '.join(left_out)}" if left_out else ""
     if len(candidates) == 1:
         beside = "the files exported from it cannot run as asked" if left_out else "no exported file from it beside it"
+        if stale:  # after `calibrate` or more training the file is another: its exports are of the earlier one
+            beside += (f"; {', '.join(path.name for path in stale)}: exported from an earlier {Path(checkpoint).name} "
+                       "(its sha256 differs), export again")
         return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{why})"
     sample = None
     for image in [samples] if isinstance(samples, np.ndarray) else samples:
