@@ -361,9 +361,11 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
     from test_cache import killed_pid
 
     (run / ".notes.tmpl").write_text("mine")  # the user's, beside a save's leftover from a killed process
-    (run / f".last.pt.tmp{killed_pid()}").write_bytes(b"half")
+    (run / f".last.pt.tmp{killed_pid()}").write_bytes(b"half")  # named as before 2026-12-07
+    (run / f".best.pt.tmp{killed_pid()}-0123abcd").write_bytes(b"half")
     # and a file another process is still writing (an export's ONNX file, for minutes): it failed at its end
     (run / f".model.onnx.tmp{os.getppid()}").write_bytes(b"being written")
+    (run / f".model.int8.onnx.tmp{os.getppid()}-4567cdef").write_bytes(b"being written")
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, run, epochs=2, resume=str(run / "last.pt"), **SMALL))
     message = str(error.value)
@@ -372,8 +374,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
     assert (run / "last.pt").read_bytes() == before  # untouched, and it still loads
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     # No temporary file left behind, the leftover removed, the user's file kept (".*.tmp*" matched it too)
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [f".model.onnx.tmp{os.getppid()}",
-                                                                               ".notes.tmpl"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [
+        f".model.int8.onnx.tmp{os.getppid()}-4567cdef", f".model.onnx.tmp{os.getppid()}", ".notes.tmpl"]
     # The first save of a run: nothing to resume from ("no best.pt was written; ... resume from it" said so)
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, ram_tmp / "fresh", epochs=1, **SMALL))

@@ -475,8 +475,13 @@ def test_metrics_are_on_disk_before_they_replace_the_previous_file(tmp_path, mon
                                                  real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
     train_module.write_atomically(tmp_path / "metrics.jsonl", '{"epoch": 2}\n')
-    partial = str(tmp_path / f".metrics.jsonl.tmp{os.getpid()}")
+    partial = events[0][1]
+    assert re.fullmatch(re.escape(str(tmp_path / f".metrics.jsonl.tmp{os.getpid()}-")) + "[0-9a-f]{8}", partial)
     assert events == [("fsync", partial), ("replace", partial)]
+    # Random beyond the PID: two containers sharing a volume, each its process 1, wrote into one file (2026-12-07)
+    from resunet.checkpoint import temporary_path
+
+    assert len({temporary_path(tmp_path / "best.pt") for _ in range(8)}) == 8
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 2}\n'
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,15 +44,23 @@ def rename_over(partial: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
+# .NAME.tmpPID-RANDOM; before 2026-12-07 .NAME.tmpPID, which two containers sharing a volume could both take (each its
+# own PID 1): their writes went into one file, renamed into place as a mix of both.
+TEMPORARY_NAME = re.compile(r"\..+\.tmp(?P<pid>\d+)(-[0-9a-f]{8})?")
+
+
 def temporary_path(path: Path) -> Path:
     """Where a file is written before it is renamed into place: hidden, beside it (so the rename stays on one
-    filesystem), named by the writing process. `train` removes leftovers of this pattern from a run's folder."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    filesystem), named by the writing process and a random part. `train` removes leftovers of this pattern from a
+    run's folder."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def is_temporary(path: Path) -> bool:
-    """Whether `path` is named as `temporary_path` names them (not a user's own .notes.tmpl)."""
-    return re.fullmatch(r"\..+\.tmp\d+", path.name) is not None
+def temporary_writer(path: Path) -> int | None:
+    """The PID that wrote a file named as `temporary_path` names them; None for another name (a user's own
+    .notes.tmpl)."""
+    match = TEMPORARY_NAME.fullmatch(path.name)
+    return int(match["pid"]) if match else None
 
 
 def remove_quietly(path: Path) -> None:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from .allocator import tune_cpu_allocator
 from .calibration import bound_note, calibrate, ece_change
-from .checkpoint import CheckpointError, is_temporary, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, temporary_writer
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
@@ -1116,7 +1116,7 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
     if main_process:
         for stale in out.glob(".*.tmp*"):  # left by a process killed while it saved
             # not one still being written (an export's ONNX files, for minutes, in the run folder)
-            if is_temporary(stale) and not process_alive(int(stale.name.rsplit(".tmp", 1)[1])):
+            if (writer := temporary_writer(stale)) is not None and not process_alive(writer):
                 stale.unlink(missing_ok=True)
 
     raw_model = model
