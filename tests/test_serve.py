@@ -925,6 +925,33 @@ def test_a_model_that_cannot_be_served_stops_start_up_in_one_line(tmp_path, caps
         assert err.startswith("resunet serve: error:") and str(path) in err and "\n" not in err, err
 
 
+def test_a_model_file_replaced_while_it_loads_stops_start_up_not_a_wrong_sha256(checkpoint, tmp_path, monkeypatch):
+    """/classes hashed the file after loading it: one replaced meanwhile (a deployment renaming the next model into
+    place) was described by the new file's sha256 while the old model answered."""
+    import shutil
+
+    import resunet.serve.app as app_module
+    from resunet.checkpoint import CheckpointError
+
+    model = tmp_path / "model.pt"
+    shutil.copy(checkpoint, model)
+    real_load = app_module.load
+
+    def load_then_replace(path, **options):
+        predictor = real_load(path, **options)
+        shutil.copy(checkpoint, tmp_path / "next.pt")
+        os.replace(tmp_path / "next.pt", model)  # same bytes, another file: what a deployment's rename leaves
+        return predictor
+
+    monkeypatch.setattr(app_module, "load", load_then_replace)
+    with pytest.raises(CheckpointError) as error:  # `resunet serve`: its one line, exit 1, as for a corrupt file
+        create_app(model)
+    assert str(error.value) == (f"{model}: replaced while the service loaded it (a deployment still writing it?); "
+                                "start the service again once it is in place")
+    monkeypatch.setattr(app_module, "load", real_load)  # left alone, it starts
+    assert create_app(model).state.description["model"]["sha256"] == sha256_file(checkpoint)
+
+
 def test_an_option_the_machine_cannot_take_is_a_usage_error_exit_2_as_for_predict(checkpoint, capsys):
     """It was exit 1, the code of an unreadable model file, where predict and evaluate say 2 (a usage error)."""
     import torch

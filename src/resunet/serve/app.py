@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..checkpoint import CheckpointError, file_state
 from ..data.images import DEFAULT_MAX_PIXELS, DataError
 from ..predict import AUTO_TTA, Predictor, check_working_size, load, max_working_pixels
 from .codec import (RequestError, UploadBudget, class_summary, decode_image, png_bytes, printable_name, rle_classes,
@@ -270,6 +271,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     settings = settings or ServeSettings()
     model_path = Path(model_path)
     metrics = ServiceMetrics()
+    loaded = file_state(model_path) if model_path.is_file() else None  # a missing file: load's own error
     engine = InferenceEngine(
         partial(load, model_path, device=settings.device, precision=settings.precision, tta=settings.tta,
                 threads=settings.threads),
@@ -291,6 +293,10 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         "model": model_description(model_path, predictor),
         "resunet_version": __version__,
     }
+    if loaded is not None and file_state(model_path) != loaded:  # /classes would give another file's sha256
+        engine.executor.shutdown(wait=False)
+        raise CheckpointError(f"{model_path}: replaced while the service loaded it (a deployment still writing it?); "
+                              "start the service again once it is in place")
 
     def say_ready() -> None:
         log.info("ready: %s (%s), working size %d, classes %d", model_path.name, description["model"]["kind"],
