@@ -811,7 +811,8 @@ def test_window_tiles_average_their_overlaps():
     assert by_tile[20, 40] == pytest.approx(0 + (0 + 32) / 2)  # row 0 only; columns 0 and 32
 
 
-def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, demo_root, tmp_path, capsys):
+def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, demo_root, tmp_path, capsys,
+                                                                       monkeypatch):
     import shutil
 
     from resunet.onnx_predictor import exported_siblings
@@ -848,6 +849,19 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert exported_siblings(folder / "best.pt") == ([], [folder / "model.ONNX"])
     shutil.copy(exported["ckpt"], folder / "best.pt")
     assert exported_siblings(folder / "best.pt") == ([folder / "model.ONNX"], [])
+    # Replaced between its loading and the hashing that finds its exports: they would be another file's
+    import resunet.onnx_predictor as onnx_predictor
+    from resunet.checkpoint import CheckpointError
+
+    def replaced_first(checkpoint):
+        shutil.copy(exported["ckpt"], folder / "next.pt")
+        (folder / "next.pt").replace(checkpoint)
+        return exported_siblings(checkpoint)
+
+    monkeypatch.setattr(onnx_predictor, "exported_siblings", replaced_first)
+    with pytest.raises(CheckpointError, match=r"best\.pt: replaced while --backend auto read it; run again once it is "
+                                              "in place"):
+        onnx_predictor.load_fastest(folder / "best.pt", scene(48, 64))
 
 
 def test_loading_and_tracing_a_model_leave_the_callers_random_draws_alone(trained_run, tmp_path, monkeypatch):
@@ -961,11 +975,12 @@ def test_backend_auto_leaves_out_a_graph_that_refuses_the_timed_image_and_takes_
     shutil.copy(exported["ckpt"], folder / "best.pt")
     shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
     image = scene(48, 64)
-    predictor, line = load_fastest(folder / "best.pt", image, device="cpu:0")
+    predictor, line, checkpoint_predictor = load_fastest(folder / "best.pt", image, device="cpu:0")
     assert line.startswith("backend auto: ") and "model.onnx" in line and "left out" not in line, line
+    assert checkpoint_predictor.runtime == "pytorch"
     monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 1000)  # this image's logits pass it
-    predictor, line = load_fastest(folder / "best.pt", image, device=torch.device("cpu", 0))
-    assert predictor.runtime == "pytorch"
+    predictor, line, checkpoint_predictor = load_fastest(folder / "best.pt", image, device=torch.device("cpu", 0))
+    assert predictor.runtime == "pytorch" and checkpoint_predictor is predictor
     assert re.fullmatch(r"backend auto: best\.pt is fastest here \(best\.pt \d+ ms per image; left out: model\.onnx: "
                         r"64×48: this end-to-end graph would hold 0\.0 GiB of full-size logits \(limit 0 GiB\)\)",
                         line), line
@@ -996,6 +1011,18 @@ def test_backend_auto_gives_the_checkpoint_an_image_past_the_winning_graphs_logi
         return real_predict(self, image)
 
     monkeypatch.setattr(Predictor, "predict", slow_pytorch)
+    from pathlib import Path
+
+    real_load_fastest = onnx_predictor.load_fastest
+
+    def then_replaced(checkpoint, *args, **options):
+        chosen = real_load_fastest(checkpoint, *args, **options)
+        # The checkpoint replaced after the choice (a training run's next best.pt; here, junk): the image past the
+        # bound was predicted by loading the file again, so by another model (here, an error) than the one chosen.
+        Path(checkpoint).write_bytes(b"not the model that was timed")
+        return chosen
+
+    monkeypatch.setattr(onnx_predictor, "load_fastest", then_replaced)
     assert main(["predict", str(folder / "best.pt"), str(images), "--out", str(tmp_path / "out"), "--backend",
                  "auto"]) == 0
     out, err = capsys.readouterr()

@@ -365,13 +365,12 @@ def cmd_predict(args) -> int:
     if not paths:
         print("resunet predict: error: no input images found", file=sys.stderr)
         return 1
-    auto = False  # --backend auto chose among the checkpoint and its exported files
+    checkpoint_predictor = None  # --backend auto: the checkpoint's, kept for an image its exported winner refuses
     if args.ensemble:
         predictor = load_ensemble([args.checkpoint, *args.ensemble], **inference_options(args))
     elif args.backend == "auto" and Path(args.checkpoint).suffix.lower() != ".onnx":
-        auto = True
         samples = (image for image in (_readable(p, args.max_pixels) for p in paths) if image is not None)
-        predictor, line = load_fastest(args.checkpoint, samples, **inference_options(args))
+        predictor, line, checkpoint_predictor = load_fastest(args.checkpoint, samples, **inference_options(args))
         print(line)
     else:
         predictor = load(args.checkpoint, **inference_options(args))
@@ -385,7 +384,6 @@ def cmd_predict(args) -> int:
         print(f"resunet predict: note: --out {out} is inside {data_folder}, a folder a dataset is read from: the "
               "results will be read as its files", file=sys.stderr)
     failed, written, skipped = len(problems), 0, 0  # an input that named no image failed
-    checkpoint_predictor = None  # --backend auto: the checkpoint, loaded for an image its exported winner refuses
 
     def predicted(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if args.confidence:  # the chosen class's calibrated probability, 0..1 as 0..255
@@ -461,10 +459,8 @@ def cmd_predict(args) -> int:
                 except LogitBoundError as error:
                     # Timed on a smaller image, an end-to-end file won on speed; one past its logit bound goes to
                     # the checkpoint (it failed: a choice made for speed lost images PyTorch predicts).
-                    if not auto:
-                        raise
                     if checkpoint_predictor is None:
-                        checkpoint_predictor = load(args.checkpoint, **inference_options(args))
+                        raise
                     tqdm.write(f"resunet predict: {path}: {str(error).split(';')[0]} in {predictor.path.name}; "
                                f"predicted by {args.checkpoint} instead", file=sys.stderr)
                     mask, confidence = predicted(checkpoint_predictor, image)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, checked_temperature
+from .checkpoint import CheckpointError, checked_temperature, file_state
 from .fingerprint import file_kind
 from .data.classes import ClassInfo
 from .data.images import DataError
@@ -313,10 +313,12 @@ def measured_drift(check: str) -> bool:
 
 
 def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarray],
-                 **options) -> tuple[Predictor, str]:
+                 **options) -> tuple[Predictor, str, Predictor]:
     """`--backend auto`: the checkpoint in PyTorch or a file exported from it (fp32 or INT8 ONNX), whichever answers
-    a sample fastest here (median of three timed calls after one warm-up). Returns the predictor and a line saying
-    what was measured. Every candidate gives probabilities (--confidence), an end-to-end graph from its logits.
+    a sample fastest here (median of three timed calls after one warm-up). Returns the predictor, a line saying what
+    was measured, and the checkpoint's own predictor (for an image the winner refuses: loaded again, the file might
+    be another model by then). Every candidate gives probabilities (--confidence), an end-to-end graph from its
+    logits.
     `samples`: an image, or images of which the first the model can take is timed (one it refuses, a strip past the
     working-size limit, fails when it is predicted, as it would without --backend auto). A file that cannot run as
     `options` ask (another precision, a TTA it was not exported with), or an INT8 file never checked on labelled data,
@@ -325,12 +327,15 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
 
     from .predict import load
 
+    loaded = file_state(checkpoint) if Path(checkpoint).is_file() else None  # a missing file: load's own error
     pytorch = load(checkpoint, **options)
     siblings, stale = exported_siblings(checkpoint)
+    if loaded is not None and file_state(checkpoint) != loaded:  # the exports found would be of another file
+        raise CheckpointError(f"{checkpoint}: replaced while --backend auto read it; run again once it is in place")
     if siblings and (not onnx_runs_on(options.get("device", "auto"))
                      or options.get("precision", "auto") not in ONNX_PRECISIONS):
         return pytorch, (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in their "
-                         "exported precision, not as --device/--precision ask)")
+                         "exported precision, not as --device/--precision ask)"), pytorch
     candidates: list[tuple[str, Predictor]] = [(str(checkpoint), pytorch)]
     left_out = []
     for path in siblings:
@@ -354,7 +359,7 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
         if stale:  # after `calibrate` or more training the file is another: its exports are of the earlier one
             beside += (f"; {', '.join(path.name for path in stale)}: exported from an earlier {Path(checkpoint).name} "
                        "(its sha256 differs), export again")
-        return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{why})"
+        return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{why})", pytorch
     sample = None
     for image in [samples] if isinstance(samples, np.ndarray) else samples:
         try:
@@ -364,7 +369,8 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
         sample = image
         break
     if sample is None:
-        return pytorch, f"backend: PyTorch ({checkpoint}; no input image it can take, to time the exported files on)"
+        return (pytorch, f"backend: PyTorch ({checkpoint}; no input image it can take, to time the exported files "
+                "on)", pytorch)
     timings = []
     for name, predictor in candidates:
         try:
@@ -381,4 +387,5 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     timings.sort(key=lambda t: t[0])
     summary = ", ".join(f"{Path(name).name} {1000 * seconds:.0f} ms" for seconds, name, _ in timings)
     why = f"; left out: {', '.join(left_out)}" if left_out else ""
-    return timings[0][2], f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image{why})"
+    line = f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image{why})"
+    return timings[0][2], line, pytorch
