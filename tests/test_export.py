@@ -244,7 +244,16 @@ def test_corrupt_and_foreign_onnx_files_get_one_line(exported, tmp_path, capsys)
     model = onnx.load(str(exported["dir"] / "model.onnx"))
     make_input_shape_fixed(model.graph, "image", [1, 48, 64, 3])
     onnx.save(model, str(fixed))
+    # A graph kind of a later resunet was "not one exported by resunet (no resunet metadata)", sending the user astray
+    from resunet import __version__
+    from resunet.export import set_metadata
+
+    newer = tmp_path / "newer.onnx"
+    newer.write_bytes((exported["dir"] / "model.onnx").read_bytes())
+    set_metadata(newer, {"resunet.graph": "panoptic", "resunet.version": "9.0.0"})
     for path, words in ((truncated, "not a readable ONNX file"), (foreign, "not one exported by resunet"),
+                        (newer, f"newer.onnx: a resunet graph of kind 'panoptic' (exported by resunet 9.0.0), which "
+                                f"this resunet ({__version__}) cannot run: it runs end-to-end and logits graphs"),
                         (text, "not a readable ONNX file"), (tmp_path / "missing.onnx", "not found"),
                         (fixed, "resunet metadata for the end-to-end graph (uint8 N×H×W×3 of any size), but its graph "
                                 "takes only tensor(uint8) [1, 48, 64, 3] (fixed sides or batch: resunet feeds any)")):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .checkpoint import CheckpointError, checked_temperature, file_state
 from .fingerprint import file_kind
 from .data.classes import ClassInfo
@@ -45,8 +46,13 @@ class LogitBoundError(DataError):
 
 def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:
     """`props` if they are resunet's; a one-line CheckpointError for any other ONNX file."""
-    if props.get(FORMAT_KEY) not in GRAPHS:
+    kind = props.get(FORMAT_KEY)
+    if kind is None:
         raise CheckpointError(f"{path}: an ONNX file, but not one exported by resunet (no resunet metadata)")
+    if kind not in GRAPHS:  # a later resunet's kind of graph: "not one exported by resunet" sent the user astray
+        version = props.get("resunet.version", "another version")
+        raise CheckpointError(f"{path}: a resunet graph of kind {kind!r} (exported by resunet {version}), which this "
+                              f"resunet ({__version__}) cannot run: it runs {' and '.join(GRAPHS)} graphs")
     return props
 
 
