@@ -677,6 +677,37 @@ def test_an_app_whose_lifespan_never_ran_says_so_instead_of_retry_in_1_s(checkpo
     assert answer.json()["error"].startswith("the model was never started: this app's lifespan has not run")
 
 
+def test_an_app_let_go_gives_back_its_model_and_inference_thread(checkpoint):
+    """FastAPI's caches keep every endpoint function for the process's life, and ours (and fastapi_offline's /docs)
+    closed over the engine or the app: each create_app() kept its model and inference thread (a notebook re-creating
+    its app, 340 MB more each time with a ResNet18 here; known since 2026-12-07). Started and stopped, or never
+    started, an app let go is freed, and its /docs still works while it lives."""
+    import gc
+    import weakref
+
+    def thread_count() -> int:
+        return sum(thread.name.startswith("resunet-inference") for thread in threading.enumerate())
+
+    before = thread_count()
+    for run in (False, True):
+        app = create_app(checkpoint)
+        if run:
+            with TestClient(app) as http:
+                assert http.post("/predict", content=encoded(scene(30, 40))).status_code == 200
+                docs = http.get("/docs")
+                assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+                assert "/openapi.json" in docs.text and "/predict" in http.get("/openapi.json").json()["paths"]
+            del http  # the client holds the app
+        engine, predictor = weakref.ref(app.state.engine), weakref.ref(app.state.engine.predictor)
+        assert thread_count() == before + 1
+        del app
+        gc.collect()
+        deadline = time.monotonic() + 10  # the thread ends once it sees its executor gone
+        while thread_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine() is None and predictor() is None and thread_count() == before
+
+
 def test_the_announced_url_is_one_a_browser_opens():
     """`--host ::1` was announced as http://::1:8000/ and `--port 0` as port 0 (a helper, 2026-12-06)."""
     from resunet.serve import service_url

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 import unicodedata
+import weakref
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
@@ -272,11 +274,16 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
     model_path = Path(model_path)
     metrics = ServiceMetrics()
     loaded = file_state(model_path) if model_path.is_file() else None  # a missing file: load's own error
-    engine = InferenceEngine(
+    running = InferenceEngine(
         partial(load, model_path, device=settings.device, precision=settings.precision, tta=settings.tta,
                 threads=settings.threads),
         metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue)
-    predictor = engine.predictor
+    # FastAPI's caches keep every endpoint function for the process's life (lru_caches keyed by the function): the
+    # closures below reach the engine, and through it the model, by a weak reference, else each app created kept its
+    # model and inference thread (a notebook or a test suite making apps grew by the model's size each time). The
+    # app holds the engine (app.state.engine).
+    engine = weakref.proxy(running)
+    predictor = running.predictor
     info = predictor.info
     pixels = PixelBudget(settings.max_pending_pixels, metrics)
     uploads = UploadBudget(settings.max_pending_bytes, settings.retry_after_s)
@@ -294,30 +301,41 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         "resunet_version": __version__,
     }
     if loaded is not None and file_state(model_path) != loaded:  # /classes would give another file's sha256
-        engine.executor.shutdown(wait=False)
+        running.executor.shutdown(wait=False)
         raise CheckpointError(f"{model_path}: replaced while the service loaded it (a deployment still writing it?); "
                               "start the service again once it is in place")
 
     def say_ready() -> None:
         log.info("ready: %s (%s), working size %d, classes %d", model_path.name, description["model"]["kind"],
-                 predictor.size, info.num_classes)
+                 description["working_size"], info.num_classes)
 
     def warm_up_failed(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("warm-up failed, the service stays unready (/readyz 503): %s", engine.warm_up_error)
+            log.error("warm-up failed, the service stays unready (/readyz 503): %s", running.warm_up_error)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await engine.start(wait=settings.warm_up_first, on_ready=say_ready)
-        engine.starting.add_done_callback(warm_up_failed)
+    async def lifespan(app: FastAPI):  # no endpoint: none of FastAPI's caches keeps it
+        await running.start(wait=settings.warm_up_first, on_ready=say_ready)
+        running.starting.add_done_callback(warm_up_failed)
         yield
-        await engine.stop()
+        await running.stop()
 
+    # Swagger UI's files from fastapi_offline; its /docs page, ours: its endpoint closes over the app, which FastAPI's
+    # caches then kept, with the model, for the process's life. ReDoc fetches its logo from a CDN: no /redoc.
     app = FastAPIOffline(title="resunet", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
-                         redoc_url=None,  # ReDoc fetches its logo from a CDN; /docs says the same
+                         docs_url=None, redoc_url=None,
                          description=f"Semantic segmentation with {model_path.name}: POST an image to /predict.")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}", title="resunet - Swagger UI",
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png")
+
     app.state.engine, app.state.settings, app.state.description, app.state.metrics, app.state.uploads = (
-        engine, settings, description, metrics, uploads)
+        running, settings, description, metrics, uploads)
 
     app.add_middleware(LogAndCount, metrics=metrics, on_bug=lambda request, error: on_bug(request, error))
 
@@ -399,8 +417,8 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
         """413 for an image the model cannot run: a thin strip of few pixels can still ask the network for gigabytes
         at the working size, and an end-to-end ONNX graph has its bound on logits."""
         try:
-            predictor.check_size(height, width)
-            check_working_size(height, width, predictor.size, max_working_pixels(predictor.size))
+            engine.predictor.check_size(height, width)
+            check_working_size(height, width, engine.predictor.size, max_working_pixels(engine.predictor.size))
         except DataError as error:
             raise RequestError(413, f"{name}: {error}") from None
 
@@ -446,7 +464,7 @@ def create_app(model_path: str | Path, settings: ServeSettings | None = None) ->
                 raise RequestError(503, str(error), {"Retry-After": str(settings.retry_after_s)})
         inferred = time.perf_counter()
         if format == "png":
-            body = await run_in_threadpool(lambda: png_bytes(predictor.colorize(result.mask)))
+            body = await run_in_threadpool(lambda: png_bytes(engine.predictor.colorize(result.mask)))
         else:  # serialised here too: the bulk of an RLE answer (millions of run lengths) was outside `encode`
             summary = class_summary if format == "json" else rle_classes
             classes_json = await run_in_threadpool(lambda: json_bytes(summary(result.mask, info)))

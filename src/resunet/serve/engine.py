@@ -99,7 +99,8 @@ class InferenceEngine:
         # The images in the queue whose clients still wait: one whose client went away stays in the queue until the
         # batcher skips it, between passes, and counted there it refused new requests (503) during a long pass.
         self.queued: set[asyncio.Future] = set()
-        metrics.queue_depth.set_function(lambda: len(self.queued))
+        queued = self.queued  # not `self`: the metrics would keep the engine, and its model, alive
+        metrics.queue_depth.set_function(lambda: len(queued))
 
     async def start(self, wait: bool = True, on_ready: Callable[[], None] | None = None) -> None:
         """Create the queue, warm the model up (the first passes build the kernels), start batching, then report
