@@ -983,10 +983,16 @@ def test_a_model_file_replaced_while_it_loads_stops_start_up_not_a_wrong_sha256(
     assert create_app(model).state.description["model"]["sha256"] == sha256_file(checkpoint)
 
 
-def test_an_option_the_machine_cannot_take_is_a_usage_error_exit_2_as_for_predict(checkpoint, capsys):
+def test_an_option_the_machine_or_model_cannot_take_is_a_usage_error_exit_2_as_for_predict(checkpoint, exported,
+                                                                                             capsys):
     """It was exit 1, the code of an unreadable model file, where predict and evaluate say 2 (a usage error)."""
     import torch
 
+    end_to_end = exported["dir"] / "model.onnx"  # exported without TTA: it cannot run flip (a helper, 2026-12-07)
+    assert cli_main(["serve", str(end_to_end), "--port", "1", "--tta", "flip"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resunet serve: error: {end_to_end}: an end-to-end graph exported with tta 'none' cannot "
+                          "run --tta flip; ") and err.count("\n") == 1
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is no refused option here")
     assert cli_main(["serve", str(checkpoint), "--port", "1", "--device", "cuda"]) == 2

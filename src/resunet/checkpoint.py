@@ -30,6 +30,11 @@ class CheckpointError(ValueError):
     """The file is not a usable checkpoint; the message is one line naming it."""
 
 
+class UnsupportedOptionError(CheckpointError):
+    """A readable model file that cannot run as asked (a TTA or window its end-to-end graph was not exported with): a
+    usage error (exit 2 from `serve` too), not a bad file."""
+
+
 def file_state(path: str | Path) -> tuple[int, int, int]:
     """What tells a file rewritten (a save renames a new file into place) from the one read: inode, size, time."""
     stat = os.stat(path)

@@ -526,6 +526,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .checkpoint import UnsupportedOptionError
     from .runtime import DeviceError
     from .serve import ServeSettings, bind_address, create_app, run_server, service_url
 
@@ -540,8 +541,9 @@ def cmd_serve(args) -> int:
     except _user_errors() as error:  # a model that cannot be served stops start-up in one line
         print(f"resunet serve: error: {one_line(error)}", file=sys.stderr)
         # An option this machine or model cannot take (--device cuda without CUDA, --precision fp32 for an INT8
-        # file) is a usage error, 2 as for predict and evaluate; an unreadable model file or a busy port, 1.
-        return 2 if isinstance(error, (DeviceError, UsageError)) else 1
+        # file, --tta flip for a graph exported without it) is a usage error, 2 as for predict and evaluate; an
+        # unreadable model file or a busy port, 1.
+        return 2 if isinstance(error, (DeviceError, UnsupportedOptionError, UsageError)) else 1
     try:
         sockets = bind_address(args.host, args.port)
     except OSError as error:

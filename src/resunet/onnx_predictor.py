@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, checked_temperature, file_state
+from .checkpoint import CheckpointError, UnsupportedOptionError, checked_temperature, file_state
 from .fingerprint import file_kind
 from .data.classes import ClassInfo
 from .data.images import DataError
@@ -176,7 +176,7 @@ class OnnxPredictor(Predictor):
             if tta != self.baked_tta or window is not None:
                 asked = f"--tta {tta}" if tta != self.baked_tta else "--window"
                 again = f"export it again with --tta {tta}, or " if tta in ("none", "flip") and window is None else ""
-                raise CheckpointError(
+                raise UnsupportedOptionError(
                     f"{self.path}: an end-to-end graph exported with tta '{self.baked_tta}' cannot run {asked}; "
                     f"{again}export with --logits for any TTA or sliding window")
             super().set_inference(self.baked_tta, scales, None, None)
