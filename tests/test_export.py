@@ -991,7 +991,7 @@ def test_backend_auto_leaves_out_a_graph_that_refuses_the_timed_image_and_takes_
     predictor, line, checkpoint_predictor = load_fastest(folder / "best.pt", image, device=torch.device("cpu", 0))
     assert predictor.runtime == "pytorch" and checkpoint_predictor is predictor
     assert re.fullmatch(r"backend auto: best\.pt is fastest here \(best\.pt \d+ ms per image; left out: model\.onnx: "
-                        r"64×48: this end-to-end graph would hold 0\.0 GiB of full-size logits \(limit 0 GiB\)\)",
+                        r"64×48: this end-to-end graph would hold 0\.01 GiB of full-size logits \(limit 0\.00 GiB\)\)",
                         line), line
 
 
@@ -1036,8 +1036,8 @@ def test_backend_auto_gives_the_checkpoint_an_image_past_the_winning_graphs_logi
                  "auto"]) == 0
     out, err = capsys.readouterr()
     assert "backend auto: model.onnx is fastest here" in out
-    assert (f"{images / 'b_large.png'}: 200×150: this end-to-end graph would hold 0.0 GiB of full-size logits (limit "
-            f"0 GiB) in model.onnx; predicted by {folder / 'best.pt'} instead") in err
+    assert (f"{images / 'b_large.png'}: 200×150: this end-to-end graph would hold 0.01 GiB of full-size logits (limit "
+            f"0.00 GiB) in model.onnx; predicted by {folder / 'best.pt'} instead") in err
     reference = Predictor.from_checkpoint(exported["ckpt"], device="cpu", precision="auto")
     written = np.asarray(Image.open(tmp_path / "out" / "b_large.png"))
     assert (written == reference.predict(np.asarray(Image.open(images / "b_large.png").convert("RGB")))).all()

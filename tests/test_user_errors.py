@@ -1290,9 +1290,14 @@ def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_
     monkeypatch.setattr(resunet.onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 4 * 100 * 100)  # 100×100 images
     predictor = load(exported["dir"] / "model.onnx")
     assert predictor.predict(np.zeros((100, 100, 3), np.uint8)).shape == (100, 100)
-    with pytest.raises(DataError, match="101×100: this end-to-end graph would hold 0.0 GiB of full-size logits "
-                                        "\\(limit 0 GiB\\); export with --logits"):
+    with pytest.raises(DataError, match="101×100: this end-to-end graph would hold 0.01 GiB of full-size logits "
+                                        "\\(limit 0.00 GiB\\); export with --logits"):
         predictor.predict(np.zeros((100, 101, 3), np.uint8))
+    # At the real limit (2 GiB) a 5200×5000 photo's 2.03 GiB read "2.0 GiB (limit 2 GiB)": within it, seemingly
+    monkeypatch.setattr(resunet.onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 2 * 2**30)
+    with pytest.raises(DataError, match=r"^5200×5000: this end-to-end graph would hold 2\.04 GiB of full-size logits "
+                                        r"\(limit 2\.00 GiB\)"):
+        predictor.check_size(5000, 5200)
     # Images that fit one by one fit in a batch too, run in parts: the service batches concurrent requests of one
     # size, and eight 2000×2000 photos (each fine alone) were answered 500 (found by a helper, 2026-12-05).
     photos = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_val_*.jpg"))[:3]

@@ -201,8 +201,11 @@ class OnnxPredictor(Predictor):
             return
         needed = count * self.logit_bytes(height, width)
         if needed > END_TO_END_MAX_LOGIT_BYTES:
-            raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {needed / 2**30:.1f} GiB of "
-                                  f"full-size logits (limit {END_TO_END_MAX_LOGIT_BYTES / 2**30:.0f} GiB); export "
+            # Up to the next hundredth and the limit down: "2.0 GiB (limit 2 GiB)" read as within it (2.03 GiB)
+            over = math.ceil(needed / 2**30 * 100) / 100
+            limit = math.floor(END_TO_END_MAX_LOGIT_BYTES / 2**30 * 100) / 100
+            raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {over:.2f} GiB of full-size "
+                                  f"logits (limit {limit:.2f} GiB); export "
                                   "with --logits, which resunet upsamples without them, or shrink the image")
 
     def logit_bytes(self, height: int, width: int) -> int:
