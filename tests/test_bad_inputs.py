@@ -137,6 +137,24 @@ def test_train_names_the_bad_file(tmp_path, capsys, kind, data_path):
     one_error_line(capsys, "train", str(Path("train") / "images" / "bad_0.png"), words)
 
 
+def test_a_cut_short_file_of_a_format_we_read_is_called_damaged_not_an_unknown_format():
+    """A truncated LZW TIFF (its directory at the end) or AVIF failed PIL's identification and was "not an image
+    format we know": users went looking for a format the README lists as read (a helper's audit, 2026-12-07)."""
+    from resunet.data.images import DataError, read_image
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    for fmt, options, name in (("TIFF", {"compression": "tiff_lzw"}, "TIFF"), ("AVIF", {}, "AVIF"),
+                               ("GIF", {}, "GIF")):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=fmt, **options)
+        cut = buffer.getvalue()[:40]  # the signature and little else
+        with pytest.raises(DataError, match=rf"^photo: not a readable image \({name} by its first bytes, but its "
+                                            r"header cannot be read: damaged or cut short\?\)$"):
+            read_image(cut, name="photo")
+    with pytest.raises(DataError, match=r"^photo: not a readable image \(not an image format we know\)$"):
+        read_image(b"II" + b"\x00" * 40, name="photo")  # two bytes alike are no signature
+
+
 def test_a_bomb_mask_is_refused_from_its_header(tmp_path):
     from resunet.data.classes import generic_info
     from resunet.data.images import ImageTooLargeError, read_mask

@@ -98,6 +98,18 @@ def open_unbounded(source: str | Path | io.BytesIO) -> Iterator[Image.Image]:
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 
 
+# The first bytes of formats in READ_FORMATS with a fixed signature (TGA, PCX and others have none to speak of).
+READ_SIGNATURES = (
+    ("JPEG", lambda head: head[:3] == b"\xff\xd8\xff"), ("PNG", lambda head: head[:8] == b"\x89PNG\r\n\x1a\n"),
+    ("GIF", lambda head: head[:4] == b"GIF8"), ("BMP", lambda head: head[:2] == b"BM"),
+    ("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*")),
+    ("WebP", lambda head: head[:4] == b"RIFF" and head[8:12] == b"WEBP"),
+    ("AVIF", lambda head: head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis")),
+    ("JPEG 2000", lambda head: head[:4] == b"\x00\x00\x00\x0c" or head[:4] == b"\xff\x4f\xff\x51"),
+    ("QOI", lambda head: head[:4] == b"qoif"),
+)
+
+
 def unknown_format(source: str | Path | io.BytesIO) -> str:
     """Why an image was not identified, from its first bytes: a HEIC/HEIF photo is named, with the way round it."""
     try:
@@ -111,6 +123,11 @@ def unknown_format(source: str | Path | io.BytesIO) -> str:
         head = b""
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return "a HEIC/HEIF photo, which is not read here: export it as JPEG or PNG"
+    # A format we read whose header PIL could not parse: cut short or damaged (a truncated LZW TIFF keeps its
+    # directory at the end), not an unknown format, which sent users looking for a format they had
+    known = next((name for name, matches in READ_SIGNATURES if matches(head)), None)
+    if known is not None:
+        return f"{known} by its first bytes, but its header cannot be read: damaged or cut short?"
     return "not an image format we know"
 
 
