@@ -196,6 +196,14 @@ def test_many_worst_images_go_on_several_sheets_listed_before_any_is_drawn(train
     assert len(json.loads((tmp_path / "worst" / "worst.json").read_text())) == 4
     # Two sheets now: the earlier run's third is not left beside them as if it were this run's (a helper's audit)
     assert not (tmp_path / "worst" / "worst-3.png").exists() and (tmp_path / "worst" / "worst-2.png").exists()
+    # ... but this run's own --confusion or --json, named as a later sheet in --out, is not removed with them: it
+    # was written, said, then removed (a helper's audit, 2026-12-07)
+    monkeypatch.setattr(visualize, "plot_worst", plot_worst)
+    confusion, listing = tmp_path / "worst" / "worst-3.png", tmp_path / "worst" / "worst-4.png"
+    run_evaluate(str(trained_run / "best.pt"), str(demo_root), workers=0, worst=2, precision="fp32",
+                 worst_out=str(tmp_path / "worst"), confusion_png=str(confusion), json_out=str(listing))
+    assert Image.open(confusion).size[0] > 100 and json.loads(listing.read_text())["miou"] >= 0
+    assert (tmp_path / "worst" / "worst.png").exists() and not (tmp_path / "worst" / "worst-2.png").exists()
 
 
 def test_the_worst_sheet_keeps_thumbnails_whose_masks_are_sampled_on_one_grid():

@@ -325,6 +325,13 @@ def test_an_ensemble_averages_its_members_probabilities(trained_run, demo_root, 
                  str(trained_run / "last.pt"), "--json", str(tmp_path / "e.json"), "--workers", "0"]) == 0
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["ensemble"] == [str(trained_run / "last.pt")]
+    # From Python one path as a string, as load_ensemble takes it (split into its characters: "/: checkpoint not
+    # found"; a helper's audit, 2026-12-07)
+    from resunet.evaluate import run_evaluate
+
+    again = run_evaluate(str(trained_run / "best.pt"), str(demo_root), ensemble=str(trained_run / "last.pt"),
+                         workers=0, progress=False)
+    assert again["ensemble"] == scores["ensemble"] and again["miou"] == pytest.approx(scores["miou"], abs=1e-9)
     # Each member's own temperature is reported (the ensemble applies them before averaging), not a 1 of its own.
     temperatures = [Predictor.from_checkpoint(trained_run / name).temperature for name in ("best.pt", "last.pt")]
     assert scores["temperature"] == pytest.approx(temperatures)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -187,6 +188,7 @@ def run_evaluate(
     check_outputs(json_out, confusion_png, worst_out if worst > 0 else None, data_root, worst=worst)  # before work
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: at least 1")
+    ensemble = [ensemble] if isinstance(ensemble, (str, Path)) else ensemble  # one path, not its characters
     predictor = load_ensemble([checkpoint, *ensemble], device=device, precision=precision, tta=tta, scales=scales,
                               window=window, stride=stride)
     info = predictor.info
@@ -234,7 +236,7 @@ def run_evaluate(
         write_output(out / "worst.json", strict_json(result["worst"]))
         if json_out:
             write_output(json_out, strict_json(result))
-        draw_worst(rows, info, out)
+        draw_worst(rows, info, out, keep=[path for path in (json_out, confusion_png) if path])
     return result
 
 
@@ -278,14 +280,17 @@ def worst_images(predictor: Predictor, dataset: PairedDataset, per_image: list[t
     return rows, listed
 
 
-def draw_worst(rows: list[dict], info: ClassInfo, out: Path) -> None:
-    """The contact sheets of `rows` in `out`, WORST_PER_SHEET rows each."""
+def draw_worst(rows: list[dict], info: ClassInfo, out: Path, keep: list[str | Path] = ()) -> None:
+    """The contact sheets of `rows` in `out`, WORST_PER_SHEET rows each. An earlier, longer list's sheets there are
+    removed, but not `keep`, this run's other outputs (a --confusion named worst-2.png in --out was written, said,
+    then removed)."""
     from .visualize import plot_worst
 
     sheets = [out / name for name in worst_sheet_names(len(rows))]
+    kept = {os.path.realpath(path) for path in keep}
     for stale in out.glob("worst-*.png"):  # an earlier, longer list's sheets (another model's?) beside this one's
         page = re.fullmatch(r"worst-(\d+)\.png", stale.name)
-        if page and int(page.group(1)) > len(sheets):
+        if page and int(page.group(1)) > len(sheets) and os.path.realpath(stale) not in kept:
             stale.unlink(missing_ok=True)
     for start, sheet in zip(range(0, len(rows), WORST_PER_SHEET), sheets):
         plot_worst(rows[start:start + WORST_PER_SHEET], info, sheet)
