@@ -1,3 +1,4 @@
+import math
 import warnings
 
 import matplotlib
@@ -128,6 +129,25 @@ def test_dollar_signs_in_file_and_class_names_are_drawn_as_written(tmp_path, mon
     as_math = [math for text, math in drawn if "$" in text]  # whether each text with a $ was drawn as mathtext
     assert {"scan_$1_$2.png", "back$ground$"} <= {text.split("\n")[0] for text, _ in drawn}
     assert as_math and not any(as_math)
+
+
+def test_an_image_with_every_pixel_ignored_is_titled_not_scored_not_nan(tmp_path, monkeypatch):
+    """Its mIoU is NaN (null in worst.json, ranked last): the sheet said "mIoU nan%, pixel acc. nan%"."""
+    from matplotlib.text import Text
+
+    from resunet.visualize import plot_worst
+
+    info = ClassInfo(("background", "thing"), ((0, 0, 0), (200, 0, 0)), 255, (224, 224, 192))
+    rows = [{"name": name, "image": np.zeros((8, 8, 3), np.uint8), "target": np.full((8, 8), fill, np.uint8),
+             "prediction": np.zeros((8, 8), np.uint8), "miou": miou, "pixel_accuracy": accuracy}
+            for name, fill, miou, accuracy in (("a.png", 0, 0.5, 0.75), ("void.png", 255, math.nan, math.nan))]
+    drawn = []
+    real_draw = Text.draw
+    monkeypatch.setattr(Text, "draw", lambda self, renderer: (drawn.append(self.get_text()),
+                                                              real_draw(self, renderer))[1])
+    plot_worst(rows, info, tmp_path / "worst.png")
+    assert "a.png\nmIoU 50.0%, pixel acc. 75.0%" in drawn
+    assert "void.png\nnot scored: every pixel ignored" in drawn and not any("nan" in text for text in drawn)
 
 
 def test_importing_and_plotting_leave_the_callers_matplotlib_backend_alone(tmp_path):

@@ -708,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help=DATA_ROOT_HELP)
     p.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
     p.add_argument("--split", default="val", help="split to draw from (default val)")
-    p.add_argument("--count", type=_positive_int, default=5, help="rows: images drawn (default 5)")
+    p.add_argument("--count", type=_positive_int, default=5, help="images drawn, one a column (default 5)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="which images are drawn (default 0)")
     p.set_defaults(run=cmd_visualize)
 

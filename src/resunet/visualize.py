@@ -165,8 +165,10 @@ def plot_worst(rows: list[dict], info: ClassInfo, path: str | Path) -> None:
             for ax, picture in zip(ax_row, pictures):
                 ax.imshow(picture)
                 ax.axis("off")
-            ax_row[0].set_title(f"{name}\nmIoU {100 * row['miou']:.1f}%, pixel acc. "
-                                f"{100 * row['pixel_accuracy']:.1f}%", loc="left", fontsize=9)
+            # An image whose pixels are all ignored has no score (null in worst.json): not "nan%"
+            scores = (f"mIoU {100 * row['miou']:.1f}%, pixel acc. {100 * row['pixel_accuracy']:.1f}%"
+                      if math.isfinite(row["miou"]) else "not scored: every pixel ignored")
+            ax_row[0].set_title(f"{name}\n{scores}", loc="left", fontsize=9)
         for ax, title in zip(axes[0][1:], ("ground truth", "prediction", "errors (red; ignored grey)")):
             ax.set_title(title, loc="left", fontsize=10)
         lay_out_with_legend(fig, info, [m for row in rows for m in (row["target"], row["prediction"])], 2.9 * len(rows))
