@@ -1184,6 +1184,13 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
             method(normalised)
         with pytest.raises(ValueError, match=r"got integers from 0 to 65535: scale them to 0\.\.255"):
             method(pixels.int() * 257)
+        # ... and as floats, a 16-bit frame or a Caffe-style mean taken off: PyTorch took them as they were, an
+        # end-to-end graph clamped them (62% of the pixels differed; a helper's audit, 2026-12-07); NaN too
+        for wrong in (pixels.float() * 257, pixels.float() - 100, torch.full((1, 3, 8, 8), float("nan"))):
+            span = f"{float(wrong.min()):.6g} to {float(wrong.max()):.6g}"  # 0 to 65535, -100 to 155, nan to nan
+            with pytest.raises(ValueError, match=rf"got floats from {span}: scale them to 0\.\.255 \(a 16-bit image: "
+                                                 r"/ 257\), with no mean taken off"):
+                method(wrong)
     dark = pixels.float() * 0.03 - 0.6  # a dark 0..255 frame resized bicubic: it dips under 0, and is taken
     assert predictor.predict_tensor(dark).shape == (1, *pixels.shape[2:])
     assert predictor.predict_tensor(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8)  # black is black in both scales

@@ -118,6 +118,10 @@ def check_batch(images: list[np.ndarray]) -> None:
             raise ValueError(f"predict_batch: image {index} is empty (shape {image.shape})")
 
 
+# What float pixels may span: 0..255 and a resize's overshoot at hard edges (NaN is outside it too).
+FLOAT_PIXEL_RANGE = (-64.0, 320.0)
+
+
 def check_image_tensor(images: torch.Tensor) -> None:
     """The tensor methods' input (`logits`, `probabilities`, `predict_tensor`): an N×3×H×W tensor of 0..255 pixels
     (ValueError naming what it got). Floats scaled to 0..1, torchvision's convention, would be read as nearly black
@@ -140,6 +144,11 @@ def check_image_tensor(images: torch.Tensor) -> None:
     if images.is_floating_point() and low < -1 and high <= 8:
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.2f} to {high:.2f}, "
                          "normalised already: pass the 0..255 pixels (the predictor normalises them)")
+    # Far outside 0..255 (a bicubic resize overshoots by under 20): a 16-bit frame as floats, or a mean subtracted.
+    # PyTorch took them as they were and an end-to-end graph clamped them: 62% of the pixels differed (2026-12-07).
+    if images.is_floating_point() and not (FLOAT_PIXEL_RANGE[0] <= low and high <= FLOAT_PIXEL_RANGE[1]):
+        raise ValueError(f"expected pixels 0..255 (uint8 or float), got floats from {low:.6g} to {high:.6g}: scale "
+                         "them to 0..255 (a 16-bit image: / 257), with no mean taken off (the predictor normalises)")
     if not images.is_floating_point() and (low < 0 or high > 255):  # a 16-bit frame: divided by 255 as if 8-bit
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got integers from {low:.0f} to {high:.0f}: scale "
                          "them to 0..255 (a 16-bit image: // 257)")
