@@ -1994,6 +1994,20 @@ def test_the_engine_fails_waiting_images_when_stopped_instead_of_leaving_them_wa
     assert metrics.in_flight._value.get() == 0
     with pytest.raises(ValueError, match="tta 'ms': the service runs none or flip"):
         ServeSettings(tta="ms")
+    # The flags' checks from Python too: max_bytes=0 answered every upload 413, body_timeout_s=0 every one 408,
+    # max_batch="8" was a TypeError inside the engine (a helper's audit, 2026-12-07)
+    for wrong, words in ((dict(max_bytes=0), "max_bytes 0: a whole number, at least 1"),
+                         (dict(max_batch="8"), "max_batch '8': a whole number, at least 1"),
+                         (dict(max_batch=2.5), "max_batch 2.5: a whole number"),
+                         (dict(max_pending_pixels=0), "max_pending_pixels 0: a whole number"),
+                         (dict(threads=0), "threads 0: a whole number"),
+                         (dict(retry_after_s=-1), "retry_after_s -1: a whole number of seconds, at least 0"),
+                         (dict(body_timeout_s=0), "body_timeout_s 0: a finite number of seconds, over 0"),
+                         (dict(head_timeout_s=float("inf")), "head_timeout_s inf: a finite number of seconds"),
+                         (dict(max_wait_ms=-1), "max_wait_ms -1: a finite number of milliseconds, at least 0")):
+        with pytest.raises(ValueError, match=f"^{re.escape(words)}"):
+            ServeSettings(**wrong)
+    assert ServeSettings(max_wait_ms=0, retry_after_s=0, threads=np.int64(2), body_timeout_s=0.5).max_wait_ms == 0
 
 
 def test_the_engine_lets_a_pass_go_when_it_ends_and_starts_again_after_a_failed_warm_up(checkpoint):

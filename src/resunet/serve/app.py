@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import numbers
 import socket
 import sys
 import time
@@ -102,6 +104,22 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.tta not in (AUTO_TTA, *REQUEST_TTA):  # "ms" was served as "none" without a word
             raise ValueError(f"tta {self.tta!r}: the service runs {' or '.join(REQUEST_TTA)} (auto: the model's own)")
+        # What the CLI's flags check, from Python too: max_bytes=0 answered every upload 413, body_timeout_s=0 every
+        # one 408, and max_batch="8" was a TypeError deep in the engine (a helper's audit, 2026-12-07).
+        counts = ["max_batch", "max_queue", "max_bytes", "max_pixels", "max_pending_pixels", "max_pending_bytes"]
+        for name in counts + ["threads"] * (self.threads is not None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} {value!r}: a whole number, at least 1")
+        if isinstance(self.retry_after_s, bool) or not isinstance(self.retry_after_s, numbers.Integral) or (
+                self.retry_after_s < 0):
+            raise ValueError(f"retry_after_s {self.retry_after_s!r}: a whole number of seconds, at least 0")
+        for name, unit in (("body_timeout_s", "seconds, over 0"), ("head_timeout_s", "seconds, over 0"),
+                           ("max_wait_ms", "milliseconds, at least 0")):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < 0 or (value == 0 and name != "max_wait_ms")):
+                raise ValueError(f"{name} {value!r}: a finite number of {unit}")
 
 
 def model_description(path: Path, predictor: Predictor) -> dict:
