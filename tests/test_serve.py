@@ -303,7 +303,10 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
     good = encoded(scene(40, 50, 6))
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
     return [
-        ("empty body", dict(method="POST", url="/predict", content=b""), 400, "empty"),
+        ("empty body", dict(method="POST", url="/predict", content=b""), 400, "empty body: no image received"),
+        # The page sends a form: its empty file is named, as every other unreadable upload (a helper, 2026-12-07)
+        ("empty file", dict(method="POST", url="/predict", files={"file": ("empty.png", b"", "image/png")}), 400,
+         "empty.png: an empty file (0 bytes): no image received"),
         ("text", dict(method="POST", url="/predict", content=b"hello", headers={"content-type": "text/plain"}), 415,
          "unsupported content type"),
         # Refused for its type before its body is read: it was read whole first, and one past --max-bytes got 413.
@@ -1774,6 +1777,10 @@ def test_the_page_recovers_from_a_service_that_was_down_busy_or_behind_a_proxy_i
         page.wait_for_function("document.querySelector('#status').textContent.includes('trying again in 1 s')")
         page.wait_for_selector("body[data-segmented='1']", timeout=60_000)
         assert page.text_content("#status") == "later.png: done" and len(tries) == 3 and tries[0] == tries[2]
+        # The round trip is the answered try's: it counted the 2 s of waits between tries (a helper, 2026-12-07)
+        latency = re.fullmatch(r"server \d+ ms · round trip (\d+) ms \(try 3\) · 40×30 px",
+                               page.text_content("#latency"))
+        assert latency and int(latency.group(1)) < 2000, page.text_content("#latency")
         names = page.eval_on_selector_all("#legend li .name", "items => items.map(i => i.textContent)")
         assert sorted(names) == sorted(c["name"] for c in served["classes"])  # read once the service was back
         assert page.text_content("#model").endswith(" px") and "classes" in page.text_content("#model")
@@ -1820,6 +1827,35 @@ def test_the_page_recovers_from_a_service_that_was_down_busy_or_behind_a_proxy_i
         assert page.text_content("#status").startswith("IMG_0001.HEIC: a HEIC/HEIF photo, which this service does "
                                                        "not read; export it as JPEG or PNG")
         assert page.evaluate("document.body.dataset.answered") == answered  # nothing sent
+        # An empty file: said before any upload (the service's 400 named the form, not the file)
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.items.add(new File([], "empty.png", {type: "image/png"}));
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""")
+        assert page.text_content("#status") == "empty.png: an empty file (0 bytes): nothing to segment"
+        assert page.evaluate("document.body.dataset.answered") == answered
+        # A drop with no file while an image is being segmented: its message stays, the earlier answer dropped (it
+        # replaced the message when it came; a helper, 2026-12-07)
+        held = []
+        page.route("**/predict", lambda route: held.append(route))
+        page.evaluate(DISPATCH_FILE, {"event": "drop", "bytes": list(small), "name": "slow.png"})
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('segmenting slow.png')")
+        page.evaluate("""() => {
+          const data = new DataTransfer();
+          data.setData("text/uri-list", "https://example.org/cat.jpg");
+          document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""")
+        page.wait_for_function(f"document.body.dataset.answered !== '{answered}'")  # the upload, cancelled
+        try:
+            held[0].continue_()
+        except Exception:  # the page cancelled that request: nothing to answer
+            pass
+        page.unroute("**/predict")
+        page.wait_for_timeout(300)
+        assert page.text_content("#status").startswith("nothing to segment in this drop")
+        assert page.is_hidden("#result")
+        answered = page.evaluate("document.body.dataset.answered")
         # Without the picture (a mask of another shape than the image as the browser reads it): "image" and the
         # slider are off, and the mask is shown; with the picture again, both come back.
         upright = Image.new("P", (30, 40))

@@ -236,8 +236,9 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
         name = printable_name(upload.filename or "upload")
     else:
         data, name = body, "request body"
-    if not data:
-        raise RequestError(400, "empty body: no image received")
+    if not data:  # an empty file in a form is named, as every other unreadable upload
+        raise RequestError(400, "empty body: no image received" if name == "request body" else
+                           f"{name}: an empty file (0 bytes): no image received")
     return data, name
 
 

@@ -146,6 +146,10 @@ async function segment(file, count = 1) {
       "JPEG or PNG (on an iPhone: Settings › Camera › Formats › Most Compatible)", true);
     return;
   }
+  if (file.size === 0) {  // said here: the service's 400 named the form, not the file
+    setStatus(`${file.name || "the pasted image"}: an empty file (0 bytes): nothing to segment`, true);
+    return;
+  }
   modelLoaded = loadModel();  // beside the upload; awaited before the answer is read by its colours
   const form = uploadForm(file, file.name || "pasted.png");
   if (!state.maxBytes || form.body.size > state.maxBytes) {
@@ -164,9 +168,13 @@ async function segment(file, count = 1) {
   }
   const others = count > 1 ? ` (one of ${count} files: one image at a time)` : "";
   setStatus(`segmenting ${file.name || "the pasted image"}${others}…`);
-  const started = performance.now();
+  let started;
   let response;
+  let tries = 0;
   for (let attempt = 1; ; attempt++) {
+    // The round trip shown is the answered try's: it counted the waits between tries (3 s more after a warm-up)
+    started = performance.now();
+    tries = attempt;
     try {
       response = await fetch("predict", {
         method: "POST", body: form.body, headers: { "Content-Type": form.type }, signal: state.upload.signal,
@@ -248,8 +256,8 @@ async function segment(file, count = 1) {
     download.href = state.maskUrl;
     download.download = `${(file.name || "pasted").replace(/\.[^.]*$/, "")}_mask.png`;
     download.removeAttribute("aria-disabled");
-    $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms · ` +
-      `${full.width}×${full.height} px`;
+    $("latency").textContent = `server ${serverMs(response).toFixed(0)} ms · round trip ${roundTrip.toFixed(0)} ms` +
+      `${tries > 1 ? ` (try ${tries})` : ""} · ${full.width}×${full.height} px`;
     $("hover").textContent = HOVER_HINT;
     state.cursor = null;
     $("result").hidden = false;
@@ -421,6 +429,8 @@ document.addEventListener("drop", (event) => {
     return;
   }
   if (!event.dataTransfer.files.length) {  // a link, selected text, a picture dragged from another tab
+    supersede();  // as for a folder: an earlier upload's answer must not replace this message
+    clearResult();
     setStatus("nothing to segment in this drop: drag the image file itself (a picture from a web page: save it " +
       "first, then drop or choose the file)", true);
     return;
