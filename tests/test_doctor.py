@@ -322,6 +322,27 @@ def test_a_train_or_val_folder_without_its_masks_is_an_error_not_passed_over(tmp
                                                         f"{photos}/train/{{images,masks}} or {photos}/{{images,masks}}")
 
 
+def test_a_symlink_loop_or_dangling_link_with_skip_data_check_is_one_line_and_leaves_no_run_folder(tmp_path,
+                                                                                                    capsys):
+    """With --skip-data-check, a link in val that leads nowhere was a traceback (OSError) from the data signature, and
+    the run folder was left empty behind it (a helper's audit, 2026-12-07)."""
+    root = clean_dataset(tmp_path / "data")
+    save(cat_and_dog(), root / "val" / "masks" / "odd.png")
+    run = tmp_path / "run"
+    args = ["train", "--data-root", str(root), "--out", str(run), "--skip-data-check", "--size", "32", "--batch-size",
+            "2", "--epochs", "1", "--encoder", "resnet18", "--no-pretrained", "--workers", "0", "--precision", "fp32",
+            "--cache-dir", str(tmp_path / "cache")]
+    for target, reason in (("odd.png", "Too many levels of symbolic links"),
+                           ("/nonexistent/odd.png", "No such file or directory")):
+        link = root / "val" / "images" / "odd.png"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"resunet train: error: {link}: cannot be read ({reason})") and err.count("\n") == 1
+        assert not run.exists()
+
+
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):
     """Every val pixel ignored: mIoU is undefined, so best.pt was never written, and `train` then named a best.pt
     that did not exist (ablate failed on it with a bare "not found")."""

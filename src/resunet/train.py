@@ -53,7 +53,7 @@ from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writ
 from .data.classes import ClassInfo, class_differences
 from .data.dataset import (PairedDataset, data_locations, open_dataset, process_alive, worker_batches,
                            worker_ignores_ctrl_c)
-from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line, read_mask
+from .data.images import DEFAULT_MAX_PIXELS, DataError, looked_at, one_line, read_mask
 from .data.mixing import mix_batch
 from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
@@ -563,8 +563,8 @@ def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> di
     files = dataset.image_paths + dataset.mask_paths
     under = root if root is not None or not files else os.path.commonpath([Path(path).parent for path in files])
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(os.fsencode(f"{os.path.relpath(path, under)}:{path.stat().st_size}\n"))
+    for path in files:  # a symlink loop or a dangling link named in one line (a traceback with --skip-data-check)
+        digest.update(os.fsencode(f"{os.path.relpath(path, under)}:{looked_at(path)[0].st_size}\n"))
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 
@@ -1080,7 +1080,8 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                 raise TrainingError(f"{cfg.resume}: saved inside epoch {position['epoch']} by "
                                     f"{len(position['loss_sums'])} process(es); resume it with as many (each one's "
                                     f"share of the data depends on the count), or from an epoch's end")
-    data_now = {"train": data_signature(train_set), "val": data_signature(val_set)}
+    with said_once(world, device, main_process), refused_leaves_nothing():
+        data_now = {"train": data_signature(train_set), "val": data_signature(val_set)}
     if cfg.resume:
         with said_once(world, device, main_process):
             check_same_classes(cfg.resume, state, info, cfg.data_root)
