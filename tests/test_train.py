@@ -98,6 +98,32 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(demo_root, ram_tmp, 
     assert drawn == [[1], [1, 2, 3]]
 
 
+def test_curves_are_drawn_up_to_the_last_saved_epoch_when_the_run_stops_on_an_error(demo_root, ram_tmp,
+                                                                                     monkeypatch):
+    """A bad file, a diverged loss or a failed save ended the run with curves.png up to CURVES_EVERY_S behind
+    metrics.jsonl: the catch-up drawing ran only when the loop ended normally (a helper's audit, 2026-12-07)."""
+    import resunet.train
+
+    drawn = []
+    plot = resunet.train.plot_curves
+    monkeypatch.setattr(resunet.train, "plot_curves", lambda records, path: (drawn.append(
+        [r["epoch"] for r in records]), plot(records, path)))
+    monkeypatch.setattr(resunet.train, "CURVES_EVERY_S", 3600.0)
+    real_epoch = resunet.train.set_loader_epoch
+
+    def diverged_in_epoch_3(loader, epoch, *args):
+        if epoch == 3:
+            raise TrainingError("loss became NaN in epoch 3 (a stand-in)")
+        return real_epoch(loader, epoch, *args)
+
+    monkeypatch.setattr(resunet.train, "set_loader_epoch", diverged_in_epoch_3)
+    out = ram_tmp / "failed"
+    with pytest.raises(TrainingError, match="a stand-in"):
+        train(tiny_config(demo_root, out, epochs=4, **SMALL))
+    assert [r["epoch"] for r in read_records(out)] == [1, 2]
+    assert drawn == [[1], [1, 2]]  # after epoch 1, then at the failure: every saved epoch
+
+
 def test_time_budget_arithmetic_by_hand():
     assert [duration_seconds(t) for t in ("50m", "1.5h", "90s", "120")] == [3000, 5400, 90, 120]
     for bad in ("abc", "0m", "-5m", "m", "inf", "nanh"):

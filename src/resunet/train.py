@@ -1199,8 +1199,22 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
     board_written = contextlib.closing(board) if board is not None else contextlib.nullcontext()
     # torchrun's copies of the signal reach one process of its own too (TORCHELASTIC_RUN_ID: set by torchrun)
     repeat_s = TORCHRUN_REPEAT_S if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ else 0.0
-    with StopSignal(announce=main_process, repeat_s=repeat_s) as stop, cache_read, \
-            board_written:
+
+    @contextlib.contextmanager
+    def curves_caught_up() -> Iterator[None]:
+        """curves.png up to the last saved epoch however the loop ends: a bad file, a diverged loss or a failed save
+        left it up to CURVES_EVERY_S behind metrics.jsonl (the README says it is drawn when the run ends or stops)."""
+        try:
+            yield
+        except BaseException:
+            if curves_behind:
+                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                    draw_curves(records, out)
+            raise
+        if curves_behind:
+            draw_curves(records, out)
+
+    with StopSignal(announce=main_process, repeat_s=repeat_s) as stop, cache_read, board_written, curves_caught_up():
         for epoch in range(start_epoch, cfg.epochs + 1):
             if epoch > cfg.epochs:  # --time-budget shortened the run
                 break
@@ -1422,8 +1436,6 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                     print(stop_line(stopped_by, f"after epoch {epoch}", out, world), flush=True)
                 break
 
-    if curves_behind:  # the run ended or stopped since the last drawing
-        draw_curves(records, out)
     if main_process and late_stop is not None and cfg.calibrate:  # the run is whole; the signal asked to stop
         pixels = f" --max-pixels {cfg.max_pixels}" if cfg.max_pixels != DEFAULT_MAX_PIXELS else ""  # as trained
         print(f"{late_stop}: --calibrate left out; resunet calibrate {out / 'best.pt'} --data-root {cfg.data_root} "
