@@ -1620,6 +1620,26 @@ def test_calibrate_refuses_a_read_only_checkpoint_before_the_fit(checkpoint, dem
     assert model.read_bytes() == before and os.stat(model).st_mode & 0o777 == 0o444
 
 
+def test_a_run_whose_dataset_moved_is_told_to_give_its_new_place(demo_root, ram_tmp, capsys):
+    """"data root is not a folder" named the stored root and no way on, where --data-root with --resume is the way
+    (a helper's audit, 2026-12-07)."""
+    import shutil
+
+    from resunet.train import train
+
+    data, run = ram_tmp / "data", ram_tmp / "run"
+    shutil.copytree(demo_root, data)
+    train(tiny_config(data, run, epochs=1, encoder="resnet18", size=32))
+    data.rename(ram_tmp / "moved")
+    assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2"]) == 2
+    assert one_error_line(capsys, "train") == (f"resunet train: error: {data}: the run's data root is not a folder; "
+                                               "if the dataset moved, give its new place with --data-root (a resumed "
+                                               "run may read its data from anywhere)")
+    assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--data-root",
+                 str(ram_tmp / "moved")]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_run_resumed_through_a_link_from_another_folder_continues_in_its_own(demo_root, ram_tmp, monkeypatch):
     from resunet.checkpoint import load_checkpoint
     from resunet.train import train

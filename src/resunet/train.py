@@ -926,6 +926,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
         check_types(cfg)
         if cfg.resume:
             check_resumed_settings(cfg)
+            if not Path(cfg.data_root).is_dir():  # "data root is not a folder" did not say it may be given anew
+                raise DataError(f"{cfg.data_root}: the run's data root is not a folder; if the dataset moved, give its "
+                                "new place with --data-root (a resumed run may read its data from anywhere)")
         check_settings(cfg)
         check_new_run_folder(cfg)
         budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
