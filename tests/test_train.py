@@ -543,6 +543,14 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_root, ram_t
     assert result["stopped_by"] is None and "epochs 2..1" not in out
     assert "; no epoch to train: 1 already done (--epochs 1; give more to continue)" in out
     assert "done: no epoch to train" in out and (run / "last.pt").stat().st_mtime_ns == stamp
+    # Fitted by --time-budget, --epochs is not the number the user gave: the line says what set it (2026-12-07)
+    fitted = ram_tmp / "fitted"
+    train(tiny_config(demo_root, fitted, epochs=5, time_budget="1s", **SMALL))  # one epoch fits, not five
+    assert load_checkpoint(fitted / "last.pt")["train_config"]["epochs"] == 1
+    capsys.readouterr()
+    train(tiny_config(demo_root, fitted, epochs=1, time_budget="1s", resume=str(fitted / "last.pt"), **SMALL))
+    assert ("; no epoch to train: 1 already done (--epochs 1, as --time-budget 1s fitted it; give more to continue)"
+            in capsys.readouterr().out)
 
 
 def test_a_run_resumed_where_auto_means_fp16_starts_its_loss_scale(ram_tmp, monkeypatch):

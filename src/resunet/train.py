@@ -568,12 +568,14 @@ def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> di
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 
-def epoch_span(first: int, last: int, step: int = 0, steps: int = 0) -> str:
+def epoch_span(first: int, last: int, step: int = 0, steps: int = 0, fitted_by: str | None = None) -> str:
     """The epochs a run trains, for its first and last lines, the first from step `step` of `steps` when resumed
-    mid-epoch; a resumed run already past --epochs trains none."""
+    mid-epoch; a resumed run already past --epochs trains none. `fitted_by`: the --time-budget that set --epochs
+    (the user gave another number: "--epochs 1" alone read as a mistake)."""
     if first > last:
         begun = f" and epoch {first} begun (step {step}/{steps})" if step else ""
-        return f"no epoch to train: {first - 1} already done{begun} (--epochs {last}; give more to continue)"
+        fitted = f", as --time-budget {fitted_by} fitted it" if fitted_by else ""
+        return f"no epoch to train: {first - 1} already done{begun} (--epochs {last}{fitted}; give more to continue)"
     return f"epochs {first}..{last}" + (f" (epoch {first} from step {step}/{steps})" if step else "")
 
 
@@ -1141,13 +1143,14 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                 board = TensorBoardLog(out / "tensorboard", global_step)
             except TensorBoardUnavailable as error:
                 raise TrainingError(str(error)) from None
+    fitted_by = cfg.time_budget if cfg.resume and state.get("budget_fitted") else None  # the epochs it set
     if main_process:
         origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
               f"{info.num_classes} classes; {cfg.encoder} ({origin}); {describe_device(device)}, "
               f"{precision_name(dtype)}{', channels_last' if channels_last else ''}, {world} process(es), "
               f"{data_path} data path; "
-              f"{epoch_span(start_epoch, cfg.epochs, position['step'] if position else 0, steps_per_epoch)}",
+              f"{epoch_span(start_epoch, cfg.epochs, position['step'] if position else 0, steps_per_epoch, fitted_by)}",
               flush=True)
 
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
@@ -1455,7 +1458,8 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
         if note := bound_note(fitted["temperature"]):
             print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
-        print(f"done: {epoch_span(start_epoch, cfg.epochs)} in {(time.perf_counter() - run_started) / 60:.1f} min, "
+        minutes = (time.perf_counter() - run_started) / 60
+        print(f"done: {epoch_span(start_epoch, cfg.epochs, fitted_by=fitted_by)} in {minutes:.1f} min, "
               f"best val mIoU {100 * best_miou:.2f}% ({out / 'best.pt'})", flush=True)
     if world > 1:
         # A late copy of the signal that stopped the run (torchrun's) is not a second one here either.
