@@ -343,6 +343,21 @@ def test_a_symlink_loop_or_dangling_link_with_skip_data_check_is_one_line_and_le
         assert not run.exists()
 
 
+def test_a_resume_given_the_runs_own_class_count_or_ignore_label_goes_on(tmp_path, capsys):
+    """The run read them from classes.json; --ignore-index 255 on resume was refused as a change ("the run was started
+    without --ignore-index"), where a new run takes it (a helper's audit, 2026-12-07). Another value stays refused."""
+    root = clean_dataset(tmp_path / "data", train=4, val=2)
+    run = tmp_path / "run"
+    common = ["--size", "32", "--batch-size", "2", "--encoder", "resnet18", "--no-pretrained", "--workers", "0",
+              "--precision", "fp32", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--data-root", str(root), "--out", str(run), "--epochs", "1", *common]) == 0
+    resume = ["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--workers", "0"]
+    assert main([*resume, "--ignore-index", "0"]) == 2
+    assert "--ignore-index 0: cannot change on --resume" in capsys.readouterr().err
+    assert main([*resume, "--ignore-index", "255", "--num-classes", "4"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):
     """Every val pixel ignored: mIoU is undefined, so best.pt was never written, and `train` then named a best.pt
     that did not exist (ablate failed on it with a bare "not found")."""

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from .allocator import tune_cpu_allocator
 from .calibration import bound_note, calibrate, ece_change
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, temporary_writer
+from .checkpoint import CheckpointError, checkpoint_classes, load_checkpoint, save_checkpoint, temporary_writer
 from .config import TrainConfig, field_kinds
 from .data.cache import CachedLoader, build_cache, cache_bytes, check_cache_writable, default_cache_dir
 from .data.classes import ClassInfo, class_differences
@@ -620,6 +620,13 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
     unknown = [name for name in changes if name not in stored]
     if unknown:
         raise TrainingError(f"{unknown[0]}: not a training setting")
+    if any(stored[name] is None for name in ("num_classes", "ignore_index") if name in changes):
+        # The run's own value, read from its classes.json when it started, is no change (refused as one: "the run
+        # was started without --ignore-index"; a helper's audit, 2026-12-07)
+        classes = checkpoint_classes(load_checkpoint(checkpoint, tensors=False))
+        for name, value in (("num_classes", classes.num_classes), ("ignore_index", classes.ignore_index)):
+            if stored[name] is None and changes.get(name, object()) == value:
+                del changes[name]
     # Compared as TrainConfig keeps them: time_budget=3000 is the stored "3000", decoder_channels=(256, 128, 64, 32)
     # the stored "256,128,64,32" (both were refused as changes).
     given = TrainConfig(**{**stored, **changes}).to_dict()
