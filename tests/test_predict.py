@@ -526,6 +526,21 @@ def test_predict_with_confidence_takes_a_list_as_predict_does():
         assert np.array_equal(mask, predictor.predict(image)) and (confidence > 1 / 3 - 1e-6).all()
     assert [mask.shape for mask, _ in predictor.predict_with_confidence(tuple(images))] == [(20, 30), (33, 17)]
 
+    # A model of more than 256 classes (built in Python: class files stop at 255): its ids as predict gives them,
+    # not wrapped to uint8 (290 became 34; a helper's audit, 2026-12-07)
+    from resunet.data.classes import ClassInfo
+
+    wide = ResNetUNet(300, "resnet18", None).eval()
+    with torch.no_grad():
+        head = [module for module in wide.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+        head.bias.zero_()
+        head.bias[290] = 100.0
+    info = ClassInfo(tuple(f"c{i}" for i in range(300)), tuple((i % 256, 0, 0) for i in range(300)), 300,
+                     (224, 224, 192))
+    many = Predictor(wide, info, 32, (0.5,) * 3, (0.25,) * 3, "cpu", "fp32")
+    mask, _ = many.predict_with_confidence(images[0])
+    assert mask.dtype == many.predict(images[0]).dtype == np.int64 and set(np.unique(mask)) == {290}
+
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"),
                                    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "

@@ -428,13 +428,13 @@ class Predictor:
 
     def predict_with_confidence(self, image: ImageLike | list[ImageLike]
                                 ) -> tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
-        """One image → its H×W uint8 class map and H×W float32 confidence (the chosen class's probability); a list
-        (or tuple) → a list of those pairs, as `predict`."""
+        """One image → its H×W class map (uint8; int64 past 256 classes, as `predict`) and H×W float32 confidence
+        (the chosen class's probability); a list (or tuple) → a list of those pairs, as `predict`."""
         if isinstance(image, (list, tuple)):
             return [self.predict_with_confidence(item) for item in image]
         pixels = torch.from_numpy(np.require(as_uint8_rgb(image), requirements=("C", "W"))).permute(2, 0, 1)[None]
         (mask, confidence), = self.full_size_maps([pixels], confidence=True)
-        return mask[0].to(torch.uint8).cpu().numpy(), confidence[0].cpu().numpy()
+        return mask[0].cpu().numpy(), confidence[0].cpu().numpy()  # full_size_maps' dtype: 300 classes wrapped
 
     def predict_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W uint8 → N×H×W int64 class maps on the predictor's device."""
