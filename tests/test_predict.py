@@ -491,8 +491,8 @@ def test_overlay_mixes_by_alpha_and_refuses_an_alpha_outside_0_to_1():
     assert np.array_equal(np.asarray(predictor.overlay(image, mask, 0.0)), image)
     half = np.asarray(predictor.overlay(image, mask, 0.5)).astype(int)
     assert np.abs(half - (200 + colours.astype(int)) / 2).max() <= 0.5
-    for alpha in (1.5, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="alpha must be from 0 to 1"):
+    for alpha in (1.5, -0.1, float("nan"), "0.5", None, True):  # "0.5": a TypeError naming no argument
+        with pytest.raises(ValueError, match="alpha must be a number from 0 to 1, got "):
             predictor.overlay(image, mask, alpha)
     # Another image's mask, or probabilities: a numpy broadcast or indexing error (found by a helper, 2026-12-05).
     with pytest.raises(ValueError, match=r"^mask must be the image's H×W \(2×3\) of class ids \(integers\), got int64 3×2$"):

@@ -35,7 +35,7 @@ from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
-from .runtime import DeviceError, autocast, resolve_device, resolve_precision, use_channels_last
+from .runtime import PRECISIONS, DeviceError, autocast, resolve_device, resolve_precision, use_channels_last
 
 ImageLike = Image.Image | np.ndarray | str | Path
 TTA_MODES = ("none", "flip", "ms", "ms+flip")
@@ -496,8 +496,9 @@ class Predictor:
 
     def overlay(self, image: ImageLike, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
         """The class colours over the image, `alpha` of them (0: the image, 1: the colours alone)."""
-        if not 0 <= alpha <= 1:  # past 1 the uint8 pixels wrapped around (200 became 156)
-            raise ValueError(f"alpha must be from 0 to 1, got {alpha}")
+        # past 1 the uint8 pixels wrapped around (200 became 156); "0.5" was a TypeError naming no argument
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number from 0 to 1, got {alpha!r}")
         rgb = as_uint8_rgb(image).astype(np.float32)
         mask = np.asarray(mask)
         if mask.shape != rgb.shape[:2] or not np.issubdtype(mask.dtype, np.integer):
@@ -654,7 +655,15 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
         # An exported file runs on the CPU at the precision it was exported with; asked otherwise, say so rather
-        # than time a CPU run the user believes was on the GPU.
+        # than time a CPU run the user believes was on the GPU. A name no device or precision has is said as such
+        # (device="CPU" was told the file "runs on the CPU").
+        if device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise DeviceError(f"--device {device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+        if precision not in PRECISIONS:
+            raise DeviceError(f"--precision {precision}: one of {', '.join(PRECISIONS)}")
         if not onnx_runs_on(device):
             raise DeviceError(f"--device {device}: {path} is an exported file, which runs on the CPU (onnxruntime); "
                               "give its .pt checkpoint to run elsewhere")
