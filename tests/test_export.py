@@ -1123,3 +1123,9 @@ def test_load_takes_a_torch_device_for_an_onnx_file_and_refuses_scales_without_m
     with pytest.raises(ValueError, match=r"scales \(0\.75, 1\.0, 1\.25, 1\.5\) are for tta ms or ms\+flip"):
         load(exported["ckpt"], tta="flip", scales=DEFAULT_SCALES)
     assert load(exported["ckpt"], tta="ms").scales == DEFAULT_SCALES == (0.75, 1.0, 1.25, 1.5)
+    # ... and by Predictor.from_checkpoint, the README's first constructor, which ignored them (a helper's audit,
+    # 2026-12-07)
+    with pytest.raises(ValueError, match=r"scales \(2\.0, 3\.0\) are for tta ms or ms\+flip \(tta is none\)"):
+        Predictor.from_checkpoint(exported["ckpt"], scales=(2.0, 3.0))
+    assert Predictor.from_checkpoint(exported["ckpt"], tta="ms", scales=(2.0, 3.0)).scales == (2.0, 3.0)
+    assert Predictor.from_checkpoint(exported["ckpt"]).scales == DEFAULT_SCALES

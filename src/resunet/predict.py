@@ -235,15 +235,17 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto", tta: str = "none",
-                        scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                        scales: tuple[float, ...] | None = None, window: int | None = None,
                         stride: int | None = None) -> "Predictor":
         return cls.from_payload(load_checkpoint(path), path, device, precision, tta, scales, window, stride)
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path, device: str = "auto", precision: str = "auto",
-                     tta: str = "none", scales: tuple[float, ...] = DEFAULT_SCALES, window: int | None = None,
+                     tta: str = "none", scales: tuple[float, ...] | None = None, window: int | None = None,
                      stride: int | None = None) -> "Predictor":
-        """`from_checkpoint` for a checkpoint already read (`path` names it in errors): export reads it once."""
+        """`from_checkpoint` for a checkpoint already read (`path` names it in errors): export reads it once.
+        `scales`: for tta ms and ms+flip only (None: DEFAULT_SCALES)."""
+        scales = chosen_scales(scales, tta)  # before the model is built: a refusal costs nothing
         model = model_from_checkpoint(payload, path)
         with reading_description(path):
             norm = payload["normalization"]
@@ -630,6 +632,15 @@ def tile_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def chosen_scales(scales: tuple[float, ...] | None, tta: str) -> tuple[float, ...]:
+    """The multi-scale TTA's scales as given (None: DEFAULT_SCALES); ValueError for scales given with another TTA
+    (ignored without a word, even when equal to the default: Predictor.from_checkpoint did so after `load` refused
+    it)."""
+    if scales is not None and "ms" not in tta:
+        raise ValueError(f"scales {tuple(scales)} are for tta ms or ms+flip (tta is {tta})")
+    return DEFAULT_SCALES if scales is None else scales
+
+
 def onnx_runs_on(device: str | torch.device) -> bool:
     """Whether an exported file (onnxruntime, on the CPU) runs on `device`: auto, cpu, or cpu:N (torch.device("cpu",
     0) from Python)."""
@@ -648,9 +659,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
         raise DeviceError(f"--threads {threads!r}: a whole number, at least 1")
     threads = None if threads is None else int(threads)  # numpy's integers too, for onnxruntime's option
     device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt
-    if scales is not None and "ms" not in tta:  # else ignored without a word, even when equal to the default
-        raise ValueError(f"scales {tuple(scales)} are for tta ms or ms+flip (tta is {tta})")
-    scales = DEFAULT_SCALES if scales is None else scales
+    chosen_scales(scales, tta)  # refused before any file is read or any setting made
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
@@ -671,7 +680,8 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
             raise DeviceError(f"--precision {precision}: {path} is an exported file, whose precision was set when it "
                               "was exported (fp32, or INT8 with export --int8); give its .pt checkpoint for "
                               f"{precision}")
-        predictor = OnnxPredictor(path, tta=tta, scales=scales, window=window, stride=stride, threads=threads)
+        predictor = OnnxPredictor(path, tta=tta, scales=chosen_scales(scales, tta), window=window, stride=stride,
+                                  threads=threads)
         if precision == "fp32" and predictor.quantized:  # asked for fp32, it would have run INT8 without a word
             raise DeviceError(f"--precision fp32: {path} holds INT8 weights; give its fp32 copy "
                               f"({Path(path).stem}.fp32.onnx beside it, from export --int8) or its .pt checkpoint")
