@@ -1305,6 +1305,7 @@ def test_the_end_to_end_graph_refuses_an_image_whose_full_size_logits_would_not_
     with pytest.raises(DataError, match=r"^5200×5000: this end-to-end graph would hold 2\.04 GiB of full-size logits "
                                         r"\(limit 2\.00 GiB\)"):
         predictor.check_size(5000, 5200)
+    monkeypatch.setattr(resunet.onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 4 * 100 * 100)
     # Images that fit one by one fit in a batch too, run in parts: the service batches concurrent requests of one
     # size, and eight 2000×2000 photos (each fine alone) were answered 500 (found by a helper, 2026-12-05).
     photos = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_val_*.jpg"))[:3]
