@@ -1174,6 +1174,8 @@ def test_api_inputs_are_checked_where_they_are_given(checkpoint):
                 method(scaled)
         with pytest.raises(ValueError, match=r"got uint16: scale them to 0\.\.255 \(a 16-bit image: // 257\)"):
             method(pixels.to(torch.uint16) * 257)
+        with pytest.raises(ValueError, match=r"^expected pixels 0\.\.255 \(uint8 or float\), got bool$"):
+            method(pixels > 127)  # a mask, likely: it was read as a black frame (a helper's audit, 2026-12-07)
     assert torch.equal(predictor.predict_tensor(pixels.float()), predictor.predict_tensor(pixels))  # float 0..255
     # torchvision's Normalize output and 16-bit frames were taken too: divided by 255 again (a nearly flat image),
     # or cast to uint8 by an ONNX graph (300 -> 44), without a word (a helper's review, 2026-12-07)

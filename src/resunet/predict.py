@@ -132,7 +132,7 @@ def check_image_tensor(images: torch.Tensor) -> None:
     if images.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torchvision's 16-bit decode; no min() for them
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got {str(images.dtype).removeprefix('torch.')}: "
                          "scale them to 0..255 (a 16-bit image: // 257)")
-    if images.is_complex():
+    if images.is_complex() or images.dtype == torch.bool:  # a bool tensor read as a black frame: a mask, likely
         raise ValueError(f"expected pixels 0..255 (uint8 or float), got {str(images.dtype).removeprefix('torch.')}")
     low, high = float(images.min()), float(images.max())
     # Up to 2, not 1: a bicubic resize of 0..1 floats overshoots a little (1.006 for a VOC photo) and was read as a
