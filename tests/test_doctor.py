@@ -320,6 +320,14 @@ def test_a_train_or_val_folder_without_its_masks_is_an_error_not_passed_over(tmp
         assert main(command) == 2
         assert capsys.readouterr().err.strip().endswith(f"{photos}: not a dataset: expected VOCdevkit/VOC2012, "
                                                         f"{photos}/train/{{images,masks}} or {photos}/{{images,masks}}")
+    # ... while a flat dataset beside a half-made train/ is still checked, the half split reported (a review: it
+    # was "not a dataset" too, naming a layout that was there)
+    flat = tmp_path / "flat"
+    save(picture(9), flat / "images" / "a.png")
+    save(cat_and_dog(), flat / "masks" / "a.png")
+    save(picture(10), flat / "train" / "images" / "b.png")
+    assert main(["check-data", "--data-root", str(flat), "--num-classes", "4"]) == 1
+    assert "train/images: no train/masks folder beside it" in capsys.readouterr().out
 
 
 def test_a_symlink_loop_or_dangling_link_with_skip_data_check_is_one_line_and_leaves_no_run_folder(tmp_path,

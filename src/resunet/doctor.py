@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from .data.classes import VOC_INFO, ClassInfo
 from .data.dataset import PairedDataset
-from .data.folder import find_split_dir, folder_classes, pairing_name, partner_hints, split_folders
+from .data.folder import (find_split_dir, folder_classes, layout_error, pairing_name, partner_hints,
+                          split_folders)
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
@@ -179,9 +180,14 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
     splits = splits or ["all"]
     split_dirs = {}
     for split in splits:
-        # Where there is no flat layout either, the error names what train reads (root/train/...), not root/all/...,
-        # which no command reads without --split all.
-        split_dirs[split] = find_split_dir(root, "train" if flat else split)
+        try:
+            split_dirs[split] = find_split_dir(root, split)
+        except DataError:
+            if not flat:
+                raise
+            # No flat layout either: named as train says it (root/train/...), not root/all/..., which no command
+            # reads without --split all
+            raise layout_error(root, "train") from None
     info = folder_classes(root, num_classes, ignore_index)
     listing = Listing(root, "folder", info, {})
     for split in missing_splits:
