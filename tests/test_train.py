@@ -551,6 +551,12 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_root, ram_t
     train(tiny_config(demo_root, fitted, epochs=1, time_budget="1s", resume=str(fitted / "last.pt"), **SMALL))
     assert ("; no epoch to train: 1 already done (--epochs 1, as --time-budget 1s fitted it; give more to continue)"
             in capsys.readouterr().out)
+    # An --epochs given on resume is the user's, not the budget's (a review): the budget fitted 3 here, 1 is given
+    payload = torch.load(fitted / "last.pt", map_location="cpu", weights_only=True)
+    payload["train_config"]["epochs"] = 3
+    torch.save(payload, fitted / "last.pt")
+    train(tiny_config(demo_root, fitted, epochs=1, time_budget="1s", resume=str(fitted / "last.pt"), **SMALL))
+    assert "; no epoch to train: 1 already done (--epochs 1; give more to continue)" in capsys.readouterr().out
 
 
 def test_a_run_resumed_where_auto_means_fp16_starts_its_loss_scale(ram_tmp, monkeypatch):

@@ -1638,6 +1638,9 @@ def test_a_run_whose_dataset_moved_is_told_to_give_its_new_place(demo_root, ram_
     assert one_error_line(capsys, "train") == (f"resunet train: error: {data}: the run's data root is not a folder; "
                                                "if the dataset moved, give its new place with --data-root (a resumed "
                                                "run may read its data from anywhere)")
+    # A --data-root given is the user's own: not "the run's", and no advice to give one (a review)
+    assert main(["train", "--resume", str(run / "last.pt"), "--data-root", str(ram_tmp / "typo")]) == 2
+    assert one_error_line(capsys, "train") == f"resunet train: error: {ram_tmp / 'typo'}: data root is not a folder"
     assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--data-root",
                  str(ram_tmp / "moved")]) == 0
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -935,7 +935,8 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
         check_types(cfg)
         if cfg.resume:
             check_resumed_settings(cfg)
-            if not Path(cfg.data_root).is_dir():  # "data root is not a folder" did not say it may be given anew
+            # "data root is not a folder" did not say it may be given anew; a --data-root given is the user's own
+            if not Path(cfg.data_root).is_dir() and cfg.data_root == stored_settings(cfg.resume)[0]["data_root"]:
                 raise DataError(f"{cfg.data_root}: the run's data root is not a folder; if the dataset moved, give its "
                                 "new place with --data-root (a resumed run may read its data from anywhere)")
         check_settings(cfg)
@@ -1150,7 +1151,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                 board = TensorBoardLog(out / "tensorboard", global_step)
             except TensorBoardUnavailable as error:
                 raise TrainingError(str(error)) from None
-    fitted_by = cfg.time_budget if cfg.resume and state.get("budget_fitted") else None  # the epochs it set
+    # The --epochs the budget set, not one given on resume (the budget fitted 3, --epochs 2 given: "as fitted" misled)
+    fitted_by = (cfg.time_budget if cfg.resume and state.get("budget_fitted")
+                 and cfg.epochs == state.get("train_config", {}).get("epochs") else None)
     if main_process:
         origin = f"weights from {cfg.resume}" if cfg.resume else f"pretrained: {weights}" if weights else "random init"
         print(f"resunet: {len(train_set)} train / {len(val_set)} val images ({train_set.description}), "
