@@ -853,9 +853,24 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     stale = ["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "stale"), "--backend", "auto"]
     assert main(stale) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
-    assert line == (f"backend: PyTorch ({folder / 'best.pt'}; no exported file from it beside it; model.ONNX: exported "
-                    "from an earlier best.pt (its sha256 differs), export again)")
+    assert line == (f"backend: PyTorch ({folder / 'best.pt'}; no exported file from it beside it; not timed: "
+                    "model.ONNX, exported from an earlier best.pt (its sha256 differs), export again)")
     assert exported_siblings(folder / "best.pt") == ([], [folder / "model.ONNX"])
+    # Beside a current export too, the outdated one is named (a review: only when no current file was there)
+    (folder / "model.ONNX").rename(folder / "current.onnx")
+    onnx_metadata = read_metadata(folder / "current.onnx")
+    from resunet.export import set_metadata
+
+    set_metadata(folder / "current.onnx", {"resunet.source_sha256": sha256_file(folder / "best.pt")})
+    shutil.copy(exported["dir"] / "model.onnx", folder / "old.onnx")
+    assert onnx_metadata["resunet.source_checkpoint"] == "best.pt"
+    assert main([*stale[:4], str(tmp_path / "stale2"), *stale[5:]]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
+    assert line.startswith("backend auto: ") and "current.onnx" in line.split("; not timed")[0], line
+    assert line.endswith("; not timed: old.onnx, exported from an earlier best.pt (its sha256 differs), export again)")
+    (folder / "old.onnx").unlink()
+    (folder / "current.onnx").unlink()
+    shutil.copy(exported["dir"] / "model.onnx", folder / "model.ONNX")
     shutil.copy(exported["ckpt"], folder / "best.pt")
     assert exported_siblings(folder / "best.pt") == ([folder / "model.ONNX"], [])
     # Replaced between its loading and the hashing that finds its exports: they would be another file's

@@ -341,10 +341,13 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     siblings, stale = exported_siblings(checkpoint)
     if loaded is not None and file_state(checkpoint) != loaded:  # the exports found would be of another file
         raise CheckpointError(f"{checkpoint}: replaced while --backend auto read it; run again once it is in place")
+    # After `calibrate` or more training the file is another: its earlier exports are not timed, and every line says so
+    outdated = (f"; not timed: {', '.join(path.name for path in stale)}, exported from an earlier "
+                f"{Path(checkpoint).name} (its sha256 differs), export again" if stale else "")
     if siblings and (not onnx_runs_on(options.get("device", "auto"))
                      or options.get("precision", "auto") not in ONNX_PRECISIONS):
         return pytorch, (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in their "
-                         "exported precision, not as --device/--precision ask)"), pytorch
+                         f"exported precision, not as --device/--precision ask{outdated})"), pytorch
     candidates: list[tuple[str, Predictor]] = [(str(checkpoint), pytorch)]
     left_out = []
     for path in siblings:
@@ -365,10 +368,7 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     why = f"; left out: {', '.join(left_out)}" if left_out else ""
     if len(candidates) == 1:
         beside = "the files exported from it cannot run as asked" if left_out else "no exported file from it beside it"
-        if stale:  # after `calibrate` or more training the file is another: its exports are of the earlier one
-            beside += (f"; {', '.join(path.name for path in stale)}: exported from an earlier {Path(checkpoint).name} "
-                       "(its sha256 differs), export again")
-        return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{why})", pytorch
+        return pytorch, f"backend: PyTorch ({checkpoint}; {beside}{outdated}{why})", pytorch
     sample = None
     for image in [samples] if isinstance(samples, np.ndarray) else samples:
         try:
@@ -379,7 +379,7 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
         break
     if sample is None:
         return (pytorch, f"backend: PyTorch ({checkpoint}; no input image it can take, to time the exported files "
-                "on)", pytorch)
+                f"on{outdated})", pytorch)
     timings = []
     for name, predictor in candidates:
         try:
@@ -396,5 +396,5 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
     timings.sort(key=lambda t: t[0])
     summary = ", ".join(f"{Path(name).name} {1000 * seconds:.0f} ms" for seconds, name, _ in timings)
     why = f"; left out: {', '.join(left_out)}" if left_out else ""
-    line = f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image{why})"
+    line = f"backend auto: {Path(timings[0][1]).name} is fastest here ({summary} per image{why}{outdated})"
     return timings[0][2], line, pytorch
