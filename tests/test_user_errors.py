@@ -1896,8 +1896,9 @@ def test_an_exported_file_asked_for_another_device_or_precision_is_refused_and_t
     # "float32" to give the .pt, which refuses it too; a helper's audit, 2026-12-07)
     for options, words in ((dict(device="CPU"), "--device CPU: not a device (auto, cpu, cuda, cuda:1, ...)"),
                            (dict(precision="float32"), "--precision float32: one of auto, fp32, bf16, fp16")):
-        with pytest.raises(DeviceError, match=f"^{re.escape(words)}$"):
-            load(onnx, **options)
+        for model in (onnx, exported["ckpt"]):  # in the same words for both
+            with pytest.raises(DeviceError, match=f"^{re.escape(words)}$"):
+                load(model, **options)
     assert load(onnx, device="cpu", precision="fp32").predict(np.zeros((8, 9, 3), np.uint8)).shape == (8, 9)
     image = tmp_path / "black.png"  # not in exported["dir"]: that folder is shared by the test workers
     Image.new("RGB", (9, 8)).save(image)

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -173,7 +173,7 @@ def run_evaluate(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     worst: int = 0,
     worst_out: str | None = None,
-    ensemble: list[str] | tuple[str, ...] = (),
+    ensemble: str | Path | Sequence[str | Path] = (),
     progress: bool = True,
 ) -> dict:
     """The `resunet evaluate` command (a .pt checkpoint or an .onnx file): print the per-class table (IoU and
@@ -280,7 +280,7 @@ def worst_images(predictor: Predictor, dataset: PairedDataset, per_image: list[t
     return rows, listed
 
 
-def draw_worst(rows: list[dict], info: ClassInfo, out: Path, keep: list[str | Path] = ()) -> None:
+def draw_worst(rows: list[dict], info: ClassInfo, out: Path, keep: Sequence[str | Path] = ()) -> None:
     """The contact sheets of `rows` in `out`, WORST_PER_SHEET rows each. An earlier, longer list's sheets there are
     removed, but not `keep`, this run's other outputs (a --confusion named worst-2.png in --out was written, said,
     then removed)."""

@@ -50,9 +50,10 @@ def checked_metadata(props: dict[str, str], path: str | Path) -> dict[str, str]:
     if kind is None:
         raise CheckpointError(f"{path}: an ONNX file, but not one exported by resunet (no resunet metadata)")
     if kind not in GRAPHS:  # a later resunet's kind of graph: "not one exported by resunet" sent the user astray
-        version = props.get("resunet.version", "another version")
-        raise CheckpointError(f"{path}: a resunet graph of kind {kind!r} (exported by resunet {version}), which this "
-                              f"resunet ({__version__}) cannot run: it runs {' and '.join(GRAPHS)} graphs")
+        version = props.get("resunet.version")
+        by = f"resunet {version}" if version else "another resunet version"
+        raise CheckpointError(f"{path}: a resunet graph of kind {kind!r} (exported by {by}), which this resunet "
+                              f"({__version__}) cannot run: it runs {' and '.join(GRAPHS)} graphs")
     return props
 
 

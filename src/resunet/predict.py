@@ -35,7 +35,8 @@ from .data.classes import ClassInfo
 from .data.images import DataError, pil_to_rgb8, read_image
 from .data.transforms import normalize, resize_short_side
 from .model.fold import fold_batchnorm
-from .runtime import PRECISIONS, DeviceError, autocast, resolve_device, resolve_precision, use_channels_last
+from .runtime import (DeviceError, autocast, check_precision, parse_device, resolve_device, resolve_precision,
+                      use_channels_last)
 
 ImageLike = Image.Image | np.ndarray | str | Path
 TTA_MODES = ("none", "flip", "ms", "ms+flip")
@@ -667,12 +668,8 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
         # than time a CPU run the user believes was on the GPU. A name no device or precision has is said as such
         # (device="CPU" was told the file "runs on the CPU").
         if device != "auto":
-            try:
-                torch.device(device)
-            except RuntimeError:
-                raise DeviceError(f"--device {device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
-        if precision not in PRECISIONS:
-            raise DeviceError(f"--precision {precision}: one of {', '.join(PRECISIONS)}")
+            parse_device(device)
+        check_precision(precision)
         if not onnx_runs_on(device):
             raise DeviceError(f"--device {device}: {path} is an exported file, which runs on the CPU (onnxruntime); "
                               "give its .pt checkpoint to run elsewhere")

@@ -25,13 +25,24 @@ class DeviceError(ValueError):
     file cannot run with: the user's input, reported in one line."""
 
 
+def parse_device(name: str) -> torch.device:
+    """torch's device for a --device name (not "auto"); DeviceError for a name that is no device ("CPU", "gpu")."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def check_precision(precision: str) -> None:
+    """DeviceError for a --precision name that is none (float32, from Python), .pt and .onnx alike."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"--precision {precision}: one of {', '.join(PRECISIONS)}")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -100,8 +111,7 @@ def cpu_kind() -> str:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "fp32":
         return None
     if precision == "bf16":

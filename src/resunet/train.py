@@ -563,8 +563,13 @@ def data_signature(dataset: PairedDataset, root: str | Path | None = None) -> di
     files = dataset.image_paths + dataset.mask_paths
     under = root if root is not None or not files else os.path.commonpath([Path(path).parent for path in files])
     digest = hashlib.sha256()
-    for path in files:  # a symlink loop or a dangling link named in one line (a traceback with --skip-data-check)
-        digest.update(os.fsencode(f"{os.path.relpath(path, under)}:{looked_at(path)[0].st_size}\n"))
+    for path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:  # a symlink loop or a dangling link: one line naming it (a traceback with --skip-data-check)
+            looked_at(path)
+            raise
+        digest.update(os.fsencode(f"{os.path.relpath(path, under)}:{size}\n"))
     return {"images": len(dataset), "digest": digest.hexdigest()[:16]}
 
 

@@ -105,7 +105,7 @@ READ_SIGNATURES = (
     ("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*")),
     ("WebP", lambda head: head[:4] == b"RIFF" and head[8:12] == b"WEBP"),
     ("AVIF", lambda head: head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis")),
-    ("JPEG 2000", lambda head: head[:4] == b"\x00\x00\x00\x0c" or head[:4] == b"\xff\x4f\xff\x51"),
+    ("JPEG 2000", lambda head: head == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51"),
     ("QOI", lambda head: head[:4] == b"qoif"),
 )
 

@@ -234,11 +234,12 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
             raise RequestError(400, "multipart upload without a file in the form field 'file'")
         data = await upload.read()
         name = printable_name(upload.filename or "upload")
+        if not data:  # named, as every other unreadable upload ("empty body" named the form)
+            raise RequestError(400, f"{name}: an empty file (0 bytes): no image received")
     else:
         data, name = body, "request body"
-    if not data:  # an empty file in a form is named, as every other unreadable upload
-        raise RequestError(400, "empty body: no image received" if name == "request body" else
-                           f"{name}: an empty file (0 bytes): no image received")
+    if not data:
+        raise RequestError(400, "empty body: no image received")
     return data, name
 
 
