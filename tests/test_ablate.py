@@ -119,6 +119,13 @@ def test_ablation_trains_scores_keeps_and_refuses_another_recipe(demo_root, ram_
         run_ablation(tiny_config(demo_root, ram_tmp / "unused", **{**small, "epochs": 2}), ["ema 0.999", "baseline"],
                      out)
     assert (out / "ablation.md").read_text() == table and not (out / "ema-0.999").exists()
+    # ... and so with new rows alone: the folder's finished rows are of another recipe (a row of the new one was
+    # trained beside them, and the table of four rows replaced by its own; a helper's audit, 2026-12-07)
+    with pytest.raises(TrainingError, match=r"baseline: trained with another recipe \(lr differ\)"), \
+            monkeypatch.context() as patched:
+        patched.setattr(resunet.ablate, "train", lambda cfg: pytest.fail("trained before the refusal"))
+        run_ablation(replace(base, lr=2e-4), ["scheduler poly"], out)
+    assert (out / "ablation.md").read_text() == table and not (out / "scheduler-poly").exists()
     # A row that fails: the finished rows' table is written all the same.
     (out / "ablation.md").unlink()
     with pytest.raises(TrainingError, match="diverged"), monkeypatch.context() as patched:

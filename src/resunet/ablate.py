@@ -61,6 +61,10 @@ def read_result(path: Path) -> dict:
     return result
 
 
+class OtherRecipeError(TrainingError):
+    """A row folder trained with another recipe than this ablation's: one table would mix the two."""
+
+
 def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict | None]:
     """One row's training config and its finished result if it has one; TrainingError if its folder holds a row
     trained with another recipe."""
@@ -87,8 +91,8 @@ def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict
     wanted = recipe(cfg)
     if stored is not None and stored != wanted:
         changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
-        raise TrainingError(f"{folder}: trained with another recipe ({', '.join(changed)} differ); "
-                            "give the ablation another --out")
+        raise OtherRecipeError(f"{folder}: trained with another recipe ({', '.join(changed)} differ); "
+                               "give the ablation another --out")
     return cfg, result
 
 
@@ -205,8 +209,8 @@ def run_rows(base: TrainConfig, options: list[str], out: Path) -> list[dict]:
     # Every row's folder before any training (a changed recipe found at row 3 had cost two); training a row
     # touches no other row's folder, so the plans hold until each row's turn.
     plans = [plan_row(base, name, out) for name in options]
-    results = []
     earlier = earlier_rows(base, options, out)
+    results = []
 
     def finished(rows: list[dict]) -> list[dict]:
         """The rows done, those after the stopped or failed one that an earlier run finished, and the rows not
@@ -232,15 +236,19 @@ def run_rows(base: TrainConfig, options: list[str], out: Path) -> list[dict]:
 
 
 def earlier_rows(base: TrainConfig, options: list[str], out: Path) -> list[dict]:
-    """The finished rows in `out` of options not in `options`, trained with this recipe (a row added later, as the
-    Makefile's ABLATION_OPTIONS offers, wrote a table of itself alone over the full one)."""
+    """The finished rows in `out` of options not in `options` (a row added later, as the Makefile's
+    ABLATION_OPTIONS offers, wrote a table of itself alone over the full one). OtherRecipeError for a row trained
+    with another recipe: a new row of this one was trained beside it, and the table of the others replaced by
+    the new row's alone (a helper's audit, 2026-12-07)."""
     rows = []
     for name in ABLATION_OPTIONS:
         if name in options or not (out / row_folder(name) / "result.json").is_file():
             continue
         try:
             _, result = plan_row(base, name, out)
-        except TrainingError:  # another recipe's row, or one that changes nothing on this base: not this table's
+        except OtherRecipeError:
+            raise
+        except TrainingError:  # a damaged result.json, of a row not asked for: left out of the table
             continue
         if result is not None:
             rows.append(result)
