@@ -624,6 +624,23 @@ def test_export_never_writes_over_its_fp32_copy_a_dataset_file_or_a_calibration_
     assert not list(tmp_path.glob("*.onnx"))
 
 
+def test_an_output_over_the_calibration_datasets_files_is_refused_before_the_export(trained_run, demo_root, tmp_path):
+    """--calibration DATASET --json DATASET/.../train.txt wrote the figures over the split list (a classes.json
+    alike): only --data-root's dataset was kept from the outputs (a helper's audit, 2026-12-07)."""
+    import shutil
+
+    from resunet.data.images import DataError
+
+    voc = tmp_path / "voc"
+    shutil.copytree(demo_root, voc)
+    split_list = voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt"
+    before = split_list.read_bytes()
+    with pytest.raises(DataError, match="--json .*train.txt: .*(read from|inputs)"):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "q.int8.onnx"), int8=True, calibration=str(voc),
+                   json_out=str(split_list), workers=0)
+    assert split_list.read_bytes() == before and not (tmp_path / "q.int8.onnx").exists()
+
+
 def test_int8_calibration_needs_no_masks_and_names_the_datasets_own_problem(demo_root, tmp_path):
     import shutil
 

@@ -440,6 +440,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     dataset = open_dataset_for_model(data_root, split, reference.info) if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files], data_root=data_root)
+    if int8 and calibration is not None:  # a dataset read for calibration is one too: its classes.json, split lists
+        check_output_files(outputs, data_root=calibration)
     # Read now: an unreadable calibration set is refused before the export and its verification, not after them.
     pool = calibration_files
     if int8 and data_root is None and len(calibration_files) <= calibration_count:
