@@ -1093,6 +1093,12 @@ def test_int8_calibration_skips_an_unreadable_image_and_names_it(tmp_path, capsy
     assert len(images) == 3 and all(image.shape == (32, 32, 3) for image in images)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "calibration: skipped" in err and "broken.png" in err
+    # Fewer asked for than the folder holds: a skipped pick is replaced by another photo (broken.png, picked first,
+    # left one image where two were asked; a folder of good and bad ones was refused; a helper's audit, 2026-12-07)
+    picked = calibration_images(folder, 2)
+    assert len({image.tobytes() for image in picked}) == 2 <= len(images)
+    assert {image.tobytes() for image in picked} <= {image.tobytes() for image in images}
+    assert "broken.png" in capsys.readouterr().err
     for path in folder.glob("good_*"):
         path.write_bytes(b"")
     with pytest.raises(ExportError, match="none of the 4 calibration images could be used"):

@@ -325,24 +325,36 @@ def spread(paths: list[Path], count: int) -> list[Path]:
 
 def calibration_images(root: str | Path, count: int, paths: list[Path] | None = None,
                        size: int | None = None) -> list[np.ndarray]:
-    """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), spread evenly over the
-    list from its first to its last. With `size` (the model's working size), an image the model cannot take at that
-    size (a strip past the working-size limit) is skipped and named, as an unreadable one is."""
+    """`count` images of `calibration_paths(root)` (or of `paths`, listed from it before), as `read_calibration`
+    reads them."""
     paths = calibration_paths(root) if paths is None else paths
-    images, skipped = [], []
-    for path in spread(paths, count):
+    return [image for _, image in read_calibration(root, paths, count, size)]
+
+
+def read_calibration(root: str | Path, paths: list[Path], count: int,
+                     size: int | None = None) -> list[tuple[Path, np.ndarray]]:
+    """(path, image) for `count` of `paths`, spread evenly over the list from its first to its last. An unreadable
+    image, or with `size` (the model's working size) one the model cannot take at that size (a strip past the
+    working-size limit), is skipped and named, and another of the list read in its place (a folder of 3 good photos
+    and 3 bad ones was refused at --calibration-count 2). ExportError if none can be used."""
+    read, skipped = [], []
+    picked = spread(paths, count)
+    chosen = set(picked)
+    for path in [*picked, *(path for path in paths if path not in chosen)]:
+        if len(read) == count:
+            break
         try:
             image = read_image(path)
             if size is not None:
                 check_working_size(image.shape[0], image.shape[1], size)
-            images.append(image)
+            read.append((path, image))
         except DataError as error:  # one bad photo should not stop a quantisation the others can calibrate
             skipped.append(str(error) if str(path) in str(error) else f"{path}: {error}")
     for line in skipped:
         print(f"calibration: skipped {line}", file=sys.stderr)
-    if not images:
+    if not read:
         raise ExportError(f"--calibration {root}: none of the {len(skipped)} calibration images could be used")
-    return images
+    return read
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], graph: str,
@@ -450,9 +462,9 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         # ran on the calibration photos themselves and flattered the file.
         kept_apart = set(spread(calibration_files, min(3, len(calibration_files) // 4)))
         pool = [path for path in calibration_files if path not in kept_apart]
-    chosen = spread(pool, calibration_count) if int8 else []  # the photos calibrated on, picked once
-    calibration_set = calibration_images(calibration, len(chosen), chosen, reference.size) if int8 else []
-    calibrated_on = set(chosen)
+    calibration_read = read_calibration(calibration, pool, calibration_count, reference.size) if int8 else []
+    calibration_set = [image for _, image in calibration_read]
+    calibrated_on = {path for path, _ in calibration_read}  # the photos calibrated on, replacements included
     # Real photos where there are any: generated scenes put the CamVid model's INT8 agreement at 86.71%, against
     # 99.36% on its val images at the same mIoU. Without --data-root, photos the INT8 file was not calibrated on.
     sources, source_name = [], "generated scenes"
