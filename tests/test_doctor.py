@@ -366,6 +366,19 @@ def test_a_resume_given_the_runs_own_class_count_or_ignore_label_goes_on(tmp_pat
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_one_file_in_two_voc_split_lists_is_said_to_be_listed_twice(tmp_path, capsys):
+    """It was "JPEGImages/x.jpg: identical pixels to JPEGImages/x.jpg (train)": the file compared with itself (a
+    helper's audit, 2026-12-07)."""
+    make_demo_dataset(tmp_path / "voc", train=4, val=2, size=32, seed=0)
+    lists = tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation"
+    shared = (lists / "train.txt").read_text().split()[0]
+    with open(lists / "val.txt", "a") as val:
+        val.write(f"{shared}\n")
+    main(["check-data", "--data-root", str(tmp_path / "voc")])
+    out = capsys.readouterr().out
+    assert f"JPEGImages/{shared}.jpg: listed in train too" in out and "identical pixels to" not in out
+
+
 def test_a_val_split_with_no_labelled_pixel_is_an_error_and_train_says_why_it_stops(tmp_path, capsys):
     """Every val pixel ignored: mIoU is undefined, so best.pt was never written, and `train` then named a best.pt
     that did not exist (ablate failed on it with a bare "not found")."""

@@ -525,9 +525,11 @@ def leakage_findings(results: list[PairResult], split_order: list[str]) -> list[
         hashes = np.array([r.difference_hash for r in earlier], dtype=np.uint64)
         for result in by_split[later]:
             twin = first_with_hash.get(result.pixel_hash)
-            if twin is not None:
-                findings.append(finding("duplicate", result.image, f"{result.image}: identical pixels to "
-                                        f"{twin.image} ({twin.split})"))
+            if twin is not None:  # one file in two VOC split lists is said so, not "identical pixels to" itself
+                same = os.path.realpath(twin.image) == os.path.realpath(result.image)
+                said = (f"listed in {twin.split} too" if same
+                        else f"identical pixels to {twin.image} ({twin.split})")
+                findings.append(finding("duplicate", result.image, f"{result.image}: {said}"))
                 continue
             distance = np.bitwise_count(hashes ^ np.uint64(result.difference_hash))
             closest = int(np.argmin(distance))
