@@ -660,7 +660,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
         raise DeviceError(f"--threads {threads!r}: a whole number, at least 1")
     threads = None if threads is None else int(threads)  # numpy's integers too, for onnxruntime's option
     device = str(device)  # a torch.device from Python: "cpu" for an .onnx file as for a .pt
-    chosen_scales(scales, tta)  # refused before any file is read or any setting made
+    checked_scales = chosen_scales(scales, tta)  # refused before any file is read or any setting made
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_predictor import OnnxPredictor  # onnxruntime is imported only by users of .onnx files
 
@@ -677,15 +677,14 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: s
             raise DeviceError(f"--precision {precision}: {path} is an exported file, whose precision was set when it "
                               "was exported (fp32, or INT8 with export --int8); give its .pt checkpoint for "
                               f"{precision}")
-        predictor = OnnxPredictor(path, tta=tta, scales=chosen_scales(scales, tta), window=window, stride=stride,
-                                  threads=threads)
+        predictor = OnnxPredictor(path, tta=tta, scales=checked_scales, window=window, stride=stride, threads=threads)
         if precision == "fp32" and predictor.quantized:  # asked for fp32, it would have run INT8 without a word
             raise DeviceError(f"--precision fp32: {path} holds INT8 weights; give its fp32 copy "
                               f"({Path(path).stem}.fp32.onnx beside it, from export --int8) or its .pt checkpoint")
         return predictor
     if threads is not None:
         torch.set_num_threads(threads)
-    return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)
+    return Predictor.from_checkpoint(path, device, precision, tta, scales, window, stride)  # as given: it checks them
 
 
 def load_ensemble(paths: list[str | Path], **options) -> Predictor:
