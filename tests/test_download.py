@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -235,6 +236,15 @@ def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert len(server.requests) == 1 and not (voc_dir / "VOCdevkit").exists()
+    # Each run removes its lock file as it ends (it was left in the root after every run, a helper, 2026-12-07),
+    # also on a tree extracted by hand, which it only checks.
+    by_hand = tmp_path / "by-hand"
+    shutil.copytree(root / "VOCdevkit", by_hand / "VOCdevkit")
+    (by_hand / "VOCdevkit" / "VOC2012" / EXTRACTED).unlink()
+    assert download_voc2012(by_hand, url=url, md5=md5) == by_hand / "VOCdevkit" / "VOC2012"
+    assert len(server.requests) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "VOCtrainval_11-May-2012.tar"]
+    assert [p.name for p in by_hand.iterdir()] == ["VOCdevkit"]
 
 
 def test_an_extraction_cut_short_is_redone_from_the_kept_archive(voc_tar, server, tmp_path: Path, monkeypatch,

@@ -278,19 +278,28 @@ def _only_run(root: Path, archive_name: str):
     except ImportError:  # Windows: no advisory locks here; runs are not guarded
         yield
         return
+    path = root / f".{archive_name}.lock"
     try:
-        lock = open(root / f".{archive_name}.lock", "a")
+        lock = open(path, "a")
     except OSError as err:
         raise DownloadError(f"--root {root}: cannot write in it ({err.strerror or err})") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # EWOULDBLOCK: held
+            # The run before ours removed the file it held as it ended (below): the lock we got is on that removed
+            # file, which a third run would not see. Held, as far as this run can tell.
+            if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):  # EWOULDBLOCK: held
             raise DownloadError(f"another resunet download is fetching or extracting {root / archive_name}; let it "
                                 "finish (then this command has nothing left to do)") from None
         except OSError:  # a file system without locks (NFS without its lock daemon): unguarded, as on Windows
-            pass
-        yield
+            yield
+            return
+        try:
+            yield
+        finally:  # still held: a run that opens it now is told another holds it, and one after finds none
+            path.unlink(missing_ok=True)
 
 
 def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
@@ -307,25 +316,17 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
     try:
         return _fetch_and_extract(root, url, md5, archive_name, folder, required, what)
     except BaseException:
-        _tidy_after_nothing(root, archive_name, made)
+        _tidy_after_nothing(made)
         raise
 
 
-def _tidy_after_nothing(root: Path, archive_name: str, made: list[Path]) -> None:
-    """A run that failed before any byte was kept (no network, a 404) left its lock file, and the folders it made
-    to hold it: removed, unless another run holds the lock or anything else is there."""
-    lock = root / f".{archive_name}.lock"
+def _tidy_after_nothing(made: list[Path]) -> None:
+    """A run that failed before any byte was kept (no network, a 404) left the folders it made to hold it: removed,
+    unless anything is there (another run's lock file, say)."""
     try:
-        if [p.name for p in root.iterdir()] != [lock.name]:
-            return
-        import fcntl
-
-        with open(lock, "a") as held:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError where another run holds it
-            lock.unlink()
-        for folder in made:  # deepest first
+        for folder in made:  # deepest first; rmdir refuses a folder that is not empty
             folder.rmdir()
-    except (OSError, ImportError):
+    except OSError:
         pass
 
 
