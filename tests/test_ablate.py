@@ -142,6 +142,10 @@ def test_a_relative_path_is_the_same_recipe_as_the_absolute_one_train_stores(dem
     stored = {**base.to_dict(), "data_root": os.path.abspath(demo_root), "encoder_weights": os.path.abspath("w.pth")}
     assert recipe(base) == recipe(stored)
     assert recipe(replace(base, encoder_weights="v.pth")) != recipe(stored)
+    # A VOC tree at any of its levels is one dataset (train reads the same files): it was two recipes.
+    for level in (demo_root / "VOCdevkit", demo_root / "VOCdevkit" / "VOC2012"):
+        assert recipe(replace(base, data_root=str(level))) == recipe(stored)
+    assert recipe(replace(base, data_root=str(ram_tmp))) != recipe(stored)
 
 
 def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_root, ram_tmp, monkeypatch):

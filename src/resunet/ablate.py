@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .config import ABLATION_OPTIONS, TrainConfig
+from .data.voc import find_voc_dir
 from .evaluate import run_evaluate
 from .outputs import FolderLock, write_output
 from .runtime import cpu_kind, cpu_name
@@ -41,6 +42,8 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     for name in ("data_root", "encoder_weights"):  # `train` stores them absolute: `w.pth` and /abs/w.pth are one file
         if kept.get(name):
             kept[name] = os.path.abspath(kept[name])
+    if kept.get("data_root"):  # a VOC tree given at any of its levels (demo, demo/VOCdevkit/VOC2012) is one dataset
+        kept["data_root"] = str(find_voc_dir(Path(kept["data_root"])) or kept["data_root"])
     return kept
 
 
