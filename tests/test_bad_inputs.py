@@ -153,6 +153,14 @@ def test_a_cut_short_file_of_a_format_we_read_is_called_damaged_not_an_unknown_f
             read_image(cut, name="photo")
     with pytest.raises(DataError, match=r"^photo: not a readable image \(not an image format we know\)$"):
         read_image(b"II" + b"\x00" * 40, name="photo")  # two bytes alike are no signature
+    # Cut past the header: PIL's decoders said "could not create decoder object" (WebP), "Truncated File Read" (JPEG)
+    for fmt, name in (("WEBP", "WebP"), ("JPEG", "JPEG")):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=fmt)
+        data = buffer.getvalue()
+        with pytest.raises(DataError, match=rf"^photo: not a readable image \({name} whose data cannot be decoded: "
+                                            r"damaged or cut short\?\)$"):
+            read_image(data[:len(data) // 5], name="photo")
 
 
 def test_a_bomb_mask_is_refused_from_its_header(tmp_path):

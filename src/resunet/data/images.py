@@ -110,17 +110,21 @@ READ_SIGNATURES = (
 )
 
 
-def unknown_format(source: str | Path | io.BytesIO) -> str:
-    """Why an image was not identified, from its first bytes: a HEIC/HEIF photo is named, with the way round it."""
+def first_bytes(source: str | Path | io.BytesIO) -> bytes:
+    """The first 12 bytes of a file, or of an upload's bytes (b"" if it cannot be read)."""
     try:
         if hasattr(source, "read"):
             source.seek(0)
-            head = source.read(12)
-        else:
-            with open(source, "rb") as file:
-                head = file.read(12)
+            return source.read(12)
+        with open(source, "rb") as file:
+            return file.read(12)
     except OSError:
-        head = b""
+        return b""
+
+
+def unknown_format(source: str | Path | io.BytesIO) -> str:
+    """Why an image was not identified, from its first bytes: a HEIC/HEIF photo is named, with the way round it."""
+    head = first_bytes(source)
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return "a HEIC/HEIF photo, which is not read here: export it as JPEG or PNG"
     # A format we read whose header PIL could not parse: cut short or damaged (a truncated LZW TIFF keeps its
@@ -129,6 +133,21 @@ def unknown_format(source: str | Path | io.BytesIO) -> str:
     if known is not None:
         return f"{known} by its first bytes, but its header cannot be read: damaged or cut short?"
     return "not an image format we know"
+
+
+# What PIL's decoders say of a file cut short or damaged past its header, in words that name no cause: a truncated
+# WebP is "could not create decoder object", a truncated JPEG "Truncated File Read" or "cannot load this image".
+OPAQUE_DECODE_ERRORS = ("could not create decoder object", "Truncated File Read", "cannot load this image")
+
+
+def decode_failure(source: str | Path | io.BytesIO, error: BaseException) -> str:
+    """Why the pixels of a file whose header was read could not be decoded, in words a user can act on."""
+    said = str(error) or type(error).__name__
+    if not any(opaque in said for opaque in OPAQUE_DECODE_ERRORS):
+        return said
+    head = first_bytes(source)
+    known = next((name for name, matches in READ_SIGNATURES if matches(head)), "an image")
+    return f"{known} whose data cannot be decoded: damaged or cut short?"
 
 
 @contextmanager
@@ -160,7 +179,7 @@ def opened(source: str | Path | io.BytesIO, label: str, max_pixels: int | None, 
         # struct.error: a broken EXIF block; TypeError: a TIFF strip offset stored as a float (found by fuzzing)
         if isinstance(error, DataError):
             raise
-        raise DataError(f"{label}: not a readable {kind} ({error or type(error).__name__})") from None
+        raise DataError(f"{label}: not a readable {kind} ({decode_failure(source, error)})") from None
 
 
 def read_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
