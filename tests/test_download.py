@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from resunet.data.classes import VOC_INFO
+import resunet.data.download as download_module
 from resunet.data.download import (
     DownloadError,
     download_sbd,
@@ -209,7 +210,7 @@ def big_file(server: ThreadingHTTPServer) -> tuple[str, str, int]:
 # --------------------------------------------------------------------------- download_url
 
 
-def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
+def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path, monkeypatch) -> None:
     url, md5, _ = voc_tar
     root = tmp_path / "data"
     voc_dir = download_voc2012(root, url=url, md5=md5)
@@ -236,15 +237,28 @@ def test_download_voc_extract_and_md5(voc_tar, server, tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert len(server.requests) == 1 and not (voc_dir / "VOCdevkit").exists()
-    # Each run removes its lock file as it ends (it was left in the root after every run, a helper, 2026-12-07),
-    # also on a tree extracted by hand, which it only checks.
+    # Each run removes its lock file as it ends (it was left in the root after every run, a helper, 2026-12-07).
+    assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "VOCtrainval_11-May-2012.tar"]
+    # A tree extracted by hand is checked, nothing written: a read-only copy was refused ("cannot write in it", for
+    # its lock file), and an earlier try's .part beside it was taken for a download to finish over it.
     by_hand = tmp_path / "by-hand"
     shutil.copytree(root / "VOCdevkit", by_hand / "VOCdevkit")
     (by_hand / "VOCdevkit" / "VOC2012" / EXTRACTED).unlink()
-    assert download_voc2012(by_hand, url=url, md5=md5) == by_hand / "VOCdevkit" / "VOC2012"
+    (by_hand / "VOCtrainval_11-May-2012.tar.part").write_bytes(b"an earlier try")
+
+    def no_writes(*args, **kwargs):
+        raise DownloadError("cannot write in it (Read-only file system)")
+    with monkeypatch.context() as read_only:
+        read_only.setattr(download_module, "_only_run", no_writes)
+        assert download_voc2012(by_hand, url=url, md5=md5) == by_hand / "VOCdevkit" / "VOC2012"
     assert len(server.requests) == 1
+    assert sorted(p.name for p in by_hand.iterdir()) == ["VOCdevkit", "VOCtrainval_11-May-2012.tar.part"]
+    # An archive verified beside an earlier try's .part: the .part is removed (it was left).
+    (root / "VOCdevkit" / "VOC2012" / EXTRACTED).unlink()
+    shutil.rmtree(root / "VOCdevkit")
+    (root / "VOCtrainval_11-May-2012.tar.part").write_bytes(b"an earlier try")
+    assert download_voc2012(root, url=url, md5=md5) == voc_dir and len(server.requests) == 1
     assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "VOCtrainval_11-May-2012.tar"]
-    assert [p.name for p in by_hand.iterdir()] == ["VOCdevkit"]
 
 
 def test_an_extraction_cut_short_is_redone_from_the_kept_archive(voc_tar, server, tmp_path: Path, monkeypatch,
@@ -494,6 +508,27 @@ def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
     assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
     assert os.stat(aug / "2008_000005.png").st_mtime_ns == stamp
     np.testing.assert_array_equal(load("2008_000006"), sbd_mask("2008_000006"))
+
+    # Built already: nothing is written (train_aug.txt was rewritten by every run, so a read-only copy of a built
+    # tree was refused, and a reader could find the list half-written), nor waited for.
+    import fcntl
+
+    listing = voc_dir / "ImageSets/Segmentation/train_aug.txt"
+    before = os.stat(listing)
+    with open(voc_dir / ".SegmentationClassAug.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another run building it holds it
+        assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
+        assert (os.stat(listing).st_mtime_ns, os.stat(listing).st_ino) == (before.st_mtime_ns, before.st_ino)
+        # With masks to write, a second build at once is refused: two moved each other's masks away, and the one
+        # that lost said to make the folder writable.
+        (aug / "2008_000006.png").unlink()
+        with pytest.raises(DownloadError, match=f"^another resunet download is building train_aug in {voc_dir}; let "
+                                                "it finish"):
+            make_train_aug(voc_dir, sbd_dir)
+    (voc_dir / ".SegmentationClassAug.lock").unlink()
+    assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
+    assert (aug / "2008_000006.png").is_file() and listing.read_text().split() == EXPECTED_TRAIN_AUG
+    assert not list(voc_dir.glob(".*.lock")) and not list(listing.parent.glob(".*"))
 
 
 # --------------------------------------------------------------------------- runs stopped, disks, hands

@@ -181,6 +181,7 @@ def download_url(url: str, dest: Path, md5: str | None = None, progress: bool = 
     if dest.exists():
         actual = None if md5 is None else file_md5(dest)
         if actual == md5:
+            part.unlink(missing_ok=True)  # an earlier try's, the file now complete beside it
             return dest
         # Not the file: most often a copy cut short (put there by hand on a machine without internet), whose bytes
         # are a prefix of the download. Continued as the partial file unless one is already there; said either way.
@@ -270,15 +271,16 @@ def _extracting_marker(root: Path, archive_name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _only_run(root: Path, archive_name: str):
-    """One download of an archive into a root at a time: a second run resumed into the .part the first was still
-    writing, the md5 failed and both lost the download."""
+def _only_run(root: Path, name: str, work: str | None = None):
+    """One run at a time on `name` in `root` (an archive it downloads and extracts, unless `work` says what else):
+    a second run resumed into the .part the first was still writing, the md5 failed and both lost the download; two
+    builds of train_aug moved each other's masks away."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; runs are not guarded
         yield
         return
-    path = root / f".{archive_name}.lock"
+    path = root / f".{name}.lock"
     try:
         lock = open(path, "a")
     except OSError as err:
@@ -291,8 +293,8 @@ def _only_run(root: Path, archive_name: str):
             if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):  # EWOULDBLOCK: held
-            raise DownloadError(f"another resunet download is fetching or extracting {root / archive_name}; let it "
-                                "finish (then this command has nothing left to do)") from None
+            raise DownloadError(f"another resunet download is {work or f'fetching or extracting {root / name}'}; "
+                                "let it finish (then this command has nothing left to do)") from None
         except OSError:  # a file system without locks (NFS without its lock daemon): unguarded, as on Windows
             yield
             return
@@ -305,7 +307,7 @@ def _only_run(root: Path, archive_name: str):
 def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
                           required: list[str], what: str) -> Path:
     stamp = folder / EXTRACTED_STAMP
-    if stamp.exists():  # ours and finished
+    if stamp.exists() or _extracted_by_hand(root, archive_name, folder):  # nothing to write (a read-only copy too)
         _require(folder, required, what)
         return folder
     made = [p for p in (root, *root.parents) if not p.exists()]
@@ -318,6 +320,13 @@ def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: s
     except BaseException:
         _tidy_after_nothing(made)
         raise
+
+
+def _extracted_by_hand(root: Path, archive_name: str, folder: Path) -> bool:
+    """A folder there without its archive, and not left half-extracted by a run of ours (the marker): put there by
+    hand, or by a version without stamps. A leftover .part beside it is an earlier try's, not a download to finish
+    over it."""
+    return folder.is_dir() and not (root / archive_name).exists() and not _extracting_marker(root, archive_name).exists()
 
 
 def _tidy_after_nothing(made: list[Path]) -> None:
@@ -338,14 +347,10 @@ def _fetch_and_extract(root: Path, url: str, md5: str | None, archive_name: str,
     with _only_run(root, archive_name):
         if stamp.exists():  # finished by the run this one waited for
             return folder
-        downloading = archive_path.exists() or (root / f"{archive_name}.part").exists()
-        if folder.is_dir() and not downloading:
-            if marker.exists():
-                raise DownloadError(f"{folder} was being extracted from {archive_name} when a run stopped, and "
-                                    f"{archive_name} is gone: delete {folder} and run the same command again (it "
-                                    f"downloads the archive anew), or put {archive_name} back in {root}")
-            _require(folder, required, what)  # extracted by hand (or by a version without stamps)
-            return folder
+        if folder.is_dir() and not archive_path.exists() and marker.exists():
+            raise DownloadError(f"{folder} was being extracted from {archive_name} when a run stopped, and "
+                                f"{archive_name} is gone: delete {folder} and run the same command again (it "
+                                f"downloads the archive anew), or put {archive_name} back in {root}")
         archive = download_url(url, archive_path, md5)
         marker.touch()
         extract(archive, root)
@@ -437,6 +442,22 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
                             "own")
 
     out_dir = voc_dir / "SegmentationClassAug"
+    split_list, listed = splits / "train_aug.txt", "".join(f"{name}\n" for name in names)
+    todo = [name for name in names if not (out_dir / f"{name}.png").exists()]
+    if not todo and split_list.is_file() and split_list.read_text(encoding="utf-8") == listed:
+        return len(names)  # built already: nothing written (the tree may be a read-only copy)
+    with _only_run(voc_dir, "SegmentationClassAug", f"building train_aug in {voc_dir}"):
+        _write_train_aug(voc_dir, sbd_dir, todo, out_dir)
+        _flush_to_disk()
+        with _writing(split_list):  # replaced whole: a reader never sees it half-written
+            partial = split_list.with_name(f".{split_list.name}.tmp")
+            partial.write_text(listed, encoding="utf-8")
+            os.replace(partial, split_list)
+    return len(names)
+
+
+def _write_train_aug(voc_dir: Path, sbd_dir: Path, names: list[str], out_dir: Path) -> None:
+    """The masks of `names` into `out_dir`: VOC's own annotation where it has one, else SBD's."""
     with _writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     for name in tqdm(names, desc="SegmentationClassAug", unit="mask"):
@@ -455,11 +476,6 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
         with _writing(out):
             Image.fromarray(mask).save(tmp, format="PNG")
             os.replace(tmp, out)  # a killed run never leaves a truncated PNG to be skipped later
-
-    _flush_to_disk()
-    with _writing(splits / "train_aug.txt"):
-        (splits / "train_aug.txt").write_text("".join(f"{name}\n" for name in names))
-    return len(names)
 
 
 def _flush_to_disk() -> None:
