@@ -631,3 +631,33 @@ def test_a_large_run_length_compressed_bmp_is_refused_before_its_slow_decode(tmp
                                                   r"Pillow decodes in Python \(seconds for a large one\); over "
                                                   r"4,000,000 pixels it is not read: save it as PNG$"):
         read_image(tmp_path / "large.bmp")
+
+
+def test_a_voc_tree_with_a_classes_json_is_read_with_its_classes(tmp_path, capsys):
+    """A VOC-format export of one's own classes (CVAT's: RGB masks in its colours, the names in a classes.json) was
+    read as VOC's 21 classes: check-data called every colour off VOC's palette, train took index masks for VOC's
+    classes, without a word (a helper's audit, 2026-12-07). The file is found at any level of the tree."""
+    from resunet.cli import main
+    from resunet.data.dataset import data_locations
+
+    make_demo_dataset(tmp_path, train=2, val=1, size=32)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    palette = np.array([[10, 10, 10], [0, 200, 0], [200, 0, 200]], dtype=np.uint8)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["ground", "crop", "weed"],
+                                                       "palette": palette.tolist()}))
+    ids = {}
+    for number, path in enumerate(sorted((voc / "SegmentationClass").glob("*.png"))):
+        ids[path.stem] = (np.arange(32 * 32).reshape(32, 32) // 32 + number) % 3
+        Image.fromarray(palette[ids[path.stem]]).save(path)  # RGB, in the file's colours
+    for level in (tmp_path, voc.parent, voc):
+        dataset = open_dataset(level, "train")
+        assert dataset.info.names == ("ground", "crop", "weed") and dataset.info.ignore_index == 255
+        for index, image in enumerate(dataset.image_paths):
+            np.testing.assert_array_equal(dataset[index].mask, ids[image.stem])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'classes.json'}: lists 3 classes, not the 21 expected "
+                                        r"\(--num-classes\)$"):
+        open_dataset(voc, "val", num_classes=21)
+    assert data_locations(voc)[1] == [tmp_path / "classes.json"]  # an output may not go over it
+    assert main(["check-data", "--data-root", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes" in out and "palette" not in out, out

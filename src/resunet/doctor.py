@@ -25,14 +25,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data.classes import VOC_INFO, ClassInfo
+from .data.classes import ClassInfo
 from .data.dataset import PairedDataset
 from .data.folder import (find_split_dir, folder_classes, layout_error, pairing_name, partner_hints,
                           split_folders)
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
-from .data.voc import check_voc_classes, find_voc_dir, split_names
+from .data.voc import check_voc_classes, find_voc_dir, split_names, voc_classes
 from .outputs import replace_text, save_figure, subplots, write_output
 
 # Part of the cache key: a change in what the checks find must not reuse old reports (10: 16-bit PGMs, compacted
@@ -250,7 +250,7 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
 def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | None) -> Listing:
     """The names in `ImageSets/Segmentation/{split}.txt`, each checked for its image and mask."""
     split_files = voc_dir / "ImageSets" / "Segmentation"
-    listing = Listing(voc_dir, "voc", VOC_INFO, {})
+    listing = Listing(voc_dir, "voc", voc_classes(voc_dir), {})
     if splits is None:
         splits = [s for s in ("train", "val") if (split_files / f"{s}.txt").is_file()]
         available = sorted(p.stem for p in split_files.glob("*.txt"))
@@ -283,7 +283,7 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
             listing.findings.append(finding("empty_split", relative(split_file, voc_dir),
                                             f"{relative(split_file, voc_dir)}: names no images"))
         listing.files += images + masks
-        listing.splits[split] = PairedDataset(images, masks, VOC_INFO, description=f"VOC2012 {split} ({voc_dir})",
+        listing.splits[split] = PairedDataset(images, masks, listing.info, description=f"VOC2012 {split} ({voc_dir})",
                                               max_pixels=max_pixels)
     return listing
 

@@ -258,7 +258,7 @@ def data_locations(root: str | Path) -> tuple[list[Path], list[Path]]:
         return [], []
     if voc_dir is not None:
         folders = [voc_dir / name for name in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets")]
-        files: list[Path] = []
+        files = [path] if (path := voc.voc_class_file(voc_dir)) is not None else []
     else:
         splits = [root / name for name in folder.split_folders(root)] + [root]
         folders = [split / part for split in splits for part in ("images", "masks")]

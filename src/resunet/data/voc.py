@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .classes import VOC_INFO
+from .classes import VOC_INFO, ClassInfo, load_classes_json
 from .dataset import PairedDataset, check_expected_classes
 from .images import DataError
 
@@ -21,10 +21,33 @@ def find_voc_dir(root: Path) -> Path | None:
     return None
 
 
+def voc_class_file(voc_dir: Path) -> Path | None:
+    """A classes.json in the tree, nearest first: in VOC2012, VOCdevkit or the folder holding it (whichever level
+    --data-root names). A VOC-format export of one's own classes (CVAT's, say) names them there, as a folder dataset
+    does; it was passed over, and its masks read as VOC's 21 classes without a word."""
+    levels = [voc_dir, voc_dir.parent, voc_dir.parent.parent] if voc_dir.parent.name == "VOCdevkit" else [voc_dir]
+    return next((level / "classes.json" for level in levels if (level / "classes.json").is_file()), None)
+
+
+def voc_classes(voc_dir: Path) -> ClassInfo:
+    """VOC's 21 classes, or those of the tree's classes.json (`voc_class_file`)."""
+    path = voc_class_file(voc_dir)
+    if path is None:
+        return VOC_INFO
+    try:
+        return load_classes_json(path)
+    except ValueError as error:  # unreadable or malformed: the user's file, so one line
+        raise DataError(str(error)) from None
+
+
 def check_voc_classes(voc_dir: Path, num_classes: int | None, ignore_index: int | None) -> None:
-    """VOC's classes are fixed (21, void 255): a model's or a flag's other count or ignore label is one line, as for a
-    folder dataset's classes.json (--ignore-index was dropped here, without a word)."""
-    check_expected_classes(VOC_INFO, num_classes, ignore_index, voc_dir, "VOC has", "VOC's void label is")
+    """A model's or a flag's other class count or ignore label than the tree's (VOC's 21 and void 255, or its
+    classes.json's) is one line (--ignore-index was dropped here, without a word)."""
+    path = voc_class_file(voc_dir)
+    if path is None:
+        check_expected_classes(VOC_INFO, num_classes, ignore_index, voc_dir, "VOC has", "VOC's void label is")
+    else:
+        check_expected_classes(voc_classes(voc_dir), num_classes, ignore_index, path, "lists", "ignore index")
 
 
 def split_names(split_file: Path) -> list[str]:
@@ -52,4 +75,4 @@ def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
     missing = [str(p) for pair in zip(images, masks) for p in pair if not p.is_file()]
     if missing:
         raise DataError(f"{split_file}: {len(missing)} listed files are missing, e.g. {missing[0]}")
-    return PairedDataset(images, masks, VOC_INFO, description=f"VOC2012 {split} ({voc_dir})")
+    return PairedDataset(images, masks, voc_classes(voc_dir), description=f"VOC2012 {split} ({voc_dir})")
