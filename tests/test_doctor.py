@@ -751,6 +751,26 @@ def test_palette_masks_of_one_split_read_two_ways_are_a_warning(tmp_path):
     assert not [f for f in doctor.check_data(root, ["train"], workers=1).findings if f.kind == "palette_mixed"]
 
 
+def test_an_rgb_mask_of_background_and_the_ignore_colour_is_no_binary_mask(tmp_path):
+    """A mask drawn by colour, background and the ignore colour (a void border drawn on purpose), was warned of as a
+    0/255 binary mask whose "object" would be ignored (a helper, 2026-12-07); a grey one of 0 and 255 still is."""
+    root = tmp_path / "rgb"
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "masks").mkdir(parents=True)
+    (root / "classes.json").write_text(json.dumps({"classes": ["background", "road"], "palette": [[0, 0, 0],
+                                                  [128, 64, 128]], "ignore_colour": [224, 224, 192]}))
+    void = np.zeros((SIZE, SIZE), dtype=bool)
+    void[:, : SIZE // 4] = True
+    for name, mode in (("drawn", "RGB"), ("grey", "L")):
+        picture(len(name)).save(root / "train" / "images" / f"{name}.png")
+        mask = (np.where(void[..., None], np.array([224, 224, 192], np.uint8), np.uint8(0)) if mode == "RGB"
+                else np.where(void, 255, 0).astype(np.uint8))
+        Image.fromarray(mask, mode).save(root / "train" / "masks" / f"{name}.png")
+    report = doctor.check_data(root, ["train"], workers=1)
+    assert [f.path for f in report.findings if f.kind == "binary_255"] == ["train/masks/grey.png"], report.findings
+    assert {f.path for f in report.findings if f.kind == "one_class"} >= {"train/masks/drawn.png"}
+
+
 def test_nearly_matching_names_are_named_as_the_likely_partner(tmp_path, capsys):
     """Pairing is by exact name; a mask named the image's name in another case, with a mask's word added (CamVid's
     _L, _mask), with the image's extension kept (a.jpg.png), or a file of the very name whose suffix is not read (an

@@ -395,8 +395,9 @@ def rgb_mask_findings(rgb: np.ndarray, info: ClassInfo, label: str, jpeg: bool) 
     return classes, findings
 
 
-def mask_findings(classes: np.ndarray, info: ClassInfo, label: str) -> list[Finding]:
-    """Value checks on a mask's class indices (-1: an off-palette pixel, already reported)."""
+def mask_findings(classes: np.ndarray, info: ClassInfo, label: str, by_colour: bool = False) -> list[Finding]:
+    """Value checks on a mask's class indices (-1: an off-palette pixel, already reported). `by_colour`: read from
+    an RGB mask's colours, where 255 is the ignore colour drawn as such, not a binary mask's white object."""
     findings = []
     values = set(np.unique(classes).tolist()) - {-1}
     bad = sorted(v for v in values if v >= info.num_classes and v != info.ignore_index)
@@ -404,7 +405,7 @@ def mask_findings(classes: np.ndarray, info: ClassInfo, label: str) -> list[Find
         findings.append(finding("mask_values", label, f"{label}: mask values {bad[:5]} outside "
                                 f"0..{info.num_classes - 1} and ignore {info.ignore_index}"))
     labelled = values - {info.ignore_index}
-    if values == {0, 255} and info.ignore_index == 255:
+    if values == {0, 255} and info.ignore_index == 255 and not by_colour:
         share = float((classes == 255).mean())
         findings.append(finding("binary_255", label, f"{label}: only 0 and 255, and 255 is the ignore label: "
                                 f"its object ({100 * share:.1f}% of the pixels) would be ignored"))
@@ -483,7 +484,7 @@ def check_pair(split: str, image_path: Path, mask_path: Path, info: ClassInfo, b
                                            f"below 0 (class indices are 0..{info.num_classes - 1}, ignore "
                                            f"{info.ignore_index})"))
             classes = np.where(classes < 0, -1, classes)  # reported: not again as off-palette
-    result.findings += mask_findings(classes, info, result.mask)
+    result.findings += mask_findings(classes, info, result.mask, by_colour=mode in RGB_MASK_MODES)
     if result.image_size == mask_size == stored_size and orientation in range(2, 9):
         # Orientations 2-4 keep the sides (5-8 too, on a square): a mask drawn on the stored pixels fits the size.
         result.findings.append(finding("exif_orientation", result.image, f"{result.image}: EXIF orientation "
