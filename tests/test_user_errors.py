@@ -1537,7 +1537,12 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
             (["--confusion", str(tmp_path / "c.jpgx")], "name a .png/.pdf/.svg/.jpg file"),
             (["--confusion", str(tmp_path / "c")], "name a .png/.pdf/.svg/.jpg file"),
             (["--json", "/sys/fs/e.json"], "--json /sys/fs/e.json: cannot write in /sys/fs"),
-            (["--worst", "2", "--out", "/sys/fs/worst"], "--out /sys/fs/worst: cannot write in /sys/fs/worst")):
+            (["--worst", "2", "--out", "/sys/fs/worst"], "--out /sys/fs/worst: cannot write in /sys/fs/worst"),
+            # The JSON was written as a file where the sheets' folder was to be made: a traceback after the work.
+            (["--json", str(tmp_path / "w"), "--worst", "1", "--out", str(tmp_path / "w")],
+             f"--out {tmp_path / 'w'}: --json {tmp_path / 'w'} is written as a file there"),
+            (["--confusion", str(tmp_path / "c.png"), "--worst", "1", "--out", str(tmp_path / "c.png" / "sheets")],
+             "the folder of the worst images cannot be a file too")):
         assert main(["evaluate", str(model), "--data-root", str(data), *flags]) == 2, flags
         assert words in one_error_line(capsys, "evaluate"), flags
     assert model.read_bytes() == kept

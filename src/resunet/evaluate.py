@@ -25,7 +25,7 @@ from .data.dataset import (PairedDataset, data_locations, open_dataset_for_model
 from .data.images import DEFAULT_MAX_PIXELS, DataError
 from .metrics import BoundaryIoU, CalibrationError, ConfusionMatrix, image_miou
 from .outputs import (PLOT_SUFFIXES, check_folder_apart, check_output_files, check_output_folder, is_stream,
-                      write_output)
+                      resolved, write_output)
 from .predict import AUTO_TTA, Predictor, load_ensemble
 from .runtime import is_out_of_memory
 
@@ -152,6 +152,11 @@ def check_outputs(json_out: str | None, confusion_png: str | None, worst_out: st
     if worst_out:
         check_folder_apart("--out", worst_out, data_locations(data_root)[0])
         check_output_folder("--out", worst_out)
+        folder = resolved(worst_out)
+        for flag, path in outputs:  # written first, as a file: the sheets' folder could then not be made
+            if path and (resolved(path) == folder or resolved(path) in folder.parents):
+                raise DataError(f"--out {worst_out}: {flag} {path} is written as a file there, and the folder of "
+                                "the worst images cannot be a file too; name another folder or file")
         outputs += [("--out", Path(worst_out) / name) for name in (*worst_sheet_names(worst), "worst.json")]
     check_output_files(outputs, inputs, suffixes={"--confusion": PLOT_SUFFIXES}, data_root=data_root)
 
