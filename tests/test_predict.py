@@ -114,12 +114,15 @@ def test_cli_predict_skip_existing_predicts_only_inputs_with_a_missing_output(tr
     assert (out / "c.png").read_bytes() == first["c.png"]
 
 
-def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, tmp_path, monkeypatch, capsys):
+def test_cli_predict_stopped_by_ctrl_c_or_sigterm_goes_on_with_skip_existing(trained_run, tmp_path, monkeypatch, capsys):
     """Ctrl-C (KeyboardInterrupt, as Python delivers it) landing part-way through a folder, in the middle of writing
     a file: the command says how far it got and exits 130, every file it left is whole (the one being written is
     not left half-done under its name, nor as a temporary file), and --skip-existing finishes the folder with the
-    maps an uninterrupted run gives."""
+    maps an uninterrupted run gives. A SIGTERM (a timeout, `docker stop`) is taken as Ctrl-C: it killed the run and
+    left the file being written as .NAME.png.tmpPID-RANDOM (a helper, 2026-12-07)."""
     import itertools
+    import os
+    import signal
 
     from resunet.cli import main
 
@@ -132,14 +135,19 @@ def test_cli_predict_stopped_by_ctrl_c_goes_on_with_skip_existing(trained_run, t
     command = ["predict", str(trained_run / "best.pt"), str(inputs), "--device", "cpu", "--out", str(out)]
     real_save, saves = Image.Image.save, itertools.count(1)
 
-    def save_then_ctrl_c(self, fp, *args, **kwargs):
+    def save_then_sigterm(self, fp, *args, **kwargs):
         real_save(self, fp, *args, **kwargs)
         if next(saves) == 13:  # the 13th mask is written, not yet renamed into place
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(Image.Image, "save", save_then_ctrl_c)
+    ignored = []  # where the command set no handler of its own, the default one would end the test's process
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ignored.append(signum))
+    monkeypatch.setattr(Image.Image, "save", save_then_sigterm)
     capsys.readouterr()
-    assert main(command) == 130
+    try:
+        assert main(command) == 130 and not ignored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     monkeypatch.undo()
     assert sorted(p.name for p in out.iterdir()) == [f"{i:03d}.png" for i in range(12)]  # whole, no leftovers
     for path in out.iterdir():

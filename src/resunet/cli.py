@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import glob
 import math
 import os
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING
@@ -800,6 +802,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write files as they go and have no SIGTERM handling of their own (train saves its position, serve
+# drains, export removes its temporary file): a SIGTERM (a timeout, a scheduler, `docker stop`) as Ctrl-C, so a file
+# being written is removed, not left half-written under its hidden temporary name, and the same line is said.
+SIGTERM_AS_CTRL_C = {"predict", "evaluate", "visualize", "calibrate", "check-data"}
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(wanted: bool) -> typing.Iterator[None]:
+    if not wanted or threading.current_thread() is not threading.main_thread():  # only the main thread may
+        yield
+        return
+
+    def interrupt(signum: int, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .allocator import tune_cpu_allocator
 
@@ -810,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     tune_cpu_allocator()
     try:
-        return args.run(args)
+        with _sigterm_as_ctrl_c(args.command in SIGTERM_AS_CTRL_C):
+            return args.run(args)
     except _user_errors() as error:
         if not getattr(error, "quiet", False):  # under torchrun, said by the first process only
             print(f"resunet {args.command}: error: {one_line(error)}", file=sys.stderr)
