@@ -79,6 +79,28 @@ def test_ensemble_given_twice_keeps_every_model():
     assert build_parser().parse_args(["predict", "a.pt", "x.jpg", "--out", "o"]).ensemble == []
 
 
+def test_inputs_given_after_ensemble_are_named_as_such(tmp_path, capsys):
+    """`predict a.pt --ensemble b.pt photos --out o`: argparse gave photos to --ensemble, and the command said "the
+    following arguments are required: inputs" (an image there was read as a checkpoint: "not a readable resunet
+    checkpoint"), a helper, 2026-12-07. Refused before any model is loaded (none of these files exists)."""
+    from resunet.cli import main
+
+    (tmp_path / "photos").mkdir()
+    for words, what in ((["--ensemble", "b.pt", str(tmp_path / "photos")], f"{tmp_path / 'photos'}: a folder"),
+                        (["x.jpg", "--ensemble", "b.pt", "y.JPG"], "y.JPG: an image"),
+                        (["--ensemble", "b.pt", "shots/*.png"], "shots/*.png: an image"),
+                        (["--ensemble", "b.pt", "shots/*"], "shots/*: a glob")):
+        assert main(["predict", "a.pt", *words, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"resunet predict: error: --ensemble {what}, not a model (--ensemble takes every word up to "
+                       "the next flag): give the inputs before it, resunet predict MODEL INPUT... --ensemble MODEL2 "
+                       "...\n"), err
+    assert main(["predict", "a.pt", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("resunet predict: error: give the images to predict: resunet predict MODEL "
+                                       "INPUT... --out DIR\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_ablate_help_offers_only_what_ablate_takes(capsys):
     """ablate takes the train flags, but refuses --resume, --overwrite and --calibrate (each with its reason): its
     --help offered them with train's words, and --data-root said "unless --resume reads it from the run"."""

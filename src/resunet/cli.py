@@ -17,7 +17,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from .config import ABLATION_OPTIONS, TrainConfig, config_fields, export_refusal
-from .data.images import DEFAULT_MAX_PIXELS, DataError, one_line
+from .data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DataError, one_line
 
 
 
@@ -333,6 +333,14 @@ def _readable(path: Path, max_pixels: int | None):
 
 
 def cmd_predict(args) -> int:
+    for entry in args.ensemble:  # argparse gives --ensemble every word up to the next flag, inputs too
+        what = ("a folder" if Path(entry).is_dir() else "an image" if Path(entry).suffix.lower() in IMAGE_SUFFIXES
+                else "a glob" if glob.has_magic(entry) and not Path(entry).exists() else None)
+        if what:
+            raise UsageError(f"--ensemble {entry}: {what}, not a model (--ensemble takes every word up to the next "
+                             "flag): give the inputs before it, resunet predict MODEL INPUT... --ensemble MODEL2 ...")
+    if not args.inputs:
+        raise UsageError("give the images to predict: resunet predict MODEL INPUT... --out DIR")
     if args.backend is not None and Path(args.checkpoint).suffix.lower() == ".onnx":  # it was ignored
         raise UsageError(f"--backend {args.backend} chooses how a .pt checkpoint runs (auto: it or a file exported "
                          f"from it); {args.checkpoint} is an exported file, which runs in onnxruntime")
@@ -687,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("inputs", nargs="*", help="image files, folders or globs (at least one)")
     p.add_argument("--out", required=True, help="folder for NAME.png (and NAME_overlay.jpg, NAME_confidence.png)")
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=_share, default=None, help="overlay opacity, 0..1 (default 0.5; with --overlay)")
