@@ -824,7 +824,7 @@ def test_files_with_other_suffixes_are_said_not_to_be_read(tmp_path, capsys):
     """A phone's .heic photos copied among the images were passed over without a word: check-data warns, a split of
     nothing else says why it has no images, and predict says which files of a folder it leaves out."""
     from resunet.data.dataset import open_dataset
-    from resunet.data.images import DataError
+    from resunet.data.images import DataError, list_images
 
     root = clean_dataset(tmp_path / "data")
     (root / "train" / "images" / "IMG_0001.heic").write_bytes(b"\0\0\0\x18ftypheic")
@@ -859,10 +859,21 @@ def test_files_with_other_suffixes_are_said_not_to_be_read(tmp_path, capsys):
     # A glob of them, and the check's own line for the empty split (train's refusal quotes it).
     assert main(["predict", "nothing.pt", str(val_images / "*.heic"), "--out", str(tmp_path / "out")]) == 1
     assert "*.heic: matches no image file (2 file(s) not read, such as good_0.heic" in capsys.readouterr().err
+    # A glob matching them beside images (the README's 'DIR/**/*') says so as the folder does: it said nothing.
+    assert main(["predict", "nothing.pt", str(train_images / "*"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"resunet predict: {train_images / '*'}: 2 file(s) not read, such as IMG_0001.heic (suffix .heic;" in err
+    # A subfolder named like an image is no image: it was listed, then refused as unreadable ("Is a directory").
+    (train_images / "album.jpg").mkdir()
+    (train_images / "album.jpg" / "inside.png").write_bytes((train_images / "good_0.png").read_bytes())
+    assert "album.jpg" not in [p.name for p in list_images(train_images)]
+    assert main(["predict", "nothing.pt", str(train_images), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" not in err and "image(s) in subfolders, such as album.jpg/inside.png" in err, err
     empty = next(f for f in doctor.check_data(root, workers=1).findings if f.kind == "empty_split")
     assert empty.message.startswith(f"{Path('val/images')}: no images (2 file(s) not read, such as good_0.heic")
     # Formats Pillow reads beyond the common ones are listed in folders as they are read when named: AVIF, PPM/PGM.
-    from resunet.data.images import list_images, read_image
+    from resunet.data.images import read_image
 
     save(picture(80), tmp_path / "more" / "a.avif")
     save(picture(81).convert("L"), tmp_path / "more" / "b.pgm")

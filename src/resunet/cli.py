@@ -282,7 +282,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
     matches nothing, a folder without images: a typo must not pass for a finished run); and a note for each folder
     whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*') or whose files have
     suffixes not read (a phone's .heic)."""
-    from .data.images import image_name, list_images, nested_images, unread_files, unread_note
+    from .data.images import SYSTEM_FILES, image_name, list_images, nested_images, unread_files, unread_note
 
     paths: list[Path] = []
     problems: list[str] = []
@@ -308,9 +308,13 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
         elif any(c in item for c in "*?[") and not path.is_file():  # a file named a[1].jpg (the shell's * gave it)
             matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             found = [p for p in matched if image_name(p)]
+            # '*.HEIC' alone, or beside the JPEGs of 'DIR/**/*': said, as for a folder
+            unread = unread_note([p for p in matched if not image_name(p) and not p.name.startswith(".")
+                                  and p.name.lower() not in SYSTEM_FILES])
             if not found:
-                unread = unread_note([p for p in matched if not p.name.startswith(".")])  # '*.HEIC'
                 problems.append(f"{item}: matches no image file" + (f" ({unread})" if unread else ""))
+            elif unread:
+                notes.append(f"{item}: {unread}")
             paths += found
         else:
             paths.append(path)

@@ -478,9 +478,10 @@ def looked_at(path: Path) -> tuple[os.stat_result, Path]:
 
 def list_images(folder: Path) -> list[Path]:
     """The images directly in `folder` (its subfolders are not read: see `nested_images`), by `image_name`: the
-    AppleDouble files were listed and then refused as unreadable. DataError for a folder that cannot be read."""
+    AppleDouble files were listed and then refused as unreadable; a subfolder named like an image, photo.jpg/, was
+    read as one. DataError for a folder that cannot be read."""
     try:
-        return sorted(p for p in folder.iterdir() if image_name(p))
+        return sorted(p for p in folder.iterdir() if image_name(p) and not p.is_dir())
     except OSError as error:
         raise DataError(f"{folder}: cannot read the folder ({error.strerror or error})") from None
 
