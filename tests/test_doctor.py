@@ -216,6 +216,19 @@ def test_voc_split_files_naming_absent_files(tmp_path, capsys):
                                                      str(Path("SegmentationClass/ghost.png"))]
     assert "ImageSets/Segmentation/val.txt lists ghost" in report.errors[0].message.replace(os.sep, "/")
     assert report.facts["splits"]["val"]["pairs"] == 1
+    # A photo saved under another suffix is named (the line said only that NAME.jpg was not there), here and by train.
+    photo = voc / "JPEGImages" / "demo_val_00000.jpg"
+    photo.rename(photo.with_suffix(".png"))
+    report = doctor.check_data(tmp_path / "voc", workers=1)
+    said = next(f.message for f in report.errors if f.path == str(Path("JPEGImages/demo_val_00000.jpg")))
+    assert said.endswith("is not there (demo_val_00000.png is there: a VOC tree reads NAME.jpg photos and NAME.png "
+                         "masks; rename it)"), said
+    from resunet.data.dataset import open_dataset
+    from resunet.data.images import DataError
+
+    with pytest.raises(DataError, match=r"listed files are missing, e.g. .*demo_val_00000.jpg \(demo_val_00000.png "
+                                        r"is there: "):
+        open_dataset(tmp_path / "voc", "val")
     assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "train"]) == 0  # train is fine
     assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "nope"]) == 2  # not a split
     assert "nope.txt: no such split file" in capsys.readouterr().err

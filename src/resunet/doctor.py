@@ -32,7 +32,7 @@ from .data.folder import (find_split_dir, folder_classes, layout_error, pairing_
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
-from .data.voc import check_voc_classes, find_voc_dir, split_names, voc_classes
+from .data.voc import check_voc_classes, find_voc_dir, named_otherwise, split_names, voc_classes
 from .outputs import replace_text, save_figure, subplots, write_output
 
 # Part of the cache key: a change in what the checks find must not reuse old reports (10: 16-bit PGMs, compacted
@@ -275,7 +275,7 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
             for path in absent:
                 listing.findings.append(finding("missing_file", relative(path, voc_dir),
                                                 f"{relative(split_file, voc_dir)} lists {name}, but "
-                                                f"{relative(path, voc_dir)} is not there"))
+                                                f"{relative(path, voc_dir)} is not there{named_otherwise(path)}"))
             if not absent:
                 images.append(pair[0])
                 masks.append(pair[1])

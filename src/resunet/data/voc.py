@@ -6,6 +6,7 @@ its masks from `SegmentationClassAug/`, which `resunet download sbd` builds (see
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from .classes import VOC_INFO, ClassInfo, load_classes_json
@@ -61,6 +62,14 @@ def split_names(split_file: Path) -> list[str]:
     return list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
 
 
+def named_otherwise(path: Path) -> str:
+    """' (NAME.png is there: ...)' for a photo or mask missing under the name a VOC tree reads, where a file of that
+    name with another suffix is (a photo saved as PNG); '' if none is."""
+    other = next((p for p in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*")) if p.is_file()), None)
+    return (f" ({other.name} is there: a VOC tree reads NAME.jpg photos and NAME.png masks; rename it)"
+            if other is not None else "")
+
+
 def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
     split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.is_file():
@@ -72,7 +81,8 @@ def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
     mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
     images = [voc_dir / "JPEGImages" / f"{name}.jpg" for name in names]
     masks = [mask_dir / f"{name}.png" for name in names]
-    missing = [str(p) for pair in zip(images, masks) for p in pair if not p.is_file()]
+    missing = [p for pair in zip(images, masks) for p in pair if not p.is_file()]
     if missing:
-        raise DataError(f"{split_file}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+        raise DataError(f"{split_file}: {len(missing)} listed files are missing, e.g. {missing[0]}"
+                        f"{named_otherwise(missing[0])}")
     return PairedDataset(images, masks, voc_classes(voc_dir), description=f"VOC2012 {split} ({voc_dir})")
