@@ -114,7 +114,8 @@ def test_cli_predict_skip_existing_predicts_only_inputs_with_a_missing_output(tr
     assert (out / "c.png").read_bytes() == first["c.png"]
 
 
-def test_cli_predict_stopped_by_ctrl_c_or_sigterm_goes_on_with_skip_existing(trained_run, tmp_path, monkeypatch, capsys):
+def test_cli_predict_stopped_by_ctrl_c_or_sigterm_goes_on_with_skip_existing(trained_run, tmp_path, monkeypatch,
+                                                                             capsys):
     """Ctrl-C (KeyboardInterrupt, as Python delivers it) landing part-way through a folder, in the middle of writing
     a file: the command says how far it got and exits 130, every file it left is whole (the one being written is
     not left half-done under its name, nor as a temporary file), and --skip-existing finishes the folder with the

@@ -326,7 +326,8 @@ def _extracted_by_hand(root: Path, archive_name: str, folder: Path) -> bool:
     """A folder there without its archive, and not left half-extracted by a run of ours (the marker): put there by
     hand, or by a version without stamps. A leftover .part beside it is an earlier try's, not a download to finish
     over it."""
-    return folder.is_dir() and not (root / archive_name).exists() and not _extracting_marker(root, archive_name).exists()
+    marker = _extracting_marker(root, archive_name)
+    return folder.is_dir() and not (root / archive_name).exists() and not marker.exists()
 
 
 def _tidy_after_nothing(made: list[Path]) -> None:
