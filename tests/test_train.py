@@ -406,6 +406,24 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(demo_root, ram_t
     with pytest.raises(CheckpointError) as error:
         train(tiny_config(demo_root, ram_tmp / "fresh", epochs=1, **SMALL))
     assert str(error.value).endswith("no best.pt was written; free some space and start again")
+    # The first last.pt alone fails, after best.pt was saved: best.pt holds the run, and is named to go on with
+    # ("start again" was refused, the folder holding a run, and only --overwrite offered: a helper, 2026-12-07).
+    fresh = ram_tmp / "fresh"
+
+    def last_pt_disk_full(obj, f, *args, **kwargs):
+        if ".last.pt." in str(getattr(f, "name", "")):
+            disk_full(obj, f, *args, **kwargs)
+        real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(checkpoint_module.torch, "save", last_pt_disk_full)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(demo_root, fresh, epochs=2, **SMALL))
+    assert str(error.value).endswith(f"no last.pt was written; free some space and resume from {fresh / 'best.pt'}")
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    with pytest.raises(TrainingError, match=rf"holds a run already \(best.pt\); go on with it with --resume "
+                                            rf"{fresh / 'best.pt'}, start it over"):
+        train(tiny_config(demo_root, fresh, epochs=2, **SMALL))
+    train(tiny_config(demo_root, fresh, epochs=2, resume=str(fresh / "best.pt"), **SMALL))
+    assert load_checkpoint(fresh / "last.pt")["epoch"] == 2
 
 
 def test_a_val_file_that_goes_bad_mid_run_is_named_and_the_checkpoint_kept(demo_root, ram_tmp, capsys):
@@ -597,7 +615,8 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwri
         train(tiny_config(demo_root, run, epochs=1, loss="dice", **SMALL))
     assert {name: (run / name).read_bytes() for name in kept} == kept
     (run / "last.pt").unlink()
-    with pytest.raises(TrainingError, match=r"holds a run already \(best.pt\); start it over with --overwrite"):
+    with pytest.raises(TrainingError, match=r"holds a run already \(best.pt\); go on with it with --resume "
+                                            rf"{run / 'best.pt'}, start it over with --overwrite"):
         train(tiny_config(demo_root, run, epochs=1, **SMALL))
     # --overwrite: the old run's files go once the new run is ready to train (a stop after that leaves none of them
     # beside the new run's), and not before (a refused run keeps them).
