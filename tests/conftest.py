@@ -66,9 +66,8 @@ BUILT_FIXTURES = ("trained_run", "exported")
 # `--no-loadscope-reorder` xdist hands files out in this order, the rest after them in their usual order, so the last
 # files handed out are short and both workers finish together. xdist's own order, by test count, handed out
 # test_distributed (7 tests, 100 s) near the end, and one worker idled while the other finished it.
-# test_serve goes first: it builds the trained model at once, while the other worker runs test_distributed, which
-# needs none (with test_user_errors second, that worker waited 21 s on the model's build, idle).
-LONGEST_FILES = ("test_serve.py", "test_distributed.py", "test_user_errors.py", "test_export.py", "test_train.py",
+# test_serve goes first: it builds the trained model at once, while the other worker runs tests that need none.
+LONGEST_FILES = ("test_serve.py", "test_user_errors.py", "test_export.py", "test_train.py", "test_distributed.py",
                  "test_faults.py", "test_predict.py", "test_cli.py", "test_benchmark.py", "test_calibration.py",
                  "test_bad_inputs.py", "test_evaluate.py", "test_ablate.py", "test_download.py", "test_runtime.py")
 
