@@ -80,25 +80,34 @@ def test_ensemble_given_twice_keeps_every_model():
 
 
 def test_inputs_given_after_ensemble_are_named_as_such(tmp_path, capsys):
-    """`predict a.pt --ensemble b.pt photos --out o`: argparse gave photos to --ensemble, and the command said "the
-    following arguments are required: inputs" (an image there was read as a checkpoint: "not a readable resunet
-    checkpoint"), a helper, 2026-12-07. Refused before any model is loaded (none of these files exists)."""
-    from resunet.cli import main
+    """`predict a.pt --ensemble b.pt photos --out o`: argparse gave photos to --ensemble, and the command said only
+    "the following arguments are required: inputs" (an image there was read as a checkpoint: "not a readable resunet
+    checkpoint"), a helper, 2026-12-07. Refused before any model is loaded (none of these files exists); inputs after
+    any other flag are still inputs, and a run folder given to --ensemble is left to the loader's own line."""
+    from resunet.cli import build_parser, main
 
-    (tmp_path / "photos").mkdir()
-    for words, what in ((["--ensemble", "b.pt", str(tmp_path / "photos")], f"{tmp_path / 'photos'}: a folder"),
-                        (["x.jpg", "--ensemble", "b.pt", "y.JPG"], "y.JPG: an image"),
-                        (["--ensemble", "b.pt", "shots/*.png"], "shots/*.png: an image"),
-                        (["--ensemble", "b.pt", "shots/*"], "shots/*: a glob")):
+    photos, run = tmp_path / "photos", tmp_path / "run"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"")
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    (run / "curves.png").write_bytes(b"")
+    takes = ("--ensemble takes every word up to the next flag as a model: give the inputs before it (resunet predict "
+             "MODEL INPUT... --ensemble MODEL2 ...)")
+    for words, what in ((["x.jpg", "--ensemble", "b.pt", str(photos)], f"{photos}: a folder of images"),
+                        (["x.jpg", "--ensemble", "b.pt", "y.JPG"], "y.JPG: an image")):
         assert main(["predict", "a.pt", *words, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
-        assert err == (f"resunet predict: error: --ensemble {what}, not a model (--ensemble takes every word up to "
-                       "the next flag): give the inputs before it, resunet predict MODEL INPUT... --ensemble MODEL2 "
-                       "...\n"), err
-    assert main(["predict", "a.pt", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == ("resunet predict: error: give the images to predict: resunet predict MODEL "
-                                       "INPUT... --out DIR\n")
+        assert err == f"resunet predict: error: --ensemble {what}, not a model; {takes}\n", err
+    with pytest.raises(SystemExit):
+        main(["predict", "a.pt", "--ensemble", "b.pt", str(photos), "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err.endswith(f"error: the following arguments are required: inputs ({takes})\n")
     assert not (tmp_path / "o").exists()
+    parse = build_parser().parse_args
+    assert parse(["predict", "a.pt", "--out", "o", "x.jpg"]).inputs == ["x.jpg"]
+    assert parse(["predict", "a.pt", "--ensemble", "b.pt", "--out", "o", "x.jpg"]).inputs == ["x.jpg"]
+    assert main(["predict", "a.pt", "x.jpg", "--ensemble", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "not a model" not in capsys.readouterr().err
 
 
 def test_ablate_help_offers_only_what_ablate_takes(capsys):

@@ -336,15 +336,40 @@ def _readable(path: Path, max_pixels: int | None):
         return None
 
 
+ENSEMBLE_TAKES = ("--ensemble takes every word up to the next flag as a model: give the inputs before it (resunet "
+                  "predict MODEL INPUT... --ensemble MODEL2 ...)")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: predict's inputs given after --ensemble all went to it, and argparse said only that
+    inputs were required (a helper, 2026-12-07)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        if "required: inputs" in message and any(w.startswith("--ensemble") for w in getattr(self, "words", ())):
+            message += f" ({ENSEMBLE_TAKES})"
+        super().error(message)
+
+
+def images_only_folder(path: Path) -> bool:
+    """A folder of images (predict's input), not a run folder (a checkpoint's, said so when loaded)."""
+    from .data.images import image_name
+
+    try:
+        return path.is_dir() and not any(path.glob("*.pt")) and any(image_name(p) for p in path.iterdir())
+    except OSError:
+        return False
+
+
 def cmd_predict(args) -> int:
     for entry in args.ensemble:  # argparse gives --ensemble every word up to the next flag, inputs too
-        what = ("a folder" if Path(entry).is_dir() else "an image" if Path(entry).suffix.lower() in IMAGE_SUFFIXES
-                else "a glob" if glob.has_magic(entry) and not Path(entry).exists() else None)
+        what = ("an image" if Path(entry).suffix.lower() in IMAGE_SUFFIXES
+                else "a folder of images" if images_only_folder(Path(entry)) else None)
         if what:
-            raise UsageError(f"--ensemble {entry}: {what}, not a model (--ensemble takes every word up to the next "
-                             "flag): give the inputs before it, resunet predict MODEL INPUT... --ensemble MODEL2 ...")
-    if not args.inputs:
-        raise UsageError("give the images to predict: resunet predict MODEL INPUT... --out DIR")
+            raise UsageError(f"--ensemble {entry}: {what}, not a model; {ENSEMBLE_TAKES}")
     if args.backend is not None and Path(args.checkpoint).suffix.lower() == ".onnx":  # it was ignored
         raise UsageError(f"--backend {args.backend} chooses how a .pt checkpoint runs (auto: it or a file exported "
                          f"from it); {args.checkpoint} is an exported file, which runs in onnxruntime")
@@ -614,7 +639,7 @@ DATA_ROOT_HELP = ("dataset folder: a VOCdevkit tree or {train,val,test}/{images,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resunet", description="U-Net segmentation on ImageNet-pretrained encoders")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     p = commands.add_parser("demo-data", help="write a generated VOC-format dataset")
     p.add_argument("dir")
@@ -699,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", parents=[inference], help="class-map PNGs for images")
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported .onnx file")
-    p.add_argument("inputs", nargs="*", help="image files, folders or globs (at least one)")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True, help="folder for NAME.png (and NAME_overlay.jpg, NAME_confidence.png)")
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.jpg")
     p.add_argument("--alpha", type=_share, default=None, help="overlay opacity, 0..1 (default 0.5; with --overlay)")
