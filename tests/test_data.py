@@ -649,11 +649,16 @@ def test_a_voc_tree_with_a_classes_json_is_read_with_its_classes(tmp_path, capsy
     for number, path in enumerate(sorted((voc / "SegmentationClass").glob("*.png"))):
         ids[path.stem] = (np.arange(32 * 32).reshape(32, 32) // 32 + number) % 3
         Image.fromarray(palette[ids[path.stem]]).save(path)  # RGB, in the file's colours
-    for level in (tmp_path, voc.parent, voc):
-        dataset = open_dataset(level, "train")
-        assert dataset.info.names == ("ground", "crop", "weed") and dataset.info.ignore_index == 255
-        for index, image in enumerate(dataset.image_paths):
-            np.testing.assert_array_equal(dataset[index].mask, ids[image.stem])
+    levels = [(None, tmp_path), (None, voc.parent), (None, voc), (voc, "."), (voc.parent, "VOC2012"),
+              (voc.parent, ".")]
+    for cwd, level in levels:  # given relative too: `--data-root .` inside VOC2012 has parents without names
+        with pytest.MonkeyPatch.context() as where:
+            if cwd is not None:
+                where.chdir(cwd)
+            dataset = open_dataset(level, "train")
+            assert dataset.info.names == ("ground", "crop", "weed") and dataset.info.ignore_index == 255, level
+            for index, image in enumerate(dataset.image_paths):
+                np.testing.assert_array_equal(dataset[index].mask, ids[image.stem])
     with pytest.raises(DataError, match=rf"^{tmp_path / 'classes.json'}: lists 3 classes, not the 21 expected "
                                         r"\(--num-classes\)$"):
         open_dataset(voc, "val", num_classes=21)

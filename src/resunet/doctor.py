@@ -36,8 +36,9 @@ from .data.voc import check_voc_classes, find_voc_dir, named_otherwise, split_na
 from .outputs import replace_text, save_figure, subplots, write_output
 
 # Part of the cache key: a change in what the checks find must not reuse old reports (10: 16-bit PGMs, compacted
-# palette masks, splits beside a root pool, datasets without a split to check)
-REPORT_FORMAT = 10
+# palette masks, splits beside a root pool, datasets without a split to check; 11: no binary_255 for masks read by
+# colour, a VOC photo of another suffix named)
+REPORT_FORMAT = 11
 NEAR_DUPLICATE_BITS = 4  # difference hashes at most this many bits apart (of 64): the same picture
 NEAR_PALETTE = 32  # an off-palette colour within this many levels (every channel) of a palette colour is "near"
 SHOWN_PER_KIND = 3

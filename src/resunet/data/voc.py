@@ -7,6 +7,7 @@ its masks from `SegmentationClassAug/`, which `resunet download sbd` builds (see
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from .classes import VOC_INFO, ClassInfo, load_classes_json
@@ -26,7 +27,9 @@ def voc_class_file(voc_dir: Path) -> Path | None:
     """A classes.json in the tree, nearest first: in VOC2012, VOCdevkit or the folder holding it (whichever level
     --data-root names). A VOC-format export of one's own classes (CVAT's, say) names them there, as a folder dataset
     does; it was passed over, and its masks read as VOC's 21 classes without a word."""
-    levels = [voc_dir, voc_dir.parent, voc_dir.parent.parent] if voc_dir.parent.name == "VOCdevkit" else [voc_dir]
+    full = Path(os.path.abspath(voc_dir))  # `--data-root .` inside VOC2012: its parents have names only so
+    levels = [full, *([full.parent] if full.name == "VOC2012" else []),
+              *([full.parent.parent] if full.parent.name == "VOCdevkit" else [])]
     return next((level / "classes.json" for level in levels if (level / "classes.json").is_file()), None)
 
 
