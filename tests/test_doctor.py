@@ -232,6 +232,12 @@ def test_voc_split_files_naming_absent_files(tmp_path, capsys):
     assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "train"]) == 0  # train is fine
     assert main(["check-data", "--data-root", str(tmp_path / "voc"), "--split", "nope"]) == 2  # not a split
     assert "nope.txt: no such split file" in capsys.readouterr().err
+    for name in ("train", "val"):  # a split of photos all saved as PNG: the first five say so, the rest are listed
+        for photo in (voc / "JPEGImages").glob(f"demo_{name}_*.jpg"):
+            photo.rename(photo.with_suffix(".png"))
+    report = doctor.check_data(tmp_path / "voc", workers=1)
+    photos = [f.message for f in report.errors if f.path.startswith("JPEGImages")]
+    assert len(photos) == 6 and sum("is there: a VOC tree reads" in said for said in photos) == 5, photos
 
 
 def test_a_png_mask_that_went_through_jpeg_is_lossy(tmp_path):

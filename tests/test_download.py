@@ -529,6 +529,12 @@ def test_make_train_aug(voc_tar, server, tmp_path: Path) -> None:
     assert make_train_aug(voc_dir, sbd_dir) == len(EXPECTED_TRAIN_AUG)
     assert (aug / "2008_000006.png").is_file() and listing.read_text().split() == EXPECTED_TRAIN_AUG
     assert not list(voc_dir.glob(".*.lock")) and not list(listing.parent.glob(".*"))
+    # A tree it cannot write in (its lock file cannot be made) is named as the place train_aug is built, not --root.
+    (aug / "2008_000006.png").unlink()
+    (voc_dir / ".SegmentationClassAug.lock").mkdir()  # as a read-only folder refuses it (root writes anywhere)
+    with pytest.raises(DownloadError, match=f"^cannot write in {voc_dir}, where train_aug is built \\(Is a directory"
+                                            "\\); make it writable, then run the same command again$"):
+        make_train_aug(voc_dir, sbd_dir)
 
 
 # --------------------------------------------------------------------------- runs stopped, disks, hands

@@ -269,14 +269,18 @@ def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | N
         listing.files.append(split_file)
         mask_dir = voc_dir / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
         names = split_names(split_file)
-        images, masks = [], []
+        images, masks, hints = [], [], 0
         for name in names:
             pair = (voc_dir / "JPEGImages" / f"{name}.jpg", mask_dir / f"{name}.png")
             absent = [p for p in pair if not p.is_file()]
             for path in absent:
+                # The first few looked for under another suffix: each look lists the folder (10k photos saved as
+                # PNG would list it 10k times), and a few say what happened to all.
+                hints += 1
+                elsewhere = named_otherwise(path) if hints <= 5 else ""
                 listing.findings.append(finding("missing_file", relative(path, voc_dir),
                                                 f"{relative(split_file, voc_dir)} lists {name}, but "
-                                                f"{relative(path, voc_dir)} is not there{named_otherwise(path)}"))
+                                                f"{relative(path, voc_dir)} is not there{elsewhere}"))
             if not absent:
                 images.append(pair[0])
                 masks.append(pair[1])

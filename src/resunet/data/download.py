@@ -271,10 +271,10 @@ def _extracting_marker(root: Path, archive_name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _only_run(root: Path, name: str, work: str | None = None):
-    """One run at a time on `name` in `root` (an archive it downloads and extracts, unless `work` says what else):
-    a second run resumed into the .part the first was still writing, the md5 failed and both lost the download; two
-    builds of train_aug moved each other's masks away."""
+def _only_run(root: Path, name: str, doing: str, unwritable: str):
+    """One run at a time on `name` in `root`, which another run is told it is `doing`: a second run resumed into the
+    .part the first was still writing, the md5 failed and both lost the download; two builds of train_aug moved each
+    other's masks away. `unwritable` begins the line for a `root` that cannot be written."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; runs are not guarded
@@ -284,7 +284,8 @@ def _only_run(root: Path, name: str, work: str | None = None):
     try:
         lock = open(path, "a")
     except OSError as err:
-        raise DownloadError(f"--root {root}: cannot write in it ({err.strerror or err})") from None
+        raise DownloadError(f"{unwritable} ({err.strerror or err}); make it writable, then run the same command "
+                            "again") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,15 +294,16 @@ def _only_run(root: Path, name: str, work: str | None = None):
             if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):  # EWOULDBLOCK: held
-            raise DownloadError(f"another resunet download is {work or f'fetching or extracting {root / name}'}; "
-                                "let it finish (then this command has nothing left to do)") from None
+            raise DownloadError(f"another resunet download is {doing}; let it finish (then this command has nothing "
+                                "left to do)") from None
         except OSError:  # a file system without locks (NFS without its lock daemon): unguarded, as on Windows
             yield
             return
         try:
             yield
         finally:  # still held: a run that opens it now is told another holds it, and one after finds none
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another user's file in a shared folder: left, the work done
+                path.unlink(missing_ok=True)
 
 
 def _download_and_extract(root: Path, url: str, md5: str | None, archive_name: str, folder: Path,
@@ -345,7 +347,8 @@ def _fetch_and_extract(root: Path, url: str, md5: str | None, archive_name: str,
     stamp = folder / EXTRACTED_STAMP
     archive_path = root / archive_name
     marker = _extracting_marker(root, archive_name)
-    with _only_run(root, archive_name):
+    with _only_run(root, archive_name, f"fetching or extracting {root / archive_name}",
+                   f"--root {root}: cannot write in it"):
         if stamp.exists():  # finished by the run this one waited for
             return folder
         if folder.is_dir() and not archive_path.exists() and marker.exists():
@@ -447,7 +450,8 @@ def make_train_aug(voc_dir: Path, sbd_dataset_dir: Path) -> int:
     todo = [name for name in names if not (out_dir / f"{name}.png").exists()]
     if not todo and split_list.is_file() and split_list.read_text(encoding="utf-8") == listed:
         return len(names)  # built already: nothing written (the tree may be a read-only copy)
-    with _only_run(voc_dir, "SegmentationClassAug", f"building train_aug in {voc_dir}"):
+    with _only_run(voc_dir, "SegmentationClassAug", f"building train_aug in {voc_dir}",
+                   f"cannot write in {voc_dir}, where train_aug is built"):
         _write_train_aug(voc_dir, sbd_dir, todo, out_dir)
         _flush_to_disk()
         with _writing(split_list):  # replaced whole: a reader never sees it half-written
