@@ -155,7 +155,8 @@ def test_resume_keeps_the_stored_settings_and_changes_only_what_is_given(tmp_pat
     from resunet.config import TrainConfig
 
     stored = TrainConfig(data_root="data", out="elsewhere", workers=0, cache_dir="/cache", epochs=7, lr=0.5,
-                         tensorboard=True, checkpoint_every="100").to_dict()
+                         tensorboard=True, checkpoint_every="100", calibrate=True, progress=False,
+                         skip_data_check=True).to_dict()
     save_checkpoint({"train_config": stored}, tmp_path / "last.pt")
     seen = []
     monkeypatch.setattr(resunet.train, "train", lambda cfg: seen.append(cfg) or {})
@@ -170,6 +171,13 @@ def test_resume_keeps_the_stored_settings_and_changes_only_what_is_given(tmp_pat
     assert (cfg.workers, cfg.epochs, cfg.checkpoint_every) == (3, 9, "5m")
     assert cfg.lr == 0.1  # the learning rate may change (the way out of a diverged run); the rest of the recipe may
     # not: tests/test_user_errors.py
+    assert (cfg.tensorboard, cfg.calibrate, cfg.progress, cfg.skip_data_check) == (True, True, False, True)
+    # The switches a resume may change, turned back: there was no flag for it (a run started with --tensorboard could
+    # not be resumed on a machine without the package; a helper, 2026-12-07).
+    assert main(["train", "--resume", str(tmp_path / "last.pt"), "--no-tensorboard", "--no-calibrate", "--progress",
+                 "--data-check"]) == 0
+    cfg = seen[-1]
+    assert (cfg.tensorboard, cfg.calibrate, cfg.progress, cfg.skip_data_check) == (False, False, True, False)
 
 
 def test_json_to_dev_stdout_through_a_pipe(tmp_path):

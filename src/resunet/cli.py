@@ -117,6 +117,13 @@ def _share(text: str) -> float:
     return value
 
 
+# The switches a --resume may turn either way (train.RESUME_CHANGEABLE) have the opposite spelling too: the one that
+# turned a switch on could not be undone from the command line (a run started with --tensorboard, resumed on a machine
+# without the package, was refused; one started with --calibrate calibrated again at every resume).
+OPPOSITE_FLAGS = {"tensorboard": "--no-tensorboard", "calibrate": "--no-calibrate", "progress": "--progress",
+                  "skip_data_check": "--data-check"}
+
+
 def add_train_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """One flag per TrainConfig field. defaults=False leaves every flag not on the command line out of the result
     (how `train --resume` tells a flag given from one left at its default)."""
@@ -126,13 +133,17 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> N
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         if kind is bool:
+            unset = {} if defaults else {"default": argparse.SUPPRESS}
             if f.default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                    help=f.metadata.get("help_off", help_text),
-                                    **({} if defaults else {"default": argparse.SUPPRESS}))
+                                    help=f.metadata.get("help_off", help_text), **unset)
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text,
-                                    **({} if defaults else {"default": argparse.SUPPRESS}))
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text, **unset)
+            if f.name in OPPOSITE_FLAGS:
+                undone = "--no-" + f.name.replace("_", "-") if f.default else flag
+                parser.add_argument(OPPOSITE_FLAGS[f.name], dest=f.name,
+                                    action="store_true" if f.default else "store_false",
+                                    help=f"with --resume: undoes the run's {undone}", **unset)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = None if f.default is MISSING else f.default
@@ -667,8 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval_every": "evaluate every N epochs, with --scheduler plateau only (it steps on them; each row's "
                                  "final weights are scored once anyway)",
                    "resume": argparse.SUPPRESS, "overwrite": argparse.SUPPRESS, "calibrate": argparse.SUPPRESS}
-    for action in p._actions:
-        action.help = ablate_help.get(action.dest, action.help)
+    for action in p._actions:  # the opposite switches are for --resume, which ablate refuses
+        opposite = bool(set(action.option_strings) & set(OPPOSITE_FLAGS.values()))
+        action.help = argparse.SUPPRESS if opposite else ablate_help.get(action.dest, action.help)
 
     p = commands.add_parser("check-data", help="read every image and mask once; report errors, likely mistakes "
                                                "(leakage, JPEG or 0/255 masks, ...) and class shares")
