@@ -167,6 +167,25 @@ def test_rows_listed_twice_or_changing_nothing_are_refused_before_training(demo_
     assert not (ram_tmp / "single").exists()
 
 
+def test_a_row_that_changes_the_loss_leaves_out_the_base_losss_own_setting(demo_root, ram_tmp):
+    """`ablate --loss ohem --ohem-keep 0.1` refused every other loss's row: "--ohem-keep 0.1: must be left out
+    without --loss ohem" (a helper, 2026-12-07). The row of another loss takes that setting's default; the baseline
+    and the rows that keep the loss keep it."""
+    from resunet.ablate import row_config
+    from resunet.train import check_settings
+
+    ohem = tiny_config(demo_root, ram_tmp / "unused", epochs=1, loss="ohem", ohem_keep=0.1, mix="cutmix",
+                       mix_prob=0.9)
+    for name, keep, prob in (("baseline", 0.1, 0.9), ("loss focal", 0.25, 0.9), ("mix classmix", 0.1, 0.9),
+                             ("loss dice", 0.25, 0.9)):
+        row = row_config(ohem, name)
+        check_settings(row)
+        assert (row.ohem_keep, row.mix_prob) == (keep, prob), name
+    focal = replace(ohem, loss="focal", ohem_keep=0.25, focal_gamma=3.0, mix="none", mix_prob=0.5)
+    assert row_config(focal, "loss dice").focal_gamma == 2.0 and row_config(focal, "ema 0.999").focal_gamma == 3.0
+    check_settings(row_config(focal, "loss dice"))
+
+
 def test_a_damaged_result_file_is_one_line_or_left_out_of_the_table(demo_root, ram_tmp, monkeypatch):
     """Found by a helper: a result.json cut short or edited was a JSONDecodeError traceback before any training, even
     for a row not asked for (earlier rows are read for the table)."""

@@ -22,7 +22,7 @@ from .data.voc import find_voc_dir
 from .evaluate import run_evaluate
 from .outputs import FolderLock, write_output
 from .runtime import cpu_kind, cpu_name
-from .train import TrainingError, check_settings, check_types, read_metrics, train
+from .train import CONFIG_DEFAULTS, TrainingError, check_settings, check_types, read_metrics, train
 
 
 def row_folder(name: str) -> str:
@@ -64,6 +64,14 @@ def read_result(path: Path) -> dict:
     return result
 
 
+def row_config(base: TrainConfig, name: str) -> TrainConfig:
+    """`base` with row `name`'s option. A row that changes the loss (or turns --mix off) leaves out the base's setting
+    of the loss it replaces: --ohem-keep 0.1 in an ohem recipe had every other loss's row refused for it."""
+    row = replace(base, **ABLATION_OPTIONS[name])
+    unused = {"focal_gamma": row.loss != "focal", "ohem_keep": row.loss != "ohem", "mix_prob": row.mix == "none"}
+    return replace(row, **{key: CONFIG_DEFAULTS[key] for key, drop in unused.items() if drop})
+
+
 class OtherRecipeError(TrainingError):
     """A row folder trained with another recipe than this ablation's: one table would mix the two."""
 
@@ -79,7 +87,7 @@ def plan_row(base: TrainConfig, name: str, out: Path) -> tuple[TrainConfig, dict
     # ReduceLROnPlateau steps on those evaluations, so a plateau recipe keeps them.
     plateau = ABLATION_OPTIONS[name].get("scheduler", base.scheduler) == "plateau"
     eval_every = base.eval_every if plateau else base.epochs
-    cfg = replace(base, **ABLATION_OPTIONS[name], out=str(folder), eval_every=eval_every,
+    cfg = replace(row_config(base, name), out=str(folder), eval_every=eval_every,
                   resume=str(last) if last.is_file() else None, calibrate=False, overwrite=not last.is_file())
     if result_path.is_file():
         result = read_result(result_path)
@@ -185,12 +193,12 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
     if base.seed == 1 and "seed 1" in options:
         raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
     for name in options:  # a row that changes nothing would retrain the baseline and be judged as the option's worth
-        if name != "baseline" and recipe(replace(base, **ABLATION_OPTIONS[name])) == recipe(base):
+        if name != "baseline" and recipe(row_config(base, name)) == recipe(base):
             flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ABLATION_OPTIONS[name].items())
             raise TrainingError(f"ablation option {name!r} changes nothing: the train flags already give {flags}; "
                                 "drop the row or change the base flag")
         try:  # every row's settings before the first row trains: --batch-size 1 met the mix rows hours in
-            check_types(row := replace(base, **ABLATION_OPTIONS[name]))
+            check_types(row := row_config(base, name))
             check_settings(row)
         except TrainingError as error:
             raise TrainingError(f"ablation option {name!r}: {error}") from None
