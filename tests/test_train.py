@@ -614,6 +614,9 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_asked_to_overwri
             rf"{run / 'last.pt'}, start it over with --overwrite, or give another --out$")):
         train(tiny_config(demo_root, run, epochs=1, loss="dice", **SMALL))
     assert {name: (run / name).read_bytes() for name in kept} == kept
+    # A bad value is said first: --time-budget 0 was said only once --overwrite was given (a helper, 2026-12-07).
+    with pytest.raises(TrainingError, match=r"^--time-budget 0: give a duration"):
+        train(tiny_config(demo_root, run, epochs=1, time_budget="0", **SMALL))
     (run / "last.pt").unlink()
     with pytest.raises(TrainingError, match=r"holds a run already \(best.pt\); go on with it with --resume "
                                             rf"{run / 'best.pt'}, start it over with --overwrite"):

@@ -953,8 +953,9 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
                 raise DataError(f"{cfg.data_root}: the run's data root is not a folder; if the dataset moved, give its "
                                 "new place with --data-root (a resumed run may read its data from anywhere)")
         check_settings(cfg)
-        check_new_run_folder(cfg)
+        # every value first: a bad --time-budget was said only once --overwrite had been given for the folder
         budget_s = duration_seconds(cfg.time_budget) if cfg.time_budget else None
+        check_new_run_folder(cfg)
         device = resolve_device(cfg.device)
         if world > 1 and device.type == "cuda":  # each process takes the GPU of its local rank
             check_one_gpu_each(int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
