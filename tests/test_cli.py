@@ -180,6 +180,33 @@ def test_resume_keeps_the_stored_settings_and_changes_only_what_is_given(tmp_pat
     assert (cfg.tensorboard, cfg.calibrate, cfg.progress, cfg.skip_data_check) == (False, False, True, False)
 
 
+def test_a_resume_takes_the_runs_own_values_in_other_spellings(tmp_path):
+    """--decoder-channels "256, 128, 64, 32" and --time-budget 15 (or 0.25m) for a run's "256,128,64,32" and "15s"
+    were refused as changes, the message naming the value given as the run's; from Python, checkpoint_every=500.0
+    was "give a number of steps (500)" and an array of widths "must be text" (a helper, 2026-12-07)."""
+    import numpy as np
+
+    from resunet.checkpoint import save_checkpoint
+    from resunet.config import TrainConfig
+    from resunet.train import TrainingError, resumed_config
+
+    stored = {**TrainConfig(data_root="data", out=str(tmp_path), time_budget="15s").to_dict(),
+              "decoder_channels": " 64, 32 ,16,8"}  # as a run of an earlier version stored what it was given
+    save_checkpoint({"train_config": stored}, tmp_path / "last.pt")
+    for changes in ({"decoder_channels": "64,32,16,8"}, {"decoder_channels": (64, 32, 16, 8)},
+                    {"decoder_channels": np.array([64, 32, 16, 8])}, {"time_budget": "15"}, {"time_budget": "0.25m"},
+                    {"time_budget": 15.0}):
+        cfg = resumed_config(tmp_path / "last.pt", changes)
+        assert cfg.decoder_channels == "64,32,16,8", changes
+    with pytest.raises(TrainingError, match=r"^--decoder-channels 64,32,16,4: cannot change on --resume"):
+        resumed_config(tmp_path / "last.pt", {"decoder_channels": "64,32,16,4"})
+    with pytest.raises(TrainingError, match=r"^--time-budget 16: cannot change on --resume \(the run trains with "
+                                            r"15s\)"):
+        resumed_config(tmp_path / "last.pt", {"time_budget": "16"})
+    assert TrainConfig(data_root="d", checkpoint_every=np.float64(500)).checkpoint_every == "500"
+    assert TrainConfig(data_root="d", time_budget=90.5).time_budget == "90.5"
+
+
 def test_json_to_dev_stdout_through_a_pipe(tmp_path):
     # /dev/stdout's real path is /proc/PID/fd/pipe:[N] when stdout is a pipe (`... --json /dev/stdout | jq`): the
     # report was refused after all the work ("could not write it (No such file or directory)").

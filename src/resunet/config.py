@@ -110,10 +110,13 @@ class TrainConfig:
                 value = int(value)
             elif float in kinds and isinstance(value, numbers.Real):
                 value = float(value)
-            elif f.name == "decoder_channels" and isinstance(value, (tuple, list)):
-                value = ",".join(str(v) for v in value)
+            elif f.name == "decoder_channels" and (isinstance(value, (tuple, list)) or hasattr(value, "tolist")):
+                value = ",".join(str(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+            elif f.name == "decoder_channels" and isinstance(value, str):  # "256, 128, 64, 32" is "256,128,64,32"
+                value = ",".join(part.strip() for part in value.split(","))
             elif f.name in ("checkpoint_every", "time_budget") and isinstance(value, numbers.Real):
-                value = str(value)
+                # 500.0 steps is 500 (its text "500.0" was refused as no number of steps)
+                value = str(int(value)) if float(value).is_integer() else str(float(value))
             setattr(self, f.name, value)
 
     def to_dict(self) -> dict:

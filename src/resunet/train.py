@@ -642,9 +642,9 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
                 del changes[name]
     # Compared as TrainConfig keeps them: time_budget=3000 is the stored "3000", decoder_channels=(256, 128, 64, 32)
     # the stored "256,128,64,32" (both were refused as changes).
-    given = TrainConfig(**{**stored, **changes}).to_dict()
+    given, before = TrainConfig(**{**stored, **changes}).to_dict(), TrainConfig(**stored).to_dict()
     for name, value in changes.items():
-        if name not in RESUME_CHANGEABLE and given[name] != stored[name]:
+        if name not in RESUME_CHANGEABLE and given[name] != before[name] and not same_duration(given, before, name):
             if isinstance(value, bool):  # a switch has one flag, the one given: --no-pretrained, --calibrate
                 flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
                 raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
@@ -656,6 +656,16 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
     # --overwrite belongs to the start of a run, not to its settings: a run started with it resumes without it.
     return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir,
                           "overwrite": changes.get("overwrite", False)})
+
+
+def same_duration(given: dict, before: dict, name: str) -> bool:
+    """Whether `name` is --time-budget at the run's own duration in other words (15 for 15s, 0.25m)."""
+    if name != "time_budget" or not given[name] or not before[name]:
+        return False
+    try:
+        return duration_seconds(given[name]) == duration_seconds(before[name])
+    except TrainingError:
+        return False
 
 
 def resume(checkpoint: str | Path, **changes) -> dict:
