@@ -184,6 +184,12 @@ def test_a_row_that_changes_the_loss_leaves_out_the_base_losss_own_setting(demo_
     focal = replace(ohem, loss="focal", ohem_keep=0.25, focal_gamma=3.0, mix="none", mix_prob=0.5)
     assert row_config(focal, "loss dice").focal_gamma == 2.0 and row_config(focal, "ema 0.999").focal_gamma == 3.0
     check_settings(row_config(focal, "loss dice"))
+    # A row an earlier version trained stored the base's setting: the same recipe, not refused as another one
+    stored = {**row_config(ohem, "loss dice").to_dict(), "ohem_keep": 0.1, "decoder_channels": "256, 128, 64, 32"}
+    assert recipe(stored) == recipe(row_config(ohem, "loss dice"))
+    # The base's own unused setting is still refused (the rows leave it out, so it would go unsaid)
+    with pytest.raises(TrainingError, match=r"^--focal-gamma 3.0: must be left out without --loss focal"):
+        run_ablation(replace(focal, loss="dice"), ["baseline", "ema 0.999"], ram_tmp / "unused")
 
 
 def test_a_damaged_result_file_is_one_line_or_left_out_of_the_table(demo_root, ram_tmp, monkeypatch):

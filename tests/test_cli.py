@@ -188,7 +188,7 @@ def test_a_resume_takes_the_runs_own_values_in_other_spellings(tmp_path):
 
     from resunet.checkpoint import save_checkpoint
     from resunet.config import TrainConfig
-    from resunet.train import TrainingError, resumed_config
+    from resunet.train import TrainingError, check_resumed_settings, resumed_config
 
     stored = {**TrainConfig(data_root="data", out=str(tmp_path), time_budget="15s").to_dict(),
               "decoder_channels": " 64, 32 ,16,8"}  # as a run of an earlier version stored what it was given
@@ -197,7 +197,9 @@ def test_a_resume_takes_the_runs_own_values_in_other_spellings(tmp_path):
                     {"decoder_channels": np.array([64, 32, 16, 8])}, {"time_budget": "15"}, {"time_budget": "0.25m"},
                     {"time_budget": 15.0}):
         cfg = resumed_config(tmp_path / "last.pt", changes)
-        assert cfg.decoder_channels == "64,32,16,8", changes
+        assert (cfg.decoder_channels, cfg.time_budget) == ("64,32,16,8", "15s"), changes
+        check_resumed_settings(cfg)  # as train() checks it again (it compared with the stored text)
+    check_resumed_settings(resumed_config(tmp_path / "last.pt", {}))  # the old run's spaced widths, no flag given
     with pytest.raises(TrainingError, match=r"^--decoder-channels 64,32,16,4: cannot change on --resume"):
         resumed_config(tmp_path / "last.pt", {"decoder_channels": "64,32,16,4"})
     with pytest.raises(TrainingError, match=r"^--time-budget 16: cannot change on --resume \(the run trains with "

@@ -659,6 +659,12 @@ def test_a_voc_tree_with_a_classes_json_is_read_with_its_classes(tmp_path, capsy
             assert dataset.info.names == ("ground", "crop", "weed") and dataset.info.ignore_index == 255, level
             for index, image in enumerate(dataset.image_paths):
                 np.testing.assert_array_equal(dataset[index].mask, ids[image.stem])
+    # In VOCdevkit beside a tree of another name, given as itself (VOCdevkit/VOC2007)
+    (tmp_path / "classes.json").rename(voc.parent / "classes.json")
+    voc.rename(voc.parent / "VOC2007")
+    assert open_dataset(voc.parent / "VOC2007", "train").info.names == ("ground", "crop", "weed")
+    (voc.parent / "VOC2007").rename(voc)
+    (voc.parent / "classes.json").rename(tmp_path / "classes.json")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'classes.json'}: lists 3 classes, not the 21 expected "
                                         r"\(--num-classes\)$"):
         open_dataset(voc, "val", num_classes=21)

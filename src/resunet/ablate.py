@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .config import ABLATION_OPTIONS, TrainConfig
+from .config import ABLATION_OPTIONS, TrainConfig, normalised_setting
 from .data.voc import find_voc_dir
 from .evaluate import run_evaluate
 from .outputs import FolderLock, write_output
@@ -35,10 +35,16 @@ NOT_RECIPE = {"out", "resume", "workers", "progress", "device", "cache_dir", "ma
 
 
 def recipe(cfg: TrainConfig | dict) -> dict:
-    values = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    # A stored row's settings as TrainConfig keeps them now (widths stored with spaces by an earlier version)
+    values = cfg.to_dict() if isinstance(cfg, TrainConfig) else {k: normalised_setting(k, v) for k, v in cfg.items()}
     # Under --time-budget a run stores the epoch count it fitted: the budget, not the count, is the recipe then.
     budgeted = {"epochs", "eval_every"} if values.get("time_budget") else set()
-    kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted}
+    # A loss's or --mix's own setting where the row does not use it (`row_config` leaves it out now; an earlier row
+    # of another loss stored the base's)
+    unused = {name for name, used in (("focal_gamma", values.get("loss") == "focal"),
+                                      ("ohem_keep", values.get("loss") == "ohem"),
+                                      ("mix_prob", values.get("mix", "none") != "none")) if not used}
+    kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted | unused}
     for name in ("data_root", "encoder_weights"):  # `train` stores them absolute: `w.pth` and /abs/w.pth are one file
         if kept.get(name):
             kept[name] = os.path.abspath(kept[name])
@@ -192,6 +198,10 @@ def run_ablation(base: TrainConfig, options: list[str], out: str | Path) -> list
         raise TrainingError(f"ablation option(s) {', '.join(map(repr, twice))} listed twice; each row is trained once")
     if base.seed == 1 and "seed 1" in options:
         raise TrainingError("the base recipe already uses seed 1; give it another --seed for the noise row")
+    # The base's own settings first: the rows leave out a loss's setting the row's loss does not use, so a
+    # --focal-gamma the base's loss does not use either would go unsaid
+    check_types(base)
+    check_settings(base)
     for name in options:  # a row that changes nothing would retrain the baseline and be judged as the option's worth
         if name != "baseline" and recipe(row_config(base, name)) == recipe(base):
             flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in ABLATION_OPTIONS[name].items())

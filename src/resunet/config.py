@@ -95,32 +95,37 @@ class TrainConfig:
                              help_off="no progress bars or in-epoch progress lines")
 
     def __post_init__(self) -> None:
-        # A Path from a Python caller is kept as text: checkpoints store these settings and are read back with
-        # torch.load(weights_only=True), which refuses pickled Path objects (a run's every checkpoint was unreadable).
-        # So are numpy numbers (as Python's) and the other forms a caller writes naturally: the model's own tuple of
-        # decoder widths, a number of steps for checkpoint_every, of seconds for time_budget. What is left of
-        # another type is refused by `train` (`train.check_types`), in one line.
         for f in fields(self):
-            value, kinds = getattr(self, f.name), field_kinds()[f.name]
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            elif isinstance(value, bool):
-                pass
-            elif int in kinds and isinstance(value, numbers.Integral):
-                value = int(value)
-            elif float in kinds and isinstance(value, numbers.Real):
-                value = float(value)
-            elif f.name == "decoder_channels" and (isinstance(value, (tuple, list)) or hasattr(value, "tolist")):
-                value = ",".join(str(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
-            elif f.name == "decoder_channels" and isinstance(value, str):  # "256, 128, 64, 32" is "256,128,64,32"
-                value = ",".join(part.strip() for part in value.split(","))
-            elif f.name in ("checkpoint_every", "time_budget") and isinstance(value, numbers.Real):
-                # 500.0 steps is 500 (its text "500.0" was refused as no number of steps)
-                value = str(int(value)) if float(value).is_integer() else str(float(value))
-            setattr(self, f.name, value)
+            setattr(self, f.name, normalised_setting(f.name, getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def normalised_setting(name: str, value):
+    """A TrainConfig field's value as the config keeps it (and a checkpoint stores it). A Path from a Python caller is
+    kept as text: checkpoints store these settings and are read back with torch.load(weights_only=True), which
+    refuses pickled Path objects (a run's every checkpoint was unreadable). So are numpy numbers (as Python's) and the
+    other forms a caller writes naturally: the model's own tuple (or an array) of decoder widths, or their text with
+    spaces, a number of steps for checkpoint_every, of seconds for time_budget. What is left of another type is
+    refused by `train` (`train.check_types`), in one line."""
+    kinds = field_kinds().get(name, ())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool):
+        return value
+    if int in kinds and isinstance(value, numbers.Integral):
+        return int(value)
+    if float in kinds and isinstance(value, numbers.Real):
+        return float(value)
+    if name == "decoder_channels" and isinstance(value, str):  # "256, 128, 64, 32" is "256,128,64,32"
+        return ",".join(part.strip() for part in value.split(","))
+    if name == "decoder_channels" and (isinstance(value, (tuple, list)) or hasattr(value, "tolist")):
+        return ",".join(str(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+    if name in ("checkpoint_every", "time_budget") and isinstance(value, numbers.Real):
+        # 500.0 steps is 500 (its text "500.0" was refused as no number of steps)
+        return str(int(value)) if float(value).is_integer() else str(float(value))
+    return value
 
 
 @functools.cache

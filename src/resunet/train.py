@@ -643,16 +643,20 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
     # Compared as TrainConfig keeps them: time_budget=3000 is the stored "3000", decoder_channels=(256, 128, 64, 32)
     # the stored "256,128,64,32" (both were refused as changes).
     given, before = TrainConfig(**{**stored, **changes}).to_dict(), TrainConfig(**stored).to_dict()
-    for name, value in changes.items():
-        if name not in RESUME_CHANGEABLE and given[name] != before[name] and not same_duration(given, before, name):
-            if isinstance(value, bool):  # a switch has one flag, the one given: --no-pretrained, --calibrate
-                flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
-                raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
-                                    "new run with another --out")
-            flag = f"--{name.replace('_', '-')}"
-            was = f"was started without {flag}" if stored[name] is None else f"trains with {stored[name]}"
-            raise TrainingError(f"{flag} {value}: cannot change on --resume (the run {was}); start a new run with "
-                                "another --out")
+    for name, value in list(changes.items()):
+        if name in RESUME_CHANGEABLE:
+            continue
+        if given[name] == before[name] or same_duration(given, before, name):
+            del changes[name]  # the run's own value in other words (--time-budget 15 for 15s): it keeps its own
+            continue
+        if isinstance(value, bool):  # a switch has one flag, the one given: --no-pretrained, --calibrate
+            flag = f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+            raise TrainingError(f"{flag}: cannot change on --resume (the run was started without it); start a "
+                                "new run with another --out")
+        flag = f"--{name.replace('_', '-')}"
+        was = f"was started without {flag}" if stored[name] is None else f"trains with {stored[name]}"
+        raise TrainingError(f"{flag} {value}: cannot change on --resume (the run {was}); start a new run with "
+                            "another --out")
     # --overwrite belongs to the start of a run, not to its settings: a run started with it resumes without it.
     return TrainConfig(**{**stored, **changes, "resume": os.fspath(checkpoint), "out": run_dir,
                           "overwrite": changes.get("overwrite", False)})
@@ -660,7 +664,7 @@ def resumed_config(checkpoint: str | Path, changes: dict) -> TrainConfig:
 
 def same_duration(given: dict, before: dict, name: str) -> bool:
     """Whether `name` is --time-budget at the run's own duration in other words (15 for 15s, 0.25m)."""
-    if name != "time_budget" or not given[name] or not before[name]:
+    if name != "time_budget" or not isinstance(given[name], str) or not isinstance(before[name], str):
         return False
     try:
         return duration_seconds(given[name]) == duration_seconds(before[name])
@@ -682,8 +686,9 @@ def check_resumed_settings(cfg: TrainConfig) -> None:
     how = f"resunet.train.resume({os.fspath(cfg.resume)!r}, epochs=...) keeps the run's recipe and folder"
     if Path(cfg.out).resolve() != Path(run_dir).resolve():
         raise TrainingError(f"out={cfg.out!r}: a resumed run stays in its folder ({run_dir}); {how}")
+    before = TrainConfig(**stored).to_dict()  # as the run's own config keeps them (widths stored with spaces)
     for name, value in cfg.to_dict().items():
-        if name not in RESUME_CHANGEABLE | {"out"} and value != stored[name]:
+        if name not in RESUME_CHANGEABLE | {"out"} and value != before[name]:
             was = f"was started without {name}" if stored[name] is None else f"trains with {stored[name]!r}"
             raise TrainingError(f"{name}={value!r}: the run {was}, and it cannot change on resume; {how}")
 

@@ -28,8 +28,10 @@ def voc_class_file(voc_dir: Path) -> Path | None:
     --data-root names). A VOC-format export of one's own classes (CVAT's, say) names them there, as a folder dataset
     does; it was passed over, and its masks read as VOC's 21 classes without a word."""
     full = Path(os.path.abspath(voc_dir))  # `--data-root .` inside VOC2012: its parents have names only so
-    levels = [full, *([full.parent] if full.name == "VOC2012" else []),
-              *([full.parent.parent] if full.parent.name == "VOCdevkit" else [])]
+    if full.parent.name == "VOCdevkit":  # VOCdevkit/VOC2012, or VOCdevkit/VOC2007 named itself
+        levels = [full, full.parent, full.parent.parent]
+    else:  # a VOC2012 in a folder of another name (given as --data-root), or a tree given as itself
+        levels = [full, full.parent] if full.name == "VOC2012" else [full]
     return next((level / "classes.json" for level in levels if (level / "classes.json").is_file()), None)
 
 
