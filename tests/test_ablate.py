@@ -187,6 +187,10 @@ def test_a_row_that_changes_the_loss_leaves_out_the_base_losss_own_setting(demo_
     # A row an earlier version trained stored the base's setting: the same recipe, not refused as another one
     stored = {**row_config(ohem, "loss dice").to_dict(), "ohem_keep": 0.1, "decoder_channels": "256, 128, 64, 32"}
     assert recipe(stored) == recipe(row_config(ohem, "loss dice"))
+    weighted = replace(ohem, class_weights="sqrt-inv-freq")  # the Lovász row leaves out the weights it ignores
+    assert row_config(weighted, "loss lovasz").class_weights == "none"
+    assert row_config(weighted, "loss dice").class_weights == "sqrt-inv-freq"
+    check_settings(row_config(weighted, "loss lovasz"))
     # The base's own unused setting is still refused (the rows leave it out, so it would go unsaid)
     with pytest.raises(TrainingError, match=r"^--focal-gamma 3.0: must be left out without --loss focal"):
         run_ablation(replace(focal, loss="dice"), ["baseline", "ema 0.999"], ram_tmp / "unused")

@@ -43,7 +43,8 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     # of another loss stored the base's)
     unused = {name for name, used in (("focal_gamma", values.get("loss") == "focal"),
                                       ("ohem_keep", values.get("loss") == "ohem"),
-                                      ("mix_prob", values.get("mix", "none") != "none")) if not used}
+                                      ("mix_prob", values.get("mix", "none") != "none"),
+                                      ("class_weights", values.get("loss") != "lovasz")) if not used}
     kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted | unused}
     for name in ("data_root", "encoder_weights"):  # `train` stores them absolute: `w.pth` and /abs/w.pth are one file
         if kept.get(name):
@@ -72,9 +73,11 @@ def read_result(path: Path) -> dict:
 
 def row_config(base: TrainConfig, name: str) -> TrainConfig:
     """`base` with row `name`'s option. A row that changes the loss (or turns --mix off) leaves out the base's setting
-    of the loss it replaces: --ohem-keep 0.1 in an ohem recipe had every other loss's row refused for it."""
+    of the loss it replaces: --ohem-keep 0.1 in an ohem recipe had every other loss's row refused for it (and the
+    Lovász row the base's --class-weights, which it does not use)."""
     row = replace(base, **ABLATION_OPTIONS[name])
-    unused = {"focal_gamma": row.loss != "focal", "ohem_keep": row.loss != "ohem", "mix_prob": row.mix == "none"}
+    unused = {"focal_gamma": row.loss != "focal", "ohem_keep": row.loss != "ohem", "mix_prob": row.mix == "none",
+              "class_weights": row.loss == "lovasz"}
     return replace(row, **{key: CONFIG_DEFAULTS[key] for key, drop in unused.items() if drop})
 
 

@@ -893,6 +893,8 @@ def check_settings(cfg: TrainConfig) -> None:
          "left out without --loss ohem, the only loss that uses it"),
         ("mix-prob", cfg.resume or cfg.mix != "none" or cfg.mix_prob == CONFIG_DEFAULTS["mix_prob"],
          "left out without --mix cutmix or classmix"),
+        ("class-weights", cfg.resume or cfg.loss != "lovasz" or cfg.class_weights == CONFIG_DEFAULTS["class_weights"],
+         "left out with --loss lovasz, whose class average is unweighted (ce+lovasz weights its cross-entropy)"),
         ("ema", 0 <= cfg.ema < 1, "a decay in [0, 1), e.g. 0.999 (0: off)"),
         ("seed", 0 <= cfg.seed < 2**32, "an integer from 0 to 2**32 - 1"),
         ("num-classes", cfg.num_classes is None or cfg.num_classes >= 1, "at least 1"),
