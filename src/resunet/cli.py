@@ -17,7 +17,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from .config import ABLATION_OPTIONS, TrainConfig, config_fields, export_refusal
-from .data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DataError, one_line
+from .data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DataError, image_name, one_line
 
 
 
@@ -293,7 +293,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str], list[str]]:
     matches nothing, a folder without images: a typo must not pass for a finished run); and a note for each folder
     whose subfolders hold images (they are not read; a Cityscapes-style tree needs 'DIR/**/*') or whose files have
     suffixes not read (a phone's .heic)."""
-    from .data.images import SYSTEM_FILES, image_name, list_images, nested_images, unread_files, unread_note
+    from .data.images import SYSTEM_FILES, list_images, nested_images, unread_files, unread_note
 
     paths: list[Path] = []
     problems: list[str] = []
@@ -356,7 +356,7 @@ class CommandParser(argparse.ArgumentParser):
     inputs were required (a helper, 2026-12-07)."""
 
     def parse_known_args(self, args=None, namespace=None):
-        self.words = list(sys.argv[1:] if args is None else args)
+        self.words = list(args or ())  # a command's parser is always handed its words
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
@@ -367,8 +367,6 @@ class CommandParser(argparse.ArgumentParser):
 
 def images_only_folder(path: Path) -> bool:
     """A folder of images (predict's input), not a run folder (a checkpoint's, said so when loaded)."""
-    from .data.images import image_name
-
     try:
         return path.is_dir() and not any(path.glob("*.pt")) and any(image_name(p) for p in path.iterdir())
     except OSError:
