@@ -67,8 +67,8 @@ def one_error_line(capsys, command: str) -> str:
     (["--ohem-keep", "0.5"], "--ohem-keep 0.5: must be left out without --loss ohem"),
     (["--mix-prob", "0.3"], "--mix-prob 0.3: must be left out without --mix cutmix or classmix"),
     # weights the Lovász loss does not use: stored, every mask read for them, and a resume refused to drop them
-    (["--loss", "lovasz", "--class-weights", "sqrt-inv-freq"], "--class-weights sqrt-inv-freq: must be left out "
-                                                                "with --loss lovasz, whose class average is unweighted"),
+    (["--loss", "lovasz", "--class-weights", "sqrt-inv-freq"],
+     "--class-weights sqrt-inv-freq: must be left out with --loss lovasz, whose class average is unweighted"),
     (["--ema", "1.5"], "--ema 1.5: must be a decay in [0, 1)"),
     (["--decoder-channels", "1,2"], "--decoder-channels 1,2: four positive widths"),
     (["--checkpoint-every", "nanm"], "--checkpoint-every nanm: give a number of steps"),
