@@ -32,7 +32,7 @@ from .data.folder import (find_split_dir, folder_classes, layout_error, pairing_
 from .data.images import (DEFAULT_MAX_PIXELS, INDEX_MASK_MODES, INT_MASK_MODES, RGB_MASK_MODES, TURNED_MASK_HINT,
                           SWAPPING_ORIENTATIONS, DataError, ImageTooLargeError, index_mask, list_images, looked_at,
                           nested_images, opened, palette_reading, read_image, rgb_mask_hint, unread_files, unread_note)
-from .data.voc import check_voc_classes, find_voc_dir, named_otherwise, split_names, voc_classes
+from .data.voc import find_voc_dir, named_otherwise, split_names, voc_classes
 from .outputs import replace_text, save_figure, subplots, write_output
 
 # Part of the cache key: a change in what the checks find must not reuse old reports (10: 16-bit PGMs, compacted
@@ -248,10 +248,10 @@ def list_folder_splits(root: Path, splits: list[str] | None, num_classes: int | 
     return listing
 
 
-def list_voc_splits(voc_dir: Path, splits: list[str] | None, max_pixels: int | None) -> Listing:
+def list_voc_splits(voc_dir: Path, info: ClassInfo, splits: list[str] | None, max_pixels: int | None) -> Listing:
     """The names in `ImageSets/Segmentation/{split}.txt`, each checked for its image and mask."""
     split_files = voc_dir / "ImageSets" / "Segmentation"
-    listing = Listing(voc_dir, "voc", voc_classes(voc_dir), {})
+    listing = Listing(voc_dir, "voc", info, {})
     if splits is None:
         splits = [s for s in ("train", "val") if (split_files / f"{s}.txt").is_file()]
         available = sorted(p.stem for p in split_files.glob("*.txt"))
@@ -303,8 +303,7 @@ def list_splits(root: str | Path, splits: list[str] | None = None, num_classes: 
     splits = list(dict.fromkeys(splits)) if splits else None
     voc_dir = find_voc_dir(root)
     if voc_dir is not None:
-        check_voc_classes(voc_dir, num_classes, ignore_index)
-        return list_voc_splits(voc_dir, splits, max_pixels)
+        return list_voc_splits(voc_dir, voc_classes(voc_dir, num_classes, ignore_index), splits, max_pixels)
     return list_folder_splits(root, splits, num_classes, ignore_index, max_pixels)
 
 

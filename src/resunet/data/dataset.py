@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .classes import ClassInfo, generic_info
+from .classes import ClassInfo, generic_info, load_classes_json
 from .images import (DEFAULT_MAX_PIXELS, TURNED_MASK_HINT, DataError, check_mask_values, read_image, read_mask,
                      sides_swapped)
 
@@ -152,6 +152,17 @@ def check_expected_classes(info: ClassInfo, num_classes: int | None, ignore_inde
                                      "--ignore-index")
 
 
+def class_file_info(path: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
+    """The classes a dataset's classes.json names, checked against those expected (`check_expected_classes`); an
+    unreadable or malformed file is the user's, so one DataError line."""
+    try:
+        info = load_classes_json(path)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    check_expected_classes(info, num_classes, ignore_index, path, "lists", "ignore index")
+    return info
+
+
 @dataclass
 class Sample:
     name: str
@@ -237,8 +248,7 @@ def open_dataset(
         raise DataError(f"{root}: data root is not a folder")
     voc_dir = voc.find_voc_dir(root)
     if voc_dir is not None:
-        voc.check_voc_classes(voc_dir, num_classes, ignore_index)
-        dataset = voc.voc_dataset(voc_dir, split)
+        dataset = voc.voc_dataset(voc_dir, split, voc.voc_classes(voc_dir, num_classes, ignore_index))
     else:
         dataset = folder.folder_dataset(root, split, num_classes, ignore_index)
     dataset.max_pixels = max_pixels

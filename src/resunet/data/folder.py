@@ -11,20 +11,15 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from .classes import ClassInfo, generic_info, load_classes_json
-from .dataset import PairedDataset, check_expected_classes
+from .classes import ClassInfo, generic_info
+from .dataset import PairedDataset, class_file_info
 from .images import IMAGE_SUFFIXES, DataError, list_images, nested_images, unread_files, unread_note
 
 
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
     classes_json = root / "classes.json"
     if classes_json.is_file():
-        try:
-            info = load_classes_json(classes_json)
-        except ValueError as error:  # unreadable or malformed: the user's file, so one line
-            raise DataError(str(error)) from None
-        check_expected_classes(info, num_classes, ignore_index, classes_json, "lists", "ignore index")
-        return info
+        return class_file_info(classes_json, num_classes, ignore_index)
     if num_classes is None:
         raise DataError(f"{root}: no classes.json here; pass --num-classes (and --ignore-index if not 255)")
     try:

@@ -10,8 +10,8 @@ import glob
 import os
 from pathlib import Path
 
-from .classes import VOC_INFO, ClassInfo, load_classes_json
-from .dataset import PairedDataset, check_expected_classes
+from .classes import VOC_INFO, ClassInfo
+from .dataset import PairedDataset, check_expected_classes, class_file_info
 from .images import DataError
 
 
@@ -35,25 +35,14 @@ def voc_class_file(voc_dir: Path) -> Path | None:
     return next((level / "classes.json" for level in levels if (level / "classes.json").is_file()), None)
 
 
-def voc_classes(voc_dir: Path) -> ClassInfo:
-    """VOC's 21 classes, or those of the tree's classes.json (`voc_class_file`)."""
+def voc_classes(voc_dir: Path, num_classes: int | None = None, ignore_index: int | None = None) -> ClassInfo:
+    """VOC's 21 classes (void 255), or those of the tree's classes.json (`voc_class_file`). A model's or a flag's
+    other class count or ignore label is one line (--ignore-index was dropped here, without a word)."""
     path = voc_class_file(voc_dir)
-    if path is None:
-        return VOC_INFO
-    try:
-        return load_classes_json(path)
-    except ValueError as error:  # unreadable or malformed: the user's file, so one line
-        raise DataError(str(error)) from None
-
-
-def check_voc_classes(voc_dir: Path, num_classes: int | None, ignore_index: int | None) -> None:
-    """A model's or a flag's other class count or ignore label than the tree's (VOC's 21 and void 255, or its
-    classes.json's) is one line (--ignore-index was dropped here, without a word)."""
-    path = voc_class_file(voc_dir)
-    if path is None:
-        check_expected_classes(VOC_INFO, num_classes, ignore_index, voc_dir, "VOC has", "VOC's void label is")
-    else:
-        check_expected_classes(voc_classes(voc_dir), num_classes, ignore_index, path, "lists", "ignore index")
+    if path is not None:
+        return class_file_info(path, num_classes, ignore_index)
+    check_expected_classes(VOC_INFO, num_classes, ignore_index, voc_dir, "VOC has", "VOC's void label is")
+    return VOC_INFO
 
 
 def split_names(split_file: Path) -> list[str]:
@@ -75,7 +64,8 @@ def named_otherwise(path: Path) -> str:
             if other is not None else "")
 
 
-def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
+def voc_dataset(voc_dir: Path, split: str, info: ClassInfo = VOC_INFO) -> PairedDataset:
+    """The split's pairs, labelled by `info` (`voc_classes`)."""
     split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.is_file():
         available = sorted(p.stem for p in split_file.parent.glob("*.txt"))
@@ -90,4 +80,4 @@ def voc_dataset(voc_dir: Path, split: str) -> PairedDataset:
     if missing:
         raise DataError(f"{split_file}: {len(missing)} listed files are missing, e.g. {missing[0]}"
                         f"{named_otherwise(missing[0])}")
-    return PairedDataset(images, masks, voc_classes(voc_dir), description=f"VOC2012 {split} ({voc_dir})")
+    return PairedDataset(images, masks, info, description=f"VOC2012 {split} ({voc_dir})")
