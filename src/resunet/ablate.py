@@ -41,10 +41,7 @@ def recipe(cfg: TrainConfig | dict) -> dict:
     budgeted = {"epochs", "eval_every"} if values.get("time_budget") else set()
     # A loss's or --mix's own setting where the row does not use it (`row_config` leaves it out now; an earlier row
     # of another loss stored the base's)
-    unused = {name for name, used in (("focal_gamma", values.get("loss") == "focal"),
-                                      ("ohem_keep", values.get("loss") == "ohem"),
-                                      ("mix_prob", values.get("mix", "none") != "none"),
-                                      ("class_weights", values.get("loss") != "lovasz")) if not used}
+    unused = unused_settings(values.get("loss"), values.get("mix", "none"))
     kept = {k: v for k, v in values.items() if k not in NOT_RECIPE | budgeted | unused}
     for name in ("data_root", "encoder_weights"):  # `train` stores them absolute: `w.pth` and /abs/w.pth are one file
         if kept.get(name):
@@ -76,9 +73,15 @@ def row_config(base: TrainConfig, name: str) -> TrainConfig:
     of the loss it replaces: --ohem-keep 0.1 in an ohem recipe had every other loss's row refused for it (and the
     Lovász row the base's --class-weights, which it does not use)."""
     row = replace(base, **ABLATION_OPTIONS[name])
-    unused = {"focal_gamma": row.loss != "focal", "ohem_keep": row.loss != "ohem", "mix_prob": row.mix == "none",
-              "class_weights": row.loss == "lovasz"}
-    return replace(row, **{key: CONFIG_DEFAULTS[key] for key, drop in unused.items() if drop})
+    return replace(row, **{key: CONFIG_DEFAULTS[key] for key in unused_settings(row.loss, row.mix)})
+
+
+def unused_settings(loss: str | None, mix: str) -> set[str]:
+    """The settings a run of `loss` and `mix` does not use: the other losses' own, --mix-prob without a mix, and
+    --class-weights under Lovász (whose class average is unweighted)."""
+    used = {"focal_gamma": loss == "focal", "ohem_keep": loss == "ohem", "mix_prob": mix != "none",
+            "class_weights": loss != "lovasz"}
+    return {name for name, is_used in used.items() if not is_used}
 
 
 class OtherRecipeError(TrainingError):
