@@ -433,15 +433,15 @@ def write_atomically(path: Path, text: str) -> None:
 def write_advice(error: OSError, out: Path) -> str:
     """How a failed write inside a run folder ends its error line: what to fix, and whether there is a run to resume."""
     fix = "make it writable" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "free some space"
-    point = resume_point(out)
+    return go_on_after(fix, out)
+
+
+def go_on_after(fix: str, out: Path) -> str:
+    """`fix`, then how the run in `out` goes on: from last.pt, or from best.pt where last.pt was never written (its
+    first save failed after best.pt's: "start again" was then refused, the folder holding a run, and --overwrite the
+    one way offered, which deleted the finished epoch; each holds the whole training state), else anew."""
+    point = next((out / name for name in ("last.pt", "best.pt") if (out / name).is_file()), None)
     return f"{fix} and resume from {point}" if point is not None else f"{fix} and start again"
-
-
-def resume_point(out: Path) -> Path | None:
-    """The checkpoint a run in `out` goes on from: last.pt, or best.pt where last.pt was never written (its first
-    save failed after best.pt's: "start again" was then refused, the folder holding a run, and --overwrite the one
-    way offered, which deleted the finished epoch). Each holds the whole training state."""
-    return next((out / name for name in ("last.pt", "best.pt") if (out / name).is_file()), None)
 
 
 def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
@@ -1196,8 +1196,7 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
 
     def save_run(path: Path, epochs_done: int, rng: dict, **extra) -> None:
         # A failed save of best.pt or last.pt leaves the previous last.pt, if any, to resume from.
-        point = resume_point(out)
-        advice = f"free some space and resume from {point}" if point is not None else "free some space and start again"
+        advice = go_on_after("free some space", out)
         save_checkpoint({
             "model_config": raw_model.config.to_dict(), "classes": info.to_dict(), "input_size": cfg.size,
             "normalization": {"mean": list(mean), "std": list(std)}, "model": evaluated_model.state_dict(),
