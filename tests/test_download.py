@@ -48,13 +48,14 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if not path.is_file():
             self.send_error(404)
             return
-        if srv.page_instead is not None:  # a proxy's login page, whatever was asked
+        page = srv.page_instead  # read once: a test may set it back while this thread still writes the last answer
+        if page is not None:  # a proxy's login page, whatever was asked
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(srv.page_instead)))
+            self.send_header("Content-Length", str(len(page)))
             self.end_headers()
-            srv.bytes_sent.append(len(srv.page_instead))
-            self.wfile.write(srv.page_instead)
+            srv.bytes_sent.append(len(page))
+            self.wfile.write(page)
             return
         data = path.read_bytes()
         start = 0
