@@ -426,7 +426,7 @@ def test_tiffs_turned_deep_or_over_pils_ceiling_read_as_the_other_formats(tmp_pa
 def test_a_scale_that_rounds_to_no_pixel_still_gives_a_crop():
     """--size 64 --scale-min 0.01: the simple path drew a 0-pixel side and stopped with a traceback (the cached path
     makes it one pixel)."""
-    from resunet.data.transforms import TrainTransform
+    from resunet.data.sample_transforms import TrainTransform
 
     transform = TrainTransform(64, (0.01, 0.01), (0.5,) * 3, (0.5,) * 3, 255, 0.2)
     image, mask = transform(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))

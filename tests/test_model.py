@@ -54,12 +54,62 @@ def test_imagenet_offline_fails_with_one_line_that_says_what_to_do(monkeypatch):
     def no_network(self, *args, **kwargs):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(type(encoders.RESNETS["resnet34"][1]), "get_state_dict", no_network)
+    monkeypatch.setattr(type(encoders.imagenet_resnet_weights("resnet34")), "get_state_dict", no_network)
     with pytest.raises(WeightsUnavailableError) as info:
         ResNetUNet(encoder="resnet34", encoder_weights="imagenet")
     message = str(info.value)
     assert "\n" not in message
     assert "--encoder-weights" in message and "resnet34-" in message and "--no-pretrained" in message
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_our_resnets_are_torchvisions_weight_for_weight_and_pixel_for_pixel(name):
+    """Built without torchvision (its import cost every `resunet predict` 1.5-2 s of CPU): the same module names,
+    the same initial weights for a seed (its classifier's draws taken too), the same features."""
+    import torchvision
+
+    from resunet.model.resnet import ResNetTrunk
+
+    torch.manual_seed(7)
+    reference = getattr(torchvision.models, name)(weights=None).eval()
+    next_draw = torch.rand(3)
+    torch.manual_seed(7)
+    ours = ResNetTrunk(name).eval()
+    assert torch.equal(torch.rand(3), next_draw)  # what is drawn after the model is as before
+    wanted = {key: value for key, value in reference.state_dict().items() if not key.startswith("fc.")}
+    assert list(ours.state_dict()) == list(wanted)
+    assert all(torch.equal(value, wanted[key]) for key, value in ours.state_dict().items())
+    torch.manual_seed(7)
+    encoder = encoders.ResNetEncoder(name).eval()  # the UNet's encoder: the same trunk, its stem and layers
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        features = [reference.relu(reference.bn1(reference.conv1(x)))]
+        features.append(reference.layer1(reference.maxpool(features[0])))
+        for layer in (reference.layer2, reference.layer3, reference.layer4):
+            features.append(layer(features[-1]))
+        assert all(torch.equal(a, b) for a, b in zip(encoder(x), features, strict=True))
+
+
+def test_inference_with_a_resnet_model_never_imports_torchvision(tmp_path):
+    """torchvision's import (it brings torch._dynamo) is paid only to download ImageNet weights or by the simple
+    data path's transform: not by predict, evaluate or the service."""
+    import subprocess
+    import sys
+
+    torch.save(ResNetUNet(3, "resnet18", encoder_weights=None).state_dict(), tmp_path / "weights.pt")
+    script = f"""
+import sys
+import numpy as np, torch
+import resunet.evaluate, resunet.serve.app, resunet.train
+from resunet import ResNetUNet
+model = ResNetUNet(3, "resnet18", encoder_weights=None)
+model.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}))
+with torch.no_grad():
+    model.eval()(torch.zeros(1, 3, 32, 32))
+print(sorted(name for name in sys.modules if name.startswith(("torchvision", "torch._dynamo")))[:3])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
 
 
 def test_local_weights_file_is_loaded(tmp_path):

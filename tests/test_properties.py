@@ -15,7 +15,8 @@ from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from numpy.lib.stride_tricks import sliding_window_view
 
-from resunet.data.transforms import TrainTransform, augment_batch, augment_batch_torch, sample_augment_params
+from resunet.data.sample_transforms import TrainTransform
+from resunet.data.transforms import augment_batch, augment_batch_torch, sample_augment_params
 from resunet.metrics import ConfusionMatrix
 
 IGNORE = 255

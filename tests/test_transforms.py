@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from resunet.data.sample_transforms import TrainTransform
 from resunet.data.transforms import (
-    TrainTransform,
     apply_colour_maps,
     augment_batch,
     augment_batch_torch,

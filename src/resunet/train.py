@@ -55,7 +55,6 @@ from .data.dataset import (PairedDataset, data_locations, open_dataset, process_
                            worker_ignores_ctrl_c)
 from .data.images import DEFAULT_MAX_PIXELS, DataError, looked_at, one_line, read_mask
 from .data.mixing import mix_batch
-from .data.transforms import TrainTransform
 from .doctor import check_data, format_findings, refusal
 from .evaluate import evaluate_dataset, strict_json
 from .losses import LOSSES, SegmentationLoss
@@ -226,6 +225,8 @@ def make_train_loader(cfg: TrainConfig, dataset: PairedDataset, mean, std, devic
         loader = CachedLoader(cache, cfg.batch_size, cfg.size, scales, mean, std, dataset.info.ignore_index,
                               cfg.jitter, device, cfg.seed, rank, world, cfg.crop_size)
         return loader, "cached"
+    from .data.sample_transforms import TrainTransform  # here: the cached path needs no torchvision
+
     transform = TrainTransform(cfg.size, scales, mean, std, dataset.info.ignore_index, cfg.jitter, cfg.crop_size)
     data = dataset.with_transform(transform)
     sampler = (DistributedSampler(data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True) if world > 1

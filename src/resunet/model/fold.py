@@ -27,7 +27,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                     module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
                     module[i + 1] = nn.Identity()
                     folded += 1
-        for k in (1, 2, 3):  # torchvision BasicBlock / Bottleneck: bn{k}(conv{k}(x))
+        for k in (1, 2, 3):  # ResNet BasicBlock / Bottleneck: bn{k}(conv{k}(x))
             conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
             if _foldable(conv, bn):
                 setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
