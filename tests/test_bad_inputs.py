@@ -161,6 +161,14 @@ def test_a_cut_short_file_of_a_format_we_read_is_called_damaged_not_an_unknown_f
         with pytest.raises(DataError, match=rf"^photo: not a readable image \({name} whose data cannot be decoded: "
                                             r"damaged or cut short\?\)$"):
             read_image(data[:len(data) // 5], name="photo")
+    # Damaged inside its strips, an LZW TIFF was "not a readable image (decoder error -2)" (a helper's audit, 12-07)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="TIFF", compression="tiff_lzw")
+    damaged = bytearray(buffer.getvalue())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = b"\xff" * 64
+    with pytest.raises(DataError, match=r"^photo: not a readable image \(TIFF whose data cannot be decoded: damaged or "
+                                        r"cut short\?\)$"):
+        read_image(bytes(damaged), name="photo")
 
 
 def test_a_bomb_mask_is_refused_from_its_header(tmp_path):

@@ -136,8 +136,10 @@ def unknown_format(source: str | Path | io.BytesIO) -> str:
 
 
 # What PIL's decoders say of a file cut short or damaged past its header, in words that name no cause: a truncated
-# WebP is "could not create decoder object", a truncated JPEG "Truncated File Read" or "cannot load this image".
-OPAQUE_DECODE_ERRORS = ("could not create decoder object", "Truncated File Read", "cannot load this image")
+# WebP is "could not create decoder object", a truncated JPEG "Truncated File Read" or "cannot load this image", a
+# damaged compressed TIFF (libtiff) "decoder error -2".
+OPAQUE_DECODE_ERRORS = ("could not create decoder object", "Truncated File Read", "cannot load this image",
+                        "decoder error")
 
 
 def decode_failure(source: str | Path | io.BytesIO, error: BaseException) -> str:
