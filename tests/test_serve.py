@@ -335,6 +335,13 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("form without file", dict(method="POST", url="/predict", files={"other": (None, "x")}), 400, "field 'file'"),
         ("two files", dict(method="POST", url="/predict", files=[("file", ("a.png", good)), ("file", ("b.png", good))]),
          400, "multipart upload with 2 parts named 'file': send one image a request"),
+        # The parser drops an unfinished part: a form cut short (no closing boundary) was "without a file" (a
+        # helper's audit, 2026-12-07), whole file or cut inside it
+        *((f"form cut short {where}", dict(method="POST", url="/predict", headers={
+            "content-type": "multipart/form-data; boundary=b"}, content=b'--b\r\nContent-Disposition: form-data; '
+            b'name="file"; filename="a.png"\r\n\r\n' + good[:end]), 400,
+           "multipart body ends before its closing boundary: the upload was cut short") for where, end in
+          (("after the file", len(good)), ("inside the file", len(good) // 2))),
         ("long file name", dict(method="POST", url="/predict", files={"file": ("a" * 5000 + ".png", good)}), 400,
          "multipart part header of 5,060 bytes is over the parser's limit of 4,224 (a very long file name?)"),
         ("line break in the name", dict(method="POST", url="/predict", headers={

@@ -92,12 +92,18 @@ def printable_name(name: str, limit: int = 200) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def longest_part_header(body: bytes, content_type: str) -> int:
-    """The longest header line of any part of a multipart body (a part's lines before its first blank one)."""
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary a multipart Content-Type names (b"" if none)."""
     boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
                      if p.strip().lower().startswith("boundary=")), "")
+    return boundary.encode("latin-1", "replace")
+
+
+def longest_part_header(body: bytes, content_type: str) -> int:
+    """The longest header line of any part of a multipart body (a part's lines before its first blank one)."""
+    boundary = multipart_boundary(content_type)
     longest = 0
-    for part in body.split(b"--" + boundary.encode("latin-1", "replace"))[1:] if boundary else []:
+    for part in body.split(b"--" + boundary)[1:] if boundary else []:
         headers = part.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
         longest = max([longest] + [len(line) for line in headers])
     return longest
@@ -231,6 +237,11 @@ async def upload_bytes(request: Request, max_bytes: int, timeout_s: float | None
             raise RequestError(400, f"multipart upload with {len(files)} parts named 'file': send one image a request")
         upload = files[0] if files else None
         if upload is None or isinstance(upload, str):
+            boundary = multipart_boundary(request.headers.get("content-type", ""))
+            if boundary and b"--" + boundary in body and b"--" + boundary + b"--" not in body:
+                # the parser drops a part left unfinished without a word: the file was there, cut short
+                raise RequestError(400, "multipart body ends before its closing boundary: the upload was cut short "
+                                        "(by the client or a proxy?)")
             raise RequestError(400, "multipart upload without a file in the form field 'file'")
         data = await upload.read()
         name = printable_name(upload.filename or "upload")
