@@ -241,7 +241,8 @@ class LogAndCount:
             request.state.error = "client disconnected"
             status["code"] = 499  # nginx's "client closed request", for the log and the metrics
         except asyncio.CancelledError:  # at shutdown, uvicorn cancels what still runs when --drain-timeout passes
-            request.state.error = "the service stopped before the answer (--drain-timeout passed)"
+            request.state.error = ("the service stopped before the answer (--drain-timeout passed, or a second Ctrl-C "
+                                   "cut the shutdown short)")
             if not status["sent"]:  # else uvicorn logged a traceback per request and sent a text/plain 500
                 try:
                     await error_response(503, request.state.error)(scope, receive, send_noting_status)
