@@ -428,9 +428,34 @@ def test_a_refused_int8_export_leaves_an_earlier_pair_together(exported, trained
     monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 1.01)  # refused on its agreement, as no file can reach 101%
     with pytest.raises(ExportError, match=r"file not kept; .*prod\.onnx and .*prod\.fp32\.onnx are left as they were"):
         run_export(str(tmp_path / "v2.pt"), str(out), int8=True, calibration=str(demo_root), calibration_count=4,
-                   workers=0)
+                   workers=0, json_out=str(tmp_path / "prod.json"))
     assert {path: path.read_bytes() for path in (out, fp32)} == pair
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prod.fp32.onnx", "prod.onnx", "v2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prod.fp32.onnx", "prod.json", "prod.onnx", "v2.pt"]
+    # --json named prod.fp32.onnx as this export's fp32 file: the earlier one's (a helper's audit, 2026-12-07)
+    figures = json.loads((tmp_path / "prod.json").read_text())
+    assert figures["onnx_kept"] is False and figures["fp32_file"] is None and figures["parity"]["agreement"] > 0.9
+
+
+def test_an_image_past_the_end_to_end_logit_bound_is_refused_before_the_export(trained_run, demo_root, tmp_path,
+                                                                               monkeypatch):
+    """It was found by the file's own evaluation, after the export and the PyTorch pass (43 s for one 7000×4000
+    photo), and --json was not written (a helper's audit, 2026-12-07). Here the bound is lowered below a 64-px image's
+    logits, rather than a 30-megapixel photo made."""
+    import resunet.export as export
+    import resunet.onnx_predictor as onnx_predictor
+
+    monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 64 * 64 * 4 - 1)
+    monkeypatch.setattr(export, "write_model_onnx", lambda *args: pytest.fail("exported"))
+    first = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_val_*.jpg"))[0]
+    with pytest.raises(ExportError, match=rf"^{first}: 64×64: this end-to-end graph would hold 0\.01 GiB of full-size "
+                                          r"logits \(limit 0\.00 GiB\); export with --logits, .* nothing exported$"):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), data_root=str(demo_root), workers=0)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 64 * 64 * 4)  # the bound itself is in
+    onnx_predictor.check_end_to_end_bound(21, 64, 64)
+    with pytest.raises(onnx_predictor.LogitBoundError):
+        onnx_predictor.check_end_to_end_bound(21, 64, 64, count=2)
 
 
 @pytest.mark.parametrize("failure", ["miou", "ctrl-c"])
@@ -847,12 +872,15 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     folder.mkdir()
     shutil.copy(exported["ckpt"], folder / "best.pt")
     shutil.copy(exported["dir"] / "model.onnx", folder / "model.onnx")
-    (folder / "other.onnx").write_bytes(b"junk")  # not ours: skipped, not an error
-    assert exported_siblings(folder / "best.pt") == ([folder / "model.onnx"], [])
+    # Not ours, or a copy of ours cut short: not timed, named (a cut-short copy was passed over without a word)
+    (folder / "other.onnx").write_bytes(b"junk")
+    unread = ["other.onnx (not a readable ONNX file)"]
+    assert exported_siblings(folder / "best.pt") == ([folder / "model.onnx"], [], unread)
     images = str(demo_root / "VOCdevkit/VOC2012/JPEGImages/demo_val_0000[0-1].jpg")
     assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "out"), "--backend", "auto"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend auto")][0]
     assert "best.pt" in line and "model.onnx" in line and "fastest here" in line
+    assert line.endswith("; not read: other.onnx (not a readable ONNX file))"), line
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
     # Asked for bf16, the exported file (fp32 on the CPU) is not a candidate: it was timed, and used, as if in bf16.
     assert main(["predict", str(folder / "best.pt"), images, "--out", str(tmp_path / "bf16"), "--backend", "auto",
@@ -871,8 +899,9 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert main(stale) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
     assert line == (f"backend: PyTorch ({folder / 'best.pt'}; no exported file from it beside it; not timed: "
-                    "model.ONNX, exported from an earlier best.pt (its sha256 differs), export again)")
-    assert exported_siblings(folder / "best.pt") == ([], [folder / "model.ONNX"])
+                    "model.ONNX, exported from an earlier best.pt (its sha256 differs), export again; not read: "
+                    "other.onnx (not a readable ONNX file))")
+    assert exported_siblings(folder / "best.pt") == ([], [folder / "model.ONNX"], unread)
     # Beside a current export too, the outdated one is named (a review: only when no current file was there)
     (folder / "model.ONNX").rename(folder / "current.onnx")
     onnx_metadata = read_metadata(folder / "current.onnx")
@@ -884,12 +913,13 @@ def test_backend_auto_times_the_checkpoint_against_its_exported_files(exported, 
     assert main([*stale[:4], str(tmp_path / "stale2"), *stale[5:]]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("backend")][0]
     assert line.startswith("backend auto: ") and "current.onnx" in line.split("; not timed")[0], line
-    assert line.endswith("; not timed: old.onnx, exported from an earlier best.pt (its sha256 differs), export again)")
+    assert line.endswith("; not timed: old.onnx, exported from an earlier best.pt (its sha256 differs), export again; "
+                         "not read: other.onnx (not a readable ONNX file))")
     (folder / "old.onnx").unlink()
     (folder / "current.onnx").unlink()
     shutil.copy(exported["dir"] / "model.onnx", folder / "model.ONNX")
     shutil.copy(exported["ckpt"], folder / "best.pt")
-    assert exported_siblings(folder / "best.pt") == ([folder / "model.ONNX"], [])
+    assert exported_siblings(folder / "best.pt") == ([folder / "model.ONNX"], [], unread)
     # Replaced between its loading and the hashing that finds its exports: they would be another file's
     import resunet.onnx_predictor as onnx_predictor
     from resunet.checkpoint import CheckpointError

@@ -45,12 +45,13 @@ from .checkpoint import file_state, load_checkpoint, model_from_checkpoint, rena
 from .config import EXPORT_GRAPHS, export_refusal
 from .data.classes import ClassInfo
 from .data.dataset import open_dataset, open_dataset_for_model
-from .data.images import DataError, list_images, read_image
+from .data.images import DataError, image_size, list_images, read_image
 from .data.voc import find_voc_dir
 from .evaluate import evaluate_dataset, strict_json
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
-from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, open_session
+from .onnx_predictor import (FORMAT_KEY, MIOU_CHECK_KEY, LogitBoundError, OnnxPredictor, check_end_to_end_bound,
+                             open_session)
 from .outputs import check_output_files, make_folders, remove_empty_folders, resolved, write_output
 from .predict import Predictor, check_working_size
 
@@ -451,6 +452,13 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     mean, std, size = reference.mean, reference.std, reference.size
     dataset = open_dataset_for_model(data_root, split, reference.info) if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
+    if dataset is not None and graph == "end-to-end":  # refused now: the file's evaluation came after the export
+        for path in dataset.image_paths:                # and the PyTorch pass, minutes later, and wrote no --json
+            width, height = image_size(path)
+            try:
+                check_end_to_end_bound(reference.info.num_classes, height, width)
+            except LogitBoundError as error:
+                raise ExportError(f"{path}: {error} (or check the file on another --split); nothing exported") from None
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files], data_root=data_root)
     if int8 and calibration is not None:  # a dataset read for calibration is one too: its classes.json, split lists
         check_output_files(outputs, data_root=calibration)
@@ -487,8 +495,10 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
                     "verified_on": source_name, "verified_sources": len(sources) or len(images)}
 
     def refuse(message: str) -> ExportError:
-        """The error for a file not kept; its figures still go to --json."""
-        result.update(onnx_kept=False, error=message)
+        """The error for a file not kept; its figures still go to --json (with the fp32 file only if it is kept: a
+        script deploying `fp32_file` after a refusal shipped an earlier export's, or a file not there)."""
+        result.update(onnx_kept=False, error=message, fp32_file=str(fp32_path) if int8 and keeps_fp32 and verified
+                      else None)
         write_json(result, json_out)
         return ExportError(message)
 
@@ -505,6 +515,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     fp32_note = (f"the verified fp32 file is {fp32_path}" if keeps_fp32
                  else f"{out} and {fp32_path} are left as they were")
     made = make_folders(fp32_file.parent)
+    verified = False  # the fp32 file passed its parity check
     try:
         started = time.perf_counter()
         write_model_onnx(network, tmp, graph, size, mean, std, tta)
@@ -526,7 +537,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
         tmp.unlink(missing_ok=True)
         remove_empty_folders(made)
         raise
-    result["fp32_file"] = str(fp32_path)
+    verified = True
 
     final = fp32
     # The file asked for takes its name only after the mIoU check below, and a file that fails the check is
@@ -589,7 +600,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     if int8:
         rename_over(tmp, fp32_file)
     rename_over(checked, out_file)
-    result["onnx_kept"] = True
+    result.update(onnx_kept=True, fp32_file=str(fp32_path))
     write_json(result, json_out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {graph} graph{', INT8' if int8 else ''}"
           f"{', tta ' + tta if tta != 'none' else ''})")

@@ -198,20 +198,11 @@ class OnnxPredictor(Predictor):
 
     def check_size(self, height: int, width: int, count: int = 1) -> None:
         super().check_size(height, width)
-        if self.graph != "end-to-end":
-            return
-        needed = count * self.logit_bytes(height, width)
-        if needed > END_TO_END_MAX_LOGIT_BYTES:
-            # Up to the next hundredth and the limit down: "2.0 GiB (limit 2 GiB)" read as within it (2.03 GiB)
-            over = math.ceil(needed / 2**30 * 100) / 100
-            limit = math.floor(END_TO_END_MAX_LOGIT_BYTES / 2**30 * 100) / 100
-            raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {over:.2f} GiB of full-size "
-                                  f"logits (limit {limit:.2f} GiB); export "
-                                  "with --logits, which resunet upsamples without them, or shrink the image")
+        if self.graph == "end-to-end":
+            check_end_to_end_bound(self.info.num_classes, height, width, count)
 
     def logit_bytes(self, height: int, width: int) -> int:
-        # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
-        return self.info.num_classes * height * width * 4
+        return end_to_end_logit_bytes(self.info.num_classes, height, width)
 
     def batch_key(self, height: int, width: int) -> tuple:
         # An end-to-end graph takes the images at their own size: a batch needs one size.
@@ -277,6 +268,24 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(self.run_end_to_end(images)[0]).long()
 
 
+def end_to_end_logit_bytes(num_classes: int, height: int, width: int) -> int:
+    # The graph upsamples the logits to full size before its argmax (ONNX has no fused form): C floats a pixel.
+    return num_classes * height * width * 4
+
+
+def check_end_to_end_bound(num_classes: int, height: int, width: int, count: int = 1) -> None:
+    """LogitBoundError when an end-to-end graph of `num_classes` would hold more than END_TO_END_MAX_LOGIT_BYTES of
+    full-size logits for `count` images of height×width."""
+    needed = count * end_to_end_logit_bytes(num_classes, height, width)
+    if needed > END_TO_END_MAX_LOGIT_BYTES:
+        # Up to the next hundredth and the limit down: "2.0 GiB (limit 2 GiB)" read as within it (2.03 GiB)
+        over = math.ceil(needed / 2**30 * 100) / 100
+        limit = math.floor(END_TO_END_MAX_LOGIT_BYTES / 2**30 * 100) / 100
+        raise LogitBoundError(f"{width}×{height}: this end-to-end graph would hold {over:.2f} GiB of full-size "
+                              f"logits (limit {limit:.2f} GiB); export "
+                              "with --logits, which resunet upsamples without them, or shrink the image")
+
+
 def graph_feed(images: torch.Tensor) -> np.ndarray:
     """N×3×H×W images (one size, uint8 or float 0..255) as the end-to-end graph takes them: N×H×W×3 uint8,
     contiguous. Floats are rounded to the nearest pixel value in 0..255: cast as they were, a bicubic resize's 256.4
@@ -287,9 +296,10 @@ def graph_feed(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.uint8)
 
 
-def exported_siblings(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:
-    """`.onnx` files beside a checkpoint that `resunet export` made from exactly that file (sha256 in metadata), and
-    those made from an earlier file of its name (calibrated or trained on since): out of date, to be named."""
+def exported_siblings(checkpoint: str | Path) -> tuple[list[Path], list[Path], list[str]]:
+    """`.onnx` files beside a checkpoint that `resunet export` made from exactly that file (sha256 in metadata),
+    those made from an earlier file of its name (calibrated or trained on since): out of date, to be named, and those
+    that cannot be read (damaged, cut short), named with why."""
     from .fingerprint import sha256_file
 
     checkpoint = Path(checkpoint)
@@ -297,19 +307,20 @@ def exported_siblings(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:
     candidates = sorted(path for path in checkpoint.parent.iterdir() if path.suffix.lower() == ".onnx"
                         and path.is_file())
     if not candidates:
-        return [], []
+        return [], [], []
     digest = sha256_file(checkpoint)
-    found, stale = [], []
+    found, stale, unreadable = [], [], []
     for path in candidates:
         try:
             metadata = read_metadata(path)
-        except CheckpointError:
+        except CheckpointError as error:  # passed over without a word: a cut-short copy of this checkpoint's export
+            unreadable.append(f"{path.name} ({str(error).replace(f'{path}: ', '', 1).split(' (')[0]})")
             continue
         if metadata.get("resunet.source_sha256") == digest:
             found.append(path)
         elif metadata.get("resunet.source_checkpoint") == checkpoint.name:
             stale.append(path)
-    return found, stale
+    return found, stale, unreadable
 
 
 def measured_drift(check: str) -> bool:
@@ -339,12 +350,13 @@ def load_fastest(checkpoint: str | Path, samples: np.ndarray | Iterable[np.ndarr
 
     loaded = file_state(checkpoint) if Path(checkpoint).is_file() else None  # a missing file: load's own error
     pytorch = load(checkpoint, **options)
-    siblings, stale = exported_siblings(checkpoint)
+    siblings, stale, unreadable = exported_siblings(checkpoint)
     if loaded is not None and file_state(checkpoint) != loaded:  # the exports found would be of another file
         raise CheckpointError(f"{checkpoint}: replaced while --backend auto read it; run again once it is in place")
     # After `calibrate` or more training the file is another: its earlier exports are not timed, and every line says so
     outdated = (f"; not timed: {', '.join(path.name for path in stale)}, exported from an earlier "
                 f"{Path(checkpoint).name} (its sha256 differs), export again" if stale else "")
+    outdated += f"; not read: {', '.join(unreadable)}" if unreadable else ""
     if siblings and (not onnx_runs_on(options.get("device", "auto"))
                      or options.get("precision", "auto") not in ONNX_PRECISIONS):
         return pytorch, (f"backend: PyTorch ({checkpoint}; the files exported from it run on the CPU in their "
