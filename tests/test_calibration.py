@@ -199,6 +199,40 @@ def test_a_temperature_that_would_raise_the_ece_is_not_stored(trained_run, demo_
     assert "temperature" not in load_checkpoint(run / "best.pt") and "calibration" not in load_checkpoint(run / "best.pt")
 
 
+def test_a_new_fit_that_would_raise_the_ece_leaves_the_best_of_three_temperatures(trained_run, demo_root, ram_tmp,
+                                                                                   capsys, monkeypatch):
+    """The file's own temperature (fitted on another split, say) was kept whenever the new fit lost to temperature
+    1, even where it did worse here than both (a helper's audit, 2026-12-07: 8.02% kept against 6.95% and 5.86%)."""
+    import resunet.calibration
+    from resunet.checkpoint import save_checkpoint
+    from resunet.cli import main
+
+    checkpoint = ram_tmp / "m.pt"
+    payload = load_checkpoint(trained_run / "best.pt")
+    payload["temperature"] = 0.01  # near-certain probabilities: worse than none on a model not right everywhere
+    save_checkpoint(payload, checkpoint)
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 100.0)
+    command = ["calibrate", str(checkpoint), "--data-root", str(demo_root), "--precision", "fp32"]
+    assert main(command) == 0
+    found = re.search(r"m\.pt: temperature 100\.000 fitted on .* would raise the expected calibration error "
+                      r"(\d+\.\d\d)% uncalibrated \(temperature 1\) → (\d+\.\d\d)% .*; not stored, and the checkpoint's "
+                      r"temperature 0\.010 does worse here \((\d+\.\d\d)%\): temperature 1 \(uncalibrated\) stored in "
+                      r"its place\n", capsys.readouterr().out)
+    assert found and float(found[3]) > float(found[1]) < float(found[2])
+    assert load_checkpoint(checkpoint)["temperature"] == 1.0
+    assert load_checkpoint(checkpoint)["calibration"]["ece_after"] == pytest.approx(float(found[1]) / 100, abs=5e-5)
+    # A temperature that does better here than none is kept, and the line says how it does
+    monkeypatch.undo()
+    assert main(command) == 0  # a real fit, stored
+    fitted = load_checkpoint(checkpoint)["temperature"]
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(resunet.calibration, "fit_temperature", lambda logits, labels, weights=None: 100.0)
+    assert main(command) == 0
+    assert re.search(rf"; not stored: the checkpoint keeps its temperature {fitted:.3f} \(\d+\.\d\d% here\)\n",
+                     capsys.readouterr().out)
+    assert checkpoint.read_bytes() == before
+
+
 def test_a_checkpoint_that_cannot_be_rewritten_after_the_fit_keeps_the_fit_on_the_error_line(
         trained_run, demo_root, ram_tmp, capsys, monkeypatch):
     """An immutable file (chattr +i: its permission bits say writable) or a disk filled meanwhile is met only at the

@@ -135,10 +135,13 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
               loaded: tuple[int, int, int] | None = None) -> dict:
     """Fit the temperature of a .pt checkpoint (whose model `predictor` runs) on `dataset`, store it in the
     checkpoint (rewritten atomically) and return {"temperature", "ece_before", "ece_after", "stored",
-    "stored_temperature"}. A temperature that raises the ECE is not stored ("stored" False, the file unchanged): the
-    NLL's optimum is not the ECE's, and the ECE is what evaluate reports (an audit's barely trained model: T 0.209,
-    ECE 1.69% -> 24.61%). `loaded`: the file's `file_state` when `predictor` was read from it; a file saved again
-    since (a run still training into its folder) is refused, not given another model's temperature."""
+    "stored_temperature", "stored_ece", "reset"}. A temperature that raises the ECE is not stored ("stored" False):
+    the NLL's optimum is not the ECE's, and the ECE is what evaluate reports (an audit's barely trained model: T 0.209,
+    ECE 1.69% -> 24.61%). The file then keeps its own temperature unless that one, fitted elsewhere (another split),
+    does worse here than none ("stored_ece", measured then): temperature 1 replaces it ("reset"), so the file ends
+    with the best of the three on this split. `loaded`: the file's `file_state` when `predictor` was read from it; a
+    file saved again since (a run still training into its folder) is refused, not given another model's
+    temperature."""
     stored, predictor.temperature = predictor.temperature, 1.0
     logits, labels, weights, before = collect(predictor, dataset)
     temperature = fit_temperature(logits, labels, weights)
@@ -149,10 +152,20 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
     after = meter.compute()
     result = {"temperature": temperature, "ece_before": before, "ece_after": after, "stored": after <= before,
-              "stored_temperature": stored}
+              "stored_temperature": stored, "stored_ece": None, "reset": False}
     if not result["stored"]:
         predictor.temperature = stored
-        return result
+        if stored == 1.0:
+            return result
+        # Kept as it was, a temperature fitted on train left the file worse here than with none (a helper's audit)
+        meter = CalibrationError(dataset.info.ignore_index)
+        evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
+        result["stored_ece"] = meter.compute()
+        if result["stored_ece"] <= before:
+            return result
+        result["reset"] = True
+        temperature = predictor.temperature = 1.0
+        after = before
     payload = load_checkpoint(checkpoint)
     # After the re-read (a save between a check and the read put the older model back over the newer one)
     if loaded is not None and file_state(checkpoint) != loaded:
@@ -162,8 +175,10 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
     # An immutable file or a full disk is met only here: the fit's result goes on the error line, not lost with it.
-    save_checkpoint(payload, checkpoint, advice=f"the fitted temperature {temperature:.3f} ({ece_change(result)}) is "
-                    "not stored; free some space or make it writable, then calibrate again")
+    what = ("temperature 1, in place of one worse here," if result["reset"]
+            else f"the fitted temperature {temperature:.3f} ({ece_change(result)})")
+    save_checkpoint(payload, checkpoint, advice=f"{what} is not stored; free some space or make it writable, then "
+                    "calibrate again")
     return result
 
 
@@ -193,6 +208,13 @@ def run_calibrate(checkpoint: str, data_root: str, split: str = "val", device: s
     if result["stored"]:
         print(f"{fitted}; {ece_change(result)} {bins}; stored in the checkpoint"
               + (f", replacing temperature {replaced:.3f}" if replaced != 1.0 else ""))
+    elif result["reset"]:
+        print(f"{fitted} would raise the {ece_change(result)} {bins}; not stored, and the checkpoint's temperature "
+              f"{replaced:.3f} does worse here ({100 * result['stored_ece']:.2f}%): temperature 1 (uncalibrated) "
+              "stored in its place")
+    elif replaced != 1.0:
+        print(f"{fitted} would raise the {ece_change(result)} {bins}; not stored: the checkpoint keeps its "
+              f"temperature {replaced:.3f} ({100 * result['stored_ece']:.2f}% here)")
     else:
         print(f"{fitted} would raise the {ece_change(result)} {bins}; not stored: the checkpoint is unchanged "
               f"(temperature {replaced:.3f})")

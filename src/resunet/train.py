@@ -1494,8 +1494,10 @@ def run_training(cfg: TrainConfig, held: contextlib.ExitStack) -> dict:
             print(f"calibrated {best}: temperature {fitted['temperature']:.3f}, {ece_change(fitted)} on "
                   f"{cfg.val_split}", flush=True)
         else:
+            reset = (f", and its temperature {fitted['stored_temperature']:.3f}, worse here, is reset to 1"
+                     if fitted["reset"] else "")
             print(f"not calibrated {best}: temperature {fitted['temperature']:.3f} would raise the "
-                  f"{ece_change(fitted)} on {cfg.val_split}; not stored", flush=True)
+                  f"{ece_change(fitted)} on {cfg.val_split}; not stored{reset}", flush=True)
         if note := bound_note(fitted["temperature"]):
             print(f"  {note}", flush=True)
     if main_process and stopped_by is None:
