@@ -1540,6 +1540,8 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
             (["--confusion", str(tmp_path / "c.jpgx")], "name a .png/.pdf/.svg/.jpg file"),
             (["--confusion", str(tmp_path / "c")], "name a .png/.pdf/.svg/.jpg file"),
             (["--json", "/sys/fs/e.json"], "--json /sys/fs/e.json: cannot write in /sys/fs"),
+            # A final slash was dropped: a file named evj written, "wrote evj/" (a helper's audit, 2026-12-07)
+            (["--json", f"{tmp_path / 'evj'}/"], f"--json {tmp_path / 'evj'}/: is a folder; give a file name"),
             (["--worst", "2", "--out", "/sys/fs/worst"], "--out /sys/fs/worst: cannot write in /sys/fs/worst"),
             # The JSON was written as a file where the sheets' folder was to be made: a traceback after the work.
             (["--json", str(tmp_path / "w"), "--worst", "1", "--out", str(tmp_path / "w")],
@@ -1568,6 +1570,9 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     assert "cannot write in /sys/fs" in one_error_line(capsys, "export") and not (tmp_path / "m.onnx").exists()
     assert main(["benchmark", "--quick", "--json", str(tmp_path)]) == 2  # before minutes of measuring
     assert "is a folder; give a file name" in one_error_line(capsys, "benchmark")
+    assert main(["check-data", "--data-root", str(data), "--json", f"{tmp_path / 'report'}/"]) == 2
+    assert one_error_line(capsys, "check-data").endswith(f"--json {tmp_path / 'report'}/: is a folder; give a file name")
+    assert not (tmp_path / "evj").exists() and not (tmp_path / "report").exists()
 
 
 @pytest.mark.parametrize("command, words", [

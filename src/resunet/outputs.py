@@ -103,6 +103,9 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
     different from the others and from every `inputs` file (the model, the dataset's files). With `data_root`, none
     may go over the dataset's classes.json or into the folders any of its splits is read from."""
     given = [(flag, Path(path)) for flag, path in outputs if path]
+    for flag, path in outputs:  # Path() drops a final slash: "--json report/" wrote a file named report
+        if path and str(path).endswith(("/", os.sep)):
+            raise DataError(f"{flag} {path}: is a folder; give a file name")
     data_folders, data_files = data_locations(data_root) if data_root is not None else ([], [])
     read = {resolved(p) for p in (*inputs, *data_files)}
     seen: dict[Path, str] = {}
