@@ -1373,10 +1373,24 @@ def test_demo_data_never_rewrites_a_real_datasets_split_lists(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path / "d"), "--train", "2", "--val", "1", "--size", "32"]) == 2
     assert "lists images that are not demo images" in one_error_line(capsys, "demo-data")
     assert (lists / "train.txt").read_text() == "2007_000032\n"
-    for flags in (["--size", "8"], ["--train", "-3"], ["--val", "0"]):
+    for flags in (["--size", "8"], ["--train", "-3"], ["--val", "0"], ["--size", "20000"]):  # 9 GiB an image
         with pytest.raises(SystemExit):
             main(["demo-data", str(tmp_path / "e"), *flags])
-    assert not (tmp_path / "e").exists()
+    assert not (tmp_path / "e").exists() and "must be 16 to 4096 pixels, got 20000" in capsys.readouterr().err
+    # Found by a helper (2026-12-07): a folder dataset was taken over (--data-root then read the demo tree), and a
+    # file where the folder goes was a traceback
+    own = tmp_path / "own"
+    for part in ("train/images", "train/masks"):
+        (own / part).mkdir(parents=True)
+    (own / "classes.json").write_text("{}")
+    assert main(["demo-data", str(own), "--train", "2", "--val", "1", "--size", "32"]) == 2
+    assert one_error_line(capsys, "demo-data").endswith(f"{own}: holds a dataset of its own (classes.json, train/), "
+                                                        f"which --data-root {own} would no longer read beside a demo "
+                                                        "VOC tree; write the demo dataset elsewhere")
+    (tmp_path / "afile").write_text("")
+    assert main(["demo-data", str(tmp_path / "afile"), "--train", "2", "--val", "1", "--size", "32"]) == 2
+    assert f"afile: cannot make the dataset's folders there (" in one_error_line(capsys, "demo-data")
+    assert sorted(p.name for p in own.iterdir()) == ["classes.json", "train"]
 
 
 def test_a_checkpoint_that_cannot_be_rewritten_gives_the_callers_advice(tmp_path, monkeypatch):

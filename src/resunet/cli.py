@@ -70,8 +70,9 @@ def _non_negative_int(text: str) -> int:
 
 def _demo_size(text: str) -> int:
     value = int(text)
-    if value < 16:  # the shapes drawn need room
-        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {value}")
+    # The shapes drawn need room; a side of 20,000 asked 9 GiB for one image's background noise
+    if not 16 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be 16 to 4096 pixels, got {value}")
     return value
 
 
@@ -654,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--train", type=_positive_int, default=64, help="training images (default 64)")
     p.add_argument("--val", type=_positive_int, default=16, help="validation images (default 16)")
-    p.add_argument("--size", type=_demo_size, default=128, help="image side in pixels (at least 16)")
+    p.add_argument("--size", type=_demo_size, default=128, help="image side in pixels (16 to 4096)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the shapes (default 0)")
     p.set_defaults(run=cmd_demo_data)
 

@@ -79,14 +79,25 @@ def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
 
 def make_demo_dataset(root: str | Path, train: int = 64, val: int = 16, size: int = 128, seed: int = 0) -> Path:
     """Write `root/VOCdevkit/VOC2012` with JPEGImages, SegmentationClass (palette PNGs) and train/val split files."""
-    voc = Path(root) / "VOCdevkit" / "VOC2012"
+    from .folder import split_folders  # local: folder imports dataset, which imports this module's neighbours
+
+    root = Path(root)
+    voc = root / "VOCdevkit" / "VOC2012"
     for split in ("train", "val"):  # rewriting a demo dataset is fine; rewriting a real one's lists is not
         listed = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
         if listed.is_file() and any(not name.startswith("demo_") for name in listed.read_text().split()):
             raise DataError(f"{listed}: lists images that are not demo images; write the demo dataset elsewhere")
-    (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    (voc / "SegmentationClass").mkdir(parents=True, exist_ok=True)
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    # A VOC tree is read before a folder dataset beside it: the user's own data would no longer be read from there
+    own = [name for name in ("classes.json", *(f"{split}/" for split in split_folders(root)), "images/", "masks/")
+           if (root / name).exists()]
+    if own and not voc.is_dir():
+        raise DataError(f"{root}: holds a dataset of its own ({', '.join(own)}), which --data-root {root} would no "
+                        "longer read beside a demo VOC tree; write the demo dataset elsewhere")
+    try:
+        for folder in (voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"):
+            folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:  # a file on the way
+        raise DataError(f"{root}: cannot make the dataset's folders there ({error.strerror}: {error.filename})") from None
     rng = np.random.default_rng(seed)
     palette = VOC_INFO.palette_bytes()
     for split, count in (("train", train), ("val", val)):
