@@ -284,7 +284,8 @@ def test_a_failed_save_removes_only_what_it_wrote(tmp_path):
 
 def test_help_and_refused_flags_answer_without_importing_torch(tmp_path):
     """`resunet --help` took 3.5 s here, a refused flag 4 s: the package and every command's module imported torch
-    and torchvision first. The public API still imports on first use."""
+    and torchvision first. The public API still imports on first use. demo-data needs no torch either (its check
+    for a folder dataset imported it: a review, 2026-12-07)."""
     script = """
 import sys
 from resunet.cli import main
@@ -295,11 +296,13 @@ except SystemExit as stop:
 for argv in (["train"], ["predict", "M", "x.png", "--out", "o", "--alpha", "0.5"], ["ablate", "--data-root", "D",
              "--calibrate"], ["export", "M.pt", "--onnx", "m.onnx", "--split", "test"]):
     print(argv[0], main(argv), "torch" in sys.modules)
+print("demo-data", main(["demo-data", "demo", "--train", "1", "--val", "1", "--size", "16"]), "torch" in sys.modules)
 import resunet
 print(resunet.Predictor.__module__, resunet.ResNetUNet.__name__, resunet.load.__name__, "torch" in sys.modules)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-6:] == ["help 0 False", "train 2 False", "predict 2 False", "ablate 2 False",
-                                              "export 2 False", "resunet.predict ResNetUNet load True"], result.stdout
+    said = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
+    assert said[-7:] == ["help 0 False", "train 2 False", "predict 2 False", "ablate 2 False", "export 2 False",
+                         "demo-data 0 False", "resunet.predict ResNetUNet load True"], result.stdout
     assert result.stderr.count("\n") == 4 and "Traceback" not in result.stderr, result.stderr

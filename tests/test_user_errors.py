@@ -943,6 +943,9 @@ def test_export_never_replaces_its_checkpoint_and_names_onnx_files(checkpoint, t
     (tmp_path / "m.onnx").mkdir()
     with pytest.raises(ExportError, match="m.onnx is a folder"):
         run_export(str(ckpt), str(tmp_path / "m.onnx"))
+    with pytest.raises(ExportError, match=r"--onnx .*new\.onnx/: is a folder; give a file name"):  # not a file new.onnx
+        run_export(str(ckpt), f"{tmp_path / 'new.onnx'}/")
+    assert not (tmp_path / "new.onnx").exists()
     with pytest.raises(ExportError, match="--calibration-count 0: at least 1 image"):
         run_export(str(ckpt), str(tmp_path / "q.onnx"), int8=True, calibration=str(tmp_path), calibration_count=0)
     # From Python as from the command line: a graph's typo (it exported a logits graph, then refused it after the
@@ -1585,7 +1588,8 @@ def test_outputs_are_checked_before_the_work_and_never_written_over_inputs(check
     assert main(["benchmark", "--quick", "--json", str(tmp_path)]) == 2  # before minutes of measuring
     assert "is a folder; give a file name" in one_error_line(capsys, "benchmark")
     assert main(["check-data", "--data-root", str(data), "--json", f"{tmp_path / 'report'}/"]) == 2
-    assert one_error_line(capsys, "check-data").endswith(f"--json {tmp_path / 'report'}/: is a folder; give a file name")
+    said = one_error_line(capsys, "check-data")
+    assert said.endswith(f"--json {tmp_path / 'report'}/: is a folder; give a file name")
     assert not (tmp_path / "evj").exists() and not (tmp_path / "report").exists()
 
 

@@ -164,15 +164,16 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
         if result["stored_ece"] <= before:
             return result
         result["reset"] = True
-        temperature = predictor.temperature = 1.0
         after = before
+    kept = 1.0 if result["reset"] else temperature  # what the file is given
+    predictor.temperature = kept
     payload = load_checkpoint(checkpoint)
     # After the re-read (a save between a check and the read put the older model back over the newer one)
     if loaded is not None and file_state(checkpoint) != loaded:
         raise CheckpointError(f"{checkpoint}: saved again while the temperature was fitted (a run still training "
                               f"into its folder?); the fitted {temperature:.3f} is the earlier model's, so it is not "
                               "stored: calibrate again once the file is final")
-    payload.update(temperature=temperature, calibration={"split": dataset.description, "ece_before": before,
+    payload.update(temperature=kept, calibration={"split": dataset.description, "ece_before": before,
                                                          "ece_after": after})
     # An immutable file or a full disk is met only here: the fit's result goes on the error line, not lost with it.
     what = ("temperature 1, in place of one worse here," if result["reset"]

@@ -427,6 +427,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     # folders, and must not replace the checkpoint they come from.
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--onnx {out}: name the file *.onnx (resunet tells a model's kind by its suffix)")
+    if str(onnx_out).endswith(("/", os.sep)):  # Path() dropped it: "m.onnx/" wrote a file m.onnx
+        raise ExportError(f"--onnx {onnx_out}: is a folder; give a file name")
     written = [out, out.with_name(out.stem + ".fp32.onnx")] if int8 else [out]
     for path in written:
         if path.is_dir():
@@ -458,7 +460,8 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
             try:
                 check_end_to_end_bound(reference.info.num_classes, height, width)
             except LogitBoundError as error:
-                raise ExportError(f"{path}: {error} (or check the file on another --split); nothing exported") from None
+                raise ExportError(f"{path}: {error}; nothing exported, as the file could not be checked on this "
+                                  "--split") from None
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files], data_root=data_root)
     if int8 and calibration is not None:  # a dataset read for calibration is one too: its classes.json, split lists
         check_output_files(outputs, data_root=calibration)

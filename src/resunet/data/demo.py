@@ -77,10 +77,21 @@ def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
     return image, mask
 
 
+def folder_dataset_parts(root: Path) -> list[str]:
+    """What makes `root` a folder dataset (classes.json, SPLIT/ with images/ and masks/, or both at the root), as
+    folder.split_folders reads it; here without importing torch, which demo-data needs none of."""
+    def holds_pairs(folder: Path) -> bool:
+        return (folder / "images").is_dir() and (folder / "masks").is_dir()
+
+    if not root.is_dir():
+        return []
+    return ((["classes.json"] if (root / "classes.json").is_file() else [])
+            + [f"{folder.name}/" for folder in sorted(root.iterdir()) if holds_pairs(folder)]
+            + (["images/", "masks/"] if holds_pairs(root) else []))
+
+
 def make_demo_dataset(root: str | Path, train: int = 64, val: int = 16, size: int = 128, seed: int = 0) -> Path:
     """Write `root/VOCdevkit/VOC2012` with JPEGImages, SegmentationClass (palette PNGs) and train/val split files."""
-    from .folder import split_folders  # local: folder imports dataset, which imports this module's neighbours
-
     root = Path(root)
     voc = root / "VOCdevkit" / "VOC2012"
     for split in ("train", "val"):  # rewriting a demo dataset is fine; rewriting a real one's lists is not
@@ -88,16 +99,15 @@ def make_demo_dataset(root: str | Path, train: int = 64, val: int = 16, size: in
         if listed.is_file() and any(not name.startswith("demo_") for name in listed.read_text().split()):
             raise DataError(f"{listed}: lists images that are not demo images; write the demo dataset elsewhere")
     # A VOC tree is read before a folder dataset beside it: the user's own data would no longer be read from there
-    own = [name for name in ("classes.json", *(f"{split}/" for split in split_folders(root)), "images/", "masks/")
-           if (root / name).exists()]
-    if own and not voc.is_dir():
+    if (own := folder_dataset_parts(root)) and not voc.is_dir():
         raise DataError(f"{root}: holds a dataset of its own ({', '.join(own)}), which --data-root {root} would no "
                         "longer read beside a demo VOC tree; write the demo dataset elsewhere")
     try:
         for folder in (voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"):
             folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:  # a file on the way
-        raise DataError(f"{root}: cannot make the dataset's folders there ({error.strerror}: {error.filename})") from None
+        raise DataError(f"{root}: cannot make the dataset's folders there ({error.strerror}: "
+                        f"{error.filename})") from None
     rng = np.random.default_rng(seed)
     palette = VOC_INFO.palette_bytes()
     for split, count in (("train", train), ("val", val)):

@@ -139,7 +139,7 @@ def unknown_format(source: str | Path | io.BytesIO) -> str:
 # WebP is "could not create decoder object", a truncated JPEG "Truncated File Read" or "cannot load this image", a
 # damaged compressed TIFF (libtiff) "decoder error -2".
 OPAQUE_DECODE_ERRORS = ("could not create decoder object", "Truncated File Read", "cannot load this image",
-                        "decoder error")
+                        "decoder error -2")
 
 
 def decode_failure(source: str | Path | io.BytesIO, error: BaseException) -> str:

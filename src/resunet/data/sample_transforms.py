@@ -1,7 +1,7 @@
 """The simple data path's per-sample transform: torchvision `transforms.v2` on (Image, Mask) pairs, the same
 augmentations as the batched `transforms.augment_batch` (see `transforms.py` for what they are).
 
-Its own module because torchvision's import costs more CPU than torch's (about 1.5 s): only a run on the simple data
+Its own module because torchvision's import costs nearly as much CPU as torch's (about 1.5 s): only a run on the simple data
 path pays it, not every `resunet predict`, evaluation or service start.
 """
 

@@ -1,7 +1,7 @@
 """ResNet-18/34/50/101 trunks, built as torchvision builds them but without importing torchvision.
 
-Importing torchvision costs more CPU than torch itself (it pulls in torch._dynamo: about 1.5 s here, on every
-`resunet predict`, service start and data worker). The module names are torchvision's, so its ImageNet files and
+Importing torchvision costs nearly as much CPU as torch itself (it pulls in torch._dynamo: about 1.5 s here, on every
+`resunet predict`, evaluation and service start). The module names are torchvision's, so its ImageNet files and
 every saved resunet checkpoint load as they are; the modules are made and initialised in torchvision's order, with its
 classifier's draws taken and dropped, so a seed gives the same initial weights as torchvision's `resnetNN()`.
 """
