@@ -142,28 +142,27 @@ def calibrate(checkpoint: str | Path, dataset: PairedDataset, predictor: Predict
     with the best of the three on this split. `loaded`: the file's `file_state` when `predictor` was read from it; a
     file saved again since (a run still training into its folder) is refused, not given another model's
     temperature."""
+    def ece_at(temperature: float) -> float:
+        # `evaluate`'s own ECE, one image at a time as the fit's pass: at evaluate's 8 a GPU that had trained with
+        # --batch-size 2 could run out of memory at the very end of `train --calibrate`, the fit lost
+        predictor.temperature = temperature
+        meter = CalibrationError(dataset.info.ignore_index)
+        evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
+        return meter.compute()
+
     stored, predictor.temperature = predictor.temperature, 1.0
     logits, labels, weights, before = collect(predictor, dataset)
     temperature = fit_temperature(logits, labels, weights)
-    predictor.temperature = temperature
-    meter = CalibrationError(dataset.info.ignore_index)
-    # `evaluate`'s own ECE, one image at a time as the fit's pass: at evaluate's 8 a GPU that had trained with
-    # --batch-size 2 could run out of memory at the very end of `train --calibrate`, the fit lost
-    evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
-    after = meter.compute()
+    after = ece_at(temperature)
     result = {"temperature": temperature, "ece_before": before, "ece_after": after, "stored": after <= before,
               "stored_temperature": stored, "stored_ece": None, "reset": False}
     if not result["stored"]:
-        predictor.temperature = stored
-        if stored == 1.0:
+        if stored != 1.0:  # kept as it was, one fitted on train left the file worse here than none (a helper's audit)
+            result["stored_ece"] = ece_at(stored)
+            result["reset"] = result["stored_ece"] > before
+        if not result["reset"]:
+            predictor.temperature = stored
             return result
-        # Kept as it was, a temperature fitted on train left the file worse here than with none (a helper's audit)
-        meter = CalibrationError(dataset.info.ignore_index)
-        evaluate_dataset(predictor, dataset, batch_size=1, workers=0, progress=False, calibration=meter)
-        result["stored_ece"] = meter.compute()
-        if result["stored_ece"] <= before:
-            return result
-        result["reset"] = True
         after = before
     kept = 1.0 if result["reset"] else temperature  # what the file is given
     predictor.temperature = kept
