@@ -436,11 +436,12 @@ def test_a_refused_int8_export_leaves_an_earlier_pair_together(exported, trained
     assert figures["onnx_kept"] is False and figures["fp32_file"] is None and figures["parity"]["agreement"] > 0.9
 
 
-def test_an_image_past_the_end_to_end_logit_bound_is_refused_before_the_export(trained_run, demo_root, tmp_path,
-                                                                               monkeypatch):
-    """It was found by the file's own evaluation, after the export and the PyTorch pass (43 s for one 7000×4000
-    photo), and --json was not written (a helper's audit, 2026-12-07). Here the bound is lowered below a 64-px image's
-    logits, rather than a 30-megapixel photo made."""
+def test_an_image_the_files_check_cannot_take_is_refused_before_the_export(trained_run, demo_root, tmp_path,
+                                                                           monkeypatch):
+    """Past the end-to-end logit bound, it was found by the file's own evaluation, after the export and the PyTorch
+    pass (43 s for one 7000×4000 photo), and --json was not written (a helper's audit, 2026-12-07; a strip past the
+    working-size limit, after the export: a review). Here the bound is lowered below a 64-px image's logits, rather
+    than a 30-megapixel photo made."""
     import resunet.export as export
     import resunet.onnx_predictor as onnx_predictor
 
@@ -452,6 +453,16 @@ def test_an_image_past_the_end_to_end_logit_bound_is_refused_before_the_export(t
                                           r"file could not be checked on this --split$"):
         run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), data_root=str(demo_root), workers=0)
     assert list(tmp_path.iterdir()) == []
+    # A strip past the working-size limit, in any graph: refused by the evaluation, after the export
+    for part in ("val/images", "val/masks"):
+        (tmp_path / "strip" / part).mkdir(parents=True)
+    Image.new("RGB", (8000, 2)).save(tmp_path / "strip/val/images/long.png")
+    Image.new("L", (8000, 2)).save(tmp_path / "strip/val/masks/long.png")
+    with pytest.raises(ExportError, match=r"long\.png: 8000×2 pixels become 256000×64 at working size 64, more than "
+                                          r"16,000,000 pixels: .*; nothing exported, as the file could not be checked"):
+        run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), graph="logits",
+                   data_root=str(tmp_path / "strip"), workers=0)
+    assert not (tmp_path / "m.onnx").exists()
     monkeypatch.undo()
     monkeypatch.setattr(onnx_predictor, "END_TO_END_MAX_LOGIT_BYTES", 21 * 64 * 64 * 4)  # the bound itself is in
     onnx_predictor.check_end_to_end_bound(21, 64, 64)

@@ -50,8 +50,7 @@ from .data.voc import find_voc_dir
 from .evaluate import evaluate_dataset, strict_json
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
-from .onnx_predictor import (FORMAT_KEY, MIOU_CHECK_KEY, LogitBoundError, OnnxPredictor, check_end_to_end_bound,
-                             open_session)
+from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, check_end_to_end_bound, open_session
 from .outputs import check_output_files, make_folders, remove_empty_folders, resolved, write_output
 from .predict import Predictor, check_working_size
 
@@ -454,14 +453,17 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     mean, std, size = reference.mean, reference.std, reference.size
     dataset = open_dataset_for_model(data_root, split, reference.info) if data_root else None
     dataset_files = [*dataset.image_paths, *dataset.mask_paths] if dataset is not None else []
-    if dataset is not None and graph == "end-to-end":  # refused now: the file's evaluation came after the export
-        for path in dataset.image_paths:                # and the PyTorch pass, minutes later, and wrote no --json
-            width, height = image_size(path)
-            try:
+    # An image the evaluations cannot take is refused now: they found it after the export (and the end-to-end
+    # file's, after the PyTorch pass too), minutes later, with no --json written
+    for path in dataset.image_paths if dataset is not None else []:
+        width, height = image_size(path)
+        try:
+            reference.check_size(height, width)  # a strip past the working-size limit
+            if graph == "end-to-end":
                 check_end_to_end_bound(reference.info.num_classes, height, width)
-            except LogitBoundError as error:
-                raise ExportError(f"{path}: {error}; nothing exported, as the file could not be checked on this "
-                                  "--split") from None
+        except DataError as error:
+            raise ExportError(f"{path}: {error}; nothing exported, as the file could not be checked on this "
+                              "--split") from None
     check_output_files(outputs, inputs=[source, *dataset_files, *calibration_files], data_root=data_root)
     if int8 and calibration is not None:  # a dataset read for calibration is one too: its classes.json, split lists
         check_output_files(outputs, data_root=calibration)
