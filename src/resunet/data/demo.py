@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import VOC_CLASSES, VOC_INFO
+from .folder import holds_pairs, split_folders
 from .images import DataError
 
 # (class, shape, base colour): the colour is jittered per object, so shape and colour both carry the class.
@@ -78,16 +79,9 @@ def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
 
 
 def folder_dataset_parts(root: Path) -> list[str]:
-    """What makes `root` a folder dataset (classes.json, SPLIT/ with images/ and masks/, or both at the root), as
-    folder.split_folders reads it; here without importing torch, which demo-data needs none of."""
-    def holds_pairs(folder: Path) -> bool:
-        return (folder / "images").is_dir() and (folder / "masks").is_dir()
-
-    if not root.is_dir():
-        return []
+    """What makes `root` a folder dataset: classes.json, SPLIT/ with images/ and masks/, or both at the root."""
     return ((["classes.json"] if (root / "classes.json").is_file() else [])
-            + [f"{folder.name}/" for folder in sorted(root.iterdir()) if holds_pairs(folder)]
-            + (["images/", "masks/"] if holds_pairs(root) else []))
+            + [f"{split}/" for split in split_folders(root)] + (["images/", "masks/"] if holds_pairs(root) else []))
 
 
 def make_demo_dataset(root: str | Path, train: int = 64, val: int = 16, size: int = 128, seed: int = 0) -> Path:

@@ -2,6 +2,8 @@
 
 Layouts: `root/{train,val,test}/{images,masks}/NAME.*`, or flat `root/{images,masks}` (one split, used for any).
 An optional `root/classes.json` (names, palette, ignore index) sets the classes; otherwise `--num-classes` must.
+
+The layout's own checks import no torch (demo-data asks them); the dataset, which does, is imported where it is made.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .classes import ClassInfo, generic_info
-from .dataset import PairedDataset, class_file_info
 from .images import IMAGE_SUFFIXES, DataError, list_images, nested_images, unread_files, unread_note
+
+if TYPE_CHECKING:
+    from .dataset import PairedDataset
 
 
 def folder_classes(root: Path, num_classes: int | None, ignore_index: int | None) -> ClassInfo:
+    from .dataset import class_file_info  # here: the layout's checks need no torch
+
     classes_json = root / "classes.json"
     if classes_json.is_file():
         return class_file_info(classes_json, num_classes, ignore_index)
@@ -103,17 +110,18 @@ def check_unique_stems(folder: Path, files: list[Path]) -> None:
         seen[name] = path
 
 
+def holds_pairs(folder: Path) -> bool:
+    """Whether `folder` holds images/ and masks/ (a split of a folder dataset, or a flat one)."""
+    try:
+        return (folder / "images").is_dir() and (folder / "masks").is_dir()
+    except OSError:  # a folder this user cannot enter (/root, lost+found): is_dir raises EACCES, not False
+        return False
+
+
 def split_folders(root: Path) -> list[str]:
     """The splits of a folder dataset: its subfolders holding images/ and masks/."""
     if not root.is_dir():
         return []
-
-    def holds_pairs(folder: Path) -> bool:
-        try:
-            return (folder / "images").is_dir() and (folder / "masks").is_dir()
-        except OSError:  # a folder this user cannot enter (/root, lost+found): is_dir raises EACCES, not False
-            return False
-
     return sorted(p.name for p in root.iterdir() if holds_pairs(p))
 
 
@@ -163,4 +171,6 @@ def folder_dataset(root: Path, split: str, num_classes: int | None = None, ignor
             hint = f" ({unread_note(unread)})"
         raise DataError(f"{image_dir}: no images{hint}")
     masks = [masks_by_stem[pairing_name(p)] for p in images]
+    from .dataset import PairedDataset  # here: the layout's checks need no torch
+
     return PairedDataset(images, masks, info, description=f"{split_dir}")
