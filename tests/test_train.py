@@ -9,7 +9,7 @@ import torch
 
 from resunet.checkpoint import load_checkpoint
 from resunet.train import (TrainingError, calibration_seconds, duration_seconds, epochs_within, make_optimizer,
-                           steady_epoch_seconds, train)
+                           refit_epochs, steady_epoch_seconds, train)
 
 from conftest import tiny_config
 
@@ -150,6 +150,25 @@ def test_time_budget_arithmetic_by_hand():
     # Calibration's two passes over val run on the first process alone: under torchrun, each is `world` times the
     # sharded evaluation rank 0 timed (a helper's review: 2 evaluations reserved, 2 × world run)
     assert calibration_seconds(50, 1) == 100 and calibration_seconds(50, 4) == 400
+
+
+def test_a_re_fit_lengthens_only_with_an_epoch_to_spare():
+    """At a pace on the edge of a count the re-fit moved it up and down by one after every epoch (51, 50, 51, ...).
+    After epoch 20 of a 3300 s budget, 1300 s gone, evaluations of 10 s every third epoch (and the last): at 60 s an
+    epoch 31 more end at 51 (1300 + 31 · 60 + 11 · 10 = 3270 s), a 32nd would need 3340 s; at 61 s 31 more need
+    3301 s, so 50."""
+    assert epochs_within(3300, 1300, 60, 10, 3, 55, done=20) == 51
+    assert epochs_within(3300, 1300, 61, 10, 3, 55, done=20) == 50
+    assert refit_epochs(51, 3300, 1300, 61, 10, 3, 55, done=20) == 50  # shorter at once: it would overrun
+    # Back at 60 s the 51st fits with 30 s to spare, not an epoch's time: the count stays.
+    assert refit_epochs(50, 3300, 1300, 60, 10, 3, 55, done=20) == 50
+    assert refit_epochs(51, 3300, 1300, 60, 10, 3, 55, done=20) == 51
+    # A machine that sped up to 55 s an epoch: 54 would fit (1300 + 34 · 55 + 12 · 10 = 3290 s); with 55 s kept
+    # spare, 53 (1355 + 33 · 55 + 12 · 10 = 3290 s; 54 would need 3345 s).
+    assert epochs_within(3300, 1300, 55, 10, 3, 55, done=20) == 54
+    assert refit_epochs(50, 3300, 1300, 55, 10, 3, 55, done=20) == 53
+    # Shortening is the plain fit, whatever the count was.
+    assert refit_epochs(55, 3300, 1300, 55, 10, 3, 55, done=20) == 54
     # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
     assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
     assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
@@ -227,8 +246,9 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
 
     # Epoch 1's fit says 10 of --epochs 30; after epoch 2 (a fifth of the run: a re-fit used to lengthen only
     # within the first tenth, so a machine that sped up later left minutes unused) the re-fit may choose up
-    # to 30 and says 25; after epoch 3 it says 3: nothing more fits, the run ends.
-    fits, answers = [], iter([10, 25, 3])
+    # to 30 and says 25, and 25 again with an epoch's time kept spare; after epoch 3 it says 3: nothing more fits,
+    # the run ends.
+    fits, answers = [], iter([10, 25, 25, 3])
     called = []  # when each fit was made
     monkeypatch.setattr(resunet.train, "epochs_within",
                         lambda *args, **kw: called.append(time.perf_counter()) or fits.append((args, kw))
@@ -239,9 +259,11 @@ def test_a_time_budget_fits_again_after_each_epoch_and_the_decay_goes_on(demo_ro
     train(tiny_config(demo_root, out, epochs=30, eval_every=3, scheduler="cosine", time_budget="1h", **SMALL))
     records = read_records(out)
     assert [(args[-1], kw) for args, kw in fits] == [(30, {"done": 1, "after_s": 0}), (30, {"done": 2, "after_s": 0}),
+                                                     (30, {"done": 2, "after_s": 0}),
                                                      (30, {"done": 3, "after_s": 0})]  # no --calibrate to budget
     (budget_s, elapsed_s, pace_s, eval_s, eval_every, _), _ = fits[1]
     assert (budget_s, eval_every) == (3600, 3)
+    assert fits[2][0] == (budget_s, elapsed_s + pace_s, pace_s, eval_s, eval_every, 30)  # the spare epoch's fit
     # The re-fit's pace is epoch 2's training time (the one epoch since the fit) plus the bookkeeping of the
     # epochs since (epoch 1's: two saves of at least 0.4 s, timed before the fit's own re-save), without evaluation;
     # its clock counts both epochs and epoch 1's evaluation.

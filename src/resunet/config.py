@@ -37,8 +37,9 @@ class TrainConfig:
     time_budget: str | None = setting(None, "fit the run to this wall-clock time (50m, 1.5h, 3000s), setup included: "
                                       "after the first epoch (always evaluated, to time it) the epochs are cut to "
                                       "what fits at the measured pace and the schedule spans those; re-fitted after "
-                                      "each later epoch (shortened if it would overrun, lengthened if time is left; "
-                                      "the decay goes on from where it is); stored, so a resumed run keeps them")
+                                      "each later epoch (shortened if it would overrun, lengthened if an epoch's time "
+                                      "is left over; the decay goes on from where it is); stored, so a resumed run "
+                                      "keeps them")
     batch_size: int = setting(8, "images per step (per process under torchrun)")
     lr: float = setting(1e-4, "learning rate")
     weight_decay: float = setting(1e-5, "weight decay")
