@@ -150,6 +150,10 @@ def test_time_budget_arithmetic_by_hand():
     # Calibration's two passes over val run on the first process alone: under torchrun, each is `world` times the
     # sharded evaluation rank 0 timed (a helper's review: 2 evaluations reserved, 2 × world run)
     assert calibration_seconds(50, 1) == 100 and calibration_seconds(50, 4) == 400
+    # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
+    assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
+    assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
+    assert steady_epoch_seconds(300, 0.0, 0, 1) == 300  # one step per epoch: no second half to time
 
 
 def test_a_re_fit_lengthens_only_with_an_epoch_to_spare():
@@ -169,10 +173,6 @@ def test_a_re_fit_lengthens_only_with_an_epoch_to_spare():
     assert refit_epochs(50, 3300, 1300, 55, 10, 3, 55, done=20) == 53
     # Shortening is the plain fit, whatever the count was.
     assert refit_epochs(55, 3300, 1300, 55, 10, 3, 55, done=20) == 54
-    # Epoch 1 took 300 s, its second half (23 of 45 steps) 115 s: later epochs are timed at 115 · 45 / 23 = 225 s.
-    assert steady_epoch_seconds(300, 115, 23, 45) == pytest.approx(225)
-    assert steady_epoch_seconds(300, None, 23, 45) == 300  # no half timed (resumed past it): the whole epoch
-    assert steady_epoch_seconds(300, 0.0, 0, 1) == 300  # one step per epoch: no second half to time
 
 
 def slowed_saves(monkeypatch) -> list[float]:
