@@ -216,8 +216,8 @@ def test_a_new_fit_that_would_raise_the_ece_leaves_the_best_of_three_temperature
     assert main(command) == 0
     found = re.search(r"m\.pt: temperature 100\.000 fitted on .* would raise the expected calibration error "
                       r"(\d+\.\d\d)% uncalibrated \(temperature 1\) → (\d+\.\d\d)% .*; not stored, and the "
-                      r"checkpoint's temperature 0\.010 does worse here \((\d+\.\d\d)%\): temperature 1 \(uncalibrated\) stored in "
-                      r"its place\n", capsys.readouterr().out)
+                      r"checkpoint's temperature 0\.010 does worse here \((\d+\.\d\d)%\): temperature 1 "
+                      r"\(uncalibrated\) stored in its place\n", capsys.readouterr().out)
     assert found and float(found[3]) > float(found[1]) < float(found[2])
     assert load_checkpoint(checkpoint)["temperature"] == 1.0
     assert load_checkpoint(checkpoint)["calibration"]["ece_after"] == pytest.approx(float(found[1]) / 100, abs=5e-5)

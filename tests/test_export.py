@@ -449,8 +449,8 @@ def test_an_image_the_files_check_cannot_take_is_refused_before_the_export(train
     monkeypatch.setattr(export, "write_model_onnx", lambda *args: pytest.fail("exported"))
     first = sorted((demo_root / "VOCdevkit/VOC2012/JPEGImages").glob("demo_val_*.jpg"))[0]
     with pytest.raises(ExportError, match=rf"^{first}: 64×64: this end-to-end graph would hold 0\.01 GiB of full-size "
-                                          r"logits \(limit 0\.00 GiB\); export with --logits, .*; nothing exported, as the "
-                                          r"file could not be checked on this --split$"):
+                                          r"logits \(limit 0\.00 GiB\); export with --logits, .*; nothing exported, "
+                                          r"as the file could not be checked on this --split$"):
         run_export(str(trained_run / "best.pt"), str(tmp_path / "m.onnx"), data_root=str(demo_root), workers=0)
     assert list(tmp_path.iterdir()) == []
     # A strip past the working-size limit, in any graph: refused by the evaluation, after the export

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from .evaluate import evaluate_dataset, strict_json
 from .fingerprint import sha256_file
 from .model.fold import fold_batchnorm
 from .onnx_predictor import FORMAT_KEY, MIOU_CHECK_KEY, OnnxPredictor, check_end_to_end_bound, open_session
-from .outputs import check_output_files, make_folders, remove_empty_folders, resolved, write_output
+from .outputs import check_output_files, make_folders, names_a_folder, remove_empty_folders, resolved, write_output
 from .predict import Predictor, check_working_size
 
 OPSET = 18  # Resize with antialias (our downscaling) needs 18; current onnxruntime runs it natively
@@ -426,7 +425,7 @@ def run_export(checkpoint: str, onnx_out: str, graph: str = "end-to-end", tta: s
     # folders, and must not replace the checkpoint they come from.
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--onnx {out}: name the file *.onnx (resunet tells a model's kind by its suffix)")
-    if str(onnx_out).endswith(("/", os.sep)):  # Path() dropped it: "m.onnx/" wrote a file m.onnx
+    if names_a_folder(onnx_out):  # checked here too: `out` is a Path, its slash dropped, before the outputs' check
         raise ExportError(f"--onnx {onnx_out}: is a folder; give a file name")
     written = [out, out.with_name(out.stem + ".fp32.onnx")] if int8 else [out]
     for path in written:

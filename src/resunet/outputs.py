@@ -95,6 +95,11 @@ def write_through(descriptor: int, save: Callable[[Path], None]) -> None:
         data = data[os.write(descriptor, data):]
 
 
+def names_a_folder(path: str | Path) -> bool:
+    """A name with a final slash, which Path() drops: "--json report/" wrote a file named report."""
+    return str(path).endswith(("/", os.sep))
+
+
 def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[str | Path] = (),
                        suffixes: dict[str, tuple[str, ...]] | None = None,
                        data_root: str | Path | None = None) -> None:
@@ -103,8 +108,8 @@ def check_output_files(outputs: Iterable[tuple[str, str | Path | None]], inputs:
     different from the others and from every `inputs` file (the model, the dataset's files). With `data_root`, none
     may go over the dataset's classes.json or into the folders any of its splits is read from."""
     given = [(flag, Path(path)) for flag, path in outputs if path]
-    for flag, path in outputs:  # Path() drops a final slash: "--json report/" wrote a file named report
-        if path and str(path).endswith(("/", os.sep)):
+    for flag, path in outputs:
+        if path and names_a_folder(path):
             raise DataError(f"{flag} {path}: is a folder; give a file name")
     data_folders, data_files = data_locations(data_root) if data_root is not None else ([], [])
     read = {resolved(p) for p in (*inputs, *data_files)}

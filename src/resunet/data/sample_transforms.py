@@ -1,8 +1,8 @@
 """The simple data path's per-sample transform: torchvision `transforms.v2` on (Image, Mask) pairs, the same
 augmentations as the batched `transforms.augment_batch` (see `transforms.py` for what they are).
 
-Its own module because torchvision's import costs nearly as much CPU as torch's (about 1.5 s): only a run on the simple data
-path pays it, not every `resunet predict`, evaluation or service start.
+Its own module because torchvision's import costs nearly as much CPU as torch's (about 1.5 s): only a run on the
+simple data path pays it, not every `resunet predict`, evaluation or service start.
 """
 
 from __future__ import annotations
