@@ -82,16 +82,18 @@ CAMVID_RUN ?= runs/camvid
 CAMVID_EPOCHS ?= 55
 CAMVID_LOSS ?= ce+dice
 CAMVID_TIME_BUDGET ?= 55m
-# The working size by CPU kind. Without bf16 the hour is bounded by epochs, and 288/256 fits nearly twice as many as
-# 360/320 (AMD EPYC Zen 3, fp32: 27 against 15 epochs, val mIoU 66.91% against 55.10%); with bf16 (avx512_bf16 or
-# AMX, as runtime.cpu_has_bf16 decides) 360/320, which reached 72.33% and 73.08% on the Zen 4 EPYC; on a slower day the
-# two sizes came within noise of each other (288/256: 51 epochs, 70.54%; 360/320: 38 epochs, 69.86%).
-# 360/256 costs what 288/256 does and, given 55 epochs, scores within noise of it (70.51% against 70.35%). RESULTS.md.
-# Asked of runtime.cpu_has_bf16 itself (one rule for the trainer and the Makefile), when a recipe first needs it: make
-# expands a recipe after its prerequisites, so the venv exists by then; the $(eval) keeps the answer for the run.
-CPU_BF16 = $(eval CPU_BF16 := $(shell $(PY) -c 'from resunet.runtime import cpu_has_bf16; print("yes" if cpu_has_bf16() else "")' 2>/dev/null))$(CPU_BF16)
-CAMVID_SIZE ?= $(if $(CPU_BF16),360,288)
-CAMVID_CROP ?= $(if $(CPU_BF16),320,256)
+# The working size by CPU kind. Without bf16 that pays, the hour is bounded by epochs, and 288/256 fits nearly twice
+# as many as 360/320 (AMD EPYC Zen 3, fp32: 27 against 15 epochs, val mIoU 66.91% against 55.10%); where bf16 runs
+# faster than fp32 (AMX, or avx512_bf16 on the Zen 4) 360/320, which reached 72.33% and 73.08% on the Zen 4 EPYC; on a
+# slower day the two sizes came within noise of each other (288/256: 51 epochs, 70.54%; 360/320: 38 epochs, 69.86%).
+# 360/256 costs what 288/256 does and, given 55 epochs, scores within noise of it (70.51% against 70.35%). An Intel
+# Xeon with avx512_bf16 whose AMX is hidden runs bf16 no faster than fp32, so it trains 288/256 in fp32 (RESULTS.md).
+# Asked of runtime.cpu_bf16_pays itself (one rule for the trainer's --precision auto and the Makefile), when a recipe
+# first needs it: make expands a recipe after its prerequisites, so the venv exists by then; the $(eval) keeps the
+# answer for the run.
+BF16_PAYS = $(eval BF16_PAYS := $(shell $(PY) -c 'from resunet.runtime import cpu_bf16_pays; print("yes" if cpu_bf16_pays() else "")' 2>/dev/null))$(BF16_PAYS)
+CAMVID_SIZE ?= $(if $(BF16_PAYS),360,288)
+CAMVID_CROP ?= $(if $(BF16_PAYS),320,256)
 CAMVID_SEED ?= 0
 # An exponential moving average of the weights (--ema), evaluated, selected and saved: its val curve rises to the last
 # epoch, where without it best.pt was a noisy peak picked on val (RESULTS.md). CAMVID_EMA=0 turns it off.

@@ -6,8 +6,10 @@ import argparse
 import json
 
 import pytest
+import torch
 
-from resunet.benchmark import CPU_TARGETS, DEFAULT_PLAN, run_benchmark, time_data_windows
+from resunet import runtime
+from resunet.benchmark import CPU_TARGETS, DEFAULT_PLAN, run_benchmark, target_kind, time_data_windows
 
 
 @pytest.mark.slow
@@ -68,12 +70,13 @@ def test_quick_benchmark_writes_consistent_json(tmp_path, capsys, exported, monk
             assert report["ratios"][f"predictor_{key}"] == pytest.approx(
                 entry["images_per_s"] / sections["predictor"]["smp"]["images_per_s"], rel=1e-9)
         assert "predictor_onnx_fp32_vs_smp" in table and "onnx_int8" in table
+        assert report["target_kind"] == target_kind(report["cpu_kind"])
         int8 = targets["predictor_int8_vs_smp"]
-        assert int8["applies"] == (report["cpu_kind"] == "no-bf16")
-        assert int8["threshold"] == (2.5 if report["cpu_kind"] == "no-bf16" else None)
+        assert int8["applies"] == (report["target_kind"] == "no-bf16")
+        assert int8["threshold"] == (2.5 if report["target_kind"] == "no-bf16" else None)
     assert targets["data_path_vs_pil"]["threshold"] == 20.0 and targets["data_path_vs_pil"]["applies"]
     # an x86 kind here; off x86 (aarch64) no kind has speed targets (the test failed there with a KeyError)
-    speed = CPU_TARGETS.get(report["cpu_kind"]) if report["device"] == "cpu" else None
+    speed = CPU_TARGETS.get(report["target_kind"]) if report["device"] == "cpu" else None
     assert targets["predictor_vs_smp"]["threshold"] == (speed[0] if speed else None)
     assert targets["training_vs_seed_style"]["threshold"] == (speed[1] if speed else None)
     assert targets["training_mfu"]["applies"] == (report["device"] == "cuda")
@@ -133,6 +136,24 @@ def test_on_a_gpu_the_int8_target_is_said_to_be_for_cpu_runs():
     assert rows["predictor_int8_vs_smp"]["reason_not_judged"] == "the INT8 target is for CPU runs"
     rows = {t["name"]: t for t in judge_targets("amx", torch.device("cpu"), ratios, None, False)}
     assert rows["predictor_int8_vs_smp"]["reason_not_judged"] == "CPU kind amx: INT8 target is for CPUs without bf16"
+
+
+def test_a_cpu_whose_bf16_runs_no_faster_than_fp32_is_judged_as_one_without(monkeypatch):
+    # The Intel Xeon with avx512_bf16 and its AMX hidden: ours runs fp32 there (--precision auto), and was judged
+    # against the bf16 speed-ups of the Zen 4 (2.2× and 1.7×, no INT8 target).
+    from resunet.benchmark import judge_targets
+
+    ratios = {"predictor": 1.2, "training": 1.1, "data_path": 30.0, "predictor_onnx_int8": 3.0}
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    for vendor, kind, int8_judged in (("GenuineIntel", "no-bf16", True), ("AuthenticAMD", "avx512_bf16", False)):
+        monkeypatch.setattr(runtime, "cpu_vendor", lambda: vendor)
+        assert target_kind(runtime.cpu_kind()) == kind
+        rows = {t["name"]: t for t in judge_targets(target_kind(runtime.cpu_kind()), torch.device("cpu"), ratios,
+                                                    None, False)}
+        assert rows["predictor_int8_vs_smp"]["passed"] is (True if int8_judged else None)
+        assert rows["predictor_vs_smp"]["applies"] is rows["training_vs_seed_style"]["applies"] is (not int8_judged)
+    assert target_kind("amx") == "amx" and target_kind("no-bf16") == "no-bf16"
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the cores are pretended: 8 here, not 2

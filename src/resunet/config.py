@@ -69,8 +69,8 @@ class TrainConfig:
     seed: int = setting(0, "random seed (weights init, data order, augmentation)")
     workers: int = setting(2, "data loader worker processes")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = setting("auto", "auto (bf16 where the hardware has it; fp16 on CUDA GPUs before Ampere), fp32, "
-                                     "bf16, fp16", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = setting("auto", "auto (bf16 where the hardware runs it faster than fp32; fp16 on CUDA GPUs before "
+                                     "Ampere), fp32, bf16, fp16", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model")
     data_path: str = setting("auto", "cached: decode once, augment batched on the device; simple: per-sample "
                              "PIL/torchvision loader; auto: cached unless the cache would exceed 20 GiB",

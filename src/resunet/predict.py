@@ -2,8 +2,8 @@
 
 The one inference path of the toolkit: `predict`, `evaluate`, `visualize` and the validation pass of `train` all go
 through `Predictor.logits`: resize so the shorter side is the working size, normalise, run the network (channels_last;
-bf16 autocast where the hardware has bf16), upsample the logits back to the original size. Class maps (`predict`,
-`predict_tensor`) fuse that upsampling with the argmax on the CPU (`classmap.upsample_argmax`).
+bf16 autocast where the hardware runs it faster than fp32), upsample the logits back to the original size. Class maps
+(`predict`, `predict_tensor`) fuse that upsampling with the argmax on the CPU (`classmap.upsample_argmax`).
 
 Test-time augmentation (`tta`): "flip" averages the logits with those of the horizontally flipped image (at the
 working size, then upsampled); "ms" runs the image at several scales of the working size (`scales`) and averages the

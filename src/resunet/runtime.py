@@ -1,9 +1,9 @@
 """Where and how to run: device, numeric precision, memory layout, and the CPU we are on.
 
-bf16 autocast + channels_last is chosen automatically where the hardware has bf16 arithmetic: CUDA GPUs with bf16,
-and x86 CPUs with AVX512-BF16 or AMX (measured on this model: 2.6x inference / 2.0x training on an AMD EPYC with
-avx512_bf16, 5.7x / 3.1x on a Xeon with AMX, over fp32 eager). In fp32, channels_last only where it was measured
-to pay (`use_channels_last`).
+bf16 autocast + channels_last is chosen automatically where the hardware's bf16 arithmetic is faster than fp32: CUDA
+GPUs with bf16, and x86 CPUs with AMX or AMD's AVX512-BF16 (measured on this model: 2.6x inference / 2.0x training on
+an AMD EPYC with avx512_bf16, 5.7x / 3.1x on a Xeon with AMX, over fp32 eager), not an Intel CPU with AVX512-BF16 and
+no AMX (`cpu_bf16_pays`). In fp32, channels_last only where it was measured to pay (`use_channels_last`).
 """
 
 from __future__ import annotations
@@ -62,36 +62,33 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def cpuinfo_field(key: str) -> str | None:
+    """The first core's `key` line in /proc/cpuinfo ("flags", "model name", "vendor_id"); None where there is none
+    (not Linux, or an architecture that names it otherwise)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                name, colon, value = line.partition(":")
+                if colon and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
 
 
-def cpu_has_bf16() -> bool:
-    flags = cpu_flags()
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    # No /proc/cpuinfo (not Linux): the CPU's own bf16 instructions. oneDNN's "bf16 supported" is true on any
-    # AVX-512 CPU, where it emulates bf16 slower than fp32.
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def cpu_flags() -> frozenset[str]:
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 @functools.cache
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ...; on Windows platform.processor() names it; '' where nothing does."""
+    return cpuinfo_field("vendor_id") or platform.processor() or ""
 
 
 def cpu_kind() -> str:
@@ -102,11 +99,23 @@ def cpu_kind() -> str:
     if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return machine or "unknown"
     flags = cpu_flags()
+    # No /proc/cpuinfo (not Linux): the CPU's own bf16 instructions. oneDNN's "bf16 supported" is true on any
+    # AVX-512 CPU, where it emulates bf16 slower than fp32.
     if "amx_bf16" in flags or (not flags and torch.cpu._is_amx_tile_supported()):
         return "amx"
     if "avx512_bf16" in flags or (not flags and torch.cpu._is_avx512_bf16_supported()):
         return "avx512_bf16"
     return "no-bf16"
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast runs faster than fp32 on this CPU: the rule behind `--precision auto` and `make camvid`'s
+    working size. Yes with AMX tiles, and with avx512_bf16 on the AMD Zen 4 (its training step 2.0x, inference 2.6x
+    fp32's). No on an Intel CPU with avx512_bf16 but no AMX (a Xeon whose hypervisor hides its AMX, family 6 model
+    207): there `make camvid`'s training step ran 0.71-0.77x fp32's speed at 256-288 crops, one CamVid photo's
+    inference 0.84x (benchmarks/precision_speed.py, RESULTS.md)."""
+    kind = cpu_kind()
+    return kind == "amx" or (kind == "avx512_bf16" and "GenuineIntel" not in cpu_vendor())
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -122,7 +131,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         # bf16 hardware from Ampere (compute capability 8) on; torch's is_bf16_supported() is also true where it is
         # only emulated (T4, V100), much slower than fp16 there.
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
+    return torch.bfloat16 if cpu_bf16_pays() else None
 
 
 def use_channels_last(device: torch.device, dtype: torch.dtype | None, encoder: str, training: bool) -> bool:
