@@ -1,10 +1,11 @@
 """What bf16 autocast is worth against fp32 on this machine's CPU, for `make camvid`'s training step: the
 EfficientNet-Lite0 U-Net, 8 crops, 11 classes, cross-entropy + Dice, AdamW, channels_last, through `train.train_step`
-itself. Crops of 320×320 (the recipe where the CPU has bf16) and 256×256 (where it has not), each in bf16 and fp32;
-then one 480×360 inference (a CamVid photo at its size), bf16 against fp32.
+itself. Crops of 320×320 (the recipe where bf16 pays) and 256×256 (where it does not), each in bf16 and fp32; then
+one 480×360 inference (a CamVid photo at its size), bf16 against fp32.
 
-`--precision auto` and `make camvid` choose bf16 from the CPU's flags (avx512_bf16 or amx_bf16); a CPU whose bf16
-kernels run no faster than its fp32 ones would train more epochs in the time budget in fp32. This measures it.
+A CPU whose bf16 kernels run no faster than its fp32 ones trains more epochs in `make camvid`'s time budget in fp32.
+This measured it for `runtime.cpu_bf16_pays`, the rule `--precision auto` and `make camvid` follow (it had been the
+CPU's flags alone, avx512_bf16 or amx_bf16, until an Intel Xeon with avx512_bf16 and no AMX ran fp32 faster).
 
 The variants' steps alternate in one process, so a shared machine's drift hits all alike; medians after warm-up.
 Run: `python benchmarks/precision_speed.py` (about 3 minutes on 2 cores).
@@ -24,31 +25,35 @@ from resunet.runtime import autocast, cpu_kind, cpu_name
 from resunet.train import train_step
 
 
-def step_at(dtype: torch.dtype | None, crop: int, args):
-    """One `train_step` of a fresh model (the same random initialisation for every variant) on a fixed batch."""
+CPU = torch.device("cpu")
+
+
+def fresh_model(args, train: bool) -> torch.nn.Module:
+    """The Lite0 U-Net, channels_last, from the same random initialisation for every variant."""
     torch.manual_seed(0)
-    model = ResNetUNet(args.classes, "efficientnet-lite0", encoder_weights=None).train()
-    model = model.to(memory_format=torch.channels_last)
+    model = ResNetUNet(args.classes, "efficientnet-lite0", encoder_weights=None).train(train)
+    return model.to(memory_format=torch.channels_last)
+
+
+def step_at(dtype: torch.dtype | None, crop: int, args):
+    """One `train_step` of a fresh model on a fixed batch."""
+    model = fresh_model(args, train=True)
     criterion = SegmentationLoss("ce+dice", torch.ones(args.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, crop, crop, generator=generator)
     masks = torch.randint(0, args.classes, (args.batch_size, crop, crop), generator=generator)
-    device = torch.device("cpu")
-    return lambda: train_step(model, images, masks, criterion, optimizer, scaler, device, dtype, True)
+    return lambda: train_step(model, images, masks, criterion, optimizer, scaler, CPU, dtype, True)
 
 
 def inference_at(dtype: torch.dtype | None, args):
-    torch.manual_seed(0)
-    model = ResNetUNet(args.classes, "efficientnet-lite0", encoder_weights=None).eval()
-    model = model.to(memory_format=torch.channels_last)
+    model = fresh_model(args, train=False)
     x = torch.randn(1, 3, 360, 480, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
-    device = torch.device("cpu")
 
     def run() -> None:
-        with torch.inference_mode(), autocast(device, dtype):
+        with torch.inference_mode(), autocast(CPU, dtype):
             model(x)
     return run
 

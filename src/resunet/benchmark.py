@@ -723,7 +723,7 @@ def format_report(report: dict) -> str:
     lines.append(f"device     {report['device_description']}")
     if report["device"] == "cpu":
         kind = report["cpu_kind"]
-        if report.get("target_kind", kind) != kind:
+        if report["target_kind"] != kind:
             kind += f" (its bf16 runs no faster than fp32 here: targets of {report['target_kind']})"
         lines.append(f"CPU        {report['cpu_name']}, kind {kind}, {report['threads']} torch threads")
     lines.append(f"versions   torch {report['versions']['torch']}, torchvision {report['versions']['torchvision']}, "
