@@ -111,9 +111,10 @@ def cpu_kind() -> str:
 def cpu_bf16_pays() -> bool:
     """Whether bf16 autocast runs faster than fp32 on this CPU: the rule behind `--precision auto` and `make camvid`'s
     working size. Yes with AMX tiles, and with avx512_bf16 on AMD's Zen 4 (its training step 2.0x, inference 2.6x
-    fp32's) and Zen 5 (`make camvid`'s step 1.8x at 320 crops, inference 1.5x). No on an Intel CPU with avx512_bf16 but no AMX (a Xeon whose hypervisor hides its AMX, family 6 model
-    207): there `make camvid`'s training step ran 0.71-0.77x fp32's speed at 256-288 crops, one CamVid photo's
-    inference 0.84x (benchmarks/precision_speed.py, RESULTS.md)."""
+    fp32's) and Zen 5 (`make camvid`'s step 1.8x at 320 crops, inference 1.5x). No on an Intel CPU with avx512_bf16
+    but no AMX (a Xeon whose hypervisor hides its AMX, family 6 model 207): there `make camvid`'s training step ran
+    0.71-0.77x fp32's speed at 256-288 crops, one CamVid photo's inference 0.84x (benchmarks/precision_speed.py,
+    RESULTS.md)."""
     kind = cpu_kind()
     return kind == "amx" or (kind == "avx512_bf16" and "GenuineIntel" not in cpu_vendor())
 
