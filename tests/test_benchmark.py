@@ -149,8 +149,7 @@ def test_a_cpu_whose_bf16_runs_no_faster_than_fp32_is_judged_as_one_without(monk
     for vendor, kind, int8_judged in (("GenuineIntel", "no-bf16", True), ("AuthenticAMD", "avx512_bf16", False)):
         monkeypatch.setattr(runtime, "cpu_vendor", lambda: vendor)
         assert target_kind(runtime.cpu_kind()) == kind
-        rows = {t["name"]: t for t in judge_targets(target_kind(runtime.cpu_kind()), torch.device("cpu"), ratios,
-                                                    None, False)}
+        rows = {t["name"]: t for t in judge_targets(kind, torch.device("cpu"), ratios, None, False)}
         assert rows["predictor_int8_vs_smp"]["passed"] is (True if int8_judged else None)
         assert rows["predictor_vs_smp"]["applies"] is rows["training_vs_seed_style"]["applies"] is (not int8_judged)
     assert target_kind("amx") == "amx" and target_kind("no-bf16") == "no-bf16"
